@@ -1,0 +1,43 @@
+"""moelora: one Mixture-of-Experts base model, many LoRA adapters, one GPU."""
+
+from __future__ import annotations
+
+from moelora import _C
+from moelora._C import (
+    AdapterError,
+    Cancelled,
+    CudaError,
+    InternalError,
+    InvalidArgument,
+    IoError,
+    MoeloraError,
+    NotFound,
+    PoolExhausted,
+)
+
+__version__ = _C.version()
+
+
+def cuda_available() -> bool:
+    """True when this build has the CUDA backend and a GPU is present."""
+    return _C.cuda_available()
+
+
+def built_with_cuda() -> bool:
+    return _C.built_with_cuda()
+
+
+__all__ = [
+    "AdapterError",
+    "Cancelled",
+    "CudaError",
+    "InternalError",
+    "InvalidArgument",
+    "IoError",
+    "MoeloraError",
+    "NotFound",
+    "PoolExhausted",
+    "__version__",
+    "built_with_cuda",
+    "cuda_available",
+]
