@@ -27,5 +27,9 @@ std::unique_ptr<Arena> make_cuda_arena(int64_t bytes, int device_index = 0);
 // Bytes that make_cuda_arena can take for a `fraction` of the device's total memory, after
 // what is already in use by others (cudaMemGetInfo). 0 where there is no CUDA.
 int64_t cuda_arena_bytes_for_fraction(double fraction, int device_index = 0);
+// A non-owning view of memory someone else allocated (e.g. a torch tensor made by Python); the
+// memory must outlive the arena. base must be non-null and bytes positive.
+std::unique_ptr<Arena> make_external_arena(void* base, int64_t bytes, DeviceKind device,
+                                           int device_index = 0);
 
 }  // namespace moelora

@@ -57,7 +57,7 @@ class AdapterRowLayout {
   SiteRanks ranks_;
   DType dtype_;
   int64_t page_bytes_;
-  // first_row_[site][layer][expert*2 + is_b]: offset of each row, flattened per matrix.
+  // row_offsets_[site][layer][(expert * 2 + is_b) * rank + row]: byte offset of each row.
   std::vector<std::vector<std::vector<int64_t>>> row_offsets_;
   int64_t num_pages_ = 0;
   int64_t used_bytes_ = 0;
