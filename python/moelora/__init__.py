@@ -27,6 +27,13 @@ def built_with_cuda() -> bool:
     return _C.built_with_cuda()
 
 
+def cmake_prefix_path() -> str:
+    """Where find_package(moelora CONFIG) finds the installed library, headers and config."""
+    import os
+
+    return os.path.dirname(os.path.abspath(__file__))
+
+
 __all__ = [
     "AdapterError",
     "Cancelled",
@@ -39,5 +46,6 @@ __all__ = [
     "PoolExhausted",
     "__version__",
     "built_with_cuda",
+    "cmake_prefix_path",
     "cuda_available",
 ]

@@ -1,0 +1,23 @@
+"""Shared test configuration: GPU tests carry the `gpu` marker and skip without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _gpu_present() -> bool:
+    try:
+        import moelora
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and moelora.cuda_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_present():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU and a CUDA build of moelora")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
