@@ -1,0 +1,73 @@
+"""Engine configuration (the knobs of LLM(...) and `moelora serve`), validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    tokenizer: str | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 8  # adapters resident on the device at once (slots)
+    max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 * max_loras)
+    max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.85
+    pool_memory_bytes: int | None = None  # the unified pool's size; default from the above
+    seed: int = 0
+    load_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", *_DTYPES):
+            raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but torch sees no CUDA GPU")
+        for name in ("max_lora_rank", "max_loras", "max_num_seqs", "max_num_batched_tokens",
+                     "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = 4 * self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")
+        if self.max_loras_per_batch is None:
+            self.max_loras_per_batch = self.max_loras
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.pool_memory_bytes is not None and self.pool_memory_bytes <= 0:
+            raise ValueError(f"pool_memory_bytes must be > 0, got {self.pool_memory_bytes}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device().type == "cpu":
+            return torch.float32  # CPU kernels are fastest and exact in float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) \
+            else torch.bfloat16

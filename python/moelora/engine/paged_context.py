@@ -1,0 +1,88 @@
+"""The ForwardContext of the engine: attention over KV pages of the unified pool and per-token
+LoRA deltas read in place through the adapter cache's row tables, all through moelora.ops.
+
+One PagedContext serves one forward step. The dense-LoRA row grouping is computed once per
+step; the MoE grouping once per layer (w13 and w2 of a layer share the same routing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moelora import ops
+
+
+@dataclass
+class StepMetadata:
+    positions: torch.Tensor  # int64 [T]
+    query_seq: torch.Tensor  # int32 [T] index of each token's sequence in the step
+    seq_lens: torch.Tensor  # int32 [S] tokens cached per sequence after this step
+    block_tables: torch.Tensor  # int32 [L, S, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset
+    token_slot: torch.Tensor | None  # int32 [T] adapter slot, -1 = base; None if no adapters
+
+
+class PagedContext:
+    """ForwardContext over the page pool (see moelora.models.context)."""
+
+    def __init__(self, meta: StepMetadata, kv_view, lora_views, block_m: int = 16):
+        self.meta = meta
+        self.kv_view = kv_view
+        self.lora_views = lora_views  # LoraViews or None
+        self.block_m = block_m
+        self.token_slot = meta.token_slot
+        self._dense_groups = None
+        self._moe_groups: dict[int, tuple] = {}
+        self._has_lora = meta.token_slot is not None and bool((meta.token_slot >= 0).any())
+
+    # -- attention ---------------------------------------------------------------------------
+    def attention(self, layer, q, k, v, *, scale, sliding_window, sinks):
+        ops.kv_cache_write(k.contiguous(), v.contiguous(), self.meta.slot_mapping[layer],
+                           self.kv_view)
+        return ops.paged_attention(
+            q.contiguous(), self.meta.query_seq, self.meta.positions.to(torch.int32),
+            self.meta.block_tables[layer], self.meta.seq_lens, self.kv_view, scale=scale,
+            sliding_window=sliding_window or 0,
+            sinks=None if sinks is None else sinks.float().contiguous())
+
+    # -- LoRA --------------------------------------------------------------------------------
+    def apply_lora(self, site, layer, x, out):
+        if not self._has_lora or not self.lora_views.has_site(site):
+            return
+        if self._dense_groups is None:
+            self._dense_groups = ops.moe_lora_align(None, self.token_slot, 1,
+                                                    self.lora_views.num_slots, self.block_m)
+        sorted_rows, block_slot, _block_expert, num_blocks = self._dense_groups
+        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, self.block_m,
+                       [self.lora_views.view(site, layer)], [0])
+
+    def _moe_groups_for(self, layer, topk_ids):
+        groups = self._moe_groups.get(layer)
+        if groups is None:
+            groups = ops.moe_lora_align(topk_ids.to(torch.int32), self.token_slot,
+                                        self.lora_views.num_experts, self.lora_views.num_slots,
+                                        self.block_m)
+            self._moe_groups = {layer: groups}  # only the current layer is needed again
+        return groups
+
+    def moe_lora_w13(self, layer, x, topk_ids, h13):
+        if not self._has_lora or not self.lora_views.has_site("experts.gate"):
+            return
+        sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
+        inter = h13.shape[1] // 2
+        ops.fused_moe_lora(x, h13, sorted_pairs, block_slot, block_expert, num_blocks,
+                           self.block_m,
+                           [self.lora_views.view("experts.gate", layer),
+                            self.lora_views.view("experts.up", layer)],
+                           [0, inter], input_pairs_per_row=topk_ids.shape[1])
+
+    def moe_lora_w2(self, layer, h, topk_ids, topk_weights, y):
+        if not self._has_lora or not self.lora_views.has_site("experts.down"):
+            return
+        sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
+        ops.fused_moe_lora(h, y, sorted_pairs, block_slot, block_expert, num_blocks,
+                           self.block_m, [self.lora_views.view("experts.down", layer)], [0],
+                           input_pairs_per_row=1,
+                           topk_weights=topk_weights.reshape(-1).float().contiguous())

@@ -1,0 +1,88 @@
+"""Turns a step's logits into tokens: greedy, temperature, top-k, top-p, min-p, seeded.
+
+Each request draws from its own torch.Generator (seeded from SamplingParams.seed, or from the
+engine's seed and the request id), so a request's tokens do not depend on what else is in the
+batch. Sampling uses the exponential race (argmax of p / Exp(1)), which is one draw per
+vocabulary entry from that generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moelora.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRequest:
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    num_generated: int  # tokens already generated (for min_tokens)
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float]  # logprob of each chosen token (of the unmodified distribution)
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        cumulative = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = cumulative >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
+    """logits: float32 [len(requests), vocab] on any device."""
+    logits = logits.float()
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    token_ids: list[int] = []
+    chosen_logprobs: list[float] = []
+    top_logprobs: list[list[tuple[int, float]] | None] = []
+    for row, req in enumerate(requests):
+        row_logits = logits[row]
+        params = req.params
+        if req.num_generated < params.min_tokens and req.eos_token_ids:
+            row_logits = row_logits.clone()
+            row_logits[list(req.eos_token_ids)] = float("-inf")
+            blocked = params.stop_token_ids
+            if blocked:
+                row_logits[blocked] = float("-inf")
+        if params.greedy:
+            token = int(torch.argmax(row_logits).item())
+        else:
+            scaled = _mask_top_k_top_p(row_logits / params.temperature, params.top_k, params.top_p,
+                                       params.min_p)
+            probs = torch.softmax(scaled, dim=-1)
+            noise = torch.empty_like(probs).exponential_(1.0, generator=req.generator)
+            token = int(torch.argmax(probs / noise).item())
+        token_ids.append(token)
+        chosen_logprobs.append(float(logprobs_all[row, token].item()))
+        if params.logprobs:
+            values, indices = torch.topk(logprobs_all[row], params.logprobs)
+            top_logprobs.append(list(zip(indices.tolist(), values.tolist())))
+        else:
+            top_logprobs.append(None)
+    return SampleResult(token_ids, chosen_logprobs, top_logprobs)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator

@@ -1,0 +1,189 @@
+"""Continuous batching with chunked prefill, adapter-aware admission and preemption.
+
+Each step:
+  1. running sequences keep running: decodes take one token each, unfinished prefills take a
+     chunk; when KV pages run out the youngest running sequence is preempted (its pages freed,
+     recomputed later from its tokens), so no request fails for memory that will come back;
+  2. waiting sequences are admitted in arrival order while the token budget, the sequence cap
+     and the distinct-adapter cap allow, and only once their adapter is resident on the device;
+     adapters of waiting sequences are prefetched so loads overlap other requests' steps;
+  3. fairness: a sequence that waited past `starvation_steps` stops the admission of sequences
+     behind it that use other adapters, so its adapter gets a slot when running ones release.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moelora.engine.kv_manager import KVManager
+from moelora.engine.request import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_loras_per_batch: int = 8
+    prefetch_lookahead: int = 16  # waiting sequences whose adapters are prefetched
+    starvation_steps: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras_per_batch",
+                     "starvation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVManager, adapters):
+        self.config = config
+        self.kv = kv
+        self.adapters = adapters  # AdapterManager: prefetch/ready/failed/pin/unpin
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._waited_steps: dict[int, int] = {}
+
+    # -- queue management -------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Frees everything a sequence holds; it leaves the queues."""
+        seq.status = status
+        self.kv.free(seq)
+        self._unpin(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self._waited_steps.pop(seq.seq_id, None)
+
+    # -- one step ----------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        self._fail_sequences_of_failed_adapters(batch)
+
+        # 1. running sequences, oldest first; preempt the youngest when pages run out.
+        for seq in sorted(self.running, key=lambda s: s.arrival_time):
+            if seq not in self.running or budget <= 0:
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._reserve_or_preempt(seq, seq.num_computed_tokens + num_new, batch):
+                continue
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+        # 2. admit waiting sequences.
+        self._prefetch_waiting()
+        adapters_in_batch = {s.adapter_id for s in self.running if s.adapter_id is not None}
+        blocked_by_starving: int | None | bool = False
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if blocked_by_starving is not False and seq.adapter_id != blocked_by_starving:
+                continue
+            if seq.adapter_id is not None:
+                new_adapter = seq.adapter_id not in adapters_in_batch
+                if new_adapter and len(adapters_in_batch) >= self.config.max_loras_per_batch:
+                    self._note_wait(seq)
+                    continue
+                if not self.adapters.ready(seq.adapter_id) or not self.adapters.pin(seq.adapter_id):
+                    if self._note_wait(seq) and blocked_by_starving is False:
+                        blocked_by_starving = seq.adapter_id
+                    continue
+                seq.pinned_adapter = True
+            if self.kv.pages_for(seq.num_tokens) > self.kv.pool.num_pages:
+                self._unpin(seq)
+                self.waiting.remove(seq)
+                seq.error = (f"request needs {seq.num_tokens} tokens of KV cache, more than the "
+                             f"whole page pool holds ({self.kv.capacity_tokens()} tokens)")
+                batch.failed.append(seq)
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.kv.reserve(seq, seq.num_computed_tokens + num_new):
+                self._unpin(seq)
+                self._note_wait(seq)
+                break  # memory is short: admitting later arrivals would starve this one
+            self.waiting.remove(seq)
+            self._waited_steps.pop(seq.seq_id, None)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.adapter_id is not None:
+                adapters_in_batch.add(seq.adapter_id)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _reserve_or_preempt(self, seq: Sequence, total_tokens: int, batch: ScheduledBatch) -> bool:
+        while not self.kv.reserve(seq, total_tokens):
+            victim = max((s for s in self.running if s not in batch.seqs), default=None,
+                         key=lambda s: s.arrival_time)
+            if victim is None or victim.arrival_time < seq.arrival_time:
+                victim = seq  # nothing younger to take pages from: wait ourselves
+            self._preempt(victim, batch)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.kv.free(seq)
+        self._unpin(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq.pinned_adapter:
+            self.adapters.unpin(seq.adapter_id)
+            seq.pinned_adapter = False
+
+    def _note_wait(self, seq: Sequence) -> bool:
+        """Counts a step this sequence could not run; True once it is starving."""
+        waited = self._waited_steps.get(seq.seq_id, 0) + 1
+        self._waited_steps[seq.seq_id] = waited
+        return waited >= self.config.starvation_steps
+
+    def _prefetch_waiting(self) -> None:
+        seen: set[int] = set()
+        for seq in list(self.waiting)[: self.config.prefetch_lookahead]:
+            if seq.adapter_id is not None and seq.adapter_id not in seen:
+                seen.add(seq.adapter_id)
+                self.adapters.prefetch(seq.adapter_id)
+
+    def _fail_sequences_of_failed_adapters(self, batch: ScheduledBatch) -> None:
+        for seq in list(self.waiting):
+            if seq.adapter_id is None:
+                continue
+            problem = self.adapters.failure(seq.adapter_id)
+            if problem is not None:
+                self.waiting.remove(seq)
+                seq.error = problem
+                batch.failed.append(seq)

@@ -1,0 +1,80 @@
+"""Tokenizers from a model directory, without transformers at run time.
+
+Reads tokenizer.json with the `tokenizers` library, special tokens and the chat template from
+tokenizer_config.json, and renders chat templates with jinja2 the way HF does. A model with no
+tokenizer files gets None: prompts must then be token ids and output text stays empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, path: str):
+        self._tok = _HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        config_path = os.path.join(path, "tokenizer_config.json")
+        config = {}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        self.chat_template = config.get("chat_template")
+        template_file = os.path.join(path, "chat_template.jinja")
+        if self.chat_template is None and os.path.exists(template_file):
+            with open(template_file) as f:
+                self.chat_template = f.read()
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.add_bos = bool(config.get("add_bos_token", False))
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos and self.bos_token_id is not None and \
+                (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> str:
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent,
+                                                                      ensure_ascii=False)
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _token_text(token) -> str | None:
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+def _raise_template_error(message: str):
+    raise ValueError(f"chat template error: {message}")
+
+
+def load_tokenizer(path: str | None) -> Tokenizer | None:
+    if path is None or not os.path.exists(os.path.join(path, "tokenizer.json")):
+        return None
+    return Tokenizer(path)
