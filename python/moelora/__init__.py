@@ -17,6 +17,25 @@ from moelora._C import (
 
 __version__ = _C.version()
 
+# The offline API is imported on first use, so `import moelora` stays light for tools that
+# only need the native core.
+_LAZY = {
+    "LLM": "moelora.entrypoints.llm",
+    "SamplingParams": "moelora.engine.sampling_params",
+    "LoRARequest": "moelora.engine.adapters",
+    "RequestOutput": "moelora.engine.request",
+    "CompletionOutput": "moelora.engine.request",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moelora' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 def cuda_available() -> bool:
     """True when this build has the CUDA backend and a GPU is present."""
@@ -35,6 +54,11 @@ def cmake_prefix_path() -> str:
 
 
 __all__ = [
+    "LLM",
+    "LoRARequest",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
     "AdapterError",
     "Cancelled",
     "CudaError",

@@ -17,7 +17,7 @@ class ModelRunner:
         self.lora_views = lora_views
         self.block_tokens = block_tokens
         self.device = device
-        self.num_layers = model.config.num_hidden_layers
+        self.num_layers = model.config.num_layers
 
     def build_metadata(self, batch: ScheduledBatch, slot_of: dict[int, int]):
         input_ids: list[int] = []

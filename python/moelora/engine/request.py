@@ -46,6 +46,8 @@ class Sequence:
     finish_time: float | None = None
     output_text: str = ""
     pinned_adapter: bool = False  # holds a pin on its adapter while running
+    generator: object = None  # torch.Generator for sampled (non-greedy) sequences
+    max_tokens: int = 0  # resolved limit on generated tokens
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -81,6 +83,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -1,0 +1,169 @@
+"""Adapters as the engine sees them: vLLM's LoRARequest, and the AdapterManager that registers
+PEFT directories with the native adapter cache (disk -> host -> device tiers), prefetches
+them, pins them while requests run, and exposes the row tables to the kernels."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from moelora import _C
+from moelora._tensor import dtype_code
+from moelora.lora import build_plan
+
+RESIDENT = "device"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's LoRARequest: a name, a positive integer id and a PEFT directory."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+    base_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lora_name:
+            raise ValueError("LoRARequest needs a non-empty lora_name")
+        if not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be a positive integer, got {self.lora_int_id!r}")
+
+    @property
+    def name(self) -> str:
+        return self.lora_name
+
+    @property
+    def path(self) -> str:
+        return self.lora_path
+
+
+class LoraViews:
+    """The kernels' view of every (site, layer): LoraSiteView objects over the row tables."""
+
+    def __init__(self, cache, sites, num_slots: int):
+        self.num_slots = num_slots
+        self.num_experts = max((s.num_experts for s in sites), default=1)
+        self._views = {}
+        for index, site in enumerate(sites):
+            for layer in range(site.num_layers):
+                self._views[(site.name, layer)] = cache.site_view(index, layer)
+        self._names = {s.name for s in sites}
+
+    def has_site(self, name: str) -> bool:
+        return name in self._names
+
+    def view(self, site: str, layer: int):
+        return self._views[(site, layer)]
+
+
+class AdapterManager:
+    def __init__(self, config, memory, sites, model_config, dtype):
+        self.config = config
+        self.sites = list(sites)
+        self.family = model_config.family
+        self._lock = threading.Lock()
+        self._ids: dict[str, int] = {}  # adapter name -> native id
+        self._requests: dict[str, LoRARequest] = {}
+        self.cache = None
+        self.views = None
+        if not config.enable_lora:
+            return
+        pool = memory.pool
+        if pool.device == "cuda":
+            self.copies = _C.make_cuda_copy_engine(pool.device_index, 2)
+        else:
+            self.copies = _C.make_cpu_copy_engine()
+        native_sites = [_C.LoraSite(name=s.name, num_layers=s.num_layers,
+                                    num_experts=s.num_experts, in_dim=s.in_dim, out_dim=s.out_dim)
+                        for s in self.sites]
+        cache_config = _C.AdapterCacheConfig(
+            sites=native_sites, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0, dtype=dtype_code(dtype))
+        self.cache = _C.AdapterCache(pool, self.copies, cache_config)
+        self.views = LoraViews(self.cache, self.sites, config.max_loras)
+
+    # -- registration ------------------------------------------------------------------------
+    def resolve(self, request: LoRARequest) -> int:
+        """The native id of `request`'s adapter, registering it on first use. Bad adapters are
+        refused here, before any request of theirs runs."""
+        if self.cache is None:
+            raise ValueError(f"adapter '{request.lora_name}' requested but the engine was "
+                             f"started without enable_lora=True")
+        with self._lock:
+            known = self._requests.get(request.lora_name)
+            if known is not None:
+                if request.lora_path and known.lora_path != request.lora_path:
+                    raise ValueError(f"adapter name '{request.lora_name}' is already loaded "
+                                     f"from {known.lora_path!r}, not {request.lora_path!r}")
+                return self._ids[request.lora_name]
+            plan = build_plan(request.lora_name, request.lora_path, self.sites, self.family,
+                              self.config.max_lora_rank)
+            adapter_id = self.cache.register_adapter(_native_spec(plan))
+            self._ids[request.lora_name] = adapter_id
+            self._requests[request.lora_name] = request
+            return adapter_id
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            adapter_id = self._ids.pop(name, None)
+            self._requests.pop(name, None)
+        if adapter_id is None:
+            raise KeyError(f"adapter '{name}' is not loaded")
+        self.cache.unregister(adapter_id)
+
+    def loaded(self) -> list[LoRARequest]:
+        with self._lock:
+            return list(self._requests.values())
+
+    # -- the scheduler's view ----------------------------------------------------------------
+    def prefetch(self, adapter_id: int) -> None:
+        self.cache.prefetch(adapter_id)
+
+    def ready(self, adapter_id: int) -> bool:
+        return self.cache.residency(adapter_id) == RESIDENT
+
+    def failure(self, adapter_id: int) -> str | None:
+        if self.cache.residency(adapter_id) == FAILED:
+            return self.cache.error_message(adapter_id)
+        return None
+
+    def pin(self, adapter_id: int) -> bool:
+        try:
+            self.cache.acquire(adapter_id)
+        except _C.MoeloraError:
+            return False  # evicted between ready() and now: try again next step
+        return True
+
+    def unpin(self, adapter_id: int) -> None:
+        self.cache.release(adapter_id)
+
+    def slots_for(self, seqs) -> dict[int, int]:
+        return {s.seq_id: self.cache.slot_of(s.adapter_id) for s in seqs
+                if s.adapter_id is not None}
+
+    def wait_for_progress(self) -> None:
+        """Nothing can run until an adapter load finishes: give the copy threads time."""
+        time.sleep(0.0005)
+
+    def stats(self) -> dict:
+        return dict(self.cache.stats()) if self.cache is not None else {}
+
+    def close(self) -> None:
+        self.cache = None
+        self.views = None
+
+
+def _native_spec(plan) -> object:
+    """The native AdapterSpec of a parsed PEFT plan."""
+    matrices = [
+        _C.LoraMatrixSource(site=m.site, layer=m.layer, expert=m.expert, is_b=m.is_b,
+                            file=m.file_index, tensor=m.tensor, offset=m.offset, rows=m.rows,
+                            cols=m.cols, row_stride=m.row_stride, col_stride=m.col_stride,
+                            scale=m.scale)
+        for m in plan.matrices
+    ]
+    return _C.AdapterSpec(name=plan.name, files=list(plan.files), ranks=plan.ranks,
+                          matrices=matrices)

@@ -1,0 +1,256 @@
+"""LLMEngine: requests in, tokens out. Owns the model, the unified page pool, the adapter
+manager, the scheduler, the model runner and the sampler; `step()` runs one batch."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+
+import torch
+
+from moelora.engine.adapters import AdapterManager, LoRARequest
+from moelora.engine.config import EngineConfig
+from moelora.engine.kv_manager import KVManager
+from moelora.engine.memory import build_pool
+from moelora.engine.model_runner import ModelRunner
+from moelora.engine.request import (
+    CompletionOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+    Sequence,
+    SequenceStatus,
+    now,
+)
+from moelora.engine.sampler import SampleRequest, make_generator, sample
+from moelora.engine.sampling_params import SamplingParams
+from moelora.engine.scheduler import Scheduler, SchedulerConfig
+from moelora.engine.tokenizer import load_tokenizer
+from moelora.models import load_model
+
+logger = logging.getLogger("moelora")
+
+
+class _RequestState:
+    def __init__(self, request_id, prompt, prompt_ids, params, lora_request, seqs):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_ids
+        self.params = params
+        self.lora_request = lora_request
+        self.seqs: list[Sequence] = seqs
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device()
+        self.model_dir = config.model if os.path.isdir(config.model) else None
+        self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
+        self.model = load_model(config.model, dtype=self.dtype, device=self.device)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        mc = self.model.config
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.eos_token_ids = tuple(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = tuple(sorted(set(self.eos_token_ids)
+                                              | {self.tokenizer.eos_token_id}))
+        sites = self.model.lora_sites() if config.enable_lora else []
+        self.memory = build_pool(config, mc, sites, self.dtype, self.device)
+        self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype)
+        self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs,
+                            max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_loras_per_batch=config.max_loras_per_batch),
+            self.kv, self.adapters)
+        self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
+                                  self.memory.block_tokens, self.device)
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+
+    # -- requests ----------------------------------------------------------------------------
+    def next_request_id(self) -> str:
+        return str(next(self._request_ids))
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    params: SamplingParams, lora_request: LoRARequest | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, prompt_ids = self._tokenize(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
+                             f"[{min(prompt_ids)}, {max(prompt_ids)}]")
+        max_tokens = params.max_tokens if params.max_tokens is not None else \
+            self.max_model_len - len(prompt_ids)
+        if len(prompt_ids) + max(max_tokens, 1) > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
+                             f"exceeds the model's maximum length ({self.max_model_len})")
+        adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
+        arrival = arrival_time if arrival_time is not None else now()
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=index,
+                           prompt_token_ids=list(prompt_ids), params=params,
+                           adapter_id=adapter_id, arrival_time=arrival)
+            seed = (params.seed if params.seed is not None else
+                    self.config.seed * 1_000_003 + seq.seq_id) + index
+            seq.generator = None if params.greedy else make_generator(seed, self.device)
+            seq.max_tokens = max_tokens
+            seqs.append(seq)
+        self._requests[request_id] = _RequestState(request_id, text, prompt_ids, params,
+                                                   lora_request, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        state = self._requests.get(request_id)
+        if state is None:
+            return
+        for seq in state.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+                seq.finish_time = now()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        touched: set[str] = set()
+        for seq in batch.failed:
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+            seq.finish_time = now()
+            touched.add(seq.request_id)
+        self.stats["preemptions"] += len(batch.preempted)
+        if batch.is_empty():
+            if self.scheduler.has_work() and not touched:
+                self.adapters.wait_for_progress()
+            return [self._output(self._requests[r]) for r in touched]
+        slot_of = self.adapters.slots_for(batch.seqs)
+        logits = self.runner.execute(batch, slot_of)
+        sampling = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampling.append(seq)
+            if len(seq.output_token_ids) == 0:
+                self.stats["prompt_tokens"] += num_new
+        if sampling:
+            result = sample(logits, [SampleRequest(s.params, s.generator,
+                                                   len(s.output_token_ids), self.eos_token_ids)
+                                     for s in sampling])
+            for i, seq in enumerate(sampling):
+                self._append_token(seq, result.token_ids[i], result.logprobs[i],
+                                   result.top_logprobs[i])
+                touched.add(seq.request_id)
+        self.stats["steps"] += 1
+        return [self._output(self._requests[r]) for r in touched]
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now()
+        seq.output_token_ids.append(token)
+        seq.output_logprobs.append(logprob)
+        seq.output_top_logprobs.append(top)
+        self.stats["generation_tokens"] += 1
+        params = seq.params
+        if self.tokenizer is not None:
+            seq.output_text = self.tokenizer.decode(seq.output_token_ids,
+                                                    skip_special_tokens=params.skip_special_tokens)
+        status = None
+        if not params.ignore_eos and token in self.eos_token_ids and \
+                len(seq.output_token_ids) > params.min_tokens:
+            status = SequenceStatus.FINISHED_STOPPED
+            seq.stop_reason = None
+        elif token in params.stop_token_ids and len(seq.output_token_ids) > params.min_tokens:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        elif params.stop_strings and self.tokenizer is not None:
+            for stop in params.stop_strings:
+                at = seq.output_text.find(stop)
+                if at >= 0:
+                    end = at + len(stop) if params.include_stop_str_in_output else at
+                    seq.output_text = seq.output_text[:end]
+                    status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                    break
+        if status is None and (len(seq.output_token_ids) >= seq.max_tokens or
+                               seq.num_tokens >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(seq, status)
+            seq.finish_time = now()
+
+    def _output(self, state: _RequestState) -> RequestOutput:
+        outputs = []
+        for seq in state.seqs:
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = []
+                for token, lp, top in zip(seq.output_token_ids, seq.output_logprobs,
+                                          seq.output_top_logprobs):
+                    entry = {token: Logprob(lp)}
+                    for rank, (tid, tlp) in enumerate(top or [], start=1):
+                        if tid == token:
+                            entry[token].rank = rank
+                        else:
+                            entry[tid] = Logprob(tlp, rank)
+                    logprobs.append(entry)
+            finish_reason = None
+            if seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                              SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR):
+                finish_reason = seq.status.value
+            outputs.append(CompletionOutput(
+                index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=sum(seq.output_logprobs) if seq.output_logprobs else None,
+                logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason))
+            outputs[-1].error = seq.error
+        first = state.seqs[0]
+        finished = all(s.finished for s in state.seqs)
+        metrics = RequestMetrics(first.arrival_time, first.first_token_time,
+                                 max((s.finish_time or 0) for s in state.seqs) if finished else None,
+                                 sum(s.num_preemptions for s in state.seqs))
+        if finished:
+            self._requests.pop(state.request_id, None)
+        return RequestOutput(state.request_id, state.prompt, list(state.prompt_token_ids),
+                             outputs, finished, state.lora_request, metrics)
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as "
+                                 "{'prompt_token_ids': [...]}")
+            return prompt, self.tokenizer.encode(prompt)
+        raise TypeError(f"a prompt must be a str, a list of token ids or a dict with "
+                        f"'prompt_token_ids', got {type(prompt).__name__}")
+
+    def stop(self) -> None:
+        self.adapters.close()
+
+
+def checkpoint_dtype(model_dir: str | None) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json declares, if any."""
+    if model_dir is None:
+        return None
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return None
+    name = hf.get("dtype") or hf.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None

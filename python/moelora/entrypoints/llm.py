@@ -1,0 +1,101 @@
+"""The offline API, with the names vLLM users know: LLM, SamplingParams, LoRARequest.
+
+    llm = LLM(model="synthetic:tiny-moe", enable_lora=True, max_lora_rank=16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16),
+                        lora_request=[LoRARequest("a", 1, "/path"), None, ...])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+
+from tqdm.auto import tqdm
+
+from moelora.engine.adapters import LoRARequest
+from moelora.engine.config import EngineConfig
+from moelora.engine.llm_engine import LLMEngine
+from moelora.engine.request import RequestOutput
+from moelora.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
+                 device: str = "auto", enable_lora: bool = False, max_lora_rank: int = 16,
+                 max_loras: int = 8, max_cpu_loras: int | None = None, seed: int = 0,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
+                 pool_memory_bytes: int | None = None, block_size: int = 16,
+                 max_loras_per_batch: int | None = None, **unsupported):
+        if unsupported:
+            names = ", ".join(sorted(unsupported))
+            raise TypeError(f"LLM() got arguments moelora does not support: {names}")
+        self.llm_engine = LLMEngine(EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, device=device,
+            enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras, seed=seed, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, pool_memory_bytes=pool_memory_bytes,
+            block_size=block_size, max_loras_per_batch=max_loras_per_batch))
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _broadcast(sampling_params or SamplingParams(), len(prompt_list),
+                                 "sampling_params")
+        lora_list = _broadcast(lora_request, len(prompt_list), "lora_request")
+        engine = self.llm_engine
+        ids = []
+        for prompt, params, lora in zip(prompt_list, params_list, lora_list):
+            request_id = engine.next_request_id()
+            engine.add_request(request_id, prompt, params, lora)
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             lora_request: LoRARequest | list[LoRARequest | None] | None = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        tokenizer = self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer; this model has none")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": tokenizer.encode(
+            tokenizer.apply_chat_template(conv, add_generation_prompt=add_generation_prompt,
+                                          chat_template=chat_template),
+            add_special_tokens=False)} for conv in conversations]
+        return self.generate(prompts, sampling_params, lora_request, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                   dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        finally:
+            bar.close()
+        return [finished[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, SequenceABC) and prompts and all(isinstance(t, int) for t in prompts):
+        return [{"prompt_token_ids": list(prompts)}]
+    return list(prompts)
+
+
+def _broadcast(value, n: int, name: str) -> list:
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return value
+    return [value] * n
