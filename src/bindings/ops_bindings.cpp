@@ -1,6 +1,195 @@
-// Placeholder replaced by the component's own bindings.
+// Bindings of the kernels' contract (moelora/ops.h): LoraSiteView and KvCacheView as plain
+// Python classes (pointers as ints, dtype as the moelora::DType code), and each op as
+// _C.<op>(...) over tensor refs made by moelora._tensor.as_ref. Checks live in the library;
+// the binding converts and calls with the GIL released.
+#include <cstdint>
+#include <vector>
+
 #include "bindings/common.h"
+#include "moelora/ops.h"
 
 namespace moelora::bindings {
-void register_ops(py::module_& m) {}
+
+namespace {
+
+template <typename T>
+uintptr_t as_int(const T* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr);
+}
+
+void register_views(py::module_& m) {
+  // dynamic_attr: moelora.ops.make_site_view pins the torch tensors the pointers refer to.
+  py::class_<LoraSiteView>(m, "LoraSiteView", py::dynamic_attr())
+      .def(py::init([](uintptr_t arena, uintptr_t row_offsets, int64_t slot_stride,
+                       uintptr_t ranks, int64_t rank_slot_stride, int32_t num_slots,
+                       int32_t num_experts, int32_t max_rank, int64_t in_dim, int64_t out_dim,
+                       int dtype) {
+             LoraSiteView v;
+             v.arena = reinterpret_cast<const std::byte*>(arena);
+             v.row_offsets = reinterpret_cast<const int64_t*>(row_offsets);
+             v.slot_stride = slot_stride;
+             v.ranks = reinterpret_cast<const int32_t*>(ranks);
+             v.rank_slot_stride = rank_slot_stride;
+             v.num_slots = num_slots;
+             v.num_experts = num_experts;
+             v.max_rank = max_rank;
+             v.in_dim = in_dim;
+             v.out_dim = out_dim;
+             v.dtype = static_cast<DType>(dtype);
+             dtype_size(v.dtype);  // validates the code
+             return v;
+           }),
+           py::kw_only(), py::arg("arena") = 0, py::arg("row_offsets") = 0,
+           py::arg("slot_stride") = 0, py::arg("ranks") = 0, py::arg("rank_slot_stride") = 0,
+           py::arg("num_slots") = 0, py::arg("num_experts") = 1, py::arg("max_rank") = 0,
+           py::arg("in_dim") = 0, py::arg("out_dim") = 0, py::arg("dtype") = 0)
+      .def_property(
+          "arena", [](const LoraSiteView& v) { return as_int(v.arena); },
+          [](LoraSiteView& v, uintptr_t p) { v.arena = reinterpret_cast<const std::byte*>(p); })
+      .def_property(
+          "row_offsets", [](const LoraSiteView& v) { return as_int(v.row_offsets); },
+          [](LoraSiteView& v, uintptr_t p) { v.row_offsets = reinterpret_cast<const int64_t*>(p); })
+      .def_property(
+          "ranks", [](const LoraSiteView& v) { return as_int(v.ranks); },
+          [](LoraSiteView& v, uintptr_t p) { v.ranks = reinterpret_cast<const int32_t*>(p); })
+      .def_readwrite("slot_stride", &LoraSiteView::slot_stride)
+      .def_readwrite("rank_slot_stride", &LoraSiteView::rank_slot_stride)
+      .def_readwrite("num_slots", &LoraSiteView::num_slots)
+      .def_readwrite("num_experts", &LoraSiteView::num_experts)
+      .def_readwrite("max_rank", &LoraSiteView::max_rank)
+      .def_readwrite("in_dim", &LoraSiteView::in_dim)
+      .def_readwrite("out_dim", &LoraSiteView::out_dim)
+      .def_property(
+          "dtype", [](const LoraSiteView& v) { return static_cast<int>(v.dtype); },
+          [](LoraSiteView& v, int code) {
+            dtype_size(static_cast<DType>(code));
+            v.dtype = static_cast<DType>(code);
+          })
+      .def("__repr__", [](const LoraSiteView& v) {
+        return "LoraSiteView(num_slots=" + std::to_string(v.num_slots) +
+               ", num_experts=" + std::to_string(v.num_experts) +
+               ", max_rank=" + std::to_string(v.max_rank) + ", in_dim=" +
+               std::to_string(v.in_dim) + ", out_dim=" + std::to_string(v.out_dim) +
+               ", dtype=" + dtype_name(v.dtype) + ")";
+      });
+
+  py::class_<KvCacheView>(m, "KvCacheView", py::dynamic_attr())
+      .def(py::init([](uintptr_t arena, int64_t page_bytes, int32_t block_tokens,
+                       int32_t num_kv_heads, int32_t head_dim, int dtype) {
+             KvCacheView v;
+             v.arena = reinterpret_cast<std::byte*>(arena);
+             v.page_bytes = page_bytes;
+             v.block_tokens = block_tokens;
+             v.num_kv_heads = num_kv_heads;
+             v.head_dim = head_dim;
+             v.dtype = static_cast<DType>(dtype);
+             dtype_size(v.dtype);
+             return v;
+           }),
+           py::kw_only(), py::arg("arena") = 0, py::arg("page_bytes") = 0,
+           py::arg("block_tokens") = 0, py::arg("num_kv_heads") = 0, py::arg("head_dim") = 0,
+           py::arg("dtype") = 0)
+      .def_property(
+          "arena", [](const KvCacheView& v) { return as_int(v.arena); },
+          [](KvCacheView& v, uintptr_t p) { v.arena = reinterpret_cast<std::byte*>(p); })
+      .def_readwrite("page_bytes", &KvCacheView::page_bytes)
+      .def_readwrite("block_tokens", &KvCacheView::block_tokens)
+      .def_readwrite("num_kv_heads", &KvCacheView::num_kv_heads)
+      .def_readwrite("head_dim", &KvCacheView::head_dim)
+      .def_property(
+          "dtype", [](const KvCacheView& v) { return static_cast<int>(v.dtype); },
+          [](KvCacheView& v, int code) {
+            dtype_size(static_cast<DType>(code));
+            v.dtype = static_cast<DType>(code);
+          });
+}
+
+}  // namespace
+
+void register_ops(py::module_& m) {
+  register_views(m);
+  m.def("kv_page_bytes_needed", [](int32_t block_tokens, int32_t num_kv_heads, int32_t head_dim,
+                                   int dtype) {
+    return kv_page_bytes_needed(block_tokens, num_kv_heads, head_dim, static_cast<DType>(dtype));
+  });
+  m.def("moe_lora_align_max_blocks", &moe_lora_align_max_blocks, py::arg("num_pairs"),
+        py::arg("num_experts"), py::arg("num_slots"), py::arg("block_m"));
+
+  m.def("moe_lora_align", [](const py::object& topk_ids, const py::tuple& token_slot,
+                             int32_t num_experts, int32_t num_slots, int32_t block_m,
+                             const py::tuple& sorted_pairs, const py::tuple& block_slot,
+                             const py::tuple& block_expert, const py::tuple& num_blocks,
+                             uintptr_t stream) {
+    TensorRef ids = to_optional_tensor_ref(topk_ids, "topk_ids");
+    TensorRef slots = to_tensor_ref(token_slot, "token_slot");
+    TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
+    TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
+    TensorRef b_expert = to_tensor_ref(block_expert, "block_expert");
+    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
+    py::gil_scoped_release release;
+    moe_lora_align(ids, slots, num_experts, num_slots, block_m, pairs, b_slot, b_expert, count,
+                   stream_from_int(stream));
+  });
+
+  m.def("fused_moe_lora", [](const py::tuple& input, int32_t input_pairs_per_row,
+                             const py::tuple& output, const py::object& topk_weights,
+                             const py::tuple& sorted_pairs, const py::tuple& block_slot,
+                             const py::tuple& block_expert, const py::tuple& num_blocks,
+                             int32_t block_m, const std::vector<LoraSiteView>& slices,
+                             const std::vector<int64_t>& col_offsets, uintptr_t stream) {
+    TensorRef in = to_tensor_ref(input, "input");
+    TensorRef out = to_tensor_ref(output, "output");
+    TensorRef weights = to_optional_tensor_ref(topk_weights, "topk_weights");
+    TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
+    TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
+    TensorRef b_expert = to_tensor_ref(block_expert, "block_expert");
+    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
+    py::gil_scoped_release release;
+    fused_moe_lora(in, input_pairs_per_row, out, weights, pairs, b_slot, b_expert, count, block_m,
+                   slices, col_offsets, stream_from_int(stream));
+  });
+
+  m.def("dense_lora", [](const py::tuple& input, const py::tuple& output,
+                         const py::tuple& sorted_rows, const py::tuple& block_slot,
+                         const py::tuple& num_blocks, int32_t block_m,
+                         const std::vector<LoraSiteView>& slices,
+                         const std::vector<int64_t>& col_offsets, uintptr_t stream) {
+    TensorRef in = to_tensor_ref(input, "input");
+    TensorRef out = to_tensor_ref(output, "output");
+    TensorRef rows = to_tensor_ref(sorted_rows, "sorted_rows");
+    TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
+    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
+    py::gil_scoped_release release;
+    dense_lora(in, out, rows, b_slot, count, block_m, slices, col_offsets,
+               stream_from_int(stream));
+  });
+
+  m.def("kv_cache_write", [](const py::tuple& key, const py::tuple& value,
+                             const py::tuple& slot_mapping, const KvCacheView& cache,
+                             uintptr_t stream) {
+    TensorRef k = to_tensor_ref(key, "key");
+    TensorRef v = to_tensor_ref(value, "value");
+    TensorRef slots = to_tensor_ref(slot_mapping, "slot_mapping");
+    py::gil_scoped_release release;
+    kv_cache_write(k, v, slots, cache, stream_from_int(stream));
+  });
+
+  m.def("paged_attention", [](const py::tuple& out, const py::tuple& query,
+                              const py::tuple& query_seq, const py::tuple& query_pos,
+                              const py::tuple& block_table, const py::tuple& seq_lens,
+                              const KvCacheView& cache, float scale, int32_t sliding_window,
+                              const py::object& sinks, uintptr_t stream) {
+    TensorRef o = to_tensor_ref(out, "out");
+    TensorRef q = to_tensor_ref(query, "query");
+    TensorRef seq = to_tensor_ref(query_seq, "query_seq");
+    TensorRef pos = to_tensor_ref(query_pos, "query_pos");
+    TensorRef table = to_tensor_ref(block_table, "block_table");
+    TensorRef lens = to_tensor_ref(seq_lens, "seq_lens");
+    TensorRef sink = to_optional_tensor_ref(sinks, "sinks");
+    py::gil_scoped_release release;
+    paged_attention(o, q, seq, pos, table, lens, cache, scale, sliding_window, sink,
+                    stream_from_int(stream));
+  });
+}
+
 }  // namespace moelora::bindings
