@@ -1,0 +1,1 @@
+"""`moelora demo`: the main job on a built-in default, with no downloads."""
