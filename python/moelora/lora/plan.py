@@ -1,0 +1,265 @@
+"""AdapterPlan: where every LoRA matrix of an adapter lives in its saved files.
+
+The native adapter cache copies rows straight out of the safetensors data, so the plan
+describes each matrix as a strided 2D view (in elements) of a saved tensor:
+
+* A views are [rank, in_dim]; B views are B transposed, [rank, out_dim] (the page pool stores
+  both as rows of length in / out, see ARCHITECTURE.md);
+* element (i, j) of a view is `flat[offset + i * row_stride + j * col_stride]`;
+* `scale` multiplies the view when it is loaded: 1.0 for A, PEFT's scaling for B, so the
+  scaling is folded once, into B.
+
+A fused 3D gate_up target yields separate experts.gate and experts.up entries that share
+the same A view; their B views pick gate / up output rows (halves, or even / odd rows for
+GPT-OSS). Experts of a targeted layer that the adapter has no tensors for get no entry: their
+delta is zero.
+
+`load_adapter_plan` is the registration entry point: it reads adapter_config.json and the
+safetensors headers only, and raises AdapterValidationError for anything we cannot serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moelora.lora.config import AdapterConfig, load_adapter_config
+from moelora.lora.sites import LoraSiteSpec, site_table
+from moelora.lora.targets import (
+    ALL_EXPERTS,
+    FUSED_GATE_UP,
+    Family,
+    TargetKey,
+    classify_keys,
+    family_of,
+)
+from moelora.lora.validate import (
+    AdapterValidationError,
+    TensorHeader,
+    check_dtype,
+    check_rank,
+    check_shape,
+    read_safetensors_header,
+)
+
+
+@dataclass(frozen=True)
+class MatrixSource:
+    site: str
+    layer: int
+    expert: int  # 0 for dense sites
+    is_b: bool  # False: A view [rank, in_dim]; True: B^T view [rank, out_dim]
+    file_index: int  # into AdapterPlan.files
+    tensor: str  # saved tensor name
+    offset: int  # elements
+    rows: int  # the rank
+    cols: int
+    row_stride: int  # elements
+    col_stride: int  # elements
+    scale: float  # multiply the view by this when loading
+
+
+@dataclass
+class AdapterPlan:
+    name: str
+    path: Path
+    files: list[Path]
+    ranks: dict[str, list[int]]  # site -> per-layer rank, 0 where not targeted
+    sources: list[MatrixSource] = field(default_factory=list)
+    tensors: dict[str, TensorHeader] = field(default_factory=dict)  # dtype, byte offset
+    sites: dict[str, LoraSiteSpec] = field(default_factory=dict)  # the model's, by name
+
+    @property
+    def max_rank(self) -> int:
+        return max((r for per_layer in self.ranks.values() for r in per_layer), default=0)
+
+
+def load_adapter_plan(
+    adapter_dir: str | Path,
+    sites,
+    family: str,
+    *,
+    name: str | None = None,
+    max_lora_rank: int | None = None,
+) -> AdapterPlan:
+    """Validate a PEFT adapter directory against a model's LoRA sites and plan its loads."""
+    path = Path(adapter_dir)
+    name = name or path.name
+    config = load_adapter_config(path, name)
+    files = _adapter_files(path, name)
+    tensors: dict[str, TensorHeader] = {}
+    file_of: dict[str, int] = {}
+    for index, file in enumerate(files):
+        for key, header in read_safetensors_header(file, name).items():
+            if key in tensors:
+                raise AdapterValidationError(name, f"tensor {key!r} appears in two files")
+            check_dtype(name, header)
+            tensors[key] = header
+            file_of[key] = index
+    if not tensors:
+        raise AdapterValidationError(name, "the adapter has no tensors")
+    targets = classify_keys(sorted(tensors), family_of(family), config, name)
+    builder = _PlanBuilder(name, config, site_table(sites), family_of(family), tensors, file_of)
+    plan = AdapterPlan(
+        name, path, files, builder.empty_ranks(), tensors=tensors, sites=builder.sites
+    )
+    for a_key, b_key in _pair_targets(targets, name):
+        builder.add(plan, a_key, b_key, max_lora_rank)
+    return plan
+
+
+def _adapter_files(path: Path, adapter: str) -> list[Path]:
+    if not path.is_dir():
+        raise AdapterValidationError(adapter, f"{path} is not a directory")
+    files = sorted(path.glob("adapter_model*.safetensors"))
+    if not files:
+        if (path / "adapter_model.bin").exists():
+            raise AdapterValidationError(
+                adapter, "adapter_model.bin (pickle) is not supported; save with safetensors"
+            )
+        raise AdapterValidationError(adapter, f"no adapter_model.safetensors in {path}")
+    return files
+
+
+def _pair_targets(targets: list[TargetKey], adapter: str) -> list[tuple[TargetKey, TargetKey]]:
+    halves: dict[tuple, dict[bool, TargetKey]] = {}
+    for t in targets:
+        slot = halves.setdefault((t.site, t.layer, t.expert), {})
+        if t.is_b in slot:
+            raise AdapterValidationError(
+                adapter, f"tensors {slot[t.is_b].key!r} and {t.key!r} target the same matrix"
+            )
+        slot[t.is_b] = t
+    pairs = []
+    for slot in halves.values():
+        if len(slot) != 2:
+            (only,) = slot.values()
+            missing = "lora_A" if only.is_b else "lora_B"
+            raise AdapterValidationError(
+                adapter, f"tensor {only.key!r} has no matching {missing} tensor (missing A or B)"
+            )
+        pairs.append((slot[False], slot[True]))
+    return pairs
+
+
+class _PlanBuilder:
+    """Checks one A/B pair against the model's sites and appends its views."""
+
+    def __init__(self, adapter, config: AdapterConfig, sites, family: Family, tensors, file_of):
+        self.adapter = adapter
+        self.config = config
+        self.sites: dict[str, LoraSiteSpec] = sites
+        self.family = family
+        self.tensors = tensors
+        self.file_of = file_of
+        self.expert_ranks: dict[tuple[str, int], tuple[int, str]] = {}
+
+    def empty_ranks(self) -> dict[str, list[int]]:
+        return {name: [0] * spec.num_layers for name, spec in self.sites.items()}
+
+    def _site(self, name: str, t: TargetKey) -> LoraSiteSpec:
+        spec = self.sites.get(name)
+        if spec is None:
+            raise AdapterValidationError(
+                self.adapter, f"tensor {t.key!r} targets site {name!r}, which this model does "
+                f"not have (model sites: {sorted(self.sites)})",
+            )
+        if t.layer >= spec.num_layers:
+            raise AdapterValidationError(
+                self.adapter, f"tensor {t.key!r} targets layer {t.layer}, but the model has "
+                f"{spec.num_layers} layers",
+            )
+        if t.expert != ALL_EXPERTS and t.expert >= spec.num_experts:
+            raise AdapterValidationError(
+                self.adapter, f"tensor {t.key!r} targets expert {t.expert}, but the model has "
+                f"{spec.num_experts} experts",
+            )
+        return spec
+
+    def add(self, plan: AdapterPlan, a: TargetKey, b: TargetKey, max_lora_rank) -> None:
+        a_t, b_t = self.tensors[a.key], self.tensors[b.key]
+        for t in (a_t, b_t):
+            if len(t.shape) != 2:
+                raise AdapterValidationError(
+                    self.adapter, f"tensor {t.name!r} has {len(t.shape)} dims, expected 2"
+                )
+        layers = self.config.layers_to_transform
+        if layers is not None and a.expert != ALL_EXPERTS and a.layer not in layers:
+            raise AdapterValidationError(
+                self.adapter, f"tensor {a.key!r} is in layer {a.layer}, outside "
+                f"layers_to_transform={layers}",
+            )
+        if a.site == FUSED_GATE_UP:
+            gate, up = self._site("experts.gate", a), self._site("experts.up", a)
+            if (gate.in_dim, gate.out_dim, gate.num_experts) != (
+                up.in_dim, up.out_dim, up.num_experts,
+            ):  # fmt: skip
+                raise AdapterValidationError(
+                    self.adapter, "model sites experts.gate and experts.up differ in shape; "
+                    f"cannot split fused tensor {b.key!r}",
+                )
+            specs = [gate, up]
+            out_total = gate.out_dim + up.out_dim
+        else:
+            specs = [self._site(a.site, a)]
+            out_total = specs[0].out_dim
+        spec = specs[0]
+        num_experts = spec.num_experts if a.expert == ALL_EXPERTS else 1
+        rank, remainder = divmod(a_t.shape[0], num_experts)
+        where = f"tensor {a.key!r}"
+        if remainder:
+            raise AdapterValidationError(
+                self.adapter, f"{where} has {a_t.shape[0]} rows, not a multiple of the "
+                f"model's {num_experts} experts",
+            )
+        check_rank(self.adapter, rank, max_lora_rank, where)
+        what = f"site {a.site} (in_dim={spec.in_dim}, out_dim={out_total}, experts={num_experts})"
+        check_shape(self.adapter, a_t, (num_experts * rank, spec.in_dim), what)
+        check_shape(self.adapter, b_t, (out_total, num_experts * rank), what)
+        expected_rank = self.config.rank_for(a.module_key)
+        if rank != expected_rank:
+            raise AdapterValidationError(
+                self.adapter, f"{where} has rank {rank} but adapter_config.json gives "
+                f"{a.module_key} rank {expected_rank} (r / rank_pattern); its scaling "
+                "would be wrong",
+            )
+        scale = self.config.scale_for(a.module_key)
+        for part, site in enumerate(specs):
+            self._set_rank(plan, site.name, a, rank)
+            experts = range(num_experts) if a.expert == ALL_EXPERTS else [a.expert]
+            for e in experts:
+                self._emit(plan, site, a, b, e, rank, num_experts, part, len(specs), scale)
+
+    def _set_rank(self, plan: AdapterPlan, site: str, t: TargetKey, rank: int) -> None:
+        # The row tables hold one rank per (site, layer); per-expert adapters must agree.
+        previous = self.expert_ranks.setdefault((site, t.layer), (rank, t.key))
+        if previous[0] != rank:
+            raise AdapterValidationError(
+                self.adapter, f"tensor {t.key!r} has rank {rank} but {previous[1]!r} of the "
+                f"same layer and site has rank {previous[0]}; ranks must agree across experts",
+            )
+        plan.ranks[site][t.layer] = rank
+
+    def _emit(self, plan, site, a, b, expert, rank, num_experts, part, parts, scale) -> None:
+        # A [E*r, in]: expert-major rows. B [out_total, E*r]: rank-major columns (k*E + e).
+        in_dim, out_dim = site.in_dim, site.out_dim
+        stacked = num_experts * rank
+        is_3d = a.expert == ALL_EXPERTS
+        a_offset = expert * rank * in_dim if is_3d else 0
+        b_col = expert if is_3d else 0
+        if parts == 1:
+            first_row, row_step = 0, 1
+        elif self.family.gate_up_interleaved:
+            first_row, row_step = part, 2  # GPT-OSS: gate rows 0, 2, ...; up rows 1, 3, ...
+        else:
+            first_row, row_step = part * out_dim, 1  # [gate; up] halves
+        common = {"site": site.name, "layer": a.layer, "expert": expert, "rows": rank}
+        plan.sources.append(MatrixSource(
+            **common, is_b=False, file_index=self.file_of[a.key], tensor=a.key,
+            offset=a_offset, cols=in_dim, row_stride=in_dim, col_stride=1, scale=1.0,
+        ))  # fmt: skip
+        plan.sources.append(MatrixSource(
+            **common, is_b=True, file_index=self.file_of[b.key], tensor=b.key,
+            offset=first_row * stacked + b_col, cols=out_dim, row_stride=num_experts,
+            col_stride=row_step * stacked, scale=scale,
+        ))  # fmt: skip
