@@ -1,0 +1,151 @@
+"""CausalLM: the decoder stack every family shares, and the LoRA site list it exposes.
+
+Families differ in config parsing, checkpoint layout and which MLP each layer has; the stack
+(embed -> [norm, attention, residual, norm, mlp, residual] x L -> norm -> lm_head) is common.
+Parameter names follow HF's module names (model.layers.N.self_attn.q_proj.weight, ...) so most
+checkpoint tensors load by name; expert stacks are w13/w2 (see moe.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelora.models.config import ModelConfig
+from moelora.models.context import ForwardContext
+from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param
+from moelora.models.moe import MoeBlock
+from moelora.models.rope import RotaryEmbedding
+from moelora.models.weights import WeightRule
+
+
+@dataclass(frozen=True)
+class LoraSiteSpec:
+    """One adaptable linear: `name` (site), its shape, and the layers that have it."""
+
+    name: str
+    num_layers: int
+    num_experts: int  # 1 for dense sites
+    in_dim: int
+    out_dim: int
+    layers: tuple[int, ...] = ()  # layers where the site exists (empty: all)
+
+    def __post_init__(self) -> None:
+        if min(self.num_layers, self.num_experts, self.in_dim, self.out_dim) <= 0:
+            raise ValueError(f"LoraSiteSpec {self.name}: sizes must be positive: {self}")
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, mlp: nn.Module):
+        super().__init__()
+        fp32 = config.norm_weight_fp32
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32)
+        self.mlp = mlp
+
+    def forward(self, h, cos, sin, ctx: ForwardContext):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+
+
+class _Backbone(nn.Module):
+    """Holds `model.*` parameters under HF's names."""
+
+    def __init__(self, config: ModelConfig, layers: list[DecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size,
+                                                             config.hidden_size))
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weight_fp32)
+
+
+class CausalLM(nn.Module):
+    """Base of every family. Subclasses set `family`, `architectures` and implement
+    `config_from_hf`; they may override `make_mlp` and `checkpoint_rules`."""
+
+    family: str = ""
+    architectures: tuple[str, ...] = ()
+    router_name: str = "gate"  # HF's name of the router module inside `mlp`
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        layers = [DecoderLayer(config, i, self.make_mlp(config, i))
+                  for i in range(config.num_layers)]
+        self.model = _Backbone(config, layers)
+        self.rotary = RotaryEmbedding(config)
+        if not config.tie_word_embeddings:
+            self.lm_head_weight = empty_param(config.vocab_size, config.hidden_size)
+
+    # ---- family hooks ---------------------------------------------------------------------
+
+    @classmethod
+    def config_from_hf(cls, hf: dict) -> ModelConfig:
+        raise NotImplementedError(f"{cls.__name__} must implement config_from_hf")
+
+    def make_mlp(self, config: ModelConfig, layer: int) -> nn.Module:
+        if config.moe_layers[layer]:
+            return MoeBlock(config, layer, router_name=self.router_name)
+        return GatedMLP(config.hidden_size, config.intermediate_size, layer,
+                        bias=config.mlp_bias)
+
+    @classmethod
+    def checkpoint_rules(cls, config: ModelConfig) -> list[WeightRule]:
+        """Checkpoint names that differ from parameter names (tensors named like a parameter
+        load by name); see weights.py."""
+        return [WeightRule("lm_head.weight", "lm_head_weight")]
+
+    # ---- the contract ---------------------------------------------------------------------
+
+    @property
+    def lm_head_matrix(self) -> torch.Tensor:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head_weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        """input_ids/positions [T] int64 -> final hidden states [T, H] (after the last norm)."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, ctx)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_matrix).float()
+
+    def lora_sites(self) -> list[LoraSiteSpec]:
+        c = self.config
+        n = c.num_layers
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        sites = [
+            LoraSiteSpec("q_proj", n, 1, c.hidden_size, q_dim),
+            LoraSiteSpec("k_proj", n, 1, c.hidden_size, kv_dim),
+            LoraSiteSpec("v_proj", n, 1, c.hidden_size, kv_dim),
+            LoraSiteSpec("o_proj", n, 1, q_dim, c.hidden_size),
+        ]
+        dense = tuple(i for i in range(n) if not c.moe_layers[i])
+        moe = tuple(i for i in range(n) if c.moe_layers[i])
+        if dense:
+            h, i = c.hidden_size, c.intermediate_size
+            sites += [LoraSiteSpec("gate_proj", n, 1, h, i, dense),
+                      LoraSiteSpec("up_proj", n, 1, h, i, dense),
+                      LoraSiteSpec("down_proj", n, 1, i, h, dense)]
+        if moe and c.shared_expert_intermediate_size:
+            h, i = c.hidden_size, c.shared_expert_intermediate_size
+            sites += [LoraSiteSpec("shared_expert.gate_proj", n, 1, h, i, moe),
+                      LoraSiteSpec("shared_expert.up_proj", n, 1, h, i, moe),
+                      LoraSiteSpec("shared_expert.down_proj", n, 1, i, h, moe)]
+        if moe:
+            e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
+            sites += [LoraSiteSpec("experts.gate", n, e, h, i, moe),
+                      LoraSiteSpec("experts.up", n, e, h, i, moe),
+                      LoraSiteSpec("experts.down", n, e, i, h, moe)]
+        return sites

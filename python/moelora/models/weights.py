@@ -1,0 +1,165 @@
+"""Checkpoint tensor -> model parameter mapping, with coverage tracking.
+
+A checkpoint tensor whose name equals a parameter name loads as is. Others match a WeightRule:
+a checkpoint-name template with {layer} and optionally {expert}, the target parameter, which
+part of it (an expert's gate rows, up rows, or everything), and a layout transform. Every
+parameter is split into units ((expert, part) for expert stacks, one unit otherwise); a load
+fails naming the tensor when a unit is filled twice, a shape differs, a name is unknown, or
+(at the end) a unit was never filled.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    checkpoint: str  # e.g. "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight"
+    param: str  # e.g. "model.layers.{layer}.mlp.experts.w13"
+    part: str = "all"  # "gate" / "up": rows [0, I) / [I, 2I) of the expert's w13 (or b13)
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.part not in ("all", "gate", "up"):
+            raise ValueError(f"WeightRule part must be all/gate/up, got {self.part!r}")
+
+    def pattern(self) -> re.Pattern:
+        text = re.escape(self.checkpoint)
+        text = text.replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}",
+                                                                      r"(?P<expert>\d+)")
+        return re.compile(text + "$")
+
+
+# ---- layout transforms --------------------------------------------------------------------
+
+
+def transpose_experts(t: torch.Tensor) -> torch.Tensor:
+    """[E, in, out] (GPT-OSS orientation) -> [E, out, in]."""
+    return t.transpose(1, 2)
+
+
+def gpt_oss_gate_up(t: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS gate_up_proj [E, H, 2I] with gate/up interleaved by column -> [E, 2I, H] as
+    [gate | up], the layout the MoE block and LoRA kernels use."""
+    t = t.transpose(1, 2)
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+
+def gpt_oss_gate_up_bias(t: torch.Tensor) -> torch.Tensor:
+    """[E, 2I] interleaved -> [E, 2I] as [gate | up]."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+
+# ---- the mapper ---------------------------------------------------------------------------
+
+_EXPERT_PARTS = {"w13": ("gate", "up"), "b13": ("gate", "up"), "w2": ("all",), "b2": ("all",)}
+
+
+def _expert_stack(name: str) -> str | None:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf if ".experts." in name and leaf in _EXPERT_PARTS else None
+
+
+class WeightMapper:
+    """Copies checkpoint tensors into `model`'s parameters according to `rules`."""
+
+    def __init__(self, model: nn.Module, rules: list[WeightRule]):
+        self.params = dict(model.named_parameters())
+        self.rules = [(rule, rule.pattern()) for rule in rules]
+        self.filled: dict[str, set] = {name: set() for name in self.params}
+
+    def units(self, name: str) -> set:
+        stack = _expert_stack(name)
+        if stack is None:
+            return {None}
+        num_experts = self.params[name].shape[0]
+        return {(e, part) for e in range(num_experts) for part in _EXPERT_PARTS[stack]}
+
+    def load(self, ckpt_name: str, tensor: torch.Tensor) -> None:
+        if ckpt_name in self.params and _expert_stack(ckpt_name) is None:
+            self._copy(ckpt_name, ckpt_name, tensor, None, "all")
+            return
+        for rule, pattern in self.rules:
+            match = pattern.match(ckpt_name)
+            if match is None:
+                continue
+            fields = match.groupdict()
+            param = rule.param.format(layer=fields.get("layer", ""))
+            if param not in self.params:
+                raise KeyError(f"checkpoint tensor {ckpt_name!r} maps to {param!r}, which this "
+                               f"model does not have (more layers in the checkpoint than in "
+                               f"the config, or a dense/MoE layer mismatch?)")
+            expert = int(fields["expert"]) if "expert" in fields else None
+            if rule.transform is not None:
+                tensor = rule.transform(tensor)
+            self._copy(ckpt_name, param, tensor, expert, rule.part)
+            return
+        if ckpt_name.endswith(IGNORED_SUFFIXES):
+            return
+        raise KeyError(f"checkpoint tensor {ckpt_name!r} does not belong to any parameter of "
+                       f"this model (unsupported layout or quantisation?)")
+
+    def _copy(self, ckpt_name, param_name, tensor, expert, part):
+        param = self.params[param_name]
+        dest = param.data
+        if expert is not None:
+            if not 0 <= expert < dest.shape[0]:
+                raise KeyError(f"checkpoint tensor {ckpt_name!r}: expert {expert} is out of "
+                               f"range for {dest.shape[0]} experts")
+            dest = dest[expert]
+        if part != "all":
+            half = dest.shape[0] // 2
+            dest = dest[:half] if part == "gate" else dest[half:]
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dest.shape)} for {param_name}")
+        if expert is None:
+            units = self.units(param_name) if part == "all" else {
+                (e, part) for e in range(dest.shape[0])}
+        else:
+            parts = _EXPERT_PARTS[_expert_stack(param_name)] if part == "all" else (part,)
+            units = {(expert, p) for p in parts}
+        if self.filled[param_name] & units:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} fills {param_name}, which an "
+                             f"earlier tensor already filled")
+        self.filled[param_name] |= units
+        dest.copy_(tensor.to(dtype=dest.dtype))
+
+    def missing(self) -> list[str]:
+        """Human-readable descriptions of every parameter (part) never loaded."""
+        out = []
+        for name in self.params:
+            lacking = self.units(name) - self.filled[name]
+            if not lacking:
+                continue
+            if lacking == {None}:
+                out.append(self._expected_name(name, None, "all"))
+                continue
+            for expert, part in sorted(lacking)[:4]:
+                out.append(self._expected_name(name, expert, part))
+            if len(lacking) > 4:
+                out.append(f"... and {len(lacking) - 4} more expert slices of {name}")
+        return out
+
+    def _expected_name(self, param: str, expert: int | None, part: str) -> str:
+        layer = re.search(r"layers\.(\d+)\.", param)
+        for rule, _ in self.rules:
+            if layer is None or rule.param.format(layer=layer.group(1)) != param:
+                continue
+            if expert is not None and "{expert}" in rule.checkpoint and rule.part in (part,
+                                                                                       "all"):
+                return rule.checkpoint.format(layer=layer.group(1), expert=expert)
+            if expert is None:
+                return rule.checkpoint.format(layer=layer.group(1))
+        if param == "lm_head_weight":
+            return "lm_head.weight"
+        suffix = "" if expert is None else f" (expert {expert}, {part})"
+        return param + suffix
