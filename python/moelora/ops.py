@@ -1,0 +1,251 @@
+"""moelora kernels over torch tensors.
+
+Thin wrappers over ``moelora._C``: they allocate outputs where the op has fixed-size outputs,
+pass tensor views and the current CUDA stream, and leave every argument check to the library
+(which raises ``moelora.InvalidArgument`` naming the argument). Semantics: include/moelora/ops.h.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from moelora import _C
+from moelora._tensor import as_optional_ref, as_ref, dtype_code, stream_handle
+
+LoraSiteView = _C.LoraSiteView
+KvCacheView = _C.KvCacheView
+
+__all__ = [
+    "KvCacheView",
+    "LoraSiteView",
+    "dense_lora",
+    "fused_moe_lora",
+    "kv_cache_write",
+    "kv_page_bytes_needed",
+    "make_kv_cache_view",
+    "make_site_view",
+    "moe_lora_align",
+    "moe_lora_align_max_blocks",
+    "paged_attention",
+]
+
+
+def moe_lora_align_max_blocks(num_pairs: int, num_experts: int, num_slots: int, block_m: int) -> int:
+    """Upper bound on the blocks moe_lora_align can produce (sizes its outputs)."""
+    return _C.moe_lora_align_max_blocks(num_pairs, num_experts, num_slots, block_m)
+
+
+def moe_lora_align(
+    topk_ids: torch.Tensor | None,
+    token_slot: torch.Tensor,
+    num_experts: int,
+    num_slots: int,
+    block_m: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groups (token, k) pairs by (slot, expert) into blocks of block_m rows.
+
+    ``topk_ids`` None means dense rows (K = 1, expert 0). Returns (sorted_pairs, block_slot,
+    block_expert, num_blocks), int32, sized by moe_lora_align_max_blocks; the tail is -1.
+    """
+    top_k = 1 if topk_ids is None else topk_ids.shape[1]
+    num_pairs = token_slot.shape[0] * top_k
+    max_blocks = moe_lora_align_max_blocks(num_pairs, num_experts, num_slots, block_m)
+    device = token_slot.device
+    sorted_pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
+    block_slot = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
+    num_blocks = torch.empty(1, dtype=torch.int32, device=device)
+    _C.moe_lora_align(
+        as_optional_ref(topk_ids),
+        as_ref(token_slot),
+        num_experts,
+        num_slots,
+        block_m,
+        as_ref(sorted_pairs),
+        as_ref(block_slot),
+        as_ref(block_expert),
+        as_ref(num_blocks),
+        stream_handle(device),
+    )
+    return sorted_pairs, block_slot, block_expert, num_blocks
+
+
+def fused_moe_lora(
+    input: torch.Tensor,
+    output: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    block_slot: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_blocks: torch.Tensor,
+    block_m: int,
+    slices: Sequence[LoraSiteView],
+    col_offsets: Sequence[int],
+    *,
+    input_pairs_per_row: int,
+    topk_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """output[p, col_i : col_i + out_i] += w[p] * (input[p // input_pairs_per_row] @ A_i^T) @ B_i^T.
+
+    In place on ``output``; returns it.
+    """
+    _C.fused_moe_lora(
+        as_ref(input),
+        input_pairs_per_row,
+        as_ref(output),
+        as_optional_ref(topk_weights),
+        as_ref(sorted_pairs),
+        as_ref(block_slot),
+        as_ref(block_expert),
+        as_ref(num_blocks),
+        block_m,
+        list(slices),
+        [int(c) for c in col_offsets],
+        stream_handle(input.device),
+    )
+    return output
+
+
+def dense_lora(
+    input: torch.Tensor,
+    output: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    block_slot: torch.Tensor,
+    num_blocks: torch.Tensor,
+    block_m: int,
+    slices: Sequence[LoraSiteView],
+    col_offsets: Sequence[int],
+) -> torch.Tensor:
+    """output[t, col_i : col_i + out_i] += (input[t] @ A_i[slot]^T) @ B_i[slot]^T, in place."""
+    _C.dense_lora(
+        as_ref(input),
+        as_ref(output),
+        as_ref(sorted_rows),
+        as_ref(block_slot),
+        as_ref(num_blocks),
+        block_m,
+        list(slices),
+        [int(c) for c in col_offsets],
+        stream_handle(input.device),
+    )
+    return output
+
+
+def kv_page_bytes_needed(block_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV page (K then V of block_tokens tokens of one layer), unpadded."""
+    return _C.kv_page_bytes_needed(block_tokens, num_kv_heads, head_dim, dtype_code(dtype))
+
+
+def make_kv_cache_view(
+    arena: torch.Tensor,
+    *,
+    page_bytes: int,
+    block_tokens: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> KvCacheView:
+    """A KvCacheView over a torch-owned byte arena (kept alive by the view)."""
+    view = KvCacheView(
+        arena=arena.data_ptr(),
+        page_bytes=page_bytes,
+        block_tokens=block_tokens,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype_code(dtype),
+    )
+    view._keepalive = (arena,)
+    return view
+
+
+def kv_cache_write(
+    key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, cache: KvCacheView
+) -> None:
+    """Writes each token's K and V into cache slot slot_mapping[t] (-1 skips the token)."""
+    _C.kv_cache_write(
+        as_ref(key), as_ref(value), as_ref(slot_mapping), cache, stream_handle(key.device)
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,
+    query_seq: torch.Tensor,
+    query_pos: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cache: KvCacheView,
+    scale: float,
+    *,
+    sliding_window: int = 0,
+    sinks: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each query token over its sequence's cached K/V; returns ``out``."""
+    if out is None:
+        out = torch.empty_like(query)
+    _C.paged_attention(
+        as_ref(out),
+        as_ref(query),
+        as_ref(query_seq),
+        as_ref(query_pos),
+        as_ref(block_table),
+        as_ref(seq_lens),
+        cache,
+        float(scale),
+        int(sliding_window),
+        as_optional_ref(sinks),
+        stream_handle(query.device),
+    )
+    return out
+
+
+def make_site_view(
+    arena: torch.Tensor,
+    row_offsets: torch.Tensor,
+    ranks: torch.Tensor,
+    *,
+    num_experts: int,
+    max_rank: int,
+    in_dim: int,
+    out_dim: int,
+    dtype: torch.dtype,
+) -> LoraSiteView:
+    """A LoraSiteView over torch tensors (tests; a torch-owned arena).
+
+    arena: uint8 bytes holding the rows. row_offsets: int64 [num_slots, ...] whose row s starts
+    with slot s's [num_experts][2][max_rank] byte offsets (its slot stride is stride(0)).
+    ranks: int32 [num_slots, ...]; element [s, 0] is slot s's rank. The view keeps the three
+    tensors alive.
+    """
+    if arena.dtype != torch.uint8:
+        raise TypeError(f"arena must be a uint8 tensor, got {arena.dtype}")
+    if row_offsets.dtype != torch.int64 or row_offsets.dim() < 1:
+        raise TypeError("row_offsets must be an int64 tensor [num_slots, ...]")
+    if ranks.dtype != torch.int32 or ranks.dim() < 1:
+        raise TypeError("ranks must be an int32 tensor [num_slots, ...]")
+    if ranks.shape[0] != row_offsets.shape[0]:
+        raise ValueError(
+            f"ranks has {ranks.shape[0]} slots but row_offsets has {row_offsets.shape[0]}"
+        )
+    per_slot = num_experts * 2 * max_rank
+    if row_offsets.shape[0] > 0 and row_offsets[0].numel() < per_slot:
+        raise ValueError(
+            f"row_offsets rows hold {row_offsets[0].numel()} entries, need "
+            f"num_experts * 2 * max_rank = {per_slot}"
+        )
+    view = LoraSiteView(
+        arena=arena.data_ptr(),
+        row_offsets=row_offsets.data_ptr(),
+        slot_stride=row_offsets.stride(0),
+        ranks=ranks.data_ptr(),
+        rank_slot_stride=ranks.stride(0),
+        num_slots=row_offsets.shape[0],
+        num_experts=num_experts,
+        max_rank=max_rank,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        dtype=dtype_code(dtype),
+    )
+    view._keepalive = (arena, row_offsets, ranks)
+    return view
