@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from moelora import _C
 from moelora._tensor import dtype_code
-from moelora.lora import build_plan
+from moelora.lora import load_adapter_plan
 
 RESIDENT = "device"
 FAILED = "failed"
@@ -99,9 +99,10 @@ class AdapterManager:
                     raise ValueError(f"adapter name '{request.lora_name}' is already loaded "
                                      f"from {known.lora_path!r}, not {request.lora_path!r}")
                 return self._ids[request.lora_name]
-            plan = build_plan(request.lora_name, request.lora_path, self.sites, self.family,
-                              self.config.max_lora_rank)
-            adapter_id = self.cache.register_adapter(_native_spec(plan))
+            plan = load_adapter_plan(request.lora_path, self.sites, self.family,
+                                     name=request.lora_name,
+                                     max_lora_rank=self.config.max_lora_rank)
+            adapter_id = self.cache.register_adapter(_native_spec(plan, self.sites))
             self._ids[request.lora_name] = adapter_id
             self._requests[request.lora_name] = request
             return adapter_id
@@ -156,14 +157,16 @@ class AdapterManager:
         self.views = None
 
 
-def _native_spec(plan) -> object:
-    """The native AdapterSpec of a parsed PEFT plan."""
+def _native_spec(plan, sites) -> object:
+    """The native AdapterSpec of a parsed PEFT plan (sites by index, in the model's order)."""
+    site_index = {s.name: i for i, s in enumerate(sites)}
     matrices = [
-        _C.LoraMatrixSource(site=m.site, layer=m.layer, expert=m.expert, is_b=m.is_b,
-                            file=m.file_index, tensor=m.tensor, offset=m.offset, rows=m.rows,
-                            cols=m.cols, row_stride=m.row_stride, col_stride=m.col_stride,
-                            scale=m.scale)
-        for m in plan.matrices
+        _C.LoraMatrixSource(site=site_index[m.site], layer=m.layer, expert=m.expert,
+                            is_b=m.is_b, file=m.file_index, tensor=m.tensor, offset=m.offset,
+                            rows=m.rows, cols=m.cols, row_stride=m.row_stride,
+                            col_stride=m.col_stride, scale=m.scale)
+        for m in plan.sources
     ]
-    return _C.AdapterSpec(name=plan.name, files=list(plan.files), ranks=plan.ranks,
+    ranks = [list(plan.ranks.get(s.name, [0] * s.num_layers)) for s in sites]
+    return _C.AdapterSpec(name=plan.name, files=[str(f) for f in plan.files], ranks=ranks,
                           matrices=matrices)

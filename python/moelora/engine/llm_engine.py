@@ -49,7 +49,8 @@ class LLMEngine:
         self.device = config.torch_device()
         self.model_dir = config.model if os.path.isdir(config.model) else None
         self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
-        self.model = load_model(config.model, dtype=self.dtype, device=self.device)
+        self.model = load_model(config.model, dtype=self.dtype, device=self.device,
+                                progress=config.load_progress)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
