@@ -16,10 +16,6 @@ import torch
 
 FAMILIES = (
     "mixtral",
-    "qwen3_moe",
-)
-ALL_FAMILIES = (
-    "mixtral",
     "qwen2_moe",
     "qwen3_moe",
     "olmoe",

@@ -14,12 +14,22 @@ import torch
 from moelora.models.base import CausalLM, LoraSiteSpec
 from moelora.models.config import ModelConfig
 from moelora.models.context import ForwardContext, ReferenceContext
+from moelora.models.dense import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from moelora.models.gpt_oss import GptOssForCausalLM
 from moelora.models.mixtral import MixtralForCausalLM
+from moelora.models.olmoe import OlmoeForCausalLM
+from moelora.models.qwen2_moe import Qwen2MoeForCausalLM
 from moelora.models.qwen3_moe import Qwen3MoeForCausalLM
 
 _FAMILIES: tuple[type[CausalLM], ...] = (
     MixtralForCausalLM,
+    Qwen2MoeForCausalLM,
     Qwen3MoeForCausalLM,
+    OlmoeForCausalLM,
+    GptOssForCausalLM,
+    LlamaForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
 )
 
 REGISTRY: dict[str, type[CausalLM]] = {

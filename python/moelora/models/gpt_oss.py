@@ -1,0 +1,58 @@
+"""GPT-OSS: biased router (top-k logits, softmax over the selected), clamped swiglu experts with
+biases, attention bias and sinks, sliding-window layers from layer_types, YaRN rope.
+
+Checkpoints store experts fused as [E, in, out] with gate/up interleaved by column; the rules
+below transpose and de-interleave them at load so w13 is [gate | up] like every other family.
+"""
+
+from __future__ import annotations
+
+from moelora.models.base import CausalLM
+from moelora.models.config import ModelConfig, common_of
+from moelora.models.weights import (
+    WeightRule,
+    gpt_oss_gate_up,
+    gpt_oss_gate_up_bias,
+    transpose_experts,
+)
+
+
+class GptOssForCausalLM(CausalLM):
+    family = "gpt_oss"
+    architectures = ("GptOssForCausalLM",)
+    router_name = "router"
+
+    @classmethod
+    def config_from_hf(cls, hf: dict) -> ModelConfig:
+        if "quantization_config" in hf:
+            raise ValueError(f"GPT-OSS checkpoint is quantized "
+                             f"({hf['quantization_config'].get('quant_method', '?')}); moelora "
+                             f"loads unquantized (bf16/fp32) GPT-OSS weights only")
+        bias = bool(hf.get("attention_bias", True))
+        return ModelConfig(
+            **common_of(hf, cls.family),
+            num_experts=int(hf["num_local_experts"]),
+            top_k=int(hf["num_experts_per_tok"]),
+            moe_intermediate_size=int(hf["intermediate_size"]),
+            router="topk_softmax",
+            router_bias=True,
+            expert_act="gpt_oss",
+            expert_bias=True,
+            swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)),
+            qkv_bias=bias,
+            o_bias=bias,
+            attention_sinks=True,
+            norm_weight_fp32=True,
+        )
+
+    @classmethod
+    def checkpoint_rules(cls, config: ModelConfig) -> list[WeightRule]:
+        p = "model.layers.{layer}.mlp.experts"
+        return [
+            *super().checkpoint_rules(config),
+            WeightRule(p + ".gate_up_proj", p + ".w13", transform=gpt_oss_gate_up),
+            WeightRule(p + ".gate_up_proj_bias", p + ".b13", transform=gpt_oss_gate_up_bias),
+            WeightRule(p + ".down_proj", p + ".w2", transform=transpose_experts),
+            WeightRule(p + ".down_proj_bias", p + ".b2"),
+        ]
