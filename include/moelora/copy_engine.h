@@ -1,0 +1,76 @@
+// Asynchronous bulk copies (host -> device for adapter loads) and the pinned host buffers they
+// read from. A submitted copy always completes; its ticket says when.
+//
+// Tickets are increasing integers, one per submit; 0 means "nothing to wait for". On the CPU a
+// single worker thread runs copies in submission order. On CUDA, copies run on dedicated
+// non-blocking streams and each ticket records an event, so compute streams can wait on the
+// GPU (make_stream_wait) for exactly the loads a batch needs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "moelora/tensor_ref.h"
+
+namespace moelora {
+
+struct CopyRegion {
+  void* dst = nullptr;
+  const void* src = nullptr;
+  int64_t bytes = 0;
+};
+
+using CopyTicket = uint64_t;
+constexpr CopyTicket kNoCopyTicket = 0;
+
+class CopyEngine {
+ public:
+  virtual ~CopyEngine() = default;
+  // Queues the regions as one unit of work; the caller keeps src and dst valid until the ticket
+  // is done. Throws InvalidArgument for null pointers or negative sizes (nothing is queued).
+  virtual CopyTicket submit(std::vector<CopyRegion> regions) = 0;
+  // True once every region of `ticket` has been copied (kNoCopyTicket is always done).
+  virtual bool is_done(CopyTicket ticket) = 0;
+  // Blocks the calling thread until `ticket` is done.
+  virtual void wait(CopyTicket ticket) = 0;
+  // Makes `cuda_stream` (a cudaStream_t) wait for `ticket` without blocking the host
+  // (cudaStreamWaitEvent). Engines without a GPU just wait.
+  virtual void make_stream_wait(CopyTicket ticket, void* cuda_stream) = 0;
+  // Blocks until every ticket submitted so far is done.
+  virtual void synchronize() = 0;
+  virtual DeviceKind device() const = 0;
+};
+
+// A background worker thread running memcpy over a FIFO queue.
+std::unique_ptr<CopyEngine> make_cpu_copy_engine();
+// Copies on `num_streams` dedicated non-blocking streams of GPU `device_index` (tickets are
+// spread round-robin; adjacent regions are coalesced into one cudaMemcpyAsync). Throws
+// CudaError when the library was built without CUDA or the GPU is absent.
+std::unique_ptr<CopyEngine> make_cuda_copy_engine(int device_index = 0, int num_streams = 2);
+
+// Host memory for staging copies: page-locked (cudaHostAlloc) when the build has CUDA and a GPU
+// is present and `try_pinned` is set, otherwise 4 KiB-aligned ordinary memory. Movable RAII.
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  explicit HostBuffer(int64_t bytes, bool try_pinned = true);
+  ~HostBuffer();
+  HostBuffer(HostBuffer&& other) noexcept;
+  HostBuffer& operator=(HostBuffer&& other) noexcept;
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+
+  std::byte* data() const { return data_; }
+  int64_t bytes() const { return bytes_; }
+  bool pinned() const { return pinned_; }
+
+ private:
+  void release() noexcept;
+  std::byte* data_ = nullptr;
+  int64_t bytes_ = 0;
+  bool pinned_ = false;
+};
+
+}  // namespace moelora
