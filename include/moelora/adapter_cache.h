@@ -1,0 +1,141 @@
+// The adapter tiers: disk (registered safetensors, header only) -> host (converted to the
+// model dtype, scale folded into B, packed in page order in a HostBuffer; LRU bounded) ->
+// device (pages of the unified PagePool, a row-table slot; loaded on the copy engine).
+//
+// Life of an adapter: register_adapter() validates everything and reads no weights. prefetch()
+// starts an asynchronous load: a background thread reads and packs the host copy if needed,
+// then pages are allocated (evicting idle adapters), the packed pages are copied, and the
+// slot's row-table entries are written before the load's ticket completes. If no slot or pages
+// can be found the load waits (Residency::kWaitingForMemory) and is retried on the next
+// prefetch(). acquire() pins a resident adapter for a batch; release() unpins it.
+//
+// Thread-safe. Lock order: the cache never calls into the PagePool's allocation (which may run
+// eviction listeners) while holding its own mutex.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moelora/copy_engine.h"
+#include "moelora/dtype.h"
+#include "moelora/page_pool.h"
+#include "moelora/row_layout.h"
+
+namespace moelora {
+
+// Where one LoRA matrix comes from: a strided 2D view [rows, cols] (in elements) into a tensor
+// of one of the adapter's files. For A it must be [rank, in_dim]; for B it is B^T,
+// [rank, out_dim]. `scale` is multiplied into B.
+struct LoraMatrixSource {
+  int32_t site = 0;
+  int32_t layer = 0;
+  int32_t expert = 0;
+  bool is_b = false;
+  int32_t file = 0;  // index into AdapterSpec::files
+  std::string tensor;
+  int64_t offset = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;
+  int64_t col_stride = 1;
+  float scale = 1.0f;
+};
+
+struct AdapterSpec {
+  std::string name;
+  std::vector<std::string> files;  // safetensors paths
+  SiteRanks ranks;                 // [site][layer], 0 = not targeted
+  std::vector<LoraMatrixSource> matrices;
+};
+
+struct AdapterCacheConfig {
+  std::vector<LoraSite> sites;
+  int32_t max_loras = 1;        // device slots
+  int32_t max_lora_rank = 16;
+  int64_t max_cpu_loras = 8;    // host copies kept
+  int64_t max_cpu_bytes = 0;    // 0 = unbounded
+  DType dtype = DType::kFloat32;  // the model dtype; weights are converted to it
+};
+
+enum class Residency : uint8_t {
+  kDisk = 0,              // registered; no host copy
+  kHost = 1,              // host copy ready; not on the device
+  kLoading = 2,           // on its way to the device
+  kDevice = 3,            // resident in a slot; usable by kernels
+  kFailed = 4,            // loading failed; error_message() says why
+  kWaitingForMemory = 5,  // wants the device but no slot or pages were free; retried later
+};
+const char* residency_name(Residency residency);
+
+struct AdapterCacheStats {
+  int64_t registered = 0;
+  int64_t on_disk = 0;
+  int64_t on_host = 0;  // residency kHost
+  int64_t loading = 0;
+  int64_t on_device = 0;
+  int64_t failed = 0;
+  int64_t waiting_for_memory = 0;
+  int64_t host_copies = 0;  // adapters holding a host copy, whatever their device state
+  int64_t host_bytes = 0;
+  int64_t host_loads = 0;        // disk -> host loads completed
+  int64_t device_loads = 0;      // host -> device loads completed
+  int64_t device_evictions = 0;  // by slot pressure or by the pool for KV
+  int64_t host_evictions = 0;
+  int64_t bytes_loaded = 0;  // host -> device bytes
+  double load_seconds = 0;   // wall time from the start of each device load to its completion
+};
+
+class AdapterCache {
+ public:
+  AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfig config);
+  ~AdapterCache();
+  AdapterCache(const AdapterCache&) = delete;
+  AdapterCache& operator=(const AdapterCache&) = delete;
+
+  // Validates the spec against the sites and the files' headers; throws AdapterError naming the
+  // adapter and the problem. Returns the adapter's id (ids are never reused).
+  int64_t register_adapter(const AdapterSpec& spec);
+  // Cancels a pending load and frees the adapter's pages, slot and host copy. Throws
+  // InvalidArgument while the adapter is acquired, NotFound for unknown names or ids.
+  void unregister(int64_t id);
+  void unregister(const std::string& name);
+  int64_t id_of(const std::string& name) const;  // throws NotFound
+  std::vector<int64_t> adapter_ids() const;
+
+  // Reads the adapter into the host tier (blocking; the background thread does the work).
+  // Throws AdapterError when the weights cannot be read or are not finite.
+  void load_host(int64_t id);
+  // Starts loading to the device if not resident (asynchronous), and retries every load
+  // waiting for memory. Returns the adapter's residency after the attempt.
+  Residency prefetch(int64_t id);
+  // Blocks until the adapter is resident (returns its slot), failed (throws AdapterError) or
+  // waiting for memory (throws PoolExhausted).
+  int32_t wait(int64_t id);
+  // Makes `cuda_stream` wait for the adapter's load (immediately usable if resident).
+  void make_stream_wait(int64_t id, void* cuda_stream);
+  // Pins a resident adapter and returns its slot; throws InvalidArgument if not resident.
+  int32_t acquire(int64_t id);
+  void release(int64_t id);
+  void touch(int64_t id);
+
+  Residency residency(int64_t id) const;
+  std::string error_message(int64_t id) const;  // "" unless failed
+  int32_t slot_of(int64_t id) const;            // -1 unless resident
+  int64_t num_pages(int64_t id) const;          // pages the adapter takes on the device
+
+  // The row-table slice of one site at one layer for every slot (device table when the pool's
+  // arena is on a GPU, the host table otherwise).
+  LoraSiteView site_view(int site_index, int layer) const;
+  const RowTableLayout& row_table_layout() const;
+  int32_t max_loras() const;
+  AdapterCacheStats stats() const;
+
+  struct State;  // internal; public so that the implementation files can share it
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace moelora

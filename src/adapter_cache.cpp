@@ -1,0 +1,685 @@
+// The adapter cache's state machine: host tier (background packing thread, LRU), device tier
+// (slots, pages, copy tickets, a finalizer thread that marks loads resident), pool evictions.
+// Lock order: pool allocation (which runs eviction listeners) is never called with mutex held.
+#include "moelora/adapter_cache.h"
+
+#include <algorithm>
+
+#include "adapter_cache_internal.h"
+#include "copy_engine_internal.h"
+#include "moelora/error.h"
+
+namespace moelora {
+
+using detail::AdapterEntry;
+using detail::DeviceState;
+using detail::HostState;
+using EntryPtr = std::shared_ptr<AdapterEntry>;
+
+const char* residency_name(Residency r) {
+  switch (r) {
+    case Residency::kDisk: return "disk";
+    case Residency::kHost: return "host";
+    case Residency::kLoading: return "loading";
+    case Residency::kDevice: return "device";
+    case Residency::kFailed: return "failed";
+    case Residency::kWaitingForMemory: return "waiting_for_memory";
+  }
+  return "?";
+}
+
+// Lets the pool's eviction listener (which may outlive the cache) reach it safely.
+struct ListenerLink {
+  std::mutex mutex;
+  AdapterCache::State* state = nullptr;
+};
+
+struct AdapterCache::State {
+  State(PagePool& p, CopyEngine& c, AdapterCacheConfig cfg)
+      : pool(p), copies(c), config(std::move(cfg)), table(config.sites, config.max_lora_rank) {}
+
+  PagePool& pool;
+  CopyEngine& copies;
+  AdapterCacheConfig config;
+  RowTableLayout table;
+  std::vector<int64_t> host_row_offsets;  // [max_loras][entries_per_slot]
+  std::vector<int32_t> host_ranks;        // [max_loras][rank_entries_per_slot]
+  bool device_table = false;
+  int device_index = 0;
+  int64_t* device_row_offsets = nullptr;
+  int32_t* device_ranks = nullptr;
+  std::vector<int32_t> zero_ranks;  // source of slot clears on the device table
+  std::vector<int64_t> slot_owner;
+  std::vector<CopyTicket> slot_clear_ticket;
+
+  mutable std::mutex mutex;
+  std::condition_variable changed;
+  std::condition_variable host_work;
+  std::condition_variable copy_work;
+  std::map<int64_t, EntryPtr> entries;
+  std::map<std::string, int64_t> names;
+  int64_t next_id = 1;
+  uint64_t lru_clock = 0;
+  std::deque<EntryPtr> host_queue;
+  struct InFlight {
+    EntryPtr entry;
+    CopyTicket ticket;
+    std::shared_ptr<HostBuffer> source;  // keeps the packed pages alive during the copy
+  };
+  std::deque<InFlight> copy_queue;
+  bool stopping = false;
+  AdapterCacheStats counters;
+  std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
+  std::thread host_worker;
+  std::thread finalizer;
+
+  EntryPtr get_locked(int64_t id) const {
+    auto it = entries.find(id);
+    if (it == entries.end()) throw NotFound("no adapter with id " + std::to_string(id));
+    return it->second;
+  }
+
+  Residency residency_locked(const AdapterEntry& e) const {
+    if (e.failed) return Residency::kFailed;
+    switch (e.device_state) {
+      case DeviceState::kResident: return Residency::kDevice;
+      case DeviceState::kAllocating:
+      case DeviceState::kCopying: return Residency::kLoading;
+      case DeviceState::kWaiting:
+        return e.host_state == HostState::kQueued ? Residency::kLoading
+                                                  : Residency::kWaitingForMemory;
+      case DeviceState::kNone: break;
+    }
+    if (e.want_device && e.host_state == HostState::kQueued) return Residency::kLoading;
+    return e.host_state == HostState::kReady ? Residency::kHost : Residency::kDisk;
+  }
+
+  void queue_host_load_locked(const EntryPtr& e) {
+    if (e->host_state != HostState::kNone) return;
+    e->host_state = HostState::kQueued;
+    host_queue.push_back(e);
+    host_work.notify_one();
+  }
+
+  // Zeroes the slot's table entries (kernels skip rank 0) and gives the slot back.
+  void clear_slot_locked(int32_t slot) {
+    const int64_t entries_per_slot = table.entries_per_slot();
+    const int64_t ranks_per_slot = table.rank_entries_per_slot();
+    std::fill_n(host_row_offsets.begin() + slot * entries_per_slot, entries_per_slot, 0);
+    std::fill_n(host_ranks.begin() + slot * ranks_per_slot, ranks_per_slot, 0);
+    if (device_table) {
+      slot_clear_ticket[slot] = copies.submit({{device_ranks + slot * ranks_per_slot,
+                                                zero_ranks.data(),
+                                                ranks_per_slot * int64_t{sizeof(int32_t)}}});
+    }
+    slot_owner[slot] = -1;
+  }
+
+  // Drops the device copy of a resident (or cancelled, copied) adapter.
+  void drop_device_locked(AdapterEntry& e, bool free_pages) {
+    if (free_pages) pool.free(adapter_owner(static_cast<uint64_t>(e.id)));
+    if (e.slot >= 0) clear_slot_locked(e.slot);
+    e.slot = -1;
+    e.pages.clear();
+    e.device_state = DeviceState::kNone;
+    e.ticket = kNoCopyTicket;
+  }
+
+  void enforce_host_limits_locked(const AdapterEntry* protect) {
+    while (true) {
+      int64_t copies_held = 0, bytes_held = 0;
+      AdapterEntry* victim = nullptr;
+      for (auto& [id, e] : entries) {
+        if (e->host_state != HostState::kReady) continue;
+        ++copies_held;
+        bytes_held += e->host->bytes();
+        const bool in_flight = e->device_state == DeviceState::kAllocating ||
+                               e->device_state == DeviceState::kCopying;
+        if (e.get() == protect || in_flight) continue;
+        if (!victim || e->host_lru < victim->host_lru) victim = e.get();
+      }
+      const bool over = copies_held > config.max_cpu_loras ||
+                        (config.max_cpu_bytes > 0 && bytes_held > config.max_cpu_bytes);
+      if (!over || !victim) return;
+      victim->host.reset();
+      victim->host_state = HostState::kNone;
+      ++counters.host_evictions;
+    }
+  }
+
+  // Picks a free slot, evicting the least recently used unpinned resident adapter if needed.
+  int32_t find_slot_locked() {
+    for (size_t s = 0; s < slot_owner.size(); ++s) {
+      if (slot_owner[s] < 0) return static_cast<int32_t>(s);
+    }
+    AdapterEntry* victim = nullptr;
+    for (auto& [id, e] : entries) {
+      if (e->device_state != DeviceState::kResident || e->acquire_pins > 0) continue;
+      if (!victim || e->device_lru < victim->device_lru) victim = e.get();
+    }
+    if (!victim) return -1;
+    int32_t slot = victim->slot;
+    drop_device_locked(*victim, true);
+    ++counters.device_evictions;
+    return slot;
+  }
+
+  void try_start_device_load(const EntryPtr& e);
+  void retry_waiting();
+  void host_worker_loop();
+  void finalizer_loop();
+  void on_pool_eviction(Owner owner);
+};
+
+void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
+  const Owner owner = adapter_owner(static_cast<uint64_t>(e->id));
+  int64_t pages_needed = 0;
+  {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (e->cancelled || e->failed || !e->want_device) return;
+    if (e->device_state != DeviceState::kNone && e->device_state != DeviceState::kWaiting) return;
+    if (e->host_state != HostState::kReady) {
+      e->device_state = DeviceState::kWaiting;
+      queue_host_load_locked(e);
+      return;
+    }
+    int32_t slot = find_slot_locked();
+    if (slot < 0) {
+      e->device_state = DeviceState::kWaiting;
+      changed.notify_all();
+      return;
+    }
+    if (slot_clear_ticket[slot] != kNoCopyTicket) {
+      // The zeroing of the previous owner's ranks must land before the new entries do.
+      copies.wait(slot_clear_ticket[slot]);
+      slot_clear_ticket[slot] = kNoCopyTicket;
+    }
+    slot_owner[slot] = e->id;
+    e->slot = slot;
+    e->device_state = DeviceState::kAllocating;
+    e->load_start = std::chrono::steady_clock::now();
+    pages_needed = e->layout->num_pages();
+  }
+  AllocationOutcome outcome = pool.try_allocate(owner, pages_needed, Eviction::kIdleAdapters);
+
+  std::unique_lock<std::mutex> lock(mutex);
+  auto give_back_slot = [&] {
+    slot_owner[e->slot] = -1;
+    e->slot = -1;
+  };
+  if (e->cancelled) {
+    if (outcome.ok) pool.free(owner);
+    give_back_slot();
+    e->device_state = DeviceState::kNone;
+    changed.notify_all();
+    return;
+  }
+  bool pinned = false;
+  if (outcome.ok && pool.contains(owner)) {
+    try {
+      pool.pin(owner);
+      pinned = pool.contains(owner);
+    } catch (const Error&) {
+      pinned = false;
+    }
+    // Another thread's allocation may have evicted the fresh, not yet pinned, pages.
+    if (!pinned) pool.free(owner);
+  }
+  if (!pinned) {
+    give_back_slot();
+    e->device_state = DeviceState::kWaiting;
+    changed.notify_all();
+    return;
+  }
+  e->pages = outcome.pages;
+  const AdapterRowLayout& layout = *e->layout;
+  pool.set_used_bytes(owner, layout.used_bytes());
+
+  const std::byte* arena_base = pool.arena().base();
+  const int64_t page_bytes = layout.page_bytes();
+  const int32_t slot = e->slot;
+  int64_t* slot_rows = host_row_offsets.data() + slot * table.entries_per_slot();
+  int32_t* slot_ranks = host_ranks.data() + slot * table.rank_entries_per_slot();
+  const auto& sites = config.sites;
+  for (size_t s = 0; s < sites.size(); ++s) {
+    for (int l = 0; l < sites[s].num_layers; ++l) {
+      const int32_t rank = layout.rank(static_cast<int>(s), l);
+      slot_ranks[table.rank_index(static_cast<int>(s), l)] = rank;
+      for (int x = 0; x < sites[s].num_experts; ++x) {
+        for (bool is_b : {false, true}) {
+          for (int r = 0; r < rank; ++r) {
+            const int64_t packed = layout.row_offset(static_cast<int>(s), l, x, is_b, r);
+            const std::byte* address =
+                pool.page_address(e->pages[packed / page_bytes]) + packed % page_bytes;
+            slot_rows[table.row_index(static_cast<int>(s), l, x, is_b, r)] = address - arena_base;
+          }
+        }
+      }
+    }
+  }
+  std::vector<CopyRegion> regions;
+  for (size_t i = 0; i < e->pages.size(); ++i) {
+    std::byte* dst = pool.page_address(e->pages[i]);
+    const std::byte* src = e->host->data() + static_cast<int64_t>(i) * page_bytes;
+    if (i > 0 && e->pages[i] == e->pages[i - 1] + 1) {
+      regions.back().bytes += page_bytes;  // a maximal run of consecutive pages: one copy
+    } else {
+      regions.push_back({dst, src, page_bytes});
+    }
+  }
+  if (device_table) {
+    regions.push_back({device_row_offsets + slot * table.entries_per_slot(), slot_rows,
+                       table.entries_per_slot() * int64_t{sizeof(int64_t)}});
+    regions.push_back({device_ranks + slot * table.rank_entries_per_slot(), slot_ranks,
+                       table.rank_entries_per_slot() * int64_t{sizeof(int32_t)}});
+  }
+  e->ticket = copies.submit(std::move(regions));
+  e->device_state = DeviceState::kCopying;
+  counters.bytes_loaded += layout.num_pages() * page_bytes;
+  copy_queue.push_back({e, e->ticket, e->host});
+  copy_work.notify_one();
+  changed.notify_all();
+}
+
+void AdapterCache::State::retry_waiting() {
+  std::vector<EntryPtr> waiting;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto& [id, e] : entries) {
+      if (e->device_state == DeviceState::kWaiting && e->host_state == HostState::kReady) {
+        waiting.push_back(e);
+      } else if (e->device_state == DeviceState::kWaiting && e->host_state == HostState::kNone) {
+        queue_host_load_locked(e);
+      }
+    }
+  }
+  for (const EntryPtr& e : waiting) try_start_device_load(e);
+}
+
+void AdapterCache::State::host_worker_loop() {
+  std::unique_lock<std::mutex> lock(mutex);
+  while (true) {
+    host_work.wait(lock, [&] { return stopping || !host_queue.empty(); });
+    if (stopping) return;
+    EntryPtr e = host_queue.front();
+    host_queue.pop_front();
+    if (e->cancelled) continue;
+    lock.unlock();
+    std::shared_ptr<HostBuffer> packed;
+    std::string error;
+    try {
+      packed = std::make_shared<HostBuffer>(detail::pack_adapter_rows(*e, config.dtype));
+    } catch (const std::exception& ex) {
+      error = ex.what();
+    }
+    lock.lock();
+    if (e->cancelled) continue;
+    if (!error.empty()) {
+      e->failed = true;
+      e->error = error;
+      e->host_state = HostState::kFailed;
+      e->want_device = false;
+      e->device_state = DeviceState::kNone;
+      changed.notify_all();
+      continue;
+    }
+    e->host = std::move(packed);
+    e->host_state = HostState::kReady;
+    e->host_lru = ++lru_clock;
+    ++counters.host_loads;
+    enforce_host_limits_locked(e->want_device ? e.get() : nullptr);
+    changed.notify_all();
+    if (e->want_device) {
+      lock.unlock();
+      try_start_device_load(e);
+      lock.lock();
+    }
+  }
+}
+
+void AdapterCache::State::finalizer_loop() {
+  std::unique_lock<std::mutex> lock(mutex);
+  while (true) {
+    copy_work.wait(lock, [&] { return stopping || !copy_queue.empty(); });
+    if (copy_queue.empty()) return;  // stopping with no copy left in flight
+    InFlight job = copy_queue.front();
+    copy_queue.pop_front();
+    lock.unlock();
+    copies.wait(job.ticket);
+    job.source.reset();
+    lock.lock();
+    AdapterEntry& e = *job.entry;
+    const Owner owner = adapter_owner(static_cast<uint64_t>(e.id));
+    if (e.cancelled) {
+      drop_device_locked(e, true);  // the copy completed; now its pages can go
+    } else {
+      pool.unpin(owner);  // the loading pin; acquire() adds its own
+      e.device_state = DeviceState::kResident;
+      e.device_lru = ++lru_clock;
+      ++counters.device_loads;
+      counters.load_seconds +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - e.load_start).count();
+      enforce_host_limits_locked(nullptr);
+    }
+    changed.notify_all();
+  }
+}
+
+void AdapterCache::State::on_pool_eviction(Owner owner) {
+  if (owner.kind != OwnerKind::kAdapter) return;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = entries.find(static_cast<int64_t>(owner.id));
+  if (it == entries.end()) return;
+  AdapterEntry& e = *it->second;
+  // Only a resident adapter's pages are ours to forget; a stale event (the owner was allocated
+  // again since) leaves the pool holding the owner.
+  if (e.device_state != DeviceState::kResident || pool.contains(owner)) return;
+  drop_device_locked(e, false);
+  ++counters.device_evictions;
+  changed.notify_all();
+}
+
+AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfig config)
+    : state_(std::make_unique<State>(pool, copies, std::move(config))) {
+  State& s = *state_;
+  const auto& cfg = s.config;
+  MOELORA_CHECK_ARG(cfg.max_loras >= 1, "max_loras must be >= 1, got " + std::to_string(cfg.max_loras));
+  MOELORA_CHECK_ARG(cfg.max_lora_rank >= 1,
+                    "max_lora_rank must be >= 1, got " + std::to_string(cfg.max_lora_rank));
+  MOELORA_CHECK_ARG(cfg.max_cpu_loras >= 0, "max_cpu_loras must be >= 0");
+  MOELORA_CHECK_ARG(cfg.max_cpu_bytes >= 0, "max_cpu_bytes must be >= 0");
+  MOELORA_CHECK_ARG(cfg.dtype == DType::kFloat32 || cfg.dtype == DType::kFloat16 ||
+                        cfg.dtype == DType::kBFloat16,
+                    std::string("dtype must be float32, float16 or bfloat16, got ") +
+                        dtype_name(cfg.dtype));
+  s.host_row_offsets.assign(cfg.max_loras * s.table.entries_per_slot(), 0);
+  s.host_ranks.assign(cfg.max_loras * s.table.rank_entries_per_slot(), 0);
+  s.zero_ranks.assign(s.table.rank_entries_per_slot(), 0);
+  s.slot_owner.assign(cfg.max_loras, -1);
+  s.slot_clear_ticket.assign(cfg.max_loras, kNoCopyTicket);
+  if (pool.arena().device() == DeviceKind::kCUDA) {
+    s.device_table = true;
+    s.device_index = pool.arena().device_index();
+    const int64_t row_bytes = static_cast<int64_t>(s.host_row_offsets.size() * sizeof(int64_t));
+    const int64_t rank_bytes = static_cast<int64_t>(s.host_ranks.size() * sizeof(int32_t));
+    s.device_row_offsets = static_cast<int64_t*>(detail::device_alloc(row_bytes, s.device_index));
+    s.device_ranks = static_cast<int32_t*>(detail::device_alloc(rank_bytes, s.device_index));
+    copies.wait(copies.submit({{s.device_row_offsets, s.host_row_offsets.data(), row_bytes},
+                               {s.device_ranks, s.host_ranks.data(), rank_bytes}}));
+  }
+  s.link->state = &s;
+  std::weak_ptr<ListenerLink> weak_link = s.link;
+  pool.add_eviction_listener([weak_link](Owner owner) {
+    auto link = weak_link.lock();
+    if (!link) return;
+    std::lock_guard<std::mutex> guard(link->mutex);
+    if (link->state) link->state->on_pool_eviction(owner);
+  });
+  s.host_worker = std::thread([&s] { s.host_worker_loop(); });
+  s.finalizer = std::thread([&s] { s.finalizer_loop(); });
+}
+
+AdapterCache::~AdapterCache() {
+  State& s = *state_;
+  {
+    std::lock_guard<std::mutex> guard(s.link->mutex);
+    s.link->state = nullptr;
+  }
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.stopping = true;
+    for (auto& [id, e] : s.entries) e->cancelled = true;
+  }
+  s.host_work.notify_all();
+  s.copy_work.notify_all();
+  s.host_worker.join();
+  s.finalizer.join();  // drains in-flight copies first
+  for (auto& [id, e] : s.entries) s.pool.free(adapter_owner(static_cast<uint64_t>(id)));
+  s.copies.synchronize();  // slot clears read zero_ranks
+  if (s.device_table) {
+    detail::device_free(s.device_row_offsets, s.device_index);
+    detail::device_free(s.device_ranks, s.device_index);
+  }
+}
+
+int64_t AdapterCache::register_adapter(const AdapterSpec& spec) {
+  State& s = *state_;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    if (s.names.count(spec.name)) throw AdapterError(spec.name, "an adapter of this name is registered");
+  }
+  EntryPtr e = detail::validate_adapter_spec(spec, s.config, s.pool.page_bytes());
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.names.count(spec.name)) throw AdapterError(spec.name, "an adapter of this name is registered");
+  e->id = s.next_id++;
+  s.entries[e->id] = e;
+  s.names[e->name] = e->id;
+  return e->id;
+}
+
+void AdapterCache::unregister(int64_t id) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  EntryPtr e = s.get_locked(id);
+  if (e->acquire_pins > 0) {
+    throw InvalidArgument("adapter '" + e->name + "' is acquired " +
+                          std::to_string(e->acquire_pins) + " time(s); release it first");
+  }
+  e->cancelled = true;
+  s.entries.erase(id);
+  s.names.erase(e->name);
+  // Allocating and copying loads are finished by the thread that owns them (they see the flag).
+  if (e->device_state == DeviceState::kResident) s.drop_device_locked(*e, true);
+  if (e->device_state == DeviceState::kWaiting) e->device_state = DeviceState::kNone;
+  if (e->host_state == HostState::kReady) e->host.reset();
+  s.changed.notify_all();
+}
+
+void AdapterCache::unregister(const std::string& name) { unregister(id_of(name)); }
+
+int64_t AdapterCache::id_of(const std::string& name) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  auto it = state_->names.find(name);
+  if (it == state_->names.end()) throw NotFound("no adapter named '" + name + "'");
+  return it->second;
+}
+
+std::vector<int64_t> AdapterCache::adapter_ids() const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  std::vector<int64_t> ids;
+  for (const auto& [id, e] : state_->entries) ids.push_back(id);
+  return ids;
+}
+
+void AdapterCache::load_host(int64_t id) {
+  State& s = *state_;
+  std::unique_lock<std::mutex> lock(s.mutex);
+  EntryPtr e = s.get_locked(id);
+  if (e->host_state == HostState::kReady) {
+    e->host_lru = ++s.lru_clock;
+    return;
+  }
+  s.queue_host_load_locked(e);
+  s.changed.wait(lock, [&] { return e->cancelled || e->host_state != HostState::kQueued; });
+  if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
+  if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+}
+
+Residency AdapterCache::prefetch(int64_t id) {
+  State& s = *state_;
+  EntryPtr e;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    e = s.get_locked(id);
+    if (!e->failed && e->device_state == DeviceState::kNone) {
+      e->want_device = true;
+      if (e->host_state == HostState::kNone) s.queue_host_load_locked(e);
+    }
+    if (e->device_state == DeviceState::kResident) {
+      e->device_lru = ++s.lru_clock;
+      s.pool.touch(adapter_owner(static_cast<uint64_t>(id)));
+    }
+  }
+  s.try_start_device_load(e);
+  s.retry_waiting();
+  std::lock_guard<std::mutex> lock(s.mutex);
+  return s.residency_locked(*e);
+}
+
+int32_t AdapterCache::wait(int64_t id) {
+  State& s = *state_;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    EntryPtr e = s.get_locked(id);
+    if (e->device_state != DeviceState::kResident && !e->want_device && !e->failed) {
+      // Nothing is loading it yet: waiting implies asking for it.
+      e->want_device = true;
+    }
+  }
+  prefetch(id);
+  std::unique_lock<std::mutex> lock(s.mutex);
+  EntryPtr e = s.get_locked(id);
+  s.changed.wait(lock, [&] {
+    return e->cancelled || e->failed || e->device_state == DeviceState::kResident ||
+           (e->device_state == DeviceState::kWaiting && e->host_state != HostState::kQueued);
+  });
+  if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
+  if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+  if (e->device_state == DeviceState::kWaiting) {
+    throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
+                            std::to_string(e->layout->num_pages()) + " free pages",
+                        e->layout->num_pages(), s.pool.free_pages());
+  }
+  return e->slot;
+}
+
+void AdapterCache::make_stream_wait(int64_t id, void* cuda_stream) {
+  State& s = *state_;
+  CopyTicket ticket = kNoCopyTicket;
+  {
+    std::unique_lock<std::mutex> lock(s.mutex);
+    EntryPtr e = s.get_locked(id);
+    s.changed.wait(lock, [&] {
+      return e->cancelled || e->failed || e->device_state == DeviceState::kResident ||
+             e->device_state == DeviceState::kCopying || !e->want_device ||
+             (e->device_state == DeviceState::kWaiting && e->host_state != HostState::kQueued);
+    });
+    if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+    if (e->device_state == DeviceState::kCopying) ticket = e->ticket;
+    else if (e->device_state != DeviceState::kResident) {
+      throw InvalidArgument("adapter '" + e->name + "' is not loading (residency " +
+                            residency_name(s.residency_locked(*e)) + ")");
+    }
+  }
+  if (ticket != kNoCopyTicket) s.copies.make_stream_wait(ticket, cuda_stream);
+}
+
+int32_t AdapterCache::acquire(int64_t id) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  EntryPtr e = s.get_locked(id);
+  if (e->device_state != DeviceState::kResident) {
+    throw InvalidArgument("adapter '" + e->name + "' is not resident (residency " +
+                          residency_name(s.residency_locked(*e)) + "); prefetch and wait first");
+  }
+  const Owner owner = adapter_owner(static_cast<uint64_t>(id));
+  s.pool.pin(owner);
+  s.pool.touch(owner);
+  ++e->acquire_pins;
+  e->device_lru = ++s.lru_clock;
+  return e->slot;
+}
+
+void AdapterCache::release(int64_t id) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  EntryPtr e = s.get_locked(id);
+  if (e->acquire_pins == 0) {
+    throw InvalidArgument("adapter '" + e->name + "' released more often than acquired");
+  }
+  s.pool.unpin(adapter_owner(static_cast<uint64_t>(id)));
+  --e->acquire_pins;
+}
+
+void AdapterCache::touch(int64_t id) {
+  State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  EntryPtr e = s.get_locked(id);
+  e->host_lru = e->device_lru = ++s.lru_clock;
+  if (e->device_state == DeviceState::kResident) {
+    s.pool.touch(adapter_owner(static_cast<uint64_t>(id)));
+  }
+}
+
+Residency AdapterCache::residency(int64_t id) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->residency_locked(*state_->get_locked(id));
+}
+
+std::string AdapterCache::error_message(int64_t id) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->get_locked(id)->error;
+}
+
+int32_t AdapterCache::slot_of(int64_t id) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  EntryPtr e = state_->get_locked(id);
+  return e->device_state == DeviceState::kResident ? e->slot : -1;
+}
+
+int64_t AdapterCache::num_pages(int64_t id) const {
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->get_locked(id)->layout->num_pages();
+}
+
+LoraSiteView AdapterCache::site_view(int site_index, int layer) const {
+  const State& s = *state_;
+  const auto& sites = s.config.sites;
+  MOELORA_CHECK_ARG(site_index >= 0 && site_index < static_cast<int>(sites.size()),
+                    "site_index " + std::to_string(site_index) + " out of range");
+  const LoraSite& site = sites[site_index];
+  MOELORA_CHECK_ARG(layer >= 0 && layer < site.num_layers,
+                    "layer " + std::to_string(layer) + " out of range for site '" + site.name + "'");
+  LoraSiteView view;
+  view.arena = s.pool.arena().base();
+  const int64_t* rows = s.device_table ? s.device_row_offsets : s.host_row_offsets.data();
+  const int32_t* ranks = s.device_table ? s.device_ranks : s.host_ranks.data();
+  view.row_offsets = rows + s.table.row_base(site_index, layer);
+  view.slot_stride = s.table.entries_per_slot();
+  view.ranks = ranks + s.table.rank_index(site_index, layer);
+  view.rank_slot_stride = s.table.rank_entries_per_slot();
+  view.num_slots = s.config.max_loras;
+  view.num_experts = site.num_experts;
+  view.max_rank = s.config.max_lora_rank;
+  view.in_dim = site.in_dim;
+  view.out_dim = site.out_dim;
+  view.dtype = s.config.dtype;
+  return view;
+}
+
+const RowTableLayout& AdapterCache::row_table_layout() const { return state_->table; }
+int32_t AdapterCache::max_loras() const { return state_->config.max_loras; }
+
+AdapterCacheStats AdapterCache::stats() const {
+  const State& s = *state_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  AdapterCacheStats out = s.counters;
+  out.registered = static_cast<int64_t>(s.entries.size());
+  for (const auto& [id, e] : s.entries) {
+    switch (s.residency_locked(*e)) {
+      case Residency::kDisk: ++out.on_disk; break;
+      case Residency::kHost: ++out.on_host; break;
+      case Residency::kLoading: ++out.loading; break;
+      case Residency::kDevice: ++out.on_device; break;
+      case Residency::kFailed: ++out.failed; break;
+      case Residency::kWaitingForMemory: ++out.waiting_for_memory; break;
+    }
+    if (e->host_state == HostState::kReady) {
+      ++out.host_copies;
+      out.host_bytes += e->host->bytes();
+    }
+  }
+  return out;
+}
+
+}  // namespace moelora
