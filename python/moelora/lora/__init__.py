@@ -1,7 +1,7 @@
 """PEFT LoRA adapters: parsing, registration-time validation, load plans and dense matrices.
 
-    plan = load_adapter_plan(path, model.lora_sites(), "mixtral", max_lora_rank=64)
-    dense = load_dense(plan)  # reference path: {site: {layer: (A, B)}}
+plan = load_adapter_plan(path, model.lora_sites(), "mixtral", max_lora_rank=64)
+dense = load_dense(plan)  # reference path: {site: {layer: (A, B)}}
 """
 
 from moelora.lora.config import AdapterConfig, load_adapter_config, parse_adapter_config

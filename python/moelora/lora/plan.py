@@ -161,17 +161,20 @@ class _PlanBuilder:
         spec = self.sites.get(name)
         if spec is None:
             raise AdapterValidationError(
-                self.adapter, f"tensor {t.key!r} targets site {name!r}, which this model does "
+                self.adapter,
+                f"tensor {t.key!r} targets site {name!r}, which this model does "
                 f"not have (model sites: {sorted(self.sites)})",
             )
         if t.layer >= spec.num_layers:
             raise AdapterValidationError(
-                self.adapter, f"tensor {t.key!r} targets layer {t.layer}, but the model has "
+                self.adapter,
+                f"tensor {t.key!r} targets layer {t.layer}, but the model has "
                 f"{spec.num_layers} layers",
             )
         if t.expert != ALL_EXPERTS and t.expert >= spec.num_experts:
             raise AdapterValidationError(
-                self.adapter, f"tensor {t.key!r} targets expert {t.expert}, but the model has "
+                self.adapter,
+                f"tensor {t.key!r} targets expert {t.expert}, but the model has "
                 f"{spec.num_experts} experts",
             )
         return spec
@@ -186,8 +189,8 @@ class _PlanBuilder:
         layers = self.config.layers_to_transform
         if layers is not None and a.expert != ALL_EXPERTS and a.layer not in layers:
             raise AdapterValidationError(
-                self.adapter, f"tensor {a.key!r} is in layer {a.layer}, outside "
-                f"layers_to_transform={layers}",
+                self.adapter,
+                f"tensor {a.key!r} is in layer {a.layer}, outside layers_to_transform={layers}",
             )
         if a.site == FUSED_GATE_UP:
             gate, up = self._site("experts.gate", a), self._site("experts.up", a)
@@ -195,7 +198,8 @@ class _PlanBuilder:
                 up.in_dim, up.out_dim, up.num_experts,
             ):  # fmt: skip
                 raise AdapterValidationError(
-                    self.adapter, "model sites experts.gate and experts.up differ in shape; "
+                    self.adapter,
+                    "model sites experts.gate and experts.up differ in shape; "
                     f"cannot split fused tensor {b.key!r}",
                 )
             specs = [gate, up]
@@ -209,7 +213,8 @@ class _PlanBuilder:
         where = f"tensor {a.key!r}"
         if remainder:
             raise AdapterValidationError(
-                self.adapter, f"{where} has {a_t.shape[0]} rows, not a multiple of the "
+                self.adapter,
+                f"{where} has {a_t.shape[0]} rows, not a multiple of the "
                 f"model's {num_experts} experts",
             )
         check_rank(self.adapter, rank, max_lora_rank, where)
@@ -219,7 +224,8 @@ class _PlanBuilder:
         expected_rank = self.config.rank_for(a.module_key)
         if rank != expected_rank:
             raise AdapterValidationError(
-                self.adapter, f"{where} has rank {rank} but adapter_config.json gives "
+                self.adapter,
+                f"{where} has rank {rank} but adapter_config.json gives "
                 f"{a.module_key} rank {expected_rank} (r / rank_pattern); its scaling "
                 "would be wrong",
             )
@@ -235,7 +241,8 @@ class _PlanBuilder:
         previous = self.expert_ranks.setdefault((site, t.layer), (rank, t.key))
         if previous[0] != rank:
             raise AdapterValidationError(
-                self.adapter, f"tensor {t.key!r} has rank {rank} but {previous[1]!r} of the "
+                self.adapter,
+                f"tensor {t.key!r} has rank {rank} but {previous[1]!r} of the "
                 f"same layer and site has rank {previous[0]}; ranks must agree across experts",
             )
         plan.ranks[site][t.layer] = rank

@@ -50,9 +50,7 @@ def site_table(sites) -> dict[str, LoraSiteSpec]:
     (the model side defines its own dataclass of the same shape)."""
     table: dict[str, LoraSiteSpec] = {}
     for site in sites:
-        spec = LoraSiteSpec(
-            site.name, site.num_layers, site.num_experts, site.in_dim, site.out_dim
-        )
+        spec = LoraSiteSpec(site.name, site.num_layers, site.num_experts, site.in_dim, site.out_dim)
         if spec.name in table:
             raise ValueError(f"LoRA site {spec.name!r} listed twice")
         table[spec.name] = spec

@@ -117,7 +117,11 @@ def classify_keys(keys, family: Family, config, adapter: str) -> list[TargetKey]
         module = m["module"]
         depth = 0
         while rest.endswith(".base_layer"):
-            rest, module, depth = rest[: -len(".base_layer")], module[: -len(".base_layer")], depth + 1
+            rest, module, depth = (
+                rest[: -len(".base_layer")],
+                module[: -len(".base_layer")],
+                depth + 1,
+            )
         parts = rest.split(".")
         site = None
         expert = 0
@@ -148,7 +152,8 @@ def _resolve_nested(module, by_depth, family, config, adapter) -> list[TargetKey
     if len(targeted) != len(depths) or depths != list(range(len(depths))):
         first_key = by_depth[depths[0]][0][0]
         raise AdapterValidationError(
-            adapter, f"3D expert tensors of {module!r} (e.g. {first_key!r}) do not match "
+            adapter,
+            f"3D expert tensors of {module!r} (e.g. {first_key!r}) do not match "
             f"target_parameters={config.target_parameters}: found {len(depths)} nested "
             f"LoRA wrappers for {len(targeted)} targeted parameters {targeted}",
         )
@@ -157,7 +162,8 @@ def _resolve_nested(module, by_depth, family, config, adapter) -> list[TargetKey
         param = targeted[-1 - depth]
         if param not in _PARAM_SITES:
             raise AdapterValidationError(
-                adapter, f"target parameter {module}.{param} (tensor {entries[0][0]!r}) is "
+                adapter,
+                f"target parameter {module}.{param} (tensor {entries[0][0]!r}) is "
                 "not supported; only gate_up_proj and down_proj can be adapted",
             )
         for key, layer, is_b in entries:

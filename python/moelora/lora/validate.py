@@ -87,7 +87,8 @@ def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorH
         expected = numel * _ALL_DTYPE_SIZES.get(dtype, 0)
         if dtype in _ALL_DTYPE_SIZES and (end - begin != expected or data_base + end > file_size):
             raise AdapterValidationError(
-                adapter, f"{path.name}: tensor {name!r} data range does not match its shape "
+                adapter,
+                f"{path.name}: tensor {name!r} data range does not match its shape "
                 f"{list(shape)} (file truncated or corrupt)",
             )
         tensors[name] = TensorHeader(name, dtype, shape, data_base + begin)
@@ -97,7 +98,8 @@ def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorH
 def check_dtype(adapter: str, tensor: TensorHeader) -> None:
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise AdapterValidationError(
-            adapter, f"tensor {tensor.name!r} has unsupported dtype {tensor.dtype} "
+            adapter,
+            f"tensor {tensor.name!r} has unsupported dtype {tensor.dtype} "
             f"(supported: {', '.join(SUPPORTED_DTYPES)})",
         )
 
@@ -107,7 +109,8 @@ def check_shape(adapter: str, tensor: TensorHeader, expected: tuple[int, ...], w
     user whether the adapter was trained for another model."""
     if tensor.shape != expected:
         raise AdapterValidationError(
-            adapter, f"tensor {tensor.name!r} has shape {list(tensor.shape)}, expected "
+            adapter,
+            f"tensor {tensor.name!r} has shape {list(tensor.shape)}, expected "
             f"{list(expected)} for {what}",
         )
 
