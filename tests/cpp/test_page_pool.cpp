@@ -64,6 +64,23 @@ TEST_CASE("arena: cuda arena throws CudaError without a GPU; external arena is a
   memory[0] = std::byte{1};
 }
 
+TEST_CASE("arena: on a GPU, cuda and pinned arenas back a working pool") {
+  if (!cuda_available()) return;  // covered by the CudaError case above
+  const int64_t fraction_bytes = cuda_arena_bytes_for_fraction(0.5);
+  CHECK(fraction_bytes > 0 && fraction_bytes % 256 == 0);
+  auto arena = make_cuda_arena(64 << 20);
+  CHECK(arena->device() == DeviceKind::kCUDA);
+  CHECK_EQ(reinterpret_cast<uintptr_t>(arena->base()) % 256, 0u);
+  PagePool pool(std::move(arena), 1 << 16);
+  CHECK_EQ(pool.num_pages(), 1024);
+  CHECK_EQ(pool.allocate(kv_owner(1), 1024).size(), 1024u);
+  pool.check_invariants();
+  CHECK_THROWS_AS(make_cuda_arena(1024, cuda_device_count()), InvalidArgument);
+  auto pinned = make_host_arena(1 << 20, /*pinned=*/true);
+  std::memset(pinned->base(), 3, 1 << 20);
+  CHECK_EQ(reinterpret_cast<uintptr_t>(pinned->base()) % 4096, 0u);
+}
+
 TEST_CASE("pool: constructor checks") {
   CHECK_THROWS_AS(PagePool(make_host_arena(4096), 100), InvalidArgument);
   CHECK_THROWS_AS(PagePool(make_host_arena(4096), 0), InvalidArgument);
