@@ -514,6 +514,13 @@ REFUSALS = {
         {},
         "not a multiple of the model's 4 experts",
     ),
+    "fused_and_per_expert_twice": (
+        {**_per_expert(1, 4), **_3d(4 * E, 4 * E, b_rows=2 * I_MOE, in_dim=H)},
+        {"target_parameters": ["gate_up_proj"]},
+        {},
+        "both target experts.gate of layer 0, expert 1",
+    ),
+    "no_tensors": ({}, {}, {}, "has no tensors"),
     "layers_to_transform": (
         _q(layer=0),
         {"layers_to_transform": [1]},

@@ -153,6 +153,7 @@ class _PlanBuilder:
         self.tensors = tensors
         self.file_of = file_of
         self.expert_ranks: dict[tuple[str, int], tuple[int, str]] = {}
+        self.emitted: dict[tuple[str, int, int], str] = {}  # (site, layer, expert) -> A key
 
     def empty_ranks(self) -> dict[str, list[int]]:
         return {name: [0] * spec.num_layers for name, spec in self.sites.items()}
@@ -234,6 +235,14 @@ class _PlanBuilder:
             self._set_rank(plan, site.name, a, rank)
             experts = range(num_experts) if a.expert == ALL_EXPERTS else [a.expert]
             for e in experts:
+                # A fused 3D target and a per-expert one may both claim the same matrix.
+                first = self.emitted.setdefault((site.name, a.layer, e), a.key)
+                if first != a.key:
+                    raise AdapterValidationError(
+                        self.adapter,
+                        f"tensors {first!r} and {a.key!r} both target {site.name} of layer "
+                        f"{a.layer}, expert {e}",
+                    )
                 self._emit(plan, site, a, b, e, rank, num_experts, part, len(specs), scale)
 
     def _set_rank(self, plan: AdapterPlan, site: str, t: TargetKey, rank: int) -> None:
