@@ -539,6 +539,20 @@ def test_refusals_name_adapter_and_problem(case, tmp_path):
     assert "'bad-adapter'" in str(err.value) and words in str(err.value), str(err.value)
 
 
+def test_site_missing_in_a_layer_refused(tmp_path):
+    """Qwen2/3-MoE mlp_only_layers: dense MLP sites exist only in some layers."""
+    sites = [*moe_sites(), LoraSiteSpec("gate_proj", LAYERS, 1, H, I_DENSE, layers=(1,))]
+    key = f"{PREFIX}.{{}}.mlp.gate_proj"
+    gen = torch.Generator().manual_seed(5)
+    ok = write_adapter(tmp_path / "ok", pair(key.format(1), 4, H, I_DENSE, gen))
+    assert load_adapter_plan(ok, sites, "qwen3_moe").ranks["gate_proj"] == [0, 4]
+    bad = write_adapter(tmp_path / "bad", pair(key.format(0), 4, H, I_DENSE, gen))
+    with pytest.raises(
+        AdapterValidationError, match=r"'gate_proj' in layer 0, .* only in layers \[1\]"
+    ):
+        load_adapter_plan(bad, sites, "qwen3_moe")
+
+
 def test_gpt_oss_bias_parameter_refused(tmp_path):
     path = write_adapter(
         tmp_path / "b",
@@ -591,3 +605,17 @@ def test_registration_reads_header_only(tmp_path, monkeypatch):
     assert plan.ranks["q_proj"] == [4, 0] and plan.tensors
     header = plan.tensors[f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"]
     assert header.dtype == "F32" and header.shape == (4, H)
+
+
+def test_accepts_model_side_site_objects(tmp_path):
+    """The model package defines its own LoraSiteSpec; any object with the fields works."""
+    from types import SimpleNamespace
+
+    sites = [
+        SimpleNamespace(name="q_proj", num_layers=2, num_experts=1, in_dim=H, out_dim=H, layers=())
+    ]
+    plan = load_adapter_plan(write_adapter(tmp_path / "d", _q(layer=1)), sites, "llama")
+    a, b = load_dense(plan)["q_proj"][1]
+    saved = _q(layer=1)
+    torch.testing.assert_close(a[0], saved[f"{PREFIX}.1.self_attn.q_proj.lora_A.weight"])
+    torch.testing.assert_close(b[0], 2.0 * saved[f"{PREFIX}.1.self_attn.q_proj.lora_B.weight"])

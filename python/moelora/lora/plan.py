@@ -172,6 +172,12 @@ class _PlanBuilder:
                 f"tensor {t.key!r} targets layer {t.layer}, but the model has "
                 f"{spec.num_layers} layers",
             )
+        if not spec.has_layer(t.layer):
+            raise AdapterValidationError(
+                self.adapter,
+                f"tensor {t.key!r} targets site {name!r} in layer {t.layer}, but this model has "
+                f"that site only in layers {list(spec.layers)}",
+            )
         if t.expert != ALL_EXPERTS and t.expert >= spec.num_experts:
             raise AdapterValidationError(
                 self.adapter,

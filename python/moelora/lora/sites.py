@@ -32,6 +32,7 @@ class LoraSiteSpec:
     num_experts: int
     in_dim: int
     out_dim: int
+    layers: tuple[int, ...] = ()  # layers where the site exists (empty: all), e.g. MoE layers
 
     def __post_init__(self) -> None:
         if self.name not in ALL_SITE_NAMES:
@@ -39,6 +40,11 @@ class LoraSiteSpec:
         for field in ("num_layers", "num_experts", "in_dim", "out_dim"):
             if getattr(self, field) < 1:
                 raise ValueError(f"LoraSiteSpec {self.name!r}: {field} must be >= 1")
+        if any(not 0 <= i < self.num_layers for i in self.layers):
+            raise ValueError(f"LoraSiteSpec {self.name!r}: layers {self.layers} out of range")
+
+    def has_layer(self, layer: int) -> bool:
+        return 0 <= layer < self.num_layers and (not self.layers or layer in self.layers)
 
     @property
     def is_expert(self) -> bool:
@@ -50,7 +56,14 @@ def site_table(sites) -> dict[str, LoraSiteSpec]:
     (the model side defines its own dataclass of the same shape)."""
     table: dict[str, LoraSiteSpec] = {}
     for site in sites:
-        spec = LoraSiteSpec(site.name, site.num_layers, site.num_experts, site.in_dim, site.out_dim)
+        spec = LoraSiteSpec(
+            site.name,
+            site.num_layers,
+            site.num_experts,
+            site.in_dim,
+            site.out_dim,
+            tuple(getattr(site, "layers", ()) or ()),
+        )
         if spec.name in table:
             raise ValueError(f"LoRA site {spec.name!r} listed twice")
         table[spec.name] = spec
