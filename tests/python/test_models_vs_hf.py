@@ -80,3 +80,75 @@ def test_greedy_generation_matches_hf(tiny):
                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                 pad_token_id=0)
         assert got == ref[0, len(prompt):].tolist(), f"{family}: prompt {prompt}"
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+
+def test_unknown_architecture_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ValueError, match="unsupported architecture.*FooForCausalLM"):
+        load_model(tmp_path, dtype=torch.float32)
+
+
+def _rewrite_checkpoint(src: Path, dst: Path, edit) -> None:
+    """Copy a sharded checkpoint into one model.safetensors after `edit(tensors)`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    edit(tensors)
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    save_file(tensors, dst / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral_src")
+    hf_tiny.make_tiny("mixtral", path)
+    return path
+
+
+def test_missing_tensor_names_it(mixtral_dir, tmp_path):
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    _rewrite_checkpoint(mixtral_dir, tmp_path / "m", lambda t: t.pop(name))
+    with pytest.raises(KeyError, match=name.replace(".", r"\.")):
+        load_model(tmp_path / "m", dtype=torch.float32, progress=False)
+    _rewrite_checkpoint(mixtral_dir, tmp_path / "n",
+                        lambda t: t.pop("model.layers.0.input_layernorm.weight"))
+    with pytest.raises(KeyError, match=r"model\.layers\.0\.input_layernorm\.weight"):
+        load_model(tmp_path / "n", dtype=torch.float32, progress=False)
+
+
+def test_mismatched_and_unknown_tensors_name_them(mixtral_dir, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _rewrite_checkpoint(mixtral_dir, tmp_path / "m",
+                        lambda t: t.__setitem__(name, torch.zeros(7, 64)))
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '.')}.*\(7, 64\).*\(32, 64\)"):
+        load_model(tmp_path / "m", dtype=torch.float32, progress=False)
+    _rewrite_checkpoint(mixtral_dir, tmp_path / "u",
+                        lambda t: t.__setitem__("model.layers.0.mystery.weight", torch.zeros(2)))
+    with pytest.raises(KeyError, match=r"model\.layers\.0\.mystery\.weight"):
+        load_model(tmp_path / "u", dtype=torch.float32, progress=False)
+
+
+def test_fused_expert_layout_loads_like_per_expert(mixtral_dir, tmp_path):
+    """HF's in-memory 3D layout (experts.gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    def fuse(t):
+        for layer in range(2):
+            p = f"model.layers.{layer}.block_sparse_moe"
+            gate_up = [torch.cat([t.pop(f"{p}.experts.{e}.w1.weight"),
+                                  t.pop(f"{p}.experts.{e}.w3.weight")]) for e in range(4)]
+            down = [t.pop(f"{p}.experts.{e}.w2.weight") for e in range(4)]
+            q = f"model.layers.{layer}.mlp"
+            t[f"{q}.experts.gate_up_proj"] = torch.stack(gate_up)
+            t[f"{q}.experts.down_proj"] = torch.stack(down)
+            t[f"{q}.gate.weight"] = t.pop(f"{p}.gate.weight")
+
+    _rewrite_checkpoint(mixtral_dir, tmp_path / "f", fuse)
+    fused = load_model(tmp_path / "f", dtype=torch.float32, progress=False)
+    ref = load_model(mixtral_dir, dtype=torch.float32, progress=False)
+    for (name, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert torch.equal(a, b), name
