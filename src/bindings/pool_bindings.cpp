@@ -95,7 +95,9 @@ void register_page_pool(py::module_& m) {
       .def_property_readonly("evicted",
                              [](const AllocationOutcome& o) {
                                py::list evicted;
-                               for (const Owner& owner : o.evicted) evicted.append(owner_tuple(owner));
+                               for (const Owner& owner : o.evicted) {
+                                 evicted.append(owner_tuple(owner));
+                               }
                                return evicted;
                              })
       .def("__bool__", [](const AllocationOutcome& o) { return o.ok; })

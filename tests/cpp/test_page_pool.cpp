@@ -409,7 +409,8 @@ void model_free_pages(PagePool& pool, Model& model, Owner owner, std::mt19937_64
   }
   pool.free_pages(owner, pages);
   for (PageId p : pages) record->pages.erase(p);
-  record->used = std::min(record->used, static_cast<int64_t>(record->pages.size()) * model.page_bytes);
+  const int64_t capacity = static_cast<int64_t>(record->pages.size()) * model.page_bytes;
+  record->used = std::min(record->used, capacity);
 }
 
 void run_one_sequence(uint64_t seed, int steps) {
@@ -473,7 +474,9 @@ void run_one_sequence(uint64_t seed, int steps) {
     compare(pool, model);
   }
   // No leak: freeing every owner returns every page.
-  for (auto& [k, r] : std::map(model.owners)) pool.free({static_cast<OwnerKind>(k.first), k.second});
+  for (auto& [k, r] : std::map(model.owners)) {
+    pool.free({static_cast<OwnerKind>(k.first), k.second});
+  }
   CHECK_EQ(pool.free_pages(), pool.num_pages());
   CHECK_EQ(pool.stats().used_bytes, 0);
   pool.check_invariants();

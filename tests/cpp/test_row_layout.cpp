@@ -25,7 +25,8 @@ std::vector<Placed> all_rows(const AdapterRowLayout& layout, const std::vector<L
         for (bool is_b : {false, true}) {
           const int64_t dim = is_b ? sites[s].out_dim : sites[s].in_dim;
           for (int r = 0; r < layout.rank(s, l); ++r) {
-            rows.push_back({layout.row_offset(s, l, e, is_b, r), lora_row_bytes(dim, layout.dtype())});
+            rows.push_back(
+                {layout.row_offset(s, l, e, is_b, r), lora_row_bytes(dim, layout.dtype())});
           }
         }
       }
