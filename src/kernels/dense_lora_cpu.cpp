@@ -11,7 +11,7 @@ void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef
   const TensorRef no_weights{};
   const TensorRef expert_zero{};  // absent block_expert: expert 0 for every block
   fused_moe_lora(input, /*input_pairs_per_row=*/1, output, no_weights, sorted_rows, block_slot,
-                 expert_zero, num_blocks, block_m, slices, col_offsets);
+                 expert_zero, num_blocks, block_m, slices, col_offsets, "dense_lora");
 }
 
 }  // namespace moelora::cpu

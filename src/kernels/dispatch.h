@@ -29,13 +29,13 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
                     const TensorRef& num_blocks);
 
 // Shared by fused_moe_lora and dense_lora: block_expert and topk_weights may be absent
-// (expert 0, weight 1).
+// (expert 0, weight 1). `op` names the public op in error messages.
 void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
                     const TensorRef& topk_weights, const TensorRef& sorted_pairs,
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, int32_t block_m,
                     const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets);
+                    const std::vector<int64_t>& col_offsets, const char* op = "fused_moe_lora");
 
 void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef& sorted_rows,
                 const TensorRef& block_slot, const TensorRef& num_blocks, int32_t block_m,

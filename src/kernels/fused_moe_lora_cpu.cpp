@@ -5,6 +5,7 @@
 //   The rank-sized intermediate stays in float32 and each output element is rounded once.
 // Work is split over blocks; moe_lora_align puts every pair in exactly one block, so threads
 // never write the same output row. All indices are checked before the split.
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -87,8 +88,6 @@ void run_blocks(const BlockProblem& problem, int64_t block_begin, int64_t block_
   }
 }
 
-void fail(const std::string& problem) { kernels::throw_invalid("fused_moe_lora", problem); }
-
 }  // namespace
 
 void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
@@ -96,7 +95,9 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, int32_t block_m,
                     const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets) {
+                    const std::vector<int64_t>& col_offsets, const char* op) {
+  auto fail = [op](const std::string& problem) { kernels::throw_invalid(op, problem); };
+  const char* pairs_arg = kernels::is_absent(block_expert) ? "sorted_rows" : "sorted_pairs";
   BlockProblem problem{};
   problem.input = static_cast<const std::byte*>(input.data);
   problem.input_row_stride = input.stride[0];
@@ -151,8 +152,9 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
     }
     for (int64_t row = b * block_m; row < (b + 1) * block_m; ++row) {
       const int32_t pair = problem.sorted_pairs[row * problem.pairs_stride];
-      if (pair < -1 || pair >= num_pairs || (pair >= 0 && pair / input_pairs_per_row >= input_rows)) {
-        fail("sorted_pairs[" + std::to_string(row) + "] = " + std::to_string(pair) +
+      const bool outside = pair < -1 || pair >= num_pairs;
+      if (outside || (pair >= 0 && pair / input_pairs_per_row >= input_rows)) {
+        fail(std::string(pairs_arg) + "[" + std::to_string(row) + "] = " + std::to_string(pair) +
              " is outside the " + std::to_string(num_pairs) + " output rows / " +
              std::to_string(input_rows) + " input rows");
       }

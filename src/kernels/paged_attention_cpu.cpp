@@ -9,7 +9,9 @@
 //   The sink term (GPT-OSS) only enlarges the denominator; without sinks it is absent. A query
 //   that sees no key writes zeros. Softmax subtracts the running max, so large logits are safe.
 // Work is split over query tokens; each writes only its own output row.
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -87,7 +89,8 @@ void attend_tokens(const AttentionProblem& p, const KvCacheView& cache, const Kv
     const int64_t pos = int32_elem(*p.query_pos, t);
     const int64_t seq_len = int32_elem(*p.seq_lens, seq);
     const int64_t last = std::min(pos, seq_len - 1);
-    const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+    const int64_t first =
+        p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
     const int32_t* pages = static_cast<const int32_t*>(p.block_table->data) +
                            seq * p.block_table->stride[0];
     for (int64_t h = 0; h < num_heads; ++h) {
@@ -97,7 +100,8 @@ void attend_tokens(const AttentionProblem& p, const KvCacheView& cache, const Kv
       load_row_as_float(q_src, head_dim, q.data());
       const int64_t num_keys = std::max<int64_t>(0, last - first + 1);
       logits.resize(static_cast<size_t>(num_keys));
-      float max_logit = p.sinks ? p.sinks[h * p.sinks_stride] : -std::numeric_limits<float>::infinity();
+      const float no_sink = -std::numeric_limits<float>::infinity();
+      float max_logit = p.sinks ? p.sinks[h * p.sinks_stride] : no_sink;
       for (int64_t j = first; j <= last; ++j) {
         const int64_t page = pages[(j / cache.block_tokens) * p.block_table->stride[1]];
         const T* k_row = reinterpret_cast<const T*>(
@@ -135,9 +139,10 @@ void kv_cache_write(const TensorRef& key, const TensorRef& value, const TensorRe
   const auto* slots = static_cast<const int64_t*>(slot_mapping.data);
   for (int64_t t = 0; t < slot_mapping.shape[0]; ++t) {
     if (slots[t * slot_mapping.stride[0]] < -1) {
-      kernels::throw_invalid("kv_cache_write", "slot_mapping[" + std::to_string(t) + "] = " +
-                                                   std::to_string(slots[t * slot_mapping.stride[0]]) +
-                                                   " is negative but not -1");
+      kernels::throw_invalid("kv_cache_write",
+                             "slot_mapping[" + std::to_string(t) + "] = " +
+                                 std::to_string(slots[t * slot_mapping.stride[0]]) +
+                                 " is negative but not -1");
     }
   }
   switch (cache.dtype) {
