@@ -24,6 +24,11 @@ namespace moelora {
 //   block_slot    int32 [max_blocks] out: slot of each block, -1 past num_blocks
 //   block_expert  int32 [max_blocks] out: expert of each block, -1 past num_blocks
 //   num_blocks    int32 [1] out
+// block_slot and block_expert may be longer than moe_lora_align_max_blocks (e.g. sized for the
+// largest batch of a captured graph); sorted_pairs always holds block_m * len(block_slot).
+// Out-of-range slot or expert ids are InvalidArgument on the CPU.
+// max_blocks = max(1, (P + G * (block_m - 1)) / block_m) with G = min(P, num_slots * num_experts)
+// (every non-empty group pads at most block_m - 1 rows).
 int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
                                   int32_t block_m);
 void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int32_t num_experts,
@@ -70,6 +75,7 @@ struct KvCacheView {
   int32_t head_dim = 0;
   DType dtype = DType::kFloat32;
 };
+// Bytes of K and V of one block, unpadded (the pool rounds pages up to its alignment).
 int64_t kv_page_bytes_needed(int32_t block_tokens, int32_t num_kv_heads, int32_t head_dim,
                              DType dtype);
 
