@@ -26,20 +26,20 @@ FAMILIES = (
 )
 
 # Shared small shapes: hidden 64, 4 query heads of 16 over 2 KV heads (GQA), vocab 300.
-_COMMON = dict(
-    vocab_size=300,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    initializer_range=0.15,
-    tie_word_embeddings=False,
-    pad_token_id=None,
-    bos_token_id=1,
-    eos_token_id=None,
-)
+_COMMON = {
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.15,
+    "tie_word_embeddings": False,
+    "pad_token_id": None,
+    "bos_token_id": 1,
+    "eos_token_id": None,
+}
 
 
 def _config(family: str):

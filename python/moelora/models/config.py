@@ -137,8 +137,8 @@ def rope_of(hf: dict, default_theta: float = 10000.0) -> dict[str, Any]:
         params.setdefault("original_max_position_embeddings",
                           hf.get("original_max_position_embeddings",
                                  hf.get("max_position_embeddings", 4096)))
-    return dict(rope_type=rope_type, rope_theta=theta, rope_params=params,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)))
+    return {"rope_type": rope_type, "rope_theta": theta, "rope_params": params,
+                "max_position_embeddings": int(hf.get("max_position_embeddings", 4096))}
 
 
 def sliding_windows_of(hf: dict, num_layers: int) -> tuple[int | None, ...]:

@@ -54,12 +54,12 @@ def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> No
     files = safetensors_files(path)
     device = next(model.parameters()).device
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    total = sum(len(list(h.keys())) for h in handles)
+    total = sum(len(h.keys()) for h in handles)
     tied = model.config.tie_word_embeddings
     with tqdm(total=total, desc=f"loading {Path(path).name}", unit="tensor",
               disable=not progress) as bar:
         for handle in handles:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
                 bar.update(1)
                 if tied and name == "lm_head.weight":
                     continue  # tied: the embedding is the head
@@ -67,7 +67,7 @@ def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> No
                 mapper.load(name, tensor)
     missing = mapper.missing()
     if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensor(s) the model needs: "
+        raise KeyError(f"{path}: checkpoint lacks tensors the model needs: "
                        + ", ".join(missing[:12]))
 
 

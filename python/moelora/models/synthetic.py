@@ -15,46 +15,46 @@ from moelora.models.base import CausalLM
 _GPT_OSS_LAYERS = 24
 
 PRESETS: dict[str, dict] = {
-    "tiny-moe": dict(
-        architectures=["Qwen3MoeForCausalLM"], vocab_size=1024, hidden_size=256,
-        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-        intermediate_size=512, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=4096, eos_token_id=2, bos_token_id=1,
-    ),
-    "gpt-oss-20b": dict(
-        architectures=["GptOssForCausalLM"], vocab_size=201088, hidden_size=2880,
-        num_hidden_layers=_GPT_OSS_LAYERS, num_attention_heads=64, num_key_value_heads=8,
-        head_dim=64, num_local_experts=32, num_experts_per_tok=4, intermediate_size=2880,
-        sliding_window=128, attention_bias=True, rms_norm_eps=1e-5, swiglu_limit=7.0,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+    "tiny-moe": {
+        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 1024, "hidden_size": 256,
+        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
+        "intermediate_size": 512, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "eos_token_id": 2, "bos_token_id": 1,
+    },
+    "gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"], "vocab_size": 201088, "hidden_size": 2880,
+        "num_hidden_layers": _GPT_OSS_LAYERS, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4, "intermediate_size": 2880,
+        "sliding_window": 128, "attention_bias": True, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
                      for i in range(_GPT_OSS_LAYERS)],
-        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0,
-                             beta_fast=32.0, beta_slow=1.0, truncate=False,
-                             original_max_position_embeddings=4096),
-        max_position_embeddings=131072, eos_token_id=200002, pad_token_id=199999,
-    ),
-    "qwen3-30b-a3b": dict(
-        architectures=["Qwen3MoeForCausalLM"], vocab_size=151936, hidden_size=2048,
-        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-        intermediate_size=6144, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, eos_token_id=151645, bos_token_id=151643,
-    ),
-    "mixtral-8x7b": dict(
-        architectures=["MixtralForCausalLM"], vocab_size=32000, hidden_size=4096,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        num_local_experts=8, num_experts_per_tok=2, intermediate_size=14336,
-        rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768,
-        eos_token_id=2, bos_token_id=1,
-    ),
-    "olmoe-1b-7b": dict(
-        architectures=["OlmoeForCausalLM"], vocab_size=50304, hidden_size=2048,
-        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, head_dim=128,
-        num_experts=64, num_experts_per_tok=8, intermediate_size=1024, norm_topk_prob=False,
-        clip_qkv=None, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
-        eos_token_id=50279,
-    ),
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 4096},
+        "max_position_embeddings": 131072, "eos_token_id": 200002, "pad_token_id": 199999,
+    },
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+        "intermediate_size": 6144, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "eos_token_id": 151645, "bos_token_id": 151643,
+    },
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "vocab_size": 32000, "hidden_size": 4096,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 14336,
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+        "eos_token_id": 2, "bos_token_id": 1,
+    },
+    "olmoe-1b-7b": {
+        "architectures": ["OlmoeForCausalLM"], "vocab_size": 50304, "hidden_size": 2048,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128,
+        "num_experts": 64, "num_experts_per_tok": 8, "intermediate_size": 1024, "norm_topk_prob": False,
+        "clip_qkv": None, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "eos_token_id": 50279,
+    },
 }
 
 
