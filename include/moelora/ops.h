@@ -16,7 +16,8 @@ namespace moelora {
 
 // ---- moe_lora_align ----------------------------------------------------------------------------
 // Groups the pairs by (adapter slot, expert) into blocks of block_m rows, ordered by slot, then
-// expert, then pair id. Pairs whose token has slot -1 (no adapter) are left out. Output sizes
+// expert (the CPU then orders by pair id; a GPU kernel may order pairs within a group freely:
+// the fused kernels do not depend on it). Pairs whose token has slot -1 (no adapter) are left out. Output sizes
 // are fixed by the inputs' sizes (no host sync), so a decode step can be captured in a graph.
 //   topk_ids      int32 [T, K] expert of each pair; an empty view means K = 1, expert 0 (dense)
 //   token_slot    int32 [T]    adapter slot of each token in [0, num_slots), or -1
