@@ -179,7 +179,7 @@ void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
     if (e->cancelled || e->failed || !e->want_device) return;
     if (e->device_state != DeviceState::kNone && e->device_state != DeviceState::kWaiting) return;
     if (e->host_state != HostState::kReady) {
-      e->device_state = DeviceState::kWaiting;
+      // The host worker starts the device load when the host copy is ready.
       queue_host_load_locked(e);
       return;
     }
@@ -199,6 +199,8 @@ void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
     e->device_state = DeviceState::kAllocating;
     e->load_start = std::chrono::steady_clock::now();
     pages_needed = e->layout->num_pages();
+    // Pinned before its pages exist, so no other allocation can evict them before the copy.
+    pool.pin(owner);
   }
   AllocationOutcome outcome = pool.try_allocate(owner, pages_needed, Eviction::kIdleAdapters);
 
@@ -207,27 +209,10 @@ void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
     slot_owner[e->slot] = -1;
     e->slot = -1;
   };
-  if (e->cancelled) {
-    if (outcome.ok) pool.free(owner);
+  if (e->cancelled || !outcome.ok) {
+    pool.free(owner);  // forgets the pin, and the pages when there are any
     give_back_slot();
-    e->device_state = DeviceState::kNone;
-    changed.notify_all();
-    return;
-  }
-  bool pinned = false;
-  if (outcome.ok && pool.contains(owner)) {
-    try {
-      pool.pin(owner);
-      pinned = pool.contains(owner);
-    } catch (const Error&) {
-      pinned = false;
-    }
-    // Another thread's allocation may have evicted the fresh, not yet pinned, pages.
-    if (!pinned) pool.free(owner);
-  }
-  if (!pinned) {
-    give_back_slot();
-    e->device_state = DeviceState::kWaiting;
+    e->device_state = e->cancelled ? DeviceState::kNone : DeviceState::kWaiting;
     changed.notify_all();
     return;
   }
