@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `moelora serve` (api_server.run_server)."""

@@ -1,0 +1,318 @@
+"""`moelora serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn).
+
+Routes: POST /v1/completions, /v1/chat/completions, /v1/load_lora_adapter,
+/v1/unload_lora_adapter; GET /v1/models, /health, /version, /metrics. Every /v1 route takes
+`Authorization: Bearer <key>` when --api-key is set. A request's `model` picks the base model
+(by a served name) or a LoRA adapter (by its name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hmac
+import json
+import logging
+import os
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import moelora
+from moelora.engine.async_engine import AsyncEngine
+from moelora.entrypoints.openai.errors import APIError, error_body, from_validation_error
+from moelora.entrypoints.openai.metrics import ServerMetrics
+from moelora.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+)
+from moelora.entrypoints.openai.serving import OpenAIServing
+from moelora.entrypoints.openai.serving_models import ServingModels
+
+logger = logging.getLogger("moelora.server")
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
+          "/v1/unload_lora_adapter", "/health", "/version", "/metrics")
+
+
+# -- the command line ----------------------------------------------------------------------------
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory (HF format) or synthetic:<preset>")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve the tiny demo model and its five adapters (built once)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="names of the base model in the API (default: the model path)")
+    parser.add_argument("--api-key", default=os.environ.get("MOELORA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="accept adapters (implied by --lora-modules or runtime updating)")
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="adapters served from the start, as name=path or a JSON object "
+                             "with 'name' and 'path'")
+    parser.add_argument("--enable-runtime-lora-updating", action="store_true",
+                        help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    parser.add_argument("--allowed-lora-dirs", nargs="+", default=[], metavar="DIR",
+                        help="runtime loads outside these directories are refused")
+    parser.add_argument("--max-loras", type=int, default=8,
+                        help="adapters resident on the device at once")
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="adapters kept in host memory (default 4 x max-loras)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16",
+                                                            "bfloat16", "half", "float"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="beyond this many waiting requests new ones get 503 + Retry-After")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--uvicorn-log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return parser
+
+
+def parse_lora_modules(specs: list[str]) -> dict[str, str]:
+    modules = {}
+    for spec in specs:
+        spec = spec.strip()
+        if spec.startswith("{"):
+            try:
+                entry = json.loads(spec)
+                name, path = entry["name"], entry["path"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"--lora-modules: bad JSON entry {spec!r}: {exc}") from exc
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules takes name=path, got {spec!r}")
+        if name in modules:
+            raise ValueError(f"--lora-modules: adapter name '{name}' given twice")
+        modules[name] = path
+    return modules
+
+
+def build_engine(args):
+    """The LLMEngine the arguments describe, and the static adapters {name: path}."""
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+
+    loras = parse_lora_modules(args.lora_modules)
+    model = args.model
+    if args.demo:
+        from moelora.demo.assets import build_demo_assets
+        from moelora.demo.run import default_cache_dir
+
+        model, demo_loras = build_demo_assets(default_cache_dir())
+        loras = {**demo_loras, **loras}
+    if model is None:
+        raise ValueError("give a model (or --demo)")
+    enable_lora = bool(args.enable_lora or loras or args.enable_runtime_lora_updating)
+    max_cpu_loras = args.max_cpu_loras
+    if max_cpu_loras is None and enable_lora:
+        max_cpu_loras = max(4 * args.max_loras, len(loras))
+    engine = LLMEngine(EngineConfig(
+        model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
+        max_cpu_loras=max_cpu_loras, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed))
+    return engine, model, loras, enable_lora
+
+
+# -- the app -------------------------------------------------------------------------------------
+class _AuthAndCount:
+    """Pure ASGI middleware (it must not wrap `receive`: disconnect detection reads it):
+    Bearer auth on /v1 routes, and per-route request counts."""
+
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in ROUTES else "other"
+        status_seen = {}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status_seen["status"] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and path.startswith("/v1") and \
+                    scope.get("method") != "OPTIONS" and not self._authorized(scope):
+                response = JSONResponse(error_body(401, "Unauthorized: a valid 'Authorization: "
+                                                   "Bearer <api key>' header is required"),
+                                        status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, counting_send)
+            return await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.http_requests.labels(route, str(status_seen.get("status", 0))).inc()
+
+    def _authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
+                                                                           self.api_key)
+        return False
+
+
+async def _parse(raw: Request, model_cls):
+    body = await raw.body()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+def build_app(engine, model_path: str, args, static_loras: dict[str, str],
+              enable_lora: bool) -> FastAPI:
+    served = args.served_model_name or (["tiny-mixtral"] if args.demo else [model_path])
+    metrics = ServerMetrics(served[0], args.max_loras)
+    async_engine = AsyncEngine(engine, metrics)
+    metrics.snapshot_source = async_engine
+    models = ServingModels(async_engine, served, model_path, engine.max_model_len, enable_lora,
+                           runtime_updates=args.enable_runtime_lora_updating,
+                           allowed_dirs=args.allowed_lora_dirs)
+    serving = OpenAIServing(async_engine, models, engine.tokenizer, engine.max_model_len,
+                            engine.model.config.vocab_size, args.max_waiting_requests)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async_engine.start()
+        try:
+            for name, path in static_loras.items():
+                # Static adapters are trusted configuration: not subject to --allowed-lora-dirs.
+                await models.load(name, path, check_allowed=False)
+        except APIError as exc:
+            async_engine.shutdown()
+            raise RuntimeError(f"--lora-modules: {exc.message}") from exc
+        logger.info("serving %s with %d adapters", served[0], len(static_loras))
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="moelora", version=moelora.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.engine = async_engine
+    app.state.models = models
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        return JSONResponse(error_body(400, first.get("msg", "invalid request"), param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, exc: StarletteHTTPException):
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_, exc: Exception):
+        logger.exception("unhandled error")
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), 500)
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await serving.create_completion(await _parse(raw, CompletionRequest), raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        return await serving.create_chat_completion(await _parse(raw, ChatCompletionRequest),
+                                                    raw)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return JSONResponse(models.list_models().model_dump())
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(raw: Request):
+        _require_runtime_updates(models)
+        req = await _parse(raw, LoadLoRAAdapterRequest)
+        return Response(await models.load(req.lora_name, req.lora_path), media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(raw: Request):
+        _require_runtime_updates(models)
+        req = await _parse(raw, UnloadLoRAAdapterRequest)
+        return Response(await models.unload(req.lora_name), media_type="text/plain")
+
+    @app.get("/health")
+    async def health():
+        if async_engine.is_running:
+            return Response(status_code=200)
+        reason = async_engine.dead_reason or "the engine is not running"
+        return JSONResponse(error_body(503, reason), 503)
+
+    @app.get("/version")
+    async def version():
+        return {"version": moelora.__version__}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return _AuthAndCount(app, args.api_key, metrics)
+
+
+def _require_runtime_updates(models: ServingModels) -> None:
+    if not models.runtime_updates:
+        raise APIError(404, "runtime LoRA updating is disabled; start the server with "
+                            "--enable-runtime-lora-updating")
+
+
+def run_server(args) -> int:
+    """Builds the engine and serves until interrupted (the `moelora serve` command)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise SystemExit("--max-waiting-requests must be >= 1")
+    try:
+        engine, model_path, loras, enable_lora = build_engine(args)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"moelora serve: {exc}") from exc
+    app = build_app(engine, model_path, args, loras, enable_lora)
+    logger.info("listening on http://%s:%d", args.host, args.port)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            lifespan="on", timeout_keep_alive=5, access_log=False)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_cli_args(argparse.ArgumentParser(prog="moelora serve", description=__doc__))
+    return run_server(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

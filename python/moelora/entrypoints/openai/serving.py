@@ -1,0 +1,450 @@
+"""/v1/completions and /v1/chat/completions: requests in, engine requests out, responses (or
+SSE chunks) back.
+
+One engine request per prompt (a completions batch of k prompts with n samples gives k*n
+choices, indexed prompt-major). Streaming sends text deltas; while stop strings are active the
+last (longest stop - 1) characters are held back, so text that a stop string later removes is
+never sent, and an incomplete UTF-8 character is never sent half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from moelora.engine.async_engine import AsyncEngine, RequestStream
+from moelora.entrypoints.openai.errors import (
+    APIError,
+    bad_request,
+    from_engine_error,
+    overloaded,
+)
+from moelora.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    random_id,
+)
+from moelora.entrypoints.openai.serving_models import ServingModels
+from moelora.entrypoints.openai.streaming import SSEResponse, run_until_disconnect, sse
+
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
+                    "logprobs", "seed", "stop", "stop_token_ids")
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+class _Choice:
+    """How much of one choice has been sent."""
+
+    def __init__(self):
+        self.sent_chars = 0
+        self.sent_tokens = 0
+        self.started = False
+        self.finished = False
+
+    def advance(self, output, hold: int, with_logprobs: bool):
+        """(new text, first new token, end token, finish_reason) or None if nothing to send."""
+        if self.finished:
+            return None
+        text = output.text
+        finishing = output.finish_reason is not None
+        limit = len(text) if finishing else _safe_length(text, hold)
+        new_text = text[self.sent_chars:limit] if limit > self.sent_chars else ""
+        end = len(output.token_ids)
+        new_tokens = end > self.sent_tokens and (with_logprobs or finishing or bool(new_text))
+        if not new_text and not new_tokens and not finishing:
+            return None
+        start = self.sent_tokens
+        self.sent_chars = max(self.sent_chars, limit)
+        self.sent_tokens = end
+        self.finished = finishing
+        return new_text, start, end, output.finish_reason
+
+
+def _safe_length(text: str, hold: int) -> int:
+    limit = max(0, len(text) - hold)
+    while limit > 0 and text[limit - 1] == "\ufffd":  # a UTF-8 character still being decoded
+        limit -= 1
+    return limit
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, models: ServingModels, tokenizer, max_model_len: int,
+                 vocab_size: int, max_waiting_requests: int | None = None):
+        self.engine = engine
+        self.models = models
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.max_waiting_requests = max_waiting_requests
+
+    # -- /v1/completions -----------------------------------------------------------------------
+    async def create_completion(self, req: CompletionRequest, raw: Request) -> Response:
+        lora = self._admit(req)
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+        prompts = [self._prompt_from(p) for p in req.prompts()]
+        params = self._params(req, prompts, req.max_tokens, req.logprobs, "prompt")
+        request_id = random_id("cmpl")
+        streams = await self._start(request_id, prompts, params, lora)
+        created, model = int(time.time()), req.model or self.models.base_name
+        if req.stream:
+            body = self._completion_stream(req, request_id, created, model, prompts, streams)
+            return SSEResponse(body, on_close=lambda: _close_all(streams))
+        return await run_until_disconnect(raw, self._completion_full(
+            req, request_id, created, model, prompts, streams))
+
+    async def _completion_full(self, req, request_id, created, model, prompts, streams):
+        finals = await _collect(streams)
+        choices, completion_tokens = [], 0
+        for i, output in enumerate(finals):
+            for o in output.outputs:
+                _raise_if_failed(o)
+                text = (self._echo(prompts[i]) + o.text) if req.echo else o.text
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, 0)
+                choices.append({"index": i * req.n + o.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+                completion_tokens += len(o.token_ids)
+        choices.sort(key=lambda c: c["index"])
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
+                             "model": model, "choices": choices,
+                             "usage": _usage(prompts, completion_tokens)})
+
+    async def _completion_stream(self, req, request_id, created, model, prompts,
+                                 streams) -> AsyncIterator[str]:
+        states: dict[int, _Choice] = {}
+        hold = _holdback(req.stop)
+        options = req.stream_options
+        completion_tokens = 0
+
+        def chunk(choices, usage=None):
+            body = {"id": request_id, "object": "text_completion", "created": created,
+                    "model": model, "choices": choices}
+            if options is not None and (options.include_usage or options.continuous_usage_stats):
+                body["usage"] = usage
+            return sse(body)
+
+        try:
+            async for i, output in _merge(streams):
+                for o in output.outputs:
+                    _raise_if_failed(o)
+                    index = i * req.n + o.index
+                    state = states.setdefault(index, _Choice())
+                    step = state.advance(o, hold, req.logprobs is not None)
+                    if step is None:
+                        continue
+                    text, start, end, finish = step
+                    completion_tokens += end - start
+                    offset = state.sent_chars - len(text)
+                    if req.echo and not state.started:
+                        text = self._echo(prompts[i]) + text
+                    state.started = True
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = self._completion_logprobs(
+                            (o.logprobs or [])[start:end], o.token_ids[start:end], offset)
+                    usage = None
+                    if options is not None and options.continuous_usage_stats:
+                        usage = _usage(prompts, completion_tokens)
+                    yield chunk([{"index": index, "text": text, "logprobs": logprobs,
+                                  "finish_reason": finish,
+                                  "stop_reason": o.stop_reason if finish else None}], usage)
+            if options is not None and options.include_usage:
+                yield chunk([], _usage(prompts, completion_tokens))
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM does
+            yield sse(from_engine_error(exc).body())
+        yield "data: [DONE]\n\n"
+
+    # -- /v1/chat/completions ------------------------------------------------------------------
+    async def create_chat_completion(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        lora = self._admit(req)
+        prompt = self._chat_prompt(req)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, [prompt], req.requested_max_tokens(), top, "messages")
+        request_id = random_id("chatcmpl")
+        streams = await self._start(request_id, [prompt], params, lora)
+        created, model = int(time.time()), req.model or self.models.base_name
+        if req.stream:
+            return SSEResponse(self._chat_stream(req, request_id, created, model, prompt,
+                                                 streams), on_close=lambda: _close_all(streams))
+        return await run_until_disconnect(raw, self._chat_full(req, request_id, created, model,
+                                                               prompt, streams))
+
+    async def _chat_full(self, req, request_id, created, model, prompt, streams):
+        (final,) = await _collect(streams)
+        choices, completion_tokens = [], 0
+        for o in final.outputs:
+            _raise_if_failed(o)
+            logprobs = None
+            if req.logprobs:
+                logprobs = self._chat_logprobs(o.logprobs or [], o.token_ids)
+            choices.append({"index": o.index,
+                            "message": {"role": "assistant", "content": o.text},
+                            "logprobs": logprobs, "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason})
+            completion_tokens += len(o.token_ids)
+        choices.sort(key=lambda c: c["index"])
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
+                             "model": model, "choices": choices,
+                             "usage": _usage([prompt], completion_tokens)})
+
+    async def _chat_stream(self, req, request_id, created, model, prompt,
+                           streams) -> AsyncIterator[str]:
+        states: dict[int, _Choice] = {}
+        hold = _holdback(req.stop)
+        options = req.stream_options
+        completion_tokens = 0
+
+        def chunk(choices, usage=None):
+            body = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": choices}
+            if options is not None and (options.include_usage or options.continuous_usage_stats):
+                body["usage"] = usage
+            return sse(body)
+
+        try:
+            for index in range(req.n):  # the role comes first, as OpenAI sends it
+                yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+            async for _, output in _merge(streams):
+                for o in output.outputs:
+                    _raise_if_failed(o)
+                    state = states.setdefault(o.index, _Choice())
+                    step = state.advance(o, hold, req.logprobs)
+                    if step is None:
+                        continue
+                    text, start, end, finish = step
+                    completion_tokens += end - start
+                    logprobs = None
+                    if req.logprobs:
+                        logprobs = self._chat_logprobs((o.logprobs or [])[start:end],
+                                                       o.token_ids[start:end])
+                    usage = None
+                    if options is not None and options.continuous_usage_stats:
+                        usage = _usage([prompt], completion_tokens)
+                    delta = {"content": text} if text or not finish else {}
+                    yield chunk([{"index": o.index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish,
+                                  "stop_reason": o.stop_reason if finish else None}], usage)
+            if options is not None and options.include_usage:
+                yield chunk([], _usage([prompt], completion_tokens))
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM does
+            yield sse(from_engine_error(exc).body())
+        yield "data: [DONE]\n\n"
+
+    # -- shared steps --------------------------------------------------------------------------
+    def _admit(self, req):
+        """Checks what needs no tokenizing: unsupported fields, the model, the load."""
+        problem = req.unsupported()
+        if problem is not None:
+            raise bad_request(problem[1], problem[0])
+        lora = self.models.resolve(req.model)
+        limit = self.max_waiting_requests
+        if limit is not None and self.engine.num_waiting >= limit:
+            raise overloaded(f"the server is overloaded ({self.engine.num_waiting} requests "
+                             f"waiting, limit {limit}); retry later")
+        return lora
+
+    def _prompt_from(self, prompt) -> _Prompt:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise bad_request("this model has no tokenizer: send the prompt as token ids",
+                                  "prompt")
+            if prompt == "":
+                raise bad_request("the prompt is empty", "prompt")
+            return _Prompt(prompt, self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        if not ids:
+            raise bad_request("a prompt of token ids must not be empty", "prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[0]}",
+                              "prompt")
+        return _Prompt(None, ids)
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer, so no chat template", "messages")
+        messages = [m.as_template_message() for m in req.messages]
+        try:
+            if req.continue_final_message:
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=False, chat_template=req.chat_template,
+                    **(req.chat_template_kwargs or {}))
+                last = messages[-1]["content"]
+                end = text.rfind(last) if last else -1
+                if end < 0:
+                    raise ValueError("the final message is not in the rendered template")
+                text = text[:end + len(last)]
+            else:
+                text = self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=req.add_generation_prompt,
+                    chat_template=req.chat_template, **(req.chat_template_kwargs or {}))
+        except Exception as exc:  # a template is user input here
+            raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise bad_request("the rendered chat prompt is empty", "messages")
+        return _Prompt(text, ids)
+
+    def _params(self, req, prompts: list[_Prompt], max_tokens: int | None,
+                logprobs: int | None, prompt_param: str):
+        longest = max(len(p.token_ids) for p in prompts)
+        if longest >= self.max_model_len:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} "
+                              f"tokens. However, your prompt has {longest} tokens. Please "
+                              f"reduce the length of the {prompt_param}.", prompt_param)
+        if max_tokens is None:
+            max_tokens = self.max_model_len - longest
+        elif longest + max_tokens > self.max_model_len:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} "
+                              f"tokens. However, you requested {longest + max_tokens} tokens "
+                              f"({longest} in the {prompt_param}, {max_tokens} in the "
+                              f"completion). Please reduce the length of the {prompt_param} or "
+                              f"completion.", "max_tokens")
+        if req.stop_token_ids and any(t >= self.vocab_size for t in req.stop_token_ids):
+            raise bad_request(f"stop_token_ids must be < {self.vocab_size}", "stop_token_ids")
+        try:
+            return req.sampling_params(max_tokens, logprobs)
+        except ValueError as exc:
+            message = str(exc)
+            name = message.split(" ", 1)[0]
+            raise bad_request(message, name if name in _SAMPLING_FIELDS else None) from exc
+
+    async def _start(self, request_id: str, prompts: list[_Prompt], params,
+                     lora) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                engine_prompt = {"prompt_token_ids": prompt.token_ids, "prompt": prompt.text}
+                streams.append(await self.engine.add_request(
+                    f"{request_id}-{i}", engine_prompt, params, lora,
+                    prompt_len=len(prompt.token_ids)))
+        except BaseException as exc:
+            for stream in streams:
+                stream.close()
+            if isinstance(exc, Exception):
+                raise from_engine_error(exc) from exc
+            raise
+        return streams
+
+    def _echo(self, prompt: _Prompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids) if self.tokenizer is not None else ""
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _ranked(self, entry: dict) -> list[tuple[int, float]]:
+        ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
+                        if lp.rank is not None)
+        return [(tid, logprob) for _, tid, logprob in ranked]
+
+    def _completion_logprobs(self, entries, token_ids, offset: int) -> dict:
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        for token_id, entry in zip(token_ids, entries):
+            text = self._token_text(token_id)
+            chosen = entry.get(token_id)
+            tokens.append(text)
+            token_logprobs.append(chosen.logprob if chosen is not None else None)
+            top = {self._token_text(tid): lp for tid, lp in self._ranked(entry)}
+            if not top and chosen is not None:
+                top = {text: chosen.logprob}
+            top_logprobs.append(top)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs,
+                "top_logprobs": top_logprobs, "text_offset": offsets}
+
+    def _chat_logprobs(self, entries, token_ids) -> dict:
+        content = []
+        for token_id, entry in zip(token_ids, entries):
+            text = self._token_text(token_id)
+            chosen = entry.get(token_id)
+            top = [{"token": self._token_text(tid), "logprob": lp,
+                    "bytes": list(self._token_text(tid).encode("utf-8"))}
+                   for tid, lp in self._ranked(entry)]
+            content.append({"token": text,
+                            "logprob": chosen.logprob if chosen is not None else None,
+                            "bytes": list(text.encode("utf-8")), "top_logprobs": top})
+        return {"content": content}
+
+
+def _holdback(stop) -> int:
+    stops = [stop] if isinstance(stop, str) else (stop or [])
+    return max((len(s) for s in stops), default=1) - 1
+
+
+def _usage(prompts: list[_Prompt], completion_tokens: int) -> dict:
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _raise_if_failed(output) -> None:
+    if output.finish_reason == "error":
+        raise APIError(500, f"the request failed in the engine: {output.error or 'unknown'}")
+
+
+def _close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
+async def _collect(streams: list[RequestStream]):
+    finals = [None] * len(streams)
+    async for i, output in _merge(streams):
+        finals[i] = output
+    return finals
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
+    """(stream index, output) from several request streams as they come. Leaving early (or
+    being cancelled) aborts every request still running."""
+    try:
+        if len(streams) == 1:
+            async for output in streams[0]:
+                yield 0, output
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    merged.put_nowait((index, output))
+            except Exception as exc:  # noqa: BLE001 - re-raised by the reader
+                merged.put_nowait((index, exc))
+            merged.put_nowait((index, done))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(streams)
+            while remaining:
+                index, item = await merged.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+    finally:
+        for stream in streams:
+            stream.close()
