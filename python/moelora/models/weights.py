@@ -121,9 +121,9 @@ class WeightMapper:
         if tuple(tensor.shape) != tuple(dest.shape):
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(dest.shape)} for {param_name}")
-        if expert is None:
+        if expert is None:  # the whole parameter, or one half of every expert
             units = self.units(param_name) if part == "all" else {
-                (e, part) for e in range(dest.shape[0])}
+                (e, part) for e in range(param.shape[0])}
         else:
             parts = _EXPERT_PARTS[_expert_stack(param_name)] if part == "all" else (part,)
             units = {(expert, p) for p in parts}
