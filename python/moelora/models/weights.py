@@ -30,6 +30,9 @@ class WeightRule:
     def __post_init__(self) -> None:
         if self.part not in ("all", "gate", "up"):
             raise ValueError(f"WeightRule part must be all/gate/up, got {self.part!r}")
+        if self.part != "all" and "{expert}" not in self.checkpoint:
+            raise ValueError(f"WeightRule {self.checkpoint!r}: a gate/up part needs a per-expert "
+                             f"checkpoint name (fused tensors fill the whole parameter)")
 
     def pattern(self) -> re.Pattern:
         text = re.escape(self.checkpoint)
@@ -121,9 +124,8 @@ class WeightMapper:
         if tuple(tensor.shape) != tuple(dest.shape):
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
                              f"expected {tuple(dest.shape)} for {param_name}")
-        if expert is None:  # the whole parameter, or one half of every expert
-            units = self.units(param_name) if part == "all" else {
-                (e, part) for e in range(param.shape[0])}
+        if expert is None:  # WeightRule guarantees part == "all" here: the whole parameter
+            units = self.units(param_name)
         else:
             parts = _EXPERT_PARTS[_expert_stack(param_name)] if part == "all" else (part,)
             units = {(expert, p) for p in parts}
