@@ -1,6 +1,205 @@
-// Placeholder replaced by the component's own bindings.
+// Bindings of the copy engines, safetensors headers and the adapter cache. Blocking calls
+// release the GIL; the AdapterCache keeps its PagePool and CopyEngine Python objects alive.
+#include <pybind11/stl.h>
+
 #include "bindings/common.h"
+#include "moelora/adapter_cache.h"
+#include "moelora/copy_engine.h"
+#include "moelora/safetensors.h"
 
 namespace moelora::bindings {
-void register_adapter_cache(py::module_& m) {}
+
+namespace {
+
+DType dtype_from_object(const py::object& dtype) {
+  if (py::isinstance<py::int_>(dtype)) {
+    const auto code = static_cast<DType>(dtype.cast<int>());
+    dtype_size(code);  // validates the code
+    return code;
+  }
+  std::string name = py::str(dtype).cast<std::string>();
+  if (name.rfind("torch.", 0) == 0) name = name.substr(6);
+  return parse_dtype(name);
+}
+
+py::dict tensor_info_dict(const SafetensorInfo& info) {
+  py::dict d;
+  d["name"] = info.name;
+  d["dtype"] = std::string(dtype_name(info.dtype));
+  d["shape"] = info.shape;
+  d["data_offset"] = info.data_offset;
+  d["byte_length"] = info.byte_length;
+  return d;
+}
+
+py::dict stats_dict(const AdapterCacheStats& s) {
+  py::dict d;
+  d["registered"] = s.registered;
+  d["on_disk"] = s.on_disk;
+  d["on_host"] = s.on_host;
+  d["loading"] = s.loading;
+  d["on_device"] = s.on_device;
+  d["failed"] = s.failed;
+  d["waiting_for_memory"] = s.waiting_for_memory;
+  d["host_copies"] = s.host_copies;
+  d["host_bytes"] = s.host_bytes;
+  d["host_loads"] = s.host_loads;
+  d["device_loads"] = s.device_loads;
+  d["device_evictions"] = s.device_evictions;
+  d["host_evictions"] = s.host_evictions;
+  d["bytes_loaded"] = s.bytes_loaded;
+  d["load_seconds"] = s.load_seconds;
+  return d;
+}
+
+}  // namespace
+
+void register_adapter_cache(py::module_& m) {
+  py::class_<CopyEngine>(m, "CopyEngine")
+      .def(
+          "submit",
+          [](CopyEngine& e, const std::vector<std::tuple<uintptr_t, uintptr_t, int64_t>>& regions) {
+            std::vector<CopyRegion> native;
+            for (const auto& [dst, src, bytes] : regions) {
+              native.push_back({reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src),
+                                bytes});
+            }
+            return e.submit(std::move(native));
+          },
+          py::arg("regions"), "Queues [(dst_ptr, src_ptr, bytes), ...]; returns a ticket.")
+      .def("is_done", &CopyEngine::is_done, py::arg("ticket"))
+      .def("wait", &CopyEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "make_stream_wait",
+          [](CopyEngine& e, CopyTicket ticket, uintptr_t stream) {
+            e.make_stream_wait(ticket, stream_from_int(stream));
+          },
+          py::arg("ticket"), py::arg("stream"), py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &CopyEngine::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("device", [](const CopyEngine& e) {
+        return e.device() == DeviceKind::kCUDA ? "cuda" : "cpu";
+      });
+  m.def("make_cpu_copy_engine", &make_cpu_copy_engine,
+        "A copy engine running memcpy on a background thread.");
+  m.def("make_cuda_copy_engine", &make_cuda_copy_engine, py::arg("device_index") = 0,
+        py::arg("num_streams") = 2, "A copy engine on dedicated CUDA streams (CudaError without).");
+
+  py::class_<HostBuffer>(m, "HostBuffer")
+      .def(py::init<int64_t, bool>(), py::arg("bytes"), py::arg("try_pinned") = true)
+      .def_property_readonly("data_ptr",
+                             [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("bytes", &HostBuffer::bytes)
+      .def_property_readonly("pinned", &HostBuffer::pinned);
+
+  py::class_<SafetensorsFile>(m, "SafetensorsFile")
+      .def_static("open", &SafetensorsFile::open, py::arg("path"),
+                  py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("path", &SafetensorsFile::path)
+      .def_property_readonly("file_size", &SafetensorsFile::file_size)
+      .def_property_readonly("metadata", &SafetensorsFile::metadata)
+      .def("tensors",
+           [](const SafetensorsFile& f) {
+             py::list out;
+             for (const SafetensorInfo& info : f.tensors()) out.append(tensor_info_dict(info));
+             return out;
+           })
+      .def("tensor", [](const SafetensorsFile& f,
+                        const std::string& name) { return tensor_info_dict(f.tensor(name)); })
+      .def("__contains__", &SafetensorsFile::contains)
+      .def(
+          "read_tensor",
+          [](const SafetensorsFile& f, const std::string& name) {
+            std::string bytes(static_cast<size_t>(f.tensor(name).byte_length), '\0');
+            {
+              py::gil_scoped_release release;
+              f.read_tensor(name, bytes.data());
+            }
+            return py::bytes(bytes);
+          },
+          py::arg("name"), "The tensor's raw bytes.");
+
+  py::class_<LoraMatrixSource>(m, "LoraMatrixSource")
+      .def(py::init([](int32_t site, int32_t layer, int32_t expert, bool is_b, int32_t file,
+                       std::string tensor, int64_t offset, int64_t rows, int64_t cols,
+                       int64_t row_stride, int64_t col_stride, float scale) {
+             return LoraMatrixSource{site, layer, expert, is_b, file, std::move(tensor), offset,
+                                     rows, cols, row_stride, col_stride, scale};
+           }),
+           py::arg("site"), py::arg("layer"), py::arg("expert"), py::arg("is_b"),
+           py::arg("file") = 0, py::arg("tensor") = "", py::arg("offset") = 0,
+           py::arg("rows") = 0, py::arg("cols") = 0, py::arg("row_stride") = 0,
+           py::arg("col_stride") = 1, py::arg("scale") = 1.0f)
+      .def_readwrite("site", &LoraMatrixSource::site)
+      .def_readwrite("layer", &LoraMatrixSource::layer)
+      .def_readwrite("expert", &LoraMatrixSource::expert)
+      .def_readwrite("is_b", &LoraMatrixSource::is_b)
+      .def_readwrite("file", &LoraMatrixSource::file)
+      .def_readwrite("tensor", &LoraMatrixSource::tensor)
+      .def_readwrite("offset", &LoraMatrixSource::offset)
+      .def_readwrite("rows", &LoraMatrixSource::rows)
+      .def_readwrite("cols", &LoraMatrixSource::cols)
+      .def_readwrite("row_stride", &LoraMatrixSource::row_stride)
+      .def_readwrite("col_stride", &LoraMatrixSource::col_stride)
+      .def_readwrite("scale", &LoraMatrixSource::scale);
+
+  py::class_<AdapterSpec>(m, "AdapterSpec")
+      .def(py::init([](std::string name, std::vector<std::string> files, SiteRanks ranks,
+                       std::vector<LoraMatrixSource> matrices) {
+             return AdapterSpec{std::move(name), std::move(files), std::move(ranks),
+                                std::move(matrices)};
+           }),
+           py::arg("name"), py::arg("files"), py::arg("ranks"), py::arg("matrices"))
+      .def_readwrite("name", &AdapterSpec::name)
+      .def_readwrite("files", &AdapterSpec::files)
+      .def_readwrite("ranks", &AdapterSpec::ranks)
+      .def_readwrite("matrices", &AdapterSpec::matrices);
+
+  py::enum_<Residency>(m, "Residency")
+      .value("DISK", Residency::kDisk)
+      .value("HOST", Residency::kHost)
+      .value("LOADING", Residency::kLoading)
+      .value("DEVICE", Residency::kDevice)
+      .value("FAILED", Residency::kFailed)
+      .value("WAITING_FOR_MEMORY", Residency::kWaitingForMemory);
+
+  using Release = py::call_guard<py::gil_scoped_release>;
+  py::class_<AdapterCache>(m, "AdapterCache")
+      .def(py::init([](PagePool& pool, CopyEngine& copies, std::vector<LoraSite> sites,
+                       int32_t max_loras, int32_t max_lora_rank, int64_t max_cpu_loras,
+                       int64_t max_cpu_bytes, const py::object& dtype) {
+             AdapterCacheConfig config{std::move(sites), max_loras, max_lora_rank, max_cpu_loras,
+                                       max_cpu_bytes, dtype_from_object(dtype)};
+             return std::make_unique<AdapterCache>(pool, copies, std::move(config));
+           }),
+           py::arg("pool"), py::arg("copies"), py::arg("sites"), py::arg("max_loras"),
+           py::arg("max_lora_rank"), py::arg("max_cpu_loras") = 8, py::arg("max_cpu_bytes") = 0,
+           py::arg("dtype") = "float32", py::keep_alive<1, 2>(), py::keep_alive<1, 3>())
+      .def("register_adapter", &AdapterCache::register_adapter, py::arg("spec"), Release())
+      .def("unregister", py::overload_cast<int64_t>(&AdapterCache::unregister), py::arg("id"),
+           Release())
+      .def("unregister", py::overload_cast<const std::string&>(&AdapterCache::unregister),
+           py::arg("name"), Release())
+      .def("id_of", &AdapterCache::id_of, py::arg("name"))
+      .def("adapter_ids", &AdapterCache::adapter_ids)
+      .def("load_host", &AdapterCache::load_host, py::arg("id"), Release())
+      .def("prefetch", &AdapterCache::prefetch, py::arg("id"), Release())
+      .def("wait", &AdapterCache::wait, py::arg("id"), Release())
+      .def(
+          "make_stream_wait",
+          [](AdapterCache& c, int64_t id, uintptr_t stream) {
+            c.make_stream_wait(id, stream_from_int(stream));
+          },
+          py::arg("id"), py::arg("stream"), Release())
+      .def("acquire", &AdapterCache::acquire, py::arg("id"))
+      .def("release", &AdapterCache::release, py::arg("id"))
+      .def("touch", &AdapterCache::touch, py::arg("id"))
+      .def("residency", &AdapterCache::residency, py::arg("id"))
+      .def("error_message", &AdapterCache::error_message, py::arg("id"))
+      .def("slot_of", &AdapterCache::slot_of, py::arg("id"))
+      .def("num_pages", &AdapterCache::num_pages, py::arg("id"))
+      .def("site_view", &AdapterCache::site_view, py::arg("site_index"), py::arg("layer"))
+      .def_property_readonly("max_loras", &AdapterCache::max_loras)
+      .def("stats", [](const AdapterCache& c) { return stats_dict(c.stats()); });
+}
+
 }  // namespace moelora::bindings
