@@ -11,6 +11,7 @@
 #include "half_convert.h"
 #include "moelora/adapter_cache.h"
 #include "moelora/error.h"
+#include "moelora/runtime.h"
 #include "safetensors_writer.h"
 #include "test_harness.h"
 
@@ -98,12 +99,12 @@ TestAdapter write_adapter(const std::string& name, const SiteRanks& ranks, uint3
 }
 
 // Checks every row of `adapter` in `slot` through the row table; returns mismatching elements.
-int64_t verify_rows(const AdapterCache& cache, const TestAdapter& adapter, int32_t slot,
-                    DType model_dtype) {
+template <typename ViewOf>
+int64_t verify_rows_in(ViewOf&& view_of, const TestAdapter& adapter, int32_t slot,
+                       DType model_dtype) {
   int64_t mismatches = 0;
-  auto sites = test_sites();
   for (const LoraMatrixSource& m : adapter.spec.matrices) {
-    LoraSiteView view = cache.site_view(m.site, m.layer);
+    LoraSiteView view = view_of(m.site, m.layer);
     if (view.rank(slot) != adapter.spec.ranks[m.site][m.layer]) ++mismatches;
     const uint32_t tensor_seed = adapter.seed * 131 + m.site * 17 + m.layer * 5 + (m.is_b ? 1 : 0);
     for (int64_t r = 0; r < m.rows; ++r) {
@@ -127,6 +128,12 @@ int64_t verify_rows(const AdapterCache& cache, const TestAdapter& adapter, int32
     }
   }
   return mismatches;
+}
+
+int64_t verify_rows(const AdapterCache& cache, const TestAdapter& adapter, int32_t slot,
+                    DType model_dtype) {
+  return verify_rows_in([&](int site, int layer) { return cache.site_view(site, layer); },
+                        adapter, slot, model_dtype);
 }
 
 SiteRanks ranks_of(int q0, int q1, int e0, int e1) { return {{q0, q1}, {e0, e1}}; }
@@ -442,6 +449,58 @@ TEST_CASE("concurrent users: prefetch, wait, acquire and release from threads") 
   CHECK_EQ(mismatches.load(), int64_t{0});
   CHECK(verified.load() > 20);
   f.pool.check_invariants();
+}
+
+TEST_CASE("cuda: loads through the CUDA copy engine into a device arena and device row table") {
+  if (!cuda_available()) {
+    std::printf("  (no GPU: skipped)\n");
+    return;
+  }
+  auto copies = make_cuda_copy_engine(0, 2);
+  PagePool pool(make_cuda_arena(256 * 1024, 0), 1024);
+  AdapterCacheConfig config;
+  config.sites = test_sites();
+  config.max_loras = 2;
+  config.max_lora_rank = 8;
+  config.dtype = DType::kBFloat16;
+  AdapterCache cache(pool, *copies, config);
+  std::vector<TestAdapter> adapters = {write_adapter("gpu0", ranks_of(4, 1, 8, 3), 90, "F32", 0.5f),
+                                       write_adapter("gpu1", ranks_of(0, 7, 2, 0), 91, "BF16", 2.0f),
+                                       write_adapter("gpu2", ranks_of(2, 2, 2, 2), 92, "F32", 1.0f)};
+  std::vector<int64_t> ids;
+  for (auto& a : adapters) ids.push_back(cache.register_adapter(a.spec));
+  for (int64_t id : ids) cache.prefetch(id);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    int32_t slot = cache.wait(ids[i]);
+    // Copy the arena and the row table back to the host and read rows there.
+    HostBuffer arena(pool.arena().bytes(), false);
+    copies->wait(copies->submit({{arena.data(), pool.arena().base(), arena.bytes()}}));
+    std::vector<std::vector<int64_t>> rows_back;
+    std::vector<std::vector<int32_t>> ranks_back;
+    auto view_of = [&](int site, int layer) {
+      LoraSiteView device_view = cache.site_view(site, layer);
+      const int64_t rows_n = device_view.slot_stride * config.max_loras;
+      const int64_t ranks_n = device_view.rank_slot_stride * config.max_loras;
+      rows_back.emplace_back(rows_n);
+      ranks_back.emplace_back(ranks_n);
+      // The view points into the middle of each table; copy from there to the table's end bound.
+      const int64_t rows_avail = std::min<int64_t>(rows_n, device_view.slot_stride * (config.max_loras - 1) +
+                                                               (device_view.num_experts * 2) * device_view.max_rank);
+      const int64_t ranks_avail = device_view.rank_slot_stride * (config.max_loras - 1) + 1;
+      copies->wait(copies->submit({{rows_back.back().data(), device_view.row_offsets,
+                                    rows_avail * 8},
+                                   {ranks_back.back().data(), device_view.ranks, ranks_avail * 4}}));
+      LoraSiteView host_view = device_view;
+      host_view.arena = arena.data();
+      host_view.row_offsets = rows_back.back().data();
+      host_view.ranks = ranks_back.back().data();
+      return host_view;
+    };
+    CHECK_EQ(verify_rows_in(view_of, adapters[i], slot, DType::kBFloat16), int64_t{0});
+    cache.make_stream_wait(ids[i], nullptr);
+  }
+  CHECK(cache.stats().device_evictions >= 1);
+  pool.check_invariants();
 }
 
 MOELORA_TEST_MAIN()
