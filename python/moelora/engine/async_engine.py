@@ -214,8 +214,10 @@ class AsyncEngine:
         try:
             await self.call(lambda: self._add(request_id, prompt, params, lora_request,
                                               prompt_len))
-        except BaseException:
+        except BaseException as exc:
             self._streams.pop(request_id, None)
+            if isinstance(exc, asyncio.CancelledError):
+                self.abort(request_id)  # the add may still run: undo it (commands are FIFO)
             raise
         return stream
 

@@ -303,7 +303,8 @@ def run_server(args) -> int:
     app = build_app(engine, model_path, args, loras, enable_lora)
     logger.info("listening on http://%s:%d", args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                            lifespan="on", timeout_keep_alive=5, access_log=False)
+                            lifespan="on", timeout_keep_alive=5, access_log=False,
+                            timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 1

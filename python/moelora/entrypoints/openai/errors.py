@@ -82,7 +82,11 @@ def from_engine_error(exc: BaseException, param: str | None = None) -> APIError:
 def from_validation_error(exc: ValidationError) -> APIError:
     """A 400 naming the first offending parameter, e.g. 'messages.0.role'."""
     first = exc.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if not _is_union_tag(part)]
+    location = []
+    for part in first.get("loc", ()):
+        if _is_union_tag(part):
+            break  # past here the path names a union member pydantic tried, not the request
+        location.append(str(part))
     param = ".".join(location) or None
     message = first.get("msg", "invalid request")
     if param:

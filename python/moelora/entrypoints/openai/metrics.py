@@ -9,7 +9,13 @@ waits for a step. Each server owns its registry: several servers can live in one
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,6 +34,7 @@ LOAD_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 class ServerMetrics:
     def __init__(self, model_name: str, max_loras: int):
+        disable_created_metrics()  # no *_created series, as vLLM
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         self.max_loras = max_loras

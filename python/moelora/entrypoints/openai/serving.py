@@ -72,7 +72,9 @@ class _Choice:
 
 def _safe_length(text: str, hold: int) -> int:
     limit = max(0, len(text) - hold)
-    while limit > 0 and text[limit - 1] == "\ufffd":  # a UTF-8 character still being decoded
+    # A trailing U+FFFD may be a UTF-8 character whose last bytes are still to come (a decoder
+    # gives one U+FFFD for an incomplete sequence): hold it back. Earlier ones are final.
+    if limit > 0 and text[limit - 1] == "\ufffd":
         limit -= 1
     return limit
 

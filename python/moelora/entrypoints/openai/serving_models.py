@@ -79,6 +79,8 @@ class ServingModels:
                                headers={"Retry-After": "1"}) from exc
             except Exception as exc:  # every failure is the client's answer
                 error = from_engine_error(exc, "lora_path")
+                if error.status == 404:  # the directory exists: what is missing is invalid
+                    error.status = 400
                 error.message = f"cannot load adapter '{name}': {error.message}"
                 raise error from exc
             self.loras[name] = request
@@ -98,9 +100,9 @@ class ServingModels:
             logger.info("unload of %s deferred: requests of it are still running", name)
             return (f"Success: LoRA adapter '{name}' removed; it is unloaded when its requests "
                     f"in flight finish.")
-        logger.info("unloaded LoRA adapter %s%s", name,
-                    " after its requests in flight finished" if waited else "")
-        return f"Success: LoRA adapter '{name}' removed successfully."
+        when = " after its requests in flight finished" if waited else ""
+        logger.info("unloaded LoRA adapter %s%s", name, when)
+        return f"Success: LoRA adapter '{name}' removed successfully{when}."
 
 
 def _log_late_failure(task: asyncio.Future) -> None:
