@@ -1,0 +1,124 @@
+// Internal helpers shared by the CUDA kernels in cuda/: element conversion to and from float32,
+// 16-byte vector loads and stores of 16-bit or 32-bit elements, device properties read at run
+// time (cached per device), and launch error checks. No torch, no Python.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda_check.h"
+#include "moelora/dtype.h"
+#include "moelora/error.h"
+
+namespace moelora::cuda::detail {
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements of T in one 16-byte vector.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+// Loads N consecutive elements (N = 1 or kVec16<T>) as float32; N > 1 needs 16-byte alignment.
+template <typename T, int N>
+__device__ __forceinline__ void load_f32(const T* src, float (&dst)[N]) {
+  if constexpr (N == 1) {
+    dst[0] = to_f32(src[0]);
+  } else {
+    static_assert(N * sizeof(T) == 16, "vector loads are 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
+    const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = to_f32(elems[i]);
+  }
+}
+
+// Streaming variant for weights read once per step: do not keep them in L1.
+template <typename T, int N>
+__device__ __forceinline__ void load_f32_stream(const T* src, float (&dst)[N]) {
+  if constexpr (N == 1) {
+    dst[0] = to_f32(__ldg(src));
+  } else {
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(src));
+    const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = to_f32(elems[i]);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_from_f32(T* dst, const float (&src)[N]) {
+  if constexpr (N == 1) {
+    dst[0] = from_f32<T>(src[0]);
+  } else {
+    uint4 raw;
+    T* elems = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) elems[i] = from_f32<T>(src[i]);
+    *reinterpret_cast<uint4*>(dst) = raw;
+  }
+}
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Multiprocessor count of the current device, read once per device.
+int sm_count();
+
+// Throws CudaError when the last launch failed.
+void check_launch(const char* what);
+
+inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+}  // namespace moelora::cuda::detail
+
+// Calls F.template operator()<T>() with T the CUDA element type of a float dtype.
+#define MOELORA_DISPATCH_FLOAT(dtype, T, ...)                                    \
+  switch (dtype) {                                                               \
+    case ::moelora::DType::kFloat32: {                                           \
+      using T = float;                                                           \
+      __VA_ARGS__;                                                               \
+    } break;                                                                     \
+    case ::moelora::DType::kFloat16: {                                           \
+      using T = __half;                                                          \
+      __VA_ARGS__;                                                               \
+    } break;                                                                     \
+    case ::moelora::DType::kBFloat16: {                                          \
+      using T = __nv_bfloat16;                                                   \
+      __VA_ARGS__;                                                               \
+    } break;                                                                     \
+    default:                                                                     \
+      throw ::moelora::InvalidArgument(std::string("unsupported dtype ") +       \
+                                       ::moelora::dtype_name(dtype));            \
+  }

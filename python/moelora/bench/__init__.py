@@ -1,0 +1,1 @@
+"""Benchmarks: kernel microbenchmarks (``python -m moelora.bench.kernels``) and workloads."""

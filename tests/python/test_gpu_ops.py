@@ -1,0 +1,381 @@
+"""The CUDA kernels against the CPU reference ops and a float64 torch reference.
+
+Every test carries the `gpu` marker and skips without a GPU and a CUDA build (conftest.py).
+LoRA rows come from lora_fixtures (shuffled, gapped, 16-byte aligned rows in a uint8 arena; row
+table entries past a slot's rank point at a NaN row), copied to the GPU with their row tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from lora_fixtures import POPULARITIES, assign_slots, make_lora_site, route_experts
+from moelora import ops
+
+pytestmark = pytest.mark.gpu
+
+# (rtol, atol) against the float64 reference rounded to the output dtype.
+TOLERANCE = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2),
+}
+# GPU against the CPU op: both round once from fp32 sums taken in different orders.
+CPU_TOLERANCE = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 4e-2),
+}
+SLOT_RANKS = [4, 8, 0, 16, 64, 8, 32, 13]  # mixed ranks 4..64, one slot that targets nothing
+INTER_OF = {2880: 768, 888: 444, 111: 74}
+CUDA = torch.device("cuda")
+
+
+def gpu_view(site):
+    """The same site with its arena, row table and ranks on the GPU."""
+    arena, table, ranks = site.view._keepalive
+    v = site.view
+    dtype = site.a_dtype
+    return ops.make_site_view(
+        arena.to(CUDA), table.to(CUDA), ranks.to(CUDA), num_experts=v.num_experts,
+        max_rank=v.max_rank, in_dim=v.in_dim, out_dim=v.out_dim, dtype=dtype,
+    )
+
+
+def make_site(ranks, experts, in_dim, out_dim, dtype, seed):
+    made = make_lora_site(ranks, experts, in_dim, out_dim, dtype, seed)
+    made.a_dtype = dtype
+    return made
+
+
+def rows(n, cols, dtype, gen, pad, fill=None):
+    """A [n, cols] view with row stride cols + pad; the pad columns hold NaN."""
+    full = torch.full((n, cols + pad), float("nan"), dtype=torch.float64)
+    full[:, :cols] = torch.randn(n, cols, generator=gen, dtype=torch.float64) if fill is None else fill
+    return full.to(dtype)[:, :cols]
+
+
+def reference_delta(x64, token_slot, topk_ids, weights, sites, col_offsets, width, pairs_per_row):
+    """float64 [P, width] deltas and the mask of elements the op must write, grouped per
+    (slot, expert) so the reference stays fast at hidden 2880."""
+    top_k = topk_ids.shape[1]
+    num_pairs = token_slot.numel() * top_k
+    delta = torch.zeros(num_pairs, width, dtype=torch.float64)
+    written = torch.zeros(num_pairs, width, dtype=torch.bool)
+    pair_slot = token_slot.long().repeat_interleave(top_k)
+    pair_expert = topk_ids.reshape(-1).long()
+    w = torch.ones(num_pairs, dtype=torch.float64) if weights is None else weights.double()
+    for slot, expert in set(zip(pair_slot.tolist(), pair_expert.tolist())):
+        if slot < 0:
+            continue
+        pairs = ((pair_slot == slot) & (pair_expert == expert)).nonzero().flatten()
+        xin = x64[pairs // pairs_per_row]
+        for site, col in zip(sites, col_offsets):
+            if site.ranks[slot] == 0:
+                continue
+            d = (xin @ site.a[slot][expert].T) @ site.b[slot][expert].T
+            delta[pairs, col : col + site.out_dim] = w[pairs, None] * d
+            written[pairs, col : col + site.out_dim] = True
+    return delta, written
+
+
+def make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed):
+    gen = torch.Generator().manual_seed(seed)
+    inter = INTER_OF[hidden]
+    token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
+    topk_ids = route_experts(tokens, top_k, experts, seed + 1)
+    num_pairs = tokens * top_k
+    pad = 8 if aligned else 5
+    if stage == "w13":
+        sites = [
+            make_site(SLOT_RANKS, experts, hidden, inter, dtype, seed + 2),
+            make_site(SLOT_RANKS[::-1], experts, hidden, inter, dtype, seed + 3),
+        ]
+        gap = 0 if aligned else 3  # unaligned: a 3-column gap that must stay untouched
+        col_offsets, width, pairs_per_row = [0, inter + gap], 2 * inter + gap, top_k
+        x = rows(tokens, hidden, dtype, gen, pad)
+    else:
+        sites = [make_site(SLOT_RANKS, experts, inter, hidden, dtype, seed + 2)]
+        col_offsets, width, pairs_per_row = [0], hidden, 1
+        x = rows(num_pairs, inter, dtype, gen, pad)
+    weights = torch.rand(num_pairs, generator=gen) if stage == "w2" else None
+    delta, written = reference_delta(
+        x.double(), token_slot, topk_ids, weights, sites, col_offsets, width, pairs_per_row
+    )
+    base64 = torch.randn(num_pairs, width, generator=gen, dtype=torch.float64)
+    base64[~written] = float("nan")  # poison: whatever the op must not write
+    output = rows(num_pairs, width, dtype, gen, pad, fill=base64)
+    expected = (output.double() + delta).to(dtype)
+    return {
+        "token_slot": token_slot, "topk_ids": topk_ids, "sites": sites,
+        "col_offsets": col_offsets, "pairs_per_row": pairs_per_row, "x": x, "weights": weights,
+        "output": output, "expected": expected, "written": written, "experts": experts,
+    }
+
+
+def copy_strided(t, device):
+    """A copy of a strided 2-D view on `device` with the same strides (padding included)."""
+    stride = t.stride(0)
+    return t.as_strided((t.shape[0], stride), (stride, 1)).to(device, copy=True)[:, : t.shape[1]]
+
+
+def run_fused(prob, device, block_m, views=None):
+    dev = torch.device(device)
+    token_slot = prob["token_slot"].to(dev)
+    topk_ids = prob["topk_ids"].to(dev)
+    x = copy_strided(prob["x"], dev)
+    out = copy_strided(prob["output"], dev)
+    weights = None if prob["weights"] is None else prob["weights"].to(dev)
+    if views is None:
+        views = [gpu_view(s) if dev.type == "cuda" else s.view for s in prob["sites"]]
+    meta = ops.moe_lora_align(topk_ids, token_slot, prob["experts"], len(SLOT_RANKS), block_m)
+    ops.fused_moe_lora(
+        x, out, *meta, block_m, views, prob["col_offsets"],
+        input_pairs_per_row=prob["pairs_per_row"], topk_weights=weights,
+    )
+    return out, meta
+
+
+def _fused_cases():
+    """tokens x hidden x popularity, with dtype, stage, layout, top_k, experts, block_m rotating."""
+    cases = []
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    for i, (tokens, hidden, popularity) in enumerate(
+        itertools.product([1, 7, 133], [2880, 888, 111], POPULARITIES)
+    ):
+        dtype = dtypes[i % 3]
+        top_k, experts = [(4, 32), (2, 8), (1, 1), (8, 13)][i % 4]
+        block_m = [16, 1, 4, 64][(i // 2) % 4]
+        aligned = i % 2 == 0
+        cases.append((tokens, hidden, popularity, dtype, top_k, experts, block_m, aligned))
+    return cases
+
+
+@pytest.mark.parametrize("stage", ["w13", "w2"])
+@pytest.mark.parametrize(
+    "tokens,hidden,popularity,dtype,top_k,experts,block_m,aligned", _fused_cases()
+)
+def test_gpu_fused_moe_lora_matches_cpu_and_float64(
+    tokens, hidden, popularity, dtype, top_k, experts, block_m, aligned, stage
+):
+    seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m + (stage == "w2")
+    prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
+    out_gpu, _ = run_fused(prob, "cuda", block_m)
+    out_cpu, _ = run_fused(prob, "cpu", block_m)
+    got = out_gpu.cpu()
+    written = prob["written"]
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(
+        got[written].double(), prob["expected"][written].double(), rtol=rtol, atol=atol
+    )
+    rtol, atol = CPU_TOLERANCE[dtype]
+    torch.testing.assert_close(got[written].double(), out_cpu[written].double(), rtol=rtol, atol=atol)
+    assert torch.isnan(got[~written]).all(), "the kernel wrote outside the pairs/columns it owns"
+    # Row padding of the strided output stays poisoned.
+    stride = out_gpu.stride(0)
+    full = out_gpu.as_strided((out_gpu.shape[0], stride), (stride, 1)).cpu()
+    assert torch.isnan(full[:, out_gpu.shape[1] :]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 133])
+def test_gpu_fused_moe_lora_repeated_runs_are_identical(dtype, tokens):
+    prob = make_problem(tokens, 2880, 4, 32, "zipf", dtype, "w2", True, seed=5)
+    views = [gpu_view(s) for s in prob["sites"]]
+    first, _ = run_fused(prob, "cuda", 16, views)
+    for _ in range(3):
+        again, _ = run_fused(prob, "cuda", 16, views)
+        assert torch.equal(first.nan_to_num(7.0), again.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64)])
+@pytest.mark.parametrize("popularity", POPULARITIES)
+def test_gpu_align_matches_cpu_per_group(tokens, top_k, experts, block_m, popularity):
+    seed = tokens + top_k + experts
+    token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
+    topk_ids = route_experts(tokens, top_k, experts, seed + 1)
+    cpu = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+    gpu = [t.cpu() for t in ops.moe_lora_align(topk_ids.to(CUDA), token_slot.to(CUDA), experts, len(SLOT_RANKS), block_m)]
+    assert torch.equal(cpu[3], gpu[3]), "num_blocks"
+    assert torch.equal(cpu[1], gpu[1]), "block_slot"
+    assert torch.equal(cpu[2], gpu[2]), "block_expert"
+    sp_cpu = cpu[0].view(-1, block_m)
+    sp_gpu = gpu[0].view(-1, block_m)
+    # Same set of pairs per (slot, expert) group; padding (-1) at the same places.
+    groups = {}
+    for b in range(int(cpu[3])):
+        key = (int(cpu[1][b]), int(cpu[2][b]))
+        groups.setdefault(key, [[], []])
+        groups[key][0] += sp_cpu[b].tolist()
+        groups[key][1] += sp_gpu[b].tolist()
+    for key, (c, g) in groups.items():
+        assert sorted(c) == sorted(g), f"group {key}"
+        assert [p < 0 for p in c] == [p < 0 for p in g], f"padding of group {key}"
+    assert (sp_gpu[int(cpu[3]) :] == -1).all()
+
+
+def test_gpu_align_dense_rows_and_all_base():
+    token_slot = torch.tensor([2, -1, 0, 2, 2, 5, -1], dtype=torch.int32)
+    cpu = ops.moe_lora_align(None, token_slot, 1, 6, 2)
+    gpu = [t.cpu() for t in ops.moe_lora_align(None, token_slot.to(CUDA), 1, 6, 2)]
+    for c, g in zip(cpu[1:], gpu[1:]):
+        assert torch.equal(c, g)
+    base = torch.full((9,), -1, dtype=torch.int32, device=CUDA)
+    out = ops.moe_lora_align(torch.zeros(9, 2, dtype=torch.int32, device=CUDA), base, 4, 3, 8)
+    assert int(out[3].item()) == 0 and (out[0] == -1).all() and (out[1] == -1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [2880, 111])
+def test_gpu_dense_lora_matches_cpu(dtype, hidden):
+    gen = torch.Generator().manual_seed(hidden)
+    tokens = 133
+    token_slot = assign_slots(tokens, SLOT_RANKS, "uniform", hidden)
+    q = make_site(SLOT_RANKS, 1, hidden, hidden, dtype, 3)
+    v = make_site(SLOT_RANKS[::-1], 1, hidden, 64, dtype, 4)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    out = torch.randn(tokens, hidden + 64, generator=gen).to(dtype)
+    results = []
+    for dev in ("cpu", "cuda"):
+        views = [q.view, v.view] if dev == "cpu" else [gpu_view(q), gpu_view(v)]
+        o = out.clone().to(dev)
+        sorted_rows, block_slot, _, num_blocks = ops.moe_lora_align(
+            None, token_slot.to(dev), 1, len(SLOT_RANKS), 8
+        )
+        ops.dense_lora(x.to(dev), o, sorted_rows, block_slot, num_blocks, 8, views, [0, hidden])
+        results.append(o.cpu())
+    rtol, atol = CPU_TOLERANCE[dtype]
+    torch.testing.assert_close(results[1].double(), results[0].double(), rtol=rtol, atol=atol)
+
+
+def test_gpu_align_and_fused_capture_in_a_cuda_graph():
+    prob = make_problem(7, 2880, 4, 32, "uniform", torch.bfloat16, "w13", True, seed=9)
+    views = [gpu_view(s) for s in prob["sites"]]
+    token_slot = prob["token_slot"].to(CUDA)
+    topk_ids = prob["topk_ids"].to(CUDA)
+    x = prob["x"].to(CUDA)
+    out0 = prob["output"].nan_to_num(0.0).to(CUDA)
+    eager = out0.clone()
+    meta = ops.moe_lora_align(topk_ids, token_slot, 32, len(SLOT_RANKS), 16)
+    ops.fused_moe_lora(x, eager, *meta, 16, views, prob["col_offsets"], input_pairs_per_row=4)
+    out = out0.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        m = ops.moe_lora_align(topk_ids, token_slot, 32, len(SLOT_RANKS), 16)
+        ops.fused_moe_lora(x, out, *m, 16, views, prob["col_offsets"], input_pairs_per_row=4)
+    out.copy_(out0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+# ---- paged KV cache and attention ----------------------------------------------------------------
+
+BLOCK_TOKENS = 16
+ATTN_TOLERANCE = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 2e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def attention_reference(q64, keys, values, query_seq, query_pos, seq_lens, scale, window, sinks):
+    num_heads = q64.shape[1]
+    out = torch.zeros_like(q64)
+    for t in range(q64.shape[0]):
+        s, pos = int(query_seq[t]), int(query_pos[t])
+        k, v = keys[s].double(), values[s].double()
+        ratio = num_heads // k.shape[1]
+        j = torch.arange(seq_lens[s])
+        visible = j <= pos
+        if window > 0:
+            visible &= j > pos - window
+        for h in range(num_heads):
+            logits = ((k[:, h // ratio] @ q64[t, h]) * scale)[visible]
+            if logits.numel() == 0:
+                continue
+            m = logits.max()
+            if sinks is not None:
+                m = torch.maximum(m, torch.tensor(float(sinks[h]), dtype=torch.float64))
+            p = torch.exp(logits - m)
+            denom = p.sum() + (math.exp(float(sinks[h]) - m) if sinks is not None else 0.0)
+            out[t, h] = (p[:, None] * v[visible][:, h // ratio]).sum(0) / denom
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "gqa,head_dim,window,use_sinks",
+    [(1, 64, 0, False), (8, 64, 0, True), (4, 128, 100, False), (1, 36, 7, True)],
+)
+def test_gpu_kv_cache_and_paged_attention(dtype, gqa, head_dim, window, use_sinks):
+    gen = torch.Generator().manual_seed(head_dim + gqa + window)
+    num_kv_heads = 2
+    num_heads = num_kv_heads * gqa
+    seq_lens = [1, 37, 16, 300, 1100]
+    max_blocks = max(-(-n // BLOCK_TOKENS) for n in seq_lens) + 1
+    num_pages = sum(-(-n // BLOCK_TOKENS) for n in seq_lens) + 5
+    page_bytes = ops.kv_page_bytes_needed(BLOCK_TOKENS, num_kv_heads, head_dim, dtype) + 256
+    pages = torch.randperm(num_pages, generator=gen).tolist()
+    block_table = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
+    keys, values, slots = [], [], []
+    for s, n in enumerate(seq_lens):
+        for b in range(-(-n // BLOCK_TOKENS)):
+            block_table[s, b] = pages.pop()
+        keys.append(torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype))
+        values.append(torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype))
+        slots += [int(block_table[s, j // BLOCK_TOKENS]) * BLOCK_TOKENS + j % BLOCK_TOKENS for j in range(n)]
+    order = torch.randperm(len(slots), generator=gen)
+    k_in = torch.cat([torch.cat(keys)[order], torch.zeros(1, num_kv_heads, head_dim, dtype=dtype)])
+    v_in = torch.cat([torch.cat(values)[order], torch.zeros(1, num_kv_heads, head_dim, dtype=dtype)])
+    slot_mapping = torch.cat([torch.tensor(slots, dtype=torch.int64)[order], torch.tensor([-1])])
+    k_strided = torch.cat([k_in, k_in], dim=2)[:, :, :head_dim]
+
+    arenas = {}
+    for dev in ("cpu", "cuda"):
+        arena = torch.full((num_pages * page_bytes,), 0xFF, dtype=torch.uint8, device=dev)
+        cache = ops.make_kv_cache_view(
+            arena, page_bytes=page_bytes, block_tokens=BLOCK_TOKENS, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, dtype=dtype,
+        )
+        ops.kv_cache_write(k_strided.to(dev), v_in.to(dev), slot_mapping.to(dev), cache)
+        arenas[dev] = (arena, cache)
+    assert torch.equal(arenas["cuda"][0].cpu(), arenas["cpu"][0]), "kv_cache_write bytes differ"
+
+    # Decode tokens and chunked-prefill chunks (several trailing positions of one sequence).
+    query_seq, query_pos = [], []
+    for s, n in enumerate(seq_lens):
+        chunk = {0: 1, 1: 9, 2: 1, 3: 20, 4: 3}[s]
+        for pos in range(n - chunk, n):
+            query_seq.append(s)
+            query_pos.append(pos)
+    query_seq = torch.tensor(query_seq, dtype=torch.int32)
+    query_pos = torch.tensor(query_pos, dtype=torch.int32)
+    num_tokens = query_seq.numel()
+    q_full = torch.randn(num_tokens, num_heads, head_dim + 4, generator=gen).to(dtype)
+    sinks = torch.randn(num_heads, generator=gen) if use_sinks else None
+    scale = 1.0 / math.sqrt(head_dim)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        query = q_full.to(dev)[:, :, :head_dim]
+        out_full = torch.full((num_tokens, num_heads, head_dim + 3), float("nan"), dtype=dtype, device=dev)
+        ops.paged_attention(
+            query, query_seq.to(dev), query_pos.to(dev), block_table.to(dev), lens.to(dev),
+            arenas[dev][1], scale, sliding_window=window,
+            sinks=None if sinks is None else sinks.to(dev), out=out_full[:, :, :head_dim],
+        )
+        outs[dev] = out_full.cpu()
+    got = outs["cuda"][:, :, :head_dim]
+    assert torch.isnan(outs["cuda"][:, :, head_dim:]).all()
+    expected = attention_reference(
+        q_full[:, :, :head_dim].double(), keys, values, query_seq, query_pos, seq_lens, scale,
+        window, sinks,
+    )
+    rtol, atol = ATTN_TOLERANCE[dtype]
+    torch.testing.assert_close(got.double(), expected.to(dtype).double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.double(), outs["cpu"][:, :, :head_dim].double(), rtol=rtol, atol=atol)
