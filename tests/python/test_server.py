@@ -557,6 +557,11 @@ def test_bench_serve_against_the_server(server, tmp_path, capsys):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def _post_expecting_timeout(url: str, body: dict) -> None:
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(url, json=body, timeout=1.5)
+
+
 def test_overload_and_demo_server(tmp_path):
     """A --demo server with one sequence slot and one waiting slot: the third request gets
     503 with Retry-After; runtime adapter updates are off there."""
@@ -572,10 +577,11 @@ def test_overload_and_demo_server(tmp_path):
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", proc.url + "/v1/completions", json=body,
                           timeout=60) as first:
-            next(line for line in first.iter_lines() if line.startswith("data: {"))
-            waiting = threading.Thread(target=lambda: httpx.post(
-                proc.url + "/v1/completions", json={**body, "stream": False}, timeout=1.5),
-                daemon=True)
+            lines = first.iter_lines()  # kept alive: closing the iterator hangs up
+            next(line for line in lines if line.startswith("data: {"))
+            waiting = threading.Thread(target=_post_expecting_timeout, daemon=True,
+                                       args=(proc.url + "/v1/completions",
+                                             {**body, "stream": False}))
             waiting.start()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
