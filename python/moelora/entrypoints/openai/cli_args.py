@@ -1,0 +1,69 @@
+"""The arguments of `moelora serve` (vLLM's names). Kept free of heavy imports so that the
+`moelora` command can build its parser without FastAPI installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="model directory (HF format) or synthetic:<preset>")
+    parser.add_argument("--demo", action="store_true",
+                        help="serve the tiny demo model and its five adapters (built once)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="names of the base model in the API (default: the model path)")
+    parser.add_argument("--api-key", default=os.environ.get("MOELORA_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="accept adapters (implied by --lora-modules or runtime updating)")
+    parser.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="adapters served from the start, as name=path or a JSON object "
+                             "with 'name' and 'path'")
+    parser.add_argument("--enable-runtime-lora-updating", action="store_true",
+                        help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    parser.add_argument("--allowed-lora-dirs", nargs="+", default=[], metavar="DIR",
+                        help="runtime loads outside these directories are refused")
+    parser.add_argument("--max-loras", type=int, default=8,
+                        help="adapters resident on the device at once")
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="adapters kept in host memory (default 4 x max-loras)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16",
+                                                            "bfloat16", "half", "float"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="beyond this many waiting requests new ones get 503 + Retry-After")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--uvicorn-log-level", default="warning",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return parser
+
+
+def parse_lora_modules(specs: list[str]) -> dict[str, str]:
+    modules = {}
+    for spec in specs:
+        spec = spec.strip()
+        if spec.startswith("{"):
+            try:
+                entry = json.loads(spec)
+                name, path = entry["name"], entry["path"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"--lora-modules: bad JSON entry {spec!r}: {exc}") from exc
+        else:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--lora-modules takes name=path, got {spec!r}")
+        if name in modules:
+            raise ValueError(f"--lora-modules: adapter name '{name}' given twice")
+        modules[name] = path
+    return modules
