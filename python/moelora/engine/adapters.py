@@ -12,8 +12,8 @@ from moelora import _C
 from moelora._tensor import dtype_code
 from moelora.lora import load_adapter_plan
 
-RESIDENT = "device"
-FAILED = "failed"
+RESIDENT = _C.Residency.DEVICE
+FAILED = _C.Residency.FAILED
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,11 @@ class AdapterManager:
         native_sites = [_C.LoraSite(name=s.name, num_layers=s.num_layers,
                                     num_experts=s.num_experts, in_dim=s.in_dim, out_dim=s.out_dim)
                         for s in self.sites]
-        cache_config = _C.AdapterCacheConfig(
-            sites=native_sites, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
-            max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0, dtype=dtype_code(dtype))
-        self.cache = _C.AdapterCache(pool, self.copies, cache_config)
+        self.cache = _C.AdapterCache(pool, self.copies, sites=native_sites,
+                                     max_loras=config.max_loras,
+                                     max_lora_rank=config.max_lora_rank,
+                                     max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0,
+                                     dtype=dtype_code(dtype))
         self.views = LoraViews(self.cache, self.sites, config.max_loras)
 
     # -- registration ------------------------------------------------------------------------
