@@ -264,6 +264,14 @@ def test_logprobs(client):
     # Greedy: the chosen token is the most likely one.
     assert all(abs(max(top.values()) - x) < 1e-4 for top, x in zip(lp.top_logprobs,
                                                                   lp.token_logprobs))
+    by_id = client.completions.create(model="poet", prompt=PROMPT, logprobs=3,
+                                      **{**GREEDY, "extra_body": {
+                                          "ignore_eos": True,
+                                          "return_tokens_as_token_ids": True}})
+    lp = by_id.choices[0].logprobs
+    assert all(t.startswith("token_id:") for t in lp.tokens)
+    assert all(len(top) == 3 and lp.tokens[i] == max(top, key=top.get)
+               for i, top in enumerate(lp.top_logprobs))
     chat = client.chat.completions.create(model="poet", messages=[{"role": "user",
                                                                    "content": "x"}],
                                           logprobs=True, top_logprobs=2, **GREEDY)

@@ -53,6 +53,7 @@ class _SamplingFields(_Request):
     repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (vLLM)
 
     @field_validator("stop")
     @classmethod

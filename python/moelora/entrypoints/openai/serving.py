@@ -114,7 +114,8 @@ class OpenAIServing:
                 text = (self._echo(prompts[i]) + o.text) if req.echo else o.text
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, 0)
+                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, 0,
+                                                         req.return_tokens_as_token_ids)
                 choices.append({"index": i * req.n + o.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
                 completion_tokens += len(o.token_ids)
@@ -155,7 +156,8 @@ class OpenAIServing:
                     logprobs = None
                     if req.logprobs is not None:
                         logprobs = self._completion_logprobs(
-                            (o.logprobs or [])[start:end], o.token_ids[start:end], offset)
+                            (o.logprobs or [])[start:end], o.token_ids[start:end], offset,
+                            req.return_tokens_as_token_ids)
                     usage = None
                     if options is not None and options.continuous_usage_stats:
                         usage = _usage(prompts, completion_tokens)
@@ -190,7 +192,8 @@ class OpenAIServing:
             _raise_if_failed(o)
             logprobs = None
             if req.logprobs:
-                logprobs = self._chat_logprobs(o.logprobs or [], o.token_ids)
+                logprobs = self._chat_logprobs(o.logprobs or [], o.token_ids,
+                                               req.return_tokens_as_token_ids)
             choices.append({"index": o.index,
                             "message": {"role": "assistant", "content": o.text},
                             "logprobs": logprobs, "finish_reason": o.finish_reason,
@@ -231,7 +234,8 @@ class OpenAIServing:
                     logprobs = None
                     if req.logprobs:
                         logprobs = self._chat_logprobs((o.logprobs or [])[start:end],
-                                                       o.token_ids[start:end])
+                                                       o.token_ids[start:end],
+                                                       req.return_tokens_as_token_ids)
                     usage = None
                     if options is not None and options.continuous_usage_stats:
                         usage = _usage([prompt], completion_tokens)
@@ -346,8 +350,8 @@ class OpenAIServing:
             return prompt.text
         return self.tokenizer.decode(prompt.token_ids) if self.tokenizer is not None else ""
 
-    def _token_text(self, token_id: int) -> str:
-        if self.tokenizer is None:
+    def _token_text(self, token_id: int, as_ids: bool = False) -> str:
+        if as_ids or self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
@@ -356,29 +360,31 @@ class OpenAIServing:
                         if lp.rank is not None)
         return [(tid, logprob) for _, tid, logprob in ranked]
 
-    def _completion_logprobs(self, entries, token_ids, offset: int) -> dict:
+    def _completion_logprobs(self, entries, token_ids, offset: int, as_ids: bool) -> dict:
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         for token_id, entry in zip(token_ids, entries):
-            text = self._token_text(token_id)
+            text = self._token_text(token_id, as_ids)
             chosen = entry.get(token_id)
             tokens.append(text)
             token_logprobs.append(chosen.logprob if chosen is not None else None)
-            top = {self._token_text(tid): lp for tid, lp in self._ranked(entry)}
+            top = {}
+            for tid, lp in self._ranked(entry):  # best first: a repeated text keeps the best
+                top.setdefault(self._token_text(tid, as_ids), lp)
             if not top and chosen is not None:
                 top = {text: chosen.logprob}
             top_logprobs.append(top)
             offsets.append(offset)
-            offset += len(text)
+            offset += len(self._token_text(token_id))  # offsets count characters of the text
         return {"tokens": tokens, "token_logprobs": token_logprobs,
                 "top_logprobs": top_logprobs, "text_offset": offsets}
 
-    def _chat_logprobs(self, entries, token_ids) -> dict:
+    def _chat_logprobs(self, entries, token_ids, as_ids: bool) -> dict:
         content = []
         for token_id, entry in zip(token_ids, entries):
-            text = self._token_text(token_id)
+            text = self._token_text(token_id, as_ids)
             chosen = entry.get(token_id)
-            top = [{"token": self._token_text(tid), "logprob": lp,
-                    "bytes": list(self._token_text(tid).encode("utf-8"))}
+            top = [{"token": self._token_text(tid, as_ids), "logprob": lp,
+                    "bytes": list(self._token_text(tid, as_ids).encode("utf-8"))}
                    for tid, lp in self._ranked(entry)]
             content.append({"token": text,
                             "logprob": chosen.logprob if chosen is not None else None,
