@@ -122,6 +122,7 @@ struct AdapterCache::State {
     e.slot = -1;
     e.pages.clear();
     e.device_state = DeviceState::kNone;
+    e.want_device = false;
     e.ticket = kNoCopyTicket;
   }
 
@@ -513,29 +514,25 @@ Residency AdapterCache::prefetch(int64_t id) {
 
 int32_t AdapterCache::wait(int64_t id) {
   State& s = *state_;
-  {
-    std::lock_guard<std::mutex> lock(s.mutex);
+  while (true) {
+    prefetch(id);  // waiting implies asking for it; also retries loads waiting for memory
+    std::unique_lock<std::mutex> lock(s.mutex);
     EntryPtr e = s.get_locked(id);
-    if (e->device_state != DeviceState::kResident && !e->want_device && !e->failed) {
-      // Nothing is loading it yet: waiting implies asking for it.
-      e->want_device = true;
+    s.changed.wait(lock, [&] {
+      return e->cancelled || e->failed || e->device_state == DeviceState::kResident ||
+             (e->device_state == DeviceState::kWaiting && e->host_state != HostState::kQueued) ||
+             (e->device_state == DeviceState::kNone && !e->want_device);
+    });
+    if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
+    if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+    if (e->device_state == DeviceState::kWaiting) {
+      throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
+                              std::to_string(e->layout->num_pages()) + " free pages",
+                          e->layout->num_pages(), s.pool.free_pages());
     }
+    if (e->device_state == DeviceState::kResident) return e->slot;
+    // Evicted by another load before this thread woke up: ask again.
   }
-  prefetch(id);
-  std::unique_lock<std::mutex> lock(s.mutex);
-  EntryPtr e = s.get_locked(id);
-  s.changed.wait(lock, [&] {
-    return e->cancelled || e->failed || e->device_state == DeviceState::kResident ||
-           (e->device_state == DeviceState::kWaiting && e->host_state != HostState::kQueued);
-  });
-  if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
-  if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
-  if (e->device_state == DeviceState::kWaiting) {
-    throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
-                            std::to_string(e->layout->num_pages()) + " free pages",
-                        e->layout->num_pages(), s.pool.free_pages());
-  }
-  return e->slot;
 }
 
 void AdapterCache::make_stream_wait(int64_t id, void* cuda_stream) {
