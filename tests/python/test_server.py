@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 API_KEY = "test-key"
 BASE = "tiny-mixtral"
 STATIC = ["poet", "coder", "chef", "pirate"]  # "lawyer" is loaded at run time
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 1024
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_load_and_unload_while_traffic_runs(server, client, assets, tmp_path):
     inflight = {}
 
     def long_request():
-        inflight["out"] = client.completions.create(model="chef", prompt="long", max_tokens=48,
+        inflight["out"] = client.completions.create(model="chef", prompt="long", max_tokens=400,
                                                     temperature=0.0,
                                                     extra_body={"ignore_eos": True})
 
@@ -363,8 +363,9 @@ def test_load_and_unload_while_traffic_runs(server, client, assets, tmp_path):
     unload = httpx.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "chef"},
                         headers=_auth(), timeout=60)
     assert unload.status_code == 200, unload.text
+    assert "after its requests in flight finished" in unload.text
     runner.join(60)
-    assert inflight["out"].usage.completion_tokens == 48
+    assert inflight["out"].usage.completion_tokens == 400
     assert inflight["out"].choices[0].finish_reason == "length"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="chef", prompt=PROMPT, **GREEDY)
@@ -417,7 +418,7 @@ def _running_adapters(server) -> set[str]:
 def test_client_disconnect_frees_pages(server):
     _wait_idle(server)
     before = _value(_metrics(server), "moelora:e2e_request_latency_seconds_count")
-    body = {"model": "poet", "prompt": PROMPT, "max_tokens": 200, "temperature": 0.0,
+    body = {"model": "poet", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0.0,
             "ignore_eos": True, "stream": True}
     started = time.monotonic()
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=_auth(),
@@ -478,7 +479,7 @@ ERROR_CASES = [
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400,
      "messages.0.role"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 300}]}, 400,
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 1100}]}, 400,
      "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}, 400, "top_logprobs"),
@@ -581,7 +582,7 @@ def test_overload_and_demo_server(tmp_path):
         proc.wait_ready()
         models = httpx.get(proc.url + "/v1/models").json()["data"]
         assert {m["id"] for m in models} >= {"tiny-mixtral", "poet", "lawyer"}
-        body = {"model": "poet", "prompt": PROMPT, "max_tokens": 400, "temperature": 0.0,
+        body = {"model": "poet", "prompt": PROMPT, "max_tokens": 1000, "temperature": 0.0,
                 "ignore_eos": True, "stream": True}
         with httpx.stream("POST", proc.url + "/v1/completions", json=body,
                           timeout=60) as first:
