@@ -542,6 +542,8 @@ def test_metrics_content(server, client):
 
 
 def test_bench_serve_against_the_server(server, tmp_path, capsys):
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("matplotlib")
     from moelora.bench import serve as bench
 
     args = bench.add_cli_args(__import__("argparse").ArgumentParser()).parse_args([
