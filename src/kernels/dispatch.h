@@ -13,11 +13,11 @@
 #include "moelora/ops.h"
 
 // Flip to 1 when the matching launcher exists in cuda/ (CUDA builds only).
-#define MOELORA_CUDA_HAS_MOE_LORA_ALIGN 0
-#define MOELORA_CUDA_HAS_FUSED_MOE_LORA 0
-#define MOELORA_CUDA_HAS_DENSE_LORA 0
-#define MOELORA_CUDA_HAS_KV_CACHE_WRITE 0
-#define MOELORA_CUDA_HAS_PAGED_ATTENTION 0
+#define MOELORA_CUDA_HAS_MOE_LORA_ALIGN 1
+#define MOELORA_CUDA_HAS_FUSED_MOE_LORA 1
+#define MOELORA_CUDA_HAS_DENSE_LORA 1
+#define MOELORA_CUDA_HAS_KV_CACHE_WRITE 1
+#define MOELORA_CUDA_HAS_PAGED_ATTENTION 1
 
 namespace moelora {
 
