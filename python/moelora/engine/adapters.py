@@ -108,6 +108,14 @@ class AdapterManager:
             self._requests[request.lora_name] = request
             return adapter_id
 
+    def preload(self, request: LoRARequest) -> int:
+        """Registers the adapter and blocks until it is resident on the device (as vLLM's
+        eager loading does); raises AdapterError if its weights fail to load."""
+        adapter_id = self.resolve(request)
+        self.cache.prefetch(adapter_id)
+        self.cache.wait(adapter_id)
+        return adapter_id
+
     def unload(self, name: str) -> None:
         with self._lock:
             adapter_id = self._ids.pop(name, None)
