@@ -21,7 +21,7 @@ timeout ${CTEST_TIMEOUT:-120} ctest --test-dir build/gpu --output-on-failure -j8
   > "$OUT/ctest.log" 2>&1; tail -5 "$OUT/ctest.log"
 
 stage pytest-gpu
-(cd tests/python && timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q -x -n 8 -m gpu \
+(cd tests/python && timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q --maxfail=25 -n 8 -m gpu \
   -p no:cacheprovider ${PYTEST_FILES:-.} > "$OUT/pytest-gpu.log" 2>&1)
 tail -15 "$OUT/pytest-gpu.log"
 
