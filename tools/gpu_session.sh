@@ -22,8 +22,9 @@ timeout ${CTEST_TIMEOUT:-120} ctest --test-dir build/gpu --output-on-failure -j8
 
 stage pytest-gpu
 (cd tests/python && timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q --maxfail=25 -n 8 -m gpu \
-  -p no:cacheprovider ${PYTEST_FILES:-.} > "$OUT/pytest-gpu.log" 2>&1)
-tail -15 "$OUT/pytest-gpu.log"
+  -p no:cacheprovider -rf --tb=short ${PYTEST_FILES:-.} > "$OUT/pytest-gpu.log" 2>&1)
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-gpu.log" | tail -30
+[ "${BENCH:-1}" = 1 ] || { stage done; exit 0; }
 
 stage bench-copy
 timeout 30 build/gpu/bench_adapter_copy --device cuda --mib 512 > "$OUT/bench-copy.jsonl" 2>&1
