@@ -32,6 +32,18 @@ def _generate(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from moelora.entrypoints.openai.api_server import run_server
+
+    return run_server(args)
+
+
+def _bench_serve(args) -> int:
+    from moelora.bench.serve import run_from_args
+
+    return run_from_args(args)
+
+
 def _config(args) -> int:
     import moelora
 
@@ -44,6 +56,12 @@ def _config(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "kernels"]:  # its own parser takes every remaining flag
+        from moelora.bench.kernels import main as kernels_main
+
+        kernels_main(argv[2:])
+        return 0
     parser = argparse.ArgumentParser(prog="moelora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -67,6 +85,23 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.set_defaults(func=_generate)
+
+    # The server's and benchmark's flag parsers import nothing heavy (no fastapi, aiohttp).
+    from moelora.bench.serve import add_cli_args as add_bench_serve_args
+    from moelora.entrypoints.openai.cli_args import add_cli_args as add_serve_args
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server (vLLM's flags)")
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server")
+    add_bench_serve_args(bench_serve)
+    bench_serve.set_defaults(func=_bench_serve)
+    # `moelora bench kernels ...` is dispatched above to moelora.bench.kernels' own parser.
+    bench_sub.add_parser("kernels", help="time the MoE-LoRA kernels on the BENCHMARKS.md grid "
+                                         "(GPU; see `moelora bench kernels --help`)")
 
     config = sub.add_parser("config", help="build information")
     config.add_argument("--cmake-prefix", action="store_true",

@@ -120,6 +120,7 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
                 seq.finish_time = now()
+        del self._requests[request_id]  # nobody will ask for its output any more
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
