@@ -94,13 +94,16 @@ def _print_summary(s: dict, engine) -> None:
 
 
 def _print_samples(prompts, loras, outputs, llm, params) -> None:
-    from moelora import SamplingParams  # noqa: F401  (the same params are reused)
-
-    print("\nSame prompt, different adapters (greedy):")
+    """The same prompt under every adapter: the demo model is random, so its text is noise,
+    but the token ids show each adapter steering the output away from the base model's."""
     prompt = prompts[0]
-    names = [None] + [lr for lr in dict.fromkeys(lr for lr in loras if lr is not None)]
+    names = [None] + list(dict.fromkeys(lr for lr in loras if lr is not None))
     samples = llm.generate([prompt] * len(names), params, lora_request=names, use_tqdm=False)
+    base_tokens = samples[0].outputs[0].token_ids
+    print(f"\nSame prompt {prompt!r} under each adapter (greedy, first 10 tokens):")
     for lora, out in zip(names, samples):
         label = lora.lora_name if lora is not None else "(base)"
-        print(f"  {label:<8} {prompt!r} -> {out.outputs[0].token_ids[:10]} "
-              f"{out.outputs[0].text[:24]!r}")
+        tokens = out.outputs[0].token_ids
+        note = "" if lora is None else ("  same as base" if tokens == base_tokens else
+                                        "  differs from base")
+        print(f"  {label:<8} {tokens[:10]}{note}")

@@ -65,7 +65,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_loras_per_batch=config.max_loras_per_batch),
+                            max_loras_per_batch=config.max_loras_per_batch,
+                            max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
         self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
                                   self.memory.block_tokens, self.device)

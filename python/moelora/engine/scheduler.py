@@ -26,6 +26,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_loras_per_batch: int = 8
     prefetch_lookahead: int = 16  # waiting sequences whose adapters are prefetched
+    max_resident_adapters: int = 8  # device slots (max_loras): prefetch never thrashes them
     starvation_steps: int = 64
 
     def __post_init__(self) -> None:
@@ -172,10 +173,19 @@ class Scheduler:
         return waited >= self.config.starvation_steps
 
     def _prefetch_waiting(self) -> None:
+        """Starts loads for the adapters of the first waiting sequences, but only into slots
+        that running sequences do not hold: prefetching more would evict adapters that the
+        next steps need (thrashing) instead of overlapping loads with decode."""
+        in_use = {s.adapter_id for s in self.running if s.adapter_id is not None}
+        room = self.config.max_resident_adapters - len(in_use)
         seen: set[int] = set()
         for seq in list(self.waiting)[: self.config.prefetch_lookahead]:
+            if room <= 0:
+                break
             if seq.adapter_id is not None and seq.adapter_id not in seen:
                 seen.add(seq.adapter_id)
+                if seq.adapter_id not in in_use:
+                    room -= 1
                 self.adapters.prefetch(seq.adapter_id)
 
     def _fail_sequences_of_failed_adapters(self, batch: ScheduledBatch) -> None:
