@@ -168,3 +168,28 @@ def test_bad_adapters_are_refused_or_fail_only_their_requests(llm, assets, tmp_p
     assert outs[0].outputs[0].finish_reason == "length"
     assert outs[2].outputs[0].finish_reason == "length"
     assert os.path.exists(nan)
+
+
+def test_an_adapter_is_not_starved_by_a_stream_of_others(assets):
+    """One device slot, one adapter per batch, and a never-ending stream of requests on adapter
+    A: a request on adapter B still runs (the scheduler stops admitting A's once B starves)."""
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+
+    model_dir, dirs = assets
+    engine = LLMEngine(EngineConfig(model=model_dir, device="cpu", enable_lora=True,
+                                    max_lora_rank=16, max_loras=1, max_cpu_loras=2,
+                                    load_progress=False))
+    engine.scheduler.config.starvation_steps = 8
+    a, b = LoRARequest("poet", 1, dirs["poet"]), LoRARequest("chef", 2, dirs["chef"])
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"a{i}", "abc", params, a)
+    engine.add_request("b", "abc", params, b)
+    finished_b_at = None
+    for step in range(300):
+        engine.add_request(f"more{step}", "abc", params, a)  # A never stops arriving
+        if any(o.request_id == "b" and o.finished for o in engine.step()):
+            finished_b_at = step
+            break
+    assert finished_b_at is not None, "adapter B starved behind a stream of adapter A"

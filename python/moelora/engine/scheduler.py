@@ -99,20 +99,16 @@ class Scheduler:
         # 2. admit waiting sequences.
         self._prefetch_waiting()
         adapters_in_batch = {s.adapter_id for s in self.running if s.adapter_id is not None}
-        blocked_by_starving: int | None | bool = False
+        starving: int | None = None  # adapter of a starving sequence: admit no other adapter
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if blocked_by_starving is not False and seq.adapter_id != blocked_by_starving:
+            if starving is not None and seq.adapter_id not in (None, starving):
                 continue
             if seq.adapter_id is not None:
-                new_adapter = seq.adapter_id not in adapters_in_batch
-                if new_adapter and len(adapters_in_batch) >= self.config.max_loras_per_batch:
-                    self._note_wait(seq)
-                    continue
-                if not self.adapters.ready(seq.adapter_id) or not self.adapters.pin(seq.adapter_id):
-                    if self._note_wait(seq) and blocked_by_starving is False:
-                        blocked_by_starving = seq.adapter_id
+                if not self._admit_adapter(seq, adapters_in_batch):
+                    if self._note_wait(seq) and starving is None:
+                        starving = seq.adapter_id
                     continue
                 seq.pinned_adapter = True
             if self.kv.pages_for(seq.num_tokens) > self.kv.pool.num_pages:
@@ -139,6 +135,14 @@ class Scheduler:
         return batch
 
     # -- helpers -----------------------------------------------------------------------------
+    def _admit_adapter(self, seq: Sequence, adapters_in_batch: set[int]) -> bool:
+        """True (and the adapter pinned) when seq's adapter may join this step: within the
+        distinct-adapter cap and resident on the device."""
+        new_adapter = seq.adapter_id not in adapters_in_batch
+        if new_adapter and len(adapters_in_batch) >= self.config.max_loras_per_batch:
+            return False
+        return self.adapters.ready(seq.adapter_id) and self.adapters.pin(seq.adapter_id)
+
     def _reserve_or_preempt(self, seq: Sequence, total_tokens: int, batch: ScheduledBatch) -> bool:
         while not self.kv.reserve(seq, total_tokens):
             victim = max((s for s in self.running if s not in batch.seqs), default=None,
