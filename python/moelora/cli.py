@@ -44,6 +44,12 @@ def _bench_serve(args) -> int:
     return run_from_args(args)
 
 
+def _bench_offline(args) -> int:
+    from moelora.bench.offline import run_from_args
+
+    return run_from_args(args)
+
+
 def _config(args) -> int:
     import moelora
 
@@ -99,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_serve = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server")
     add_bench_serve_args(bench_serve)
     bench_serve.set_defaults(func=_bench_serve)
+    from moelora.bench.offline import add_cli_args as add_bench_offline_args
+
+    bench_offline = bench_sub.add_parser(
+        "offline", help="offline throughput with many adapters vs none (same process)")
+    add_bench_offline_args(bench_offline)
+    bench_offline.set_defaults(func=_bench_offline)
     # `moelora bench kernels ...` is dispatched above to moelora.bench.kernels' own parser.
     bench_sub.add_parser("kernels", help="time the MoE-LoRA kernels on the BENCHMARKS.md grid "
                                          "(GPU; see `moelora bench kernels --help`)")

@@ -1,0 +1,159 @@
+"""`moelora bench offline`: end-to-end offline throughput with many adapters.
+
+One workload (random prompts of --input-len tokens, --output-len generated tokens each with
+ignore_eos, arrivals all at once or Poisson at --request-rate) runs twice in one process: with
+adapters (--num-adapters random rank---rank adapters on attention and experts, popularity
+uniform or zipf, --max-loras resident at once) and with no adapters. Prints and saves one JSON
+record: output tokens/s, TTFT and TPOT p50/p99, adapter loads and their bandwidth, pool pages by
+kind, and the ratio to the no-adapter run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default="synthetic:tiny-moe")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="build only this many layers of a synthetic model")
+    parser.add_argument("--num-adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-loras", type=int, default=4)
+    parser.add_argument("--popularity", choices=["uniform", "zipf"], default="zipf")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--request-rate", type=float, default=float("inf"))
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adapter-dir", default=None, help="where to write the adapters")
+    parser.add_argument("--out", default=None, help="append the JSON record to this file")
+    return parser
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _run(engine, prompts, loras, params, arrivals) -> dict:
+    start = time.perf_counter()
+    pending = list(range(len(prompts)))
+    done = {}
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            engine.add_request(f"b{i}-{id(prompts)}", {"prompt_token_ids": prompts[i]}, params,
+                               loras[i])
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[pending[0]] - now))
+            continue
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    elapsed = time.perf_counter() - start
+    outs = list(done.values())
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = [o.metrics.ttft for o in outs if o.metrics.ttft is not None]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) /
+            max(1, len(o.outputs[0].token_ids) - 1) for o in outs
+            if o.metrics.first_token_time is not None and o.metrics.finished_time is not None]
+    return {"duration_s": elapsed, "output_tokens_per_s": generated / elapsed,
+            "ttft_p50_ms": 1e3 * _percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * _percentile(ttft, 0.99),
+            "tpot_p50_ms": 1e3 * _percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * _percentile(tpot, 0.99),
+            "failed": sum(o.outputs[0].finish_reason == "error" for o in outs)}
+
+
+def run_from_args(args) -> int:
+    from moelora import LoRARequest, SamplingParams
+    from moelora.bench.synthetic_adapters import write_random_adapter
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+
+    rng = random.Random(args.seed)
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                          enable_lora=True, max_lora_rank=args.rank, max_loras=args.max_loras,
+                          max_cpu_loras=max(args.max_loras, args.num_adapters),
+                          max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                          load_progress=False)
+    engine = LLMEngine(config) if args.num_layers is None else _synthetic_engine(config, args)
+    vocab = engine.model.config.vocab_size
+    adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-adapters-")
+    sites = engine.model.lora_sites()
+    loras = [LoRARequest(f"a{i}", i + 1, write_random_adapter(
+        os.path.join(adapter_dir, f"a{i}"), sites, args.rank, seed=args.seed + i))
+        for i in range(args.num_adapters)]
+    weights = [1.0 / (i + 1) if args.popularity == "zipf" else 1.0 for i in range(len(loras))]
+    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)]
+               for _ in range(args.num_prompts)]
+    chosen = [rng.choices(loras, weights)[0] for _ in prompts]
+    arrivals, t = [], 0.0
+    for _ in prompts:
+        arrivals.append(t)
+        if args.request_rate != float("inf"):
+            t += rng.expovariate(args.request_rate)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+
+    _run(engine, prompts[:2], [None, None], params, [0.0, 0.0])  # warm-up
+    base = _run(engine, prompts, [None] * len(prompts), params, arrivals)
+    before = engine.adapters.stats()
+    with_adapters = _run(engine, prompts, chosen, params, arrivals)
+    after = engine.adapters.stats()
+    loaded = after["bytes_loaded"] - before["bytes_loaded"]
+    seconds = after["load_seconds"] - before["load_seconds"]
+    record = {
+        "bench": "offline", "model": args.model, "device": str(engine.device),
+        "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
+        else "cpu", "dtype": str(engine.dtype).removeprefix("torch."),
+        "num_adapters": args.num_adapters, "rank": args.rank, "max_loras": args.max_loras,
+        "popularity": args.popularity, "num_prompts": args.num_prompts,
+        "input_len": args.input_len, "output_len": args.output_len,
+        "request_rate": args.request_rate, "with_adapters": with_adapters, "no_adapters": base,
+        "throughput_ratio": with_adapters["output_tokens_per_s"] / base["output_tokens_per_s"],
+        "adapter_loads": after["device_loads"] - before["device_loads"],
+        "adapter_evictions": after["device_evictions"] - before["device_evictions"],
+        "adapter_load_gbps": loaded / seconds / 1e9 if seconds > 0 else None,
+        "pool": engine.memory.pool.stats(),
+    }
+    print(json.dumps(record, indent=1))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return 0
+
+
+def _synthetic_engine(config, args):
+    """An engine over a synthetic model built with fewer layers (big presets on small GPUs)."""
+    from moelora.engine import llm_engine
+    from moelora.models import load_model
+
+    original = llm_engine.load_model
+    llm_engine.load_model = lambda spec, **kw: load_model(spec, num_layers=args.num_layers,
+                                                          **{k: v for k, v in kw.items()
+                                                             if k != "progress"})
+    try:
+        return llm_engine.LLMEngine(config)
+    finally:
+        llm_engine.load_model = original
+
+
+def main(argv=None) -> int:
+    return run_from_args(add_cli_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
