@@ -14,11 +14,8 @@ import argparse
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
-
-import torch
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -78,6 +75,8 @@ def _run(engine, prompts, loras, params, arrivals) -> dict:
 
 
 def run_from_args(args) -> int:
+    import torch
+
     from moelora import LoRARequest, SamplingParams
     from moelora.bench.synthetic_adapters import write_random_adapter
     from moelora.engine.config import EngineConfig

@@ -9,7 +9,6 @@ import logging
 import os
 
 import torch
-
 from moelora.engine.adapters import AdapterManager, LoRARequest
 from moelora.engine.config import EngineConfig
 from moelora.engine.kv_manager import KVManager

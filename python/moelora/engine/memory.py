@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from moelora import _C
 from moelora._tensor import dtype_code
 

@@ -5,7 +5,6 @@ sequences that sample a token this step."""
 from __future__ import annotations
 
 import torch
-
 from moelora.engine.paged_context import PagedContext, StepMetadata
 from moelora.engine.scheduler import ScheduledBatch
 
