@@ -23,7 +23,6 @@ pytest.importorskip("prometheus_client")
 from moelora.demo.assets import build_demo_assets
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "test-key"
 BASE = "tiny-mixtral"
 STATIC = ["poet", "coder", "chef", "pirate"]  # "lawyer" is loaded at run time
@@ -38,9 +37,13 @@ def _free_port() -> int:
 
 
 def _env(**extra) -> dict:
+    """The server subprocess imports the same moelora as this test process: the installed
+    package in CI, the source tree (PYTHONPATH=python) in a developer build."""
+    import moelora
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.join(ROOT, "python"),
-                                                     env.get("PYTHONPATH")]))
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(moelora.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
     return env
