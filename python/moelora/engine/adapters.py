@@ -60,9 +60,13 @@ class LoraViews:
 
 
 class AdapterManager:
-    def __init__(self, config, memory, sites, model_config, dtype):
+    def __init__(self, config, memory, sites, model_config, dtype, shard=None):
         self.config = config
         self.sites = list(sites)
+        # Tensor/expert parallel (moelora.distributed.RankContext): `sites` are this rank's
+        # shard; adapters are validated against shard.full_sites and loaded as this rank's
+        # slice (shard.shard_plan). None: one process.
+        self.shard = shard
         self.family = model_config.family
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}  # adapter name -> native id
@@ -100,9 +104,12 @@ class AdapterManager:
                     raise ValueError(f"adapter name '{request.lora_name}' is already loaded "
                                      f"from {known.lora_path!r}, not {request.lora_path!r}")
                 return self._ids[request.lora_name]
-            plan = load_adapter_plan(request.lora_path, self.sites, self.family,
-                                     name=request.lora_name,
+            plan = load_adapter_plan(request.lora_path,
+                                     self.sites if self.shard is None else self.shard.full_sites,
+                                     self.family, name=request.lora_name,
                                      max_lora_rank=self.config.max_lora_rank)
+            if self.shard is not None:
+                plan = self.shard.shard_plan(plan)
             adapter_id = self.cache.register_adapter(_native_spec(plan, self.sites))
             self._ids[request.lora_name] = adapter_id
             self._requests[request.lora_name] = request

@@ -34,6 +34,8 @@ class EngineConfig:
     pool_memory_bytes: int | None = None  # the unified pool's size; default from the above
     seed: int = 0
     load_progress: bool = True
+    tensor_parallel_size: int = 1  # processes, one per GPU (moelora.distributed)
+    enable_expert_parallel: bool = False  # partition experts over them instead of sharding
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", *_DTYPES):
@@ -46,6 +48,11 @@ class EngineConfig:
                      "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.enable_expert_parallel and self.tensor_parallel_size < 2:
+            raise ValueError("enable_expert_parallel partitions experts over the "
+                             "tensor_parallel_size processes: it needs tensor_parallel_size >= 2")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = 4 * self.max_loras
         if self.max_cpu_loras < self.max_loras:

@@ -43,13 +43,25 @@ class _RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, parallel=None):
+        # Tensor/expert parallel serving (moelora.distributed): `parallel` is this process's
+        # RankContext. With tensor_parallel_size > 1 this process becomes rank 0 and spawns the
+        # other ranks; each rank keeps its shard of the model, pool and adapters. None and
+        # tensor_parallel_size == 1: one process, as before.
+        if parallel is None and config.tensor_parallel_size > 1:
+            from moelora.distributed import launch
+
+            parallel = launch(config)
+        self.parallel = parallel
         self.config = config
         self.device = config.torch_device()
         self.model_dir = config.model if os.path.isdir(config.model) else None
         self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
-        self.model = load_model(config.model, dtype=self.dtype, device=self.device,
+        self.model = load_model(config.model, dtype=self.dtype,
+                                device=self.device if parallel is None else parallel.load_device,
                                 progress=config.load_progress)
+        if parallel is not None:  # this rank's shard; model.config and lora_sites() follow it
+            self.model = parallel.shard_model(self.model, config, self.device)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -59,7 +71,7 @@ class LLMEngine:
                                               | {self.tokenizer.eos_token_id}))
         sites = self.model.lora_sites() if config.enable_lora else []
         self.memory = build_pool(config, mc, sites, self.dtype, self.device)
-        self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype)
+        self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype, shard=parallel)
         self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -73,6 +85,8 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+        if parallel is not None:  # rank 0 mirrors pool/adapter calls to the others and drives them
+            parallel.attach(self)
 
     # -- requests ----------------------------------------------------------------------------
     def next_request_id(self) -> str:
@@ -242,6 +256,8 @@ class LLMEngine:
                         f"'prompt_token_ids', got {type(prompt).__name__}")
 
     def stop(self) -> None:
+        if self.parallel is not None:  # stops the other ranks (rank 0)
+            self.parallel.shutdown()
         self.adapters.close()
 
 

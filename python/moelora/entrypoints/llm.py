@@ -25,7 +25,8 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
                  pool_memory_bytes: int | None = None, block_size: int = 16,
-                 max_loras_per_batch: int | None = None, **unsupported):
+                 max_loras_per_batch: int | None = None, tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, **unsupported):
         if unsupported:
             names = ", ".join(sorted(unsupported))
             raise TypeError(f"LLM() got arguments moelora does not support: {names}")
@@ -35,7 +36,9 @@ class LLM:
             max_cpu_loras=max_cpu_loras, seed=seed, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, pool_memory_bytes=pool_memory_bytes,
-            block_size=block_size, max_loras_per_batch=max_loras_per_batch))
+            block_size=block_size, max_loras_per_batch=max_loras_per_batch,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_expert_parallel=enable_expert_parallel))
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -1,0 +1,164 @@
+"""Keeps every rank's page pool and adapter cache in the same state as rank 0's.
+
+Each rank has its own pool (same page count and size) and adapter cache (its shard of every
+adapter takes the same number of pages on every rank). Rank 0's scheduler decides; every call
+that changes its pool or cache (KV allocations and frees, adapter registration, prefetch, pin,
+unpin, unregister) is recorded, in order, by the proxies below and replayed by the other ranks
+before the step's forward. Both state machines are deterministic given the call sequence
+(LRU order is a counter), except for the timing of the cache's asynchronous loads, so in a
+parallel engine a prefetch waits for every load it started: loads do not overlap compute
+there (a known cost, see README). Replays check that they got the same KV pages and adapter
+slots as rank 0 and fail loudly otherwise: the ranks' pages must never silently diverge.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from moelora import _C
+from moelora.engine.adapters import LoRARequest
+
+
+def settle(cache) -> None:
+    """Waits until no load of `cache` is in flight (each ends resident, failed or waiting for
+    memory), so the cache's state no longer depends on timing."""
+    for adapter_id in cache.adapter_ids():
+        if cache.residency(adapter_id) == _C.Residency.LOADING:
+            try:
+                cache.wait(adapter_id)
+            except _C.MoeloraError:
+                pass  # failed or waiting for memory: a settled state as well
+
+
+class OpLog:
+    """The ordered calls of rank 0 that the other ranks replay; one lock makes the native call
+    and its record one step, whatever thread (engine loop, API) made it."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self._ops: list[tuple] = []
+
+    def append(self, op: tuple) -> None:
+        self._ops.append(op)
+
+    def drain(self) -> list[tuple]:
+        with self.lock:
+            ops, self._ops = self._ops, []
+            return ops
+
+
+class RecordingPool:
+    """Rank 0's PagePool as the KVManager sees it: allocations and frees are recorded."""
+
+    def __init__(self, pool, log: OpLog):
+        self._pool = pool
+        self._log = log
+
+    def try_allocate(self, kind, owner, num_pages, evict=False):
+        with self._log.lock:
+            outcome = self._pool.try_allocate(kind, owner, num_pages, evict=evict)
+            pages = list(outcome.pages) if outcome.ok else None
+            self._log.append(("allocate", kind, owner, num_pages, evict, pages))
+            return outcome
+
+    def free(self, kind, owner):
+        with self._log.lock:
+            self._pool.free(kind, owner)
+            self._log.append(("free", kind, owner))
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+
+class RecordingCache:
+    """Rank 0's AdapterCache as the AdapterManager sees it: state changes are recorded and
+    prefetch is synchronous (see the module docstring)."""
+
+    def __init__(self, cache, log: OpLog, adapter_paths: dict[str, str]):
+        self._cache = cache
+        self._log = log
+        self._paths = adapter_paths  # adapter name -> PEFT directory, from the plan
+
+    def register_adapter(self, spec):
+        with self._log.lock:
+            adapter_id = self._cache.register_adapter(spec)
+            self._log.append(("register", spec.name, self._paths[spec.name], adapter_id))
+            return adapter_id
+
+    def unregister(self, adapter_id):
+        with self._log.lock:
+            self._cache.unregister(adapter_id)
+            self._log.append(("unregister", adapter_id))
+
+    def prefetch(self, adapter_id):
+        with self._log.lock:
+            self._cache.prefetch(adapter_id)
+            settle(self._cache)
+            self._log.append(("prefetch", adapter_id))
+            return self._cache.residency(adapter_id)
+
+    def acquire(self, adapter_id):
+        with self._log.lock:
+            slot = self._cache.acquire(adapter_id)  # raises without changing anything
+            self._log.append(("acquire", adapter_id, slot))
+            return slot
+
+    def release(self, adapter_id):
+        with self._log.lock:
+            self._cache.release(adapter_id)
+            self._log.append(("release", adapter_id))
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+class Replayer:
+    """Applies rank 0's recorded calls to this rank's pool and AdapterManager."""
+
+    def __init__(self, pool, adapters, rank: int):
+        self.pool = pool
+        self.adapters = adapters
+        self.rank = rank
+
+    def _diverged(self, what: str):
+        return RuntimeError(f"rank {self.rank} diverged from rank 0: {what}; the ranks' page "
+                            f"pools or adapter caches no longer match")
+
+    def replay(self, ops: list[tuple]) -> None:
+        cache = self.adapters.cache
+        for op in ops:
+            kind = op[0]
+            if kind == "allocate":
+                _, pool_kind, owner, num_pages, evict, pages = op
+                outcome = self.pool.try_allocate(pool_kind, owner, num_pages, evict=evict)
+                mine = list(outcome.pages) if outcome.ok else None
+                if mine != pages:
+                    raise self._diverged(f"allocating {num_pages} {pool_kind} pages for {owner} "
+                                         f"gave {mine}, rank 0 got {pages}")
+            elif kind == "free":
+                self.pool.free(op[1], op[2])
+            elif kind == "register":
+                _, name, path, adapter_id = op
+                mine = self.adapters.resolve(LoRARequest(name, 1, path))
+                if mine != adapter_id:
+                    raise self._diverged(f"adapter {name!r} got id {mine}, rank 0 {adapter_id}")
+            elif kind == "unregister":
+                names = {i: n for n, i in self.adapters._ids.items()}
+                self.adapters.unload(names[op[1]])
+            elif kind == "prefetch":
+                cache.prefetch(op[1])
+                settle(cache)
+            elif kind == "acquire":
+                slot = cache.acquire(op[1])
+                if slot != op[2]:
+                    raise self._diverged(f"adapter {op[1]} pinned in slot {slot}, rank 0 {op[2]}")
+            elif kind == "release":
+                cache.release(op[1])
+            else:
+                raise ValueError(f"unknown replay op {kind!r}")
+
+    def check_slots(self, slots: dict[int, int]) -> None:
+        for adapter_id, slot in slots.items():
+            mine = self.adapters.cache.slot_of(adapter_id)
+            if mine != slot:
+                raise self._diverged(f"adapter {adapter_id} is in slot {mine}, rank 0 {slot}")
