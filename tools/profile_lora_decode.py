@@ -9,9 +9,15 @@ from __future__ import annotations
 import argparse
 
 import torch
+from moelora.bench.kernels import (
+    PRESETS,
+    SiteArena,
+    draw_slots,
+    graph_of,
+    make_layer_inputs,
+    make_lora_delta,
+)
 from torch.profiler import ProfilerActivity, profile
-
-from moelora.bench.kernels import PRESETS, SiteArena, draw_slots, graph_of, make_lora_delta, route
 
 
 def main() -> None:
@@ -22,7 +28,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--replays", type=int, default=20)
     args = parser.parse_args()
-    hidden, inter, experts, top_k = PRESETS[args.preset]
+    hidden, inter, experts, _top_k = PRESETS[args.preset]
     device, dtype = torch.device("cuda"), torch.bfloat16
     gate = SiteArena(args.adapters, experts, args.rank, hidden, inter, dtype, device)
     up = SiteArena(args.adapters, experts, args.rank, hidden, inter, dtype, device)
@@ -30,12 +36,7 @@ def main() -> None:
     ranks = torch.full((args.adapters,), args.rank, dtype=torch.int32, device=device)
     for tokens in args.tokens:
         gen = torch.Generator(device=device).manual_seed(tokens)
-        ids, weights = route(tokens, experts, top_k, gen, device)
-        pairs = tokens * top_k
-        x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
-        h = torch.randn(pairs, inter, generator=gen, device=device).to(dtype)
-        h13 = torch.randn(pairs, 2 * inter, generator=gen, device=device).to(dtype)
-        y = torch.randn(pairs, hidden, generator=gen, device=device).to(dtype)
+        ids, weights, x, h, h13, y = make_layer_inputs(args.preset, tokens, gen, device, dtype)
         token_slot = draw_slots(tokens, args.adapters, "uniform", gen, device)
         fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
                              [gate.view(ranks), up.view(ranks)], [down.view(ranks)], experts,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from lora_fixtures import POPULARITIES, assign_slots, make_lora_site, route_experts
 from moelora import ops
+from test_ops_paged_attention import reference as attention_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -281,30 +282,6 @@ ATTN_TOLERANCE = {
     torch.float16: (1e-2, 2e-3),
     torch.bfloat16: (2e-2, 1e-2),
 }
-
-
-def attention_reference(q64, keys, values, query_seq, query_pos, seq_lens, scale, window, sinks):
-    num_heads = q64.shape[1]
-    out = torch.zeros_like(q64)
-    for t in range(q64.shape[0]):
-        s, pos = int(query_seq[t]), int(query_pos[t])
-        k, v = keys[s].double(), values[s].double()
-        ratio = num_heads // k.shape[1]
-        j = torch.arange(seq_lens[s])
-        visible = j <= pos
-        if window > 0:
-            visible &= j > pos - window
-        for h in range(num_heads):
-            logits = ((k[:, h // ratio] @ q64[t, h]) * scale)[visible]
-            if logits.numel() == 0:
-                continue
-            m = logits.max()
-            if sinks is not None:
-                m = torch.maximum(m, torch.tensor(float(sinks[h]), dtype=torch.float64))
-            p = torch.exp(logits - m)
-            denom = p.sum() + (math.exp(float(sinks[h]) - m) if sinks is not None else 0.0)
-            out[t, h] = (p[:, None] * v[visible][:, h // ratio]).sum(0) / denom
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

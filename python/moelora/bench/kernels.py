@@ -80,6 +80,19 @@ def route(tokens, experts, top_k, gen, device):
     return ids.to(torch.int32), (weights / weights.sum(-1, keepdim=True)).reshape(-1).float()
 
 
+def make_layer_inputs(preset, tokens, gen, device, dtype):
+    """Routing and activations of one MoE layer: (topk ids, flat routing weights, x [T, H],
+    h [P, I], h13 [P, 2I], y [P, H])."""
+    hidden, inter, experts, top_k = PRESETS[preset]
+    ids, weights = route(tokens, experts, top_k, gen, device)
+    pairs = tokens * top_k
+    x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
+    h = torch.randn(pairs, inter, generator=gen, device=device).to(dtype)
+    h13 = torch.randn(pairs, 2 * inter, generator=gen, device=device).to(dtype)
+    y = torch.randn(pairs, hidden, generator=gen, device=device).to(dtype)
+    return ids, weights, x, h, h13, y
+
+
 def draw_slots(tokens, adapters, popularity, gen, device, base_fraction=0.1):
     if popularity == "zipf":
         p = torch.tensor([1.0 / (i + 1) for i in range(adapters)], device=device)
@@ -191,12 +204,8 @@ def run_preset(preset, args, out_file):
 
     for tokens in args.tokens:
         gen = torch.Generator(device=device).manual_seed(tokens)
-        ids, weights = route(tokens, experts, top_k, gen, device)
+        ids, weights, x, h, h13, y = make_layer_inputs(preset, tokens, gen, device, dtype)
         pairs = tokens * top_k
-        x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
-        h = torch.randn(pairs, inter, generator=gen, device=device).to(dtype)
-        h13 = torch.randn(pairs, 2 * inter, generator=gen, device=device).to(dtype)
-        y = torch.randn(pairs, hidden, generator=gen, device=device).to(dtype)
         base_us, base_impl = (float("nan"), "skipped")
         if w13 is not None:
             base_us, base_impl = base_experts_us(x, h, ids, w13, w2, args.iters, flush)
