@@ -74,7 +74,45 @@ def _raise_template_error(message: str):
     raise ValueError(f"chat template error: {message}")
 
 
-def load_tokenizer(path: str | None) -> Tokenizer | None:
-    if path is None or not os.path.exists(os.path.join(path, "tokenizer.json")):
+class HFTokenizer:
+    """transformers' AutoTokenizer behind the same interface, for tokenizers that ship no
+    tokenizer.json (sentencepiece-only); used only when transformers is installed."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self.chat_template = self._tok.chat_template
+        self.eos_token_id = self._tok.eos_token_id
+        self.bos_token_id = self._tok.bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs) -> str:
+        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             chat_template=chat_template, tokenize=False, **kwargs)
+
+
+def load_tokenizer(path: str | None) -> Tokenizer | HFTokenizer | None:
+    """The model directory's tokenizer: tokenizer.json directly; otherwise (sentencepiece
+    files only) transformers' AutoTokenizer when transformers is installed; else None."""
+    if path is None or not os.path.isdir(path):
         return None
-    return Tokenizer(path)
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return Tokenizer(path)
+    if any(os.path.exists(os.path.join(path, name))
+           for name in ("tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        try:
+            return HFTokenizer(path)
+        except ImportError:
+            return None
+    return None
