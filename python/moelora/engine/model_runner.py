@@ -49,8 +49,10 @@ class ModelRunner:
             slot_mapping_parts.append(token_pages * self.block_tokens
                                       + (new_positions % self.block_tokens)[:, None])
         dev = self.device
+        positions_on_device = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)
         meta = StepMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=positions_on_device,
+            query_pos=positions_on_device.to(torch.int32),
             query_seq=torch.tensor(query_seq, dtype=torch.int32).to(dev, non_blocking=True),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
             block_tables=block_tables.to(dev, non_blocking=True),

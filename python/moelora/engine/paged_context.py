@@ -15,7 +15,8 @@ from moelora import ops
 
 @dataclass
 class StepMetadata:
-    positions: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T] (rotary embeddings)
+    query_pos: torch.Tensor  # int32 [T] the same positions, as the attention kernel takes them
     query_seq: torch.Tensor  # int32 [T] index of each token's sequence in the step
     seq_lens: torch.Tensor  # int32 [S] tokens cached per sequence after this step
     block_tables: torch.Tensor  # int32 [L, S, max_blocks]
@@ -41,7 +42,7 @@ class PagedContext:
         ops.kv_cache_write(k.contiguous(), v.contiguous(), self.meta.slot_mapping[layer],
                            self.kv_view)
         return ops.paged_attention(
-            q.contiguous(), self.meta.query_seq, self.meta.positions.to(torch.int32),
+            q.contiguous(), self.meta.query_seq, self.meta.query_pos,
             self.meta.block_tables[layer], self.meta.seq_lens, self.kv_view, scale=scale,
             sliding_window=sliding_window or 0,
             sinks=None if sinks is None else sinks.float().contiguous())
