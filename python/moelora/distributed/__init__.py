@@ -5,6 +5,15 @@ style); `enable_expert_parallel=True` partitions the experts instead of sharding
 (the calling process) schedules and samples; see runtime.py for the process model, shard.py for
 how weights and LoRA adapters are split, mirror.py for how the ranks' page pools and adapter
 caches stay identical.
+
+Like every spawn-based launcher, a script that creates a parallel engine must guard its entry
+point with `if __name__ == "__main__":` (the workers import the main module).
+
+Known limits (v1): every rank loads the whole checkpoint into host memory before keeping its
+shard (streaming each rank's slices from the safetensors is the next step for models larger
+than one host); adapter loads are synchronous in a parallel engine (no load/compute overlap);
+step metadata travels as one pickled broadcast; rank 0 samples from a replicated vocab head;
+no CUDA graphs. Tested on the CPU (gloo); the NCCL path is written but not yet run on GPUs.
 """
 
 from moelora.distributed.config import ParallelConfig

@@ -185,8 +185,8 @@ def _rank_config(config, rank: int):
 def _init_group(rank: int, world_size: int, port: int, device: torch.device) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see KINDS.md)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # NCCL collectives of objects run on the current device
+        torch.cuda.set_device(torch.device("cuda", device.index or 0))
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
 
