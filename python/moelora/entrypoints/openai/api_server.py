@@ -66,7 +66,9 @@ def build_engine(args):
         enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         max_cpu_loras=max_cpu_loras, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed))
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel))
     return engine, model, loras, enable_lora
 
 

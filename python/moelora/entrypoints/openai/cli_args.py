@@ -41,6 +41,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="processes (one per GPU) sharing the model over torch.distributed")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="partition the experts over the tensor-parallel processes")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="beyond this many waiting requests new ones get 503 + Retry-After")
     parser.add_argument("--seed", type=int, default=0)
