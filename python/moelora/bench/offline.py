@@ -88,8 +88,8 @@ def run_from_args(args) -> int:
                           max_cpu_loras=max(args.max_loras, args.num_adapters),
                           max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                          load_progress=False)
-    engine = LLMEngine(config) if args.num_layers is None else _synthetic_engine(config, args)
+                          load_progress=False, synthetic_num_layers=args.num_layers)
+    engine = LLMEngine(config)
     vocab = engine.model.config.vocab_size
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-adapters-")
     sites = engine.model.lora_sites()
@@ -133,21 +133,6 @@ def run_from_args(args) -> int:
         with open(args.out, "a") as f:
             f.write(json.dumps(record) + "\n")
     return 0
-
-
-def _synthetic_engine(config, args):
-    """An engine over a synthetic model built with fewer layers (big presets on small GPUs)."""
-    from moelora.engine import llm_engine
-    from moelora.models import load_model
-
-    original = llm_engine.load_model
-    llm_engine.load_model = lambda spec, **kw: load_model(spec, num_layers=args.num_layers,
-                                                          **{k: v for k, v in kw.items()
-                                                             if k != "progress"})
-    try:
-        return llm_engine.LLMEngine(config)
-    finally:
-        llm_engine.load_model = original
 
 
 def main(argv=None) -> int:

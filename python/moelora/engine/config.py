@@ -34,6 +34,7 @@ class EngineConfig:
     pool_memory_bytes: int | None = None  # the unified pool's size; default from the above
     seed: int = 0
     load_progress: bool = True
+    synthetic_num_layers: int | None = None  # build only this many layers (synthetic models)
     tensor_parallel_size: int = 1  # processes, one per GPU (moelora.distributed)
     enable_expert_parallel: bool = False  # partition experts over them instead of sharding
 
@@ -53,6 +54,8 @@ class EngineConfig:
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ValueError("enable_expert_parallel partitions experts over the "
                              "tensor_parallel_size processes: it needs tensor_parallel_size >= 2")
+        if self.synthetic_num_layers is not None and not self.model.startswith("synthetic:"):
+            raise ValueError("synthetic_num_layers applies to synthetic:<preset> models only")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = 4 * self.max_loras
         if self.max_cpu_loras < self.max_loras:

@@ -59,7 +59,9 @@ class LLMEngine:
         self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
         self.model = load_model(config.model, dtype=self.dtype,
                                 device=self.device if parallel is None else parallel.load_device,
-                                progress=config.load_progress)
+                                progress=config.load_progress,
+                                **({"num_layers": config.synthetic_num_layers}
+                                   if config.synthetic_num_layers is not None else {}))
         if parallel is not None:  # this rank's shard; model.config and lora_sites() follow it
             self.model = parallel.shard_model(self.model, config, self.device)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
