@@ -11,17 +11,6 @@ namespace moelora::bindings {
 
 namespace {
 
-DType dtype_from_object(const py::object& dtype) {
-  if (py::isinstance<py::int_>(dtype)) {
-    const auto code = static_cast<DType>(dtype.cast<int>());
-    dtype_size(code);  // validates the code
-    return code;
-  }
-  std::string name = py::str(dtype).cast<std::string>();
-  if (name.rfind("torch.", 0) == 0) name = name.substr(6);
-  return parse_dtype(name);
-}
-
 py::dict tensor_info_dict(const SafetensorInfo& info) {
   py::dict d;
   d["name"] = info.name;

@@ -26,6 +26,8 @@ void check_ndim(const TensorRef& t, int ndim, const char* arg_name);
 void check_same_device(const TensorRef& a, const TensorRef& b, const char* a_name,
                        const char* b_name);
 void* stream_from_int(uintptr_t stream);
+// A DType from its code, a name ("bfloat16", "BF16") or a torch dtype ("torch.bfloat16").
+DType dtype_from_object(const py::object& dtype);
 
 void register_pool(py::module_& m);
 void register_adapter_cache(py::module_& m);

@@ -65,6 +65,18 @@ void check_same_device(const TensorRef& a, const TensorRef& b, const char* a_nam
 
 void* stream_from_int(uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
+DType dtype_from_object(const py::object& dtype) {
+  if (py::isinstance<py::int_>(dtype)) {
+    const auto code = static_cast<DType>(dtype.cast<int>());
+    dtype_size(code);  // validates the code
+    return code;
+  }
+  std::string name = py::str(dtype).cast<std::string>();
+  const std::string torch_prefix = "torch.";
+  if (name.rfind(torch_prefix, 0) == 0) name = name.substr(torch_prefix.size());
+  return parse_dtype(name);
+}
+
 }  // namespace moelora::bindings
 
 PYBIND11_MODULE(_C, m) {

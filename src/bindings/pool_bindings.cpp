@@ -34,19 +34,6 @@ DeviceKind to_device_kind(const std::string& device) {
   throw InvalidArgument("device must be 'cpu' or 'cuda', got '" + device + "'");
 }
 
-// Accepts a DType code, a name ("bfloat16", "BF16") or a torch dtype (str "torch.bfloat16").
-DType to_dtype(const py::object& dtype) {
-  if (py::isinstance<py::int_>(dtype)) {
-    const auto code = static_cast<DType>(dtype.cast<int>());
-    dtype_size(code);  // validates the code
-    return code;
-  }
-  std::string name = py::str(dtype).cast<std::string>();
-  const std::string torch_prefix = "torch.";
-  if (name.rfind(torch_prefix, 0) == 0) name = name.substr(torch_prefix.size());
-  return parse_dtype(name);
-}
-
 // A Python listener may be copied and destroyed on threads that do not hold the GIL; the
 // function object is shared and only ever touched with the GIL held.
 PagePool::EvictionListener wrap_listener(py::function callback) {
@@ -284,7 +271,7 @@ void register_row_layouts(py::module_& m) {
   py::class_<AdapterRowLayout>(m, "AdapterRowLayout")
       .def(py::init([](const std::vector<LoraSite>& sites, const SiteRanks& ranks,
                        const py::object& dtype, int64_t page_bytes, int32_t max_rank) {
-             return AdapterRowLayout(sites, ranks, to_dtype(dtype), page_bytes, max_rank);
+             return AdapterRowLayout(sites, ranks, dtype_from_object(dtype), page_bytes, max_rank);
            }),
            py::arg("sites"), py::arg("ranks"), py::arg("dtype"), py::arg("page_bytes"),
            py::arg("max_rank"))
@@ -326,7 +313,7 @@ void register_row_layouts(py::module_& m) {
       .def("site_index", &RowTableLayout::site_index, py::arg("name"));
 
   m.def("lora_row_bytes",
-        [](int64_t dim, const py::object& dtype) { return lora_row_bytes(dim, to_dtype(dtype)); },
+        [](int64_t dim, const py::object& dtype) { return lora_row_bytes(dim, dtype_from_object(dtype)); },
         py::arg("dim"), py::arg("dtype"));
 }
 
