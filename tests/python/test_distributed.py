@@ -41,7 +41,8 @@ EP_ONLY = ParallelConfig(2, shard_attention=False, expert_parallel=True)
 class Case:
     """A tiny HF model, two PEFT adapters and the single-process engine's outputs."""
 
-    def __init__(self, family, root):
+    def __init__(self, family, root, engine_args=None):
+        self.engine_args = engine_args or ENGINE_ARGS
         hf_model, _ = make_tiny(family, root / "model")
         self.model = str(root / "model")
         self.requests = {}
@@ -56,12 +57,14 @@ class Case:
         gen = torch.Generator().manual_seed(1)
         self.prompts = [torch.randint(2, 300, (int(n),), generator=gen).tolist()
                         for n in (5, 9, 3, 12, 1, 7)]
-        self.reference = self.generate(LLMEngine(EngineConfig(self.model, **ENGINE_ARGS)))
+        self.reference = self.generate(LLMEngine(EngineConfig(self.model, **self.engine_args)))
 
-    def generate(self, engine, plan=PLAN, prompts=None):
-        """(token ids, cumulative logprob) per request, in order; stops the engine."""
+    def generate(self, engine, plan=PLAN, prompts=None, logprobs=1):
+        """(token ids, cumulative logprob) per request, in order; stops the engine. With
+        logprobs > 1 also keeps each request's per-position top logprobs in self.last_top."""
         prompts = prompts or self.prompts
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True,
+                                logprobs=logprobs)
         try:
             for index, (prompt, name) in enumerate(zip(prompts, plan)):
                 engine.add_request(str(index), {"prompt_token_ids": prompt}, params,
@@ -73,6 +76,7 @@ class Case:
                         done[out.request_id] = out.outputs[0]
             assert engine.memory.pool.stats()["kv_pages"] == 0
             self.last_stats = {**engine.adapters.stats(), **engine.stats}
+            self.last_top = [done[str(i)].logprobs for i in range(len(prompts))]
             return [(done[str(i)].token_ids, done[str(i)].cumulative_logprob)
                     for i in range(len(prompts))]
         finally:

@@ -32,6 +32,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--request-rate", type=float, default=float("inf"))
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="processes, one per GPU (moelora.distributed)")
+    parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -88,11 +91,14 @@ def run_from_args(args) -> int:
                           max_cpu_loras=max(args.max_loras, args.num_adapters),
                           max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                          load_progress=False, synthetic_num_layers=args.num_layers)
+                          load_progress=False, synthetic_num_layers=args.num_layers,
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel)
     engine = LLMEngine(config)
     vocab = engine.model.config.vocab_size
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-adapters-")
-    sites = engine.model.lora_sites()
+    # Adapters have the whole model's shapes; a parallel engine's model is this rank's shard.
+    sites = engine.parallel.full_sites if engine.parallel is not None else engine.model.lora_sites()
     loras = [LoRARequest(f"a{i}", i + 1, write_random_adapter(
         os.path.join(adapter_dir, f"a{i}"), sites, args.rank, seed=args.seed + i))
         for i in range(args.num_adapters)]
@@ -107,11 +113,15 @@ def run_from_args(args) -> int:
             t += rng.expovariate(args.request_rate)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
 
-    _run(engine, prompts[:2], [None, None], params, [0.0, 0.0])  # warm-up
-    base = _run(engine, prompts, [None] * len(prompts), params, arrivals)
-    before = engine.adapters.stats()
-    with_adapters = _run(engine, prompts, chosen, params, arrivals)
-    after = engine.adapters.stats()
+    try:
+        _run(engine, prompts[:2], [None, None], params, [0.0, 0.0])  # warm-up
+        base = _run(engine, prompts, [None] * len(prompts), params, arrivals)
+        before = engine.adapters.stats()
+        with_adapters = _run(engine, prompts, chosen, params, arrivals)
+        after = engine.adapters.stats()
+        pool = engine.memory.pool.stats()
+    finally:
+        engine.stop()  # also ends the other ranks of a parallel engine
     loaded = after["bytes_loaded"] - before["bytes_loaded"]
     seconds = after["load_seconds"] - before["load_seconds"]
     record = {
@@ -121,12 +131,14 @@ def run_from_args(args) -> int:
         "num_adapters": args.num_adapters, "rank": args.rank, "max_loras": args.max_loras,
         "popularity": args.popularity, "num_prompts": args.num_prompts,
         "input_len": args.input_len, "output_len": args.output_len,
-        "request_rate": args.request_rate, "with_adapters": with_adapters, "no_adapters": base,
+        "request_rate": args.request_rate, "tensor_parallel_size": args.tensor_parallel_size,
+        "enable_expert_parallel": args.enable_expert_parallel,
+        "with_adapters": with_adapters, "no_adapters": base,
         "throughput_ratio": with_adapters["output_tokens_per_s"] / base["output_tokens_per_s"],
         "adapter_loads": after["device_loads"] - before["device_loads"],
         "adapter_evictions": after["device_evictions"] - before["device_evictions"],
         "adapter_load_gbps": loaded / seconds / 1e9 if seconds > 0 else None,
-        "pool": engine.memory.pool.stats(),
+        "pool": pool,
     }
     print(json.dumps(record, indent=1))
     if args.out:

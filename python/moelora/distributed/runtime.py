@@ -45,7 +45,14 @@ class RankContext:
     adapters are validated against the whole model, loaded as this rank's slice), attach (at
     the end of construction) and shutdown (LLMEngine.stop)."""
 
-    load_device = "cpu"  # load whole on the host, keep only the shard on the device
+    @staticmethod
+    def load_device(model: str, device: torch.device):
+        """Where to build the whole model before cutting this rank's shard: the host for
+        checkpoints (the GPU may not hold the whole model), this rank's GPU for synthetic models
+        (random weights from the device's generator, the same as a single-GPU engine's)."""
+        if model.startswith("synthetic:") and device.type == "cuda":
+            return device
+        return "cpu"
 
     def __init__(self, parallel: ParallelConfig, rank: int, processes=None):
         self.parallel = parallel

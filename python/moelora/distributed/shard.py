@@ -86,7 +86,9 @@ def shard_plan(plan: AdapterPlan, full_sites, parallel: ParallelConfig, rank: in
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.contiguous(), requires_grad=False)
+    # Always a copy: a contiguous slice would otherwise keep the whole tensor's storage alive
+    # (on the GPU when a synthetic model is built there).
+    return nn.Parameter(t.clone(memory_format=torch.contiguous_format), requires_grad=False)
 
 
 def _zero_unless_first(t: torch.Tensor | None, rank: int):

@@ -58,7 +58,8 @@ class LLMEngine:
         self.model_dir = config.model if os.path.isdir(config.model) else None
         self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
         self.model = load_model(config.model, dtype=self.dtype,
-                                device=self.device if parallel is None else parallel.load_device,
+                                device=(self.device if parallel is None
+                                        else parallel.load_device(config.model, self.device)),
                                 progress=config.load_progress,
                                 **({"num_layers": config.synthetic_num_layers}
                                    if config.synthetic_num_layers is not None else {}))

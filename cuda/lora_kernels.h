@@ -1,0 +1,40 @@
+// Launchers of the LoRA kernel families behind fused_moe_lora and dense_lora. fused_moe_lora.cu
+// builds the LoraArgs and picks one family per call (see choose_lora_kernel there):
+//   cluster (lora_cluster.cu): decode; one thread-block cluster per work item, Split-K through
+//            distributed shared memory, shrink and expand in one launch, no workspace;
+//   mma     (lora_mma.cu): prefill; tensor-core tiles, the rank-sized intermediate on chip;
+//   splitk  (lora_splitk.cu): the general fallback (fp32, unaligned rows); CUDA cores and a
+//            stream-ordered workspace.
+// Each launcher takes validated arguments and the element type of input/output/weights.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lora_args.cuh"
+#include "moelora/dtype.h"
+
+namespace moelora::cuda {
+
+// Whether the rows and columns allow 16-byte vector access for element size `elem_bytes`.
+struct LoraVectorization {
+  bool input;   // input rows 16-byte aligned and in_dim a multiple of the vector
+  bool output;  // output rows and every slice's columns likewise
+};
+
+// Grouped form only. `max_blocks` = len(block_slot). Allocates and frees its workspace on the
+// stream (stream-ordered, graph-capturable).
+void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
+                        cudaStream_t stream);
+
+// Either form; `num_items` = max_blocks (grouped) or num_pairs (unsorted). Needs 16-bit dtypes
+// and full vectorization; returns false (launching nothing) when the call does not qualify.
+bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t num_items,
+                         cudaStream_t stream);
+
+// Grouped form, 16-bit dtypes, full vectorization; returns false when the call does not qualify.
+bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
+                     cudaStream_t stream);
+
+}  // namespace moelora::cuda

@@ -1,0 +1,7 @@
+// Placeholder until the tensor-core kernel lands: declines every call.
+#include "lora_kernels.h"
+namespace moelora::cuda {
+bool launch_lora_mma(const LoraArgs&, DType, LoraVectorization, int64_t, cudaStream_t) {
+  return false;
+}
+}  // namespace moelora::cuda

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Tensor/expert parallel on a 2-GPU device machine: build the CUDA wheel, run the NCCL tests
+# (tests/python/test_distributed_gpu.py) and the offline benchmark on synthetic mixtral-8x7b
+# with TP=1, TP=2 and TP=2 + expert parallel in one session; logs under $OUT.
+# Usage: STAGES="build test bench" bash tools/gpu_distributed.sh   (default: all three)
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+STAGES=${STAGES:-build test bench}
+mkdir -p "$OUT"
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-32} MOELORA_CUDA=ON \
+  MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
+nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
+start=$(date +%s)
+stage() { echo "== $1 ($(( $(date +%s) - start ))s)"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has build; then
+  stage build
+  python3 -m pip install --no-build-isolation --no-deps -v . -C build-dir=build/gpu-dist \
+    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+
+if has test; then
+  stage test-nccl
+  (cd tests/python && timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -s -m gpu \
+    -p no:cacheprovider -rf --tb=short test_distributed_gpu.py > "$OUT/pytest-dist.log" 2>&1)
+  grep -E "bf16:|^(FAILED|ERROR)|passed|failed" "$OUT/pytest-dist.log" | tail -20
+fi
+
+if has bench; then
+  # 16 rank-16 adapters (attention + experts), zipf popularity, all requests at once.
+  B="python3 -m moelora.bench.offline --model synthetic:mixtral-8x7b --num-layers ${LAYERS:-8}
+     --num-adapters 16 --max-loras 16 --rank 16 --num-prompts ${PROMPTS:-256} --input-len 256
+     --output-len 128 --max-num-seqs 128 --device cuda --dtype bfloat16
+     --adapter-dir /tmp/moelora-bench-adapters --out $OUT/tp-offline.jsonl"
+  for tp in ${TPS:-1 2 2ep}; do
+    stage "bench-tp$tp"
+    extra="--tensor-parallel-size ${tp%ep}"; [[ $tp == *ep ]] && extra="$extra --enable-expert-parallel"
+    timeout ${BENCH_TIMEOUT:-200} $B $extra > "$OUT/bench-tp$tp.log" 2>&1
+    python3 - "$OUT/tp-offline.jsonl" <<'PY'
+import json, sys
+r = [json.loads(l) for l in open(sys.argv[1])][-1]
+print({k: r[k] for k in ("tensor_parallel_size", "enable_expert_parallel", "throughput_ratio")},
+      "with", round(r["with_adapters"]["output_tokens_per_s"]), "tok/s",
+      "tpot p50", round(r["with_adapters"]["tpot_p50_ms"], 1), "ms;",
+      "none", round(r["no_adapters"]["output_tokens_per_s"]), "tok/s")
+PY
+  done
+fi
+stage done
