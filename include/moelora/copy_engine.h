@@ -46,8 +46,11 @@ class CopyEngine {
 // A background worker thread running memcpy over a FIFO queue.
 std::unique_ptr<CopyEngine> make_cpu_copy_engine();
 // Copies on `num_streams` dedicated non-blocking streams of GPU `device_index` (tickets are
-// spread round-robin; adjacent regions are coalesced into one cudaMemcpyAsync). Throws
-// CudaError when the library was built without CUDA or the GPU is absent.
+// spread round-robin). Adjacent regions are coalesced into runs; when no run writes bytes that
+// another run writes or reads, a submission's runs go to the driver as one
+// cudaMemcpyBatchAsync (one cudaMemcpyAsync per run where the driver has no batched copies),
+// and a large submission is spread over the streams; otherwise its runs are copied one by one
+// in order. Throws CudaError when the library was built without CUDA or the GPU is absent.
 std::unique_ptr<CopyEngine> make_cuda_copy_engine(int device_index = 0, int num_streams = 2);
 
 // Host memory for staging copies: page-locked (cudaHostAlloc) when the build has CUDA and a GPU
