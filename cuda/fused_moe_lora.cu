@@ -3,14 +3,19 @@
 // hold many rows (prefill), one cluster per group when they hold few (decode), the split-K CUDA-
 // core kernels for everything else (float32, rows not 16-byte aligned).
 #include <algorithm>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "common.cuh"
 #include "kernels/dispatch.h"
+#include "kernels/validate.h"
 #include "lora_kernels.h"
 
 namespace moelora::cuda {
+
+using kernels::is_absent;
 
 namespace {
 
@@ -33,32 +38,49 @@ enum class LoraKernel { kMma, kCluster, kSplitK };
 // From this many rows per block on, a block fills tensor-core tiles (m16) well enough to beat
 // CUDA-core FMAs; below it the cluster kernel's per-row vector loads win.
 constexpr int64_t kMmaMinRowsPerBlock = 8;
+// The tensor-core kernel is chosen automatically only once it passes the GPU suite.
+constexpr bool kMmaEnabled = false;
+
+// MOELORA_LORA_KERNEL=splitk|cluster|mma forces a family where it applies (benchmarks and
+// tests compare them); unset or "auto" lets choose_lora_kernel decide.
+// Read on every call (a getenv is ~100 ns) so a test can switch families in one process.
+std::optional<LoraKernel> forced_lora_kernel() {
+  return []() -> std::optional<LoraKernel> {
+    const char* value = std::getenv("MOELORA_LORA_KERNEL");
+    const std::string name = value != nullptr ? value : "auto";
+    if (name == "splitk") return LoraKernel::kSplitK;
+    if (name == "cluster") return LoraKernel::kCluster;
+    if (name == "mma") return LoraKernel::kMma;
+    if (name != "auto" && !name.empty()) {
+      throw InvalidArgument("MOELORA_LORA_KERNEL must be auto, splitk, cluster or mma, got '" +
+                            name + "'");
+    }
+    return std::nullopt;
+  }();
+}
 
 // Rows per (slot, expert) group decide the regime: the grid is sized on the host from
 // max_blocks (no device sync), so the estimate is num_pairs / max_blocks.
 LoraKernel choose_lora_kernel(const LoraArgs& a, DType dtype, LoraVectorization vec,
                               int64_t max_blocks) {
-  if (dtype == DType::kFloat32 || !vec.input || !vec.output) return LoraKernel::kSplitK;
+  if (const auto forced = forced_lora_kernel()) return *forced;
   const int64_t rows_per_block = a.num_pairs / std::max<int64_t>(1, max_blocks);
-  return rows_per_block >= kMmaMinRowsPerBlock ? LoraKernel::kMma : LoraKernel::kCluster;
+  if (kMmaEnabled && dtype != DType::kFloat32 && vec.input && vec.output &&
+      rows_per_block >= kMmaMinRowsPerBlock) {
+    return LoraKernel::kMma;
+  }
+  return LoraKernel::kCluster;
 }
 
-void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
-                const TensorRef& topk_weights, const TensorRef& sorted_pairs,
-                const TensorRef& block_slot, const TensorRef& block_expert,
-                const TensorRef& num_blocks, int32_t block_m,
-                const std::vector<LoraSiteView>& slices, const std::vector<int64_t>& col_offsets,
-                void* stream_ptr) {
+// The arguments every form shares; rank_stride 0 means no slot can add anything.
+LoraArgs common_args(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
+                     const TensorRef& topk_weights, const std::vector<LoraSiteView>& slices,
+                     const std::vector<int64_t>& col_offsets) {
   if (slices.size() > static_cast<size_t>(kMaxSlices)) {
     throw InvalidArgument("fused_moe_lora: the CUDA kernel takes at most " +
                           std::to_string(kMaxSlices) + " slices, got " +
                           std::to_string(slices.size()));
   }
-  const auto absent = [](const TensorRef& t) { return t.data == nullptr && t.ndim == 0; };
-  cudaStream_t stream = detail::as_stream(stream_ptr);
-  const int64_t max_blocks = block_slot.shape[0];
-  if (max_blocks == 0 || input.shape[0] == 0 || output.shape[0] == 0) return;
-
   LoraArgs a{};
   a.input = input.data;
   a.input_stride = input.stride[0];
@@ -68,16 +90,8 @@ void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const Tenso
   a.output = output.data;
   a.output_stride = output.stride[0];
   a.num_pairs = output.shape[0];
-  a.weights = absent(topk_weights) ? nullptr : static_cast<const float*>(topk_weights.data);
-  a.weight_stride = absent(topk_weights) ? 0 : topk_weights.stride[0];
-  a.sorted_pairs = static_cast<const int32_t*>(sorted_pairs.data);
-  a.pairs_stride = sorted_pairs.stride[0];
-  a.block_slot = static_cast<const int32_t*>(block_slot.data);
-  a.block_slot_stride = block_slot.stride[0];
-  a.block_expert = absent(block_expert) ? nullptr : static_cast<const int32_t*>(block_expert.data);
-  a.block_expert_stride = absent(block_expert) ? 0 : block_expert.stride[0];
-  a.num_blocks = static_cast<const int32_t*>(num_blocks.data);
-  a.block_m = block_m;
+  a.weights = is_absent(topk_weights) ? nullptr : static_cast<const float*>(topk_weights.data);
+  a.weight_stride = is_absent(topk_weights) ? 0 : topk_weights.stride[0];
   a.num_slices = static_cast<int32_t>(slices.size());
   int32_t rank_stride = 0;
   for (size_t i = 0; i < slices.size(); ++i) {
@@ -95,8 +109,28 @@ void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const Tenso
     s.col_offset = col_offsets[i];
     if (v.num_slots > 0) rank_stride = std::max(rank_stride, v.max_rank);
   }
-  if (rank_stride == 0 || a.in_dim == 0) return;  // no slot can add anything
-  a.rank_stride = rank_stride;
+  a.rank_stride = a.in_dim == 0 || input.shape[0] == 0 || output.shape[0] == 0 ? 0 : rank_stride;
+  return a;
+}
+
+void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
+                const TensorRef& topk_weights, const TensorRef& sorted_pairs,
+                const TensorRef& block_slot, const TensorRef& block_expert,
+                const TensorRef& num_blocks, int32_t block_m,
+                const std::vector<LoraSiteView>& slices, const std::vector<int64_t>& col_offsets,
+                void* stream_ptr) {
+  cudaStream_t stream = detail::as_stream(stream_ptr);
+  const int64_t max_blocks = block_slot.shape[0];
+  LoraArgs a = common_args(input, input_pairs_per_row, output, topk_weights, slices, col_offsets);
+  if (max_blocks == 0 || a.rank_stride == 0) return;
+  a.sorted_pairs = static_cast<const int32_t*>(sorted_pairs.data);
+  a.pairs_stride = sorted_pairs.stride[0];
+  a.block_slot = static_cast<const int32_t*>(block_slot.data);
+  a.block_slot_stride = block_slot.stride[0];
+  a.block_expert = is_absent(block_expert) ? nullptr : static_cast<const int32_t*>(block_expert.data);
+  a.block_expert_stride = is_absent(block_expert) ? 0 : block_expert.stride[0];
+  a.num_blocks = static_cast<const int32_t*>(num_blocks.data);
+  a.block_m = block_m;
   const LoraVectorization vec = vectorization(a, input, output);
   // Each specialised launcher may still decline (returns false); split-K takes anything.
   switch (choose_lora_kernel(a, input.dtype, vec, max_blocks)) {
@@ -132,6 +166,36 @@ void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef
   const TensorRef expert_zero{};
   lora_delta(input, /*input_pairs_per_row=*/1, output, no_weights, sorted_rows, block_slot,
              expert_zero, num_blocks, block_m, slices, col_offsets, stream);
+}
+
+}  // namespace moelora::cuda
+
+namespace moelora::cuda {
+
+void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row,
+                             const TensorRef& output, const TensorRef& topk_weights,
+                             const TensorRef& topk_ids, const TensorRef& token_slot,
+                             const std::vector<LoraSiteView>& slices,
+                             const std::vector<int64_t>& col_offsets, void* stream) {
+  LoraArgs a = common_args(input, input_pairs_per_row, output, topk_weights, slices, col_offsets);
+  if (a.rank_stride == 0) return;
+  a.token_slot = static_cast<const int32_t*>(token_slot.data);
+  a.token_slot_stride = token_slot.stride[0];
+  a.top_k = is_absent(topk_ids) ? 1 : static_cast<int32_t>(topk_ids.shape[1]);
+  if (!is_absent(topk_ids)) {
+    // pair p = t * K + k; the kernel reads pair_expert[p * stride] on a contiguous [T, K] view
+    if (topk_ids.stride[1] != 1 || topk_ids.stride[0] != topk_ids.shape[1]) {
+      throw InvalidArgument("fused_moe_lora_unsorted: topk_ids must be contiguous, got " +
+                            topk_ids.describe());
+    }
+    a.pair_expert = static_cast<const int32_t*>(topk_ids.data);
+    a.pair_expert_stride = 1;
+  }
+  if (!launch_lora_cluster(a, input.dtype, vectorization(a, input, output), a.num_pairs,
+                           detail::as_stream(stream))) {
+    throw InvalidArgument("fused_moe_lora_unsorted: the ranks of these slices need more shared "
+                          "memory than one SM has; use moe_lora_align + fused_moe_lora");
+  }
 }
 
 }  // namespace moelora::cuda

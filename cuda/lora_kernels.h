@@ -28,8 +28,9 @@ struct LoraVectorization {
 void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
                         cudaStream_t stream);
 
-// Either form; `num_items` = max_blocks (grouped) or num_pairs (unsorted). Needs 16-bit dtypes
-// and full vectorization; returns false (launching nothing) when the call does not qualify.
+// Either form; `num_items` = max_blocks (grouped) or num_pairs (unsorted). Any dtype and
+// layout; returns false (launching nothing) only when the ranks need more shared memory than
+// an SM has (sum of max ranks over slices in the thousands).
 bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t num_items,
                          cudaStream_t stream);
 

@@ -1,7 +1,517 @@
-// Placeholder until the tensor-core kernel lands: declines every call.
+// The tensor-core LoRA kernel (mma.sync m16n8k16): the prefill path of fused_moe_lora and
+// dense_lora, for float16 / bfloat16 with 16-byte aligned rows, when the (slot, expert) groups
+// hold many rows each.
+//
+// Math, per block b (slot a, expert e, up to block_m pairs) and slice i of rank r = rank_i(a):
+//   shrink  s[p, k]    = w[p] * sum_d x[p / input_pairs_per_row, d] * A_i[a, e][k, d]   (k < r)
+//   expand  out[p, c_i + j] += sum_k s[p, k] * B_i^T[a, e][k, j]
+// fp32 accumulation, s kept at fp32-like precision, one rounding per output element.
+//
+// At prefill the cost is reading x once and read-modify-writing the outputs once; the adapter
+// rows are small and shared by every CTA of a group, so they come from L2. Hence:
+//
+// Work item: one CTA per (block, M tile); an M tile is 16 rows per warp, 1-4 warps (64 rows when
+//   block_m >= 64; fewer warps for small block_m), more tiles per block when block_m is larger.
+//   Warp w owns tile rows 16w..16w+15 through both phases, so s never leaves its registers.
+// Passes: the slices are packed on the host into passes whose summed ranks, each rounded up to
+//   16 (rp_i), fit in N columns (template N in {32, 64, 128}); slice i takes columns
+//   [base_i, base_i + rp_i) of its pass. One shrink per pass reads x once for every slice in it
+//   (w13: gate and up together).
+// Shrink: K chunks of 64 elements, a 3-stage cp.async pipeline (16-byte copies, zero-fill for
+//   padding rows, rows past the rank and the in_dim tail). Stage = X [rows][64] + A rows [N][64],
+//   128-byte rows with the 16-byte chunks XOR-swizzled by (row & 7) so that ldmatrix is free of
+//   bank conflicts. Per k16 step a warp loads its x fragment (ldmatrix.x4) and, for each pair of
+//   n8 tiles that holds ranks of this block (tile mask; mixed ranks skip the rest), the A-row
+//   fragments (ldmatrix.x4: A rows are the "col" B operand as stored) and issues the mma.
+// Hand-over: the m16n8 accumulators of n tiles (2t, 2t+1) are exactly the A fragment of k tile
+//   t of the expand. Each value is scaled by w[p] (columns past the rank are zeroed) and split
+//   into hi = T(s) and lo = T(s - hi), two mma per step, so the intermediate keeps ~16 (bf16) /
+//   ~22 (fp16) mantissa bits. fp16 rows are also scaled by a power of two (exact) so that
+//   max |s| sits at 2^14: no overflow, little underflow of lo.
+// Expand: per slice, 64-column tiles through the same 3-stage pipeline. Stage = output tile
+//   [rows][64] (prefetched, so the read of the RMW is asynchronous) + B^T tile [rp][64]
+//   (rows past the rank zero-filled), both swizzled. B fragments come from ldmatrix.x4.trans.
+//   The warp adds its fp32 accumulators into the staged output tile in shared memory (one
+//   rounding per element), then writes its 16 rows back with coalesced 16-byte stores; columns
+//   past out_dim and padding rows are neither read nor written.
+// Every output element of a pair has one owner (its block's CTA, its warp, one lane): no atomics,
+// repeated runs are bit-identical. Shared memory: 3 * (rows + N) * 128 bytes of stages (72 KB
+// at N = 128, 48 KB at N = 64, 36 KB at N = 32 with 64 rows) plus ~3 KB of row tables.
+// Declines (returns false) for float32, unaligned rows, max_rank > 64 or an unaligned arena.
+// Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
+// Template space: dtype x N = 6 kernels.
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "common.cuh"
 #include "lora_kernels.h"
+
 namespace moelora::cuda {
-bool launch_lora_mma(const LoraArgs&, DType, LoraVectorization, int64_t, cudaStream_t) {
-  return false;
+
+namespace {
+
+constexpr int kMaxWarps = 4;
+constexpr int kMaxRows = 16 * kMaxWarps;  // rows of an M tile
+constexpr int kMaxN = 128;                // columns of a pass (summed, padded ranks)
+constexpr int kMaxRank = 64;
+constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the expand (elements)
+constexpr int kRowBytes = kChunk * 2;  // one 128-byte shared-memory row of a stage
+constexpr int kStages = 3;
+
+// Slices grouped into passes (consecutive slices), built on the host.
+struct MmaPlan {
+  int32_t num_passes;
+  int32_t pass_begin[kMaxSlices + 1];
+  int32_t base[kMaxSlices];  // first column of slice i in its pass (multiple of 16)
+  int32_t rp[kMaxSlices];    // columns of slice i: max_rank rounded up to 16 (0: no slots)
+};
+
+// ---- PTX wrappers --------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+// Byte offset of 16-byte chunk `ch` (0..7) of row `row` in a tile of 128-byte rows.
+__device__ __forceinline__ uint32_t swz(int row, int ch) {
+  return static_cast<uint32_t>(row * kRowBytes + ((ch ^ (row & 7)) << 4));
+}
+
+// 16-byte global -> shared copy; copies nothing and zero-fills when !valid.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as a packed pair of T (x in the low half) and back.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+    memcpy(&u, &v, 4);
+  } else {
+    const __half2 v = __floats2half2_rn(x, y);
+    memcpy(&u, &v, 4);
+  }
+  return u;
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t u) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v;
+    memcpy(&v, &u, 4);
+    return __bfloat1622float2(v);
+  } else {
+    __half2 v;
+    memcpy(&v, &u, 4);
+    return __half22float2(v);
+  }
+}
+
+// hi = T(x), lo = T(x - hi), per element of the pair.
+template <typename T>
+__device__ __forceinline__ void split2(float x, float y, uint32_t& hi, uint32_t& lo) {
+  hi = pack2<T>(x, y);
+  const float2 h = unpack2<T>(hi);
+  lo = pack2<T>(x - h.x, y - h.y);
+}
+
+// 2^e as a float, e clamped to the normal range.
+__device__ __forceinline__ float pow2(int e) {
+  e = max(-126, min(127, e));
+  return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
+}
+
+// The 3-stage cp.async pipeline over n steps: load(step, stage) issues the copies of a step,
+// compute(step, stage) consumes it. One barrier per step; ends drained and synchronised, so the
+// stages may be reused for something else.
+template <typename Load, typename Compute>
+__device__ __forceinline__ void pipeline(int n, Load&& load, Compute&& compute) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n) load(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // step `it` landed for everyone; stage (it - 1) % kStages is free
+    const int next = it + kStages - 1;
+    if (next < n) load(next, next % kStages);
+    cp_async_commit();
+    compute(it, it % kStages);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+// ---- the kernel ------------------------------------------------------------------------------
+
+template <typename T, int N>
+__global__ void __launch_bounds__(32 * kMaxWarps)
+    lora_mma_kernel(const LoraArgs a, const MmaPlan plan, int64_t items, int32_t mtiles) {
+  constexpr int NT = N / 8;   // n8 tiles of a pass (shrink)
+  constexpr int KT = N / 16;  // k16 tiles of a pass (expand)
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ const T* s_xrow[kMaxRows];  // input row of each tile row, null = padding
+  __shared__ T* s_orow[kMaxRows];        // output row of each tile row, null = padding
+  __shared__ float s_w[kMaxRows];        // routing weight of each tile row
+  // A rows of the pass in load order (null: zero-fill) during the shrink, then the B^T rows of
+  // the slice being expanded (null: zeros). One array: 3 CTAs of N = 128 fit an SM.
+  __shared__ const T* s_wsrc[kMaxN];
+  const T** const s_bsrc = s_wsrc;
+  __shared__ uint8_t s_wdst[kMaxN];      // row in the stage of each entry of s_wsrc
+  __shared__ int32_t s_lim[NT];          // per n tile: end of the valid columns (base + rank)
+  __shared__ int32_t s_rank[kMaxSlices];
+  __shared__ int32_t s_base[kMaxSlices], s_rp[kMaxSlices], s_pass[kMaxSlices + 1];  // the plan
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nthreads = static_cast<int>(blockDim.x);
+  const int lane = tid & 31;
+  const int r0 = (tid >> 5) * 16;  // this warp's first tile row
+  const int g = lane >> 2, t4 = lane & 3;
+  const int rows = nthreads / 2;  // 16 rows per warp
+  const uint32_t stage_bytes = static_cast<uint32_t>((rows + N) * kRowBytes);
+  const uint32_t smem0 = smem_u32(smem);
+  const T* input = static_cast<const T*>(a.input);
+  T* output = static_cast<T*>(a.output);
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < kMaxSlices; ++i) s_base[i] = plan.base[i], s_rp[i] = plan.rp[i];
+#pragma unroll
+    for (int i = 0; i <= kMaxSlices; ++i) s_pass[i] = plan.pass_begin[i];
+  }  // read after the first barrier below
+
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t b = item / mtiles;
+    if (b >= *a.num_blocks) break;  // items are ordered by block
+    const int64_t m0 = (item % mtiles) * rows;
+    const int32_t slot = a.block_slot[b * a.block_slot_stride];
+    const int32_t expert =
+        a.block_expert != nullptr ? a.block_expert[b * a.block_expert_stride] : 0;
+    if (tid < a.num_slices) s_rank[tid] = slice_info(a.slices[tid], slot, expert).rank;
+    bool valid = false;
+    if (tid < rows) {
+      int32_t pair = -1;
+      if (m0 + tid < a.block_m) {
+        pair = a.sorted_pairs[(b * a.block_m + m0 + tid) * a.pairs_stride];
+      }
+      valid = pair_valid(a, pair);
+      s_xrow[tid] = valid ? input + (pair / a.input_pairs_per_row) * a.input_stride : nullptr;
+      s_orow[tid] = valid ? output + int64_t{pair} * a.output_stride : nullptr;
+      s_w[tid] = valid && a.weights != nullptr ? a.weights[int64_t{pair} * a.weight_stride] : 1.0f;
+    }
+    if (__syncthreads_or(valid)) {
+      const bool warp_active = __any_sync(0xffffffffu, lane < 16 && s_xrow[r0 + lane] != nullptr);
+      for (int p = 0; p < plan.num_passes; ++p) {
+        const int sb = s_pass[p], se = s_pass[p + 1];  // pass p is slices [sb, se)
+        // Rows of A to load: the first roundup(rank, 8) of each slice's columns.
+        int nact = 0;
+        uint32_t tile_mask = 0;
+        for (int i = sb; i < se; ++i) {
+          const int c = (s_rank[i] + 7) / 8;
+          tile_mask |= ((1u << c) - 1u) << (s_base[i] / 8);
+          nact += 8 * c;
+        }
+        if (nact == 0) continue;  // uniform: no slice of this pass has rank here
+        for (int idx = tid; idx < nact; idx += nthreads) {
+          int i = sb, k = idx;
+          while (k >= 8 * ((s_rank[i] + 7) / 8)) k -= 8 * ((s_rank[i] + 7) / 8), ++i;
+          const SliceArgs& s = a.slices[i];
+          s_wdst[idx] = static_cast<uint8_t>(s_base[i] + k);
+          s_wsrc[idx] = k < s_rank[i] ? reinterpret_cast<const T*>(lora_row(
+                                            s, BlockInfo{slot, expert, s_rank[i]}, false, k))
+                                      : nullptr;
+        }
+        for (int j = tid; j < NT; j += nthreads) {
+          int lim = 0;
+          for (int i = sb; i < se; ++i) {
+            if (8 * j >= s_base[i] && 8 * j < s_base[i] + s_rp[i]) {
+              lim = s_base[i] + s_rank[i];
+            }
+          }
+          s_lim[j] = lim;
+        }
+        __syncthreads();
+
+        // ---- shrink: acc[j] = x_tile (16 rows of this warp) @ A_pass^T, n tile j ----
+        float acc[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        const int64_t in_dim = a.in_dim;
+        auto load_chunk = [&](int c, int stage) {
+          const int64_t d0 = int64_t{c} * kChunk;
+          const uint32_t xs = smem0 + stage * stage_bytes;
+          const uint32_t ws = xs + rows * kRowBytes;
+          for (int idx = tid; idx < rows * 8; idx += nthreads) {
+            const int r = idx >> 3, ch = idx & 7;
+            const int64_t d = d0 + ch * 8;
+            const T* src = s_xrow[r];
+            const bool ok = src != nullptr && d < in_dim;
+            cp_async16(xs + swz(r, ch), ok ? src + d : input, ok);
+          }
+          for (int idx = tid; idx < nact * 8; idx += nthreads) {
+            const int j = idx >> 3, ch = idx & 7;
+            const int64_t d = d0 + ch * 8;
+            const T* src = s_wsrc[j];
+            const bool ok = src != nullptr && d < in_dim;
+            cp_async16(ws + swz(s_wdst[j], ch), ok ? src + d : input, ok);
+          }
+        };
+        auto shrink_chunk = [&](int, int stage) {
+          if (!warp_active) return;
+          const uint32_t xs = smem0 + stage * stage_bytes;
+          const uint32_t ws = xs + rows * kRowBytes;
+#pragma unroll
+          for (int ks = 0; ks < kChunk / 16; ++ks) {
+            uint32_t af[4];
+            ldsm_x4(af, xs + swz(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * ks + (lane >> 4)));
+#pragma unroll
+            for (int jp = 0; jp < NT / 2; ++jp) {
+              const uint32_t pm = (tile_mask >> (2 * jp)) & 3u;
+              if (pm == 0) continue;  // tile 2jp+1 active implies tile 2jp active
+              uint32_t bf[4];
+              ldsm_x4(bf, ws + swz(16 * jp + (lane & 7) + (lane >> 4) * 8,
+                                   2 * ks + ((lane >> 3) & 1)));
+              mma16816<T>(acc[2 * jp], af, bf[0], bf[1]);
+              if (pm & 2u) mma16816<T>(acc[2 * jp + 1], af, bf[2], bf[3]);
+            }
+          }
+        };
+        pipeline(static_cast<int>((in_dim + kChunk - 1) / kChunk), load_chunk, shrink_chunk);
+
+        // ---- hand-over: s = w * acc (zero past the rank) as hi/lo A fragments ----
+        // Thread holds rows g (acc[.][0..1]) and g + 8 (acc[.][2..3]), columns 8j + 2*t4 + {0,1}.
+        const float w0 = s_w[r0 + g], w1 = s_w[r0 + g + 8];
+        float max0 = 0.0f, max1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const int lim = s_lim[j];
+          const int n = 8 * j + 2 * t4;
+          acc[j][0] = n < lim ? acc[j][0] * w0 : 0.0f;
+          acc[j][1] = n + 1 < lim ? acc[j][1] * w0 : 0.0f;
+          acc[j][2] = n < lim ? acc[j][2] * w1 : 0.0f;
+          acc[j][3] = n + 1 < lim ? acc[j][3] * w1 : 0.0f;
+          max0 = fmaxf(max0, fmaxf(fabsf(acc[j][0]), fabsf(acc[j][1])));
+          max1 = fmaxf(max1, fmaxf(fabsf(acc[j][2]), fabsf(acc[j][3])));
+        }
+        float scale0 = 1.0f, scale1 = 1.0f, unscale0 = 1.0f, unscale1 = 1.0f;
+        if constexpr (std::is_same_v<T, __half>) {
+          // Row maxima over the quad, then exact power-of-two scales to 2^14.
+          max0 = fmaxf(max0, __shfl_xor_sync(0xffffffffu, max0, 1));
+          max0 = fmaxf(max0, __shfl_xor_sync(0xffffffffu, max0, 2));
+          max1 = fmaxf(max1, __shfl_xor_sync(0xffffffffu, max1, 1));
+          max1 = fmaxf(max1, __shfl_xor_sync(0xffffffffu, max1, 2));
+          const int e0 = static_cast<int>((__float_as_uint(max0) >> 23) & 0xffu) - 127;
+          const int e1 = static_cast<int>((__float_as_uint(max1) >> 23) & 0xffu) - 127;
+          const int sh0 = max(-100, min(100, 14 - e0)), sh1 = max(-100, min(100, 14 - e1));
+          scale0 = pow2(sh0), unscale0 = pow2(-sh0);
+          scale1 = pow2(sh1), unscale1 = pow2(-sh1);
+        }
+        uint32_t shi[KT][4], slo[KT][4];
+#pragma unroll
+        for (int t = 0; t < KT; ++t) {
+          split2<T>(acc[2 * t][0] * scale0, acc[2 * t][1] * scale0, shi[t][0], slo[t][0]);
+          split2<T>(acc[2 * t][2] * scale1, acc[2 * t][3] * scale1, shi[t][1], slo[t][1]);
+          split2<T>(acc[2 * t + 1][0] * scale0, acc[2 * t + 1][1] * scale0, shi[t][2], slo[t][2]);
+          split2<T>(acc[2 * t + 1][2] * scale1, acc[2 * t + 1][3] * scale1, shi[t][3], slo[t][3]);
+        }
+
+        // ---- expand, slice by slice ----
+        for (int i = sb; i < se; ++i) {
+          const int rank = s_rank[i];
+          if (rank == 0) continue;
+          const SliceArgs& s = a.slices[i];
+          const int kt0 = s_base[i] / 16;  // first k tile of this slice in the pass
+          const int nkt = (rank + 15) / 16;  // its k tiles holding ranks
+          const int64_t out_dim = s.out_dim;
+          const int64_t col_offset = s.col_offset;
+          for (int k = tid; k < 16 * nkt; k += nthreads) {
+            s_bsrc[k] = k < rank ? reinterpret_cast<const T*>(
+                                       lora_row(s, BlockInfo{slot, expert, rank}, true, k))
+                                 : nullptr;
+          }
+          __syncthreads();
+          auto load_tile = [&](int ct, int stage) {
+            const int64_t c0 = int64_t{ct} * kChunk;
+            const uint32_t os = smem0 + stage * stage_bytes;
+            const uint32_t bs = os + rows * kRowBytes;
+            for (int idx = tid; idx < nkt * 16 * 8; idx += nthreads) {
+              const int k = idx >> 3, ch = idx & 7;
+              const int64_t col = c0 + ch * 8;
+              const T* src = s_bsrc[k];
+              const bool ok = src != nullptr && col < out_dim;
+              cp_async16(bs + swz(k, ch), ok ? src + col : input, ok);
+            }
+            for (int idx = tid; idx < rows * 8; idx += nthreads) {
+              const int r = idx >> 3, ch = idx & 7;
+              const int64_t col = c0 + ch * 8;
+              T* dst = s_orow[r];
+              if (dst != nullptr && col < out_dim) {
+                cp_async16(os + swz(r, ch), dst + col_offset + col, true);
+              }
+            }
+          };
+          auto expand_tile = [&](int ct, int stage) {
+            if (!warp_active) return;
+            const int64_t c0 = int64_t{ct} * kChunk;
+            const uint32_t os = smem0 + stage * stage_bytes;
+            const uint32_t bs = os + rows * kRowBytes;
+            float out[kChunk / 8][4];
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j) {
+              out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
+            }
+#pragma unroll
+            for (int t = 0; t < KT; ++t) {
+              if (t < kt0 || t >= kt0 + nkt) continue;
+              const int kr = (t - kt0) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+              for (int jp = 0; jp < kChunk / 16; ++jp) {
+                uint32_t bf[4];
+                ldsm_x4_trans(bf, bs + swz(kr, 2 * jp + (lane >> 4)));
+                mma16816<T>(out[2 * jp], shi[t], bf[0], bf[1]);
+                mma16816<T>(out[2 * jp], slo[t], bf[0], bf[1]);
+                mma16816<T>(out[2 * jp + 1], shi[t], bf[2], bf[3]);
+                mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
+              }
+            }
+            // out += staged output tile, rounded once, in place in shared memory.
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int row = r0 + g + 8 * h;
+                uint32_t* p =
+                    reinterpret_cast<uint32_t*>(smem + (os - smem0) + swz(row, j) + 4 * t4);
+                const float u = h == 0 ? unscale0 : unscale1;
+                const float2 cur = unpack2<T>(*p);
+                *p = pack2<T>(cur.x + out[j][2 * h] * u, cur.y + out[j][2 * h + 1] * u);
+              }
+            }
+            __syncwarp();
+            // The warp's 16 rows back to global memory, 16 bytes per lane, 8 lanes per row.
+#pragma unroll
+            for (int v = lane; v < 16 * 8; v += 32) {
+              const int row = r0 + (v >> 3), ch = v & 7;
+              const int64_t col = c0 + ch * 8;
+              T* dst = s_orow[row];
+              if (dst != nullptr && col < out_dim) {
+                *reinterpret_cast<uint4*>(dst + col_offset + col) =
+                    *reinterpret_cast<const uint4*>(smem + (os - smem0) + swz(row, ch));
+              }
+            }
+          };
+          pipeline(static_cast<int>((out_dim + kChunk - 1) / kChunk), load_tile, expand_tile);
+        }
+      }
+    }
+    __syncthreads();  // the row tables are rewritten by the next item
+  }
+}
+
+template <typename T, int N>
+void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStream_t stream) {
+  const int warps = static_cast<int>(std::clamp<int64_t>((a.block_m + 15) / 16, 1, kMaxWarps));
+  const int rows = 16 * warps;
+  const int64_t mtiles = (a.block_m + rows - 1) / rows;
+  const int64_t items = max_blocks * mtiles;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(items, int64_t{1} << 30));
+  const size_t smem = size_t{kStages} * (rows + N) * kRowBytes;
+  // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
+  // static shared memory (~2.6 KB of row tables), so 48 KB of stages (N = 64, 64 rows) already
+  // needs it. Cheap host call; also legal during stream capture.
+  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_mma_kernel<T, N>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  lora_mma_kernel<T, N><<<grid, 32 * warps, smem, stream>>>(a, plan, items,
+                                                            static_cast<int32_t>(mtiles));
+  detail::check_launch("fused_moe_lora mma");
+}
+
+template <typename T>
+void launch_bucket(const LoraArgs& a, const MmaPlan& plan, int widest, int64_t max_blocks,
+                   cudaStream_t stream) {
+  if (widest <= 32) launch<T, 32>(a, plan, max_blocks, stream);
+  else if (widest <= 64) launch<T, 64>(a, plan, max_blocks, stream);
+  else launch<T, 128>(a, plan, max_blocks, stream);
+}
+
+}  // namespace
+
+bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
+                     cudaStream_t stream) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  if (!vec.input || !vec.output || a.sorted_pairs == nullptr) return false;
+  if (a.num_slices <= 0 || a.num_slices > kMaxSlices || a.block_m <= 0 || max_blocks <= 0) {
+    return false;
+  }
+  if (a.in_dim > (int64_t{1} << 30) || a.input_pairs_per_row <= 0) return false;
+  // Passes: consecutive slices whose padded ranks fit in kMaxN columns together.
+  MmaPlan plan{};
+  int open = 0, widest = 0;
+  for (int i = 0; i < a.num_slices; ++i) {
+    const SliceArgs& s = a.slices[i];
+    int rp = 0;
+    if (s.num_slots > 0 && s.max_rank > 0) {
+      if (s.max_rank > kMaxRank || !detail::aligned16(s.arena)) return false;
+      if (s.out_dim > (int64_t{1} << 30)) return false;
+      rp = (s.max_rank + 15) / 16 * 16;
+    }
+    if (open + rp > kMaxN) {
+      plan.pass_begin[++plan.num_passes] = i;
+      open = 0;
+    }
+    plan.base[i] = open;
+    plan.rp[i] = rp;
+    open += rp;
+    widest = std::max(widest, open);
+  }
+  plan.pass_begin[++plan.num_passes] = a.num_slices;
+  if (widest == 0) return true;  // no slot has a rank anywhere: nothing to add
+  if (dtype == DType::kFloat16) {
+    launch_bucket<__half>(a, plan, widest, max_blocks, stream);
+  } else {
+    launch_bucket<__nv_bfloat16>(a, plan, widest, max_blocks, stream);
+  }
+  return true;
+}
+
 }  // namespace moelora::cuda

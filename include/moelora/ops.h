@@ -56,6 +56,21 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
                     const std::vector<LoraSiteView>& slices,
                     const std::vector<int64_t>& col_offsets, void* stream);
 
+// ---- fused_moe_lora without alignment (decode) -------------------------------------------------
+// The same delta as fused_moe_lora, for every pair p = t * K + k with slot = token_slot[t] and
+// expert = topk_ids[t, k] (expert 0 when topk_ids is empty: dense rows, K = 1), without the
+// moe_lora_align pass: at decode most (slot, expert) groups hold one pair, so grouping saves
+// no weight traffic and its launch is pure latency. Pairs of slot -1 are untouched.
+//   topk_ids    int32 [T, K] contiguous, or empty
+//   token_slot  int32 [T]
+//   input/output/topk_weights/slices/col_offsets as for fused_moe_lora; output has T*K rows.
+// Out-of-range slot or expert ids are InvalidArgument on the CPU and add nothing on the GPU.
+void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row,
+                             const TensorRef& output, const TensorRef& topk_weights,
+                             const TensorRef& topk_ids, const TensorRef& token_slot,
+                             const std::vector<LoraSiteView>& slices,
+                             const std::vector<int64_t>& col_offsets, void* stream);
+
 // ---- dense multi-LoRA --------------------------------------------------------------------------
 // Rows grouped by adapter by moe_lora_align with an empty topk_ids (one expert). For each row t
 // in a block of slot a, and each slice i:

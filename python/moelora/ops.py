@@ -22,6 +22,8 @@ __all__ = [
     "LoraSiteView",
     "dense_lora",
     "fused_moe_lora",
+    "fused_moe_lora_unsorted",
+    "prefer_unsorted",
     "kv_cache_write",
     "kv_page_bytes_needed",
     "make_kv_cache_view",
@@ -100,6 +102,44 @@ def fused_moe_lora(
         as_ref(block_expert),
         as_ref(num_blocks),
         block_m,
+        list(slices),
+        [int(c) for c in col_offsets],
+        stream_handle(input.device),
+    )
+    return output
+
+
+# Up to this many (token, k) pairs per step the unsorted form (no alignment launch; one cluster
+# per pair, weights shared by a few pairs come from L2) beats grouping (bench/NOTES.md, v2).
+UNSORTED_MAX_PAIRS = 256
+
+
+def prefer_unsorted(num_pairs: int) -> bool:
+    """Whether fused_moe_lora_unsorted is the faster form for a step of num_pairs pairs."""
+    return num_pairs <= UNSORTED_MAX_PAIRS
+
+
+def fused_moe_lora_unsorted(
+    input: torch.Tensor,
+    output: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    token_slot: torch.Tensor,
+    slices: Sequence[LoraSiteView],
+    col_offsets: Sequence[int],
+    *,
+    input_pairs_per_row: int,
+    topk_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fused_moe_lora's delta without the alignment pass (decode): pair p = t * K + k uses slot
+    token_slot[t] and expert topk_ids[t, k] (expert 0 when topk_ids is None). In place on
+    ``output``; returns it."""
+    _C.fused_moe_lora_unsorted(
+        as_ref(input),
+        input_pairs_per_row,
+        as_ref(output),
+        as_optional_ref(topk_weights),
+        as_optional_ref(topk_ids),
+        as_ref(token_slot),
         list(slices),
         [int(c) for c in col_offsets],
         stream_handle(input.device),

@@ -149,6 +149,21 @@ void register_ops(py::module_& m) {
                    slices, col_offsets, stream_from_int(stream));
   });
 
+  m.def("fused_moe_lora_unsorted", [](const py::tuple& input, int32_t input_pairs_per_row,
+                                      const py::tuple& output, const py::object& topk_weights,
+                                      const py::object& topk_ids, const py::tuple& token_slot,
+                                      const std::vector<LoraSiteView>& slices,
+                                      const std::vector<int64_t>& col_offsets, uintptr_t stream) {
+    TensorRef in = to_tensor_ref(input, "input");
+    TensorRef out = to_tensor_ref(output, "output");
+    TensorRef weights = to_optional_tensor_ref(topk_weights, "topk_weights");
+    TensorRef ids = to_optional_tensor_ref(topk_ids, "topk_ids");
+    TensorRef slots = to_tensor_ref(token_slot, "token_slot");
+    py::gil_scoped_release release;
+    fused_moe_lora_unsorted(in, input_pairs_per_row, out, weights, ids, slots, slices,
+                            col_offsets, stream_from_int(stream));
+  });
+
   m.def("dense_lora", [](const py::tuple& input, const py::tuple& output,
                          const py::tuple& sorted_rows, const py::tuple& block_slot,
                          const py::tuple& num_blocks, int32_t block_m,

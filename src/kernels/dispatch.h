@@ -68,6 +68,11 @@ void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef
                 const TensorRef& block_slot, const TensorRef& num_blocks, int32_t block_m,
                 const std::vector<LoraSiteView>& slices, const std::vector<int64_t>& col_offsets,
                 void* stream);
+void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row,
+                             const TensorRef& output, const TensorRef& topk_weights,
+                             const TensorRef& topk_ids, const TensorRef& token_slot,
+                             const std::vector<LoraSiteView>& slices,
+                             const std::vector<int64_t>& col_offsets, void* stream);
 void kv_cache_write(const TensorRef& key, const TensorRef& value, const TensorRef& slot_mapping,
                     const KvCacheView& cache, void* stream);
 void paged_attention(const TensorRef& out, const TensorRef& query, const TensorRef& query_seq,

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "kernels/dispatch.h"
 #include "kernels/validate.h"
@@ -135,6 +136,71 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
   }
   cpu::fused_moe_lora(input, input_pairs_per_row, output, topk_weights, sorted_pairs, block_slot,
                       block_expert, num_blocks, block_m, slices, col_offsets);
+}
+
+void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row,
+                             const TensorRef& output, const TensorRef& topk_weights,
+                             const TensorRef& topk_ids, const TensorRef& token_slot,
+                             const std::vector<LoraSiteView>& slices,
+                             const std::vector<int64_t>& col_offsets, void* stream) {
+  constexpr const char* op = "fused_moe_lora_unsorted";
+  check_dtype(token_slot, DType::kInt32, op, "token_slot");
+  check_ndim(token_slot, 1, op, "token_slot");
+  check_has_data(token_slot, op, "token_slot");
+  int64_t top_k = 1;
+  if (!is_absent(topk_ids)) {
+    check_dtype(topk_ids, DType::kInt32, op, "topk_ids");
+    check_ndim(topk_ids, 2, op, "topk_ids");
+    check_has_data(topk_ids, op, "topk_ids");
+    check_size(topk_ids, 0, token_slot.shape[0], op, "topk_ids", "one row per token of token_slot");
+    check_same_device(token_slot, topk_ids, op, "token_slot", "topk_ids");
+    if (!topk_ids.is_contiguous()) throw_invalid(op, "topk_ids must be contiguous, got " + topk_ids.describe());
+    top_k = topk_ids.shape[1];
+  }
+  check_lora_io(input, output, token_slot, "token_slot", slices, col_offsets, op);
+  if (input_pairs_per_row != 1 && input_pairs_per_row != top_k) {
+    throw_invalid(op, "input_pairs_per_row must be 1 (one input row per pair) or top_k = " +
+                          std::to_string(top_k) + " (one per token), got " +
+                          std::to_string(input_pairs_per_row));
+  }
+  check_size(output, 0, token_slot.shape[0] * top_k, op, "output", "tokens * top_k pairs");
+  check_size(input, 0, output.shape[0] / input_pairs_per_row, op, "input",
+             "pairs / input_pairs_per_row");
+  if (!is_absent(topk_weights)) {
+    check_dtype(topk_weights, DType::kFloat32, op, "topk_weights");
+    check_ndim(topk_weights, 1, op, "topk_weights");
+    check_size(topk_weights, 0, output.shape[0], op, "topk_weights", "one weight per pair");
+    check_has_data(topk_weights, op, "topk_weights");
+    check_same_device(input, topk_weights, op, "input", "topk_weights");
+  }
+  if (on_cuda(input)) {
+#if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_FUSED_MOE_LORA
+    return cuda::fused_moe_lora_unsorted(input, input_pairs_per_row, output, topk_weights,
+                                         topk_ids, token_slot, slices, col_offsets, stream);
+#else
+    no_cuda_kernel(op);
+#endif
+  }
+  // The CPU reference is the grouped reference on a host-side alignment: same semantics.
+  int32_t num_slots = 0, num_experts = 1;
+  for (const LoraSiteView& v : slices) {
+    num_slots = std::max(num_slots, v.num_slots);
+    num_experts = std::max(num_experts, v.num_experts);
+  }
+  constexpr int32_t block_m = 1;
+  const int64_t pairs = output.shape[0];
+  const int64_t max_blocks = moe_lora_align_max_blocks(pairs, num_experts, num_slots, block_m);
+  std::vector<int32_t> sorted(static_cast<size_t>(max_blocks * block_m)),
+      block_slot(static_cast<size_t>(max_blocks)), block_expert(static_cast<size_t>(max_blocks)),
+      count(1);
+  const TensorRef sorted_ref = make_tensor_ref(sorted.data(), DType::kInt32, {max_blocks * block_m});
+  const TensorRef slot_ref = make_tensor_ref(block_slot.data(), DType::kInt32, {max_blocks});
+  const TensorRef expert_ref = make_tensor_ref(block_expert.data(), DType::kInt32, {max_blocks});
+  const TensorRef count_ref = make_tensor_ref(count.data(), DType::kInt32, {1});
+  cpu::moe_lora_align(topk_ids, token_slot, num_experts, num_slots, block_m, sorted_ref, slot_ref,
+                      expert_ref, count_ref);
+  cpu::fused_moe_lora(input, input_pairs_per_row, output, topk_weights, sorted_ref, slot_ref,
+                      expert_ref, count_ref, block_m, slices, col_offsets, op);
 }
 
 void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef& sorted_rows,

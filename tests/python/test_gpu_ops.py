@@ -356,3 +356,172 @@ def test_gpu_kv_cache_and_paged_attention(dtype, gqa, head_dim, window, use_sink
     rtol, atol = ATTN_TOLERANCE[dtype]
     torch.testing.assert_close(got.double(), expected.to(dtype).double(), rtol=rtol, atol=atol)
     torch.testing.assert_close(got.double(), outs["cpu"][:, :, :head_dim].double(), rtol=rtol, atol=atol)
+
+
+# ---- tensor-core (mma) path: prefill-shaped groups ------------------------------------------------
+# fused_moe_lora.cu takes the mma kernels for 16-bit dtypes with 16-byte aligned rows when
+# num_pairs / max_blocks >= 8 (kMmaMinRowsPerBlock): few adapters and few experts, so that each
+# (slot, expert) group holds many rows. Dims are multiples of 8 (vectorised) but not of 64 (the
+# kernels' K chunk and column tile): 888 = 13 * 64 + 56, 232 = 3 * 64 + 40.
+
+MMA_MIN_ROWS_PER_BLOCK = 8
+SMALL_RANKS = [4, 8, 0, 16, 1, 8, 12, 13]  # max 16: w13 fits a 32-column pass
+MID_RANKS = [4, 8, 0, 16, 32, 8, 24, 13]  # max 32: w13 fits a 64-column pass
+RANK_SETS = {"slot": SLOT_RANKS, "small": SMALL_RANKS, "mid": MID_RANKS}
+
+
+def few_adapter_slots(tokens, slots, seed, base_fraction=0.2):
+    """int32 [tokens]: each token on one of `slots` (1-3 adapters), some on the base model (-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.tensor(slots)[torch.randint(0, len(slots), (tokens,), generator=gen)]
+    base = torch.rand(tokens, generator=gen) < base_fraction
+    base[0] = False
+    return torch.where(base, torch.full_like(pick, -1), pick).to(torch.int32)
+
+
+def make_prefill_problem(tokens, hidden, inter, top_k, experts, slots, ranks, dtype, stage, seed):
+    """Like make_problem, with explicit dims, adapters and ranks; rows padded by 8 (aligned) and,
+    for w13, 8 poisoned columns between the gate and up slices."""
+    gen = torch.Generator().manual_seed(seed)
+    token_slot = few_adapter_slots(tokens, slots, seed)
+    topk_ids = route_experts(tokens, top_k, experts, seed + 1)
+    num_pairs = tokens * top_k
+    if stage == "w13":
+        sites = [
+            make_site(ranks, experts, hidden, inter, dtype, seed + 2),
+            make_site(ranks[::-1], experts, hidden, inter, dtype, seed + 3),
+        ]
+        col_offsets, width, pairs_per_row = [0, inter + 8], 2 * inter + 8, top_k
+        x = rows(tokens, hidden, dtype, gen, 8)
+    else:
+        sites = [make_site(ranks, experts, inter, hidden, dtype, seed + 2)]
+        col_offsets, width, pairs_per_row = [0], hidden, 1
+        x = rows(num_pairs, inter, dtype, gen, 8)
+    weights = torch.rand(num_pairs, generator=gen) if stage == "w2" else None
+    delta, written = reference_delta(
+        x.double(), token_slot, topk_ids, weights, sites, col_offsets, width, pairs_per_row
+    )
+    base64 = torch.randn(num_pairs, width, generator=gen, dtype=torch.float64)
+    base64[~written] = float("nan")
+    output = rows(num_pairs, width, dtype, gen, 8, fill=base64)
+    expected = (output.double() + delta).to(dtype)
+    return {
+        "token_slot": token_slot, "topk_ids": topk_ids, "sites": sites,
+        "col_offsets": col_offsets, "pairs_per_row": pairs_per_row, "x": x, "weights": weights,
+        "output": output, "expected": expected, "written": written, "experts": experts,
+    }
+
+
+def check_fused_result(out_gpu, out_cpu, prob, dtype):
+    """GPU output against float64 and the CPU op; unowned elements and row padding untouched."""
+    got = out_gpu.cpu()
+    written = prob["written"]
+    assert written.any()
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(
+        got[written].double(), prob["expected"][written].double(), rtol=rtol, atol=atol
+    )
+    rtol, atol = CPU_TOLERANCE[dtype]
+    torch.testing.assert_close(got[written].double(), out_cpu[written].double(), rtol=rtol, atol=atol)
+    assert torch.isnan(got[~written]).all(), "the kernel wrote outside the pairs/columns it owns"
+    stride = out_gpu.stride(0)
+    full = out_gpu.as_strided((out_gpu.shape[0], stride), (stride, 1)).cpu()
+    assert torch.isnan(full[:, out_gpu.shape[1] :]).all()
+
+
+# tokens, hidden, inter, top_k, experts, slots (adapters in use), rank set, dtype, block_m
+_MMA_CASES = [
+    (133, 888, 232, 2, 2, [4], "slot", torch.bfloat16, 64),  # one adapter of rank 64
+    (133, 2880, 768, 1, 1, [0, 7], "slot", torch.float16, 16),  # ranks 4 and 13, one warp
+    (517, 888, 232, 4, 4, [1, 3, 6], "slot", torch.float16, 128),  # 8, 16, 32; two M tiles
+    (517, 2880, 768, 2, 3, [7, 4, 0], "slot", torch.bfloat16, 64),
+    (133, 2880, 768, 2, 2, [3, 4], "small", torch.bfloat16, 128),  # ranks 16 and 1
+    (517, 888, 232, 2, 4, [2, 4, 6], "mid", torch.bfloat16, 16),  # slot 2: rank 0 in gate only
+    (133, 768, 888, 2, 2, [5, 1], "small", torch.float16, 32),  # two warps
+    (517, 768, 888, 1, 1, [4, 6], "mid", torch.float16, 64),
+]
+
+
+@pytest.mark.parametrize("stage", ["w13", "w2"])
+@pytest.mark.parametrize(
+    "tokens,hidden,inter,top_k,experts,slots,ranks,dtype,block_m", _MMA_CASES
+)
+def test_gpu_fused_moe_lora_mma_prefill_matches_cpu_and_float64(
+    tokens, hidden, inter, top_k, experts, slots, ranks, dtype, block_m, stage
+):
+    num_pairs = tokens * top_k
+    max_blocks = ops.moe_lora_align_max_blocks(num_pairs, experts, len(SLOT_RANKS), block_m)
+    assert num_pairs // max_blocks >= MMA_MIN_ROWS_PER_BLOCK, "case does not reach the mma path"
+    seed = tokens + hidden + inter + top_k * 7 + experts + block_m + (stage == "w2")
+    prob = make_prefill_problem(
+        tokens, hidden, inter, top_k, experts, slots, RANK_SETS[ranks], dtype, stage, seed
+    )
+    views = [gpu_view(s) for s in prob["sites"]]
+    out_gpu, _ = run_fused(prob, "cuda", block_m, views)
+    out_cpu, _ = run_fused(prob, "cpu", block_m)
+    check_fused_result(out_gpu, out_cpu, prob, dtype)
+    # No atomics: repeated runs (with a fresh alignment each time) are bit-identical.
+    for _ in range(2):
+        again, _ = run_fused(prob, "cuda", block_m, views)
+        assert torch.equal(out_gpu.nan_to_num(7.0), again.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ranks,num_slices", [("slot", 3), ("slot", 4), ("small", 4)])
+def test_gpu_dense_lora_mma_prefill_several_slices(dtype, ranks, num_slices):
+    """3-4 slices: with max rank 64 they need two passes over x (at most 128 rank columns each)."""
+    tokens, hidden, block_m = 517, 888, 64
+    rank_list = RANK_SETS[ranks]
+    max_blocks = ops.moe_lora_align_max_blocks(tokens, 1, len(rank_list), block_m)
+    assert tokens // max_blocks >= MMA_MIN_ROWS_PER_BLOCK
+    gen = torch.Generator().manual_seed(num_slices)
+    token_slot = few_adapter_slots(tokens, [4, 0, 7], num_slices)
+    out_dims = [888, 64, 232, 128][:num_slices]
+    orders = [rank_list, rank_list[::-1], rank_list[2:] + rank_list[:2], rank_list[5:] + rank_list[:5]]
+    sites = [make_site(orders[i], 1, hidden, d, dtype, 20 + i) for i, d in enumerate(out_dims)]
+    col_offsets, width = [], 0
+    for d in out_dims:
+        col_offsets.append(width)
+        width += d + 8  # 8 poisoned columns after each slice
+    x = rows(tokens, hidden, dtype, gen, 8)
+    topk_ids = torch.zeros(tokens, 1, dtype=torch.int32)
+    delta, written = reference_delta(x.double(), token_slot, topk_ids, None, sites, col_offsets, width, 1)
+    base64 = torch.randn(tokens, width, generator=gen, dtype=torch.float64)
+    base64[~written] = float("nan")
+    output = rows(tokens, width, dtype, gen, 8, fill=base64)
+    results = {}
+    for dev in ("cpu", "cuda"):
+        views = [s.view for s in sites] if dev == "cpu" else [gpu_view(s) for s in sites]
+        o = copy_strided(output, dev)
+        sorted_rows, block_slot, _, num_blocks = ops.moe_lora_align(
+            None, token_slot.to(dev), 1, len(rank_list), block_m
+        )
+        ops.dense_lora(
+            copy_strided(x, dev), o, sorted_rows, block_slot, num_blocks, block_m, views, col_offsets
+        )
+        results[dev] = o
+    prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
+    check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)
+
+
+def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph():
+    prob = make_prefill_problem(517, 2880, 768, 2, 2, [4, 7], SLOT_RANKS, torch.bfloat16, "w13", 3)
+    views = [gpu_view(s) for s in prob["sites"]]
+    token_slot = prob["token_slot"].to(CUDA)
+    topk_ids = prob["topk_ids"].to(CUDA)
+    x = prob["x"].to(CUDA)
+    out0 = prob["output"].nan_to_num(0.0).to(CUDA)
+    eager = out0.clone()
+    meta = ops.moe_lora_align(topk_ids, token_slot, 2, len(SLOT_RANKS), 64)
+    ops.fused_moe_lora(x, eager, *meta, 64, views, prob["col_offsets"], input_pairs_per_row=2)
+    out = out0.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        m = ops.moe_lora_align(topk_ids, token_slot, 2, len(SLOT_RANKS), 64)
+        ops.fused_moe_lora(x, out, *m, 64, views, prob["col_offsets"], input_pairs_per_row=2)
+    out.copy_(out0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert not torch.equal(out, out0)

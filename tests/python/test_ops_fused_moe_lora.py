@@ -50,7 +50,8 @@ def reference_delta(x64, token_slot, topk_ids, weights, sites, col_offsets, widt
     return delta, written
 
 
-def run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage):
+def run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage,
+             form="grouped"):
     seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m
     gen = torch.Generator().manual_seed(seed)
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
@@ -81,14 +82,19 @@ def run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, 
     before = output.clone()
     padding_before = output.as_strided((num_pairs, 5), (output.stride(0), 1), width).clone()
 
-    sorted_pairs, block_slot, block_expert, num_blocks = ops.moe_lora_align(
-        topk_ids, token_slot, experts, len(SLOT_RANKS), block_m
-    )
-    ops.fused_moe_lora(
-        x, output, sorted_pairs, block_slot, block_expert, num_blocks, block_m,
-        [s.view for s in sites], col_offsets,
-        input_pairs_per_row=pairs_per_row, topk_weights=weights,
-    )
+    if form == "unsorted":
+        ops.fused_moe_lora_unsorted(x, output, topk_ids, token_slot, [s.view for s in sites],
+                                    col_offsets, input_pairs_per_row=pairs_per_row,
+                                    topk_weights=weights)
+    else:
+        sorted_pairs, block_slot, block_expert, num_blocks = ops.moe_lora_align(
+            topk_ids, token_slot, experts, len(SLOT_RANKS), block_m
+        )
+        ops.fused_moe_lora(
+            x, output, sorted_pairs, block_slot, block_expert, num_blocks, block_m,
+            [s.view for s in sites], col_offsets,
+            input_pairs_per_row=pairs_per_row, topk_weights=weights,
+        )
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(output[written].double(), expected[written].double(), rtol=rtol, atol=atol)
     assert torch.isnan(output[~written]).all(), "op wrote outside the pairs/columns it owns"
@@ -119,6 +125,35 @@ def test_fused_moe_lora_matches_reference(
     tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage
 ):
     run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage)
+
+
+@pytest.mark.parametrize("stage", ["w13", "w2"])
+@pytest.mark.parametrize(
+    "tokens,hidden,inter,top_k,experts,popularity,block_m,dtype,use_weights", _cases()[::2]
+)
+def test_fused_moe_lora_unsorted_matches_reference(
+    tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage
+):
+    run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage,
+             form="unsorted")
+
+
+def test_fused_moe_lora_unsorted_rejects_bad_shapes():
+    site = make_lora_site(SLOT_RANKS, 4, 16, 8, torch.float32, 0)
+    x = torch.zeros(3, 16)
+    out = torch.zeros(6, 8)
+    ids = torch.zeros(3, 2, dtype=torch.int32)
+    slots = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(moelora.InvalidArgument, match="input_pairs_per_row must be 1 .* or top_k"):
+        ops.fused_moe_lora_unsorted(x, out, ids, slots, [site.view], [0], input_pairs_per_row=3)
+    with pytest.raises(moelora.InvalidArgument, match="output"):
+        ops.fused_moe_lora_unsorted(x, out[:5], ids, slots, [site.view], [0], input_pairs_per_row=2)
+    with pytest.raises(moelora.InvalidArgument, match="topk_ids must be contiguous"):
+        ops.fused_moe_lora_unsorted(x, out, torch.zeros(2, 3, dtype=torch.int32).T, slots,
+                                    [site.view], [0], input_pairs_per_row=2)
+    with pytest.raises(moelora.InvalidArgument, match="token_slot"):
+        ops.fused_moe_lora_unsorted(x, out, ids, slots.long(), [site.view], [0],
+                                    input_pairs_per_row=2)
 
 
 def test_fused_moe_lora_large_batch_uses_threads_correctly():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 
@@ -172,9 +173,18 @@ def base_experts_us(x, h, ids, w13, w2, iters, flush):
 
 
 def make_lora_delta(ids, token_slot, weights, x, h, h13, y, views13, views2, experts, slots,
-                    block_m, inter):
-    """One MoE layer's LoRA delta: align once, then w13 (gate and up) and w2 (down)."""
+                    block_m, inter, form="grouped"):
+    """One MoE layer's LoRA delta: align once, then w13 (gate and up) and w2 (down); or, in the
+    unsorted form (decode), w13 and w2 straight from the routing."""
     top_k = ids.shape[1]
+
+    if form == "unsorted":
+        def lora_delta():
+            ops.fused_moe_lora_unsorted(x, h13, ids, token_slot, views13, [0, inter],
+                                        input_pairs_per_row=top_k)
+            ops.fused_moe_lora_unsorted(h, y, ids, token_slot, views2, [0],
+                                        input_pairs_per_row=1, topk_weights=weights)
+        return lora_delta
 
     def lora_delta():
         meta = ops.moe_lora_align(ids, token_slot, experts, slots, block_m)
@@ -223,13 +233,19 @@ def run_preset(preset, args, out_file):
             groups_per_pair = tokens * top_k / max(1, len(set(token_slot.tolist())) * experts)
             block_m = 16 if groups_per_pair < 4 else 64
 
-            lora_delta = make_lora_delta(
-                ids, token_slot, weights, x, h, h13, y, views13, views2, experts, max_slots,
-                block_m, inter,
-            )
-            graph = graph_of(lora_delta)
-            lora_us = median_event_us(graph.replay, args.iters, flush)
-            host_us = median_host_us(lora_delta, args.iters)
+            forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs) else "grouped"],
+                     "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
+            timed = {}
+            for form in forms:
+                lora_delta = make_lora_delta(
+                    ids, token_slot, weights, x, h, h13, y, views13, views2, experts, max_slots,
+                    block_m, inter, form,
+                )
+                graph = graph_of(lora_delta)
+                timed[form] = (median_event_us(graph.replay, args.iters, flush),
+                               median_host_us(lora_delta, args.iters))
+            form = min(timed, key=lambda f: timed[f][0])
+            lora_us, host_us = timed[form]
 
             slot_of_pair = token_slot.long().repeat_interleave(top_k)
             used = slot_of_pair >= 0
@@ -249,7 +265,9 @@ def run_preset(preset, args, out_file):
                 "lora_over_base": round(lora_us / base_us, 3) if not math.isnan(base_us) else None,
                 "peer_us": peer, "speedup_vs_peer": round(peer / lora_us, 2) if peer else None,
                 "block_m": block_m, "groups": int(groups.numel()), "cold_l2": flush is not None,
-                "kernel_version": args.version,
+                "kernel_version": args.version, "form": form,
+                "kernel_family": os.environ.get("MOELORA_LORA_KERNEL", "auto"),
+                **({f"{f}_us": round(t[0], 2) for f, t in timed.items()} if len(timed) > 1 else {}),
             }
             line = json.dumps(record)
             print(line, flush=True)
@@ -269,7 +287,10 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warm-l2", action="store_true", help="do not flush L2 between replays")
     parser.add_argument("--no-base", action="store_true", help="skip the base experts timing")
-    parser.add_argument("--version", default="v1", help="kernel version tag for the notes")
+    parser.add_argument("--version", default="v2", help="kernel version tag for the notes")
+    parser.add_argument("--form", default="auto", choices=["auto", "grouped", "unsorted", "both"],
+                        help="auto: the engine's choice (ops.prefer_unsorted); both: time the two "
+                             "forms and report the faster (both times in the line)")
     parser.add_argument("--out", help="append JSON lines to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

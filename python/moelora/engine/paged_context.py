@@ -51,12 +51,23 @@ class PagedContext:
     def apply_lora(self, site, layer, x, out):
         if not self._has_lora or not self.lora_views.has_site(site):
             return
+        if ops.prefer_unsorted(x.shape[0]):  # decode: no alignment launch
+            ops.fused_moe_lora_unsorted(x, out, None, self.token_slot,
+                                        [self.lora_views.view(site, layer)], [0],
+                                        input_pairs_per_row=1)
+            return
         if self._dense_groups is None:
             self._dense_groups = ops.moe_lora_align(None, self.token_slot, 1,
                                                     self.lora_views.num_slots, self.block_m)
         sorted_rows, block_slot, _block_expert, num_blocks = self._dense_groups
         ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, self.block_m,
                        [self.lora_views.view(site, layer)], [0])
+
+    def _ids32(self, topk_ids):
+        """int32 contiguous routing, converted once per layer (w13 and w2 share it)."""
+        if getattr(self, "_ids_source", None) is not topk_ids:
+            self._ids_source, self._ids_cache = topk_ids, topk_ids.to(torch.int32).contiguous()
+        return self._ids_cache
 
     def _moe_groups_for(self, layer, topk_ids):
         groups = self._moe_groups.get(layer)
@@ -70,19 +81,28 @@ class PagedContext:
     def moe_lora_w13(self, layer, x, topk_ids, h13):
         if not self._has_lora or not self.lora_views.has_site("experts.gate"):
             return
-        sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
         inter = h13.shape[1] // 2
+        views = [self.lora_views.view("experts.gate", layer),
+                 self.lora_views.view("experts.up", layer)]
+        if ops.prefer_unsorted(topk_ids.numel()):  # decode: no alignment launch
+            ops.fused_moe_lora_unsorted(x, h13, self._ids32(topk_ids), self.token_slot, views,
+                                        [0, inter], input_pairs_per_row=topk_ids.shape[1])
+            return
+        sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
         ops.fused_moe_lora(x, h13, sorted_pairs, block_slot, block_expert, num_blocks,
-                           self.block_m,
-                           [self.lora_views.view("experts.gate", layer),
-                            self.lora_views.view("experts.up", layer)],
-                           [0, inter], input_pairs_per_row=topk_ids.shape[1])
+                           self.block_m, views, [0, inter],
+                           input_pairs_per_row=topk_ids.shape[1])
 
     def moe_lora_w2(self, layer, h, topk_ids, topk_weights, y):
         if not self._has_lora or not self.lora_views.has_site("experts.down"):
             return
+        weights = topk_weights.reshape(-1).float().contiguous()
+        if ops.prefer_unsorted(topk_ids.numel()):
+            ops.fused_moe_lora_unsorted(h, y, self._ids32(topk_ids), self.token_slot,
+                                        [self.lora_views.view("experts.down", layer)], [0],
+                                        input_pairs_per_row=1, topk_weights=weights)
+            return
         sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
         ops.fused_moe_lora(h, y, sorted_pairs, block_slot, block_expert, num_blocks,
                            self.block_m, [self.lora_views.view("experts.down", layer)], [0],
-                           input_pairs_per_row=1,
-                           topk_weights=topk_weights.reshape(-1).float().contiguous())
+                           input_pairs_per_row=1, topk_weights=weights)

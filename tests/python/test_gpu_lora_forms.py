@@ -1,0 +1,103 @@
+"""The LoRA kernel families and the unsorted (no alignment) form on the GPU (marked gpu).
+
+test_gpu_ops.py checks fused_moe_lora with whatever kernel the dispatcher picks; here every
+family is forced in turn (MOELORA_LORA_KERNEL), and fused_moe_lora_unsorted (the decode path:
+one cluster per pair, no moe_lora_align) is checked on the same problems against the float64
+reference and the CPU op, with poisoned outputs, bit-identical repeats and graph capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gpu_ops import (
+    CPU_TOLERANCE,
+    CUDA,
+    TOLERANCE,
+    _fused_cases,
+    copy_strided,
+    gpu_view,
+    make_problem,
+    run_fused,
+)
+
+from moelora import ops
+
+pytestmark = pytest.mark.gpu
+
+
+def run_unsorted(prob, device, views=None):
+    dev = torch.device(device)
+    x = copy_strided(prob["x"], dev)
+    out = copy_strided(prob["output"], dev)
+    weights = None if prob["weights"] is None else prob["weights"].to(dev)
+    if views is None:
+        views = [gpu_view(s) if dev.type == "cuda" else s.view for s in prob["sites"]]
+    ops.fused_moe_lora_unsorted(
+        x, out, prob["topk_ids"].to(dev), prob["token_slot"].to(dev), views,
+        prob["col_offsets"], input_pairs_per_row=prob["pairs_per_row"], topk_weights=weights)
+    return out
+
+
+def check(prob, got, cpu, dtype):
+    written = prob["written"]
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got[written].double(), prob["expected"][written].double(),
+                               rtol=rtol, atol=atol)
+    rtol, atol = CPU_TOLERANCE[dtype]
+    torch.testing.assert_close(got[written].double(), cpu[written].double(), rtol=rtol, atol=atol)
+    assert torch.isnan(got[~written]).all(), "the kernel wrote outside the pairs/columns it owns"
+
+
+@pytest.mark.parametrize("stage", ["w13", "w2"])
+@pytest.mark.parametrize("tokens,hidden,popularity,dtype,top_k,experts,block_m,aligned",
+                         _fused_cases())
+def test_gpu_unsorted_matches_cpu_and_float64(tokens, hidden, popularity, dtype, top_k, experts,
+                                              block_m, aligned, stage):
+    seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m + (stage == "w2")
+    prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
+    out = run_unsorted(prob, "cuda")
+    check(prob, out.cpu(), run_unsorted(prob, "cpu"), dtype)
+    stride = out.stride(0)
+    assert torch.isnan(out.as_strided((out.shape[0], stride), (stride, 1)).cpu()[:, out.shape[1]:]).all()
+
+
+@pytest.mark.parametrize("family", ["splitk", "cluster"])
+@pytest.mark.parametrize("stage", ["w13", "w2"])
+@pytest.mark.parametrize("tokens,hidden,popularity,dtype,top_k,experts,block_m,aligned",
+                         _fused_cases()[::3])
+def test_gpu_each_family_matches_cpu_and_float64(monkeypatch, family, tokens, hidden, popularity,
+                                                 dtype, top_k, experts, block_m, aligned, stage):
+    monkeypatch.setenv("MOELORA_LORA_KERNEL", family)
+    seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m + (stage == "w2")
+    prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
+    out, _ = run_fused(prob, "cuda", block_m)
+    cpu, _ = run_fused(prob, "cpu", block_m)
+    check(prob, out.cpu(), cpu, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 7, 133])
+def test_gpu_unsorted_repeats_are_identical_and_capture_in_a_graph(dtype, tokens):
+    prob = make_problem(tokens, 2880, 4, 32, "zipf", dtype, "w13", True, seed=11)
+    views = [gpu_view(s) for s in prob["sites"]]
+    first = run_unsorted(prob, "cuda", views)
+    for _ in range(3):
+        assert torch.equal(first.nan_to_num(7.0), run_unsorted(prob, "cuda", views).nan_to_num(7.0))
+    x = copy_strided(prob["x"], CUDA)
+    out = copy_strided(prob["output"], CUDA)
+    start = out.clone()
+    ids, slots = prob["topk_ids"].to(CUDA), prob["token_slot"].to(CUDA)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        ops.fused_moe_lora_unsorted(x, out, ids, slots, views, prob["col_offsets"],
+                                    input_pairs_per_row=4)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.fused_moe_lora_unsorted(x, out, ids, slots, views, prob["col_offsets"],
+                                    input_pairs_per_row=4)
+    out.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.nan_to_num(7.0), first.nan_to_num(7.0))

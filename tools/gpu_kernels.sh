@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Kernel iteration on one H200: build the CUDA wheel, run ctest, the GPU tests of the LoRA kernel
+# families (tests/python/test_gpu_lora_forms.py, and test_gpu_ops.py with the tensor-core family
+# forced), then the kernel benchmark: decode shapes timing both forms (grouped vs unsorted),
+# prefill shapes with the cluster and the mma family. Logs and JSON lines under $OUT.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} MOELORA_CUDA=ON \
+  MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a} PYTHONUNBUFFERED=1
+start=$(date +%s)
+stage() { echo "== $1 ($(( $(date +%s) - start ))s)"; }
+
+stage build
+python3 -m pip install --no-build-isolation --no-deps -v . \
+  -C cmake.define.MOELORA_BUILD_TESTS=ON -C cmake.define.MOELORA_BUILD_BENCH=ON \
+  -C build-dir=build/gpu > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+stage ctest
+timeout 120 ctest --test-dir build/gpu --output-on-failure -j8 > "$OUT/ctest.log" 2>&1
+tail -3 "$OUT/ctest.log"
+
+stage pytest-forms
+(cd tests/python && timeout ${FORMS_TIMEOUT:-150} python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider \
+  -rf --tb=short test_gpu_lora_forms.py test_engine_bf16.py > "$OUT/pytest-forms.log" 2>&1)
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-forms.log" | tail -12
+stage pytest-mma
+(cd tests/python && MOELORA_LORA_KERNEL=mma timeout ${MMA_TIMEOUT:-120} python3 -m pytest -q -n 16 -m gpu \
+  -p no:cacheprovider -rf --tb=short -k "fused_moe_lora or dense_lora" test_gpu_ops.py \
+  > "$OUT/pytest-mma.log" 2>&1)
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-mma.log" | tail -12
+
+B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v2"
+stage bench-decode
+timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
+  > "$OUT/bench-decode.log" 2>&1
+cut -c1-200 "$OUT/bench-decode.log" | tail -3
+for family in cluster mma; do
+  stage "bench-prefill-$family"
+  MOELORA_LORA_KERNEL=$family timeout ${PREFILL_TIMEOUT:-70} $B --tokens 512 2048 8192 --adapters 4 16 \
+    --presets gpt-oss-20b qwen3-30b-a3b mixtral-8x7b --out $OUT/h200-kernels-prefill.jsonl \
+    > "$OUT/bench-prefill-$family.log" 2>&1
+  cut -c1-200 "$OUT/bench-prefill-$family.log" | tail -2
+done
+stage done
