@@ -38,8 +38,8 @@ enum class LoraKernel { kMma, kCluster, kSplitK };
 // From this many rows per block on, a block fills tensor-core tiles (m16) well enough to beat
 // CUDA-core FMAs; below it the cluster kernel's per-row vector loads win.
 constexpr int64_t kMmaMinRowsPerBlock = 8;
-// The tensor-core kernel is chosen automatically only once it passes the GPU suite.
-constexpr bool kMmaEnabled = false;
+// The tensor-core kernel passed the GPU suite on the H200 (bench/NOTES.md, v2).
+constexpr bool kMmaEnabled = true;
 
 // MOELORA_LORA_KERNEL=splitk|cluster|mma forces a family where it applies (benchmarks and
 // tests compare them); unset or "auto" lets choose_lora_kernel decide.
