@@ -70,7 +70,7 @@ struct AdapterCache::State {
   bool stopping = false;
   AdapterCacheStats counters;
   std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
-  std::thread host_worker;
+  std::vector<std::thread> host_workers;  // config.host_threads of them
   std::thread finalizer;
 
   EntryPtr get_locked(int64_t id) const {
@@ -374,6 +374,8 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
                     "max_lora_rank must be >= 1, got " + std::to_string(cfg.max_lora_rank));
   MOELORA_CHECK_ARG(cfg.max_cpu_loras >= 0, "max_cpu_loras must be >= 0");
   MOELORA_CHECK_ARG(cfg.max_cpu_bytes >= 0, "max_cpu_bytes must be >= 0");
+  MOELORA_CHECK_ARG(cfg.host_threads >= 1 && cfg.host_threads <= 64,
+                    "host_threads must be in [1, 64], got " + std::to_string(cfg.host_threads));
   MOELORA_CHECK_ARG(cfg.dtype == DType::kFloat32 || cfg.dtype == DType::kFloat16 ||
                         cfg.dtype == DType::kBFloat16,
                     std::string("dtype must be float32, float16 or bfloat16, got ") +
@@ -401,7 +403,9 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
     std::lock_guard<std::mutex> guard(link->mutex);
     if (link->state) link->state->on_pool_eviction(owner);
   });
-  s.host_worker = std::thread([&s] { s.host_worker_loop(); });
+  for (int32_t i = 0; i < s.config.host_threads; ++i) {
+    s.host_workers.emplace_back([&s] { s.host_worker_loop(); });
+  }
   s.finalizer = std::thread([&s] { s.finalizer_loop(); });
 }
 
@@ -418,7 +422,7 @@ AdapterCache::~AdapterCache() {
   }
   s.host_work.notify_all();
   s.copy_work.notify_all();
-  s.host_worker.join();
+  for (std::thread& worker : s.host_workers) worker.join();
   s.finalizer.join();  // drains in-flight copies first
   for (auto& [id, e] : s.entries) s.pool.free(adapter_owner(static_cast<uint64_t>(id)));
   s.copies.synchronize();  // slot clears read zero_ranks

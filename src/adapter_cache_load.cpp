@@ -32,6 +32,95 @@ std::pair<int64_t, int64_t> view_extent(const LoraMatrixSource& m) {
   return {lo, hi};
 }
 
+// Source row elements as float32: the dtype switch sits outside the element loop.
+void row_to_float(const std::byte* src, DType dtype, int64_t first, int64_t stride, int64_t n,
+                  float* out) {
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float* p = reinterpret_cast<const float*>(src) + first;
+      for (int64_t c = 0; c < n; ++c) out[c] = p[c * stride];
+    } break;
+    case DType::kBFloat16: {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(src) + first;
+      for (int64_t c = 0; c < n; ++c) {
+        const uint32_t bits = uint32_t{p[c * stride]} << 16;
+        std::memcpy(&out[c], &bits, sizeof(float));
+      }
+    } break;
+    default:
+      for (int64_t c = 0; c < n; ++c) out[c] = load_as_float(src, dtype, first + c * stride);
+  }
+}
+
+// Stores scale * values as `dtype` into a packed row; returns the first column whose stored
+// value is not finite (a non-finite source or an overflow of the target type), or -1.
+int64_t float_to_row(const float* values, float scale, DType dtype, std::byte* row, int64_t n) {
+  int64_t bad = -1;
+  switch (dtype) {
+    case DType::kFloat32: {
+      float* out = reinterpret_cast<float*>(row);
+      for (int64_t c = 0; c < n; ++c) {
+        out[c] = values[c] * scale;
+        if (bad < 0 && !std::isfinite(out[c])) bad = c;
+      }
+    } break;
+    case DType::kBFloat16: {
+      // Round to nearest even, as float_to_bfloat16_bits, written inline and branch-free so the
+      // compiler vectorizes it (this loop runs over every weight of every adapter load).
+      uint16_t* out = reinterpret_cast<uint16_t*>(row);
+      uint32_t any_bad = 0;
+      for (int64_t c = 0; c < n; ++c) {
+        uint32_t x;
+        const float v = values[c] * scale;
+        std::memcpy(&x, &v, sizeof x);
+        const uint32_t nan = (x & 0x7FFFFFFFu) > 0x7F800000u;
+        const uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+        const uint16_t bits = static_cast<uint16_t>(nan ? ((x >> 16) | 0x40u) : rounded);
+        out[c] = bits;
+        any_bad |= static_cast<uint32_t>((bits & 0x7F80u) == 0x7F80u);  // Inf or NaN
+      }
+      if (any_bad != 0) {
+        for (int64_t c = 0; c < n; ++c) {
+          if ((out[c] & 0x7F80u) == 0x7F80u) return c;
+        }
+      }
+    } break;
+    default:
+      for (int64_t c = 0; c < n; ++c) {
+        store_from_float(row, dtype, c, values[c] * scale);
+        if (bad < 0 && !std::isfinite(load_as_float(row, dtype, c))) bad = c;
+      }
+  }
+  return bad;
+}
+
+// A view that walks down the columns of a 2-D [R, C] tensor (col_stride == C, its rows starting
+// inside the first tensor row): PEFT's B of fused experts, read as B^T rows. Such views are read
+// from a transposed float32 copy of the tensor, so each view row is contiguous; gathering them
+// straight from the tensor touches one element per cache line.
+bool walks_columns(const LoraMatrixSource& m, const SafetensorInfo& info) {
+  if (info.shape.size() != 2 || m.col_stride != info.shape[1] || m.col_stride <= 1) return false;
+  const int64_t first = m.offset, last = m.offset + (m.rows - 1) * m.row_stride;
+  return m.row_stride >= 0 && first >= 0 && last < info.shape[1] && m.cols <= info.shape[0];
+}
+
+// out[b * R + a] = float(src[a * C + b]) for a [R, C] tensor, in 32 x 32 tiles.
+void transpose_to_float(const std::byte* src, DType dtype, int64_t rows, int64_t cols,
+                        std::vector<float>& out) {
+  out.resize(static_cast<size_t>(rows * cols));
+  constexpr int64_t kTile = 32;
+  float tile[kTile];
+  for (int64_t a0 = 0; a0 < rows; a0 += kTile) {
+    for (int64_t b0 = 0; b0 < cols; b0 += kTile) {
+      const int64_t a1 = std::min(rows, a0 + kTile), b1 = std::min(cols, b0 + kTile);
+      for (int64_t a = a0; a < a1; ++a) {
+        row_to_float(src, dtype, a * cols + b0, 1, b1 - b0, tile);
+        for (int64_t b = b0; b < b1; ++b) out[static_cast<size_t>(b * rows + a)] = tile[b - b0];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
@@ -142,37 +231,78 @@ HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype) {
   const AdapterRowLayout& layout = *entry.layout;
   HostBuffer buffer(layout.num_pages() * layout.page_bytes());
   std::memset(buffer.data(), 0, static_cast<size_t>(buffer.bytes()));  // zero the row tails
-  std::vector<std::byte> scratch;
-  for (size_t i = 0; i < entry.spec.matrices.size(); ++i) {
-    const LoraMatrixSource& m = entry.spec.matrices[i];
+  // Matrices grouped by source tensor, each tensor read once over the union of its views'
+  // extents: fused-expert tensors hold every expert, and a B view (rank-major columns) spans
+  // nearly all of its tensor, so reading per view would read the tensor once per expert.
+  const auto& matrices = entry.spec.matrices;
+  std::vector<size_t> order(matrices.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::tie(matrices[a].file, matrices[a].tensor) <
+           std::tie(matrices[b].file, matrices[b].tensor);
+  });
+  std::vector<std::byte> scratch;  // [group_lo, group_hi] of the current tensor
+  int64_t group_lo = 0;
+  std::vector<float> transposed;  // the current tensor, transposed, when its views walk columns
+  bool group_transposed = false;
+  std::vector<float> values;  // one source row as float32
+  for (size_t at = 0; at < order.size(); ++at) {
+    const size_t i = order[at];
+    const LoraMatrixSource& m = matrices[i];
     const SafetensorInfo& info = entry.matrix_tensors[i];
     const SafetensorsFile& file = entry.files[m.file];
     const int64_t elem = static_cast<int64_t>(dtype_size(info.dtype));
-    auto [lo, hi] = view_extent(m);
-    scratch.resize(static_cast<size_t>((hi - lo + 1) * elem));
-    try {
-      file.read_tensor_bytes(info, lo * elem, (hi - lo + 1) * elem, scratch.data());
-    } catch (const Error& e) {
-      throw AdapterError(entry.name, e.what());
+    const bool first_of_tensor = at == 0 || matrices[order[at - 1]].file != m.file ||
+                                 matrices[order[at - 1]].tensor != m.tensor;
+    if (first_of_tensor) {
+      auto [lo, hi] = view_extent(m);
+      group_transposed = walks_columns(m, info);
+      for (size_t j = at + 1; j < order.size() && matrices[order[j]].file == m.file &&
+                              matrices[order[j]].tensor == m.tensor;
+           ++j) {
+        auto [l, h] = view_extent(matrices[order[j]]);
+        lo = std::min(lo, l);
+        hi = std::max(hi, h);
+        group_transposed = group_transposed && walks_columns(matrices[order[j]], info);
+      }
+      if (group_transposed) {  // the whole tensor
+        lo = 0;
+        hi = info.numel() - 1;
+      }
+      group_lo = lo;
+      scratch.resize(static_cast<size_t>((hi - lo + 1) * elem));
+      try {
+        file.read_tensor_bytes(info, lo * elem, (hi - lo + 1) * elem, scratch.data());
+      } catch (const Error& e) {
+        throw AdapterError(entry.name, e.what());
+      }
+      if (group_transposed) {
+        transpose_to_float(scratch.data(), info.dtype, info.shape[0], info.shape[1], transposed);
+      }
     }
+    const int64_t lo = group_lo;
     const float scale = m.is_b ? m.scale : 1.0f;
+    values.resize(static_cast<size_t>(m.cols));
     for (int64_t r = 0; r < m.rows; ++r) {
       std::byte* row = buffer.data() + layout.row_offset(m.site, m.layer, m.expert, m.is_b,
                                                          static_cast<int>(r));
-      for (int64_t c = 0; c < m.cols; ++c) {
-        const int64_t index = m.offset + r * m.row_stride + c * m.col_stride - lo;
-        const float source = load_as_float(scratch.data(), info.dtype, index);
-        const float value = source * scale;
-        store_from_float(row, dtype, c, value);
-        if (!std::isfinite(load_as_float(row, dtype, c))) {
-          throw AdapterError(entry.name,
-                             "tensor '" + m.tensor + "' in '" + file.path() + "' has " +
-                                 (std::isfinite(source) ? "a value that overflows " +
-                                                              std::string(dtype_name(dtype))
-                                                        : std::string("a non-finite value")) +
-                                 " at [" + std::to_string(r) + ", " + std::to_string(c) +
-                                 "] of " + matrix_name(m));
-        }
+      const float* source_row = values.data();
+      if (group_transposed) {  // column (offset + r * row_stride) of the tensor, contiguous
+        source_row = transposed.data() + (m.offset + r * m.row_stride) * info.shape[0];
+      } else {
+        row_to_float(scratch.data(), info.dtype, m.offset + r * m.row_stride - lo, m.col_stride,
+                     m.cols, values.data());
+      }
+      const int64_t c = float_to_row(source_row, scale, dtype, row, m.cols);
+      if (c >= 0) {
+        const float source = source_row[c];
+        throw AdapterError(entry.name,
+                           "tensor '" + m.tensor + "' in '" + file.path() + "' has " +
+                               (std::isfinite(source) ? "a value that overflows " +
+                                                            std::string(dtype_name(dtype))
+                                                      : std::string("a non-finite value")) +
+                               " at [" + std::to_string(r) + ", " + std::to_string(c) + "] of " +
+                               matrix_name(m));
       }
     }
   }

@@ -57,6 +57,7 @@ struct AdapterCacheConfig {
   int64_t max_cpu_loras = 8;    // host copies kept
   int64_t max_cpu_bytes = 0;    // 0 = unbounded
   DType dtype = DType::kFloat32;  // the model dtype; weights are converted to it
+  int32_t host_threads = 4;       // threads reading and packing adapters into host copies
 };
 
 enum class Residency : uint8_t {
