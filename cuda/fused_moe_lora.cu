@@ -36,8 +36,12 @@ LoraVectorization vectorization(const LoraArgs& a, const TensorRef& input,
 enum class LoraKernel { kMma, kCluster, kSplitK };
 
 // From this many rows per block on, a block fills tensor-core tiles (m16) well enough to beat
-// CUDA-core FMAs; below it the cluster kernel's per-row vector loads win.
+// CUDA-core FMAs; below it the cluster kernel's per-row vector loads win. And from this many
+// pairs: the mma kernel gives each block one CTA that walks every output column, so with few
+// blocks of very wide outputs (mixtral at 512 tokens: ~128 blocks x 28672 columns) the cluster
+// kernel, which splits columns over a cluster, was faster on the H200 (bench/NOTES.md, v2).
 constexpr int64_t kMmaMinRowsPerBlock = 8;
+constexpr int64_t kMmaMinPairs = 2048;
 // The tensor-core kernel passed the GPU suite on the H200 (bench/NOTES.md, v2).
 constexpr bool kMmaEnabled = true;
 
@@ -66,7 +70,7 @@ LoraKernel choose_lora_kernel(const LoraArgs& a, DType dtype, LoraVectorization 
   if (const auto forced = forced_lora_kernel()) return *forced;
   const int64_t rows_per_block = a.num_pairs / std::max<int64_t>(1, max_blocks);
   if (kMmaEnabled && dtype != DType::kFloat32 && vec.input && vec.output &&
-      rows_per_block >= kMmaMinRowsPerBlock) {
+      rows_per_block >= kMmaMinRowsPerBlock && a.num_pairs >= kMmaMinPairs) {
     return LoraKernel::kMma;
   }
   return LoraKernel::kCluster;

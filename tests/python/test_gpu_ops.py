@@ -442,12 +442,19 @@ _MMA_CASES = [
 ]
 
 
+@pytest.fixture
+def force_mma(monkeypatch):
+    """The tensor-core family for every fused call of the test (the automatic choice also
+    weighs the batch size: kMmaMinPairs in cuda/fused_moe_lora.cu)."""
+    monkeypatch.setenv("MOELORA_LORA_KERNEL", "mma")
+
+
 @pytest.mark.parametrize("stage", ["w13", "w2"])
 @pytest.mark.parametrize(
     "tokens,hidden,inter,top_k,experts,slots,ranks,dtype,block_m", _MMA_CASES
 )
 def test_gpu_fused_moe_lora_mma_prefill_matches_cpu_and_float64(
-    tokens, hidden, inter, top_k, experts, slots, ranks, dtype, block_m, stage
+    force_mma, tokens, hidden, inter, top_k, experts, slots, ranks, dtype, block_m, stage
 ):
     num_pairs = tokens * top_k
     max_blocks = ops.moe_lora_align_max_blocks(num_pairs, experts, len(SLOT_RANKS), block_m)
@@ -468,7 +475,7 @@ def test_gpu_fused_moe_lora_mma_prefill_matches_cpu_and_float64(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ranks,num_slices", [("slot", 3), ("slot", 4), ("small", 4)])
-def test_gpu_dense_lora_mma_prefill_several_slices(dtype, ranks, num_slices):
+def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_slices):
     """3-4 slices: with max rank 64 they need two passes over x (at most 128 rank columns each)."""
     tokens, hidden, block_m = 517, 888, 64
     rank_list = RANK_SETS[ranks]
@@ -504,7 +511,7 @@ def test_gpu_dense_lora_mma_prefill_several_slices(dtype, ranks, num_slices):
     check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)
 
 
-def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph():
+def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph(force_mma):
     prob = make_prefill_problem(517, 2880, 768, 2, 2, [4, 7], SLOT_RANKS, torch.bfloat16, "w13", 3)
     views = [gpu_view(s) for s in prob["sites"]]
     token_slot = prob["token_slot"].to(CUDA)
