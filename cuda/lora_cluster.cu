@@ -62,6 +62,24 @@ struct SmemLayout {
   }
 };
 
+// Thread-block clusters exist from sm_90 on; an older architecture runs clusters of one CTA
+// (the host launches it so), where the cluster calls reduce to the CTA's own.
+struct Cluster {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __device__ int size() const { return static_cast<int>(cg::this_cluster().num_blocks()); }
+  __device__ int rank() const { return static_cast<int>(cg::this_cluster().block_rank()); }
+  __device__ void sync() const { cg::this_cluster().sync(); }
+  __device__ float* peer(float* local, int r) const {
+    return cg::this_cluster().map_shared_rank(local, r);
+  }
+#else
+  __device__ int size() const { return 1; }
+  __device__ int rank() const { return 0; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ float* peer(float* local, int) const { return local; }
+#endif
+};
+
 struct ItemState {
   int32_t slot, expert;
   int32_t rank[kMaxSlices];
@@ -134,9 +152,9 @@ template <typename T, int MT, int VEC>
 __global__ void __launch_bounds__(kThreads) lora_cluster_kernel(const LoraArgs a, int64_t num_items,
                                                                 int64_t piece) {
   extern __shared__ __align__(16) unsigned char smem[];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int csize = static_cast<int>(cluster.num_blocks());
-  const int crank = static_cast<int>(cluster.block_rank());
+  const Cluster cluster;
+  const int csize = cluster.size();
+  const int crank = cluster.rank();
   const SmemLayout layout = SmemLayout::of(a, MT, piece);
   int32_t* pair_ids = reinterpret_cast<int32_t*>(smem + layout.pair_ids);
   int64_t* offsets = reinterpret_cast<int64_t*>(smem + layout.offsets);
@@ -239,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) lora_cluster_kernel(const LoraArgs a
       for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) {
         const int m = idx / st.total_rank;
         float v = 0.0f;
-        for (int r = 0; r < csize; ++r) v += cluster.map_shared_rank(s_part, r)[idx];
+        for (int r = 0; r < csize; ++r) v += cluster.peer(s_part, r)[idx];
         if (a.weights != nullptr && m < mt) {
           v *= a.weights[int64_t{pair_ids[m0 + m]} * a.weight_stride];
         }
@@ -313,7 +331,7 @@ void launch(const LoraArgs& a, int64_t num_items, int cluster_size, int64_t piec
   attribute.val.clusterDim.y = 1;
   attribute.val.clusterDim.z = 1;
   config.attrs = &attribute;
-  config.numAttrs = 1;
+  config.numAttrs = cluster_size > 1 ? 1 : 0;  // no cluster attribute before sm_90
   MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a, num_items, piece));
   detail::check_launch("fused_moe_lora cluster");
 }
@@ -347,10 +365,14 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
   // Cluster size: ~2 waves of CTAs, each CTA keeping >= 256 input elements and >= 1 vector of
   // output columns.
   const int64_t sms = detail::sm_count();
+  int device = 0, major = 0;
+  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+  MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  const int64_t max_cluster = major >= 9 ? kMaxClusterSize : 1;  // clusters: sm_90 on
   const int64_t wanted = (2 * sms + num_items - 1) / num_items;
   const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
   const int cluster_size =
-      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, int64_t{kMaxClusterSize}})));
+      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, max_cluster})));
   const int64_t share = (a.in_dim + cluster_size - 1) / cluster_size;
   const int64_t piece = std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
   if (SmemLayout::of(a, 4, piece).bytes > kMaxSmemBytes) return false;  // huge ranks
