@@ -20,7 +20,8 @@ from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.distributed import ParallelConfig, launch
 from moelora.distributed.config import model_config_of
-from moelora.distributed.shard import shard_plan, shard_sites
+from moelora.distributed.loading import load_shard
+from moelora.distributed.shard import shard_model, shard_plan, shard_sites
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
 from moelora.lora import load_adapter_plan
@@ -174,6 +175,29 @@ def test_plan_shards_are_slices_of_the_full_matrices(cases, parallel):
     expert_keys = {k for k in whole if k[0].startswith("experts.")}
     if parallel.expert_parallel:
         assert seen == expert_keys  # every expert matrix on exactly one rank
+
+
+@pytest.mark.parametrize("family,parallel", [
+    ("mixtral", TP), ("mixtral", TP_EP), ("qwen3_moe", EP_ONLY), ("gpt_oss", TP_EP),
+    ("qwen2_moe", TP),
+], ids=lambda v: v if isinstance(v, str) else v.describe().replace(" ", "_"))
+def test_streamed_shard_equals_the_cut_of_the_whole_model(cases, family, parallel):
+    """load_shard (one layer at a time from the checkpoint, never the whole model) gives each
+    rank exactly the parameters shard_model cuts from the fully loaded model."""
+    case = cases(family)
+    for rank in range(parallel.world_size):
+        whole = load_model(case.model, dtype=torch.float32, progress=False)
+        cut, cut_sites = shard_model(whole, parallel, rank)
+        streamed, sites = load_shard(case.model, parallel, rank, torch.float32, torch.device("cpu"))
+        assert sites == cut_sites
+        assert streamed.config == cut.config
+        assert [s.name for s in streamed.lora_sites()] == [s.name for s in cut.lora_sites()]
+        want = dict(cut.named_parameters())
+        got = dict(streamed.named_parameters())
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert torch.equal(got[name], value), (family, rank, name)
+        assert torch.equal(streamed.rotary.inv_freq, cut.rotary.inv_freq)
 
 
 def test_unsupported_splits_fail_clearly(tmp_path):

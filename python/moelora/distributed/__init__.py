@@ -9,9 +9,9 @@ caches stay identical.
 Like every spawn-based launcher, a script that creates a parallel engine must guard its entry
 point with `if __name__ == "__main__":` (the workers import the main module).
 
-Known limits (v1): every rank loads the whole checkpoint into host memory before keeping its
-shard (streaming each rank's slices from the safetensors is the next step for models larger
-than one host); adapter loads are synchronous in a parallel engine (no load/compute overlap);
+Each rank builds only its shard of a checkpoint, one layer at a time (loading.py): host memory
+peaks at one whole layer, device memory at the shard. Known limits: adapter loads are
+synchronous in a parallel engine (no load/compute overlap);
 step metadata travels as one pickled broadcast; rank 0 samples from a replicated vocab head;
 no CUDA graphs. Tested on the CPU (gloo) and on 2 H200s (NCCL): tests/python/test_distributed_gpu.py.
 """

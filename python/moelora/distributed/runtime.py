@@ -27,9 +27,11 @@ import torch.multiprocessing as mp
 
 from moelora.distributed.config import ParallelConfig, model_config_of
 from moelora.distributed.mirror import OpLog, RecordingCache, RecordingPool, Replayer
+from moelora.distributed.loading import load_shard
 from moelora.distributed.shard import shard_model, shard_plan
 from moelora.engine.model_runner import ModelRunner
 from moelora.engine.paged_context import PagedContext, StepMetadata
+from moelora.models import load_model
 
 logger = logging.getLogger("moelora")
 
@@ -69,9 +71,25 @@ class RankContext:
         return self.rank == 0
 
     # -- construction hooks ------------------------------------------------------------------
-    def shard_model(self, model, config, device: torch.device):
-        model, self.full_sites = shard_model(model, self.parallel, self.rank)
-        model = model.to(device)
+    def load_model(self, config, dtype: torch.dtype, device: torch.device):
+        """This rank's shard of config.model on `device`: checkpoints stream layer by layer
+        (loading.py), synthetic models are built whole on the device and cut."""
+        if os.path.isdir(config.model):
+            model, self.full_sites = load_shard(config.model, self.parallel, self.rank, dtype,
+                                                device, progress=config.load_progress
+                                                and self.is_driver)
+        else:
+            overrides = ({"num_layers": config.synthetic_num_layers}
+                         if config.synthetic_num_layers is not None else {})
+            model = load_model(config.model, dtype=dtype,
+                               device=self.load_device(config.model, device),
+                               progress=config.load_progress, **overrides)
+            model, self.full_sites = shard_model(model, self.parallel, self.rank)
+            model = model.to(device)
+        self._agree_on_pool_size(config, device)
+        return model
+
+    def _agree_on_pool_size(self, config, device: torch.device) -> None:
         if device.type == "cuda" and config.pool_memory_bytes is None:
             # Every rank needs the same page count: take the smallest free memory of all.
             from moelora.engine.memory import pool_bytes_for
@@ -81,7 +99,6 @@ class RankContext:
                                 device=device)
             dist.all_reduce(size, op=dist.ReduceOp.MIN)
             config.pool_memory_bytes = int(size.item())
-        return model
 
     def shard_plan(self, plan):
         self._adapter_paths[plan.name] = str(plan.path)

@@ -200,30 +200,32 @@ def _partition_experts(experts: Experts, rank: int, n: int) -> None:
     experts.num_experts, experts.expert_offset = per_rank, rank * per_rank
 
 
-def shard_model(model, parallel: ParallelConfig, rank: int):
-    """Cuts a loaded CausalLM to rank `rank`'s shard in place and returns it. Afterwards
-    `model.config` describes the shard's attention and MLP widths (the KV pool sizes its pages
-    from it) except num_experts, which the replicated router still needs whole, and
-    `model.lora_sites()` returns the shard's sites."""
-    parallel.validate_model(model.config)
+def shard_layer(layer, parallel: ParallelConfig, rank: int) -> None:
+    """Cuts one decoder layer to rank `rank`'s shard in place (wrapping the blocks whose
+    partial outputs need an all-reduce)."""
+    n = parallel.world_size
+    if parallel.shard_attention:
+        _shard_attention(layer.self_attn, rank, n)
+        layer.self_attn = AllReduceOutput(layer.self_attn)
+    mlp = layer.mlp
+    if isinstance(mlp, MoeBlock):
+        if parallel.expert_parallel:
+            _partition_experts(mlp.experts, rank, n)
+        else:
+            _shard_experts(mlp.experts, rank, n)
+        if mlp.shared_expert is not None:
+            _shard_gated_mlp(mlp.shared_expert, rank, n)
+        layer.mlp = AllReduceOutput(mlp)
+    elif parallel.shard_attention:
+        _shard_gated_mlp(mlp, rank, n)
+        layer.mlp = AllReduceOutput(mlp)
+
+
+def finish_shard(model, parallel: ParallelConfig, full_sites) -> None:
+    """After every layer is cut: `model.config` describes the shard's attention and MLP widths
+    (the KV pool sizes its pages from it) except num_experts, which the replicated router still
+    needs whole, and `model.lora_sites()` returns the shard's sites."""
     n, mc = parallel.world_size, model.config
-    full_sites = model.lora_sites()
-    for layer in model.model.layers:
-        if parallel.shard_attention:
-            _shard_attention(layer.self_attn, rank, n)
-            layer.self_attn = AllReduceOutput(layer.self_attn)
-        mlp = layer.mlp
-        if isinstance(mlp, MoeBlock):
-            if parallel.expert_parallel:
-                _partition_experts(mlp.experts, rank, n)
-            else:
-                _shard_experts(mlp.experts, rank, n)
-            if mlp.shared_expert is not None:
-                _shard_gated_mlp(mlp.shared_expert, rank, n)
-            layer.mlp = AllReduceOutput(mlp)
-        elif parallel.shard_attention:
-            _shard_gated_mlp(mlp, rank, n)
-            layer.mlp = AllReduceOutput(mlp)
     if parallel.shard_attention:
         mc = dataclasses.replace(mc, num_heads=mc.num_heads // n,
                                  num_kv_heads=mc.num_kv_heads // n,
@@ -235,8 +237,17 @@ def shard_model(model, parallel: ParallelConfig, rank: int):
     model.config = mc
     local_sites = shard_sites(full_sites, parallel)
     model.lora_sites = lambda: list(local_sites)  # instance override: the shard's sites
+
+
+def shard_model(model, parallel: ParallelConfig, rank: int):
+    """Cuts a loaded CausalLM to rank `rank`'s shard in place; returns (model, full sites)."""
+    parallel.validate_model(model.config)
+    full_sites = model.lora_sites()
+    for layer in model.model.layers:
+        shard_layer(layer, parallel, rank)
+    finish_shard(model, parallel, full_sites)
     return model, full_sites
 
 
-__all__ = ["AllReduceOutput", "PartitionedExperts", "shard_model", "shard_plan", "shard_sites",
-           "site_mode"]
+__all__ = ["AllReduceOutput", "PartitionedExperts", "finish_shard", "shard_layer", "shard_model",
+           "shard_plan", "shard_sites", "site_mode"]

@@ -57,14 +57,13 @@ class LLMEngine:
         self.device = config.torch_device()
         self.model_dir = config.model if os.path.isdir(config.model) else None
         self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
-        self.model = load_model(config.model, dtype=self.dtype,
-                                device=(self.device if parallel is None
-                                        else parallel.load_device(config.model, self.device)),
-                                progress=config.load_progress,
-                                **({"num_layers": config.synthetic_num_layers}
-                                   if config.synthetic_num_layers is not None else {}))
-        if parallel is not None:  # this rank's shard; model.config and lora_sites() follow it
-            self.model = parallel.shard_model(self.model, config, self.device)
+        if parallel is None:
+            self.model = load_model(config.model, dtype=self.dtype, device=self.device,
+                                    progress=config.load_progress,
+                                    **({"num_layers": config.synthetic_num_layers}
+                                       if config.synthetic_num_layers is not None else {}))
+        else:  # this rank's shard; model.config and lora_sites() follow it
+            self.model = parallel.load_model(config, self.dtype, self.device)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

@@ -71,15 +71,23 @@ def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> No
                        + ", ".join(missing[:12]))
 
 
-def load_hf_model(path: str | Path, registry: dict[str, type[CausalLM]], dtype: torch.dtype,
-                  device: torch.device | str, progress: bool = True) -> CausalLM:
+def model_class_for(path: str | Path, registry: dict[str, type[CausalLM]] | None = None):
+    """The CausalLM class of the checkpoint at `path` (from config.json's architectures)."""
+    if registry is None:
+        from moelora.models import REGISTRY as registry
     hf = read_hf_config(path)
     archs = hf.get("architectures") or []
     cls = next((registry[a] for a in archs if a in registry), None)
     if cls is None:
         raise ValueError(f"{path}: unsupported architecture {archs or hf.get('model_type')!r}; "
                          f"supported: {sorted(registry)}")
-    config = cls.config_from_hf(hf)
+    return cls
+
+
+def load_hf_model(path: str | Path, registry: dict[str, type[CausalLM]], dtype: torch.dtype,
+                  device: torch.device | str, progress: bool = True) -> CausalLM:
+    cls = model_class_for(path, registry)
+    config = cls.config_from_hf(read_hf_config(path))
     with torch.device(device):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)

@@ -135,10 +135,11 @@ class WeightMapper:
         self.filled[param_name] |= units
         dest.copy_(tensor.to(dtype=dest.dtype))
 
-    def missing(self) -> list[str]:
-        """Human-readable descriptions of every parameter (part) never loaded."""
+    def missing(self, names=None) -> list[str]:
+        """Human-readable descriptions of every parameter (part) never loaded, among `names`
+        (default: all of the model's)."""
         out = []
-        for name in self.params:
+        for name in self.params if names is None else names:
             lacking = self.units(name) - self.filled[name]
             if not lacking:
                 continue
