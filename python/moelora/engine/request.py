@@ -22,7 +22,7 @@ class SequenceStatus(enum.Enum):
         return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's `in` / remove() on its lists stay O(1) per item
 class Sequence:
     """One sample of a request: its tokens, KV pages and progress."""
 
