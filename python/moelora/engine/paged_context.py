@@ -35,7 +35,9 @@ class PagedContext:
         self.token_slot = meta.token_slot
         self._dense_groups = None
         self._moe_groups: dict[int, tuple] = {}
-        self._has_lora = meta.token_slot is not None and bool((meta.token_slot >= 0).any())
+        # build_metadata leaves token_slot None when no token of the step has an adapter, so
+        # this needs no device sync
+        self._has_lora = meta.token_slot is not None
 
     # -- attention ---------------------------------------------------------------------------
     def attention(self, layer, q, k, v, *, scale, sliding_window, sinks):
