@@ -50,6 +50,12 @@ def _bench_offline(args) -> int:
     return run_from_args(args)
 
 
+def _bench_scale(args) -> int:
+    from moelora.bench.scale import run_from_args
+
+    return run_from_args(args)
+
+
 def _config(args) -> int:
     import moelora
 
@@ -111,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         "offline", help="offline throughput with many adapters vs none (same process)")
     add_bench_offline_args(bench_offline)
     bench_offline.set_defaults(func=_bench_offline)
+    from moelora.bench.scale import add_cli_args as add_bench_scale_args
+
+    bench_scale = bench_sub.add_parser(
+        "scale", help="throughput as adapters grow past the GPU's slots (8 to 512 by default)")
+    add_bench_scale_args(bench_scale)
+    bench_scale.set_defaults(func=_bench_scale)
     # `moelora bench kernels ...` is dispatched above to moelora.bench.kernels' own parser.
     bench_sub.add_parser("kernels", help="time the MoE-LoRA kernels on the BENCHMARKS.md grid "
                                          "(GPU; see `moelora bench kernels --help`)")
