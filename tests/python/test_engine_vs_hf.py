@@ -92,3 +92,36 @@ def test_mixed_batch_matches_transformers_and_peft(family, tmp_path):
     assert differs_from_base >= 2, "the adapters should change some outputs"
     stats = llm.llm_engine.memory.pool.stats()
     assert stats["kv_pages"] == 0, "finished requests must return their KV pages"
+
+
+def test_sliding_window_pages_are_released_and_tokens_still_match(tmp_path):
+    """GPT-OSS's sliding layer (window 5) gives back its pages of blocks no future query can
+    see (block_size 2, prompts of 9-21 tokens, chunked prefills): the greedy tokens still equal
+    transformers', also when a tight pool preempts sequences whose pages were partly given back."""
+    hf_model, _ = make_tiny("gpt_oss", tmp_path / "model")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 300, (int(n),), generator=gen).tolist()
+               for n in (21, 9, 14, 17, 12, 19)]
+    llm = LLM(model=str(tmp_path / "model"), device="cpu", dtype="float32", block_size=2,
+              pool_memory_bytes=8 << 20, max_num_batched_tokens=8)
+    engine = llm.llm_engine
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True),
+                        use_tqdm=False)
+    for prompt, out in zip(prompts[:3], outs):
+        with torch.no_grad():
+            theirs, scores = _hf_greedy(hf_model, prompt)
+        _assert_same_greedy(out.outputs[0].token_ids, theirs, scores, f"sliding prompt={prompt}")
+    # 21 + 8 tokens, window 5, 2-token blocks: the sliding layer keeps ~3 of 15 blocks.
+    assert engine.stats["window_pages_released"] >= 20, engine.stats
+    assert engine.memory.pool.stats()["kv_pages"] == 0
+    # A pool of 40 pages (a sequence of 29 tokens needs 30 without the release): preemption
+    # frees a sequence with some pages already released; the tokens do not change.
+    tight = LLM(model=str(tmp_path / "model"), device="cpu", dtype="float32", block_size=2,
+                pool_memory_bytes=40 * engine.memory.page_bytes, max_num_batched_tokens=8)
+    again = tight.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True),
+                           use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs]
+    assert tight.llm_engine.stats["preemptions"] > 0
+    assert tight.llm_engine.memory.pool.stats()["kv_pages"] == 0

@@ -66,6 +66,11 @@ class RecordingPool:
             self._pool.free(kind, owner)
             self._log.append(("free", kind, owner))
 
+    def free_pages(self, kind, owner, pages):
+        with self._log.lock:
+            self._pool.free_pages(kind, owner, pages)
+            self._log.append(("free_pages", kind, owner, list(pages)))
+
     def __getattr__(self, name):
         return getattr(self._pool, name)
 
@@ -137,6 +142,8 @@ class Replayer:
                                          f"gave {mine}, rank 0 got {pages}")
             elif kind == "free":
                 self.pool.free(op[1], op[2])
+            elif kind == "free_pages":
+                self.pool.free_pages(op[1], op[2], op[3])
             elif kind == "register":
                 _, name, path, adapter_id = op
                 mine = self.adapters.resolve(LoRARequest(name, 1, path))

@@ -74,7 +74,8 @@ class LLMEngine:
         sites = self.model.lora_sites() if config.enable_lora else []
         self.memory = build_pool(config, mc, sites, self.dtype, self.device)
         self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype, shard=parallel)
-        self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens)
+        self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens,
+                            mc.sliding_windows)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -86,7 +87,8 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
+                      "window_pages_released": 0}
         if parallel is not None:  # rank 0 mirrors pool/adapter calls to the others and drives them
             parallel.attach(self)
 
@@ -159,6 +161,7 @@ class LLMEngine:
         sampling = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
+            self.stats["window_pages_released"] += self.kv.release_behind_window(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(seq)
             if len(seq.output_token_ids) == 0:

@@ -39,6 +39,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_pages: list[list[int]] = field(default_factory=list)  # [block][layer] -> page id
+    # sliding window size -> blocks whose pages of those layers went back to the pool
+    window_released: dict[int, int] = field(default_factory=dict)
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
