@@ -179,7 +179,7 @@ def test_plan_shards_are_slices_of_the_full_matrices(cases, parallel):
 
 @pytest.mark.parametrize("family,parallel", [
     ("mixtral", TP), ("mixtral", TP_EP), ("qwen3_moe", EP_ONLY), ("gpt_oss", TP_EP),
-    ("qwen2_moe", TP),
+    ("qwen2_moe", TP), ("llama", TP), ("qwen3", TP),
 ], ids=lambda v: v if isinstance(v, str) else v.describe().replace(" ", "_"))
 def test_streamed_shard_equals_the_cut_of_the_whole_model(cases, family, parallel):
     """load_shard (one layer at a time from the checkpoint, never the whole model) gives each
