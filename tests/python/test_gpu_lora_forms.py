@@ -40,12 +40,15 @@ def run_unsorted(prob, device, views=None):
 
 
 def check(prob, got, cpu, dtype):
+    """Against the float64 reference, the CPU op (when given) and the poisoned elements."""
     written = prob["written"]
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(got[written].double(), prob["expected"][written].double(),
                                rtol=rtol, atol=atol)
-    rtol, atol = CPU_TOLERANCE[dtype]
-    torch.testing.assert_close(got[written].double(), cpu[written].double(), rtol=rtol, atol=atol)
+    if cpu is not None:
+        rtol, atol = CPU_TOLERANCE[dtype]
+        torch.testing.assert_close(got[written].double(), cpu[written].double(), rtol=rtol,
+                                   atol=atol)
     assert torch.isnan(got[~written]).all(), "the kernel wrote outside the pairs/columns it owns"
 
 
@@ -72,8 +75,9 @@ def test_gpu_each_family_matches_cpu_and_float64(monkeypatch, family, tokens, hi
     seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m + (stage == "w2")
     prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
     out, _ = run_fused(prob, "cuda", block_m)
-    cpu, _ = run_fused(prob, "cpu", block_m)
-    check(prob, out.cpu(), cpu, dtype)
+    # test_gpu_ops.py compares the default family with the CPU op; here float64 is enough
+    # (and halves this file's CPU time on the device machine).
+    check(prob, out.cpu(), None, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
