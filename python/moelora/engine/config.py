@@ -35,6 +35,10 @@ class EngineConfig:
     seed: int = 0
     load_progress: bool = True
     synthetic_num_layers: int | None = None  # build only this many layers (synthetic models)
+    # Pure-decode steps through padded static buffers, captured as CUDA graphs on a GPU (run
+    # eagerly on the CPU). Off by default until measured on the GPU (bench/NOTES.md).
+    decode_graphs: bool = False
+    decode_graph_max_blocks: int = 512  # block-table width of the graphs; longer runs eagerly
     tensor_parallel_size: int = 1  # processes, one per GPU (moelora.distributed)
     enable_expert_parallel: bool = False  # partition experts over them instead of sharding
 

@@ -13,6 +13,7 @@ from moelora.engine.adapters import AdapterManager, LoRARequest
 from moelora.engine.config import EngineConfig
 from moelora.engine.kv_manager import KVManager
 from moelora.engine.memory import build_pool
+from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
 from moelora.engine.model_runner import ModelRunner
 from moelora.engine.request import (
     CompletionOutput,
@@ -82,8 +83,14 @@ class LLMEngine:
                             max_loras_per_batch=config.max_loras_per_batch,
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
+        graphs = None
+        if config.decode_graphs and parallel is None:
+            graphs = DecodeGraphs(self.model, self.memory.kv_view, self.adapters.views,
+                                  mc.num_layers, self.memory.block_tokens,
+                                  config.decode_graph_max_blocks,
+                                  default_buckets(config.max_num_seqs), self.device)
         self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
-                                  self.memory.block_tokens, self.device)
+                                  self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()

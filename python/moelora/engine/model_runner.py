@@ -10,13 +10,15 @@ from moelora.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model, kv_view, lora_views, block_tokens: int, device: torch.device):
+    def __init__(self, model, kv_view, lora_views, block_tokens: int, device: torch.device,
+                 graphs=None):
         self.model = model
         self.kv_view = kv_view
         self.lora_views = lora_views
         self.block_tokens = block_tokens
         self.device = device
         self.num_layers = model.config.num_layers
+        self.graphs = graphs  # DecodeGraphs, or None: every step runs eagerly
 
     def build_metadata(self, batch: ScheduledBatch, slot_of: dict[int, int]):
         input_ids: list[int] = []
@@ -69,8 +71,12 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, slot_of: dict[int, int]) -> torch.Tensor:
         """Returns float32 logits [number of sampling sequences, vocab]."""
         input_ids, meta, sample_rows = self.build_metadata(batch, slot_of)
-        ctx = PagedContext(meta, self.kv_view, self.lora_views)
-        hidden = self.model(input_ids, meta.positions, ctx)
+        if (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
+                and self.graphs.fits(len(batch.seqs), meta.block_tables.shape[2])):
+            hidden = self.graphs.run(input_ids, meta)  # a pure-decode step: replay
+        else:
+            hidden = self.model(input_ids, meta.positions,
+                                PagedContext(meta, self.kv_view, self.lora_views))
         if not sample_rows:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=hidden.device)

@@ -26,7 +26,9 @@ class LLM:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
                  pool_memory_bytes: int | None = None, block_size: int = 16,
                  max_loras_per_batch: int | None = None, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, **unsupported):
+                 enable_expert_parallel: bool = False, decode_graphs: bool = False,
+                 decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
+                 **unsupported):
         if unsupported:
             names = ", ".join(sorted(unsupported))
             raise TypeError(f"LLM() got arguments moelora does not support: {names}")
@@ -38,7 +40,11 @@ class LLM:
             gpu_memory_utilization=gpu_memory_utilization, pool_memory_bytes=pool_memory_bytes,
             block_size=block_size, max_loras_per_batch=max_loras_per_batch,
             tensor_parallel_size=tensor_parallel_size,
-            enable_expert_parallel=enable_expert_parallel))
+            enable_expert_parallel=enable_expert_parallel,
+            # vLLM's enforce_eager=False asks for graphs; moelora's default is eager until
+            # its decode graphs are measured on the GPU
+            decode_graphs=decode_graphs or enforce_eager is False,
+            decode_graph_max_blocks=decode_graph_max_blocks))
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

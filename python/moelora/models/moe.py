@@ -36,7 +36,10 @@ def expert_linear(x: torch.Tensor, expert_of_row: torch.Tensor,
     """
     num_experts, out_dim = weight.shape[0], weight.shape[1]
     order = torch.argsort(expert_of_row, stable=True)
-    counts = torch.bincount(expert_of_row, minlength=num_experts)
+    # scatter_add, not bincount: bincount sizes its output from a device max (a host sync),
+    # which a CUDA graph capture of the decode step cannot contain
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+        0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int64))
     sorted_x = x[order]
     if _grouped_mm_usable(x, weight):
         offsets = torch.cumsum(counts, 0).to(torch.int32)
