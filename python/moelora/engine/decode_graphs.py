@@ -16,11 +16,15 @@ unpadded engine, so the padding semantics are proven where the tests run.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from moelora.engine.paged_context import PagedContext, StepMetadata
+
+
+log = logging.getLogger("moelora")
 
 
 def default_buckets(max_num_seqs: int) -> list[int]:
@@ -55,6 +59,7 @@ class DecodeGraphs:
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._made: dict[int, _Bucket] = {}
         self.replays = 0
+        self.capture_error: str | None = None  # why capturing was given up, if it was
 
     def fits(self, num_seqs: int, block_table_width: int) -> bool:
         return num_seqs <= self.buckets[-1] and block_table_width <= self.max_blocks
@@ -82,7 +87,14 @@ class DecodeGraphs:
         if bucket is None:
             bucket = self._new_bucket(size)
             if self.capture:
-                self._capture(bucket)
+                try:
+                    self._capture(bucket)
+                except RuntimeError as error:  # e.g. an op that syncs the host
+                    # (float32 MoE experts on CUDA loop over experts on the host)
+                    self.capture = False
+                    self.capture_error = str(error).splitlines()[0]
+                    log.warning("decode graphs disabled, steps run eagerly: capture failed: %s",
+                                self.capture_error)
             self._made[size] = bucket
         return bucket
 
