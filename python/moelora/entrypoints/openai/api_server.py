@@ -68,7 +68,8 @@ def build_engine(args):
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel))
+        enable_expert_parallel=args.enable_expert_parallel,
+        decode_graphs=args.decode_graphs))
     return engine, model, loras, enable_lora
 
 

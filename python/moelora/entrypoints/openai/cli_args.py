@@ -45,6 +45,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="processes (one per GPU) sharing the model over torch.distributed")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="partition the experts over the tensor-parallel processes")
+    parser.add_argument("--decode-graphs", action="store_true",
+                        help="replay decode steps from CUDA graphs (experimental until measured "
+                             "on the GPU; vLLM's default, its --enforce-eager turns it off)")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="beyond this many waiting requests new ones get 503 + Retry-After")
     parser.add_argument("--seed", type=int, default=0)
