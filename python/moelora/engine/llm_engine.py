@@ -115,6 +115,9 @@ class LLMEngine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
                              f"[{min(prompt_ids)}, {max(prompt_ids)}]")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the "
+                             f"vocabulary [0, {vocab})")
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             self.max_model_len - len(prompt_ids)
         if len(prompt_ids) + max(max_tokens, 1) > self.max_model_len:
@@ -175,7 +178,8 @@ class LLMEngine:
                 self.stats["prompt_tokens"] += num_new
         if sampling:
             result = sample(logits, [SampleRequest(s.params, s.generator,
-                                                   len(s.output_token_ids), self.eos_token_ids)
+                                                   len(s.output_token_ids), self.eos_token_ids,
+                                                   s.prompt_token_ids, s.output_token_ids)
                                      for s in sampling])
             for i, seq in enumerate(sampling):
                 self._append_token(seq, result.token_ids[i], result.logprobs[i],

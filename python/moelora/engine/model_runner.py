@@ -33,7 +33,7 @@ class ModelRunner:
         any_adapter = False
         for index, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
-            tokens = seq.all_token_ids[start:start + num_new]
+            tokens = seq.token_ids(start, start + num_new)
             slot = slot_of.get(seq.seq_id, -1) if seq.adapter_id is not None else -1
             any_adapter |= slot >= 0
             input_ids.extend(tokens)

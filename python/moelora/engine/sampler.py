@@ -8,7 +8,7 @@ vocabulary entry from that generator.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from moelora.engine.sampling_params import SamplingParams
@@ -20,6 +20,8 @@ class SampleRequest:
     generator: torch.Generator | None  # None for greedy rows
     num_generated: int  # tokens already generated (for min_tokens)
     eos_token_ids: tuple[int, ...]
+    prompt_token_ids: list[int] = field(default_factory=list)  # for repetition_penalty
+    output_token_ids: list[int] = field(default_factory=list)  # for all penalties
 
 
 @dataclass
@@ -56,7 +58,8 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> SampleResult:
     logprobs_all = torch.log_softmax(logits, dim=-1)
     token_ids: list[int | None] = [None] * len(requests)
     plain_greedy = [row for row, req in enumerate(requests)
-                    if req.params.greedy and not _eos_blocked(req)]
+                    if req.params.greedy and not _eos_blocked(req)
+                    and not req.params.adjusts_logits]
     if plain_greedy:
         rows = torch.tensor(plain_greedy, device=logits.device)
         for row, token in zip(plain_greedy, logits[rows].argmax(dim=-1).tolist()):
@@ -82,8 +85,35 @@ def _eos_blocked(req: SampleRequest) -> bool:
     return req.num_generated < req.params.min_tokens and bool(req.eos_token_ids)
 
 
+def adjust_logits(row_logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """logit_bias, then vLLM's penalties: repetition (transformers' rule, over prompt and
+    output tokens), then frequency and presence (over output tokens). Returns a new tensor."""
+    params = req.params
+    logits = row_logits.clone()
+    if params.logit_bias:
+        vocab = logits.shape[0]
+        ids = [t for t in params.logit_bias if t < vocab]
+        logits[ids] += torch.tensor([params.logit_bias[t] for t in ids], dtype=logits.dtype,
+                                    device=logits.device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.prompt_token_ids) | set(req.output_token_ids)),
+                            dtype=torch.int64, device=logits.device)
+        if seen.numel():
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / params.repetition_penalty,
+                                       values * params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and req.output_token_ids:
+        out = torch.tensor(req.output_token_ids, dtype=torch.int64, device=logits.device)
+        counts = torch.zeros_like(logits).scatter_add_(0, out, torch.ones_like(out,
+                                                                             dtype=logits.dtype))
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
 def _sample_row(row_logits: torch.Tensor, req: SampleRequest) -> int:
     params = req.params
+    if params.adjusts_logits:
+        row_logits = adjust_logits(row_logits, req)
     if _eos_blocked(req):
         row_logits = row_logits.clone()
         row_logits[list(req.eos_token_ids)] = float("-inf")

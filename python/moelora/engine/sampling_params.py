@@ -12,6 +12,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 (or 0) = no top-k
     min_p: float = 0.0
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence among the generated tokens
+    repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of tokens
+    #                                  in the prompt or generated so far (transformers' rule)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
     seed: int | None = None
     max_tokens: int | None = 16
     min_tokens: int = 0
@@ -45,6 +50,23 @@ class SamplingParams:
             raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logit_bias is not None:
+            bias = {}
+            for token, value in self.logit_bias.items():
+                try:
+                    token_id = int(token)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
+                if token_id < 0 or not -100.0 <= float(value) <= 100.0:
+                    raise ValueError(f"logit_bias {token!r}: {value} (token ids >= 0, biases "
+                                     f"in [-100, 100])")
+                bias[token_id] = float(value)
+            self.logit_bias = bias or None
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.stop is None:
@@ -62,3 +84,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or biases change the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)

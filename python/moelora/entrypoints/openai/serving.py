@@ -33,7 +33,8 @@ from moelora.entrypoints.openai.serving_models import ServingModels
 from moelora.entrypoints.openai.streaming import SSEResponse, run_until_disconnect, sse
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
-                    "logprobs", "seed", "stop", "stop_token_ids")
+                    "logprobs", "seed", "stop", "stop_token_ids", "presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "logit_bias")
 
 
 @dataclass
@@ -321,6 +322,9 @@ class OpenAIServing:
                               f"completion.", "max_tokens")
         if req.stop_token_ids and any(t >= self.vocab_size for t in req.stop_token_ids):
             raise bad_request(f"stop_token_ids must be < {self.vocab_size}", "stop_token_ids")
+        if req.logit_bias and any(str(t).isdigit() and int(t) >= self.vocab_size
+                                  for t in req.logit_bias):
+            raise bad_request(f"logit_bias token ids must be < {self.vocab_size}", "logit_bias")
         try:
             return req.sampling_params(max_tokens, logprobs)
         except ValueError as exc:
