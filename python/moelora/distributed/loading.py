@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from moelora.distributed.config import ParallelConfig
 from moelora.distributed.shard import finish_shard, shard_layer
+from moelora.models import mxfp4
 from moelora.models.loader import model_class_for, read_hf_config, safetensors_files
 from moelora.models.rope import RotaryEmbedding
 from moelora.models.weights import WeightMapper
@@ -38,13 +39,13 @@ def _give_storage(root: nn.Module, names: list[str], device) -> None:
                                           requires_grad=False))
 
 
-def _fill(model, rules, names: list[str], tensors, skip: set[str], path) -> None:
-    """Loads `tensors` ((checkpoint name, safetensors handle) pairs) into `model`; every
-    parameter in `names` must end up filled."""
+def _fill(model, rules, names: list[str], entries, skip: set[str], path, dtype) -> None:
+    """Loads `entries` ((checkpoint name, safetensors handle) pairs; MXFP4 pairs dequantized)
+    into `model`; every parameter in `names` must end up filled."""
     mapper = WeightMapper(model, rules)
-    for ckpt_name, handle in tensors:
+    for ckpt_name, tensor in mxfp4.checkpoint_tensors(entries, dtype):
         if ckpt_name not in skip:
-            mapper.load(ckpt_name, handle.get_tensor(ckpt_name))
+            mapper.load(ckpt_name, tensor)
     missing = mapper.missing(names)
     if missing:
         raise KeyError(f"{path}: checkpoint lacks tensors the model needs: "
@@ -83,13 +84,13 @@ def load_shard(path: str | Path, parallel: ParallelConfig, rank: int, dtype: tor
     params = [name for name, _ in model.named_parameters()]
     replicated = [n for n in params if not n.startswith("model.layers.")]
     _give_storage(model, replicated, "cpu")
-    _fill(model, rules, replicated, groups.get(None, []), skip, path)
+    _fill(model, rules, replicated, groups.get(None, []), skip, path, dtype)
     for index in tqdm(range(config.num_layers), desc=f"loading {Path(path).name} (rank {rank})",
                       unit="layer", disable=not progress):
         prefix = f"model.layers.{index}."
         names = [n for n in params if n.startswith(prefix)]
         _give_storage(model, names, "cpu")
-        _fill(model, rules, names, groups.get(index, []), skip, path)
+        _fill(model, rules, names, groups.get(index, []), skip, path, dtype)
         layer = model.model.layers[index]
         shard_layer(layer, parallel, rank)
         model.model.layers[index] = layer.to(device)  # the host copy of the layer goes now

@@ -24,10 +24,10 @@ class GptOssForCausalLM(CausalLM):
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:
-        if "quantization_config" in hf:
-            raise ValueError(f"GPT-OSS checkpoint is quantized "
-                             f"({hf['quantization_config'].get('quant_method', '?')}); moelora "
-                             f"loads unquantized (bf16/fp32) GPT-OSS weights only")
+        method = (hf.get("quantization_config") or {}).get("quant_method")
+        if "quantization_config" in hf and method != "mxfp4":
+            raise ValueError(f"GPT-OSS checkpoint is quantized ({method or '?'}); moelora "
+                             f"loads unquantized or MXFP4 (dequantized at load) GPT-OSS weights")
         bias = bool(hf.get("attention_bias", True))
         return ModelConfig(
             **common_of(hf, cls.family),

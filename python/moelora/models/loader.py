@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from moelora.models import mxfp4
 from moelora.models.base import CausalLM
 from moelora.models.weights import WeightMapper
 
@@ -52,19 +53,20 @@ def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> No
     """Fill every parameter of `model` from the safetensors under `path`; errors name tensors."""
     mapper = WeightMapper(model, model.checkpoint_rules(model.config))
     files = safetensors_files(path)
-    device = next(model.parameters()).device
-    handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-    total = sum(len(h.keys()) for h in handles)
+    first = next(model.parameters())
+    entries = []  # (checkpoint name, safetensors handle) over every file
+    for f in files:
+        handle = safe_open(str(f), framework="pt", device="cpu")
+        entries.extend((name, handle) for name in handle.keys())  # noqa: SIM118
+    names = {name for name, _ in entries}
     tied = model.config.tie_word_embeddings
-    with tqdm(total=total, desc=f"loading {Path(path).name}", unit="tensor",
+    with tqdm(total=len(entries), desc=f"loading {Path(path).name}", unit="tensor",
               disable=not progress) as bar:
-        for handle in handles:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                bar.update(1)
-                if tied and name == "lm_head.weight":
-                    continue  # tied: the embedding is the head
-                tensor = handle.get_tensor(name).to(device)
-                mapper.load(name, tensor)
+        for name, tensor in mxfp4.checkpoint_tensors(entries, first.dtype):
+            bar.update(2 if name + mxfp4.BLOCKS in names else 1)  # blocks + scales: two
+            if tied and name == "lm_head.weight":
+                continue  # tied: the embedding is the head
+            mapper.load(name, tensor.to(first.device))
     missing = mapper.missing()
     if missing:
         raise KeyError(f"{path}: checkpoint lacks tensors the model needs: "
