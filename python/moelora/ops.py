@@ -115,9 +115,16 @@ def fused_moe_lora(
 UNSORTED_MAX_PAIRS = 1024
 
 
-def prefer_unsorted(num_pairs: int) -> bool:
-    """Whether fused_moe_lora_unsorted is the faster form for a step of num_pairs pairs."""
-    return num_pairs <= UNSORTED_MAX_PAIRS
+# Dense sites (attention projections): every token of an adapter shares one matrix, so the
+# unsorted form re-reads it once per token (from L2) where grouping reads it once per block of
+# rows; not measured separately yet, so the switch comes much earlier than for experts.
+UNSORTED_MAX_DENSE_ROWS = 64
+
+
+def prefer_unsorted(num_pairs: int, dense: bool = False) -> bool:
+    """Whether fused_moe_lora_unsorted is the faster form for a step of num_pairs (token,
+    expert) pairs, or of num_pairs rows of a dense site."""
+    return num_pairs <= (UNSORTED_MAX_DENSE_ROWS if dense else UNSORTED_MAX_PAIRS)
 
 
 def fused_moe_lora_unsorted(

@@ -53,7 +53,7 @@ class PagedContext:
     def apply_lora(self, site, layer, x, out):
         if not self._has_lora or not self.lora_views.has_site(site):
             return
-        if ops.prefer_unsorted(x.shape[0]):  # decode: no alignment launch
+        if ops.prefer_unsorted(x.shape[0], dense=True):  # decode: no alignment launch
             ops.fused_moe_lora_unsorted(x, out, None, self.token_slot,
                                         [self.lora_views.view(site, layer)], [0],
                                         input_pairs_per_row=1)
