@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from moelora.distributed.config import ParallelConfig
 from moelora.distributed.shard import finish_shard, shard_layer
-from moelora.models import mxfp4
+from moelora.models import quantized
 from moelora.models.loader import model_class_for, read_hf_config, safetensors_files
 from moelora.models.rope import RotaryEmbedding
 from moelora.models.weights import WeightMapper
@@ -43,7 +43,7 @@ def _fill(model, rules, names: list[str], entries, skip: set[str], path, dtype) 
     """Loads `entries` ((checkpoint name, safetensors handle) pairs; MXFP4 pairs dequantized)
     into `model`; every parameter in `names` must end up filled."""
     mapper = WeightMapper(model, rules)
-    for ckpt_name, tensor in mxfp4.checkpoint_tensors(entries, dtype):
+    for ckpt_name, tensor in quantized.checkpoint_tensors(entries, dtype):
         if ckpt_name not in skip:
             mapper.load(ckpt_name, tensor)
     missing = mapper.missing(names)

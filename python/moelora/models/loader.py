@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from moelora.models import mxfp4
+from moelora.models import quantized
 from moelora.models.base import CausalLM
 from moelora.models.weights import WeightMapper
 
@@ -62,8 +62,8 @@ def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> No
     tied = model.config.tie_word_embeddings
     with tqdm(total=len(entries), desc=f"loading {Path(path).name}", unit="tensor",
               disable=not progress) as bar:
-        for name, tensor in mxfp4.checkpoint_tensors(entries, first.dtype):
-            bar.update(2 if name + mxfp4.BLOCKS in names else 1)  # blocks + scales: two
+        for name, tensor in quantized.checkpoint_tensors(entries, first.dtype):
+            bar.update(2 if name + quantized.BLOCKS in names else 1)  # blocks + scales: two
             if tied and name == "lm_head.weight":
                 continue  # tied: the embedding is the head
             mapper.load(name, tensor.to(first.device))

@@ -1,4 +1,4 @@
-"""MXFP4 checkpoints (how GPT-OSS ships its experts) load by dequantizing at load time.
+"""Quantized checkpoints load by dequantizing at load time: MXFP4 (GPT-OSS experts) and block FP8.
 
 The dequantization is checked bit for bit against transformers' own MXFP4 unpacking on random
 codes and exponents; then a tiny GPT-OSS checkpoint with its experts quantized to MXFP4 loads
@@ -22,7 +22,7 @@ from moelora.distributed import ParallelConfig
 from moelora.distributed.loading import load_shard
 from moelora.distributed.shard import shard_model
 from moelora.models import load_model
-from moelora.models.mxfp4 import dequantize
+from moelora.models.quantized import dequantize_mxfp4 as dequantize
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
@@ -115,3 +115,54 @@ def test_streamed_shards_of_an_mxfp4_checkpoint(checkpoints):
         assert got.keys() == want.keys()
         assert all(torch.equal(got[n], want[n]) for n in want)
     assert math.isfinite(float(got["model.layers.0.mlp.inner.experts.w13"].float().sum()))
+
+
+# ---- block FP8 (Qwen3-*-FP8 style) ----------------------------------------------------------
+
+def _fp8_blocks(w: torch.Tensor, block: int = 16):
+    """[rows, cols] -> (float8_e4m3fn weight, float32 scales [ceil(r/b), ceil(c/b)])."""
+    rows, cols = w.shape
+    scales = torch.zeros(-(-rows // block), -(-cols // block))
+    q = torch.zeros(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block].float()
+            scale = tile.abs().max().clamp_min(1e-12) / 448.0
+            scales[i, j] = scale
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (
+                tile / scale).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
+    make_tiny("qwen3_moe", tmp_path / "original")
+    config = json.loads((tmp_path / "original" / "config.json").read_text())
+    tensors = {}
+    for f in sorted((tmp_path / "original").glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    quantized, reference = {}, {}
+    for name, value in tensors.items():
+        if name.endswith("proj.weight") and "mlp.gate." not in name:  # linear layers, experts
+            q, s = _fp8_blocks(value)
+            quantized[name], quantized[name + "_scale_inv"] = q, s
+            # the reference dequantization, written out element by element
+            rows = torch.arange(value.shape[0])[:, None] // 16
+            cols = torch.arange(value.shape[1])[None, :] // 16
+            reference[name] = (q.float() * s[rows, cols]).to(torch.bfloat16)
+        else:
+            quantized[name] = reference[name] = value
+    for name, payload, extra in (("fp8", quantized, {"quantization_config": {
+            "quant_method": "fp8", "weight_block_size": [16, 16]}}), ("reference", reference, {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **extra}))
+        save_file(payload, str(tmp_path / name / "model.safetensors"))
+    ours = dict(load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16,
+                           progress=False).named_parameters())
+    want = dict(load_model(str(tmp_path / "reference"), dtype=torch.bfloat16,
+                           progress=False).named_parameters())
+    assert all(torch.equal(ours[n], want[n]) for n in want)
+    # an FP8 weight without its block scales is refused, not loaded unscaled
+    del quantized[next(k for k in quantized if k.endswith("_scale_inv"))]
+    save_file(quantized, str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(ValueError, match="without a .*scale_inv"):
+        load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16, progress=False)
