@@ -166,3 +166,34 @@ def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
     save_file(quantized, str(tmp_path / "fp8" / "model.safetensors"))
     with pytest.raises(ValueError, match="without a .*scale_inv"):
         load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16, progress=False)
+
+
+def test_tensor_and_channel_scaled_fp8_checkpoint(tmp_path):
+    make_tiny("mixtral", tmp_path / "original")
+    config = json.loads((tmp_path / "original" / "config.json").read_text())
+    tensors = {}
+    for f in sorted((tmp_path / "original").glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    quantized, reference = {}, {}
+    for index, (name, value) in enumerate(sorted(tensors.items())):
+        if name.endswith("proj.weight") and value.dim() == 2:
+            per_row = index % 2 == 0  # alternate per-channel and per-tensor scales
+            peak = value.float().abs().amax(1, keepdim=True) if per_row else value.float().abs().max()
+            scale = (peak / 448.0).clamp_min(1e-12)
+            q = (value.float() / scale).to(torch.float8_e4m3fn)
+            quantized[name], quantized[name + "_scale"] = q, scale.reshape(-1, 1) if per_row \
+                else scale.reshape(1)
+            quantized[name.removesuffix(".weight") + ".input_scale"] = torch.ones(1)
+            reference[name] = (q.float() * scale).to(torch.bfloat16)
+        else:
+            quantized[name] = reference[name] = value
+    assert any(k.endswith("_scale") for k in quantized)
+    for name, payload in (("fp8", quantized), ("reference", reference)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        save_file(payload, str(tmp_path / name / "model.safetensors"))
+    ours = dict(load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16,
+                           progress=False).named_parameters())
+    want = dict(load_model(str(tmp_path / "reference"), dtype=torch.bfloat16,
+                           progress=False).named_parameters())
+    assert all(torch.equal(ours[n], want[n]) for n in want)

@@ -16,6 +16,10 @@ Block FP8 (quant_method "fp8" with weight_block_size, e.g. Qwen3-*-FP8): W [rows
   <name>.weight            float8_e4m3fn [rows, cols]
   <name>.weight_scale_inv  float32 [ceil(rows / br), ceil(cols / bc)]: one scale per block,
                            element = fp8 value * scale (block size [br, bc], usually 128).
+Tensor- or channel-scaled FP8 (compressed-tensors / llm-compressor, e.g. *-FP8 Mixtral):
+  <name>.weight            float8_e4m3fn [rows, cols]
+  <name>.weight_scale      float32 [] / [1] (per tensor) or [rows, 1] (per output channel);
+  <name>.input_scale       static activation scale: not needed once weights are dequantized.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 
 BLOCKS, SCALES = "_blocks", "_scales"
 FP8_SCALE = "_scale_inv"  # <name>.weight + <name>.weight_scale_inv
+FP8_TENSOR_SCALE = "_scale"  # <name>.weight + <name>.weight_scale
+INPUT_SCALE = ".input_scale"
 # E2M1: sign, 2 exponent bits, 1 mantissa bit; codes 0-7 positive, 8-15 their negatives.
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -71,6 +77,20 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor,
     return (weight.float() * scale).to(dtype)
 
 
+def dequantize_fp8_scaled(weight: torch.Tensor, scale: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """float8 [rows, cols] times a per-tensor ([] or [1]) or per-row ([rows, 1]) scale."""
+    scale = scale.float()
+    if scale.numel() == 1:
+        scale = scale.reshape(())
+    elif tuple(scale.shape) not in ((weight.shape[0], 1), (weight.shape[0],)):
+        raise ValueError(f"FP8 weight_scale {tuple(scale.shape)} is neither per tensor nor per "
+                         f"output channel of the weight {tuple(weight.shape)}")
+    else:
+        scale = scale.reshape(-1, 1)
+    return (weight.float() * scale).to(dtype)
+
+
 def checkpoint_tensors(entries, dtype: torch.dtype):
     """(name, tensor) for each checkpoint entry ((name, safetensors handle) pairs), with every
     quantized pair replaced by its dequantized weight under the unquantized name."""
@@ -80,6 +100,10 @@ def checkpoint_tensors(entries, dtype: torch.dtype):
             continue  # consumed with its blocks
         if name.endswith(FP8_SCALE) and name[:-len(FP8_SCALE)] in handles:
             continue  # consumed with its weight
+        if name.endswith(FP8_TENSOR_SCALE) and name[:-len(FP8_TENSOR_SCALE)] in handles:
+            continue  # consumed with its weight
+        if name.endswith(INPUT_SCALE):
+            continue  # activation scales of FP8 matmuls: the weights load dequantized
         if name.endswith(BLOCKS):
             base = name[:-len(BLOCKS)]
             scales = handles.get(base + SCALES)
@@ -93,8 +117,13 @@ def checkpoint_tensors(entries, dtype: torch.dtype):
             yield name, dequantize_fp8_blocks(handle.get_tensor(name),
                                               scale.get_tensor(name + FP8_SCALE), dtype)
             continue
+        scale = handles.get(name + FP8_TENSOR_SCALE)
+        if scale is not None:
+            yield name, dequantize_fp8_scaled(handle.get_tensor(name),
+                                              scale.get_tensor(name + FP8_TENSOR_SCALE), dtype)
+            continue
         tensor = handle.get_tensor(name)
         if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             raise ValueError(f"checkpoint tensor {name!r} is {tensor.dtype} without a "
-                             f"{name + FP8_SCALE!r} beside it: only block-scaled FP8 loads")
+                             f"{name + FP8_SCALE!r} or {name + FP8_TENSOR_SCALE!r} beside it")
         yield name, tensor
