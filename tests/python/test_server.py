@@ -441,6 +441,30 @@ def test_client_disconnect_frees_pages(server):
     assert _value(samples, "moelora:e2e_request_latency_seconds_count") == before
 
 
+def test_tokenize_and_detokenize(server, offline):
+    tokenizer = offline.get_tokenizer()
+    got = httpx.post(server.url + "/tokenize", json={"model": BASE, "prompt": "Hello there"})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["tokens"] == tokenizer.encode("Hello there")
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == MAX_MODEL_LEN
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert chat["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    back = httpx.post(server.url + "/detokenize", json={"model": STATIC[0],
+                                                        "tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json()["prompt"] == tokenizer.decode(body["tokens"])
+    for path, payload, status, param in (
+            ("/tokenize", {"prompt": "x", "messages": messages}, 400, "prompt"),
+            ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+            ("/detokenize", {"tokens": [10 ** 9]}, 400, "tokens"),
+            ("/detokenize", {"tokens": []}, 400, "tokens")):
+        response = httpx.post(server.url + path, json=payload)
+        assert response.status_code == status, (path, payload, response.text)
+        assert response.json()["error"]["param"] == param
+
+
 def test_auth(server):
     for path in ("/v1/models",):
         assert httpx.get(server.url + path).status_code == 401

@@ -30,7 +30,9 @@ from moelora.entrypoints.openai.metrics import ServerMetrics
 from moelora.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadLoRAAdapterRequest,
+    TokenizeRequest,
     UnloadLoRAAdapterRequest,
 )
 from moelora.entrypoints.openai.serving import OpenAIServing
@@ -190,6 +192,14 @@ def build_app(engine, model_path: str, args, static_loras: dict[str, str],
     async def chat_completions(raw: Request):
         return await serving.create_chat_completion(await _parse(raw, ChatCompletionRequest),
                                                     raw)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request):
+        return JSONResponse(serving.tokenize(await _parse(raw, TokenizeRequest)))
+
+    @app.post("/detokenize")
+    async def detokenize(raw: Request):
+        return JSONResponse(serving.detokenize(await _parse(raw, DetokenizeRequest)))
 
     @app.get("/v1/models")
     async def list_models():

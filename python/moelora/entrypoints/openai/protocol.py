@@ -211,3 +211,25 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a completion prompt, or chat messages rendered by the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if (self.prompt is None) == (self.messages is None):
+            return "prompt", "give exactly one of prompt and messages"
+        return None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(min_length=1)

@@ -27,6 +27,8 @@ from moelora.entrypoints.openai.errors import (
 from moelora.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     random_id,
 )
 from moelora.entrypoints.openai.serving_models import ServingModels
@@ -249,6 +251,33 @@ class OpenAIServing:
         except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM does
             yield sse(from_engine_error(exc).body())
         yield "data: [DONE]\n\n"
+
+    # -- tokenizer endpoints (vLLM's /tokenize and /detokenize) --------------------------------
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        problem = req.unsupported()
+        if problem is not None:
+            raise bad_request(problem[1], problem[0])
+        self.models.resolve(req.model)  # 404 for an unknown model name
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "prompt")
+        if req.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs)
+            ids = self._chat_prompt(chat).token_ids
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        self.models.resolve(req.model)
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer", "tokens")
+        bad = [t for t in req.tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"token ids must be in [0, {self.vocab_size}), got {bad[0]}",
+                              "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
 
     # -- shared steps --------------------------------------------------------------------------
     def _admit(self, req):
