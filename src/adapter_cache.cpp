@@ -184,6 +184,18 @@ void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
       queue_host_load_locked(e);
       return;
     }
+    if (e->layout->num_pages() > pool.num_pages()) {
+      // Waiting could never help: fail the adapter (and so its requests) instead.
+      e->failed = true;
+      e->error = "adapter '" + e->name + "' needs " + std::to_string(e->layout->num_pages()) +
+                 " pages of " + std::to_string(e->layout->page_bytes()) +
+                 " bytes, more than the whole page pool holds (" +
+                 std::to_string(pool.num_pages()) + " pages)";
+      e->want_device = false;
+      e->device_state = DeviceState::kNone;
+      changed.notify_all();
+      return;
+    }
     int32_t slot = find_slot_locked();
     if (slot < 0) {
       e->device_state = DeviceState::kWaiting;

@@ -139,6 +139,14 @@ class AdapterManager:
     def prefetch(self, adapter_id: int) -> None:
         self.cache.prefetch(adapter_id)
 
+    def num_pages(self, adapter_id: int) -> int:
+        """Pool pages the adapter occupies when resident."""
+        return self.cache.num_pages(adapter_id)
+
+    def waiting_for_memory(self) -> bool:
+        """Whether some adapter load waits for pool pages."""
+        return self.cache is not None and self.cache.stats()["waiting_for_memory"] > 0
+
     def ready(self, adapter_id: int) -> bool:
         return self.cache.residency(adapter_id) == RESIDENT
 

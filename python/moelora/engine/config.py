@@ -38,6 +38,8 @@ class EngineConfig:
     # Pure-decode steps through padded static buffers, captured as CUDA graphs on a GPU (run
     # eagerly on the CPU). Off by default until measured on the GPU (bench/NOTES.md).
     decode_graphs: bool = False
+    # Reuse the KV blocks of identical prompt prefixes (same adapter) across requests.
+    enable_prefix_caching: bool = False
     decode_graph_max_blocks: int = 512  # block-table width of the graphs; longer runs eagerly
     tensor_parallel_size: int = 1  # processes, one per GPU (moelora.distributed)
     enable_expert_parallel: bool = False  # partition experts over them instead of sharding

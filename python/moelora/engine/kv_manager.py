@@ -8,10 +8,14 @@ Sliding-window layers (GPT-OSS alternates them with full attention) never read k
 `window` positions behind the newest query, so once a block has fallen out of every future
 query's window its page of that layer goes back to the pool (release_behind_window). The block
 table keeps the stale page id: the attention kernels only read positions inside the window.
+
+With a PrefixCache, the full blocks of a prompt are allocated under owners of their own, shared
+with later sequences whose prompts (and adapter) start the same way; see prefix_cache.py.
 """
 
 from __future__ import annotations
 
+from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import Sequence
 
 KV_KIND = "kv"
@@ -19,10 +23,12 @@ KV_KIND = "kv"
 
 class KVManager:
     def __init__(self, pool, num_layers: int, block_tokens: int,
-                 sliding_windows: tuple[int | None, ...] = ()):
+                 sliding_windows: tuple[int | None, ...] = (),
+                 prefix_cache: PrefixCache | None = None):
         self.pool = pool
         self.num_layers = num_layers
         self.block_tokens = block_tokens
+        self.prefix_cache = prefix_cache
         # layers by window size: the pages of one window size are released together
         self._window_layers: dict[int, list[int]] = {}
         for layer, window in enumerate(sliding_windows):
@@ -36,18 +42,102 @@ class KVManager:
         return self.blocks_for(num_tokens) * self.num_layers
 
     def reserve(self, seq: Sequence, total_tokens: int) -> bool:
-        """Makes room for `total_tokens` cached tokens of `seq`. False if the pool cannot."""
-        missing_blocks = self.blocks_for(total_tokens) - len(seq.block_pages)
-        if missing_blocks <= 0:
+        """Makes room for `total_tokens` cached tokens of `seq`. False if the pool cannot
+        (after evicting cached prefix blocks nobody uses)."""
+        missing = self.blocks_for(total_tokens) - len(seq.block_pages)
+        if missing <= 0:
             return True
-        outcome = self.pool.try_allocate(KV_KIND, seq.seq_id, missing_blocks * self.num_layers,
-                                         evict=True)
-        if not outcome.ok:
-            return False
-        pages = list(outcome.pages)
-        for b in range(missing_blocks):
+        if self._allocate_blocks(seq, missing):
+            return True
+        return self._evict_cached(missing * self.num_layers) and self._allocate_blocks(seq, missing)
+
+    def _allocate_blocks(self, seq: Sequence, missing: int) -> bool:
+        """All or nothing: full prompt blocks (when caching) under owners of their own, the
+        rest under the sequence."""
+        first = len(seq.block_pages)
+        cacheable = len(seq.prompt_token_ids) // self.block_tokens if self.prefix_cache else 0
+        shared: list[tuple[int, int, list[int]]] = []  # (block, owner, pages)
+        for block in range(first, min(first + missing, cacheable)):
+            owner = self.prefix_cache.new_owner()
+            outcome = self.pool.try_allocate(KV_KIND, owner, self.num_layers, evict=True)
+            if not outcome.ok:
+                for _, taken, _ in shared:
+                    self.pool.free(KV_KIND, taken)
+                return False
+            shared.append((block, owner, list(outcome.pages)))
+        private = missing - len(shared)
+        pages: list[int] = []
+        if private:
+            outcome = self.pool.try_allocate(KV_KIND, seq.seq_id, private * self.num_layers,
+                                             evict=True)
+            if not outcome.ok:
+                for _, taken, _ in shared:
+                    self.pool.free(KV_KIND, taken)
+                return False
+            pages = list(outcome.pages)
+            seq.holds_private_pages = True
+        for block, owner, block_pages in shared:
+            seq.block_pages.append(block_pages)
+            seq.prefix_owners[block] = owner
+        for b in range(private):
             seq.block_pages.append(pages[b * self.num_layers:(b + 1) * self.num_layers])
         return True
+
+    # -- prefix caching ----------------------------------------------------------------------
+    def attach_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence about to start (no pages yet): takes the cached blocks its prompt
+        starts with and marks their tokens computed (at least one prompt token is always left
+        to compute, for the logits). Returns the tokens reused."""
+        cache = self.prefix_cache
+        if cache is None or seq.block_pages:
+            return 0
+        prompt, bt = seq.prompt_token_ids, self.block_tokens
+        key = -1 if seq.adapter_id is None else int(seq.adapter_id)
+        seq.prefix_digests = cache.chain(prompt, key, bt, len(prompt) // bt)
+        matched = 0
+        for digest in seq.prefix_digests[:(len(prompt) - 1) // bt]:
+            block = cache.lookup(digest)
+            if block is None:
+                break
+            cache.acquire(block)
+            seq.prefix_owners[matched] = block.owner
+            seq.block_pages.append(list(block.pages))
+            matched += 1
+        seq.published_blocks = matched
+        seq.num_computed_tokens = matched * bt
+        cache.query_tokens += len(prompt)
+        cache.hit_tokens += matched * bt
+        return matched * bt
+
+    def publish_computed(self, seq: Sequence) -> None:
+        """After a step: offers the prompt blocks this sequence has now fully computed."""
+        cache = self.prefix_cache
+        if cache is None:
+            return
+        done = min(seq.num_computed_tokens, len(seq.prompt_token_ids)) // self.block_tokens
+        for block in range(seq.published_blocks, done):
+            owner = seq.prefix_owners.get(block)
+            if owner is not None and not cache.is_published(owner):
+                # False: an identical block was published meanwhile; this copy stays private
+                cache.publish(seq.prefix_digests[block], owner, seq.block_pages[block])
+        seq.published_blocks = max(seq.published_blocks, done)
+
+    def evict_cached_blocks(self) -> None:
+        """Frees every cached prefix block no sequence references."""
+        self._evict_cached(self.pool.num_pages)
+
+    def _evict_cached(self, pages_needed: int) -> bool:
+        cache = self.prefix_cache
+        if cache is None:
+            return False
+        freed = 0
+        for block in cache.evictable():
+            if freed >= pages_needed:
+                break
+            self.pool.free(KV_KIND, block.owner)
+            cache.forget(block)
+            freed += len(block.pages)
+        return freed > 0
 
     def release_behind_window(self, seq: Sequence) -> int:
         """Returns to the pool the sliding-window layers' pages of blocks that no query at or
@@ -59,6 +149,8 @@ class KVManager:
             done = seq.window_released.get(window, 0)
             dead = max(0, min(first_needed // self.block_tokens, len(seq.block_pages)))
             for block in range(done, dead):
+                if block in seq.prefix_owners:
+                    continue  # a shareable prompt block: whole, for later sequences
                 freed.extend(seq.block_pages[block][layer] for layer in layers)
             if dead > done:
                 seq.window_released[window] = dead
@@ -67,10 +159,19 @@ class KVManager:
         return len(freed)
 
     def free(self, seq: Sequence) -> None:
-        if seq.block_pages:
+        for owner in seq.prefix_owners.values():
+            if self.prefix_cache.is_published(owner):
+                self.prefix_cache.release(owner)  # stays cached for later prompts
+            else:
+                self.pool.free(KV_KIND, owner)  # never computed, or a duplicate
+        if seq.holds_private_pages:
             self.pool.free(KV_KIND, seq.seq_id)
         seq.block_pages = []
         seq.window_released = {}
+        seq.prefix_owners = {}
+        seq.prefix_digests = []
+        seq.published_blocks = 0
+        seq.holds_private_pages = False
 
     def capacity_tokens(self) -> int:
         """Tokens one sequence could cache if it had the whole pool."""

@@ -15,6 +15,7 @@ from moelora.engine.kv_manager import KVManager
 from moelora.engine.memory import build_pool
 from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
 from moelora.engine.model_runner import ModelRunner
+from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import (
     CompletionOutput,
     Logprob,
@@ -75,8 +76,9 @@ class LLMEngine:
         sites = self.model.lora_sites() if config.enable_lora else []
         self.memory = build_pool(config, mc, sites, self.dtype, self.device)
         self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype, shard=parallel)
+        self.prefix_cache = PrefixCache() if config.enable_prefix_caching else None
         self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens,
-                            mc.sliding_windows)
+                            mc.sliding_windows, self.prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -172,6 +174,7 @@ class LLMEngine:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
             self.stats["window_pages_released"] += self.kv.release_behind_window(seq)
+            self.kv.publish_computed(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(seq)
             if len(seq.output_token_ids) == 0:
@@ -186,6 +189,10 @@ class LLMEngine:
                                    result.top_logprobs[i])
                 touched.add(seq.request_id)
         self.stats["steps"] += 1
+        if self.prefix_cache is not None:
+            self.stats["prefix_cache_query_tokens"] = self.prefix_cache.query_tokens
+            self.stats["prefix_cache_hit_tokens"] = self.prefix_cache.hit_tokens
+            self.stats["prefix_cache_evicted_blocks"] = self.prefix_cache.evicted_blocks
         return [self._output(self._requests[r]) for r in touched]
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:

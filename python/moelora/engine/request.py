@@ -41,6 +41,12 @@ class Sequence:
     block_pages: list[list[int]] = field(default_factory=list)  # [block][layer] -> page id
     # sliding window size -> blocks whose pages of those layers went back to the pool
     window_released: dict[int, int] = field(default_factory=dict)
+    # prefix caching (engine/prefix_cache.py): block index -> pool owner of a full prompt block
+    # (cached or cacheable), the digests of the prompt's full blocks, blocks already published
+    prefix_owners: dict[int, int] = field(default_factory=dict)
+    prefix_digests: list = field(default_factory=list)
+    published_blocks: int = 0
+    holds_private_pages: bool = False
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0

@@ -96,7 +96,10 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
 
-        # 2. admit waiting sequences.
+        # 2. admit waiting sequences. Cached prefix blocks give way to adapters waiting for
+        # pages (the native cache only evicts idle adapters to make room).
+        if self.kv.prefix_cache is not None and self.adapters.waiting_for_memory():
+            self.kv.evict_cached_blocks()
         self._prefetch_waiting()
         adapters_in_batch = {s.adapter_id for s in self.running if s.adapter_id is not None}
         starving: int | None = None  # adapter of a starving sequence: admit no other adapter
@@ -104,6 +107,16 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if starving is not None and seq.adapter_id not in (None, starving):
+                continue
+            if seq.adapter_id is not None and (self.kv.pages_for(seq.num_tokens)
+                                               + self.adapters.num_pages(seq.adapter_id)
+                                               > self.kv.pool.num_pages):
+                self.waiting.remove(seq)
+                seq.error = (f"request needs {self.kv.pages_for(seq.num_tokens)} pages of KV "
+                             f"cache beside its adapter's "
+                             f"{self.adapters.num_pages(seq.adapter_id)}, more than the whole "
+                             f"page pool holds ({self.kv.pool.num_pages} pages)")
+                batch.failed.append(seq)
                 continue
             if seq.adapter_id is not None:
                 if not self._admit_adapter(seq, adapters_in_batch):
@@ -118,8 +131,11 @@ class Scheduler:
                              f"whole page pool holds ({self.kv.capacity_tokens()} tokens)")
                 batch.failed.append(seq)
                 continue
+            self.kv.attach_cached_prefix(seq)  # prefix caching: skip the cached blocks
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.reserve(seq, seq.num_computed_tokens + num_new):
+                self.kv.free(seq)  # the cached blocks it took, if any
+                seq.num_computed_tokens = 0
                 self._unpin(seq)
                 self._note_wait(seq)
                 break  # memory is short: admitting later arrivals would starve this one

@@ -28,7 +28,7 @@ class LLM:
                  max_loras_per_batch: int | None = None, tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, decode_graphs: bool = False,
                  decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
-                 **unsupported):
+                 enable_prefix_caching: bool = False, **unsupported):
         if unsupported:
             names = ", ".join(sorted(unsupported))
             raise TypeError(f"LLM() got arguments moelora does not support: {names}")
@@ -44,7 +44,8 @@ class LLM:
             # vLLM's enforce_eager=False asks for graphs; moelora's default is eager until
             # its decode graphs are measured on the GPU
             decode_graphs=decode_graphs or enforce_eager is False,
-            decode_graph_max_blocks=decode_graph_max_blocks))
+            decode_graph_max_blocks=decode_graph_max_blocks,
+            enable_prefix_caching=enable_prefix_caching))
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -71,7 +71,7 @@ def build_engine(args):
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
-        decode_graphs=args.decode_graphs))
+        decode_graphs=args.decode_graphs, enable_prefix_caching=args.enable_prefix_caching))
     return engine, model, loras, enable_lora
 
 

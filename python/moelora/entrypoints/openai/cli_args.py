@@ -48,6 +48,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--decode-graphs", action="store_true",
                         help="replay decode steps from CUDA graphs (experimental until measured "
                              "on the GPU; vLLM's default, its --enforce-eager turns it off)")
+    parser.add_argument("--enable-prefix-caching", action="store_true",
+                        help="reuse the KV cache of identical prompt prefixes (per adapter)")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="beyond this many waiting requests new ones get 503 + Retry-After")
     parser.add_argument("--seed", type=int, default=0)
