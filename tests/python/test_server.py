@@ -554,7 +554,8 @@ def test_metrics_content(server, client):
                    "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_count",
                    "inter_token_latency_seconds_count", "e2e_request_latency_seconds_sum",
                    "request_queue_time_seconds_count", "lora_load_seconds_count",
-                   "lora_load_bytes_total", "lora_adapters", "pool_pages"):
+                   "lora_load_bytes_total", "lora_adapters", "pool_pages",
+                   "prefix_cache_queries_total", "prefix_cache_hits_total"):
         assert "moelora:" + metric in names, metric
     assert _value(samples, "moelora:generation_tokens_total") >= 8
     assert _value(samples, "moelora:prompt_tokens_total") > 0

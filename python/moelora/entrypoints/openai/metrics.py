@@ -127,6 +127,14 @@ class _EngineCollector(Collector):
                                           labels=["model_name"])
         preemptions.add_metric([name], snap.engine_stats.get("preemptions", 0))
         yield preemptions
+        for metric, key, doc in (
+                ("prefix_cache_queries", "prefix_cache_query_tokens",
+                 "Prompt tokens looked up in the prefix cache."),
+                ("prefix_cache_hits", "prefix_cache_hit_tokens",
+                 "Prompt tokens found in the prefix cache (their KV reused).")):
+            family = CounterMetricFamily(P + metric, doc, labels=["model_name"])
+            family.add_metric([name], snap.engine_stats.get(key, 0))
+            yield family
         info = GaugeMetricFamily(P + "lora_requests_info", "Adapters of running and waiting "
                                  "requests.", labels=["max_lora", "running_lora_adapters",
                                                       "waiting_lora_adapters"])
