@@ -44,6 +44,31 @@ void check_lora_io(const TensorRef& input, const TensorRef& output, const Tensor
   check_site_views(slices, col_offsets, input.shape[1], output.shape[1], input.dtype, op);
 }
 
+// token_slot int32 [T] and, unless absent, topk_ids int32 [T, K]; returns K (1 when absent).
+int64_t check_routing(const TensorRef& topk_ids, const TensorRef& token_slot, const char* op) {
+  check_dtype(token_slot, DType::kInt32, op, "token_slot");
+  check_ndim(token_slot, 1, op, "token_slot");
+  check_has_data(token_slot, op, "token_slot");
+  if (is_absent(topk_ids)) return 1;
+  check_dtype(topk_ids, DType::kInt32, op, "topk_ids");
+  check_ndim(topk_ids, 2, op, "topk_ids");
+  check_has_data(topk_ids, op, "topk_ids");
+  check_size(topk_ids, 0, token_slot.shape[0], op, "topk_ids", "one row per token of token_slot");
+  check_same_device(token_slot, topk_ids, op, "token_slot", "topk_ids");
+  return topk_ids.shape[1];
+}
+
+// Unless absent: float32 [num_pairs] on input's device.
+void check_topk_weights(const TensorRef& topk_weights, const TensorRef& input, int64_t num_pairs,
+                        const char* op) {
+  if (is_absent(topk_weights)) return;
+  check_dtype(topk_weights, DType::kFloat32, op, "topk_weights");
+  check_ndim(topk_weights, 1, op, "topk_weights");
+  check_size(topk_weights, 0, num_pairs, op, "topk_weights", "one weight per pair");
+  check_has_data(topk_weights, op, "topk_weights");
+  check_same_device(input, topk_weights, op, "input", "topk_weights");
+}
+
 }  // namespace
 
 int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
@@ -67,18 +92,7 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, void* stream) {
   constexpr const char* op = "moe_lora_align";
-  check_dtype(token_slot, DType::kInt32, op, "token_slot");
-  check_ndim(token_slot, 1, op, "token_slot");
-  check_has_data(token_slot, op, "token_slot");
-  int64_t top_k = 1;
-  if (!is_absent(topk_ids)) {
-    check_dtype(topk_ids, DType::kInt32, op, "topk_ids");
-    check_ndim(topk_ids, 2, op, "topk_ids");
-    check_has_data(topk_ids, op, "topk_ids");
-    check_size(topk_ids, 0, token_slot.shape[0], op, "topk_ids", "one row per token of token_slot");
-    check_same_device(token_slot, topk_ids, op, "token_slot", "topk_ids");
-    top_k = topk_ids.shape[1];
-  }
+  const int64_t top_k = check_routing(topk_ids, token_slot, op);
   if (is_absent(block_expert)) throw_invalid(op, "block_expert is required");
   check_block_metadata(sorted_pairs, block_slot, block_expert, num_blocks, block_m, op,
                        "sorted_pairs");
@@ -118,13 +132,7 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
   }
   check_size(output, 0, input.shape[0] * input_pairs_per_row, op, "output",
              "input rows * input_pairs_per_row");
-  if (!is_absent(topk_weights)) {
-    check_dtype(topk_weights, DType::kFloat32, op, "topk_weights");
-    check_ndim(topk_weights, 1, op, "topk_weights");
-    check_size(topk_weights, 0, output.shape[0], op, "topk_weights", "one weight per pair");
-    check_has_data(topk_weights, op, "topk_weights");
-    check_same_device(input, topk_weights, op, "input", "topk_weights");
-  }
+  check_topk_weights(topk_weights, input, output.shape[0], op);
   if (on_cuda(input)) {
 #if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_FUSED_MOE_LORA
     return cuda::fused_moe_lora(input, input_pairs_per_row, output, topk_weights, sorted_pairs,
@@ -144,18 +152,9 @@ void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row
                              const std::vector<LoraSiteView>& slices,
                              const std::vector<int64_t>& col_offsets, void* stream) {
   constexpr const char* op = "fused_moe_lora_unsorted";
-  check_dtype(token_slot, DType::kInt32, op, "token_slot");
-  check_ndim(token_slot, 1, op, "token_slot");
-  check_has_data(token_slot, op, "token_slot");
-  int64_t top_k = 1;
-  if (!is_absent(topk_ids)) {
-    check_dtype(topk_ids, DType::kInt32, op, "topk_ids");
-    check_ndim(topk_ids, 2, op, "topk_ids");
-    check_has_data(topk_ids, op, "topk_ids");
-    check_size(topk_ids, 0, token_slot.shape[0], op, "topk_ids", "one row per token of token_slot");
-    check_same_device(token_slot, topk_ids, op, "token_slot", "topk_ids");
-    if (!topk_ids.is_contiguous()) throw_invalid(op, "topk_ids must be contiguous, got " + topk_ids.describe());
-    top_k = topk_ids.shape[1];
+  const int64_t top_k = check_routing(topk_ids, token_slot, op);
+  if (!is_absent(topk_ids) && !topk_ids.is_contiguous()) {
+    throw_invalid(op, "topk_ids must be contiguous, got " + topk_ids.describe());
   }
   check_lora_io(input, output, token_slot, "token_slot", slices, col_offsets, op);
   if (input_pairs_per_row != 1 && input_pairs_per_row != top_k) {
@@ -166,13 +165,7 @@ void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row
   check_size(output, 0, token_slot.shape[0] * top_k, op, "output", "tokens * top_k pairs");
   check_size(input, 0, output.shape[0] / input_pairs_per_row, op, "input",
              "pairs / input_pairs_per_row");
-  if (!is_absent(topk_weights)) {
-    check_dtype(topk_weights, DType::kFloat32, op, "topk_weights");
-    check_ndim(topk_weights, 1, op, "topk_weights");
-    check_size(topk_weights, 0, output.shape[0], op, "topk_weights", "one weight per pair");
-    check_has_data(topk_weights, op, "topk_weights");
-    check_same_device(input, topk_weights, op, "input", "topk_weights");
-  }
+  check_topk_weights(topk_weights, input, output.shape[0], op);
   if (on_cuda(input)) {
 #if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_FUSED_MOE_LORA
     return cuda::fused_moe_lora_unsorted(input, input_pairs_per_row, output, topk_weights,
