@@ -12,7 +12,7 @@ from moelora.engine.sampler import SampleRequest, adjust_logits, sample
 
 
 def _request(params, prompt=(), output=()):
-    return SampleRequest(params, None, len(output), (), list(prompt), list(output))
+    return SampleRequest(params, None, (), list(prompt), list(output))
 
 
 def test_penalties_and_bias_follow_vllm_definitions():

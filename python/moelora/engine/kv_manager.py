@@ -75,7 +75,6 @@ class KVManager:
                     self.pool.free(KV_KIND, taken)
                 return False
             pages = list(outcome.pages)
-            seq.holds_private_pages = True
         for block, owner, block_pages in shared:
             seq.block_pages.append(block_pages)
             seq.prefix_owners[block] = owner
@@ -105,8 +104,6 @@ class KVManager:
             matched += 1
         seq.published_blocks = matched
         seq.num_computed_tokens = matched * bt
-        cache.query_tokens += len(prompt)
-        cache.hit_tokens += matched * bt
         return matched * bt
 
     def publish_computed(self, seq: Sequence) -> None:
@@ -164,14 +161,13 @@ class KVManager:
                 self.prefix_cache.release(owner)  # stays cached for later prompts
             else:
                 self.pool.free(KV_KIND, owner)  # never computed, or a duplicate
-        if seq.holds_private_pages:
+        if len(seq.block_pages) > len(seq.prefix_owners):  # blocks the sequence owns itself
             self.pool.free(KV_KIND, seq.seq_id)
         seq.block_pages = []
         seq.window_released = {}
         seq.prefix_owners = {}
         seq.prefix_digests = []
         seq.published_blocks = 0
-        seq.holds_private_pages = False
 
     def capacity_tokens(self) -> int:
         """Tokens one sequence could cache if it had the whole pool."""

@@ -180,8 +180,7 @@ class LLMEngine:
             if len(seq.output_token_ids) == 0:
                 self.stats["prompt_tokens"] += num_new
         if sampling:
-            result = sample(logits, [SampleRequest(s.params, s.generator,
-                                                   len(s.output_token_ids), self.eos_token_ids,
+            result = sample(logits, [SampleRequest(s.params, s.generator, self.eos_token_ids,
                                                    s.prompt_token_ids, s.output_token_ids)
                                      for s in sampling])
             for i, seq in enumerate(sampling):

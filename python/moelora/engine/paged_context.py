@@ -35,6 +35,7 @@ class PagedContext:
         self.token_slot = meta.token_slot
         self._dense_groups = None
         self._moe_groups: dict[int, tuple] = {}
+        self._ids_source = self._ids_cache = None  # the last routing and its int32 copy
         # build_metadata leaves token_slot None when no token of the step has an adapter, so
         # this needs no device sync
         self._has_lora = meta.token_slot is not None
@@ -67,7 +68,7 @@ class PagedContext:
 
     def _ids32(self, topk_ids):
         """int32 contiguous routing, converted once per layer (w13 and w2 share it)."""
-        if getattr(self, "_ids_source", None) is not topk_ids:
+        if self._ids_source is not topk_ids:
             self._ids_source, self._ids_cache = topk_ids, topk_ids.to(torch.int32).contiguous()
         return self._ids_cache
 

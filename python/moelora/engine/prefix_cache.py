@@ -49,6 +49,11 @@ class PrefixCache:
             digests.append(previous)
         return digests
 
+    def record_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Counts one admitted sequence's lookup (attempts that had to wait do not count)."""
+        self.query_tokens += prompt_tokens
+        self.hit_tokens += hit_tokens
+
     def new_owner(self) -> int:
         return next(self._owner_ids)
 

@@ -46,7 +46,6 @@ class Sequence:
     prefix_owners: dict[int, int] = field(default_factory=dict)
     prefix_digests: list = field(default_factory=list)
     published_blocks: int = 0
-    holds_private_pages: bool = False
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0

@@ -18,10 +18,13 @@ from moelora.engine.sampling_params import SamplingParams
 class SampleRequest:
     params: SamplingParams
     generator: torch.Generator | None  # None for greedy rows
-    num_generated: int  # tokens already generated (for min_tokens)
     eos_token_ids: tuple[int, ...]
     prompt_token_ids: list[int] = field(default_factory=list)  # for repetition_penalty
-    output_token_ids: list[int] = field(default_factory=list)  # for all penalties
+    output_token_ids: list[int] = field(default_factory=list)  # for penalties and min_tokens
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids)
 
 
 @dataclass

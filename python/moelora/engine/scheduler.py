@@ -131,7 +131,7 @@ class Scheduler:
                              f"whole page pool holds ({self.kv.capacity_tokens()} tokens)")
                 batch.failed.append(seq)
                 continue
-            self.kv.attach_cached_prefix(seq)  # prefix caching: skip the cached blocks
+            cached = self.kv.attach_cached_prefix(seq)  # prefix caching: skip cached blocks
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.kv.reserve(seq, seq.num_computed_tokens + num_new):
                 self.kv.free(seq)  # the cached blocks it took, if any
@@ -139,6 +139,8 @@ class Scheduler:
                 self._unpin(seq)
                 self._note_wait(seq)
                 break  # memory is short: admitting later arrivals would starve this one
+            if self.kv.prefix_cache is not None:
+                self.kv.prefix_cache.record_lookup(len(seq.prompt_token_ids), cached)
             self.waiting.remove(seq)
             self._waited_steps.pop(seq.seq_id, None)
             seq.status = SequenceStatus.RUNNING
