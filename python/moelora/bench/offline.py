@@ -50,6 +50,36 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def random_workload(rng: random.Random, vocab: int, num_prompts: int, input_len: int,
+                    request_rate: float) -> tuple[list[list[int]], list[float]]:
+    """Random prompts of input_len tokens and their arrival times (all at 0 for rate inf,
+    else a Poisson process)."""
+    prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_prompts)]
+    arrivals, t = [], 0.0
+    for _ in prompts:
+        arrivals.append(t)
+        if request_rate != float("inf"):
+            t += rng.expovariate(request_rate)
+    return prompts, arrivals
+
+
+def engine_fields(engine) -> dict:
+    """The fields every benchmark record names its machine with."""
+    import torch
+
+    on_gpu = engine.device.type == "cuda"
+    return {"device": str(engine.device),
+            "device_name": torch.cuda.get_device_name(engine.device) if on_gpu else "cpu",
+            "dtype": str(engine.dtype).removeprefix("torch.")}
+
+
+def save_record(record: dict, out: str | None) -> None:
+    """Appends the record as one JSON line to `out` (when given)."""
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def _run(engine, prompts, loras, params, arrivals) -> dict:
     start = time.perf_counter()
     pending = list(range(len(prompts)))
@@ -80,8 +110,6 @@ def _run(engine, prompts, loras, params, arrivals) -> dict:
 
 
 def run_from_args(args) -> int:
-    import torch
-
     from moelora import LoRARequest, SamplingParams
     from moelora.bench.synthetic_adapters import write_random_adapter
     from moelora.engine.config import EngineConfig
@@ -106,14 +134,9 @@ def run_from_args(args) -> int:
         os.path.join(adapter_dir, f"a{i}"), sites, args.rank, seed=args.seed + i))
         for i in range(args.num_adapters)]
     weights = [1.0 / (i + 1) if args.popularity == "zipf" else 1.0 for i in range(len(loras))]
-    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)]
-               for _ in range(args.num_prompts)]
+    prompts, arrivals = random_workload(rng, vocab, args.num_prompts, args.input_len,
+                                        args.request_rate)
     chosen = [rng.choices(loras, weights)[0] for _ in prompts]
-    arrivals, t = [], 0.0
-    for _ in prompts:
-        arrivals.append(t)
-        if args.request_rate != float("inf"):
-            t += rng.expovariate(args.request_rate)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
 
     try:
@@ -128,9 +151,7 @@ def run_from_args(args) -> int:
     loaded = after["bytes_loaded"] - before["bytes_loaded"]
     seconds = after["load_seconds"] - before["load_seconds"]
     record = {
-        "bench": "offline", "model": args.model, "device": str(engine.device),
-        "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
-        else "cpu", "dtype": str(engine.dtype).removeprefix("torch."),
+        "bench": "offline", "model": args.model, **engine_fields(engine),
         "num_adapters": args.num_adapters, "rank": args.rank, "max_loras": args.max_loras,
         "popularity": args.popularity, "num_prompts": args.num_prompts,
         "input_len": args.input_len, "output_len": args.output_len,
@@ -147,9 +168,7 @@ def run_from_args(args) -> int:
         "pool": pool,
     }
     print(json.dumps(record, indent=1))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    save_record(record, args.out)
     return 0
 
 

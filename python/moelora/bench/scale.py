@@ -18,7 +18,7 @@ import os
 import random
 import tempfile
 
-from moelora.bench.offline import _run
+from moelora.bench.offline import _run, engine_fields, random_workload, save_record
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,8 +56,6 @@ def _adapter(adapter_dir: str, index: int, sites, rank: int, seed: int) -> str:
 
 
 def run_from_args(args) -> int:
-    import torch
-
     from moelora import LoRARequest, SamplingParams
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
@@ -75,13 +73,8 @@ def run_from_args(args) -> int:
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-scale-")
     sites = engine.model.lora_sites()
     vocab = engine.model.config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(args.input_len)]
-               for _ in range(args.num_prompts)]
-    arrivals, t = [], 0.0
-    for _ in prompts:
-        arrivals.append(t)
-        if args.request_rate != float("inf"):
-            t += rng.expovariate(args.request_rate)
+    prompts, arrivals = random_workload(rng, vocab, args.num_prompts, args.input_len,
+                                        args.request_rate)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     # Adapter ids are unique across counts, so every count starts with cold device slots.
     next_id = 1
@@ -119,9 +112,7 @@ def run_from_args(args) -> int:
         run["relative_to_fewest"] = run["output_tokens_per_s"] / first
         run["relative_to_no_adapters"] = run["output_tokens_per_s"] / base["output_tokens_per_s"]
     record = {
-        "bench": "scale", "model": args.model, "device": str(engine.device),
-        "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
-        else "cpu", "dtype": str(engine.dtype).removeprefix("torch."), "rank": args.rank,
+        "bench": "scale", "model": args.model, **engine_fields(engine), "rank": args.rank,
         "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "popularity": args.popularity, "num_prompts": args.num_prompts,
         "input_len": args.input_len, "output_len": args.output_len,
@@ -139,9 +130,7 @@ def run_from_args(args) -> int:
               f"{run['tpot_p50_ms']:>12.1f} {run['device_loads']:>6} "
               f"{run['relative_to_fewest']:>10.3f}")
     print(json.dumps(record))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    save_record(record, args.out)
     return 0
 
 
