@@ -252,25 +252,36 @@ def test_gpu_dense_lora_matches_cpu(dtype, hidden):
     torch.testing.assert_close(results[1].double(), results[0].double(), rtol=rtol, atol=atol)
 
 
-def test_gpu_align_and_fused_capture_in_a_cuda_graph():
-    prob = make_problem(7, 2880, 4, 32, "uniform", torch.bfloat16, "w13", True, seed=9)
+def replay_align_and_fused(prob, experts, block_m, top_k):
+    """(graph replay output, eager output, starting output) of align + fused_moe_lora (w13)
+    captured in a CUDA graph."""
     views = [gpu_view(s) for s in prob["sites"]]
     token_slot = prob["token_slot"].to(CUDA)
     topk_ids = prob["topk_ids"].to(CUDA)
     x = prob["x"].to(CUDA)
     out0 = prob["output"].nan_to_num(0.0).to(CUDA)
+
+    def delta(out):
+        meta = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+        ops.fused_moe_lora(x, out, *meta, block_m, views, prob["col_offsets"],
+                           input_pairs_per_row=top_k)
+
     eager = out0.clone()
-    meta = ops.moe_lora_align(topk_ids, token_slot, 32, len(SLOT_RANKS), 16)
-    ops.fused_moe_lora(x, eager, *meta, 16, views, prob["col_offsets"], input_pairs_per_row=4)
+    delta(eager)
     out = out0.clone()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        m = ops.moe_lora_align(topk_ids, token_slot, 32, len(SLOT_RANKS), 16)
-        ops.fused_moe_lora(x, out, *m, 16, views, prob["col_offsets"], input_pairs_per_row=4)
+        delta(out)
     out.copy_(out0)
     graph.replay()
     torch.cuda.synchronize()
+    return out, eager, out0
+
+
+def test_gpu_align_and_fused_capture_in_a_cuda_graph():
+    prob = make_problem(7, 2880, 4, 32, "uniform", torch.bfloat16, "w13", True, seed=9)
+    out, eager, _ = replay_align_and_fused(prob, experts=32, block_m=16, top_k=4)
     assert torch.equal(out, eager)
 
 
@@ -513,22 +524,6 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_
 
 def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph(force_mma):
     prob = make_prefill_problem(517, 2880, 768, 2, 2, [4, 7], SLOT_RANKS, torch.bfloat16, "w13", 3)
-    views = [gpu_view(s) for s in prob["sites"]]
-    token_slot = prob["token_slot"].to(CUDA)
-    topk_ids = prob["topk_ids"].to(CUDA)
-    x = prob["x"].to(CUDA)
-    out0 = prob["output"].nan_to_num(0.0).to(CUDA)
-    eager = out0.clone()
-    meta = ops.moe_lora_align(topk_ids, token_slot, 2, len(SLOT_RANKS), 64)
-    ops.fused_moe_lora(x, eager, *meta, 64, views, prob["col_offsets"], input_pairs_per_row=2)
-    out = out0.clone()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        m = ops.moe_lora_align(topk_ids, token_slot, 2, len(SLOT_RANKS), 64)
-        ops.fused_moe_lora(x, out, *m, 64, views, prob["col_offsets"], input_pairs_per_row=2)
-    out.copy_(out0)
-    graph.replay()
-    torch.cuda.synchronize()
+    out, eager, out0 = replay_align_and_fused(prob, experts=2, block_m=64, top_k=2)
     assert torch.equal(out, eager)
     assert not torch.equal(out, out0)

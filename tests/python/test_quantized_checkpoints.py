@@ -62,15 +62,30 @@ def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks, (exponent + 127).to(torch.uint8)
 
 
+def _tiny_checkpoint(family, path):
+    """(config.json dict, every tensor) of a tiny random `family` model saved at `path`."""
+    make_tiny(family, path)
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return json.loads((path / "config.json").read_text()), tensors
+
+
+def _write_checkpoint(path, config, tensors):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+
+
+def _parameters(path):
+    return dict(load_model(str(path), dtype=torch.bfloat16, progress=False).named_parameters())
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """(mxfp4 dir, bf16 dir dequantized by transformers) of one tiny GPT-OSS model."""
     root = tmp_path_factory.mktemp("mxfp4")
-    make_tiny("gpt_oss", root / "bf16-original")
-    config = json.loads((root / "bf16-original" / "config.json").read_text())
-    tensors = {}
-    for f in sorted((root / "bf16-original").glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    config, tensors = _tiny_checkpoint("gpt_oss", root / "bf16-original")
     quantized, reference = {}, {}
     for name, value in tensors.items():
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
@@ -80,20 +95,15 @@ def checkpoints(tmp_path_factory):
         else:
             quantized[name] = reference[name] = value
     assert any(k.endswith("_blocks") for k in quantized)
-    for name, payload, extra in (("mxfp4", quantized, {"quantization_config": {
-            "quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}}),
-                                 ("reference", reference, {})):
-        (root / name).mkdir()
-        (root / name / "config.json").write_text(json.dumps({**config, **extra}))
-        save_file({k: v.contiguous() for k, v in payload.items()},
-                  str(root / name / "model.safetensors"))
+    _write_checkpoint(root / "mxfp4", {**config, "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}}, quantized)
+    _write_checkpoint(root / "reference", config, reference)
     return str(root / "mxfp4"), str(root / "reference")
 
 
 def test_mxfp4_checkpoint_loads_the_dequantized_weights(checkpoints):
     quantized, reference = checkpoints
-    ours = dict(load_model(quantized, dtype=torch.bfloat16, progress=False).named_parameters())
-    want = dict(load_model(reference, dtype=torch.bfloat16, progress=False).named_parameters())
+    ours, want = _parameters(quantized), _parameters(reference)
     assert ours.keys() == want.keys()
     for name, value in want.items():
         assert torch.equal(ours[name], value), name
@@ -135,11 +145,7 @@ def _fp8_blocks(w: torch.Tensor, block: int = 16):
 
 
 def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
-    make_tiny("qwen3_moe", tmp_path / "original")
-    config = json.loads((tmp_path / "original" / "config.json").read_text())
-    tensors = {}
-    for f in sorted((tmp_path / "original").glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    config, tensors = _tiny_checkpoint("qwen3_moe", tmp_path / "original")
     quantized, reference = {}, {}
     for name, value in tensors.items():
         if name.endswith("proj.weight") and "mlp.gate." not in name:  # linear layers, experts
@@ -151,15 +157,10 @@ def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
             reference[name] = (q.float() * s[rows, cols]).to(torch.bfloat16)
         else:
             quantized[name] = reference[name] = value
-    for name, payload, extra in (("fp8", quantized, {"quantization_config": {
-            "quant_method": "fp8", "weight_block_size": [16, 16]}}), ("reference", reference, {})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({**config, **extra}))
-        save_file(payload, str(tmp_path / name / "model.safetensors"))
-    ours = dict(load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16,
-                           progress=False).named_parameters())
-    want = dict(load_model(str(tmp_path / "reference"), dtype=torch.bfloat16,
-                           progress=False).named_parameters())
+    _write_checkpoint(tmp_path / "fp8", {**config, "quantization_config": {
+        "quant_method": "fp8", "weight_block_size": [16, 16]}}, quantized)
+    _write_checkpoint(tmp_path / "reference", config, reference)
+    ours, want = _parameters(tmp_path / "fp8"), _parameters(tmp_path / "reference")
     assert all(torch.equal(ours[n], want[n]) for n in want)
     # an FP8 weight without its block scales is refused, not loaded unscaled
     del quantized[next(k for k in quantized if k.endswith("_scale_inv"))]
@@ -169,11 +170,7 @@ def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
 
 
 def test_tensor_and_channel_scaled_fp8_checkpoint(tmp_path):
-    make_tiny("mixtral", tmp_path / "original")
-    config = json.loads((tmp_path / "original" / "config.json").read_text())
-    tensors = {}
-    for f in sorted((tmp_path / "original").glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
+    config, tensors = _tiny_checkpoint("mixtral", tmp_path / "original")
     quantized, reference = {}, {}
     for index, (name, value) in enumerate(sorted(tensors.items())):
         if name.endswith("proj.weight") and value.dim() == 2:
@@ -188,12 +185,7 @@ def test_tensor_and_channel_scaled_fp8_checkpoint(tmp_path):
         else:
             quantized[name] = reference[name] = value
     assert any(k.endswith("_scale") for k in quantized)
-    for name, payload in (("fp8", quantized), ("reference", reference)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps(config))
-        save_file(payload, str(tmp_path / name / "model.safetensors"))
-    ours = dict(load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16,
-                           progress=False).named_parameters())
-    want = dict(load_model(str(tmp_path / "reference"), dtype=torch.bfloat16,
-                           progress=False).named_parameters())
+    _write_checkpoint(tmp_path / "fp8", config, quantized)
+    _write_checkpoint(tmp_path / "reference", config, reference)
+    ours, want = _parameters(tmp_path / "fp8"), _parameters(tmp_path / "reference")
     assert all(torch.equal(ours[n], want[n]) for n in want)
