@@ -93,8 +93,10 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Multiprocessor count of the current device, read once per device.
+// Multiprocessor count and compute capability (major) of the current device, read once per
+// device.
 int sm_count();
+int compute_capability_major();
 
 // Throws CudaError when the last launch failed.
 void check_launch(const char* what);

@@ -365,10 +365,8 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
   // Cluster size: ~2 waves of CTAs, each CTA keeping >= 256 input elements and >= 1 vector of
   // output columns.
   const int64_t sms = detail::sm_count();
-  int device = 0, major = 0;
-  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
-  MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  const int64_t max_cluster = major >= 9 ? kMaxClusterSize : 1;  // clusters: sm_90 on
+  // clusters exist from sm_90 on
+  const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
   const int64_t wanted = (2 * sms + num_items - 1) / num_items;
   const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
   const int cluster_size =
