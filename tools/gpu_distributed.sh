@@ -3,22 +3,15 @@
 # (tests/python/test_distributed_gpu.py) and the offline benchmark on synthetic mixtral-8x7b
 # with TP=1, TP=2 and TP=2 + expert parallel in one session; logs under $OUT.
 # Usage: STAGES="build test bench" bash tools/gpu_distributed.sh   (default: all three)
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu-out}
+source "$(dirname "$0")/gpu_common.sh"
 STAGES=${STAGES:-build test bench}
-mkdir -p "$OUT"
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-32} MOELORA_CUDA=ON \
-  MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
 nvidia-smi topo -m > "$OUT/topo.txt" 2>&1
-start=$(date +%s)
-stage() { echo "== $1 ($(( $(date +%s) - start ))s)"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if has build; then
   stage build
-  python3 -m pip install --no-build-isolation --no-deps -v . -C build-dir=build/gpu-dist \
-    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  build_wheel build/gpu-dist
 fi
 
 if has test; then

@@ -4,18 +4,10 @@
 # forced), then the kernel benchmark: decode shapes timing both forms (grouped vs unsorted),
 # prefill shapes with the cluster and the mma family; then the offline engine benchmark with
 # eager and CUDA-graph decode steps. Logs and JSON lines under $OUT (at most 8 files come back).
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} MOELORA_CUDA=ON \
-  MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a} PYTHONUNBUFFERED=1
-start=$(date +%s)
-stage() { echo "== $1 ($(( $(date +%s) - start ))s)"; }
+source "$(dirname "$0")/gpu_common.sh"
 
 stage build
-python3 -m pip install --no-build-isolation --no-deps -v . \
-  -C cmake.define.MOELORA_BUILD_TESTS=ON -C cmake.define.MOELORA_BUILD_BENCH=ON \
-  -C build-dir=build/gpu > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+build_wheel build/gpu -C cmake.define.MOELORA_BUILD_TESTS=ON -C cmake.define.MOELORA_BUILD_BENCH=ON
 stage ctest
 timeout 120 ctest --test-dir build/gpu --output-on-failure -j8 > "$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log"

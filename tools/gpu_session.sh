@@ -2,19 +2,11 @@
 # One device-machine session: build the CUDA wheel (with the native tests), run the native
 # tests, the GPU-marked Python tests and the kernel benchmark; logs under $OUT.
 # Usage on the GPU machine: bash tools/gpu_session.sh  (OUT defaults to ./gpu-out)
-set -uo pipefail
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16} MOELORA_CUDA=ON \
-  MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a} PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_common.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-start=$(date +%s)
-stage() { echo "== $1 ($(( $(date +%s) - start ))s)"; }
 
 stage build
-python3 -m pip install --no-build-isolation --no-deps -v . \
-  -C cmake.define.MOELORA_BUILD_TESTS=ON -C cmake.define.MOELORA_BUILD_BENCH=ON \
-  -C build-dir=build/gpu > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+build_wheel build/gpu -C cmake.define.MOELORA_BUILD_TESTS=ON -C cmake.define.MOELORA_BUILD_BENCH=ON
 
 stage ctest
 timeout ${CTEST_TIMEOUT:-120} ctest --test-dir build/gpu --output-on-failure -j8 \

@@ -1,0 +1,18 @@
+# Sourced by tools/gpu_*.sh on a device machine: the build environment, $OUT (logs that come
+# back), stage timing, and the CUDA wheel build.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} MOELORA_CUDA=ON \
+  MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a} PYTHONUNBUFFERED=1
+start=$(date +%s)
+stage() { echo "== $1 ($(( $(date +%s) - start ))s)"; }
+
+# build_wheel DIR [pip -C options...]: installs this checkout (CUDA build in DIR) into the
+# current Python; the log goes to $OUT/build.log, a failure ends the script with its tail.
+build_wheel() {
+  local dir=$1
+  shift
+  python3 -m pip install --no-build-isolation --no-deps -v . -C build-dir="$dir" "$@" \
+    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+}
