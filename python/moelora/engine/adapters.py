@@ -87,7 +87,8 @@ class AdapterManager:
                                      max_loras=config.max_loras,
                                      max_lora_rank=config.max_lora_rank,
                                      max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0,
-                                     dtype=dtype_code(dtype))
+                                     dtype=dtype_code(dtype),
+                                     host_threads=config.adapter_load_threads)
         self.views = LoraViews(self.cache, self.sites, config.max_loras)
 
     # -- registration ------------------------------------------------------------------------

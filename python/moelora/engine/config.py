@@ -26,6 +26,7 @@ class EngineConfig:
     max_loras: int = 8  # adapters resident on the device at once (slots)
     max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 * max_loras)
     max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
+    adapter_load_threads: int = 4  # host threads reading and packing adapters from disk
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -52,7 +53,7 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but torch sees no CUDA GPU")
         for name in ("max_lora_rank", "max_loras", "max_num_seqs", "max_num_batched_tokens",
-                     "block_size"):
+                     "block_size", "adapter_load_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.tensor_parallel_size < 1:
