@@ -14,10 +14,9 @@ import peft
 import pytest
 import torch
 from hf_tiny import make_tiny
-from test_lora_peft import PEFT_CASES
-
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.engine.decode_graphs import default_buckets
+from test_lora_peft import PEFT_CASES
 
 
 def test_default_buckets():

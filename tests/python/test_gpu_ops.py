@@ -166,19 +166,7 @@ def test_gpu_fused_moe_lora_matches_cpu_and_float64(
     prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
     out_gpu, _ = run_fused(prob, "cuda", block_m)
     out_cpu, _ = run_fused(prob, "cpu", block_m)
-    got = out_gpu.cpu()
-    written = prob["written"]
-    rtol, atol = TOLERANCE[dtype]
-    torch.testing.assert_close(
-        got[written].double(), prob["expected"][written].double(), rtol=rtol, atol=atol
-    )
-    rtol, atol = CPU_TOLERANCE[dtype]
-    torch.testing.assert_close(got[written].double(), out_cpu[written].double(), rtol=rtol, atol=atol)
-    assert torch.isnan(got[~written]).all(), "the kernel wrote outside the pairs/columns it owns"
-    # Row padding of the strided output stays poisoned.
-    stride = out_gpu.stride(0)
-    full = out_gpu.as_strided((out_gpu.shape[0], stride), (stride, 1)).cpu()
-    assert torch.isnan(full[:, out_gpu.shape[1] :]).all()
+    check_fused_result(out_gpu, out_cpu, prob, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -424,16 +412,18 @@ def make_prefill_problem(tokens, hidden, inter, top_k, experts, slots, ranks, dt
 
 
 def check_fused_result(out_gpu, out_cpu, prob, dtype):
-    """GPU output against float64 and the CPU op; unowned elements and row padding untouched."""
+    """GPU output against float64 and (unless None) the CPU op; elements the op does not own
+    and the row padding of the strided output stay poisoned."""
     got = out_gpu.cpu()
     written = prob["written"]
-    assert written.any()
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(
         got[written].double(), prob["expected"][written].double(), rtol=rtol, atol=atol
     )
-    rtol, atol = CPU_TOLERANCE[dtype]
-    torch.testing.assert_close(got[written].double(), out_cpu[written].double(), rtol=rtol, atol=atol)
+    if out_cpu is not None:
+        rtol, atol = CPU_TOLERANCE[dtype]
+        torch.testing.assert_close(got[written].double(), out_cpu[written].double(), rtol=rtol,
+                                   atol=atol)
     assert torch.isnan(got[~written]).all(), "the kernel wrote outside the pairs/columns it owns"
     stride = out_gpu.stride(0)
     full = out_gpu.as_strided((out_gpu.shape[0], stride), (stride, 1)).cpu()
@@ -477,6 +467,7 @@ def test_gpu_fused_moe_lora_mma_prefill_matches_cpu_and_float64(
     views = [gpu_view(s) for s in prob["sites"]]
     out_gpu, _ = run_fused(prob, "cuda", block_m, views)
     out_cpu, _ = run_fused(prob, "cpu", block_m)
+    assert prob["written"].any()
     check_fused_result(out_gpu, out_cpu, prob, dtype)
     # No atomics: repeated runs (with a fresh alignment each time) are bit-identical.
     for _ in range(2):
@@ -519,6 +510,7 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_
         )
         results[dev] = o
     prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
+    assert prob["written"].any()
     check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)
 
 

@@ -10,12 +10,11 @@ import peft
 import pytest
 import torch
 from hf_tiny import make_tiny
-from test_engine_vs_hf import SECOND_CASES
-
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.distributed import ParallelConfig, launch
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
+from test_engine_vs_hf import SECOND_CASES
 
 ARGS = {"device": "cpu", "dtype": "float32", "enable_lora": True, "max_lora_rank": 8,
         "max_loras": 2, "block_size": 4, "max_num_batched_tokens": 32}

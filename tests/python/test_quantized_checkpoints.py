@@ -14,15 +14,14 @@ import math
 import pytest
 import torch
 from hf_tiny import make_tiny
-from safetensors.torch import load_file, save_file
-from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-
 from moelora import LLM, SamplingParams
 from moelora.distributed import ParallelConfig
 from moelora.distributed.loading import load_shard
 from moelora.distributed.shard import shard_model
 from moelora.models import load_model
 from moelora.models.quantized import dequantize_mxfp4 as dequantize
+from safetensors.torch import load_file, save_file
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_tiny import make_tiny
-
 from moelora import LLM, SamplingParams
 from moelora.engine.sampler import SampleRequest, adjust_logits, sample
 

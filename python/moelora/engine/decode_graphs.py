@@ -20,9 +20,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
 from moelora.engine.paged_context import PagedContext, StepMetadata
-
 
 log = logging.getLogger("moelora")
 

@@ -11,9 +11,9 @@ import os
 import torch
 from moelora.engine.adapters import AdapterManager, LoRARequest
 from moelora.engine.config import EngineConfig
+from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
 from moelora.engine.kv_manager import KVManager
 from moelora.engine.memory import build_pool
-from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
 from moelora.engine.model_runner import ModelRunner
 from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import (
