@@ -36,12 +36,14 @@ LoraVectorization vectorization(const LoraArgs& a, const TensorRef& input,
 enum class LoraKernel { kMma, kCluster, kSplitK };
 
 // From this many rows per block on, a block fills tensor-core tiles (m16) well enough to beat
-// CUDA-core FMAs; below it the cluster kernel's per-row vector loads win. And from this many
-// pairs: the mma kernel gives each block one CTA that walks every output column, so with few
-// blocks of very wide outputs (mixtral at 512 tokens: ~128 blocks x 28672 columns) the cluster
-// kernel, which splits columns over a cluster, was faster on the H200 (bench/NOTES.md, v2).
-constexpr int64_t kMmaMinRowsPerBlock = 8;
-constexpr int64_t kMmaMinPairs = 2048;
+// CUDA-core FMAs; below it the cluster kernel's per-row vector loads win. The estimate
+// (num_pairs / max_blocks) runs low: max_blocks counts a padded block per (slot, expert).
+// And from this many pairs (fewer: decode, where the engine takes the unsorted form anyway).
+// v2 needed 2048 pairs because one CTA per block walked every output column (mixtral at 512
+// tokens: 928 us vs the cluster kernel's 582); v3's mma kernel splits the columns over CTAs
+// when blocks are few (lora_mma.cu, column_split).
+constexpr int64_t kMmaMinRowsPerBlock = 4;
+constexpr int64_t kMmaMinPairs = 512;
 // The tensor-core kernel passed the GPU suite on the H200 (bench/NOTES.md, v2).
 constexpr bool kMmaEnabled = true;
 

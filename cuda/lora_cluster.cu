@@ -1,28 +1,38 @@
-// The decode kernel of fused_moe_lora / dense_lora: one thread-block cluster per work item (a
-// block of pairs sharing (slot, expert), or a single pair in the unsorted form), shrink and
-// expand in ONE launch, Split-K through distributed shared memory, no workspace, no atomics.
+// The decode kernel of fused_moe_lora / dense_lora (v3): one thread-block cluster per (work
+// item, column group), shrink and expand in ONE launch, Split-K through distributed shared
+// memory, no workspace, no atomics. A work item is a block of pairs sharing (slot, expert), or
+// a single pair in the unsorted form.
 //
-// Why: at decode every (slot, expert) group holds about one row, so the work is streaming each
-// touched A and B^T row once; v1 spent 4-7 us per kernel on chains of dependent DRAM loads and
-// needed 5 launches per layer. Here, per item:
-//   1. every CTA of the cluster stages the item's row offsets (all slices, A and B) in shared
-//      memory with one parallel load, then takes 1/C of in_dim: warps stream 4 A rows at a time
-//      with 16-byte loads against up to MT input rows staged as fp32 and reduce across lanes
-//      into this CTA's partial s_part[MT][sum of ranks];
+// Why this shape: at decode every (slot, expert) group holds about one row, so a launch costs
+// its chain of dependent DRAM round trips (~1 us each with a cold L2), not its bytes. v2 walked
+// ~7 of them (routing, ranks, row table, x, A rows, B rows, output rows) and streamed B with
+// only a few loads in flight per thread. v3 keeps three on the critical path:
+//   trip 1: the item's slot, expert and pair ids;
+//   trip 2: ranks, the full row table (all max_rank entries, so it need not wait for the rank)
+//           and the x rows (cp.async into shared memory);
+//   trip 3: A rows (loaded directly, several 16-byte loads in flight per lane) while the FIRST
+//           expand stage (this CTA's B^T rows and output rows) is already on its way through
+//           cp.async; later stages are double-buffered behind the compute.
+// Per item and column group:
+//   1. each CTA of the cluster takes 1/C of in_dim: warps reduce A rows against the staged x
+//      rows into this CTA's partial s_part[MT][sum of ranks];
 //   2. cluster.sync(); each CTA sums the C partials (DSMEM reads, fixed order, so repeated runs
-//      are bit-identical), applies the routing weight, keeps s_full in its shared memory;
-//      cluster.sync() again so no partial is overwritten while another CTA still reads it;
-//   3. each CTA owns 1/C of the concatenated output columns of all slices: a thread streams the
-//      rank B^T rows of one 8-column vector and read-modify-writes MT output rows (one rounding
-//      per element, one owner per element).
-// C (cluster size, <= 8, portable) is picked on the host so that items * C CTAs cover the SMs
-// about twice while each CTA keeps >= 256 input elements; with many items C = 1 and the kernel
-// is a plain one-CTA-per-item kernel. Items are walked grid-stride (uniform per cluster).
+//      are bit-identical), applies the routing weight, keeps s_full; cluster.sync() again so no
+//      partial is overwritten while a peer still reads it;
+//   3. the cluster's column group is cut in C parts; a CTA expands its part stage by stage from
+//      shared memory (one thread per vector of columns, ranks in ascending order, one rounding
+//      per output element, one owner per element).
+// Column groups (G clusters per item, each redoing the small shrink through L2) exist so that a
+// few wide items (mixtral at 1 token: 2 pairs x 28672 columns) still spread their B^T rows over
+// ~2 waves of CTAs, each with one stage of bytes in flight at once.
+// C (<= 8, portable) and G (<= 16) are picked on the host; with many items C = G = 1 and the
+// kernel is a plain one-CTA-per-item kernel. Items are walked grid-stride (uniform per cluster).
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
 // vectors, scalars (rows or column ranges not 16-byte aligned)}.
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "lora_kernels.h"
@@ -35,16 +45,60 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarpStep = 4;     // A rows a warp streams together (loads in flight)
-constexpr int64_t kMaxPiece = 2048;     // input elements staged per pass (fp32: MT * 8 KB)
+constexpr int kRowsPerWarpStep = 4;     // A rows a warp streams together
+// 16-byte loads per A row a lane issues before using any (fewer with 4 x rows: registers)
+template <int MT>
+constexpr int kStepsInFlight = MT == 1 ? 4 : 2;
+constexpr int kMinBlocksPerSm = 2;      // two CTAs per SM: at most 128 registers a thread
+constexpr int64_t kMaxPiece = 2048;     // input elements staged per pass
 constexpr int kMaxClusterSize = 8;      // the portable cluster size limit
+constexpr int kMaxColumnGroups = 16;
+constexpr int64_t kStageBytes = 16 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
+
+// Bytes of one column vector (VEC elements of T).
+template <typename T, int VEC>
+constexpr int kVecBytes = VEC * static_cast<int>(sizeof(T));
+
+// Raw storage of one column vector: 16-byte vectors travel as uint4.
+template <typename T, int VEC>
+using RawVec = std::conditional_t<kVecBytes<T, VEC> == 16, uint4, T>;
+
+template <typename T, int VEC>
+__device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC>& raw, float (&dst)[VEC]) {
+  const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dst[i] = detail::to_f32(elems[i]);
+}
+
+// Copies one column vector into shared memory: cp.async for 16-byte vectors (asynchronous,
+// waited for with cp_async_wait), a plain load and store for scalars. zero-fills when !valid
+// (src must still be a mapped address; nothing is read from it).
+template <typename T, int VEC>
+__device__ __forceinline__ void stage_vec(void* dst, const T* src, bool valid) {
+  if constexpr (kVecBytes<T, VEC> == 16) {
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+  } else {
+    *static_cast<T*>(dst) = valid ? *src : detail::from_f32<T>(0.0f);
+  }
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // Shared-memory layout of one CTA, identical in every CTA of a cluster (DSMEM reads s_part at
 // the same offset in a peer).
 struct SmemLayout {
-  int64_t pair_ids, offsets, s_part, s_full, x_tile, bytes;
-  __host__ __device__ static SmemLayout of(const LoraArgs& a, int mt, int64_t piece) {
+  int64_t pair_ids, offsets, s_part, s_full, x_tile, stages, bytes;
+  __host__ __device__ static SmemLayout of(const LoraArgs& a, int mt, int64_t piece,
+                                           int elem_bytes) {
     SmemLayout l{};
     int64_t at = 0;
     const auto take = [&at](int64_t bytes) {
@@ -55,12 +109,18 @@ struct SmemLayout {
     l.offsets = take(sizeof(int64_t) * a.num_slices * 2 * a.rank_stride);
     l.s_part = take(sizeof(float) * mt * a.num_slices * a.rank_stride);
     l.s_full = take(sizeof(float) * mt * a.num_slices * a.rank_stride);
-    l.x_tile = take(sizeof(float) * mt * piece);
+    l.x_tile = take(int64_t{elem_bytes} * mt * piece);
     l.pair_ids = take(sizeof(int32_t) * (a.sorted_pairs != nullptr && a.block_m > 1 ? a.block_m : 1));
+    l.stages = take(2 * kStageBytes);
     l.bytes = at;
     return l;
   }
 };
+
+// Column vectors one expand stage holds with `rows_b` B^T rows and `mt` output rows each.
+__host__ __device__ __forceinline__ int64_t stage_vectors(int rows_b, int mt, int vec_bytes) {
+  return kStageBytes / (int64_t{rows_b + mt} * vec_bytes);
+}
 
 // Thread-block clusters exist from sm_90 on; an older architecture runs clusters of one CTA
 // (the host launches it so), where the cluster calls reduce to the CTA's own.
@@ -85,55 +145,64 @@ struct ItemState {
   int32_t rank[kMaxSlices];
   int32_t rank_base[kMaxSlices];  // where slice i's ranks start in s_part / s_full rows
   int32_t total_rank;
-  int32_t rows;  // valid pairs of the item
+  int32_t max_rank;  // over slices: B^T rows a column vector needs at most
+  int32_t rows;      // valid pairs of the item
 };
 
-// Reads the item's slot/expert/ranks and its valid pairs (into pair_ids); every thread gets
-// the same state. Ends with a barrier.
-__device__ void load_item(const LoraArgs& a, int64_t item, int32_t* pair_ids, ItemState& st) {
-  __shared__ int32_t shared_rows, shared_slot, shared_expert;
+// Trip 1: the item's slot, expert and valid pairs (into pair_ids); ends with a barrier.
+__device__ void load_item_head(const LoraArgs& a, int64_t item, int32_t* pair_ids,
+                               int32_t* shared_head) {
   if (a.sorted_pairs != nullptr) {
     if (threadIdx.x == 0) {
-      shared_slot = a.block_slot[item * a.block_slot_stride];
-      shared_expert = a.block_expert != nullptr ? a.block_expert[item * a.block_expert_stride] : 0;
+      shared_head[0] = a.block_slot[item * a.block_slot_stride];
+      shared_head[1] = a.block_expert != nullptr ? a.block_expert[item * a.block_expert_stride] : 0;
     }
     const int n = compact_block_pairs(a, item, pair_ids);  // ends with a barrier
-    if (threadIdx.x == 0) shared_rows = n;
+    if (threadIdx.x == 0) shared_head[2] = n;
   } else if (threadIdx.x == 0) {
     const int32_t pair = static_cast<int32_t>(item);
     const bool valid = pair_valid(a, pair);
-    shared_rows = valid ? 1 : 0;
     pair_ids[0] = pair;
-    shared_slot = valid ? a.token_slot[(pair / a.top_k) * a.token_slot_stride] : -1;
-    shared_expert = a.pair_expert != nullptr ? a.pair_expert[pair * a.pair_expert_stride] : 0;
+    shared_head[0] = valid ? a.token_slot[(pair / a.top_k) * a.token_slot_stride] : -1;
+    shared_head[1] = a.pair_expert != nullptr ? a.pair_expert[pair * a.pair_expert_stride] : 0;
+    shared_head[2] = valid ? 1 : 0;
   }
   __syncthreads();
-  st.slot = shared_slot;
-  st.expert = shared_expert;
-  st.rows = shared_rows;
-  st.total_rank = 0;
-#pragma unroll
-  for (int i = 0; i < kMaxSlices; ++i) {
-    st.rank[i] = 0;
-    st.rank_base[i] = st.total_rank;
-    if (i < a.num_slices && st.rows > 0) {
-      st.rank[i] = slice_info(a.slices[i], st.slot, st.expert).rank;
-      st.total_rank += st.rank[i];
+}
+
+// Trip 2 (issue side): every slice's rank and its whole row-table entry of (slot, expert) into
+// shared memory, offsets[(slice * 2 + is_b) * rank_stride + k]. Entries past the rank are
+// copied but never used.
+__device__ void load_ranks_and_offsets(const LoraArgs& a, int32_t slot, int32_t expert,
+                                       int32_t* shared_ranks, int64_t* offsets) {
+  for (int i = 0; i < a.num_slices; ++i) {
+    const SliceArgs& s = a.slices[i];
+    const BlockInfo info = slice_info(s, slot, expert);
+    if (threadIdx.x == 0) shared_ranks[i] = info.rank;
+    // slice_info reads the rank; the table does not depend on it, only on a valid slot.
+    if (slot < 0 || slot >= s.num_slots || expert < 0 || expert >= s.num_experts) continue;
+    const int64_t* table = s.row_offsets + slot * s.slot_stride + int64_t{expert} * 2 * s.max_rank;
+    for (int j = threadIdx.x; j < 2 * s.max_rank; j += kThreads) {
+      const int is_b = j >= s.max_rank;
+      offsets[(i * 2 + is_b) * a.rank_stride + (j - is_b * s.max_rank)] = table[j];
     }
   }
 }
 
-// All row offsets of the item: offsets[(slice * 2 + is_b) * rank_stride + k].
-__device__ void stage_offsets(const LoraArgs& a, const ItemState& st, int64_t* offsets) {
-  for (int i = 0; i < a.num_slices; ++i) {
-    const SliceArgs& s = a.slices[i];
-    const int64_t* table =
-        s.row_offsets + st.slot * s.slot_stride + int64_t{st.expert} * 2 * s.max_rank;
-    for (int j = threadIdx.x; j < 2 * st.rank[i]; j += kThreads) {
-      const int is_b = j >= st.rank[i];
-      const int k = j - is_b * st.rank[i];
-      offsets[(i * 2 + is_b) * a.rank_stride + k] = table[is_b * s.max_rank + k];
-    }
+// After the barrier that follows load_ranks_and_offsets: the per-slice ranks as ItemState.
+__device__ void fill_state(const LoraArgs& a, const int32_t* head, const int32_t* shared_ranks,
+                           ItemState& st) {
+  st.slot = head[0];
+  st.expert = head[1];
+  st.rows = head[2];
+  st.total_rank = 0;
+  st.max_rank = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxSlices; ++i) {
+    st.rank[i] = i < a.num_slices && st.rows > 0 ? shared_ranks[i] : 0;
+    st.rank_base[i] = st.total_rank;
+    st.total_rank += st.rank[i];
+    st.max_rank = max(st.max_rank, st.rank[i]);
   }
 }
 
@@ -148,108 +217,260 @@ __device__ __forceinline__ void rank_row(const ItemState& st, int num_slices, in
   k = j - st.rank_base[slice];
 }
 
+// Slice of concatenated output column `col` and the column within it.
+__device__ __forceinline__ int column_slice(const LoraArgs& a, int64_t& col) {
+  int slice = 0;
+  for (int i = 0; i + 1 < a.num_slices && col >= a.slices[i].out_dim; ++i) {
+    col -= a.slices[i].out_dim;
+    slice = i + 1;
+  }
+  return slice;
+}
+
+// Stages rows [m0, m0 + MT) of x, elements [p0, p0 + len), into x_tile (T, row stride piece).
 template <typename T, int MT, int VEC>
-__global__ void __launch_bounds__(kThreads) lora_cluster_kernel(const LoraArgs a, int64_t num_items,
-                                                                int64_t piece) {
+__device__ void stage_x(const LoraArgs& a, const int32_t* pair_ids, int m0, int mt, int64_t p0,
+                        int64_t len, int64_t piece, T* x_tile) {
+  const T* input = static_cast<const T*>(a.input);
+  for (int m = 0; m < MT; ++m) {
+    const bool valid = m < mt;
+    const T* x = valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + p0
+                       : input;
+    for (int64_t e = int64_t{threadIdx.x} * VEC; e < len; e += kThreads * VEC) {
+      stage_vec<T, VEC>(x_tile + m * piece + e, valid ? x + e : input, valid);
+    }
+  }
+}
+
+// One expand stage: column vectors [v0, v0 + n) of the concatenated output (vector units): for
+// each, the B^T rows of its slice (k < rank) at stage[k * cap + v] and the mt output rows at
+// stage[(max_rank + m) * cap + v], cap = vectors per stage.
+template <typename T, int VEC>
+__device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64_t* offsets,
+                             const int32_t* pair_ids, int m0, int mt, int64_t v0, int64_t n,
+                             int64_t cap, unsigned char* stage) {
+  using Raw = RawVec<T, VEC>;
+  Raw* dst = reinterpret_cast<Raw*>(stage);
+  T* output = static_cast<T*>(a.output);
+  const int per_vec = st.max_rank + mt;
+  const int count = static_cast<int>(n);  // n * per_vec vectors fit one stage
+  for (int idx = threadIdx.x; idx < count * per_vec; idx += kThreads) {
+    const int v = idx % count;
+    const int r = idx / count;
+    int64_t col = (v0 + v) * VEC;
+    const int slice = column_slice(a, col);
+    if (r < st.max_rank) {
+      if (r >= st.rank[slice]) continue;
+      const T* row = reinterpret_cast<const T*>(
+          a.slices[slice].arena + offsets[(slice * 2 + 1) * a.rank_stride + r]);
+      stage_vec<T, VEC>(dst + r * cap + v, row + col, true);
+    } else {
+      if (st.rank[slice] == 0) continue;  // that slice's columns stay untouched
+      const int m = r - st.max_rank;
+      const T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride +
+                   a.slices[slice].col_offset + col;
+      stage_vec<T, VEC>(dst + (st.max_rank + m) * cap + v, y, true);
+    }
+  }
+}
+
+// Adds s_full @ B^T to the staged output rows and writes them back.
+template <typename T, int MT, int VEC>
+__device__ void compute_expand(const LoraArgs& a, const ItemState& st, const float* s_full,
+                               const int32_t* pair_ids, int m0, int mt, int64_t v0, int64_t n,
+                               int64_t cap, const unsigned char* stage) {
+  using Raw = RawVec<T, VEC>;
+  const Raw* src = reinterpret_cast<const Raw*>(stage);
+  T* output = static_cast<T*>(a.output);
+  for (int64_t v = threadIdx.x; v < n; v += kThreads) {
+    int64_t col = (v0 + v) * VEC;
+    const int slice = column_slice(a, col);
+    const int rank = st.rank[slice];
+    if (rank == 0) continue;
+    const float* s_rows = s_full + st.rank_base[slice];
+    float acc[MT][VEC];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[m][i] = 0.0f;
+    }
+#pragma unroll 4
+    for (int k = 0; k < rank; ++k) {
+      float w[VEC];
+      raw_to_f32<T, VEC>(src[k * cap + v], w);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float sk = s_rows[m * st.total_rank + k];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[m][i] = fmaf(sk, w[i], acc[m][i]);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m >= mt) break;
+      float cur[VEC];
+      raw_to_f32<T, VEC>(src[(st.max_rank + m) * cap + v], cur);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) cur[i] += acc[m][i];
+      T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset + col;
+      detail::store_from_f32<T, VEC>(y, cur);
+    }
+  }
+}
+
+// s_part[m][j] += sum over [p0, p0 + len) of x_tile[m] * A row j, for this warp's rank rows.
+template <typename T, int MT, int VEC>
+__device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64_t* offsets,
+                             const T* x_tile, int64_t piece, int64_t p0, int64_t len,
+                             float* s_part) {
+  using Raw = RawVec<T, VEC>;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int j0 = warp * kRowsPerWarpStep; j0 < st.total_rank; j0 += kWarps * kRowsPerWarpStep) {
+    const T* rows[kRowsPerWarpStep];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarpStep; ++r) {
+      const int j = min(j0 + r, st.total_rank - 1);  // duplicates are computed, not stored
+      int slice, k;
+      rank_row(st, a.num_slices, j, slice, k);
+      rows[r] = reinterpret_cast<const T*>(a.slices[slice].arena +
+                                           offsets[(slice * 2) * a.rank_stride + k]) + p0;
+    }
+    float acc[kRowsPerWarpStep][MT];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarpStep; ++r) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
+    }
+    // Several vector loads per row are issued before any is used: at decode the A rows are the
+    // only DRAM reads left on the critical path.
+    for (int64_t e0 = int64_t{lane} * VEC; e0 < len; e0 += 32 * VEC * kStepsInFlight<MT>) {
+      Raw raw[kStepsInFlight<MT>][kRowsPerWarpStep];
+#pragma unroll
+      for (int u = 0; u < kStepsInFlight<MT>; ++u) {
+        const int64_t e = e0 + int64_t{u} * 32 * VEC;
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarpStep; ++r) {
+          if (e < len) {
+            if constexpr (kVecBytes<T, VEC> == 16) {
+              raw[u][r] = __ldcs(reinterpret_cast<const uint4*>(rows[r] + e));
+            } else {
+              raw[u][r] = __ldg(rows[r] + e);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kStepsInFlight<MT>; ++u) {
+        const int64_t e = e0 + int64_t{u} * 32 * VEC;
+        if (e >= len) break;
+        float xv[MT][VEC];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          raw_to_f32<T, VEC>(*reinterpret_cast<const Raw*>(x_tile + m * piece + e), xv[m]);
+        }
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarpStep; ++r) {
+          float w[VEC];
+          raw_to_f32<T, VEC>(raw[u][r], w);
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[r][m] = fmaf(w[i], xv[m][i], acc[r][m]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarpStep; ++r) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float sum = detail::warp_sum(acc[r][m]);
+        if (lane == 0 && j0 + r < st.total_rank) s_part[m * st.total_rank + j0 + r] += sum;
+      }
+    }
+  }
+}
+
+template <typename T, int MT, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lora_cluster_kernel(const LoraArgs a, int64_t num_items, int64_t piece) {
   extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int32_t head[3];  // slot, expert, valid rows of the current item
+  __shared__ int32_t shared_ranks[kMaxSlices];
   const Cluster cluster;
   const int csize = cluster.size();
   const int crank = cluster.rank();
-  const SmemLayout layout = SmemLayout::of(a, MT, piece);
+  const SmemLayout layout = SmemLayout::of(a, MT, piece, sizeof(T));
   int32_t* pair_ids = reinterpret_cast<int32_t*>(smem + layout.pair_ids);
   int64_t* offsets = reinterpret_cast<int64_t*>(smem + layout.offsets);
   float* s_part = reinterpret_cast<float*>(smem + layout.s_part);
   float* s_full = reinterpret_cast<float*>(smem + layout.s_full);
-  float* x_tile = reinterpret_cast<float*>(smem + layout.x_tile);
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const T* input = static_cast<const T*>(a.input);
-  T* output = static_cast<T*>(a.output);
+  T* x_tile = reinterpret_cast<T*>(smem + layout.x_tile);
+  unsigned char* stages = smem + layout.stages;
   const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
 
-  // This CTA's share of in_dim and of the concatenated output columns (whole vectors).
+  // This CTA's share of in_dim, and its part of the concatenated output columns (whole vectors):
+  // column group blockIdx.z, cluster rank crank.
   const int64_t in_vecs = a.in_dim / VEC;
   const int64_t in_begin = in_vecs * crank / csize * VEC;
   const int64_t in_end = in_vecs * (crank + 1) / csize * VEC;
   int64_t width = 0;
   for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
+  const int64_t parts = int64_t{gridDim.z} * csize;
+  const int64_t part = int64_t{blockIdx.z} * csize + crank;
   const int64_t out_vecs = width / VEC;
-  const int64_t col_begin = out_vecs * crank / csize;
-  const int64_t col_end = out_vecs * (crank + 1) / csize;
+  const int64_t col_begin = out_vecs * part / parts;
+  const int64_t col_end = out_vecs * (part + 1) / parts;
 
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
+    load_item_head(a, item, pair_ids, head);  // trip 1
+    const int rows0 = min(MT, head[2]);
+    if (head[2] > 0) {  // trip 2: x rows of the first row tile, ranks and row table together
+      stage_x<T, MT, VEC>(a, pair_ids, 0, rows0, in_begin, detail::min64(piece, in_end - in_begin),
+                          piece, x_tile);
+    }
+    cp_async_commit();
+    load_ranks_and_offsets(a, head[0], head[1], shared_ranks, offsets);
+    __syncthreads();
     ItemState st;
-    load_item(a, item, pair_ids, st);
+    fill_state(a, head, shared_ranks, st);
     if (st.total_rank == 0) {  // uniform over the cluster: same item, same answer
+      cp_async_wait<0>();
       __syncthreads();  // everyone has read the shared item state before the next item's
       continue;
     }
-    stage_offsets(a, st, offsets);
+    const int64_t cap = stage_vectors(st.max_rank, MT, kVecBytes<T, VEC>);
+    const int64_t num_stages = (col_end - col_begin + cap - 1) / cap;
 
     for (int m0 = 0; m0 < st.rows; m0 += MT) {
       const int mt = min(MT, st.rows - m0);
+      if (m0 > 0) {
+        stage_x<T, MT, VEC>(a, pair_ids, m0, mt, in_begin, detail::min64(piece, in_end - in_begin),
+                            piece, x_tile);
+        cp_async_commit();
+      }
+      // Trip 3 starts: the first expand stage flies while the shrink reads A.
+      if (num_stages > 0) {
+        stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, col_begin,
+                             detail::min64(cap, col_end - col_begin), cap, stages);
+      }
+      cp_async_commit();
+
       // ---- 1. shrink: this CTA's in_dim range into s_part[m][j] ----
       for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) s_part[idx] = 0.0f;
       for (int64_t p0 = in_begin; p0 < in_end; p0 += piece) {
         const int64_t len = detail::min64(piece, in_end - p0);
-        __syncthreads();  // offsets staged; previous piece's x_tile and s_part updates done
-        for (int m = 0; m < MT; ++m) {
-          const bool valid = m < mt;
-          const T* x = valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + p0
-                             : nullptr;
-          for (int64_t e = int64_t{threadIdx.x} * VEC; e < len; e += kThreads * VEC) {
-            float v[VEC];
-            if (valid) {
-              detail::load_f32<T, VEC>(x + e, v);
-            } else {
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) v[i] = 0.0f;
-            }
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) x_tile[m * piece + e + i] = v[i];
-          }
+        if (p0 == in_begin) {
+          cp_async_wait<1>();  // x staged; the expand stage may still fly
+        } else {
+          __syncthreads();  // the previous piece is consumed
+          stage_x<T, MT, VEC>(a, pair_ids, m0, mt, p0, len, piece, x_tile);
+          cp_async_commit();
+          cp_async_wait<0>();
         }
         __syncthreads();
-        for (int j0 = warp * kRowsPerWarpStep; j0 < st.total_rank; j0 += kWarps * kRowsPerWarpStep) {
-          const T* rows[kRowsPerWarpStep];
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarpStep; ++r) {
-            const int j = min(j0 + r, st.total_rank - 1);  // duplicates are computed, not stored
-            int slice, k;
-            rank_row(st, a.num_slices, j, slice, k);
-            rows[r] = reinterpret_cast<const T*>(a.slices[slice].arena +
-                                                 offsets[(slice * 2) * a.rank_stride + k]) + p0;
-          }
-          float acc[kRowsPerWarpStep][MT];
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarpStep; ++r) {
-#pragma unroll
-            for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
-          }
-          for (int64_t e = int64_t{lane} * VEC; e < len; e += 32 * VEC) {
-            float w[kRowsPerWarpStep][VEC];
-#pragma unroll
-            for (int r = 0; r < kRowsPerWarpStep; ++r) detail::load_f32_stream<T, VEC>(rows[r] + e, w[r]);
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              const float* xs = x_tile + m * piece + e;
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) {
-                const float xv = xs[i];
-#pragma unroll
-                for (int r = 0; r < kRowsPerWarpStep; ++r) acc[r][m] = fmaf(w[r][i], xv, acc[r][m]);
-              }
-            }
-          }
-#pragma unroll
-          for (int r = 0; r < kRowsPerWarpStep; ++r) {
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-              const float sum = detail::warp_sum(acc[r][m]);
-              if (lane == 0 && j0 + r < st.total_rank) s_part[m * st.total_rank + j0 + r] += sum;
-            }
-          }
-        }
+        shrink_piece<T, MT, VEC>(a, st, offsets, x_tile, piece, p0, len, s_part);
       }
 
       // ---- 2. cluster reduction of s through distributed shared memory ----
@@ -265,96 +486,110 @@ __global__ void __launch_bounds__(kThreads) lora_cluster_kernel(const LoraArgs a
       }
       cluster.sync();  // peers are done reading s_part; s_full is visible to the whole CTA
 
-      // ---- 3. expand: this CTA's output vectors ----
-      for (int64_t cv = col_begin + threadIdx.x; cv < col_end; cv += kThreads) {
-        int64_t col = cv * VEC;
-        int slice = 0;
-        for (int i = 0; i + 1 < a.num_slices && col >= a.slices[i].out_dim; ++i) {
-          col -= a.slices[i].out_dim;
-          slice = i + 1;
+      // ---- 3. expand: this CTA's column part, stage by stage, double-buffered ----
+      for (int64_t s = 0; s < num_stages; ++s) {
+        const int64_t v0 = col_begin + s * cap;
+        if (s + 1 < num_stages) {
+          const int64_t v1 = v0 + cap;
+          stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, v1,
+                               detail::min64(cap, col_end - v1), cap,
+                               stages + ((s + 1) & 1) * kStageBytes);
+          cp_async_commit();
+          cp_async_wait<1>();
+        } else {
+          cp_async_wait<0>();
         }
-        const int rank = st.rank[slice];
-        if (rank == 0) continue;
-        const std::byte* arena = a.slices[slice].arena;
-        const int64_t* b_offsets = offsets + (slice * 2 + 1) * a.rank_stride;
-        const float* s_rows = s_full + st.rank_base[slice];
-        float acc[MT][VEC];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[m][i] = 0.0f;
-        }
-#pragma unroll 4
-        for (int k = 0; k < rank; ++k) {
-          float w[VEC];
-          detail::load_f32_stream<T, VEC>(reinterpret_cast<const T*>(arena + b_offsets[k]) + col, w);
-#pragma unroll
-          for (int m = 0; m < MT; ++m) {
-            const float sk = s_rows[m * st.total_rank + k];
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[m][i] = fmaf(sk, w[i], acc[m][i]);
-          }
-        }
-        for (int m = 0; m < mt; ++m) {
-          T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset + col;
-          float cur[VEC];
-          detail::load_f32<T, VEC>(y, cur);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) cur[i] += acc[m][i];
-          detail::store_from_f32<T, VEC>(y, cur);
-        }
+        __syncthreads();
+        compute_expand<T, MT, VEC>(a, st, s_full, pair_ids, m0, mt, v0,
+                                   detail::min64(cap, col_end - v0), cap,
+                                   stages + (s & 1) * kStageBytes);
+        __syncthreads();  // this stage buffer is free for stage s + 2
       }
+      cp_async_wait<0>();
     }
-    __syncthreads();  // the next item rewrites pair_ids and offsets
+    __syncthreads();  // the next item rewrites pair_ids, offsets and the item state
   }
 }
 
+// Launch shape of one call.
+struct ClusterShape {
+  int cluster_size;   // C: CTAs splitting in_dim (and the columns of a group)
+  int column_groups;  // G: clusters per item, each expanding 1/G of the columns
+  int64_t piece;      // input elements staged per pass
+};
+
 template <typename T, int MT, int VEC>
-void launch(const LoraArgs& a, int64_t num_items, int cluster_size, int64_t piece,
-            cudaStream_t stream) {
-  const SmemLayout layout = SmemLayout::of(a, MT, piece);
+void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cudaStream_t stream) {
+  const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
   const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(layout.bytes)));
   // Enough clusters for ~4 waves; the rest are walked grid-stride by the same clusters.
-  const int64_t max_clusters =
-      std::max<int64_t>(1, 4 * int64_t{detail::sm_count()} / cluster_size);
+  const int64_t per_item = int64_t{shape.cluster_size} * shape.column_groups;
+  const int64_t max_clusters = std::max<int64_t>(1, 4 * int64_t{detail::sm_count()} / per_item);
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(cluster_size),
-                        static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})));
+  config.gridDim = dim3(static_cast<unsigned>(shape.cluster_size),
+                        static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})),
+                        static_cast<unsigned>(shape.column_groups));
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = static_cast<size_t>(layout.bytes);
   config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(cluster_size);
+  attribute.val.clusterDim.x = static_cast<unsigned>(shape.cluster_size);
   attribute.val.clusterDim.y = 1;
   attribute.val.clusterDim.z = 1;
   config.attrs = &attribute;
-  config.numAttrs = cluster_size > 1 ? 1 : 0;  // no cluster attribute before sm_90
-  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a, num_items, piece));
+  config.numAttrs = shape.cluster_size > 1 ? 1 : 0;  // no cluster attribute before sm_90
+  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a, num_items, shape.piece));
   detail::check_launch("fused_moe_lora cluster");
 }
 
 template <typename T, int VEC>
-void launch_for_rows(const LoraArgs& a, int64_t num_items, int cluster_size, int64_t piece,
+void launch_for_rows(const LoraArgs& a, int64_t num_items, const ClusterShape& shape,
                      cudaStream_t stream) {
   if (a.sorted_pairs == nullptr) {
-    launch<T, 1, VEC>(a, num_items, cluster_size, piece, stream);
+    launch<T, 1, VEC>(a, num_items, shape, stream);
   } else {
-    launch<T, 4, VEC>(a, num_items, cluster_size, piece, stream);
+    launch<T, 4, VEC>(a, num_items, shape, stream);
   }
 }
 
 // 16-byte vectors when every row and column range allows them, scalars otherwise.
 template <typename T>
-void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items, int cluster_size,
-                       int64_t piece, cudaStream_t stream) {
+void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
+                       const ClusterShape& shape, cudaStream_t stream) {
   if (vectorized) {
-    launch_for_rows<T, detail::kVec16<T>>(a, num_items, cluster_size, piece, stream);
+    launch_for_rows<T, detail::kVec16<T>>(a, num_items, shape, stream);
   } else {
-    launch_for_rows<T, 1>(a, num_items, cluster_size, piece, stream);
+    launch_for_rows<T, 1>(a, num_items, shape, stream);
   }
+}
+
+// C: ~2 waves of CTAs, each keeping >= 256 input elements. G: enough column groups that one
+// stage holds a CTA's whole column part (so its B^T rows fly in one trip), within ~4 waves.
+ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_bytes,
+                          int elem_bytes) {
+  const int64_t sms = detail::sm_count();
+  // clusters exist from sm_90 on
+  const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
+  const int64_t wanted = (2 * sms + num_items - 1) / num_items;
+  const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
+  ClusterShape shape{};
+  shape.cluster_size =
+      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, max_cluster})));
+  const int64_t share = (a.in_dim + shape.cluster_size - 1) / shape.cluster_size;
+  shape.piece = std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
+  int64_t width = 0;
+  for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
+  const int64_t out_vecs = width * elem_bytes / vec_bytes;
+  const int64_t cap = std::max<int64_t>(1, stage_vectors(a.rank_stride, mt, vec_bytes));
+  const int64_t per_cluster = cap * shape.cluster_size;
+  const int64_t groups = (out_vecs + per_cluster - 1) / per_cluster;
+  const int64_t by_waves = std::max<int64_t>(1, 4 * sms / (num_items * shape.cluster_size));
+  shape.column_groups = static_cast<int>(
+      std::clamp<int64_t>(std::min(groups, by_waves), 1, kMaxColumnGroups));
+  return shape;
 }
 
 }  // namespace
@@ -362,21 +597,15 @@ void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items, in
 bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t num_items,
                          cudaStream_t stream) {
   if (num_items <= 0) return true;
-  // Cluster size: ~2 waves of CTAs, each CTA keeping >= 256 input elements and >= 1 vector of
-  // output columns.
-  const int64_t sms = detail::sm_count();
-  // clusters exist from sm_90 on
-  const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
-  const int64_t wanted = (2 * sms + num_items - 1) / num_items;
-  const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
-  const int cluster_size =
-      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, max_cluster})));
-  const int64_t share = (a.in_dim + cluster_size - 1) / cluster_size;
-  const int64_t piece = std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
-  if (SmemLayout::of(a, 4, piece).bytes > kMaxSmemBytes) return false;  // huge ranks
   const bool vectorized = vec.input && vec.output;
-  MOELORA_DISPATCH_FLOAT(dtype, T,
-                         launch_for_layout<T>(a, vectorized, num_items, cluster_size, piece, stream));
+  const int elem_bytes = static_cast<int>(dtype_size(dtype));
+  const int vec_bytes = vectorized ? 16 : elem_bytes;
+  const int mt = a.sorted_pairs == nullptr ? 1 : 4;
+  // One stage must hold at least one column vector with all its B^T rows (huge ranks: no).
+  if (stage_vectors(a.rank_stride, mt, vec_bytes) < 1) return false;
+  const ClusterShape shape = choose_shape(a, num_items, mt, vec_bytes, elem_bytes);
+  if (SmemLayout::of(a, mt, shape.piece, elem_bytes).bytes > kMaxSmemBytes) return false;
+  MOELORA_DISPATCH_FLOAT(dtype, T, launch_for_layout<T>(a, vectorized, num_items, shape, stream));
   return true;
 }
 

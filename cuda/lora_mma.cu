@@ -10,9 +10,12 @@
 // At prefill the cost is reading x once and read-modify-writing the outputs once; the adapter
 // rows are small and shared by every CTA of a group, so they come from L2. Hence:
 //
-// Work item: one CTA per (block, M tile); an M tile is 16 rows per warp, 1-4 warps (64 rows when
-//   block_m >= 64; fewer warps for small block_m), more tiles per block when block_m is larger.
-//   Warp w owns tile rows 16w..16w+15 through both phases, so s never leaves its registers.
+// Work item: one CTA per (block, M tile, column part); an M tile is 16 rows per warp, 1-4 warps
+//   (64 rows when block_m >= 64; fewer warps for small block_m), more tiles per block when
+//   block_m is larger. Warp w owns tile rows 16w..16w+15 through both phases, so s never leaves
+//   its registers. Column part cs of csplit does the whole shrink of its rows, then expands only
+//   its contiguous share of each slice's 64-column tiles: [nt*cs/csplit, nt*(cs+1)/csplit) of
+//   the slice's nt tiles (possibly none). Items run cs fastest, then M tile, then block.
 // Passes: the slices are packed on the host into passes whose summed ranks, each rounded up to
 //   16 (rp_i), fit in N columns (template N in {32, 64, 128}); slice i takes columns
 //   [base_i, base_i + rp_i) of its pass. One shrink per pass reads x once for every slice in it
@@ -34,13 +37,15 @@
 //   The warp adds its fp32 accumulators into the staged output tile in shared memory (one
 //   rounding per element), then writes its 16 rows back with coalesced 16-byte stores; columns
 //   past out_dim and padding rows are neither read nor written.
-// Every output element of a pair has one owner (its block's CTA, its warp, one lane): no atomics,
-// repeated runs are bit-identical. Shared memory: 3 * (rows + N) * 128 bytes of stages (72 KB
+// Every output element of a pair has one owner (its block's CTA for its column part, its warp,
+// one lane): no atomics, and the sum order of an element does not depend on csplit, so repeated
+// runs are bit-identical. Shared memory: 3 * (rows + N) * 128 bytes of stages (72 KB
 // at N = 128, 48 KB at N = 64, 36 KB at N = 32 with 64 rows) plus ~3 KB of row tables.
 // Declines (returns false) for float32, unaligned rows, max_rank > 64 or an unaligned arena.
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
 // Template space: dtype x N = 6 kernels.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -58,6 +63,13 @@ constexpr int kMaxRank = 64;
 constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the expand (elements)
 constexpr int kRowBytes = kChunk * 2;  // one 128-byte shared-memory row of a stage
 constexpr int kStages = 3;
+// Column split (launch): warps per SM the split aims for (3 CTAs of 4 warps; small blocks get
+// 1-warp CTAs, more of which fit), its cap, the fewest 64-column tiles of the widest slice a
+// part keeps, and the cap of the test override.
+constexpr int kWarpsPerSm = 12;
+constexpr int64_t kMaxColumnSplit = 16;
+constexpr int64_t kMinTilesPerPart = 4;
+constexpr long kMaxForcedColumnSplit = 1 << 16;
 
 // Slices grouped into passes (consecutive slices), built on the host.
 struct MmaPlan {
@@ -182,11 +194,22 @@ __device__ __forceinline__ void pipeline(int n, Load&& load, Compute&& compute) 
   __syncthreads();
 }
 
+// 64-column tiles [begin, end) of a slice that column part cs of csplit expands: contiguous
+// shares that cover the slice's tiles exactly once over the parts.
+struct TileRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ TileRange part_tiles(int64_t out_dim, int64_t cs, int64_t csplit) {
+  const int64_t nt = (out_dim + kChunk - 1) / kChunk;
+  return TileRange{nt * cs / csplit, nt * (cs + 1) / csplit};
+}
+
 // ---- the kernel ------------------------------------------------------------------------------
 
 template <typename T, int N>
 __global__ void __launch_bounds__(32 * kMaxWarps)
-    lora_mma_kernel(const LoraArgs a, const MmaPlan plan, int64_t items, int32_t mtiles) {
+    lora_mma_kernel(const LoraArgs a, const MmaPlan plan, int64_t items, int32_t mtiles,
+                    int32_t csplit) {
   constexpr int NT = N / 8;   // n8 tiles of a pass (shrink)
   constexpr int KT = N / 16;  // k16 tiles of a pass (expand)
   extern __shared__ __align__(128) unsigned char smem[];
@@ -220,9 +243,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
   }  // read after the first barrier below
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t b = item / mtiles;
+    const int64_t cs = item % csplit;  // column part
+    const int64_t tile = item / csplit;
+    const int64_t b = tile / mtiles;
     if (b >= *a.num_blocks) break;  // items are ordered by block
-    const int64_t m0 = (item % mtiles) * rows;
+    const int64_t m0 = (tile % mtiles) * rows;
     const int32_t slot = a.block_slot[b * a.block_slot_stride];
     const int32_t expert =
         a.block_expert != nullptr ? a.block_expert[b * a.block_expert_stride] : 0;
@@ -245,12 +270,15 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
         // Rows of A to load: the first roundup(rank, 8) of each slice's columns.
         int nact = 0;
         uint32_t tile_mask = 0;
+        bool expands = false;  // some slice of the pass has rank and columns in this part
         for (int i = sb; i < se; ++i) {
           const int c = (s_rank[i] + 7) / 8;
           tile_mask |= ((1u << c) - 1u) << (s_base[i] / 8);
           nact += 8 * c;
+          const TileRange tr = part_tiles(a.slices[i].out_dim, cs, csplit);
+          expands = expands || (c > 0 && tr.end > tr.begin);
         }
-        if (nact == 0) continue;  // uniform: no slice of this pass has rank here
+        if (!expands) continue;  // uniform: the shrink would feed no output column here
         for (int idx = tid; idx < nact; idx += nthreads) {
           int i = sb, k = idx;
           while (k >= 8 * ((s_rank[i] + 7) / 8)) k -= 8 * ((s_rank[i] + 7) / 8), ++i;
@@ -359,9 +387,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
           const int rank = s_rank[i];
           if (rank == 0) continue;
           const SliceArgs& s = a.slices[i];
+          const int64_t out_dim = s.out_dim;
+          // Uniform over the CTA (pipeline() holds barriers): this part may own no tile here.
+          const TileRange tr = part_tiles(out_dim, cs, csplit);
+          if (tr.end == tr.begin) continue;
           const int kt0 = s_base[i] / 16;  // first k tile of this slice in the pass
           const int nkt = (rank + 15) / 16;  // its k tiles holding ranks
-          const int64_t out_dim = s.out_dim;
           const int64_t col_offset = s.col_offset;
           for (int k = tid; k < 16 * nkt; k += nthreads) {
             s_bsrc[k] = k < rank ? reinterpret_cast<const T*>(
@@ -370,7 +401,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
           }
           __syncthreads();
           auto load_tile = [&](int ct, int stage) {
-            const int64_t c0 = int64_t{ct} * kChunk;
+            const int64_t c0 = (tr.begin + ct) * kChunk;
             const uint32_t os = smem0 + stage * stage_bytes;
             const uint32_t bs = os + rows * kRowBytes;
             for (int idx = tid; idx < nkt * 16 * 8; idx += nthreads) {
@@ -391,7 +422,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
           };
           auto expand_tile = [&](int ct, int stage) {
             if (!warp_active) return;
-            const int64_t c0 = int64_t{ct} * kChunk;
+            const int64_t c0 = (tr.begin + ct) * kChunk;
             const uint32_t os = smem0 + stage * stage_bytes;
             const uint32_t bs = os + rows * kRowBytes;
             float out[kChunk / 8][4];
@@ -439,7 +470,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
               }
             }
           };
-          pipeline(static_cast<int>((out_dim + kChunk - 1) / kChunk), load_tile, expand_tile);
+          pipeline(static_cast<int>(tr.end - tr.begin), load_tile, expand_tile);
         }
       }
     }
@@ -447,12 +478,48 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
   }
 }
 
+// MOELORA_MMA_COLUMN_SPLIT=<n >= 1> forces the column split (tests reach csplit > 1 on small
+// problems with it); unset or invalid: 0, the heuristic decides. Read once.
+int64_t forced_column_split() {
+  static const int64_t forced = [] {
+    const char* value = std::getenv("MOELORA_MMA_COLUMN_SPLIT");
+    if (value == nullptr) return int64_t{0};
+    char* end = nullptr;
+    const long n = std::strtol(value, &end, 10);
+    const bool ok = end != value && *end == '\0' && n >= 1 && n <= kMaxForcedColumnSplit;
+    return ok ? int64_t{n} : int64_t{0};
+  }();
+  return forced;
+}
+
+// Column parts per (block, M tile). With few blocks (mixtral w13 at 512 tokens: ~100 blocks of
+// 28672 output columns) one CTA per block leaves most SMs idle while each streams a long expand;
+// splitting the columns fills the machine. Each part repeats the shrink (x and A from L2, as
+// the parts of a block run side by side), so split only while short of CTAs, keep a few tiles
+// per part, and keep the repeated shrink (in_dim per part) below the expand it shares out.
+int64_t column_split(const LoraArgs& a, const MmaPlan& plan, int64_t items0, int warps) {
+  if (const int64_t forced = forced_column_split()) return forced;
+  const int64_t ctas_wanted = int64_t{kWarpsPerSm} * detail::sm_count() / warps;
+  if (items0 >= ctas_wanted) return 1;
+  int64_t widest_tiles = 0, total_out = 0;
+  for (int i = 0; i < a.num_slices; ++i) {
+    if (plan.rp[i] == 0) continue;  // no slot has rank: expands nothing
+    widest_tiles = std::max(widest_tiles, (a.slices[i].out_dim + kChunk - 1) / kChunk);
+    total_out += a.slices[i].out_dim;
+  }
+  int64_t csplit = std::clamp<int64_t>((ctas_wanted + items0 - 1) / items0, 1, kMaxColumnSplit);
+  csplit = std::min(csplit, widest_tiles / kMinTilesPerPart);
+  csplit = std::min(csplit, total_out / std::max<int64_t>(1, a.in_dim));
+  return std::max<int64_t>(csplit, 1);
+}
+
 template <typename T, int N>
 void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStream_t stream) {
   const int warps = static_cast<int>(std::clamp<int64_t>((a.block_m + 15) / 16, 1, kMaxWarps));
   const int rows = 16 * warps;
   const int64_t mtiles = (a.block_m + rows - 1) / rows;
-  const int64_t items = max_blocks * mtiles;
+  const int64_t csplit = column_split(a, plan, max_blocks * mtiles, warps);
+  const int64_t items = max_blocks * mtiles * csplit;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(items, int64_t{1} << 30));
   const size_t smem = size_t{kStages} * (rows + N) * kRowBytes;
   // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
@@ -461,8 +528,8 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStre
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_mma_kernel<T, N>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
-  lora_mma_kernel<T, N><<<grid, 32 * warps, smem, stream>>>(a, plan, items,
-                                                            static_cast<int32_t>(mtiles));
+  lora_mma_kernel<T, N><<<grid, 32 * warps, smem, stream>>>(
+      a, plan, items, static_cast<int32_t>(mtiles), static_cast<int32_t>(csplit));
   detail::check_launch("fused_moe_lora mma");
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Kernel iteration on one H200: build the CUDA wheel, run ctest, the GPU tests of the LoRA kernel
 # families (tests/python/test_gpu_lora_forms.py, and test_gpu_ops.py with the tensor-core family
-# forced), then the kernel benchmark: decode shapes timing both forms (grouped vs unsorted),
-# prefill shapes with the cluster and the mma family; then the offline engine benchmark with
-# eager and CUDA-graph decode steps. Logs and JSON lines under $OUT (at most 8 files come back).
+# forced), compute-sanitizer memcheck + racecheck on a slice of them, then the kernel benchmark:
+# decode shapes timing both forms (grouped vs unsorted), prefill shapes with the default
+# dispatch; then the offline engine benchmark with eager and CUDA-graph decode steps. Logs and
+# JSON lines under $OUT (at most 8 files come back).
 source "$(dirname "$0")/gpu_common.sh"
 
 stage build
@@ -12,35 +13,60 @@ stage ctest
 timeout 120 ctest --test-dir build/gpu --output-on-failure -j8 > "$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log"
 
-stage pytest-forms
-(cd tests/python && timeout ${FORMS_TIMEOUT:-150} python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider \
-  -rf --tb=short test_gpu_lora_forms.py test_engine_bf16.py test_decode_graphs.py \
-  > "$OUT/pytest-forms.log" 2>&1); cat "$OUT/pytest-forms.log" >> "$OUT/tests.log"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-forms.log" | tail -12; rm "$OUT/pytest-forms.log"
-stage pytest-mma
-(cd tests/python && MOELORA_LORA_KERNEL=mma timeout ${MMA_TIMEOUT:-120} python3 -m pytest -q -n 16 -m gpu \
-  -p no:cacheprovider -rf --tb=short -k "fused_moe_lora or dense_lora" test_gpu_ops.py \
-  > "$OUT/pytest-mma.log" 2>&1); cat "$OUT/pytest-mma.log" >> "$OUT/tests.log"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-mma.log" | tail -12; rm "$OUT/pytest-mma.log"
+# pytest_stage NAME TIMEOUT ARGS...: GPU tests from tests/python, log appended to tests.log.
+pytest_stage() {
+  local name=$1 limit=$2
+  shift 2
+  stage "$name"
+  (cd tests/python && timeout "$limit" python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf \
+    --tb=short --durations=5 "$@" > "$OUT/$name.log" 2>&1)
+  cat "$OUT/$name.log" >> "$OUT/tests.log"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$name.log" | tail -12; rm "$OUT/$name.log"
+}
+pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_decode_graphs.py \
+  test_engine_bf16.py
+# the tensor-core family forced, with its expand columns split over 3 CTAs per block
+MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
+  -k "fused_moe_lora or dense_lora" test_gpu_ops.py
+
+# compute-sanitizer on a small slice of the kernel tests (every family, one process).
+sanitize() {
+  local tool=$1
+  shift
+  stage "sanitize-$tool"
+  (cd tests/python && timeout ${SANITIZE_TIMEOUT:-90} compute-sanitizer --tool "$tool" \
+    --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@") \
+    > "$OUT/sanitize-$tool.log" 2>&1
+  echo "exit $?" >> "$OUT/sanitize-$tool.log"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|passed|failed|^exit" \
+    "$OUT/sanitize-$tool.log" | tail -6
+  cat "$OUT/sanitize-$tool.log" >> "$OUT/tests.log"; rm "$OUT/sanitize-$tool.log"
+}
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck; do
+    MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_lora_forms.py -k "7-888 or 133-111"
+    MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_ops.py \
+      -k "fused_moe_lora_matches and 133-888"
+  done
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/tests.log"
+fi
 
 B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v2"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
   >> "$OUT/bench.log" 2>&1
 cut -c1-200 "$OUT/bench.log" | tail -3
-for family in cluster mma; do
-  stage "bench-prefill-$family"
-  MOELORA_LORA_KERNEL=$family timeout ${PREFILL_TIMEOUT:-70} $B --tokens 512 2048 8192 --adapters 4 16 \
-    --presets gpt-oss-20b qwen3-30b-a3b mixtral-8x7b --out $OUT/h200-kernels.jsonl \
-    >> "$OUT/bench.log" 2>&1
-  cut -c1-200 "$OUT/bench.log" | tail -2
-done
+stage bench-prefill
+timeout ${PREFILL_TIMEOUT:-90} $B --tokens 512 2048 8192 --adapters 4 16 \
+  --presets gpt-oss-20b qwen3-30b-a3b mixtral-8x7b --out $OUT/h200-kernels.jsonl >> "$OUT/bench.log" 2>&1
+cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-offline  # eager vs CUDA-graph decode steps, same workload
 O="python3 -m moelora.bench.offline --model synthetic:qwen3-30b-a3b --num-layers 8 --num-adapters 8
    --max-loras 8 --num-prompts 64 --input-len 128 --output-len 64 --device cuda --dtype bfloat16
    --adapter-dir /tmp/moelora-offline-adapters --out $OUT/offline.jsonl"
+timeout ${OFFLINE_TIMEOUT:-120} $O --enforce-eager >> "$OUT/bench.log" 2>&1
 timeout ${OFFLINE_TIMEOUT:-120} $O >> "$OUT/bench.log" 2>&1
-timeout ${OFFLINE_TIMEOUT:-120} $O --decode-graphs >> "$OUT/bench.log" 2>&1
 python3 - "$OUT/offline.jsonl" <<'PY'
 import json, sys
 for r in map(json.loads, open(sys.argv[1])):

@@ -111,8 +111,11 @@ def fused_moe_lora(
 
 # Up to this many (token, k) pairs per step the unsorted form (no alignment launch; one cluster
 # per pair, weights shared by a few pairs come from L2) beats grouping: on the H200 it won at
-# every measured decode shape up to 1024 pairs (bench/NOTES.md, v2).
+# every measured decode shape up to 1024 pairs (bench/NOTES.md, v2)...
 UNSORTED_MAX_PAIRS = 1024
+# ...unless the pairs crowd few experts (mixtral's 8 at 512 tokens: 128 pairs per expert), where
+# tensor-core tiles over grouped rows read each adapter row once per block instead of per pair.
+UNSORTED_MAX_PAIRS_PER_EXPERT = 64
 
 
 # Dense sites (attention projections): every token of an adapter shares one matrix, so the
@@ -121,10 +124,13 @@ UNSORTED_MAX_PAIRS = 1024
 UNSORTED_MAX_DENSE_ROWS = 64
 
 
-def prefer_unsorted(num_pairs: int, dense: bool = False) -> bool:
+def prefer_unsorted(num_pairs: int, dense: bool = False, num_experts: int | None = None) -> bool:
     """Whether fused_moe_lora_unsorted is the faster form for a step of num_pairs (token,
-    expert) pairs, or of num_pairs rows of a dense site."""
-    return num_pairs <= (UNSORTED_MAX_DENSE_ROWS if dense else UNSORTED_MAX_PAIRS)
+    expert) pairs over num_experts experts, or of num_pairs rows of a dense site."""
+    if dense:
+        return num_pairs <= UNSORTED_MAX_DENSE_ROWS
+    crowded = num_experts is not None and num_pairs >= UNSORTED_MAX_PAIRS_PER_EXPERT * num_experts
+    return num_pairs <= UNSORTED_MAX_PAIRS and not crowded
 
 
 def fused_moe_lora_unsorted(

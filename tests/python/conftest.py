@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist every worker is a process with torch's default of one intra-op thread per
+# core: 16 workers on 16 cores ran 256 threads and the float64 references crawled. One each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def _gpu_present() -> bool:

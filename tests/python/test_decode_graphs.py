@@ -8,6 +8,7 @@ tables wider than some steps need. The GPU variant (marked gpu) captures and rep
 
 from __future__ import annotations
 
+import argparse
 import copy
 
 import peft
@@ -16,6 +17,8 @@ import torch
 from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.engine.decode_graphs import default_buckets
+from moelora.entrypoints.graph_flags import add_graph_arguments, graphs_choice
+from moelora.entrypoints.llm import _decode_graphs
 from test_lora_peft import PEFT_CASES
 
 
@@ -23,6 +26,28 @@ def test_default_buckets():
     assert default_buckets(1) == [1]
     assert default_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert default_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+
+
+def test_graph_switches_follow_vllm():
+    # unset: the device decides (graphs on a one-process CUDA engine); enforce_eager turns them off
+    assert _decode_graphs(None, None) is None
+    assert _decode_graphs(None, True) is False
+    assert _decode_graphs(None, False) is True
+    assert _decode_graphs(True, False) is True
+    with pytest.raises(ValueError, match="contradicts"):
+        _decode_graphs(True, True)
+    parser = argparse.ArgumentParser()
+    add_graph_arguments(parser)
+    assert graphs_choice(parser.parse_args([])) is None
+    assert graphs_choice(parser.parse_args(["--enforce-eager"])) is False
+    assert graphs_choice(parser.parse_args(["--decode-graphs"])) is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--decode-graphs", "--enforce-eager"])
+
+
+def test_cpu_engine_runs_eagerly_by_default(mixtral):
+    llm = LLM(model=mixtral[0], device="cpu", dtype="float32", pool_memory_bytes=16 << 20)
+    assert llm.llm_engine.runner.graphs is None
 
 
 def _generate(model_dir, adapters, device, dtype, **engine_args):

@@ -233,7 +233,8 @@ def run_preset(preset, args, out_file):
             groups_per_pair = tokens * top_k / max(1, len(set(token_slot.tolist())) * experts)
             block_m = 16 if groups_per_pair < 4 else 64
 
-            forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs) else "grouped"],
+            forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts)
+                              else "grouped"],
                      "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
             timed = {}
             for form in forms:

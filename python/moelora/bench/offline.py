@@ -17,6 +17,8 @@ import random
 import tempfile
 import time
 
+from moelora.entrypoints.graph_flags import add_graph_arguments, graphs_choice
+
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="synthetic:tiny-moe")
@@ -35,8 +37,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="processes, one per GPU (moelora.distributed)")
     parser.add_argument("--enable-expert-parallel", action="store_true")
-    parser.add_argument("--decode-graphs", action="store_true",
-                        help="replay decode steps from CUDA graphs")
+    add_graph_arguments(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -124,7 +125,7 @@ def run_from_args(args) -> int:
                           load_progress=False, synthetic_num_layers=args.num_layers,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
-                          decode_graphs=args.decode_graphs)
+                          decode_graphs=graphs_choice(args))
     engine = LLMEngine(config)
     vocab = engine.model.config.vocab_size
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-adapters-")
@@ -157,7 +158,7 @@ def run_from_args(args) -> int:
         "input_len": args.input_len, "output_len": args.output_len,
         "request_rate": args.request_rate, "tensor_parallel_size": args.tensor_parallel_size,
         "enable_expert_parallel": args.enable_expert_parallel,
-        "decode_graphs": args.decode_graphs,
+        "decode_graphs": engine.runner.graphs is not None,
         "decode_graph_replays": (engine.runner.graphs.replays
                                  if engine.runner.graphs is not None else 0),
         "with_adapters": with_adapters, "no_adapters": base,

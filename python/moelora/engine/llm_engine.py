@@ -86,7 +86,9 @@ class LLMEngine:
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
         graphs = None
-        if config.decode_graphs and parallel is None:
+        use_graphs = (config.decode_graphs if config.decode_graphs is not None
+                      else self.device.type == "cuda")
+        if use_graphs and parallel is None:
             graphs = DecodeGraphs(self.model, self.memory.kv_view, self.adapters.views,
                                   mc.num_layers, self.memory.block_tokens,
                                   config.decode_graph_max_blocks,

@@ -66,6 +66,9 @@ class PagedContext:
         ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, self.block_m,
                        [self.lora_views.view(site, layer)], [0])
 
+    def _unsorted(self, topk_ids) -> bool:
+        return ops.prefer_unsorted(topk_ids.numel(), num_experts=self.lora_views.num_experts)
+
     def _ids32(self, topk_ids):
         """int32 contiguous routing, converted once per layer (w13 and w2 share it)."""
         if self._ids_source is not topk_ids:
@@ -87,7 +90,7 @@ class PagedContext:
         inter = h13.shape[1] // 2
         views = [self.lora_views.view("experts.gate", layer),
                  self.lora_views.view("experts.up", layer)]
-        if ops.prefer_unsorted(topk_ids.numel()):  # decode: no alignment launch
+        if self._unsorted(topk_ids):  # decode: no alignment launch
             ops.fused_moe_lora_unsorted(x, h13, self._ids32(topk_ids), self.token_slot, views,
                                         [0, inter], input_pairs_per_row=topk_ids.shape[1])
             return
@@ -100,7 +103,7 @@ class PagedContext:
         if not self._has_lora or not self.lora_views.has_site("experts.down"):
             return
         weights = topk_weights.reshape(-1).float().contiguous()
-        if ops.prefer_unsorted(topk_ids.numel()):
+        if self._unsorted(topk_ids):
             ops.fused_moe_lora_unsorted(h, y, self._ids32(topk_ids), self.token_slot,
                                         [self.lora_views.view("experts.down", layer)], [0],
                                         input_pairs_per_row=1, topk_weights=weights)

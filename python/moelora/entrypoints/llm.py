@@ -26,7 +26,7 @@ class LLM:
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
                  pool_memory_bytes: int | None = None, block_size: int = 16,
                  max_loras_per_batch: int | None = None, tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, decode_graphs: bool = False,
+                 enable_expert_parallel: bool = False, decode_graphs: bool | None = None,
                  decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
                  enable_prefix_caching: bool = False, **unsupported):
         if unsupported:
@@ -41,9 +41,9 @@ class LLM:
             block_size=block_size, max_loras_per_batch=max_loras_per_batch,
             tensor_parallel_size=tensor_parallel_size,
             enable_expert_parallel=enable_expert_parallel,
-            # vLLM's enforce_eager=False asks for graphs; moelora's default is eager until
-            # its decode graphs are measured on the GPU
-            decode_graphs=decode_graphs or enforce_eager is False,
+            # vLLM's switch: enforce_eager=True turns the decode graphs off, False asks for
+            # them; unset = on for CUDA
+            decode_graphs=_decode_graphs(decode_graphs, enforce_eager),
             decode_graph_max_blocks=decode_graph_max_blocks,
             enable_prefix_caching=enable_prefix_caching))
 
@@ -93,6 +93,15 @@ class LLM:
         finally:
             bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _decode_graphs(decode_graphs: bool | None, enforce_eager: bool | None) -> bool | None:
+    if decode_graphs is not None and enforce_eager is not None and decode_graphs == enforce_eager:
+        raise ValueError(f"LLM(): decode_graphs={decode_graphs} contradicts "
+                         f"enforce_eager={enforce_eager}")
+    if decode_graphs is not None:
+        return decode_graphs
+    return None if enforce_eager is None else not enforce_eager
 
 
 def _as_prompt_list(prompts) -> list:

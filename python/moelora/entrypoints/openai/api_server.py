@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import moelora
 from moelora.engine.async_engine import AsyncEngine
+from moelora.entrypoints.graph_flags import graphs_choice
 from moelora.entrypoints.openai.cli_args import add_cli_args, parse_lora_modules
 from moelora.entrypoints.openai.errors import APIError, error_body, from_validation_error
 from moelora.entrypoints.openai.metrics import ServerMetrics
@@ -71,7 +72,7 @@ def build_engine(args):
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
-        decode_graphs=args.decode_graphs, enable_prefix_caching=args.enable_prefix_caching))
+        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching))
     return engine, model, loras, enable_lora
 
 

@@ -7,6 +7,8 @@ import argparse
 import json
 import os
 
+from moelora.entrypoints.graph_flags import add_graph_arguments
+
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("model", nargs="?", default=None,
@@ -45,9 +47,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="processes (one per GPU) sharing the model over torch.distributed")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="partition the experts over the tensor-parallel processes")
-    parser.add_argument("--decode-graphs", action="store_true",
-                        help="replay decode steps from CUDA graphs (experimental until measured "
-                             "on the GPU; vLLM's default, its --enforce-eager turns it off)")
+    add_graph_arguments(parser)
     parser.add_argument("--enable-prefix-caching", action="store_true",
                         help="reuse the KV cache of identical prompt prefixes (per adapter)")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
