@@ -29,29 +29,6 @@ pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_deco
 MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
   -k "fused_moe_lora or dense_lora" test_gpu_ops.py
 
-# compute-sanitizer on a small slice of the kernel tests (every family, one process).
-sanitize() {
-  local tool=$1
-  shift
-  stage "sanitize-$tool"
-  (cd tests/python && timeout ${SANITIZE_TIMEOUT:-90} compute-sanitizer --tool "$tool" \
-    --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@") \
-    > "$OUT/sanitize-$tool.log" 2>&1
-  echo "exit $?" >> "$OUT/sanitize-$tool.log"
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|passed|failed|^exit" \
-    "$OUT/sanitize-$tool.log" | tail -6
-  cat "$OUT/sanitize-$tool.log" >> "$OUT/tests.log"; rm "$OUT/sanitize-$tool.log"
-}
-if command -v compute-sanitizer > /dev/null; then
-  for tool in memcheck racecheck; do
-    MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_lora_forms.py -k "7-888 or 133-111"
-    MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_ops.py \
-      -k "fused_moe_lora_matches and 133-888"
-  done
-else
-  echo "compute-sanitizer not found" | tee -a "$OUT/tests.log"
-fi
-
 B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v2"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
@@ -75,4 +52,27 @@ for r in map(json.loads, open(sys.argv[1])):
           round(r["no_adapters"]["output_tokens_per_s"]), "TPOT p50",
           round(r["with_adapters"]["tpot_p50_ms"], 2), "ms")
 PY
+# compute-sanitizer on a small slice of the kernel tests (every family, one process).
+sanitize() {
+  local tool=$1
+  shift
+  stage "sanitize-$tool"
+  (cd tests/python && timeout ${SANITIZE_TIMEOUT:-90} compute-sanitizer --tool "$tool" \
+    --error-exitcode 9 python3 -m pytest -q -m gpu -p no:cacheprovider --tb=short "$@") \
+    > "$OUT/sanitize-$tool.log" 2>&1
+  echo "exit $?" >> "$OUT/sanitize-$tool.log"
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid|passed|failed|^exit" \
+    "$OUT/sanitize-$tool.log" | tail -6
+  cat "$OUT/sanitize-$tool.log" >> "$OUT/tests.log"; rm "$OUT/sanitize-$tool.log"
+}
+if command -v compute-sanitizer > /dev/null; then
+  for tool in memcheck racecheck; do
+    MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_lora_forms.py -k "7-888 or 133-111"
+    MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_ops.py \
+      -k "fused_moe_lora_matches and 133-888"
+  done
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/tests.log"
+fi
+
 stage done
