@@ -35,14 +35,12 @@ LoraVectorization vectorization(const LoraArgs& a, const TensorRef& input,
 
 enum class LoraKernel { kMma, kCluster, kSplitK };
 
-// From this many rows per block on, a block fills tensor-core tiles (m16) well enough to beat
-// CUDA-core FMAs; below it the cluster kernel's per-row vector loads win. The estimate
-// (num_pairs / max_blocks) runs low: max_blocks counts a padded block per (slot, expert).
-// And from this many pairs (fewer: decode, where the engine takes the unsorted form anyway).
-// v2 needed 2048 pairs because one CTA per block walked every output column (mixtral at 512
-// tokens: 928 us vs the cluster kernel's 582); v3's mma kernel splits the columns over CTAs
-// when blocks are few (lora_mma.cu, column_split).
-constexpr int64_t kMmaMinRowsPerBlock = 4;
+// From this many pairs the tensor-core kernel takes grouped calls (prefill); fewer are decode,
+// where the engine mostly takes the unsorted form anyway. v2 also asked for >= 8 rows per block
+// estimated as num_pairs / max_blocks, but max_blocks counts a padded block per (slot, expert)
+// and sent gpt-oss and qwen3 at 512 tokens to the cluster kernel at half the speed (v3 notes);
+// and it needed 2048 pairs because one CTA per block walked every output column (mixtral at 512
+// tokens), which the column split (lora_mma.cu) now spreads over CTAs.
 constexpr int64_t kMmaMinPairs = 512;
 // The tensor-core kernel passed the GPU suite on the H200 (bench/NOTES.md, v2).
 constexpr bool kMmaEnabled = true;
@@ -65,14 +63,11 @@ std::optional<LoraKernel> forced_lora_kernel() {
   }();
 }
 
-// Rows per (slot, expert) group decide the regime: the grid is sized on the host from
-// max_blocks (no device sync), so the estimate is num_pairs / max_blocks.
-LoraKernel choose_lora_kernel(const LoraArgs& a, DType dtype, LoraVectorization vec,
-                              int64_t max_blocks) {
+// The step's size decides the regime (known on the host; the groups live on the device).
+LoraKernel choose_lora_kernel(const LoraArgs& a, DType dtype, LoraVectorization vec) {
   if (const auto forced = forced_lora_kernel()) return *forced;
-  const int64_t rows_per_block = a.num_pairs / std::max<int64_t>(1, max_blocks);
   if (kMmaEnabled && dtype != DType::kFloat32 && vec.input && vec.output &&
-      rows_per_block >= kMmaMinRowsPerBlock && a.num_pairs >= kMmaMinPairs) {
+      a.num_pairs >= kMmaMinPairs) {
     return LoraKernel::kMma;
   }
   return LoraKernel::kCluster;
@@ -139,7 +134,7 @@ void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const Tenso
   a.block_m = block_m;
   const LoraVectorization vec = vectorization(a, input, output);
   // Each specialised launcher may still decline (returns false); split-K takes anything.
-  switch (choose_lora_kernel(a, input.dtype, vec, max_blocks)) {
+  switch (choose_lora_kernel(a, input.dtype, vec)) {
     case LoraKernel::kMma:
       if (launch_lora_mma(a, input.dtype, vec, max_blocks, stream)) return;
       break;

@@ -48,12 +48,14 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarpStep = 4;     // A rows a warp streams together
 // 16-byte loads per A row a lane issues before using any (fewer with 4 x rows: registers)
 template <int MT>
-constexpr int kStepsInFlight = MT == 1 ? 4 : 2;
-constexpr int kMinBlocksPerSm = 2;      // two CTAs per SM: at most 128 registers a thread
+constexpr int kStepsInFlight = MT == 1 ? 2 : 1;
+// Three CTAs per SM (<= 80 registers a thread): v3's first cut allowed 128 registers, two CTAs
+// per SM, and lost 10-50% at 8-128 tokens to a second wave (bench/NOTES.md, v3).
+constexpr int kMinBlocksPerSm = 3;
 constexpr int64_t kMaxPiece = 2048;     // input elements staged per pass
 constexpr int kMaxClusterSize = 8;      // the portable cluster size limit
 constexpr int kMaxColumnGroups = 16;
-constexpr int64_t kStageBytes = 16 * 1024;  // one expand stage: B^T rows + output rows
+constexpr int64_t kStageBytes = 24 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
 
 // Bytes of one column vector (VEC elements of T).
@@ -450,19 +452,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
                             piece, x_tile);
         cp_async_commit();
       }
-      // Trip 3 starts: the first expand stage flies while the shrink reads A.
-      if (num_stages > 0) {
-        stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, col_begin,
-                             detail::min64(cap, col_end - col_begin), cap, stages);
-      }
-      cp_async_commit();
+      // Trip 3 starts: the first two expand stages fly while the shrink reads A.
+      const auto issue_stage = [&](int64_t s) {  // one cp.async group, empty past the last
+        if (s < num_stages) {
+          const int64_t v0 = col_begin + s * cap;
+          stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, v0,
+                               detail::min64(cap, col_end - v0), cap,
+                               stages + (s & 1) * kStageBytes);
+        }
+        cp_async_commit();
+      };
+      issue_stage(0);
+      issue_stage(1);
 
       // ---- 1. shrink: this CTA's in_dim range into s_part[m][j] ----
       for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) s_part[idx] = 0.0f;
       for (int64_t p0 = in_begin; p0 < in_end; p0 += piece) {
         const int64_t len = detail::min64(piece, in_end - p0);
         if (p0 == in_begin) {
-          cp_async_wait<1>();  // x staged; the expand stage may still fly
+          cp_async_wait<2>();  // x staged; the two expand stages may still fly
         } else {
           __syncthreads();  // the previous piece is consumed
           stage_x<T, MT, VEC>(a, pair_ids, m0, mt, p0, len, piece, x_tile);
@@ -489,21 +497,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       // ---- 3. expand: this CTA's column part, stage by stage, double-buffered ----
       for (int64_t s = 0; s < num_stages; ++s) {
         const int64_t v0 = col_begin + s * cap;
-        if (s + 1 < num_stages) {
-          const int64_t v1 = v0 + cap;
-          stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, v1,
-                               detail::min64(cap, col_end - v1), cap,
-                               stages + ((s + 1) & 1) * kStageBytes);
-          cp_async_commit();
-          cp_async_wait<1>();
-        } else {
-          cp_async_wait<0>();
-        }
+        cp_async_wait<1>();  // stage s landed (stage s + 1, maybe empty, may still fly)
         __syncthreads();
         compute_expand<T, MT, VEC>(a, st, s_full, pair_ids, m0, mt, v0,
                                    detail::min64(cap, col_end - v0), cap,
                                    stages + (s & 1) * kStageBytes);
         __syncthreads();  // this stage buffer is free for stage s + 2
+        issue_stage(s + 2);
       }
       cp_async_wait<0>();
     }
@@ -516,6 +516,7 @@ struct ClusterShape {
   int cluster_size;   // C: CTAs splitting in_dim (and the columns of a group)
   int column_groups;  // G: clusters per item, each expanding 1/G of the columns
   int64_t piece;      // input elements staged per pass
+  int64_t resident_ctas;  // CTAs the GPU holds at once (one wave)
 };
 
 template <typename T, int MT, int VEC>
@@ -524,9 +525,9 @@ void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cud
   const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(layout.bytes)));
-  // Enough clusters for ~4 waves; the rest are walked grid-stride by the same clusters.
+  // One wave of clusters; more items are walked grid-stride by the same clusters.
   const int64_t per_item = int64_t{shape.cluster_size} * shape.column_groups;
-  const int64_t max_clusters = std::max<int64_t>(1, 4 * int64_t{detail::sm_count()} / per_item);
+  const int64_t max_clusters = std::max<int64_t>(1, shape.resident_ctas / per_item);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(shape.cluster_size),
                         static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})),
@@ -566,14 +567,16 @@ void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
   }
 }
 
-// C: ~2 waves of CTAs, each keeping >= 256 input elements. G: enough column groups that one
-// stage holds a CTA's whole column part (so its B^T rows fly in one trip), within ~4 waves.
+// C: one wave of CTAs, each keeping >= 256 input elements. G: enough column groups that two
+// stages hold a CTA's whole column part (so its B^T rows fly in one trip), within the wave: a
+// second wave costs a whole extra chain of DRAM trips.
 ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_bytes,
                           int elem_bytes) {
   const int64_t sms = detail::sm_count();
   // clusters exist from sm_90 on
   const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
-  const int64_t wanted = (2 * sms + num_items - 1) / num_items;
+  const int64_t resident = kMinBlocksPerSm * sms;
+  const int64_t wanted = std::max<int64_t>(1, resident / num_items);
   const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
   ClusterShape shape{};
   shape.cluster_size =
@@ -584,11 +587,12 @@ ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_
   for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
   const int64_t out_vecs = width * elem_bytes / vec_bytes;
   const int64_t cap = std::max<int64_t>(1, stage_vectors(a.rank_stride, mt, vec_bytes));
-  const int64_t per_cluster = cap * shape.cluster_size;
+  const int64_t per_cluster = 2 * cap * shape.cluster_size;
   const int64_t groups = (out_vecs + per_cluster - 1) / per_cluster;
-  const int64_t by_waves = std::max<int64_t>(1, 4 * sms / (num_items * shape.cluster_size));
+  const int64_t by_wave = std::max<int64_t>(1, resident / (num_items * shape.cluster_size));
   shape.column_groups = static_cast<int>(
-      std::clamp<int64_t>(std::min(groups, by_waves), 1, kMaxColumnGroups));
+      std::clamp<int64_t>(std::min(groups, by_wave), 1, kMaxColumnGroups));
+  shape.resident_ctas = resident;
   return shape;
 }
 
