@@ -55,6 +55,7 @@ constexpr int kMinBlocksPerSm = 3;
 constexpr int64_t kMaxPiece = 2048;     // input elements staged per pass
 constexpr int kMaxClusterSize = 8;      // the portable cluster size limit
 constexpr int kMaxColumnGroups = 16;
+constexpr int kMinVectorsPerCta = 32;  // column vectors a CTA keeps when column groups split
 constexpr int64_t kStageBytes = 24 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
 
@@ -254,21 +255,24 @@ __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64
   using Raw = RawVec<T, VEC>;
   Raw* dst = reinterpret_cast<Raw*>(stage);
   T* output = static_cast<T*>(a.output);
-  const int per_vec = st.max_rank + mt;
-  const int count = static_cast<int>(n);  // n * per_vec vectors fit one stage
-  for (int idx = threadIdx.x; idx < count * per_vec; idx += kThreads) {
-    const int v = idx % count;
-    const int r = idx / count;
+  const int count = static_cast<int>(n);
+  // A vector's slice and column are worked out once per thread: with fewer vectors than
+  // threads, `lanes` threads share a vector and take every lanes-th of its rows. (v3's first
+  // cut divided per copy and was issue-bound at 128 tokens.)
+  const int lanes = max(1, kThreads / max(1, count));
+  const int sub = threadIdx.x % lanes;
+  for (int v = threadIdx.x / lanes; v < count; v += kThreads / lanes) {
     int64_t col = (v0 + v) * VEC;
     const int slice = column_slice(a, col);
-    if (r < st.max_rank) {
-      if (r >= st.rank[slice]) continue;
-      const T* row = reinterpret_cast<const T*>(
-          a.slices[slice].arena + offsets[(slice * 2 + 1) * a.rank_stride + r]);
-      stage_vec<T, VEC>(dst + r * cap + v, row + col, true);
-    } else {
-      if (st.rank[slice] == 0) continue;  // that slice's columns stay untouched
-      const int m = r - st.max_rank;
+    const int rank = st.rank[slice];
+    const int64_t* b_offsets = offsets + (slice * 2 + 1) * a.rank_stride;
+    const std::byte* arena = a.slices[slice].arena;
+    for (int r = sub; r < rank; r += lanes) {
+      stage_vec<T, VEC>(dst + r * cap + v, reinterpret_cast<const T*>(arena + b_offsets[r]) + col,
+                        true);
+    }
+    if (rank == 0) continue;  // that slice's columns stay untouched
+    for (int m = sub; m < mt; m += lanes) {
       const T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride +
                    a.slices[slice].col_offset + col;
       stage_vec<T, VEC>(dst + (st.max_rank + m) * cap + v, y, true);
@@ -567,9 +571,10 @@ void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
   }
 }
 
-// C: one wave of CTAs, each keeping >= 256 input elements. G: enough column groups that two
-// stages hold a CTA's whole column part (so its B^T rows fly in one trip), within the wave: a
-// second wave costs a whole extra chain of DRAM trips.
+// C: one wave of CTAs, each keeping >= 256 input elements. G: column groups while CTAs keep
+// >= a warp of column vectors each, within the wave: with few items the B^T rows then spread
+// over many SMs and fly in one trip (mixtral at 1 token: 2 pairs x 8 CTAs x 16 groups), and a
+// second wave would cost a whole extra chain of DRAM trips.
 ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_bytes,
                           int elem_bytes) {
   const int64_t sms = detail::sm_count();
@@ -586,9 +591,8 @@ ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_
   int64_t width = 0;
   for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
   const int64_t out_vecs = width * elem_bytes / vec_bytes;
-  const int64_t cap = std::max<int64_t>(1, stage_vectors(a.rank_stride, mt, vec_bytes));
-  const int64_t per_cluster = 2 * cap * shape.cluster_size;
-  const int64_t groups = (out_vecs + per_cluster - 1) / per_cluster;
+  const int64_t per_cluster = int64_t{kMinVectorsPerCta} * shape.cluster_size;
+  const int64_t groups = out_vecs / per_cluster;
   const int64_t by_wave = std::max<int64_t>(1, resident / (num_items * shape.cluster_size));
   shape.column_groups = static_cast<int>(
       std::clamp<int64_t>(std::min(groups, by_wave), 1, kMaxColumnGroups));
