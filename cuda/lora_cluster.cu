@@ -29,19 +29,16 @@
 // kernel is a plain one-CTA-per-item kernel. Items are walked grid-stride (uniform per cluster).
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
 // vectors, scalars (rows or column ranges not 16-byte aligned)}.
-#include <cooperative_groups.h>
-
 #include <algorithm>
 #include <type_traits>
 
+#include "cluster.cuh"
 #include "common.cuh"
 #include "lora_kernels.h"
 
 namespace moelora::cuda {
 
 namespace {
-
-namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -124,24 +121,6 @@ struct SmemLayout {
 __host__ __device__ __forceinline__ int64_t stage_vectors(int rows_b, int mt, int vec_bytes) {
   return kStageBytes / (int64_t{rows_b + mt} * vec_bytes);
 }
-
-// Thread-block clusters exist from sm_90 on; an older architecture runs clusters of one CTA
-// (the host launches it so), where the cluster calls reduce to the CTA's own.
-struct Cluster {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __device__ int size() const { return static_cast<int>(cg::this_cluster().num_blocks()); }
-  __device__ int rank() const { return static_cast<int>(cg::this_cluster().block_rank()); }
-  __device__ void sync() const { cg::this_cluster().sync(); }
-  __device__ float* peer(float* local, int r) const {
-    return cg::this_cluster().map_shared_rank(local, r);
-  }
-#else
-  __device__ int size() const { return 1; }
-  __device__ int rank() const { return 0; }
-  __device__ void sync() const { __syncthreads(); }
-  __device__ float* peer(float* local, int) const { return local; }
-#endif
-};
 
 struct ItemState {
   int32_t slot, expert;

@@ -13,9 +13,12 @@
 // Work item: one CTA per (block, M tile, column part); an M tile is 16 rows per warp, 1-4 warps
 //   (64 rows when block_m >= 64; fewer warps for small block_m), more tiles per block when
 //   block_m is larger. Warp w owns tile rows 16w..16w+15 through both phases, so s never leaves
-//   its registers. Column part cs of csplit does the whole shrink of its rows, then expands only
-//   its contiguous share of each slice's 64-column tiles: [nt*cs/csplit, nt*(cs+1)/csplit) of
-//   the slice's nt tiles (possibly none). Items run cs fastest, then M tile, then block.
+//   its registers. When blocks are too few to fill the GPU, a thread-block cluster of csplit
+//   CTAs (<= 8) shares each (block, M tile): CTA cs shrinks its contiguous share of the K
+//   chunks, the partial intermediates are summed through distributed shared memory (fixed
+//   order), and CTA cs then expands its share of each slice's 64-column tiles:
+//   [nt*cs/csplit, nt*(cs+1)/csplit) of the slice's nt tiles (possibly none). Items run cs
+//   fastest (the cluster), then M tile, then block.
 // Passes: the slices are packed on the host into passes whose summed ranks, each rounded up to
 //   16 (rp_i), fit in N columns (template N in {32, 64, 128}); slice i takes columns
 //   [base_i, base_i + rp_i) of its pass. One shrink per pass reads x once for every slice in it
@@ -38,8 +41,8 @@
 //   rounding per element), then writes its 16 rows back with coalesced 16-byte stores; columns
 //   past out_dim and padding rows are neither read nor written.
 // Every output element of a pair has one owner (its block's CTA for its column part, its warp,
-// one lane): no atomics, and the sum order of an element does not depend on csplit, so repeated
-// runs are bit-identical. Shared memory: 3 * (rows + N) * 128 bytes of stages (72 KB
+// one lane): no atomics; sums run in a fixed order for a given csplit, so repeated runs are
+// bit-identical. Shared memory: 3 * (rows + N) * 128 bytes of stages (72 KB
 // at N = 128, 48 KB at N = 64, 36 KB at N = 32 with 64 rows) plus ~3 KB of row tables.
 // Declines (returns false) for float32, unaligned rows, max_rank > 64 or an unaligned arena.
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
@@ -49,6 +52,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cluster.cuh"
 #include "common.cuh"
 #include "lora_kernels.h"
 
@@ -63,13 +67,12 @@ constexpr int kMaxRank = 64;
 constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the expand (elements)
 constexpr int kRowBytes = kChunk * 2;  // one 128-byte shared-memory row of a stage
 constexpr int kStages = 3;
-// Column split (launch): warps per SM the split aims for (3 CTAs of 4 warps; small blocks get
-// 1-warp CTAs, more of which fit), its cap, the fewest 64-column tiles of the widest slice a
-// part keeps, and the cap of the test override.
+// Cluster split (launch): warps per SM it aims for (3 CTAs of 4 warps; small blocks get 1-warp
+// CTAs, more of which fit), its cap (the portable cluster size), and the fewest 64-element K
+// chunks / 64-column tiles a part keeps.
 constexpr int kWarpsPerSm = 12;
-constexpr int64_t kMaxColumnSplit = 16;
+constexpr int64_t kMaxSplit = 8;
 constexpr int64_t kMinTilesPerPart = 4;
-constexpr long kMaxForcedColumnSplit = 1 << 16;
 
 // Slices grouped into passes (consecutive slices), built on the host.
 struct MmaPlan {
@@ -204,6 +207,33 @@ __device__ __forceinline__ TileRange part_tiles(int64_t out_dim, int64_t cs, int
   return TileRange{nt * cs / csplit, nt * (cs + 1) / csplit};
 }
 
+// acc += the same thread's acc in every other CTA of the cluster, in rank order (so repeated
+// runs are bit-identical), through `scratch` (the stage memory: pipeline() left it drained).
+template <int NT>
+__device__ __forceinline__ void cluster_sum(float (&acc)[NT][4], float* scratch) {
+  const Cluster cluster;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nthreads = static_cast<int>(blockDim.x);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) scratch[(j * 4 + q) * nthreads + tid] = acc[j][q];
+  }
+  cluster.sync();  // every partial is written
+  for (int r = 0; r < cluster.size(); ++r) {
+    const float* part = cluster.peer(scratch, r);
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float v = part[(j * 4 + q) * nthreads + tid];
+        acc[j][q] = r == 0 ? v : acc[j][q] + v;
+      }
+    }
+  }
+  cluster.sync();  // no peer still reads this CTA's scratch when the expand reuses it
+}
+
 // ---- the kernel ------------------------------------------------------------------------------
 
 template <typename T, int N>
@@ -243,7 +273,7 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
   }  // read after the first barrier below
 
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t cs = item % csplit;  // column part
+    const int64_t cs = item % csplit;  // this CTA's part: its rank in the cluster
     const int64_t tile = item / csplit;
     const int64_t b = tile / mtiles;
     if (b >= *a.num_blocks) break;  // items are ordered by block
@@ -270,15 +300,12 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
         // Rows of A to load: the first roundup(rank, 8) of each slice's columns.
         int nact = 0;
         uint32_t tile_mask = 0;
-        bool expands = false;  // some slice of the pass has rank and columns in this part
         for (int i = sb; i < se; ++i) {
           const int c = (s_rank[i] + 7) / 8;
           tile_mask |= ((1u << c) - 1u) << (s_base[i] / 8);
           nact += 8 * c;
-          const TileRange tr = part_tiles(a.slices[i].out_dim, cs, csplit);
-          expands = expands || (c > 0 && tr.end > tr.begin);
         }
-        if (!expands) continue;  // uniform: the shrink would feed no output column here
+        if (nact == 0) continue;  // uniform over the cluster: no slice of this pass has rank
         for (int idx = tid; idx < nact; idx += nthreads) {
           int i = sb, k = idx;
           while (k >= 8 * ((s_rank[i] + 7) / 8)) k -= 8 * ((s_rank[i] + 7) / 8), ++i;
@@ -304,8 +331,11 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
         const int64_t in_dim = a.in_dim;
+        // This CTA's share of the K chunks (all of them without a cluster).
+        const int64_t chunks = (in_dim + kChunk - 1) / kChunk;
+        const int64_t chunk0 = chunks * cs / csplit;
         auto load_chunk = [&](int c, int stage) {
-          const int64_t d0 = int64_t{c} * kChunk;
+          const int64_t d0 = (chunk0 + c) * kChunk;
           const uint32_t xs = smem0 + stage * stage_bytes;
           const uint32_t ws = xs + rows * kRowBytes;
           for (int idx = tid; idx < rows * 8; idx += nthreads) {
@@ -343,7 +373,8 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
             }
           }
         };
-        pipeline(static_cast<int>((in_dim + kChunk - 1) / kChunk), load_chunk, shrink_chunk);
+        pipeline(static_cast<int>(chunks * (cs + 1) / csplit - chunk0), load_chunk, shrink_chunk);
+        if (csplit > 1) cluster_sum(acc, reinterpret_cast<float*>(smem));
 
         // ---- hand-over: s = w * acc (zero past the rank) as hi/lo A fragments ----
         // Thread holds rows g (acc[.][0..1]) and g + 8 (acc[.][2..3]), columns 8j + 2*t4 + {0,1}.
@@ -478,39 +509,37 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
   }
 }
 
-// MOELORA_MMA_COLUMN_SPLIT=<n >= 1> forces the column split (tests reach csplit > 1 on small
-// problems with it); unset or invalid: 0, the heuristic decides. Read once.
-int64_t forced_column_split() {
+// MOELORA_MMA_SPLIT=<n in 1..8> forces the cluster split (tests reach it on small problems);
+// unset or invalid: 0, the heuristic decides. Read once.
+int64_t forced_split() {
   static const int64_t forced = [] {
-    const char* value = std::getenv("MOELORA_MMA_COLUMN_SPLIT");
+    const char* value = std::getenv("MOELORA_MMA_SPLIT");
     if (value == nullptr) return int64_t{0};
     char* end = nullptr;
     const long n = std::strtol(value, &end, 10);
-    const bool ok = end != value && *end == '\0' && n >= 1 && n <= kMaxForcedColumnSplit;
+    const bool ok = end != value && *end == '\0' && n >= 1 && n <= kMaxSplit;
     return ok ? int64_t{n} : int64_t{0};
   }();
   return forced;
 }
 
-// Column parts per (block, M tile). With few blocks (mixtral w13 at 512 tokens: ~100 blocks of
-// 28672 output columns) one CTA per block leaves most SMs idle while each streams a long expand;
-// splitting the columns fills the machine. Each part repeats the shrink (x and A from L2, as
-// the parts of a block run side by side), so split only while short of CTAs, keep a few tiles
-// per part, and keep the repeated shrink (in_dim per part) below the expand it shares out.
-int64_t column_split(const LoraArgs& a, const MmaPlan& plan, int64_t items0, int warps) {
-  if (const int64_t forced = forced_column_split()) return forced;
+// CTAs per (block, M tile). With few blocks (mixtral at 512 tokens: ~100 blocks, w13 with 28672
+// output columns, w2 with a 14336-long K) one CTA per block leaves most SMs idle while each
+// streams a long shrink and expand; a cluster splits both. Split while short of CTAs, keeping
+// a few K chunks and column tiles per part. Clusters exist from sm_90 on.
+int64_t cluster_split(const LoraArgs& a, const MmaPlan& plan, int64_t items0, int warps) {
+  if (detail::compute_capability_major() < 9) return 1;
+  if (const int64_t forced = forced_split()) return forced;
   const int64_t ctas_wanted = int64_t{kWarpsPerSm} * detail::sm_count() / warps;
   if (items0 >= ctas_wanted) return 1;
-  int64_t widest_tiles = 0, total_out = 0;
+  int64_t widest_tiles = 0;
   for (int i = 0; i < a.num_slices; ++i) {
     if (plan.rp[i] == 0) continue;  // no slot has rank: expands nothing
     widest_tiles = std::max(widest_tiles, (a.slices[i].out_dim + kChunk - 1) / kChunk);
-    total_out += a.slices[i].out_dim;
   }
-  int64_t csplit = std::clamp<int64_t>((ctas_wanted + items0 - 1) / items0, 1, kMaxColumnSplit);
-  csplit = std::min(csplit, widest_tiles / kMinTilesPerPart);
-  csplit = std::min(csplit, total_out / std::max<int64_t>(1, a.in_dim));
-  return std::max<int64_t>(csplit, 1);
+  const int64_t chunks = (a.in_dim + kChunk - 1) / kChunk;
+  const int64_t split = std::clamp<int64_t>((ctas_wanted + items0 - 1) / items0, 1, kMaxSplit);
+  return std::max<int64_t>(1, std::min(split, std::min(widest_tiles, chunks) / kMinTilesPerPart));
 }
 
 template <typename T, int N>
@@ -518,9 +547,11 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStre
   const int warps = static_cast<int>(std::clamp<int64_t>((a.block_m + 15) / 16, 1, kMaxWarps));
   const int rows = 16 * warps;
   const int64_t mtiles = (a.block_m + rows - 1) / rows;
-  const int64_t csplit = column_split(a, plan, max_blocks * mtiles, warps);
+  const int64_t csplit = cluster_split(a, plan, max_blocks * mtiles, warps);
   const int64_t items = max_blocks * mtiles * csplit;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(items, int64_t{1} << 30));
+  // A multiple of csplit, so that a cluster's CTAs walk the same items grid-stride.
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>(items, (int64_t{1} << 30) / csplit * csplit));
   const size_t smem = size_t{kStages} * (rows + N) * kRowBytes;
   // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
   // static shared memory (~2.6 KB of row tables), so 48 KB of stages (N = 64, 64 rows) already
@@ -528,8 +559,21 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStre
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_mma_kernel<T, N>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
-  lora_mma_kernel<T, N><<<grid, 32 * warps, smem, stream>>>(
-      a, plan, items, static_cast<int32_t>(mtiles), static_cast<int32_t>(csplit));
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(32 * warps);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(csplit);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = csplit > 1 ? 1 : 0;  // no cluster attribute before sm_90
+  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_mma_kernel<T, N>, a, plan, items,
+                                        static_cast<int32_t>(mtiles),
+                                        static_cast<int32_t>(csplit)));
   detail::check_launch("fused_moe_lora mma");
 }
 

@@ -25,8 +25,8 @@ pytest_stage() {
 }
 pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_decode_graphs.py \
   test_engine_bf16.py
-# the tensor-core family forced, with its expand columns split over 3 CTAs per block
-MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
+# the tensor-core family forced, each block shared by a cluster of 3 CTAs (K and columns split)
+MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
   -k "fused_moe_lora or dense_lora" test_gpu_ops.py
 
 B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v2"
@@ -69,8 +69,8 @@ if [ "${SANITIZE:-1}" != 1 ]; then
   echo "compute-sanitizer skipped (SANITIZE=0)"
 elif command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
-    MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_lora_forms.py -k "7-888 or 133-111"
-    MOELORA_LORA_KERNEL=mma MOELORA_MMA_COLUMN_SPLIT=2 sanitize $tool test_gpu_ops.py \
+    MOELORA_MMA_SPLIT=2 sanitize $tool test_gpu_lora_forms.py -k "7-888 or 133-111"
+    MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=2 sanitize $tool test_gpu_ops.py \
       -k "fused_moe_lora_matches and 133-888"
   done
 else
