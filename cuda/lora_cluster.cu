@@ -508,9 +508,9 @@ void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cud
   const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(layout.bytes)));
-  // Up to two waves of clusters; more items are walked grid-stride by the same clusters.
+  // One wave of clusters; more items are walked grid-stride by the same clusters.
   const int64_t per_item = int64_t{shape.cluster_size} * shape.column_groups;
-  const int64_t max_clusters = std::max<int64_t>(1, 2 * shape.resident_ctas / per_item);
+  const int64_t max_clusters = std::max<int64_t>(1, shape.resident_ctas / per_item);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(shape.cluster_size),
                         static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})),
@@ -550,19 +550,19 @@ void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
   }
 }
 
-// C: about one wave of CTAs (rounded up), each keeping >= 256 input elements. G: column groups
-// while CTAs keep >= a warp of column vectors each, again about one wave: with few items the
-// B^T rows then spread over many SMs and fly in one trip (mixtral at 1 token: 2 pairs x 8 CTAs
-// x 16 groups); more waves would each cost a whole extra chain of DRAM trips.
+// C: at most one wave of CTAs, each keeping >= 256 input elements. G: column groups while CTAs
+// keep >= a warp of column vectors each, within the wave: with few items the B^T rows then
+// spread over many SMs and fly in one trip (mixtral at 1 token: 2 pairs x 8 CTAs x 16 groups);
+// a second wave would cost a whole extra chain of DRAM trips.
 ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_bytes,
                           int elem_bytes) {
   const int64_t sms = detail::sm_count();
   // clusters exist from sm_90 on
   const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
   const int64_t resident = kMinBlocksPerSm * sms;
-  // Rounded up: a partial second wave beats idle SMs (mixtral at 128 tokens: 256 pairs, C = 2
-  // measured 156 us in v2 against 192 us with C = 1).
-  const int64_t wanted = (resident + num_items - 1) / num_items;
+  // Rounded down: a partial second wave cost more than idle SMs (H200, v3 notes: mixtral at 128
+  // tokens 230 us with C = 2 against 192 with C = 1; gpt-oss at 8 tokens 36 against 28 us).
+  const int64_t wanted = std::max<int64_t>(1, resident / num_items);
   const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
   ClusterShape shape{};
   shape.cluster_size =
@@ -574,8 +574,7 @@ ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_
   const int64_t out_vecs = width * elem_bytes / vec_bytes;
   const int64_t per_cluster = int64_t{kMinVectorsPerCta} * shape.cluster_size;
   const int64_t groups = out_vecs / per_cluster;
-  const int64_t per_item = num_items * shape.cluster_size;
-  const int64_t by_wave = (resident + per_item - 1) / per_item;
+  const int64_t by_wave = std::max<int64_t>(1, resident / (num_items * shape.cluster_size));
   shape.column_groups = static_cast<int>(
       std::clamp<int64_t>(std::min(groups, by_wave), 1, kMaxColumnGroups));
   shape.resident_ctas = resident;

@@ -110,12 +110,15 @@ def fused_moe_lora(
 
 
 # Up to this many (token, k) pairs per step the unsorted form (no alignment launch; one cluster
-# per pair, weights shared by a few pairs come from L2) beats grouping: on the H200 it won at
-# every measured decode shape up to 1024 pairs (bench/NOTES.md, v2)...
+# per pair, weights shared by a few pairs come from L2) can beat grouping...
 UNSORTED_MAX_PAIRS = 1024
-# ...unless the pairs crowd few experts (mixtral's 8 at 512 tokens: 128 pairs per expert), where
-# tensor-core tiles over grouped rows read each adapter row once per block instead of per pair.
-UNSORTED_MAX_PAIRS_PER_EXPERT = 64
+# ...while an (adapter, expert) group holds fewer than this many pairs on average: grouping reads
+# a group's adapter rows once instead of once per pair. H200, bench/NOTES.md v3: gpt-oss at 128
+# tokens, 4 adapters (4 pairs a group) grouped 103 us vs unsorted 146; 16 adapters (1 a group)
+# grouped 196 vs 155; qwen3 at 128 tokens, 4 adapters (2 a group) 97 vs 130.
+GROUPED_MIN_PAIRS_PER_GROUP = 2
+# ...and fewer than this many pairs per expert (mixtral's 8 experts at 512 tokens: 128).
+GROUPED_MIN_PAIRS_PER_EXPERT = 16
 
 
 # Dense sites (attention projections): every token of an adapter shares one matrix, so the
@@ -124,13 +127,21 @@ UNSORTED_MAX_PAIRS_PER_EXPERT = 64
 UNSORTED_MAX_DENSE_ROWS = 64
 
 
-def prefer_unsorted(num_pairs: int, dense: bool = False, num_experts: int | None = None) -> bool:
+def prefer_unsorted(num_pairs: int, dense: bool = False, num_experts: int | None = None,
+                    num_adapters: int | None = None) -> bool:
     """Whether fused_moe_lora_unsorted is the faster form for a step of num_pairs (token,
-    expert) pairs over num_experts experts, or of num_pairs rows of a dense site."""
+    expert) pairs over num_experts experts and num_adapters distinct adapters (None: unknown),
+    or of num_pairs rows of a dense site."""
     if dense:
         return num_pairs <= UNSORTED_MAX_DENSE_ROWS
-    crowded = num_experts is not None and num_pairs >= UNSORTED_MAX_PAIRS_PER_EXPERT * num_experts
-    return num_pairs <= UNSORTED_MAX_PAIRS and not crowded
+    if num_pairs > UNSORTED_MAX_PAIRS:
+        return False
+    if num_experts:
+        if num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * num_experts:
+            return False
+        if num_adapters and num_pairs >= GROUPED_MIN_PAIRS_PER_GROUP * num_experts * num_adapters:
+            return False
+    return True
 
 
 def fused_moe_lora_unsorted(

@@ -233,7 +233,9 @@ def run_preset(preset, args, out_file):
             groups_per_pair = tokens * top_k / max(1, len(set(token_slot.tolist())) * experts)
             block_m = 16 if groups_per_pair < 4 else 64
 
-            forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts)
+            used = len({s for s in token_slot.tolist() if s >= 0})
+            forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts,
+                                                                num_adapters=used)
                               else "grouped"],
                      "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
             timed = {}

@@ -30,12 +30,13 @@ class ModelRunner:
         page_rows: list[list[list[int]]] = []  # per sequence: its pages [block][layer], padded
         max_blocks = max(1, max(len(seq.block_pages) for seq in batch.seqs))
         no_block = [0] * self.num_layers
-        any_adapter = False
+        slots_used: set[int] = set()
         for index, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             tokens = seq.token_ids(start, start + num_new)
             slot = slot_of.get(seq.seq_id, -1) if seq.adapter_id is not None else -1
-            any_adapter |= slot >= 0
+            if slot >= 0:
+                slots_used.add(slot)
             input_ids.extend(tokens)
             positions.extend(range(start, start + num_new))
             query_seq.extend([index] * num_new)
@@ -62,7 +63,8 @@ class ModelRunner:
             block_tables=block_tables.contiguous().to(dev, non_blocking=True),
             slot_mapping=slot_mapping.t().contiguous().to(dev, non_blocking=True),
             token_slot=(torch.tensor(token_slot, dtype=torch.int32).to(dev, non_blocking=True)
-                        if any_adapter else None),
+                        if slots_used else None),
+            num_adapters=len(slots_used),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, meta, sample_rows

@@ -22,6 +22,7 @@ class StepMetadata:
     block_tables: torch.Tensor  # int32 [L, S, max_blocks]
     slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset
     token_slot: torch.Tensor | None  # int32 [T] adapter slot, -1 = base; None if no adapters
+    num_adapters: int | None = None  # distinct adapters among the step's tokens (None: unknown)
 
 
 class PagedContext:
@@ -67,7 +68,8 @@ class PagedContext:
                        [self.lora_views.view(site, layer)], [0])
 
     def _unsorted(self, topk_ids) -> bool:
-        return ops.prefer_unsorted(topk_ids.numel(), num_experts=self.lora_views.num_experts)
+        return ops.prefer_unsorted(topk_ids.numel(), num_experts=self.lora_views.num_experts,
+                                   num_adapters=self.meta.num_adapters)
 
     def _ids32(self, topk_ids):
         """int32 contiguous routing, converted once per layer (w13 and w2 share it)."""
