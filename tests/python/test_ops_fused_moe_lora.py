@@ -240,7 +240,7 @@ def test_prefer_unsorted_follows_the_measured_crossovers():
     # (bench/NOTES.md v3, H200) decode: one cluster per pair wins while groups hold ~1 pair
     assert ops.prefer_unsorted(4, num_experts=32, num_adapters=4)  # gpt-oss, 1 token
     assert ops.prefer_unsorted(512, num_experts=32, num_adapters=16)  # gpt-oss, 128 tokens
-    # grouping wins once a group holds 2+ pairs, or an expert 16+
+    # grouping wins once a group holds 2+ pairs, or an expert 64+
     assert not ops.prefer_unsorted(512, num_experts=32, num_adapters=4)
     assert not ops.prefer_unsorted(1024, num_experts=8)  # mixtral, 512 tokens
     assert not ops.prefer_unsorted(1025)
