@@ -2,16 +2,23 @@
 //   A page holds K as [block_tokens][num_kv_heads][head_dim] followed by V in the same layout;
 //   cache slot s lives in page s / block_tokens at offset s % block_tokens.
 // kv_cache_write: one CTA per token copies its K and V rows (all kv heads) into the page.
-// paged_attention: one CTA of 4 warps per (query token, query head). Keys of the token's window
-//   [max(0, pos - window + 1), min(pos, seq_len - 1)] are dealt round-robin to the warps; a warp
-//   computes <q, K_j> with lanes over head_dim (q held in registers, up to 8 elements a lane, so
-//   head_dim <= 256), keeps an online softmax (running max m, sum l, fp32 accumulator of V), and
-//   the 4 partial states are merged in shared memory with the sink logit (GPT-OSS) added to the
-//   denominator only. GQA: kv head = head / (num_heads / num_kv_heads). A query that sees no key
-//   writes zeros (the CPU reference's rule). Memory-bound on K/V reads at decode; correctness
-//   first: no split-KV yet, so one long sequence runs on num_heads CTAs.
+// paged_attention: a cluster of S CTAs (split-KV, S <= 8) of 4 warps per (query token, query
+//   head). The keys of the token's window [max(0, pos - window + 1), min(pos, seq_len - 1)] are
+//   cut in S contiguous ranges, one per CTA, and dealt round-robin to its warps; a warp computes
+//   <q, K_j> with lanes over head_dim (q held in registers, up to 8 elements a lane, so
+//   head_dim <= 256) and keeps an online softmax (running max m, sum l, fp32 accumulator of V).
+//   The 4 warp states merge in shared memory into the CTA's; CTA 0 of the cluster merges the S
+//   CTA states through distributed shared memory (fixed order: repeated runs are identical) with
+//   the sink logit (GPT-OSS) added to the denominator only. GQA: kv head = head / (num_heads /
+//   num_kv_heads). A query that sees no key writes zeros (the CPU reference's rule).
+//   Why split-KV: at decode a few long sequences give only tokens x heads CTAs (one sequence of a
+//   32-head model: 32 CTAs on 132 SMs), each streaming the whole context; S is chosen on the
+//   host to fill ~2 waves, bounded by the block table's width (>= 256 keys per split).
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
+#include "cluster.cuh"
 #include "common.cuh"
 #include "kernels/dispatch.h"
 
@@ -21,6 +28,8 @@ namespace {
 
 constexpr int kAttnWarps = 4;
 constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
+constexpr int kMaxSplits = 8;       // the portable cluster size
+constexpr int64_t kMinKeysPerSplit = 256;
 
 struct KvLayout {
   std::byte* arena;
@@ -82,7 +91,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   __shared__ float warp_max[kAttnWarps];
   __shared__ float warp_sum_exp[kAttnWarps];
   __shared__ float warp_acc[kAttnWarps][kMaxDimsPerLane * 32];
-  const int64_t t = blockIdx.x;
+  // This CTA's merged state, read by CTA 0 of the cluster: m, l, then acc[head_dim].
+  __shared__ float cta_state[2 + kMaxDimsPerLane * 32];
+  const Cluster cluster;
+  const int splits = cluster.size();
+  const int split = cluster.rank();
+  const int64_t t = blockIdx.x / splits;
   const int h = blockIdx.y;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -99,6 +113,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
     first = a.sliding_window > 0 ? detail::max64(0, pos - a.sliding_window + 1) : 0;
   }
   const int64_t num_keys = detail::max64(0, last - first + 1);
+  // This CTA's contiguous share of the keys.
+  const int64_t share = (num_keys + splits - 1) / splits;
+  const int64_t my_first = first + share * split;
+  const int64_t my_last = detail::min64(last, my_first + share - 1);
 
   const T* q_src = static_cast<const T*>(a.query) + t * a.query_s0 + h * a.query_s1;
   float q[kMaxDimsPerLane];
@@ -113,7 +131,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   for (int i = 0; i < kMaxDimsPerLane; ++i) acc[i] = 0.0f;
 
   const int32_t* pages = a.block_table + (seq >= 0 && seq < a.num_seqs ? seq : 0) * a.bt_s0;
-  for (int64_t j = first + warp; j <= last; j += kAttnWarps) {
+  for (int64_t j = my_first + warp; j <= my_last; j += kAttnWarps) {
     const int64_t page = pages[(j / a.kv.block_tokens) * a.bt_s1];
     if (page < 0) continue;  // a hole in the block table: nothing cached there
     const int64_t in_page = j % a.kv.block_tokens;
@@ -146,25 +164,75 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   for (int i = 0; i < kMaxDimsPerLane; ++i) warp_acc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
 
-  const float sink = a.sinks != nullptr ? a.sinks[h * a.sinks_stride] : -INFINITY;
-  float big = sink;
+  // The CTA's state: the warps' states rescaled to the CTA maximum.
+  float cta_max = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < kAttnWarps; ++w) big = fmaxf(big, warp_max[w]);
-  float denominator = a.sinks != nullptr ? __expf(sink - big) : 0.0f;
+  for (int w = 0; w < kAttnWarps; ++w) cta_max = fmaxf(cta_max, warp_max[w]);
   float factor[kAttnWarps];
+  float cta_sum = 0.0f;
 #pragma unroll
   for (int w = 0; w < kAttnWarps; ++w) {
-    factor[w] = warp_max[w] == -INFINITY ? 0.0f : __expf(warp_max[w] - big);
-    denominator += warp_sum_exp[w] * factor[w];
+    factor[w] = warp_max[w] == -INFINITY ? 0.0f : __expf(warp_max[w] - cta_max);
+    cta_sum += warp_sum_exp[w] * factor[w];
   }
-  const float inv = num_keys > 0 && denominator > 0.0f ? 1.0f / denominator : 0.0f;
-  T* o = static_cast<T*>(a.out) + t * a.out_s0 + h * a.out_s1;
+  if (threadIdx.x == 0) {
+    cta_state[0] = cta_max;
+    cta_state[1] = cta_sum;
+  }
   for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) sum += warp_acc[w][d] * factor[w];
-    o[d] = detail::from_f32<T>(sum * inv);
+    cta_state[2 + d] = sum;
   }
+  cluster.sync();  // every CTA state is written (a CTA barrier without a cluster)
+
+  if (split == 0) {  // merge the S states with the sink, in rank order
+    const float sink = a.sinks != nullptr ? a.sinks[h * a.sinks_stride] : -INFINITY;
+    float big = sink;
+    for (int r = 0; r < splits; ++r) big = fmaxf(big, cluster.peer(cta_state, r)[0]);
+    float denominator = a.sinks != nullptr ? __expf(sink - big) : 0.0f;
+    for (int r = 0; r < splits; ++r) {
+      const float* state = cluster.peer(cta_state, r);
+      denominator += state[0] == -INFINITY ? 0.0f : state[1] * __expf(state[0] - big);
+    }
+    const float inv = num_keys > 0 && denominator > 0.0f ? 1.0f / denominator : 0.0f;
+    T* o = static_cast<T*>(a.out) + t * a.out_s0 + h * a.out_s1;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+      float sum = 0.0f;
+      for (int r = 0; r < splits; ++r) {
+        const float* state = cluster.peer(cta_state, r);
+        sum += state[0] == -INFINITY ? 0.0f : state[2 + d] * __expf(state[0] - big);
+      }
+      o[d] = detail::from_f32<T>(sum * inv);
+    }
+  }
+  cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
+}
+
+// MOELORA_ATTN_SPLITS=<n in 1..8> forces the split-KV factor (tests reach it on short
+// contexts); unset or invalid: the heuristic. Read once.
+int forced_splits() {
+  static const int forced = [] {
+    const char* value = std::getenv("MOELORA_ATTN_SPLITS");
+    if (value == nullptr) return 0;
+    char* end = nullptr;
+    const long n = std::strtol(value, &end, 10);
+    return end != value && *end == '\0' && n >= 1 && n <= kMaxSplits ? static_cast<int>(n) : 0;
+  }();
+  return forced;
+}
+
+// Splits per (token, head): ~2 waves of CTAs, >= kMinKeysPerSplit keys each at the longest
+// context the block table allows (the lengths themselves live on the device). Clusters exist
+// from sm_90 on.
+int choose_splits(int64_t num_tokens, int64_t num_heads, int64_t max_context) {
+  if (detail::compute_capability_major() < 9) return 1;
+  if (const int forced = forced_splits()) return forced;
+  const int64_t ctas = num_tokens * num_heads;
+  const int64_t wanted = (2 * int64_t{detail::sm_count()} + ctas - 1) / ctas;
+  const int64_t by_keys = std::max<int64_t>(1, max_context / kMinKeysPerSplit);
+  return static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
 }
 
 KvLayout make_layout(const KvCacheView& cache) {
@@ -233,9 +301,22 @@ void paged_attention(const TensorRef& out, const TensorRef& query, const TensorR
   a.sliding_window = sliding_window;
   a.num_heads = static_cast<int32_t>(query.shape[1]);
   a.kv = make_layout(cache);
-  const dim3 grid(static_cast<unsigned>(num_tokens), static_cast<unsigned>(a.num_heads));
+  const int splits = choose_splits(num_tokens, a.num_heads,
+                                   a.max_blocks_per_seq * int64_t{cache.block_tokens});
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(num_tokens * splits),
+                        static_cast<unsigned>(a.num_heads));
+  config.blockDim = dim3(kAttnWarps * 32);
+  config.stream = detail::as_stream(stream);
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(splits);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = splits > 1 ? 1 : 0;  // no cluster attribute before sm_90
   MOELORA_DISPATCH_FLOAT(cache.dtype, T, {
-    paged_attention_kernel<T><<<grid, kAttnWarps * 32, 0, detail::as_stream(stream)>>>(a);
+    MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, paged_attention_kernel<T>, a));
   });
   detail::check_launch("paged_attention");
 }

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
         kernels_main(argv[2:])
         return 0
+    if argv[:2] == ["bench", "attention"]:  # likewise
+        from moelora.bench.attention import main as attention_main
+
+        return attention_main(argv[2:])
     parser = argparse.ArgumentParser(prog="moelora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -123,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         "scale", help="throughput as adapters grow past the GPU's slots (8 to 512 by default)")
     add_bench_scale_args(bench_scale)
     bench_scale.set_defaults(func=_bench_scale)
-    # `moelora bench kernels ...` is dispatched above to moelora.bench.kernels' own parser.
+    # `moelora bench kernels|attention ...` are dispatched above to their modules' own parsers.
     bench_sub.add_parser("kernels", help="time the MoE-LoRA kernels on the BENCHMARKS.md grid "
                                          "(GPU; see `moelora bench kernels --help`)")
+    bench_sub.add_parser("attention", help="time paged decode attention over long contexts "
+                                           "(GPU; see `moelora bench attention --help`)")
 
     config = sub.add_parser("config", help="build information")
     config.add_argument("--cmake-prefix", action="store_true",

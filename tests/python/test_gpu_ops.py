@@ -289,10 +289,27 @@ ATTN_TOLERANCE = {
     [(1, 64, 0, False), (8, 64, 0, True), (4, 128, 100, False), (1, 36, 7, True)],
 )
 def test_gpu_kv_cache_and_paged_attention(dtype, gqa, head_dim, window, use_sinks):
+    # decode tokens and chunked-prefill chunks (several trailing positions of one sequence)
+    check_paged_attention(dtype, gqa, head_dim, window, use_sinks, [1, 37, 16, 300, 1100],
+                          [1, 9, 1, 20, 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window,use_sinks", [(0, False), (0, True), (3000, True)])
+def test_gpu_paged_attention_splits_long_contexts(dtype, window, use_sinks):
+    # few (token, head) pairs over long contexts: the kernel splits the keys over a cluster
+    # (split-KV); repeated runs must stay bit-identical (fixed merge order)
+    first = check_paged_attention(dtype, 1, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
+    again = check_paged_attention(dtype, 1, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
+    assert torch.equal(first, again)
+
+
+def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chunks):
+    """kv_cache_write + paged_attention on the GPU against the CPU op and the float64
+    reference; the last `chunks[s]` positions of sequence s are queried. Returns the output."""
     gen = torch.Generator().manual_seed(head_dim + gqa + window)
     num_kv_heads = 2
     num_heads = num_kv_heads * gqa
-    seq_lens = [1, 37, 16, 300, 1100]
     max_blocks = max(-(-n // BLOCK_TOKENS) for n in seq_lens) + 1
     num_pages = sum(-(-n // BLOCK_TOKENS) for n in seq_lens) + 5
     page_bytes = ops.kv_page_bytes_needed(BLOCK_TOKENS, num_kv_heads, head_dim, dtype) + 256
@@ -322,11 +339,9 @@ def test_gpu_kv_cache_and_paged_attention(dtype, gqa, head_dim, window, use_sink
         arenas[dev] = (arena, cache)
     assert torch.equal(arenas["cuda"][0].cpu(), arenas["cpu"][0]), "kv_cache_write bytes differ"
 
-    # Decode tokens and chunked-prefill chunks (several trailing positions of one sequence).
     query_seq, query_pos = [], []
     for s, n in enumerate(seq_lens):
-        chunk = {0: 1, 1: 9, 2: 1, 3: 20, 4: 3}[s]
-        for pos in range(n - chunk, n):
+        for pos in range(n - chunks[s], n):
             query_seq.append(s)
             query_pos.append(pos)
     query_seq = torch.tensor(query_seq, dtype=torch.int32)
@@ -355,6 +370,7 @@ def test_gpu_kv_cache_and_paged_attention(dtype, gqa, head_dim, window, use_sink
     rtol, atol = ATTN_TOLERANCE[dtype]
     torch.testing.assert_close(got.double(), expected.to(dtype).double(), rtol=rtol, atol=atol)
     torch.testing.assert_close(got.double(), outs["cpu"][:, :, :head_dim].double(), rtol=rtol, atol=atol)
+    return got
 
 
 # ---- tensor-core (mma) path: prefill-shaped groups ------------------------------------------------
