@@ -1,10 +1,12 @@
 """The end-to-end benchmarks run and report what BENCHMARKS.md asks (tiny synthetic model, CPU):
-`moelora bench offline` (with vs without adapters, TP via gloo) and `moelora bench scale`."""
+`moelora bench offline` (with vs without adapters, TP via gloo) and `moelora bench scale`; the
+GPU-only `moelora bench attention` refuses a CPU machine with a clear message."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from moelora.cli import main
 
 
@@ -37,3 +39,11 @@ def test_bench_scale_runs_every_count_with_few_slots(tmp_path, capsys):
     assert more["device_evictions"] > 0
     assert record["by_count"][0]["relative_to_fewest"] == 1.0
     assert "vs fewest" in capsys.readouterr().out
+
+
+def test_bench_attention_needs_a_gpu_and_says_so(monkeypatch):
+    from moelora.bench import attention
+
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main(["bench", "attention", "--context-lens", "64", "--batches", "1"])
