@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelora.distributed.config import ParallelConfig, model_config_of
-from moelora.distributed.mirror import OpLog, RecordingCache, RecordingPool, Replayer
 from moelora.distributed.loading import load_shard
+from moelora.distributed.mirror import OpLog, RecordingCache, RecordingPool, Replayer
 from moelora.distributed.shard import shard_model, shard_plan
 from moelora.engine.model_runner import ModelRunner
 from moelora.engine.paged_context import PagedContext, StepMetadata
@@ -176,9 +176,7 @@ class ParallelModelRunner(ModelRunner):
     @torch.inference_mode()
     def forward(self, input_ids, meta: StepMetadata, sample_rows):
         dev = self.device
-        meta = StepMetadata(**{f.name: (None if getattr(meta, f.name) is None
-                                        else getattr(meta, f.name).to(dev))
-                               for f in dataclasses.fields(meta)})
+        meta = meta.to(dev)
         hidden = self.model(input_ids.to(dev), meta.positions,
                             PagedContext(meta, self.kv_view, self.lora_views))
         if sample_rows is None:

@@ -7,6 +7,7 @@ step; the MoE grouping once per layer (w13 and w2 of a layer share the same rout
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,12 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset
     token_slot: torch.Tensor | None  # int32 [T] adapter slot, -1 = base; None if no adapters
     num_adapters: int | None = None  # distinct adapters among the step's tokens (None: unknown)
+
+    def to(self, device) -> StepMetadata:
+        """The same metadata with every tensor on `device` (other fields as they are)."""
+        return dataclasses.replace(self, **{
+            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 class PagedContext:
