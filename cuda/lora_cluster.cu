@@ -511,21 +511,11 @@ void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cud
   // One wave of clusters; more items are walked grid-stride by the same clusters.
   const int64_t per_item = int64_t{shape.cluster_size} * shape.column_groups;
   const int64_t max_clusters = std::max<int64_t>(1, shape.resident_ctas / per_item);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(shape.cluster_size),
-                        static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})),
-                        static_cast<unsigned>(shape.column_groups));
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = static_cast<size_t>(layout.bytes);
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(shape.cluster_size);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = shape.cluster_size > 1 ? 1 : 0;  // no cluster attribute before sm_90
-  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, a, num_items, shape.piece));
+  const dim3 grid(static_cast<unsigned>(shape.cluster_size),
+                  static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})),
+                  static_cast<unsigned>(shape.column_groups));
+  launch_in_clusters(kernel, grid, dim3(kThreads), static_cast<size_t>(layout.bytes), stream,
+                     shape.cluster_size, a, num_items, shape.piece);
   detail::check_launch("fused_moe_lora cluster");
 }
 

@@ -559,21 +559,9 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStre
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_mma_kernel<T, N>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(32 * warps);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(csplit);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = csplit > 1 ? 1 : 0;  // no cluster attribute before sm_90
-  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, lora_mma_kernel<T, N>, a, plan, items,
-                                        static_cast<int32_t>(mtiles),
-                                        static_cast<int32_t>(csplit)));
+  launch_in_clusters(lora_mma_kernel<T, N>, dim3(grid), dim3(32 * warps), smem, stream,
+                     static_cast<int>(csplit), a, plan, items, static_cast<int32_t>(mtiles),
+                     static_cast<int32_t>(csplit));
   detail::check_launch("fused_moe_lora mma");
 }
 

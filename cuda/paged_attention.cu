@@ -17,34 +17,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 
 #include "cluster.cuh"
 #include "common.cuh"
+#include "paged_attention.cuh"
 #include "kernels/dispatch.h"
 
 namespace moelora::cuda {
 
 namespace {
 
-constexpr int kAttnWarps = 4;
 constexpr int kMaxDimsPerLane = 8;  // head_dim <= 256
-constexpr int kMaxSplits = 8;       // the portable cluster size
-constexpr int64_t kMinKeysPerSplit = 256;
-
-struct KvLayout {
-  std::byte* arena;
-  int64_t page_bytes;
-  int32_t block_tokens, num_kv_heads, head_dim;
-  int64_t half_page_elems;  // elements of the K part of a page
-};
-
-template <typename T>
-__device__ __forceinline__ T* kv_row(const KvLayout& kv, int64_t page, int64_t in_page,
-                                     int64_t kv_head, bool is_value) {
-  const int64_t elems = (in_page * kv.num_kv_heads + kv_head) * kv.head_dim +
-                        (is_value ? kv.half_page_elems : 0);
-  return reinterpret_cast<T*>(kv.arena + page * kv.page_bytes) + elems;
-}
 
 template <typename T>
 __global__ void kv_cache_write_kernel(const T* key, int64_t key_s0, int64_t key_s1,
@@ -65,27 +49,6 @@ __global__ void kv_cache_write_kernel(const T* key, int64_t key_s0, int64_t key_
   }
 }
 
-struct AttnArgs {
-  void* out;  // [T, H, D] strides out_s0, out_s1
-  int64_t out_s0, out_s1;
-  const void* query;  // [T, H, D]
-  int64_t query_s0, query_s1;
-  const int32_t* query_seq;  // [T]
-  int64_t query_seq_stride;
-  const int32_t* query_pos;  // [T]
-  int64_t query_pos_stride;
-  const int32_t* block_table;  // [num_seqs, max_blocks_per_seq]
-  int64_t bt_s0, bt_s1, max_blocks_per_seq;
-  const int32_t* seq_lens;  // [num_seqs]
-  int64_t seq_lens_stride, num_seqs;
-  const float* sinks;  // [H] or null
-  int64_t sinks_stride;
-  float scale;
-  int32_t sliding_window;
-  int32_t num_heads;
-  KvLayout kv;
-};
-
 template <typename T>
 __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const AttnArgs a) {
   __shared__ float warp_max[kAttnWarps];
@@ -103,20 +66,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   const int head_dim = a.kv.head_dim;
   const int kv_head = h / (a.num_heads / a.kv.num_kv_heads);
 
-  const int64_t seq = a.query_seq[t * a.query_seq_stride];
-  const int64_t pos = a.query_pos[t * a.query_pos_stride];
-  int64_t first = 0, last = -1;
-  if (seq >= 0 && seq < a.num_seqs && pos >= 0) {
-    const int64_t seq_len =
-        detail::min64(a.seq_lens[seq * a.seq_lens_stride], a.max_blocks_per_seq * a.kv.block_tokens);
-    last = min(pos, seq_len - 1);
-    first = a.sliding_window > 0 ? detail::max64(0, pos - a.sliding_window + 1) : 0;
-  }
-  const int64_t num_keys = detail::max64(0, last - first + 1);
-  // This CTA's contiguous share of the keys.
-  const int64_t share = (num_keys + splits - 1) / splits;
-  const int64_t my_first = first + share * split;
-  const int64_t my_last = detail::min64(last, my_first + share - 1);
+  const KeyRange keys = key_range(a, t, split, splits);
+  const int64_t seq = keys.seq, num_keys = keys.num_keys;
+  const int64_t my_first = keys.my_first, my_last = keys.my_last;
 
   const T* q_src = static_cast<const T*>(a.query) + t * a.query_s0 + h * a.query_s1;
   float q[kMaxDimsPerLane];
@@ -210,29 +162,15 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
 }
 
-// MOELORA_ATTN_SPLITS=<n in 1..8> forces the split-KV factor (tests reach it on short
-// contexts); unset or invalid: the heuristic. Read once.
-int forced_splits() {
-  static const int forced = [] {
-    const char* value = std::getenv("MOELORA_ATTN_SPLITS");
-    if (value == nullptr) return 0;
-    char* end = nullptr;
-    const long n = std::strtol(value, &end, 10);
-    return end != value && *end == '\0' && n >= 1 && n <= kMaxSplits ? static_cast<int>(n) : 0;
-  }();
-  return forced;
-}
-
-// Splits per (token, head): ~2 waves of CTAs, >= kMinKeysPerSplit keys each at the longest
-// context the block table allows (the lengths themselves live on the device). Clusters exist
-// from sm_90 on.
-int choose_splits(int64_t num_tokens, int64_t num_heads, int64_t max_context) {
-  if (detail::compute_capability_major() < 9) return 1;
-  if (const int forced = forced_splits()) return forced;
-  const int64_t ctas = num_tokens * num_heads;
-  const int64_t wanted = (2 * int64_t{detail::sm_count()} + ctas - 1) / ctas;
-  const int64_t by_keys = std::max<int64_t>(1, max_context / kMinKeysPerSplit);
-  return static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
+// MOELORA_ATTN_KERNEL=gqa takes the GQA kernel (paged_attention_gqa.cu) where it qualifies;
+// unset, "auto" or "per_head": this file's kernel, the measured default until the GQA one has
+// been measured (bench/NOTES.md). Read per call (~100 ns) so tests can switch.
+bool use_gqa_kernel() {
+  const char* value = std::getenv("MOELORA_ATTN_KERNEL");
+  const std::string name = value != nullptr ? value : "auto";
+  if (name == "gqa") return true;
+  if (name == "auto" || name == "per_head" || name.empty()) return false;
+  throw InvalidArgument("MOELORA_ATTN_KERNEL must be auto, per_head or gqa, got '" + name + "'");
 }
 
 KvLayout make_layout(const KvCacheView& cache) {
@@ -247,6 +185,33 @@ KvLayout make_layout(const KvCacheView& cache) {
 }
 
 }  // namespace
+
+namespace {
+
+// MOELORA_ATTN_SPLITS=<n in 1..8> forces the split-KV factor (tests reach it on short
+// contexts); unset or invalid: the heuristic. Read once.
+int forced_splits() {
+  static const int forced = [] {
+    const char* value = std::getenv("MOELORA_ATTN_SPLITS");
+    if (value == nullptr) return 0;
+    char* end = nullptr;
+    const long n = std::strtol(value, &end, 10);
+    return end != value && *end == '\0' && n >= 1 && n <= kMaxSplits ? static_cast<int>(n) : 0;
+  }();
+  return forced;
+}
+
+}  // namespace
+
+// max_context is the block table's width in keys: the lengths themselves live on the device.
+int attention_splits(int64_t ctas, int64_t max_context) {
+  if (detail::compute_capability_major() < 9) return 1;
+  if (const int forced = forced_splits()) return forced;
+  const int64_t wanted = (2 * int64_t{detail::sm_count()} + ctas - 1) / ctas;
+  const int64_t by_keys = std::max<int64_t>(1, max_context / kMinKeysPerSplit);
+  return static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
+}
+
 
 void kv_cache_write(const TensorRef& key, const TensorRef& value, const TensorRef& slot_mapping,
                     const KvCacheView& cache, void* stream) {
@@ -301,22 +266,17 @@ void paged_attention(const TensorRef& out, const TensorRef& query, const TensorR
   a.sliding_window = sliding_window;
   a.num_heads = static_cast<int32_t>(query.shape[1]);
   a.kv = make_layout(cache);
-  const int splits = choose_splits(num_tokens, a.num_heads,
-                                   a.max_blocks_per_seq * int64_t{cache.block_tokens});
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(num_tokens * splits),
-                        static_cast<unsigned>(a.num_heads));
-  config.blockDim = dim3(kAttnWarps * 32);
-  config.stream = detail::as_stream(stream);
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(splits);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = splits > 1 ? 1 : 0;  // no cluster attribute before sm_90
+  if (use_gqa_kernel() && launch_paged_attention_gqa(a, cache.dtype, num_tokens,
+                                                    detail::as_stream(stream))) {
+    detail::check_launch("paged_attention gqa");
+    return;
+  }
+  const int splits = attention_splits(num_tokens * a.num_heads,
+                                      a.max_blocks_per_seq * int64_t{cache.block_tokens});
+  const dim3 grid(static_cast<unsigned>(num_tokens * splits), static_cast<unsigned>(a.num_heads));
   MOELORA_DISPATCH_FLOAT(cache.dtype, T, {
-    MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, paged_attention_kernel<T>, a));
+    launch_in_clusters(paged_attention_kernel<T>, grid, dim3(kAttnWarps * 32), 0,
+                       detail::as_stream(stream), splits, a);
   });
   detail::check_launch("paged_attention");
 }

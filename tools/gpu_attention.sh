@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Paged attention on one H200: build, the attention GPU tests with split-KV chosen by the
-# heuristic and forced to 3, the engine GPU tests (they run attention every step), racecheck on
-# a split-KV case, then `moelora bench attention` with split-KV and without (the baseline).
+# Paged attention on one H200: build, the attention GPU tests (both kernels: per-head and GQA)
+# with split-KV chosen by the heuristic and forced to 3, the engine GPU tests (they run
+# attention every step), racecheck on a split-KV case, then `moelora bench attention`: per-head
+# with split-KV, without (the baseline), and the GQA kernel.
 source "$(dirname "$0")/gpu_common.sh"
 
 stage build
@@ -18,18 +19,21 @@ stage racecheck
   test_gpu_ops.py) > "$OUT/racecheck.log" 2>&1
 grep -E "SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3
 stage bench-attention
-for splits in auto 1; do
-  if [ $splits = auto ]; then unset MOELORA_ATTN_SPLITS; else export MOELORA_ATTN_SPLITS=$splits; fi
-  timeout 60 python3 -m moelora.bench.attention --iters 10 --out "$OUT/h200-attention.jsonl" \
-    > /dev/null 2>> "$OUT/tests.log"
-done
+A="timeout 60 python3 -m moelora.bench.attention --iters 10 --out $OUT/h200-attention.jsonl"
+$A > /dev/null 2>> "$OUT/tests.log"
+MOELORA_ATTN_SPLITS=1 $A > /dev/null 2>> "$OUT/tests.log"
+MOELORA_ATTN_KERNEL=gqa $A > /dev/null 2>> "$OUT/tests.log"
 python3 - "$OUT/h200-attention.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-base = {(r["context"], r["batch"]): r["attention_us"] for r in rows if r["splits"] == "1"}
+def pick(splits, kernel):
+    return {(r["context"], r["batch"]): r["attention_us"] for r in rows
+            if r["splits"] == splits and r.get("kernel", "auto") == kernel}
+split, no_split, gqa = pick("auto", "auto"), pick("1", "auto"), pick("auto", "gqa")
 for r in rows:
-    if r["splits"] == "auto":
-        key = (r["context"], r["batch"])
-        print(key, r["attention_us"], "us vs no split", base.get(key), "roofline", r["roofline_us"])
+    key = (r["context"], r["batch"])
+    if r["splits"] == "auto" and r.get("kernel", "auto") == "auto":
+        print(key, "per-head", split[key], "no split", no_split.get(key), "gqa", gqa.get(key),
+              "roofline", r["roofline_us"])
 PY
 stage done

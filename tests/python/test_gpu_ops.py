@@ -288,19 +288,27 @@ ATTN_TOLERANCE = {
     "gqa,head_dim,window,use_sinks",
     [(1, 64, 0, False), (8, 64, 0, True), (4, 128, 100, False), (1, 36, 7, True)],
 )
-def test_gpu_kv_cache_and_paged_attention(dtype, gqa, head_dim, window, use_sinks):
-    # decode tokens and chunked-prefill chunks (several trailing positions of one sequence)
+@pytest.mark.parametrize("kernel", ["per_head", "gqa"])
+def test_gpu_kv_cache_and_paged_attention(monkeypatch, kernel, dtype, gqa, head_dim, window,
+                                          use_sinks):
+    # decode tokens and chunked-prefill chunks (several trailing positions of one sequence);
+    # kernel gqa: paged_attention_gqa.cu where the layout qualifies (head_dim 36 does not: the
+    # call falls back to the per-head kernel)
+    monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
     check_paged_attention(dtype, gqa, head_dim, window, use_sinks, [1, 37, 16, 300, 1100],
                           [1, 9, 1, 20, 3])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window,use_sinks", [(0, False), (0, True), (3000, True)])
-def test_gpu_paged_attention_splits_long_contexts(dtype, window, use_sinks):
+@pytest.mark.parametrize("kernel,gqa", [("per_head", 1), ("gqa", 1), ("gqa", 4)])
+def test_gpu_paged_attention_splits_long_contexts(monkeypatch, kernel, gqa, dtype, window,
+                                                  use_sinks):
     # few (token, head) pairs over long contexts: the kernel splits the keys over a cluster
     # (split-KV); repeated runs must stay bit-identical (fixed merge order)
-    first = check_paged_attention(dtype, 1, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
-    again = check_paged_attention(dtype, 1, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
+    monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
+    first = check_paged_attention(dtype, gqa, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
+    again = check_paged_attention(dtype, gqa, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
     assert torch.equal(first, again)
 
 

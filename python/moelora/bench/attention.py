@@ -6,10 +6,12 @@ default), bf16 KV pages scattered at random in the arena. Prints one JSON line p
 median GPU time of a CUDA-graph replay with L2 flushed before each (attention_us) and the
 roofline: K and V bytes read / 4.2 TB/s (the H200's measured copy rate). The baseline is the
 same command with MOELORA_ATTN_SPLITS=1 (no split-KV: the kernel before it had split-KV; the
-variable is read once per process, hence two runs; the record's `splits` says which).
+variable is read once per process, hence two runs; the record's `splits` says which), and
+MOELORA_ATTN_KERNEL=gqa times the GQA kernel (one CTA per KV head; `kernel` in the record).
 
     python -m moelora.bench.attention --out bench/results/h200-attention.jsonl
     MOELORA_ATTN_SPLITS=1 python -m moelora.bench.attention --out ...
+    MOELORA_ATTN_KERNEL=gqa python -m moelora.bench.attention --out ...
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def _case(context: int, batch: int, args, flush) -> dict:
             "context": context, "batch": batch, "num_heads": args.num_heads,
             "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
             "splits": os.environ.get("MOELORA_ATTN_SPLITS", "auto"),
+            "kernel": os.environ.get("MOELORA_ATTN_KERNEL", "auto"),
             "attention_us": round(us, 2), "roofline_us": round(kv_bytes / HBM_BYTES_PER_US, 2),
             "roofline_fraction": round(kv_bytes / HBM_BYTES_PER_US / us, 3)}
 

@@ -1,0 +1,93 @@
+// What the paged-attention kernels share (paged_attention.cu: one CTA per (token, query head);
+// paged_attention_gqa.cu: one CTA per (token, KV head) serving its query heads): the KV page
+// layout, the kernel arguments, each token's key range and its split-KV share, and the
+// split-KV factor chosen on the host.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "moelora/dtype.h"
+
+namespace moelora::cuda {
+
+constexpr int kAttnWarps = 4;
+constexpr int kMaxSplits = 8;  // the portable cluster size
+constexpr int64_t kMinKeysPerSplit = 256;
+
+// A page holds K as [block_tokens][num_kv_heads][head_dim] followed by V in the same layout.
+struct KvLayout {
+  std::byte* arena;
+  int64_t page_bytes;
+  int32_t block_tokens, num_kv_heads, head_dim;
+  int64_t half_page_elems;  // elements of the K part of a page
+};
+
+template <typename T>
+__device__ __forceinline__ T* kv_row(const KvLayout& kv, int64_t page, int64_t in_page,
+                                     int64_t kv_head, bool is_value) {
+  const int64_t elems = (in_page * kv.num_kv_heads + kv_head) * kv.head_dim +
+                        (is_value ? kv.half_page_elems : 0);
+  return reinterpret_cast<T*>(kv.arena + page * kv.page_bytes) + elems;
+}
+
+struct AttnArgs {
+  void* out;  // [T, H, D] strides out_s0, out_s1
+  int64_t out_s0, out_s1;
+  const void* query;  // [T, H, D]
+  int64_t query_s0, query_s1;
+  const int32_t* query_seq;  // [T]
+  int64_t query_seq_stride;
+  const int32_t* query_pos;  // [T]
+  int64_t query_pos_stride;
+  const int32_t* block_table;  // [num_seqs, max_blocks_per_seq]
+  int64_t bt_s0, bt_s1, max_blocks_per_seq;
+  const int32_t* seq_lens;  // [num_seqs]
+  int64_t seq_lens_stride, num_seqs;
+  const float* sinks;  // [H] or null
+  int64_t sinks_stride;
+  float scale;
+  int32_t sliding_window;
+  int32_t num_heads;
+  KvLayout kv;
+};
+
+// Keys token t sees: [first, last] (its window, causal), num_keys of them; this split's
+// contiguous share [my_first, my_last]; seq < 0 when the token has no valid sequence.
+struct KeyRange {
+  int64_t seq, first, last, num_keys, my_first, my_last;
+};
+
+__device__ __forceinline__ KeyRange key_range(const AttnArgs& a, int64_t t, int split,
+                                              int splits) {
+  KeyRange r{-1, 0, -1, 0, 0, -1};
+  const int64_t seq = a.query_seq[t * a.query_seq_stride];
+  const int64_t pos = a.query_pos[t * a.query_pos_stride];
+  if (seq >= 0 && seq < a.num_seqs && pos >= 0) {
+    const int64_t seq_len = detail::min64(a.seq_lens[seq * a.seq_lens_stride],
+                                          a.max_blocks_per_seq * a.kv.block_tokens);
+    r.seq = seq;
+    r.last = min(pos, seq_len - 1);
+    r.first = a.sliding_window > 0 ? detail::max64(0, pos - a.sliding_window + 1) : 0;
+  }
+  r.num_keys = detail::max64(0, r.last - r.first + 1);
+  const int64_t share = (r.num_keys + splits - 1) / splits;
+  r.my_first = r.first + share * split;
+  r.my_last = detail::min64(r.last, r.my_first + share - 1);
+  return r;
+}
+
+// Split-KV factor (cluster size) for `ctas` CTAs at contexts up to max_context keys: ~2 waves,
+// >= kMinKeysPerSplit keys a split; MOELORA_ATTN_SPLITS forces it; 1 before sm_90.
+int attention_splits(int64_t ctas, int64_t max_context);
+
+// The GQA kernel: returns false (launching nothing) when the call does not qualify (float32,
+// head_dim * element size not 8, 16 or 32 16-byte vectors, more than 8 query heads per KV head,
+// pages not 16-byte aligned).
+bool launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                cudaStream_t stream);
+
+}  // namespace moelora::cuda
