@@ -31,12 +31,18 @@ class ModelRunner:
         max_blocks = max(1, max(len(seq.block_pages) for seq in batch.seqs))
         no_block = [0] * self.num_layers
         slots_used: set[int] = set()
+        fresh_spans: list[tuple[int, int]] = []
+        paged_tokens: list[int] = []
         for index, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             tokens = seq.token_ids(start, start + num_new)
             slot = slot_of.get(seq.seq_id, -1) if seq.adapter_id is not None else -1
             if slot >= 0:
                 slots_used.add(slot)
+            if start == 0 and num_new >= 2:
+                fresh_spans.append((len(input_ids), num_new))
+            else:
+                paged_tokens.extend(range(len(input_ids), len(input_ids) + num_new))
             input_ids.extend(tokens)
             positions.extend(range(start, start + num_new))
             query_seq.extend([index] * num_new)
@@ -65,6 +71,9 @@ class ModelRunner:
             token_slot=(torch.tensor(token_slot, dtype=torch.int32).to(dev, non_blocking=True)
                         if slots_used else None),
             num_adapters=len(slots_used),
+            fresh_spans=tuple(fresh_spans),
+            paged_tokens=(torch.tensor(paged_tokens, dtype=torch.int64).to(dev, non_blocking=True)
+                          if fresh_spans else None),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, meta, sample_rows

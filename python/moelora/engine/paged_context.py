@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from moelora import ops
+from moelora.engine.prefill_attention import attend_fresh_spans, fresh_spans_fit
 
 
 @dataclass
@@ -24,6 +25,11 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset
     token_slot: torch.Tensor | None  # int32 [T] adapter slot, -1 = base; None if no adapters
     num_adapters: int | None = None  # distinct adapters among the step's tokens (None: unknown)
+    # Fresh prefills (step tokens from position 0, >= 2 of them) as (first token, count), and
+    # the other tokens' indices (int64 [T']), which the paged kernel serves; see
+    # moelora.engine.prefill_attention.
+    fresh_spans: tuple[tuple[int, int], ...] = ()
+    paged_tokens: torch.Tensor | None = None
 
     def to(self, device) -> StepMetadata:
         """The same metadata with every tensor on `device` (other fields as they are)."""
@@ -44,18 +50,35 @@ class PagedContext:
         self._dense_groups = None
         self._moe_groups: dict[int, tuple] = {}
         self._ids_source = self._ids_cache = None  # the last routing and its int32 copy
+        self._paged_rows = None  # query_seq / query_pos of meta.paged_tokens
         # build_metadata leaves token_slot None when no token of the step has an adapter, so
         # this needs no device sync
         self._has_lora = meta.token_slot is not None
 
     # -- attention ---------------------------------------------------------------------------
     def attention(self, layer, q, k, v, *, scale, sliding_window, sinks):
-        ops.kv_cache_write(k.contiguous(), v.contiguous(), self.meta.slot_mapping[layer],
-                           self.kv_view)
+        k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
+        ops.kv_cache_write(k, v, self.meta.slot_mapping[layer], self.kv_view)
+        spans = self.meta.fresh_spans
+        if not fresh_spans_fit(spans, sliding_window, sinks):
+            return self._paged(layer, q, self.meta.query_seq, self.meta.query_pos, scale,
+                               sliding_window, sinks)
+        out = torch.empty_like(q)
+        rest = self.meta.paged_tokens
+        if rest is not None and rest.numel() > 0:
+            if self._paged_rows is None:  # once per step, shared by the layers
+                self._paged_rows = (self.meta.query_seq.index_select(0, rest),
+                                    self.meta.query_pos.index_select(0, rest))
+            out.index_copy_(0, rest, self._paged(layer, q.index_select(0, rest),
+                                                 *self._paged_rows, scale, sliding_window,
+                                                 sinks))
+        attend_fresh_spans(q, k, v, spans, scale, out)
+        return out
+
+    def _paged(self, layer, q, query_seq, query_pos, scale, sliding_window, sinks):
         return ops.paged_attention(
-            q.contiguous(), self.meta.query_seq, self.meta.query_pos,
-            self.meta.block_tables[layer], self.meta.seq_lens, self.kv_view, scale=scale,
-            sliding_window=sliding_window or 0,
+            q, query_seq, query_pos, self.meta.block_tables[layer], self.meta.seq_lens,
+            self.kv_view, scale=scale, sliding_window=sliding_window or 0,
             sinks=None if sinks is None else sinks.float().contiguous())
 
     # -- LoRA --------------------------------------------------------------------------------
