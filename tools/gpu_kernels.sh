@@ -3,8 +3,8 @@
 # families (tests/python/test_gpu_lora_forms.py, and test_gpu_ops.py with the tensor-core family
 # forced), compute-sanitizer memcheck + racecheck on a slice of them, then the kernel benchmark:
 # decode shapes timing both forms (grouped vs unsorted), prefill shapes with the default
-# dispatch; then the offline engine benchmark with eager and CUDA-graph decode steps. Logs and
-# JSON lines under $OUT (at most 8 files come back).
+# dispatch; then the offline engine benchmark with eager and CUDA-graph decode steps, and with
+# 2048-token prompts through SDPA and the paged kernel. Logs and JSON lines under $OUT.
 source "$(dirname "$0")/gpu_common.sh"
 
 stage build
@@ -44,6 +44,18 @@ O="python3 -m moelora.bench.offline --model synthetic:qwen3-30b-a3b --num-layers
    --adapter-dir /tmp/moelora-offline-adapters --out $OUT/offline.jsonl"
 timeout ${OFFLINE_TIMEOUT:-120} $O --enforce-eager >> "$OUT/bench.log" 2>&1
 timeout ${OFFLINE_TIMEOUT:-120} $O >> "$OUT/bench.log" 2>&1
+# long prompts: fresh prefills through SDPA (default) vs every token on the paged kernel
+L="python3 -m moelora.bench.offline --model synthetic:qwen3-30b-a3b --num-layers 8 --num-adapters 8
+   --max-loras 8 --num-prompts 16 --input-len 2048 --output-len 16 --device cuda --dtype bfloat16
+   --adapter-dir /tmp/moelora-offline-adapters --out $OUT/offline-long.jsonl"
+timeout ${OFFLINE_TIMEOUT:-120} $L >> "$OUT/bench.log" 2>&1
+MOELORA_PREFILL_ATTENTION=paged timeout ${OFFLINE_TIMEOUT:-120} $L >> "$OUT/bench.log" 2>&1
+python3 - "$OUT/offline-long.jsonl" <<'PY'
+import json, sys
+for name, r in zip(["sdpa ", "paged"], map(json.loads, open(sys.argv[1]))):
+    print(name, "TTFT p50 ms with", round(r["with_adapters"]["ttft_p50_ms"]), "without",
+          round(r["no_adapters"]["ttft_p50_ms"]))
+PY
 python3 - "$OUT/offline.jsonl" <<'PY'
 import json, sys
 for r in map(json.loads, open(sys.argv[1])):

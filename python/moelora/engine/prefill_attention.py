@@ -7,18 +7,31 @@ kernel does with one CTA per (token, head) re-reading the keys from the pool. Ev
 (decode, later prefill chunks, prefix-cache hits) goes through the paged kernel.
 
 Not taken (the whole layer stays on the paged kernel): attention sinks (GPT-OSS; SDPA has no
-per-head denominator term) and a sliding window shorter than a fresh span.
+per-head denominator term) and a sliding window shorter than a fresh span. Benchmarks compare
+with MOELORA_PREFILL_ATTENTION=paged (every token on the paged kernel); read at import.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 
+def _sdpa_enabled() -> bool:
+    value = os.environ.get("MOELORA_PREFILL_ATTENTION", "sdpa")
+    if value not in ("sdpa", "paged"):
+        raise ValueError(f"MOELORA_PREFILL_ATTENTION must be sdpa or paged, got {value!r}")
+    return value == "sdpa"
+
+
+SDPA_ENABLED = _sdpa_enabled()
+
+
 def fresh_spans_fit(spans, sliding_window: int, sinks) -> bool:
     """Whether this layer can take SDPA for the step's fresh spans."""
-    if not spans or sinks is not None:
+    if not SDPA_ENABLED or not spans or sinks is not None:
         return False
     return not sliding_window or all(n <= sliding_window for _, n in spans)
 
