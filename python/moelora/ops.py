@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from moelora import _C
-from moelora._tensor import as_optional_ref, as_ref, dtype_code, stream_handle
+from moelora._tensor import CODE_DTYPES, as_optional_ref, as_ref, dtype_code, stream_handle
 
 LoraSiteView = _C.LoraSiteView
 KvCacheView = _C.KvCacheView
@@ -25,6 +25,7 @@ __all__ = [
     "fused_moe_lora_unsorted",
     "prefer_unsorted",
     "kv_cache_write",
+    "kv_cache_pages",
     "kv_page_bytes_needed",
     "make_kv_cache_view",
     "make_site_view",
@@ -223,6 +224,18 @@ def make_kv_cache_view(
     )
     view._keepalive = (arena,)
     return view
+
+
+def kv_cache_pages(cache: KvCacheView) -> torch.Tensor:
+    """The pages of a view made by make_kv_cache_view as a tensor view (no copy):
+    [num_pages, 2 (K, V), block_tokens, num_kv_heads, head_dim] in the cache's dtype."""
+    arena = cache._keepalive[0]
+    dtype = CODE_DTYPES[cache.dtype]
+    shape = (2, cache.block_tokens, cache.num_kv_heads, cache.head_dim)
+    kv_bytes = shape[0] * shape[1] * shape[2] * shape[3] * dtype.itemsize
+    num_pages = arena.numel() // cache.page_bytes
+    pages = arena[: num_pages * cache.page_bytes].view(num_pages, cache.page_bytes)
+    return pages[:, :kv_bytes].view(dtype).view(num_pages, *shape)
 
 
 def kv_cache_write(

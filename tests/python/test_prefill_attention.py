@@ -1,9 +1,12 @@
-"""Fresh prefills attend through torch SDPA (moelora.engine.prefill_attention), everything else
-through the paged kernel: the same logprobs as the all-paged engine, in mixed steps (new
-prompts beside decodes and later chunks of chunked prompts), with GQA, and the paged fallback
-for sinks (GPT-OSS) and windows shorter than a prompt."""
+"""Prefill chunks attend through torch SDPA (moelora.engine.prefill_attention), their cached
+prefixes gathered from the pool's pages; decode tokens through the paged kernel: the same
+tokens and logprobs as the all-paged engine, in mixed steps (new prompts beside decodes and
+later chunks of chunked prompts), with GQA, a sliding window shorter than the prompts, prefix
+caching, and the paged fallback for sinks (GPT-OSS)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -12,22 +15,25 @@ from moelora import LLM, SamplingParams
 from moelora.engine import paged_context, prefill_attention
 
 
-def _run(model_dir, monkeypatch, sdpa: bool, calls: list):
-    real = prefill_attention.attend_fresh_spans
+def _run(model_dir, monkeypatch, sdpa: bool, calls: list, prefix_caching=False):
+    real = prefill_attention.attend_spans
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(q, k, v, spans, *args):
+        calls.extend(span.start for span in spans)
+        return real(q, k, v, spans, *args)
 
-    monkeypatch.setattr(paged_context, "attend_fresh_spans", counting)
+    monkeypatch.setattr(paged_context, "attend_spans", counting)
     if not sdpa:
-        monkeypatch.setattr(paged_context, "fresh_spans_fit", lambda *args: False)
+        monkeypatch.setattr(paged_context, "spans_fit", lambda *args: False)
     # max_num_batched_tokens 24: long prompts are chunked, so steps mix fresh spans, later
-    # chunks and decodes
+    # chunks (a cached prefix to gather) and decodes
     llm = LLM(model=model_dir, device="cpu", dtype="float32", max_num_seqs=4,
-              max_num_batched_tokens=24, block_size=4, pool_memory_bytes=16 << 20)
+              max_num_batched_tokens=24, block_size=4, pool_memory_bytes=16 << 20,
+              enable_prefix_caching=prefix_caching)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 300, (n,), generator=gen).tolist() for n in (5, 40, 1, 13, 9)]
+    if prefix_caching:  # later prompts share the first 16 tokens of an earlier one
+        prompts += [prompts[1][:16] + p for p in prompts[3:]]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [(o.outputs[0].token_ids,
@@ -35,27 +41,36 @@ def _run(model_dir, monkeypatch, sdpa: bool, calls: list):
             for o in outs]
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "gpt_oss"])
-def test_sdpa_prefill_matches_the_paged_kernel(tmp_path, monkeypatch, family):
+@pytest.mark.parametrize("family,window,prefix_caching", [
+    ("llama", None, False), ("mixtral", None, False), ("mixtral", 6, False),
+    ("llama", None, True), ("gpt_oss", None, False)])
+def test_sdpa_prefill_matches_the_paged_kernel(tmp_path, monkeypatch, family, window,
+                                               prefix_caching):
     make_tiny(family, tmp_path / "m")
+    if window:
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        config["sliding_window"] = window
+        (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with monkeypatch.context() as m:
         paged_calls: list = []
-        paged = _run(str(tmp_path / "m"), m, sdpa=False, calls=paged_calls)
+        paged = _run(str(tmp_path / "m"), m, False, paged_calls, prefix_caching)
     sdpa_calls: list = []
-    sdpa = _run(str(tmp_path / "m"), monkeypatch, sdpa=True, calls=sdpa_calls)
+    sdpa = _run(str(tmp_path / "m"), monkeypatch, True, sdpa_calls, prefix_caching)
     assert not paged_calls
     if family == "gpt_oss":
         assert not sdpa_calls  # sinks: every layer stays on the paged kernel
     else:
-        assert sdpa_calls
+        assert 0 in sdpa_calls and any(start > 0 for start in sdpa_calls)  # fresh and gathered
     for (tokens_a, lps_a), (tokens_b, lps_b) in zip(paged, sdpa, strict=True):
         assert tokens_a == tokens_b
         torch.testing.assert_close(torch.tensor(lps_a), torch.tensor(lps_b), rtol=0, atol=1e-4)
 
 
-def test_window_shorter_than_a_span_keeps_the_paged_kernel():
-    assert prefill_attention.fresh_spans_fit(((0, 5), (5, 8)), 0, None)
-    assert prefill_attention.fresh_spans_fit(((0, 5), (5, 8)), 8, None)
-    assert not prefill_attention.fresh_spans_fit(((0, 5), (5, 9)), 8, None)
-    assert not prefill_attention.fresh_spans_fit(((0, 5),), 0, torch.zeros(2))
-    assert not prefill_attention.fresh_spans_fit((), 0, None)
+def test_spans_and_their_first_keys():
+    span = prefill_attention.PrefillSpan(first=3, count=4, seq=1, start=10)
+    assert prefill_attention.first_key(span, 0) == 0
+    assert prefill_attention.first_key(span, 6) == 5  # position 10 sees keys 5..10
+    assert prefill_attention.first_key(span, 20) == 0
+    assert prefill_attention.spans_fit((span,), None)
+    assert not prefill_attention.spans_fit((span,), torch.zeros(2))  # sinks
+    assert not prefill_attention.spans_fit((), None)

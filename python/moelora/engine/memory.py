@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moelora import _C
-from moelora._tensor import dtype_code
+from moelora import _C, ops
 
 CPU_DEFAULT_POOL_BYTES = 512 << 20
 ACTIVATION_RESERVE_BYTES = 2 << 30  # left free on the GPU for activations and the allocator
@@ -68,7 +67,7 @@ def build_pool(config, model_config, sites, dtype: torch.dtype,
     arena = torch.empty(num_pages * page_bytes, dtype=torch.uint8, device=device)
     pool = _C.PagePool.from_external(arena.data_ptr(), arena.numel(), page_bytes, device.type,
                                      device.index or 0, keep_alive=arena)
-    kv_view = _C.KvCacheView(arena=arena.data_ptr(), page_bytes=page_bytes,
-                             block_tokens=block_tokens, num_kv_heads=model_config.num_kv_heads,
-                             head_dim=model_config.head_dim, dtype=dtype_code(dtype))
+    kv_view = ops.make_kv_cache_view(arena, page_bytes=page_bytes, block_tokens=block_tokens,
+                                     num_kv_heads=model_config.num_kv_heads,
+                                     head_dim=model_config.head_dim, dtype=dtype)
     return EngineMemory(pool, arena, kv_view, block_tokens, page_bytes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from moelora.engine.paged_context import PagedContext, StepMetadata
+from moelora.engine.prefill_attention import MAX_GATHERED_KEYS, PrefillSpan
 from moelora.engine.scheduler import ScheduledBatch
 
 
@@ -31,7 +32,7 @@ class ModelRunner:
         max_blocks = max(1, max(len(seq.block_pages) for seq in batch.seqs))
         no_block = [0] * self.num_layers
         slots_used: set[int] = set()
-        fresh_spans: list[tuple[int, int]] = []
+        spans: list[PrefillSpan] = []
         paged_tokens: list[int] = []
         for index, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
@@ -39,8 +40,8 @@ class ModelRunner:
             slot = slot_of.get(seq.seq_id, -1) if seq.adapter_id is not None else -1
             if slot >= 0:
                 slots_used.add(slot)
-            if start == 0 and num_new >= 2:
-                fresh_spans.append((len(input_ids), num_new))
+            if num_new >= 2 and start <= MAX_GATHERED_KEYS:
+                spans.append(PrefillSpan(len(input_ids), num_new, index, start))
             else:
                 paged_tokens.extend(range(len(input_ids), len(input_ids) + num_new))
             input_ids.extend(tokens)
@@ -71,9 +72,9 @@ class ModelRunner:
             token_slot=(torch.tensor(token_slot, dtype=torch.int32).to(dev, non_blocking=True)
                         if slots_used else None),
             num_adapters=len(slots_used),
-            fresh_spans=tuple(fresh_spans),
+            prefill_spans=tuple(spans),
             paged_tokens=(torch.tensor(paged_tokens, dtype=torch.int64).to(dev, non_blocking=True)
-                          if fresh_spans else None),
+                          if spans else None),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, meta, sample_rows

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from moelora import ops
-from moelora.engine.prefill_attention import attend_fresh_spans, fresh_spans_fit
+from moelora.engine.prefill_attention import PrefillSpan, attend_spans, spans_fit
 
 
 @dataclass
@@ -25,10 +25,9 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset
     token_slot: torch.Tensor | None  # int32 [T] adapter slot, -1 = base; None if no adapters
     num_adapters: int | None = None  # distinct adapters among the step's tokens (None: unknown)
-    # Fresh prefills (step tokens from position 0, >= 2 of them) as (first token, count), and
-    # the other tokens' indices (int64 [T']), which the paged kernel serves; see
-    # moelora.engine.prefill_attention.
-    fresh_spans: tuple[tuple[int, int], ...] = ()
+    # Prefill spans (sequences with >= 2 step tokens) and the other tokens' indices (int64
+    # [T']), which the paged kernel serves; see moelora.engine.prefill_attention.
+    prefill_spans: tuple[PrefillSpan, ...] = ()
     paged_tokens: torch.Tensor | None = None
 
     def to(self, device) -> StepMetadata:
@@ -51,6 +50,7 @@ class PagedContext:
         self._moe_groups: dict[int, tuple] = {}
         self._ids_source = self._ids_cache = None  # the last routing and its int32 copy
         self._paged_rows = None  # query_seq / query_pos of meta.paged_tokens
+        self._kv_pages = None  # the pool's pages as a tensor view, made on first use
         # build_metadata leaves token_slot None when no token of the step has an adapter, so
         # this needs no device sync
         self._has_lora = meta.token_slot is not None
@@ -59,8 +59,8 @@ class PagedContext:
     def attention(self, layer, q, k, v, *, scale, sliding_window, sinks):
         k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
         ops.kv_cache_write(k, v, self.meta.slot_mapping[layer], self.kv_view)
-        spans = self.meta.fresh_spans
-        if not fresh_spans_fit(spans, sliding_window, sinks):
+        spans = self.meta.prefill_spans
+        if not spans_fit(spans, sinks):
             return self._paged(layer, q, self.meta.query_seq, self.meta.query_pos, scale,
                                sliding_window, sinks)
         out = torch.empty_like(q)
@@ -72,8 +72,21 @@ class PagedContext:
             out.index_copy_(0, rest, self._paged(layer, q.index_select(0, rest),
                                                  *self._paged_rows, scale, sliding_window,
                                                  sinks))
-        attend_fresh_spans(q, k, v, spans, scale, out)
+        attend_spans(q, k, v, spans, scale, sliding_window or 0, out,
+                     lambda span, lo: self._cached_prefix(layer, span, lo))
         return out
+
+    def _cached_prefix(self, layer, span, lo):
+        """K and V of positions [lo, span.start) of the span's sequence, from the pool."""
+        if self._kv_pages is None:
+            self._kv_pages = ops.kv_cache_pages(self.kv_view)
+        bt = self.kv_view.block_tokens
+        table = self.meta.block_tables[layer, span.seq, lo // bt: -(-span.start // bt)]
+        # clamp: a released page (-1) lies before the window, never in [lo, start)
+        pages = self._kv_pages.index_select(0, table.clamp(min=0).long())  # [n, 2, bt, KV, D]
+        flat = pages.transpose(0, 1).reshape(2, -1, *pages.shape[3:])
+        begin = lo % bt
+        return (flat[0, begin:begin + span.start - lo], flat[1, begin:begin + span.start - lo])
 
     def _paged(self, layer, q, query_seq, query_pos, scale, sliding_window, sinks):
         return ops.paged_attention(
