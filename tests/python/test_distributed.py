@@ -120,6 +120,17 @@ def test_parallel_engine_matches_single_process(cases, family, parallel):
     assert len({tuple(t) for t, _ in ours[1:4]}) > 1
 
 
+def test_parallel_engine_with_decode_graphs_matches_single_process(cases):
+    """decode_graphs=True in a parallel engine: pure-decode steps go through every rank's padded
+    static buffers (captured as CUDA graphs on GPUs, with the collectives inside; eager here)."""
+    case = cases("mixtral")
+    config = EngineConfig(case.model, **ENGINE_ARGS, decode_graphs=True)
+    engine = LLMEngine(config, parallel=launch(config, TP))
+    ours = case.generate(engine)
+    _assert_same(ours, case.reference, "mixtral TP=2 with decode graphs")
+    assert engine.runner.graphs is not None and engine.runner.graphs._made  # buckets were used
+
+
 def test_llm_api_and_adapter_churn(cases):
     """LLM(..., tensor_parallel_size=2, enable_expert_parallel=True), 3 adapters over 2 slots
     of a small pool: adapters are evicted and reloaded, and every rank must follow."""

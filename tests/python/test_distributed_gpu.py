@@ -64,7 +64,22 @@ def test_nccl_float32_tokens_equal_one_gpu(cases, family, parallel):
 def test_nccl_bfloat16_tokens_equal_one_gpu_up_to_near_ties(cases, family, parallel):
     case = cases(family, "bfloat16")
     config = EngineConfig(case.model, **case.engine_args)
-    ours = case.generate(LLMEngine(config, parallel=launch(config, parallel)), logprobs=2)
+    _check_bf16(case, family, parallel, LLMEngine(config, parallel=launch(config, parallel)))
+
+
+def test_nccl_decode_graphs_hold_the_collectives(cases):
+    """decode_graphs=True in a TP engine: every rank captures its pure-decode steps, NCCL
+    all-reduces included, and replays them."""
+    case = cases("mixtral", "bfloat16")
+    config = EngineConfig(case.model, **case.engine_args, decode_graphs=True)
+    engine = LLMEngine(config, parallel=launch(config, TP))
+    _check_bf16(case, "mixtral", TP, engine)
+    graphs = engine.runner.graphs
+    assert graphs.capture_error is None and graphs.replays > 0, graphs.capture_error
+
+
+def _check_bf16(case, family, parallel, engine):
+    ours = case.generate(engine, logprobs=2)
     compared = identical = 0
     for index, ((tokens, _), (ref_tokens, _)) in enumerate(zip(ours, case.reference)):
         for pos, (got, want) in enumerate(zip(tokens, ref_tokens)):

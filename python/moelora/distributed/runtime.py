@@ -160,7 +160,7 @@ class ParallelModelRunner(ModelRunner):
 
     def __init__(self, runner: ModelRunner, context: RankContext):
         super().__init__(runner.model, runner.kv_view, runner.lora_views, runner.block_tokens,
-                         runner.device)
+                         runner.device, runner.graphs)
         self.context = context
         self._host = ModelRunner(runner.model, None, None, runner.block_tokens,
                                  torch.device("cpu"))
@@ -177,8 +177,16 @@ class ParallelModelRunner(ModelRunner):
     def forward(self, input_ids, meta: StepMetadata, sample_rows):
         dev = self.device
         meta = meta.to(dev)
-        hidden = self.model(input_ids.to(dev), meta.positions,
-                            PagedContext(meta, self.kv_view, self.lora_views))
+        input_ids = input_ids.to(dev)
+        # Every rank decides alike from the same metadata, so collectives stay matched whether
+        # a rank replays its graph (which holds them) or runs eagerly.
+        pure_decode = input_ids.shape[0] == meta.seq_lens.shape[0]
+        if (self.graphs is not None and pure_decode
+                and self.graphs.fits(input_ids.shape[0], meta.block_tables.shape[2])):
+            hidden = self.graphs.run(input_ids, meta)
+        else:
+            hidden = self.model(input_ids, meta.positions,
+                                PagedContext(meta, self.kv_view, self.lora_views))
         if sample_rows is None:
             return None  # not rank 0: nothing to sample
         if not sample_rows:

@@ -86,9 +86,11 @@ class LLMEngine:
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
         graphs = None
+        # Default: on for a one-process CUDA engine; a parallel engine only when asked for
+        # (its graphs hold the NCCL collectives too; not yet measured on GPUs).
         use_graphs = (config.decode_graphs if config.decode_graphs is not None
-                      else self.device.type == "cuda")
-        if use_graphs and parallel is None:
+                      else self.device.type == "cuda" and parallel is None)
+        if use_graphs:
             graphs = DecodeGraphs(self.model, self.memory.kv_view, self.adapters.views,
                                   mc.num_layers, self.memory.block_tokens,
                                   config.decode_graph_max_blocks,
