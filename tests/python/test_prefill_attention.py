@@ -2,7 +2,7 @@
 prefixes gathered from the pool's pages; decode tokens through the paged kernel: the same
 tokens and logprobs as the all-paged engine, in mixed steps (new prompts beside decodes and
 later chunks of chunked prompts), with GQA, a sliding window shorter than the prompts, prefix
-caching, and the paged fallback for sinks (GPT-OSS)."""
+caching, and attention sinks (GPT-OSS: a virtual key)."""
 
 from __future__ import annotations
 
@@ -57,10 +57,7 @@ def test_sdpa_prefill_matches_the_paged_kernel(tmp_path, monkeypatch, family, wi
     sdpa_calls: list = []
     sdpa = _run(str(tmp_path / "m"), monkeypatch, True, sdpa_calls, prefix_caching)
     assert not paged_calls
-    if family == "gpt_oss":
-        assert not sdpa_calls  # sinks: every layer stays on the paged kernel
-    else:
-        assert 0 in sdpa_calls and any(start > 0 for start in sdpa_calls)  # fresh and gathered
+    assert 0 in sdpa_calls and any(start > 0 for start in sdpa_calls)  # fresh and gathered
     for (tokens_a, lps_a), (tokens_b, lps_b) in zip(paged, sdpa, strict=True):
         assert tokens_a == tokens_b
         torch.testing.assert_close(torch.tensor(lps_a), torch.tensor(lps_b), rtol=0, atol=1e-4)
@@ -71,6 +68,28 @@ def test_spans_and_their_first_keys():
     assert prefill_attention.first_key(span, 0) == 0
     assert prefill_attention.first_key(span, 6) == 5  # position 10 sees keys 5..10
     assert prefill_attention.first_key(span, 20) == 0
-    assert prefill_attention.spans_fit((span,), None)
-    assert not prefill_attention.spans_fit((span,), torch.zeros(2))  # sinks
-    assert not prefill_attention.spans_fit((), None)
+    assert prefill_attention.spans_fit((span,))
+    assert not prefill_attention.spans_fit(())
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("start,window,use_sinks", [
+    (0, 0, False), (0, 0, True), (9, 0, False), (9, 5, True), (0, 4, True)])
+def test_attend_spans_matches_the_float64_reference(dtype, tol, start, window, use_sinks):
+    from test_ops_paged_attention import reference
+
+    gen = torch.Generator().manual_seed(start + window)
+    count, heads, kv_heads, dim = 7, 4, 2, 16
+    total = start + count
+    keys = torch.randn(total, kv_heads, dim, generator=gen).to(dtype)
+    values = torch.randn(total, kv_heads, dim, generator=gen).to(dtype)
+    q = torch.randn(count, heads, dim, generator=gen).to(dtype)
+    sinks = torch.randn(heads, generator=gen) * 2 if use_sinks else None
+    span = prefill_attention.PrefillSpan(first=0, count=count, seq=0, start=start)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention.attend_spans(
+        q, keys[start:], values[start:], [span], 0.25, window, sinks, out,
+        lambda s, lo: (keys[lo:s.start], values[lo:s.start]))
+    expected = reference(q.double(), [keys], [values], torch.zeros(count, dtype=torch.int32),
+                         torch.arange(start, total), [total], 0.25, window, sinks)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)

@@ -60,7 +60,7 @@ class PagedContext:
         k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
         ops.kv_cache_write(k, v, self.meta.slot_mapping[layer], self.kv_view)
         spans = self.meta.prefill_spans
-        if not spans_fit(spans, sinks):
+        if not spans_fit(spans):
             return self._paged(layer, q, self.meta.query_seq, self.meta.query_pos, scale,
                                sliding_window, sinks)
         out = torch.empty_like(q)
@@ -72,7 +72,8 @@ class PagedContext:
             out.index_copy_(0, rest, self._paged(layer, q.index_select(0, rest),
                                                  *self._paged_rows, scale, sliding_window,
                                                  sinks))
-        attend_spans(q, k, v, spans, scale, sliding_window or 0, out,
+        attend_spans(q, k, v, spans, scale, sliding_window or 0,
+                     None if sinks is None else sinks.float(), out,
                      lambda span, lo: self._cached_prefix(layer, span, lo))
         return out
 
