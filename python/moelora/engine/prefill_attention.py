@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# A span's cached prefix up to this many keys is gathered (K and V: ~4 KB a key for 8 KV heads
-# of 128 in bf16, so <= 256 MB transient per layer); longer prefixes stay on the paged kernel.
-MAX_GATHERED_KEYS = 1 << 15
+# A span's cached prefix up to this many keys is gathered; longer prefixes stay on the paged
+# kernel. Bound on the transient memory of one layer: masked spans expand K/V to the query heads
+# (gpt-oss: 64 heads x 72 dims x 2 bytes x K and V = 18 KB a key, ~300 MB at 16384 keys), well
+# inside the 2 GiB the engine leaves free for activations (moelora.engine.memory).
+MAX_GATHERED_KEYS = 1 << 14
 
 
 @dataclass(frozen=True)
