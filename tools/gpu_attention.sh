@@ -11,8 +11,8 @@ T="python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf --tb=short"
 stage pytest-attention
 (cd tests/python && timeout 120 $T -k attention test_gpu_ops.py && \
   MOELORA_ATTN_SPLITS=3 timeout 60 $T -k attention test_gpu_ops.py && \
-  timeout 120 $T test_engine_bf16.py test_decode_graphs.py) > "$OUT/tests.log" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -8
+  timeout 120 $T test_engine_bf16.py test_decode_graphs.py) > "$OUT/attention-tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/attention-tests.log" | tail -8
 stage racecheck
 (cd tests/python && MOELORA_ATTN_SPLITS=3 timeout 90 compute-sanitizer --tool racecheck \
   python3 -m pytest -q -m gpu -p no:cacheprovider -k "attention and dtype0 and 64-0-False" \
@@ -20,9 +20,9 @@ stage racecheck
 grep -E "SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -3
 stage bench-attention
 A="timeout 60 python3 -m moelora.bench.attention --iters 10 --out $OUT/h200-attention.jsonl"
-$A > /dev/null 2>> "$OUT/tests.log"
-MOELORA_ATTN_SPLITS=1 $A > /dev/null 2>> "$OUT/tests.log"
-MOELORA_ATTN_KERNEL=gqa $A > /dev/null 2>> "$OUT/tests.log"
+$A > /dev/null 2>> "$OUT/attention-tests.log"
+MOELORA_ATTN_SPLITS=1 $A > /dev/null 2>> "$OUT/attention-tests.log"
+MOELORA_ATTN_KERNEL=gqa $A > /dev/null 2>> "$OUT/attention-tests.log"
 python3 - "$OUT/h200-attention.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
