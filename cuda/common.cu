@@ -1,4 +1,5 @@
 // Device properties and launch checks shared by the CUDA kernels.
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -32,6 +33,18 @@ int device_attribute(cudaDeviceAttr attribute) {
 int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 int compute_capability_major() { return device_attribute(cudaDevAttrComputeCapabilityMajor); }
+
+int env_int(const char* name, int lo, int hi) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return 0;
+  char* end = nullptr;
+  const long n = std::strtol(value, &end, 10);
+  if (end == value || *end != '\0' || n < lo || n > hi) {
+    throw InvalidArgument(std::string(name) + " must be an integer in [" + std::to_string(lo) +
+                          ", " + std::to_string(hi) + "], got '" + value + "'");
+  }
+  return static_cast<int>(n);
+}
 
 void check_launch(const char* what) {
   const cudaError_t status = cudaGetLastError();

@@ -98,6 +98,10 @@ __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_c
 int sm_count();
 int compute_capability_major();
 
+// The integer in environment variable `name`: 0 when unset or empty, InvalidArgument when it is
+// not an integer in [lo, hi] (tests and benchmarks force kernel shapes through these).
+int env_int(const char* name, int lo, int hi);
+
 // Throws CudaError when the last launch failed.
 void check_launch(const char* what);
 

@@ -48,7 +48,6 @@
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
 // Template space: dtype x N = 6 kernels.
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -510,16 +509,9 @@ __global__ void __launch_bounds__(32 * kMaxWarps)
 }
 
 // MOELORA_MMA_SPLIT=<n in 1..8> forces the cluster split (tests reach it on small problems);
-// unset or invalid: 0, the heuristic decides. Read once.
+// unset: 0, the heuristic decides; not an integer in 1..8: InvalidArgument. Read once.
 int64_t forced_split() {
-  static const int64_t forced = [] {
-    const char* value = std::getenv("MOELORA_MMA_SPLIT");
-    if (value == nullptr) return int64_t{0};
-    char* end = nullptr;
-    const long n = std::strtol(value, &end, 10);
-    const bool ok = end != value && *end == '\0' && n >= 1 && n <= kMaxSplit;
-    return ok ? int64_t{n} : int64_t{0};
-  }();
+  static const int64_t forced = detail::env_int("MOELORA_MMA_SPLIT", 1, kMaxSplit);
   return forced;
 }
 

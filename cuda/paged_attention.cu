@@ -189,15 +189,9 @@ KvLayout make_layout(const KvCacheView& cache) {
 namespace {
 
 // MOELORA_ATTN_SPLITS=<n in 1..8> forces the split-KV factor (tests reach it on short
-// contexts); unset or invalid: the heuristic. Read once.
+// contexts); unset: the heuristic; not an integer in 1..8: InvalidArgument. Read once.
 int forced_splits() {
-  static const int forced = [] {
-    const char* value = std::getenv("MOELORA_ATTN_SPLITS");
-    if (value == nullptr) return 0;
-    char* end = nullptr;
-    const long n = std::strtol(value, &end, 10);
-    return end != value && *end == '\0' && n >= 1 && n <= kMaxSplits ? static_cast<int>(n) : 0;
-  }();
+  static const int forced = detail::env_int("MOELORA_ATTN_SPLITS", 1, kMaxSplits);
   return forced;
 }
 
