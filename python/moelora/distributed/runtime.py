@@ -30,7 +30,7 @@ from moelora.distributed.loading import load_shard
 from moelora.distributed.mirror import OpLog, RecordingCache, RecordingPool, Replayer
 from moelora.distributed.shard import shard_model, shard_plan
 from moelora.engine.model_runner import ModelRunner
-from moelora.engine.paged_context import PagedContext, StepMetadata
+from moelora.engine.paged_context import StepMetadata
 from moelora.models import load_model
 
 logger = logging.getLogger("moelora")
@@ -177,16 +177,7 @@ class ParallelModelRunner(ModelRunner):
     def forward(self, input_ids, meta: StepMetadata, sample_rows):
         dev = self.device
         meta = meta.to(dev)
-        input_ids = input_ids.to(dev)
-        # Every rank decides alike from the same metadata, so collectives stay matched whether
-        # a rank replays its graph (which holds them) or runs eagerly.
-        pure_decode = input_ids.shape[0] == meta.seq_lens.shape[0]
-        if (self.graphs is not None and pure_decode
-                and self.graphs.fits(input_ids.shape[0], meta.block_tables.shape[2])):
-            hidden = self.graphs.run(input_ids, meta)
-        else:
-            hidden = self.model(input_ids, meta.positions,
-                                PagedContext(meta, self.kv_view, self.lora_views))
+        hidden = self.run_model(input_ids.to(dev), meta)
         if sample_rows is None:
             return None  # not rank 0: nothing to sample
         if not sample_rows:

@@ -33,7 +33,6 @@ class ModelRunner:
         no_block = [0] * self.num_layers
         slots_used: set[int] = set()
         spans: list[PrefillSpan] = []
-        paged_tokens: list[int] = []
         for index, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             tokens = seq.token_ids(start, start + num_new)
@@ -42,8 +41,6 @@ class ModelRunner:
                 slots_used.add(slot)
             if num_new >= 2 and start <= MAX_GATHERED_KEYS:
                 spans.append(PrefillSpan(len(input_ids), num_new, index, start))
-            else:
-                paged_tokens.extend(range(len(input_ids), len(input_ids) + num_new))
             input_ids.extend(tokens)
             positions.extend(range(start, start + num_new))
             query_seq.extend([index] * num_new)
@@ -73,23 +70,39 @@ class ModelRunner:
                         if slots_used else None),
             num_adapters=len(slots_used),
             prefill_spans=tuple(spans),
-            paged_tokens=(torch.tensor(paged_tokens, dtype=torch.int64).to(dev, non_blocking=True)
-                          if spans else None),
+            paged_tokens=_outside(spans, len(input_ids), dev),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64).to(dev, non_blocking=True)
         return ids, meta, sample_rows
+
+    def run_model(self, input_ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
+        """Final hidden states of a step: replayed from a decode graph when every sequence has
+        one token (pure decode) and the graphs fit the step, else an eager forward pass. Ranks
+        of a parallel engine decide alike from the same metadata, so their collectives stay
+        matched whether they replay (the graph holds them) or not."""
+        if (self.graphs is not None and input_ids.shape[0] == meta.seq_lens.shape[0]
+                and self.graphs.fits(input_ids.shape[0], meta.block_tables.shape[2])):
+            return self.graphs.run(input_ids, meta)
+        return self.model(input_ids, meta.positions,
+                          PagedContext(meta, self.kv_view, self.lora_views))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, slot_of: dict[int, int]) -> torch.Tensor:
         """Returns float32 logits [number of sampling sequences, vocab]."""
         input_ids, meta, sample_rows = self.build_metadata(batch, slot_of)
-        if (self.graphs is not None and all(n == 1 for n in batch.num_new_tokens)
-                and self.graphs.fits(len(batch.seqs), meta.block_tables.shape[2])):
-            hidden = self.graphs.run(input_ids, meta)  # a pure-decode step: replay
-        else:
-            hidden = self.model(input_ids, meta.positions,
-                                PagedContext(meta, self.kv_view, self.lora_views))
+        hidden = self.run_model(input_ids, meta)
         if not sample_rows:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=hidden.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float()
+
+
+def _outside(spans, num_tokens: int, device) -> torch.Tensor | None:
+    """Indices of the step tokens outside the prefill spans (None without spans): built only
+    for steps with a prefill, so decode steps pay nothing for it."""
+    if not spans:
+        return None
+    outside = torch.ones(num_tokens, dtype=torch.bool)
+    for span in spans:
+        outside[span.first:span.first + span.count] = False
+    return outside.nonzero().flatten().to(device, non_blocking=True)
