@@ -35,10 +35,14 @@
 #include "cluster.cuh"
 #include "common.cuh"
 #include "lora_kernels.h"
+#include "ptx.cuh"
 
 namespace moelora::cuda {
 
 namespace {
+
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -77,22 +81,11 @@ __device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC>& raw, float (&ds
 template <typename T, int VEC>
 __device__ __forceinline__ void stage_vec(void* dst, const T* src, bool valid) {
   if constexpr (kVecBytes<T, VEC> == 16) {
-    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
+    ptx::cp_async16(ptx::smem_u32(dst), src, valid);
   } else {
     *static_cast<T*>(dst) = valid ? *src : detail::from_f32<T>(0.0f);
   }
 }
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // Shared-memory layout of one CTA, identical in every CTA of a cluster (DSMEM reads s_part at
 // the same offset in a peer).
 struct SmemLayout {

@@ -54,10 +54,13 @@
 #include "cluster.cuh"
 #include "common.cuh"
 #include "lora_kernels.h"
+#include "ptx.cuh"
 
 namespace moelora::cuda {
 
 namespace {
+
+using namespace ptx;  // NOLINT: the PTX wrappers read best unqualified here
 
 constexpr int kMaxWarps = 4;
 constexpr int kMaxRows = 16 * kMaxWarps;  // rows of an M tile
@@ -81,83 +84,11 @@ struct MmaPlan {
   int32_t rp[kMaxSlices];    // columns of slice i: max_rank rounded up to 16 (0: no slots)
 };
 
-// ---- PTX wrappers --------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+// ---- shared-memory tiles and pair helpers -----------------------------------------------------
 
 // Byte offset of 16-byte chunk `ch` (0..7) of row `row` in a tile of 128-byte rows.
 __device__ __forceinline__ uint32_t swz(int row, int ch) {
   return static_cast<uint32_t>(row * kRowBytes + ((ch ^ (row & 7)) << 4));
-}
-
-// 16-byte global -> shared copy; copies nothing and zero-fills when !valid.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a (16x16, row) * b (16x8, col), fp32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats as a packed pair of T (x in the low half) and back.
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  uint32_t u;
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
-    memcpy(&u, &v, 4);
-  } else {
-    const __half2 v = __floats2half2_rn(x, y);
-    memcpy(&u, &v, 4);
-  }
-  return u;
-}
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t u) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    __nv_bfloat162 v;
-    memcpy(&v, &u, 4);
-    return __bfloat1622float2(v);
-  } else {
-    __half2 v;
-    memcpy(&v, &u, 4);
-    return __half22float2(v);
-  }
 }
 
 // hi = T(x), lo = T(x - hi), per element of the pair.

@@ -162,15 +162,21 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
 }
 
-// MOELORA_ATTN_KERNEL=gqa takes the GQA kernel (paged_attention_gqa.cu) where it qualifies;
-// unset, "auto" or "per_head": this file's kernel, the measured default until the GQA one has
-// been measured (bench/NOTES.md). Read per call (~100 ns) so tests can switch.
-bool use_gqa_kernel() {
+// Which kernel serves a call. auto (unset): the tensor-core GQA kernel (paged_attention_mma.cu)
+// where it qualifies, else the CUDA-core GQA kernel (paged_attention_gqa.cu), else this file's
+// per-head kernel: the order measured on the H200 (bench/NOTES.md, attention). mma, gqa or
+// per_head start the chain there (tests and benchmarks force each). Read per call (~100 ns) so
+// tests can switch.
+enum class AttnKernel { kMma = 0, kGqa = 1, kPerHead = 2 };
+
+AttnKernel first_attention_kernel() {
   const char* value = std::getenv("MOELORA_ATTN_KERNEL");
   const std::string name = value != nullptr ? value : "auto";
-  if (name == "gqa") return true;
-  if (name == "auto" || name == "per_head" || name.empty()) return false;
-  throw InvalidArgument("MOELORA_ATTN_KERNEL must be auto, per_head or gqa, got '" + name + "'");
+  if (name == "auto" || name == "mma" || name.empty()) return AttnKernel::kMma;
+  if (name == "gqa") return AttnKernel::kGqa;
+  if (name == "per_head") return AttnKernel::kPerHead;
+  throw InvalidArgument("MOELORA_ATTN_KERNEL must be auto, mma, gqa or per_head, got '" + name +
+                        "'");
 }
 
 KvLayout make_layout(const KvCacheView& cache) {
@@ -260,8 +266,14 @@ void paged_attention(const TensorRef& out, const TensorRef& query, const TensorR
   a.sliding_window = sliding_window;
   a.num_heads = static_cast<int32_t>(query.shape[1]);
   a.kv = make_layout(cache);
-  if (use_gqa_kernel() && launch_paged_attention_gqa(a, cache.dtype, num_tokens,
-                                                    detail::as_stream(stream))) {
+  const AttnKernel first = first_attention_kernel();
+  if (first == AttnKernel::kMma &&
+      launch_paged_attention_mma(a, cache.dtype, num_tokens, detail::as_stream(stream))) {
+    detail::check_launch("paged_attention mma");
+    return;
+  }
+  if (first <= AttnKernel::kGqa &&
+      launch_paged_attention_gqa(a, cache.dtype, num_tokens, detail::as_stream(stream))) {
     detail::check_launch("paged_attention gqa");
     return;
   }

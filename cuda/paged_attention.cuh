@@ -1,14 +1,17 @@
 // What the paged-attention kernels share (paged_attention.cu: one CTA per (token, query head);
-// paged_attention_gqa.cu: one CTA per (token, KV head) serving its query heads): the KV page
-// layout, the kernel arguments, each token's key range and its split-KV share, and the
+// paged_attention_gqa.cu and paged_attention_mma.cu: one CTA per (token, KV head) serving its
+// query heads, on CUDA cores / tensor cores): the KV page layout, the kernel arguments, each
+// token's key range and its split-KV share, the merge of online-softmax states, and the
 // split-KV factor chosen on the host.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
 
+#include "cluster.cuh"
 #include "common.cuh"
 #include "moelora/dtype.h"
 
@@ -80,11 +83,83 @@ __device__ __forceinline__ KeyRange key_range(const AttnArgs& a, int64_t t, int 
   return r;
 }
 
+// ---- merging online-softmax states (the GQA kernels) -----------------------------------------
+// A state of one query head over some keys, in the log2 domain: m = max of logit * log2(e),
+// l = sum of 2^(logit * log2(e) - m), acc[d] = the same sum weighted by v[d]. Laid out as
+// [m, l, acc[0..D)] floats; m = -inf for a state that saw no key.
+constexpr float kLog2e = 1.4426950408889634f;
+
+// The warps' states ws[w][r] (`warps` x ws_rows of them) into the CTA's cs[r] for r < rows, one
+// (row, dim) per thread and step. Call between barriers.
+__device__ __forceinline__ void merge_warp_states(const float* ws, int warps, int ws_rows,
+                                                  float* cs, int rows, int head_dim) {
+  const int row_floats = 2 + head_dim;
+  for (int idx = threadIdx.x; idx < rows * head_dim; idx += blockDim.x) {
+    const int r = idx / head_dim, d = idx % head_dim;
+    float m = -INFINITY;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, ws[(w * ws_rows + r) * row_floats]);
+    float l = 0.0f, acc = 0.0f;
+    for (int w = 0; w < warps; ++w) {
+      const float* state = ws + (w * ws_rows + r) * row_floats;
+      const float f = state[0] == -INFINITY ? 0.0f : exp2f(state[0] - m);
+      l += state[1] * f;
+      acc += state[2 + d] * f;
+    }
+    if (d == 0) {
+      cs[r * row_floats] = m;
+      cs[r * row_floats + 1] = l;
+    }
+    cs[r * row_floats + 2 + d] = acc;
+  }
+}
+
+// The cluster's CTA states cs[r] (same shared-memory offset in every CTA) into the outputs of
+// query heads kv_head * ratio + r, r < ratio, by CTA 0 in rank order (deterministic), with each
+// head's sink logit added to its denominator once. A token that sees no key writes zeros.
+// Brackets the reads with cluster barriers: every CTA calls it.
+template <typename T>
+__device__ __forceinline__ void store_cluster_states(const Cluster& cluster, float* cs,
+                                                     const AttnArgs& a, int64_t t, int kv_head,
+                                                     int ratio, bool any_keys) {
+  const int head_dim = a.kv.head_dim, row_floats = 2 + head_dim;
+  cluster.sync();  // every CTA's state is written (a CTA barrier without a cluster)
+  if (cluster.rank() == 0) {
+    for (int idx = threadIdx.x; idx < ratio * head_dim; idx += blockDim.x) {
+      const int r = idx / head_dim, d = idx % head_dim;
+      const int h = kv_head * ratio + r;
+      const float sink = a.sinks != nullptr ? a.sinks[h * a.sinks_stride] * kLog2e : -INFINITY;
+      float big = sink;
+      for (int s = 0; s < cluster.size(); ++s) {
+        big = fmaxf(big, cluster.peer(cs, s)[r * row_floats]);
+      }
+      float denominator = a.sinks != nullptr ? exp2f(sink - big) : 0.0f;
+      float sum = 0.0f;
+      for (int s = 0; s < cluster.size(); ++s) {
+        const float* state = cluster.peer(cs, s) + r * row_floats;
+        if (state[0] == -INFINITY) continue;
+        const float f = exp2f(state[0] - big);
+        denominator += state[1] * f;
+        sum += state[2 + d] * f;
+      }
+      const float inv = any_keys && denominator > 0.0f ? 1.0f / denominator : 0.0f;
+      T* o = static_cast<T*>(a.out) + t * a.out_s0 + h * a.out_s1;
+      o[d] = detail::from_f32<T>(sum * inv);
+    }
+  }
+  cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
+}
+
 // Split-KV factor (cluster size) for `ctas` CTAs at contexts up to max_context keys: ~2 waves,
 // >= kMinKeysPerSplit keys a split; MOELORA_ATTN_SPLITS forces it; 1 before sm_90.
 int attention_splits(int64_t ctas, int64_t max_context);
 
-// The GQA kernel: returns false (launching nothing) when the call does not qualify (float32,
+// The tensor-core GQA kernel (paged_attention_mma.cu): returns false (launching nothing) when
+// the call does not qualify (float32, head_dim not 64 or 128, more than 16 query heads per KV
+// head, pages or rows not 16-byte aligned).
+bool launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                cudaStream_t stream);
+
+// The CUDA-core GQA kernel: returns false (launching nothing) when the call does not qualify (float32,
 // head_dim * element size not 8, 16 or 32 16-byte vectors, more than 8 query heads per KV head,
 // pages not 16-byte aligned).
 bool launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_tokens,

@@ -157,11 +157,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_gqa_kernel(co
       fold<T>(st[r], m2, l2, acc2);
     }
   }
-  if (group == 0) {
+  if (group == 0) {  // into the shared merge's log2 domain
 #pragma unroll
     for (int r = 0; r < MAXR; ++r) {
       if (vec == 0) {
-        warp_state[warp][r][0] = st[r].m;
+        warp_state[warp][r][0] = st[r].m * kLog2e;
         warp_state[warp][r][1] = st[r].l;
       }
 #pragma unroll
@@ -169,51 +169,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_gqa_kernel(co
     }
   }
   __syncthreads();
-
-  // The 4 warps into the CTA's state, one (head, dim) per thread and step.
-  for (int idx = threadIdx.x; idx < MAXR * D; idx += blockDim.x) {
-    const int r = idx / D, d = idx % D;
-    float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) m = fmaxf(m, warp_state[w][r][0]);
-    float l = 0.0f, acc = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
-      const float mw = warp_state[w][r][0];
-      const float f = mw == -INFINITY ? 0.0f : __expf(mw - m);
-      l += warp_state[w][r][1] * f;
-      acc += warp_state[w][r][2 + d] * f;
-    }
-    if (d == 0) {
-      cta_state[r][0] = m;
-      cta_state[r][1] = l;
-    }
-    cta_state[r][2 + d] = acc;
-  }
-  cluster.sync();  // every CTA state is written (a CTA barrier without a cluster)
-
-  if (split == 0) {  // the S states with the sinks, in rank order
-    for (int idx = threadIdx.x; idx < ratio * D; idx += blockDim.x) {
-      const int r = idx / D, d = idx % D;
-      const int h = kv_head * ratio + r;
-      const float sink = a.sinks != nullptr ? a.sinks[h * a.sinks_stride] : -INFINITY;
-      float big = sink;
-      for (int s = 0; s < splits; ++s) big = fmaxf(big, cluster.peer(&cta_state[0][0], s)[r * (2 + D)]);
-      float denominator = a.sinks != nullptr ? __expf(sink - big) : 0.0f;
-      float sum = 0.0f;
-      for (int s = 0; s < splits; ++s) {
-        const float* state = cluster.peer(&cta_state[0][0], s) + r * (2 + D);
-        if (state[0] == -INFINITY) continue;
-        const float f = __expf(state[0] - big);
-        denominator += state[1] * f;
-        sum += state[2 + d] * f;
-      }
-      const float inv = keys.num_keys > 0 && denominator > 0.0f ? 1.0f / denominator : 0.0f;
-      T* o = static_cast<T*>(a.out) + t * a.out_s0 + h * a.out_s1;
-      o[d] = detail::from_f32<T>(sum * inv);
-    }
-  }
-  cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
+  merge_warp_states(&warp_state[0][0][0], kAttnWarps, MAXR, &cta_state[0][0], ratio, D);
+  store_cluster_states<T>(cluster, &cta_state[0][0], a, t, kv_head, ratio, keys.num_keys > 0);
 }
 
 template <typename T, int LANES>

@@ -286,14 +286,16 @@ ATTN_TOLERANCE = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "gqa,head_dim,window,use_sinks",
-    [(1, 64, 0, False), (8, 64, 0, True), (4, 128, 100, False), (1, 36, 7, True)],
+    [(1, 64, 0, False), (8, 64, 0, True), (4, 128, 100, False), (1, 36, 7, True),
+     (16, 128, 0, True), (5, 64, 33, False)],
 )
-@pytest.mark.parametrize("kernel", ["per_head", "gqa"])
+@pytest.mark.parametrize("kernel", ["per_head", "gqa", "mma"])
 def test_gpu_kv_cache_and_paged_attention(monkeypatch, kernel, dtype, gqa, head_dim, window,
                                           use_sinks):
     # decode tokens and chunked-prefill chunks (several trailing positions of one sequence);
-    # kernel gqa: paged_attention_gqa.cu where the layout qualifies (head_dim 36 does not: the
-    # call falls back to the per-head kernel)
+    # kernel gqa / mma: paged_attention_gqa.cu / paged_attention_mma.cu where the layout
+    # qualifies, else the next kernel of the chain (head_dim 36: per-head; 16 query heads per
+    # KV head: mma only)
     monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
     check_paged_attention(dtype, gqa, head_dim, window, use_sinks, [1, 37, 16, 300, 1100],
                           [1, 9, 1, 20, 3])
@@ -301,7 +303,8 @@ def test_gpu_kv_cache_and_paged_attention(monkeypatch, kernel, dtype, gqa, head_
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window,use_sinks", [(0, False), (0, True), (3000, True)])
-@pytest.mark.parametrize("kernel,gqa", [("per_head", 1), ("gqa", 1), ("gqa", 4)])
+@pytest.mark.parametrize("kernel,gqa", [("per_head", 1), ("gqa", 1), ("gqa", 4), ("mma", 1),
+                                        ("mma", 8)])
 def test_gpu_paged_attention_splits_long_contexts(monkeypatch, kernel, gqa, dtype, window,
                                                   use_sinks):
     # few (token, head) pairs over long contexts: the kernel splits the keys over a cluster
@@ -312,24 +315,33 @@ def test_gpu_paged_attention_splits_long_contexts(monkeypatch, kernel, gqa, dtyp
     assert torch.equal(first, again)
 
 
-def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chunks):
+@pytest.mark.parametrize("kernel", ["per_head", "gqa", "mma"])
+def test_gpu_paged_attention_odd_page_size(monkeypatch, kernel):
+    # 7 tokens a page: tiles and split ranges straddle pages at every offset
+    monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
+    check_paged_attention(torch.bfloat16, 4, 128, 0, True, [1, 37, 700], [1, 3, 2],
+                          block_tokens=7)
+
+
+def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chunks,
+                          block_tokens=BLOCK_TOKENS):
     """kv_cache_write + paged_attention on the GPU against the CPU op and the float64
     reference; the last `chunks[s]` positions of sequence s are queried. Returns the output."""
     gen = torch.Generator().manual_seed(head_dim + gqa + window)
     num_kv_heads = 2
     num_heads = num_kv_heads * gqa
-    max_blocks = max(-(-n // BLOCK_TOKENS) for n in seq_lens) + 1
-    num_pages = sum(-(-n // BLOCK_TOKENS) for n in seq_lens) + 5
-    page_bytes = ops.kv_page_bytes_needed(BLOCK_TOKENS, num_kv_heads, head_dim, dtype) + 256
+    max_blocks = max(-(-n // block_tokens) for n in seq_lens) + 1
+    num_pages = sum(-(-n // block_tokens) for n in seq_lens) + 5
+    page_bytes = ops.kv_page_bytes_needed(block_tokens, num_kv_heads, head_dim, dtype) + 256
     pages = torch.randperm(num_pages, generator=gen).tolist()
     block_table = torch.full((len(seq_lens), max_blocks), -1, dtype=torch.int32)
     keys, values, slots = [], [], []
     for s, n in enumerate(seq_lens):
-        for b in range(-(-n // BLOCK_TOKENS)):
+        for b in range(-(-n // block_tokens)):
             block_table[s, b] = pages.pop()
         keys.append(torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype))
         values.append(torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype))
-        slots += [int(block_table[s, j // BLOCK_TOKENS]) * BLOCK_TOKENS + j % BLOCK_TOKENS for j in range(n)]
+        slots += [int(block_table[s, j // block_tokens]) * block_tokens + j % block_tokens for j in range(n)]
     order = torch.randperm(len(slots), generator=gen)
     k_in = torch.cat([torch.cat(keys)[order], torch.zeros(1, num_kv_heads, head_dim, dtype=dtype)])
     v_in = torch.cat([torch.cat(values)[order], torch.zeros(1, num_kv_heads, head_dim, dtype=dtype)])
@@ -340,7 +352,7 @@ def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chu
     for dev in ("cpu", "cuda"):
         arena = torch.full((num_pages * page_bytes,), 0xFF, dtype=torch.uint8, device=dev)
         cache = ops.make_kv_cache_view(
-            arena, page_bytes=page_bytes, block_tokens=BLOCK_TOKENS, num_kv_heads=num_kv_heads,
+            arena, page_bytes=page_bytes, block_tokens=block_tokens, num_kv_heads=num_kv_heads,
             head_dim=head_dim, dtype=dtype,
         )
         ops.kv_cache_write(k_strided.to(dev), v_in.to(dev), slot_mapping.to(dev), cache)

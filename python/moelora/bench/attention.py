@@ -6,12 +6,12 @@ default), bf16 KV pages scattered at random in the arena. Prints one JSON line p
 median GPU time of a CUDA-graph replay with L2 flushed before each (attention_us) and the
 roofline: K and V bytes read / 4.2 TB/s (the H200's measured copy rate). The baseline is the
 same command with MOELORA_ATTN_SPLITS=1 (no split-KV: the kernel before it had split-KV; the
-variable is read once per process, hence two runs; the record's `splits` says which), and
-MOELORA_ATTN_KERNEL=gqa times the GQA kernel (one CTA per KV head; `kernel` in the record).
+variable is read once per process, hence two runs; the record's `splits` says which).
+--kernels times each kernel of the chain in one process (`kernel` in the record: mma =
+tensor-core GQA, gqa = CUDA-core GQA, per_head = one CTA per query head; auto = the default).
 
-    python -m moelora.bench.attention --out bench/results/h200-attention.jsonl
-    MOELORA_ATTN_SPLITS=1 python -m moelora.bench.attention --out ...
-    MOELORA_ATTN_KERNEL=gqa python -m moelora.bench.attention --out ...
+    python -m moelora.bench.attention --kernels mma gqa per_head --out bench/results/h200-attention.jsonl
+    MOELORA_ATTN_SPLITS=1 python -m moelora.bench.attention --kernels per_head --out ...
 """
 
 from __future__ import annotations
@@ -36,12 +36,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-tokens", type=int, default=16)
+    parser.add_argument("--kernels", nargs="+", default=["auto"],
+                        choices=["auto", "mma", "gqa", "per_head"],
+                        help="MOELORA_ATTN_KERNEL values to time, one record each")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     return parser
 
 
-def _case(context: int, batch: int, args, flush) -> dict:
+def _case(context: int, batch: int, kernel: str, args, flush) -> dict:
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     blocks = -(-context // args.block_tokens)
@@ -66,6 +69,7 @@ def _case(context: int, batch: int, args, flush) -> dict:
         ops.paged_attention(query, query_seq, query_pos, block_table, seq_lens, cache, scale,
                             out=out)
 
+    os.environ["MOELORA_ATTN_KERNEL"] = kernel  # read per call, so at capture
     graph = graph_of(run)
     us = median_event_us(graph.replay, args.iters, flush)
     kv_bytes = 2 * batch * context * args.num_kv_heads * args.head_dim * 2
@@ -73,7 +77,7 @@ def _case(context: int, batch: int, args, flush) -> dict:
             "context": context, "batch": batch, "num_heads": args.num_heads,
             "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
             "splits": os.environ.get("MOELORA_ATTN_SPLITS", "auto"),
-            "kernel": os.environ.get("MOELORA_ATTN_KERNEL", "auto"),
+            "kernel": kernel,
             "attention_us": round(us, 2), "roofline_us": round(kv_bytes / HBM_BYTES_PER_US, 2),
             "roofline_fraction": round(kv_bytes / HBM_BYTES_PER_US / us, 3)}
 
@@ -87,10 +91,11 @@ def main(argv=None) -> int:
     try:
         for context in args.context_lens:
             for batch in args.batches:
-                record = _case(context, batch, args, flush)
-                print(json.dumps(record), flush=True)
-                if out_file:
-                    out_file.write(json.dumps(record) + "\n")
+                for kernel in args.kernels:
+                    record = _case(context, batch, kernel, args, flush)
+                    print(json.dumps(record), flush=True)
+                    if out_file:
+                        out_file.write(json.dumps(record) + "\n")
     finally:
         if out_file:
             out_file.close()

@@ -1,0 +1,294 @@
+// paged_attention, tensor-core GQA form (the default where it qualifies): a cluster of S CTAs
+// (split-KV) per (query token, KV head) serves the `ratio` (<= 16) query heads that share the KV
+// head with mma.sync m16n8k16, the query heads as the 16 rows of M.
+//
+// Why: the CUDA-core GQA kernel (paged_attention_gqa.cu) spends ~2 * ratio fp32 FMAs per K/V
+// element plus conversions and shuffles per key (at 8 query heads per KV head that is about the
+// H200's fp32 rate at HBM speed), keeps ~16 KB per CTA in flight and waits for each block-table
+// read before the K/V loads behind it. Here:
+//   - keys come in tiles of 64 (16 per warp) through a 3-stage cp.async pipeline: the K and V
+//     rows of the KV head, 16-byte chunks XOR-swizzled by (row & 7) so ldmatrix is free of bank
+//     conflicts; keys past the split's range or in block-table holes are zero-filled and
+//     flagged invalid;
+//   - the block-table entries of a tile are read one pipeline step before its copies are issued,
+//     so the lookup's latency hides behind a tile of compute;
+//   - per tile a warp computes S = Q K^T for its 16 keys (Q fragments live in registers; rows
+//     >= ratio are zero), the online softmax in the log2 domain (row max over a quad of lanes,
+//     one rescale per tile), then O += P V with P re-packed from the S accumulators as the A
+//     operand (FlashAttention-2's register hand-over); P is rounded to T for that mma, the
+//     denominator sums it in fp32;
+//   - the 4 warps' states, then the S CTAs', merge through paged_attention.cuh (CTA 0, fixed
+//     order, sinks added once).
+// Template space: T in {half, bf16} x D in {64, 128}. Shared memory: 3 stages of 64 keys x
+// (K + V) rows, 48 KB (D = 64) / 96 KB (D = 128), reused for the warps' states at the end, plus
+// the CTA's merged state (8 KB at D = 128) read by CTA 0 of the cluster.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cluster.cuh"
+#include "common.cuh"
+#include "paged_attention.cuh"
+#include "ptx.cuh"
+
+namespace moelora::cuda {
+
+namespace {
+
+using namespace ptx;  // NOLINT: the PTX wrappers read best unqualified here
+
+constexpr int kThreads = kAttnWarps * 32;
+constexpr int kTileKeys = 16 * kAttnWarps;  // keys per pipeline step, 16 per warp
+constexpr int kStages = 3;
+constexpr int kRows = 16;  // M: the query heads of one KV head, zero-padded
+
+template <int D>
+struct TileShape {
+  static constexpr int kRowBytes = D * 2;
+  static constexpr int kVecs = D / 8;                       // 16-byte chunks of a row
+  static constexpr int kKeysPerPass = kThreads / kVecs;     // rows one copy pass covers
+  static constexpr int kPasses = kTileKeys / kKeysPerPass;  // copy passes per tile (K and V)
+  static constexpr int kTileBytes = kTileKeys * kRowBytes;  // K (or V) of one tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kAttnWarps * kRows * (2 + D) * 4 <= kSmemBytes, "warp states reuse the stages");
+};
+
+// Byte offset of 16-byte chunk `ch` of row `row` in a tile of D-element rows.
+template <int D>
+__device__ __forceinline__ uint32_t swz(int row, int ch) {
+  return static_cast<uint32_t>(row * TileShape<D>::kRowBytes + ((ch ^ (row & 7)) << 4));
+}
+
+// Elements col and col + 1 of query head row r as a packed pair (zero for r >= ratio).
+template <typename T>
+__device__ __forceinline__ uint32_t query_pair(const T* q, int r, int ratio, int64_t head_stride,
+                                               int col) {
+  if (r >= ratio) return 0u;
+  uint16_t lo, hi;
+  memcpy(&lo, q + r * head_stride + col, 2);
+  memcpy(&hi, q + r * head_stride + col + 1, 2);
+  return lo | (static_cast<uint32_t>(hi) << 16);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(const AttnArgs a) {
+  using Shape = TileShape<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float cta_state[kRows][2 + D];  // read by CTA 0 of the cluster
+  __shared__ bool key_valid[kStages][kTileKeys];
+  const Cluster cluster;
+  const int64_t t = blockIdx.x / cluster.size();
+  const int kv_head = blockIdx.y;
+  const int ratio = a.num_heads / a.kv.num_kv_heads;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const KeyRange keys = key_range(a, t, cluster.rank(), cluster.size());
+  const int my_keys = static_cast<int>(detail::max64(0, keys.my_last - keys.my_first + 1));
+  const int num_tiles = (my_keys + kTileKeys - 1) / kTileKeys;
+
+  // Q as A fragments: rows lane/4 and lane/4 + 8, columns (lane%4)*2 (+1, +8, +9) of each k16.
+  uint32_t qa[D / 16][4];
+  {
+    const T* q = static_cast<const T*>(a.query) + t * a.query_s0 +
+                 int64_t{kv_head} * ratio * a.query_s1;
+    const int r0 = lane >> 2, col = (lane & 3) * 2;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      qa[ks][0] = query_pair(q, r0, ratio, a.query_s1, 16 * ks + col);
+      qa[ks][1] = query_pair(q, r0 + 8, ratio, a.query_s1, 16 * ks + col);
+      qa[ks][2] = query_pair(q, r0, ratio, a.query_s1, 16 * ks + col + 8);
+      qa[ks][3] = query_pair(q, r0 + 8, ratio, a.query_s1, 16 * ks + col + 8);
+    }
+  }
+
+  // Copies: thread i moves chunk i % kVecs of rows i / kVecs + p * kKeysPerPass of each tile.
+  const int32_t* pages = a.block_table + (keys.seq >= 0 ? keys.seq : 0) * a.bt_s0;
+  const int copy_row = threadIdx.x / Shape::kVecs;
+  const int copy_vec = threadIdx.x % Shape::kVecs;
+  const int first = static_cast<int>(keys.my_first);
+  const int last = static_cast<int>(keys.my_last);
+  int page_of[Shape::kPasses];  // pages of this thread's rows in the next tile to issue; -1: none
+  auto lookup = [&](int tile) {
+#pragma unroll
+    for (int p = 0; p < Shape::kPasses; ++p) {
+      const int j = first + tile * kTileKeys + copy_row + p * Shape::kKeysPerPass;
+      page_of[p] = j <= last ? pages[(j / a.kv.block_tokens) * a.bt_s1] : -1;
+    }
+  };
+  auto issue = [&](int tile, int stage) {
+    const uint32_t k_base = smem_u32(smem + stage * Shape::kStageBytes);
+    const uint32_t v_base = k_base + Shape::kTileBytes;
+#pragma unroll
+    for (int p = 0; p < Shape::kPasses; ++p) {
+      const int row = copy_row + p * Shape::kKeysPerPass;
+      const int j = first + tile * kTileKeys + row;
+      const bool ok = page_of[p] >= 0;  // in the range and not a hole in the block table
+      const T* k_src = static_cast<const T*>(static_cast<const void*>(a.kv.arena));
+      const T* v_src = k_src;
+      if (ok) {
+        const int in_page = j % a.kv.block_tokens;
+        k_src = kv_row<T>(a.kv, page_of[p], in_page, kv_head, false) + copy_vec * 8;
+        v_src = kv_row<T>(a.kv, page_of[p], in_page, kv_head, true) + copy_vec * 8;
+      }
+      cp_async16(k_base + swz<D>(row, copy_vec), k_src, ok);
+      cp_async16(v_base + swz<D>(row, copy_vec), v_src, ok);
+      if (copy_vec == 0) key_valid[stage][row] = ok;
+    }
+  };
+
+  float o[D / 8][4];  // O rows lane/4 (0, 1) and lane/4 + 8 (2, 3) of the m16n8 tiles
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY};  // row max (log2 domain), quad-uniform
+  float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
+  const float scale_log2 = a.scale * kLog2e;
+
+  auto compute = [&](int stage) {
+    const uint32_t k_base = smem_u32(smem + stage * Shape::kStageBytes);
+    const uint32_t v_base = k_base + Shape::kTileBytes;
+    const int key0 = warp * 16;
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {  // B = K^T: matrices (keys 0-7 | 8-15) x (k lo | hi)
+      uint32_t b[4];
+      ldsm_x4(b, k_base + swz<D>(key0 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+      mma16816<T>(s[0], qa[ks], b[0], b[1]);
+      mma16816<T>(s[1], qa[ks], b[2], b[3]);
+    }
+    float p[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // h = 0: row lane/4 (elements 0, 1); 1: row lane/4 + 8
+      float x[2][2];
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int key = key0 + 8 * n + (lane & 3) * 2 + e;
+          x[n][e] = key_valid[stage][key] ? s[n][2 * h + e] * scale_log2 : -INFINITY;
+        }
+      }
+      float mx = fmaxf(fmaxf(x[0][0], x[0][1]), fmaxf(x[1][0], x[1][1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[h], mx);
+      const float base = m_new == -INFINITY ? 0.0f : m_new;  // no key yet: everything is 0
+      const float correction = exp2f(m[h] - base);
+      m[h] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          p[n][2 * h + e] = exp2f(x[n][e] - base);
+          sum += p[n][2 * h + e];
+        }
+      }
+      l[h] = l[h] * correction + sum;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * h] *= correction;
+        o[n][2 * h + 1] *= correction;
+      }
+    }
+    // P's m16n8 accumulators of keys 0-7 and 8-15 are the A fragment of one k16 step.
+    const uint32_t pa[4] = {pack2<T>(p[0][0], p[0][1]), pack2<T>(p[0][2], p[0][3]),
+                            pack2<T>(p[1][0], p[1][1]), pack2<T>(p[1][2], p[1][3])};
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {  // B = V: matrices (keys 0-7 | 8-15) x (dims 16c | +8)
+      uint32_t b[4];
+      ldsm_x4_trans(b, v_base + swz<D>(key0 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                       2 * c + (lane >> 4)));
+      mma16816<T>(o[2 * c], pa, b[0], b[1]);
+      mma16816<T>(o[2 * c + 1], pa, b[2], b[3]);
+    }
+  };
+
+  // The pipeline: tile it + 2 is issued while tile it is computed, and the pages of tile it + 3
+  // are looked up then (used one step later).
+  lookup(0);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) issue(s, s);
+    cp_async_commit();
+    lookup(s + 1);
+  }
+  for (int it = 0; it < num_tiles; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile it landed for everyone; stage (it - 1) % kStages is free
+    const int next = it + kStages - 1;
+    if (next < num_tiles) {
+      issue(next, next % kStages);
+      lookup(next + 1);
+    }
+    cp_async_commit();
+    compute(it % kStages);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the stages are free for the warps' states
+
+  float* warp_states = reinterpret_cast<float*>(smem);  // [warps][kRows][2 + D]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float row_sum = l[h];
+    row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 1);
+    row_sum += __shfl_xor_sync(0xffffffffu, row_sum, 2);
+    float* state = warp_states + (warp * kRows + (lane >> 2) + 8 * h) * (2 + D);
+    if ((lane & 3) == 0) {
+      state[0] = m[h];
+      state[1] = row_sum;
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      state[2 + 8 * n + (lane & 3) * 2] = o[n][2 * h];
+      state[2 + 8 * n + (lane & 3) * 2 + 1] = o[n][2 * h + 1];
+    }
+  }
+  __syncthreads();
+  merge_warp_states(warp_states, kAttnWarps, kRows, &cta_state[0][0], ratio, D);
+  store_cluster_states<T>(cluster, &cta_state[0][0], a, t, kv_head, ratio, keys.num_keys > 0);
+}
+
+template <typename T, int D>
+void launch(const AttnArgs& a, dim3 grid, int splits, cudaStream_t stream) {
+  const auto kernel = paged_attention_mma_kernel<T, D>;
+  // Over the default 48 KB of dynamic shared memory at D = 128; cheap, legal during capture.
+  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          TileShape<D>::kSmemBytes));
+  launch_in_clusters(kernel, grid, dim3(kThreads), TileShape<D>::kSmemBytes, stream, splits, a);
+}
+
+template <typename T>
+void launch_for_head_dim(const AttnArgs& a, dim3 grid, int splits, cudaStream_t stream) {
+  if (a.kv.head_dim == 64) {
+    launch<T, 64>(a, grid, splits, stream);
+  } else {
+    launch<T, 128>(a, grid, splits, stream);
+  }
+}
+
+}  // namespace
+
+bool launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                cudaStream_t stream) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  if (detail::compute_capability_major() < 8) return false;  // mma.sync bf16, cp.async
+  if (a.kv.head_dim != 64 && a.kv.head_dim != 128) return false;
+  if (a.kv.num_kv_heads <= 0 || a.num_heads % a.kv.num_kv_heads != 0) return false;
+  if (a.num_heads / a.kv.num_kv_heads > kRows) return false;
+  if (!detail::aligned16(a.kv.arena) || a.kv.page_bytes % 16 != 0) return false;
+  // key positions are int32 inside the kernel
+  if (a.max_blocks_per_seq * int64_t{a.kv.block_tokens} > (int64_t{1} << 30)) return false;
+  const int splits = attention_splits(num_tokens * a.kv.num_kv_heads,
+                                      a.max_blocks_per_seq * int64_t{a.kv.block_tokens});
+  const dim3 grid(static_cast<unsigned>(num_tokens * splits),
+                  static_cast<unsigned>(a.kv.num_kv_heads));
+  if (dtype == DType::kFloat16) {
+    launch_for_head_dim<__half>(a, grid, splits, stream);
+  } else {
+    launch_for_head_dim<__nv_bfloat16>(a, grid, splits, stream);
+  }
+  return true;
+}
+
+}  // namespace moelora::cuda
