@@ -10,7 +10,8 @@
 // order); the set of pairs of every block, and every per-row result downstream, is the same.
 // Pairs with slot -1 (base model) are left out; out-of-range slot or expert ids are skipped too
 // (the GPU cannot throw; the CPU reference reports them).
-// Cost: O(P / 1024 + G / 1024) steps of one CTA; at decode (a few pairs) it is launch-bound.
+// Cost: O(P / 8192 + G / 1024) memory latencies of one CTA (each thread loads 8 pairs' ids
+// before its atomics); at decode (a few pairs) it is launch-bound.
 #include "common.cuh"
 #include "kernels/dispatch.h"
 
@@ -20,6 +21,7 @@ namespace {
 
 constexpr int kAlignThreads = 1024;
 constexpr int kMaxSmemGroups = 40 * 1024;  // 160 KB of shared counters at most
+constexpr int kPairsPerStep = 8;           // pairs a thread loads before counting / placing any
 
 struct AlignArgs {
   const int32_t* topk_ids;  // [T, K] strides (topk_stride0, topk_stride1); null = dense
@@ -40,17 +42,32 @@ struct AlignArgs {
   int32_t* global_counts;  // [G] when the counters do not fit in shared memory, else null
 };
 
-// Group of pair p, or -1 when the pair is skipped.
-__device__ __forceinline__ int32_t pair_group(const AlignArgs& a, int64_t p) {
-  const int64_t t = p / a.top_k;
-  const int32_t slot = a.token_slot[t * a.slot_stride];
+// Group of pair p, or -1 when the pair is skipped. 32-bit division: pair ids are int32 (the
+// host checks), and a 64-bit one is a ~100-instruction subroutine, which made this kernel
+// instruction-bound (76 us at 32768 pairs on the H200, ncu).
+__device__ __forceinline__ int32_t pair_group(const AlignArgs& a, uint32_t p) {
+  const uint32_t t = p / static_cast<uint32_t>(a.top_k);
+  const uint32_t k = p - t * static_cast<uint32_t>(a.top_k);
+  const int32_t slot = a.token_slot[int64_t{t} * a.slot_stride];
   if (slot < 0 || slot >= a.num_slots) return -1;
   int32_t expert = 0;
   if (a.topk_ids != nullptr) {
-    expert = a.topk_ids[t * a.topk_stride0 + (p % a.top_k) * a.topk_stride1];
+    expert = a.topk_ids[int64_t{t} * a.topk_stride0 + int64_t{k} * a.topk_stride1];
     if (expert < 0 || expert >= a.num_experts) return -1;
   }
   return slot * a.num_experts + expert;
+}
+
+// Groups of pairs base + u * blockDim.x (u < kPairsPerStep; -1 past num_pairs): the loads of all
+// of them are issued before any atomic uses one, so a pass over the pairs costs P / (1024 * 8)
+// memory latencies instead of P / 1024.
+__device__ __forceinline__ void pair_groups(const AlignArgs& a, int64_t base, int64_t num_pairs,
+                                            int32_t (&g)[kPairsPerStep]) {
+#pragma unroll
+  for (int u = 0; u < kPairsPerStep; ++u) {
+    const int64_t p = base + int64_t{u} * blockDim.x;
+    g[u] = p < num_pairs ? pair_group(a, static_cast<uint32_t>(p)) : -1;
+  }
 }
 
 // Exclusive scan of one value per thread over the CTA; returns the prefix, sets *total.
@@ -99,9 +116,14 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   }
   __syncthreads();
 
-  for (int64_t p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    const int32_t g = pair_group(a, p);
-    if (g >= 0) atomicAdd(&counts[g], 1);
+  const int64_t stride = int64_t{blockDim.x} * kPairsPerStep;
+  for (int64_t base = threadIdx.x; base < num_pairs; base += stride) {
+    int32_t g[kPairsPerStep];
+    pair_groups(a, base, num_pairs, g);
+#pragma unroll
+    for (int u = 0; u < kPairsPerStep; ++u) {
+      if (g[u] >= 0) atomicAdd(&counts[g[u]], 1);
+    }
   }
   __syncthreads();
 
@@ -126,11 +148,18 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   }
   __syncthreads();
 
-  for (int64_t p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    const int32_t g = pair_group(a, p);
-    if (g < 0) continue;
-    const int64_t row = atomicAdd(&counts[g], 1);
-    if (row < a.sorted_len) a.sorted_pairs[row * a.sorted_stride] = static_cast<int32_t>(p);
+  for (int64_t base = threadIdx.x; base < num_pairs; base += stride) {
+    int32_t g[kPairsPerStep];
+    pair_groups(a, base, num_pairs, g);
+    int64_t row[kPairsPerStep];
+#pragma unroll
+    for (int u = 0; u < kPairsPerStep; ++u) row[u] = g[u] >= 0 ? atomicAdd(&counts[g[u]], 1) : -1;
+#pragma unroll
+    for (int u = 0; u < kPairsPerStep; ++u) {
+      if (row[u] >= 0 && row[u] < a.sorted_len) {
+        a.sorted_pairs[row[u] * a.sorted_stride] = static_cast<int32_t>(base + u * blockDim.x);
+      }
+    }
   }
 }
 

@@ -38,9 +38,12 @@ namespace {
 using namespace ptx;  // NOLINT: the PTX wrappers read best unqualified here
 
 constexpr int kThreads = kAttnWarps * 32;
-constexpr int kTileKeys = 16 * kAttnWarps;  // keys per pipeline step, 16 per warp
+constexpr int kWarpKeys = 32;                       // keys of a tile one warp computes on
+constexpr int kTileKeys = kWarpKeys * kAttnWarps;   // keys per pipeline step: one per thread
 constexpr int kStages = 3;
-constexpr int kRows = 16;  // M: the query heads of one KV head, zero-padded
+constexpr int kOffsetSlots = 4;  // key-offset ring: tiles it .. it + 3 live at step it
+constexpr int kRows = 16;        // M: the query heads of one KV head, zero-padded
+static_assert(kTileKeys == kThreads, "each thread resolves one key of a tile");
 
 template <int D>
 struct TileShape {
@@ -76,7 +79,9 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(const Att
   using Shape = TileShape<D>;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float cta_state[kRows][2 + D];  // read by CTA 0 of the cluster
-  __shared__ bool key_valid[kStages][kTileKeys];
+  // Byte offset in the arena of each key's K row for this KV head (V: + half a page); -1 for
+  // keys past the split's range or in block-table holes (copied as zeros, masked).
+  __shared__ int64_t key_offset[kOffsetSlots][kTileKeys];
   const Cluster cluster;
   const int64_t t = blockIdx.x / cluster.size();
   const int kv_head = blockIdx.y;
@@ -102,38 +107,41 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(const Att
     }
   }
 
-  // Copies: thread i moves chunk i % kVecs of rows i / kVecs + p * kKeysPerPass of each tile.
+  // Key resolution, one key of a tile per thread: the block-table entry is loaded early
+  // (page_of) and its offset stored late (store_offset), so the load's latency overlaps a
+  // tile of compute.
   const int32_t* pages = a.block_table + (keys.seq >= 0 ? keys.seq : 0) * a.bt_s0;
-  const int copy_row = threadIdx.x / Shape::kVecs;
-  const int copy_vec = threadIdx.x % Shape::kVecs;
   const int first = static_cast<int>(keys.my_first);
   const int last = static_cast<int>(keys.my_last);
-  int page_of[Shape::kPasses];  // pages of this thread's rows in the next tile to issue; -1: none
-  auto lookup = [&](int tile) {
-#pragma unroll
-    for (int p = 0; p < Shape::kPasses; ++p) {
-      const int j = first + tile * kTileKeys + copy_row + p * Shape::kKeysPerPass;
-      page_of[p] = j <= last ? pages[(j / a.kv.block_tokens) * a.bt_s1] : -1;
-    }
+  const int64_t head_bytes = int64_t{kv_head} * D * 2;
+  const int64_t token_bytes = int64_t{a.kv.num_kv_heads} * D * 2;
+  auto page_of = [&](int tile, int& in_page) -> int {
+    const int j = first + tile * kTileKeys + static_cast<int>(threadIdx.x);
+    if (j > last) return -1;
+    const int block = j / a.kv.block_tokens;
+    in_page = j - block * a.kv.block_tokens;
+    return pages[block * a.bt_s1];
   };
+  auto store_offset = [&](int tile, int page, int in_page) {
+    key_offset[tile % kOffsetSlots][threadIdx.x] =
+        page >= 0 ? page * a.kv.page_bytes + in_page * token_bytes + head_bytes : -1;
+  };
+  const int64_t value_bytes = a.kv.half_page_elems * 2;
+  // Copies: thread i moves chunk i % kVecs of rows i / kVecs + p * kKeysPerPass of a tile.
+  const int copy_row = threadIdx.x / Shape::kVecs;
+  const int copy_vec = threadIdx.x % Shape::kVecs;
   auto issue = [&](int tile, int stage) {
     const uint32_t k_base = smem_u32(smem + stage * Shape::kStageBytes);
-    const uint32_t v_base = k_base + Shape::kTileBytes;
+    const int64_t* offsets = key_offset[tile % kOffsetSlots];
 #pragma unroll
     for (int p = 0; p < Shape::kPasses; ++p) {
       const int row = copy_row + p * Shape::kKeysPerPass;
-      const int j = first + tile * kTileKeys + row;
-      const bool ok = page_of[p] >= 0;  // in the range and not a hole in the block table
-      const T* k_src = static_cast<const T*>(static_cast<const void*>(a.kv.arena));
-      const T* v_src = k_src;
-      if (ok) {
-        const int in_page = j % a.kv.block_tokens;
-        k_src = kv_row<T>(a.kv, page_of[p], in_page, kv_head, false) + copy_vec * 8;
-        v_src = kv_row<T>(a.kv, page_of[p], in_page, kv_head, true) + copy_vec * 8;
-      }
+      const int64_t offset = offsets[row];
+      const bool ok = offset >= 0;
+      const std::byte* k_src = a.kv.arena + (ok ? offset + copy_vec * 16 : 0);
       cp_async16(k_base + swz<D>(row, copy_vec), k_src, ok);
-      cp_async16(v_base + swz<D>(row, copy_vec), v_src, ok);
-      if (copy_vec == 0) key_valid[stage][row] = ok;
+      cp_async16(k_base + Shape::kTileBytes + swz<D>(row, copy_vec),
+                 ok ? k_src + value_bytes : k_src, ok);
     }
   };
 
@@ -144,85 +152,121 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(const Att
   float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
   const float scale_log2 = a.scale * kLog2e;
 
-  auto compute = [&](int stage) {
+  auto compute = [&](int tile, int stage) {
     const uint32_t k_base = smem_u32(smem + stage * Shape::kStageBytes);
     const uint32_t v_base = k_base + Shape::kTileBytes;
-    const int key0 = warp * 16;
-    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const int64_t* offsets = key_offset[tile % kOffsetSlots];
+    const int key0 = warp * kWarpKeys;
+    // S = Q K^T over the warp's 32 keys: 4 m16n8 tiles, two ldmatrix.x4 of K per k16 step
+    // (matrices: keys 0-7 | 8-15 of each 16 x (k lo | hi)).
+    float s[4][4];
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {  // B = K^T: matrices (keys 0-7 | 8-15) x (k lo | hi)
-      uint32_t b[4];
-      ldsm_x4(b, k_base + swz<D>(key0 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
-      mma16816<T>(s[0], qa[ks], b[0], b[1]);
-      mma16816<T>(s[1], qa[ks], b[2], b[3]);
+    for (int n = 0; n < 4; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t b[4];
+        ldsm_x4(b, k_base + swz<D>(key0 + 16 * half + (lane & 7) + ((lane >> 4) << 3),
+                                   2 * ks + ((lane >> 3) & 1)));
+        mma16816<T>(s[2 * half], qa[ks], b[0], b[1]);
+        mma16816<T>(s[2 * half + 1], qa[ks], b[2], b[3]);
+      }
     }
-    float p[2][4];
+    // Online softmax, log2 domain; rows lane/4 (h = 0: elements 0, 1) and lane/4 + 8 (h = 1).
+    bool valid[4][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // h = 0: row lane/4 (elements 0, 1); 1: row lane/4 + 8
-      float x[2][2];
+    for (int n = 0; n < 4; ++n) {
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+      for (int e = 0; e < 2; ++e) valid[n][e] = offsets[key0 + 8 * n + (lane & 3) * 2 + e] >= 0;
+    }
+    float correction[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int key = key0 + 8 * n + (lane & 3) * 2 + e;
-          x[n][e] = key_valid[stage][key] ? s[n][2 * h + e] * scale_log2 : -INFINITY;
+          s[n][2 * h + e] = valid[n][e] ? s[n][2 * h + e] * scale_log2 : -INFINITY;
+          mx = fmaxf(mx, s[n][2 * h + e]);
         }
       }
-      float mx = fmaxf(fmaxf(x[0][0], x[0][1]), fmaxf(x[1][0], x[1][1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[h], mx);
       const float base = m_new == -INFINITY ? 0.0f : m_new;  // no key yet: everything is 0
-      const float correction = exp2f(m[h] - base);
+      correction[h] = exp2f(m[h] - base);
       m[h] = m_new;
       float sum = 0.0f;
 #pragma unroll
-      for (int n = 0; n < 2; ++n) {
+      for (int n = 0; n < 4; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          p[n][2 * h + e] = exp2f(x[n][e] - base);
-          sum += p[n][2 * h + e];
+          s[n][2 * h + e] = exp2f(s[n][2 * h + e] - base);  // now p
+          sum += s[n][2 * h + e];
         }
       }
-      l[h] = l[h] * correction + sum;
+      l[h] = l[h] * correction[h] + sum;
+    }
+    // Once the running max settles (long contexts) the rescale is a no-op: skip it warp-wide.
+    if (__any_sync(0xffffffffu, correction[0] != 1.0f || correction[1] != 1.0f)) {
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
-        o[n][2 * h] *= correction;
-        o[n][2 * h + 1] *= correction;
+        o[n][0] *= correction[0];
+        o[n][1] *= correction[0];
+        o[n][2] *= correction[1];
+        o[n][3] *= correction[1];
       }
     }
-    // P's m16n8 accumulators of keys 0-7 and 8-15 are the A fragment of one k16 step.
-    const uint32_t pa[4] = {pack2<T>(p[0][0], p[0][1]), pack2<T>(p[0][2], p[0][3]),
-                            pack2<T>(p[1][0], p[1][1]), pack2<T>(p[1][2], p[1][3])};
+    // P's m16n8 accumulators of keys 16k..16k+7 and +8..+15 are the A fragment of k16 step k.
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      pa[k][0] = pack2<T>(s[2 * k][0], s[2 * k][1]);
+      pa[k][1] = pack2<T>(s[2 * k][2], s[2 * k][3]);
+      pa[k][2] = pack2<T>(s[2 * k + 1][0], s[2 * k + 1][1]);
+      pa[k][3] = pack2<T>(s[2 * k + 1][2], s[2 * k + 1][3]);
+    }
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) {  // B = V: matrices (keys 0-7 | 8-15) x (dims 16c | +8)
-      uint32_t b[4];
-      ldsm_x4_trans(b, v_base + swz<D>(key0 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                       2 * c + (lane >> 4)));
-      mma16816<T>(o[2 * c], pa, b[0], b[1]);
-      mma16816<T>(o[2 * c + 1], pa, b[2], b[3]);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, v_base + swz<D>(key0 + 16 * k + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                         2 * c + (lane >> 4)));
+        mma16816<T>(o[2 * c], pa[k], b[0], b[1]);
+        mma16816<T>(o[2 * c + 1], pa[k], b[2], b[3]);
+      }
     }
   };
 
-  // The pipeline: tile it + 2 is issued while tile it is computed, and the pages of tile it + 3
-  // are looked up then (used one step later).
-  lookup(0);
+  // The pipeline: at step it, tile it + 2 is issued, tile it computed, and the keys of tile
+  // it + 3 resolved (offsets stored after the compute, read after the next barrier).
+  {
+    int in_page[kStages] = {};
+    int page[kStages];
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) page[s] = page_of(s, in_page[s]);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) store_offset(s, page[s], in_page[s]);
+  }
+  __syncthreads();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_tiles) issue(s, s);
     cp_async_commit();
-    lookup(s + 1);
   }
   for (int it = 0; it < num_tiles; ++it) {
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile it landed for everyone; stage (it - 1) % kStages is free
+    __syncthreads();  // tile it landed; stage (it - 1) % kStages and its offsets are free
     const int next = it + kStages - 1;
-    if (next < num_tiles) {
-      issue(next, next % kStages);
-      lookup(next + 1);
-    }
+    if (next < num_tiles) issue(next, next % kStages);
     cp_async_commit();
-    compute(it % kStages);
+    int in_page = 0;
+    const int page = next + 1 < num_tiles ? page_of(next + 1, in_page) : -1;
+    compute(it, it % kStages);
+    if (next + 1 < num_tiles) store_offset(next + 1, page, in_page);
   }
   cp_async_wait<0>();
   __syncthreads();  // the stages are free for the warps' states

@@ -3,6 +3,7 @@
 #include "moelora/ops.h"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -97,8 +98,11 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
   check_block_metadata(sorted_pairs, block_slot, block_expert, num_blocks, block_m, op,
                        "sorted_pairs");
   check_same_device(token_slot, sorted_pairs, op, "token_slot", "sorted_pairs");
-  const int64_t max_blocks =
-      moe_lora_align_max_blocks(token_slot.shape[0] * top_k, num_experts, num_slots, block_m);
+  const int64_t num_pairs = token_slot.shape[0] * top_k;
+  if (num_pairs > std::numeric_limits<int32_t>::max()) {  // sorted_pairs holds int32 pair ids
+    throw_invalid(op, "at most 2^31 - 1 (token, k) pairs, got " + std::to_string(num_pairs));
+  }
+  const int64_t max_blocks = moe_lora_align_max_blocks(num_pairs, num_experts, num_slots, block_m);
   if (block_slot.shape[0] < max_blocks) {
     throw_invalid(op, "block_slot must hold moe_lora_align_max_blocks = " +
                           std::to_string(max_blocks) + " blocks, got " + block_slot.describe());

@@ -1,0 +1,80 @@
+"""Why graph-replay times of one MoE layer's LoRA delta exceed the sum of its kernels' times:
+the same graph timed with CUDA events after a write flush of L2 (the benchmark's method), after
+a read flush (L2 evicted, nothing dirty), with a warm L2, and as the profiler's summed kernel
+durations (CUPTI) after a write flush. GPU only.
+
+    python3 tools/flush_study.py --cases gpt-oss-20b:512:4 mixtral-8x7b:128:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from moelora.bench.kernels import (
+    PRESETS,
+    SiteArena,
+    draw_slots,
+    graph_of,
+    make_layer_inputs,
+    make_lora_delta,
+    median_event_us,
+)
+from torch.profiler import ProfilerActivity, profile
+
+
+def kernel_sum_us(replay, iters, flush):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            flush.zero_()
+            replay()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and "lora" in e.name),
+                    key=lambda e: e.time_range.start)
+    per = len(events) // iters
+    sums = [sum(e.time_range.elapsed_us() for e in events[i * per:(i + 1) * per])
+            for i in range(iters)]
+    return statistics.median(sums), per
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", nargs="+", default=["gpt-oss-20b:512:4", "mixtral-8x7b:128:4",
+                                                        "qwen3-30b-a3b:1:4"])
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    for case in args.cases:
+        preset, tokens, adapters = case.split(":")
+        tokens, adapters = int(tokens), int(adapters)
+        hidden, inter, experts, top_k = PRESETS[preset]
+        arenas = [SiteArena(16, experts, 16, i, o, dtype, device)
+                  for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]
+        ranks = torch.full((16,), 16, dtype=torch.int32, device=device)
+        gen = torch.Generator(device=device).manual_seed(tokens)
+        ids, weights, x, h, h13, y = make_layer_inputs(preset, tokens, gen, device, dtype)
+        token_slot = draw_slots(tokens, adapters, "uniform", gen, device)
+        form = "unsorted" if tokens * top_k <= 256 else "grouped"
+        block_m = 16 if tokens * top_k / (adapters * experts) < 4 else 64
+        fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
+                             [arenas[0].view(ranks), arenas[1].view(ranks)],
+                             [arenas[2].view(ranks)], experts, 16, block_m, inter, form)
+        graph = graph_of(fn)
+        write = median_event_us(graph.replay, args.iters, flush)
+
+        class ReadFlush:
+            def zero_(self):
+                torch.amax(flush)  # reads all of it: L2 evicted, nothing left dirty
+
+        read = median_event_us(graph.replay, args.iters, ReadFlush())
+        warm = median_event_us(graph.replay, args.iters, None)
+        kernels, count = kernel_sum_us(graph.replay, args.iters, flush)
+        print(f"{case} {form} block_m={block_m}: events write-flush {write:.1f} read-flush "
+              f"{read:.1f} warm {warm:.1f} | profiler kernel sum {kernels:.1f} us "
+              f"({count} kernels)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
