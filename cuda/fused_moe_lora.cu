@@ -114,12 +114,27 @@ LoraArgs common_args(const TensorRef& input, int32_t input_pairs_per_row, const 
   return a;
 }
 
+// Blocks a grouped launch is sized for. max_blocks (the outputs' length) is the worst case over
+// every (slot, expert) group of the views, one padded block each; when the caller knows how many
+// slots the step uses (active_slots > 0), the same bound over those slots' groups. H200 (bench
+// NOTES, v3b): gpt-oss at 512 tokens, 4 adapters in 16-slot views, 272 -> 122 us, the mma
+// kernel's cluster split having been sized for 536 blocks where ~158 could exist. Only the grid
+// and split follow it: the kernels walk every block up to the device-side count.
+int64_t launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slots) {
+  if (active_slots <= 0) return max_blocks;
+  int64_t experts = 1;
+  for (int i = 0; i < a.num_slices; ++i) experts = std::max<int64_t>(experts, a.slices[i].num_experts);
+  const int64_t groups = std::max<int64_t>(1, std::min(a.num_pairs, active_slots * experts));
+  const int64_t bound = (a.num_pairs + groups * (a.block_m - 1)) / a.block_m;
+  return std::clamp<int64_t>(bound, 1, max_blocks);
+}
+
 void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
                 const TensorRef& topk_weights, const TensorRef& sorted_pairs,
                 const TensorRef& block_slot, const TensorRef& block_expert,
                 const TensorRef& num_blocks, int32_t block_m,
                 const std::vector<LoraSiteView>& slices, const std::vector<int64_t>& col_offsets,
-                void* stream_ptr) {
+                void* stream_ptr, int64_t active_slots) {
   cudaStream_t stream = detail::as_stream(stream_ptr);
   const int64_t max_blocks = block_slot.shape[0];
   LoraArgs a = common_args(input, input_pairs_per_row, output, topk_weights, slices, col_offsets);
@@ -136,10 +151,16 @@ void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const Tenso
   // Each specialised launcher may still decline (returns false); split-K takes anything.
   switch (choose_lora_kernel(a, input.dtype, vec)) {
     case LoraKernel::kMma:
-      if (launch_lora_mma(a, input.dtype, vec, max_blocks, stream)) return;
+      if (launch_lora_mma(a, input.dtype, vec, max_blocks,
+                          launch_blocks(a, max_blocks, active_slots), stream)) {
+        return;
+      }
       break;
     case LoraKernel::kCluster:
-      if (launch_lora_cluster(a, input.dtype, vec, max_blocks, stream)) return;
+      if (launch_lora_cluster(a, input.dtype, vec, max_blocks,
+                              launch_blocks(a, max_blocks, active_slots), stream)) {
+        return;
+      }
       break;
     case LoraKernel::kSplitK:
       break;
@@ -154,9 +175,10 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, int32_t block_m,
                     const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets, void* stream) {
+                    const std::vector<int64_t>& col_offsets, void* stream,
+                    int64_t active_slots) {
   lora_delta(input, input_pairs_per_row, output, topk_weights, sorted_pairs, block_slot,
-             block_expert, num_blocks, block_m, slices, col_offsets, stream);
+             block_expert, num_blocks, block_m, slices, col_offsets, stream, active_slots);
 }
 
 void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef& sorted_rows,
@@ -166,7 +188,7 @@ void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef
   const TensorRef no_weights{};
   const TensorRef expert_zero{};
   lora_delta(input, /*input_pairs_per_row=*/1, output, no_weights, sorted_rows, block_slot,
-             expert_zero, num_blocks, block_m, slices, col_offsets, stream);
+             expert_zero, num_blocks, block_m, slices, col_offsets, stream, /*active_slots=*/0);
 }
 
 }  // namespace moelora::cuda
@@ -193,7 +215,7 @@ void fused_moe_lora_unsorted(const TensorRef& input, int32_t input_pairs_per_row
     a.pair_expert_stride = 1;
   }
   if (!launch_lora_cluster(a, input.dtype, vectorization(a, input, output), a.num_pairs,
-                           detail::as_stream(stream))) {
+                           a.num_pairs, detail::as_stream(stream))) {
     throw InvalidArgument("fused_moe_lora_unsorted: the ranks of these slices need more shared "
                           "memory than one SM has; use moe_lora_align + fused_moe_lora");
   }

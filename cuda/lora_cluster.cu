@@ -496,7 +496,8 @@ struct ClusterShape {
 };
 
 template <typename T, int MT, int VEC>
-void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cudaStream_t stream) {
+void launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const ClusterShape& shape,
+            cudaStream_t stream) {
   const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
   const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -505,7 +506,7 @@ void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cud
   const int64_t per_item = int64_t{shape.cluster_size} * shape.column_groups;
   const int64_t max_clusters = std::max<int64_t>(1, shape.resident_ctas / per_item);
   const dim3 grid(static_cast<unsigned>(shape.cluster_size),
-                  static_cast<unsigned>(std::min({num_items, max_clusters, int64_t{65535}})),
+                  static_cast<unsigned>(std::min({launch_items, max_clusters, int64_t{65535}})),
                   static_cast<unsigned>(shape.column_groups));
   launch_in_clusters(kernel, grid, dim3(kThreads), static_cast<size_t>(layout.bytes), stream,
                      shape.cluster_size, a, num_items, shape.piece);
@@ -513,23 +514,23 @@ void launch(const LoraArgs& a, int64_t num_items, const ClusterShape& shape, cud
 }
 
 template <typename T, int VEC>
-void launch_for_rows(const LoraArgs& a, int64_t num_items, const ClusterShape& shape,
-                     cudaStream_t stream) {
+void launch_for_rows(const LoraArgs& a, int64_t num_items, int64_t launch_items,
+                     const ClusterShape& shape, cudaStream_t stream) {
   if (a.sorted_pairs == nullptr) {
-    launch<T, 1, VEC>(a, num_items, shape, stream);
+    launch<T, 1, VEC>(a, num_items, launch_items, shape, stream);
   } else {
-    launch<T, 4, VEC>(a, num_items, shape, stream);
+    launch<T, 4, VEC>(a, num_items, launch_items, shape, stream);
   }
 }
 
 // 16-byte vectors when every row and column range allows them, scalars otherwise.
 template <typename T>
 void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
-                       const ClusterShape& shape, cudaStream_t stream) {
+                       int64_t launch_items, const ClusterShape& shape, cudaStream_t stream) {
   if (vectorized) {
-    launch_for_rows<T, detail::kVec16<T>>(a, num_items, shape, stream);
+    launch_for_rows<T, detail::kVec16<T>>(a, num_items, launch_items, shape, stream);
   } else {
-    launch_for_rows<T, 1>(a, num_items, shape, stream);
+    launch_for_rows<T, 1>(a, num_items, launch_items, shape, stream);
   }
 }
 
@@ -567,17 +568,19 @@ ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_
 }  // namespace
 
 bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t num_items,
-                         cudaStream_t stream) {
+                         int64_t launch_items, cudaStream_t stream) {
   if (num_items <= 0) return true;
+  launch_items = std::clamp<int64_t>(launch_items, 1, num_items);
   const bool vectorized = vec.input && vec.output;
   const int elem_bytes = static_cast<int>(dtype_size(dtype));
   const int vec_bytes = vectorized ? 16 : elem_bytes;
   const int mt = a.sorted_pairs == nullptr ? 1 : 4;
   // One stage must hold at least one column vector with all its B^T rows (huge ranks: no).
   if (stage_vectors(a.rank_stride, mt, vec_bytes) < 1) return false;
-  const ClusterShape shape = choose_shape(a, num_items, mt, vec_bytes, elem_bytes);
+  const ClusterShape shape = choose_shape(a, launch_items, mt, vec_bytes, elem_bytes);
   if (SmemLayout::of(a, mt, shape.piece, elem_bytes).bytes > kMaxSmemBytes) return false;
-  MOELORA_DISPATCH_FLOAT(dtype, T, launch_for_layout<T>(a, vectorized, num_items, shape, stream));
+  MOELORA_DISPATCH_FLOAT(dtype, T, launch_for_layout<T>(a, vectorized, num_items, launch_items,
+                                                        shape, stream));
   return true;
 }
 

@@ -30,12 +30,15 @@ void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t
 
 // Either form; `num_items` = max_blocks (grouped) or num_pairs (unsorted). Any dtype and
 // layout; returns false (launching nothing) only when the ranks need more shared memory than
-// an SM has (sum of max ranks over slices in the thousands).
+// an SM has (sum of max ranks over slices in the thousands). `launch_items` (<= num_items) sizes
+// the grid and the cluster shape: the items expected to hold work (see lora_delta); the kernel
+// walks all num_items grid-stride, so results never depend on it.
 bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t num_items,
-                         cudaStream_t stream);
+                         int64_t launch_items, cudaStream_t stream);
 
 // Grouped form, 16-bit dtypes, full vectorization; returns false when the call does not qualify.
+// `launch_blocks` (<= max_blocks) sizes the grid and the cluster split, as for the cluster kernel.
 bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
-                     cudaStream_t stream);
+                     int64_t launch_blocks, cudaStream_t stream);
 
 }  // namespace moelora::cuda

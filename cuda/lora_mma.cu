@@ -466,15 +466,17 @@ int64_t cluster_split(const LoraArgs& a, const MmaPlan& plan, int64_t items0, in
 }
 
 template <typename T, int N>
-void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStream_t stream) {
+void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t launch_blocks,
+            cudaStream_t stream) {
   const int warps = static_cast<int>(std::clamp<int64_t>((a.block_m + 15) / 16, 1, kMaxWarps));
   const int rows = 16 * warps;
   const int64_t mtiles = (a.block_m + rows - 1) / rows;
-  const int64_t csplit = cluster_split(a, plan, max_blocks * mtiles, warps);
-  const int64_t items = max_blocks * mtiles * csplit;
-  // A multiple of csplit, so that a cluster's CTAs walk the same items grid-stride.
-  const unsigned grid =
-      static_cast<unsigned>(std::min<int64_t>(items, (int64_t{1} << 30) / csplit * csplit));
+  const int64_t csplit = cluster_split(a, plan, launch_blocks * mtiles, warps);
+  const int64_t items = max_blocks * mtiles * csplit;  // every item the outputs can hold
+  // Sized for launch_blocks; a multiple of csplit, so that a cluster's CTAs walk the same items
+  // grid-stride (up to the device-side block count: any grid is correct).
+  const unsigned grid = static_cast<unsigned>(
+      std::min<int64_t>(launch_blocks * mtiles * csplit, (int64_t{1} << 30) / csplit * csplit));
   const size_t smem = size_t{kStages} * (rows + N) * kRowBytes;
   // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
   // static shared memory (~2.6 KB of row tables), so 48 KB of stages (N = 64, 64 rows) already
@@ -490,16 +492,16 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, cudaStre
 
 template <typename T>
 void launch_bucket(const LoraArgs& a, const MmaPlan& plan, int widest, int64_t max_blocks,
-                   cudaStream_t stream) {
-  if (widest <= 32) launch<T, 32>(a, plan, max_blocks, stream);
-  else if (widest <= 64) launch<T, 64>(a, plan, max_blocks, stream);
-  else launch<T, 128>(a, plan, max_blocks, stream);
+                   int64_t launch_blocks, cudaStream_t stream) {
+  if (widest <= 32) launch<T, 32>(a, plan, max_blocks, launch_blocks, stream);
+  else if (widest <= 64) launch<T, 64>(a, plan, max_blocks, launch_blocks, stream);
+  else launch<T, 128>(a, plan, max_blocks, launch_blocks, stream);
 }
 
 }  // namespace
 
 bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
-                     cudaStream_t stream) {
+                     int64_t launch_blocks, cudaStream_t stream) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
   if (!vec.input || !vec.output || a.sorted_pairs == nullptr) return false;
   if (a.num_slices <= 0 || a.num_slices > kMaxSlices || a.block_m <= 0 || max_blocks <= 0) {
@@ -528,10 +530,11 @@ bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int6
   }
   plan.pass_begin[++plan.num_passes] = a.num_slices;
   if (widest == 0) return true;  // no slot has a rank anywhere: nothing to add
+  launch_blocks = std::clamp<int64_t>(launch_blocks, 1, max_blocks);
   if (dtype == DType::kFloat16) {
-    launch_bucket<__half>(a, plan, widest, max_blocks, stream);
+    launch_bucket<__half>(a, plan, widest, max_blocks, launch_blocks, stream);
   } else {
-    launch_bucket<__nv_bfloat16>(a, plan, widest, max_blocks, stream);
+    launch_bucket<__nv_bfloat16>(a, plan, widest, max_blocks, launch_blocks, stream);
   }
   return true;
 }

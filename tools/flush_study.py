@@ -1,7 +1,7 @@
 """Why graph-replay times of one MoE layer's LoRA delta exceed the sum of its kernels' times:
 the same graph timed with CUDA events after a write flush of L2 (the benchmark's method), after
 a read flush (L2 evicted, nothing dirty), with a warm L2, and as the profiler's summed kernel
-durations (CUPTI) after a write flush. GPU only.
+durations (CUPTI) after a write flush, per kernel, for graph replays and eager calls. GPU only.
 
     python3 tools/flush_study.py --cases gpt-oss-20b:512:4 mixtral-8x7b:128:4
 """
@@ -24,18 +24,32 @@ from moelora.bench.kernels import (
 from torch.profiler import ProfilerActivity, profile
 
 
+def eager_kernels(fn, iters, flush):
+    """Per-kernel median durations (profiler) of eager calls, in launch order."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize()
+    return per_kernel(prof, iters)
+
+
+def per_kernel(prof, iters):
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and "lora" in e.name),
+                    key=lambda e: e.time_range.start)
+    per = len(events) // iters
+    return [(events[k].name.split("(")[0][-40:],
+             round(statistics.median(events[i * per + k].time_range.elapsed_us()
+                                     for i in range(iters)), 1)) for k in range(per)]
+
+
 def kernel_sum_us(replay, iters, flush):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             flush.zero_()
             replay()
         torch.cuda.synchronize()
-    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and "lora" in e.name),
-                    key=lambda e: e.time_range.start)
-    per = len(events) // iters
-    sums = [sum(e.time_range.elapsed_us() for e in events[i * per:(i + 1) * per])
-            for i in range(iters)]
-    return statistics.median(sums), per
+    return per_kernel(prof, iters)
 
 
 def main() -> None:
@@ -43,6 +57,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["gpt-oss-20b:512:4", "mixtral-8x7b:128:4",
                                                         "qwen3-30b-a3b:1:4"])
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--slots", type=int, default=16, help="adapter slots in each arena")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
@@ -50,9 +65,9 @@ def main() -> None:
         preset, tokens, adapters = case.split(":")
         tokens, adapters = int(tokens), int(adapters)
         hidden, inter, experts, top_k = PRESETS[preset]
-        arenas = [SiteArena(16, experts, 16, i, o, dtype, device)
+        arenas = [SiteArena(args.slots, experts, 16, i, o, dtype, device)
                   for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]
-        ranks = torch.full((16,), 16, dtype=torch.int32, device=device)
+        ranks = torch.full((args.slots,), 16, dtype=torch.int32, device=device)
         gen = torch.Generator(device=device).manual_seed(tokens)
         ids, weights, x, h, h13, y = make_layer_inputs(preset, tokens, gen, device, dtype)
         token_slot = draw_slots(tokens, adapters, "uniform", gen, device)
@@ -60,7 +75,7 @@ def main() -> None:
         block_m = 16 if tokens * top_k / (adapters * experts) < 4 else 64
         fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
                              [arenas[0].view(ranks), arenas[1].view(ranks)],
-                             [arenas[2].view(ranks)], experts, 16, block_m, inter, form)
+                             [arenas[2].view(ranks)], experts, args.slots, block_m, inter, form)
         graph = graph_of(fn)
         write = median_event_us(graph.replay, args.iters, flush)
 
@@ -70,10 +85,9 @@ def main() -> None:
 
         read = median_event_us(graph.replay, args.iters, ReadFlush())
         warm = median_event_us(graph.replay, args.iters, None)
-        kernels, count = kernel_sum_us(graph.replay, args.iters, flush)
         print(f"{case} {form} block_m={block_m}: events write-flush {write:.1f} read-flush "
-              f"{read:.1f} warm {warm:.1f} | profiler kernel sum {kernels:.1f} us "
-              f"({count} kernels)", flush=True)
+              f"{read:.1f} warm {warm:.1f}\n  graph kernels {kernel_sum_us(graph.replay, args.iters, flush)}"
+              f"\n  eager kernels {eager_kernels(fn, args.iters, flush)}", flush=True)
 
 
 if __name__ == "__main__":

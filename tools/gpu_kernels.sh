@@ -29,7 +29,7 @@ pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_deco
 MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
   -k "fused_moe_lora or dense_lora" test_gpu_ops.py
 
-B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3"
+B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3b"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
   >> "$OUT/bench.log" 2>&1

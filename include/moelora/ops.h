@@ -54,7 +54,8 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, int32_t block_m,
                     const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets, void* stream);
+                    const std::vector<int64_t>& col_offsets, void* stream,
+                    int64_t active_slots = 0);
 
 // ---- fused_moe_lora without alignment (decode) -------------------------------------------------
 // The same delta as fused_moe_lora, for every pair p = t * K + k with slot = token_slot[t] and

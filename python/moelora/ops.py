@@ -88,10 +88,13 @@ def fused_moe_lora(
     *,
     input_pairs_per_row: int,
     topk_weights: torch.Tensor | None = None,
+    num_adapters: int | None = None,
 ) -> torch.Tensor:
     """output[p, col_i : col_i + out_i] += w[p] * (input[p // input_pairs_per_row] @ A_i^T) @ B_i^T.
 
-    In place on ``output``; returns it.
+    In place on ``output``; returns it. ``num_adapters``: distinct adapter slots among the pairs
+    (known on the host at schedule time; None: unknown) sizes the GPU launch to the blocks those
+    slots can fill rather than to every slot of the views (results do not depend on it).
     """
     _C.fused_moe_lora(
         as_ref(input),
@@ -106,6 +109,7 @@ def fused_moe_lora(
         list(slices),
         [int(c) for c in col_offsets],
         stream_handle(input.device),
+        int(num_adapters or 0),
     )
     return output
 

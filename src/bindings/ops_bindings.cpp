@@ -136,7 +136,8 @@ void register_ops(py::module_& m) {
                              const py::tuple& sorted_pairs, const py::tuple& block_slot,
                              const py::tuple& block_expert, const py::tuple& num_blocks,
                              int32_t block_m, const std::vector<LoraSiteView>& slices,
-                             const std::vector<int64_t>& col_offsets, uintptr_t stream) {
+                             const std::vector<int64_t>& col_offsets, uintptr_t stream,
+                             int64_t active_slots) {
     TensorRef in = to_tensor_ref(input, "input");
     TensorRef out = to_tensor_ref(output, "output");
     TensorRef weights = to_optional_tensor_ref(topk_weights, "topk_weights");
@@ -146,7 +147,7 @@ void register_ops(py::module_& m) {
     TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
     py::gil_scoped_release release;
     fused_moe_lora(in, input_pairs_per_row, out, weights, pairs, b_slot, b_expert, count, block_m,
-                   slices, col_offsets, stream_from_int(stream));
+                   slices, col_offsets, stream_from_int(stream), active_slots);
   });
 
   m.def("fused_moe_lora_unsorted", [](const py::tuple& input, int32_t input_pairs_per_row,

@@ -63,7 +63,7 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, int32_t block_m,
                     const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets, void* stream);
+                    const std::vector<int64_t>& col_offsets, void* stream, int64_t active_slots);
 void dense_lora(const TensorRef& input, const TensorRef& output, const TensorRef& sorted_rows,
                 const TensorRef& block_slot, const TensorRef& num_blocks, int32_t block_m,
                 const std::vector<LoraSiteView>& slices, const std::vector<int64_t>& col_offsets,

@@ -124,8 +124,13 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
                     const TensorRef& block_slot, const TensorRef& block_expert,
                     const TensorRef& num_blocks, int32_t block_m,
                     const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets, void* stream) {
+                    const std::vector<int64_t>& col_offsets, void* stream,
+                    int64_t active_slots) {
   constexpr const char* op = "fused_moe_lora";
+  if (active_slots < 0) {
+    throw_invalid(op, "active_slots must be >= 0 (0: unknown), got " +
+                          std::to_string(active_slots));
+  }
   if (is_absent(block_expert)) throw_invalid(op, "block_expert is required");
   check_block_metadata(sorted_pairs, block_slot, block_expert, num_blocks, block_m, op,
                        "sorted_pairs");
@@ -141,7 +146,7 @@ void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const T
 #if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_FUSED_MOE_LORA
     return cuda::fused_moe_lora(input, input_pairs_per_row, output, topk_weights, sorted_pairs,
                                 block_slot, block_expert, num_blocks, block_m, slices,
-                                col_offsets, stream);
+                                col_offsets, stream, active_slots);
 #else
     no_cuda_kernel(op);
 #endif

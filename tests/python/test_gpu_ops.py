@@ -123,7 +123,7 @@ def copy_strided(t, device):
     return t.as_strided((t.shape[0], stride), (stride, 1)).to(device, copy=True)[:, : t.shape[1]]
 
 
-def run_fused(prob, device, block_m, views=None):
+def run_fused(prob, device, block_m, views=None, num_adapters=None):
     dev = torch.device(device)
     token_slot = prob["token_slot"].to(dev)
     topk_ids = prob["topk_ids"].to(dev)
@@ -135,7 +135,7 @@ def run_fused(prob, device, block_m, views=None):
     meta = ops.moe_lora_align(topk_ids, token_slot, prob["experts"], len(SLOT_RANKS), block_m)
     ops.fused_moe_lora(
         x, out, *meta, block_m, views, prob["col_offsets"],
-        input_pairs_per_row=prob["pairs_per_row"], topk_weights=weights,
+        input_pairs_per_row=prob["pairs_per_row"], topk_weights=weights, num_adapters=num_adapters,
     )
     return out, meta
 
@@ -548,6 +548,20 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_
     prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
     assert prob["written"].any()
     check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)
+
+
+@pytest.mark.parametrize("kernel", ["mma", "cluster"])
+@pytest.mark.parametrize("hint", [1, 3, 64])
+def test_gpu_fused_moe_lora_adapter_hint_only_sizes_the_launch(monkeypatch, kernel, hint):
+    # num_adapters sizes the grid and cluster split; the batch uses 3 slots, so hint 1 is an
+    # under-estimate: the kernels must still walk every block (grid-stride to the device count)
+    monkeypatch.setenv("MOELORA_LORA_KERNEL", kernel)
+    prob = make_prefill_problem(517, 888, 232, 2, 8, [4, 7, 0], SLOT_RANKS, torch.bfloat16, "w13", 11)
+    views = [gpu_view(s) for s in prob["sites"]]
+    out_gpu, _ = run_fused(prob, "cuda", 64, views, num_adapters=hint)
+    out_cpu, _ = run_fused(prob, "cpu", 64)
+    assert prob["written"].any()
+    check_fused_result(out_gpu, out_cpu, prob, torch.bfloat16)
 
 
 def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph(force_mma):

@@ -215,6 +215,7 @@ def _small_problem():
         (lambda a: a.update(input_pairs_per_row=2), "output"),
         (lambda a: a.update(input=torch.randn(8, 3).T), "input"),
         (lambda a: a.update(slices=[]), "slices"),
+        (lambda a: a.update(num_adapters=-1), "active_slots"),
     ],
 )
 def test_fused_moe_lora_rejects_bad_arguments(mutate, arg):

@@ -173,7 +173,7 @@ def base_experts_us(x, h, ids, w13, w2, iters, flush):
 
 
 def make_lora_delta(ids, token_slot, weights, x, h, h13, y, views13, views2, experts, slots,
-                    block_m, inter, form="grouped"):
+                    block_m, inter, form="grouped", num_adapters=None):
     """One MoE layer's LoRA delta: align once, then w13 (gate and up) and w2 (down); or, in the
     unsorted form (decode), w13 and w2 straight from the routing."""
     top_k = ids.shape[1]
@@ -188,10 +188,10 @@ def make_lora_delta(ids, token_slot, weights, x, h, h13, y, views13, views2, exp
 
     def lora_delta():
         meta = ops.moe_lora_align(ids, token_slot, experts, slots, block_m)
-        ops.fused_moe_lora(x, h13, *meta, block_m, views13, [0, inter], input_pairs_per_row=top_k)
-        ops.fused_moe_lora(
-            h, y, *meta, block_m, views2, [0], input_pairs_per_row=1, topk_weights=weights
-        )
+        ops.fused_moe_lora(x, h13, *meta, block_m, views13, [0, inter], input_pairs_per_row=top_k,
+                           num_adapters=num_adapters)
+        ops.fused_moe_lora(h, y, *meta, block_m, views2, [0], input_pairs_per_row=1,
+                           topk_weights=weights, num_adapters=num_adapters)
 
     return lora_delta
 
@@ -242,7 +242,7 @@ def run_preset(preset, args, out_file):
             for form in forms:
                 lora_delta = make_lora_delta(
                     ids, token_slot, weights, x, h, h13, y, views13, views2, experts, max_slots,
-                    block_m, inter, form,
+                    block_m, inter, form, num_adapters=used,
                 )
                 graph = graph_of(lora_delta)
                 timed[form] = (median_event_us(graph.replay, args.iters, flush),

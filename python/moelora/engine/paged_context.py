@@ -143,7 +143,8 @@ class PagedContext:
         sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
         ops.fused_moe_lora(x, h13, sorted_pairs, block_slot, block_expert, num_blocks,
                            self.block_m, views, [0, inter],
-                           input_pairs_per_row=topk_ids.shape[1])
+                           input_pairs_per_row=topk_ids.shape[1],
+                           num_adapters=self.meta.num_adapters)
 
     def moe_lora_w2(self, layer, h, topk_ids, topk_weights, y):
         if not self._has_lora or not self.lora_views.has_site("experts.down"):
@@ -157,4 +158,5 @@ class PagedContext:
         sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
         ops.fused_moe_lora(h, y, sorted_pairs, block_slot, block_expert, num_blocks,
                            self.block_m, [self.lora_views.view("experts.down", layer)], [0],
-                           input_pairs_per_row=1, topk_weights=weights)
+                           input_pairs_per_row=1, topk_weights=weights,
+                           num_adapters=self.meta.num_adapters)
