@@ -12,7 +12,8 @@ T="python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf --tb=short"
 stage pytest-attention
 (cd tests/python && timeout 120 $T -k attention test_gpu_ops.py; \
   MOELORA_ATTN_SPLITS=3 timeout 60 $T -k attention test_gpu_ops.py; \
-  timeout 120 $T test_engine_bf16.py test_decode_graphs.py) > "$OUT/attention-tests.log" 2>&1
+  timeout 120 $T test_engine_bf16.py test_decode_graphs.py; \
+  MOELORA_PREFILL_ATTENTION=sdpa timeout 120 $T test_engine_bf16.py) > "$OUT/attention-tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/attention-tests.log" | tail -8
 stage racecheck
 (cd tests/python && MOELORA_ATTN_SPLITS=3 timeout 90 compute-sanitizer --tool racecheck \

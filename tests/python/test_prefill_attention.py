@@ -68,8 +68,23 @@ def test_spans_and_their_first_keys():
     assert prefill_attention.first_key(span, 0) == 0
     assert prefill_attention.first_key(span, 6) == 5  # position 10 sees keys 5..10
     assert prefill_attention.first_key(span, 20) == 0
-    assert prefill_attention.spans_fit((span,))
-    assert not prefill_attention.spans_fit(())
+    assert prefill_attention.spans_fit((span,), torch.device("cpu"))
+    assert not prefill_attention.spans_fit((), torch.device("cpu"))
+
+
+def test_prefill_attention_mode_picks_sdpa_on_the_cpu_only(monkeypatch):
+    span = prefill_attention.PrefillSpan(first=0, count=4, seq=0, start=0)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert prefill_attention.PREFILL_ATTENTION == "auto"
+    assert prefill_attention.spans_fit((span,), cpu)
+    assert not prefill_attention.spans_fit((span,), cuda)  # the paged mma kernel is faster there
+    monkeypatch.setattr(prefill_attention, "PREFILL_ATTENTION", "sdpa")
+    assert prefill_attention.spans_fit((span,), cuda)
+    monkeypatch.setattr(prefill_attention, "PREFILL_ATTENTION", "paged")
+    assert not prefill_attention.spans_fit((span,), cpu)
+    monkeypatch.setenv("MOELORA_PREFILL_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="MOELORA_PREFILL_ATTENTION"):
+        prefill_attention._prefill_attention_mode()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -60,7 +60,7 @@ class PagedContext:
         k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
         ops.kv_cache_write(k, v, self.meta.slot_mapping[layer], self.kv_view)
         spans = self.meta.prefill_spans
-        if not spans_fit(spans):
+        if not spans_fit(spans, q.device):
             return self._paged(layer, q, self.meta.query_seq, self.meta.query_pos, scale,
                                sliding_window, sinks)
         out = torch.empty_like(q)
