@@ -129,6 +129,17 @@ int64_t launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slot
   return std::clamp<int64_t>(bound, 1, max_blocks);
 }
 
+// The mma kernel takes the tighter bound only where its blocks are expected to hold >= 4 rows:
+// its cluster split then pays (gpt-oss / mixtral at 512-2048 tokens, 4 adapters: 1.4-2x). With
+// ~2-3 rows a block (qwen3 / olmoe at 128 tokens, 4 adapters) the larger split it picks cost
+// 98 -> 133 us on the H200 (v3b notes), so those keep the max_blocks sizing.
+constexpr int64_t kMmaMinRowsPerHintedBlock = 4;
+
+int64_t mma_launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slots) {
+  const int64_t hinted = launch_blocks(a, max_blocks, active_slots);
+  return a.num_pairs >= kMmaMinRowsPerHintedBlock * hinted ? hinted : max_blocks;
+}
+
 void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
                 const TensorRef& topk_weights, const TensorRef& sorted_pairs,
                 const TensorRef& block_slot, const TensorRef& block_expert,
@@ -151,8 +162,9 @@ void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const Tenso
   // Each specialised launcher may still decline (returns false); split-K takes anything.
   switch (choose_lora_kernel(a, input.dtype, vec)) {
     case LoraKernel::kMma:
-      if (launch_lora_mma(a, input.dtype, vec, max_blocks,
-                          launch_blocks(a, max_blocks, active_slots), stream)) {
+      if (launch_lora_mma(a, input.dtype, vec, max_blocks, mma_launch_blocks(a, max_blocks,
+                                                                              active_slots),
+                          stream)) {
         return;
       }
       break;
