@@ -1,6 +1,7 @@
-// paged_attention, GQA form (opt-in: MOELORA_ATTN_KERNEL=gqa until measured on the GPU): a
-// cluster of S CTAs (split-KV) per (query token, KV head), serving all `ratio` query heads that
-// share the KV head.
+// paged_attention, CUDA-core GQA form: a cluster of S CTAs (split-KV) per (query token, KV
+// head), serving all `ratio` query heads that share the KV head. Second in the auto order: it
+// serves what the tensor-core kernel (paged_attention_mma.cu, 2-4x faster on the H200) does not
+// take, e.g. head_dim 256; MOELORA_ATTN_KERNEL=gqa forces it.
 //
 // Why: the per-head kernel (paged_attention.cu) reads each KV head once per query head (4-8x
 // the bytes with GQA, from L2 at best) and a warp walks one key at a time with 2-byte loads per
