@@ -204,10 +204,11 @@ int forced_splits() {
 }  // namespace
 
 // max_context is the block table's width in keys: the lengths themselves live on the device.
-int attention_splits(int64_t ctas, int64_t max_context) {
+int attention_splits(int64_t ctas, int64_t max_context, int64_t resident_ctas) {
   if (detail::compute_capability_major() < 9) return 1;
   if (const int forced = forced_splits()) return forced;
-  const int64_t wanted = (2 * int64_t{detail::sm_count()} + ctas - 1) / ctas;
+  const int64_t wanted = resident_ctas > 0 ? resident_ctas / ctas  // at most one wave
+                                           : (2 * int64_t{detail::sm_count()} + ctas - 1) / ctas;
   const int64_t by_keys = std::max<int64_t>(1, max_context / kMinKeysPerSplit);
   return static_cast<int>(std::clamp<int64_t>(std::min(wanted, by_keys), 1, kMaxSplits));
 }

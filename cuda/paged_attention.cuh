@@ -149,9 +149,10 @@ __device__ __forceinline__ void store_cluster_states(const Cluster& cluster, flo
   cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
 }
 
-// Split-KV factor (cluster size) for `ctas` CTAs at contexts up to max_context keys: ~2 waves,
-// >= kMinKeysPerSplit keys a split; MOELORA_ATTN_SPLITS forces it; 1 before sm_90.
-int attention_splits(int64_t ctas, int64_t max_context);
+// Split-KV factor (cluster size) for `ctas` CTAs at contexts up to max_context keys, >=
+// kMinKeysPerSplit keys a split: ~2 waves of CTAs, or, given the CTAs the GPU holds at once
+// (resident_ctas > 0), at most one wave; MOELORA_ATTN_SPLITS forces it; 1 before sm_90.
+int attention_splits(int64_t ctas, int64_t max_context, int64_t resident_ctas = 0);
 
 // The tensor-core GQA kernel (paged_attention_mma.cu): returns false (launching nothing) when
 // the call does not qualify (float32, head_dim not 64 or 128, more than 16 query heads per KV

@@ -293,21 +293,40 @@ __global__ void __launch_bounds__(kThreads) paged_attention_mma_kernel(const Att
   store_cluster_states<T>(cluster, &cta_state[0][0], a, t, kv_head, ratio, keys.num_keys > 0);
 }
 
+// CTAs of this instantiation one SM holds (shared memory bounds it: 1 at D = 128, 2 at 64).
 template <typename T, int D>
-void launch(const AttnArgs& a, dim3 grid, int splits, cudaStream_t stream) {
+int ctas_per_sm() {
+  static const int count = [] {
+    int n = 0;
+    MOELORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, paged_attention_mma_kernel<T, D>, kThreads, TileShape<D>::kSmemBytes));
+    return std::max(n, 1);
+  }();
+  return count;
+}
+
+template <typename T, int D>
+void launch(const AttnArgs& a, int64_t num_tokens, cudaStream_t stream) {
   const auto kernel = paged_attention_mma_kernel<T, D>;
   // Over the default 48 KB of dynamic shared memory at D = 128; cheap, legal during capture.
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           TileShape<D>::kSmemBytes));
+  // At most one wave: H200, 8 KV heads, 1024 keys, batch 8: 4 splits (2 waves of 1-CTA SMs)
+  // took 47.5 us, no split 24.9 (bench/NOTES.md, attention v2).
+  const int64_t ctas = num_tokens * a.kv.num_kv_heads;
+  const int splits = attention_splits(ctas, a.max_blocks_per_seq * int64_t{a.kv.block_tokens},
+                                      int64_t{ctas_per_sm<T, D>()} * detail::sm_count());
+  const dim3 grid(static_cast<unsigned>(num_tokens * splits),
+                  static_cast<unsigned>(a.kv.num_kv_heads));
   launch_in_clusters(kernel, grid, dim3(kThreads), TileShape<D>::kSmemBytes, stream, splits, a);
 }
 
 template <typename T>
-void launch_for_head_dim(const AttnArgs& a, dim3 grid, int splits, cudaStream_t stream) {
+void launch_for_head_dim(const AttnArgs& a, int64_t num_tokens, cudaStream_t stream) {
   if (a.kv.head_dim == 64) {
-    launch<T, 64>(a, grid, splits, stream);
+    launch<T, 64>(a, num_tokens, stream);
   } else {
-    launch<T, 128>(a, grid, splits, stream);
+    launch<T, 128>(a, num_tokens, stream);
   }
 }
 
@@ -323,14 +342,10 @@ bool launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_toke
   if (!detail::aligned16(a.kv.arena) || a.kv.page_bytes % 16 != 0) return false;
   // key positions are int32 inside the kernel
   if (a.max_blocks_per_seq * int64_t{a.kv.block_tokens} > (int64_t{1} << 30)) return false;
-  const int splits = attention_splits(num_tokens * a.kv.num_kv_heads,
-                                      a.max_blocks_per_seq * int64_t{a.kv.block_tokens});
-  const dim3 grid(static_cast<unsigned>(num_tokens * splits),
-                  static_cast<unsigned>(a.kv.num_kv_heads));
   if (dtype == DType::kFloat16) {
-    launch_for_head_dim<__half>(a, grid, splits, stream);
+    launch_for_head_dim<__half>(a, num_tokens, stream);
   } else {
-    launch_for_head_dim<__nv_bfloat16>(a, grid, splits, stream);
+    launch_for_head_dim<__nv_bfloat16>(a, num_tokens, stream);
   }
   return true;
 }
