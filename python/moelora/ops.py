@@ -133,6 +133,23 @@ GROUPED_MIN_PAIRS_PER_EXPERT = 64
 UNSORTED_MAX_DENSE_ROWS = 64
 
 
+# Grouped form: rows per block. With more than 4 pairs per (adapter, expert) group on average,
+# blocks of 64 rows (the tensor-core kernel's 4-warp M tile); else 16 (less padding). Every H200
+# figure of the benchmark grid (bench/NOTES.md) was measured with these block sizes, and the
+# engine follows the same rule.
+GROUPED_BLOCK_M_SMALL, GROUPED_BLOCK_M_LARGE = 16, 64
+GROUPED_LARGE_BLOCK_PAIRS_PER_GROUP = 4
+
+
+def grouped_block_m(num_pairs: int, num_experts: int, num_adapters: int | None) -> int:
+    """block_m for moe_lora_align + fused_moe_lora over num_pairs (token, expert) pairs of
+    num_adapters distinct adapters (None: unknown, taken as 1) and num_experts experts."""
+    groups = max(1, (num_adapters or 1) * num_experts)
+    if num_pairs / groups > GROUPED_LARGE_BLOCK_PAIRS_PER_GROUP:
+        return GROUPED_BLOCK_M_LARGE
+    return GROUPED_BLOCK_M_SMALL
+
+
 def prefer_unsorted(num_pairs: int, dense: bool = False, num_experts: int | None = None,
                     num_adapters: int | None = None) -> bool:
     """Whether fused_moe_lora_unsorted is the faster form for a step of num_pairs (token,

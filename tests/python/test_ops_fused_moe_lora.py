@@ -237,6 +237,16 @@ def test_fused_moe_lora_rejects_out_of_range_slot_in_metadata():
                            input_pairs_per_row=1)
 
 
+def test_grouped_block_m_reproduces_the_benchmarked_block_sizes():
+    # (pairs, experts, adapters) -> block_m as measured on the H200 (bench/NOTES.md)
+    assert ops.grouped_block_m(512, 32, 4) == 16  # gpt-oss 128 tokens: 4 pairs a group
+    assert ops.grouped_block_m(2048, 32, 4) == 64  # gpt-oss 512 tokens
+    assert ops.grouped_block_m(2048, 32, 16) == 16  # gpt-oss 512 tokens, 16 adapters
+    assert ops.grouped_block_m(256, 8, 4) == 64  # mixtral 128 tokens
+    assert ops.grouped_block_m(1024, 128, 4) == 16  # qwen3 128 tokens
+    assert ops.grouped_block_m(64, 8, None) == 64  # unknown adapters: taken as one
+
+
 def test_prefer_unsorted_follows_the_measured_crossovers():
     # (bench/NOTES.md v3, H200) decode: one cluster per pair wins while groups hold ~1 pair
     assert ops.prefer_unsorted(4, num_experts=32, num_adapters=4)  # gpt-oss, 1 token

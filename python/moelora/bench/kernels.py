@@ -230,10 +230,8 @@ def run_preset(preset, args, out_file):
             views13 = [gate.view(ranks), up.view(ranks)]
             views2 = [down.view(ranks)]
             token_slot = draw_slots(tokens, adapters, popularity, gen, device)
-            groups_per_pair = tokens * top_k / max(1, len(set(token_slot.tolist())) * experts)
-            block_m = 16 if groups_per_pair < 4 else 64
-
             used = len({s for s in token_slot.tolist() if s >= 0})
+            block_m = ops.grouped_block_m(pairs, experts, used)
             forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts,
                                                                 num_adapters=used)
                               else "grouped"],

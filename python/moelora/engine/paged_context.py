@@ -40,11 +40,11 @@ class StepMetadata:
 class PagedContext:
     """ForwardContext over the page pool (see moelora.models.context)."""
 
-    def __init__(self, meta: StepMetadata, kv_view, lora_views, block_m: int = 16):
+    def __init__(self, meta: StepMetadata, kv_view, lora_views, dense_block_m: int = 16):
         self.meta = meta
         self.kv_view = kv_view
         self.lora_views = lora_views  # LoraViews or None
-        self.block_m = block_m
+        self.dense_block_m = dense_block_m  # MoE sites: ops.grouped_block_m per layer
         self.token_slot = meta.token_slot
         self._dense_groups = None
         self._moe_groups: dict[int, tuple] = {}
@@ -106,9 +106,10 @@ class PagedContext:
             return
         if self._dense_groups is None:
             self._dense_groups = ops.moe_lora_align(None, self.token_slot, 1,
-                                                    self.lora_views.num_slots, self.block_m)
+                                                    self.lora_views.num_slots,
+                                                    self.dense_block_m)
         sorted_rows, block_slot, _block_expert, num_blocks = self._dense_groups
-        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, self.block_m,
+        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, self.dense_block_m,
                        [self.lora_views.view(site, layer)], [0])
 
     def _unsorted(self, topk_ids) -> bool:
@@ -122,11 +123,14 @@ class PagedContext:
         return self._ids_cache
 
     def _moe_groups_for(self, layer, topk_ids):
+        """(sorted_pairs, block_slot, block_expert, num_blocks, block_m) of this layer's routing."""
         groups = self._moe_groups.get(layer)
         if groups is None:
-            groups = ops.moe_lora_align(topk_ids.to(torch.int32), self.token_slot,
-                                        self.lora_views.num_experts, self.lora_views.num_slots,
-                                        self.block_m)
+            block_m = ops.grouped_block_m(topk_ids.numel(), self.lora_views.num_experts,
+                                          self.meta.num_adapters)
+            groups = (*ops.moe_lora_align(topk_ids.to(torch.int32), self.token_slot,
+                                          self.lora_views.num_experts,
+                                          self.lora_views.num_slots, block_m), block_m)
             self._moe_groups = {layer: groups}  # only the current layer is needed again
         return groups
 
@@ -140,9 +144,8 @@ class PagedContext:
             ops.fused_moe_lora_unsorted(x, h13, self._ids32(topk_ids), self.token_slot, views,
                                         [0, inter], input_pairs_per_row=topk_ids.shape[1])
             return
-        sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
-        ops.fused_moe_lora(x, h13, sorted_pairs, block_slot, block_expert, num_blocks,
-                           self.block_m, views, [0, inter],
+        *groups, block_m = self._moe_groups_for(layer, topk_ids)
+        ops.fused_moe_lora(x, h13, *groups, block_m, views, [0, inter],
                            input_pairs_per_row=topk_ids.shape[1],
                            num_adapters=self.meta.num_adapters)
 
@@ -155,8 +158,7 @@ class PagedContext:
                                         [self.lora_views.view("experts.down", layer)], [0],
                                         input_pairs_per_row=1, topk_weights=weights)
             return
-        sorted_pairs, block_slot, block_expert, num_blocks = self._moe_groups_for(layer, topk_ids)
-        ops.fused_moe_lora(h, y, sorted_pairs, block_slot, block_expert, num_blocks,
-                           self.block_m, [self.lora_views.view("experts.down", layer)], [0],
+        *groups, block_m = self._moe_groups_for(layer, topk_ids)
+        ops.fused_moe_lora(h, y, *groups, block_m, [self.lora_views.view("experts.down", layer)], [0],
                            input_pairs_per_row=1, topk_weights=weights,
                            num_adapters=self.meta.num_adapters)
