@@ -11,97 +11,25 @@
 // Pairs with slot -1 (base model) are left out; out-of-range slot or expert ids are skipped too
 // (the GPU cannot throw; the CPU reference reports them).
 // Cost: O(P / 8192 + G / 1024) memory latencies of one CTA (each thread loads 8 pairs' ids
-// before its atomics); at decode (a few pairs) it is launch-bound.
+// before its atomics); at decode (a few pairs) it is launch-bound. Large steps may take the
+// multi-CTA form instead (moe_lora_align_multi.cu, MOELORA_ALIGN_KERNEL=multi).
+#include <cstdlib>
+#include <string>
+
 #include "common.cuh"
 #include "kernels/dispatch.h"
+#include "moe_lora_align.cuh"
 
 namespace moelora::cuda {
 
 namespace {
 
+using namespace align;  // NOLINT: the shared pieces of both forms
+
 constexpr int kAlignThreads = 1024;
-constexpr int kMaxSmemGroups = 40 * 1024;  // 160 KB of shared counters at most
-constexpr int kPairsPerStep = 8;           // pairs a thread loads before counting / placing any
-
-struct AlignArgs {
-  const int32_t* topk_ids;  // [T, K] strides (topk_stride0, topk_stride1); null = dense
-  int64_t topk_stride0, topk_stride1;
-  const int32_t* token_slot;  // [T] stride slot_stride
-  int64_t slot_stride;
-  int64_t num_tokens;
-  int32_t top_k;
-  int32_t num_experts, num_slots, block_m;
-  int32_t* sorted_pairs;  // [sorted_len] stride sorted_stride, pad = -1
-  int64_t sorted_stride, sorted_len;
-  int32_t* block_slot;  // [max_blocks] stride block_slot_stride
-  int64_t block_slot_stride;
-  int32_t* block_expert;  // [max_blocks] stride block_expert_stride
-  int64_t block_expert_stride;
-  int64_t max_blocks;
-  int32_t* num_blocks;     // [1]
-  int32_t* global_counts;  // [G] when the counters do not fit in shared memory, else null
-};
-
-// Group of pair p, or -1 when the pair is skipped. 32-bit division: pair ids are int32 (the
-// host checks), and a 64-bit one is a ~100-instruction subroutine, which made this kernel
-// instruction-bound (76 us at 32768 pairs on the H200, ncu).
-__device__ __forceinline__ int32_t pair_group(const AlignArgs& a, uint32_t p) {
-  const uint32_t t = p / static_cast<uint32_t>(a.top_k);
-  const uint32_t k = p - t * static_cast<uint32_t>(a.top_k);
-  const int32_t slot = a.token_slot[int64_t{t} * a.slot_stride];
-  if (slot < 0 || slot >= a.num_slots) return -1;
-  int32_t expert = 0;
-  if (a.topk_ids != nullptr) {
-    expert = a.topk_ids[int64_t{t} * a.topk_stride0 + int64_t{k} * a.topk_stride1];
-    if (expert < 0 || expert >= a.num_experts) return -1;
-  }
-  return slot * a.num_experts + expert;
-}
-
-// Groups of pairs base + u * blockDim.x (u < kPairsPerStep; -1 past num_pairs): the loads of all
-// of them are issued before any atomic uses one, so a pass over the pairs costs P / (1024 * 8)
-// memory latencies instead of P / 1024.
-__device__ __forceinline__ void pair_groups(const AlignArgs& a, int64_t base, int64_t num_pairs,
-                                            int32_t (&g)[kPairsPerStep]) {
-#pragma unroll
-  for (int u = 0; u < kPairsPerStep; ++u) {
-    const int64_t p = base + int64_t{u} * blockDim.x;
-    g[u] = p < num_pairs ? pair_group(a, static_cast<uint32_t>(p)) : -1;
-  }
-}
-
-// Exclusive scan of one value per thread over the CTA; returns the prefix, sets *total.
-__device__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_sums, int64_t* total) {
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  int64_t inclusive = value;
-#pragma unroll
-  for (int offset = 1; offset < 32; offset <<= 1) {
-    const int64_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) inclusive += other;
-  }
-  if (lane == 31) warp_sums[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    const int num_warps = blockDim.x >> 5;
-    int64_t w = lane < num_warps ? warp_sums[lane] : 0;
-    int64_t w_inclusive = w;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const int64_t other = __shfl_up_sync(0xffffffffu, w_inclusive, offset);
-      if (lane >= offset) w_inclusive += other;
-    }
-    if (lane < num_warps) warp_sums[lane] = w_inclusive - w;
-    if (lane == 31) *total = w_inclusive;
-  }
-  __syncthreads();
-  return warp_sums[warp] + inclusive - value;
-}
 
 __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs a) {
   extern __shared__ int32_t smem_counts[];
-  __shared__ int64_t warp_sums[32];
-  __shared__ int64_t total_blocks;
   int32_t* counts = a.global_counts != nullptr ? a.global_counts : smem_counts;
   const int64_t num_groups = int64_t{a.num_slots} * a.num_experts;
   const int64_t num_pairs = a.num_tokens * a.top_k;
@@ -127,26 +55,9 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   }
   __syncthreads();
 
-  // Each thread owns a contiguous run of groups, so the scan keeps (slot, expert) order.
-  const int64_t per_thread = (num_groups + blockDim.x - 1) / blockDim.x;
-  const int64_t g_begin = detail::min64(num_groups, threadIdx.x * per_thread);
-  const int64_t g_end = detail::min64(num_groups, g_begin + per_thread);
-  int64_t my_blocks = 0;
-  for (int64_t g = g_begin; g < g_end; ++g) my_blocks += (counts[g] + a.block_m - 1) / a.block_m;
-  int64_t block = block_exclusive_scan(my_blocks, warp_sums, &total_blocks);
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t n = (counts[g] + a.block_m - 1) / a.block_m;
-    for (int64_t j = 0; j < n && block + j < a.max_blocks; ++j) {
-      a.block_slot[(block + j) * a.block_slot_stride] = static_cast<int32_t>(g / a.num_experts);
-      a.block_expert[(block + j) * a.block_expert_stride] = static_cast<int32_t>(g % a.num_experts);
-    }
-    counts[g] = static_cast<int32_t>(block * a.block_m);  // now the group's next output row
-    block += n;
-  }
-  if (threadIdx.x == 0) {
-    *a.num_blocks = static_cast<int32_t>(detail::min64(total_blocks, a.max_blocks));
-  }
-  __syncthreads();
+  assign_blocks(
+      a, [&](int64_t g) { return int64_t{counts[g]}; },
+      [&](int64_t g, int64_t row) { counts[g] = static_cast<int32_t>(row); });  // next row
 
   for (int64_t base = threadIdx.x; base < num_pairs; base += stride) {
     int32_t g[kPairsPerStep];
@@ -161,6 +72,17 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
       }
     }
   }
+}
+
+// MOELORA_ALIGN_KERNEL=multi takes the multi-CTA form (moe_lora_align_multi.cu) where it
+// applies; unset, "auto" or "single": this file's kernel, the measured one (the multi-CTA form
+// has not run on a GPU yet: bench/NOTES.md, v3b). Read per call so tests can switch.
+bool multi_cta_requested() {
+  const char* value = std::getenv("MOELORA_ALIGN_KERNEL");
+  const std::string name = value != nullptr ? value : "auto";
+  if (name == "multi") return true;
+  if (name == "auto" || name == "single" || name.empty()) return false;
+  throw InvalidArgument("MOELORA_ALIGN_KERNEL must be auto, single or multi, got '" + name + "'");
 }
 
 }  // namespace
@@ -192,6 +114,10 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
   a.num_blocks = static_cast<int32_t*>(num_blocks.data);
 
   cudaStream_t s = detail::as_stream(stream);
+  if (multi_cta_requested() && launch_align_multi(a, s)) {
+    detail::check_launch("moe_lora_align (multi-CTA)");
+    return;
+  }
   const int64_t num_groups = int64_t{num_slots} * num_experts;
   size_t smem = 0;
   int32_t* workspace = nullptr;

@@ -180,9 +180,13 @@ def test_gpu_fused_moe_lora_repeated_runs_are_identical(dtype, tokens):
         assert torch.equal(first.nan_to_num(7.0), again.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64)])
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64), (2100, 4, 32, 64)])
 @pytest.mark.parametrize("popularity", POPULARITIES)
-def test_gpu_align_matches_cpu_per_group(tokens, top_k, experts, block_m, popularity):
+@pytest.mark.parametrize("kernel", ["single", "multi"])
+def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, experts, block_m,
+                                         popularity):
+    # multi: moe_lora_align_multi.cu (chunks of >= 1024 pairs: 2052 and 8400 pairs span several)
+    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     seed = tokens + top_k + experts
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
     topk_ids = route_experts(tokens, top_k, experts, seed + 1)
@@ -206,7 +210,9 @@ def test_gpu_align_matches_cpu_per_group(tokens, top_k, experts, block_m, popula
     assert (sp_gpu[int(cpu[3]) :] == -1).all()
 
 
-def test_gpu_align_dense_rows_and_all_base():
+@pytest.mark.parametrize("kernel", ["single", "multi"])
+def test_gpu_align_dense_rows_and_all_base(monkeypatch, kernel):
+    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     token_slot = torch.tensor([2, -1, 0, 2, 2, 5, -1], dtype=torch.int32)
     cpu = ops.moe_lora_align(None, token_slot, 1, 6, 2)
     gpu = [t.cpu() for t in ops.moe_lora_align(None, token_slot.to(CUDA), 1, 6, 2)]
