@@ -4,6 +4,7 @@
 #include "moelora/adapter_cache.h"
 
 #include <algorithm>
+#include <thread>
 
 #include "adapter_cache_internal.h"
 #include "copy_engine_internal.h"
@@ -72,6 +73,14 @@ struct AdapterCache::State {
   std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
   std::vector<std::thread> host_workers;  // config.host_threads of them
   std::thread finalizer;
+
+  // Threads packing one adapter: config.pack_threads, or the hardware threads shared among the
+  // host workers (1 to 8).
+  int pack_threads() const {
+    if (config.pack_threads > 0) return config.pack_threads;
+    const int hardware = static_cast<int>(std::thread::hardware_concurrency());
+    return std::clamp(hardware / std::max(1, config.host_threads), 1, 8);
+  }
 
   EntryPtr get_locked(int64_t id) const {
     auto it = entries.find(id);
@@ -306,7 +315,8 @@ void AdapterCache::State::host_worker_loop() {
     std::shared_ptr<HostBuffer> packed;
     std::string error;
     try {
-      packed = std::make_shared<HostBuffer>(detail::pack_adapter_rows(*e, config.dtype));
+      packed = std::make_shared<HostBuffer>(
+          detail::pack_adapter_rows(*e, config.dtype, pack_threads()));
     } catch (const std::exception& ex) {
       error = ex.what();
     }
@@ -388,6 +398,9 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
   MOELORA_CHECK_ARG(cfg.max_cpu_bytes >= 0, "max_cpu_bytes must be >= 0");
   MOELORA_CHECK_ARG(cfg.host_threads >= 1 && cfg.host_threads <= 64,
                     "host_threads must be in [1, 64], got " + std::to_string(cfg.host_threads));
+  MOELORA_CHECK_ARG(cfg.pack_threads >= 0 && cfg.pack_threads <= 64,
+                    "pack_threads must be in [0, 64] (0: automatic), got " +
+                        std::to_string(cfg.pack_threads));
   MOELORA_CHECK_ARG(cfg.dtype == DType::kFloat32 || cfg.dtype == DType::kFloat16 ||
                         cfg.dtype == DType::kBFloat16,
                     std::string("dtype must be float32, float16 or bfloat16, got ") +

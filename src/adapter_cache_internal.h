@@ -57,6 +57,6 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
 
 // Reads, converts to `dtype`, scales and packs the adapter's rows into a page-ordered buffer
 // (tails zeroed). Throws AdapterError on unreadable files or non-finite weights.
-HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype);
+HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype, int threads);
 
 }  // namespace moelora::detail

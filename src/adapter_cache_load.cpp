@@ -2,8 +2,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <set>
+#include <thread>
 #include <tuple>
+#include <vector>
 
 #include "adapter_cache_internal.h"
 #include "half_convert.h"
@@ -227,37 +230,33 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
   return entry;
 }
 
-HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype) {
+namespace {
+
+// Packs matrices order[begin, end) (whole source-tensor groups) into their rows of `buffer`:
+// each tensor is read once over the union of its views' extents (fused-expert tensors hold
+// every expert, and a B view, rank-major columns, spans nearly all of its tensor, so reading
+// per view would read the tensor once per expert).
+void pack_tensor_groups(const AdapterEntry& entry, DType dtype, const std::vector<size_t>& order,
+                        size_t begin, size_t end, HostBuffer& buffer) {
   const AdapterRowLayout& layout = *entry.layout;
-  HostBuffer buffer(layout.num_pages() * layout.page_bytes());
-  std::memset(buffer.data(), 0, static_cast<size_t>(buffer.bytes()));  // zero the row tails
-  // Matrices grouped by source tensor, each tensor read once over the union of its views'
-  // extents: fused-expert tensors hold every expert, and a B view (rank-major columns) spans
-  // nearly all of its tensor, so reading per view would read the tensor once per expert.
   const auto& matrices = entry.spec.matrices;
-  std::vector<size_t> order(matrices.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return std::tie(matrices[a].file, matrices[a].tensor) <
-           std::tie(matrices[b].file, matrices[b].tensor);
-  });
   std::vector<std::byte> scratch;  // [group_lo, group_hi] of the current tensor
   int64_t group_lo = 0;
   std::vector<float> transposed;  // the current tensor, transposed, when its views walk columns
   bool group_transposed = false;
   std::vector<float> values;  // one source row as float32
-  for (size_t at = 0; at < order.size(); ++at) {
+  for (size_t at = begin; at < end; ++at) {
     const size_t i = order[at];
     const LoraMatrixSource& m = matrices[i];
     const SafetensorInfo& info = entry.matrix_tensors[i];
     const SafetensorsFile& file = entry.files[m.file];
     const int64_t elem = static_cast<int64_t>(dtype_size(info.dtype));
-    const bool first_of_tensor = at == 0 || matrices[order[at - 1]].file != m.file ||
+    const bool first_of_tensor = at == begin || matrices[order[at - 1]].file != m.file ||
                                  matrices[order[at - 1]].tensor != m.tensor;
     if (first_of_tensor) {
       auto [lo, hi] = view_extent(m);
       group_transposed = walks_columns(m, info);
-      for (size_t j = at + 1; j < order.size() && matrices[order[j]].file == m.file &&
+      for (size_t j = at + 1; j < end && matrices[order[j]].file == m.file &&
                               matrices[order[j]].tensor == m.tensor;
            ++j) {
         auto [l, h] = view_extent(matrices[order[j]]);
@@ -305,6 +304,63 @@ HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype) {
                                matrix_name(m));
       }
     }
+  }
+}
+
+// Cuts the sorted matrices into at most `parts` contiguous runs of whole tensor groups with
+// about equal elements each; returns the run boundaries (first 0, last order.size()).
+std::vector<size_t> split_tensor_groups(const AdapterEntry& entry,
+                                        const std::vector<size_t>& order, int parts) {
+  const auto& matrices = entry.spec.matrices;
+  int64_t total = 0;
+  for (size_t i : order) total += matrices[i].rows * matrices[i].cols;
+  std::vector<size_t> bounds = {0};
+  int64_t done = 0;
+  for (size_t at = 0; at < order.size(); ++at) {
+    const LoraMatrixSource& m = matrices[order[at]];
+    const bool starts_group = at > 0 && (matrices[order[at - 1]].file != m.file ||
+                                         matrices[order[at - 1]].tensor != m.tensor);
+    const int64_t share = total * static_cast<int64_t>(bounds.size()) / parts;
+    if (starts_group && static_cast<int>(bounds.size()) < parts && done >= share) {
+      bounds.push_back(at);
+    }
+    done += m.rows * m.cols;
+  }
+  bounds.push_back(order.size());
+  return bounds;
+}
+
+}  // namespace
+
+HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype, int threads) {
+  const AdapterRowLayout& layout = *entry.layout;
+  HostBuffer buffer(layout.num_pages() * layout.page_bytes());
+  std::memset(buffer.data(), 0, static_cast<size_t>(buffer.bytes()));  // zero the row tails
+  // Matrices grouped by source tensor (each group is read once, by one thread).
+  const auto& matrices = entry.spec.matrices;
+  std::vector<size_t> order(matrices.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::tie(matrices[a].file, matrices[a].tensor) <
+           std::tie(matrices[b].file, matrices[b].tensor);
+  });
+  const std::vector<size_t> bounds = split_tensor_groups(entry, order, std::max(1, threads));
+  const size_t parts = bounds.size() - 1;
+  // Runs write disjoint rows. The first failing run (in matrix order) reports its error.
+  std::vector<std::exception_ptr> errors(parts);
+  auto run = [&](size_t part) {
+    try {
+      pack_tensor_groups(entry, dtype, order, bounds[part], bounds[part + 1], buffer);
+    } catch (...) {
+      errors[part] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (size_t part = 1; part < parts; ++part) helpers.emplace_back(run, part);
+  run(0);
+  for (std::thread& helper : helpers) helper.join();
+  for (const std::exception_ptr& error : errors) {
+    if (error) std::rethrow_exception(error);
   }
   return buffer;
 }

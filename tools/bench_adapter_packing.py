@@ -2,8 +2,10 @@
 
 Writes N random rank-16 adapters for a synthetic model (2 layers of qwen3-30b-a3b by default:
 fused-expert PEFT tensors, the case where a per-expert view reads a B tensor column-wise),
-registers them, then times prefetch + wait of all of them with --threads packing threads.
+registers them, then times prefetch + wait of all of them with --threads host workers (one
+adapter each) and --pack-threads threads packing one adapter (0: automatic).
 Usage: PYTHONPATH=python python3 tools/bench_adapter_packing.py --threads 1 4
+       PYTHONPATH=python python3 tools/bench_adapter_packing.py --adapters 1 --threads 1 --pack-threads 1 2
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--pack-threads", type=int, nargs="+", default=[0])
     parser.add_argument("--adapter-dir", default="/tmp/moelora-packing-adapters")
     args = parser.parse_args()
-    for threads in args.threads:
+    for threads, pack in [(t, p) for t in args.threads for p in args.pack_threads]:
         engine = LLMEngine(EngineConfig(
             args.model, device="cpu", dtype="bfloat16", enable_lora=True, max_lora_rank=16,
             max_loras=args.adapters, max_cpu_loras=args.adapters, load_progress=False,
             synthetic_num_layers=args.num_layers, pool_memory_bytes=2 << 30,
-            adapter_load_threads=threads))
+            adapter_load_threads=threads, adapter_pack_threads=pack))
         sites = engine.model.lora_sites()
         paths = []
         for i in range(args.adapters):
@@ -49,7 +52,7 @@ def main() -> None:
         for adapter_id in ids:
             engine.adapters.cache.wait(adapter_id)
         seconds = time.perf_counter() - start
-        print(f"threads={threads}: {len(ids)} adapters, {megabytes:.0f} MB on disk, "
+        print(f"threads={threads} pack_threads={pack}: {len(ids)} adapters, {megabytes:.0f} MB on disk, "
               f"{seconds:.3f} s, {megabytes / seconds:.0f} MB/s", flush=True)
         engine.stop()
 

@@ -58,6 +58,9 @@ struct AdapterCacheConfig {
   int64_t max_cpu_bytes = 0;    // 0 = unbounded
   DType dtype = DType::kFloat32;  // the model dtype; weights are converted to it
   int32_t host_threads = 4;       // threads reading and packing adapters into host copies
+  // Threads packing one adapter (its source tensors split between them): a cold adapter's load
+  // is bound by this packing. 0: the machine's hardware threads / host_threads, 1 to 8.
+  int32_t pack_threads = 0;
 };
 
 enum class Residency : uint8_t {

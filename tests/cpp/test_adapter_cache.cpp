@@ -140,7 +140,8 @@ SiteRanks ranks_of(int q0, int q1, int e0, int e1) { return {{q0, q1}, {e0, e1}}
 
 struct Fixture {
   explicit Fixture(int32_t max_loras, int64_t pages = 512, int64_t max_cpu_loras = 8,
-                   DType dtype = DType::kFloat32, int64_t max_cpu_bytes = 0)
+                   DType dtype = DType::kFloat32, int64_t max_cpu_bytes = 0,
+                   int32_t pack_threads = 0)
       : pool(make_host_arena(pages * 1024), 1024), copies(make_cpu_copy_engine()) {
     AdapterCacheConfig config;
     config.sites = test_sites();
@@ -149,6 +150,7 @@ struct Fixture {
     config.max_cpu_loras = max_cpu_loras;
     config.max_cpu_bytes = max_cpu_bytes;
     config.dtype = dtype;
+    config.pack_threads = pack_threads;
     cache = std::make_unique<AdapterCache>(pool, *copies, config);
   }
   ~Fixture() { cache.reset(); }
@@ -241,8 +243,10 @@ TEST_CASE("register validates files, tensors, views, ranks and coverage") {
 }
 
 TEST_CASE("loads to host and device; every row matches the scaled, converted source") {
-  for (DType model : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
-    Fixture f(3, 512, 8, model);
+  // pack_threads 3: each adapter's source tensors are split over three packing threads
+  for (auto [model, pack] : {std::pair{DType::kFloat32, 1}, std::pair{DType::kBFloat16, 3},
+                             std::pair{DType::kFloat16, 1}, std::pair{DType::kFloat32, 3}}) {
+    Fixture f(3, 512, 8, model, 0, pack);
     std::vector<TestAdapter> adapters = {
         write_adapter("f32_mixed", ranks_of(4, 1, 8, 3), 11, "F32", 0.25f),
         write_adapter("bf16_mixed", ranks_of(0, 7, 2, 0), 12, "BF16", 2.0f),
@@ -368,7 +372,7 @@ TEST_CASE("pool eviction for KV marks the adapter non-resident and clears its sl
 }
 
 TEST_CASE("unregister during loads frees everything; failures stay with their adapter") {
-  Fixture f(4, 1024);
+  Fixture f(4, 1024, 8, DType::kFloat32, 0, /*pack_threads=*/3);  // errors from helper threads
   std::vector<TestAdapter> adapters;
   std::vector<int64_t> ids;
   for (int i = 0; i < 12; ++i) {

@@ -202,3 +202,14 @@ def test_cache_keeps_pool_and_engine_alive(tmp_path):
     adapter_id = cache.register_adapter(spec)
     cache.wait(adapter_id)
     check_adapter(cache, adapter_id, spec, reference, "bfloat16")
+
+
+def test_pack_threads_are_validated():
+    with pytest.raises(_C.InvalidArgument, match="pack_threads"):
+        make_cache(pack_threads=-1)
+    with pytest.raises(_C.InvalidArgument, match="pack_threads"):
+        make_cache(pack_threads=65)
+    make_cache(pack_threads=4)  # accepted
+    from moelora.engine.config import EngineConfig
+    with pytest.raises(ValueError, match="adapter_pack_threads"):
+        EngineConfig("synthetic:tiny-moe", adapter_pack_threads=-1)

@@ -88,7 +88,8 @@ class AdapterManager:
                                      max_lora_rank=config.max_lora_rank,
                                      max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0,
                                      dtype=dtype_code(dtype),
-                                     host_threads=config.adapter_load_threads)
+                                     host_threads=config.adapter_load_threads,
+                                     pack_threads=config.adapter_pack_threads)
         self.views = LoraViews(self.cache, self.sites, config.max_loras)
 
     # -- registration ------------------------------------------------------------------------

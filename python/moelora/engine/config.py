@@ -27,6 +27,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 * max_loras)
     max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
     adapter_load_threads: int = 4  # host threads reading and packing adapters from disk
+    adapter_pack_threads: int = 0  # threads packing one adapter (0: cpu count / load threads)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -58,6 +59,8 @@ class EngineConfig:
                      "block_size", "adapter_load_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.adapter_pack_threads < 0:
+            raise ValueError(f"adapter_pack_threads must be >= 0, got {self.adapter_pack_threads}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
