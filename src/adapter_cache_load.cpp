@@ -4,6 +4,7 @@
 #include <cstring>
 #include <exception>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <tuple>
 #include <vector>
@@ -356,7 +357,13 @@ HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype, int threads
     }
   };
   std::vector<std::thread> helpers;
-  for (size_t part = 1; part < parts; ++part) helpers.emplace_back(run, part);
+  for (size_t part = 1; part < parts; ++part) {
+    try {
+      helpers.emplace_back(run, part);
+    } catch (const std::system_error&) {  // no thread to be had: pack this run here
+      run(part);
+    }
+  }
   run(0);
   for (std::thread& helper : helpers) helper.join();
   for (const std::exception_ptr& error : errors) {
