@@ -14,15 +14,16 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_bench_offline_reports_both_runs(tmp_path):
+def test_bench_offline_reports_every_run(tmp_path):
     out = tmp_path / "offline.jsonl"
     assert main(["bench", "offline", "--device", "cpu", "--num-prompts", "6", "--input-len", "8",
                  "--output-len", "4", "--num-adapters", "3", "--max-loras", "2",
                  "--adapter-dir", str(tmp_path / "adapters"), "--out", str(out)]) == 0
     record = _records(out)[-1]
-    for run in ("with_adapters", "no_adapters"):
+    for run in ("with_adapters", "no_adapters", "with_adapters_warm"):
         assert record[run]["failed"] == 0 and record[run]["output_tokens_per_s"] > 0
     assert record["adapter_loads"] >= 1 and record["tensor_parallel_size"] == 1
+    assert record["throughput_ratio_warm"] > 0 and record["warm_adapter_loads"] >= 0
 
 
 def test_bench_scale_runs_every_count_with_few_slots(tmp_path, capsys):
