@@ -44,3 +44,4 @@ for shape, times in table.items():
     print(shape, " ".join(f"{k} {v}" for k, v in times.items()))
 PY
 stage done
+bundle_logs attention

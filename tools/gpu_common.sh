@@ -16,3 +16,13 @@ build_wheel() {
   python3 -m pip install --no-build-isolation --no-deps -v . -C build-dir="$dir" "$@" \
     > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 }
+
+# bundle_logs NAME: the *.log and *.txt files of $OUT into $OUT/NAME-logs.tgz (removed after).
+# The device tool brings back at most 8 files, so scripts run together in one call each leave
+# their JSON results plus one bundle.
+bundle_logs() {
+  local files
+  files=$(cd "$OUT" && ls -- *.log *.txt 2>/dev/null)
+  [ -n "$files" ] || return 0
+  (cd "$OUT" && tar czf "$1-logs.tgz" $files && rm -f $files)
+}

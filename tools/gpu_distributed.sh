@@ -47,3 +47,4 @@ PY
   done
 fi
 stage done
+bundle_logs distributed

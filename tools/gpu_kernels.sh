@@ -103,3 +103,4 @@ else
 fi
 
 stage done
+bundle_logs kernels

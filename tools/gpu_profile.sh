@@ -30,3 +30,4 @@ if [ -n "${PROFILE_ATTENTION:-}" ]; then  # "context:batch:kernel", e.g. 8192:1:
     "$OUT/ncu-attention.txt" | head -40
 fi
 stage done
+bundle_logs profile

@@ -16,7 +16,7 @@ stage pytest-gpu
 (cd tests/python && timeout ${PYTEST_TIMEOUT:-200} python3 -m pytest -q --maxfail=25 -n 8 -m gpu \
   -p no:cacheprovider -rf --tb=short ${PYTEST_FILES:-.} > "$OUT/pytest-gpu.log" 2>&1)
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-gpu.log" | tail -30
-[ "${BENCH:-1}" = 1 ] || { stage done; exit 0; }
+[ "${BENCH:-1}" = 1 ] || { stage done; bundle_logs session; exit 0; }
 
 stage bench-copy
 timeout 30 build/gpu/bench_adapter_copy --device cuda --mib 512 > "$OUT/bench-copy.jsonl" 2>&1
@@ -28,3 +28,4 @@ timeout ${BENCH_TIMEOUT:-150} $B --adapters 4 16 --ranks 16 --popularity uniform
   > "$OUT/bench-kernels.log" 2>&1
 tail -50 "$OUT/bench-kernels.log" | cut -c1-220
 stage done
+bundle_logs session
