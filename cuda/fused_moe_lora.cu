@@ -12,6 +12,7 @@
 #include "kernels/dispatch.h"
 #include "kernels/validate.h"
 #include "lora_kernels.h"
+#include "moelora/ops.h"
 
 namespace moelora::cuda {
 
@@ -122,11 +123,10 @@ LoraArgs common_args(const TensorRef& input, int32_t input_pairs_per_row, const 
 // and split follow it: the kernels walk every block up to the device-side count.
 int64_t launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slots) {
   if (active_slots <= 0) return max_blocks;
-  int64_t experts = 1;
-  for (int i = 0; i < a.num_slices; ++i) experts = std::max<int64_t>(experts, a.slices[i].num_experts);
-  const int64_t groups = std::max<int64_t>(1, std::min(a.num_pairs, active_slots * experts));
-  const int64_t bound = (a.num_pairs + groups * (a.block_m - 1)) / a.block_m;
-  return std::clamp<int64_t>(bound, 1, max_blocks);
+  int32_t experts = 1;
+  for (int i = 0; i < a.num_slices; ++i) experts = std::max(experts, a.slices[i].num_experts);
+  const auto slots = static_cast<int32_t>(std::min<int64_t>(active_slots, INT32_MAX));
+  return std::min(max_blocks, moe_lora_align_max_blocks(a.num_pairs, experts, slots, a.block_m));
 }
 
 // The mma kernel takes the tighter bound only where its blocks are expected to hold >= 4 rows:

@@ -35,43 +35,14 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   const int64_t num_pairs = a.num_tokens * a.top_k;
 
   for (int64_t g = threadIdx.x; g < num_groups; g += blockDim.x) counts[g] = 0;
-  for (int64_t i = threadIdx.x; i < a.sorted_len; i += blockDim.x) {
-    a.sorted_pairs[i * a.sorted_stride] = -1;
-  }
-  for (int64_t b = threadIdx.x; b < a.max_blocks; b += blockDim.x) {
-    a.block_slot[b * a.block_slot_stride] = -1;
-    a.block_expert[b * a.block_expert_stride] = -1;
-  }
+  fill_outputs(a, threadIdx.x, blockDim.x);
   __syncthreads();
-
-  const int64_t stride = int64_t{blockDim.x} * kPairsPerStep;
-  for (int64_t base = threadIdx.x; base < num_pairs; base += stride) {
-    int32_t g[kPairsPerStep];
-    pair_groups(a, base, num_pairs, g);
-#pragma unroll
-    for (int u = 0; u < kPairsPerStep; ++u) {
-      if (g[u] >= 0) atomicAdd(&counts[g[u]], 1);
-    }
-  }
+  count_pairs(a, 0, num_pairs, counts);
   __syncthreads();
-
   assign_blocks(
       a, [&](int64_t g) { return int64_t{counts[g]}; },
       [&](int64_t g, int64_t row) { counts[g] = static_cast<int32_t>(row); });  // next row
-
-  for (int64_t base = threadIdx.x; base < num_pairs; base += stride) {
-    int32_t g[kPairsPerStep];
-    pair_groups(a, base, num_pairs, g);
-    int64_t row[kPairsPerStep];
-#pragma unroll
-    for (int u = 0; u < kPairsPerStep; ++u) row[u] = g[u] >= 0 ? atomicAdd(&counts[g[u]], 1) : -1;
-#pragma unroll
-    for (int u = 0; u < kPairsPerStep; ++u) {
-      if (row[u] >= 0 && row[u] < a.sorted_len) {
-        a.sorted_pairs[row[u] * a.sorted_stride] = static_cast<int32_t>(base + u * blockDim.x);
-      }
-    }
-  }
+  place_pairs(a, 0, num_pairs, counts);
 }
 
 // MOELORA_ALIGN_KERNEL=multi takes the multi-CTA form (moe_lora_align_multi.cu) where it

@@ -89,6 +89,50 @@ __device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* 
   return warp_sums[warp] + inclusive - value;
 }
 
+// Sets every output row and block to -1 (padding); threads `first`, first + stride, ... of the
+// launch share the work.
+__device__ __forceinline__ void fill_outputs(const AlignArgs& a, int64_t first, int64_t stride) {
+  for (int64_t i = first; i < a.sorted_len; i += stride) a.sorted_pairs[i * a.sorted_stride] = -1;
+  for (int64_t b = first; b < a.max_blocks; b += stride) {
+    a.block_slot[b * a.block_slot_stride] = -1;
+    a.block_expert[b * a.block_expert_stride] = -1;
+  }
+}
+
+// Counts pairs [begin, end) into counts[group] (the CTA's threads share them).
+__device__ __forceinline__ void count_pairs(const AlignArgs& a, int64_t begin, int64_t end,
+                                            int32_t* counts) {
+  for (int64_t base = begin + threadIdx.x; base < end;
+       base += int64_t{blockDim.x} * kPairsPerStep) {
+    int32_t g[kPairsPerStep];
+    pair_groups(a, base, end, g);
+#pragma unroll
+    for (int u = 0; u < kPairsPerStep; ++u) {
+      if (g[u] >= 0) atomicAdd(&counts[g[u]], 1);
+    }
+  }
+}
+
+// Places pairs [begin, end): each takes row next_row[group]++ of sorted_pairs (rows past its
+// end are dropped, as blocks past max_blocks are).
+__device__ __forceinline__ void place_pairs(const AlignArgs& a, int64_t begin, int64_t end,
+                                            int32_t* next_row) {
+  for (int64_t base = begin + threadIdx.x; base < end;
+       base += int64_t{blockDim.x} * kPairsPerStep) {
+    int32_t g[kPairsPerStep];
+    pair_groups(a, base, end, g);
+    int64_t row[kPairsPerStep];
+#pragma unroll
+    for (int u = 0; u < kPairsPerStep; ++u) row[u] = g[u] >= 0 ? atomicAdd(&next_row[g[u]], 1) : -1;
+#pragma unroll
+    for (int u = 0; u < kPairsPerStep; ++u) {
+      if (row[u] >= 0 && row[u] < a.sorted_len) {
+        a.sorted_pairs[row[u] * a.sorted_stride] = static_cast<int32_t>(base + u * blockDim.x);
+      }
+    }
+  }
+}
+
 // Blocks of every group, in (slot, expert) order: each thread owns a contiguous run of groups,
 // count(g) gives a group's pairs; writes block_slot / block_expert (up to max_blocks) and
 // num_blocks, and hands each group's first output row to first_row(g, row). CTA-wide: every

@@ -37,24 +37,11 @@ __global__ void __launch_bounds__(kChunkThreads) count_chunks_kernel(MultiArgs m
   extern __shared__ int32_t hist[];
   const AlignArgs& a = m.a;
   const int64_t tid = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
-  for (int64_t i = tid; i < a.sorted_len; i += stride) a.sorted_pairs[i * a.sorted_stride] = -1;
-  for (int64_t b = tid; b < a.max_blocks; b += stride) {
-    a.block_slot[b * a.block_slot_stride] = -1;
-    a.block_expert[b * a.block_expert_stride] = -1;
-  }
+  fill_outputs(a, tid, int64_t{gridDim.x} * blockDim.x);
   for (int64_t g = threadIdx.x; g < m.num_groups; g += blockDim.x) hist[g] = 0;
   __syncthreads();
   const int64_t begin = blockIdx.x * m.chunk;
-  const int64_t end = detail::min64(num_pairs_of(a), begin + m.chunk);
-  for (int64_t base = begin + threadIdx.x; base < end; base += int64_t{blockDim.x} * kPairsPerStep) {
-    int32_t g[kPairsPerStep];
-    pair_groups(a, base, end, g);
-#pragma unroll
-    for (int u = 0; u < kPairsPerStep; ++u) {
-      if (g[u] >= 0) atomicAdd(&hist[g[u]], 1);
-    }
-  }
+  count_pairs(a, begin, detail::min64(num_pairs_of(a), begin + m.chunk), hist);
   __syncthreads();
   int32_t* row = m.counts + blockIdx.x * m.num_groups;
   for (int64_t g = threadIdx.x; g < m.num_groups; g += blockDim.x) row[g] = hist[g];
@@ -84,20 +71,7 @@ __global__ void __launch_bounds__(kChunkThreads) scatter_chunks_kernel(MultiArgs
   for (int64_t g = threadIdx.x; g < m.num_groups; g += blockDim.x) next_row[g] = first[g];
   __syncthreads();
   const int64_t begin = blockIdx.x * m.chunk;
-  const int64_t end = detail::min64(num_pairs_of(a), begin + m.chunk);
-  for (int64_t base = begin + threadIdx.x; base < end; base += int64_t{blockDim.x} * kPairsPerStep) {
-    int32_t g[kPairsPerStep];
-    pair_groups(a, base, end, g);
-    int64_t row[kPairsPerStep];
-#pragma unroll
-    for (int u = 0; u < kPairsPerStep; ++u) row[u] = g[u] >= 0 ? atomicAdd(&next_row[g[u]], 1) : -1;
-#pragma unroll
-    for (int u = 0; u < kPairsPerStep; ++u) {
-      if (row[u] >= 0 && row[u] < a.sorted_len) {
-        a.sorted_pairs[row[u] * a.sorted_stride] = static_cast<int32_t>(base + u * blockDim.x);
-      }
-    }
-  }
+  place_pairs(a, begin, detail::min64(num_pairs_of(a), begin + m.chunk), next_row);
 }
 
 }  // namespace

@@ -24,32 +24,20 @@ from moelora.bench.kernels import (
 from torch.profiler import ProfilerActivity, profile
 
 
-def eager_kernels(fn, iters, flush):
-    """Per-kernel median durations (profiler) of eager calls, in launch order."""
+def kernel_times(fn, iters, flush):
+    """Median duration (profiler, CUPTI) of each LoRA kernel fn() launches, in launch order,
+    over `iters` calls each after a write flush."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             flush.zero_()
             fn()
         torch.cuda.synchronize()
-    return per_kernel(prof, iters)
-
-
-def per_kernel(prof, iters):
     events = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and "lora" in e.name),
                     key=lambda e: e.time_range.start)
     per = len(events) // iters
     return [(events[k].name.split("(")[0][-40:],
              round(statistics.median(events[i * per + k].time_range.elapsed_us()
                                      for i in range(iters)), 1)) for k in range(per)]
-
-
-def kernel_sum_us(replay, iters, flush):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            flush.zero_()
-            replay()
-        torch.cuda.synchronize()
-    return per_kernel(prof, iters)
 
 
 def main() -> None:
@@ -86,8 +74,8 @@ def main() -> None:
         read = median_event_us(graph.replay, args.iters, ReadFlush())
         warm = median_event_us(graph.replay, args.iters, None)
         print(f"{case} {form} block_m={block_m}: events write-flush {write:.1f} read-flush "
-              f"{read:.1f} warm {warm:.1f}\n  graph kernels {kernel_sum_us(graph.replay, args.iters, flush)}"
-              f"\n  eager kernels {eager_kernels(fn, args.iters, flush)}", flush=True)
+              f"{read:.1f} warm {warm:.1f}\n  graph kernels {kernel_times(graph.replay, args.iters, flush)}"
+              f"\n  eager kernels {kernel_times(fn, args.iters, flush)}", flush=True)
 
 
 if __name__ == "__main__":
