@@ -2,6 +2,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <set>
 #include <utility>
 
 #include "common.cuh"
@@ -28,7 +29,40 @@ int device_attribute(cudaDeviceAttr attribute) {
   return found->second;
 }
 
+// Raises the release threshold of the current device's default memory pool once, so that
+// scratch memory stays mapped between steps. Bounded: the pool is shared with anything else in
+// the process that uses cudaMallocAsync.
+constexpr uint64_t kRetainedScratchBytes = uint64_t{64} << 20;
+
+void retain_scratch_pool() {
+  static std::mutex mutex;
+  static std::set<int> done;
+  int device = 0;
+  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!done.insert(device).second) return;
+  cudaMemPool_t pool = nullptr;
+  MOELORA_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t threshold = 0;
+  MOELORA_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  if (threshold < kRetainedScratchBytes) {
+    threshold = kRetainedScratchBytes;
+    MOELORA_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  }
+}
+
 }  // namespace
+
+void* scratch_alloc(size_t bytes, cudaStream_t stream) {
+  retain_scratch_pool();
+  void* ptr = nullptr;
+  MOELORA_CUDA_CHECK(cudaMallocAsync(&ptr, bytes, stream));
+  return ptr;
+}
+
+void scratch_free(void* ptr, cudaStream_t stream) {
+  if (ptr != nullptr) MOELORA_CUDA_CHECK(cudaFreeAsync(ptr, stream));
+}
 
 int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 

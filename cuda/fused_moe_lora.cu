@@ -3,6 +3,7 @@
 // hold many rows (prefill), one cluster per group when they hold few (decode), the split-K CUDA-
 // core kernels for everything else (float32, rows not 16-byte aligned).
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -129,15 +130,20 @@ int64_t launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slot
   return std::min(max_blocks, moe_lora_align_max_blocks(a.num_pairs, experts, slots, a.block_m));
 }
 
-// The mma kernel takes the tighter bound only where its blocks are expected to hold >= 4 rows:
-// its cluster split then pays (gpt-oss / mixtral at 512-2048 tokens, 4 adapters: 1.4-2x). With
-// ~2-3 rows a block (qwen3 / olmoe at 128 tokens, 4 adapters) the larger split it picks cost
-// 98 -> 133 us on the H200 (v3b notes), so those keep the max_blocks sizing.
-constexpr int64_t kMmaMinRowsPerHintedBlock = 4;
-
-int64_t mma_launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slots) {
-  const int64_t hinted = launch_blocks(a, max_blocks, active_slots);
-  return a.num_pairs >= kMmaMinRowsPerHintedBlock * hinted ? hinted : max_blocks;
+// Blocks a step is expected to fill, which sizes the mma kernel's cluster split: with pairs
+// spread evenly over G (slot, expert) groups, G (1 - e^(-P/G)) groups receive a pair, and the
+// rows fill about P / block_m more; capped by the bound. (The bound alone counts one padded
+// block for every group: qwen3 at 128 tokens, 4 adapters, 544 where ~440 exist.)
+int64_t expected_blocks(const LoraArgs& a, int64_t bound, int64_t active_slots) {
+  int64_t slots = active_slots, experts = 1;
+  for (int i = 0; i < a.num_slices; ++i) {
+    experts = std::max<int64_t>(experts, a.slices[i].num_experts);
+    if (active_slots <= 0) slots = std::max<int64_t>(slots, a.slices[i].num_slots);
+  }
+  const double groups = static_cast<double>(std::max<int64_t>(slots, 1) * experts);
+  const double pairs = static_cast<double>(a.num_pairs);
+  const double filled = groups * -std::expm1(-pairs / groups) + pairs / a.block_m;
+  return std::clamp<int64_t>(static_cast<int64_t>(filled), 1, std::max<int64_t>(bound, 1));
 }
 
 void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
@@ -161,13 +167,14 @@ void lora_delta(const TensorRef& input, int32_t input_pairs_per_row, const Tenso
   const LoraVectorization vec = vectorization(a, input, output);
   // Each specialised launcher may still decline (returns false); split-K takes anything.
   switch (choose_lora_kernel(a, input.dtype, vec)) {
-    case LoraKernel::kMma:
-      if (launch_lora_mma(a, input.dtype, vec, max_blocks, mma_launch_blocks(a, max_blocks,
-                                                                              active_slots),
-                          stream)) {
+    case LoraKernel::kMma: {
+      const int64_t bound = launch_blocks(a, max_blocks, active_slots);
+      if (launch_lora_mma(a, input.dtype, vec, max_blocks, bound,
+                          expected_blocks(a, bound, active_slots), stream)) {
         return;
       }
       break;
+    }
     case LoraKernel::kCluster:
       if (launch_lora_cluster(a, input.dtype, vec, max_blocks,
                               launch_blocks(a, max_blocks, active_slots), stream)) {

@@ -37,8 +37,9 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
                          int64_t launch_items, cudaStream_t stream);
 
 // Grouped form, 16-bit dtypes, full vectorization; returns false when the call does not qualify.
-// `launch_blocks` (<= max_blocks) sizes the grid and the cluster split, as for the cluster kernel.
+// `launch_blocks` (<= max_blocks) sizes the grid, as for the cluster kernel; `expected_blocks`
+// (<= launch_blocks), the blocks the step is expected to fill, sizes the cluster split.
 bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
-                     int64_t launch_blocks, cudaStream_t stream);
+                     int64_t launch_blocks, int64_t expected_blocks, cudaStream_t stream);
 
 }  // namespace moelora::cuda

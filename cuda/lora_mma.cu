@@ -48,6 +48,7 @@
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
 // Template space: dtype x N = 6 kernels.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 
@@ -69,10 +70,14 @@ constexpr int kMaxRank = 64;
 constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the expand (elements)
 constexpr int kRowBytes = kChunk * 2;  // one 128-byte shared-memory row of a stage
 constexpr int kStages = 3;
-// Cluster split (launch): warps per SM it aims for (3 CTAs of 4 warps; small blocks get 1-warp
-// CTAs, more of which fit), its cap (the portable cluster size), and the fewest 64-element K
-// chunks / 64-column tiles a part keeps.
-constexpr int kWarpsPerSm = 12;
+// Cluster split (launch): CTAs per SM it aims for by CTA width (1..4 warps), the splits it
+// picks from, its cap (the portable cluster size), and the fewest 64-element K chunks / 64-column
+// tiles a part keeps. Fitted on the H200 (bench/NOTES.md, v3d; tools/fit_mma_split.py): 4-warp
+// CTAs ~one wave of resident CTAs (4 per SM at 118 registers), 1-warp CTAs ~8 per SM (2-3 warps
+// interpolated, not measured); a cluster of 4 was slower than one of 3 in 24 of 32 grid cases,
+// so 4, 5 and 7 are never picked.
+constexpr double kTargetCtasPerSm[] = {0.0, 8.0, 6.0, 5.0, 4.0};
+constexpr int64_t kSplitChoices[] = {1, 2, 3, 6, 8};
 constexpr int64_t kMaxSplit = 8;
 constexpr int64_t kMinTilesPerPart = 4;
 
@@ -448,30 +453,37 @@ int64_t forced_split() {
 
 // CTAs per (block, M tile). With few blocks (mixtral at 512 tokens: ~100 blocks, w13 with 28672
 // output columns, w2 with a 14336-long K) one CTA per block leaves most SMs idle while each
-// streams a long shrink and expand; a cluster splits both. Split while short of CTAs, keeping
-// a few K chunks and column tiles per part. Clusters exist from sm_90 on.
-int64_t cluster_split(const LoraArgs& a, const MmaPlan& plan, int64_t items0, int warps) {
+// streams a long shrink and expand; a cluster splits both. `expected_items` are the (block,
+// M tile) items expected to hold rows: the split that brings them nearest the target CTA count,
+// from kSplitChoices, keeping kMinTilesPerPart K chunks and column tiles a part. Clusters exist
+// from sm_90 on.
+int64_t cluster_split(const LoraArgs& a, const MmaPlan& plan, int64_t expected_items, int warps) {
   if (detail::compute_capability_major() < 9) return 1;
   if (const int64_t forced = forced_split()) return forced;
-  const int64_t ctas_wanted = int64_t{kWarpsPerSm} * detail::sm_count() / warps;
-  if (items0 >= ctas_wanted) return 1;
   int64_t widest_tiles = 0;
   for (int i = 0; i < a.num_slices; ++i) {
     if (plan.rp[i] == 0) continue;  // no slot has rank: expands nothing
     widest_tiles = std::max(widest_tiles, (a.slices[i].out_dim + kChunk - 1) / kChunk);
   }
   const int64_t chunks = (a.in_dim + kChunk - 1) / kChunk;
-  const int64_t split = std::clamp<int64_t>((ctas_wanted + items0 - 1) / items0, 1, kMaxSplit);
-  return std::max<int64_t>(1, std::min(split, std::min(widest_tiles, chunks) / kMinTilesPerPart));
+  const int64_t cap = std::clamp<int64_t>(std::min(widest_tiles, chunks) / kMinTilesPerPart, 1,
+                                          kMaxSplit);
+  const double wanted = kTargetCtasPerSm[std::clamp(warps, 1, kMaxWarps)] * detail::sm_count() /
+                        static_cast<double>(std::max<int64_t>(expected_items, 1));
+  int64_t split = 1;
+  for (const int64_t choice : kSplitChoices) {  // nearest choice within the cap; ties: smaller
+    if (choice <= cap && std::abs(choice - wanted) < std::abs(split - wanted)) split = choice;
+  }
+  return split;
 }
 
 template <typename T, int N>
 void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t launch_blocks,
-            cudaStream_t stream) {
+            int64_t expected_blocks, cudaStream_t stream) {
   const int warps = static_cast<int>(std::clamp<int64_t>((a.block_m + 15) / 16, 1, kMaxWarps));
   const int rows = 16 * warps;
   const int64_t mtiles = (a.block_m + rows - 1) / rows;
-  const int64_t csplit = cluster_split(a, plan, launch_blocks * mtiles, warps);
+  const int64_t csplit = cluster_split(a, plan, expected_blocks * mtiles, warps);
   const int64_t items = max_blocks * mtiles * csplit;  // every item the outputs can hold
   // Sized for launch_blocks; a multiple of csplit, so that a cluster's CTAs walk the same items
   // grid-stride (up to the device-side block count: any grid is correct).
@@ -492,16 +504,16 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t 
 
 template <typename T>
 void launch_bucket(const LoraArgs& a, const MmaPlan& plan, int widest, int64_t max_blocks,
-                   int64_t launch_blocks, cudaStream_t stream) {
-  if (widest <= 32) launch<T, 32>(a, plan, max_blocks, launch_blocks, stream);
-  else if (widest <= 64) launch<T, 64>(a, plan, max_blocks, launch_blocks, stream);
-  else launch<T, 128>(a, plan, max_blocks, launch_blocks, stream);
+                   int64_t launch_blocks, int64_t expected_blocks, cudaStream_t stream) {
+  if (widest <= 32) launch<T, 32>(a, plan, max_blocks, launch_blocks, expected_blocks, stream);
+  else if (widest <= 64) launch<T, 64>(a, plan, max_blocks, launch_blocks, expected_blocks, stream);
+  else launch<T, 128>(a, plan, max_blocks, launch_blocks, expected_blocks, stream);
 }
 
 }  // namespace
 
 bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
-                     int64_t launch_blocks, cudaStream_t stream) {
+                     int64_t launch_blocks, int64_t expected_blocks, cudaStream_t stream) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
   if (!vec.input || !vec.output || a.sorted_pairs == nullptr) return false;
   if (a.num_slices <= 0 || a.num_slices > kMaxSlices || a.block_m <= 0 || max_blocks <= 0) {
@@ -531,10 +543,12 @@ bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int6
   plan.pass_begin[++plan.num_passes] = a.num_slices;
   if (widest == 0) return true;  // no slot has a rank anywhere: nothing to add
   launch_blocks = std::clamp<int64_t>(launch_blocks, 1, max_blocks);
+  expected_blocks = std::clamp<int64_t>(expected_blocks, 1, launch_blocks);
   if (dtype == DType::kFloat16) {
-    launch_bucket<__half>(a, plan, widest, max_blocks, launch_blocks, stream);
+    launch_bucket<__half>(a, plan, widest, max_blocks, launch_blocks, expected_blocks, stream);
   } else {
-    launch_bucket<__nv_bfloat16>(a, plan, widest, max_blocks, launch_blocks, stream);
+    launch_bucket<__nv_bfloat16>(a, plan, widest, max_blocks, launch_blocks, expected_blocks,
+                                 stream);
   }
   return true;
 }

@@ -261,14 +261,14 @@ void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t
 
   const size_t workspace_bytes =
       sizeof(float) * a.num_slices * splits * a.rows_total * a.rank_stride;
-  MOELORA_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&a.partials), workspace_bytes, stream));
+  a.partials = static_cast<float*>(detail::scratch_alloc(workspace_bytes, stream));
   try {
     MOELORA_DISPATCH_FLOAT(dtype, T, run_splitk<T>(a, vec, max_blocks, stream));
   } catch (...) {
-    cudaFreeAsync(a.partials, stream);
+    cudaFreeAsync(a.partials, stream);  // best effort: the launch error is the one to report
     throw;
   }
-  MOELORA_CUDA_CHECK(cudaFreeAsync(a.partials, stream));
+  detail::scratch_free(a.partials, stream);
 }
 
 }  // namespace moelora::cuda

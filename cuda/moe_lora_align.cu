@@ -12,7 +12,7 @@
 // (the GPU cannot throw; the CPU reference reports them).
 // Cost: O(P / 8192 + G / 1024) memory latencies of one CTA (each thread loads 8 pairs' ids
 // before its atomics); at decode (a few pairs) it is launch-bound. Large steps may take the
-// multi-CTA form instead (moe_lora_align_multi.cu, MOELORA_ALIGN_KERNEL=multi).
+// multi-CTA form instead (moe_lora_align_multi.cu; see multi_cta_wanted).
 #include <cstdlib>
 #include <string>
 
@@ -45,14 +45,19 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   place_pairs(a, 0, num_pairs, counts);
 }
 
-// MOELORA_ALIGN_KERNEL=multi takes the multi-CTA form (moe_lora_align_multi.cu) where it
-// applies; unset, "auto" or "single": this file's kernel, the measured one (the multi-CTA form
-// has not run on a GPU yet: bench/NOTES.md, v3b). Read per call so tests can switch.
-bool multi_cta_requested() {
+// From this many pairs the multi-CTA form (moe_lora_align_multi.cu) is the faster one. H200,
+// graph replays, the whole LoRA layer (bench/NOTES.md, v3c): 8192-65536 pairs, multi 5-16%
+// faster (qwen3 8192 tokens: 639 -> 535 us); below, tools/align_study.py.
+constexpr int64_t kMultiCtaMinPairs = 8192;
+
+// MOELORA_ALIGN_KERNEL: "multi" or "single" forces a form (multi where it applies); unset, empty
+// or "auto": multi from kMultiCtaMinPairs pairs. Read per call so tests can switch.
+bool multi_cta_wanted(int64_t num_pairs) {
   const char* value = std::getenv("MOELORA_ALIGN_KERNEL");
   const std::string name = value != nullptr ? value : "auto";
   if (name == "multi") return true;
-  if (name == "auto" || name == "single" || name.empty()) return false;
+  if (name == "single") return false;
+  if (name == "auto" || name.empty()) return num_pairs >= kMultiCtaMinPairs;
   throw InvalidArgument("MOELORA_ALIGN_KERNEL must be auto, single or multi, got '" + name + "'");
 }
 
@@ -85,7 +90,7 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
   a.num_blocks = static_cast<int32_t*>(num_blocks.data);
 
   cudaStream_t s = detail::as_stream(stream);
-  if (multi_cta_requested() && launch_align_multi(a, s)) {
+  if (multi_cta_wanted(a.num_tokens * a.top_k) && launch_align_multi(a, s)) {
     detail::check_launch("moe_lora_align (multi-CTA)");
     return;
   }
@@ -100,13 +105,12 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
           static_cast<int>(kMaxSmemGroups * sizeof(int32_t))));
     }
   } else {
-    MOELORA_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&workspace),
-                                       num_groups * sizeof(int32_t), s));
+    workspace = static_cast<int32_t*>(detail::scratch_alloc(num_groups * sizeof(int32_t), s));
     a.global_counts = workspace;
   }
   moe_lora_align_kernel<<<1, kAlignThreads, smem, s>>>(a);
   detail::check_launch("moe_lora_align");
-  if (workspace != nullptr) MOELORA_CUDA_CHECK(cudaFreeAsync(workspace, s));
+  detail::scratch_free(workspace, s);
 }
 
 }  // namespace moelora::cuda

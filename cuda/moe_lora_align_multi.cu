@@ -1,5 +1,5 @@
-// moe_lora_align over several CTAs, for large steps (opt-in: MOELORA_ALIGN_KERNEL=multi until
-// measured). Same outputs and rules as the one-CTA form (moe_lora_align.cu), three launches on
+// moe_lora_align over several CTAs, for large steps (the default from kMultiCtaMinPairs pairs:
+// moe_lora_align.cu). Same outputs and rules as the one-CTA form (moe_lora_align.cu), three launches on
 // the stream, no host sync (graph-capturable):
 //   1. count: C CTAs, each a contiguous chunk of pairs, count pairs per group in shared memory
 //      and store the histogram as row c of counts [C][G]; together they fill the outputs with -1;
@@ -10,7 +10,7 @@
 // Why: the one-CTA form spends 74 us at 32768 pairs on the H200 (ncu: stalls on its
 // shared-memory atomics, one SM doing all of them; bench/NOTES.md, v3b). Here each SM handles
 // ~P / C pairs; the scan reads C * G counters.
-// Workspace: counts, C * G int32, allocated and freed on the stream.
+// Workspace: counts, C * G int32, stream-ordered scratch (detail::scratch_alloc).
 #include <algorithm>
 
 #include "moe_lora_align.cuh"
@@ -93,13 +93,13 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
                                               static_cast<int>(smem)));
     }
   }
-  MOELORA_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&m.counts),
-                                     chunks * m.num_groups * sizeof(int32_t), stream));
+  m.counts = static_cast<int32_t*>(
+      detail::scratch_alloc(chunks * m.num_groups * sizeof(int32_t), stream));
   const unsigned grid = static_cast<unsigned>(chunks);
   count_chunks_kernel<<<grid, kChunkThreads, smem, stream>>>(m);
   scan_chunks_kernel<<<1, kScanThreads, 0, stream>>>(m, chunks);
   scatter_chunks_kernel<<<grid, kChunkThreads, smem, stream>>>(m);
-  MOELORA_CUDA_CHECK(cudaFreeAsync(m.counts, stream));
+  detail::scratch_free(m.counts, stream);
   return true;
 }
 

@@ -31,11 +31,12 @@ pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_deco
 MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
   -k "fused_moe_lora or dense_lora" test_gpu_ops.py
 
-# the multi-CTA alignment (opt-in until measured): its tests, then the prefill grid with it below
+# the multi-CTA alignment forced (the default takes it from 8192 pairs): its tests, then the
+# prefill grid with the one-CTA form forced below, as the baseline of the default
 MOELORA_ALIGN_KERNEL=multi pytest_stage pytest-align-multi 60 -k "align or fused_moe_lora_mma" \
   test_gpu_ops.py
 
-B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3b"
+B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3d"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
   >> "$OUT/bench.log" 2>&1
@@ -44,10 +45,10 @@ stage bench-prefill
 timeout ${PREFILL_TIMEOUT:-90} $B --tokens 512 2048 8192 --adapters 4 16 \
   --presets gpt-oss-20b qwen3-30b-a3b mixtral-8x7b --out $OUT/h200-kernels.jsonl >> "$OUT/bench.log" 2>&1
 cut -c1-200 "$OUT/bench.log" | tail -2
-stage bench-prefill-align-multi
-MOELORA_ALIGN_KERNEL=multi timeout ${PREFILL_TIMEOUT:-90} $B --tokens 2048 8192 --adapters 4 16 \
-  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version v3c-align-multi \
-  --out $OUT/h200-kernels-align-multi.jsonl >> "$OUT/bench.log" 2>&1
+stage bench-prefill-align-single
+MOELORA_ALIGN_KERNEL=single timeout ${PREFILL_TIMEOUT:-90} $B --tokens 2048 8192 --adapters 4 16 \
+  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version v3d-align-single \
+  --out $OUT/h200-kernels-align-single.jsonl >> "$OUT/bench.log" 2>&1
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-offline  # eager vs CUDA-graph decode steps, same workload
 O="python3 -m moelora.bench.offline --model synthetic:qwen3-30b-a3b --num-layers 8 --num-adapters 8

@@ -182,10 +182,11 @@ def test_gpu_fused_moe_lora_repeated_runs_are_identical(dtype, tokens):
 
 @pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64), (2100, 4, 32, 64)])
 @pytest.mark.parametrize("popularity", POPULARITIES)
-@pytest.mark.parametrize("kernel", ["single", "multi"])
+@pytest.mark.parametrize("kernel", ["single", "multi", "auto"])
 def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, experts, block_m,
                                          popularity):
-    # multi: moe_lora_align_multi.cu (chunks of >= 1024 pairs: 2052 and 8400 pairs span several)
+    # multi: moe_lora_align_multi.cu (chunks of >= 1024 pairs: 2052 and 8400 pairs span several);
+    # auto: the one-CTA form below 8192 pairs, the multi-CTA form from there (8400 pairs)
     monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     seed = tokens + top_k + experts
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
