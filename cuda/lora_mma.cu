@@ -23,7 +23,7 @@
 //   16 (rp_i), fit in N columns (template N in {32, 64, 128}); slice i takes columns
 //   [base_i, base_i + rp_i) of its pass. One shrink per pass reads x once for every slice in it
 //   (w13: gate and up together).
-// Shrink: K chunks of 64 elements, a 3-stage cp.async pipeline (16-byte copies, zero-fill for
+// Shrink: K chunks of 64 elements, a kStages-deep cp.async pipeline (16-byte copies, zero-fill for
 //   padding rows, rows past the rank and the in_dim tail). Stage = X [rows][64] + A rows [N][64],
 //   128-byte rows with the 16-byte chunks XOR-swizzled by (row & 7) so that ldmatrix is free of
 //   bank conflicts. Per k16 step a warp loads its x fragment (ldmatrix.x4) and, for each pair of
@@ -34,7 +34,7 @@
 //   into hi = T(s) and lo = T(s - hi), two mma per step, so the intermediate keeps ~16 (bf16) /
 //   ~22 (fp16) mantissa bits. fp16 rows are also scaled by a power of two (exact) so that
 //   max |s| sits at 2^14: no overflow, little underflow of lo.
-// Expand: per slice, 64-column tiles through the same 3-stage pipeline. Stage = output tile
+// Expand: per slice, 64-column tiles through the same pipeline. Stage = output tile
 //   [rows][64] (prefetched, so the read of the RMW is asynchronous) + B^T tile [rp][64]
 //   (rows past the rank zero-filled), both swizzled. B fragments come from ldmatrix.x4.trans.
 //   The warp adds its fp32 accumulators into the staged output tile in shared memory (one
@@ -69,7 +69,24 @@ constexpr int kMaxN = 128;                // columns of a pass (summed, padded r
 constexpr int kMaxRank = 64;
 constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the expand (elements)
 constexpr int kRowBytes = kChunk * 2;  // one 128-byte shared-memory row of a stage
-constexpr int kStages = 3;
+// Stages of the cp.async pipeline: 4, 1.7% faster than 3 over the prefill grid (22 of 24 cases;
+// at N = 32 still 4 CTAs per SM, 48 KB each); -DMOELORA_MMA_STAGES=<n> in CMAKE_CUDA_FLAGS builds
+// another depth. And -DMOELORA_MMA_MIN_CTAS=<n>, the CTAs per SM the register budget is sized for
+// (__launch_bounds__' second argument). Unset, ptxas chooses: 118 registers at N = 32, 4 CTAs of
+// 4 warps per SM. An explicit 1 is not the same: 154 registers, 3 CTAs per SM, 1.26x slower
+// over the prefill grid; 5 (96 registers, spills at N >= 64) was 0.997x, winning 13-25% on three
+// 8192-token cases and losing 1-10% on others (H200, bench/NOTES.md "v3d: pipeline depth and
+// registers", tools/gpu_stages_sweep.sh).
+#ifndef MOELORA_MMA_STAGES
+#define MOELORA_MMA_STAGES 4
+#endif
+#ifdef MOELORA_MMA_MIN_CTAS
+#define MOELORA_MMA_LAUNCH_BOUNDS __launch_bounds__(32 * kMaxWarps, MOELORA_MMA_MIN_CTAS)
+#else
+#define MOELORA_MMA_LAUNCH_BOUNDS __launch_bounds__(32 * kMaxWarps)
+#endif
+constexpr int kStages = MOELORA_MMA_STAGES;
+static_assert(kStages >= 2, "the pipeline needs at least two stages");
 // Cluster split (launch): CTAs per SM it aims for by CTA width (1..4 warps), the splits it
 // picks from, its cap (the portable cluster size), and the fewest 64-element K chunks / 64-column
 // tiles a part keeps. Fitted on the H200 (bench/NOTES.md, v3d; tools/fit_mma_split.py): 4-warp
@@ -110,7 +127,7 @@ __device__ __forceinline__ float pow2(int e) {
   return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
 }
 
-// The 3-stage cp.async pipeline over n steps: load(step, stage) issues the copies of a step,
+// The kStages-deep cp.async pipeline over n steps: load(step, stage) issues the copies of a step,
 // compute(step, stage) consumes it. One barrier per step; ends drained and synchronised, so the
 // stages may be reused for something else.
 template <typename Load, typename Compute>
@@ -172,7 +189,7 @@ __device__ __forceinline__ void cluster_sum(float (&acc)[NT][4], float* scratch)
 // ---- the kernel ------------------------------------------------------------------------------
 
 template <typename T, int N>
-__global__ void __launch_bounds__(32 * kMaxWarps)
+__global__ void MOELORA_MMA_LAUNCH_BOUNDS
     lora_mma_kernel(const LoraArgs a, const MmaPlan plan, int64_t items, int32_t mtiles,
                     int32_t csplit) {
   constexpr int NT = N / 8;   // n8 tiles of a pass (shrink)
