@@ -39,7 +39,7 @@ def main() -> None:
             for form in ("single", "multi"):
                 os.environ["MOELORA_ALIGN_KERNEL"] = form
 
-                def call():
+                def call(ids=ids, slots=slots):
                     return ops.moe_lora_align(ids, slots, args.experts, 16, args.block_m)
 
                 results[form] = [r.cpu() for r in call()]

@@ -23,12 +23,13 @@ SM_COUNT = 132  # H200
 
 def load_cases(path):
     times = defaultdict(dict)
-    for line in open(path):
-        r = json.loads(line)
-        times[(r["preset"], r["tokens"], r["adapters"])][r["kernel_version"]] = r["lora_us"]
+    with open(path) as lines:
+        for line in lines:
+            r = json.loads(line)
+            times[(r["preset"], r["tokens"], r["adapters"])][r["kernel_version"]] = r["lora_us"]
     cases = []
     for (preset, tokens, adapters), by_version in times.items():
-        hidden, inter, experts, top_k = PRESETS[preset]
+        _, _, experts, top_k = PRESETS[preset]
         pairs, groups = tokens * top_k, adapters * experts
         block_m = 64 if pairs / groups > 4 else 16  # ops.grouped_block_m
         bound = (pairs + min(pairs, groups) * (block_m - 1)) // block_m

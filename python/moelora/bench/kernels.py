@@ -197,84 +197,119 @@ def make_lora_delta(ids, token_slot, weights, x, h, h13, y, views13, views2, exp
 
 
 def run_preset(preset, args, out_file):
+    """Every LoRA case of the preset, then the base experts of each token count, then the lines.
+    The base comes last because LoRA cases timed right after ~1 ms of grouped_mm GEMMs read
+    5-18% slower than the same build timed alone (H200, bench/NOTES.md v3e)."""
+    hidden, inter, experts, _ = PRESETS[preset]
+    dtype, device = getattr(torch, args.dtype), torch.device("cuda")
+    max_rank = max(MIXED_RANKS if "mixed" in args.ranks else [int(r) for r in args.ranks])
+    arenas = [SiteArena(max(args.adapters), experts, max_rank, i, o, dtype, device)
+              for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]  # gate, up, down
+    flush = None if args.warm_l2 else torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    time.sleep(args.settle_s)  # after the previous preset's GEMMs
+    records = []
+    for tokens in args.tokens:
+        records += lora_cases(preset, tokens, args, arenas, flush)
+    base = {}
+    if not args.no_base:
+        del arenas
+        base = base_times(preset, args, flush)
+    for record in records:
+        base_us, base_impl = base.get(record["tokens"], (float("nan"), "skipped"))
+        record["base_us"], record["base_impl"] = round(base_us, 2), base_impl
+        record["lora_over_base"] = (round(record["lora_us"] / base_us, 3)
+                                    if not math.isnan(base_us) else None)
+        line = json.dumps(record)
+        print(line, flush=True)
+        if out_file is not None:
+            out_file.write(line + "\n")
+            out_file.flush()
+
+
+def layer_inputs(preset, tokens, args):
+    """The same routing and activations for a token count wherever they are drawn (the
+    generator is seeded by the token count); the generator continues into the slot draws."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    return gen, make_layer_inputs(preset, tokens, gen, device, getattr(torch, args.dtype))
+
+
+def base_times(preset, args, flush):
+    """tokens -> (median us, implementation) of the base experts on that token count's routing."""
+    hidden, inter, experts, _ = PRESETS[preset]
+    dtype, device = getattr(torch, args.dtype), torch.device("cuda")
+    w13 = (torch.randn(experts, hidden, 2 * inter, device=device) * 0.02).to(dtype)
+    w2 = (torch.randn(experts, inter, hidden, device=device) * 0.02).to(dtype)
+    times = {}
+    for tokens in args.tokens:
+        _, (ids, _, x, h, _, _) = layer_inputs(preset, tokens, args)
+        times[tokens] = base_experts_us(x, h, ids, w13, w2, args.iters, flush)
+    return times
+
+
+def lora_cases(preset, tokens, args, arenas, flush):
+    """One record per (adapters, rank, popularity) at this token count, base fields unset.
+    arenas: the gate, up and down SiteArenas of max(args.adapters) slots."""
     hidden, inter, experts, top_k = PRESETS[preset]
-    dtype = getattr(torch, args.dtype)
     device = torch.device("cuda")
     max_slots = max(args.adapters)
-    max_rank = max(MIXED_RANKS if "mixed" in args.ranks else [int(r) for r in args.ranks])
-    gate = SiteArena(max_slots, experts, max_rank, hidden, inter, dtype, device)
-    up = SiteArena(max_slots, experts, max_rank, hidden, inter, dtype, device)
-    down = SiteArena(max_slots, experts, max_rank, inter, hidden, dtype, device)
-    w13 = w2 = None
-    if not args.no_base:
-        w13 = (torch.randn(experts, hidden, 2 * inter, device=device) * 0.02).to(dtype)
-        w2 = (torch.randn(experts, inter, hidden, device=device) * 0.02).to(dtype)
-    flush = None if args.warm_l2 else torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    gate, up, down = arenas
     name = torch.cuda.get_device_name(device)
+    gen, (ids, weights, x, h, h13, y) = layer_inputs(preset, tokens, args)
+    pairs = tokens * top_k
+    records = []
+    for adapters, rank, popularity in [
+        (a, r, p) for a in args.adapters for r in args.ranks for p in args.popularity
+    ]:
+        if rank == "mixed":
+            slot_rank = [MIXED_RANKS[s % len(MIXED_RANKS)] for s in range(max_slots)]
+        else:
+            slot_rank = [int(rank)] * max_slots
+        ranks = torch.tensor(slot_rank, dtype=torch.int32, device=device)
+        views13 = [gate.view(ranks), up.view(ranks)]
+        views2 = [down.view(ranks)]
+        token_slot = draw_slots(tokens, adapters, popularity, gen, device)
+        used = len({s for s in token_slot.tolist() if s >= 0})
+        block_m = ops.grouped_block_m(pairs, experts, used)
+        forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts,
+                                                            num_adapters=used)
+                          else "grouped"],
+                 "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
+        timed = {}
+        for form in forms:
+            lora_delta = make_lora_delta(
+                ids, token_slot, weights, x, h, h13, y, views13, views2, experts, max_slots,
+                block_m, inter, form, num_adapters=used,
+            )
+            graph = graph_of(lora_delta)
+            timed[form] = (median_event_us(graph.replay, args.iters, flush),
+                           median_host_us(lora_delta, args.iters))
+        form = min(timed, key=lambda f: timed[f][0])
+        lora_us, host_us = timed[form]
 
-    for tokens in args.tokens:
-        gen = torch.Generator(device=device).manual_seed(tokens)
-        ids, weights, x, h, h13, y = make_layer_inputs(preset, tokens, gen, device, dtype)
-        pairs = tokens * top_k
-        base_us, base_impl = (float("nan"), "skipped")
-        if w13 is not None:
-            base_us, base_impl = base_experts_us(x, h, ids, w13, w2, args.iters, flush)
-        for adapters, rank, popularity in [
-            (a, r, p) for a in args.adapters for r in args.ranks for p in args.popularity
-        ]:
-            if rank == "mixed":
-                slot_rank = [MIXED_RANKS[s % len(MIXED_RANKS)] for s in range(max_slots)]
-            else:
-                slot_rank = [int(rank)] * max_slots
-            ranks = torch.tensor(slot_rank, dtype=torch.int32, device=device)
-            views13 = [gate.view(ranks), up.view(ranks)]
-            views2 = [down.view(ranks)]
-            token_slot = draw_slots(tokens, adapters, popularity, gen, device)
-            used = len({s for s in token_slot.tolist() if s >= 0})
-            block_m = ops.grouped_block_m(pairs, experts, used)
-            forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts,
-                                                                num_adapters=used)
-                              else "grouped"],
-                     "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
-            timed = {}
-            for form in forms:
-                lora_delta = make_lora_delta(
-                    ids, token_slot, weights, x, h, h13, y, views13, views2, experts, max_slots,
-                    block_m, inter, form, num_adapters=used,
-                )
-                graph = graph_of(lora_delta)
-                timed[form] = (median_event_us(graph.replay, args.iters, flush),
-                               median_host_us(lora_delta, args.iters))
-            form = min(timed, key=lambda f: timed[f][0])
-            lora_us, host_us = timed[form]
-
-            slot_of_pair = token_slot.long().repeat_interleave(top_k)
-            used = slot_of_pair >= 0
-            groups = torch.unique(slot_of_pair[used] * experts + ids.reshape(-1).long()[used])
-            rank_sum = sum(slot_rank[int(g) // experts] for g in groups.tolist())
-            lora_bytes = rank_sum * (2 * hidden + 3 * inter) * 2
-            act_bytes = tokens * hidden * 2 + pairs * (2 * inter * 4 + inter * 2 + hidden * 4)
-            roofline_us = (lora_bytes + act_bytes) / COPY_BANDWIDTH * 1e6
-            peer = PEER_US.get((preset, tokens, adapters)) if rank == "16" else None
-            record = {
-                "preset": preset, "tokens": tokens, "adapters": adapters, "rank": rank,
-                "popularity": popularity, "dtype": args.dtype, "device": name,
-                "lora_us": round(lora_us, 2), "lora_with_host_us": round(host_us, 2),
-                "roofline_us": round(roofline_us, 2),
-                "roofline_fraction": round(roofline_us / lora_us, 3),
-                "base_us": round(base_us, 2), "base_impl": base_impl,
-                "lora_over_base": round(lora_us / base_us, 3) if not math.isnan(base_us) else None,
-                "peer_us": peer, "speedup_vs_peer": round(peer / lora_us, 2) if peer else None,
-                "block_m": block_m, "groups": int(groups.numel()), "cold_l2": flush is not None,
-                "kernel_version": args.version, "form": form,
-                "kernel_family": os.environ.get("MOELORA_LORA_KERNEL", "auto"),
-                **({f"{f}_us": round(t[0], 2) for f, t in timed.items()} if len(timed) > 1 else {}),
-            }
-            line = json.dumps(record)
-            print(line, flush=True)
-            if out_file is not None:
-                out_file.write(line + "\n")
-                out_file.flush()
+        slot_of_pair = token_slot.long().repeat_interleave(top_k)
+        used = slot_of_pair >= 0
+        groups = torch.unique(slot_of_pair[used] * experts + ids.reshape(-1).long()[used])
+        rank_sum = sum(slot_rank[int(g) // experts] for g in groups.tolist())
+        lora_bytes = rank_sum * (2 * hidden + 3 * inter) * 2
+        act_bytes = tokens * hidden * 2 + pairs * (2 * inter * 4 + inter * 2 + hidden * 4)
+        roofline_us = (lora_bytes + act_bytes) / COPY_BANDWIDTH * 1e6
+        peer = PEER_US.get((preset, tokens, adapters)) if rank == "16" else None
+        record = {
+            "preset": preset, "tokens": tokens, "adapters": adapters, "rank": rank,
+            "popularity": popularity, "dtype": args.dtype, "device": name,
+            "lora_us": round(lora_us, 2), "lora_with_host_us": round(host_us, 2),
+            "roofline_us": round(roofline_us, 2),
+            "roofline_fraction": round(roofline_us / lora_us, 3),
+            "base_us": None, "base_impl": None, "lora_over_base": None,  # run_preset
+            "peer_us": peer, "speedup_vs_peer": round(peer / lora_us, 2) if peer else None,
+            "block_m": block_m, "groups": int(groups.numel()), "cold_l2": flush is not None,
+            "kernel_version": args.version, "form": form,
+            "kernel_family": os.environ.get("MOELORA_LORA_KERNEL", "auto"),
+            **({f"{f}_us": round(t[0], 2) for f, t in timed.items()} if len(timed) > 1 else {}),
+        }
+        records.append(record)
+    return records
 
 
 def main(argv=None):
@@ -292,6 +327,9 @@ def main(argv=None):
     parser.add_argument("--form", default="auto", choices=["auto", "grouped", "unsorted", "both"],
                         help="auto: the engine's choice (ops.prefer_unsorted); both: time the two "
                              "forms and report the faster (both times in the line)")
+    parser.add_argument("--settle-s", type=float, default=1.0,
+                        help="idle seconds before each preset's LoRA cases (GPU clocks settle "
+                             "after the previous preset's base GEMMs)")
     parser.add_argument("--out", help="append JSON lines to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
