@@ -224,6 +224,13 @@ def test_gpu_align_dense_rows_and_all_base(monkeypatch, kernel):
     assert int(out[3].item()) == 0 and (out[0] == -1).all() and (out[1] == -1).all()
 
 
+def test_gpu_align_rejects_unknown_form(monkeypatch):
+    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", "several")
+    token_slot = torch.zeros(3, dtype=torch.int32, device=CUDA)
+    with pytest.raises(RuntimeError, match="MOELORA_ALIGN_KERNEL must be auto, single or multi"):
+        ops.moe_lora_align(torch.zeros(3, 2, dtype=torch.int32, device=CUDA), token_slot, 4, 1, 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("hidden", [2880, 111])
 def test_gpu_dense_lora_matches_cpu(dtype, hidden):
