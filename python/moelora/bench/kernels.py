@@ -6,8 +6,9 @@
 Per case: the LoRA delta captured in a CUDA graph and replayed (CUDA events, median, L2 flushed
 before each replay unless --warm-l2), the same calls eager with a host clock (lora_with_host_us),
 the roofline (BENCHMARKS.md byte formula over 4.18 TB/s), and the base experts on the same
-routing (torch grouped_mm on expert-sorted rows). One JSON line per case on stdout, appended to
---out when given. LoRA rows live in one uint8 arena per site, read through row tables.
+routing (torch grouped_mm on expert-sorted rows; timed after all of a preset's LoRA cases, so no
+LoRA case follows their GEMMs). One JSON line per case on stdout, appended to --out when given
+(a preset's lines once its base is timed). LoRA rows live in one uint8 arena per site, read through row tables.
 """
 
 from __future__ import annotations
