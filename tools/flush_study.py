@@ -12,12 +12,13 @@ import argparse
 import statistics
 
 import torch
+from moelora import ops
 from moelora.bench.kernels import (
     PRESETS,
-    SiteArena,
     draw_slots,
     graph_of,
-    make_layer_inputs,
+    layer_arenas,
+    layer_inputs,
     make_lora_delta,
     median_event_us,
 )
@@ -52,15 +53,15 @@ def main() -> None:
     for case in args.cases:
         preset, tokens, adapters = case.split(":")
         tokens, adapters = int(tokens), int(adapters)
-        hidden, inter, experts, top_k = PRESETS[preset]
-        arenas = [SiteArena(args.slots, experts, 16, i, o, dtype, device)
-                  for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]
+        _, inter, experts, top_k = PRESETS[preset]
+        arenas = layer_arenas(preset, args.slots, 16, dtype, device)
         ranks = torch.full((args.slots,), 16, dtype=torch.int32, device=device)
-        gen = torch.Generator(device=device).manual_seed(tokens)
-        ids, weights, x, h, h13, y = make_layer_inputs(preset, tokens, gen, device, dtype)
+        gen, (ids, weights, x, h, h13, y) = layer_inputs(preset, tokens, dtype, device)
         token_slot = draw_slots(tokens, adapters, "uniform", gen, device)
-        form = "unsorted" if tokens * top_k <= 256 else "grouped"
-        block_m = 16 if tokens * top_k / (adapters * experts) < 4 else 64
+        pairs = tokens * top_k  # the engine's choices of form and block_m
+        form = ("unsorted" if ops.prefer_unsorted(pairs, num_experts=experts, num_adapters=adapters)
+                else "grouped")
+        block_m = ops.grouped_block_m(pairs, experts, adapters)
         fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
                              [arenas[0].view(ranks), arenas[1].view(ranks)],
                              [arenas[2].view(ranks)], experts, args.slots, block_m, inter, form)

@@ -11,10 +11,10 @@ import argparse
 import torch
 from moelora.bench.kernels import (
     PRESETS,
-    SiteArena,
     draw_slots,
     graph_of,
-    make_layer_inputs,
+    layer_arenas,
+    layer_inputs,
     make_lora_delta,
 )
 from torch.profiler import ProfilerActivity, profile
@@ -28,15 +28,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--replays", type=int, default=20)
     args = parser.parse_args()
-    hidden, inter, experts, _top_k = PRESETS[args.preset]
+    _, inter, experts, _ = PRESETS[args.preset]
     device, dtype = torch.device("cuda"), torch.bfloat16
-    gate = SiteArena(args.adapters, experts, args.rank, hidden, inter, dtype, device)
-    up = SiteArena(args.adapters, experts, args.rank, hidden, inter, dtype, device)
-    down = SiteArena(args.adapters, experts, args.rank, inter, hidden, dtype, device)
+    gate, up, down = layer_arenas(args.preset, args.adapters, args.rank, dtype, device)
     ranks = torch.full((args.adapters,), args.rank, dtype=torch.int32, device=device)
     for tokens in args.tokens:
-        gen = torch.Generator(device=device).manual_seed(tokens)
-        ids, weights, x, h, h13, y = make_layer_inputs(args.preset, tokens, gen, device, dtype)
+        gen, (ids, weights, x, h, h13, y) = layer_inputs(args.preset, tokens, dtype, device)
         token_slot = draw_slots(tokens, args.adapters, "uniform", gen, device)
         fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
                              [gate.view(ranks), up.view(ranks)], [down.view(ranks)], experts,

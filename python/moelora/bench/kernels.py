@@ -95,6 +95,21 @@ def make_layer_inputs(preset, tokens, gen, device, dtype):
     return ids, weights, x, h, h13, y
 
 
+def layer_arenas(preset, slots, max_rank, dtype, device):
+    """The gate, up and down SiteArenas of one MoE layer of `preset`."""
+    hidden, inter, experts, _ = PRESETS[preset]
+    return [SiteArena(slots, experts, max_rank, i, o, dtype, device)
+            for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]
+
+
+def layer_inputs(preset, tokens, dtype, device):
+    """make_layer_inputs from a generator seeded by the token count, so a token count gets the
+    same routing and activations wherever they are drawn; returns (generator, inputs), the
+    generator ready for the slot draws."""
+    gen = torch.Generator(device=device).manual_seed(tokens)
+    return gen, make_layer_inputs(preset, tokens, gen, device, dtype)
+
+
 def draw_slots(tokens, adapters, popularity, gen, device, base_fraction=0.1):
     if popularity == "zipf":
         p = torch.tensor([1.0 / (i + 1) for i in range(adapters)], device=device)
@@ -201,11 +216,9 @@ def run_preset(preset, args, out_file):
     """Every LoRA case of the preset, then the base experts of each token count, then the lines.
     The base comes last because LoRA cases timed right after ~1 ms of grouped_mm GEMMs read
     5-18% slower than the same build timed alone (H200, bench/NOTES.md v3e)."""
-    hidden, inter, experts, _ = PRESETS[preset]
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     max_rank = max(MIXED_RANKS if "mixed" in args.ranks else [int(r) for r in args.ranks])
-    arenas = [SiteArena(max(args.adapters), experts, max_rank, i, o, dtype, device)
-              for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]  # gate, up, down
+    arenas = layer_arenas(preset, max(args.adapters), max_rank, dtype, device)
     flush = None if args.warm_l2 else torch.empty(256 << 20, dtype=torch.uint8, device=device)
     time.sleep(args.settle_s)  # after the previous preset's GEMMs
     records = []
@@ -227,14 +240,6 @@ def run_preset(preset, args, out_file):
             out_file.flush()
 
 
-def layer_inputs(preset, tokens, args):
-    """The same routing and activations for a token count wherever they are drawn (the
-    generator is seeded by the token count); the generator continues into the slot draws."""
-    device = torch.device("cuda")
-    gen = torch.Generator(device=device).manual_seed(tokens)
-    return gen, make_layer_inputs(preset, tokens, gen, device, getattr(torch, args.dtype))
-
-
 def base_times(preset, args, flush):
     """tokens -> (median us, implementation) of the base experts on that token count's routing."""
     hidden, inter, experts, _ = PRESETS[preset]
@@ -243,7 +248,7 @@ def base_times(preset, args, flush):
     w2 = (torch.randn(experts, inter, hidden, device=device) * 0.02).to(dtype)
     times = {}
     for tokens in args.tokens:
-        _, (ids, _, x, h, _, _) = layer_inputs(preset, tokens, args)
+        _, (ids, _, x, h, _, _) = layer_inputs(preset, tokens, dtype, device)
         times[tokens] = base_experts_us(x, h, ids, w13, w2, args.iters, flush)
     return times
 
@@ -256,7 +261,8 @@ def lora_cases(preset, tokens, args, arenas, flush):
     max_slots = max(args.adapters)
     gate, up, down = arenas
     name = torch.cuda.get_device_name(device)
-    gen, (ids, weights, x, h, h13, y) = layer_inputs(preset, tokens, args)
+    gen, (ids, weights, x, h, h13, y) = layer_inputs(preset, tokens, getattr(torch, args.dtype),
+                                                     device)
     pairs = tokens * top_k
     records = []
     for adapters, rank, popularity in [
