@@ -212,6 +212,15 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
   const int lane = tid & 31;
   const int r0 = (tid >> 5) * 16;  // this warp's first tile row
   const int g = lane >> 2, t4 = lane & 3;
+  // Copies: a thread moves 16-byte chunk `ch` of its rows. The x and output tiles are
+  // warp-local: lane l copies rows r0 + l / 8 + 4q (q < 4) of its own warp, so an idle warp
+  // copies nothing and each lane's row pointers and stage offsets are set once, outside the
+  // pipelines (the address math per copy was most of the kernel's instructions: bench/NOTES.md,
+  // v3f). The adapter tiles are shared by the CTA: thread t copies rows t / 8 + k * nthreads / 8.
+  const int ch = lane & 7;
+  uint32_t row_off[4];  // offsets of this lane's 4 rows (chunk ch) in a swizzled tile
+#pragma unroll
+  for (int q = 0; q < 4; ++q) row_off[q] = swz(r0 + (lane >> 3) + 4 * q, ch);
   const int rows = nthreads / 2;  // 16 rows per warp
   const uint32_t stage_bytes = static_cast<uint32_t>((rows + N) * kRowBytes);
   const uint32_t smem0 = smem_u32(smem);
@@ -286,22 +295,24 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
         // This CTA's share of the K chunks (all of them without a cluster).
         const int64_t chunks = (in_dim + kChunk - 1) / kChunk;
         const int64_t chunk0 = chunks * cs / csplit;
+        const T* xrow[4];  // this lane's input rows (null: padding, zero-filled)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xrow[q] = s_xrow[r0 + (lane >> 3) + 4 * q];
         auto load_chunk = [&](int c, int stage) {
-          const int64_t d0 = (chunk0 + c) * kChunk;
+          const int64_t d = (chunk0 + c) * kChunk + ch * 8;
+          const bool in = d < in_dim;  // the in_dim tail is zero-filled
           const uint32_t xs = smem0 + stage * stage_bytes;
           const uint32_t ws = xs + rows * kRowBytes;
-          for (int idx = tid; idx < rows * 8; idx += nthreads) {
-            const int r = idx >> 3, ch = idx & 7;
-            const int64_t d = d0 + ch * 8;
-            const T* src = s_xrow[r];
-            const bool ok = src != nullptr && d < in_dim;
-            cp_async16(xs + swz(r, ch), ok ? src + d : input, ok);
+          if (warp_active) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const bool ok = xrow[q] != nullptr && in;
+              cp_async16(xs + row_off[q], ok ? xrow[q] + d : input, ok);
+            }
           }
-          for (int idx = tid; idx < nact * 8; idx += nthreads) {
-            const int j = idx >> 3, ch = idx & 7;
-            const int64_t d = d0 + ch * 8;
+          for (int j = tid >> 3; j < nact; j += nthreads >> 3) {
             const T* src = s_wsrc[j];
-            const bool ok = src != nullptr && d < in_dim;
+            const bool ok = src != nullptr && in;
             cp_async16(ws + swz(s_wdst[j], ch), ok ? src + d : input, ok);
           }
         };
@@ -382,30 +393,32 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
                                        lora_row(s, BlockInfo{slot, expert, rank}, true, k))
                                  : nullptr;
           }
+          T* orow[4];  // this lane's output rows at the slice's first column (null: padding)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            T* const row = s_orow[r0 + (lane >> 3) + 4 * q];
+            orow[q] = row != nullptr ? row + col_offset : nullptr;
+          }
           __syncthreads();
           auto load_tile = [&](int ct, int stage) {
-            const int64_t c0 = (tr.begin + ct) * kChunk;
+            const int64_t col = (tr.begin + ct) * kChunk + ch * 8;
+            const bool in = col < out_dim;  // columns past out_dim: never read nor written
             const uint32_t os = smem0 + stage * stage_bytes;
             const uint32_t bs = os + rows * kRowBytes;
-            for (int idx = tid; idx < nkt * 16 * 8; idx += nthreads) {
-              const int k = idx >> 3, ch = idx & 7;
-              const int64_t col = c0 + ch * 8;
+            for (int k = tid >> 3; k < 16 * nkt; k += nthreads >> 3) {
               const T* src = s_bsrc[k];
-              const bool ok = src != nullptr && col < out_dim;
+              const bool ok = src != nullptr && in;
               cp_async16(bs + swz(k, ch), ok ? src + col : input, ok);
             }
-            for (int idx = tid; idx < rows * 8; idx += nthreads) {
-              const int r = idx >> 3, ch = idx & 7;
-              const int64_t col = c0 + ch * 8;
-              T* dst = s_orow[r];
-              if (dst != nullptr && col < out_dim) {
-                cp_async16(os + swz(r, ch), dst + col_offset + col, true);
+            if (warp_active && in) {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                if (orow[q] != nullptr) cp_async16(os + row_off[q], orow[q] + col, true);
               }
             }
           };
           auto expand_tile = [&](int ct, int stage) {
             if (!warp_active) return;
-            const int64_t c0 = (tr.begin + ct) * kChunk;
             const uint32_t os = smem0 + stage * stage_bytes;
             const uint32_t bs = os + rows * kRowBytes;
             float out[kChunk / 8][4];
@@ -427,29 +440,35 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
                 mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
               }
             }
-            // out += staged output tile, rounded once, in place in shared memory.
+            // out += staged output tile, rounded once, in place in shared memory: ldmatrix
+            // hands each lane exactly its accumulators' elements (matrix m = rows 8(m & 1).. of
+            // n tile 2jp + m / 2), stmatrix puts them back.
 #pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
+            for (int jp = 0; jp < kChunk / 16; ++jp) {
+              const uint32_t at = os + swz(r0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                           2 * jp + (lane >> 4));
+              uint32_t v[4];
+              ldsm_x4(v, at);
 #pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const int row = r0 + g + 8 * h;
-                uint32_t* p =
-                    reinterpret_cast<uint32_t*>(smem + (os - smem0) + swz(row, j) + 4 * t4);
+              for (int m = 0; m < 4; ++m) {
+                const float(&o)[4] = out[2 * jp + (m >> 1)];
+                const int h = m & 1;
                 const float u = h == 0 ? unscale0 : unscale1;
-                const float2 cur = unpack2<T>(*p);
-                *p = pack2<T>(cur.x + out[j][2 * h] * u, cur.y + out[j][2 * h + 1] * u);
+                const float2 cur = unpack2<T>(v[m]);
+                v[m] = pack2<T>(cur.x + o[2 * h] * u, cur.y + o[2 * h + 1] * u);
               }
+              stsm_x4(at, v);
             }
             __syncwarp();
             // The warp's 16 rows back to global memory, 16 bytes per lane, 8 lanes per row.
+            const int64_t col = (tr.begin + ct) * kChunk + ch * 8;
+            if (col < out_dim) {
 #pragma unroll
-            for (int v = lane; v < 16 * 8; v += 32) {
-              const int row = r0 + (v >> 3), ch = v & 7;
-              const int64_t col = c0 + ch * 8;
-              T* dst = s_orow[row];
-              if (dst != nullptr && col < out_dim) {
-                *reinterpret_cast<uint4*>(dst + col_offset + col) =
-                    *reinterpret_cast<const uint4*>(smem + (os - smem0) + swz(row, ch));
+              for (int q = 0; q < 4; ++q) {
+                if (orow[q] != nullptr) {
+                  *reinterpret_cast<uint4*>(orow[q] + col) =
+                      *reinterpret_cast<const uint4*>(smem + (os - smem0) + row_off[q]);
+                }
               }
             }
           };

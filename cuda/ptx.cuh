@@ -1,6 +1,7 @@
 // PTX wrappers shared by the tensor-core and cp.async kernels (lora_mma.cu, lora_cluster.cu,
-// paged_attention_mma.cu): asynchronous 16-byte copies into shared memory, ldmatrix, the
-// m16n8k16 mma for half / bfloat16 with fp32 accumulators, and packed pairs of T. sm_80+.
+// paged_attention_mma.cu): asynchronous 16-byte copies into shared memory, ldmatrix and
+// stmatrix, the m16n8k16 mma for half / bfloat16 with fp32 accumulators, and packed pairs of T.
+// sm_80+.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -41,6 +42,24 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+}
+
+// The inverse of ldsm_x4 (same lane addresses, same registers): stmatrix on sm_90+; before it,
+// each lane stores its own four pairs (row lane / 4 of matrix m, columns 2 * (lane % 4)), found
+// from the row addresses lanes 8m..8m+7 supply.
+__device__ __forceinline__ void stsm_x4(uint32_t addr, const uint32_t (&r)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  const int lane = static_cast<int>(threadIdx.x & 31u);
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const uint32_t row = __shfl_sync(0xffffffffu, addr, 8 * m + (lane >> 2));
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(row + 4 * (lane & 3)), "r"(r[m]) : "memory");
+  }
+#endif
 }
 
 // d += a (16x16, row) * b (16x8, col), fp32 accumulators.

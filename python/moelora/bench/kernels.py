@@ -277,7 +277,7 @@ def lora_cases(preset, tokens, args, arenas, flush):
         views2 = [down.view(ranks)]
         token_slot = draw_slots(tokens, adapters, popularity, gen, device)
         used = len({s for s in token_slot.tolist() if s >= 0})
-        block_m = ops.grouped_block_m(pairs, experts, used)
+        block_m = args.block_m or ops.grouped_block_m(pairs, experts, used)
         forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts,
                                                             num_adapters=used)
                           else "grouped"],
@@ -334,6 +334,9 @@ def main(argv=None):
     parser.add_argument("--form", default="auto", choices=["auto", "grouped", "unsorted", "both"],
                         help="auto: the engine's choice (ops.prefer_unsorted); both: time the two "
                              "forms and report the faster (both times in the line)")
+    parser.add_argument("--block-m", type=int, default=None,
+                        help="rows per block of the grouped form (default: the engine's rule, "
+                             "ops.grouped_block_m); for sweeps of that rule")
     parser.add_argument("--settle-s", type=float, default=1.0,
                         help="idle seconds before each preset's LoRA cases (GPU clocks settle "
                              "after the previous preset's base GEMMs)")
