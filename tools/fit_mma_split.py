@@ -1,6 +1,7 @@
 """How the tensor-core LoRA kernel's cluster-split rule (cluster_split in cuda/lora_mma.cu) was
 fitted: reads a forced-split sweep (tools/gpu_split_sweep.sh: the kernel grid once per
-MOELORA_MMA_SPLIT and once with the heuristic), models the rule on the host (expected blocks as
+MOELORA_MMA_SPLIT and once with the heuristic; with BLOCK_MS, once per block_m, of which the
+block_m that ops.grouped_block_m picks is scored), models the rule on the host (expected blocks as
 in expected_blocks of cuda/fused_moe_lora.cu), and scores candidate targets by the geometric mean
 and worst ratio of the time at the rule's split over the case's best forced split. Also a
 leave-one-preset-out check. No GPU needed.
@@ -16,6 +17,7 @@ import json
 import math
 from collections import defaultdict
 
+from moelora import ops
 from moelora.bench.kernels import PRESETS
 
 SM_COUNT = 132  # H200
@@ -31,12 +33,17 @@ def load_cases(path):
     for (preset, tokens, adapters), by_version in times.items():
         _, _, experts, top_k = PRESETS[preset]
         pairs, groups = tokens * top_k, adapters * experts
-        block_m = 64 if pairs / groups > 4 else 16  # ops.grouped_block_m
+        if pairs < 512:  # below the mma kernel's minimum (cuda/fused_moe_lora.cu kMmaMinPairs)
+            continue
+        block_m = ops.grouped_block_m(pairs, experts, adapters)
+        tag = f"bm{block_m}-" if any(v.startswith("bm") for v in by_version) else ""
         bound = (pairs + min(pairs, groups) * (block_m - 1)) // block_m
         expected = min(bound, groups * -math.expm1(-pairs / groups) + pairs / block_m)
-        forced = {int(v.split("-")[1]): t for v, t in by_version.items() if v != "split-auto"}
+        forced = {int(v[len(tag) + 6:]): t for v, t in by_version.items()
+                  if v.startswith(tag + "split-") and not v.endswith("auto")}
         cases.append({"case": (preset, tokens, adapters), "warps": min(4, (block_m + 15) // 16),
-                      "expected": expected, "forced": forced, "auto": by_version.get("split-auto")})
+                      "expected": expected, "forced": forced,
+                      "auto": by_version.get(tag + "split-auto")})
     return cases
 
 
@@ -44,7 +51,7 @@ def rule(ctas_per_sm, choices):
     def split_of(case):
         wanted = ctas_per_sm[case["warps"]] * SM_COUNT / case["expected"]
         return min((c for c in choices if c in case["forced"]),
-                   key=lambda c: (abs(c - wanted), c))
+                   key=lambda c: (abs(math.log(c / wanted)), c))  # nearest by ratio
     return split_of
 
 

@@ -133,12 +133,15 @@ GROUPED_MIN_PAIRS_PER_EXPERT = 64
 UNSORTED_MAX_DENSE_ROWS = 64
 
 
-# Grouped form: rows per block. With more than 4 pairs per (adapter, expert) group on average,
-# blocks of 64 rows (the tensor-core kernel's 4-warp M tile); else 16 (less padding). Every H200
-# figure of the benchmark grid (bench/NOTES.md) was measured with these block sizes, and the
-# engine follows the same rule.
+# Grouped form: rows per block. With more than 8 pairs per (adapter, expert) group on average,
+# blocks of 64 rows (the tensor-core kernel's 4-warp M tile); else 16 (1-warp CTAs, less
+# padding). A sweep of block_m 16 / 32 / 64 x every cluster split on the H200 (bench/NOTES.md,
+# v3f; tools/gpu_split_sweep.sh with BLOCK_MS) put the crossover between 8 and 16 pairs a group:
+# at 8, 16 beat 64 by 1.18-1.30x (qwen3 2048 tokens / 16 adapters 346 -> 267 us, mixtral 512 / 16
+# 196 -> 152); at 16 and more, 64 won or tied (32 never by more than 6%). The engine follows
+# the same rule as the benchmark grid.
 GROUPED_BLOCK_M_SMALL, GROUPED_BLOCK_M_LARGE = 16, 64
-GROUPED_LARGE_BLOCK_PAIRS_PER_GROUP = 4
+GROUPED_LARGE_BLOCK_PAIRS_PER_GROUP = 8
 
 
 def grouped_block_m(num_pairs: int, num_experts: int, num_adapters: int | None) -> int:

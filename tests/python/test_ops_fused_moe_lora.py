@@ -242,9 +242,11 @@ def test_grouped_block_m_reproduces_the_benchmarked_block_sizes():
     assert ops.grouped_block_m(512, 32, 4) == 16  # gpt-oss 128 tokens: 4 pairs a group
     assert ops.grouped_block_m(2048, 32, 4) == 64  # gpt-oss 512 tokens
     assert ops.grouped_block_m(2048, 32, 16) == 16  # gpt-oss 512 tokens, 16 adapters
-    assert ops.grouped_block_m(256, 8, 4) == 64  # mixtral 128 tokens
+    assert ops.grouped_block_m(256, 8, 4) == 16  # mixtral 128 tokens: 8 pairs a group
     assert ops.grouped_block_m(1024, 128, 4) == 16  # qwen3 128 tokens
-    assert ops.grouped_block_m(64, 8, None) == 64  # unknown adapters: taken as one
+    assert ops.grouped_block_m(16384, 128, 16) == 16  # qwen3 2048 tokens, 16 adapters: 8 a group
+    assert ops.grouped_block_m(16384, 128, 4) == 64  # qwen3 2048 tokens, 4 adapters: 32 a group
+    assert ops.grouped_block_m(72, 8, None) == 64  # unknown adapters: taken as one (9 a group)
 
 
 def test_prefer_unsorted_follows_the_measured_crossovers():
