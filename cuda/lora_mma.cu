@@ -29,6 +29,8 @@
 //   bank conflicts. Per k16 step a warp loads its x fragment (ldmatrix.x4) and, for each pair of
 //   n8 tiles that holds ranks of this block (tile mask; mixed ranks skip the rest), the A-row
 //   fragments (ldmatrix.x4: A rows are the "col" B operand as stored) and issues the mma.
+//   A warp copies its own 16 x rows (lane: one 16-byte chunk of 4 rows, pointers and offsets
+//   held in registers for the whole phase); the A rows are copied by the whole CTA.
 // Hand-over: the m16n8 accumulators of n tiles (2t, 2t+1) are exactly the A fragment of k tile
 //   t of the expand. Each value is scaled by w[p] (columns past the rank are zeroed) and split
 //   into hi = T(s) and lo = T(s - hi), two mma per step, so the intermediate keeps ~16 (bf16) /
@@ -37,13 +39,14 @@
 // Expand: per slice, 64-column tiles through the same pipeline. Stage = output tile
 //   [rows][64] (prefetched, so the read of the RMW is asynchronous) + B^T tile [rp][64]
 //   (rows past the rank zero-filled), both swizzled. B fragments come from ldmatrix.x4.trans.
-//   The warp adds its fp32 accumulators into the staged output tile in shared memory (one
-//   rounding per element), then writes its 16 rows back with coalesced 16-byte stores; columns
-//   past out_dim and padding rows are neither read nor written.
+//   The warp adds its fp32 accumulators into its 16 staged output rows in shared memory (one
+//   rounding per element; ldmatrix.x4 / stmatrix.x4 move exactly a lane's accumulator elements),
+//   then writes them back with coalesced 16-byte stores; columns past out_dim and padding rows
+//   are neither read nor written. Output rows, like x rows, are copied by their own warp.
 // Every output element of a pair has one owner (its block's CTA for its column part, its warp,
 // one lane): no atomics; sums run in a fixed order for a given csplit, so repeated runs are
-// bit-identical. Shared memory: 3 * (rows + N) * 128 bytes of stages (72 KB
-// at N = 128, 48 KB at N = 64, 36 KB at N = 32 with 64 rows) plus ~3 KB of row tables.
+// bit-identical. Shared memory: kStages * (rows + N) * 128 bytes of stages (4 stages, 64 rows:
+// 96 KB at N = 128, 64 KB at N = 64, 48 KB at N = 32) plus ~3 KB of row tables.
 // Declines (returns false) for float32, unaligned rows, max_rank > 64 or an unaligned arena.
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
 // Template space: dtype x N = 6 kernels.
@@ -199,7 +202,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
   __shared__ T* s_orow[kMaxRows];        // output row of each tile row, null = padding
   __shared__ float s_w[kMaxRows];        // routing weight of each tile row
   // A rows of the pass in load order (null: zero-fill) during the shrink, then the B^T rows of
-  // the slice being expanded (null: zeros). One array: 3 CTAs of N = 128 fit an SM.
+  // the slice being expanded (null: zeros). One array keeps the static row tables at ~3 KB.
   __shared__ const T* s_wsrc[kMaxN];
   const T** const s_bsrc = s_wsrc;
   __shared__ uint8_t s_wdst[kMaxN];      // row in the stage of each entry of s_wsrc

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # A/B of a kernel change on one H200, in one call: builds this checkout (B) and a baseline (A:
-# this checkout with the files under $AB_BASE laid over it, e.g. a copy of the previous
-# cuda/lora_mma.cu at .exp/v3e/cuda/lora_mma.cu), then times the prefill grid (grouped form, no
-# base) with each, interleaved: A, B, A, B (AB_ROUNDS rounds), so drift in clocks shows up as
-# A-vs-A spread. Before timing, B runs the tensor-core GPU tests (AB_TESTS=0 skips them).
+# this checkout with the files under $AB_BASE laid over it), then times the prefill grid
+# (grouped form, no base) with each, interleaved: A, B, A, B (AB_ROUNDS rounds), so drift in
+# clocks shows up as A-vs-A spread. Before timing, B runs the tensor-core GPU tests (AB_TESTS=0 skips them).
 # $AB_EXTRA: more bench arguments for both (e.g. "--block-m 16"); $AB_SWEEP_BLOCK_M: block sizes
 # timed with B only after the rounds. JSON lines in $OUT/ab.jsonl, kernel_version "A<i>" / "B<i>".
+# Making a baseline folder: e.g. session 6's v3e baseline was
+#   mkdir -p .exp/v3e/cuda && for f in cuda/lora_mma.cu cuda/ptx.cuh; do
+#     git show 95f53d5:$f > .exp/v3e/$f; done
+# and the call `AB_BASE=.exp/v3e bash tools/gpu_ab.sh`. Keep such a folder out of commits; if git
+# ignores it, name it in the device call's carry (ignored paths travel only when carried).
 source "$(dirname "$0")/gpu_common.sh"
 : "${AB_BASE:?AB_BASE: a folder of repo-relative files that make the baseline}"
 here=$(pwd)
