@@ -6,7 +6,8 @@ in expected_blocks of cuda/fused_moe_lora.cu), and scores candidate targets by t
 and worst ratio of the time at the rule's split over the case's best forced split. Also a
 leave-one-preset-out check. No GPU needed.
 
-    python3 tools/fit_mma_split.py bench/results/h200-mma-split-sweep.jsonl
+    python3 tools/fit_mma_split.py bench/results/h200-mma-v3f-blockm-split-sweep.jsonl
+    python3 tools/fit_mma_split.py bench/results/h200-mma-split-sweep.jsonl  # session 5, v3c
 """
 
 from __future__ import annotations
@@ -25,25 +26,34 @@ SM_COUNT = 132  # H200
 
 def load_cases(path):
     times = defaultdict(dict)
+    recorded_block_m = {}  # the block_m each case ran at without a forced --block-m
     with open(path) as lines:
         for line in lines:
             r = json.loads(line)
-            times[(r["preset"], r["tokens"], r["adapters"])][r["kernel_version"]] = r["lora_us"]
+            case = (r["preset"], r["tokens"], r["adapters"])
+            times[case][r["kernel_version"]] = r["lora_us"]
+            if not r["kernel_version"].startswith("bm"):
+                recorded_block_m[case] = r["block_m"]
     cases = []
     for (preset, tokens, adapters), by_version in times.items():
         _, _, experts, top_k = PRESETS[preset]
         pairs, groups = tokens * top_k, adapters * experts
         if pairs < 512:  # below the mma kernel's minimum (cuda/fused_moe_lora.cu kMmaMinPairs)
             continue
-        block_m = ops.grouped_block_m(pairs, experts, adapters)
-        tag = f"bm{block_m}-" if any(v.startswith("bm") for v in by_version) else ""
+        # A block_m sweep is scored at the block_m today's rule picks; an older sweep at the
+        # block_m it ran at (session 5's was measured under a threshold of 4 pairs a group).
+        if any(v.startswith("bm") for v in by_version):
+            block_m = ops.grouped_block_m(pairs, experts, adapters)
+            tag = f"bm{block_m}-split-"
+        else:
+            block_m = recorded_block_m[(preset, tokens, adapters)]
+            tag = "split-"
         bound = (pairs + min(pairs, groups) * (block_m - 1)) // block_m
         expected = min(bound, groups * -math.expm1(-pairs / groups) + pairs / block_m)
-        forced = {int(v[len(tag) + 6:]): t for v, t in by_version.items()
-                  if v.startswith(tag + "split-") and not v.endswith("auto")}
+        forced = {int(v.removeprefix(tag)): t for v, t in by_version.items()
+                  if v.startswith(tag) and v != tag + "auto"}
         cases.append({"case": (preset, tokens, adapters), "warps": min(4, (block_m + 15) // 16),
-                      "expected": expected, "forced": forced,
-                      "auto": by_version.get(tag + "split-auto")})
+                      "expected": expected, "forced": forced, "auto": by_version.get(tag + "auto")})
     return cases
 
 

@@ -29,12 +29,9 @@ wheel b "$here"
 use() { python3 -m pip install --no-deps --force-reinstall -q /tmp/ab-wheel-$1/*.whl > /dev/null 2>&1; }
 use b
 if [ "${AB_TESTS:-1}" = 1 ]; then
-  stage "tests B"
-  (cd tests/python && MOELORA_LORA_KERNEL=mma timeout 150 python3 -m pytest -q -n 16 -m gpu \
-    -p no:cacheprovider -rf --tb=short -k "fused_moe_lora or dense_lora" test_gpu_ops.py \
-    > "$OUT/tests-mma.log" 2>&1; tail -2 "$OUT/tests-mma.log")
-  (cd tests/python && timeout 150 python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf \
-    --tb=short test_gpu_lora_forms.py > "$OUT/tests-forms.log" 2>&1; tail -2 "$OUT/tests-forms.log")
+  MOELORA_LORA_KERNEL=mma pytest_stage tests-b-mma 150 -k "fused_moe_lora or dense_lora" \
+    test_gpu_ops.py
+  pytest_stage tests-b-forms 150 test_gpu_lora_forms.py
 fi
 B="python3 -m moelora.bench.kernels --iters 20 --ranks 16 --popularity uniform --no-base
    --form grouped --tokens ${AB_TOKENS:-512 2048 8192} --adapters 4 16 --settle-s 0.5

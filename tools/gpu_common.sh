@@ -17,6 +17,18 @@ build_wheel() {
     > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 }
 
+# pytest_stage NAME TIMEOUT ARGS...: GPU tests from tests/python (16 workers), the log appended
+# to $OUT/tests.log, the failures and the summary line printed.
+pytest_stage() {
+  local name=$1 limit=$2
+  shift 2
+  stage "$name"
+  (cd tests/python && timeout "$limit" python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf \
+    --tb=short --durations=5 "$@" > "$OUT/$name.log" 2>&1)
+  cat "$OUT/$name.log" >> "$OUT/tests.log"
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$name.log" | tail -12; rm "$OUT/$name.log"
+}
+
 # bundle_logs NAME: the *.log and *.txt files of $OUT into $OUT/NAME-logs.tgz (removed after).
 # The device tool brings back at most 8 files, so scripts run together in one call each leave
 # their JSON results plus one bundle.

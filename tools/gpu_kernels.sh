@@ -15,16 +15,6 @@ tail -3 "$OUT/tests.log"
 # a failing native test prints its failed checks here (tests.log may not come back)
 grep -E "ERROR:|CHECK|REQUIRE|what\(\)" "$OUT/tests.log" | head -20
 
-# pytest_stage NAME TIMEOUT ARGS...: GPU tests from tests/python, log appended to tests.log.
-pytest_stage() {
-  local name=$1 limit=$2
-  shift 2
-  stage "$name"
-  (cd tests/python && timeout "$limit" python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf \
-    --tb=short --durations=5 "$@" > "$OUT/$name.log" 2>&1)
-  cat "$OUT/$name.log" >> "$OUT/tests.log"
-  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$name.log" | tail -12; rm "$OUT/$name.log"
-}
 pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_decode_graphs.py \
   test_engine_bf16.py
 # the tensor-core family forced, each block shared by a cluster of 3 CTAs (K and columns split)
