@@ -68,6 +68,8 @@ int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 int compute_capability_major() { return device_attribute(cudaDevAttrComputeCapabilityMajor); }
 
+bool cooperative_launch() { return device_attribute(cudaDevAttrCooperativeLaunch) != 0; }
+
 int env_int(const char* name, int lo, int hi) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return 0;

@@ -97,6 +97,8 @@ __host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_c
 // device.
 int sm_count();
 int compute_capability_major();
+// Whether the current device runs cooperative launches (grid-wide barriers), read once.
+bool cooperative_launch();
 
 // The integer in environment variable `name`: 0 when unset or empty, InvalidArgument when it is
 // not an integer in [lo, hi] (tests and benchmarks force kernel shapes through these).

@@ -134,12 +134,13 @@ __device__ __forceinline__ void place_pairs(const AlignArgs& a, int64_t begin, i
 }
 
 // Blocks of every group, in (slot, expert) order: each thread owns a contiguous run of groups,
-// count(g) gives a group's pairs; writes block_slot / block_expert (up to max_blocks) and
-// num_blocks, and hands each group's first output row to first_row(g, row). CTA-wide: every
-// thread of one CTA calls it; ends with a barrier.
+// count(g) gives a group's pairs; hands each group's first output row to first_row(g, row) and,
+// when write_blocks, writes block_slot / block_expert (up to max_blocks) and num_blocks (the
+// multi-CTA form has every CTA compute the same assignment and one of them write it).
+// CTA-wide: every thread of the CTA calls it; ends with a barrier.
 template <typename Count, typename FirstRow>
 __device__ __forceinline__ void assign_blocks(const AlignArgs& a, Count&& count,
-                                              FirstRow&& first_row) {
+                                              FirstRow&& first_row, bool write_blocks = true) {
   __shared__ int64_t warp_sums[32];
   __shared__ int64_t total_blocks;
   const int64_t num_groups = int64_t{a.num_slots} * a.num_experts;
@@ -151,21 +152,22 @@ __device__ __forceinline__ void assign_blocks(const AlignArgs& a, Count&& count,
   int64_t block = block_exclusive_scan(my_blocks, warp_sums, &total_blocks);
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t n = (count(g) + a.block_m - 1) / a.block_m;
-    for (int64_t j = 0; j < n && block + j < a.max_blocks; ++j) {
+    for (int64_t j = 0; write_blocks && j < n && block + j < a.max_blocks; ++j) {
       a.block_slot[(block + j) * a.block_slot_stride] = static_cast<int32_t>(g / a.num_experts);
       a.block_expert[(block + j) * a.block_expert_stride] = static_cast<int32_t>(g % a.num_experts);
     }
     first_row(g, block * a.block_m);
     block += n;
   }
-  if (threadIdx.x == 0) {
+  if (write_blocks && threadIdx.x == 0) {
     *a.num_blocks = static_cast<int32_t>(detail::min64(total_blocks, a.max_blocks));
   }
   __syncthreads();
 }
 
 // The multi-CTA form (moe_lora_align_multi.cu): returns false, launching nothing, when the
-// groups' counters do not fit in shared memory (the one-CTA form then takes the call).
+// groups' counters do not fit in shared memory or the device has no cooperative launch (the
+// one-CTA form then takes the call).
 bool launch_align_multi(const AlignArgs& a, cudaStream_t stream);
 
 }  // namespace moelora::cuda::align

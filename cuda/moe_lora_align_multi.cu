@@ -1,16 +1,22 @@
 // moe_lora_align over several CTAs, for large steps (the default from kMultiCtaMinPairs pairs:
-// moe_lora_align.cu). Same outputs and rules as the one-CTA form (moe_lora_align.cu), three launches on
-// the stream, no host sync (graph-capturable):
-//   1. count: C CTAs, each a contiguous chunk of pairs, count pairs per group in shared memory
-//      and store the histogram as row c of counts [C][G]; together they fill the outputs with -1;
-//   2. scan: one CTA sums each group's column, assigns blocks in (slot, expert) order (the shared
-//      assign_blocks) and turns column g into each chunk's first output row in that group
-//      (chunk c's rows follow chunks 0..c-1's);
-//   3. scatter: the same C chunks place their pairs from those rows with shared-memory atomics.
-// Why: the one-CTA form spends 74 us at 32768 pairs on the H200 (ncu: stalls on its
-// shared-memory atomics, one SM doing all of them; bench/NOTES.md, v3b). Here each SM handles
-// ~P / C pairs; the scan reads C * G counters.
-// Workspace: counts, C * G int32, stream-ordered scratch (detail::scratch_alloc).
+// moe_lora_align.cu). Same outputs and rules as the one-CTA form (moe_lora_align.cu), in ONE
+// cooperative launch of C CTAs (C <= the SM count, one CTA per SM, so all are resident) with two
+// grid-wide barriers, no host sync (graph-capturable: a cooperative kernel node):
+//   1. count: CTA c counts its contiguous chunk of pairs per group in shared memory and stores
+//      the histogram as row c of counts [C][G]; together the CTAs fill the outputs with -1;
+//   2. prefix: one warp per group turns column g into each chunk's offset within the group
+//      (chunk c's pairs follow chunks 0..c-1's, a warp scan over the chunks) and its total;
+//   3. place: every CTA assigns blocks to groups from the totals (the shared assign_blocks, the
+//      same result in each; CTA 0 writes block_slot / block_expert / num_blocks), so its next
+//      row of group g is first_row(g) + its offset; it places its chunk's pairs from there with
+//      shared-memory atomics.
+// Why one launch: the earlier form launched count, scan and scatter separately, and its scan ran
+// in one CTA, a serial walk over the C counters of each group: 24 us at 16384 pairs and 60 us at
+// 65536 on the H200, 13-16% of a whole qwen3 LoRA layer at 2048-8192 tokens (bench/NOTES.md,
+// v3g). Here the serial work per group is C / 32 warp steps, and the launch floor is paid once.
+// Workspace: counts, C * G int32, plus G totals, stream-ordered scratch (detail::scratch_alloc).
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "moe_lora_align.cuh"
@@ -19,59 +25,71 @@ namespace moelora::cuda::align {
 
 namespace {
 
-constexpr int kChunkThreads = 512;
-constexpr int kScanThreads = 1024;
-constexpr int64_t kMinPairsPerChunk = 1024;
+constexpr int kThreads = 512;
+constexpr int64_t kMinPairsPerChunk = 512;
 
 struct MultiArgs {
   AlignArgs a;
-  int32_t* counts;  // [num_chunks][num_groups]: pair counts, then first rows (after the scan)
+  int32_t* counts;  // [chunks][num_groups]: pair counts, then offsets within each group
+  int32_t* totals;  // [num_groups]: pairs per group
   int64_t num_groups, chunk;  // pairs per chunk (the last may be short)
 };
 
-__device__ __forceinline__ int64_t num_pairs_of(const AlignArgs& a) {
-  return a.num_tokens * a.top_k;
+// Column g of counts [chunks][G] becomes exclusive prefix sums in chunk order; returns the total.
+// One warp.
+__device__ __forceinline__ int64_t chunk_offsets(int32_t* counts, int64_t num_groups,
+                                                 int64_t chunks, int64_t g) {
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  int64_t running = 0;
+  for (int64_t base = 0; base < chunks; base += 32) {
+    const int64_t c = base + lane;
+    const int32_t n = c < chunks ? counts[c * num_groups + g] : 0;
+    int32_t inclusive = n;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset <<= 1) {
+      const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    if (c < chunks) counts[c * num_groups + g] = static_cast<int32_t>(running + inclusive - n);
+    running += __shfl_sync(0xffffffffu, inclusive, 31);
+  }
+  return running;
 }
 
-__global__ void __launch_bounds__(kChunkThreads) count_chunks_kernel(MultiArgs m) {
-  extern __shared__ int32_t hist[];
+__global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
+  extern __shared__ int32_t hist[];  // this CTA's counts per group, then its next rows
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const AlignArgs& a = m.a;
-  const int64_t tid = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  fill_outputs(a, tid, int64_t{gridDim.x} * blockDim.x);
+  const int64_t chunks = gridDim.x;
+  const int64_t c = blockIdx.x;
+  const int64_t num_pairs = a.num_tokens * a.top_k;
+  const int64_t begin = c * m.chunk;
+  const int64_t end = detail::min64(num_pairs, begin + m.chunk);
+
+  // 1. count
+  fill_outputs(a, c * blockDim.x + threadIdx.x, chunks * blockDim.x);
   for (int64_t g = threadIdx.x; g < m.num_groups; g += blockDim.x) hist[g] = 0;
   __syncthreads();
-  const int64_t begin = blockIdx.x * m.chunk;
-  count_pairs(a, begin, detail::min64(num_pairs_of(a), begin + m.chunk), hist);
+  count_pairs(a, begin, end, hist);
   __syncthreads();
-  int32_t* row = m.counts + blockIdx.x * m.num_groups;
+  int32_t* row = m.counts + c * m.num_groups;
   for (int64_t g = threadIdx.x; g < m.num_groups; g += blockDim.x) row[g] = hist[g];
-}
+  grid.sync();
 
-__global__ void __launch_bounds__(kScanThreads) scan_chunks_kernel(MultiArgs m, int64_t chunks) {
+  // 2. offsets of each chunk within each group, and the groups' totals
+  const int64_t warps = chunks * (blockDim.x / 32);
+  for (int64_t g = c * (blockDim.x / 32) + threadIdx.x / 32; g < m.num_groups; g += warps) {
+    const int64_t total = chunk_offsets(m.counts, m.num_groups, chunks, g);
+    if ((threadIdx.x & 31) == 0) m.totals[g] = static_cast<int32_t>(total);
+  }
+  grid.sync();
+
+  // 3. blocks (every CTA, the same), then this chunk's pairs
   assign_blocks(
-      m.a,
-      [&](int64_t g) {
-        int64_t total = 0;
-        for (int64_t c = 0; c < chunks; ++c) total += m.counts[c * m.num_groups + g];
-        return total;
-      },
-      [&](int64_t g, int64_t row) {
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int32_t n = m.counts[c * m.num_groups + g];
-          m.counts[c * m.num_groups + g] = static_cast<int32_t>(row);
-          row += n;
-        }
-      });
-}
-
-__global__ void __launch_bounds__(kChunkThreads) scatter_chunks_kernel(MultiArgs m) {
-  extern __shared__ int32_t next_row[];
-  const AlignArgs& a = m.a;
-  const int32_t* first = m.counts + blockIdx.x * m.num_groups;
-  for (int64_t g = threadIdx.x; g < m.num_groups; g += blockDim.x) next_row[g] = first[g];
-  __syncthreads();
-  const int64_t begin = blockIdx.x * m.chunk;
-  place_pairs(a, begin, detail::min64(num_pairs_of(a), begin + m.chunk), next_row);
+      a, [&](int64_t g) { return int64_t{m.totals[g]}; },
+      [&](int64_t g, int64_t first) { hist[g] = static_cast<int32_t>(first + row[g]); },
+      /*write_blocks=*/c == 0);
+  place_pairs(a, begin, end, hist);
 }
 
 }  // namespace
@@ -81,24 +99,32 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
   m.a = a;
   m.num_groups = int64_t{a.num_slots} * a.num_experts;
   if (m.num_groups <= 0 || m.num_groups > kMaxSmemGroups) return false;
+  if (!detail::cooperative_launch()) return false;
   const int64_t num_pairs = a.num_tokens * a.top_k;
-  // About one chunk per SM, none shorter than kMinPairsPerChunk.
+  // At most one chunk per SM (one CTA each: all resident, as the grid barriers need), none
+  // shorter than kMinPairsPerChunk.
   m.chunk = std::max(kMinPairsPerChunk, (num_pairs + detail::sm_count() - 1) / detail::sm_count());
   const int64_t chunks = std::max<int64_t>(1, (num_pairs + m.chunk - 1) / m.chunk);
   const size_t smem = static_cast<size_t>(m.num_groups) * sizeof(int32_t);
   if (smem > 48 * 1024) {
-    for (const void* kernel : {reinterpret_cast<const void*>(count_chunks_kernel),
-                               reinterpret_cast<const void*>(scatter_chunks_kernel)}) {
-      MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(smem)));
-    }
+    MOELORA_CUDA_CHECK(cudaFuncSetAttribute(align_multi_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
   }
   m.counts = static_cast<int32_t*>(
-      detail::scratch_alloc(chunks * m.num_groups * sizeof(int32_t), stream));
-  const unsigned grid = static_cast<unsigned>(chunks);
-  count_chunks_kernel<<<grid, kChunkThreads, smem, stream>>>(m);
-  scan_chunks_kernel<<<1, kScanThreads, 0, stream>>>(m, chunks);
-  scatter_chunks_kernel<<<grid, kChunkThreads, smem, stream>>>(m);
+      detail::scratch_alloc((chunks + 1) * m.num_groups * sizeof(int32_t), stream));
+  m.totals = m.counts + chunks * m.num_groups;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(chunks));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, align_multi_kernel, m));
   detail::scratch_free(m.counts, stream);
   return true;
 }

@@ -180,13 +180,14 @@ def test_gpu_fused_moe_lora_repeated_runs_are_identical(dtype, tokens):
         assert torch.equal(first.nan_to_num(7.0), again.nan_to_num(7.0))
 
 
-@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64), (2100, 4, 32, 64)])
+@pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64), (2100, 4, 32, 64), (8191, 8, 128, 16)])
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("kernel", ["single", "multi", "auto"])
 def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, experts, block_m,
                                          popularity):
-    # multi: moe_lora_align_multi.cu (chunks of >= 1024 pairs: 2052 and 8400 pairs span several);
-    # auto: the one-CTA form below 8192 pairs, the multi-CTA form from there (8400 pairs)
+    # multi: moe_lora_align_multi.cu, one cooperative launch (chunks of >= 512 pairs, at most one
+    # per SM: 2052 pairs span 5, 8400 span 17, 65528 span one per SM, more than a warp's 32);
+    # auto: the one-CTA form below 8192 pairs, the multi-CTA form from there
     monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     seed = tokens + top_k + experts
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
@@ -222,6 +223,34 @@ def test_gpu_align_dense_rows_and_all_base(monkeypatch, kernel):
     base = torch.full((9,), -1, dtype=torch.int32, device=CUDA)
     out = ops.moe_lora_align(torch.zeros(9, 2, dtype=torch.int32, device=CUDA), base, 4, 3, 8)
     assert int(out[3].item()) == 0 and (out[0] == -1).all() and (out[1] == -1).all()
+
+
+@pytest.mark.parametrize("kernel", ["single", "multi"])
+def test_gpu_align_replays_from_a_cuda_graph(monkeypatch, kernel):
+    # The multi-CTA form is a cooperative kernel node in a graph; replays with new routing give
+    # what eager calls give (the per-group pair sets; order within a group may differ).
+    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
+    tokens, top_k, experts, block_m = 4096, 8, 64, 32
+    topk_ids = torch.zeros(tokens, top_k, dtype=torch.int32, device=CUDA)
+    token_slot = torch.zeros(tokens, dtype=torch.int32, device=CUDA)
+    ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+    for seed in (3, 4):
+        topk_ids.copy_(route_experts(tokens, top_k, experts, seed))
+        token_slot.copy_(assign_slots(tokens, SLOT_RANKS, "zipf", seed))
+        for t in captured:
+            t.fill_(-7)  # poison: the replay must write every output
+        graph.replay()
+        eager = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+        assert int(captured[3]) == int(eager[3])
+        assert torch.equal(captured[1], eager[1]) and torch.equal(captured[2], eager[2])
+        # Per (slot, expert) group, the same multiset of rows (pairs and padding).
+        group = (eager[1].long() * experts + eager[2].long()).repeat_interleave(block_m)
+        keys_g = (group * 2**32 + captured[0].long()).sort().values
+        keys_e = (group * 2**32 + eager[0].long()).sort().values
+        assert torch.equal(keys_g, keys_e)
 
 
 def test_gpu_align_rejects_unknown_form(monkeypatch):
