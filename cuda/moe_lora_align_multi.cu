@@ -4,8 +4,9 @@
 // grid-wide barriers, no host sync (graph-capturable: a cooperative kernel node):
 //   1. count: CTA c counts its contiguous chunk of pairs per group in shared memory and stores
 //      the histogram as row c of counts [C][G]; together the CTAs fill the outputs with -1;
-//   2. prefix: one warp per group turns column g into each chunk's offset within the group
-//      (chunk c's pairs follow chunks 0..c-1's, a warp scan over the chunks) and its total;
+//   2. prefix: a team of lanes per group turns column g into each chunk's offset within the
+//      group (chunk c's pairs follow chunks 0..c-1's, a warp scan over the chunks) and its
+//      total;
 //   3. place: every CTA assigns blocks to groups from the totals (the shared assign_blocks, the
 //      same result in each; CTA 0 writes block_slot / block_expert / num_blocks), so its next
 //      row of group g is first_row(g) + its offset; it places its chunk's pairs from there with
@@ -33,27 +34,42 @@ struct MultiArgs {
   int32_t* counts;  // [chunks][num_groups]: pair counts, then offsets within each group
   int32_t* totals;  // [num_groups]: pairs per group
   int64_t num_groups, chunk;  // pairs per chunk (the last may be short)
+  int32_t team_width;         // lanes per group in the prefix step: pow2 >= chunks, <= 32
 };
 
-// Column g of counts [chunks][G] becomes exclusive prefix sums in chunk order; returns the total.
-// One warp.
-__device__ __forceinline__ int64_t chunk_offsets(int32_t* counts, int64_t num_groups,
-                                                 int64_t chunks, int64_t g) {
+// Column g of counts [chunks][G] becomes exclusive prefix sums in chunk order, and totals[g]
+// its sum, for every group: a team of `width` lanes (a power of two <= 32, about the chunk
+// count) per group, segmented warp scans over the chunks `width` at a time. Lanes per group
+// scale with the chunks so that neither few chunks (one CTA: 2048 groups) nor many (128 chunks)
+// make a long serial walk: the first cut, one warp per group, took 57 us at 128 pairs on the
+// H200, each warp walking 128 groups one L2 round trip at a time.
+__device__ __forceinline__ void chunk_offsets(int32_t* counts, int32_t* totals,
+                                              int64_t num_groups, int64_t chunks, int width) {
   const int lane = static_cast<int>(threadIdx.x & 31);
-  int64_t running = 0;
-  for (int64_t base = 0; base < chunks; base += 32) {
-    const int64_t c = base + lane;
-    const int32_t n = c < chunks ? counts[c * num_groups + g] : 0;
-    int32_t inclusive = n;
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-      if (lane >= offset) inclusive += other;
+  const int r = lane % width;  // this lane's rank in its team
+  const int64_t per_warp = 32 / width;
+  const int64_t warp = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  // Loop bounds are uniform over the warp (the shuffles need every lane); g past the groups
+  // loads and stores nothing.
+  for (int64_t g0 = warp * per_warp; g0 < num_groups; g0 += warps * per_warp) {
+    const int64_t g = g0 + lane / width;
+    const bool mine = g < num_groups;
+    int32_t running = 0;
+    for (int64_t base = 0; base < chunks; base += width) {
+      const int64_t c = base + r;
+      const bool here = mine && c < chunks;
+      const int32_t n = here ? counts[c * num_groups + g] : 0;
+      int32_t inclusive = n;
+      for (int offset = 1; offset < width; offset <<= 1) {
+        const int32_t other = __shfl_up_sync(0xffffffffu, inclusive, offset, width);
+        if (r >= offset) inclusive += other;
+      }
+      if (here) counts[c * num_groups + g] = running + inclusive - n;
+      running += __shfl_sync(0xffffffffu, inclusive, width - 1, width);
     }
-    if (c < chunks) counts[c * num_groups + g] = static_cast<int32_t>(running + inclusive - n);
-    running += __shfl_sync(0xffffffffu, inclusive, 31);
+    if (mine && r == 0) totals[g] = running;
   }
-  return running;
 }
 
 __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
@@ -77,11 +93,7 @@ __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
   grid.sync();
 
   // 2. offsets of each chunk within each group, and the groups' totals
-  const int64_t warps = chunks * (blockDim.x / 32);
-  for (int64_t g = c * (blockDim.x / 32) + threadIdx.x / 32; g < m.num_groups; g += warps) {
-    const int64_t total = chunk_offsets(m.counts, m.num_groups, chunks, g);
-    if ((threadIdx.x & 31) == 0) m.totals[g] = static_cast<int32_t>(total);
-  }
+  chunk_offsets(m.counts, m.totals, m.num_groups, chunks, m.team_width);
   grid.sync();
 
   // 3. blocks (every CTA, the same), then this chunk's pairs
@@ -105,6 +117,8 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
   // shorter than kMinPairsPerChunk.
   m.chunk = std::max(kMinPairsPerChunk, (num_pairs + detail::sm_count() - 1) / detail::sm_count());
   const int64_t chunks = std::max<int64_t>(1, (num_pairs + m.chunk - 1) / m.chunk);
+  m.team_width = 1;
+  while (m.team_width < 32 && m.team_width < chunks) m.team_width *= 2;
   const size_t smem = static_cast<size_t>(m.num_groups) * sizeof(int32_t);
   if (smem > 48 * 1024) {
     MOELORA_CUDA_CHECK(cudaFuncSetAttribute(align_multi_kernel,
