@@ -36,7 +36,8 @@
 //   into hi = T(s) and lo = T(s - hi), two mma per step, so the intermediate keeps ~16 (bf16) /
 //   ~22 (fp16) mantissa bits. fp16 rows are also scaled by a power of two (exact) so that
 //   max |s| sits at 2^14: no overflow, little underflow of lo.
-// Expand: per slice, 64-column tiles through the same pipeline. Stage = output tile
+// Expand: the pass's slices' 64-column tiles, one after another, as further steps of the
+//   shrink's pipeline (without a cluster, no drain between the phases). Stage = output tile
 //   [rows][64] (prefetched, so the read of the RMW is asynchronous) + B^T tile [rp][64]
 //   (rows past the rank zero-filled), both swizzled. B fragments come from ldmatrix.x4.trans.
 //   The warp adds its fp32 accumulators into its 16 staged output rows in shared memory (one
@@ -46,7 +47,8 @@
 // Every output element of a pair has one owner (its block's CTA for its column part, its warp,
 // one lane): no atomics; sums run in a fixed order for a given csplit, so repeated runs are
 // bit-identical. Shared memory: kStages * (rows + N) * 128 bytes of stages (4 stages, 64 rows:
-// 96 KB at N = 128, 64 KB at N = 64, 48 KB at N = 32) plus ~3 KB of row tables.
+// 96 KB at N = 128, 64 KB at N = 64, 48 KB at N = 32), 20 bytes per tile row and ~3.3 KB of
+// adapter row tables.
 // Declines (returns false) for float32, unaligned rows, max_rank > 64 or an unaligned arena.
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
 // Template space: dtype x N = 6 kernels.
@@ -67,7 +69,6 @@ namespace {
 using namespace ptx;  // NOLINT: the PTX wrappers read best unqualified here
 
 constexpr int kMaxWarps = 4;
-constexpr int kMaxRows = 16 * kMaxWarps;  // rows of an M tile
 constexpr int kMaxN = 128;                // columns of a pass (summed, padded ranks)
 constexpr int kMaxRank = 64;
 constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the expand (elements)
@@ -130,26 +131,47 @@ __device__ __forceinline__ float pow2(int e) {
   return __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
 }
 
-// The kStages-deep cp.async pipeline over n steps: load(step, stage) issues the copies of a step,
-// compute(step, stage) consumes it. One barrier per step; ends drained and synchronised, so the
-// stages may be reused for something else.
-template <typename Load, typename Compute>
-__device__ __forceinline__ void pipeline(int n, Load&& load, Compute&& compute) {
+// A kStages-deep cp.async pipeline over steps 0..n-1: load(step, stage) issues the copies of a
+// step, compute(step, stage) consumes them; loads run kStages - 1 steps ahead. A pass runs its
+// shrink and its expands as ONE pipeline (pipeline_fill once, pipeline_steps for the shrink's
+// steps, the hand-over in registers, pipeline_steps for the expand's), so the first expand
+// tiles are in flight while the last K chunks are multiplied; v3f drained and refilled the
+// stages between the phases and between slices (one memory latency each).
+template <typename Load>
+__device__ __forceinline__ void pipeline_fill(int first, int n, Load&& load) {
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n) load(s, s);
+    if (first + s < n) load(first + s, (first + s) % kStages);
     cp_async_commit();
   }
-  for (int it = 0; it < n; ++it) {
+}
+
+// Steps [begin, end) of a pipeline of n steps, filled from `begin` or continuing one that ran
+// up to begin: one commit group per step, so waiting for all but kStages - 2 groups lands step
+// `it`; one barrier per step, after which stage (it - 1) % kStages is free for a new load.
+template <typename Load, typename Compute>
+__device__ __forceinline__ void pipeline_steps(int begin, int end, int n, Load&& load,
+                                               Compute&& compute) {
+  for (int it = begin; it < end; ++it) {
     cp_async_wait<kStages - 2>();
-    __syncthreads();  // step `it` landed for everyone; stage (it - 1) % kStages is free
+    __syncthreads();
     const int next = it + kStages - 1;
     if (next < n) load(next, next % kStages);
     cp_async_commit();
     compute(it, it % kStages);
   }
+}
+
+// Waits for every copy and every thread: the stages may then be reused for something else.
+__device__ __forceinline__ void pipeline_drain() {
   cp_async_wait<0>();
   __syncthreads();
+}
+
+// Dynamic shared memory after the stages: per tile row, its input and output row pointers and
+// its routing weight (sized by the CTA's rows, so 1-warp CTAs keep 8 per SM at N = 32).
+__host__ __device__ constexpr size_t row_tables_bytes(int rows) {
+  return static_cast<size_t>(rows) * (2 * sizeof(void*) + sizeof(float));
 }
 
 // 64-column tiles [begin, end) of a slice that column part cs of csplit expands: contiguous
@@ -163,7 +185,7 @@ __device__ __forceinline__ TileRange part_tiles(int64_t out_dim, int64_t cs, int
 }
 
 // acc += the same thread's acc in every other CTA of the cluster, in rank order (so repeated
-// runs are bit-identical), through `scratch` (the stage memory: pipeline() left it drained).
+// runs are bit-identical), through `scratch` (the stage memory: pipeline_drain() left it free).
 template <int NT>
 __device__ __forceinline__ void cluster_sum(float (&acc)[NT][4], float* scratch) {
   const Cluster cluster;
@@ -197,17 +219,19 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
                     int32_t csplit) {
   constexpr int NT = N / 8;   // n8 tiles of a pass (shrink)
   constexpr int KT = N / 16;  // k16 tiles of a pass (expand)
+  // Dynamic: kStages stages, then the tile rows' tables (row_tables_bytes(rows)).
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ const T* s_xrow[kMaxRows];  // input row of each tile row, null = padding
-  __shared__ T* s_orow[kMaxRows];        // output row of each tile row, null = padding
-  __shared__ float s_w[kMaxRows];        // routing weight of each tile row
-  // A rows of the pass in load order (null: zero-fill) during the shrink, then the B^T rows of
-  // the slice being expanded (null: zeros). One array keeps the static row tables at ~3 KB.
+  // A rows of the pass in load order (null: zero-fill) and their rows in the stage.
   __shared__ const T* s_wsrc[kMaxN];
-  const T** const s_bsrc = s_wsrc;
-  __shared__ uint8_t s_wdst[kMaxN];      // row in the stage of each entry of s_wsrc
+  __shared__ uint8_t s_wdst[kMaxN];
+  // B^T row k of slice i at s_base[i] + k (null past the rank: zeros), for every slice of the
+  // pass at once: the expand tiles are loaded while the shrink still runs.
+  __shared__ const T* s_bsrc[kMaxN];
   __shared__ int32_t s_lim[NT];          // per n tile: end of the valid columns (base + rank)
   __shared__ int32_t s_rank[kMaxSlices];
+  // Expand steps of the pass: slice i owns steps [s_first[i], s_first[i + 1]) (none when it has
+  // no rank or this part no tile of it), its tile 0 being column tile s_tile0[i] of the slice.
+  __shared__ int32_t s_first[kMaxSlices + 1], s_tile0[kMaxSlices];
   __shared__ int32_t s_base[kMaxSlices], s_rp[kMaxSlices], s_pass[kMaxSlices + 1];  // the plan
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -215,6 +239,12 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
   const int lane = tid & 31;
   const int r0 = (tid >> 5) * 16;  // this warp's first tile row
   const int g = lane >> 2, t4 = lane & 3;
+  const int rows = nthreads / 2;  // 16 rows per warp
+  const uint32_t stage_bytes = static_cast<uint32_t>((rows + N) * kRowBytes);
+  // Per tile row: its input row and output row (null = padding) and routing weight.
+  const T** const s_xrow = reinterpret_cast<const T**>(smem + kStages * stage_bytes);
+  T** const s_orow = reinterpret_cast<T**>(smem + kStages * stage_bytes + rows * sizeof(T*));
+  float* const s_w = reinterpret_cast<float*>(s_orow + rows);
   // Copies: a thread moves 16-byte chunk `ch` of its rows. The x and output tiles are
   // warp-local: lane l copies rows r0 + l / 8 + 4q (q < 4) of its own warp, so an idle warp
   // copies nothing and each lane's row pointers and stage offsets are set once, outside the
@@ -224,8 +254,6 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
   uint32_t row_off[4];  // offsets of this lane's 4 rows (chunk ch) in a swizzled tile
 #pragma unroll
   for (int q = 0; q < 4; ++q) row_off[q] = swz(r0 + (lane >> 3) + 4 * q, ch);
-  const int rows = nthreads / 2;  // 16 rows per warp
-  const uint32_t stage_bytes = static_cast<uint32_t>((rows + N) * kRowBytes);
   const uint32_t smem0 = smem_u32(smem);
   const T* input = static_cast<const T*>(a.input);
   T* output = static_cast<T*>(a.output);
@@ -240,18 +268,22 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
     const int64_t cs = item % csplit;  // this CTA's part: its rank in the cluster
     const int64_t tile = item / csplit;
     const int64_t b = tile / mtiles;
-    if (b >= *a.num_blocks) break;  // items are ordered by block
     const int64_t m0 = (tile % mtiles) * rows;
+    // One round trip for the block count, the block's group and this thread's pair: the align
+    // outputs hold every block an item can name (b < max_blocks), so all are read before the
+    // count is compared.
+    const int32_t num_blocks = *a.num_blocks;
     const int32_t slot = a.block_slot[b * a.block_slot_stride];
     const int32_t expert =
         a.block_expert != nullptr ? a.block_expert[b * a.block_expert_stride] : 0;
+    int32_t pair = -1;
+    if (tid < rows && m0 + tid < a.block_m) {
+      pair = a.sorted_pairs[(b * a.block_m + m0 + tid) * a.pairs_stride];
+    }
+    if (b >= num_blocks) break;  // items are ordered by block
     if (tid < a.num_slices) s_rank[tid] = slice_info(a.slices[tid], slot, expert).rank;
     bool valid = false;
     if (tid < rows) {
-      int32_t pair = -1;
-      if (m0 + tid < a.block_m) {
-        pair = a.sorted_pairs[(b * a.block_m + m0 + tid) * a.pairs_stride];
-      }
       valid = pair_valid(a, pair);
       s_xrow[tid] = valid ? input + (pair / a.input_pairs_per_row) * a.input_stride : nullptr;
       s_orow[tid] = valid ? output + int64_t{pair} * a.output_stride : nullptr;
@@ -259,6 +291,13 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
     }
     if (__syncthreads_or(valid)) {
       const bool warp_active = __any_sync(0xffffffffu, lane < 16 && s_xrow[r0 + lane] != nullptr);
+      const T* xrow[4];  // this lane's input rows (null: padding, zero-filled)
+      T* orow[4];        // this lane's output rows (null: padding, never touched)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        xrow[q] = s_xrow[r0 + (lane >> 3) + 4 * q];
+        orow[q] = s_orow[r0 + (lane >> 3) + 4 * q];
+      }
       for (int p = 0; p < plan.num_passes; ++p) {
         const int sb = s_pass[p], se = s_pass[p + 1];  // pass p is slices [sb, se)
         // Rows of A to load: the first roundup(rank, 8) of each slice's columns.
@@ -270,6 +309,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
           nact += 8 * c;
         }
         if (nact == 0) continue;  // uniform over the cluster: no slice of this pass has rank
+        // The pass's tables, A and B^T rows in one round trip to the row tables.
         for (int idx = tid; idx < nact; idx += nthreads) {
           int i = sb, k = idx;
           while (k >= 8 * ((s_rank[i] + 7) / 8)) k -= 8 * ((s_rank[i] + 7) / 8), ++i;
@@ -278,6 +318,17 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
           s_wsrc[idx] = k < s_rank[i] ? reinterpret_cast<const T*>(lora_row(
                                             s, BlockInfo{slot, expert, s_rank[i]}, false, k))
                                       : nullptr;
+        }
+        for (int e = tid; e < N; e += nthreads) {
+          const T* src = nullptr;
+          for (int i = sb; i < se; ++i) {
+            const int k = e - s_base[i];
+            if (k >= 0 && k < s_rank[i]) {
+              src = reinterpret_cast<const T*>(
+                  lora_row(a.slices[i], BlockInfo{slot, expert, s_rank[i]}, true, k));
+            }
+          }
+          s_bsrc[e] = src;
         }
         for (int j = tid; j < NT; j += nthreads) {
           int lim = 0;
@@ -288,19 +339,29 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
           }
           s_lim[j] = lim;
         }
+        // This CTA's share of the K chunks (all of them without a cluster): the shrink steps.
+        const int64_t in_dim = a.in_dim;
+        const int64_t chunks = (in_dim + kChunk - 1) / kChunk;
+        const int64_t chunk0 = chunks * cs / csplit;
+        const int nsh = static_cast<int>(chunks * (cs + 1) / csplit - chunk0);
+        if (tid == 0) {
+          int step = nsh;
+          for (int i = sb; i < se; ++i) {
+            s_first[i] = step;
+            if (s_rank[i] == 0) continue;
+            const TileRange tr = part_tiles(a.slices[i].out_dim, cs, csplit);
+            s_tile0[i] = static_cast<int32_t>(tr.begin);
+            step += static_cast<int>(tr.end - tr.begin);
+          }
+          s_first[se] = step;
+        }
         __syncthreads();
+        const int nsteps = s_first[se];
 
         // ---- shrink: acc[j] = x_tile (16 rows of this warp) @ A_pass^T, n tile j ----
         float acc[NT][4];
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        const int64_t in_dim = a.in_dim;
-        // This CTA's share of the K chunks (all of them without a cluster).
-        const int64_t chunks = (in_dim + kChunk - 1) / kChunk;
-        const int64_t chunk0 = chunks * cs / csplit;
-        const T* xrow[4];  // this lane's input rows (null: padding, zero-filled)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xrow[q] = s_xrow[r0 + (lane >> 3) + 4 * q];
         auto load_chunk = [&](int c, int stage) {
           const int64_t d = (chunk0 + c) * kChunk + ch * 8;
           const bool in = d < in_dim;  // the in_dim tail is zero-filled
@@ -318,6 +379,38 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
             const bool ok = src != nullptr && in;
             cp_async16(ws + swz(s_wdst[j], ch), ok ? src + d : input, ok);
           }
+        };
+        // Expand step -> (slice, column tile of this part).
+        auto step_slice = [&](int step) {
+          int i = sb;
+          while (step >= s_first[i + 1]) ++i;
+          return i;
+        };
+        auto load_tile = [&](int step, int stage) {
+          const int i = step_slice(step);
+          const SliceArgs& s = a.slices[i];
+          const int64_t col = (s_tile0[i] + step - s_first[i]) * int64_t{kChunk} + ch * 8;
+          const bool in = col < s.out_dim;  // columns past out_dim: never read nor written
+          const uint32_t os = smem0 + stage * stage_bytes;
+          const uint32_t bs = os + rows * kRowBytes;
+          const int nb = 16 * ((s_rank[i] + 15) / 16);  // B^T rows: k tiles holding ranks
+          const T* const* bsrc = s_bsrc + s_base[i];
+          for (int k = tid >> 3; k < nb; k += nthreads >> 3) {
+            const T* src = bsrc[k];
+            const bool ok = src != nullptr && in;
+            cp_async16(bs + swz(k, ch), ok ? src + col : input, ok);
+          }
+          if (warp_active && in) {
+            const int64_t at = s.col_offset + col;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              if (orow[q] != nullptr) cp_async16(os + row_off[q], orow[q] + at, true);
+            }
+          }
+        };
+        auto load_step = [&](int step, int stage) {
+          if (step < nsh) load_chunk(step, stage);
+          else load_tile(step, stage);
         };
         auto shrink_chunk = [&](int, int stage) {
           if (!warp_active) return;
@@ -339,8 +432,18 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
             }
           }
         };
-        pipeline(static_cast<int>(chunks * (cs + 1) / csplit - chunk0), load_chunk, shrink_chunk);
-        if (csplit > 1) cluster_sum(acc, reinterpret_cast<float*>(smem));
+        if (csplit == 1) {
+          // One pipeline: the loads run on into the expand's first tiles.
+          pipeline_fill(0, nsteps, load_step);
+          pipeline_steps(0, nsh, nsteps, load_step, shrink_chunk);
+        } else {
+          // The partial sums meet in the stage memory: drain, sum, then start the expand.
+          pipeline_fill(0, nsh, load_chunk);
+          pipeline_steps(0, nsh, nsh, load_chunk, shrink_chunk);
+          pipeline_drain();
+          cluster_sum(acc, reinterpret_cast<float*>(smem));
+          pipeline_fill(nsh, nsteps, load_tile);
+        }
 
         // ---- hand-over: s = w * acc (zero past the rank) as hi/lo A fragments ----
         // Thread holds rows g (acc[.][0..1]) and g + 8 (acc[.][2..3]), columns 8j + 2*t4 + {0,1}.
@@ -379,104 +482,69 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
           split2<T>(acc[2 * t + 1][2] * scale1, acc[2 * t + 1][3] * scale1, shi[t][3], slo[t][3]);
         }
 
-        // ---- expand, slice by slice ----
-        for (int i = sb; i < se; ++i) {
-          const int rank = s_rank[i];
-          if (rank == 0) continue;
+        // ---- expand: the pass's slices, tile by tile ----
+        auto expand_tile = [&](int step, int stage) {
+          if (!warp_active) return;
+          const int i = step_slice(step);
           const SliceArgs& s = a.slices[i];
-          const int64_t out_dim = s.out_dim;
-          // Uniform over the CTA (pipeline() holds barriers): this part may own no tile here.
-          const TileRange tr = part_tiles(out_dim, cs, csplit);
-          if (tr.end == tr.begin) continue;
-          const int kt0 = s_base[i] / 16;  // first k tile of this slice in the pass
-          const int nkt = (rank + 15) / 16;  // its k tiles holding ranks
-          const int64_t col_offset = s.col_offset;
-          for (int k = tid; k < 16 * nkt; k += nthreads) {
-            s_bsrc[k] = k < rank ? reinterpret_cast<const T*>(
-                                       lora_row(s, BlockInfo{slot, expert, rank}, true, k))
-                                 : nullptr;
+          const int kt0 = s_base[i] / 16;           // first k tile of this slice in the pass
+          const int nkt = (s_rank[i] + 15) / 16;  // its k tiles holding ranks
+          const uint32_t os = smem0 + stage * stage_bytes;
+          const uint32_t bs = os + rows * kRowBytes;
+          float out[kChunk / 8][4];
+#pragma unroll
+          for (int j = 0; j < kChunk / 8; ++j) {
+            out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
           }
-          T* orow[4];  // this lane's output rows at the slice's first column (null: padding)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            T* const row = s_orow[r0 + (lane >> 3) + 4 * q];
-            orow[q] = row != nullptr ? row + col_offset : nullptr;
-          }
-          __syncthreads();
-          auto load_tile = [&](int ct, int stage) {
-            const int64_t col = (tr.begin + ct) * kChunk + ch * 8;
-            const bool in = col < out_dim;  // columns past out_dim: never read nor written
-            const uint32_t os = smem0 + stage * stage_bytes;
-            const uint32_t bs = os + rows * kRowBytes;
-            for (int k = tid >> 3; k < 16 * nkt; k += nthreads >> 3) {
-              const T* src = s_bsrc[k];
-              const bool ok = src != nullptr && in;
-              cp_async16(bs + swz(k, ch), ok ? src + col : input, ok);
-            }
-            if (warp_active && in) {
-#pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                if (orow[q] != nullptr) cp_async16(os + row_off[q], orow[q] + col, true);
-              }
-            }
-          };
-          auto expand_tile = [&](int ct, int stage) {
-            if (!warp_active) return;
-            const uint32_t os = smem0 + stage * stage_bytes;
-            const uint32_t bs = os + rows * kRowBytes;
-            float out[kChunk / 8][4];
-#pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-              out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
-            }
-#pragma unroll
-            for (int t = 0; t < KT; ++t) {
-              if (t < kt0 || t >= kt0 + nkt) continue;
-              const int kr = (t - kt0) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-              for (int jp = 0; jp < kChunk / 16; ++jp) {
-                uint32_t bf[4];
-                ldsm_x4_trans(bf, bs + swz(kr, 2 * jp + (lane >> 4)));
-                mma16816<T>(out[2 * jp], shi[t], bf[0], bf[1]);
-                mma16816<T>(out[2 * jp], slo[t], bf[0], bf[1]);
-                mma16816<T>(out[2 * jp + 1], shi[t], bf[2], bf[3]);
-                mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
-              }
-            }
-            // out += staged output tile, rounded once, in place in shared memory: ldmatrix
-            // hands each lane exactly its accumulators' elements (matrix m = rows 8(m & 1).. of
-            // n tile 2jp + m / 2), stmatrix puts them back.
+          for (int t = 0; t < KT; ++t) {
+            if (t < kt0 || t >= kt0 + nkt) continue;
+            const int kr = (t - kt0) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
             for (int jp = 0; jp < kChunk / 16; ++jp) {
-              const uint32_t at = os + swz(r0 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                           2 * jp + (lane >> 4));
-              uint32_t v[4];
-              ldsm_x4(v, at);
-#pragma unroll
-              for (int m = 0; m < 4; ++m) {
-                const float(&o)[4] = out[2 * jp + (m >> 1)];
-                const int h = m & 1;
-                const float u = h == 0 ? unscale0 : unscale1;
-                const float2 cur = unpack2<T>(v[m]);
-                v[m] = pack2<T>(cur.x + o[2 * h] * u, cur.y + o[2 * h + 1] * u);
-              }
-              stsm_x4(at, v);
+              uint32_t bf[4];
+              ldsm_x4_trans(bf, bs + swz(kr, 2 * jp + (lane >> 4)));
+              mma16816<T>(out[2 * jp], shi[t], bf[0], bf[1]);
+              mma16816<T>(out[2 * jp], slo[t], bf[0], bf[1]);
+              mma16816<T>(out[2 * jp + 1], shi[t], bf[2], bf[3]);
+              mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
             }
-            __syncwarp();
-            // The warp's 16 rows back to global memory, 16 bytes per lane, 8 lanes per row.
-            const int64_t col = (tr.begin + ct) * kChunk + ch * 8;
-            if (col < out_dim) {
+          }
+          // out += staged output tile, rounded once, in place in shared memory: ldmatrix
+          // hands each lane exactly its accumulators' elements (matrix m = rows 8(m & 1).. of
+          // n tile 2jp + m / 2), stmatrix puts them back.
 #pragma unroll
-              for (int q = 0; q < 4; ++q) {
-                if (orow[q] != nullptr) {
-                  *reinterpret_cast<uint4*>(orow[q] + col) =
-                      *reinterpret_cast<const uint4*>(smem + (os - smem0) + row_off[q]);
-                }
+          for (int jp = 0; jp < kChunk / 16; ++jp) {
+            const uint32_t at = os + swz(r0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                         2 * jp + (lane >> 4));
+            uint32_t v[4];
+            ldsm_x4(v, at);
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {
+              const float(&o)[4] = out[2 * jp + (m >> 1)];
+              const int h = m & 1;
+              const float u = h == 0 ? unscale0 : unscale1;
+              const float2 cur = unpack2<T>(v[m]);
+              v[m] = pack2<T>(cur.x + o[2 * h] * u, cur.y + o[2 * h + 1] * u);
+            }
+            stsm_x4(at, v);
+          }
+          __syncwarp();
+          // The warp's 16 rows back to global memory, 16 bytes per lane, 8 lanes per row.
+          const int64_t col = (s_tile0[i] + step - s_first[i]) * int64_t{kChunk} + ch * 8;
+          if (col < s.out_dim) {
+            const int64_t at = s.col_offset + col;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              if (orow[q] != nullptr) {
+                *reinterpret_cast<uint4*>(orow[q] + at) =
+                    *reinterpret_cast<const uint4*>(smem + (os - smem0) + row_off[q]);
               }
             }
-          };
-          pipeline(static_cast<int>(tr.end - tr.begin), load_tile, expand_tile);
-        }
+          }
+        };
+        pipeline_steps(nsh, nsteps, nsteps, load_tile, expand_tile);
+        pipeline_drain();
       }
     }
     __syncthreads();  // the row tables are rewritten by the next item
@@ -533,7 +601,7 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t 
   // grid-stride (up to the device-side block count: any grid is correct).
   const unsigned grid = static_cast<unsigned>(
       std::min<int64_t>(launch_blocks * mtiles * csplit, (int64_t{1} << 30) / csplit * csplit));
-  const size_t smem = size_t{kStages} * (rows + N) * kRowBytes;
+  const size_t smem = size_t{kStages} * (rows + N) * kRowBytes + row_tables_bytes(rows);
   // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
   // static shared memory (~2.6 KB of row tables), so 48 KB of stages (N = 64, 64 rows) already
   // needs it. Cheap host call; also legal during stream capture.
