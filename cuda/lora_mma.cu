@@ -75,19 +75,21 @@ constexpr int kChunk = 64;   // K chunk of the shrink and column tile of the exp
 constexpr int kRowBytes = kChunk * 2;  // one 128-byte shared-memory row of a stage
 // Stages of the cp.async pipeline: 4, 1.7% faster than 3 over the prefill grid (22 of 24 cases;
 // at N = 32 still 4 CTAs per SM, 48 KB each); -DMOELORA_MMA_STAGES=<n> in CMAKE_CUDA_FLAGS builds
-// another depth. And -DMOELORA_MMA_MIN_CTAS=<n>, the CTAs per SM the register budget is sized for
-// (__launch_bounds__' second argument). Unset, ptxas chooses: 118 registers at N = 32, 4 CTAs of
-// 4 warps per SM. An explicit 1 is not the same: 154 registers, 3 CTAs per SM, 1.26x slower
-// over the prefill grid; 5 (96 registers, spills at N >= 64) was 0.997x, winning 13-25% on three
-// 8192-token cases and losing 1-10% on others (H200, bench/NOTES.md "v3d: pipeline depth and
-// registers", tools/gpu_stages_sweep.sh).
+// another depth.
+// Registers: sized so that they never bound residency below what the stages' shared memory
+// allows with 4 warps (4 CTAs per SM at N = 32, 3 at 64, 2 at 128): __launch_bounds__' second
+// argument. v3g needs it at N = 32, where ptxas otherwise takes 144-148 registers (3 CTAs per
+// SM); 128 fit without spills. -DMOELORA_MMA_MIN_CTAS=<n> overrides it for every N (session 5:
+// 5, i.e. 96 registers with spills at N >= 64, was 0.997x over the prefill grid; bench/NOTES.md
+// "v3d: pipeline depth and registers", tools/gpu_stages_sweep.sh).
 #ifndef MOELORA_MMA_STAGES
 #define MOELORA_MMA_STAGES 4
 #endif
 #ifdef MOELORA_MMA_MIN_CTAS
-#define MOELORA_MMA_LAUNCH_BOUNDS __launch_bounds__(32 * kMaxWarps, MOELORA_MMA_MIN_CTAS)
+#define MOELORA_MMA_LAUNCH_BOUNDS(N) __launch_bounds__(32 * kMaxWarps, MOELORA_MMA_MIN_CTAS)
 #else
-#define MOELORA_MMA_LAUNCH_BOUNDS __launch_bounds__(32 * kMaxWarps)
+#define MOELORA_MMA_LAUNCH_BOUNDS(N) \
+  __launch_bounds__(32 * kMaxWarps, (N) <= 32 ? 4 : (N) <= 64 ? 3 : 2)
 #endif
 constexpr int kStages = MOELORA_MMA_STAGES;
 static_assert(kStages >= 2, "the pipeline needs at least two stages");
@@ -214,7 +216,7 @@ __device__ __forceinline__ void cluster_sum(float (&acc)[NT][4], float* scratch)
 // ---- the kernel ------------------------------------------------------------------------------
 
 template <typename T, int N>
-__global__ void MOELORA_MMA_LAUNCH_BOUNDS
+__global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
     lora_mma_kernel(const LoraArgs a, const MmaPlan plan, int64_t items, int32_t mtiles,
                     int32_t csplit) {
   constexpr int NT = N / 8;   // n8 tiles of a pass (shrink)
@@ -380,37 +382,58 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
             cp_async16(ws + swz(s_wdst[j], ch), ok ? src + d : input, ok);
           }
         };
-        // Expand step -> (slice, column tile of this part).
+        // Expand step -> slice (steps of slices without tiles are empty ranges).
         auto step_slice = [&](int step) {
           int i = sb;
           while (step >= s_first[i + 1]) ++i;
           return i;
         };
-        auto load_tile = [&](int step, int stage) {
-          const int i = step_slice(step);
-          const SliceArgs& s = a.slices[i];
-          const int64_t col = (s_tile0[i] + step - s_first[i]) * int64_t{kChunk} + ch * 8;
-          const bool in = col < s.out_dim;  // columns past out_dim: never read nor written
+        // What the expand of slice i needs, read once per slice (not per step: per-step lookups
+        // cost more than the drains they replaced, bench/NOTES.md v3g): its steps
+        // [first, end), this lane's column at step 0 (column of step = col0 + step * kChunk),
+        // its B^T rows and k tiles, its output width and column offset.
+        struct SliceTiles {
+          int first, end, nb, kt0;
+          int64_t col0, out_dim, col_offset;
+          const T* const* bsrc;
+        };
+        auto slice_tiles = [&](int i) {
+          SliceTiles st;
+          st.first = s_first[i];
+          st.end = s_first[i + 1];
+          st.nb = 16 * ((s_rank[i] + 15) / 16);  // B^T rows: the k tiles holding ranks
+          st.kt0 = s_base[i] / 16;                // first k tile of the slice in the pass
+          st.col0 = (int64_t{s_tile0[i]} - st.first) * kChunk + ch * 8;
+          st.out_dim = a.slices[i].out_dim;
+          st.col_offset = a.slices[i].col_offset;
+          st.bsrc = s_bsrc + s_base[i];
+          return st;
+        };
+        auto copy_tile = [&](const SliceTiles& st, int step, int stage) {
+          const int64_t col = st.col0 + int64_t{step} * kChunk;
+          const bool in = col < st.out_dim;  // columns past out_dim: never read nor written
           const uint32_t os = smem0 + stage * stage_bytes;
           const uint32_t bs = os + rows * kRowBytes;
-          const int nb = 16 * ((s_rank[i] + 15) / 16);  // B^T rows: k tiles holding ranks
-          const T* const* bsrc = s_bsrc + s_base[i];
-          for (int k = tid >> 3; k < nb; k += nthreads >> 3) {
-            const T* src = bsrc[k];
+          for (int k = tid >> 3; k < st.nb; k += nthreads >> 3) {
+            const T* src = st.bsrc[k];
             const bool ok = src != nullptr && in;
             cp_async16(bs + swz(k, ch), ok ? src + col : input, ok);
           }
           if (warp_active && in) {
-            const int64_t at = s.col_offset + col;
+            const int64_t at = st.col_offset + col;
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
               if (orow[q] != nullptr) cp_async16(os + row_off[q], orow[q] + at, true);
             }
           }
         };
+        // A tile of any slice, found by its step: the loads that run ahead into a later slice.
+        auto copy_any_tile = [&](int step, int stage) {
+          copy_tile(slice_tiles(step_slice(step)), step, stage);
+        };
         auto load_step = [&](int step, int stage) {
           if (step < nsh) load_chunk(step, stage);
-          else load_tile(step, stage);
+          else copy_any_tile(step, stage);
         };
         auto shrink_chunk = [&](int, int stage) {
           if (!warp_active) return;
@@ -442,7 +465,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
           pipeline_steps(0, nsh, nsh, load_chunk, shrink_chunk);
           pipeline_drain();
           cluster_sum(acc, reinterpret_cast<float*>(smem));
-          pipeline_fill(nsh, nsteps, load_tile);
+          pipeline_fill(nsh, nsteps, copy_any_tile);
         }
 
         // ---- hand-over: s = w * acc (zero past the rank) as hi/lo A fragments ----
@@ -482,68 +505,73 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS
           split2<T>(acc[2 * t + 1][2] * scale1, acc[2 * t + 1][3] * scale1, shi[t][3], slo[t][3]);
         }
 
-        // ---- expand: the pass's slices, tile by tile ----
-        auto expand_tile = [&](int step, int stage) {
-          if (!warp_active) return;
-          const int i = step_slice(step);
-          const SliceArgs& s = a.slices[i];
-          const int kt0 = s_base[i] / 16;           // first k tile of this slice in the pass
-          const int nkt = (s_rank[i] + 15) / 16;  // its k tiles holding ranks
-          const uint32_t os = smem0 + stage * stage_bytes;
-          const uint32_t bs = os + rows * kRowBytes;
-          float out[kChunk / 8][4];
+        // ---- expand: the pass's slices, tile by tile, one pipeline continued ----
+        for (int i = sb; i < se; ++i) {
+          const SliceTiles cur = slice_tiles(i);
+          if (cur.first == cur.end) continue;  // uniform: no rank, or no tile for this part
+          const int kt0 = cur.kt0, nkt = cur.nb / 16;
+          auto load_tile = [&](int step, int stage) {
+            if (step < cur.end) copy_tile(cur, step, stage);
+            else copy_any_tile(step, stage);
+          };
+          auto expand_tile = [&](int step, int stage) {
+            if (!warp_active) return;
+            const uint32_t os = smem0 + stage * stage_bytes;
+            const uint32_t bs = os + rows * kRowBytes;
+            float out[kChunk / 8][4];
 #pragma unroll
-          for (int j = 0; j < kChunk / 8; ++j) {
-            out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
-          }
-#pragma unroll
-          for (int t = 0; t < KT; ++t) {
-            if (t < kt0 || t >= kt0 + nkt) continue;
-            const int kr = (t - kt0) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-            for (int jp = 0; jp < kChunk / 16; ++jp) {
-              uint32_t bf[4];
-              ldsm_x4_trans(bf, bs + swz(kr, 2 * jp + (lane >> 4)));
-              mma16816<T>(out[2 * jp], shi[t], bf[0], bf[1]);
-              mma16816<T>(out[2 * jp], slo[t], bf[0], bf[1]);
-              mma16816<T>(out[2 * jp + 1], shi[t], bf[2], bf[3]);
-              mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
+            for (int j = 0; j < kChunk / 8; ++j) {
+              out[j][0] = out[j][1] = out[j][2] = out[j][3] = 0.0f;
             }
-          }
-          // out += staged output tile, rounded once, in place in shared memory: ldmatrix
-          // hands each lane exactly its accumulators' elements (matrix m = rows 8(m & 1).. of
-          // n tile 2jp + m / 2), stmatrix puts them back.
 #pragma unroll
-          for (int jp = 0; jp < kChunk / 16; ++jp) {
-            const uint32_t at = os + swz(r0 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                         2 * jp + (lane >> 4));
-            uint32_t v[4];
-            ldsm_x4(v, at);
+            for (int t = 0; t < KT; ++t) {
+              if (t < kt0 || t >= kt0 + nkt) continue;
+              const int kr = (t - kt0) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-            for (int m = 0; m < 4; ++m) {
-              const float(&o)[4] = out[2 * jp + (m >> 1)];
-              const int h = m & 1;
-              const float u = h == 0 ? unscale0 : unscale1;
-              const float2 cur = unpack2<T>(v[m]);
-              v[m] = pack2<T>(cur.x + o[2 * h] * u, cur.y + o[2 * h + 1] * u);
-            }
-            stsm_x4(at, v);
-          }
-          __syncwarp();
-          // The warp's 16 rows back to global memory, 16 bytes per lane, 8 lanes per row.
-          const int64_t col = (s_tile0[i] + step - s_first[i]) * int64_t{kChunk} + ch * 8;
-          if (col < s.out_dim) {
-            const int64_t at = s.col_offset + col;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              if (orow[q] != nullptr) {
-                *reinterpret_cast<uint4*>(orow[q] + at) =
-                    *reinterpret_cast<const uint4*>(smem + (os - smem0) + row_off[q]);
+              for (int jp = 0; jp < kChunk / 16; ++jp) {
+                uint32_t bf[4];
+                ldsm_x4_trans(bf, bs + swz(kr, 2 * jp + (lane >> 4)));
+                mma16816<T>(out[2 * jp], shi[t], bf[0], bf[1]);
+                mma16816<T>(out[2 * jp], slo[t], bf[0], bf[1]);
+                mma16816<T>(out[2 * jp + 1], shi[t], bf[2], bf[3]);
+                mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
               }
             }
-          }
-        };
-        pipeline_steps(nsh, nsteps, nsteps, load_tile, expand_tile);
+            // out += staged output tile, rounded once, in place in shared memory: ldmatrix
+            // hands each lane exactly its accumulators' elements (matrix m = rows 8(m & 1).. of
+            // n tile 2jp + m / 2), stmatrix puts them back.
+#pragma unroll
+            for (int jp = 0; jp < kChunk / 16; ++jp) {
+              const uint32_t at = os + swz(r0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                           2 * jp + (lane >> 4));
+              uint32_t v[4];
+              ldsm_x4(v, at);
+#pragma unroll
+              for (int m = 0; m < 4; ++m) {
+                const float(&o)[4] = out[2 * jp + (m >> 1)];
+                const int h = m & 1;
+                const float u = h == 0 ? unscale0 : unscale1;
+                const float2 was = unpack2<T>(v[m]);
+                v[m] = pack2<T>(was.x + o[2 * h] * u, was.y + o[2 * h + 1] * u);
+              }
+              stsm_x4(at, v);
+            }
+            __syncwarp();
+            // The warp's 16 rows back to global memory, 16 bytes per lane, 8 lanes per row.
+            const int64_t col = cur.col0 + int64_t{step} * kChunk;
+            if (col < cur.out_dim) {
+              const int64_t at = cur.col_offset + col;
+#pragma unroll
+              for (int q = 0; q < 4; ++q) {
+                if (orow[q] != nullptr) {
+                  *reinterpret_cast<uint4*>(orow[q] + at) =
+                      *reinterpret_cast<const uint4*>(smem + (os - smem0) + row_off[q]);
+                }
+              }
+            }
+          };
+          pipeline_steps(cur.first, cur.end, nsteps, load_tile, expand_tile);
+        }
         pipeline_drain();
       }
     }

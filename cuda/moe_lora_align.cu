@@ -45,10 +45,11 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   place_pairs(a, 0, num_pairs, counts);
 }
 
-// From this many pairs the multi-CTA form (moe_lora_align_multi.cu) is the faster one. H200,
-// graph replays, the whole LoRA layer (bench/NOTES.md, v3c): 8192-65536 pairs, multi 5-16%
-// faster (qwen3 8192 tokens: 639 -> 535 us); below, tools/align_study.py.
-constexpr int64_t kMultiCtaMinPairs = 8192;
+// From this many pairs the multi-CTA form (moe_lora_align_multi.cu, one cooperative launch) is
+// the faster one. H200, the align alone (tools/align_study.py, graph replays, L2 flushed, 128
+// experts, 4 / 16 adapters; bench/NOTES.md, v3g): at 2048 pairs one CTA 14.3-14.7 us vs multi
+// 15.4-16.0; at 4096 18.8-19.2 vs 15.6-16.2; at 65536 154 vs 26-28.
+constexpr int64_t kMultiCtaMinPairs = 4096;
 
 // MOELORA_ALIGN_KERNEL: "multi" or "single" forces a form (multi where it applies); unset, empty
 // or "auto": multi from kMultiCtaMinPairs pairs. Read per call so tests can switch.

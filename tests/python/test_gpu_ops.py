@@ -187,7 +187,7 @@ def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, exp
                                          popularity):
     # multi: moe_lora_align_multi.cu, one cooperative launch (chunks of >= 512 pairs, at most one
     # per SM: 2052 pairs span 5, 8400 span 17, 65528 span one per SM, more than a warp's 32);
-    # auto: the one-CTA form below 8192 pairs, the multi-CTA form from there
+    # auto: the one-CTA form below 4096 pairs, the multi-CTA form from there
     monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     seed = tokens + top_k + experts
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
