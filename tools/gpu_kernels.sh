@@ -4,7 +4,8 @@
 # forced), compute-sanitizer memcheck + racecheck on a slice of them, then the kernel benchmark:
 # decode shapes timing both forms (grouped vs unsorted), prefill shapes with the default
 # dispatch; then the offline engine benchmark with eager and CUDA-graph decode steps, and with
-# 2048-token prompts through SDPA and the paged kernel. Logs and JSON lines under $OUT.
+# 2048-token prompts through SDPA and the paged kernel. ATTENTION_TESTS=1 adds the attention
+# kernels' GPU tests (tools/gpu_attention.sh has their benchmark). Logs and JSON lines under $OUT.
 source "$(dirname "$0")/gpu_common.sh"
 
 stage build
@@ -21,12 +22,12 @@ pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_deco
 MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
   -k "fused_moe_lora or dense_lora" test_gpu_ops.py
 
-# the multi-CTA alignment forced (the default takes it from 8192 pairs): its tests, then the
+# the multi-CTA alignment forced (the default takes it from 4096 pairs): its tests, then the
 # prefill grid with the one-CTA form forced below, as the baseline of the default
 MOELORA_ALIGN_KERNEL=multi pytest_stage pytest-align-multi 60 -k "align or fused_moe_lora_mma" \
   test_gpu_ops.py
 
-B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3f"
+B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3g"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
   >> "$OUT/bench.log" 2>&1
@@ -37,7 +38,7 @@ timeout ${PREFILL_TIMEOUT:-90} $B --tokens 512 2048 8192 --adapters 4 16 \
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-prefill-align-single
 MOELORA_ALIGN_KERNEL=single timeout ${PREFILL_TIMEOUT:-90} $B --tokens 2048 8192 --adapters 4 16 \
-  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version v3f-align-single \
+  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version v3g-align-single \
   --out $OUT/h200-kernels-align-single.jsonl >> "$OUT/bench.log" 2>&1
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-offline  # eager vs CUDA-graph decode steps, same workload
@@ -88,9 +89,15 @@ elif command -v compute-sanitizer > /dev/null; then
     MOELORA_MMA_SPLIT=2 sanitize $tool test_gpu_lora_forms.py -k "7-888 or 133-111"
     MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=2 sanitize $tool test_gpu_ops.py \
       -k "fused_moe_lora_matches and 133-888"
+    sanitize $tool test_gpu_ops.py -k "align_matches and multi and 2100"  # the cooperative align
   done
 else
   echo "compute-sanitizer not found" | tee -a "$OUT/tests.log"
+fi
+
+if [ "${ATTENTION_TESTS:-0}" = 1 ]; then  # the attention kernels' GPU tests (no benchmark)
+  pytest_stage pytest-attention 120 -k attention test_gpu_ops.py
+  MOELORA_ATTN_SPLITS=3 pytest_stage pytest-attention-split3 60 -k attention test_gpu_ops.py
 fi
 
 stage done
