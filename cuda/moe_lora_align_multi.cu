@@ -14,7 +14,9 @@
 // Why one launch: the earlier form launched count, scan and scatter separately, and its scan ran
 // in one CTA, a serial walk over the C counters of each group: 24 us at 16384 pairs and 60 us at
 // 65536 on the H200, 13-16% of a whole qwen3 LoRA layer at 2048-8192 tokens (bench/NOTES.md,
-// v3g). Here the serial work per group is C / 32 warp steps, and the launch floor is paid once.
+// v3g). Here the serial work per group is C / width team steps and the launch floor is paid
+// once: 18.7 us at 16384 pairs, 28.4 at 65536; but ~14 us from the smallest steps up, against
+// 8 us for the one-CTA form, which therefore keeps steps under kMultiCtaMinPairs.
 // Workspace: counts, C * G int32, plus G totals, stream-ordered scratch (detail::scratch_alloc).
 #include <cooperative_groups.h>
 
