@@ -47,8 +47,8 @@
 // Every output element of a pair has one owner (its block's CTA for its column part, its warp,
 // one lane): no atomics; sums run in a fixed order for a given csplit, so repeated runs are
 // bit-identical. Shared memory: kStages * (rows + N) * 128 bytes of stages (4 stages, 64 rows:
-// 96 KB at N = 128, 64 KB at N = 64, 48 KB at N = 32), 20 bytes per tile row and ~3.3 KB of
-// adapter row tables.
+// 96 KB at N = 128, 64 KB at N = 64, 48 KB at N = 32), 20 bytes per tile row and 2.3-2.4 KB of
+// adapter row tables (static).
 // Declines (returns false) for float32, unaligned rows, max_rank > 64 or an unaligned arena.
 // Assumes each adapter row is 16-byte aligned in its arena (the row layout guarantees it).
 // Template space: dtype x N = 6 kernels.
