@@ -21,6 +21,11 @@ struct Cluster {
     return static_cast<int>(cooperative_groups::this_cluster().block_rank());
   }
   __device__ void sync() const { cooperative_groups::this_cluster().sync(); }
+  // sync() in two halves: arrive() (release: this thread's earlier accesses, DSMEM reads of
+  // peers included, are done) and wait() (until every thread of the cluster has arrived), so
+  // that work between them overlaps the barrier. Every thread calls both, alternately.
+  __device__ void arrive() const { (void)cooperative_groups::this_cluster().barrier_arrive(); }
+  __device__ void wait() const { cooperative_groups::this_cluster().barrier_wait(); }
   __device__ float* peer(float* local, int r) const {
     return cooperative_groups::this_cluster().map_shared_rank(local, r);
   }
@@ -28,6 +33,8 @@ struct Cluster {
   __device__ int size() const { return 1; }
   __device__ int rank() const { return 0; }
   __device__ void sync() const { __syncthreads(); }
+  __device__ void arrive() const {}
+  __device__ void wait() const { __syncthreads(); }
   __device__ float* peer(float* local, int) const { return local; }
 #endif
 };

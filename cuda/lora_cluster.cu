@@ -17,8 +17,9 @@
 //   1. each CTA of the cluster takes 1/C of in_dim: warps reduce A rows against the staged x
 //      rows into this CTA's partial s_part[MT][sum of ranks];
 //   2. cluster.sync(); each CTA sums the C partials (DSMEM reads, fixed order, so repeated runs
-//      are bit-identical), applies the routing weight, keeps s_full; cluster.sync() again so no
-//      partial is overwritten while a peer still reads it;
+//      are bit-identical), applies the routing weight, keeps s_full; it then arrives at the
+//      cluster barrier and waits only before its partial is next overwritten (or it exits), so
+//      no partial changes while a peer still reads it and the wait overlaps the expand;
 //   3. the cluster's column group is cut in C parts; a CTA expands its part stage by stage from
 //      shared memory (one thread per vector of columns, ranks in ascending order, one rounding
 //      per output element, one owner per element).
@@ -401,6 +402,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t col_begin = out_vecs * part / parts;
   const int64_t col_end = out_vecs * (part + 1) / parts;
 
+  bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     load_item_head(a, item, pair_ids, head);  // trip 1
     const int rows0 = min(MT, head[2]);
@@ -442,6 +444,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       issue_stage(1);
 
       // ---- 1. shrink: this CTA's in_dim range into s_part[m][j] ----
+      if (peers_may_read) {  // the last reduction's reads of this s_part by the peers are done
+        cluster.wait();
+        peers_may_read = false;
+      }
       for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) s_part[idx] = 0.0f;
       for (int64_t p0 = in_begin; p0 < in_end; p0 += piece) {
         const int64_t len = detail::min64(piece, in_end - p0);
@@ -468,7 +474,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         }
         s_full[idx] = v;
       }
-      cluster.sync();  // peers are done reading s_part; s_full is visible to the whole CTA
+      // Done reading the peers' s_part: arrive now, wait only before s_part is written again or
+      // the CTA exits (its shared memory must outlive the peers' reads), so the barrier's round
+      // trip overlaps the expand instead of preceding it (it was a full cluster.sync() here).
+      cluster.arrive();
+      peers_may_read = true;
+      __syncthreads();  // s_full is visible to the whole CTA
 
       // ---- 3. expand: this CTA's column part, stage by stage, double-buffered ----
       for (int64_t s = 0; s < num_stages; ++s) {
@@ -485,6 +496,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     __syncthreads();  // the next item rewrites pair_ids, offsets and the item state
   }
+  if (peers_may_read) cluster.wait();
 }
 
 // Launch shape of one call.
