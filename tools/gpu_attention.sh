@@ -8,13 +8,9 @@ source "$(dirname "$0")/gpu_common.sh"
 
 stage build
 build_wheel build/gpu -C cmake.define.MOELORA_BUILD_TESTS=ON -C cmake.define.MOELORA_BUILD_BENCH=ON
-T="python3 -m pytest -q -n 16 -m gpu -p no:cacheprovider -rf --tb=short"
-stage pytest-attention
-(cd tests/python && timeout 120 $T -k attention test_gpu_ops.py; \
-  MOELORA_ATTN_SPLITS=3 timeout 60 $T -k attention test_gpu_ops.py; \
-  timeout 120 $T test_engine_bf16.py test_decode_graphs.py; \
-  MOELORA_PREFILL_ATTENTION=sdpa timeout 120 $T test_engine_bf16.py) > "$OUT/attention-tests.log" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/attention-tests.log" | tail -8
+attention_tests
+pytest_stage pytest-engine 120 test_engine_bf16.py test_decode_graphs.py
+MOELORA_PREFILL_ATTENTION=sdpa pytest_stage pytest-engine-sdpa 120 test_engine_bf16.py
 stage racecheck
 (cd tests/python && MOELORA_ATTN_SPLITS=3 timeout 90 compute-sanitizer --tool racecheck \
   python3 -m pytest -q -m gpu -p no:cacheprovider -k "attention and dtype0 and (1-64-0-False or 8-64-0-True)" \

@@ -29,6 +29,13 @@ pytest_stage() {
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/$name.log" | tail -12; rm "$OUT/$name.log"
 }
 
+# attention_tests: the attention kernels' GPU tests, split-KV chosen by the heuristic, then
+# forced to 3 (gpu_attention.sh, and gpu_kernels.sh with ATTENTION_TESTS=1).
+attention_tests() {
+  pytest_stage pytest-attention 120 -k attention test_gpu_ops.py
+  MOELORA_ATTN_SPLITS=3 pytest_stage pytest-attention-split3 60 -k attention test_gpu_ops.py
+}
+
 # bundle_logs NAME: the *.log and *.txt files of $OUT into $OUT/NAME-logs.tgz (removed after).
 # The device tool brings back at most 8 files, so scripts run together in one call each leave
 # their JSON results plus one bundle.

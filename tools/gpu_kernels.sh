@@ -95,10 +95,7 @@ else
   echo "compute-sanitizer not found" | tee -a "$OUT/tests.log"
 fi
 
-if [ "${ATTENTION_TESTS:-0}" = 1 ]; then  # the attention kernels' GPU tests (no benchmark)
-  pytest_stage pytest-attention 120 -k attention test_gpu_ops.py
-  MOELORA_ATTN_SPLITS=3 pytest_stage pytest-attention-split3 60 -k attention test_gpu_ops.py
-fi
+[ "${ATTENTION_TESTS:-0}" = 1 ] && attention_tests  # no attention benchmark here
 
 stage done
 bundle_logs kernels
