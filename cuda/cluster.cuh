@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "cuda_check.h"
+#include "launch.cuh"
 
 namespace moelora::cuda {
 
@@ -40,24 +41,12 @@ struct Cluster {
 };
 
 // kernel<<<grid, block, smem, stream>>>(args...) in clusters of cluster_x CTAs along x (grid.x
-// a multiple of it); cluster_x == 1 launches without the cluster attribute, which GPUs before
-// sm_90 do not have.
+// a multiple of it), launched normally (launch.cuh has the programmatic form).
 template <typename... Params, typename... Args>
 void launch_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                         cudaStream_t stream, int cluster_x, Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(cluster_x);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = cluster_x > 1 ? 1 : 0;
-  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  launch_kernel(kernel, LaunchShape{grid, block, smem, stream, cluster_x, false},
+                std::forward<Args>(args)...);
 }
 
 }  // namespace moelora::cuda

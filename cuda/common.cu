@@ -3,9 +3,11 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <utility>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -90,3 +92,18 @@ void check_launch(const char* what) {
 }
 
 }  // namespace moelora::cuda::detail
+
+namespace moelora::cuda {
+
+bool programmatic_launch_enabled() {
+  const char* value = std::getenv("MOELORA_PDL");
+  if (value != nullptr && *value != '\0' && std::string(value) != "1") {
+    if (std::string(value) != "0") {
+      throw InvalidArgument(std::string("MOELORA_PDL must be 0 or 1, got '") + value + "'");
+    }
+    return false;
+  }
+  return detail::compute_capability_major() >= 9;
+}
+
+}  // namespace moelora::cuda

@@ -387,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   float* s_full = reinterpret_cast<float*>(smem + layout.s_full);
   T* x_tile = reinterpret_cast<T*>(smem + layout.x_tile);
   unsigned char* stages = smem + layout.stages;
-  const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
+  release_next_grid();
 
   // This CTA's share of in_dim, and its part of the concatenated output columns (whole vectors):
   // column group blockIdx.z, cluster rank crank.
@@ -402,6 +402,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t col_begin = out_vecs * part / parts;
   const int64_t col_end = out_vecs * (part + 1) / parts;
 
+  // Everything above came from the parameters; memory only from here (launch.cuh's contract).
+  wait_for_previous_grid();
+  const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
   bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     load_item_head(a, item, pair_ids, head);  // trip 1
@@ -520,8 +523,10 @@ void launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const Cl
   const dim3 grid(static_cast<unsigned>(shape.cluster_size),
                   static_cast<unsigned>(std::min({launch_items, max_clusters, int64_t{65535}})),
                   static_cast<unsigned>(shape.column_groups));
-  launch_in_clusters(kernel, grid, dim3(kThreads), static_cast<size_t>(layout.bytes), stream,
-                     shape.cluster_size, a, num_items, shape.piece);
+  launch_kernel(kernel,
+                LaunchShape{grid, dim3(kThreads), static_cast<size_t>(layout.bytes), stream,
+                            shape.cluster_size, /*after_previous_grid=*/true},
+                a, num_items, shape.piece);
   detail::check_launch("fused_moe_lora cluster");
 }
 

@@ -259,6 +259,8 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
   const uint32_t smem0 = smem_u32(smem);
   const T* input = static_cast<const T*>(a.input);
   T* output = static_cast<T*>(a.output);
+  release_next_grid();
+  wait_for_previous_grid();  // memory only from here (launch.cuh)
   if (tid == 0) {
 #pragma unroll
     for (int i = 0; i < kMaxSlices; ++i) s_base[i] = plan.base[i], s_rp[i] = plan.rp[i];
@@ -636,9 +638,10 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t 
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_mma_kernel<T, N>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
-  launch_in_clusters(lora_mma_kernel<T, N>, dim3(grid), dim3(32 * warps), smem, stream,
-                     static_cast<int>(csplit), a, plan, items, static_cast<int32_t>(mtiles),
-                     static_cast<int32_t>(csplit));
+  launch_kernel(lora_mma_kernel<T, N>,
+                LaunchShape{dim3(grid), dim3(32 * warps), smem, stream, static_cast<int>(csplit),
+                            /*after_previous_grid=*/true},
+                a, plan, items, static_cast<int32_t>(mtiles), static_cast<int32_t>(csplit));
   detail::check_launch("fused_moe_lora mma");
 }
 

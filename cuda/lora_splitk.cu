@@ -25,6 +25,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "lora_kernels.h"
 
 namespace moelora::cuda {
@@ -55,6 +56,8 @@ __device__ __forceinline__ void load_weights(const T* src, bool aligned, float (
 template <typename T, int VEC, int MT>
 __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraArgs a) {
   extern __shared__ float shrink_smem[];
+  release_next_grid();
+  wait_for_previous_grid();  // memory only from here (launch.cuh)
   const int slice_index = blockIdx.z;
   const SliceArgs& s = a.slices[slice_index];
   const int64_t b = blockIdx.y;
@@ -124,6 +127,8 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraA
 template <typename T, int VEC, int MT>
 __global__ void __launch_bounds__(32) lora_expand_kernel(const LoraArgs a) {
   extern __shared__ float expand_smem[];
+  release_next_grid();
+  wait_for_previous_grid();  // the shrink's partials, and memory at all, only from here
   const int slice_index = blockIdx.z;
   const SliceArgs& s = a.slices[slice_index];
   const int64_t b = blockIdx.y;
@@ -201,7 +206,8 @@ void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cu
                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(shrink_smem)));
   }
-  lora_shrink_kernel<T, VEC_IN, MT><<<shrink_grid, kShrinkThreads, shrink_smem, stream>>>(a);
+  launch_kernel(lora_shrink_kernel<T, VEC_IN, MT>,
+                LaunchShape{shrink_grid, dim3(kShrinkThreads), shrink_smem, stream, 1, true}, a);
   detail::check_launch("fused_moe_lora shrink");
 
   const int64_t tile = 32 * VEC_OUT;
@@ -213,7 +219,8 @@ void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cu
                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(expand_smem)));
   }
-  lora_expand_kernel<T, VEC_OUT, MT><<<expand_grid, 32, expand_smem, stream>>>(a);
+  launch_kernel(lora_expand_kernel<T, VEC_OUT, MT>,
+                LaunchShape{expand_grid, dim3(32), expand_smem, stream, 1, true}, a);
   detail::check_launch("fused_moe_lora expand");
 }
 

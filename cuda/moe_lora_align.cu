@@ -18,6 +18,7 @@
 
 #include "common.cuh"
 #include "kernels/dispatch.h"
+#include "launch.cuh"
 #include "moe_lora_align.cuh"
 
 namespace moelora::cuda {
@@ -30,6 +31,8 @@ constexpr int kAlignThreads = 1024;
 
 __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs a) {
   extern __shared__ int32_t smem_counts[];
+  release_next_grid();
+  wait_for_previous_grid();  // memory only from here (launch.cuh)
   int32_t* counts = a.global_counts != nullptr ? a.global_counts : smem_counts;
   const int64_t num_groups = int64_t{a.num_slots} * a.num_experts;
   const int64_t num_pairs = a.num_tokens * a.top_k;
@@ -109,7 +112,8 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
     workspace = static_cast<int32_t*>(detail::scratch_alloc(num_groups * sizeof(int32_t), s));
     a.global_counts = workspace;
   }
-  moe_lora_align_kernel<<<1, kAlignThreads, smem, s>>>(a);
+  launch_kernel(moe_lora_align_kernel, LaunchShape{dim3(1), dim3(kAlignThreads), smem, s, 1, true},
+                a);
   detail::check_launch("moe_lora_align");
   detail::scratch_free(workspace, s);
 }

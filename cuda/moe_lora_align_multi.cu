@@ -22,6 +22,7 @@
 
 #include <algorithm>
 
+#include "launch.cuh"
 #include "moe_lora_align.cuh"
 
 namespace moelora::cuda::align {
@@ -76,6 +77,9 @@ __device__ __forceinline__ void chunk_offsets(int32_t* counts, int32_t* totals,
 
 __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
   extern __shared__ int32_t hist[];  // this CTA's counts per group, then its next rows
+  // Launched normally (a cooperative launch needs every CTA resident, which an early start
+  // behind a running kernel would not give), but the LoRA kernel after it may start early.
+  release_next_grid();
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const AlignArgs& a = m.a;
   const int64_t chunks = gridDim.x;
