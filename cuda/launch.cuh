@@ -6,8 +6,9 @@
 // CUDA graph on the H200, bench/NOTES.md "v3g") is a large share of a decode step. A kernel
 // launched with cudaLaunchAttributeProgrammaticStreamSerialization may start its CTAs before the
 // kernel ahead of it in the stream has finished: as soon as every CTA of that kernel has called
-// release_next_grid() (or exited). Its CTAs then set up from their parameters and wait in
-// wait_for_previous_grid() until the previous kernel has completed and its writes are visible.
+// release_next_grid() or exited, without waiting for the grid's completion and memory flush.
+// Its CTAs then set up from their parameters and wait in wait_for_previous_grid() until the
+// previous kernel has completed and its writes are visible.
 //
 // The contract every kernel launched with `after_previous_grid` keeps: no global memory read
 // or write before wait_for_previous_grid(). Only parameters (constant bank), shared memory and
@@ -32,9 +33,10 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 #endif
 }
 
-// Lets the next kernel in the stream, if it is launched programmatically, start its CTAs now.
-// Called at the start: all of this grid's CTAs have then started (the release needs every
-// one), so the next grid's waiting CTAs only take slots this grid no longer needs.
+// Lets the next kernel in the stream, if it is launched programmatically, start its CTAs now
+// (it starts anyway as this grid's CTAs exit). Call it late, in a CTA's last phase: released at
+// the start, the next grid's waiting CTAs took SM slots beside a one-wave grid for its whole
+// run, and 32-128-token steps got up to 14% slower on the H200 (bench/NOTES.md, "PDL").
 __device__ __forceinline__ void release_next_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

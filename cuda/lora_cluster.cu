@@ -387,7 +387,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   float* s_full = reinterpret_cast<float*>(smem + layout.s_full);
   T* x_tile = reinterpret_cast<T*>(smem + layout.x_tile);
   unsigned char* stages = smem + layout.stages;
-  release_next_grid();
 
   // This CTA's share of in_dim, and its part of the concatenated output columns (whole vectors):
   // column group blockIdx.z, cluster rank crank.
@@ -482,6 +481,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       // trip overlaps the expand instead of preceding it (it was a full cluster.sync() here).
       cluster.arrive();
       peers_may_read = true;
+      // The next grid's CTAs may start once this CTA expands its last rows: released at the
+      // start instead, they took SM slots for the whole kernel and slowed it (bench/NOTES.md).
+      if (item + gridDim.y >= items && m0 + MT >= st.rows) release_next_grid();
       __syncthreads();  // s_full is visible to the whole CTA
 
       // ---- 3. expand: this CTA's column part, stage by stage, double-buffered ----

@@ -259,8 +259,8 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
   const uint32_t smem0 = smem_u32(smem);
   const T* input = static_cast<const T*>(a.input);
   T* output = static_cast<T*>(a.output);
-  release_next_grid();
-  wait_for_previous_grid();  // memory only from here (launch.cuh)
+  wait_for_previous_grid();  // memory only from here (launch.cuh); the next grid starts as
+                             // these CTAs exit (an early release slowed 1-wave steps: NOTES)
   if (tid == 0) {
 #pragma unroll
     for (int i = 0; i < kMaxSlices; ++i) s_base[i] = plan.base[i], s_rp[i] = plan.rp[i];

@@ -56,7 +56,6 @@ __device__ __forceinline__ void load_weights(const T* src, bool aligned, float (
 template <typename T, int VEC, int MT>
 __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraArgs a) {
   extern __shared__ float shrink_smem[];
-  release_next_grid();
   wait_for_previous_grid();  // memory only from here (launch.cuh)
   const int slice_index = blockIdx.z;
   const SliceArgs& s = a.slices[slice_index];
@@ -127,7 +126,6 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraA
 template <typename T, int VEC, int MT>
 __global__ void __launch_bounds__(32) lora_expand_kernel(const LoraArgs a) {
   extern __shared__ float expand_smem[];
-  release_next_grid();
   wait_for_previous_grid();  // the shrink's partials, and memory at all, only from here
   const int slice_index = blockIdx.z;
   const SliceArgs& s = a.slices[slice_index];

@@ -31,7 +31,6 @@ constexpr int kAlignThreads = 1024;
 
 __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs a) {
   extern __shared__ int32_t smem_counts[];
-  release_next_grid();
   wait_for_previous_grid();  // memory only from here (launch.cuh)
   int32_t* counts = a.global_counts != nullptr ? a.global_counts : smem_counts;
   const int64_t num_groups = int64_t{a.num_slots} * a.num_experts;
@@ -45,6 +44,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   assign_blocks(
       a, [&](int64_t g) { return int64_t{counts[g]}; },
       [&](int64_t g, int64_t row) { counts[g] = static_cast<int32_t>(row); });  // next row
+  release_next_grid();  // the LoRA kernel's CTAs start while the pairs are placed
   place_pairs(a, 0, num_pairs, counts);
 }
 

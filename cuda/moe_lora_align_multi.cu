@@ -77,9 +77,6 @@ __device__ __forceinline__ void chunk_offsets(int32_t* counts, int32_t* totals,
 
 __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
   extern __shared__ int32_t hist[];  // this CTA's counts per group, then its next rows
-  // Launched normally (a cooperative launch needs every CTA resident, which an early start
-  // behind a running kernel would not give), but the LoRA kernel after it may start early.
-  release_next_grid();
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   const AlignArgs& a = m.a;
   const int64_t chunks = gridDim.x;
@@ -107,6 +104,9 @@ __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
       a, [&](int64_t g) { return int64_t{m.totals[g]}; },
       [&](int64_t g, int64_t first) { hist[g] = static_cast<int32_t>(first + row[g]); },
       /*write_blocks=*/c == 0);
+  // Launched normally (a cooperative launch needs every CTA resident, which an early start
+  // behind a running kernel would not give), but the LoRA kernel after it may start early.
+  release_next_grid();
   place_pairs(a, begin, end, hist);
 }
 

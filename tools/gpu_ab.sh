@@ -5,7 +5,8 @@
 # grid (no base; $AB_FORM, default grouped; $AB_TOKENS, default the prefill sizes) with each,
 # interleaved: A, B, A, B (AB_ROUNDS rounds), so drift in clocks shows up as A-vs-A spread.
 # Before timing, B runs the tensor-core GPU tests (AB_TESTS=0 skips them).
-# $AB_EXTRA: more bench arguments for both (e.g. "--block-m 16"); $AB_SWEEP_BLOCK_M: block sizes
+# $AB_ENV_C adds a third side, C: this checkout's build under that environment.
+# $AB_EXTRA: more bench arguments for all (e.g. "--block-m 16"); $AB_SWEEP_BLOCK_M: block sizes
 # timed with B only after the rounds. JSON lines in $OUT/ab.jsonl, kernel_version "A<i>" / "B<i>".
 # Making a baseline folder: e.g. session 6's v3e baseline was
 #   mkdir -p .exp/v3e/cuda && for f in cuda/lora_mma.cu cuda/ptx.cuh; do
@@ -32,9 +33,9 @@ fi
 stage "build B (this checkout)"
 wheel b "$here"
 installed=
-use() {  # the wheel of side $1 (A is B's wheel when the baseline is an environment)
+use() {  # the wheel of side $1 (A is B's wheel when the baseline is an environment; C always)
   local side=$1
-  [ -z "${AB_BASE:-}" ] && side=b
+  { [ -z "${AB_BASE:-}" ] || [ "$side" = c ]; } && side=b
   [ "$installed" = "$side" ] && return
   python3 -m pip install --no-deps --force-reinstall -q /tmp/ab-wheel-$side/*.whl > /dev/null 2>&1
   installed=$side
@@ -49,12 +50,13 @@ B="python3 -m moelora.bench.kernels --iters 20 --ranks 16 --popularity uniform -
    --form ${AB_FORM:-grouped} --tokens ${AB_TOKENS:-512 2048 8192} --adapters 4 16 --settle-s 0.5
    --out $OUT/ab.jsonl ${AB_EXTRA:-}"
 for i in $(seq 1 "${AB_ROUNDS:-2}"); do
-  for side in a b; do
+  for side in a b ${AB_ENV_C:+c}; do
     stage "bench $side round $i"
     use $side
-    env_a=()
-    [ "$side" = a ] && [ -n "${AB_ENV_A:-}" ] && read -ra env_a <<< "$AB_ENV_A"
-    timeout 120 env "${env_a[@]}" $B --version "${side^^}$i" > /dev/null 2>> "$OUT/bench.log"
+    side_env=()
+    [ "$side" = a ] && [ -n "${AB_ENV_A:-}" ] && read -ra side_env <<< "$AB_ENV_A"
+    [ "$side" = c ] && read -ra side_env <<< "$AB_ENV_C"
+    timeout 120 env "${side_env[@]}" $B --version "${side^^}$i" > /dev/null 2>> "$OUT/bench.log"
   done
 done
 for bm in ${AB_SWEEP_BLOCK_M:-}; do
