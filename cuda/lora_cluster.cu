@@ -402,6 +402,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t col_end = out_vecs * (part + 1) / parts;
 
   // Everything above came from the parameters; memory only from here (launch.cuh's contract).
+  // No explicit release: the next grid starts as these CTAs exit (launch.cuh says why).
   wait_for_previous_grid();
   const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
   bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
@@ -481,9 +482,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       // trip overlaps the expand instead of preceding it (it was a full cluster.sync() here).
       cluster.arrive();
       peers_may_read = true;
-      // The next grid's CTAs may start once this CTA expands its last rows: released at the
-      // start instead, they took SM slots for the whole kernel and slowed it (bench/NOTES.md).
-      if (item + gridDim.y >= items && m0 + MT >= st.rows) release_next_grid();
       __syncthreads();  // s_full is visible to the whole CTA
 
       // ---- 3. expand: this CTA's column part, stage by stage, double-buffered ----

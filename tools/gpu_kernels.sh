@@ -17,7 +17,7 @@ tail -3 "$OUT/tests.log"
 grep -E "ERROR:|CHECK|REQUIRE|what\(\)" "$OUT/tests.log" | head -20
 
 pytest_stage pytest-forms ${FORMS_TIMEOUT:-200} test_gpu_lora_forms.py test_decode_graphs.py \
-  test_engine_bf16.py
+  test_engine_bf16.py test_gpu_dependent_launch.py
 # the tensor-core family forced, each block shared by a cluster of 3 CTAs (K and columns split)
 MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOUT:-120} \
   -k "fused_moe_lora or dense_lora" test_gpu_ops.py
@@ -27,7 +27,7 @@ MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOU
 MOELORA_ALIGN_KERNEL=multi pytest_stage pytest-align-multi 60 -k "align or fused_moe_lora_mma" \
   test_gpu_ops.py
 
-B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version v3g"
+B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version ${VERSION:-v3h}"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
   >> "$OUT/bench.log" 2>&1
@@ -38,7 +38,7 @@ timeout ${PREFILL_TIMEOUT:-90} $B --tokens 512 2048 8192 --adapters 4 16 \
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-prefill-align-single
 MOELORA_ALIGN_KERNEL=single timeout ${PREFILL_TIMEOUT:-90} $B --tokens 2048 8192 --adapters 4 16 \
-  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version v3g-align-single \
+  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version ${VERSION:-v3h}-align-single \
   --out $OUT/h200-kernels-align-single.jsonl >> "$OUT/bench.log" 2>&1
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-offline  # eager vs CUDA-graph decode steps, same workload
@@ -90,6 +90,8 @@ elif command -v compute-sanitizer > /dev/null; then
     MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=2 sanitize $tool test_gpu_ops.py \
       -k "fused_moe_lora_matches and 133-888"
     sanitize $tool test_gpu_ops.py -k "align_matches and multi and 2100"  # the cooperative align
+    # kernels chained through memory with programmatic dependent launch (cuda/launch.cuh)
+    sanitize $tool test_gpu_dependent_launch.py -k "unsorted-auto-7-888 or mma-133-888-64"
   done
 else
   echo "compute-sanitizer not found" | tee -a "$OUT/tests.log"
