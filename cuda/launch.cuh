@@ -34,11 +34,10 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 }
 
 // Lets the next kernel in the stream, if it is launched programmatically, start its CTAs now
-// (it starts anyway as this grid's CTAs exit). Only the alignment calls it, before its last
-// phase: the LoRA kernels rely on their exit. Released at their start, the next grid's waiting
-// CTAs took SM slots beside a one-wave grid for its whole run (gpt-oss at 128 tokens 12% slower
-// on the H200), and released before the last expand, 32-token decode steps still lost 3% to PDL
-// off (bench/NOTES.md, "v3h").
+// (it starts anyway as this grid's CTAs exit). Called late, in a CTA's last phase, or not at
+// all: released at a kernel's start, the next grid's waiting CTAs took SM slots beside a
+// one-wave grid for its whole run (gpt-oss at 128 tokens 12% slower on the H200). Where each
+// kernel calls it, and why, is in bench/NOTES.md, "v3h".
 __device__ __forceinline__ void release_next_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
