@@ -116,6 +116,13 @@ LoraArgs common_args(const TensorRef& input, int32_t input_pairs_per_row, const 
   return a;
 }
 
+// Experts of the slice with the most (the views may differ; one expert for dense LoRA).
+int32_t widest_experts(const LoraArgs& a) {
+  int32_t experts = 1;
+  for (int i = 0; i < a.num_slices; ++i) experts = std::max(experts, a.slices[i].num_experts);
+  return experts;
+}
+
 // Blocks a grouped launch is sized for. max_blocks (the outputs' length) is the worst case over
 // every (slot, expert) group of the views, one padded block each; when the caller knows how many
 // slots the step uses (active_slots > 0), the same bound over those slots' groups. H200 (bench
@@ -124,10 +131,9 @@ LoraArgs common_args(const TensorRef& input, int32_t input_pairs_per_row, const 
 // and split follow it: the kernels walk every block up to the device-side count.
 int64_t launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slots) {
   if (active_slots <= 0) return max_blocks;
-  int32_t experts = 1;
-  for (int i = 0; i < a.num_slices; ++i) experts = std::max(experts, a.slices[i].num_experts);
   const auto slots = static_cast<int32_t>(std::min<int64_t>(active_slots, INT32_MAX));
-  return std::min(max_blocks, moe_lora_align_max_blocks(a.num_pairs, experts, slots, a.block_m));
+  return std::min(max_blocks, moe_lora_align_max_blocks(a.num_pairs, widest_experts(a), slots,
+                                                        a.block_m));
 }
 
 // Blocks a step is expected to fill, which sizes the mma kernel's cluster split: with pairs
@@ -135,12 +141,11 @@ int64_t launch_blocks(const LoraArgs& a, int64_t max_blocks, int64_t active_slot
 // rows fill about P / block_m more; capped by the bound. (The bound alone counts one padded
 // block for every group: qwen3 at 128 tokens, 4 adapters, 544 where ~440 exist.)
 int64_t expected_blocks(const LoraArgs& a, int64_t bound, int64_t active_slots) {
-  int64_t slots = active_slots, experts = 1;
-  for (int i = 0; i < a.num_slices; ++i) {
-    experts = std::max<int64_t>(experts, a.slices[i].num_experts);
-    if (active_slots <= 0) slots = std::max<int64_t>(slots, a.slices[i].num_slots);
+  int64_t slots = active_slots;
+  if (active_slots <= 0) {
+    for (int i = 0; i < a.num_slices; ++i) slots = std::max<int64_t>(slots, a.slices[i].num_slots);
   }
-  const double groups = static_cast<double>(std::max<int64_t>(slots, 1) * experts);
+  const double groups = static_cast<double>(std::max<int64_t>(slots, 1) * widest_experts(a));
   const double pairs = static_cast<double>(a.num_pairs);
   const double filled = groups * -std::expm1(-pairs / groups) + pairs / a.block_m;
   return std::clamp<int64_t>(static_cast<int64_t>(filled), 1, std::max<int64_t>(bound, 1));

@@ -37,8 +37,14 @@ struct MultiArgs {
   int32_t* counts;  // [chunks][num_groups]: pair counts, then offsets within each group
   int32_t* totals;  // [num_groups]: pairs per group
   int64_t num_groups, chunk;  // pairs per chunk (the last may be short)
-  int32_t team_width;         // lanes per group in the prefix step: pow2 >= chunks, <= 32
 };
+
+// Lanes per group in the prefix step: the power of two >= the chunk count, at most 32.
+__device__ __forceinline__ int team_width(int64_t chunks) {
+  int width = 1;
+  while (width < 32 && width < chunks) width *= 2;
+  return width;
+}
 
 // Column g of counts [chunks][G] becomes exclusive prefix sums in chunk order, and totals[g]
 // its sum, for every group: a team of `width` lanes (a power of two <= 32, about the chunk
@@ -96,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
   grid.sync();
 
   // 2. offsets of each chunk within each group, and the groups' totals
-  chunk_offsets(m.counts, m.totals, m.num_groups, chunks, m.team_width);
+  chunk_offsets(m.counts, m.totals, m.num_groups, chunks, team_width(chunks));
   grid.sync();
 
   // 3. blocks (every CTA, the same), then this chunk's pairs
@@ -123,8 +129,6 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
   // shorter than kMinPairsPerChunk.
   m.chunk = std::max(kMinPairsPerChunk, (num_pairs + detail::sm_count() - 1) / detail::sm_count());
   const int64_t chunks = std::max<int64_t>(1, (num_pairs + m.chunk - 1) / m.chunk);
-  m.team_width = 1;
-  while (m.team_width < 32 && m.team_width < chunks) m.team_width *= 2;
   const size_t smem = static_cast<size_t>(m.num_groups) * sizeof(int32_t);
   if (smem > 48 * 1024) {
     MOELORA_CUDA_CHECK(cudaFuncSetAttribute(align_multi_kernel,
