@@ -31,6 +31,9 @@
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
 // vectors, scalars (rows or column ranges not 16-byte aligned)}.
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "cluster.cuh"
@@ -511,19 +514,107 @@ struct ClusterShape {
   int cluster_size;   // C: CTAs splitting in_dim (and the columns of a group)
   int column_groups;  // G: clusters per item, each expanding 1/G of the columns
   int64_t piece;      // input elements staged per pass
-  int64_t resident_ctas;  // CTAs the GPU holds at once (one wave)
+  int64_t resident_clusters;  // clusters of C CTAs the GPU holds at once (one wave)
 };
 
+// Clusters of `cluster_size` CTAs of `kernel` (kThreads threads, `smem` bytes of dynamic shared
+// memory each) that the GPU holds at once, from the occupancy API; with cluster_size 1, the
+// resident CTAs. A cluster's CTAs must share one GPC, so this can be well below resident CTAs /
+// cluster_size: on the H200, 64 clusters of 6 planned as one wave by that division ran as two
+// (qwen3 at 8 tokens, every pair valid: 38 us against 27 with 56 clusters; bench/NOTES.md,
+// "v3h"). Cached per (device, kernel, size, shared memory): the decode step asks every call.
+int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
+  if (smem > kMaxSmemBytes) return 0;
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, int64_t>, int64_t> cache;
+  int device = 0;
+  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, kernel, cluster_size, smem);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto found = cache.find(key); found != cache.end()) return found->second;
+  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+  int64_t count = 0;
+  if (cluster_size == 1) {
+    int per_sm = 0;
+    MOELORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, kernel, kThreads, static_cast<size_t>(smem)));
+    count = int64_t{per_sm} * detail::sm_count();
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(cluster_size));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = static_cast<unsigned>(cluster_size);
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    MOELORA_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
+    count = clusters;
+  }
+  cache.emplace(key, count);
+  return count;
+}
+
+// Input elements a CTA stages per pass when C CTAs split in_dim.
+int64_t piece_for(const LoraArgs& a, int cluster_size) {
+  const int64_t share = (a.in_dim + cluster_size - 1) / cluster_size;
+  return std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
+}
+
+// C: the widest cluster (<= 8, each CTA keeping >= 256 input elements) whose clusters, one per
+// item, all fit in one wave. G: column groups while CTAs keep >= a warp of column vectors each,
+// within that wave: with few items the B^T rows then spread over many SMs and fly in one trip
+// (mixtral at 1 token: 2 pairs x 8 CTAs x 16 groups); a second wave would cost a whole extra
+// chain of DRAM trips. `resident(C, piece)`: resident_clusters for this kernel.
+template <typename Resident>
+ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int vec_bytes, int elem_bytes,
+                          const Resident& resident) {
+  // clusters exist from sm_90 on
+  const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
+  const int64_t resident_ctas = std::max<int64_t>(1, resident(1, piece_for(a, 1)));
+  // Rounded down: a partial second wave cost more than idle SMs (H200, v3 notes: mixtral at 128
+  // tokens 230 us with C = 2 against 192 with C = 1; gpt-oss at 8 tokens 36 against 28 us).
+  const int64_t wanted = std::max<int64_t>(1, resident_ctas / num_items);
+  const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
+  ClusterShape shape{};
+  shape.cluster_size =
+      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, max_cluster})));
+  while (shape.cluster_size > 1 &&
+         resident(shape.cluster_size, piece_for(a, shape.cluster_size)) < num_items) {
+    --shape.cluster_size;
+  }
+  shape.piece = piece_for(a, shape.cluster_size);
+  shape.resident_clusters =
+      std::max<int64_t>(1, resident(shape.cluster_size, shape.piece));
+  int64_t width = 0;
+  for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
+  const int64_t out_vecs = width * elem_bytes / vec_bytes;
+  const int64_t groups = out_vecs / (int64_t{kMinVectorsPerCta} * shape.cluster_size);
+  const int64_t by_wave = std::max<int64_t>(1, shape.resident_clusters / num_items);
+  shape.column_groups = static_cast<int>(
+      std::clamp<int64_t>(std::min(groups, by_wave), 1, kMaxColumnGroups));
+  return shape;
+}
+
 template <typename T, int MT, int VEC>
-void launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const ClusterShape& shape,
-            cudaStream_t stream) {
-  const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
+bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, cudaStream_t stream) {
   const auto kernel = lora_cluster_kernel<T, MT, VEC>;
+  const auto resident = [&](int cluster_size, int64_t piece) {
+    return resident_clusters(reinterpret_cast<const void*>(kernel), cluster_size,
+                             SmemLayout::of(a, MT, piece, sizeof(T)).bytes);
+  };
+  const ClusterShape shape = choose_shape(a, launch_items, kVecBytes<T, VEC>, sizeof(T), resident);
+  const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
+  if (layout.bytes > kMaxSmemBytes) return false;
   MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(layout.bytes)));
   // One wave of clusters; more items are walked grid-stride by the same clusters.
-  const int64_t per_item = int64_t{shape.cluster_size} * shape.column_groups;
-  const int64_t max_clusters = std::max<int64_t>(1, shape.resident_ctas / per_item);
+  const int64_t max_clusters = std::max<int64_t>(1, shape.resident_clusters / shape.column_groups);
   const dim3 grid(static_cast<unsigned>(shape.cluster_size),
                   static_cast<unsigned>(std::min({launch_items, max_clusters, int64_t{65535}})),
                   static_cast<unsigned>(shape.column_groups));
@@ -532,58 +623,22 @@ void launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const Cl
                             shape.cluster_size, /*after_previous_grid=*/true},
                 a, num_items, shape.piece);
   detail::check_launch("fused_moe_lora cluster");
+  return true;
 }
 
-template <typename T, int VEC>
-void launch_for_rows(const LoraArgs& a, int64_t num_items, int64_t launch_items,
-                     const ClusterShape& shape, cudaStream_t stream) {
-  if (a.sorted_pairs == nullptr) {
-    launch<T, 1, VEC>(a, num_items, launch_items, shape, stream);
-  } else {
-    launch<T, 4, VEC>(a, num_items, launch_items, shape, stream);
-  }
-}
-
-// 16-byte vectors when every row and column range allows them, scalars otherwise.
+// Unsorted items are single pairs (one row), grouped ones blocks of up to 4-row tiles; 16-byte
+// vectors when every row and column range allows them, scalars otherwise.
 template <typename T>
-void launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
-                       int64_t launch_items, const ClusterShape& shape, cudaStream_t stream) {
+bool launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
+                       int64_t launch_items, cudaStream_t stream) {
+  constexpr int v = detail::kVec16<T>;
+  const bool unsorted = a.sorted_pairs == nullptr;
   if (vectorized) {
-    launch_for_rows<T, detail::kVec16<T>>(a, num_items, launch_items, shape, stream);
-  } else {
-    launch_for_rows<T, 1>(a, num_items, launch_items, shape, stream);
+    return unsorted ? launch<T, 1, v>(a, num_items, launch_items, stream)
+                    : launch<T, 4, v>(a, num_items, launch_items, stream);
   }
-}
-
-// C: at most one wave of CTAs, each keeping >= 256 input elements. G: column groups while CTAs
-// keep >= a warp of column vectors each, within the wave: with few items the B^T rows then
-// spread over many SMs and fly in one trip (mixtral at 1 token: 2 pairs x 8 CTAs x 16 groups);
-// a second wave would cost a whole extra chain of DRAM trips.
-ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int mt, int vec_bytes,
-                          int elem_bytes) {
-  const int64_t sms = detail::sm_count();
-  // clusters exist from sm_90 on
-  const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
-  const int64_t resident = kMinBlocksPerSm * sms;
-  // Rounded down: a partial second wave cost more than idle SMs (H200, v3 notes: mixtral at 128
-  // tokens 230 us with C = 2 against 192 with C = 1; gpt-oss at 8 tokens 36 against 28 us).
-  const int64_t wanted = std::max<int64_t>(1, resident / num_items);
-  const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
-  ClusterShape shape{};
-  shape.cluster_size =
-      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, max_cluster})));
-  const int64_t share = (a.in_dim + shape.cluster_size - 1) / shape.cluster_size;
-  shape.piece = std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
-  int64_t width = 0;
-  for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
-  const int64_t out_vecs = width * elem_bytes / vec_bytes;
-  const int64_t per_cluster = int64_t{kMinVectorsPerCta} * shape.cluster_size;
-  const int64_t groups = out_vecs / per_cluster;
-  const int64_t by_wave = std::max<int64_t>(1, resident / (num_items * shape.cluster_size));
-  shape.column_groups = static_cast<int>(
-      std::clamp<int64_t>(std::min(groups, by_wave), 1, kMaxColumnGroups));
-  shape.resident_ctas = resident;
-  return shape;
+  return unsorted ? launch<T, 1, 1>(a, num_items, launch_items, stream)
+                  : launch<T, 4, 1>(a, num_items, launch_items, stream);
 }
 
 }  // namespace
@@ -593,16 +648,14 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
   if (num_items <= 0) return true;
   launch_items = std::clamp<int64_t>(launch_items, 1, num_items);
   const bool vectorized = vec.input && vec.output;
-  const int elem_bytes = static_cast<int>(dtype_size(dtype));
-  const int vec_bytes = vectorized ? 16 : elem_bytes;
+  const int vec_bytes = vectorized ? 16 : static_cast<int>(dtype_size(dtype));
   const int mt = a.sorted_pairs == nullptr ? 1 : 4;
   // One stage must hold at least one column vector with all its B^T rows (huge ranks: no).
   if (stage_vectors(a.rank_stride, mt, vec_bytes) < 1) return false;
-  const ClusterShape shape = choose_shape(a, launch_items, mt, vec_bytes, elem_bytes);
-  if (SmemLayout::of(a, mt, shape.piece, elem_bytes).bytes > kMaxSmemBytes) return false;
-  MOELORA_DISPATCH_FLOAT(dtype, T, launch_for_layout<T>(a, vectorized, num_items, launch_items,
-                                                        shape, stream));
-  return true;
+  bool launched = false;
+  MOELORA_DISPATCH_FLOAT(dtype, T, launched = launch_for_layout<T>(a, vectorized, num_items,
+                                                                   launch_items, stream));
+  return launched;
 }
 
 }  // namespace moelora::cuda
