@@ -114,16 +114,21 @@ def fused_moe_lora(
     return output
 
 
-# Up to this many (token, k) pairs per step the unsorted form (no alignment launch; one cluster
-# per pair, weights shared by a few pairs come from L2) can beat grouping...
-UNSORTED_MAX_PAIRS = 1024
-# ...while an (adapter, expert) group holds fewer than this many pairs on average: grouping reads
-# a group's adapter rows once instead of once per pair. H200, bench/NOTES.md v3: gpt-oss at 128
-# tokens, 4 adapters (4 pairs a group) grouped 103 us vs unsorted 146; 16 adapters (1 a group)
-# grouped 196 vs 155; qwen3 at 128 tokens, 4 adapters (2 a group) 97 vs 130.
+# Below this many (token, k) pairs per step the unsorted form (no alignment launch; one cluster
+# per pair, weights shared by a few pairs come from L2) can beat grouping. From it the grouped
+# form runs on the tensor-core kernel (cuda/fused_moe_lora.cu, kMmaMinPairs), which wins even at
+# one pair a group: H200, v3h grid with both forms timed (bench/results/h200-kernels.jsonl): gpt-oss
+# at 128 tokens, 16 adapters (512 pairs, 1 a group) grouped 102 us vs unsorted 147; qwen3 128/16
+# (1024 pairs, 0.5 a group) 121 vs 141; the one case the other way, olmoe 128/16 (1024, 1 a
+# group), 149 vs 144. (v3's limit was 1024 pairs: its grouped kernels lost at 1 pair a group.)
+GROUPED_FROM_PAIRS = 512
+# Below it, grouping (then on the cluster kernel) pays while an (adapter, expert) group holds at
+# least this many pairs on average: it reads a group's adapter rows once instead of once per
+# pair. v3h grid: mixtral at 32 tokens, 4 adapters (2 a group) grouped 57 us vs unsorted 66, at
+# 128 tokens (8 a group) 150 vs 193; at 1 a group or fewer unsorted wins by 20-48% (gpt-oss 32/4
+# 49 vs 63, olmoe 32/4 47 vs 91). Not separated: mixtral 128/16, 2 a group too, 260 vs 201.
 GROUPED_MIN_PAIRS_PER_GROUP = 2
-# ...and fewer than this many pairs per expert (mixtral's 8 experts at 512 tokens: 128; gpt-oss at
-# 128 tokens, 16 per expert, still wants the unsorted form).
+# ...and below it, fewer than this many pairs per expert (a model with very few experts).
 GROUPED_MIN_PAIRS_PER_EXPERT = 64
 
 
@@ -160,7 +165,7 @@ def prefer_unsorted(num_pairs: int, dense: bool = False, num_experts: int | None
     or of num_pairs rows of a dense site."""
     if dense:
         return num_pairs <= UNSORTED_MAX_DENSE_ROWS
-    if num_pairs > UNSORTED_MAX_PAIRS:
+    if num_pairs >= GROUPED_FROM_PAIRS:
         return False
     if num_experts:
         if num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * num_experts:

@@ -250,11 +250,16 @@ def test_grouped_block_m_reproduces_the_benchmarked_block_sizes():
 
 
 def test_prefer_unsorted_follows_the_measured_crossovers():
-    # (bench/NOTES.md v3, H200) decode: one cluster per pair wins while groups hold ~1 pair
+    # (bench/NOTES.md v3h, H200) decode: one cluster per pair wins while groups hold ~1 pair...
     assert ops.prefer_unsorted(4, num_experts=32, num_adapters=4)  # gpt-oss, 1 token
-    assert ops.prefer_unsorted(512, num_experts=32, num_adapters=16)  # gpt-oss, 128 tokens
-    # grouping wins once a group holds 2+ pairs, or an expert 64+
-    assert not ops.prefer_unsorted(512, num_experts=32, num_adapters=4)
+    assert ops.prefer_unsorted(128, num_experts=32, num_adapters=4)  # gpt-oss, 32 tokens
+    assert ops.prefer_unsorted(256, num_experts=128, num_adapters=16)  # qwen3, 32 tokens
+    # ...and below the tensor-core kernel's 512 pairs; grouping wins from 2 pairs a group...
+    assert not ops.prefer_unsorted(64, num_experts=8, num_adapters=4)  # mixtral, 32 tokens
+    assert not ops.prefer_unsorted(256, num_experts=8, num_adapters=4)  # mixtral, 128 tokens
+    # ...and from 512 pairs at any pairs per group
+    assert not ops.prefer_unsorted(512, num_experts=32, num_adapters=16)  # gpt-oss, 128 tokens
+    assert not ops.prefer_unsorted(1024, num_experts=128, num_adapters=16)  # qwen3, 128 tokens
     assert not ops.prefer_unsorted(1024, num_experts=8)  # mixtral, 512 tokens
-    assert not ops.prefer_unsorted(1025)
+    assert not ops.prefer_unsorted(512)
     assert ops.prefer_unsorted(64, dense=True) and not ops.prefer_unsorted(65, dense=True)
