@@ -38,7 +38,7 @@ def load_cases(path):
     for (preset, tokens, adapters), by_version in times.items():
         _, _, experts, top_k = PRESETS[preset]
         pairs, groups = tokens * top_k, adapters * experts
-        if pairs < 512:  # below the mma kernel's minimum (cuda/fused_moe_lora.cu kMmaMinPairs)
+        if pairs < ops.GROUPED_FROM_PAIRS:  # below the tensor-core kernel (kMmaMinPairs)
             continue
         # A block_m sweep is scored at the block_m today's rule picks; an older sweep at the
         # block_m it ran at (session 5's was measured under a threshold of 4 pairs a group).

@@ -19,6 +19,7 @@ from moelora.bench.kernels import (
     graph_of,
     layer_arenas,
     layer_inputs,
+    layer_views,
     make_lora_delta,
     median_event_us,
 )
@@ -63,8 +64,7 @@ def main() -> None:
                 else "grouped")
         block_m = ops.grouped_block_m(pairs, experts, adapters)
         fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
-                             [arenas[0].view(ranks), arenas[1].view(ranks)],
-                             [arenas[2].view(ranks)], experts, args.slots, block_m, inter, form)
+                             *layer_views(arenas, ranks), experts, args.slots, block_m, inter, form)
         graph = graph_of(fn)
         write = median_event_us(graph.replay, args.iters, flush)
 

@@ -22,6 +22,7 @@ from moelora.bench.kernels import (
     graph_of,
     layer_arenas,
     layer_inputs,
+    layer_views,
     make_lora_delta,
     median_event_us,
 )
@@ -63,7 +64,7 @@ def main() -> None:
         _, inter, experts, top_k = PRESETS[preset]
         arenas = layer_arenas(preset, SLOTS, 16, dtype, device)
         ranks = torch.full((SLOTS,), 16, dtype=torch.int32, device=device)
-        views13, views2 = [arenas[0].view(ranks), arenas[1].view(ranks)], [arenas[2].view(ranks)]
+        views13, views2 = layer_views(arenas, ranks)
         _, (ids, weights, x, h, h13, y) = layer_inputs(preset, args.tokens, dtype, device)
         for name, slots in variants(preset, args.tokens, dtype, device).items():
             h13.normal_()  # outputs accumulate over replays; start every variant afresh

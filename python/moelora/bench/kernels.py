@@ -102,6 +102,12 @@ def layer_arenas(preset, slots, max_rank, dtype, device):
             for i, o in [(hidden, inter), (hidden, inter), (inter, hidden)]]
 
 
+def layer_views(arenas, ranks):
+    """(w13 views, w2 views) of layer_arenas at per-slot `ranks` (an int32 tensor)."""
+    gate, up, down = arenas
+    return [gate.view(ranks), up.view(ranks)], [down.view(ranks)]
+
+
 def layer_inputs(preset, tokens, dtype, device):
     """make_layer_inputs from a generator seeded by the token count, so a token count gets the
     same routing and activations wherever they are drawn; returns (generator, inputs), the
@@ -259,7 +265,6 @@ def lora_cases(preset, tokens, args, arenas, flush):
     hidden, inter, experts, top_k = PRESETS[preset]
     device = torch.device("cuda")
     max_slots = max(args.adapters)
-    gate, up, down = arenas
     name = torch.cuda.get_device_name(device)
     gen, (ids, weights, x, h, h13, y) = layer_inputs(preset, tokens, getattr(torch, args.dtype),
                                                      device)
@@ -273,8 +278,7 @@ def lora_cases(preset, tokens, args, arenas, flush):
         else:
             slot_rank = [int(rank)] * max_slots
         ranks = torch.tensor(slot_rank, dtype=torch.int32, device=device)
-        views13 = [gate.view(ranks), up.view(ranks)]
-        views2 = [down.view(ranks)]
+        views13, views2 = layer_views(arenas, ranks)
         token_slot = draw_slots(tokens, adapters, popularity, gen, device)
         used = len({s for s in token_slot.tolist() if s >= 0})
         block_m = args.block_m or ops.grouped_block_m(pairs, experts, used)
