@@ -72,6 +72,19 @@ int compute_capability_major() { return device_attribute(cudaDevAttrComputeCapab
 
 bool cooperative_launch() { return device_attribute(cudaDevAttrCooperativeLaunch) != 0; }
 
+void allow_dynamic_smem(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> allowed;
+  int device = 0;
+  MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& limit = allowed[{device, kernel}];
+  if (bytes <= limit) return;
+  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+  limit = bytes;
+}
+
 int env_int(const char* name, int lo, int hi) {
   const char* value = std::getenv(name);
   if (value == nullptr || *value == '\0') return 0;

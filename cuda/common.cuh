@@ -100,6 +100,15 @@ int compute_capability_major();
 // Whether the current device runs cooperative launches (grid-wide barriers), read once.
 bool cooperative_launch();
 
+// Lets `kernel` launch with up to `bytes` of dynamic shared memory on the current device. The
+// limit only ever rises (under a lock): host threads launching one kernel with different sizes
+// must not lower each other's limit between the call and the launch.
+void allow_dynamic_smem(const void* kernel, size_t bytes);
+template <typename... Params>
+void allow_dynamic_smem(void (*kernel)(Params...), size_t bytes) {
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
+}
+
 // The integer in environment variable `name`: 0 when unset or empty, InvalidArgument when it is
 // not an integer in [lo, hi] (tests and benchmarks force kernel shapes through these).
 int env_int(const char* name, int lo, int hi);

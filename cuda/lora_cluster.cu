@@ -7,9 +7,11 @@
 // its chain of dependent DRAM round trips (~1 us each with a cold L2), not its bytes. v2 walked
 // ~7 of them (routing, ranks, row table, x, A rows, B rows, output rows) and streamed B with
 // only a few loads in flight per thread. v3 keeps three on the critical path:
-//   trip 1: the item's slot, expert and pair ids;
-//   trip 2: ranks, the full row table (all max_rank entries, so it need not wait for the rank)
-//           and the x rows (cp.async into shared memory);
+//   trip 1: the item's slot, expert and pair ids (the slot and the expert from two warps);
+//   trip 2: ranks, the full row table (all max_rank entries, so it need not wait for the rank),
+//           the rows' routing weights and the x rows, all cp.async into shared memory, so that
+//           they fly together (v3-v3h loaded the ranks and tables with plain loads: one trip
+//           for each slice's rank and one for its table, in thread 0's order);
 //   trip 3: A rows (loaded directly, several 16-byte loads in flight per lane) while the FIRST
 //           expand stage (this CTA's B^T rows and output rows) is already on its way through
 //           cp.async; later stages are double-buffered behind the compute.
@@ -45,8 +47,11 @@ namespace moelora::cuda {
 
 namespace {
 
+using ptx::cp_async4;
+using ptx::cp_async8;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
+using ptx::smem_u32;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -93,7 +98,7 @@ __device__ __forceinline__ void stage_vec(void* dst, const T* src, bool valid) {
 // Shared-memory layout of one CTA, identical in every CTA of a cluster (DSMEM reads s_part at
 // the same offset in a peer).
 struct SmemLayout {
-  int64_t pair_ids, offsets, s_part, s_full, x_tile, stages, bytes;
+  int64_t pair_ids, row_weights, offsets, s_part, s_full, x_tile, stages, bytes;
   __host__ __device__ static SmemLayout of(const LoraArgs& a, int mt, int64_t piece,
                                            int elem_bytes) {
     SmemLayout l{};
@@ -107,7 +112,9 @@ struct SmemLayout {
     l.s_part = take(sizeof(float) * mt * a.num_slices * a.rank_stride);
     l.s_full = take(sizeof(float) * mt * a.num_slices * a.rank_stride);
     l.x_tile = take(int64_t{elem_bytes} * mt * piece);
-    l.pair_ids = take(sizeof(int32_t) * (a.sorted_pairs != nullptr && a.block_m > 1 ? a.block_m : 1));
+    const int64_t item_rows = a.sorted_pairs != nullptr && a.block_m > 1 ? a.block_m : 1;
+    l.pair_ids = take(sizeof(int32_t) * item_rows);
+    l.row_weights = take(sizeof(float) * item_rows);
     l.stages = take(2 * kStageBytes);
     l.bytes = at;
     return l;
@@ -128,47 +135,70 @@ struct ItemState {
   int32_t rows;      // valid pairs of the item
 };
 
-// Trip 1: the item's slot, expert and valid pairs (into pair_ids); ends with a barrier.
+// Trip 1: the item's slot, expert and valid pairs (into pair_ids); ends with a barrier. The
+// slot and the expert are loaded by warp 1 while warp 0 reads the pairs, so that no load waits
+// for another.
+constexpr int kHeadThread = 32;
 __device__ void load_item_head(const LoraArgs& a, int64_t item, int32_t* pair_ids,
                                int32_t* shared_head) {
   if (a.sorted_pairs != nullptr) {
-    if (threadIdx.x == 0) {
-      shared_head[0] = a.block_slot[item * a.block_slot_stride];
-      shared_head[1] = a.block_expert != nullptr ? a.block_expert[item * a.block_expert_stride] : 0;
+    if (threadIdx.x == kHeadThread) {
+      const int32_t slot = a.block_slot[item * a.block_slot_stride];
+      const int32_t expert =
+          a.block_expert != nullptr ? a.block_expert[item * a.block_expert_stride] : 0;
+      shared_head[0] = slot;
+      shared_head[1] = expert;
     }
     const int n = compact_block_pairs(a, item, pair_ids);  // ends with a barrier
     if (threadIdx.x == 0) shared_head[2] = n;
-  } else if (threadIdx.x == 0) {
+  } else {
     const int32_t pair = static_cast<int32_t>(item);
     const bool valid = pair_valid(a, pair);
-    pair_ids[0] = pair;
-    shared_head[0] = valid ? a.token_slot[(pair / a.top_k) * a.token_slot_stride] : -1;
-    shared_head[1] = a.pair_expert != nullptr ? a.pair_expert[pair * a.pair_expert_stride] : 0;
-    shared_head[2] = valid ? 1 : 0;
+    if (threadIdx.x == 0) {
+      pair_ids[0] = pair;
+      shared_head[0] = valid ? a.token_slot[(pair / a.top_k) * a.token_slot_stride] : -1;
+      shared_head[2] = valid ? 1 : 0;
+    } else if (threadIdx.x == kHeadThread) {
+      shared_head[1] = a.pair_expert != nullptr ? a.pair_expert[pair * a.pair_expert_stride] : 0;
+    }
   }
   __syncthreads();
 }
 
-// Trip 2 (issue side): every slice's rank and its whole row-table entry of (slot, expert) into
-// shared memory, offsets[(slice * 2 + is_b) * rank_stride + k]. Entries past the rank are
-// copied but never used.
-__device__ void load_ranks_and_offsets(const LoraArgs& a, int32_t slot, int32_t expert,
-                                       int32_t* shared_ranks, int64_t* offsets) {
+// Trip 2 (issue side), as cp.async copies into shared memory, committed by the caller: every
+// slice's rank (shared_ranks[i], clamped by fill_state), its whole row-table entry of (slot,
+// expert) (offsets[(slice * 2 + is_b) * rank_stride + k]; entries past the rank are copied but
+// never used) and the routing weight of each of the item's `rows` pairs (row_weights).
+__device__ void issue_item_tables(const LoraArgs& a, int32_t slot, int32_t expert, int rows,
+                                  const int32_t* pair_ids, int32_t* shared_ranks,
+                                  int64_t* offsets, float* row_weights) {
   for (int i = 0; i < a.num_slices; ++i) {
     const SliceArgs& s = a.slices[i];
-    const BlockInfo info = slice_info(s, slot, expert);
-    if (threadIdx.x == 0) shared_ranks[i] = info.rank;
-    // slice_info reads the rank; the table does not depend on it, only on a valid slot.
-    if (slot < 0 || slot >= s.num_slots || expert < 0 || expert >= s.num_experts) continue;
+    const bool known = slot >= 0 && slot < s.num_slots && expert >= 0 && expert < s.num_experts;
+    if (threadIdx.x == kThreads - 1 - i) {  // the last warp: warp 0 has the most copies below
+      if (known) {
+        cp_async4(smem_u32(shared_ranks + i), s.ranks + slot * s.rank_slot_stride);
+      } else {
+        shared_ranks[i] = 0;
+      }
+    }
+    if (!known || rows == 0) continue;
     const int64_t* table = s.row_offsets + slot * s.slot_stride + int64_t{expert} * 2 * s.max_rank;
     for (int j = threadIdx.x; j < 2 * s.max_rank; j += kThreads) {
       const int is_b = j >= s.max_rank;
-      offsets[(i * 2 + is_b) * a.rank_stride + (j - is_b * s.max_rank)] = table[j];
+      cp_async8(smem_u32(offsets + (i * 2 + is_b) * a.rank_stride + (j - is_b * s.max_rank)),
+                table + j);
+    }
+  }
+  if (a.weights != nullptr) {
+    for (int m = threadIdx.x; m < rows; m += kThreads) {
+      cp_async4(smem_u32(row_weights + m), a.weights + int64_t{pair_ids[m]} * a.weight_stride);
     }
   }
 }
 
-// After the barrier that follows load_ranks_and_offsets: the per-slice ranks as ItemState.
+// After trip 2 has landed and a barrier: the per-slice ranks (clamped to [0, max_rank]) as
+// ItemState.
 __device__ void fill_state(const LoraArgs& a, const int32_t* head, const int32_t* shared_ranks,
                            ItemState& st) {
   st.slot = head[0];
@@ -178,7 +208,9 @@ __device__ void fill_state(const LoraArgs& a, const int32_t* head, const int32_t
   st.max_rank = 0;
 #pragma unroll
   for (int i = 0; i < kMaxSlices; ++i) {
-    st.rank[i] = i < a.num_slices && st.rows > 0 ? shared_ranks[i] : 0;
+    st.rank[i] = i < a.num_slices && st.rows > 0
+                     ? max(0, min(shared_ranks[i], a.slices[i].max_rank))
+                     : 0;
     st.rank_base[i] = st.total_rank;
     st.total_rank += st.rank[i];
     st.max_rank = max(st.max_rank, st.rank[i]);
@@ -385,6 +417,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int crank = cluster.rank();
   const SmemLayout layout = SmemLayout::of(a, MT, piece, sizeof(T));
   int32_t* pair_ids = reinterpret_cast<int32_t*>(smem + layout.pair_ids);
+  float* row_weights = reinterpret_cast<float*>(smem + layout.row_weights);
   int64_t* offsets = reinterpret_cast<int64_t*>(smem + layout.offsets);
   float* s_part = reinterpret_cast<float*>(smem + layout.s_part);
   float* s_full = reinterpret_cast<float*>(smem + layout.s_full);
@@ -411,17 +444,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     load_item_head(a, item, pair_ids, head);  // trip 1
     const int rows0 = min(MT, head[2]);
-    if (head[2] > 0) {  // trip 2: x rows of the first row tile, ranks and row table together
+    // trip 2: x rows of the first row tile, ranks, row table and routing weights together
+    if (head[2] > 0) {
       stage_x<T, MT, VEC>(a, pair_ids, 0, rows0, in_begin, detail::min64(piece, in_end - in_begin),
                           piece, x_tile);
     }
+    issue_item_tables(a, head[0], head[1], head[2], pair_ids, shared_ranks, offsets, row_weights);
     cp_async_commit();
-    load_ranks_and_offsets(a, head[0], head[1], shared_ranks, offsets);
+    cp_async_wait<0>();
     __syncthreads();
     ItemState st;
     fill_state(a, head, shared_ranks, st);
     if (st.total_rank == 0) {  // uniform over the cluster: same item, same answer
-      cp_async_wait<0>();
       __syncthreads();  // everyone has read the shared item state before the next item's
       continue;
     }
@@ -474,9 +508,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         const int m = idx / st.total_rank;
         float v = 0.0f;
         for (int r = 0; r < csize; ++r) v += cluster.peer(s_part, r)[idx];
-        if (a.weights != nullptr && m < mt) {
-          v *= a.weights[int64_t{pair_ids[m0 + m]} * a.weight_stride];
-        }
+        if (a.weights != nullptr && m < mt) v *= row_weights[m0 + m];
         s_full[idx] = v;
       }
       // Done reading the peers' s_part: arrive now, wait only before s_part is written again or
@@ -532,8 +564,7 @@ int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   const auto key = std::make_tuple(device, kernel, cluster_size, smem);
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto found = cache.find(key); found != cache.end()) return found->second;
-  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+  detail::allow_dynamic_smem(kernel, static_cast<size_t>(smem));
   int64_t count = 0;
   if (cluster_size == 1) {
     int per_sm = 0;
@@ -611,8 +642,7 @@ bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, cudaStre
   const ClusterShape shape = choose_shape(a, launch_items, kVecBytes<T, VEC>, sizeof(T), resident);
   const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
   if (layout.bytes > kMaxSmemBytes) return false;
-  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(layout.bytes)));
+  detail::allow_dynamic_smem(kernel, static_cast<size_t>(layout.bytes));
   // One wave of clusters; more items are walked grid-stride by the same clusters.
   const int64_t max_clusters = std::max<int64_t>(1, shape.resident_clusters / shape.column_groups);
   const dim3 grid(static_cast<unsigned>(shape.cluster_size),

@@ -635,9 +635,7 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t 
   // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
   // static shared memory (~2.6 KB of row tables), so 48 KB of stages (N = 64, 64 rows) already
   // needs it. Cheap host call; also legal during stream capture.
-  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_mma_kernel<T, N>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+  detail::allow_dynamic_smem(lora_mma_kernel<T, N>, static_cast<size_t>(smem));
   launch_kernel(lora_mma_kernel<T, N>,
                 LaunchShape{dim3(grid), dim3(32 * warps), smem, stream, static_cast<int>(csplit),
                             /*after_previous_grid=*/true},

@@ -200,9 +200,7 @@ void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cu
                          static_cast<unsigned>(a.num_slices));
   const size_t shrink_smem = sizeof(float) * MT * a.chunk + sizeof(int32_t) * a.block_m;
   if (shrink_smem > 48 * 1024) {
-    MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_shrink_kernel<T, VEC_IN, MT>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(shrink_smem)));
+    detail::allow_dynamic_smem(lora_shrink_kernel<T, VEC_IN, MT>, shrink_smem);
   }
   launch_kernel(lora_shrink_kernel<T, VEC_IN, MT>,
                 LaunchShape{shrink_grid, dim3(kShrinkThreads), shrink_smem, stream, 1, true}, a);
@@ -213,9 +211,7 @@ void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cu
                          static_cast<unsigned>(max_blocks), static_cast<unsigned>(a.num_slices));
   const size_t expand_smem = sizeof(float) * MT * a.rank_stride + sizeof(int32_t) * a.block_m;
   if (expand_smem > 48 * 1024) {
-    MOELORA_CUDA_CHECK(cudaFuncSetAttribute(lora_expand_kernel<T, VEC_OUT, MT>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(expand_smem)));
+    detail::allow_dynamic_smem(lora_expand_kernel<T, VEC_OUT, MT>, expand_smem);
   }
   launch_kernel(lora_expand_kernel<T, VEC_OUT, MT>,
                 LaunchShape{expand_grid, dim3(32), expand_smem, stream, 1, true}, a);

@@ -104,9 +104,7 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
   if (num_groups <= kMaxSmemGroups) {
     smem = static_cast<size_t>(detail::max64(num_groups, 1)) * sizeof(int32_t);
     if (smem > 48 * 1024) {
-      MOELORA_CUDA_CHECK(cudaFuncSetAttribute(
-          moe_lora_align_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          static_cast<int>(kMaxSmemGroups * sizeof(int32_t))));
+      detail::allow_dynamic_smem(moe_lora_align_kernel, kMaxSmemGroups * sizeof(int32_t));
     }
   } else {
     workspace = static_cast<int32_t*>(detail::scratch_alloc(num_groups * sizeof(int32_t), s));

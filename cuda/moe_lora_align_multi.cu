@@ -131,9 +131,7 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
   const int64_t chunks = std::max<int64_t>(1, (num_pairs + m.chunk - 1) / m.chunk);
   const size_t smem = static_cast<size_t>(m.num_groups) * sizeof(int32_t);
   if (smem > 48 * 1024) {
-    MOELORA_CUDA_CHECK(cudaFuncSetAttribute(align_multi_kernel,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
+    detail::allow_dynamic_smem(align_multi_kernel, smem);
   }
   m.counts = static_cast<int32_t*>(
       detail::scratch_alloc((chunks + 1) * m.num_groups * sizeof(int32_t), stream));

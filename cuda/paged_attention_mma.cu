@@ -309,8 +309,7 @@ template <typename T, int D>
 void launch(const AttnArgs& a, int64_t num_tokens, cudaStream_t stream) {
   const auto kernel = paged_attention_mma_kernel<T, D>;
   // Over the default 48 KB of dynamic shared memory at D = 128; cheap, legal during capture.
-  MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          TileShape<D>::kSmemBytes));
+  detail::allow_dynamic_smem(kernel, TileShape<D>::kSmemBytes);
   // At most one wave: H200, 8 KV heads, 1024 keys, batch 8: 4 splits (2 waves of 1-CTA SMs)
   // took 47.5 us, no split 24.9 (bench/NOTES.md, attention v2).
   const int64_t ctas = num_tokens * a.kv.num_kv_heads;

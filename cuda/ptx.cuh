@@ -1,5 +1,5 @@
 // PTX wrappers shared by the tensor-core and cp.async kernels (lora_mma.cu, lora_cluster.cu,
-// paged_attention_mma.cu): asynchronous 16-byte copies into shared memory, ldmatrix and
+// paged_attention_mma.cu): asynchronous 4/8/16-byte copies into shared memory, ldmatrix and
 // stmatrix, the m16n8k16 mma for half / bfloat16 with fp32 accumulators, and packed pairs of T.
 // sm_80+.
 #pragma once
@@ -23,6 +23,14 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
   const int bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
                : "memory");
+}
+// 4- and 8-byte global -> shared copies (through L1): a few scalars that should fly together
+// with other copies instead of each stalling its thread the way a load and a store would.
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
