@@ -171,9 +171,14 @@ __device__ __forceinline__ void pipeline_drain() {
 }
 
 // Dynamic shared memory after the stages: per tile row, its input and output row pointers and
-// its routing weight (sized by the CTA's rows, so 1-warp CTAs keep 8 per SM at N = 32).
+// its routing weight (sized by the CTA's rows, so 1-warp CTAs keep 8 per SM at N = 32); then
+// the item's adapter row tables, every slice's whole entry of (slot, expert) as byte offsets,
+// [slice][A, B][rank_stride].
 __host__ __device__ constexpr size_t row_tables_bytes(int rows) {
   return static_cast<size_t>(rows) * (2 * sizeof(void*) + sizeof(float));
+}
+__host__ __device__ inline size_t dynamic_tables_bytes(int rows, const LoraArgs& a) {
+  return row_tables_bytes(rows) + sizeof(int64_t) * a.num_slices * 2 * a.rank_stride;
 }
 
 // 64-column tiles [begin, end) of a slice that column part cs of csplit expands: contiguous
@@ -221,7 +226,8 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
                     int32_t csplit) {
   constexpr int NT = N / 8;   // n8 tiles of a pass (shrink)
   constexpr int KT = N / 16;  // k16 tiles of a pass (expand)
-  // Dynamic: kStages stages, then the tile rows' tables (row_tables_bytes(rows)).
+  // Dynamic: kStages stages, then the tile rows' and the adapter's tables
+  // (dynamic_tables_bytes(rows, a)).
   extern __shared__ __align__(128) unsigned char smem[];
   // A rows of the pass in load order (null: zero-fill) and their rows in the stage.
   __shared__ const T* s_wsrc[kMaxN];
@@ -247,6 +253,15 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
   const T** const s_xrow = reinterpret_cast<const T**>(smem + kStages * stage_bytes);
   T** const s_orow = reinterpret_cast<T**>(smem + kStages * stage_bytes + rows * sizeof(T*));
   float* const s_w = reinterpret_cast<float*>(s_orow + rows);
+  int64_t* const s_table = reinterpret_cast<int64_t*>(
+      smem + kStages * stage_bytes + row_tables_bytes(rows));
+  // The rank of slice i (the raw value travels by cp.async; clamped where it is read).
+  const auto rank_of = [&](int i) { return max(0, min(s_rank[i], a.slices[i].max_rank)); };
+  // Adapter row k of slice i (A or B^T) from the staged table.
+  const auto adapter_row = [&](int i, bool is_b, int k) {
+    return reinterpret_cast<const T*>(a.slices[i].arena +
+                                      s_table[(i * 2 + (is_b ? 1 : 0)) * a.rank_stride + k]);
+  };
   // Copies: a thread moves 16-byte chunk `ch` of its rows. The x and output tiles are
   // warp-local: lane l copies rows r0 + l / 8 + 4q (q < 4) of its own warp, so an idle warp
   // copies nothing and each lane's row pointers and stage offsets are set once, outside the
@@ -285,14 +300,41 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
       pair = a.sorted_pairs[(b * a.block_m + m0 + tid) * a.pairs_stride];
     }
     if (b >= num_blocks) break;  // items are ordered by block
-    if (tid < a.num_slices) s_rank[tid] = slice_info(a.slices[tid], slot, expert).rank;
+    // Second round trip, all as cp.async copies so that none waits for another: each slice's
+    // rank and its whole row-table entry (not waiting for the rank: v3h read the tables after
+    // the ranks had landed, one more trip), and the rows' routing weights.
+    for (int i = 0; i < a.num_slices; ++i) {
+      const SliceArgs& s = a.slices[i];
+      const bool known = slot >= 0 && slot < s.num_slots && expert >= 0 && expert < s.num_experts;
+      if (tid == nthreads - 1 - i) {  // the last warp: the first ones copy the rows below
+        if (known) {
+          cp_async4(smem_u32(s_rank + i), s.ranks + slot * s.rank_slot_stride);
+        } else {
+          s_rank[i] = 0;
+        }
+      }
+      if (!known) continue;
+      const int64_t* table =
+          s.row_offsets + slot * s.slot_stride + int64_t{expert} * 2 * s.max_rank;
+      for (int j = tid; j < 2 * s.max_rank; j += nthreads) {
+        const int is_b = j >= s.max_rank;
+        cp_async8(smem_u32(s_table + (i * 2 + is_b) * a.rank_stride + (j - is_b * s.max_rank)),
+                  table + j);
+      }
+    }
     bool valid = false;
     if (tid < rows) {
       valid = pair_valid(a, pair);
       s_xrow[tid] = valid ? input + (pair / a.input_pairs_per_row) * a.input_stride : nullptr;
       s_orow[tid] = valid ? output + int64_t{pair} * a.output_stride : nullptr;
-      s_w[tid] = valid && a.weights != nullptr ? a.weights[int64_t{pair} * a.weight_stride] : 1.0f;
+      if (valid && a.weights != nullptr) {
+        cp_async4(smem_u32(s_w + tid), a.weights + int64_t{pair} * a.weight_stride);
+      } else {
+        s_w[tid] = 1.0f;
+      }
     }
+    cp_async_commit();
+    cp_async_wait<0>();
     if (__syncthreads_or(valid)) {
       const bool warp_active = __any_sync(0xffffffffu, lane < 16 && s_xrow[r0 + lane] != nullptr);
       const T* xrow[4];  // this lane's input rows (null: padding, zero-filled)
@@ -308,7 +350,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
         int nact = 0;
         uint32_t tile_mask = 0;
         for (int i = sb; i < se; ++i) {
-          const int c = (s_rank[i] + 7) / 8;
+          const int c = (rank_of(i) + 7) / 8;
           tile_mask |= ((1u << c) - 1u) << (s_base[i] / 8);
           nact += 8 * c;
         }
@@ -316,21 +358,15 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
         // The pass's tables, A and B^T rows in one round trip to the row tables.
         for (int idx = tid; idx < nact; idx += nthreads) {
           int i = sb, k = idx;
-          while (k >= 8 * ((s_rank[i] + 7) / 8)) k -= 8 * ((s_rank[i] + 7) / 8), ++i;
-          const SliceArgs& s = a.slices[i];
+          while (k >= 8 * ((rank_of(i) + 7) / 8)) k -= 8 * ((rank_of(i) + 7) / 8), ++i;
           s_wdst[idx] = static_cast<uint8_t>(s_base[i] + k);
-          s_wsrc[idx] = k < s_rank[i] ? reinterpret_cast<const T*>(lora_row(
-                                            s, BlockInfo{slot, expert, s_rank[i]}, false, k))
-                                      : nullptr;
+          s_wsrc[idx] = k < rank_of(i) ? adapter_row(i, false, k) : nullptr;
         }
         for (int e = tid; e < N; e += nthreads) {
           const T* src = nullptr;
           for (int i = sb; i < se; ++i) {
             const int k = e - s_base[i];
-            if (k >= 0 && k < s_rank[i]) {
-              src = reinterpret_cast<const T*>(
-                  lora_row(a.slices[i], BlockInfo{slot, expert, s_rank[i]}, true, k));
-            }
+            if (k >= 0 && k < rank_of(i)) src = adapter_row(i, true, k);
           }
           s_bsrc[e] = src;
         }
@@ -338,7 +374,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
           int lim = 0;
           for (int i = sb; i < se; ++i) {
             if (8 * j >= s_base[i] && 8 * j < s_base[i] + s_rp[i]) {
-              lim = s_base[i] + s_rank[i];
+              lim = s_base[i] + rank_of(i);
             }
           }
           s_lim[j] = lim;
@@ -352,7 +388,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
           int step = nsh;
           for (int i = sb; i < se; ++i) {
             s_first[i] = step;
-            if (s_rank[i] == 0) continue;
+            if (rank_of(i) == 0) continue;
             const TileRange tr = part_tiles(a.slices[i].out_dim, cs, csplit);
             s_tile0[i] = static_cast<int32_t>(tr.begin);
             step += static_cast<int>(tr.end - tr.begin);
@@ -403,7 +439,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
           SliceTiles st;
           st.first = s_first[i];
           st.end = s_first[i + 1];
-          st.nb = 16 * ((s_rank[i] + 15) / 16);  // B^T rows: the k tiles holding ranks
+          st.nb = 16 * ((rank_of(i) + 15) / 16);  // B^T rows: the k tiles holding ranks
           st.kt0 = s_base[i] / 16;                // first k tile of the slice in the pass
           st.col0 = (int64_t{s_tile0[i]} - st.first) * kChunk + ch * 8;
           st.out_dim = a.slices[i].out_dim;
@@ -631,7 +667,7 @@ void launch(const LoraArgs& a, const MmaPlan& plan, int64_t max_blocks, int64_t 
   // grid-stride (up to the device-side block count: any grid is correct).
   const unsigned grid = static_cast<unsigned>(
       std::min<int64_t>(launch_blocks * mtiles * csplit, (int64_t{1} << 30) / csplit * csplit));
-  const size_t smem = size_t{kStages} * (rows + N) * kRowBytes + row_tables_bytes(rows);
+  const size_t smem = size_t{kStages} * (rows + N) * kRowBytes + dynamic_tables_bytes(rows, a);
   // Always opt in: the default limit on dynamic shared memory is 48 KB minus the kernel's
   // static shared memory (~2.6 KB of row tables), so 48 KB of stages (N = 64, 64 rows) already
   // needs it. Cheap host call; also legal during stream capture.
