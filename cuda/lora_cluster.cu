@@ -64,8 +64,10 @@ constexpr int kStepsInFlight = MT == 1 ? 2 : 1;
 constexpr int kMinBlocksPerSm = 3;
 constexpr int64_t kMaxPiece = 2048;     // input elements staged per pass
 constexpr int kMaxClusterSize = 8;      // the portable cluster size limit
+constexpr int kMaxNonPortableCluster = 16;  // sm_90's limit with the non-portable opt-in
 constexpr int kMaxColumnGroups = 16;
 constexpr int kMinVectorsPerCta = 32;  // column vectors a CTA keeps when column groups split
+constexpr int64_t kMinInputPerCta = 256;  // input elements a CTA keeps when C CTAs split in_dim
 constexpr int64_t kStageBytes = 24 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
 
@@ -406,6 +408,36 @@ __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64
   }
 }
 
+// A diagnostic build only (-DMOELORA_CLUSTER_TRACE, tools/gpu_cluster_trace.sh): thread 0 of
+// the grid's first and last CTA stamp the global timer (ns) at each phase of their first item
+// and print the stamps at exit, so that a launch's time can be split into its round trips.
+struct PhaseTrace {
+#ifdef MOELORA_CLUSTER_TRACE
+  static constexpr int kMarks = 8;
+  unsigned long long t[kMarks];
+  int n = 0;
+  __device__ void mark() {
+    if (threadIdx.x != 0 || n >= kMarks) return;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t[n]));
+    ++n;
+  }
+  __device__ void print(const LoraArgs& a) const {
+    const bool first = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
+    const bool last = blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 &&
+                      blockIdx.z == gridDim.z - 1;
+    if (threadIdx.x != 0 || !(first || last) || n < kMarks) return;
+    printf("cluster-trace slices=%d in_dim=%lld grid=%u,%u,%u cta=%s start=%llu phases=%llu,%llu,"
+           "%llu,%llu,%llu,%llu,%llu\n",
+           a.num_slices, static_cast<long long>(a.in_dim), gridDim.x, gridDim.y, gridDim.z,
+           first ? "first" : "last", t[0], t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3],
+           t[5] - t[4], t[6] - t[5], t[7] - t[6]);
+  }
+#else
+  __device__ void mark() {}
+  __device__ void print(const LoraArgs&) const {}
+#endif
+};
+
 template <typename T, int MT, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lora_cluster_kernel(const LoraArgs a, int64_t num_items, int64_t piece) {
@@ -437,12 +469,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int64_t col_begin = out_vecs * part / parts;
   const int64_t col_end = out_vecs * (part + 1) / parts;
 
+  PhaseTrace trace;
+  trace.mark();  // 0: start
   // Everything above came from the parameters; memory only from here (launch.cuh's contract).
   wait_for_previous_grid();
+  trace.mark();  // 1: the grid ahead is done
   const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
   bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     load_item_head(a, item, pair_ids, head);  // trip 1
+    trace.mark();                              // 2: trip 1 landed
     const int rows0 = min(MT, head[2]);
     // trip 2: x rows of the first row tile, ranks, row table and routing weights together
     if (head[2] > 0) {
@@ -453,6 +489,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+    trace.mark();  // 3: trip 2 landed
     ItemState st;
     fill_state(a, head, shared_ranks, st);
     if (st.total_rank == 0) {  // uniform over the cluster: same item, same answer
@@ -503,7 +540,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
 
       // ---- 2. cluster reduction of s through distributed shared memory ----
+      trace.mark();  // 4: the shrink's A rows read
       cluster.sync();
+      trace.mark();  // 5: every partial of the cluster written
       for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) {
         const int m = idx / st.total_rank;
         float v = 0.0f;
@@ -522,6 +561,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       // 32 tokens was 3% slower than without PDL (bench/NOTES.md, "v3h").
       if (csize > 1 && item + gridDim.y >= items && m0 + MT >= st.rows) release_next_grid();
       __syncthreads();  // s_full is visible to the whole CTA
+      trace.mark();     // 6: reduced
 
       // ---- 3. expand: this CTA's column part, stage by stage, double-buffered ----
       for (int64_t s = 0; s < num_stages; ++s) {
@@ -538,6 +578,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     }
     __syncthreads();  // the next item rewrites pair_ids, offsets and the item state
   }
+  trace.mark();  // 7: expanded (stores issued)
+  trace.print(a);
   if (peers_may_read) cluster.wait();
 }
 
@@ -557,6 +599,10 @@ struct ClusterShape {
 // "v3h"). Cached per (device, kernel, size, shared memory): the decode step asks every call.
 int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   if (smem > kMaxSmemBytes) return 0;
+  if (cluster_size > kMaxClusterSize) {
+    MOELORA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, int, int64_t>, int64_t> cache;
   int device = 0;
@@ -597,27 +643,39 @@ int64_t piece_for(const LoraArgs& a, int cluster_size) {
   return std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
 }
 
-// C: the widest cluster (<= 8, each CTA keeping >= 256 input elements) whose clusters, one per
-// item, all fit in one wave. G: column groups while CTAs keep >= a warp of column vectors each,
-// within that wave: with few items the B^T rows then spread over many SMs and fly in one trip
-// (mixtral at 1 token: 2 pairs x 8 CTAs x 16 groups); a second wave would cost a whole extra
-// chain of DRAM trips. `resident(C, piece)`: resident_clusters for this kernel.
+// The widest cluster the plan may take: 16 (non-portable) where in_dim leaves every one of 16
+// CTAs >= 256 input elements (mixtral: 4096 and 14336), else the portable 8. On the H200 16 took
+// 1.1-1.5 us off mixtral's 1-8-token layers, where gpt-oss, whose in_dim allowed 11, lost 0.65
+// us at 1 token (bench/NOTES.md, v3i). MOELORA_CLUSTER_MAX (1-16) overrides it, for studies.
+int64_t widest_cluster(const LoraArgs& a) {
+  if (detail::compute_capability_major() < 9) return 1;  // clusters exist from sm_90 on
+  const int forced = detail::env_int("MOELORA_CLUSTER_MAX", 0, kMaxNonPortableCluster);
+  if (forced > 0) return forced;
+  return a.in_dim >= kMaxNonPortableCluster * kMinInputPerCta ? kMaxNonPortableCluster
+                                                                : kMaxClusterSize;
+}
+
+// C: the widest cluster (<= widest_cluster, each CTA keeping >= 256 input elements) whose
+// clusters, one per item, all fit in one wave; from above 8, 8 is the next one tried. G: column
+// groups while CTAs keep >= a warp of column vectors each, within that wave: with few items the
+// B^T rows then spread over many SMs and fly in one trip (mixtral at 1 token: 2 pairs x 8 CTAs x
+// 16 groups); a second wave would cost a whole extra chain of DRAM trips. `resident(C, piece)`:
+// resident_clusters for this kernel.
 template <typename Resident>
 ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int vec_bytes, int elem_bytes,
                           const Resident& resident) {
-  // clusters exist from sm_90 on
-  const int64_t max_cluster = detail::compute_capability_major() >= 9 ? kMaxClusterSize : 1;
   const int64_t resident_ctas = std::max<int64_t>(1, resident(1, piece_for(a, 1)));
   // Rounded down: a partial second wave cost more than idle SMs (H200, v3 notes: mixtral at 128
   // tokens 230 us with C = 2 against 192 with C = 1; gpt-oss at 8 tokens 36 against 28 us).
   const int64_t wanted = std::max<int64_t>(1, resident_ctas / num_items);
-  const int64_t by_input = std::max<int64_t>(1, a.in_dim / 256);
+  const int64_t by_input = std::max<int64_t>(1, a.in_dim / kMinInputPerCta);
   ClusterShape shape{};
   shape.cluster_size =
-      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, max_cluster})));
+      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, widest_cluster(a)})));
   while (shape.cluster_size > 1 &&
          resident(shape.cluster_size, piece_for(a, shape.cluster_size)) < num_items) {
-    --shape.cluster_size;
+    shape.cluster_size = shape.cluster_size > kMaxClusterSize ? kMaxClusterSize
+                                                              : shape.cluster_size - 1;
   }
   shape.piece = piece_for(a, shape.cluster_size);
   shape.resident_clusters =

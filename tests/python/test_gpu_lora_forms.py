@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moelora import ops
+from moelora import InvalidArgument, ops
 from test_gpu_ops import (
     CUDA,
     _fused_cases,
@@ -45,6 +45,26 @@ def test_gpu_unsorted_matches_cpu_and_float64(tokens, hidden, popularity, dtype,
     seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m + (stage == "w2")
     prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
     check_fused_result(run_unsorted(prob, "cuda"), run_unsorted(prob, "cpu"), prob, dtype)
+
+
+@pytest.mark.parametrize("stage", ["w13", "w2"])
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("hidden,cluster_max", [(4104, None), (2880, "16")])
+def test_gpu_unsorted_wide_clusters_match_float64(monkeypatch, hidden, cluster_max, tokens, stage):
+    """Clusters wider than the portable 8 (non-portable opt-in): the default from in_dim 4096
+    (16 CTAs), or forced by MOELORA_CLUSTER_MAX (in_dim 2880: 11 CTAs, an odd split of K)."""
+    if cluster_max is not None:
+        monkeypatch.setenv("MOELORA_CLUSTER_MAX", cluster_max)
+    seed = 90 + tokens + (stage == "w2")
+    prob = make_problem(tokens, hidden, 2, 8, "uniform", torch.bfloat16, stage, True, seed)
+    check_fused_result(run_unsorted(prob, "cuda"), None, prob, torch.bfloat16)
+
+
+def test_gpu_cluster_max_must_be_an_integer_in_range(monkeypatch):
+    monkeypatch.setenv("MOELORA_CLUSTER_MAX", "17")
+    prob = make_problem(1, 888, 2, 8, "uniform", torch.bfloat16, "w13", True, seed=5)
+    with pytest.raises(InvalidArgument, match="MOELORA_CLUSTER_MAX must be an integer in"):
+        run_unsorted(prob, "cuda")
 
 
 @pytest.mark.parametrize("family", ["splitk", "cluster"])

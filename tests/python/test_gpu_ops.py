@@ -31,7 +31,7 @@ CPU_TOLERANCE = {
     torch.bfloat16: (2e-2, 4e-2),
 }
 SLOT_RANKS = [4, 8, 0, 16, 64, 8, 32, 13]  # mixed ranks 4..64, one slot that targets nothing
-INTER_OF = {2880: 768, 888: 444, 111: 74}
+INTER_OF = {4104: 4112, 2880: 768, 888: 444, 111: 74}
 CUDA = torch.device("cuda")
 
 
