@@ -13,6 +13,7 @@
 // Cost: O(P / 8192 + G / 1024) memory latencies of one CTA (each thread loads 8 pairs' ids
 // before its atomics); at decode (a few pairs) it is launch-bound. Large steps may take the
 // multi-CTA form instead (moe_lora_align_multi.cu; see multi_cta_wanted).
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -65,12 +66,24 @@ bool multi_cta_wanted(int64_t num_pairs) {
   throw InvalidArgument("MOELORA_ALIGN_KERNEL must be auto, single or multi, got '" + name + "'");
 }
 
+// Bytes of global counters the one-CTA form needs (its groups past shared memory's).
+size_t single_workspace_bytes(int64_t num_groups) {
+  return num_groups <= kMaxSmemGroups ? 0 : static_cast<size_t>(num_groups) * sizeof(int32_t);
+}
+
 }  // namespace
+
+size_t moe_lora_align_workspace_bytes(int64_t num_pairs, int32_t num_experts, int32_t num_slots) {
+  const int64_t num_groups = int64_t{num_slots} * num_experts;
+  const size_t single = single_workspace_bytes(num_groups);
+  if (!multi_cta_wanted(num_pairs)) return single;
+  return std::max(single, align::multi_workspace_bytes(num_pairs, num_groups));
+}
 
 void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int32_t num_experts,
                     int32_t num_slots, int32_t block_m, const TensorRef& sorted_pairs,
                     const TensorRef& block_slot, const TensorRef& block_expert,
-                    const TensorRef& num_blocks, void* stream) {
+                    const TensorRef& num_blocks, void* stream, const TensorRef& workspace) {
   AlignArgs a{};
   const bool dense = topk_ids.data == nullptr && topk_ids.ndim == 0;
   a.topk_ids = dense ? nullptr : static_cast<const int32_t*>(topk_ids.data);
@@ -94,26 +107,34 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
   a.num_blocks = static_cast<int32_t*>(num_blocks.data);
 
   cudaStream_t s = detail::as_stream(stream);
-  if (multi_cta_wanted(a.num_tokens * a.top_k) && launch_align_multi(a, s)) {
+  // The caller's workspace (sized by moe_lora_align_workspace_bytes; the public op checks it),
+  // else stream-ordered scratch.
+  const size_t given = workspace.data != nullptr
+                           ? static_cast<size_t>(workspace.numel()) * dtype_size(workspace.dtype)
+                           : 0;
+  if (multi_cta_wanted(a.num_tokens * a.top_k) &&
+      align::launch_align_multi(a, s, workspace.data, given)) {
     detail::check_launch("moe_lora_align (multi-CTA)");
     return;
   }
   const int64_t num_groups = int64_t{num_slots} * num_experts;
   size_t smem = 0;
-  int32_t* workspace = nullptr;
+  int32_t* scratch = nullptr;
   if (num_groups <= kMaxSmemGroups) {
     smem = static_cast<size_t>(detail::max64(num_groups, 1)) * sizeof(int32_t);
     if (smem > 48 * 1024) {
       detail::allow_dynamic_smem(moe_lora_align_kernel, kMaxSmemGroups * sizeof(int32_t));
     }
+  } else if (given >= single_workspace_bytes(num_groups)) {
+    a.global_counts = static_cast<int32_t*>(workspace.data);
   } else {
-    workspace = static_cast<int32_t*>(detail::scratch_alloc(num_groups * sizeof(int32_t), s));
-    a.global_counts = workspace;
+    scratch = static_cast<int32_t*>(detail::scratch_alloc(single_workspace_bytes(num_groups), s));
+    a.global_counts = scratch;
   }
   launch_kernel(moe_lora_align_kernel, LaunchShape{dim3(1), dim3(kAlignThreads), smem, s, 1, true},
                 a);
   detail::check_launch("moe_lora_align");
-  detail::scratch_free(workspace, s);
+  detail::scratch_free(scratch, s);
 }
 
 }  // namespace moelora::cuda

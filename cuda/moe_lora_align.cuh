@@ -167,7 +167,12 @@ __device__ __forceinline__ void assign_blocks(const AlignArgs& a, Count&& count,
 
 // The multi-CTA form (moe_lora_align_multi.cu): returns false, launching nothing, when the
 // groups' counters do not fit in shared memory or the device has no cooperative launch (the
-// one-CTA form then takes the call).
-bool launch_align_multi(const AlignArgs& a, cudaStream_t stream);
+// one-CTA form then takes the call). Its counters live in `workspace` when it holds
+// multi_workspace_bytes, else in stream-ordered scratch.
+bool launch_align_multi(const AlignArgs& a, cudaStream_t stream, void* workspace,
+                        size_t workspace_bytes);
+// Bytes of counters the multi-CTA form needs for num_pairs pairs in num_groups groups on the
+// current device; 0 when it would decline.
+size_t multi_workspace_bytes(int64_t num_pairs, int64_t num_groups);
 
 }  // namespace moelora::cuda::align

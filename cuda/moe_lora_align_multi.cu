@@ -17,7 +17,9 @@
 // v3g). Here the serial work per group is C / width team steps and the launch floor is paid
 // once: 18.7 us at 16384 pairs, 28.4 at 65536; but ~14 us from the smallest steps up, against
 // 8 us for the one-CTA form, which therefore keeps steps under kMultiCtaMinPairs.
-// Workspace: counts, C * G int32, plus G totals, stream-ordered scratch (detail::scratch_alloc).
+// Workspace: counts, C * G int32, plus G totals: the caller's (moe_lora_align's `workspace`), or
+// stream-ordered scratch (detail::scratch_alloc), whose free node in a captured graph would sit
+// between this kernel and the LoRA kernel after it and cost that kernel its early start.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -116,25 +118,40 @@ __global__ void __launch_bounds__(kThreads) align_multi_kernel(MultiArgs m) {
   place_pairs(a, begin, end, hist);
 }
 
+// Pairs per chunk: at most one chunk per SM (one CTA each: all resident, as the grid barriers
+// need), none shorter than kMinPairsPerChunk.
+int64_t chunk_pairs(int64_t num_pairs) {
+  return std::max(kMinPairsPerChunk, (num_pairs + detail::sm_count() - 1) / detail::sm_count());
+}
+
+int64_t chunk_count(int64_t num_pairs) {
+  const int64_t chunk = chunk_pairs(num_pairs);
+  return std::max<int64_t>(1, (num_pairs + chunk - 1) / chunk);
+}
+
 }  // namespace
 
-bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
+size_t multi_workspace_bytes(int64_t num_pairs, int64_t num_groups) {
+  if (num_groups <= 0 || num_groups > kMaxSmemGroups || !detail::cooperative_launch()) return 0;
+  return static_cast<size_t>((chunk_count(num_pairs) + 1) * num_groups) * sizeof(int32_t);
+}
+
+bool launch_align_multi(const AlignArgs& a, cudaStream_t stream, void* workspace,
+                        size_t workspace_bytes) {
   MultiArgs m{};
   m.a = a;
   m.num_groups = int64_t{a.num_slots} * a.num_experts;
-  if (m.num_groups <= 0 || m.num_groups > kMaxSmemGroups) return false;
-  if (!detail::cooperative_launch()) return false;
   const int64_t num_pairs = a.num_tokens * a.top_k;
-  // At most one chunk per SM (one CTA each: all resident, as the grid barriers need), none
-  // shorter than kMinPairsPerChunk.
-  m.chunk = std::max(kMinPairsPerChunk, (num_pairs + detail::sm_count() - 1) / detail::sm_count());
-  const int64_t chunks = std::max<int64_t>(1, (num_pairs + m.chunk - 1) / m.chunk);
+  const size_t needed = multi_workspace_bytes(num_pairs, m.num_groups);
+  if (needed == 0) return false;
+  m.chunk = chunk_pairs(num_pairs);
+  const int64_t chunks = chunk_count(num_pairs);
   const size_t smem = static_cast<size_t>(m.num_groups) * sizeof(int32_t);
   if (smem > 48 * 1024) {
     detail::allow_dynamic_smem(align_multi_kernel, smem);
   }
-  m.counts = static_cast<int32_t*>(
-      detail::scratch_alloc((chunks + 1) * m.num_groups * sizeof(int32_t), stream));
+  const bool own = workspace == nullptr || workspace_bytes < needed;
+  m.counts = static_cast<int32_t*>(own ? detail::scratch_alloc(needed, stream) : workspace);
   m.totals = m.counts + chunks * m.num_groups;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(chunks));
@@ -147,7 +164,7 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream) {
   config.attrs = &cooperative;
   config.numAttrs = 1;
   MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, align_multi_kernel, m));
-  detail::scratch_free(m.counts, stream);
+  if (own) detail::scratch_free(m.counts, stream);
   return true;
 }
 

@@ -30,12 +30,22 @@ namespace moelora {
 // Out-of-range slot or expert ids are InvalidArgument on the CPU.
 // max_blocks = max(1, (P + G * (block_m - 1)) / block_m) with G = min(P, num_slots * num_experts)
 // (every non-empty group pads at most block_m - 1 rows).
+//   workspace     optional, on token_slot's device, any dtype, contiguous, at least
+//                 moe_lora_align_workspace_bytes: the GPU kernels' counters. Without it they
+//                 allocate stream-ordered scratch, which inside a captured CUDA graph puts memory
+//                 nodes between this launch and the next kernel (and costs that kernel its
+//                 programmatic early start). Ignored on the CPU.
 int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
                                   int32_t block_m);
+// Bytes of workspace moe_lora_align uses for num_pairs pairs on `device` (the current CUDA
+// device for kCUDA; 0 on the CPU or when the call needs none).
+int64_t moe_lora_align_workspace_bytes(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
+                                       DeviceKind device);
 void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int32_t num_experts,
                     int32_t num_slots, int32_t block_m, const TensorRef& sorted_pairs,
                     const TensorRef& block_slot, const TensorRef& block_expert,
-                    const TensorRef& num_blocks, void* stream);
+                    const TensorRef& num_blocks, void* stream,
+                    const TensorRef& workspace = TensorRef{});
 
 // ---- fused_moe_lora ----------------------------------------------------------------------------
 // For each pair p in a block with slot a and expert e, and each slice i:

@@ -51,6 +51,8 @@ def moe_lora_align(
 
     ``topk_ids`` None means dense rows (K = 1, expert 0). Returns (sorted_pairs, block_slot,
     block_expert, num_blocks), int32, sized by moe_lora_align_max_blocks; the tail is -1.
+    On a GPU the kernels' counters come from torch's allocator (a workspace the op passes in), so
+    a captured graph holds no memory nodes between this launch and the next.
     """
     top_k = 1 if topk_ids is None else topk_ids.shape[1]
     num_pairs = token_slot.shape[0] * top_k
@@ -60,6 +62,11 @@ def moe_lora_align(
     block_slot = torch.empty(max_blocks, dtype=torch.int32, device=device)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
     num_blocks = torch.empty(1, dtype=torch.int32, device=device)
+    workspace = None
+    if device.type == "cuda":  # sized for the current device, which runs the kernels
+        nbytes = _C.moe_lora_align_workspace_bytes(num_pairs, num_experts, num_slots, True)
+        if nbytes > 0:
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
     _C.moe_lora_align(
         as_optional_ref(topk_ids),
         as_ref(token_slot),
@@ -71,6 +78,7 @@ def moe_lora_align(
         as_ref(block_expert),
         as_ref(num_blocks),
         stream_handle(device),
+        as_optional_ref(workspace),
     )
     return sorted_pairs, block_slot, block_expert, num_blocks
 

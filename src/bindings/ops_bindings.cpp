@@ -115,12 +115,21 @@ void register_ops(py::module_& m) {
   m.def("moe_lora_align_max_blocks", &moe_lora_align_max_blocks, py::arg("num_pairs"),
         py::arg("num_experts"), py::arg("num_slots"), py::arg("block_m"));
 
+  m.def(
+      "moe_lora_align_workspace_bytes",
+      [](int64_t num_pairs, int32_t num_experts, int32_t num_slots, bool cuda) {
+        return moe_lora_align_workspace_bytes(num_pairs, num_experts, num_slots,
+                                              cuda ? DeviceKind::kCUDA : DeviceKind::kCPU);
+      },
+      py::arg("num_pairs"), py::arg("num_experts"), py::arg("num_slots"), py::arg("cuda"));
+
   m.def("moe_lora_align", [](const py::object& topk_ids, const py::tuple& token_slot,
                              int32_t num_experts, int32_t num_slots, int32_t block_m,
                              const py::tuple& sorted_pairs, const py::tuple& block_slot,
                              const py::tuple& block_expert, const py::tuple& num_blocks,
-                             uintptr_t stream) {
+                             uintptr_t stream, const py::object& workspace) {
     TensorRef ids = to_optional_tensor_ref(topk_ids, "topk_ids");
+    TensorRef scratch = to_optional_tensor_ref(workspace, "workspace");
     TensorRef slots = to_tensor_ref(token_slot, "token_slot");
     TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
     TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
@@ -128,7 +137,7 @@ void register_ops(py::module_& m) {
     TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
     py::gil_scoped_release release;
     moe_lora_align(ids, slots, num_experts, num_slots, block_m, pairs, b_slot, b_expert, count,
-                   stream_from_int(stream));
+                   stream_from_int(stream), scratch);
   });
 
   m.def("fused_moe_lora", [](const py::tuple& input, int32_t input_pairs_per_row,

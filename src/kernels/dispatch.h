@@ -54,10 +54,11 @@ void paged_attention(const TensorRef& out, const TensorRef& query, const TensorR
 #ifdef MOELORA_WITH_CUDA
 namespace cuda {
 
+size_t moe_lora_align_workspace_bytes(int64_t num_pairs, int32_t num_experts, int32_t num_slots);
 void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int32_t num_experts,
                     int32_t num_slots, int32_t block_m, const TensorRef& sorted_pairs,
                     const TensorRef& block_slot, const TensorRef& block_expert,
-                    const TensorRef& num_blocks, void* stream);
+                    const TensorRef& num_blocks, void* stream, const TensorRef& workspace);
 void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
                     const TensorRef& topk_weights, const TensorRef& sorted_pairs,
                     const TensorRef& block_slot, const TensorRef& block_expert,

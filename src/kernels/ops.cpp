@@ -88,10 +88,27 @@ int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_
   return std::max<int64_t>(1, (num_pairs + groups * (block_m - 1)) / block_m);
 }
 
+int64_t moe_lora_align_workspace_bytes(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
+                                       DeviceKind device) {
+  constexpr const char* op = "moe_lora_align_workspace_bytes";
+  if (num_pairs < 0) throw_invalid(op, "num_pairs must be >= 0, got " + std::to_string(num_pairs));
+  if (num_experts <= 0 || num_slots < 0) {
+    throw_invalid(op, "num_experts must be positive and num_slots >= 0, got " +
+                          std::to_string(num_experts) + " and " + std::to_string(num_slots));
+  }
+  if (device != DeviceKind::kCUDA) return 0;
+#if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_MOE_LORA_ALIGN
+  return static_cast<int64_t>(cuda::moe_lora_align_workspace_bytes(num_pairs, num_experts,
+                                                                   num_slots));
+#else
+  no_cuda_kernel(op);
+#endif
+}
+
 void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int32_t num_experts,
                     int32_t num_slots, int32_t block_m, const TensorRef& sorted_pairs,
                     const TensorRef& block_slot, const TensorRef& block_expert,
-                    const TensorRef& num_blocks, void* stream) {
+                    const TensorRef& num_blocks, void* stream, const TensorRef& workspace) {
   constexpr const char* op = "moe_lora_align";
   const int64_t top_k = check_routing(topk_ids, token_slot, op);
   if (is_absent(block_expert)) throw_invalid(op, "block_expert is required");
@@ -107,10 +124,22 @@ void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int3
     throw_invalid(op, "block_slot must hold moe_lora_align_max_blocks = " +
                           std::to_string(max_blocks) + " blocks, got " + block_slot.describe());
   }
+  if (!is_absent(workspace)) {
+    check_same_device(token_slot, workspace, op, "token_slot", "workspace");
+    if (!workspace.is_contiguous()) throw_invalid(op, "workspace must be contiguous");
+    const int64_t needed = moe_lora_align_workspace_bytes(num_pairs, num_experts, num_slots,
+                                                          token_slot.device);
+    const int64_t bytes = workspace.numel() * static_cast<int64_t>(dtype_size(workspace.dtype));
+    if (bytes < needed) {
+      throw_invalid(op, "workspace must hold moe_lora_align_workspace_bytes = " +
+                            std::to_string(needed) + " bytes, got " + workspace.describe());
+    }
+  }
   if (on_cuda(token_slot)) {
 #if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_MOE_LORA_ALIGN
     return cuda::moe_lora_align(topk_ids, token_slot, num_experts, num_slots, block_m,
-                                sorted_pairs, block_slot, block_expert, num_blocks, stream);
+                                sorted_pairs, block_slot, block_expert, num_blocks, stream,
+                                workspace);
 #else
     no_cuda_kernel(op);
 #endif

@@ -253,6 +253,66 @@ def test_gpu_align_replays_from_a_cuda_graph(monkeypatch, kernel):
         assert torch.equal(keys_g, keys_e)
 
 
+@pytest.mark.parametrize("kernel,tokens,experts,num_slots", [
+    ("multi", 2100, 32, 8),      # the cooperative form's counters: (chunks + 1) x groups
+    ("single", 300, 1024, 48),   # 49152 groups, past shared memory: global counters
+    ("auto", 7, 8, 8),           # the one-CTA form in shared memory: no workspace at all
+])
+def test_gpu_align_takes_its_counters_from_the_callers_workspace(monkeypatch, kernel, tokens,
+                                                                  experts, num_slots):
+    # ops.moe_lora_align passes a workspace sized by moe_lora_align_workspace_bytes (no
+    # stream-ordered allocation, so no memory nodes in a captured graph); the result must match
+    # the CPU op.
+    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
+    top_k = 4
+    topk_ids = route_experts(tokens, top_k, experts, 5)
+    token_slot = assign_slots(tokens, [8] * num_slots, "uniform", 6)
+    nbytes = ops._C.moe_lora_align_workspace_bytes(tokens * top_k, experts, num_slots, True)
+    assert (nbytes > 0) == (kernel != "auto")
+    cpu = ops.moe_lora_align(topk_ids, token_slot, experts, num_slots, 16)
+    gpu = [t.cpu() for t in ops.moe_lora_align(topk_ids.to(CUDA), token_slot.to(CUDA), experts,
+                                               num_slots, 16)]
+    for c, g in zip(cpu[1:], gpu[1:]):
+        assert torch.equal(c, g)
+    group = (cpu[1].long() * experts + cpu[2].long()).repeat_interleave(16)
+    assert torch.equal((group * 2**32 + cpu[0].long()).sort().values,
+                       (group * 2**32 + gpu[0].long()).sort().values)
+
+
+_SHORT_WORKSPACE_CALL = """
+import torch
+from moelora import ops
+from lora_fixtures import assign_slots, route_experts
+cuda = torch.device("cuda")
+ids = route_experts(2100, 4, 32, 5).to(cuda)
+slots = assign_slots(2100, [8] * 8, "uniform", 6).to(cuda)
+outs = ops.moe_lora_align(ids, slots, 32, 8, 16)
+nbytes = ops._C.moe_lora_align_workspace_bytes(2100 * 4, 32, 8, True)
+short = torch.empty(nbytes - 1, dtype=torch.uint8, device=cuda)
+try:
+    ops._C.moe_lora_align(ops.as_ref(ids), ops.as_ref(slots), 32, 8, 16,
+                          *(ops.as_ref(t) for t in outs), ops.stream_handle(cuda),
+                          ops.as_ref(short))
+except RuntimeError as error:
+    print(error)
+"""
+
+
+@pytest.mark.xfail(reason="session 9: on the H200 this call crashed its pytest worker (segfault) "
+                          "instead of raising; not reproduced off the GPU (bench/NOTES.md, v3i). "
+                          "In a subprocess, so that a crash fails this test alone.", strict=False)
+def test_gpu_align_refuses_an_undersized_workspace_by_name():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MOELORA_ALIGN_KERNEL="multi")
+    done = subprocess.run([sys.executable, "-c", _SHORT_WORKSPACE_CALL], env=env,
+                          cwd=os.path.dirname(__file__), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "workspace must hold moe_lora_align_workspace_bytes" in done.stdout
+
+
 def test_gpu_align_rejects_unknown_form(monkeypatch):
     monkeypatch.setenv("MOELORA_ALIGN_KERNEL", "several")
     token_slot = torch.zeros(3, dtype=torch.int32, device=CUDA)

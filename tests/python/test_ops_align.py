@@ -139,5 +139,24 @@ def test_align_rejects_undersized_outputs():
     with pytest.raises(moelora.InvalidArgument, match="block_slot"):
         moelora._C.moe_lora_align(
             None, ops.as_ref(token_slot), 1, 1, 1, ops.as_ref(small), ops.as_ref(small),
-            ops.as_ref(small), ops.as_ref(torch.empty(1, dtype=torch.int32)), 0,
+            ops.as_ref(small), ops.as_ref(torch.empty(1, dtype=torch.int32)), 0, None,
         )
+
+
+def test_align_workspace_is_not_needed_on_the_cpu():
+    assert moelora._C.moe_lora_align_workspace_bytes(9000, 128, 16, False) == 0
+    with pytest.raises(moelora.InvalidArgument, match="num_pairs must be >= 0"):
+        moelora._C.moe_lora_align_workspace_bytes(-1, 8, 4, False)
+    with pytest.raises(moelora.InvalidArgument, match="num_experts must be positive"):
+        moelora._C.moe_lora_align_workspace_bytes(10, 0, 4, False)
+    # a workspace passed on the CPU is accepted and ignored
+    topk_ids = route_experts(33, 2, 8, 1)
+    token_slot = assign_slots(33, [4, 8, 16], "zipf", 2)
+    expected = ops.moe_lora_align(topk_ids, token_slot, 8, 3, 4)
+    outs = [torch.empty_like(t) for t in expected]
+    moelora._C.moe_lora_align(
+        ops.as_ref(topk_ids), ops.as_ref(token_slot), 8, 3, 4, *(ops.as_ref(t) for t in outs), 0,
+        ops.as_ref(torch.empty(5, dtype=torch.uint8)),
+    )
+    for got, want in zip(outs, expected):
+        assert torch.equal(got, want)
