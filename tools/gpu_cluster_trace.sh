@@ -3,9 +3,10 @@
 # -DMOELORA_CLUSTER_TRACE (lora_cluster.cu's PhaseTrace: the first and the last CTA of each
 # decode-kernel launch stamp the global timer at each phase and print the stamps), times the
 # decode grid's smallest steps with it (graph replays, L2 flushed, as bench kernels does), and
-# prints the median of each phase per launch kind (w13: 2 slices, w2: 1), plus the gap from the
-# w13 launch's last stamp to the w2 launch's first. Leaves the diagnostic wheel installed: run
-# it last in a device call, or rebuild after it.
+# prints the median of each phase per launch kind (w13: 2 slices, w2: 1). Only the in-kernel
+# phases mean anything: the printf at a launch's exit delays the launch after it (the graph's
+# time, lora_us, reads ~115 us). Leaves the diagnostic wheel installed: run it last in a device
+# call, or rebuild after it.
 # TRACE_PRESETS, TRACE_TOKENS, TRACE_ADAPTERS: the cases (defaults below).
 source "$(dirname "$0")/gpu_common.sh"
 stage "build (diagnostic: MOELORA_CLUSTER_TRACE)"
@@ -23,7 +24,8 @@ lines = [l for l in open(sys.argv[1]) if l.startswith("cluster-trace")]
 recs = []
 for l in lines:
     f = dict(kv.split("=", 1) for kv in l.split()[1:])
-    recs.append((int(f["slices"]), f["cta"], int(f["start"]), list(map(int, f["phases"].split(","))), f["grid"]))
+    phases = list(map(int, f["phases"].split(",")))
+    recs.append((int(f["slices"]), f["cta"], int(f["start"]), phases, f["grid"]))
 result = [l for l in open(sys.argv[1]) if l.startswith("{")]
 if result:
     print("  lora_us", re.search(r'"lora_us": ([0-9.]+)', result[-1]).group(1))
@@ -37,16 +39,6 @@ for kind, label in ((2, "w13"), (1, "w2")):
         print(f"  {label} {cta:5s} grid {rows[-1][4]:10s}",
               " ".join(f"{n} {m / 1000:.2f}" for n, m in zip(names, med)),
               f"total {sum(med) / 1000:.2f} us")
-# Gap: w13's last CTA's final stamp -> w2's first CTA's start, replay by replay.
-gaps = []
-for i, r in enumerate(recs):
-    if r[0] == 2 and r[1] == "last":
-        end = r[2] + sum(r[3])
-        nxt = [s for s in recs[i + 1:i + 4] if s[0] == 1 and s[1] == "first"]
-        if nxt:
-            gaps.append(nxt[0][2] - end)
-if gaps:
-    print(f"  w13 last stamp -> w2 first start: median {statistics.median(gaps[-20:]) / 1000:.2f} us")
 PY
   done
 done
