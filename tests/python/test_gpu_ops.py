@@ -289,12 +289,22 @@ slots = assign_slots(2100, [8] * 8, "uniform", 6).to(cuda)
 outs = ops.moe_lora_align(ids, slots, 32, 8, 16)
 nbytes = ops._C.moe_lora_align_workspace_bytes(2100 * 4, 32, 8, True)
 short = torch.empty(nbytes - 1, dtype=torch.uint8, device=cuda)
+refs = [ops.as_ref(t) for t in (ids, slots, *outs, short)]
+print("calling with", nbytes - 1, "of", nbytes, "bytes", flush=True)
 try:
-    ops._C.moe_lora_align(ops.as_ref(ids), ops.as_ref(slots), 32, 8, 16,
+    ops._C.moe_lora_align(refs[0], refs[1], 32, 8, 16, *refs[2:6], ops.stream_handle(cuda),
+                          refs[6])
+except RuntimeError as error:
+    print(error, flush=True)
+print("returned", flush=True)
+# as the crashed test called it: references of temporaries, freed before the call
+try:
+    ops._C.moe_lora_align(ops.as_ref(ids.clone()), ops.as_ref(slots.clone()), 32, 8, 16,
                           *(ops.as_ref(t) for t in outs), ops.stream_handle(cuda),
                           ops.as_ref(short))
 except RuntimeError as error:
-    print(error)
+    print(error, flush=True)
+print("returned again", flush=True)
 """
 
 
@@ -306,11 +316,11 @@ def test_gpu_align_refuses_an_undersized_workspace_by_name():
     import subprocess
     import sys
     env = dict(os.environ, MOELORA_ALIGN_KERNEL="multi")
-    done = subprocess.run([sys.executable, "-c", _SHORT_WORKSPACE_CALL], env=env,
-                          cwd=os.path.dirname(__file__), capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _SHORT_WORKSPACE_CALL],
+                          env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "workspace must hold moe_lora_align_workspace_bytes" in done.stdout
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-3000:]
+    assert done.stdout.count("workspace must hold moe_lora_align_workspace_bytes") == 2
 
 
 def test_gpu_align_rejects_unknown_form(monkeypatch):
