@@ -355,7 +355,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
           nact += 8 * c;
         }
         if (nact == 0) continue;  // uniform over the cluster: no slice of this pass has rank
-        // The pass's tables, A and B^T rows in one round trip to the row tables.
+        // The pass's A and B^T row addresses, from the staged tables (no memory trip here).
         for (int idx = tid; idx < nact; idx += nthreads) {
           int i = sb, k = idx;
           while (k >= 8 * ((rank_of(i) + 7) / 8)) k -= 8 * ((rank_of(i) + 7) / 8), ++i;
