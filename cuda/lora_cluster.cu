@@ -28,8 +28,9 @@
 // Column groups (G clusters per item, each redoing the small shrink through L2) exist so that a
 // few wide items (mixtral at 1 token: 2 pairs x 28672 columns) still spread their B^T rows over
 // ~2 waves of CTAs, each with one stage of bytes in flight at once.
-// C (<= 8, portable) and G (<= 16) are picked on the host; with many items C = G = 1 and the
-// kernel is a plain one-CTA-per-item kernel. Items are walked grid-stride (uniform per cluster).
+// C (<= 16; above 8 non-portable) and G (<= 16) are picked on the host; with many items
+// C = G = 1 and the kernel is a plain one-CTA-per-item kernel. Items are walked grid-stride
+// (uniform per cluster).
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
 // vectors, scalars (rows or column ranges not 16-byte aligned)}.
 #include <algorithm>
