@@ -1,14 +1,19 @@
 """`moelora bench offline`: end-to-end offline throughput with many adapters.
 
 One workload (random prompts of --input-len tokens, --output-len generated tokens each with
-ignore_eos, arrivals all at once or Poisson at --request-rate) runs three times in one process:
-with no adapters; with adapters (--num-adapters random rank---rank adapters on attention and
-experts, popularity uniform or zipf, --max-loras resident at once), which starts cold, every
-adapter read from disk when first asked for; and the same requests again with whatever the
-first run left resident (warm: steady state; with more adapters than --max-loras, loads and
-evictions continue). Prints and saves one JSON record: output tokens/s, TTFT and TPOT p50/p99 of
-each run, adapter loads and their bandwidth, pool pages by kind, and the ratios to the
-no-adapter run.
+ignore_eos, arrivals all at once or Poisson at --request-rate) runs several times in one process:
+first once with no adapters as a warm-up (the engine meets this workload's batch shapes: decode
+graphs captured, allocator pools grown), discarded; then with adapters (--num-adapters random
+rank---rank adapters on attention and experts, popularity uniform or zipf, --max-loras resident
+at once), which starts cold, every adapter read from disk when first asked for; then --repeats
+rounds of the same requests with no adapters and again with adapters (warm: whatever the runs
+before left resident; with more adapters than --max-loras, loads and evictions continue).
+Prints and saves one JSON record: output tokens/s, TTFT and TPOT p50/p99 of the cold run and the
+per-field medians of the rounds (each round's TPOT p50 and tokens/s listed too, to show the
+spread), adapter loads and their bandwidth, pool pages by kind, and the ratios to the no-adapter
+runs. (Until session 9 the no-adapter run came first and paid the warm-up itself, so it read
+slower than the warm run with adapters; one run each, the TPOT of one setting moved 16% between
+runs on the H200: bench/NOTES.md, v3i.)
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adapter-dir", default=None, help="where to write the adapters")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds of the no-adapter and the warm run (medians reported)")
     return parser
 
 
@@ -84,6 +91,20 @@ def save_record(record: dict, out: str | None) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """Per-field median of several runs' summaries (failed requests: summed)."""
+    import statistics
+
+    merged = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    merged["failed"] = sum(run["failed"] for run in runs)
+    return merged
+
+
+def _spread(runs: list[dict]) -> list[dict]:
+    return [{"tpot_p50_ms": run["tpot_p50_ms"], "output_tokens_per_s": run["output_tokens_per_s"]}
+            for run in runs]
+
+
 def _run(engine, prompts, loras, params, arrivals) -> dict:
     start = time.perf_counter()
     pending = list(range(len(prompts)))
@@ -119,6 +140,8 @@ def run_from_args(args) -> int:
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     rng = random.Random(args.seed)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           enable_lora=True, max_lora_rank=args.rank, max_loras=args.max_loras,
@@ -143,17 +166,21 @@ def run_from_args(args) -> int:
     chosen = [rng.choices(loras, weights)[0] for _ in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
 
+    plain = [None] * len(prompts)
     try:
-        _run(engine, prompts[:2], [None, None], params, [0.0, 0.0])  # warm-up
-        base = _run(engine, prompts, [None] * len(prompts), params, arrivals)
+        _run(engine, prompts, plain, params, arrivals)  # warm-up: this workload's shapes
         before = engine.adapters.stats()
         with_adapters = _run(engine, prompts, chosen, params, arrivals)
         after = engine.adapters.stats()
-        warm = _run(engine, prompts, chosen, params, arrivals)
+        base_runs, warm_runs = [], []
+        for _ in range(args.repeats):  # interleaved, so drift affects both alike
+            base_runs.append(_run(engine, prompts, plain, params, arrivals))
+            warm_runs.append(_run(engine, prompts, chosen, params, arrivals))
         after_warm = engine.adapters.stats()
         pool = engine.memory.pool.stats()
     finally:
         engine.stop()  # also ends the other ranks of a parallel engine
+    base, warm = _median_run(base_runs), _median_run(warm_runs)
     loaded = after["bytes_loaded"] - before["bytes_loaded"]
     seconds = after["load_seconds"] - before["load_seconds"]
     record = {
@@ -167,6 +194,8 @@ def run_from_args(args) -> int:
         "decode_graph_replays": (engine.runner.graphs.replays
                                  if engine.runner.graphs is not None else 0),
         "with_adapters": with_adapters, "no_adapters": base, "with_adapters_warm": warm,
+        "repeats": args.repeats, "no_adapters_rounds": _spread(base_runs),
+        "with_adapters_warm_rounds": _spread(warm_runs),
         "throughput_ratio": with_adapters["output_tokens_per_s"] / base["output_tokens_per_s"],
         "throughput_ratio_warm": warm["output_tokens_per_s"] / base["output_tokens_per_s"],
         "warm_adapter_loads": after_warm["device_loads"] - after["device_loads"],
