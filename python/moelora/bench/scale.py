@@ -81,7 +81,9 @@ def run_from_args(args) -> int:
 
     results = []
     try:
-        _run(engine, prompts[:2], [None, None], params, [0.0, 0.0])  # warm-up
+        # warm-up on the whole workload (its batch shapes: decode graphs, allocator pools), so
+        # that the no-adapter baseline does not pay it (bench/offline.py, session 9)
+        _run(engine, prompts, [None] * len(prompts), params, arrivals)
         base = _run(engine, prompts, [None] * len(prompts), params, arrivals)
         for count in counts:
             loras = []
