@@ -25,7 +25,7 @@ recs = []
 for l in lines:
     f = dict(kv.split("=", 1) for kv in l.split()[1:])
     phases = list(map(int, f["phases"].split(",")))
-    recs.append((int(f["slices"]), f["cta"], int(f["start"]), phases, f["grid"]))
+    recs.append((int(f["slices"]), f["cta"], phases, f["grid"]))
 result = [l for l in open(sys.argv[1]) if l.startswith("{")]
 if result:
     print("  lora_us", re.search(r'"lora_us": ([0-9.]+)', result[-1]).group(1))
@@ -35,8 +35,8 @@ for kind, label in ((2, "w13"), (1, "w2")):
         rows = [r for r in recs if r[0] == kind and r[1] == cta][-20:]
         if not rows:
             continue
-        med = [statistics.median(r[3][i] for r in rows) for i in range(len(names))]
-        print(f"  {label} {cta:5s} grid {rows[-1][4]:10s}",
+        med = [statistics.median(r[2][i] for r in rows) for i in range(len(names))]
+        print(f"  {label} {cta:5s} grid {rows[-1][3]:10s}",
               " ".join(f"{n} {m / 1000:.2f}" for n, m in zip(names, med)),
               f"total {sum(med) / 1000:.2f} us")
 PY

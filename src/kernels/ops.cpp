@@ -70,16 +70,21 @@ void check_topk_weights(const TensorRef& topk_weights, const TensorRef& input, i
   check_same_device(input, topk_weights, op, "input", "topk_weights");
 }
 
-}  // namespace
-
-int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
-                                  int32_t block_m) {
-  constexpr const char* op = "moe_lora_align_max_blocks";
+// The sizes moe_lora_align_max_blocks and moe_lora_align_workspace_bytes are asked for.
+void check_align_sizes(int64_t num_pairs, int32_t num_experts, int32_t num_slots, const char* op) {
   if (num_pairs < 0) throw_invalid(op, "num_pairs must be >= 0, got " + std::to_string(num_pairs));
   if (num_experts <= 0 || num_slots < 0) {
     throw_invalid(op, "num_experts must be positive and num_slots >= 0, got " +
                           std::to_string(num_experts) + " and " + std::to_string(num_slots));
   }
+}
+
+}  // namespace
+
+int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
+                                  int32_t block_m) {
+  constexpr const char* op = "moe_lora_align_max_blocks";
+  check_align_sizes(num_pairs, num_experts, num_slots, op);
   check_block_m(block_m, op);
   // Each non-empty (slot, expert) group wastes at most block_m - 1 rows of padding, and there
   // are at most min(num_pairs, num_slots * num_experts) of them. At least one block, so that
@@ -91,11 +96,7 @@ int64_t moe_lora_align_max_blocks(int64_t num_pairs, int32_t num_experts, int32_
 int64_t moe_lora_align_workspace_bytes(int64_t num_pairs, int32_t num_experts, int32_t num_slots,
                                        DeviceKind device) {
   constexpr const char* op = "moe_lora_align_workspace_bytes";
-  if (num_pairs < 0) throw_invalid(op, "num_pairs must be >= 0, got " + std::to_string(num_pairs));
-  if (num_experts <= 0 || num_slots < 0) {
-    throw_invalid(op, "num_experts must be positive and num_slots >= 0, got " +
-                          std::to_string(num_experts) + " and " + std::to_string(num_slots));
-  }
+  check_align_sizes(num_pairs, num_experts, num_slots, op);
   if (device != DeviceKind::kCUDA) return 0;
 #if defined(MOELORA_WITH_CUDA) && MOELORA_CUDA_HAS_MOE_LORA_ALIGN
   return static_cast<int64_t>(cuda::moe_lora_align_workspace_bytes(num_pairs, num_experts,

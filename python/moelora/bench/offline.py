@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 
@@ -93,8 +94,6 @@ def save_record(record: dict, out: str | None) -> None:
 
 def _median_run(runs: list[dict]) -> dict:
     """Per-field median of several runs' summaries (failed requests: summed)."""
-    import statistics
-
     merged = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     merged["failed"] = sum(run["failed"] for run in runs)
     return merged
