@@ -34,6 +34,7 @@
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
 // vectors, scalars (rows or column ranges not 16-byte aligned)}.
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -80,9 +81,13 @@ constexpr int kVecBytes = VEC * static_cast<int>(sizeof(T));
 template <typename T, int VEC>
 using RawVec = std::conditional_t<kVecBytes<T, VEC> == 16, uint4, T>;
 
+// By value: a staged vector in shared memory is then read with one 16-byte load. Through a
+// reference the compiler read it element by element (8 ld.shared.u16 per bf16 vector in the
+// expand's rank loop and the shrink's x reads; PTX of v3i).
 template <typename T, int VEC>
-__device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC>& raw, float (&dst)[VEC]) {
-  const T* elems = reinterpret_cast<const T*>(&raw);
+__device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC> raw, float (&dst)[VEC]) {
+  T elems[VEC];
+  memcpy(elems, &raw, sizeof(elems));
 #pragma unroll
   for (int i = 0; i < VEC; ++i) dst[i] = detail::to_f32(elems[i]);
 }
