@@ -605,10 +605,6 @@ struct ClusterShape {
 // "v3h"). Cached per (device, kernel, size, shared memory): the decode step asks every call.
 int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   if (smem > kMaxSmemBytes) return 0;
-  if (cluster_size > kMaxClusterSize) {
-    MOELORA_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  }
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, int, int64_t>, int64_t> cache;
   int device = 0;
@@ -616,6 +612,13 @@ int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   const auto key = std::make_tuple(device, kernel, cluster_size, smem);
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto found = cache.find(key); found != cache.end()) return found->second;
+  // Once per kernel and size, before the first query (and so before the first launch) of a
+  // cluster wider than 8; the attribute stays set. (It was set on every call, a host API call
+  // per decode launch.)
+  if (cluster_size > kMaxClusterSize) {
+    MOELORA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
   detail::allow_dynamic_smem(kernel, static_cast<size_t>(smem));
   int64_t count = 0;
   if (cluster_size == 1) {
