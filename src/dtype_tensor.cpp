@@ -1,5 +1,6 @@
 // Small shared pieces: error kind names, dtypes, tensor views.
-#include <sstream>
+#include <array>
+#include <string>
 
 #include "moelora/dtype.h"
 #include "moelora/error.h"
@@ -70,14 +71,17 @@ bool TensorRef::is_contiguous() const {
   return true;
 }
 
+// Built with std::to_string, not a stream: the number formatting of iostreams goes through the
+// locale's facets, which crash when a statically linked C++ runtime in this library meets the
+// process's shared one (as on the GPU machine, whose g++ links libstdc++ statically).
 std::string TensorRef::describe() const {
-  std::ostringstream out;
-  out << dtype_name(dtype) << "[";
-  for (int i = 0; i < ndim; ++i) out << (i ? ", " : "") << shape[i];
-  out << "] strides [";
-  for (int i = 0; i < ndim; ++i) out << (i ? ", " : "") << stride[i];
-  out << "] on " << (device == DeviceKind::kCPU ? "cpu" : "cuda:" + std::to_string(device_index));
-  return out.str();
+  const auto join = [this](const std::array<int64_t, kMaxDims>& values) {
+    std::string list;
+    for (int i = 0; i < ndim; ++i) list += (i ? ", " : "") + std::to_string(values[i]);
+    return list;
+  };
+  return std::string(dtype_name(dtype)) + "[" + join(shape) + "] strides [" + join(stride) +
+         "] on " + (device == DeviceKind::kCPU ? "cpu" : "cuda:" + std::to_string(device_index));
 }
 
 TensorRef make_tensor_ref(void* data, DType dtype, std::initializer_list<int64_t> shape,
