@@ -122,21 +122,25 @@ def fused_moe_lora(
     return output
 
 
-# Below this many (token, k) pairs per step the unsorted form (no alignment launch; one cluster
-# per pair, weights shared by a few pairs come from L2) can beat grouping. From it the grouped
-# form runs on the tensor-core kernel (cuda/fused_moe_lora.cu, kMmaMinPairs), which wins even at
-# one pair a group: H200, v3h grid with both forms timed (bench/results/h200-kernels.jsonl): gpt-oss
-# at 128 tokens, 16 adapters (512 pairs, 1 a group) grouped 102 us vs unsorted 147; qwen3 128/16
-# (1024 pairs, 0.5 a group) 121 vs 141; the one case the other way, olmoe 128/16 (1024, 1 a
-# group), 149 vs 144. (v3's limit was 1024 pairs: its grouped kernels lost at 1 pair a group.)
+# The form of a step, from the decode form sweep of v3j (H200, both forms timed at 16-256 tokens
+# x 4/8/16 adapters on the four presets; bench/results/h200-decode-forms-v3j.jsonl, NOTES "v3j"):
+# - below GROUPED_FROM_PAIRS (token, k) pairs, unsorted (no alignment launch; weights shared by a
+#   few pairs come from L2) won or tied every case, even at 2-8 pairs a group (mixtral 128
+#   tokens / 16 adapters 145 us vs 229 grouped, gpt-oss 64/4 55 vs 86; ties: mixtral 32/4 52.0 vs
+#   51.4, 128/4 135.8 vs 134.8). v3h's rule grouped from 2 pairs a group; the unsorted kernel's
+#   16-byte shared-memory reads (v3j) took that away.
+# - from it, grouping (on the tensor-core kernel, cuda/fused_moe_lora.cu kMmaMinPairs) won every
+#   case with at least GROUPED_MIN_PAIRS_PER_GROUP pairs per (adapter, expert) group (qwen3 128/4
+#   77 vs 104, mixtral 256/16 216 vs 289), and lost every case under one (olmoe 64/16 109 vs 74,
+#   qwen3 128/16 118 vs 114, 64/8 71.5 vs 70.3: the engine's 64-sequence qwen3 step, where the
+#   offline benchmark measured 10.2 / 9.2 ms TPOT unsorted vs 10.7 / 10.7 grouped). Between one
+#   and two it went both ways (grouped won gpt-oss 128/16 98 vs 112, olmoe 64/8, qwen3 64/4 by
+#   8-14%; lost qwen3 128/8 135 vs 111, olmoe 128/16 144 vs 114, qwen3 256/16 226 vs 191), so
+#   unsorted there: the smaller loss.
 GROUPED_FROM_PAIRS = 512
-# Below it, grouping (then on the cluster kernel) pays while an (adapter, expert) group holds at
-# least this many pairs on average: it reads a group's adapter rows once instead of once per
-# pair. v3h grid: mixtral at 32 tokens, 4 adapters (2 a group) grouped 57 us vs unsorted 66, at
-# 128 tokens (8 a group) 150 vs 193; at 1 a group or fewer unsorted wins by 20-48% (gpt-oss 32/4
-# 49 vs 63, olmoe 32/4 47 vs 91). Not separated: mixtral 128/16, 2 a group too, 260 vs 201.
 GROUPED_MIN_PAIRS_PER_GROUP = 2
-# ...and below it, fewer than this many pairs per expert (a model with very few experts).
+# A model with very few experts groups from this many pairs per expert at any step size (its
+# blocks fill whatever the adapters); not in the sweep, whose fewest experts are mixtral's 8.
 GROUPED_MIN_PAIRS_PER_EXPERT = 64
 
 
@@ -173,14 +177,13 @@ def prefer_unsorted(num_pairs: int, dense: bool = False, num_experts: int | None
     or of num_pairs rows of a dense site."""
     if dense:
         return num_pairs <= UNSORTED_MAX_DENSE_ROWS
-    if num_pairs >= GROUPED_FROM_PAIRS:
+    if num_experts and num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * num_experts:
         return False
-    if num_experts:
-        if num_pairs >= GROUPED_MIN_PAIRS_PER_EXPERT * num_experts:
-            return False
-        if num_adapters and num_pairs >= GROUPED_MIN_PAIRS_PER_GROUP * num_experts * num_adapters:
-            return False
-    return True
+    if num_pairs < GROUPED_FROM_PAIRS:
+        return True
+    if num_experts and num_adapters:
+        return num_pairs < GROUPED_MIN_PAIRS_PER_GROUP * num_experts * num_adapters
+    return False
 
 
 def fused_moe_lora_unsorted(

@@ -250,16 +250,22 @@ def test_grouped_block_m_reproduces_the_benchmarked_block_sizes():
 
 
 def test_prefer_unsorted_follows_the_measured_crossovers():
-    # (bench/NOTES.md v3h, H200) decode: one cluster per pair wins while groups hold ~1 pair...
+    # (bench/NOTES.md v3j, H200 decode form sweep) below 512 pairs unsorted, whatever the
+    # pairs per group...
     assert ops.prefer_unsorted(4, num_experts=32, num_adapters=4)  # gpt-oss, 1 token
-    assert ops.prefer_unsorted(128, num_experts=32, num_adapters=4)  # gpt-oss, 32 tokens
-    assert ops.prefer_unsorted(256, num_experts=128, num_adapters=16)  # qwen3, 32 tokens
-    # ...and below the tensor-core kernel's 512 pairs; grouping wins from 2 pairs a group...
-    assert not ops.prefer_unsorted(64, num_experts=8, num_adapters=4)  # mixtral, 32 tokens
-    assert not ops.prefer_unsorted(256, num_experts=8, num_adapters=4)  # mixtral, 128 tokens
-    # ...and from 512 pairs at any pairs per group
-    assert not ops.prefer_unsorted(512, num_experts=32, num_adapters=16)  # gpt-oss, 128 tokens
-    assert not ops.prefer_unsorted(1024, num_experts=128, num_adapters=16)  # qwen3, 128 tokens
-    assert not ops.prefer_unsorted(1024, num_experts=8)  # mixtral, 512 tokens
+    assert ops.prefer_unsorted(256, num_experts=32, num_adapters=4)  # gpt-oss 64 tokens, 2 a group
+    assert ops.prefer_unsorted(256, num_experts=8, num_adapters=16)  # mixtral 128 tokens, 2
+    assert ops.prefer_unsorted(256, num_experts=8, num_adapters=4)  # mixtral 128 tokens, 8
+    # ...from 512, grouped from 2 pairs a group...
+    assert not ops.prefer_unsorted(1024, num_experts=128, num_adapters=4)  # qwen3 128 tokens
+    assert not ops.prefer_unsorted(512, num_experts=8, num_adapters=16)  # mixtral 256 tokens
+    assert not ops.prefer_unsorted(1024, num_experts=32, num_adapters=16)  # gpt-oss 256 tokens
+    # ...and unsorted under it (the engine's 64-sequence qwen3 step: 0.5 a group)
+    assert ops.prefer_unsorted(512, num_experts=128, num_adapters=8)
+    assert ops.prefer_unsorted(1024, num_experts=64, num_adapters=16)  # olmoe 128 tokens, 1
+    assert ops.prefer_unsorted(512, num_experts=32, num_adapters=16)  # gpt-oss 128 tokens, 1
+    # unknown adapters: grouped from 512 pairs; few experts: from 64 pairs an expert
+    assert not ops.prefer_unsorted(1024, num_experts=8)
     assert not ops.prefer_unsorted(512)
+    assert not ops.prefer_unsorted(256, num_experts=4, num_adapters=16)
     assert ops.prefer_unsorted(64, dense=True) and not ops.prefer_unsorted(65, dense=True)
