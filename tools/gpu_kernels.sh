@@ -27,7 +27,7 @@ MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=3 pytest_stage pytest-mma ${MMA_TIMEOU
 MOELORA_ALIGN_KERNEL=multi pytest_stage pytest-align-multi 60 -k "align or fused_moe_lora_mma" \
   test_gpu_ops.py
 
-B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version ${VERSION:-v3i}"
+B="python3 -m moelora.bench.kernels --iters 20 --adapters 4 16 --ranks 16 --popularity uniform --version ${VERSION:-v3j}"
 stage bench-decode
 timeout ${DECODE_TIMEOUT:-110} $B --tokens 1 8 32 128 --form both --out $OUT/h200-kernels.jsonl \
   >> "$OUT/bench.log" 2>&1
@@ -38,7 +38,7 @@ timeout ${PREFILL_TIMEOUT:-90} $B --tokens 512 2048 8192 --adapters 4 16 \
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-prefill-align-single
 MOELORA_ALIGN_KERNEL=single timeout ${PREFILL_TIMEOUT:-90} $B --tokens 2048 8192 --adapters 4 16 \
-  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version ${VERSION:-v3i}-align-single \
+  --presets gpt-oss-20b qwen3-30b-a3b --no-base --version ${VERSION:-v3j}-align-single \
   --out $OUT/h200-kernels-align-single.jsonl >> "$OUT/bench.log" 2>&1
 cut -c1-200 "$OUT/bench.log" | tail -2
 stage bench-offline  # eager vs CUDA-graph decode steps, same workload
