@@ -144,10 +144,14 @@ GROUPED_MIN_PAIRS_PER_GROUP = 2
 GROUPED_MIN_PAIRS_PER_EXPERT = 64
 
 
-# Dense sites (attention projections): every token of an adapter shares one matrix, so the
-# unsorted form re-reads it once per token (from L2) where grouping reads it once per block of
-# rows; not measured separately yet, so the switch comes much earlier than for experts.
-UNSORTED_MAX_DENSE_ROWS = 64
+# Dense sites (attention projections): unsorted (one cluster per row) up to this many rows,
+# grouped by adapter above. tools/dense_form_study.py on the H200 (bench/results/
+# h200-dense-forms-v3j.jsonl; q / o / k projections of qwen3 and mixtral, rank 16, 4 and 16
+# adapters): unsorted won every case up to 256 rows (256 rows: 18-26 us vs 30-34 grouped; 64
+# rows: 12-15 vs 18-28), grouped every case at 512 (20-26 us, on the tensor-core kernel, vs
+# 32-47). The grouping itself (6.5-7.9 us) runs once per step for every dense site, so it is
+# not counted against either form.
+UNSORTED_MAX_DENSE_ROWS = 256
 
 
 # Grouped form: rows per block. With more than 8 pairs per (adapter, expert) group on average,

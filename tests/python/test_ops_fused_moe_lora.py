@@ -268,4 +268,5 @@ def test_prefer_unsorted_follows_the_measured_crossovers():
     assert not ops.prefer_unsorted(1024, num_experts=8)
     assert not ops.prefer_unsorted(512)
     assert not ops.prefer_unsorted(256, num_experts=4, num_adapters=16)
-    assert ops.prefer_unsorted(64, dense=True) and not ops.prefer_unsorted(65, dense=True)
+    # dense sites: unsorted up to 256 rows (tools/dense_form_study.py)
+    assert ops.prefer_unsorted(256, dense=True) and not ops.prefer_unsorted(257, dense=True)
