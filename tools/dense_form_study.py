@@ -72,8 +72,7 @@ def main() -> None:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     block_m = 16  # the engine's dense block (PagedContext.dense_block_m)
     print(f"{'site':10} {'rows':>5} {'adapters':>8} {'unsorted':>9} {'grouped':>9} {'align':>7} "
-          f"(us; rule: {'unsorted' if ops.prefer_unsorted(1, dense=True) else 'grouped'} up to "
-          f"{ops.UNSORTED_MAX_DENSE_ROWS} rows)")
+          f"(us; the engine takes unsorted up to {ops.UNSORTED_MAX_DENSE_ROWS} rows)")
     for site in args.sites:
         for adapters in args.adapters:
             for rows in args.rows:
