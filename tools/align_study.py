@@ -1,7 +1,7 @@
 """moe_lora_align alone on the GPU: the one-CTA form against the multi-CTA form over a range of
 step sizes, each captured in a CUDA graph and timed with CUDA events (median; L2 flushed before
 each replay), plus the eager call with a host clock. One JSON line per (pairs, form). Decides
-where MOELORA_ALIGN_KERNEL=auto switches forms (cuda/moe_lora_align.cu). GPU only.
+where MOELORA_ALIGN_KERNEL=auto switches forms (cuda/align/single_cta.cu). GPU only.
 
     python3 tools/align_study.py --tokens 16 64 128 256 512 1024 2048 8192 --experts 128 --top-k 8
 """

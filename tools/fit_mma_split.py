@@ -1,8 +1,8 @@
-"""How the tensor-core LoRA kernel's cluster-split rule (cluster_split in cuda/lora_mma.cu) was
+"""How the tensor-core LoRA kernel's cluster-split rule (cluster_split in cuda/lora/prefill.cu) was
 fitted: reads a forced-split sweep (tools/gpu_split_sweep.sh: the kernel grid once per
 MOELORA_MMA_SPLIT and once with the heuristic; with BLOCK_MS, once per block_m, of which the
 block_m that ops.grouped_block_m picks is scored), models the rule on the host (expected blocks as
-in expected_blocks of cuda/fused_moe_lora.cu), and scores candidate targets by the geometric mean
+in expected_blocks of cuda/lora/dispatch.cu), and scores candidate targets by the geometric mean
 and worst ratio of the time at the rule's split over the case's best forced split. Also a
 leave-one-preset-out check. No GPU needed.
 

@@ -9,7 +9,7 @@
 # $AB_EXTRA: more bench arguments for all (e.g. "--block-m 16"); $AB_SWEEP_BLOCK_M: block sizes
 # timed with B only after the rounds. JSON lines in $OUT/ab.jsonl, kernel_version "A<i>" / "B<i>".
 # Making a baseline folder: e.g. session 6's v3e baseline was
-#   mkdir -p .exp/v3e/cuda && for f in cuda/lora_mma.cu cuda/ptx.cuh; do
+#   mkdir -p .exp/v3e/cuda && for f in cuda/lora/prefill.cu cuda/common/ptx.cuh; do
 #     git show 95f53d5:$f > .exp/v3e/$f; done
 # and the call `AB_BASE=.exp/v3e bash tools/gpu_ab.sh`. Keep such a folder out of commits; if git
 # ignores it, name it in the device call's carry (ignored paths travel only when carried).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where a decode launch's time goes, on one GPU: builds a diagnostic wheel with
-# -DMOELORA_CLUSTER_TRACE (lora_cluster.cu's PhaseTrace: the first and the last CTA of each
+# -DMOELORA_CLUSTER_TRACE (lora/decode.cu's PhaseTrace: the first and the last CTA of each
 # decode-kernel launch stamp the global timer at each phase and print the stamps), times the
 # decode grid's smallest steps with it (graph replays, L2 flushed, as bench kernels does), and
 # prints the median of each phase per launch kind (w13: 2 slices, w2: 1). Only the in-kernel

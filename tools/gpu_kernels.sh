@@ -90,7 +90,7 @@ elif command -v compute-sanitizer > /dev/null; then
     MOELORA_LORA_KERNEL=mma MOELORA_MMA_SPLIT=2 sanitize $tool test_gpu_ops.py \
       -k "fused_moe_lora_matches and 133-888"
     sanitize $tool test_gpu_ops.py -k "align_matches and multi and 2100"  # the cooperative align
-    # kernels chained through memory with programmatic dependent launch (cuda/launch.cuh)
+    # kernels chained through memory with programmatic dependent launch (cuda/common/launch.cuh)
     sanitize $tool test_gpu_dependent_launch.py -k "unsorted-auto-7-888 or mma-133-888-64"
     sanitize $tool test_gpu_lora_forms.py -k "wide_clusters and 7-"  # clusters of 16 and 11
   done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build variants of the tensor-core LoRA kernel on one H200: VARIANTS of "stages:min_ctas"
 # (default "3:- 4:- 3:5"; -DMOELORA_MMA_STAGES / -DMOELORA_MMA_MIN_CTAS, "-" leaves the latter
-# unset, as the default build does; see cuda/lora_mma.cu), one wheel each, each timed on the
+# unset, as the default build does; see cuda/lora/prefill.cu), one wheel each, each timed on the
 # prefill grid (grouped form, no base) into $OUT/stages.jsonl with kernel_version
 # "stages-<s>-ctas-<c>"; the kernel's register counts printed. Leaves the last one installed.
 source "$(dirname "$0")/gpu_common.sh"

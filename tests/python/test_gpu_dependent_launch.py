@@ -1,4 +1,4 @@
-"""Programmatic dependent launch between the LoRA kernels (cuda/launch.cuh; marked gpu).
+"""Programmatic dependent launch between the LoRA kernels (cuda/common/launch.cuh; marked gpu).
 
 A LoRA kernel may start before the kernel ahead of it in the stream has finished; it must then
 wait (griddepcontrol.wait) before it touches memory. One that read or wrote too early would race

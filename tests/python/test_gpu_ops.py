@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from lora_fixtures import POPULARITIES, assign_slots, make_lora_site, route_experts
-from moelora import ops
+from moelora import _C, ops
 from test_ops_paged_attention import reference as attention_reference
 
 pytestmark = pytest.mark.gpu
@@ -185,7 +185,7 @@ def test_gpu_fused_moe_lora_repeated_runs_are_identical(dtype, tokens):
 @pytest.mark.parametrize("kernel", ["single", "multi", "auto"])
 def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, experts, block_m,
                                          popularity):
-    # multi: moe_lora_align_multi.cu, one cooperative launch (chunks of >= 512 pairs, at most one
+    # multi: align/multi_cta.cu, one cooperative launch (chunks of >= 512 pairs, at most one
     # per SM: 2052 pairs span 5, 8400 span 17, 65528 span one per SM, more than a warp's 32);
     # auto: the one-CTA form below 4096 pairs, the multi-CTA form from there
     monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
@@ -267,7 +267,7 @@ def test_gpu_align_takes_its_counters_from_the_callers_workspace(monkeypatch, ke
     top_k = 4
     topk_ids = route_experts(tokens, top_k, experts, 5)
     token_slot = assign_slots(tokens, [8] * num_slots, "uniform", 6)
-    nbytes = ops._C.moe_lora_align_workspace_bytes(tokens * top_k, experts, num_slots, True)
+    nbytes = _C.moe_lora_align_workspace_bytes(tokens * top_k, experts, num_slots, True)
     assert (nbytes > 0) == (kernel != "auto")
     cpu = ops.moe_lora_align(topk_ids, token_slot, experts, num_slots, 16)
     gpu = [t.cpu() for t in ops.moe_lora_align(topk_ids.to(CUDA), token_slot.to(CUDA), experts,
@@ -281,19 +281,19 @@ def test_gpu_align_takes_its_counters_from_the_callers_workspace(monkeypatch, ke
 
 _SHORT_WORKSPACE_CALL = """
 import torch
-from moelora import ops
+from moelora import _C, ops
+from moelora._tensor import as_ref, stream_handle
 from lora_fixtures import assign_slots, route_experts
 cuda = torch.device("cuda")
 ids = route_experts(2100, 4, 32, 5).to(cuda)
 slots = assign_slots(2100, [8] * 8, "uniform", 6).to(cuda)
 outs = ops.moe_lora_align(ids, slots, 32, 8, 16)
-nbytes = ops._C.moe_lora_align_workspace_bytes(2100 * 4, 32, 8, True)
+nbytes = _C.moe_lora_align_workspace_bytes(2100 * 4, 32, 8, True)
 short = torch.empty(nbytes - 1, dtype=torch.uint8, device=cuda)
 print("needed", nbytes, flush=True)
 try:
-    ops._C.moe_lora_align(*(ops.as_ref(t) for t in (ids, slots)), 32, 8, 16,
-                          *(ops.as_ref(t) for t in outs), ops.stream_handle(cuda),
-                          ops.as_ref(short))
+    _C.moe_lora_align(*(as_ref(t) for t in (ids, slots)), 32, 8, 16,
+                      *(as_ref(t) for t in outs), stream_handle(cuda), as_ref(short))
 except RuntimeError as error:
     print(type(error).__name__, error, flush=True)
 """
@@ -399,7 +399,7 @@ ATTN_TOLERANCE = {
 def test_gpu_kv_cache_and_paged_attention(monkeypatch, kernel, dtype, gqa, head_dim, window,
                                           use_sinks):
     # decode tokens and chunked-prefill chunks (several trailing positions of one sequence);
-    # kernel gqa / mma: paged_attention_gqa.cu / paged_attention_mma.cu where the layout
+    # kernel gqa / mma: attention/gqa.cu / attention/mma.cu where the layout
     # qualifies, else the next kernel of the chain (head_dim 36: per-head; 16 query heads per
     # KV head: mma only)
     monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
@@ -500,7 +500,7 @@ def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chu
 
 
 # ---- tensor-core (mma) path: prefill-shaped groups ------------------------------------------------
-# fused_moe_lora.cu takes the mma kernels for 16-bit dtypes with 16-byte aligned rows when
+# lora/dispatch.cu takes the mma kernels for 16-bit dtypes with 16-byte aligned rows when
 # num_pairs / max_blocks >= 8 (kMmaMinRowsPerBlock): few adapters and few experts, so that each
 # (slot, expert) group holds many rows. Dims are multiples of 8 (vectorised) but not of 64 (the
 # kernels' K chunk and column tile): 888 = 13 * 64 + 56, 232 = 3 * 64 + 40.
@@ -588,7 +588,7 @@ _MMA_CASES = [
 @pytest.fixture
 def force_mma(monkeypatch):
     """The tensor-core family for every fused call of the test (the automatic choice also
-    weighs the batch size: kMmaMinPairs in cuda/fused_moe_lora.cu)."""
+    weighs the batch size: kMmaMinPairs in cuda/lora/dispatch.cu)."""
     monkeypatch.setenv("MOELORA_LORA_KERNEL", "mma")
 
 

@@ -8,6 +8,7 @@ from lora_fixtures import POPULARITIES, assign_slots, route_experts
 
 import moelora
 from moelora import ops
+from moelora._tensor import as_ref
 
 
 def reference_align(topk_ids, token_slot, num_experts, num_slots, block_m):
@@ -138,8 +139,8 @@ def test_align_rejects_undersized_outputs():
     small = torch.empty(1, dtype=torch.int32)
     with pytest.raises(moelora.InvalidArgument, match="block_slot"):
         moelora._C.moe_lora_align(
-            None, ops.as_ref(token_slot), 1, 1, 1, ops.as_ref(small), ops.as_ref(small),
-            ops.as_ref(small), ops.as_ref(torch.empty(1, dtype=torch.int32)), 0, None,
+            None, as_ref(token_slot), 1, 1, 1, as_ref(small), as_ref(small),
+            as_ref(small), as_ref(torch.empty(1, dtype=torch.int32)), 0, None,
         )
 
 
@@ -155,8 +156,8 @@ def test_align_workspace_is_not_needed_on_the_cpu():
     expected = ops.moe_lora_align(topk_ids, token_slot, 8, 3, 4)
     outs = [torch.empty_like(t) for t in expected]
     moelora._C.moe_lora_align(
-        ops.as_ref(topk_ids), ops.as_ref(token_slot), 8, 3, 4, *(ops.as_ref(t) for t in outs), 0,
-        ops.as_ref(torch.empty(5, dtype=torch.uint8)),
+        as_ref(topk_ids), as_ref(token_slot), 8, 3, 4, *(as_ref(t) for t in outs), 0,
+        as_ref(torch.empty(5, dtype=torch.uint8)),
     )
     for got, want in zip(outs, expected):
         assert torch.equal(got, want)

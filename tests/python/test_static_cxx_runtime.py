@@ -25,8 +25,8 @@ _RAISE_A_DESCRIBED_ERROR = """
 import sys
 import torch  # first, as in any real process: the shared libstdc++ is loaded before ours
 sys.path.insert(0, sys.argv[1])
-from moelora import ops
-assert ops._C.__file__.startswith(sys.argv[1]), ops._C.__file__
+from moelora import _C, ops
+assert _C.__file__.startswith(sys.argv[1]), _C.__file__
 try:
     ops.moe_lora_align(torch.zeros(3, 2, dtype=torch.int64), torch.zeros(3, dtype=torch.int32),
                        4, 1, 8)

@@ -1,5 +1,5 @@
 // fused_moe_lora and dense_lora on the GPU: builds the kernels' arguments from the validated
-// views and picks a kernel family per call (lora_kernels.h): tensor-core tiles when the groups
+// views and picks a kernel family per call (lora/kernels.h): tensor-core tiles when the groups
 // hold many rows (prefill), one cluster per group when they hold few (decode), the split-K CUDA-
 // core kernels for everything else (float32, rows not 16-byte aligned).
 #include <algorithm>
@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "common.cuh"
+#include "common/common.cuh"
 #include "kernels/dispatch.h"
 #include "kernels/validate.h"
-#include "lora_kernels.h"
+#include "lora/kernels.h"
 #include "moelora/ops.h"
 
 namespace moelora::cuda {
@@ -42,7 +42,7 @@ enum class LoraKernel { kMma, kCluster, kSplitK };
 // estimated as num_pairs / max_blocks, but max_blocks counts a padded block per (slot, expert)
 // and sent gpt-oss and qwen3 at 512 tokens to the cluster kernel at half the speed (v3 notes);
 // and it needed 2048 pairs because one CTA per block walked every output column (mixtral at 512
-// tokens), which the column split (lora_mma.cu) now spreads over CTAs.
+// tokens), which the column split (lora/prefill.cu) now spreads over CTAs.
 constexpr int64_t kMmaMinPairs = 512;
 // The tensor-core kernel passed the GPU suite on the H200 (bench/NOTES.md, v2).
 constexpr bool kMmaEnabled = true;

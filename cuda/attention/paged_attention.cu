@@ -19,9 +19,9 @@
 #include <cstdlib>
 #include <string>
 
-#include "cluster.cuh"
-#include "common.cuh"
-#include "paged_attention.cuh"
+#include "common/cluster.cuh"
+#include "common/common.cuh"
+#include "attention/attention.cuh"
 #include "kernels/dispatch.h"
 
 namespace moelora::cuda {
@@ -162,8 +162,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) paged_attention_kernel(const 
   cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
 }
 
-// Which kernel serves a call. auto (unset): the tensor-core GQA kernel (paged_attention_mma.cu)
-// where it qualifies, else the CUDA-core GQA kernel (paged_attention_gqa.cu), else this file's
+// Which kernel serves a call. auto (unset): the tensor-core GQA kernel (attention/mma.cu)
+// where it qualifies, else the CUDA-core GQA kernel (attention/gqa.cu), else this file's
 // per-head kernel: the order measured on the H200 (bench/NOTES.md, attention). mma, gqa or
 // per_head start the chain there (tests and benchmarks force each). Read per call (~100 ns) so
 // tests can switch.

@@ -1,5 +1,5 @@
 // The arguments every fused_moe_lora / dense_lora kernel in cuda/ receives, and the device
-// helpers they share to find a block's adapter rows. Built once per call by fused_moe_lora.cu
+// helpers they share to find a block's adapter rows. Built once per call by lora/dispatch.cu
 // from validated TensorRefs; passed to kernels by value (a few hundred bytes of constant bank).
 //
 // Work comes in one of two forms:
@@ -13,7 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "common.cuh"
+#include "common/common.cuh"
 
 namespace moelora::cuda {
 
@@ -57,7 +57,7 @@ struct LoraArgs {
   int32_t num_slices;
   SliceArgs slices[kMaxSlices];
   int32_t rank_stride;  // max over slices of max_rank
-  // split-K kernels only (lora_splitk.cu): their fp32 workspace and its shape
+  // split-K kernels only (lora/fallback.cu): their fp32 workspace and its shape
   float* partials;  // [num_slices][splits][rows_total][rank_stride]
   int32_t splits;
   int64_t chunk;       // in_dim elements per split

@@ -1,5 +1,5 @@
 // moe_lora_align over several CTAs, for large steps (the default from kMultiCtaMinPairs pairs:
-// moe_lora_align.cu). Same outputs and rules as the one-CTA form (moe_lora_align.cu), in ONE
+// align/single_cta.cu). Same outputs and rules as the one-CTA form (align/single_cta.cu), in ONE
 // cooperative launch of C CTAs (C <= the SM count, one CTA per SM, so all are resident) with two
 // grid-wide barriers, no host sync (graph-capturable: a cooperative kernel node):
 //   1. count: CTA c counts its contiguous chunk of pairs per group in shared memory and stores
@@ -24,8 +24,8 @@
 
 #include <algorithm>
 
-#include "launch.cuh"
-#include "moe_lora_align.cuh"
+#include "common/launch.cuh"
+#include "align/align.cuh"
 
 namespace moelora::cuda::align {
 

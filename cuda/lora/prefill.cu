@@ -57,10 +57,10 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cluster.cuh"
-#include "common.cuh"
-#include "lora_kernels.h"
-#include "ptx.cuh"
+#include "common/cluster.cuh"
+#include "common/common.cuh"
+#include "lora/kernels.h"
+#include "common/ptx.cuh"
 
 namespace moelora::cuda {
 
@@ -274,7 +274,7 @@ __global__ void MOELORA_MMA_LAUNCH_BOUNDS(N)
   const uint32_t smem0 = smem_u32(smem);
   const T* input = static_cast<const T*>(a.input);
   T* output = static_cast<T*>(a.output);
-  wait_for_previous_grid();  // memory only from here (launch.cuh); the next grid starts as
+  wait_for_previous_grid();  // memory only from here (common/launch.cuh); the next grid starts as
                              // these CTAs exit (an early release slowed 1-wave steps: NOTES)
   if (tid == 0) {
 #pragma unroll

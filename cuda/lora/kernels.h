@@ -1,9 +1,9 @@
-// Launchers of the LoRA kernel families behind fused_moe_lora and dense_lora. fused_moe_lora.cu
+// Launchers of the LoRA kernel families behind fused_moe_lora and dense_lora. lora/dispatch.cu
 // builds the LoraArgs and picks one family per call (see choose_lora_kernel there):
-//   cluster (lora_cluster.cu): decode; one thread-block cluster per work item, Split-K through
+//   cluster (lora/decode.cu): decode; one thread-block cluster per work item, Split-K through
 //            distributed shared memory, shrink and expand in one launch, no workspace;
-//   mma     (lora_mma.cu): prefill; tensor-core tiles, the rank-sized intermediate on chip;
-//   splitk  (lora_splitk.cu): the general fallback (fp32, unaligned rows); CUDA cores and a
+//   mma     (lora/prefill.cu): prefill; tensor-core tiles, the rank-sized intermediate on chip;
+//   splitk  (lora/fallback.cu): the general fallback (fp32, unaligned rows); CUDA cores and a
 //            stream-ordered workspace.
 // Each launcher takes validated arguments and the element type of input/output/weights.
 #pragma once
@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "lora_args.cuh"
+#include "lora/args.cuh"
 #include "moelora/dtype.h"
 
 namespace moelora::cuda {

@@ -2,7 +2,7 @@
 // (split-KV) per (query token, KV head) serves the `ratio` (<= 16) query heads that share the KV
 // head with mma.sync m16n8k16, the query heads as the 16 rows of M.
 //
-// Why: the CUDA-core GQA kernel (paged_attention_gqa.cu) spends ~2 * ratio fp32 FMAs per K/V
+// Why: the CUDA-core GQA kernel (attention/gqa.cu) spends ~2 * ratio fp32 FMAs per K/V
 // element plus conversions and shuffles per key (at 8 query heads per KV head that is about the
 // H200's fp32 rate at HBM speed), keeps ~16 KB per CTA in flight and waits for each block-table
 // read before the K/V loads behind it. Here:
@@ -17,7 +17,7 @@
 //     one rescale per tile), then O += P V with P re-packed from the S accumulators as the A
 //     operand (FlashAttention-2's register hand-over); P is rounded to T for that mma, the
 //     denominator sums it in fp32;
-//   - the 4 warps' states, then the S CTAs', merge through paged_attention.cuh (CTA 0, fixed
+//   - the 4 warps' states, then the S CTAs', merge through attention/attention.cuh (CTA 0, fixed
 //     order, sinks added once).
 // Template space: T in {half, bf16} x D in {64, 128}. Shared memory: 3 stages of 64 keys x
 // (K + V) rows, 48 KB (D = 64) / 96 KB (D = 128), reused for the warps' states at the end, plus
@@ -26,10 +26,10 @@
 #include <cmath>
 #include <cstring>
 
-#include "cluster.cuh"
-#include "common.cuh"
-#include "paged_attention.cuh"
-#include "ptx.cuh"
+#include "common/cluster.cuh"
+#include "common/common.cuh"
+#include "attention/attention.cuh"
+#include "common/ptx.cuh"
 
 namespace moelora::cuda {
 

@@ -6,8 +6,8 @@
 #include <string>
 #include <utility>
 
-#include "common.cuh"
-#include "launch.cuh"
+#include "common/common.cuh"
+#include "common/launch.cuh"
 
 namespace moelora::cuda::detail {
 

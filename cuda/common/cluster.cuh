@@ -9,7 +9,7 @@
 #include <utility>
 
 #include "cuda_check.h"
-#include "launch.cuh"
+#include "common/launch.cuh"
 
 namespace moelora::cuda {
 
@@ -41,7 +41,7 @@ struct Cluster {
 };
 
 // kernel<<<grid, block, smem, stream>>>(args...) in clusters of cluster_x CTAs along x (grid.x
-// a multiple of it), launched normally (launch.cuh has the programmatic form).
+// a multiple of it), launched normally (common/launch.cuh has the programmatic form).
 template <typename... Params, typename... Args>
 void launch_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                         cudaStream_t stream, int cluster_x, Args&&... args) {

@@ -1,5 +1,5 @@
-// PTX wrappers shared by the tensor-core and cp.async kernels (lora_mma.cu, lora_cluster.cu,
-// paged_attention_mma.cu): asynchronous 4/8/16-byte copies into shared memory, ldmatrix and
+// PTX wrappers shared by the tensor-core and cp.async kernels (lora/prefill.cu, lora/decode.cu,
+// attention/mma.cu): asynchronous 4/8/16-byte copies into shared memory, ldmatrix and
 // stmatrix, the m16n8k16 mma for half / bfloat16 with fp32 accumulators, and packed pairs of T.
 // sm_80+.
 #pragma once

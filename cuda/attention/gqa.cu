@@ -1,9 +1,9 @@
 // paged_attention, CUDA-core GQA form: a cluster of S CTAs (split-KV) per (query token, KV
 // head), serving all `ratio` query heads that share the KV head. Second in the auto order: it
-// serves what the tensor-core kernel (paged_attention_mma.cu, 2-4x faster on the H200) does not
+// serves what the tensor-core kernel (attention/mma.cu, 2-4x faster on the H200) does not
 // take, e.g. head_dim 256; MOELORA_ATTN_KERNEL=gqa forces it.
 //
-// Why: the per-head kernel (paged_attention.cu) reads each KV head once per query head (4-8x
+// Why: the per-head kernel (attention/paged_attention.cu) reads each KV head once per query head (4-8x
 // the bytes with GQA, from L2 at best) and a warp walks one key at a time with 2-byte loads per
 // lane; on the H200 it ran at 2.5-9% of the HBM roofline (bench/NOTES.md). Here a K or V row is
 // read once for all its query heads, with 16-byte loads:
@@ -22,9 +22,9 @@
 #include <cmath>
 #include <type_traits>
 
-#include "cluster.cuh"
-#include "common.cuh"
-#include "paged_attention.cuh"
+#include "common/cluster.cuh"
+#include "common/common.cuh"
+#include "attention/attention.cuh"
 
 namespace moelora::cuda {
 

@@ -40,10 +40,10 @@
 #include <tuple>
 #include <type_traits>
 
-#include "cluster.cuh"
-#include "common.cuh"
-#include "lora_kernels.h"
-#include "ptx.cuh"
+#include "common/cluster.cuh"
+#include "common/common.cuh"
+#include "lora/kernels.h"
+#include "common/ptx.cuh"
 
 namespace moelora::cuda {
 
@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   PhaseTrace trace;
   trace.mark();  // 0: start
-  // Everything above came from the parameters; memory only from here (launch.cuh's contract).
+  // Everything above came from the parameters; memory only from here (common/launch.cuh's contract).
   wait_for_previous_grid();
   trace.mark();  // 1: the grid ahead is done
   const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;

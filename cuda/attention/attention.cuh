@@ -1,5 +1,5 @@
-// What the paged-attention kernels share (paged_attention.cu: one CTA per (token, query head);
-// paged_attention_gqa.cu and paged_attention_mma.cu: one CTA per (token, KV head) serving its
+// What the paged-attention kernels share (attention/paged_attention.cu: one CTA per (token, query head);
+// attention/gqa.cu and attention/mma.cu: one CTA per (token, KV head) serving its
 // query heads, on CUDA cores / tensor cores): the KV page layout, the kernel arguments, each
 // token's key range and its split-KV share, the merge of online-softmax states, and the
 // split-KV factor chosen on the host.
@@ -11,8 +11,8 @@
 
 #include <cuda_runtime.h>
 
-#include "cluster.cuh"
-#include "common.cuh"
+#include "common/cluster.cuh"
+#include "common/common.cuh"
 #include "moelora/dtype.h"
 
 namespace moelora::cuda {
@@ -154,7 +154,7 @@ __device__ __forceinline__ void store_cluster_states(const Cluster& cluster, flo
 // (resident_ctas > 0), at most one wave; MOELORA_ATTN_SPLITS forces it; 1 before sm_90.
 int attention_splits(int64_t ctas, int64_t max_context, int64_t resident_ctas = 0);
 
-// The tensor-core GQA kernel (paged_attention_mma.cu): returns false (launching nothing) when
+// The tensor-core GQA kernel (attention/mma.cu): returns false (launching nothing) when
 // the call does not qualify (float32, head_dim not 64 or 128, more than 16 query heads per KV
 // head, pages or rows not 16-byte aligned).
 bool launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,

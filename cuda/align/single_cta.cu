@@ -12,15 +12,15 @@
 // (the GPU cannot throw; the CPU reference reports them).
 // Cost: O(P / 8192 + G / 1024) memory latencies of one CTA (each thread loads 8 pairs' ids
 // before its atomics); at decode (a few pairs) it is launch-bound. Large steps may take the
-// multi-CTA form instead (moe_lora_align_multi.cu; see multi_cta_wanted).
+// multi-CTA form instead (align/multi_cta.cu; see multi_cta_wanted).
 #include <algorithm>
 #include <cstdlib>
 #include <string>
 
-#include "common.cuh"
+#include "common/common.cuh"
 #include "kernels/dispatch.h"
-#include "launch.cuh"
-#include "moe_lora_align.cuh"
+#include "common/launch.cuh"
+#include "align/align.cuh"
 
 namespace moelora::cuda {
 
@@ -32,7 +32,7 @@ constexpr int kAlignThreads = 1024;
 
 __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs a) {
   extern __shared__ int32_t smem_counts[];
-  wait_for_previous_grid();  // memory only from here (launch.cuh)
+  wait_for_previous_grid();  // memory only from here (common/launch.cuh)
   int32_t* counts = a.global_counts != nullptr ? a.global_counts : smem_counts;
   const int64_t num_groups = int64_t{a.num_slots} * a.num_experts;
   const int64_t num_pairs = a.num_tokens * a.top_k;
@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_lora_align_kernel(AlignArgs
   place_pairs(a, 0, num_pairs, counts);
 }
 
-// From this many pairs the multi-CTA form (moe_lora_align_multi.cu, one cooperative launch) is
+// From this many pairs the multi-CTA form (align/multi_cta.cu, one cooperative launch) is
 // the faster one. H200, the align alone (tools/align_study.py, graph replays, L2 flushed, 128
 // experts, 4 / 16 adapters; bench/NOTES.md, v3g): at 2048 pairs one CTA 14.3-14.7 us vs multi
 // 15.4-16.0; at 4096 18.8-19.2 vs 15.6-16.2; at 65536 154 vs 26-28.

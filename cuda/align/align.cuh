@@ -1,4 +1,4 @@
-// What the two GPU forms of moe_lora_align share (moe_lora_align.cu: one CTA; moe_lora_align_
+// What the two GPU forms of moe_lora_align share (align/single_cta.cu: one CTA; moe_lora_align_
 // multi.cu: several CTAs for large steps): the arguments, a pair's (slot, expert) group, the
 // CTA-wide scan and the assignment of blocks to groups.
 #pragma once
@@ -7,7 +7,7 @@
 
 #include <cuda_runtime.h>
 
-#include "common.cuh"
+#include "common/common.cuh"
 
 namespace moelora::cuda::align {
 
@@ -165,7 +165,7 @@ __device__ __forceinline__ void assign_blocks(const AlignArgs& a, Count&& count,
   __syncthreads();
 }
 
-// The multi-CTA form (moe_lora_align_multi.cu): returns false, launching nothing, when the
+// The multi-CTA form (align/multi_cta.cu): returns false, launching nothing, when the
 // groups' counters do not fit in shared memory or the device has no cooperative launch (the
 // one-CTA form then takes the call). Its counters live in `workspace` when it holds
 // multi_workspace_bytes, else in stream-ordered scratch.

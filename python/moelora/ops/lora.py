@@ -1,9 +1,5 @@
-"""moelora kernels over torch tensors.
-
-Thin wrappers over ``moelora._C``: they allocate outputs where the op has fixed-size outputs,
-pass tensor views and the current CUDA stream, and leave every argument check to the library
-(which raises ``moelora.InvalidArgument`` naming the argument). Semantics: include/moelora/ops.h.
-"""
+"""The LoRA delta kernels: fused_moe_lora (grouped and unsorted forms), dense_lora, and the
+LoraSiteView over the adapter row tables."""
 
 from __future__ import annotations
 
@@ -12,75 +8,9 @@ from typing import Sequence
 import torch
 
 from moelora import _C
-from moelora._tensor import CODE_DTYPES, as_optional_ref, as_ref, dtype_code, stream_handle
+from moelora._tensor import as_optional_ref, as_ref, dtype_code, stream_handle
 
 LoraSiteView = _C.LoraSiteView
-KvCacheView = _C.KvCacheView
-
-__all__ = [
-    "KvCacheView",
-    "LoraSiteView",
-    "dense_lora",
-    "fused_moe_lora",
-    "fused_moe_lora_unsorted",
-    "prefer_unsorted",
-    "kv_cache_write",
-    "kv_cache_pages",
-    "kv_page_bytes_needed",
-    "make_kv_cache_view",
-    "make_site_view",
-    "moe_lora_align",
-    "moe_lora_align_max_blocks",
-    "paged_attention",
-]
-
-
-def moe_lora_align_max_blocks(num_pairs: int, num_experts: int, num_slots: int, block_m: int) -> int:
-    """Upper bound on the blocks moe_lora_align can produce (sizes its outputs)."""
-    return _C.moe_lora_align_max_blocks(num_pairs, num_experts, num_slots, block_m)
-
-
-def moe_lora_align(
-    topk_ids: torch.Tensor | None,
-    token_slot: torch.Tensor,
-    num_experts: int,
-    num_slots: int,
-    block_m: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Groups (token, k) pairs by (slot, expert) into blocks of block_m rows.
-
-    ``topk_ids`` None means dense rows (K = 1, expert 0). Returns (sorted_pairs, block_slot,
-    block_expert, num_blocks), int32, sized by moe_lora_align_max_blocks; the tail is -1.
-    On a GPU the kernels' counters come from torch's allocator (a workspace the op passes in), so
-    a captured graph holds no memory nodes between this launch and the next.
-    """
-    top_k = 1 if topk_ids is None else topk_ids.shape[1]
-    num_pairs = token_slot.shape[0] * top_k
-    max_blocks = moe_lora_align_max_blocks(num_pairs, num_experts, num_slots, block_m)
-    device = token_slot.device
-    sorted_pairs = torch.empty(max_blocks * block_m, dtype=torch.int32, device=device)
-    block_slot = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    block_expert = torch.empty(max_blocks, dtype=torch.int32, device=device)
-    num_blocks = torch.empty(1, dtype=torch.int32, device=device)
-    workspace = None
-    if device.type == "cuda":  # sized for the current device, which runs the kernels
-        nbytes = _C.moe_lora_align_workspace_bytes(num_pairs, num_experts, num_slots, True)
-        if nbytes > 0:
-            workspace = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    _C.moe_lora_align(
-        as_optional_ref(topk_ids),
-        as_ref(token_slot),
-        num_experts,
-        num_slots,
-        block_m,
-        as_ref(sorted_pairs),
-        as_ref(block_slot),
-        as_ref(block_expert),
-        as_ref(num_blocks),
-        stream_handle(device),
-        as_optional_ref(workspace),
-    )
-    return sorted_pairs, block_slot, block_expert, num_blocks
 
 
 def fused_moe_lora(
@@ -129,7 +59,7 @@ def fused_moe_lora(
 #   tokens / 16 adapters 145 us vs 229 grouped, gpt-oss 64/4 55 vs 86; ties: mixtral 32/4 52.0 vs
 #   51.4, 128/4 135.8 vs 134.8). v3h's rule grouped from 2 pairs a group; the unsorted kernel's
 #   16-byte shared-memory reads (v3j) took that away.
-# - from it, grouping (on the tensor-core kernel, cuda/fused_moe_lora.cu kMmaMinPairs) won every
+# - from it, grouping (on the tensor-core kernel, cuda/lora/dispatch.cu kMmaMinPairs) won every
 #   case with at least GROUPED_MIN_PAIRS_PER_GROUP pairs per (adapter, expert) group (qwen3 128/4
 #   77 vs 104, mixtral 256/16 216 vs 289), and lost every case under one (olmoe 64/16 109 vs 74,
 #   qwen3 128/16 118 vs 114, 64/8 71.5 vs 70.3: the engine's 64-sequence qwen3 step, where the
@@ -241,86 +171,6 @@ def dense_lora(
         stream_handle(input.device),
     )
     return output
-
-
-def kv_page_bytes_needed(block_tokens: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV page (K then V of block_tokens tokens of one layer), unpadded."""
-    return _C.kv_page_bytes_needed(block_tokens, num_kv_heads, head_dim, dtype_code(dtype))
-
-
-def make_kv_cache_view(
-    arena: torch.Tensor,
-    *,
-    page_bytes: int,
-    block_tokens: int,
-    num_kv_heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-) -> KvCacheView:
-    """A KvCacheView over a torch-owned byte arena (kept alive by the view)."""
-    view = KvCacheView(
-        arena=arena.data_ptr(),
-        page_bytes=page_bytes,
-        block_tokens=block_tokens,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        dtype=dtype_code(dtype),
-    )
-    view._keepalive = (arena,)
-    return view
-
-
-def kv_cache_pages(cache: KvCacheView) -> torch.Tensor:
-    """The pages of a view made by make_kv_cache_view as a tensor view (no copy):
-    [num_pages, 2 (K, V), block_tokens, num_kv_heads, head_dim] in the cache's dtype."""
-    arena = cache._keepalive[0]
-    dtype = CODE_DTYPES[cache.dtype]
-    shape = (2, cache.block_tokens, cache.num_kv_heads, cache.head_dim)
-    kv_bytes = shape[0] * shape[1] * shape[2] * shape[3] * dtype.itemsize
-    num_pages = arena.numel() // cache.page_bytes
-    pages = arena[: num_pages * cache.page_bytes].view(num_pages, cache.page_bytes)
-    return pages[:, :kv_bytes].view(dtype).view(num_pages, *shape)
-
-
-def kv_cache_write(
-    key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, cache: KvCacheView
-) -> None:
-    """Writes each token's K and V into cache slot slot_mapping[t] (-1 skips the token)."""
-    _C.kv_cache_write(
-        as_ref(key), as_ref(value), as_ref(slot_mapping), cache, stream_handle(key.device)
-    )
-
-
-def paged_attention(
-    query: torch.Tensor,
-    query_seq: torch.Tensor,
-    query_pos: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cache: KvCacheView,
-    scale: float,
-    *,
-    sliding_window: int = 0,
-    sinks: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Causal attention of each query token over its sequence's cached K/V; returns ``out``."""
-    if out is None:
-        out = torch.empty_like(query)
-    _C.paged_attention(
-        as_ref(out),
-        as_ref(query),
-        as_ref(query_seq),
-        as_ref(query_pos),
-        as_ref(block_table),
-        as_ref(seq_lens),
-        cache,
-        float(scale),
-        int(sliding_window),
-        as_optional_ref(sinks),
-        stream_handle(query.device),
-    )
-    return out
 
 
 def make_site_view(

@@ -24,9 +24,9 @@
 // out-of-range ids do no work. Template space: dtype x {16-byte, scalar} x MT {2, 8}.
 #include <algorithm>
 
-#include "common.cuh"
-#include "launch.cuh"
-#include "lora_kernels.h"
+#include "common/common.cuh"
+#include "common/launch.cuh"
+#include "lora/kernels.h"
 
 namespace moelora::cuda {
 
@@ -56,7 +56,7 @@ __device__ __forceinline__ void load_weights(const T* src, bool aligned, float (
 template <typename T, int VEC, int MT>
 __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraArgs a) {
   extern __shared__ float shrink_smem[];
-  wait_for_previous_grid();  // memory only from here (launch.cuh)
+  wait_for_previous_grid();  // memory only from here (common/launch.cuh)
   const int slice_index = blockIdx.z;
   const SliceArgs& s = a.slices[slice_index];
   const int64_t b = blockIdx.y;
