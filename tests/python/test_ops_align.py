@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import moelora
 import pytest
 import torch
 from lora_fixtures import POPULARITIES, assign_slots, route_experts
-
-import moelora
 from moelora import ops
 from moelora._tensor import as_ref
 

@@ -3,7 +3,7 @@ LoraSiteView over the adapter row tables."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
