@@ -88,7 +88,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(kv_dim, c.rms_norm_eps)
         self.clip_qkv = c.clip_qkv
         self.sliding_window = c.sliding_windows[layer]
-        self.sinks = empty_param(c.num_heads) if c.attention_sinks else None
+        # float32 as the attention kernels take it (a checkpoint's bf16 sinks are exact in it),
+        # so no cast runs per layer and step
+        self.sinks = empty_param(c.num_heads, dtype=torch.float32) if c.attention_sinks else None
         self.scale = c.head_dim**-0.5
 
     @property
