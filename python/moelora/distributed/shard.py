@@ -161,13 +161,10 @@ class PartitionedExperts(Experts):
 
 def _shard_attention(attn: Attention, rank: int, n: int) -> None:
     hq, hkv, d = attn.num_heads // n, attn.num_kv_heads // n, attn.head_dim
-    _column(attn.q_proj, rank * hq * d, hq * d)
-    _column(attn.k_proj, rank * hkv * d, hkv * d)
-    _column(attn.v_proj, rank * hkv * d, hkv * d)
+    attn.keep_heads(range(rank * hq, (rank + 1) * hq), range(rank * hkv, (rank + 1) * hkv))
     _row(attn.o_proj, rank * hq * d, hq * d, rank)
     if attn.sinks is not None:
         attn.sinks = _param(attn.sinks[rank * hq:(rank + 1) * hq])
-    attn.num_heads, attn.num_kv_heads = hq, hkv
 
 
 def _shard_gated_mlp(mlp: GatedMLP, rank: int, n: int) -> None:

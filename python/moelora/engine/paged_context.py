@@ -56,9 +56,14 @@ class PagedContext:
         self._has_lora = meta.token_slot is not None
 
     # -- attention ---------------------------------------------------------------------------
-    def attention(self, layer, q, k, v, *, scale, sliding_window, sinks):
-        k, v, q = k.contiguous(), v.contiguous(), q.contiguous()
-        ops.kv_cache_write(k, v, self.meta.slot_mapping[layer], self.kv_view)
+    def attention(self, layer, q, k, v, *, scale, sliding_window, sinks, rope=None):
+        # q, k and v may be strided views of one QKV output: every consumer below takes
+        # strided rows and heads, so nothing is copied.
+        slots = self.meta.slot_mapping[layer]
+        if rope is not None:  # one kernel: q/k norm, rope, K and V into the pages
+            rope.rotate_and_write(q, k, v, slots, self.kv_view)
+        else:
+            ops.kv_cache_write(k, v, slots, self.kv_view)
         spans = self.meta.prefill_spans
         if not spans_fit(spans, q.device):
             return self._paged(layer, q, self.meta.query_seq, self.meta.query_pos, scale,

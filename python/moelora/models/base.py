@@ -2,8 +2,11 @@
 
 Families differ in config parsing, checkpoint layout and which MLP each layer has; the stack
 (embed -> [norm, attention, residual, norm, mlp, residual] x L -> norm -> lm_head) is common.
-Parameter names follow HF's module names (model.layers.N.self_attn.q_proj.weight, ...) so most
-checkpoint tensors load by name; expert stacks are w13/w2 (see moe.py).
+The residual stream is carried through the layers and each residual add is fused into the norm
+that follows it (the next layer's input norm, or the final norm), so a layer runs
+[add + norm, attention, add + norm, mlp]. Parameter names follow HF's module names
+(model.layers.N.mlp.gate.weight, ...) so most checkpoint tensors load by name; q/k/v_proj load
+into one fused self_attn.qkv_proj, expert stacks are w13/w2 (see moe.py), by WeightRules.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from torch import nn
 
 from moelora.models.config import ModelConfig
 from moelora.models.context import ForwardContext
-from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param
+from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param, qkv_rules
 from moelora.models.moe import MoeBlock
-from moelora.models.rope import RotaryEmbedding
+from moelora.models.rope import RopeInputs, RotaryEmbedding
 from moelora.models.weights import WeightRule
 
 
@@ -47,9 +50,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32)
         self.mlp = mlp
 
-    def forward(self, h, cos, sin, ctx: ForwardContext):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous layer's MLP output, not yet added to `residual` (the stream up
+        to it, updated in place); for the first layer, the embeddings and residual None.
+        Returns this layer's MLP output and the stream before it."""
+        if residual is None:
+            residual = hidden
+            x = self.input_layernorm(hidden)
+        else:
+            x = self.input_layernorm(hidden, residual)
+        x = self.self_attn(x, rope, ctx)
+        x = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, ctx), residual
 
 
 class _Backbone(nn.Module):
@@ -99,7 +112,7 @@ class CausalLM(nn.Module):
     def checkpoint_rules(cls, config: ModelConfig) -> list[WeightRule]:
         """Checkpoint names that differ from parameter names (tensors named like a parameter
         load by name); see weights.py."""
-        return [WeightRule("lm_head.weight", "lm_head_weight")]
+        return [WeightRule("lm_head.weight", "lm_head_weight"), *qkv_rules(config)]
 
     # ---- the contract ---------------------------------------------------------------------
 
@@ -112,11 +125,12 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """input_ids/positions [T] int64 -> final hidden states [T, H] (after the last norm)."""
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        hidden = self.model.embed_tokens(input_ids)
+        rope = self.rotary(positions)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.model.norm(h)
+            hidden, residual = layer(hidden, residual, rope, ctx)
+        return self.model.norm(hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_matrix).float()
