@@ -79,6 +79,8 @@ DType dtype_from_object(const py::object& dtype) {
 
 }  // namespace moelora::bindings
 
+namespace moelora::bindings { void register_moe(py::module_& m); }  // moe_bindings.cpp
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "libmoelora: unified page pool, adapter cache and MoE-LoRA kernels";
 
@@ -102,4 +104,5 @@ PYBIND11_MODULE(_C, m) {
   moelora::bindings::register_pool(m);
   moelora::bindings::register_adapter_cache(m);
   moelora::bindings::register_ops(m);
+  moelora::bindings::register_moe(m);
 }
