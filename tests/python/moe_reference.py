@@ -96,18 +96,19 @@ def random_weights(fmt: str, num_experts: int, n: int, k: int, dtype: torch.dtyp
 
 
 def dequantize(w: moe_ops.ExpertWeights, dtype: torch.dtype) -> torch.Tensor:
-    """[E, N, K] as the kernels see the weights: dequantized, rounded to the activations' dtype."""
+    """[E, N, K] as the kernels see the weights: dequantized, rounded to the activations' dtype
+    (on the weights' device)."""
     if w.format == "dense":
         return w.weight.to(dtype)
     if w.format == "mxfp4":
-        blocks = w.weight.cpu().long()
+        blocks = w.weight.long()
         codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-3)  # [E, N, K]
-        exponent = (w.scales.cpu().double() - 127).repeat_interleave(32, dim=-1)
-        return (E2M1[codes] * torch.exp2(exponent)).to(dtype)
+        exponent = (w.scales.double() - 127).repeat_interleave(32, dim=-1)
+        return (E2M1.to(blocks.device)[codes] * torch.exp2(exponent)).to(dtype)
     bn, bk = w.block_n, w.block_k
     _, n, k = w.weight.shape
-    scale = w.scales.cpu().double().repeat_interleave(bn, 1)[:, :n].repeat_interleave(bk, 2)
-    return (w.weight.cpu().double() * scale[:, :, :k]).float().to(dtype)
+    scale = w.scales.double().repeat_interleave(bn, 1)[:, :n].repeat_interleave(bk, 2)
+    return (w.weight.double() * scale[:, :, :k]).float().to(dtype)
 
 
 def activation_reference(h13: torch.Tensor, kind: str, alpha: float = 1.702,
@@ -125,22 +126,34 @@ def gemm_reference(input: torch.Tensor, input_pairs_per_row: int, expert_of_pair
                    w: moe_ops.ExpertWeights, activation: str = "none",
                    topk_weights: torch.Tensor | None = None, alpha: float = 1.702,
                    limit: float = 7.0) -> torch.Tensor:
-    """float64 [P, N or N/2]: row p = epilogue(input[p // ipr] @ W[e(p)]^T + bias[e(p)])."""
-    weight = dequantize(w, input.dtype).double().cpu()
-    flat = expert_of_pair.flatten().long().cpu()
-    rows = input.double().cpu()[torch.arange(flat.numel()) // input_pairs_per_row]
-    acc = torch.einsum("pk,pnk->pn", rows, weight[flat])
+    """float64 [P, N or N/2] on the input's device: row p = epilogue(input[p // ipr] @
+    W[e(p)]^T + bias[e(p)]), one expert at a time (real shapes fit in memory)."""
+    device = input.device
+    flat = expert_of_pair.flatten().long().to(device)
+    rows = input.double()[torch.arange(flat.numel(), device=device) // input_pairs_per_row]
+    acc = torch.empty(flat.numel(), w.out_dim, dtype=torch.float64, device=device)
+    for e in torch.unique(flat).tolist():
+        mine = (flat == e).nonzero().flatten()
+        weight = dequantize(_expert(w, e), input.dtype).double().to(device)[0]
+        acc[mine] = rows[mine] @ weight.T
     if w.bias is not None:
-        acc = acc + w.bias.double().cpu()[flat]
+        acc = acc + w.bias.double().to(device)[flat]
     out = acc if activation == "none" else activation_reference(acc, activation, alpha, limit)
     if topk_weights is not None:
-        out = out * topk_weights.double().cpu().flatten()[:, None]
+        out = out * topk_weights.double().to(device).flatten()[:, None]
     return out
+
+
+def _expert(w: moe_ops.ExpertWeights, e: int) -> moe_ops.ExpertWeights:
+    """Expert e of a stack, as a stack of one."""
+    pick = lambda t: None if t is None else t[e:e + 1]
+    return moe_ops.ExpertWeights(w.format, pick(w.weight), pick(w.scales), None, w.block_n,
+                                 w.block_k)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     """got (output dtype) against a float64 reference, with the dtype's tolerance."""
     tol = TOLERANCE[got.dtype]
     scale = max(1.0, want.abs().max().item())
-    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=tol,
+    torch.testing.assert_close(got.double(), want.double().to(got.device), rtol=tol,
                                atol=tol * scale, msg=lambda m: f"{what}: {m}")
