@@ -121,3 +121,16 @@ def test_gpu_activation_reference_agrees_at_the_clamp():
     h13 = torch.tensor([[-8.0, 6.9, 7.0, 7.1, 100.0, -100.0, 7.1, -7.2]], device=CUDA)
     out = moe_ops.activation(h13, "gpt_oss")
     assert_close(out, activation_reference(h13, "gpt_oss"))
+
+
+def test_gpu_bench_moe_runs(capsys):
+    from moelora.bench import moe as bench_moe
+
+    bench_moe.main(["--presets", "qwen3-30b-a3b", "--tokens", "1", "64", "--iters", "2",
+                    "--settle-s", "0", "--weights", "fp8"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) == 2
+    import json
+
+    record = json.loads(lines[1])
+    assert record["weights"] == "fp8" and record["layer_us"] > 0 and record["roofline_us"] > 0
