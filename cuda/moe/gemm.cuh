@@ -100,7 +100,8 @@ struct DenseFormat {
   using Act = T;
   static constexpr int kChunks = 1;
   struct Scale {};
-  __device__ static Scale load_scale(const GemmArgs&, int64_t, int64_t, int, bool) { return {}; }
+  __device__ static int64_t scale_row(const GemmArgs&, int64_t, int64_t) { return 0; }
+  __device__ static Scale load_scale(const GemmArgs&, int64_t, int, bool) { return {}; }
   __device__ static void a_pairs(const uint4& w, Scale, int, uint32_t (&a)[4]) {
     a[0] = w.x;
     a[1] = w.y;
@@ -121,11 +122,13 @@ struct Fp8Format {
   using Act = __nv_bfloat16;
   static constexpr int kChunks = 2;
   using Scale = float;
-  // The block scale of weight row n at the lane's 16 elements [k0, k0 + 16) (block_k % 16 == 0).
-  __device__ static Scale load_scale(const GemmArgs& a, int64_t e, int64_t n, int k0, bool ok) {
-    if (!ok) return 0.0f;
-    const float* s = static_cast<const float*>(a.scales);
-    return __ldg(s + e * a.s_expert + (n / a.block_n) * a.s_row + k0 / a.block_k);
+  // Where the scales of weight row n of expert e start (its row block's), once per kernel.
+  __device__ static int64_t scale_row(const GemmArgs& a, int64_t e, int64_t n) {
+    return e * a.s_expert + (n / a.block_n) * a.s_row;
+  }
+  // The block scale of the lane's 16 elements [k0, k0 + 16) (block_k % 16 == 0).
+  __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
+    return ok ? __ldg(static_cast<const float*>(a.scales) + row + k0 / a.block_k) : 0.0f;
   }
   __device__ static uint32_t pair(uint32_t word, int half, float scale) {
     const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
@@ -156,10 +159,12 @@ struct Mxfp4Format {
   using Act = __nv_bfloat16;
   static constexpr int kChunks = 4;
   using Scale = uint32_t;  // the E8M0 byte
-  __device__ static Scale load_scale(const GemmArgs& a, int64_t e, int64_t n, int k0, bool ok) {
-    if (!ok) return 0u;
-    const uint8_t* s = static_cast<const uint8_t*>(a.scales);
-    return __ldg(s + e * a.s_expert + n * a.s_row + k0 / 32);
+  __device__ static int64_t scale_row(const GemmArgs& a, int64_t e, int64_t n) {
+    return e * a.s_expert + n * a.s_row;
+  }
+  // The exponent of the lane's block of 32 elements at k0.
+  __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
+    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + k0 / 32) : 0u;
   }
   // Nibbles q and q + 4 of `word` as a bf16x2 of value * 2^-126 (sign to bit 15, exponent and
   // mantissa bits to bits 6-8 of each half).
@@ -284,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
   // Weight rows of this lane: m-tile i, half h -> local row warp * 16 MT + 16 i + g + 8 h.
   const uint8_t* wrow[MT][2];
-  int64_t nrow[MT][2];
+  int64_t srow[MT][2];  // where the row's scales start (F::scale_row)
   bool rok[MT][2];
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
@@ -303,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
         ok = n < a.n_dim;
       }
       n = ok ? n : 0;
-      nrow[i][h] = n;
+      srow[i][h] = F::scale_row(a, expert, n);
       rok[i][h] = ok;
       wrow[i][h] = a.weight + expert * a.w_expert + n * a.w_row + 16 * c;
     }
@@ -321,8 +326,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
         // Decode reads each weight once per step (evict first); prefill blocks of one expert
         // share it through L2.
         st.w[i][h] = !ok ? make_uint4(0, 0, 0, 0) : MT == 1 ? __ldcs(src) : __ldg(src);
-        st.s[i][h] = F::load_scale(a, expert, nrow[i][h], step * kStepK + 8 * F::kChunks * c,
-                                   ok);
+        st.s[i][h] = F::load_scale(a, srow[i][h], step * kStepK + 8 * F::kChunks * c, ok);
       }
     }
   };
