@@ -1,7 +1,7 @@
 // Bindings of moelora/layer.h: each op as _C.<op>(...) over tensor refs made by
 // moelora._tensor.as_ref (None for an absent optional tensor). Checks live in the library; the
 // binding converts and calls with the GIL released.
-#include "bindings/layer_bindings.h"
+#include "bindings/common.h"
 
 #include <cstdint>
 

@@ -3,7 +3,6 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings/common.h"
-#include "bindings/layer_bindings.h"
 #include "moelora/runtime.h"
 
 namespace py = pybind11;
@@ -104,4 +103,5 @@ PYBIND11_MODULE(_C, m) {
   moelora::bindings::register_adapter_cache(m);
   moelora::bindings::register_ops(m);
   moelora::bindings::register_layer(m);
+  moelora::bindings::register_moe(m);
 }

@@ -72,9 +72,27 @@ def gpt_oss_gate_up_bias(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
 
 
+def gpt_oss_gate_up_rows(t: torch.Tensor) -> torch.Tensor:
+    """Quantized GPT-OSS gate_up rows [E, 2I, ...] (MXFP4 blocks or scales: rows are the output
+    dimension, gate/up interleaved) -> [E, 2I, ...] as [gate | up]: a row permutation only."""
+    return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+
+def fp8_scale_rules(rules: list[WeightRule]) -> list[WeightRule]:
+    """For experts kept in block FP8: each per-expert `<...>.weight` rule of w13 / w2 gets a twin
+    for its `<...>.weight_scale_inv`, filling the same part of w13_scale_inv / w2_scale_inv."""
+    return [WeightRule(r.checkpoint + "_scale_inv", r.param + "_scale_inv", r.part)
+            for r in rules
+            if r.checkpoint.endswith(".weight") and r.param.endswith((".w13", ".w2"))
+            and r.transform is None]
+
+
 # ---- the mapper ---------------------------------------------------------------------------
 
 _EXPERT_PARTS = {"w13": ("gate", "up"), "b13": ("gate", "up"), "w2": ("all",), "b2": ("all",)}
+# Expert stacks kept quantized (models/moe.py): their row ranges split like w13's and w2's.
+_EXPERT_PARTS.update({f"w13_{kind}": ("gate", "up") for kind in ("blocks", "scales", "scale_inv")})
+_EXPERT_PARTS.update({f"w2_{kind}": ("all",) for kind in ("blocks", "scales", "scale_inv")})
 
 
 def _expert_stack(name: str) -> str | None:
