@@ -1,4 +1,8 @@
-"""SamplingParams with vLLM's names and defaults, validated on construction."""
+"""SamplingParams with vLLM's names and defaults, validated on construction.
+
+Every bad field raises ValueError (never TypeError): to a server, any malformed field is a bad
+request, answered 400.
+"""
 
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ class SamplingParams:
             self.seed = _integer("seed", self.seed, low=-(1 << 63), high=(1 << 64) - 1)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ValueError(  # noqa: TRY004 - a bad field is a bad request (400)
+                    f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.stop is None:
             self.stop_strings = []
         elif isinstance(self.stop, str):
@@ -77,7 +82,7 @@ class SamplingParams:
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
-            raise ValueError("stop_token_ids must be a list of token ids")
+            raise ValueError("stop_token_ids must be a list of token ids")  # noqa: TRY004
         self.stop_token_ids = list(self.stop_token_ids or [])
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0
                for t in self.stop_token_ids):
@@ -113,7 +118,7 @@ class SamplingParams:
 
 def _integer(name: str, value, *, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bounds}, got {value}")
@@ -122,7 +127,7 @@ def _integer(name: str, value, *, low: int, high: int | None = None) -> int:
 
 def _real(name: str, value, *, low: float, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
@@ -134,7 +139,8 @@ def _real(name: str, value, *, low: float, high: float | None = None) -> float:
 
 def _logit_bias(bias) -> dict[int, float] | None:
     if not isinstance(bias, dict):
-        raise ValueError(f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"logit_bias must map token ids to biases, got {type(bias).__name__}")
     out = {}
     for token, value in bias.items():
         try:
