@@ -33,20 +33,26 @@ CaptureState& capture_state() {
 
 thread_local int t_capture_depth = 0;
 
-// Frees (outside any capture) or defers (during one) a page-locked block.
+// Page-locked memory is allocated and freed with the capture state's mutex held, so that no
+// capture (entered through a GraphCaptureScope) begins during either call: during a capture an
+// allocation falls back to ordinary memory and a free waits for the capture's end.
+void* allocate_pinned(int64_t bytes) {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.active > 0) return nullptr;
+  return detail::try_pinned_host_alloc(bytes);
+}
+
 void release_pinned(void* ptr) noexcept {
-  std::vector<void*> ready;
-  {
-    CaptureState& state = capture_state();
-    std::lock_guard<std::mutex> lock(state.mutex);
-    if (state.active > 0) {
-      state.deferred_pinned_frees.push_back(ptr);
-      return;
-    }
-    ready.swap(state.deferred_pinned_frees);
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.active > 0) {
+    state.deferred_pinned_frees.push_back(ptr);
+    return;
   }
-  ready.push_back(ptr);
-  for (void* block : ready) detail::pinned_host_free(block);
+  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
+  state.deferred_pinned_frees.clear();
+  detail::pinned_host_free(ptr);
 }
 
 void check_regions(const std::vector<CopyRegion>& regions) {
@@ -170,14 +176,12 @@ GraphCaptureScope::GraphCaptureScope() {
 }
 
 GraphCaptureScope::~GraphCaptureScope() {
-  std::vector<void*> ready;
-  {
-    CaptureState& state = capture_state();
-    std::lock_guard<std::mutex> lock(state.mutex);
-    --t_capture_depth;
-    if (--state.active == 0) ready.swap(state.deferred_pinned_frees);
-  }
-  for (void* block : ready) detail::pinned_host_free(block);
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  --t_capture_depth;
+  if (--state.active > 0) return;
+  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
+  state.deferred_pinned_frees.clear();
 }
 
 bool this_thread_capturing() { return t_capture_depth > 0; }
@@ -194,7 +198,7 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned) {
   if (bytes < 0) throw InvalidArgument("HostBuffer bytes must be >= 0, got " + std::to_string(bytes));
   if (bytes == 0) return;
   if (try_pinned) {
-    data_ = static_cast<std::byte*>(detail::try_pinned_host_alloc(bytes));
+    data_ = static_cast<std::byte*>(allocate_pinned(bytes));
     pinned_ = data_ != nullptr;
   }
   if (data_ == nullptr) {
