@@ -14,23 +14,31 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from moelora import LLM, AdapterValidationError, LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
+from safetensors.torch import load_file, save_file
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 PROMPT = {"prompt_token_ids": [3, 14, 15, 92, 65]}
 
 
 def make_llm(**overrides) -> LLM:
-    options = dict(model="synthetic:tiny-moe", device="cpu", enable_lora=True, max_lora_rank=8,
-                   max_loras=2, max_cpu_loras=4, pool_memory_bytes=32 << 20, seed=0)
+    options = {"model": "synthetic:tiny-moe", "device": "cpu", "enable_lora": True,
+               "max_lora_rank": 8, "max_loras": 2, "max_cpu_loras": 4,
+               "pool_memory_bytes": 32 << 20, "seed": 0}
     options.update(overrides)
     return LLM(**options)
+
+
+def edit_config(adapter_dir, **changes) -> None:
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
 
 
 def write_adapter(llm: LLM, path, seed: int = 0, rank: int = 4) -> str:
@@ -42,7 +50,7 @@ def poison(adapter_dir, value: float) -> str:
     """Puts `value` into one element of the adapter's first tensor; returns that tensor's key."""
     file = os.path.join(adapter_dir, "adapter_model.safetensors")
     tensors = load_file(file)
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key].view(-1)[7] = value
     save_file(tensors, file)
     return key
@@ -108,7 +116,7 @@ def test_a_file_broken_after_registration_fails_its_requests_until_reloaded(llm,
     request = LoRARequest(name, 3, directory)
     adapters.resolve(request)  # registered: header and config checked, no weight read yet
     file = os.path.join(directory, "adapter_model.safetensors")
-    original = open(file, "rb").read()
+    original = Path(file).read_bytes()
     if fault == "deleted":
         os.remove(file)
     elif fault == "truncated":
@@ -131,8 +139,7 @@ def test_a_file_broken_after_registration_fails_its_requests_until_reloaded(llm,
     again = llm.generate(PROMPT, PARAMS, request, use_tqdm=False)[0].outputs[0]
     assert again.finish_reason == "error"
     adapters.unload(name)
-    with open(file, "wb") as f:
-        f.write(original)
+    Path(file).write_bytes(original)
     adapters.preload(request)
     fixed = llm.generate(PROMPT, PARAMS, request, use_tqdm=False)[0].outputs[0]
     assert fixed.finish_reason == "length" and fixed.error is None
@@ -156,12 +163,9 @@ def test_json_nested_200000_levels_is_refused_naming_the_file(llm, tmp_path):
         adapters.resolve(LoRARequest("deep_header", 5, header_dir))
     # Just inside the bound is fine; one level past it is refused.
     shallow = write_adapter(llm, tmp_path / "shallow")
-    config = json.load(open(os.path.join(shallow, "adapter_config.json")))
-    config["note"] = json.loads("[" * 63 + "]" * 63)
-    json.dump(config, open(os.path.join(shallow, "adapter_config.json"), "w"))
+    edit_config(shallow, note=json.loads("[" * 63 + "]" * 63))
     adapters.resolve(LoRARequest("shallow", 6, shallow))
-    config["note"] = [config["note"]]
-    json.dump(config, open(os.path.join(shallow, "adapter_config.json"), "w"))
+    edit_config(shallow, note=json.loads("[" * 64 + "]" * 64))
     with pytest.raises(AdapterValidationError, match="deeper than 64"):
         adapters.resolve(LoRARequest("shallow_plus", 7, shallow))
     adapters.unload("shallow")
@@ -171,10 +175,7 @@ def test_json_nested_200000_levels_is_refused_naming_the_file(llm, tmp_path):
                                  "([a-z._0-9]{0,30}){30}!"])
 def test_a_hostile_rank_pattern_is_matched_in_bounded_time(llm, tmp_path, key):
     directory = write_adapter(llm, tmp_path / "pattern")
-    path = os.path.join(directory, "adapter_config.json")
-    config = json.load(open(path))
-    config["rank_pattern"] = {key: 2}
-    json.dump(config, open(path, "w"))
+    edit_config(directory, rank_pattern={key: 2})
     start = time.monotonic()
     llm.llm_engine.adapters.resolve(LoRARequest("pattern", 8, directory))  # matches nothing
     assert time.monotonic() - start < 1.0
@@ -185,10 +186,7 @@ def test_a_hostile_rank_pattern_is_matched_in_bounded_time(llm, tmp_path, key):
                                      ("(?i)q_proj", "flags"), ("(?=q)q_proj", "lookahead")])
 def test_rank_pattern_keys_beyond_the_bounds_are_refused(llm, tmp_path, key, why):
     directory = write_adapter(llm, tmp_path / "refused")
-    path = os.path.join(directory, "adapter_config.json")
-    config = json.load(open(path))
-    config["rank_pattern"] = {key: 2}
-    json.dump(config, open(path, "w"))
+    edit_config(directory, rank_pattern={key: 2})
     with pytest.raises(AdapterValidationError, match=why):
         llm.llm_engine.adapters.resolve(LoRARequest("refused", 9, directory))
 

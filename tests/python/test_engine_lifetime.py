@@ -12,9 +12,8 @@ import weakref
 
 import pytest
 import torch
-from test_adapter_faults import PARAMS, PROMPT, make_llm, write_adapter
-
 from moelora import LLM, LoRARequest, SamplingParams
+from test_adapter_faults import PARAMS, PROMPT, make_llm, write_adapter
 
 
 def native_threads() -> int:
@@ -61,9 +60,10 @@ def test_five_engines_built_and_dropped_leave_no_thread_or_object(tmp_path, expl
 
 
 def _gpu_engine(**overrides) -> LLM:
-    options = dict(model="synthetic:tiny-moe", device="cuda", dtype="bfloat16", enable_lora=True,
-                   max_lora_rank=16, max_loras=8, max_cpu_loras=16, max_num_seqs=16,
-                   decode_graphs=True, gpu_memory_utilization=0.85, seed=0)
+    options = {"model": "synthetic:tiny-moe", "device": "cuda", "dtype": "bfloat16",
+               "enable_lora": True, "max_lora_rank": 16, "max_loras": 8, "max_cpu_loras": 16,
+               "max_num_seqs": 16, "decode_graphs": True, "gpu_memory_utilization": 0.85,
+               "seed": 0}
     options.update(overrides)
     return LLM(**options)
 

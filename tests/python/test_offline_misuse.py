@@ -9,9 +9,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_adapter_faults import PARAMS, PROMPT, accounts, make_llm, write_adapter
-
 from moelora import LoRARequest, SamplingParams
+from test_adapter_faults import PARAMS, PROMPT, accounts, make_llm, write_adapter
 
 
 @pytest.fixture(scope="module")

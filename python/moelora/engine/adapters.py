@@ -251,6 +251,4 @@ def _native_spec(plan, sites) -> object:
 def _problem(error: Exception, request: LoRARequest) -> str:
     """A native adapter error's message without its "adapter 'NAME': " prefix (the Python error
     puts its own)."""
-    message = str(error)
-    prefix = f"adapter '{request.lora_name}': "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return str(error).removeprefix(f"adapter '{request.lora_name}': ")

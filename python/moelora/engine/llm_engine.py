@@ -119,6 +119,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
                                   self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
+        self._capacities: dict[int, int | None] = {}  # adapter pages -> _capacity_beside
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
@@ -130,7 +131,8 @@ class LLMEngine:
         # hands the memory they held back to the driver.
         self._release_marker = _ReleaseMarker()
         if self.device.type == "cuda":
-            weakref.finalize(self._release_marker, _return_cached_memory, self.device)
+            release = weakref.finalize(self._release_marker, _return_cached_memory, self.device)
+            release.atexit = False  # at exit the process gives everything back anyway
 
     # -- requests ----------------------------------------------------------------------------
     def next_request_id(self) -> str:
@@ -158,7 +160,7 @@ class LLMEngine:
         params.check_limits(max_logprobs=self.config.max_logprobs, vocab_size=vocab)
         adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
         adapter_pages = self.adapters.num_pages(adapter_id) if adapter_id is not None else 0
-        capacity = self.kv.max_tokens_within(self.memory.pool.num_pages - adapter_pages)
+        capacity = self._capacity_beside(adapter_pages)
         longest = self.max_model_len if capacity is None else min(self.max_model_len, capacity)
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             longest - len(prompt_ids)
@@ -174,6 +176,14 @@ class LLMEngine:
                 f"{self.memory.pool.num_pages} pages, room for at most {capacity} tokens of "
                 f"one sequence")
         return PreparedRequest(text, prompt_ids, params, lora_request, adapter_id, max_tokens)
+
+    def _capacity_beside(self, adapter_pages: int) -> int | None:
+        """The longest sequence the pool can ever hold beside an adapter of adapter_pages."""
+        capacity = self._capacities.get(adapter_pages, -1)
+        if capacity == -1:
+            capacity = self.kv.max_tokens_within(self.memory.pool.num_pages - adapter_pages)
+            self._capacities[adapter_pages] = capacity
+        return capacity
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams, lora_request: LoRARequest | None = None,
