@@ -103,10 +103,14 @@ def test_a_prompt_the_pool_can_never_hold_is_refused_with_the_numbers(tmp_path):
                                              rf"the page pool holds {pages} pages, room for at "
                                              rf"most {capacity} tokens"):
             small.generate(fits, SamplingParams(max_tokens=9), use_tqdm=False)
-        # Beside an adapter the room is smaller, and the message says so.
+        # Beside its adapter it cannot fit: that request alone fails, as an invalid request.
         lora = LoRARequest("roomy", 1, write_adapter(small, tmp_path / "roomy"))
-        with pytest.raises(ValueError, match=r"beside its adapter's \d+ pages"):
-            small.generate(fits, SamplingParams(max_tokens=8), lora, use_tqdm=False)
+        crowded = small.generate([fits, fits], SamplingParams(max_tokens=8, ignore_eos=True),
+                                 [lora, None], use_tqdm=False)
+        assert crowded[0].outputs[0].finish_reason == "error"
+        assert crowded[0].outputs[0].error_type == "invalid_request"
+        assert "beside its adapter's" in crowded[0].outputs[0].error
+        assert crowded[1].outputs[0].finish_reason == "length"
         # Without max_tokens a request is bounded by the pool: it ends with "length".
         unbounded = small.generate({"prompt_token_ids": [7] * (capacity - 3)},
                                    SamplingParams(max_tokens=None, ignore_eos=True),

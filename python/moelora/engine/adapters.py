@@ -142,7 +142,12 @@ class AdapterManager:
         Raises AdapterValidationError naming the adapter (and the tensor or file) for an adapter
         that cannot be served; such an adapter is unregistered, so it never shows in loaded().
         An adapter that is valid but finds no free slot or pages yet stays registered and loads
-        once memory frees up. Safe to call from any thread."""
+        once memory frees up. Preloading an adapter that failed reloads it from its files.
+        Safe to call from any thread."""
+        with self._lock:
+            known = self._ids.get(request.lora_name)
+        if known is not None and self.cache.residency(known) == FAILED:
+            self._forget_failed(request.lora_name, known)
         adapter_id = self.resolve(request)
         try:
             if self.cache.residency(adapter_id) not in (RESIDENT, _C.Residency.HOST):

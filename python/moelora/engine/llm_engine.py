@@ -119,7 +119,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
                                   self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
-        self._capacities: dict[int, int | None] = {}  # adapter pages -> _capacity_beside
+        # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
+        self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
@@ -159,8 +160,10 @@ class LLMEngine:
                              f"[{min(prompt_ids)}, {max(prompt_ids)}]")
         params.check_limits(max_logprobs=self.config.max_logprobs, vocab_size=vocab)
         adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
-        adapter_pages = self.adapters.num_pages(adapter_id) if adapter_id is not None else 0
-        capacity = self._capacity_beside(adapter_pages)
+        # The pool's room for one sequence's KV cache. Whether it also fits beside its adapter
+        # is the scheduler's to decide (a per-request failure): a request must not be refused
+        # for the size of an adapter that the pool holds for other requests anyway.
+        capacity = self._capacity
         longest = self.max_model_len if capacity is None else min(self.max_model_len, capacity)
         max_tokens = params.max_tokens if params.max_tokens is not None else \
             longest - len(prompt_ids)
@@ -169,21 +172,12 @@ class LLMEngine:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
                              f"exceeds the model's maximum length ({self.max_model_len})")
         if capacity is not None and total > capacity:
-            beside = f" beside its adapter's {adapter_pages} pages" if adapter_pages else ""
             raise ValueError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max(max_tokens, 1)}) needs "
-                f"{self.kv.min_pages_for(total)} pages of KV cache{beside}; the page pool holds "
+                f"{self.kv.min_pages_for(total)} pages of KV cache; the page pool holds "
                 f"{self.memory.pool.num_pages} pages, room for at most {capacity} tokens of "
                 f"one sequence")
         return PreparedRequest(text, prompt_ids, params, lora_request, adapter_id, max_tokens)
-
-    def _capacity_beside(self, adapter_pages: int) -> int | None:
-        """The longest sequence the pool can ever hold beside an adapter of adapter_pages."""
-        capacity = self._capacities.get(adapter_pages, -1)
-        if capacity == -1:
-            capacity = self.kv.max_tokens_within(self.memory.pool.num_pages - adapter_pages)
-            self._capacities[adapter_pages] = capacity
-        return capacity
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams, lora_request: LoRARequest | None = None,
@@ -393,10 +387,9 @@ class LLMEngine:
             if self.parallel is not None:  # stops the other ranks (rank 0)
                 self.parallel.shutdown()
         finally:
-            if self.runner is not None and self.runner.graphs is not None:
-                self.runner.graphs.close()
+            self.runner.release()  # kept, for its counters (graph replays)
             self.adapters.close()
-            self.runner = self.scheduler = self.kv = self.prefix_cache = None
+            self.scheduler = self.kv = self.prefix_cache = None
             self.model = self.memory = None
             if self.device.type == "cuda":
                 _return_cached_memory(self.device)

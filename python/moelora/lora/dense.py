@@ -50,8 +50,6 @@ def load_dense(plan: AdapterPlan) -> DenseLora:
 def _read_flat(plan: AdapterPlan, file_index: int, name: str) -> torch.Tensor:
     with safe_open(str(plan.files[file_index]), framework="pt") as f:
         tensor = f.get_tensor(name)
-    if torch.isnan(tensor).any():
-        raise AdapterValidationError(plan.name, f"tensor {name!r} holds NaN")
-    if torch.isinf(tensor).any():
-        raise AdapterValidationError(plan.name, f"tensor {name!r} holds Inf")
+    if not torch.isfinite(tensor).all():
+        raise AdapterValidationError(plan.name, f"tensor {name!r} contains NaN or Inf values")
     return tensor.float().contiguous().reshape(-1)
