@@ -63,7 +63,7 @@ class DecodeGraphs:
         self.device = device
         self.capture = device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._made: dict[int, _Bucket] = {}
+        self._made: dict[int, _Bucket | None] = {}  # None once closed
         self.replays = 0
         self.capture_error: str | None = None  # why capturing was given up, if it was
 
@@ -164,8 +164,9 @@ class DecodeGraphs:
         bucket.graph = graph
 
     def close(self) -> None:
-        """Frees the graphs, their memory pool and the static buffers."""
-        self._made.clear()
+        """Frees the graphs, their memory pool and the static buffers (the bucket sizes that
+        were made stay listed, as does the replay count)."""
+        self._made = dict.fromkeys(self._made)
         self._pool = None
         self.capture = False
         self.model = self.kv_view = self.lora_views = None
