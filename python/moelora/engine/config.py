@@ -33,7 +33,10 @@ class EngineConfig:
     max_model_len: int | None = None
     block_size: int = 16  # tokens per KV block
     gpu_memory_utilization: float = 0.85
-    pool_memory_bytes: int | None = None  # the unified pool's size; default from the above
+    # The unified pool's size in bytes, on either device (vLLM's kv_cache_memory_bytes); default
+    # from gpu_memory_utilization on a GPU, 512 MiB on the CPU.
+    pool_memory_bytes: int | None = None
+    max_logprobs: int = 20  # largest logprobs / prompt_logprobs a request may ask for (vLLM's)
     seed: int = 0
     load_progress: bool = True
     synthetic_num_layers: int | None = None  # build only this many layers (synthetic models)
@@ -56,7 +59,7 @@ class EngineConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but torch sees no CUDA GPU")
         for name in ("max_lora_rank", "max_loras", "max_num_seqs", "max_num_batched_tokens",
-                     "block_size", "adapter_load_threads"):
+                     "block_size", "adapter_load_threads", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adapter_pack_threads < 0:

@@ -12,14 +12,22 @@ pass has fixed shapes for a fixed bucket and no host synchronisation, so it can 
 
 On the CPU (no graphs) the same padded path runs eagerly: the tests check it against the
 unpadded engine, so the padding semantics are proven where the tests run.
+
+Captures and adapter loads share the process. A capture runs in CUDA's thread-local mode (other
+threads' calls neither fail nor break it) inside a native GraphCaptureScope (on this thread no
+copy-engine or adapter-cache call may synchronise, and pinned host memory freed meanwhile waits
+for the end of the capture), with Python's garbage collector paused so that no finalizer of
+another engine runs CUDA frees inside the capture.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
 import torch
+from moelora import _C
 from moelora.engine.paged_context import PagedContext, StepMetadata
 
 log = logging.getLogger("moelora")
@@ -55,7 +63,7 @@ class DecodeGraphs:
         self.device = device
         self.capture = device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._made: dict[int, _Bucket] = {}
+        self._made: dict[int, _Bucket | None] = {}  # None once closed
         self.replays = 0
         self.capture_error: str | None = None  # why capturing was given up, if it was
 
@@ -144,6 +152,21 @@ class DecodeGraphs:
                 self._forward(bucket)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            bucket.hidden = self._forward(bucket)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with _C.GraphCaptureScope(), torch.cuda.graph(graph, pool=self._pool,
+                                                          capture_error_mode="thread_local"):
+                bucket.hidden = self._forward(bucket)
+        finally:
+            if collecting:
+                gc.enable()
         bucket.graph = graph
+
+    def close(self) -> None:
+        """Frees the graphs, their memory pool and the static buffers (the bucket sizes that
+        were made stay listed, as does the replay count)."""
+        self._made = dict.fromkeys(self._made)
+        self._pool = None
+        self.capture = False
+        self.model = self.kv_view = self.lora_views = None

@@ -172,3 +172,30 @@ class KVManager:
     def capacity_tokens(self) -> int:
         """Tokens one sequence could cache if it had the whole pool."""
         return (self.pool.num_pages // self.num_layers) * self.block_tokens
+
+    def min_pages_for(self, num_tokens: int) -> int:
+        """The fewest pages a sequence of num_tokens tokens holds at its end: every block of the
+        full-attention layers, and of a sliding-window layer only the blocks its window spans
+        (those behind it go back to the pool)."""
+        blocks = self.blocks_for(num_tokens)
+        windowed = sum(len(layers) for layers in self._window_layers.values())
+        pages = blocks * (self.num_layers - windowed)
+        for window, layers in self._window_layers.items():
+            pages += min(blocks, self.blocks_for(window)) * len(layers)
+        return pages
+
+    def max_tokens_within(self, num_pages: int) -> int | None:
+        """The longest sequence whose min_pages_for fits in num_pages pages; None when there is
+        no bound (every layer has a sliding window and their windows fit)."""
+        if self.min_pages_for(1) > num_pages:
+            return 0
+        if self.min_pages_for(1 << 40) <= num_pages:
+            return None
+        low, high = 1, 1 << 40  # min_pages_for(low) fits, min_pages_for(high) does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.min_pages_for(middle) <= num_pages:
+                low = middle
+            else:
+                high = middle
+        return low

@@ -1,5 +1,11 @@
 """LLMEngine: requests in, tokens out. Owns the model, the unified page pool, the adapter
-manager, the scheduler, the model runner and the sampler; `step()` runs one batch."""
+manager, the scheduler, the model runner and the sampler; `step()` runs one batch.
+
+Requests are checked in full when they are added (prepare_request), so a request that can never
+run is refused up front with a ValueError, and a step that fails fails only the sequences it
+ran. `shutdown()` (or dropping the last reference: the engine holds no reference cycle) frees
+the GPU memory, the decode graphs and the adapter cache's threads.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import itertools
 import json
 import logging
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
 from moelora.engine.adapters import AdapterManager, LoRARequest
@@ -44,8 +52,21 @@ class _RequestState:
         self.seqs: list[Sequence] = seqs
 
 
+@dataclass
+class PreparedRequest:
+    """A request that passed every admission check; add_prepared queues it."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    lora_request: LoRARequest | None
+    adapter_id: int | None
+    max_tokens: int
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, parallel=None):
+        self._closed = False
         # Tensor/expert parallel serving (moelora.distributed): `parallel` is this process's
         # RankContext. With tensor_parallel_size > 1 this process becomes rank 0 and spawns the
         # other ranks; each rank keeps its shard of the model, pool and adapters. None and
@@ -98,22 +119,38 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
                                   self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
+        # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
+        self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
                       "window_pages_released": 0}
         if parallel is not None:  # rank 0 mirrors pool/adapter calls to the others and drives them
             parallel.attach(self)
+        # Last attribute on purpose: the instance dict releases its values in order, so when the
+        # engine is dropped this marker goes after the model, pool and graphs, and its finalizer
+        # hands the memory they held back to the driver.
+        self._release_marker = _ReleaseMarker()
+        if self.device.type == "cuda":
+            release = weakref.finalize(self._release_marker, _return_cached_memory, self.device)
+            release.atexit = False  # at exit the process gives everything back anyway
 
     # -- requests ----------------------------------------------------------------------------
     def next_request_id(self) -> str:
         return str(next(self._request_ids))
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                    params: SamplingParams, lora_request: LoRARequest | None = None,
-                    arrival_time: float | None = None) -> None:
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def prepare_request(self, prompt: str | list[int] | dict, params: SamplingParams,
+                        lora_request: LoRARequest | None = None) -> PreparedRequest:
+        """Every admission check of a request, without queueing it: ValueError (or
+        AdapterValidationError, a ValueError) naming what is wrong. Registers the request's
+        adapter on first use (that is how an adapter is validated)."""
+        self._check_open()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got "  # noqa: TRY004
+                             f"{type(params).__name__}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest or None, got "
+                             f"{type(lora_request).__name__}")
         text, prompt_ids = self._tokenize(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -121,28 +158,56 @@ class LLMEngine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
                              f"[{min(prompt_ids)}, {max(prompt_ids)}]")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the "
-                             f"vocabulary [0, {vocab})")
+        params.check_limits(max_logprobs=self.config.max_logprobs, vocab_size=vocab)
+        adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
+        # The pool's room for one sequence's KV cache. Whether it also fits beside its adapter
+        # is the scheduler's to decide (a per-request failure): a request must not be refused
+        # for the size of an adapter that the pool holds for other requests anyway.
+        capacity = self._capacity
+        longest = self.max_model_len if capacity is None else min(self.max_model_len, capacity)
         max_tokens = params.max_tokens if params.max_tokens is not None else \
-            self.max_model_len - len(prompt_ids)
-        if len(prompt_ids) + max(max_tokens, 1) > self.max_model_len:
+            longest - len(prompt_ids)
+        total = len(prompt_ids) + max(max_tokens, 1)
+        if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
                              f"exceeds the model's maximum length ({self.max_model_len})")
-        adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
+        if capacity is not None and total > capacity:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max(max_tokens, 1)}) needs "
+                f"{self.kv.min_pages_for(total)} pages of KV cache; the page pool holds "
+                f"{self.memory.pool.num_pages} pages, room for at most {capacity} tokens of "
+                f"one sequence")
+        return PreparedRequest(text, prompt_ids, params, lora_request, adapter_id, max_tokens)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    params: SamplingParams, lora_request: LoRARequest | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.add_prepared(request_id, self.prepare_request(prompt, params, lora_request),
+                          arrival_time)
+
+    def add_prepared(self, request_id: str, prepared: PreparedRequest,
+                     arrival_time: float | None = None) -> None:
+        """Queues a request that prepare_request accepted."""
+        self._check_open()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = prepared.params
         arrival = arrival_time if arrival_time is not None else now()
         seqs = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=index,
-                           prompt_token_ids=list(prompt_ids), params=params,
-                           adapter_id=adapter_id, arrival_time=arrival)
+                           prompt_token_ids=list(prepared.prompt_token_ids), params=params,
+                           adapter_id=prepared.adapter_id, arrival_time=arrival)
             seed = (params.seed if params.seed is not None else
                     self.config.seed * 1_000_003 + seq.seq_id) + index
             seq.generator = None if params.greedy else make_generator(seed, self.device)
-            seq.max_tokens = max_tokens
+            seq.max_tokens = prepared.max_tokens
             seqs.append(seq)
-        self._requests[request_id] = _RequestState(request_id, text, prompt_ids, params,
-                                                   lora_request, seqs)
+        self._requests[request_id] = _RequestState(request_id, prepared.prompt,
+                                                   prepared.prompt_token_ids, params,
+                                                   prepared.lora_request, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -161,6 +226,7 @@ class LLMEngine:
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._check_open()
         batch = self.scheduler.schedule()
         touched: set[str] = set()
         for seq in batch.failed:
@@ -171,7 +237,14 @@ class LLMEngine:
         if batch.is_empty():
             if self.scheduler.has_work() and not touched:
                 self.adapters.wait_for_progress()
-            return [self._output(self._requests[r]) for r in touched]
+            return [self._output(self._requests[r]) for r in touched if r in self._requests]
+        try:
+            self._run_batch(batch, touched)
+        except Exception as error:  # noqa: BLE001 - confined to the step's own sequences
+            self._fail_batch(batch, error, touched)
+        return [self._output(self._requests[r]) for r in touched if r in self._requests]
+
+    def _run_batch(self, batch, touched: set[str]) -> None:
         slot_of = self.adapters.slots_for(batch.seqs)
         logits = self.runner.execute(batch, slot_of)
         sampling = []
@@ -196,7 +269,21 @@ class LLMEngine:
             self.stats["prefix_cache_query_tokens"] = self.prefix_cache.query_tokens
             self.stats["prefix_cache_hit_tokens"] = self.prefix_cache.hit_tokens
             self.stats["prefix_cache_evicted_blocks"] = self.prefix_cache.evicted_blocks
-        return [self._output(self._requests[r]) for r in touched]
+
+    def _fail_batch(self, batch, error: Exception, touched: set[str]) -> None:
+        """A step raised: every sequence it ran fails (its pages and adapter pin go back); the
+        other requests, and later steps, are unaffected."""
+        logger.exception("a step of %d sequences failed; they finish with an error",
+                         len(batch.seqs))
+        self.stats["failed_steps"] = self.stats.get("failed_steps", 0) + 1
+        for seq in batch.seqs:
+            if not seq.finished:
+                seq.error = (f"internal error while running the request "
+                             f"({type(error).__name__}); the server log has the details")
+                seq.error_type = "internal_error"
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                seq.finish_time = now()
+            touched.add(seq.request_id)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
         if seq.first_token_time is None:
@@ -255,6 +342,7 @@ class LLMEngine:
                 cumulative_logprob=sum(seq.output_logprobs) if seq.output_logprobs else None,
                 logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason))
             outputs[-1].error = seq.error
+            outputs[-1].error_type = seq.error_type
         first = state.seqs[0]
         finished = all(s.finished for s in state.seqs)
         metrics = RequestMetrics(first.arrival_time, first.first_token_time,
@@ -281,10 +369,44 @@ class LLMEngine:
         raise TypeError(f"a prompt must be a str, a list of token ids or a dict with "
                         f"'prompt_token_ids', got {type(prompt).__name__}")
 
+    # -- lifetime ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine was shut down")
+
+    def shutdown(self) -> None:
+        """Aborts every request, stops the other ranks of a parallel engine, frees the decode
+        graphs, the adapter cache (its threads and host copies), the page pool and the model,
+        and returns the GPU memory to the driver. Idempotent; the engine serves nothing after."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for request_id in list(self._requests):
+                self.abort_request(request_id)
+            if self.parallel is not None:  # stops the other ranks (rank 0)
+                self.parallel.shutdown()
+        finally:
+            self.runner.release()  # kept, for its counters (graph replays)
+            self.adapters.close()
+            self.scheduler = self.kv = self.prefix_cache = None
+            self.model = self.memory = None
+            if self.device.type == "cuda":
+                _return_cached_memory(self.device)
+
     def stop(self) -> None:
-        if self.parallel is not None:  # stops the other ranks (rank 0)
-            self.parallel.shutdown()
-        self.adapters.close()
+        self.shutdown()
+
+
+class _ReleaseMarker:
+    """See LLMEngine.__init__: dropped last of the engine's attributes."""
+
+
+def _return_cached_memory(device: torch.device) -> None:
+    """Hands the blocks torch's allocator cached for freed tensors back to the driver."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
 
 
 def checkpoint_dtype(model_dir: str | None) -> torch.dtype | None:

@@ -21,6 +21,16 @@ class ModelRunner:
         self.num_layers = model.config.num_layers
         self.graphs = graphs  # DecodeGraphs, or None: every step runs eagerly
 
+    def release(self) -> None:
+        """Drops the model and the pool's views and frees the decode graphs (their counters stay
+        readable); runners this one wraps are released too. The runner runs nothing after."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.model = self.kv_view = self.lora_views = None
+        for value in vars(self).values():
+            if isinstance(value, ModelRunner):
+                value.release()
+
     def build_metadata(self, batch: ScheduledBatch, slot_of: dict[int, int]):
         input_ids: list[int] = []
         positions: list[int] = []

@@ -48,6 +48,7 @@ class Sequence:
     published_blocks: int = 0
     stop_reason: str | int | None = None
     error: str | None = None
+    error_type: str | None = None  # see CompletionOutput
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -90,8 +91,26 @@ class Logprob:
     decoded_token: str | None = None
 
 
+ERROR_TYPES = ("adapter_error", "invalid_request", "internal_error")
+
+
 @dataclass
 class CompletionOutput:
+    """One sample of a request, as vLLM shapes it.
+
+    A request that failed has finish_reason "error", `error` saying why (it names the adapter and
+    at most a file's base name, never a server path) and `error_type` saying whose fault it was,
+    so a server picks its status code without reading the message:
+
+    * None: no error;
+    * "adapter_error": the request's adapter cannot be served (bad weights, a file gone or
+      changed since it was registered, an adapter larger than the pool) -- the client's choice
+      of adapter, 4xx;
+    * "invalid_request": the request itself cannot be served (longer than the pool can ever
+      hold beside its adapter) -- 4xx;
+    * "internal_error": the engine failed while running the request's step -- 5xx.
+    """
+
     index: int
     text: str
     token_ids: list[int]
@@ -100,6 +119,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
+    error_type: str | None = None  # None or one of ERROR_TYPES
 
     def finished(self) -> bool:
         return self.finish_reason is not None

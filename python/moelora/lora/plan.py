@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moelora.lora.config import AdapterConfig, load_adapter_config
+from moelora.lora.patterns import PatternError
 from moelora.lora.sites import LoraSiteSpec, site_table
 from moelora.lora.targets import (
     ALL_EXPERTS,
@@ -103,21 +104,28 @@ def load_adapter_plan(
     plan = AdapterPlan(
         name, path, files, builder.empty_ranks(), tensors=tensors, sites=builder.sites
     )
-    for a_key, b_key in _pair_targets(targets, name):
-        builder.add(plan, a_key, b_key, max_lora_rank)
+    try:
+        for a_key, b_key in _pair_targets(targets, name):
+            builder.add(plan, a_key, b_key, max_lora_rank)
+    except PatternError as e:  # rank_pattern / alpha_pattern matching beyond its bounds
+        raise AdapterValidationError(name, str(e)) from None
     return plan
 
 
 def _adapter_files(path: Path, adapter: str) -> list[Path]:
+    # Messages name the directory by its last part only: no server path reaches a client.
+    if "\x00" in str(path):
+        raise AdapterValidationError(adapter, "the adapter path holds a NUL byte")
     if not path.is_dir():
-        raise AdapterValidationError(adapter, f"{path} is not a directory")
+        raise AdapterValidationError(adapter, f"adapter directory {path.name!r} does not exist "
+                                              f"or is not a directory")
     files = sorted(path.glob("adapter_model*.safetensors"))
     if not files:
         if (path / "adapter_model.bin").exists():
             raise AdapterValidationError(
                 adapter, "adapter_model.bin (pickle) is not supported; save with safetensors"
             )
-        raise AdapterValidationError(adapter, f"no adapter_model.safetensors in {path}")
+        raise AdapterValidationError(adapter, f"no adapter_model.safetensors in {path.name!r}")
     return files
 
 
