@@ -1,9 +1,10 @@
-"""Why graph-replay times of one MoE layer's LoRA delta exceed the sum of its kernels' times:
-the same graph timed with CUDA events after a write flush of L2 (the benchmark's method), after
-a read flush (L2 evicted, nothing dirty), with a warm L2, and as the profiler's summed kernel
-durations (CUPTI) after a write flush, per kernel, for graph replays and eager calls. GPU only.
+"""Where one MoE layer's LoRA time goes, per kernel, and whether the benchmark's timing method
+holds: the layer (the engine's plan: form, block size, kernels) captured in a graph and timed
+with CUDA events after a write flush of L2 (moelora.bench.kernels' method), after a read flush
+(L2 evicted, nothing dirty), with a warm L2, and as the profiler's per-kernel durations (CUPTI)
+after a write flush, for graph replays and eager calls. GPU only.
 
-    python3 tools/flush_study.py --cases gpt-oss-20b:512:4 mixtral-8x7b:128:4
+    python3 bench/studies/layer_kernels.py --cases gpt-oss-20b:512:4 mixtral-8x7b:128:4
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ def main() -> None:
         ranks = torch.full((args.slots,), 16, dtype=torch.int32, device=device)
         gen, (ids, weights, x, h, h13, y) = layer_inputs(preset, tokens, dtype, device)
         token_slot = draw_slots(tokens, adapters, "uniform", gen, device)
-        pairs = tokens * top_k  # the engine's choices of form and block_m
-        form = ("unsorted" if ops.prefer_unsorted(pairs, num_experts=experts, num_adapters=adapters)
-                else "grouped")
-        block_m = ops.grouped_block_m(pairs, experts, adapters)
+        plan = ops.plan_lora(tokens * top_k, num_experts=experts, num_adapters=adapters,
+                             dtype=dtype, device=device)  # the engine's choices
+        form, block_m = plan.form, plan.block_m
         fn = make_lora_delta(ids, token_slot, weights, x, h, h13, y,
-                             *layer_views(arenas, ranks), experts, args.slots, block_m, inter, form)
+                             *layer_views(arenas, ranks), experts, args.slots, inter, plan, form,
+                             num_adapters=adapters)
         graph = graph_of(fn)
         write = median_event_us(graph.replay, args.iters, flush)
 
@@ -75,8 +76,9 @@ def main() -> None:
         read = median_event_us(graph.replay, args.iters, ReadFlush())
         warm = median_event_us(graph.replay, args.iters, None)
         print(f"{case} {form} block_m={block_m}: events write-flush {write:.1f} read-flush "
-              f"{read:.1f} warm {warm:.1f}\n  graph kernels {kernel_times(graph.replay, args.iters, flush)}"
-              f"\n  eager kernels {kernel_times(fn, args.iters, flush)}", flush=True)
+              f"{read:.1f} warm {warm:.1f}\n"
+              f"  graph kernels {kernel_times(graph.replay, args.iters, flush)}\n"
+              f"  eager kernels {kernel_times(fn, args.iters, flush)}", flush=True)
 
 
 if __name__ == "__main__":

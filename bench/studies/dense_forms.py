@@ -1,14 +1,11 @@
-"""Where a dense site's LoRA delta should switch from the unsorted form to the grouped one.
-GPU only.
+"""One dense site's LoRA delta (an attention projection) in both forms on the GPU: unsorted
+(fused_moe_lora_unsorted, one cluster per row, no alignment) and grouped (dense_lora over rows
+grouped by adapter), per row count and adapter count. Answers where the plan should switch dense
+sites to the grouped form (kUnsortedMaxDenseRows, src/plan.cpp). The grouping (moe_lora_align)
+runs once per step for every dense site of every layer, so it is timed apart. Graph replay, L2
+flushed, median; one line each, JSON lines appended to --out. GPU only.
 
-The engine applies an attention projection's LoRA with fused_moe_lora_unsorted (one cluster
-per row, no alignment) up to ops.UNSORTED_MAX_DENSE_ROWS rows, and with dense_lora over rows
-grouped by adapter above it; the grouping (moe_lora_align) runs once per step and serves every
-dense site of every layer, so it is timed apart. This times both forms of one site (graph
-replay, L2 flushed, median) per row count and adapter count, printing one line each and
-appending JSON lines to --out.
-
-    python3 tools/dense_form_study.py --out dense-forms.jsonl
+    python3 bench/studies/dense_forms.py --out dense-forms.jsonl
 """
 
 from __future__ import annotations
@@ -30,27 +27,31 @@ SITES = {
 SLOTS = 16
 
 
-def time_site(site, rows, adapters, rank, iters, flush, dtype, device, block_m):
+def time_site(site, rows, adapters, rank, iters, flush, dtype, device):
     in_dim, out_dim = SITES[site]
+    plan = ops.plan_lora(rows, dense=True, num_adapters=adapters, dtype=dtype, device=device)
+    block_m = plan.block_m
     gen = torch.Generator(device=device).manual_seed(rows * 100 + adapters)
     arena = SiteArena(SLOTS, 1, rank, in_dim, out_dim, dtype, device)
     view = arena.view(torch.full((SLOTS,), rank, dtype=torch.int32, device=device))
     x = torch.randn(rows, in_dim, generator=gen, device=device).to(dtype)
     out = torch.randn(rows, out_dim, generator=gen, device=device).to(dtype)
     token_slot = draw_slots(rows, adapters, "uniform", gen, device)
-    groups = ops.moe_lora_align(None, token_slot, 1, SLOTS, block_m)
+    groups = ops.moe_lora_align(None, token_slot, 1, SLOTS, block_m, plan=plan)
     sorted_rows, block_slot, _, num_blocks = groups
 
     def unsorted():
-        ops.fused_moe_lora_unsorted(x, out, None, token_slot, [view], [0], input_pairs_per_row=1)
+        ops.fused_moe_lora_unsorted(x, out, None, token_slot, [view], [0], input_pairs_per_row=1,
+                                    plan=plan)
 
     def grouped():
-        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, block_m, [view], [0])
+        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, block_m, [view], [0],
+                       plan=plan)
 
     def align():
-        ops.moe_lora_align(None, token_slot, 1, SLOTS, block_m)
+        ops.moe_lora_align(None, token_slot, 1, SLOTS, block_m, plan=plan)
 
-    times = {}
+    times = {"plan": plan.form, "block_m": block_m}
     for name, fn in (("unsorted", unsorted), ("grouped", grouped), ("align", align)):
         graph = graph_of(fn)
         times[name] = median_event_us(graph.replay, iters, flush)
@@ -70,22 +71,21 @@ def main() -> None:
         raise SystemExit("dense_form_study needs a CUDA GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16
     flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    block_m = 16  # the engine's dense block (PagedContext.dense_block_m)
     print(f"{'site':10} {'rows':>5} {'adapters':>8} {'unsorted':>9} {'grouped':>9} {'align':>7} "
-          f"(us; the engine takes unsorted up to {ops.UNSORTED_MAX_DENSE_ROWS} rows)")
+          f"{'plan':>9} (us; plan: the form the engine takes)")
     for site in args.sites:
         for adapters in args.adapters:
             for rows in args.rows:
-                t = time_site(site, rows, adapters, args.rank, args.iters, flush, dtype, device,
-                              block_m)
+                t = time_site(site, rows, adapters, args.rank, args.iters, flush, dtype, device)
                 print(f"{site:10} {rows:5d} {adapters:8d} {t['unsorted']:9.1f} "
-                      f"{t['grouped']:9.1f} {t['align']:7.1f}", flush=True)
+                      f"{t['grouped']:9.1f} {t['align']:7.1f} {t['plan']:>9}", flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps({"site": site, "rows": rows, "adapters": adapters,
                                             "rank": args.rank, "dtype": "bfloat16",
                                             "device": torch.cuda.get_device_name(),
-                                            "block_m": block_m, "unsorted_us": t["unsorted"],
+                                            "block_m": t["block_m"], "plan": t["plan"],
+                                            "unsorted_us": t["unsorted"],
                                             "grouped_us": t["grouped"],
                                             "align_us": t["align"]}) + "\n")
 

@@ -4,8 +4,9 @@ Writes N random rank-16 adapters for a synthetic model (2 layers of qwen3-30b-a3
 fused-expert PEFT tensors, the case where a per-expert view reads a B tensor column-wise),
 registers them, then times prefetch + wait of all of them with --threads host workers (one
 adapter each) and --pack-threads threads packing one adapter (0: automatic).
-Usage: PYTHONPATH=python python3 tools/bench_adapter_packing.py --threads 1 4
-       PYTHONPATH=python python3 tools/bench_adapter_packing.py --adapters 1 --threads 1 --pack-threads 1 2
+Usage: PYTHONPATH=python python3 bench/studies/adapter_packing.py --threads 1 4
+       PYTHONPATH=python python3 bench/studies/adapter_packing.py --adapters 1 --threads 1 \
+           --pack-threads 1 2
 """
 
 from __future__ import annotations
