@@ -89,7 +89,8 @@ int main(int argc, char** argv) {
   const int iters = static_cast<int>(arg(8, 200));
   std::mt19937 rng(1234);
 
-  Site gate(adapters, experts, rank, hidden, inter, rng), up(adapters, experts, rank, hidden, inter, rng);
+  Site gate(adapters, experts, rank, hidden, inter, rng);
+  Site up(adapters, experts, rank, hidden, inter, rng);
   Site down(adapters, experts, rank, inter, hidden, rng);
   const int64_t pairs = tokens * top_k;
   std::vector<int32_t> ids(static_cast<size_t>(pairs)), slots(static_cast<size_t>(tokens));

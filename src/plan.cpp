@@ -127,7 +127,9 @@ const char* to_string(AttentionKernel v) {
   return "?";
 }
 
-const char* to_string(PrefillAttention v) { return v == PrefillAttention::kSdpa ? "sdpa" : "paged"; }
+const char* to_string(PrefillAttention v) {
+  return v == PrefillAttention::kSdpa ? "sdpa" : "paged";
+}
 
 PlanOverrides PlanOverrides::parse(const std::string& text) {
   PlanOverrides o;

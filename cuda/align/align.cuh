@@ -63,7 +63,8 @@ __device__ __forceinline__ void pair_groups(const AlignArgs& a, int64_t base, in
 }
 
 // Exclusive scan of one value per thread over the CTA; returns the prefix, sets *total.
-__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_sums, int64_t* total) {
+__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_sums,
+                                                        int64_t* total) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   int64_t inclusive = value;

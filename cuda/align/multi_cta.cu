@@ -1,7 +1,7 @@
 // moe_lora_align over several CTAs, for large steps (the plan's choice from 4096 pairs). Same
-// outputs and rules as the one-CTA form (align/single_cta.cu), in ONE
-// cooperative launch of C CTAs (C <= the SM count, one CTA per SM, so all are resident) with two
-// grid-wide barriers, no host sync (graph-capturable: a cooperative kernel node):
+// outputs and rules as the one-CTA form (align/single_cta.cu), in ONE cooperative launch of C CTAs
+// (C <= the SM count, one CTA per SM, so all are resident) with two grid-wide barriers, no host
+// sync (graph-capturable: a cooperative kernel node):
 //   1. count: CTA c counts its contiguous chunk of pairs per group in shared memory and stores
 //      the histogram as row c of counts [C][G]; together the CTAs fill the outputs with -1;
 //   2. prefix: a team of lanes per group turns column g into each chunk's offset within the

@@ -1,7 +1,7 @@
 // paged_attention, CUDA-core GQA form: a cluster of S CTAs (split-KV) per (query token, KV
-// head), serving all `ratio` query heads that share the KV head. Second in the auto order: it
-// serves what the tensor-core kernel (attention/mma.cu, 2-4x faster on the H200) does not
-// take, e.g. head_dim 256; MOELORA_ATTN_KERNEL=gqa forces it.
+// head), serving all `ratio` query heads that share the KV head. Second in the chain: it serves
+// what the tensor-core kernel (attention/mma.cu, 2-6x faster on the H200) does not take, e.g.
+// head_dim 256.
 //
 // Why: the per-head kernel (attention/per_head.cu) reads each KV head once per query head (4-8x
 // the bytes with GQA, from L2 at best) and a warp walks one key at a time with 2-byte loads per

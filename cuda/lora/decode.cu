@@ -326,7 +326,8 @@ __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const flo
       raw_to_f32<T, VEC>(src[(st.max_rank + m) * cap + v], cur);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) cur[i] += acc[m][i];
-      T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset + col;
+      T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset +
+             col;
       detail::store_from_f32<T, VEC>(y, cur);
     }
   }
@@ -439,10 +440,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   PhaseTrace trace;
   trace.mark();  // 0: start
-  // Everything above came from the parameters; memory only from here (common/launch.cuh's contract).
+  // Everything above came from the parameters; memory only from here (common/launch.cuh).
   wait_for_previous_grid();
   trace.mark();  // 1: the grid ahead is done
-  const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
+  const int64_t items =
+      a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
   bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     load_item_head(a, item, pair_ids, head);  // trip 1
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
       // Done reading the peers' s_part: arrive now, wait only before s_part is written again or
       // the CTA exits (its shared memory must outlive the peers' reads), so the barrier's round
-      // trip overlaps the expand instead of preceding it (it was a full cluster.sync() here).
+      // trip overlaps the expand instead of preceding it.
       cluster.arrive();
       peers_may_read = true;
       // Clusters of C > 1 (few items, latency-bound steps) let the next grid start before

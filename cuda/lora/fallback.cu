@@ -72,16 +72,19 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraA
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const T* input = static_cast<const T*>(a.input);
-  float* partial_base = a.partials + ((int64_t{slice_index} * a.splits + blockIdx.x) * a.rows_total +
-                                      b * a.block_m) * a.rank_stride;
+  float* partial_base =
+      a.partials +
+      ((int64_t{slice_index} * a.splits + blockIdx.x) * a.rows_total + b * a.block_m) *
+          a.rank_stride;
 
   for (int m0 = 0; m0 < n; m0 += MT) {
     // Stage MT input rows of the chunk as fp32 (zeros past the block's last pair).
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const bool row_valid = m0 + m < n;
-      const T* x = row_valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + k0
-                             : nullptr;
+      const T* x =
+          row_valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + k0
+                    : nullptr;
       for (int64_t e = int64_t{threadIdx.x} * VEC; e < len; e += kShrinkThreads * VEC) {
         float v[VEC];
         if (row_valid) {

@@ -451,7 +451,8 @@ struct MmaPass {
 
   // One 64-column tile of slice `cur`: out = s @ B^T tile, added to the staged output tile in
   // place (rounded once) and written back.
-  __device__ __forceinline__ void expand_tile(const SliceTiles<T>& cur, const uint32_t (&shi)[KT][4],
+  __device__ __forceinline__ void expand_tile(const SliceTiles<T>& cur,
+                                              const uint32_t (&shi)[KT][4],
                                               const uint32_t (&slo)[KT][4], float unscale0,
                                               float unscale1, int step, int stage) const {
     if (!c.warp_active) return;
@@ -476,9 +477,9 @@ struct MmaPass {
         mma16816<T>(out[2 * jp + 1], slo[t], bf[2], bf[3]);
       }
     }
-    // out += staged output tile, rounded once, in place in shared memory: ldmatrix hands each
-    // lane exactly its accumulators' elements (matrix m = rows 8(m & 1).. of n tile
-    // 2jp + m / 2), stmatrix puts them back.
+    // out += staged output tile, rounded once, in place in shared memory: ldmatrix hands each lane
+    // exactly its accumulators' elements (matrix m = rows 8(m & 1).. of n tile 2jp + m / 2),
+    // stmatrix puts them back.
 #pragma unroll
     for (int jp = 0; jp < kChunk / 16; ++jp) {
       const uint32_t at = os + swz(c.r0 + (lane & 7) + ((lane >> 3) & 1) * 8, 2 * jp + (lane >> 4));

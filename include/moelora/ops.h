@@ -132,8 +132,8 @@ struct PagedAttentionArgs {
   TensorRef out;    // [T, num_heads, head_dim]; num_heads is a multiple of num_kv_heads (GQA)
   TensorRef query;  // [T, num_heads, head_dim]
   TensorRef query_seq;    // int32 [T] sequence of each query token
-  // int32 [T] absolute position of each query token: it attends to cached positions
-  // j <= query_pos (and j > query_pos - sliding_window when > 0)
+  // int32 [T] absolute position of each query token: it attends to cached positions j <= query_pos
+  // (and j > query_pos - sliding_window when > 0)
   TensorRef query_pos;
   TensorRef block_table;  // int32 [num_seqs, max_blocks_per_seq] page of each block of each seq
   TensorRef seq_lens;     // int32 [num_seqs] tokens cached per sequence (later ones unseen)

@@ -29,7 +29,8 @@ void add_override(std::string& text, const char* key, const py::object& value) {
   } else if (py::isinstance<py::str>(value)) {
     item = value.cast<std::string>();
   } else {
-    throw InvalidArgument(std::string("plan override ") + key + " must be a str, int or bool, got " +
+    throw InvalidArgument(std::string("plan override ") + key +
+                          " must be a str, int or bool, got " +
                           py::str(py::type::of(value)).cast<std::string>());
   }
   text += std::string(key) + "=" + item + ",";
@@ -70,8 +71,10 @@ void register_overrides(py::module_& m) {
       .def_property_readonly("align_kernel",
                              [](const PlanOverrides& o) { return name_or_none(o.align_kernel); })
       .def_property_readonly("pdl", [](const PlanOverrides& o) { return o.pdl; })
-      .def_property_readonly(
-          "attention_kernel", [](const PlanOverrides& o) { return name_or_none(o.attention_kernel); })
+      .def_property_readonly("attention_kernel",
+                             [](const PlanOverrides& o) {
+                               return name_or_none(o.attention_kernel);
+                             })
       .def_readonly("attention_splits", &PlanOverrides::attention_splits)
       .def_property_readonly("prefill_attention", [](const PlanOverrides& o) {
         return name_or_none(o.prefill_attention);
