@@ -142,3 +142,29 @@ def test_ops_run_with_a_given_plan():
         torch.testing.assert_close(out, again)
         results.append(out)
     torch.testing.assert_close(results[0], results[1])
+
+
+_PRINT_PLAN = """
+from moelora import ops
+base = ops.plan_lora(8192, num_experts=128, num_adapters=4)
+forced = ops.plan_lora(8192, num_experts=128, num_adapters=4,
+                       overrides=ops.PlanOverrides(lora_kernel="mma"))
+print(base.lora_kernel, base.block_m, forced.lora_kernel, forced.block_m)
+"""
+
+
+def test_the_debugging_variable_applies_under_typed_overrides():
+    import os
+    import subprocess
+    import sys
+
+    def run(value):
+        env = dict(os.environ, MOELORA_PLAN=value)
+        return subprocess.run([sys.executable, "-c", _PRINT_PLAN], env=env, capture_output=True,
+                              text=True, check=False, timeout=60)
+
+    done = run("lora_kernel=splitk,block_m=32")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["splitk", "32", "mma", "32"]
+    bad = run("lora_kernel=tiles")
+    assert bad.returncode != 0 and "lora_kernel must be cluster, mma, splitk or auto" in bad.stderr
