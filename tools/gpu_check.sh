@@ -8,11 +8,14 @@
 #
 # Everything it writes goes to OUT_DIR: one log per stage, the benchmarks' JSON lines
 # (kernels.jsonl, attention.jsonl, bench_kernels.jsonl, offline.jsonl), compare.txt (the new
-# kernel timings and plans against bench/results/h200-kernels.jsonl) and summary.txt (each
-# stage's exit status). The exit status is non-zero when a stage failed.
+# kernel timings, forms and block sizes against a reference grid) and summary.txt (each stage's
+# exit status). The exit status is non-zero when a stage failed.
 # Environment: STAGES (default "build ctest tests sanitize bench offline"; any subset, in that
-# order), MOELORA_CUDA_ARCHITECTURES (default 90a), PYTEST_WORKERS (default 8 when pytest-xdist
-# is installed), BENCH_ITERS (default 20).
+# order; the build and the installed package persist between invocations), REFERENCE (the grid
+# compare.txt compares with; default bench/results/h200-kernels.jsonl, an H200: for another card
+# give a kernels.jsonl of the baseline measured on that card), MOELORA_CUDA_ARCHITECTURES
+# (default 90a), PYTEST_WORKERS (default 8 when pytest-xdist is installed), BENCH_ITERS
+# (default 20).
 set -uo pipefail
 if [ $# -ne 1 ]; then
   echo "usage: $0 OUT_DIR" >&2
@@ -123,7 +126,7 @@ if wants bench; then
     --out "$out/attention.jsonl"
   run bench-native bash -c "for t in 1 8 128 2048; do '$build/bench_kernels' \$t 4 16; done \
     > '$out/bench_kernels.jsonl'"
-  python3 - "$root/bench/results/h200-kernels.jsonl" "$out/kernels.jsonl" \
+  python3 - "${REFERENCE:-$root/bench/results/h200-kernels.jsonl}" "$out/kernels.jsonl" \
     > "$out/compare.txt" 2>&1 << 'PY'
 import json, math, sys
 
