@@ -89,8 +89,10 @@ struct LoraPlan {
   LoraForm form = LoraForm::kUnsorted;
   int32_t block_m = 16;                      // rows per block of the grouped form
   AlignKernel align = AlignKernel::kSingleCta;
-  LoraKernel kernel = LoraKernel::kCluster;  // grouped form, rows and columns 16-byte aligned
-  LoraKernel unaligned_kernel = LoraKernel::kCluster;  // grouped form, any other layout
+  // The grouped form's family for 16-bit rows and columns that are 16-byte aligned, and for any
+  // other call (float32, or rows or columns not 16-byte aligned: no tensor cores).
+  LoraKernel kernel = LoraKernel::kCluster;
+  LoraKernel unaligned_kernel = LoraKernel::kCluster;
   bool pdl = false;                          // programmatic dependent launch between kernels
   int32_t cluster_max = 0;  // widest decode cluster; 0: by the site's in_dim (plan_rules.h)
   int32_t mma_split = 0;    // tensor-core cluster split; 0: by the launch's shape (plan_rules.h)
