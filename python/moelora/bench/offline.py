@@ -11,9 +11,8 @@ before left resident; with more adapters than --max-loras, loads and evictions c
 Prints and saves one JSON record: output tokens/s, TTFT and TPOT p50/p99 of the cold run and the
 per-field medians of the rounds (each round's TPOT p50 and tokens/s listed too, to show the
 spread), adapter loads and their bandwidth, pool pages by kind, and the ratios to the no-adapter
-runs. (Until session 9 the no-adapter run came first and paid the warm-up itself, so it read
-slower than the warm run with adapters; one run each, the TPOT of one setting moved 16% between
-runs on the H200: bench/NOTES.md, v3i.)
+runs. (The warm-up comes first because a no-adapter run that paid it would read slower than the
+warm run with adapters; and one run each moves a setting's TPOT by up to 16% on the H200.)
 """
 
 from __future__ import annotations

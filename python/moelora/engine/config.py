@@ -42,7 +42,7 @@ class EngineConfig:
     synthetic_num_layers: int | None = None  # build only this many layers (synthetic models)
     # Pure-decode steps through padded static buffers, captured as CUDA graphs on a GPU (run
     # eagerly on the CPU). None = on for a one-process CUDA engine (vLLM's default; measured
-    # 1.4x shorter TPOT on the H200, bench/NOTES.md), off elsewhere; True also for a parallel
+    # 1.5x shorter TPOT on the H200, docs/performance.md), off elsewhere; True also for a parallel
     # engine (each rank captures its steps, collectives included; not yet measured on GPUs).
     decode_graphs: bool | None = None
     # Reuse the KV blocks of identical prompt prefixes (same adapter) across requests.
