@@ -13,12 +13,6 @@ using namespace kernels;
 
 namespace {
 
-bool on_cuda(const TensorRef& t) { return t.device == DeviceKind::kCUDA; }
-
-[[noreturn, maybe_unused]] void no_cuda_build(const char* op) {
-  throw_invalid(op, "the tensors are on a GPU but this build of moelora has no CUDA backend");
-}
-
 // [T, H] rows of the activation dtype: strided rows, contiguous last dimension.
 void check_rows(const TensorRef& t, DType dtype, int64_t rows, int64_t width, const char* op,
                 const char* arg) {
@@ -128,7 +122,7 @@ void rms_norm(const TensorRef& input, const TensorRef& weight, float eps, const 
 #ifdef MOELORA_WITH_CUDA
     return cuda::rms_norm(input, TensorRef{}, weight, eps, out, stream);
 #else
-    no_cuda_build(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::rms_norm(input, TensorRef{}, weight, eps, out);
@@ -147,7 +141,7 @@ void add_rms_norm(const TensorRef& input, const TensorRef& residual, const Tenso
 #ifdef MOELORA_WITH_CUDA
     return cuda::rms_norm(input, residual, weight, eps, out, stream);
 #else
-    no_cuda_build(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::rms_norm(input, residual, weight, eps, out);
@@ -164,7 +158,7 @@ void rope_qk(const TensorRef& query, const TensorRef& key, const TensorRef& posi
     return cuda::rope_kv_write(query, key, TensorRef{}, positions, inv_freq, attention_scaling,
                                q_norm, k_norm, norm_eps, TensorRef{}, nullptr, stream);
 #else
-    no_cuda_build(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::rope_kv_write(query, key, TensorRef{}, positions, inv_freq, attention_scaling, q_norm,
@@ -198,7 +192,7 @@ void rope_kv_write(const TensorRef& query, const TensorRef& key, const TensorRef
     return cuda::rope_kv_write(query, key, value, positions, inv_freq, attention_scaling, q_norm,
                                k_norm, norm_eps, slot_mapping, &cache, stream);
 #else
-    no_cuda_build(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::rope_kv_write(query, key, value, positions, inv_freq, attention_scaling, q_norm, k_norm,

@@ -14,12 +14,6 @@ using namespace kernels;
 
 namespace {
 
-bool on_cuda(const TensorRef& t) { return t.device == DeviceKind::kCUDA; }
-
-[[noreturn, maybe_unused]] void no_cuda(const char* op) {
-  throw_invalid(op, "this build has no CUDA backend");
-}
-
 // A 2-D float matrix of rows with a contiguous last dimension.
 void check_matrix(const TensorRef& t, const char* op, const char* arg) {
   check_float_dtype(t, op, arg);
@@ -153,7 +147,7 @@ int64_t moe_route_workspace_bytes(int64_t num_tokens, int32_t num_experts, Devic
 #ifdef MOELORA_WITH_CUDA
   return static_cast<int64_t>(cuda::moe_route_workspace_bytes(num_tokens, num_experts));
 #else
-  no_cuda(op);
+  no_cuda_kernel(op);
 #endif
 }
 
@@ -217,7 +211,7 @@ void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing
                            topk_weights, sorted_pairs, block_expert, num_blocks, expert_counts,
                            stream, workspace);
 #else
-    no_cuda(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::moe_route(router_logits, top_k, routing, renormalize, block_m, topk_ids, topk_weights,
@@ -274,7 +268,7 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
     return cuda::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
                                  num_blocks, block_m, epilogue, output, stream, kernel);
 #else
-    no_cuda(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
@@ -298,7 +292,7 @@ void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu
 #ifdef MOELORA_WITH_CUDA
     return cuda::moe_activation(h13, activation, swiglu_alpha, swiglu_limit, h, stream);
 #else
-    no_cuda(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::moe_activation(h13, activation, swiglu_alpha, swiglu_limit, h);
@@ -320,7 +314,7 @@ void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stre
 #ifdef MOELORA_WITH_CUDA
     return cuda::moe_sum(y, top_k, out, stream);
 #else
-    no_cuda(op);
+    no_cuda_kernel(op);
 #endif
   }
   cpu::moe_sum(y, top_k, out);
