@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+WEIGHT_CHOICES = ("bf16", "mxfp4", "fp8")  # how experts are stored (weight_bytes.py)
+
 
 def describe(parser: argparse.ArgumentParser, doc: str | None) -> None:
     """Gives `parser` the module docstring as its description (unless it has one) and a help
@@ -48,3 +50,8 @@ def rate(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"a request rate must be > 0 or inf, got {text}")
     return value
+
+
+def add_memory_check_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="build the model even when the estimate says it cannot fit")

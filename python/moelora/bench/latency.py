@@ -32,9 +32,7 @@ import random
 import tempfile
 
 from moelora.bench import flags
-from moelora.bench.memory_check import add_memory_check_argument, check_model_fits, model_config_of
 from moelora.bench.records import append_record, format_table, ratio
-from moelora.bench.weight_bytes import WEIGHT_CHOICES, adapter_bytes, kv_bytes_per_token
 
 DEFAULT_OUT = os.path.join("bench", "results", "e2e.jsonl")
 TABLE = [("num_seqs", "seqs"), ("num_adapters", "adapters"), ("step_wall_ms", "wall ms"),
@@ -63,7 +61,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-layers", type=layer_choices, default=None,
                         help="synthetic models: build this many layers; N1,N2,... builds the "
                              "first count that fits the device's memory (all layers if unset)")
-    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="bf16",
+    parser.add_argument("--weights", choices=flags.WEIGHT_CHOICES, default="bf16",
                         help="how the experts are stored (synthetic models; falls back to bf16 "
                              "with a note when this build has no such option)")
     parser.add_argument("--num-seqs", type=flags.positive_int, nargs="+", default=[1, 16, 64],
@@ -96,7 +94,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw step times and throughput (default file: next to --out)")
     parser.add_argument("--note", default=None, help="a note saved in every record")
-    add_memory_check_argument(parser)
+    flags.add_memory_check_argument(parser)
     return parser
 
 
@@ -113,7 +111,8 @@ def _pick_layers(args, notes: list[str]) -> int | None:
     """The layer count to build: the first candidate whose estimate fits (memory_check)."""
     import torch
 
-    from moelora.bench.memory_check import engine_dtype
+    from moelora.bench.memory_check import check_model_fits, engine_dtype, model_config_of
+    from moelora.bench.weight_bytes import adapter_bytes, kv_bytes_per_token
 
     candidates = args.num_layers or [None]
     dtype = engine_dtype(args.model, args.dtype, args.device)

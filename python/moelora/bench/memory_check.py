@@ -152,11 +152,6 @@ def check_model_fits(model: str, num_layers: int | None, dtype: str, device: str
     return plan
 
 
-def add_memory_check_argument(parser) -> None:
-    parser.add_argument("--skip-memory-check", action="store_true",
-                        help="build the model even when the estimate says it cannot fit")
-
-
 def lora_sites_of(model: str, num_layers: int | None = None) -> list:
     """The model's LoRA sites from its config alone (the model is built on the meta device:
     no memory, no weights)."""

@@ -27,7 +27,6 @@ import statistics
 import tempfile
 
 from moelora.bench import flags
-from moelora.bench.memory_check import add_memory_check_argument
 from moelora.bench.records import append_record, dumps, engine_fields, format_table
 from moelora.bench.workload import per_adapter, popularity_weights, random_workload, run_requests
 
@@ -73,7 +72,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rounds of the no-adapter and the warm run (medians reported)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw the warm run's per-adapter results")
-    add_memory_check_argument(parser)
+    flags.add_memory_check_argument(parser)
     return parser
 
 

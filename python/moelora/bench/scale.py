@@ -28,7 +28,6 @@ import shutil
 import tempfile
 
 from moelora.bench import flags
-from moelora.bench.memory_check import add_memory_check_argument
 from moelora.bench.records import append_record, dumps, engine_fields, format_table
 
 GB = 1e9
@@ -84,7 +83,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw throughput and TTFT against the adapter count")
-    add_memory_check_argument(parser)
+    flags.add_memory_check_argument(parser)
     return parser
 
 

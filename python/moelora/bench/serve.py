@@ -50,8 +50,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="the OpenAI route to load")
     parser.add_argument("--model", default=None,
                         help="base model name (default: the first model the server lists)")
-    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token (default: $OPENAI_API_KEY)")
+    parser.add_argument("--api-key", default=None,
+                        help="bearer token (falls back to $OPENAI_API_KEY; never printed)")
     parser.add_argument("--num-prompts", type=int, default=100, help="requests to send")
     parser.add_argument("--request-rate", type=float, default=float("inf"),
                         help="requests per second (inf: all at once)")
@@ -217,7 +217,8 @@ async def benchmark(args) -> tuple[dict, list[RequestResult]]:
 
     _validate(args)
     base_url = _base_url(args)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     tokenizer = None
     if args.tokenizer:
         from moelora.engine.tokenizer import load_tokenizer

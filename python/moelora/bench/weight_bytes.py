@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moelora.bench.flags import WEIGHT_CHOICES
+
 FP8_BLOCK = 128
 MXFP4_BLOCK = 32
 BYTES_PER_WEIGHT = {
@@ -34,7 +36,6 @@ BYTES_PER_WEIGHT = {
     "fp8": 1.0 + 4.0 / (FP8_BLOCK * FP8_BLOCK),
     "mxfp4": (MXFP4_BLOCK // 2 + 1) / MXFP4_BLOCK,
 }
-WEIGHT_CHOICES = ("bf16", "mxfp4", "fp8")
 _DTYPE_FORMATS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Measured device-to-device copy rates (bytes read + written per second; BENCHMARKS.md).
