@@ -135,3 +135,23 @@ def test_routing_capture_counts_experts_and_pairs(engine, tmp_path):
                              adapters_per_layer=routing.adapters_per_layer,
                              pairs_per_layer=routing.pairs_per_layer)
     assert step.experts > 0 and step.lora > 0
+
+
+@pytest.mark.gpu
+def test_gpu_latency_times_the_gpu_and_counts_kernels(tmp_path):
+    """On a GPU (decode graphs on): GPU time within the wall time, kernels counted from the
+    replayed graph, the roofline from the card's copy rate."""
+    out = tmp_path / "e2e.jsonl"
+    assert main(["bench", "latency", "--device", "cuda", "--dtype", "bfloat16",
+                 "--num-seqs", "1", "8", "--num-adapters", "0", "2", "--input-len", "16",
+                 "--output-len", "16", "--rounds", "2", "--adapter-dir", str(tmp_path / "a"),
+                 "--out", str(out)]) == 0
+    records = [_strict(line) for line in out.read_text().splitlines()]
+    for record in records:
+        assert record["decode_graphs"] is True
+        assert 0 < record["step_gpu_ms"] <= record["step_wall_ms"] * 1.05
+        assert record["kernels_per_step"] > record["num_layers"]
+        assert record["kernel_count_mode"] in ("decode graph replay",
+                                               "eager step (the replay showed no kernels)")
+        if "H100" in record["device_name"] or "H200" in record["device_name"]:
+            assert record["roofline_ms"] > 0 and record["roofline_ratio"] > 1

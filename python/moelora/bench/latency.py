@@ -99,12 +99,17 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
+    """Checks the flags; sets args.weights_built (bf16 when this build cannot store the experts
+    as asked)."""
+    from moelora.bench.engine_options import weights_options
+
     if min(args.num_adapters) < 0:
         raise SystemExit(f"--num-adapters must be >= 0, got {args.num_adapters}")
     if args.copy_rate is not None and args.copy_rate <= 0:
         raise SystemExit(f"--copy-rate must be > 0 bytes/s, got {args.copy_rate}")
     args.num_adapters = sorted(set(args.num_adapters) | {0})
     args.num_seqs = sorted(set(args.num_seqs))
+    args.weights_built = args.weights if weights_options(args.weights) is not None else "bf16"
 
 
 def _pick_layers(args, notes: list[str]) -> int | None:
@@ -125,8 +130,8 @@ def _pick_layers(args, notes: list[str]) -> int | None:
                  + tokens * config.num_layers * kv_bytes_per_token(config, elem))
         try:
             if not args.skip_memory_check:
-                check_model_fits(args.model, layers, args.dtype, args.device, args.weights,
-                                 extra, args.gpu_memory_utilization)
+                check_model_fits(args.model, layers, args.dtype, args.device,
+                                 args.weights_built, extra, args.gpu_memory_utilization)
         except SystemExit as exc:
             refusal = str(exc)
             continue
@@ -137,17 +142,14 @@ def _pick_layers(args, notes: list[str]) -> int | None:
     raise SystemExit(refusal)
 
 
-def build_engine(args, layers: int | None, notes: list[str]):
-    """The engine of the benchmark (LoRA on, slots for every adapter, graphs as asked)."""
+def build_engine(args, layers: int | None):
+    """The engine of the benchmark (LoRA on, slots for every adapter, graphs as asked, experts
+    stored as args.weights_built)."""
     from moelora.bench.engine_options import weights_options
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
-    extra = weights_options(args.weights)
-    if extra is None:
-        notes.append(f"this build has no option for {args.weights} experts: built bf16")
-        print(f"note: {notes[-1]}")
-        extra = {}
+    extra = weights_options(args.weights_built)
     most = max(1, max(args.num_adapters))
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
                           enable_lora=True, max_lora_rank=args.rank, max_loras=most,
@@ -164,8 +166,12 @@ def run_from_args(args) -> int:
 
     _validate(args)
     notes = [args.note] if args.note else []
+    if args.weights_built != args.weights:
+        notes.append(f"this build has no option for {args.weights} experts: they were built "
+                     f"unquantized, in the model dtype")
+        print(f"note: {notes[-1]}")
     layers = _pick_layers(args, notes)
-    engine = build_engine(args, layers, notes)
+    engine = build_engine(args, layers)
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-latency-")
     try:
         runs = LatencyRuns(engine, args, adapter_dir, random.Random(args.seed))
