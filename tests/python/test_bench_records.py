@@ -52,3 +52,14 @@ def test_table_is_aligned_and_shows_missing_values():
     assert lines[2] == "     a      1.23"
     assert lines[3] == "longer         -"
     assert lines[4] == "     c       inf"
+
+
+@pytest.mark.parametrize("command", ["latency", "offline", "scale"])
+def test_plot_without_matplotlib_names_the_pip_line_before_running(command, monkeypatch):
+    import sys
+
+    from moelora.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match="--plot needs matplotlib: pip install matplotlib"):
+        main(["bench", command, "--device", "cpu", "--plot"])

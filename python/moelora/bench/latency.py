@@ -32,7 +32,7 @@ import random
 import tempfile
 
 from moelora.bench import flags
-from moelora.bench.records import append_record, format_table, ratio
+from moelora.bench.records import append_record, format_table, pyplot, ratio
 
 DEFAULT_OUT = os.path.join("bench", "results", "e2e.jsonl")
 TABLE = [("num_seqs", "seqs"), ("num_adapters", "adapters"), ("step_wall_ms", "wall ms"),
@@ -165,6 +165,8 @@ def run_from_args(args) -> int:
     from moelora.bench.latency_runs import LatencyRuns
 
     _validate(args)
+    if args.plot is not None:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
     notes = [args.note] if args.note else []
     if args.weights_built != args.weights:
         notes.append(f"this build has no option for {args.weights} experts: they were built "

@@ -100,6 +100,9 @@ class LatencyRuns:
                                     params, loras[i])
         with StepTimer(self.engine) as timer:
             while not steady_decode_steps(timer.steps, num_seqs):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"the {num_seqs} sequences never decoded in one step "
+                                       f"(too little memory for their KV? lower --num-seqs)")
                 timer.step()
         kernels, copies = count_step_kernels(self.engine)
         runner = self.engine.runner

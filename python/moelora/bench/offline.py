@@ -27,7 +27,7 @@ import statistics
 import tempfile
 
 from moelora.bench import flags
-from moelora.bench.records import append_record, dumps, engine_fields, format_table
+from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
 from moelora.bench.workload import per_adapter, popularity_weights, random_workload, run_requests
 
 
@@ -132,6 +132,8 @@ def run_from_args(args) -> int:
 
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if args.plot is not None:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
     _check_memory(args)
     rng = random.Random(args.seed)
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,

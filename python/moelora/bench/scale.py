@@ -28,7 +28,7 @@ import shutil
 import tempfile
 
 from moelora.bench import flags
-from moelora.bench.records import append_record, dumps, engine_fields, format_table
+from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
 
 GB = 1e9
 TABLE = [("popularity", "popularity"), ("request_rate", "rate"), ("num_adapters", "adapters"),
@@ -148,6 +148,8 @@ def run_from_args(args) -> int:
 
     if not 0 < args.auto_rate_fraction:
         raise SystemExit(f"--auto-rate-fraction must be > 0, got {args.auto_rate_fraction}")
+    if args.plot is not None:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-scale-")
     os.makedirs(adapter_dir, exist_ok=True)
     layers = choose_layers(args, adapter_dir)

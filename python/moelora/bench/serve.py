@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moelora.bench.flags import describe
+from moelora.bench.records import pyplot
 from moelora.bench.serve_prompts import (
     RequestSpec,
     ServerTokenizer,
@@ -283,6 +284,8 @@ async def _sized_requests(args, model: str, tokenizer, session, base_url: str,
 
 def run(args) -> dict:
     """Runs the benchmark the arguments describe, prints the report, saves what was asked."""
+    if args.plot is not None:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
     summary, _ = asyncio.run(benchmark(args))
     print_report(summary)
     if args.save_result or args.result_dir or args.result_filename:

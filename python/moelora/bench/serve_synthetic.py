@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 
 from moelora.bench import flags
-from moelora.bench.records import append_record
+from moelora.bench.records import append_record, pyplot
 
 DEFAULT_OUT = os.path.join("bench", "results", "e2e.jsonl")
 
@@ -132,6 +132,8 @@ def run_from_args(args) -> int:
 
     if not args.model.startswith("synthetic:"):
         raise SystemExit(f"--model must be synthetic:<preset>, got {args.model!r}")
+    if args.plot:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
     work = args.work_dir or tempfile.mkdtemp(prefix="moelora-serve-synthetic-")
     config = model_config_of(args.model)
     tokenizer_dir = write_synthetic_tokenizer(os.path.join(work, "tokenizer"), config.vocab_size)
