@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,7 +55,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="adapter weights")
     parser.add_argument("--adapter-dir", default=None,
                         help="where to write the adapters (reused when complete; default: a "
-                             "temporary directory)")
+                             "temporary directory, removed at the end)")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     return parser
 
@@ -114,9 +113,15 @@ def plain_parallel_read(paths: list[str], threads: int) -> float:
 
 
 def run_from_args(args) -> int:
+    from moelora.bench.synthetic_adapters import adapter_directory
+
+    with adapter_directory(args.adapter_dir, "moelora-bench-load-") as adapter_dir:
+        return _run(args, adapter_dir)
+
+
+def _run(args, adapter_dir: str) -> int:
     from moelora.bench.adapter_loads import AdapterLoads
 
-    adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-load-")
     loads = AdapterLoads(args, adapter_dir)
     files = loads.files
     file_bytes = sum(os.path.getsize(p) for p in files)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import tempfile
 
 from moelora.bench import flags
 from moelora.bench.records import append_record, format_table, pyplot, ratio
@@ -88,7 +87,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
     parser.add_argument("--adapter-dir", default=None,
                         help="where the adapters are written (reused when complete; default: "
-                             "a temporary directory)")
+                             "a temporary directory, removed at the end)")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help="append one JSON line per (sequences, adapters) here ('-': none)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
@@ -163,6 +162,7 @@ def build_engine(args, layers: int | None):
 
 def run_from_args(args) -> int:
     from moelora.bench.latency_runs import LatencyRuns
+    from moelora.bench.synthetic_adapters import adapter_directory
 
     _validate(args)
     if args.plot is not None:
@@ -174,10 +174,9 @@ def run_from_args(args) -> int:
         print(f"note: {notes[-1]}")
     layers = _pick_layers(args, notes)
     engine = build_engine(args, layers)
-    adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-latency-")
     try:
-        runs = LatencyRuns(engine, args, adapter_dir, random.Random(args.seed))
-        records = runs.measure()
+        with adapter_directory(args.adapter_dir, "moelora-bench-latency-") as adapter_dir:
+            records = LatencyRuns(engine, args, adapter_dir, random.Random(args.seed)).measure()
     finally:
         engine.stop()
     for record in records:

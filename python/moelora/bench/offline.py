@@ -24,7 +24,6 @@ import argparse
 import os
 import random
 import statistics
-import tempfile
 
 from moelora.bench import flags
 from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
@@ -66,7 +65,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
     parser.add_argument("--adapter-dir", default=None,
                         help="where to write the adapters (reused when complete; default: a "
-                             "temporary directory)")
+                             "temporary directory, removed at the end)")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds of the no-adapter and the warm run (medians reported)")
@@ -124,30 +123,12 @@ def _check_memory(args) -> None:
     check_model_fits(args.model, args.num_layers, args.dtype, args.device, extra_bytes=extra)
 
 
-def run_from_args(args) -> int:
+def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
+    """Warm-up, the cold run with adapters, then the interleaved rounds (see the module doc)."""
     from moelora import LoRARequest, SamplingParams
     from moelora.bench.synthetic_adapters import write_adapters
-    from moelora.engine.config import EngineConfig
-    from moelora.engine.llm_engine import LLMEngine
 
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
-    if args.plot is not None:
-        pyplot()  # before the run: a missing matplotlib stops it with its pip line
-    _check_memory(args)
-    rng = random.Random(args.seed)
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          enable_lora=True, max_lora_rank=args.rank, max_loras=args.max_loras,
-                          max_cpu_loras=max(args.max_loras, args.num_adapters),
-                          max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                          load_progress=False, synthetic_num_layers=args.num_layers,
-                          tensor_parallel_size=args.tensor_parallel_size,
-                          enable_expert_parallel=args.enable_expert_parallel,
-                          decode_graphs=flags.graphs_choice(args))
-    engine = LLMEngine(config)
     vocab = engine.model.config.vocab_size
-    adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-adapters-")
     # Adapters have the whole model's shapes; a parallel engine's model is this rank's shard.
     sites = engine.parallel.full_sites if engine.parallel is not None else engine.model.lora_sites()
     paths = write_adapters(adapter_dir, args.num_adapters, sites, args.rank, seed=args.seed,
@@ -158,22 +139,51 @@ def run_from_args(args) -> int:
                                         args.request_rate)
     chosen = [rng.choices(loras, weights)[0] for _ in prompts]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-
     plain = [None] * len(prompts)
+    run_requests(engine, prompts, plain, params, arrivals)  # warm-up: this workload's shapes
+    before = engine.adapters.stats()
+    with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals)
+    after = engine.adapters.stats()
+    base_runs, warm_runs = [], []
+    for _ in range(args.repeats):  # interleaved, so drift affects both alike
+        base_runs.append(run_requests(engine, prompts, plain, params, arrivals)[0])
+        warm, warm_outs = run_requests(engine, prompts, chosen, params, arrivals)
+        warm_runs.append(warm)
+    return {"before": before, "after": after, "after_warm": engine.adapters.stats(),
+            "pool": engine.memory.pool.stats(), "with_adapters": with_adapters,
+            "cold_outs": cold_outs, "warm_outs": warm_outs, "base_runs": base_runs,
+            "warm_runs": warm_runs}
+
+
+def run_from_args(args) -> int:
+    from moelora.bench.synthetic_adapters import adapter_directory
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if args.plot is not None:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
+    _check_memory(args)
+    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
+                          enable_lora=True, max_lora_rank=args.rank, max_loras=args.max_loras,
+                          max_cpu_loras=max(args.max_loras, args.num_adapters),
+                          max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                          load_progress=False, synthetic_num_layers=args.num_layers,
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel,
+                          decode_graphs=flags.graphs_choice(args))
+    engine = LLMEngine(config)
     try:
-        run_requests(engine, prompts, plain, params, arrivals)  # warm-up: this workload's shapes
-        before = engine.adapters.stats()
-        with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals)
-        after = engine.adapters.stats()
-        base_runs, warm_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so drift affects both alike
-            base_runs.append(run_requests(engine, prompts, plain, params, arrivals)[0])
-            warm, warm_outs = run_requests(engine, prompts, chosen, params, arrivals)
-            warm_runs.append(warm)
-        after_warm = engine.adapters.stats()
-        pool = engine.memory.pool.stats()
+        with adapter_directory(args.adapter_dir, "moelora-bench-adapters-") as adapter_dir:
+            runs = _measure(engine, args, adapter_dir, random.Random(args.seed))
     finally:
         engine.stop()  # also ends the other ranks of a parallel engine
+    base_runs, warm_runs = runs["base_runs"], runs["warm_runs"]
+    before, after, after_warm = runs["before"], runs["after"], runs["after_warm"]
+    with_adapters, pool = runs["with_adapters"], runs["pool"]
+    cold_outs, warm_outs = runs["cold_outs"], runs["warm_outs"]
     base, warm = _median_run(base_runs), _median_run(warm_runs)
     loaded = after["bytes_loaded"] - before["bytes_loaded"]
     seconds = after["load_seconds"] - before["load_seconds"]

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 
 from moelora.bench import flags
 from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
@@ -77,7 +76,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
     parser.add_argument("--adapter-dir", default=None,
                         help="where to write the adapters (reused when complete; default: a "
-                             "temporary directory)")
+                             "temporary directory, removed at the end)")
     parser.add_argument("--adapter-disk-budget-gb", type=float, default=16.0,
                         help="disk the adapters may take when the layer count is chosen")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
@@ -145,21 +144,21 @@ def build_engine(args, layers: int | None):
 
 def run_from_args(args) -> int:
     from moelora.bench.scale_points import ScalePoints
+    from moelora.bench.synthetic_adapters import adapter_directory
 
     if not 0 < args.auto_rate_fraction:
         raise SystemExit(f"--auto-rate-fraction must be > 0, got {args.auto_rate_fraction}")
     if args.plot is not None:
         pyplot()  # before the run: a missing matplotlib stops it with its pip line
-    adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-scale-")
-    os.makedirs(adapter_dir, exist_ok=True)
-    layers = choose_layers(args, adapter_dir)
-    _check_memory(args, layers)
-    engine = build_engine(args, layers)
-    try:
-        points = ScalePoints(engine, args, adapter_dir, random.Random(args.seed))
-        base, results = points.measure()
-    finally:
-        engine.stop()
+    with adapter_directory(args.adapter_dir, "moelora-bench-scale-") as adapter_dir:
+        layers = choose_layers(args, adapter_dir)
+        _check_memory(args, layers)
+        engine = build_engine(args, layers)
+        try:
+            points = ScalePoints(engine, args, adapter_dir, random.Random(args.seed))
+            base, results = points.measure()
+        finally:
+            engine.stop()
     record = {
         "bench": "scale", "model": args.model, **engine_fields(engine),
         "num_layers": engine.model.config.num_layers, "rank": args.rank,

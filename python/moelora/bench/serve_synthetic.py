@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -54,7 +53,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--startup-timeout", type=float, default=900.0,
                         help="seconds to wait for the server's /health")
     parser.add_argument("--work-dir", default=None,
-                        help="tokenizer, adapters and server log (default: a temporary directory)")
+                        help="tokenizer, adapters and server log (default: a temporary "
+                             "directory, removed at the end)")
     parser.add_argument("--result-dir", default=os.path.join("bench", "results"),
                         help="where the bench serve JSON (and plot) go")
     parser.add_argument("--out", default=DEFAULT_OUT,
@@ -125,16 +125,22 @@ def server_command(args, tokenizer_dir: str, adapters: dict[str, str], port: int
 
 
 def run_from_args(args) -> int:
-    from moelora.bench import serve
-    from moelora.bench.memory_check import lora_sites_of, model_config_of
-    from moelora.bench.synthetic_adapters import write_adapters
-    from moelora.bench.synthetic_tokenizer import write_synthetic_tokenizer
+    from moelora.bench.synthetic_adapters import adapter_directory
 
     if not args.model.startswith("synthetic:"):
         raise SystemExit(f"--model must be synthetic:<preset>, got {args.model!r}")
     if args.plot:
         pyplot()  # before the run: a missing matplotlib stops it with its pip line
-    work = args.work_dir or tempfile.mkdtemp(prefix="moelora-serve-synthetic-")
+    with adapter_directory(args.work_dir, "moelora-serve-synthetic-") as work:
+        return _run(args, work)
+
+
+def _run(args, work: str) -> int:
+    from moelora.bench import serve
+    from moelora.bench.memory_check import lora_sites_of, model_config_of
+    from moelora.bench.synthetic_adapters import write_adapters
+    from moelora.bench.synthetic_tokenizer import write_synthetic_tokenizer
+
     config = model_config_of(args.model)
     tokenizer_dir = write_synthetic_tokenizer(os.path.join(work, "tokenizer"), config.vocab_size)
     paths = write_adapters(os.path.join(work, "adapters"), args.num_adapters,

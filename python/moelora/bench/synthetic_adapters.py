@@ -9,8 +9,10 @@ expert a row belongs to) does not matter here; shapes and keys do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -87,3 +89,15 @@ def _complete(path: str, rank: int) -> bool:
         return False
     return config.get("r") == rank and \
         os.path.exists(os.path.join(path, "adapter_model.safetensors"))
+
+
+@contextlib.contextmanager
+def adapter_directory(given: str | None, prefix: str):
+    """`given` (created if missing, kept), or a temporary directory removed on exit: gigabytes
+    of benchmark adapters never outlive the run unless asked for."""
+    if given:
+        os.makedirs(given, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as path:
+        yield path
