@@ -37,8 +37,15 @@ def random_prompt(rng: random.Random, num_tokens: int, tokenizer=None) -> str:
     words, ids = [], []
     while len(ids) < num_tokens:
         words.extend(_random_word(rng) for _ in range(max(1, num_tokens - len(ids))))
-        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)
+        before, ids = len(ids), tokenizer.encode(" ".join(words), add_special_tokens=False)
+        _check_growth(before, len(ids))
     return tokenizer.decode(ids[:num_tokens])
+
+
+def _check_growth(before: int, after: int) -> None:
+    if after <= before:
+        raise ValueError(f"the tokenizer turns more words into no more tokens ({after}): it "
+                         f"cannot size random prompts")
 
 
 class ServerTokenizerUnavailable(RuntimeError):
@@ -71,7 +78,8 @@ class ServerTokenizer:
         words, ids = [], []
         while len(ids) < num_tokens:
             words.extend(_random_word(rng) for _ in range(max(1, num_tokens - len(ids))))
-            ids = await self.encode(" ".join(words))
+            before, ids = len(ids), await self.encode(" ".join(words))
+            _check_growth(before, len(ids))
         return await self.decode(ids[:num_tokens])
 
 
