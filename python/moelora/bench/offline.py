@@ -178,6 +178,11 @@ def run_from_args(args) -> int:
     try:
         with adapter_directory(args.adapter_dir, "moelora-bench-adapters-") as adapter_dir:
             runs = _measure(engine, args, adapter_dir, random.Random(args.seed))
+        # read before stop(), which releases the model
+        engine_info = {**engine_fields(engine), "num_layers": engine.model.config.num_layers}
+        graphs = engine.runner.graphs
+        graph_info = {"decode_graphs": graphs is not None,
+                      "decode_graph_replays": graphs.replays if graphs is not None else 0}
     finally:
         engine.stop()  # also ends the other ranks of a parallel engine
     base_runs, warm_runs = runs["base_runs"], runs["warm_runs"]
@@ -188,16 +193,13 @@ def run_from_args(args) -> int:
     loaded = after["bytes_loaded"] - before["bytes_loaded"]
     seconds = after["load_seconds"] - before["load_seconds"]
     record = {
-        "bench": "offline", "model": args.model, **engine_fields(engine),
-        "num_layers": engine.model.config.num_layers,
+        "bench": "offline", "model": args.model, **engine_info,
         "num_adapters": args.num_adapters, "rank": args.rank, "max_loras": args.max_loras,
         "popularity": args.popularity, "num_prompts": args.num_prompts,
         "input_len": args.input_len, "output_len": args.output_len,
         "request_rate": args.request_rate, "tensor_parallel_size": args.tensor_parallel_size,
         "enable_expert_parallel": args.enable_expert_parallel,
-        "decode_graphs": engine.runner.graphs is not None,
-        "decode_graph_replays": (engine.runner.graphs.replays
-                                 if engine.runner.graphs is not None else 0),
+        **graph_info,
         "with_adapters": with_adapters, "no_adapters": base, "with_adapters_warm": warm,
         "repeats": args.repeats, "no_adapters_rounds": _spread(base_runs),
         "with_adapters_warm_rounds": _spread(warm_runs),

@@ -157,11 +157,12 @@ def run_from_args(args) -> int:
         try:
             points = ScalePoints(engine, args, adapter_dir, random.Random(args.seed))
             base, results = points.measure()
+            # read before stop(), which releases the model
+            engine_info = {**engine_fields(engine), "num_layers": engine.model.config.num_layers}
         finally:
             engine.stop()
     record = {
-        "bench": "scale", "model": args.model, **engine_fields(engine),
-        "num_layers": engine.model.config.num_layers, "rank": args.rank,
+        "bench": "scale", "model": args.model, **engine_info, "rank": args.rank,
         "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "adapter_counts": sorted(set(args.adapter_counts)),

@@ -179,7 +179,19 @@ class RoutingCapture:
             self.token_slot = meta.token_slot
             return run_model(input_ids, meta)
 
+        wrapped = []
         for layer, router in _routers(runner.model):
+            if hasattr(router, "route"):  # MoeBlock calls route(), not forward()
+                route = router.route
+
+                def keep_route(x, route=route, layer=layer):
+                    routing = route(x)
+                    self.ids[layer] = routing.topk_ids.detach().clone()
+                    return routing
+                router.route = keep_route
+                wrapped.append(router)
+                continue
+
             def keep(module, args, output, layer=layer):
                 ids = _expert_ids(output)
                 if ids is not None:
@@ -197,6 +209,8 @@ class RoutingCapture:
                 del runner.run_model
             for hook in hooks:
                 hook.remove()
+            for router in wrapped:
+                del router.route
         return self.routing()
 
     def routing(self) -> Routing:
