@@ -135,6 +135,7 @@ def _run(engine, prompts, loras, params, arrivals) -> dict:
 def run_from_args(args) -> int:
     from moelora import LoRARequest, SamplingParams
     from moelora.bench.synthetic_adapters import write_random_adapter
+    from moelora.distributed import executor_for
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
@@ -150,11 +151,11 @@ def run_from_args(args) -> int:
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
                           decode_graphs=graphs_choice(args))
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, executor_for(config))
     vocab = engine.model.config.vocab_size
     adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-adapters-")
     # Adapters have the whole model's shapes; a parallel engine's model is this rank's shard.
-    sites = engine.parallel.full_sites if engine.parallel is not None else engine.model.lora_sites()
+    sites = engine.executor.full_sites
     loras = [LoRARequest(f"a{i}", i + 1, write_random_adapter(
         os.path.join(adapter_dir, f"a{i}"), sites, args.rank, seed=args.seed + i))
         for i in range(args.num_adapters)]

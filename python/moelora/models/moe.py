@@ -194,10 +194,7 @@ class MoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         routing = getattr(self, self.router_name).route(x)
-        if type(self.experts).forward is Experts.forward:
-            out = self.experts(x, routing, ctx, self.layer)
-        else:  # a subclass with its own forward (the expert-parallel shard) takes the top-k
-            out = self.experts(x, routing.topk_ids, routing.topk_weights, ctx, self.layer)
+        out = self.experts(x, routing, ctx, self.layer)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, ctx)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
