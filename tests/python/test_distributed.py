@@ -171,6 +171,21 @@ def test_quantized_experts_over_ranks_match_single_process(cases, preset, weight
     assert len({tuple(t) for t, _ in ours[1:4]}) > 1
 
 
+def test_expert_parallel_without_adapters_matches_single_process():
+    """No adapter anywhere: the experts' activation runs fused into the w13 GEMM of each
+    rank's blocks (LLM(..., tensor_parallel_size=2, enable_expert_parallel=True))."""
+    args = {"device": "cpu", "dtype": "float32", "pool_memory_bytes": 16 << 20}
+    prompts = [{"prompt_token_ids": p} for p in ([5, 9, 33, 2], [7], list(range(40, 57)))]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=1)
+    outputs = []
+    for parallel in ({}, {"tensor_parallel_size": 2, "enable_expert_parallel": True}):
+        with LLM("synthetic:tiny-gpt-oss", **args, **parallel) as llm:
+            outputs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
+    for single, ours in zip(*outputs):
+        assert ours.token_ids == single.token_ids
+        assert ours.cumulative_logprob == pytest.approx(single.cumulative_logprob, abs=1e-3)
+
+
 def test_parallel_engine_with_decode_graphs_matches_single_process(cases):
     """decode_graphs=True in a parallel engine: pure-decode steps go through every rank's padded
     static buffers (captured as CUDA graphs on GPUs, with the collectives inside; eager here)."""
