@@ -46,7 +46,7 @@ class LatencyRuns:
         most = max(self.args.num_adapters)
         if most == 0:
             return []
-        paths = write_adapters(adapter_dir, most, self.engine.model.lora_sites(),
+        paths = write_adapters(adapter_dir, most, self.engine.executor.full_sites,
                                self.args.rank, seed=self.args.seed, device=self.engine.device)
         loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(paths)]
         for lora in loras:

@@ -130,9 +130,9 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
 
     vocab = engine.model.config.vocab_size
     # Adapters have the whole model's shapes; a parallel engine's model is this rank's shard.
-    sites = engine.parallel.full_sites if engine.parallel is not None else engine.model.lora_sites()
+    sites = engine.executor.full_sites
     paths = write_adapters(adapter_dir, args.num_adapters, sites, args.rank, seed=args.seed,
-                           device=engine.device if engine.parallel is None else "cpu")
+                           device=engine.device if args.tensor_parallel_size == 1 else "cpu")
     loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(paths)]
     weights = popularity_weights(len(loras), args.popularity)
     prompts, arrivals = random_workload(rng, vocab, args.num_prompts, args.input_len,
@@ -157,6 +157,7 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
 
 def run_from_args(args) -> int:
     from moelora.bench.synthetic_adapters import adapter_directory
+    from moelora.distributed import executor_for
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
@@ -174,7 +175,7 @@ def run_from_args(args) -> int:
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
                           decode_graphs=flags.graphs_choice(args))
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, executor_for(config))
     try:
         with adapter_directory(args.adapter_dir, "moelora-bench-adapters-") as adapter_dir:
             runs = _measure(engine, args, adapter_dir, random.Random(args.seed))

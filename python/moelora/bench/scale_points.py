@@ -18,7 +18,7 @@ class ScalePoints:
         self.params = SamplingParams(temperature=0.0, max_tokens=args.output_len,
                                      ignore_eos=True)
         self.counts = sorted(set(args.adapter_counts))
-        self.paths = write_adapters(adapter_dir, self.counts[-1], engine.model.lora_sites(),
+        self.paths = write_adapters(adapter_dir, self.counts[-1], engine.executor.full_sites,
                                     args.rank, seed=args.seed, device=engine.device)
         self.vocab = engine.model.config.vocab_size
         self._next_id = 1  # adapter ids are never reused, so every point starts cold

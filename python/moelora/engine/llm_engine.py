@@ -1,5 +1,6 @@
-"""LLMEngine: requests in, tokens out. Owns the model, the unified page pool, the adapter
-manager, the scheduler, the model runner and the sampler; `step()` runs one batch.
+"""LLMEngine: requests in, tokens out. Owns the requests, the scheduler, the KV manager and the
+sampler; its executor (engine/executor.py) owns the model, the unified page pool, the adapter
+cache and the model runner, in this process or in one process per GPU. `step()` runs one batch.
 
 Requests are checked in full when they are added (prepare_request), so a request that can never
 run is refused up front with a ValueError, and a step that fails fails only the sequences it
@@ -10,19 +11,16 @@ the GPU memory, the decode graphs and the adapter cache's threads.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
-from moelora.engine.adapters import AdapterManager, LoRARequest
+from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
-from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
+from moelora.engine.executor import Executor, UniProcExecutor
 from moelora.engine.kv_manager import KVManager
-from moelora.engine.memory import build_pool
-from moelora.engine.model_runner import ModelRunner
 from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import (
     CompletionOutput,
@@ -37,7 +35,6 @@ from moelora.engine.sampler import SampleRequest, make_generator, sample
 from moelora.engine.sampling_params import SamplingParams
 from moelora.engine.scheduler import Scheduler, SchedulerConfig
 from moelora.engine.tokenizer import load_tokenizer
-from moelora.models import load_model
 
 logger = logging.getLogger("moelora")
 
@@ -65,40 +62,35 @@ class PreparedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, parallel=None):
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        """`executor`: what runs the model, built for this `config`; None: a UniProcExecutor
+        (tensor_parallel_size 1). Parallel engines are handed a
+        moelora.distributed.MultiProcExecutor(config)."""
         self._closed = False
-        # Tensor/expert parallel serving (moelora.distributed): `parallel` is this process's
-        # RankContext. With tensor_parallel_size > 1 this process becomes rank 0 and spawns the
-        # other ranks; each rank keeps its shard of the model, pool and adapters. None and
-        # tensor_parallel_size == 1: one process, as before.
-        if parallel is None and config.tensor_parallel_size > 1:
-            from moelora.distributed import launch
-
-            parallel = launch(config)
-        self.parallel = parallel
+        if executor is None:
+            executor = UniProcExecutor(config)
+        elif executor.config is not config:
+            raise ValueError("the executor was built for another EngineConfig")
+        self.executor = executor  # the engine's from now on: shutdown() shuts it down
         self.config = config
-        self.device = config.torch_device()
+        self.device, self.dtype = executor.device, executor.dtype
         self.model_dir = config.model if os.path.isdir(config.model) else None
-        self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
-        if parallel is None:
-            self.model = load_model(config.model, dtype=self.dtype, device=self.device,
-                                    progress=config.load_progress,
-                                    **({"num_layers": config.synthetic_num_layers}
-                                       if config.synthetic_num_layers is not None else {}))
-        else:  # this rank's shard; model.config and lora_sites() follow it
-            self.model = parallel.load_model(config, self.dtype, self.device)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        # The driving worker's state, for stats and tests; the executor owns it.
+        self.model, self.memory = executor.model, executor.memory
+        self.adapters, self.runner = executor.adapters, executor.runner
+        try:
+            self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        except BaseException:
+            executor.shutdown()  # e.g. the other processes of a parallel engine
+            raise
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.eos_token_ids = tuple(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = tuple(sorted(set(self.eos_token_ids)
                                               | {self.tokenizer.eos_token_id}))
-        sites = self.model.lora_sites() if config.enable_lora else []
-        self.memory = build_pool(config, mc, sites, self.dtype, self.device)
-        self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype, shard=parallel)
         self.prefix_cache = PrefixCache() if config.enable_prefix_caching else None
-        self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens,
+        self.kv = KVManager(executor.kv_pool, mc.num_layers, self.memory.block_tokens,
                             mc.sliding_windows, self.prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -106,18 +98,6 @@ class LLMEngine:
                             max_loras_per_batch=config.max_loras_per_batch,
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
-        graphs = None
-        # Default: on for a one-process CUDA engine; a parallel engine only when asked for
-        # (its graphs hold the NCCL collectives too; not yet measured on GPUs).
-        use_graphs = (config.decode_graphs if config.decode_graphs is not None
-                      else self.device.type == "cuda" and parallel is None)
-        if use_graphs:
-            graphs = DecodeGraphs(self.model, self.memory.kv_view, self.adapters.views,
-                                  mc.num_layers, self.memory.block_tokens,
-                                  config.decode_graph_max_blocks,
-                                  default_buckets(config.max_num_seqs), self.device)
-        self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
-                                  self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
         # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
         self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
@@ -125,8 +105,6 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
                       "window_pages_released": 0}
-        if parallel is not None:  # rank 0 mirrors pool/adapter calls to the others and drives them
-            parallel.attach(self)
         # Last attribute on purpose: the instance dict releases its values in order, so when the
         # engine is dropped this marker goes after the model, pool and graphs, and its finalizer
         # hands the memory they held back to the driver.
@@ -246,7 +224,7 @@ class LLMEngine:
 
     def _run_batch(self, batch, touched: set[str]) -> None:
         slot_of = self.adapters.slots_for(batch.seqs)
-        logits = self.runner.execute(batch, slot_of)
+        logits = self.executor.execute(batch, slot_of)
         sampling = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
@@ -375,20 +353,19 @@ class LLMEngine:
             raise RuntimeError("this engine was shut down")
 
     def shutdown(self) -> None:
-        """Aborts every request, stops the other ranks of a parallel engine, frees the decode
-        graphs, the adapter cache (its threads and host copies), the page pool and the model,
-        and returns the GPU memory to the driver. Idempotent; the engine serves nothing after."""
+        """Aborts every request, shuts the executor down (the other processes of a parallel
+        engine stop; the decode graphs, the adapter cache with its threads and host copies, the
+        page pool and the model are freed) and returns the GPU memory to the driver.
+        Idempotent; the engine serves nothing after. The runner and the adapter manager stay,
+        closed, for their counters."""
         if self._closed:
             return
         self._closed = True
         try:
             for request_id in list(self._requests):
                 self.abort_request(request_id)
-            if self.parallel is not None:  # stops the other ranks (rank 0)
-                self.parallel.shutdown()
         finally:
-            self.runner.release()  # kept, for its counters (graph replays)
-            self.adapters.close()
+            self.executor.shutdown()
             self.scheduler = self.kv = self.prefix_cache = None
             self.model = self.memory = None
             if self.device.type == "cuda":
@@ -407,16 +384,3 @@ def _return_cached_memory(device: torch.device) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-
-
-def checkpoint_dtype(model_dir: str | None) -> torch.dtype | None:
-    """The dtype a checkpoint's config.json declares, if any."""
-    if model_dir is None:
-        return None
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            hf = json.load(f)
-    except (OSError, ValueError):
-        return None
-    name = hf.get("dtype") or hf.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
