@@ -20,6 +20,7 @@ import torch
 from moelora.engine.adapters import AdapterManager, LoRARequest
 from moelora.engine.config import EngineConfig
 from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
+from moelora.engine.detokenizer import IncrementalDetokenizer, find_stop
 from moelora.engine.kv_manager import KVManager
 from moelora.engine.memory import build_pool
 from moelora.engine.model_runner import ModelRunner
@@ -36,10 +37,12 @@ from moelora.engine.request import (
 from moelora.engine.sampler import SampleRequest, make_generator, sample
 from moelora.engine.sampling_params import SamplingParams
 from moelora.engine.scheduler import Scheduler, SchedulerConfig
+from moelora.engine.step_pipeline import StepPipeline, async_scheduling_enabled
 from moelora.engine.tokenizer import load_tokenizer
 from moelora.models import load_model
 
 logger = logging.getLogger("moelora")
+_UNSET = object()
 
 
 class _RequestState:
@@ -222,11 +225,19 @@ class LLMEngine:
         del self._requests[request_id]  # nobody will ask for its output any more
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """Whether step() has more to do: requests to run, or a step still in flight."""
+        pipeline = self._step_pipeline()
+        return self.scheduler.has_work() or (pipeline is not None and pipeline.busy())
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one step and returns the outputs of the requests it advanced. With async
+        scheduling (engine/step_pipeline.py) the step is launched and the previous one's tokens
+        are returned while it runs."""
         self._check_open()
+        pipeline = self._step_pipeline()
+        if pipeline is not None:
+            return pipeline.step(self)
         batch = self.scheduler.schedule()
         touched: set[str] = set()
         for seq in batch.failed:
@@ -237,11 +248,24 @@ class LLMEngine:
         if batch.is_empty():
             if self.scheduler.has_work() and not touched:
                 self.adapters.wait_for_progress()
-            return [self._output(self._requests[r]) for r in touched if r in self._requests]
+            return self._outputs(touched)
         try:
             self._run_batch(batch, touched)
         except Exception as error:  # noqa: BLE001 - confined to the step's own sequences
             self._fail_batch(batch, error, touched)
+        return self._outputs(touched)
+
+    def _step_pipeline(self) -> StepPipeline | None:
+        """The async-scheduling pipeline (made on first use), or None: steps run one at a
+        time."""
+        pipeline = self.__dict__.get("_pipeline", _UNSET)
+        if pipeline is _UNSET:
+            pipeline = StepPipeline() if async_scheduling_enabled(
+                self.config, self.device, self.parallel) else None
+            self._pipeline = pipeline
+        return pipeline
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
         return [self._output(self._requests[r]) for r in touched if r in self._requests]
 
     def _run_batch(self, batch, touched: set[str]) -> None:
@@ -265,6 +289,9 @@ class LLMEngine:
                                    result.top_logprobs[i])
                 touched.add(seq.request_id)
         self.stats["steps"] += 1
+        self._record_prefix_cache_stats()
+
+    def _record_prefix_cache_stats(self) -> None:
         if self.prefix_cache is not None:
             self.stats["prefix_cache_query_tokens"] = self.prefix_cache.query_tokens
             self.stats["prefix_cache_hit_tokens"] = self.prefix_cache.hit_tokens
@@ -293,28 +320,35 @@ class LLMEngine:
         seq.output_top_logprobs.append(top)
         self.stats["generation_tokens"] += 1
         params = seq.params
+        new_text = ""
         if self.tokenizer is not None:
-            seq.output_text = self.tokenizer.decode(seq.output_token_ids,
-                                                    skip_special_tokens=params.skip_special_tokens)
-        status = None
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer,
+                                                         params.skip_special_tokens)
+            new_text = seq.detokenizer.add(seq.output_token_ids)
+            seq.output_text += new_text
+        generated = len(seq.output_token_ids)
+        status, stopped_by_text = None, False
         if not params.ignore_eos and token in self.eos_token_ids and \
-                len(seq.output_token_ids) > params.min_tokens:
+                generated > params.min_tokens:
             status = SequenceStatus.FINISHED_STOPPED
             seq.stop_reason = None
-        elif token in params.stop_token_ids and len(seq.output_token_ids) > params.min_tokens:
+        elif token in params.stop_token_ids and generated > params.min_tokens:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
         elif params.stop_strings and self.tokenizer is not None:
-            for stop in params.stop_strings:
-                at = seq.output_text.find(stop)
-                if at >= 0:
-                    end = at + len(stop) if params.include_stop_str_in_output else at
-                    seq.output_text = seq.output_text[:end]
-                    status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-                    break
-        if status is None and (len(seq.output_token_ids) >= seq.max_tokens or
-                               seq.num_tokens >= self.max_model_len):
+            hit = find_stop(seq.output_text, len(new_text), params.stop_strings)
+            if hit is not None:
+                stop, at = hit
+                end = at + len(stop) if params.include_stop_str_in_output else at
+                seq.output_text = seq.output_text[:end]
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                stopped_by_text = True
+        if status is None and (generated >= seq.max_tokens or
+                               seq.num_known_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            if seq.detokenizer is not None and not stopped_by_text:
+                seq.output_text += seq.detokenizer.flush(seq.output_token_ids)
             self.scheduler.finish(seq, status)
             seq.finish_time = now()
 
