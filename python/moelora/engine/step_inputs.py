@@ -57,7 +57,12 @@ def step_metadata(ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor
     positions, rows, slots [T] (slots None: no token has an adapter), seq_lens [rows + 1] and
     tables [layers, rows + 1, width]. Tokens of `padding_row` write no KV. No host sync."""
     positions64 = positions.long()
-    pages = tables[:, rows.long(), positions64 // block_tokens]  # [layers, T]
+    # tables may be a narrowed view of the runner's table: gather through its strides, from the
+    # [layers, one layer's entries] rows of its storage (no copy of the table)
+    layers, layer_stride = tables.shape[0], tables.stride(0)
+    entries = rows.long() * tables.stride(1) + (positions64 // block_tokens) * tables.stride(2)
+    pages = tables.as_strided((layers, layer_stride), (layer_stride, 1)).index_select(
+        1, entries)  # [layers, T]
     slot_mapping = pages.long() * block_tokens + positions64 % block_tokens
     if padding_row is not None:
         slot_mapping.masked_fill_(rows == padding_row, -1)
