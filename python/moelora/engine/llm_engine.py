@@ -318,6 +318,7 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         seq.output_top_logprobs.append(top)
+        seq.cumulative_logprob += logprob  # the order sum(output_logprobs) adds them in
         self.stats["generation_tokens"] += 1
         params = seq.params
         new_text = ""
@@ -357,23 +358,24 @@ class LLMEngine:
         for seq in state.seqs:
             logprobs = None
             if seq.params.logprobs is not None:
-                logprobs = []
-                for token, lp, top in zip(seq.output_token_ids, seq.output_logprobs,
-                                          seq.output_top_logprobs):
-                    entry = {token: Logprob(lp)}
-                    for rank, (tid, tlp) in enumerate(top or [], start=1):
+                for index in range(len(seq.logprob_entries), len(seq.output_token_ids)):
+                    token = seq.output_token_ids[index]
+                    entry = {token: Logprob(seq.output_logprobs[index])}
+                    for rank, (tid, tlp) in enumerate(seq.output_top_logprobs[index] or [],
+                                                      start=1):
                         if tid == token:
                             entry[token].rank = rank
                         else:
                             entry[tid] = Logprob(tlp, rank)
-                    logprobs.append(entry)
+                    seq.logprob_entries.append(entry)
+                logprobs = list(seq.logprob_entries)
             finish_reason = None
             if seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                               SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR):
                 finish_reason = seq.status.value
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=sum(seq.output_logprobs) if seq.output_logprobs else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.output_logprobs else None,
                 logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason))
             outputs[-1].error = seq.error
             outputs[-1].error_type = seq.error_type
@@ -416,6 +418,8 @@ class LLMEngine:
             return
         self._closed = True
         try:
+            if self.device.type == "cuda":  # a step launched by async scheduling may still run
+                torch.cuda.synchronize(self.device)
             for request_id in list(self._requests):
                 self.abort_request(request_id)
             if self.parallel is not None:  # stops the other ranks (rank 0)

@@ -36,6 +36,10 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+    # What each step's output repeats, kept as tokens arrive instead of rebuilt from every token
+    # each step: the running sum of output_logprobs, and the per-token logprob dicts made so far
+    cumulative_logprob: float = 0
+    logprob_entries: list = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     # Tokens sampled by steps still running on the GPU (async scheduling): they count in
