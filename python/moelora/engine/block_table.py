@@ -132,11 +132,6 @@ class BlockTable:
         for seq_id in stale:
             self._free.append(self._rows.pop(seq_id).index)
 
-    def release_all(self) -> None:
-        """Forgets every row (the entries stay; rows are rewritten when next used)."""
-        self._rows.clear()
-        self._free = list(range(self.rows - 1, -1, -1))
-
     # -- device side -------------------------------------------------------------------------
     def apply(self, primary_index: torch.Tensor, primary_page: torch.Tensor,
               overflow_index: torch.Tensor, overflow_page: torch.Tensor) -> None:

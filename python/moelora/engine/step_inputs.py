@@ -90,7 +90,7 @@ class HostStep:
     num_adapters: int
     width: int  # block-table width the step needs
 
-    def paged_tokens(self) -> list[int]:
+    def paged_tokens(self) -> np.ndarray:
         """Indices of the tokens outside the prefill spans."""
         inside = np.zeros(len(self.ids), dtype=bool)
         for span in self.spans:
