@@ -52,6 +52,9 @@ class EngineConfig:
     # Reuse the KV blocks of identical prompt prefixes (same adapter) across requests.
     enable_prefix_caching: bool = False
     decode_graph_max_blocks: int = 512  # block-table width of the graphs; longer runs eagerly
+    # Schedule step N+1 while the GPU runs step N (vLLM's async scheduling). None = on for a
+    # one-process CUDA engine, off elsewhere.
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # processes, one per GPU (moelora.distributed)
     enable_expert_parallel: bool = False  # partition experts over them instead of sharding
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
+from moelora.engine.detokenizer import IncrementalDetokenizer, find_stop
 from moelora.engine.executor import Executor, UniProcExecutor
 from moelora.engine.kv_manager import KVManager
 from moelora.engine.prefix_cache import PrefixCache
@@ -34,9 +35,11 @@ from moelora.engine.request import (
 from moelora.engine.sampler import SampleRequest, make_generator, sample
 from moelora.engine.sampling_params import SamplingParams
 from moelora.engine.scheduler import Scheduler, SchedulerConfig
+from moelora.engine.step_pipeline import StepPipeline, async_scheduling_enabled
 from moelora.engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger("moelora")
+_UNSET = object()
 
 
 class _RequestState:
@@ -200,11 +203,19 @@ class LLMEngine:
         del self._requests[request_id]  # nobody will ask for its output any more
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """Whether step() has more to do: requests to run, or a step still in flight."""
+        pipeline = self._step_pipeline()
+        return self.scheduler.has_work() or (pipeline is not None and pipeline.busy())
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one step and returns the outputs of the requests it advanced. With async
+        scheduling (engine/step_pipeline.py) the step is launched and the previous one's tokens
+        are returned while it runs."""
         self._check_open()
+        pipeline = self._step_pipeline()
+        if pipeline is not None:
+            return pipeline.step(self)
         batch = self.scheduler.schedule()
         touched: set[str] = set()
         for seq in batch.failed:
@@ -215,11 +226,25 @@ class LLMEngine:
         if batch.is_empty():
             if self.scheduler.has_work() and not touched:
                 self.adapters.wait_for_progress()
-            return [self._output(self._requests[r]) for r in touched if r in self._requests]
+            return self._outputs(touched)
         try:
             self._run_batch(batch, touched)
         except Exception as error:  # noqa: BLE001 - confined to the step's own sequences
             self._fail_batch(batch, error, touched)
+        return self._outputs(touched)
+
+    def _step_pipeline(self) -> StepPipeline | None:
+        """The async-scheduling pipeline (made on first use), or None: steps run one at a
+        time."""
+        pipeline = self.__dict__.get("_pipeline", _UNSET)
+        if pipeline is _UNSET:
+            one_process = isinstance(self.executor, UniProcExecutor)
+            pipeline = StepPipeline() if async_scheduling_enabled(
+                self.config, self.device, one_process) else None
+            self._pipeline = pipeline
+        return pipeline
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
         return [self._output(self._requests[r]) for r in touched if r in self._requests]
 
     def _run_batch(self, batch, touched: set[str]) -> None:
@@ -243,6 +268,9 @@ class LLMEngine:
                                    result.top_logprobs[i])
                 touched.add(seq.request_id)
         self.stats["steps"] += 1
+        self._record_prefix_cache_stats()
+
+    def _record_prefix_cache_stats(self) -> None:
         if self.prefix_cache is not None:
             self.stats["prefix_cache_query_tokens"] = self.prefix_cache.query_tokens
             self.stats["prefix_cache_hit_tokens"] = self.prefix_cache.hit_tokens
@@ -269,30 +297,38 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         seq.output_top_logprobs.append(top)
+        seq.cumulative_logprob += logprob  # the order sum(output_logprobs) adds them in
         self.stats["generation_tokens"] += 1
         params = seq.params
+        new_text = ""
         if self.tokenizer is not None:
-            seq.output_text = self.tokenizer.decode(seq.output_token_ids,
-                                                    skip_special_tokens=params.skip_special_tokens)
-        status = None
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer,
+                                                         params.skip_special_tokens)
+            new_text = seq.detokenizer.add(seq.output_token_ids)
+            seq.output_text += new_text
+        generated = len(seq.output_token_ids)
+        status, stopped_by_text = None, False
         if not params.ignore_eos and token in self.eos_token_ids and \
-                len(seq.output_token_ids) > params.min_tokens:
+                generated > params.min_tokens:
             status = SequenceStatus.FINISHED_STOPPED
             seq.stop_reason = None
-        elif token in params.stop_token_ids and len(seq.output_token_ids) > params.min_tokens:
+        elif token in params.stop_token_ids and generated > params.min_tokens:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
         elif params.stop_strings and self.tokenizer is not None:
-            for stop in params.stop_strings:
-                at = seq.output_text.find(stop)
-                if at >= 0:
-                    end = at + len(stop) if params.include_stop_str_in_output else at
-                    seq.output_text = seq.output_text[:end]
-                    status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-                    break
-        if status is None and (len(seq.output_token_ids) >= seq.max_tokens or
-                               seq.num_tokens >= self.max_model_len):
+            hit = find_stop(seq.output_text, len(new_text), params.stop_strings)
+            if hit is not None:
+                stop, at = hit
+                end = at + len(stop) if params.include_stop_str_in_output else at
+                seq.output_text = seq.output_text[:end]
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                stopped_by_text = True
+        if status is None and (generated >= seq.max_tokens or
+                               seq.num_known_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            if seq.detokenizer is not None and not stopped_by_text:
+                seq.output_text += seq.detokenizer.flush(seq.output_token_ids)
             self.scheduler.finish(seq, status)
             seq.finish_time = now()
 
@@ -301,23 +337,24 @@ class LLMEngine:
         for seq in state.seqs:
             logprobs = None
             if seq.params.logprobs is not None:
-                logprobs = []
-                for token, lp, top in zip(seq.output_token_ids, seq.output_logprobs,
-                                          seq.output_top_logprobs):
-                    entry = {token: Logprob(lp)}
-                    for rank, (tid, tlp) in enumerate(top or [], start=1):
+                for index in range(len(seq.logprob_entries), len(seq.output_token_ids)):
+                    token = seq.output_token_ids[index]
+                    entry = {token: Logprob(seq.output_logprobs[index])}
+                    for rank, (tid, tlp) in enumerate(seq.output_top_logprobs[index] or [],
+                                                      start=1):
                         if tid == token:
                             entry[token].rank = rank
                         else:
                             entry[tid] = Logprob(tlp, rank)
-                    logprobs.append(entry)
+                    seq.logprob_entries.append(entry)
+                logprobs = list(seq.logprob_entries)
             finish_reason = None
             if seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                               SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR):
                 finish_reason = seq.status.value
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=sum(seq.output_logprobs) if seq.output_logprobs else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.output_logprobs else None,
                 logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason))
             outputs[-1].error = seq.error
             outputs[-1].error_type = seq.error_type
@@ -362,6 +399,8 @@ class LLMEngine:
             return
         self._closed = True
         try:
+            if self.device.type == "cuda":  # a step launched by async scheduling may still run
+                torch.cuda.synchronize(self.device)
             for request_id in list(self._requests):
                 self.abort_request(request_id)
         finally:

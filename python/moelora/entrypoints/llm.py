@@ -40,7 +40,8 @@ class LLM:
                  decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
                  enable_prefix_caching: bool = False, max_logprobs: int = 20,
                  kv_cache_memory_bytes: int | None = None, trust_remote_code: bool = False,
-                 synthetic_expert_weights: str | None = None, **unsupported):
+                 synthetic_expert_weights: str | None = None,
+                 async_scheduling: bool | None = None, **unsupported):
         if unsupported:
             names = ", ".join(sorted(unsupported))
             raise TypeError(f"LLM() got arguments moelora does not support: {names}")
@@ -66,7 +67,7 @@ class LLM:
             decode_graphs=_decode_graphs(decode_graphs, enforce_eager),
             decode_graph_max_blocks=decode_graph_max_blocks,
             enable_prefix_caching=enable_prefix_caching, max_logprobs=max_logprobs,
-            synthetic_expert_weights=synthetic_expert_weights)
+            synthetic_expert_weights=synthetic_expert_weights, async_scheduling=async_scheduling)
         self.llm_engine = LLMEngine(config, executor_for(config))
 
     def get_tokenizer(self):
