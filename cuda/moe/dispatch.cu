@@ -112,12 +112,14 @@ namespace {
 // The stream kernel for this call: "" when launched, else why it cannot take it.
 std::string launch_stream(const moe::GemmArgs& a, const TensorRef& input,
                           const MoeExpertWeights& w, int32_t block_m, int64_t max_blocks,
-                          cudaStream_t s) {
+                          int32_t consumers, cudaStream_t s) {
   switch (w.format) {
     case MoeWeightFormat::kDense:
-      return moe::launch_stream_dense(a, input.dtype, block_m, max_blocks, s);
-    case MoeWeightFormat::kMxfp4: return moe::launch_stream_mxfp4(a, block_m, max_blocks, s);
-    case MoeWeightFormat::kFp8Block: return moe::launch_stream_fp8(a, block_m, max_blocks, s);
+      return moe::launch_stream_dense(a, input.dtype, block_m, max_blocks, consumers, s);
+    case MoeWeightFormat::kMxfp4:
+      return moe::launch_stream_mxfp4(a, block_m, max_blocks, consumers, s);
+    case MoeWeightFormat::kFp8Block:
+      return moe::launch_stream_fp8(a, block_m, max_blocks, consumers, s);
   }
   return "unknown weight format";
 }
@@ -145,15 +147,19 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel, bool fall_back) {
+                     const MoeGemmOptions& options) {
   const moe::GemmArgs a = gemm_args(input, input_pairs_per_row, weights, sorted_pairs,
                                     block_expert, num_blocks, epilogue, output);
   const int64_t max_blocks = block_expert.shape[0];
   const cudaStream_t s = detail::as_stream(stream);
   const std::string refusal = tensor_core_refusal(input, weights, block_m, max_blocks);
+  MoeGemmKernel kernel = options.kernel;
+  const bool fall_back = options.fall_back;
   if (kernel == MoeGemmKernel::kStream) {
     const std::string why =
-        refusal.empty() ? launch_stream(a, input, weights, block_m, max_blocks, s) : refusal;
+        refusal.empty()
+            ? launch_stream(a, input, weights, block_m, max_blocks, options.stream_consumers, s)
+            : refusal;
     if (why.empty()) return detail::check_launch("moe_expert_gemm");
     if (!fall_back) refuse("stream", why);
     kernel = MoeGemmKernel::kAuto;

@@ -43,7 +43,7 @@
 
 namespace moelora::cuda::moe {
 
-constexpr int kStreamMaxConsumers = 12;
+constexpr int kStreamMaxConsumers = kMoeMaxStreamConsumers;
 constexpr int kStreamStages = 2;        // ring slots per consumer
 constexpr int kStreamRangeBlocks = 64;  // blocks one CTA's unit range may span
 constexpr int kStreamMaxBlockRows = 16; // block_m 8 or 16: NT = 1 or 2 n-tiles of 8 pair rows
@@ -196,6 +196,25 @@ __device__ void stream_load_x(const GemmArgs& a, const StreamLayout& L, uint8_t*
   }
 }
 
+// A consumer's position in the CTA's units: unit index and its (block, tile), advanced by C
+// units at a time without a 64-bit division.
+struct UnitCursor {
+  int64_t unit, block, tile;
+  __device__ void start(int64_t u, int64_t tiles) {
+    unit = u;
+    block = u / tiles;
+    tile = u - block * tiles;
+  }
+  __device__ void advance(int stride, int64_t tiles) {
+    unit += stride;
+    tile += stride;
+    while (tile >= tiles) {
+      tile -= tiles;
+      ++block;
+    }
+  }
+};
+
 template <typename F>
 __device__ void stream_producer(const GemmArgs& a, const StreamLayout& L, uint8_t* smem,
                                 StreamHeader& h, int64_t u0, int64_t u1, int64_t b_first,
@@ -204,34 +223,33 @@ __device__ void stream_producer(const GemmArgs& a, const StreamLayout& L, uint8_
   for (int i = lane; i < nblocks; i += 32) h.expert[i] = a.block_expert[b_first + i];
   __syncwarp();
   const int C = L.consumers;
-  int64_t cursor[kStreamMaxConsumers];  // next unit to stream for each consumer
-  int32_t slice[kStreamMaxConsumers];
-  uint32_t issued[kStreamMaxConsumers];
-#pragma unroll
-  for (int w = 0; w < kStreamMaxConsumers; ++w) {
-    cursor[w] = u0 + w;
-    slice[w] = 0;
-    issued[w] = 0;
-  }
+  // lane w < C holds consumer w's next unit and slice to stream and its stages so far
+  UnitCursor mine;
+  mine.start(u0 + lane, L.tiles);
+  int32_t my_slice = 0;
+  uint32_t my_issued = 0;
   int next_x = 0;
   for (;;) {
     bool pending = false, progress = false;
-#pragma unroll
-    for (int w = 0; w < kStreamMaxConsumers; ++w) {
-      if (w < C && cursor[w] < u1) {
-        pending = true;
-        const uint32_t slot = issued[w] % kStreamStages;
-        if (warp_test_wait(h.empty[w][slot], ((issued[w] / kStreamStages) & 1u) ^ 1u)) {
-          const int64_t block = cursor[w] / L.tiles;
-          uint8_t* stage = smem + L.ring_offset + (w * kStreamStages + slot) * L.stage_bytes;
-          stream_issue<F>(a, L, stage, h.full[w][slot], h.expert[block - b_first],
-                          cursor[w] - block * L.tiles, slice[w] * L.slice_bytes);
-          ++issued[w];
-          progress = true;
-          if (++slice[w] == L.slices) {
-            slice[w] = 0;
-            cursor[w] += C;
-          }
+    for (int w = 0; w < C; ++w) {
+      const int64_t unit = __shfl_sync(0xffffffffu, mine.unit, w);
+      if (unit >= u1) continue;
+      pending = true;
+      const uint32_t issued = __shfl_sync(0xffffffffu, my_issued, w);
+      const uint32_t slot = issued % kStreamStages;
+      if (!warp_test_wait(h.empty[w][slot], ((issued / kStreamStages) & 1u) ^ 1u)) continue;
+      const int64_t block = __shfl_sync(0xffffffffu, mine.block, w);
+      const int64_t tile = __shfl_sync(0xffffffffu, mine.tile, w);
+      const int32_t slice = __shfl_sync(0xffffffffu, my_slice, w);
+      uint8_t* stage = smem + L.ring_offset + (w * kStreamStages + slot) * L.stage_bytes;
+      stream_issue<F>(a, L, stage, h.full[w][slot], h.expert[block - b_first], tile,
+                      slice * L.slice_bytes);
+      progress = true;
+      if (lane == w) {
+        ++my_issued;
+        if (++my_slice == L.slices) {
+          my_slice = 0;
+          mine.advance(C, L.tiles);
         }
       }
     }
@@ -423,7 +441,8 @@ __device__ void stream_consumer(const GemmArgs& a, const StreamLayout& L, uint8_
   const int lane = static_cast<int>(threadIdx.x & 31);
   uint8_t* ring = smem + L.ring_offset + w * kStreamStages * L.stage_bytes;
   uint32_t consumed = 0;
-  int64_t unit = u0 + w;
+  UnitCursor unit;
+  unit.start(u0 + w, L.tiles);
   for (int rb = 0; rb < nblocks; ++rb) {
     const int slot = rb % L.x_slots;
     tma::wait(bar_at(h.x_full[slot]), static_cast<uint32_t>(rb / L.x_slots) & 1u);
@@ -433,10 +452,9 @@ __device__ void stream_consumer(const GemmArgs& a, const StreamLayout& L, uint8_
         __ballot_sync(0xffffffffu, lane < L.block_m && h.pair[slot][lane] >= 0);
     const int nt_used = (32 - __clz(static_cast<int>(rows)) + 7) / 8;
     const uint8_t* xs = smem + L.x_offset + slot * L.x_slot_bytes;
-    while (unit < u1 && unit / L.tiles == block) {
-      stream_unit<F, NT>(a, L, ring, h, w, consumed, h.expert[rb], unit - block * L.tiles, xs,
-                         slot, nt_used);
-      unit += L.consumers;
+    while (unit.unit < u1 && unit.block == block) {
+      stream_unit<F, NT>(a, L, ring, h, w, consumed, h.expert[rb], unit.tile, xs, slot, nt_used);
+      unit.advance(L.consumers, L.tiles);
     }
     __syncwarp();
     if (lane == 0) tma::arrive(bar_at(h.x_empty[slot]));
@@ -494,11 +512,11 @@ __host__ __forceinline__ int64_t round_up(int64_t v, int64_t to) { return (v + t
 // The shared-memory layout for this call, or why the stream kernel cannot take it: the largest
 // stage (slice_bytes 512 down to 128) with two x slots, else one, that fits the device.
 template <typename F>
-std::string stream_layout(const GemmArgs& a, int block_m, int64_t max_blocks, int sm_count,
-                          int max_smem, StreamLayout& L) {
+std::string stream_layout(const GemmArgs& a, int block_m, int64_t max_blocks, int consumers,
+                          int sm_count, int max_smem, StreamLayout& L) {
   if (block_m != 8 && block_m != 16) return "block_m must be 8 or 16";
   L = StreamLayout{};
-  L.consumers = stream_consumers<F>();
+  L.consumers = consumers > 0 ? consumers : stream_consumers<F>();
   L.block_m = block_m;
   L.tiles = a.gated ? (a.inter + 7) / 8 : (int64_t{a.n_dim} + kUnitRows - 1) / kUnitRows;
   // one CTA's range of units spans at most this many blocks
@@ -506,13 +524,16 @@ std::string stream_layout(const GemmArgs& a, int block_m, int64_t max_blocks, in
   if ((per_cta + L.tiles - 2) / L.tiles + 1 > kStreamRangeBlocks) {
     return "too many blocks per SM for one CTA's expert table";
   }
-  L.x_pitch = static_cast<int32_t>(round_up(int64_t{a.k_dim} * 2, 128) + F::kXPitchMod);
-  L.x_slot_bytes = block_m * L.x_pitch;
+  // the smallest pitch >= the row with pitch = F::kXPitchMod (mod 128)
+  const int64_t x_row = int64_t{a.k_dim} * 2;
+  L.x_pitch = static_cast<int32_t>(x_row + ((F::kXPitchMod - x_row) % 128 + 128) % 128);
+  L.x_slot_bytes = static_cast<int32_t>(round_up(int64_t{block_m} * L.x_pitch, 128));
   L.x_offset = static_cast<int32_t>(round_up(sizeof(StreamHeader), 128));
   const int64_t row_span = round_up(a.row_bytes, kStepBytes);
-  for (int slice : {512, 384, 256, 192, 128}) {
+  for (int slice : {512, 448, 384, 320, 256, 192, 128}) {
+    if (slice > row_span && slice != 512) continue;  // a short row: its one size was tried
     const int32_t bytes = static_cast<int32_t>(slice < row_span ? slice : row_span);
-    const int32_t w_pitch = static_cast<int32_t>(round_up(bytes, 128) + 64);
+    const int32_t w_pitch = bytes % 128 == 0 ? bytes + 64 : bytes;  // 64 mod 128
     int32_t s_pitch = 0, scale_bytes = 0;
     if constexpr (F::kStageScales == StageScales::kPerRow) {
       s_pitch = static_cast<int32_t>(round_up(bytes / 16 + 30, 16));
@@ -560,7 +581,7 @@ void launch_stream_shape(const GemmArgs& a, const StreamLayout& L, int64_t max_b
 
 // Launches the stream kernel, or returns why it cannot take the call (nothing launched).
 template <typename F>
-std::string launch_stream(const GemmArgs& a, int block_m, int64_t max_blocks,
+std::string launch_stream(const GemmArgs& a, int block_m, int64_t max_blocks, int consumers,
                           cudaStream_t stream) {
   int device = 0, major = 0, max_smem = 0;
   MOELORA_CUDA_CHECK(cudaGetDevice(&device));
@@ -574,7 +595,8 @@ std::string launch_stream(const GemmArgs& a, int block_m, int64_t max_blocks,
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int sms = detail::sm_count();
   StreamLayout L;
-  const std::string refusal = stream_layout<F>(a, block_m, max_blocks, sms, max_smem, L);
+  const std::string refusal =
+      stream_layout<F>(a, block_m, max_blocks, consumers, sms, max_smem, L);
   if (!refusal.empty()) return refusal;
   if (max_blocks * L.tiles == 0) return "";
   if (block_m == 8) {
@@ -586,11 +608,12 @@ std::string launch_stream(const GemmArgs& a, int block_m, int64_t max_blocks,
 }
 
 // Launchers of one format each (moe/stream_<format>.cu): "" when launched, else the refusal.
+// consumers: consumer warps, 0 for the format's choice.
 std::string launch_stream_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
-                                cudaStream_t stream);
-std::string launch_stream_fp8(const GemmArgs& a, int block_m, int64_t max_blocks,
+                                int consumers, cudaStream_t stream);
+std::string launch_stream_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, int consumers,
                               cudaStream_t stream);
 std::string launch_stream_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks,
-                                cudaStream_t stream);
+                                int consumers, cudaStream_t stream);
 
 }  // namespace moelora::cuda::moe

@@ -4,9 +4,9 @@
 
 namespace moelora::cuda::moe {
 
-std::string launch_stream_fp8(const GemmArgs& a, int block_m, int64_t max_blocks,
+std::string launch_stream_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, int consumers,
                               cudaStream_t stream) {
-  return launch_stream<Fp8Format>(a, block_m, max_blocks, stream);
+  return launch_stream<Fp8Format>(a, block_m, max_blocks, consumers, stream);
 }
 
 }  // namespace moelora::cuda::moe

@@ -5,8 +5,8 @@
 namespace moelora::cuda::moe {
 
 std::string launch_stream_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks,
-                                cudaStream_t stream) {
-  return launch_stream<Mxfp4Format>(a, block_m, max_blocks, stream);
+                                int consumers, cudaStream_t stream) {
+  return launch_stream<Mxfp4Format>(a, block_m, max_blocks, consumers, stream);
 }
 
 }  // namespace moelora::cuda::moe

@@ -48,6 +48,18 @@ enum class MoeGemmKernel : uint8_t {
                     // as kTensorCore, block_m 8 or 16, sm_90+, x rows fitting shared memory
 };
 
+constexpr int32_t kMoeMaxStreamConsumers = 12;
+
+// Typed overrides of the step's plan for moe_expert_gemm (tests and benchmarks set them).
+struct MoeGemmOptions {
+  MoeGemmKernel kernel = MoeGemmKernel::kAuto;
+  // a kernel that cannot take the call: false, an InvalidArgument naming why; true, the kAuto
+  // choice runs instead
+  bool fall_back = false;
+  int32_t stream_consumers = 0;  // kStream's consumer warps, 1..kMoeMaxStreamConsumers; 0: its
+                                 // choice per format
+};
+
 // One expert stack W [E, N, K] (N outputs, K inputs) as stored:
 //   kDense     weight  [E, N, K] float32 / float16 / bfloat16 (the activations' dtype)
 //   kMxfp4     weight  uint8 [E, N, K/32, 16]: 32 E2M1 codes per block, two a byte, low
@@ -119,13 +131,12 @@ void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing
 // Rows are read by index: no gathered copy of the activations. Output rows of pairs in no block
 // are not written. input/output: float32, float16 or bfloat16, the same dtype, 2-D with a
 // contiguous last dimension. sorted_pairs / block_expert / num_blocks as moe_route writes them.
-// kernel: see MoeGemmKernel; a kernel that cannot take the call is an InvalidArgument naming
-// why, unless fall_back, which runs the kAuto choice instead.
+// options: the kernel (MoeGemmKernel) and its overrides, see MoeGemmOptions.
 void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel = MoeGemmKernel::kAuto, bool fall_back = false);
+                     const MoeGemmOptions& options = MoeGemmOptions{});
 
 // ---- moe_dequantize ----------------------------------------------------------------------------
 // The dense form of experts [first_expert, first_expert + out.shape[0]) of a stack, exactly as

@@ -222,8 +222,9 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel, bool fall_back) {
+                     const MoeGemmOptions& options) {
   constexpr const char* op = "moe_expert_gemm";
+  const MoeGemmKernel kernel = options.kernel;
   check_matrix(input, op, "input");
   check_matrix(output, op, "output");
   if (output.dtype != input.dtype) {
@@ -263,11 +264,15 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
       kernel != MoeGemmKernel::kTensorCore && kernel != MoeGemmKernel::kStream) {
     throw_invalid(op, "unknown kernel code " + std::to_string(static_cast<int>(kernel)));
   }
+  if (options.stream_consumers < 0 || options.stream_consumers > kMoeMaxStreamConsumers) {
+    throw_invalid(op, "stream_consumers must be in [0, " +
+                          std::to_string(kMoeMaxStreamConsumers) + "], got " +
+                          std::to_string(options.stream_consumers));
+  }
   if (on_cuda(input)) {
 #ifdef MOELORA_WITH_CUDA
     return cuda::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
-                                 num_blocks, block_m, epilogue, output, stream, kernel,
-                                 fall_back);
+                                 num_blocks, block_m, epilogue, output, stream, options);
 #else
     no_cuda_kernel(op);
 #endif

@@ -95,3 +95,52 @@ def test_a_planned_kernel_runs_on_the_cpu_reference():
     plain = moe_ops.expert_gemm(x, moe_ops.route(logits, 2), w, input_pairs_per_row=2)
     planned = moe_ops.route(logits, 2, plan=moe_ops.GemmPlan("stream", 8))
     assert torch.equal(moe_ops.expert_gemm(x, planned, w, input_pairs_per_row=2), plain)
+
+
+def test_plans_read_and_print_as_the_benchmark_names_them():
+    assert moe_ops.GemmPlan.parse("stream:16:12") == moe_ops.GemmPlan("stream", 16, 12)
+    assert moe_ops.GemmPlan.parse("grouped_mm") == moe_ops.GemmPlan("grouped_mm", 64)
+    assert str(moe_ops.GemmPlan("tensor_core", 32)) == "tensor_core:32"
+    assert str(moe_ops.GemmPlan("stream", 8, 12)) == "stream:8:12"
+    with pytest.raises(ValueError, match="stream_consumers must be in"):
+        moe_ops.GemmPlan("stream", 8, moe_ops.MAX_STREAM_CONSUMERS + 1)
+    with pytest.raises(ValueError, match=r"kernel\[:block_m\[:consumers\]\]"):
+        moe_ops.GemmPlan.parse("stream:8:4:2")
+
+
+def test_stream_consumers_out_of_range_is_named():
+    from moelora import InvalidArgument
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, generator=gen)
+    w = moe_ops.ExpertWeights("dense", torch.randn(4, 16, 64, generator=gen))
+    routing = moe_ops.route(torch.randn(2, 4, generator=gen), 2)
+    with pytest.raises(InvalidArgument, match="stream_consumers must be in"):
+        moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="stream",
+                            stream_consumers=13)
+
+
+def test_benchmark_variants_and_table():
+    from moelora.bench import moe as bench_moe
+
+    assert bench_moe.variant_plan("plan", 64, 32, "mxfp4") == \
+        (moe_ops.plan_expert_gemm(64, 32, "mxfp4"), False)
+    assert bench_moe.variant_plan("tiles", 4, 32, "bf16") == (moe_ops.GemmPlan("tensor_core", 8),
+                                                              True)
+    assert bench_moe.variant_plan("tiles", 256, 32, "bf16")[0].block_m == 32
+    assert bench_moe.variant_plan("stream:16:12", 4, 32, "fp8") == \
+        (moe_ops.GemmPlan("stream", 16, 12), True)
+    records = [
+        {"preset": "p", "weights": "mxfp4", "tokens": 1, "variant": "tiles", "layer_us": 80.0,
+         "roofline_fraction": 0.2, "gemm_roofline_fraction": 0.25},
+        {"preset": "p", "weights": "mxfp4", "tokens": 1, "variant": "stream:8",
+         "layer_us": 20.0, "roofline_fraction": 0.8, "gemm_roofline_fraction": 0.85},
+        {"preset": "p", "weights": "mxfp4", "tokens": 2048, "variant": "tiles",
+         "layer_us": 100.0, "roofline_fraction": 0.1, "gemm_roofline_fraction": 0.1},
+        {"preset": "p", "weights": "mxfp4", "tokens": 2048, "variant": "stream:8",
+         "error": "refused"},
+    ]
+    table = bench_moe.format_table(records).splitlines()
+    assert "tiles" in table[0] and "stream:8" in table[0]
+    assert table[2].split("|")[2].split()[-1] == "4.00"  # 80 us / 20 us
+    assert "refused" in table[3]

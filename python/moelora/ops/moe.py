@@ -37,6 +37,7 @@ GEMM_KERNELS = (*KERNELS, GROUPED)
 TENSOR_CORE_BLOCK_M = (8, 16, 32, 64)
 STREAM_BLOCK_M = (8, 16)
 MAX_EXPERTS = _C.MOE_MAX_EXPERTS
+MAX_STREAM_CONSUMERS = _C.MOE_MAX_STREAM_CONSUMERS
 GROUPED_SCRATCH_BYTES = 256 << 20
 
 # The expert GEMM of a step, by weight format: (mean rows per touched expert up to, kernel,
@@ -65,16 +66,34 @@ def _code(table: dict, name: str, what: str) -> int:
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """The expert GEMM form of one step: a kernel of GEMM_KERNELS and the rows per block."""
+    """The expert GEMM form of one step: a kernel of GEMM_KERNELS, the rows per block and, for
+    the stream kernel, its consumer warps (0: the library's choice per weight format)."""
 
     kernel: str
     block_m: int
+    stream_consumers: int = 0
 
     def __post_init__(self):
         if self.kernel not in GEMM_KERNELS:
             raise ValueError(f"kernel must be one of {GEMM_KERNELS}, got {self.kernel!r}")
         if self.block_m < 1:
             raise ValueError(f"block_m must be positive, got {self.block_m}")
+        if not 0 <= self.stream_consumers <= MAX_STREAM_CONSUMERS:
+            raise ValueError(f"stream_consumers must be in [0, {MAX_STREAM_CONSUMERS}], got "
+                             f"{self.stream_consumers}")
+
+    @classmethod
+    def parse(cls, text: str) -> GemmPlan:
+        """"kernel[:block_m[:consumers]]", e.g. "stream:16:12" or "grouped_mm" (block_m 64)."""
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"a plan is kernel[:block_m[:consumers]], got {text!r}")
+        numbers = [int(p) for p in parts[1:]]
+        return cls(parts[0], *(numbers or [64]))
+
+    def __str__(self) -> str:
+        tail = f":{self.stream_consumers}" if self.stream_consumers else ""
+        return f"{self.kernel}:{self.block_m}{tail}"
 
 
 def plan_expert_gemm(num_pairs: int, num_experts: int, weight_format: str,
@@ -185,20 +204,22 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
                 input_pairs_per_row: int, activation: str = "none",
                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
                 topk_weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                kernel: str = "auto") -> torch.Tensor:
+                kernel: str = "auto", stream_consumers: int = 0) -> torch.Tensor:
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
     [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
 
     kernel: one of GEMM_KERNELS, or "auto": the routing's plan (falling back to the tiled or
     simple kernel when the planned one cannot take the call), else the library's choice. A
-    kernel named here that cannot take the call is an error. The CPU runs its reference."""
+    kernel named here that cannot take the call is an error; stream_consumers goes with it.
+    The CPU runs its reference."""
     num_pairs = input.shape[0] * input_pairs_per_row
     width = weights.out_dim // 2 if activation != "none" else weights.out_dim
     if out is None:
         out = input.new_empty(num_pairs, width)
     fall_back = kernel == "auto" and routing.plan is not None
+    consumers = stream_consumers
     if fall_back:
-        kernel = routing.plan.kernel
+        kernel, consumers = routing.plan.kernel, routing.plan.stream_consumers
     if kernel == GROUPED:
         why = _grouped_refusal(input, weights)
         if not why:
@@ -214,7 +235,7 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         as_ref(routing.sorted_pairs), as_ref(routing.block_expert), as_ref(routing.num_blocks),
         routing.block_m, _code(ACTIVATIONS, activation, "activation"), swiglu_alpha,
         swiglu_limit, as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
-        _code(KERNELS, kernel, "kernel"), fall_back)
+        _code(KERNELS, kernel, "kernel"), fall_back, consumers)
     return out
 
 
@@ -244,6 +265,9 @@ def _grouped_refusal(input: torch.Tensor, weights: ExpertWeights) -> str:
         return "widths must be multiples of 8 (16-byte rows)"
     if weights.format == "dense" and weights.weight.dtype != input.dtype:
         return "dense weights must have the activations' dtype"
+    if weights.format != "dense" and input.is_cuda and torch.cuda.is_current_stream_capturing():
+        return ("a quantized stack's grouped form reads the expert counts on the host, which a "
+                "CUDA graph capture cannot")
     return ""
 
 
