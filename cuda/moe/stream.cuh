@@ -169,7 +169,7 @@ __device__ void stream_issue(const GemmArgs& a, const StreamLayout& L, uint8_t* 
 
 // Block rb of the CTA's range into x slot rb % x_slots: pair ids, routing weights, then the
 // pair rows of x (by index) as bulk copies.
-__device__ void stream_load_x(const GemmArgs& a, const StreamLayout& L, uint8_t* smem,
+__device__ inline void stream_load_x(const GemmArgs& a, const StreamLayout& L, uint8_t* smem,
                               StreamHeader& h, int64_t block, int rb) {
   const int lane = static_cast<int>(threadIdx.x & 31);
   const int slot = rb % L.x_slots;

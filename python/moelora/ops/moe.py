@@ -208,15 +208,15 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
     [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
 
-    kernel: one of GEMM_KERNELS, or "auto": the routing's plan (falling back to the tiled or
-    simple kernel when the planned one cannot take the call), else the library's choice. A
-    kernel named here that cannot take the call is an error; stream_consumers goes with it.
-    The CPU runs its reference."""
+    kernel: one of GEMM_KERNELS, or "auto": on a GPU the routing's plan (falling back to the
+    tiled or simple kernel when the planned one cannot take the call), else the library's
+    choice. A kernel named here that cannot take the call is an error; stream_consumers goes
+    with it. The CPU runs its reference for every native kernel."""
     num_pairs = input.shape[0] * input_pairs_per_row
     width = weights.out_dim // 2 if activation != "none" else weights.out_dim
     if out is None:
         out = input.new_empty(num_pairs, width)
-    fall_back = kernel == "auto" and routing.plan is not None
+    fall_back = kernel == "auto" and routing.plan is not None and input.is_cuda
     consumers = stream_consumers
     if fall_back:
         kernel, consumers = routing.plan.kernel, routing.plan.stream_consumers
