@@ -76,7 +76,9 @@ __device__ __forceinline__ float load_bias(const GemmArgs& a, int64_t e, int64_t
 // 1, 0, 3, 2 (MXFP4: the four x chunks of a lane are 64 contiguous bytes, so lanes c and c + 2
 // would hit the same banks), what the stage's scales are, and a scale that turns a zero vector
 // into zeros (stale shared memory may hold any byte).
-enum class StageScales : uint8_t { kNone, kPerRow, kPerHalf };
+// kPerRow: one copy per weight row (MXFP4: a byte per 16 weight bytes); kRowBlocks: the float
+// scales of the row blocks each 8-row half of a unit touches (FP8: at most two per half).
+enum class StageScales : uint8_t { kNone, kPerRow, kRowBlocks };
 
 // kChunks: 16-byte chunks of x (8 elements) a lane reads per k-step; chunk u feeds mma sub-steps
 // 2u and 2u+1. a_pairs(u) gives, for one row, the bf16x2 / f16x2 operands of those sub-steps in
@@ -117,7 +119,7 @@ struct Fp8Format {
   static constexpr int kXBytesPerWeightByte = 2;
   static constexpr int kXPitchMod = 16;
   static constexpr bool kFlipHalves = false;
-  static constexpr StageScales kStageScales = StageScales::kPerHalf;  // one row block per 8 rows
+  static constexpr StageScales kStageScales = StageScales::kRowBlocks;
   using Scale = float;
   __device__ static Scale neutral_scale() { return 0.0f; }
   // Where the scales of weight row n of expert e start (its row block's), once per kernel.

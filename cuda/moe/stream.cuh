@@ -59,7 +59,7 @@ struct StreamLayout {
   int32_t slice_bytes;   // weight bytes of a row per stage, a multiple of kStepBytes
   int32_t w_pitch;       // bytes between a stage's weight rows, 64 mod 128
   int32_t scale_offset;  // where a stage's scales start, bytes from the stage
-  int32_t s_pitch;       // scale bytes per row (MXFP4) or per 8-row half (FP8)
+  int32_t s_pitch;       // scale bytes per row (MXFP4) or per row block of a half (FP8)
   int32_t stage_bytes;   // a multiple of 128
   int32_t x_pitch;       // bytes between x rows, F::kXPitchMod mod 128
   int32_t x_slot_bytes;  // block_m * x_pitch
@@ -147,18 +147,25 @@ __device__ void stream_issue(const GemmArgs& a, const StreamLayout& L, uint8_t* 
       dst = ptx::smem_u32(stage + L.scale_offset + r * L.s_pitch);
       bytes = static_cast<uint32_t>(hi - lo);
     }
-  } else if constexpr (F::kStageScales == StageScales::kPerHalf) {
-    const int half = lane - kUnitRows;
+  } else if constexpr (F::kStageScales == StageScales::kRowBlocks) {
+    // lanes 16..19: row block `which` (0, 1) of half `half`: 8 rows span at most two blocks
+    const int half = (lane - kUnitRows) >> 1, which = (lane - kUnitRows) & 1;
+    int64_t last = 0;
+    bool last_ok = false;
     if (half < 2) {
       unit_row(a, tile, 8 * half, n, ok);
-      if (ok) {
-        const int count = (kb0 + len - 1) / a.block_k - kb0 / a.block_k + 1;
-        const uintptr_t at = fp8_scale_at(a, expert, n, kb0);
-        const uintptr_t lo = at & ~uintptr_t{15}, hi = (at + 4 * count + 15) & ~uintptr_t{15};
-        src = reinterpret_cast<const void*>(lo);
-        dst = ptx::smem_u32(stage + L.scale_offset + half * L.s_pitch);
-        bytes = static_cast<uint32_t>(hi - lo);
+      for (int r = 8 * half + 7; r >= 8 * half && !last_ok; --r) {
+        unit_row(a, tile, r, last, last_ok);
       }
+    }
+    const int64_t block = n / a.block_n + which;
+    if (half < 2 && ok && block <= last / a.block_n) {
+      const int count = (kb0 + len - 1) / a.block_k - kb0 / a.block_k + 1;
+      const uintptr_t at = fp8_scale_at(a, expert, block * a.block_n, kb0);
+      const uintptr_t lo = at & ~uintptr_t{15}, hi = (at + 4 * count + 15) & ~uintptr_t{15};
+      src = reinterpret_cast<const void*>(lo);
+      dst = ptx::smem_u32(stage + L.scale_offset + (2 * half + which) * L.s_pitch);
+      bytes = static_cast<uint32_t>(hi - lo);
     }
   }
   const uint32_t total = __reduce_add_sync(0xffffffffu, bytes);
@@ -229,6 +236,7 @@ __device__ void stream_producer(const GemmArgs& a, const StreamLayout& L, uint8_
   int32_t my_slice = 0;
   uint32_t my_issued = 0;
   int next_x = 0;
+  uint64_t last_progress = tma::global_ns();
   for (;;) {
     bool pending = false, progress = false;
     for (int w = 0; w < C; ++w) {
@@ -266,9 +274,14 @@ __device__ void stream_producer(const GemmArgs& a, const StreamLayout& L, uint8_
       }
     }
     if (!pending) break;
-    // nothing to do until a consumer frees a stage (a stage is ~1 us of its work): leave the
-    // issue slots of this SM sub-partition to the consumers meanwhile
-    if (!progress) __nanosleep(128);
+    if (progress) {
+      last_progress = tma::global_ns();
+    } else {
+      // nothing to do until a consumer frees a stage (a stage is ~1 us of its work): leave the
+      // issue slots of this SM sub-partition to the consumers meanwhile
+      __nanosleep(128);
+      if (tma::global_ns() - last_progress > tma::kHangNs) __trap();  // see tma::kHangNs
+    }
   }
 }
 
@@ -280,7 +293,7 @@ __device__ __forceinline__ typename F::Scale stage_scale(const GemmArgs& a, cons
                                                          int offset, int kb0, int byte) {
   if constexpr (F::kStageScales == StageScales::kPerRow) {
     return scales[offset + byte / 16];
-  } else if constexpr (F::kStageScales == StageScales::kPerHalf) {
+  } else if constexpr (F::kStageScales == StageScales::kRowBlocks) {
     const uint32_t index = static_cast<uint32_t>(kb0 + byte) / static_cast<uint32_t>(a.block_k) -
                            static_cast<uint32_t>(kb0) / static_cast<uint32_t>(a.block_k);
     return *reinterpret_cast<const float*>(scales + offset + 4 * index);
@@ -295,9 +308,11 @@ __device__ __forceinline__ int stage_scale_offset(const GemmArgs& a, const Strea
                                                   int64_t e, int64_t n, int row, int kb0) {
   if constexpr (F::kStageScales == StageScales::kPerRow) {
     return row * L.s_pitch + static_cast<int>(mxfp4_scale_at(a, e, n, kb0) & 15);
-  } else if constexpr (F::kStageScales == StageScales::kPerHalf) {
-    const int64_t first = n - (row & 7);  // the half's first row: same row block
-    return (row >> 3) * L.s_pitch + static_cast<int>(fp8_scale_at(a, e, first, kb0) & 15);
+  } else if constexpr (F::kStageScales == StageScales::kRowBlocks) {
+    const int64_t first = n - (row & 7);  // the half's first row, whose block is copy 0
+    const int which = static_cast<int>(n / a.block_n - first / a.block_n);
+    return (2 * (row >> 3) + which) * L.s_pitch +
+           static_cast<int>(fp8_scale_at(a, e, n, kb0) & 15);
   } else {
     return 0;
   }
@@ -538,9 +553,10 @@ std::string stream_layout(const GemmArgs& a, int block_m, int64_t max_blocks, in
     if constexpr (F::kStageScales == StageScales::kPerRow) {
       s_pitch = static_cast<int32_t>(round_up(bytes / 16 + 30, 16));
       scale_bytes = kUnitRows * s_pitch;
-    } else if constexpr (F::kStageScales == StageScales::kPerHalf) {
-      s_pitch = static_cast<int32_t>(round_up(4 * (bytes / 16 + 2) + 30, 16));
-      scale_bytes = 2 * s_pitch;
+    } else if constexpr (F::kStageScales == StageScales::kRowBlocks) {
+      // the row block's scales over [kb0, kb0 + bytes): at most (bytes - 1) / block_k + 2
+      s_pitch = static_cast<int32_t>(round_up(4 * ((bytes - 1) / a.block_k + 2) + 30, 16));
+      scale_bytes = 4 * s_pitch;
     }
     const int32_t stage = static_cast<int32_t>(round_up(kUnitRows * w_pitch + scale_bytes, 128));
     for (int slots : {2, 1}) {
@@ -587,9 +603,8 @@ std::string launch_stream(const GemmArgs& a, int block_m, int64_t max_blocks, in
   MOELORA_CUDA_CHECK(cudaGetDevice(&device));
   MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9) return "needs sm_90 or newer (bulk copies)";
-  if constexpr (F::kStageScales == StageScales::kPerHalf) {
-    if (a.block_n % 8 != 0) return "FP8 needs block_n to be a multiple of 8";
-    if (a.gated && a.inter % 8 != 0) return "FP8 needs a gated width that is a multiple of 8";
+  if constexpr (F::kStageScales == StageScales::kRowBlocks) {
+    if (a.block_n < 8) return "FP8 needs block_n >= 8 (8 rows span at most two row blocks)";
   }
   MOELORA_CUDA_CHECK(
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));

@@ -51,20 +51,38 @@ __device__ __forceinline__ bool test_wait(uint32_t bar, uint32_t parity) {
   return done != 0;
 }
 
+// The GPU's global nanosecond timer.
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// A wait this long is a bug in the barrier protocol, not a slow copy: the kernel traps, so the
+// caller gets a CUDA error instead of a hung stream.
+constexpr uint64_t kHangNs = 20ull * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ bool try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
 // Waits (acquire) until the phase of `parity` has completed; try_wait suspends the thread for a
 // while in hardware before it reports failure, so this is not a busy loop.
 __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
+  if (try_wait(bar, parity)) return;
+  const uint64_t start = global_ns();
+  while (!try_wait(bar, parity)) {
+    if (global_ns() - start > kHangNs) __trap();
   }
 }
 
@@ -87,6 +105,8 @@ __device__ __forceinline__ void arrive_expect_tx(uint32_t, uint32_t) {}
 __device__ __forceinline__ void arrive(uint32_t) {}
 __device__ __forceinline__ bool test_wait(uint32_t, uint32_t) { return true; }
 __device__ __forceinline__ void wait(uint32_t, uint32_t) {}
+__device__ __forceinline__ uint64_t global_ns() { return 0; }
+constexpr uint64_t kHangNs = 0;
 __device__ __forceinline__ void bulk_copy(uint32_t, const void*, uint32_t, uint32_t) {}
 
 #endif

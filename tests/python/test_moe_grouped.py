@@ -68,10 +68,12 @@ def test_grouped_form_matches_reference(fmt, dtype, tokens, experts, top_k, acti
 
 
 def test_grouped_w2_with_routing_weights_in_small_chunks(monkeypatch):
-    # a scratch of two experts at a time: every chunk boundary, and chunks with no rows
+    # a scratch of two experts at a time and an epilogue of 7 rows at a time: every chunk
+    # boundary, and chunks with no rows
     gen = _gen(9)
     tokens, experts, top_k, hidden, inter = 29, 12, 4, 64, 96
     monkeypatch.setattr(moe_ops, "GROUPED_SCRATCH_BYTES", 2 * hidden * inter * 2)
+    monkeypatch.setattr(moe_ops, "GROUPED_EPILOGUE_ROWS", 7)
     logits = torch.randn(tokens, experts, generator=gen)
     logits[:, 5:8] = -30.0  # experts 5..7 get no rows
     routing = moe_ops.route(logits, top_k, "topk_softmax", True)

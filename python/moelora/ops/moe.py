@@ -39,6 +39,7 @@ STREAM_BLOCK_M = (8, 16)
 MAX_EXPERTS = _C.MOE_MAX_EXPERTS
 MAX_STREAM_CONSUMERS = _C.MOE_MAX_STREAM_CONSUMERS
 GROUPED_SCRATCH_BYTES = 256 << 20
+GROUPED_EPILOGUE_ROWS = 4096  # rows of the grouped form's float32 epilogue at a time
 
 # The expert GEMM of a step, by weight format: (mean rows per touched expert up to, kernel,
 # block_m), the first row that holds the step's num_pairs / min(experts, num_pairs) is taken.
@@ -309,22 +310,29 @@ def _grouped_gemm(input, input_pairs_per_row, routing, weights, activation, alph
         acc = _grouped_mm(rows, weights.weight, counts)
     else:
         acc = _grouped_dequantized(rows, weights, counts)
-    value = acc.float()
-    if weights.bias is not None:
-        value = value + weights.bias.float()[expert_of_pair[order].long()]
-    if activation != "none":
-        inter = value.shape[1] // 2
-        gate, up = value[:, :inter], value[:, inter:]
-        if activation == "silu":
-            value = F.silu(gate) * up
-        else:
-            _code(ACTIVATIONS, activation, "activation")
-            gate = gate.clamp(max=limit)
-            up = up.clamp(-limit, limit)
-            value = (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    if topk_weights is not None:
-        value = value * topk_weights.reshape(-1)[order, None]
-    out[order] = value.to(out.dtype)
+    bias = None if weights.bias is None else weights.bias.float()
+    experts = expert_of_pair[order].long()
+    row_weight = None if topk_weights is None else topk_weights.reshape(-1)[order]
+    result = out.new_empty(acc.shape[0], out.shape[1])
+    for start in range(0, acc.shape[0], GROUPED_EPILOGUE_ROWS):  # bounded float32 temporaries
+        chunk = slice(start, start + GROUPED_EPILOGUE_ROWS)
+        value = acc[chunk].float()
+        if bias is not None:
+            value = value + bias[experts[chunk]]
+        if activation != "none":
+            inter = value.shape[1] // 2
+            gate, up = value[:, :inter], value[:, inter:]
+            if activation == "silu":
+                value = F.silu(gate) * up
+            else:
+                _code(ACTIVATIONS, activation, "activation")
+                gate = gate.clamp(max=limit)
+                up = up.clamp(-limit, limit)
+                value = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        if row_weight is not None:
+            value = value * row_weight[chunk, None]
+        result[chunk] = value
+    out[order] = result
     return out
 
 
