@@ -30,17 +30,21 @@ from moelora.ops import moe as moe_ops
 class Router(nn.Module):
     """Top-k routing. softmax_topk (Mixtral/Qwen/OLMoE): softmax over all experts in float32,
     top-k, optional renormalisation. topk_softmax (GPT-OSS): top-k logits, softmax over them.
-    The router GEMM is a plain linear; everything after it is one native op (ops.moe.route)."""
+    The router GEMM is a plain linear; everything after it is one native op (ops.moe.route),
+    which also carries the step's expert GEMM plan (ops.moe.plan_expert_gemm) to the experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind, self.top_k, self.renorm = config.router, config.top_k, config.norm_topk_prob
+        self.num_experts, self.expert_format = config.num_experts, config.expert_format
         self.weight = empty_param(config.num_experts, config.hidden_size)
         self.bias = empty_param(config.num_experts) if config.router_bias else None
 
     def route(self, x: torch.Tensor, block_m: int | None = None) -> moe_ops.Routing:
         logits = F.linear(x, self.weight, self.bias)
-        return moe_ops.route(logits, self.top_k, self.kind, self.renorm, block_m)
+        plan = moe_ops.plan_expert_gemm(x.shape[0] * self.top_k, self.num_experts,
+                                        self.expert_format)
+        return moe_ops.route(logits, self.top_k, self.kind, self.renorm, block_m, plan)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_weights float32 [T, K], topk_ids int32 [T, K])."""
