@@ -419,7 +419,12 @@ class _ReleaseMarker:
 
 
 def _return_cached_memory(device: torch.device) -> None:
-    """Hands the blocks torch's allocator cached for freed tensors back to the driver."""
+    """Hands the blocks torch's allocator cached for freed tensors back to the driver, with the
+    cuBLAS workspaces torch keeps per (handle, stream): each engine's capture and copy streams
+    got their own, and they would otherwise stay reserved after the engine is gone."""
     if torch.cuda.is_available():
         torch.cuda.synchronize(device)
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
