@@ -18,20 +18,22 @@ GPT_OSS, QWEN3 = (32, 4), (128, 8)
 
 
 @pytest.mark.parametrize("shape,tokens,fmt,kernel,block_m", [
-    # decode: the persistent stream kernel, 8-row blocks while experts hold a row or two
-    (GPT_OSS, 1, "mxfp4", "stream", 8),
-    (GPT_OSS, 16, "mxfp4", "stream", 8),
-    (GPT_OSS, 64, "mxfp4", "stream", 16),
-    (QWEN3, 16, "dense", "stream", 8),
-    (QWEN3, 64, "fp8", "stream", 16),
-    (QWEN3, 64, "dense", "stream", 16),
-    # prefill: dense to torch's grouped GEMM, quantized to the tiled kernel, then dequantized
+    # decode: the tiled kernel with 8-row blocks while experts hold a row or two
+    (GPT_OSS, 1, "mxfp4", "tensor_core", 8),
+    (GPT_OSS, 16, "mxfp4", "tensor_core", 8),
+    (QWEN3, 1, "dense", "tensor_core", 8),
+    (QWEN3, 16, "dense", "tensor_core", 8),
+    (QWEN3, 64, "fp8", "tensor_core", 16),
+    # dense bfloat16 to torch's grouped GEMM once experts hold more than a row
+    (GPT_OSS, 16, "dense", "grouped_mm", 64),
+    (QWEN3, 64, "dense", "grouped_mm", 64),
     (GPT_OSS, 512, "dense", "grouped_mm", 64),
-    (QWEN3, 512, "dense", "grouped_mm", 64),
-    (GPT_OSS, 512, "mxfp4", "tensor_core", 64),
+    # quantized stacks stay in the tiled kernel, 32-row blocks from a few rows per expert
+    (GPT_OSS, 64, "mxfp4", "tensor_core", 32),
+    (GPT_OSS, 512, "mxfp4", "tensor_core", 32),
     (QWEN3, 512, "fp8", "tensor_core", 32),
-    (GPT_OSS, 2048, "mxfp4", "grouped_mm", 64),
-    (QWEN3, 2048, "fp8", "grouped_mm", 64),
+    (GPT_OSS, 2048, "mxfp4", "tensor_core", 32),
+    (QWEN3, 2048, "fp8", "tensor_core", 32),
 ])
 def test_plan_by_step_shape(shape, tokens, fmt, kernel, block_m):
     experts, top_k = shape
@@ -54,7 +56,7 @@ def test_every_table_row_can_run():
 
 
 def test_plan_of_an_empty_step_and_bad_names():
-    assert moe_ops.plan_expert_gemm(0, 32, "mxfp4").kernel == "stream"
+    assert moe_ops.plan_expert_gemm(0, 32, "mxfp4").kernel == "tensor_core"
     with pytest.raises(ValueError, match="weight format must be one of"):
         moe_ops.plan_expert_gemm(4, 32, "int4")
     with pytest.raises(ValueError, match="kernel must be one of"):

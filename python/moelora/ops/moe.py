@@ -43,19 +43,18 @@ GROUPED_EPILOGUE_ROWS = 4096  # rows of the grouped form's float32 epilogue at a
 
 # The expert GEMM of a step, by weight format: (mean rows per touched expert up to, kernel,
 # block_m), the first row that holds the step's num_pairs / min(experts, num_pairs) is taken.
-# Decode (a few rows per expert) is weight-bandwidth-bound: the stream kernel, with 16-row
-# blocks once experts hold several rows (a block holding an expert's rows reads its weights
-# once). Prefill: dense bfloat16 goes to torch's grouped GEMM (H100: 874 us against 1311 us for
-# the tiled kernel, one gpt-oss-20b layer at 512 tokens); quantized stacks stay in the tiled
-# kernel, which dequantizes each weight once per 64 rows, until rows per expert pay for a
-# dequantized copy. The A/B study (bench/studies/moe_decode_ab.py) measures every row; edit the
-# thresholds here and nowhere else.
+# Measured on an H100 80GB over gpt-oss-20b and qwen3-30b-a3b layers at T = 1..2048
+# (bench/studies/moe_decode_ab.py; docs/performance.md): the tiled tensor-core kernel with
+# 8-row blocks leads at decode for every format (gpt-oss-20b MXFP4, T = 1: 88 us a layer; the
+# persistent stream kernel 125-229 us); dense bfloat16 moves to torch's grouped GEMM once
+# experts hold more than one row (gpt-oss-20b T = 16: 633 against 727 us); quantized stacks
+# stay in the tiled kernel, which dequantizes each weight in registers, with 32-row blocks once
+# experts hold several rows (gpt-oss-20b MXFP4 T = 512: 1036 us; grouped over a dequantized
+# copy 2919 us). Edit the thresholds here and nowhere else.
 GEMM_PLAN = {
-    "dense": ((2, "stream", 8), (8, "stream", 16), (math.inf, GROUPED, 64)),
-    "mxfp4": ((2, "stream", 8), (8, "stream", 16), (32, "tensor_core", 32),
-              (96, "tensor_core", 64), (math.inf, GROUPED, 64)),
-    "fp8": ((2, "stream", 8), (8, "stream", 16), (32, "tensor_core", 32),
-            (96, "tensor_core", 64), (math.inf, GROUPED, 64)),
+    "dense": ((1, "tensor_core", 8), (math.inf, GROUPED, 64)),
+    "mxfp4": ((2, "tensor_core", 8), (4, "tensor_core", 16), (math.inf, "tensor_core", 32)),
+    "fp8": ((2, "tensor_core", 8), (4, "tensor_core", 16), (math.inf, "tensor_core", 32)),
 }
 
 
