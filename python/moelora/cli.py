@@ -38,7 +38,23 @@ def _serve(args) -> int:
     return run_server(args)
 
 
+BENCH_INSTALL = 'pip install "moelora[bench]"'
+
+
+def missing_modules(names: list[str]) -> list[str]:
+    """Which of the named top-level modules cannot be imported (checked without importing)."""
+    import importlib.util
+
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def _bench_serve(args) -> int:
+    needed = ["aiohttp"] + (["matplotlib"] if args.plot is not None else [])
+    missing = missing_modules(needed)
+    if missing:
+        print(f"moelora bench serve needs {' and '.join(missing)}, which the benchmark extra "
+              f"installs: {BENCH_INSTALL}", file=sys.stderr)
+        return 2
     from moelora.bench.serve import run_from_args
 
     return run_from_args(args)
