@@ -513,7 +513,7 @@ ERROR_CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "chat_template": "{{ undefined_call() }}"}, 400, "messages"),
+                              "chat_template": "{{ x }}"}, 400, "chat_template"),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     ("/v1/load_lora_adapter", {"lora_name": ""}, 400, "lora_name"),
 ]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from moelora.engine.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
+MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key longer than this is no token id of any vocabulary
 
 
 def random_id(prefix: str) -> str:
@@ -54,6 +55,22 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (vLLM)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_token_ids(cls, value):
+        # Keys are checked before int() sees them: Python refuses to convert strings of more
+        # than 4,300 digits, and that error is no place to learn what the field wants.
+        for key, bias in (value or {}).items():
+            digits = key.strip()
+            if not (digits.isascii() and digits.isdigit() and
+                    len(digits) <= MAX_TOKEN_ID_DIGITS):
+                shown = key if len(key) <= 24 else key[:24] + "..."
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), "
+                                 f"got {shown!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -169,14 +186,31 @@ class ChatCompletionRequest(_SamplingFields):
             else self.max_tokens
 
 
+def _printable_name(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 class LoadLoRAAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=256)
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+    _name_printable = field_validator("lora_name")(_printable_name)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _path_without_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
 
 
 class UnloadLoRAAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=256)
     lora_int_id: int | None = None
+
+    _name_printable = field_validator("lora_name")(_printable_name)
 
 
 # -- responses (plain dicts are built in serving; these document and shape the non-streaming
