@@ -1,0 +1,179 @@
+"""A real `moelora serve` process on 127.0.0.1 for the server tests, and what they read from it:
+Prometheus samples, the pool's pages and pins, the process's RSS, and /health latency measured
+by a separate process (so that the test's own threads cannot slow the measurement)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(**extra) -> dict:
+    """The server subprocess imports the same moelora as this test process: the installed
+    package in CI, the source tree (PYTHONPATH=python) in a developer build."""
+    import moelora
+
+    env = dict(os.environ)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(moelora.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: dict, log_path: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")  # noqa: SIM115 - open for the process's lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moelora.entrypoints.openai.api_server", *args,
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.logs()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-5000:]
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# -- /metrics ------------------------------------------------------------------------------------
+def metrics(url: str) -> dict:
+    """{(name, frozenset(labels)): value} of every sample /metrics serves."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def pool_accounts(url: str) -> dict:
+    samples = metrics(url)
+    pages = {kind: value(samples, "moelora:pool_pages", kind=kind)
+             for kind in ("kv", "adapter", "free", "pinned_adapter")}
+    return {**pages, "total": value(samples, "moelora:pool_total_pages"),
+            "kv_owners": value(samples, "moelora:pool_owners", kind="kv"),
+            "in_flight": value(samples, "moelora:requests_in_flight"),
+            "running": value(samples, "moelora:num_requests_running"),
+            "waiting": value(samples, "moelora:num_requests_waiting")}
+
+
+def wait_idle_and_exact(url: str, timeout: float = 20.0) -> dict:
+    """Waits until nothing runs, then checks the pool's accounts are exact: no KV page, no
+    KV owner and no pinned adapter page left, and every page free or an adapter's."""
+    deadline = time.monotonic() + timeout
+    while True:
+        accounts = pool_accounts(url)
+        idle = (accounts["kv"] == 0 and accounts["kv_owners"] == 0 and
+                accounts["pinned_adapter"] == 0 and accounts["in_flight"] == 0 and
+                accounts["running"] == 0 and accounts["waiting"] == 0)
+        if idle:
+            assert accounts["free"] + accounts["adapter"] == accounts["total"], accounts
+            return accounts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not idle after {timeout} s: {accounts}")
+        time.sleep(0.05)
+
+
+# -- /health latency from another process ---------------------------------------------------------
+_POLLER = textwrap.dedent("""
+    import json, sys, time, http.client
+    port, out, period = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    latencies, failures = [], 0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    while True:
+        try:
+            with open(out + ".stop"):
+                break
+        except OSError:
+            pass
+        start = time.perf_counter()
+        try:
+            conn.request("GET", "/health")
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                failures += 1
+        except Exception:
+            failures += 1
+            conn.close()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        latencies.append(time.perf_counter() - start)
+        time.sleep(period)
+    with open(out, "w") as f:
+        json.dump({"latencies": latencies, "failures": failures}, f)
+""")
+
+
+class HealthPoller:
+    """Polls /health every `period` s from a child process (its own interpreter and GIL) over
+    one keep-alive connection; `stop()` returns the latencies and the failed polls."""
+
+    def __init__(self, port: int, workdir: str, period: float = 0.02):
+        self.out = os.path.join(workdir, f"health-{time.monotonic_ns()}.json")
+        self.proc = subprocess.Popen([sys.executable, "-c", _POLLER, str(port), self.out,
+                                      str(period)])
+
+    def stop(self) -> dict:
+        """The polls so far (idempotent: a second call returns the same)."""
+        if self.proc.returncode is None:
+            open(self.out + ".stop", "w").close()
+            self.proc.wait(30)
+        with open(self.out) as f:
+            result = json.load(f)
+        latencies = sorted(result["latencies"])
+        result["polls"] = len(latencies)
+        result["max_s"] = latencies[-1] if latencies else 0.0
+        result["over_100ms"] = sum(1 for x in latencies if x > 0.1)
+        return result
