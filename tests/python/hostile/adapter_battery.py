@@ -10,7 +10,6 @@ import shutil
 import struct
 from dataclasses import dataclass
 
-import torch
 from safetensors.torch import load_file, save_file
 
 WEIGHTS = "adapter_model.safetensors"
@@ -90,11 +89,3 @@ def build_battery(root: str, adapters: dict[str, str]) -> Battery:
         json.dump({"peft_type": "LORA", "r": "many", "target_modules": 7}, f)
     return Battery(allowed, outside, dirs)
 
-
-def nonfinite_tensor(path: str) -> str | None:
-    """The first tensor of an adapter's weights that holds NaN or Inf (for the test's own
-    expectations)."""
-    for key, tensor in sorted(load_file(os.path.join(path, WEIGHTS)).items()):
-        if not torch.isfinite(tensor).all():
-            return key
-    return None

@@ -3,8 +3,8 @@
 - The directory and every entry in it are resolved to their real paths (symlinks followed,
   file symlinks included); with --allowed-lora-dirs, any that leaves those directories is
   refused, so a link inside an allowed directory cannot expose a file elsewhere.
-- adapter_config.json must be a regular file of strict JSON with bounded nesting (a config
-  nested 200,000 levels deep is refused here, not by a RecursionError later).
+- adapter_config.json must be a regular file of strict JSON (a config nested 200,000 levels
+  deep is refused here with a 400, not by a RecursionError later).
 - Each adapter_model*.safetensors must start like a safetensors file (an 8-byte header length
   that fits the file, then '{'); anything else is refused without echoing its bytes.
 
@@ -64,11 +64,7 @@ def _check_config(path: str) -> None:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError:
         raise bad_request("adapter_config.json cannot be read", "lora_path") from None
-    try:
-        parse_json_object(raw, "adapter_config.json")
-    except APIError as exc:
-        exc.param = "lora_path"
-        raise
+    parse_json_object(raw, "adapter_config.json", "lora_path")
 
 
 def _check_safetensors_start(name: str, path: str) -> None:

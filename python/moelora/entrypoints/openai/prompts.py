@@ -9,13 +9,11 @@ as in vLLM.
 
 from __future__ import annotations
 
-import asyncio
-import functools
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from moelora.entrypoints.openai.errors import APIError, bad_request
 from moelora.entrypoints.openai.protocol import ChatCompletionRequest
+from moelora.entrypoints.openai.workers import OffLoop
 
 PROMPT_WORKERS = 4  # threads that tokenise and render; more requests queue for them
 
@@ -32,15 +30,10 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.trust_request_chat_template = trust_request_chat_template
-        self._pool = ThreadPoolExecutor(max_workers=workers,
-                                        thread_name_prefix="moelora-prompts")
+        self.workers = OffLoop("moelora-prompts", workers)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _off_loop(self, fn, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        self.workers.close()
 
     # -- what the routes call ------------------------------------------------------------------
     def check_template_allowed(self, chat_template, chat_template_kwargs) -> None:
@@ -59,26 +52,30 @@ class PromptBuilder:
                                   "prompt")
             if prompt == "":
                 raise bad_request("the prompt is empty", "prompt")
-            return Prompt(prompt, await self._off_loop(self.tokenizer.encode, prompt))
+            return Prompt(prompt, await self.workers.run(self.tokenizer.encode, prompt))
         ids = list(prompt)
         if not ids:
             raise bad_request("a prompt of token ids must not be empty", "prompt")
-        self.check_token_ids(ids, "prompt")
+        await self.workers.run(self.check_token_ids, ids, "prompt")
         return Prompt(None, ids)
 
     async def chat_prompt(self, req: ChatCompletionRequest) -> Prompt:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer, so no chat template", "messages")
         self.check_template_allowed(req.chat_template, req.chat_template_kwargs)
-        return await self._off_loop(self._render_and_encode, req)
+        return await self.workers.run(self._render_and_encode, req)
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return await self._off_loop(self.tokenizer.encode, text,
+        return await self.workers.run(self.tokenizer.encode, text,
                                     add_special_tokens=add_special_tokens)
 
     async def decode(self, ids: list[int]) -> str:
-        self.check_token_ids(ids, "tokens")
-        return await self._off_loop(self.tokenizer.decode, ids)
+        return await self.workers.run(self._check_and_decode, ids)
+
+    async def ids_json(self, ids: list[int]) -> bytes:
+        """`ids` as a JSON array, written in slices so that a long list never holds the GIL
+        (and so the event loop) for long."""
+        return await self.workers.run(_ids_json, ids)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -87,6 +84,10 @@ class PromptBuilder:
                               f"{bad[0]}", param)
 
     # -- worker threads ------------------------------------------------------------------------
+    def _check_and_decode(self, ids: list[int]) -> str:
+        self.check_token_ids(ids, "tokens")
+        return self.tokenizer.decode(ids)
+
     def _render_and_encode(self, req: ChatCompletionRequest) -> Prompt:
         messages = [m.as_template_message() for m in req.messages]
         kwargs = dict(req.chat_template_kwargs or {})
@@ -114,3 +115,13 @@ class PromptBuilder:
         if not ids:
             raise bad_request("the rendered chat prompt is empty", "messages")
         return Prompt(text, ids)
+
+
+def _ids_json(ids: list[int], slice_len: int = 8192) -> bytes:
+    parts = [b"["]
+    for start in range(0, len(ids), slice_len):
+        if start:
+            parts.append(b",")
+        parts.append(",".join(map(str, ids[start:start + slice_len])).encode())
+    parts.append(b"]")
+    return b"".join(parts)

@@ -1,10 +1,11 @@
 """Reading a request body before any model sees it.
 
-Every POST body is read under a size limit (413 beyond it), parsed as strict JSON (RFC 8259:
-no NaN or Infinity literals), and walked once: nesting deeper than MAX_NESTING and strings that
-are not valid Unicode (lone UTF-16 surrogates such as "\\ud800", which JSON can spell but UTF-8
-cannot encode, so the tokenizer and the response writer would fail on them) are refused with a
-400 naming the field. Nothing past this point has to guard against either.
+Every POST body is read under a size limit (413 beyond it) and parsed as strict JSON (RFC 8259:
+no NaN or Infinity literals); nesting too deep for the parser is a 400, and so is a string that
+is not valid Unicode: a lone UTF-16 surrogate, which JSON can spell ("\\ud800") but UTF-8
+cannot encode, so the tokenizer and the response writer would fail on it. Only a body that
+spells a surrogate escape at all is searched for lone ones (emoji sent as escaped pairs are
+fine). Nothing past this point has to guard against either.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from fastapi import Request
 
 from moelora.entrypoints.openai.errors import APIError, bad_request
 
-MAX_NESTING = 64  # no request field nests deeper than a few levels
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 async def read_body(raw: Request, limit: int) -> bytes:
@@ -42,47 +42,41 @@ def parse_json_object(body: bytes, what: str = "the request body",
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
-        raise bad_request(f"{what} nests deeper than {MAX_NESTING} levels", param) from None
+        raise bad_request(f"{what} nests too deeply", param) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"{what} is not valid JSON: {exc}", param) from None
     if not isinstance(data, dict):
         raise bad_request(f"{what} must be a JSON object", param)
-    check_values(data, what)
+    if _SURROGATE_ESCAPE.search(body):
+        where = lone_surrogate_path(data)
+        if where is not None:
+            name = ".".join(_SURROGATE.sub("\ufffd", str(p)) for p in where) or None
+            raise bad_request(f"{name or what}: a lone UTF-16 surrogate is not valid Unicode",
+                              param or name)
     return data
 
 
-def check_values(data: dict, what: str = "the request body") -> None:
-    """Refuses nesting beyond MAX_NESTING and strings (values or keys) with lone surrogates.
-    Iterative, so a hostile document cannot exhaust the stack here."""
-    stack: list[tuple[object, tuple, int]] = [(data, (), 0)]
+def lone_surrogate_path(data) -> tuple | None:
+    """The path (keys and indices) of the first string, value or key, that holds a lone
+    surrogate; None when there is none. Iterative, so no document can exhaust the stack."""
+    stack: list[tuple[object, tuple]] = [(data, ())]
     while stack:
-        value, path, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value, path)
-        elif isinstance(value, (dict, list)):
-            if depth >= MAX_NESTING:
-                raise bad_request(f"{what} nests deeper than {MAX_NESTING} levels",
-                                  _param(path))
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    _check_text(key, path + (key,))
-                    stack.append((item, path + (key,), depth + 1))
-            else:
-                stack.extend((item, path + (i,), depth + 1) for i, item in enumerate(value))
+        container, path = stack.pop()
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, item in items:
+            if type(key) is str and _has_surrogate(key):
+                return (*path, key)
+            kind = type(item)
+            if kind is str:
+                if _has_surrogate(item):
+                    return (*path, key)
+            elif kind is dict or kind is list:
+                stack.append((item, (*path, key)))
+    return None
 
 
-def _check_text(text: str, path: tuple) -> None:
-    found = _SURROGATE.search(text)
-    if found is not None:
-        where = _param(path)
-        raise bad_request(f"{where or 'the request body'}: a lone UTF-16 surrogate "
-                          f"(\\u{ord(found.group()):04x}) is not valid Unicode", where)
-
-
-def _param(path: tuple) -> str | None:
-    # A key with a surrogate must not leak into the param either.
-    parts = [_SURROGATE.sub("\ufffd", str(p)) for p in path]
-    return ".".join(parts) or None
+def _has_surrogate(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _refuse_constant(name: str):

@@ -258,7 +258,7 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # -- tokenizer endpoints (vLLM's /tokenize and /detokenize) --------------------------------
-    async def tokenize(self, req: TokenizeRequest) -> dict:
+    async def tokenize(self, req: TokenizeRequest) -> Response:
         problem = req.unsupported()
         if problem is not None:
             raise bad_request(problem[1], problem[0])
@@ -272,7 +272,10 @@ class OpenAIServing:
             ids = (await self.prompts.chat_prompt(chat)).token_ids
         else:
             ids = await self.prompts.encode(req.prompt, req.add_special_tokens)
-        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+        # Written off the loop: a million token ids take json.dumps 0.1 s under the GIL.
+        body = (b'{"count":%d,"max_model_len":%d,"tokens":' % (len(ids), self.max_model_len) +
+                await self.prompts.ids_json(ids) + b"}")
+        return Response(body, media_type="application/json")
 
     async def detokenize(self, req: DetokenizeRequest) -> dict:
         self.models.resolve(req.model)
