@@ -15,7 +15,7 @@ from moelora.engine.chat_template import ChatTemplateRenderer
 from tokenizers import Tokenizer as _HFTokenizer
 
 # `tokenizers` holds the GIL in encode() and decode() but releases it in the batch calls, which
-# cost a few microseconds more: long inputs go through the batch calls, so a 16 MB prompt
+# cost a few microseconds more: long inputs go through the batch calls, so a multi-MB prompt
 # tokenised in a worker thread never stops the server's event loop or the engine thread.
 GIL_FREE_CHARS = 4096
 GIL_FREE_TOKENS = 1024

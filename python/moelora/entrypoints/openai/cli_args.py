@@ -10,7 +10,7 @@ import re
 
 from moelora.entrypoints.graph_flags import add_graph_arguments
 
-DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 << 20  # a 128k-token prompt as token ids is ~0.9 MB
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 
 
@@ -65,7 +65,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="beyond this many waiting requests new ones get 503 + Retry-After")
     parser.add_argument("--max-request-body-bytes", type=memory_bytes,
                         default=DEFAULT_MAX_REQUEST_BODY_BYTES, metavar="BYTES",
-                        help="larger request bodies get 413 (default 16MiB)")
+                        help="larger request bodies get 413 (default 4MiB); parsing a body "
+                             "holds the GIL in one call, so the limit also bounds that pause")
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="accept a chat_template sent with a request (refused otherwise, "
                              "as in vLLM); it still renders in the sandbox with time and size "
