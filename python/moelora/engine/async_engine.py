@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import moelora
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.request import RequestOutput, now
 from moelora.engine.sampling_params import SamplingParams
@@ -234,11 +235,16 @@ class AsyncEngine:
 
     async def load_adapter(self, lora_request: LoRARequest) -> None:
         """Registers an adapter, validates its content and loads it, in a worker thread. An
-        adapter that fails is unregistered again: a later load of its name starts clean."""
+        adapter that fails is unregistered again: a later load of its name starts clean. When
+        every device slot is busy the adapter stays in host memory, its content read and
+        checked, and moves to the device with its first request (PoolExhausted is raised only
+        after the host copy is made)."""
         name = lora_request.lora_name
         known = await self.call(lambda: self._check_loadable(name))
         try:
             await asyncio.to_thread(self.engine.adapters.preload, lora_request)
+        except moelora.PoolExhausted as exc:
+            logger.info("adapter %s loaded to host memory; device later (%s)", name, exc)
         except Exception:
             if not known:
                 try:
