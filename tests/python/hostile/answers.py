@@ -5,6 +5,7 @@ server path in the body."""
 from __future__ import annotations
 
 import json
+import time
 
 
 class Checker:
@@ -13,12 +14,26 @@ class Checker:
     def __init__(self, server_root: str):
         self.server_root = server_root
         self.statuses: dict[int, int] = {}
+        self.timeline: list[tuple[float, float, str, bytes]] = []  # start, seconds, path, body
 
     @property
     def count(self) -> int:
         return sum(self.statuses.values())
 
+    def during(self, slow_polls: list) -> list[str]:
+        """The requests that were in flight during each slow /health poll."""
+        found = []
+        for start, seconds in slow_polls:
+            for begin, took, path, body in self.timeline:
+                if begin < start + seconds and start < begin + took:
+                    found.append(f"{seconds * 1000:.0f} ms poll during {path} "
+                                 f"({took:.2f} s): {body[:300]!r}")
+        return found
+
     def check(self, response, streamed: bool = False) -> None:
+        took = response.elapsed.total_seconds()
+        body = getattr(response.request, "_content", b"")  # absent for streamed uploads
+        self.timeline.append((time.time() - took, took, response.request.url.path, body))
         status = response.status_code
         self.statuses[status] = self.statuses.get(status, 0) + 1
         text = response.text

@@ -16,7 +16,7 @@ import httpx
 from adapter_battery import build_battery
 from hostile_setup import BASE, BODY_LIMIT, MAX_MODEL_LEN, STATIC
 from moelora.demo.assets import build_demo_assets
-from server_harness import ServerProcess, server_env
+from server_harness import ServerProcess, server_env, yield_cpu_to_server
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +38,7 @@ def hostile_server(hostile_assets, tmp_path_factory):
             "--max-model-len", str(MAX_MODEL_LEN), "--max-request-body-bytes", str(BODY_LIMIT)]
     log = str(tmp_path_factory.mktemp("hostile-logs") / "server.log")
     proc = ServerProcess(args, server_env(), log)
+    yield_cpu_to_server()  # after the server started: it keeps the usual priority
     try:
         proc.wait_ready()
         yield proc

@@ -14,7 +14,7 @@ from hostile_setup import BASE, BODY_LIMIT, STATIC
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from schema_strategies import SchemaStrategies
-from server_harness import HealthPoller, wait_idle_and_exact
+from server_harness import HealthPoller, assert_no_stall, wait_idle_and_exact
 
 POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
                "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
@@ -143,10 +143,8 @@ def test_get_routes_and_wrong_methods(route, http, checker):
 def test_no_stall_and_exact_pool_after_the_storm(hostile_server, checker, health, http):
     assert checker.count >= 500 + len(RAW_CASES)
     assert checker.statuses.get(200, 0) >= 100, checker.statuses  # many reached the engine
-    polled = health.stop()
-    assert polled["failures"] == 0, polled
-    assert polled["over_100ms"] == 0, (polled["max_s"], polled["polls"])
     wait_idle_and_exact(hostile_server.url)
     assert http.get("/health").status_code == 200
     assert http.post("/v1/completions", json={"model": BASE, "prompt": "still here",
                                               "max_tokens": 2}).status_code == 200
+    assert_no_stall(health.stop(), lambda: checker.during(health.stop()["slow"]))

@@ -14,7 +14,7 @@ import random
 import httpx
 import pytest
 from hostile_setup import BASE, STATIC
-from server_harness import HealthPoller, wait_idle_and_exact
+from server_harness import HealthPoller, assert_no_stall, wait_idle_and_exact
 
 pytestmark = pytest.mark.soak
 
@@ -142,8 +142,7 @@ def test_soak_with_adapter_churn(hostile_server, hostile_assets, tmp_path):
     assert answered == REQUESTS, tally.statuses  # none lost
     assert not tally.bad, tally.bad[:5]
     assert tally.statuses.get(200, 0) > REQUESTS // 2, tally.statuses
-    assert polled["failures"] == 0 and polled["over_100ms"] == 0, \
-        (polled["max_s"], polled["polls"])
     wait_idle_and_exact(hostile_server.url)
     growth = hostile_server.rss_bytes() - rss_after_warmup
     assert growth < RSS_GROWTH_LIMIT, f"RSS grew {growth >> 20} MiB over {REQUESTS} requests"
+    assert_no_stall(polled)

@@ -10,7 +10,7 @@ import time
 import pytest
 from answers import check_error
 from hostile_setup import BASE
-from server_harness import HealthPoller, wait_idle_and_exact
+from server_harness import HealthPoller, assert_no_stall, wait_idle_and_exact
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 SLOW = ("{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}"
@@ -25,7 +25,7 @@ RENDER_LIMIT_S = 2.0  # engine/chat_template.py TemplateLimits.timeout_s
 @pytest.fixture
 def health(hostile_server, tmp_path):
     poller = HealthPoller(hostile_server.port, str(tmp_path))
-    time.sleep(0.3)  # a few polls before the storm
+    time.sleep(0.1)  # a few polls before the storm
     yield poller
     poller.stop()
 
@@ -38,8 +38,8 @@ def _post(http, path: str, body: dict):
 
 def _assert_no_stall(health) -> None:
     polled = health.stop()
-    assert polled["failures"] == 0 and polled["polls"] >= 3, polled
-    assert polled["over_100ms"] == 0, f"/health took {polled['max_s'] * 1000:.0f} ms"
+    assert polled["polls"] >= 2, polled
+    assert_no_stall(polled)
 
 
 @pytest.mark.parametrize("template", [SLOW, HUGE, DOUBLING, PADDED],
@@ -55,8 +55,8 @@ def test_hostile_template_is_refused_without_stalling(path, template, http, host
     assert response.status_code == 400, response.text
     assert "chat template" in check_error(response)["message"]
     assert took < RENDER_LIMIT_S + 1.5
-    _assert_no_stall(health)
     assert hostile_server.rss_bytes() - rss_before < 256 << 20
+    _assert_no_stall(health)
 
 
 def test_four_slow_templates_at_once(http, hostile_server, health):
@@ -86,5 +86,5 @@ def test_huge_prompts_tokenise_off_the_loop(http, hostile_server, health):
         else:
             assert response.status_code == 400, response.text
             assert "maximum context length" in check_error(response)["message"]
-    _assert_no_stall(health)
     wait_idle_and_exact(hostile_server.url)
+    _assert_no_stall(health)
