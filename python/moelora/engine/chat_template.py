@@ -223,18 +223,20 @@ def _checked_filter(flt, check):
 
     @functools.wraps(flt)  # keeps jinja's pass_* mark, so jinja passes the same arguments
     def checked(*args, **kwargs):
-        values = args
-        while values and isinstance(values[0], (Environment, EvalContext, Context)):
-            values = values[1:]
-        if values:
-            check(*_materialised(values), **kwargs)
+        skip = 0
+        while skip < len(args) and isinstance(args[skip], (Environment, EvalContext, Context)):
+            skip += 1
+        if skip < len(args):
+            values = _materialised(args[skip:])
+            check(*values, **kwargs)
+            args = (*args[:skip], *values)
         return flt(*args, **kwargs)
 
     return checked
 
 
 def _materialised(values: tuple) -> tuple:
-    # A generator given to join would be used up by the check: checks see lists.
+    # A generator (`map`, `select`) would be used up by the check: both see one list.
     first = values[0]
     if not isinstance(first, (str, list, tuple, dict)) and hasattr(first, "__iter__"):
         return (list(first), *values[1:])

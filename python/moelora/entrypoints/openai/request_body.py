@@ -58,21 +58,31 @@ def parse_json_object(body: bytes, what: str = "the request body",
 
 def lone_surrogate_path(data) -> tuple | None:
     """The path (keys and indices) of the first string, value or key, that holds a lone
-    surrogate; None when there is none. Iterative, so no document can exhaust the stack."""
-    stack: list[tuple[object, tuple]] = [(data, ())]
+    surrogate; None when there is none. Iterative, and linear in the document's size at any
+    depth: a container's path is kept as a link to its parent's, and spelled out only for the
+    string that is found."""
+    stack: list[tuple[object, tuple | None]] = [(data, None)]  # (container, (parent, key))
     while stack:
-        container, path = stack.pop()
+        container, link = stack.pop()
         items = container.items() if isinstance(container, dict) else enumerate(container)
         for key, item in items:
             if type(key) is str and _has_surrogate(key):
-                return (*path, key)
+                return _spell(link, key)
             kind = type(item)
             if kind is str:
                 if _has_surrogate(item):
-                    return (*path, key)
+                    return _spell(link, key)
             elif kind is dict or kind is list:
-                stack.append((item, (*path, key)))
+                stack.append((item, (link, key)))
     return None
+
+
+def _spell(link: tuple | None, key) -> tuple:
+    path = [key]
+    while link is not None:
+        link, parent_key = link
+        path.append(parent_key)
+    return tuple(reversed(path))
 
 
 def _has_surrogate(text: str) -> bool:
