@@ -121,22 +121,21 @@ def build_app(engine, model_path: str, args, static_loras: dict[str, str],
         try:
             for name, path in static_loras.items():
                 # Static adapters are trusted configuration: not subject to --allowed-lora-dirs.
-                await models.load(name, path, check_allowed=False)
-        except APIError as exc:
+                try:
+                    await models.load(name, path, check_allowed=False)
+                except APIError as exc:
+                    raise RuntimeError(f"--lora-modules: {exc.message}") from exc
+            logger.info("serving %s with %d adapters", served[0], len(static_loras))
+            # The model, tokenizer and libraries are ~200k objects that live as long as the
+            # process; a full collection scanning them holds the GIL (so the event loop) for
+            # 0.1-0.2 s. Frozen, collections see only what requests allocate.
+            gc.collect()
+            gc.freeze()
+            yield
+        finally:
             async_engine.shutdown()
             serving.close()
             body_workers.close()
-            raise RuntimeError(f"--lora-modules: {exc.message}") from exc
-        logger.info("serving %s with %d adapters", served[0], len(static_loras))
-        # The model, tokenizer and libraries are ~200k objects that live as long as the
-        # process; a full collection scanning them holds the GIL (so the event loop) for
-        # 0.1-0.2 s. Frozen, collections see only what requests allocate.
-        gc.collect()
-        gc.freeze()
-        yield
-        async_engine.shutdown()
-        serving.close()
-        body_workers.close()
 
     app = FastAPI(title="moelora", version=moelora.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
