@@ -15,15 +15,15 @@ from answers import check_error, check_stream
 from hostile_setup import BASE
 from server_harness import ServerProcess, metrics, server_env, value
 
-SHUTDOWN_TIMEOUT_S = 2.0
+SHUTDOWN_TIMEOUT_S = 6.0  # the long requests need far longer (4,000 tokens each)
 
 
 def test_sigterm_drains_then_exits_zero(hostile_assets, tmp_path):
     server = ServerProcess([hostile_assets["model"], "--served-model-name", BASE, "--device",
-                            "cpu", "--max-model-len", "1024", "--shutdown-timeout",
+                            "cpu", "--max-model-len", "4096", "--shutdown-timeout",
                             str(SHUTDOWN_TIMEOUT_S)], server_env(), str(tmp_path / "log"))
     answers: dict[str, httpx.Response | str] = {}
-    long_body = {"model": BASE, "prompt": "tell me everything", "max_tokens": 1000,
+    long_body = {"model": BASE, "prompt": "tell me everything", "max_tokens": 4000,
                  "temperature": 0.0, "ignore_eos": True}
 
     def stream() -> None:
@@ -46,7 +46,10 @@ def test_sigterm_drains_then_exits_zero(hostile_assets, tmp_path):
             time.sleep(0.05)
         short = threading.Thread(target=post, args=("short", {**long_body, "max_tokens": 24}))
         short.start()
-        time.sleep(0.2)  # the short one is in flight
+        while value(metrics(server.url), "moelora:requests_in_flight") < 3 and \
+                "short" not in answers:
+            assert time.monotonic() < deadline, "the short request never started"
+            time.sleep(0.01)
         signalled = time.monotonic()
         os.kill(server.proc.pid, signal.SIGTERM)
         time.sleep(0.3)  # the next tick of the server's loop starts the drain
