@@ -457,6 +457,7 @@ ERROR_CASES = [
                               "chat_template": "{{ x }}"}, 400, "chat_template"),
     ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ x }}"},
      400, "chat_template"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "chat_template_kwargs": {"chat_template": "{{ x }}"}}, 400,
      "chat_template"),

@@ -101,6 +101,7 @@ RAW_CASES = [
     ("/v1/chat/completions", (b'{"messages": [{"role": "user", "content": [{"type": "text", '
      b'"text": "a\\udc00"}]}]}'), 400),
     ("/tokenize", b'{"prompt": "\\ud800"}', 400),
+    ("/tokenize", b'{"messages": []}', 400),
     ("/tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400),
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"' + b"1" * 5000 + b'": 1.0}}', 400),
     ("/v1/completions", b'{"prompt": "x", "logit_bias": {"\\ud800": 1.0}}', 400),

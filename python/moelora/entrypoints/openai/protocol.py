@@ -255,7 +255,7 @@ class TokenizeRequest(_Request):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template: str | None = None
@@ -265,6 +265,12 @@ class TokenizeRequest(_Request):
         if (self.prompt is None) == (self.messages is None):
             return "prompt", "give exactly one of prompt and messages"
         return None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request whose prompt this request asks to tokenise."""
+        return ChatCompletionRequest(
+            messages=self.messages, add_generation_prompt=self.add_generation_prompt,
+            chat_template=self.chat_template, chat_template_kwargs=self.chat_template_kwargs)
 
 
 class DetokenizeRequest(_Request):

@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from moelora.engine.async_engine import AsyncEngine, RequestStream
 from moelora.entrypoints.openai.errors import (
     bad_request,
     from_engine_error,
     from_failed_output,
+    from_validation_error,
     overloaded,
 )
 from moelora.entrypoints.openai.logprobs import LogprobFormatter
@@ -266,9 +268,10 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer", "prompt")
         if req.messages is not None:
-            chat = ChatCompletionRequest(
-                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
-                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs)
+            try:
+                chat = req.chat_request()
+            except ValidationError as exc:  # the fields the two requests do not share
+                raise from_validation_error(exc) from exc
             ids = (await self.prompts.chat_prompt(chat)).token_ids
         else:
             ids = await self.prompts.encode(req.prompt, req.add_special_tokens)
