@@ -98,9 +98,17 @@ void bench_fused(int tokens, int top_k, int experts, int slots, int rank, int64_
   char shape[160];
   std::snprintf(shape, sizeof(shape), "T=%d K=%d E=%d S=%d r=%d hidden=%lld inter=%lld", tokens,
                 top_k, experts, slots, rank, (long long)hidden, (long long)inter);
-  double align_us = median_us(iters, [&] {
-    moe_lora_align(ids, slot_ref, experts, slots, block_m, pairs_ref, bslot, bexp, nblk, nullptr);
-  });
+  MoeLoraAlignArgs align;
+  align.topk_ids = ids;
+  align.token_slot = slot_ref;
+  align.num_experts = experts;
+  align.num_slots = slots;
+  align.block_m = block_m;
+  align.sorted_pairs = pairs_ref;
+  align.block_slot = bslot;
+  align.block_expert = bexp;
+  align.num_blocks = nblk;
+  double align_us = median_us(iters, [&] { moe_lora_align(align, nullptr); });
   std::printf("{\"bench\":\"cpu_kernels\",\"op\":\"moe_lora_align\",\"shape\":\"%s\","
               "\"median_us\":%.2f}\n", shape, align_us);
 
@@ -114,14 +122,27 @@ void bench_fused(int tokens, int top_k, int experts, int slots, int rank, int64_
   std::vector<float> weights(size_t(pairs), 0.5f);
   const double adapter_pairs = double(pairs) * slots / (slots + 1);  // slot -1 tokens skip
   const double flops = 2.0 * adapter_pairs * rank * (2 * (hidden + inter) + (inter + hidden));
+  FusedMoeLoraArgs w13, w2;
+  w13.input = ref(x.data(), DType::kBFloat16, {tokens, hidden});
+  w13.input_pairs_per_row = top_k;
+  w13.output = ref(h13.data(), DType::kBFloat16, {pairs, 2 * inter});
+  w13.slices = {gate.view, up.view};
+  w13.col_offsets = {0, inter};
+  w2.input = ref(h.data(), DType::kBFloat16, {pairs, inter});
+  w2.output = ref(y.data(), DType::kBFloat16, {pairs, hidden});
+  w2.topk_weights = ref(weights.data(), DType::kFloat32, {pairs});
+  w2.slices = {down.view};
+  w2.col_offsets = {0};
+  for (FusedMoeLoraArgs* site : {&w13, &w2}) {
+    site->sorted_pairs = pairs_ref;
+    site->block_slot = bslot;
+    site->block_expert = bexp;
+    site->num_blocks = nblk;
+    site->block_m = block_m;
+  }
   double fused_us = median_us(iters, [&] {
-    fused_moe_lora(ref(x.data(), DType::kBFloat16, {tokens, hidden}), top_k,
-                   ref(h13.data(), DType::kBFloat16, {pairs, 2 * inter}), TensorRef{}, pairs_ref,
-                   bslot, bexp, nblk, block_m, {gate.view, up.view}, {0, inter}, nullptr);
-    fused_moe_lora(ref(h.data(), DType::kBFloat16, {pairs, inter}), 1,
-                   ref(y.data(), DType::kBFloat16, {pairs, hidden}),
-                   ref(weights.data(), DType::kFloat32, {pairs}), pairs_ref, bslot, bexp, nblk,
-                   block_m, {down.view}, {0}, nullptr);
+    fused_moe_lora(w13, nullptr);
+    fused_moe_lora(w2, nullptr);
   });
   std::printf("{\"bench\":\"cpu_kernels\",\"op\":\"fused_moe_lora_w13_w2\",\"shape\":\"%s\","
               "\"dtype\":\"bfloat16\",\"median_us\":%.2f,\"gflops\":%.3f}\n",
@@ -150,15 +171,16 @@ void bench_attention(int seqs, int seq_len, int queries_per_seq, int heads, int 
     }
   auto query = random_values<BFloat16>(size_t(tokens) * heads * head_dim, rng);
   std::vector<BFloat16> out(query.size());
-  double us = median_us(iters, [&] {
-    paged_attention(make_tensor_ref(out.data(), DType::kBFloat16, {tokens, heads, head_dim}),
-                    make_tensor_ref(query.data(), DType::kBFloat16, {tokens, heads, head_dim}),
-                    make_tensor_ref(q_seq.data(), DType::kInt32, {tokens}),
-                    make_tensor_ref(q_pos.data(), DType::kInt32, {tokens}),
-                    make_tensor_ref(table.data(), DType::kInt32, {seqs, blocks_per_seq}),
-                    make_tensor_ref(lens.data(), DType::kInt32, {seqs}), cache, 0.125f, 0,
-                    TensorRef{}, nullptr);
-  });
+  PagedAttentionArgs args;
+  args.out = make_tensor_ref(out.data(), DType::kBFloat16, {tokens, heads, head_dim});
+  args.query = make_tensor_ref(query.data(), DType::kBFloat16, {tokens, heads, head_dim});
+  args.query_seq = make_tensor_ref(q_seq.data(), DType::kInt32, {tokens});
+  args.query_pos = make_tensor_ref(q_pos.data(), DType::kInt32, {tokens});
+  args.block_table = make_tensor_ref(table.data(), DType::kInt32, {seqs, blocks_per_seq});
+  args.seq_lens = make_tensor_ref(lens.data(), DType::kInt32, {seqs});
+  args.cache = cache;
+  args.scale = 0.125f;
+  double us = median_us(iters, [&] { paged_attention(args, nullptr); });
   std::printf("{\"bench\":\"cpu_kernels\",\"op\":\"paged_attention\",\"shape\":\"seqs=%d "
               "len=%d q/seq=%d heads=%d kv_heads=%d head_dim=%d\",\"dtype\":\"bfloat16\","
               "\"median_us\":%.2f}\n",

@@ -1,6 +1,7 @@
-// Native timing of fused_moe_lora (w13 and w2 of one MoE layer, align included) on the GPU:
-// no Python, no torch. Random bf16 LoRA rows in one device arena per site, a row table per site,
-// CUDA events over many launches, median printed as one JSON line.
+// Native timing of one MoE layer's LoRA delta (w13 and w2, align included when the step is
+// grouped) on the GPU, in the form and kernels the plan picks for the shape (moelora/plan.h): no
+// Python, no torch. Random bf16 LoRA rows in one device arena per site, a row table per site,
+// CUDA events over many launches, median printed as one JSON line with the plan.
 //   bench_kernels [tokens=1] [adapters=4] [rank=16] [hidden=2880] [inter=2880] [experts=32]
 //                 [top_k=4] [iters=200]
 // A CPU-only build prints a note and exits 0.
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "moelora/ops.h"
+#include "moelora/plan.h"
 
 #ifdef MOELORA_WITH_CUDA
 #include <cuda_runtime.h>
@@ -85,10 +87,10 @@ int main(int argc, char** argv) {
   const int64_t hidden = arg(4, 2880), inter = arg(5, 2880);
   const int experts = static_cast<int>(arg(6, 32)), top_k = static_cast<int>(arg(7, 4));
   const int iters = static_cast<int>(arg(8, 200));
-  const int32_t block_m = 16;
   std::mt19937 rng(1234);
 
-  Site gate(adapters, experts, rank, hidden, inter, rng), up(adapters, experts, rank, hidden, inter, rng);
+  Site gate(adapters, experts, rank, hidden, inter, rng);
+  Site up(adapters, experts, rank, hidden, inter, rng);
   Site down(adapters, experts, rank, inter, hidden, rng);
   const int64_t pairs = tokens * top_k;
   std::vector<int32_t> ids(static_cast<size_t>(pairs)), slots(static_cast<size_t>(tokens));
@@ -100,6 +102,14 @@ int main(int argc, char** argv) {
     for (int k = 0; k < top_k; ++k) ids[t * top_k + k] = perm[k];
   }
   std::vector<float> weights(static_cast<size_t>(pairs), 0.25f);
+  moelora::LoraStep step;
+  step.num_pairs = pairs;
+  step.num_experts = experts;
+  step.num_adapters = adapters;
+  step.dtype = DType::kBFloat16;
+  const moelora::LoraPlan plan =
+      moelora::plan_lora(step, moelora::device_props(DeviceKind::kCUDA, -1));
+  const int32_t block_m = plan.block_m;
   const int64_t max_blocks = moelora::moe_lora_align_max_blocks(pairs, experts, adapters, block_m);
   int32_t *sorted = nullptr, *block_slot = nullptr, *block_expert = nullptr, *num_blocks = nullptr;
   MOELORA_CUDA_CHECK(cudaMalloc(&sorted, max_blocks * block_m * 4));
@@ -130,14 +140,47 @@ int main(int argc, char** argv) {
   const TensorRef h_ref = ref(h, DType::kBFloat16, {pairs, inter});
   const TensorRef h13_ref = ref(h13, DType::kBFloat16, {pairs, 2 * inter});
   const TensorRef y_ref = ref(y, DType::kBFloat16, {pairs, hidden});
-  const TensorRef none{};
+  moelora::FusedMoeLoraArgs w13, w2;
+  w13.input = x_ref;
+  w13.input_pairs_per_row = top_k;
+  w13.output = h13_ref;
+  w13.slices = {gate.view, up.view};
+  w13.col_offsets = {0, inter};
+  w2.input = h_ref;
+  w2.output = y_ref;
+  w2.topk_weights = w_ref;
+  w2.slices = {down.view};
+  w2.col_offsets = {0};
+  for (moelora::FusedMoeLoraArgs* site : {&w13, &w2}) {
+    site->sorted_pairs = sorted_ref;
+    site->block_slot = bs_ref;
+    site->block_expert = be_ref;
+    site->num_blocks = nb_ref;
+    site->block_m = block_m;
+    site->topk_ids = ids_ref;
+    site->token_slot = slot_ref;
+    site->active_slots = adapters;
+  }
+  moelora::MoeLoraAlignArgs align;
+  align.topk_ids = ids_ref;
+  align.token_slot = slot_ref;
+  align.num_experts = experts;
+  align.num_slots = adapters;
+  align.block_m = block_m;
+  align.sorted_pairs = sorted_ref;
+  align.block_slot = bs_ref;
+  align.block_expert = be_ref;
+  align.num_blocks = nb_ref;
+  const bool unsorted = plan.form == moelora::LoraForm::kUnsorted;
   auto layer = [&]() {
-    moelora::moe_lora_align(ids_ref, slot_ref, experts, adapters, block_m, sorted_ref, bs_ref,
-                            be_ref, nb_ref, nullptr);
-    moelora::fused_moe_lora(x_ref, top_k, h13_ref, none, sorted_ref, bs_ref, be_ref, nb_ref,
-                            block_m, {gate.view, up.view}, {0, inter}, nullptr);
-    moelora::fused_moe_lora(h_ref, 1, y_ref, w_ref, sorted_ref, bs_ref, be_ref, nb_ref, block_m,
-                            {down.view}, {0}, nullptr);
+    if (unsorted) {
+      moelora::fused_moe_lora_unsorted(w13, nullptr, &plan);
+      moelora::fused_moe_lora_unsorted(w2, nullptr, &plan);
+      return;
+    }
+    moelora::moe_lora_align(align, nullptr, &plan);
+    moelora::fused_moe_lora(w13, nullptr, &plan);
+    moelora::fused_moe_lora(w2, nullptr, &plan);
   };
   for (int i = 0; i < 10; ++i) layer();
   MOELORA_CUDA_CHECK(cudaDeviceSynchronize());
@@ -157,9 +200,10 @@ int main(int argc, char** argv) {
   std::sort(times.begin(), times.end());
   std::printf("{\"bench\": \"bench_kernels\", \"tokens\": %ld, \"adapters\": %d, \"rank\": %d, "
               "\"hidden\": %ld, \"inter\": %ld, \"experts\": %d, \"top_k\": %d, "
-              "\"median_us_with_launches\": %.2f}\n",
+              "\"plan\": \"%s\", \"median_us_with_launches\": %.2f}\n",
               static_cast<long>(tokens), adapters, rank, static_cast<long>(hidden),
-              static_cast<long>(inter), experts, top_k, times[times.size() / 2]);
+              static_cast<long>(inter), experts, top_k, plan.describe().c_str(),
+              times[times.size() / 2]);
   return 0;
 }
 #else

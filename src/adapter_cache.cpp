@@ -17,6 +17,16 @@ using detail::DeviceState;
 using detail::HostState;
 using EntryPtr = std::shared_ptr<AdapterEntry>;
 
+namespace {
+
+// A failed adapter's error without the "adapter 'NAME': " that AdapterError puts back.
+std::string problem_of(const AdapterEntry& e) {
+  const std::string prefix = "adapter '" + e.name + "': ";
+  return e.error.compare(0, prefix.size(), prefix) == 0 ? e.error.substr(prefix.size()) : e.error;
+}
+
+}  // namespace
+
 const char* residency_name(Residency r) {
   switch (r) {
     case Residency::kDisk: return "disk";
@@ -116,12 +126,12 @@ struct AdapterCache::State {
     const int64_t ranks_per_slot = table.rank_entries_per_slot();
     std::fill_n(host_row_offsets.begin() + slot * entries_per_slot, entries_per_slot, 0);
     std::fill_n(host_ranks.begin() + slot * ranks_per_slot, ranks_per_slot, 0);
+    slot_owner[slot] = -1;
     if (device_table) {
       slot_clear_ticket[slot] = copies.submit({{device_ranks + slot * ranks_per_slot,
                                                 zero_ranks.data(),
                                                 ranks_per_slot * int64_t{sizeof(int32_t)}}});
     }
-    slot_owner[slot] = -1;
   }
 
   // Drops the device copy of a resident (or cancelled, copied) adapter.
@@ -174,14 +184,73 @@ struct AdapterCache::State {
     return slot;
   }
 
-  void try_start_device_load(const EntryPtr& e);
+  // Marks the adapter failed: its requests fail with `what` (its paths cut to file names).
+  void fail_locked(AdapterEntry& e, const std::string& what) {
+    e.failed = true;
+    e.error = detail::failure_message(e.name, what, e.spec.files);
+    e.want_device = false;
+    if (e.device_state == DeviceState::kWaiting) e.device_state = DeviceState::kNone;
+    changed.notify_all();
+  }
+
+  // After a copy whose completion could not be confirmed: drains every copy (so no transfer can
+  // still land in the pages about to be given back) where that is possible.
+  void settle_copies() noexcept {
+    try {
+      copies.synchronize();
+    } catch (...) {  // a broken device: its pages are lost to it either way
+    }
+  }
+
+  // Never throws: whatever goes wrong fails this adapter (and so its requests) alone.
+  void try_start_device_load(const EntryPtr& e) noexcept;
+  void start_device_load(const EntryPtr& e);
+  void on_device_load_error(const EntryPtr& e, const std::string& what) noexcept;
   void retry_waiting();
   void host_worker_loop();
   void finalizer_loop();
   void on_pool_eviction(Owner owner);
 };
 
-void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
+void AdapterCache::State::try_start_device_load(const EntryPtr& e) noexcept {
+  try {
+    start_device_load(e);
+  } catch (const std::exception& ex) {
+    on_device_load_error(e, ex.what());
+  } catch (...) {
+    on_device_load_error(e, "unknown error while starting its load");
+  }
+}
+
+void AdapterCache::State::on_device_load_error(const EntryPtr& e,
+                                               const std::string& what) noexcept {
+  try {
+    bool had_pages = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      had_pages = e->device_state == DeviceState::kAllocating && !e->pages.empty();
+    }
+    if (had_pages) settle_copies();  // part of its copy may have been queued
+    std::lock_guard<std::mutex> lock(mutex);
+    if (e->device_state == DeviceState::kAllocating) {
+      pool.free(adapter_owner(static_cast<uint64_t>(e->id)));  // its pin, and pages if any
+      if (e->slot >= 0) {
+        try {
+          clear_slot_locked(e->slot);
+        } catch (...) {  // a stale row table of a slot that nobody uses is harmless
+          slot_owner[e->slot] = -1;
+        }
+      }
+      e->slot = -1;
+      e->pages.clear();
+      e->device_state = DeviceState::kNone;
+    }
+    if (!e->cancelled) fail_locked(*e, what);
+  } catch (...) {  // bookkeeping of a broken state: nothing more can be done safely
+  }
+}
+
+void AdapterCache::State::start_device_load(const EntryPtr& e) {
   const Owner owner = adapter_owner(static_cast<uint64_t>(e->id));
   int64_t pages_needed = 0;
   {
@@ -195,14 +264,11 @@ void AdapterCache::State::try_start_device_load(const EntryPtr& e) {
     }
     if (e->layout->num_pages() > pool.num_pages()) {
       // Waiting could never help: fail the adapter (and so its requests) instead.
-      e->failed = true;
-      e->error = "adapter '" + e->name + "' needs " + std::to_string(e->layout->num_pages()) +
-                 " pages of " + std::to_string(e->layout->page_bytes()) +
-                 " bytes, more than the whole page pool holds (" +
-                 std::to_string(pool.num_pages()) + " pages)";
-      e->want_device = false;
       e->device_state = DeviceState::kNone;
-      changed.notify_all();
+      fail_locked(*e, "needs " + std::to_string(e->layout->num_pages()) + " pages of " +
+                          std::to_string(e->layout->page_bytes()) +
+                          " bytes, more than the whole page pool holds (" +
+                          std::to_string(pool.num_pages()) + " pages)");
       return;
     }
     int32_t slot = find_slot_locked();
@@ -304,6 +370,7 @@ void AdapterCache::State::retry_waiting() {
 }
 
 void AdapterCache::State::host_worker_loop() {
+  if (device_table) detail::relax_capture_mode_of_this_thread();
   std::unique_lock<std::mutex> lock(mutex);
   while (true) {
     host_work.wait(lock, [&] { return stopping || !host_queue.empty(); });
@@ -312,6 +379,7 @@ void AdapterCache::State::host_worker_loop() {
     host_queue.pop_front();
     if (e->cancelled) continue;
     lock.unlock();
+    // Nothing may escape this thread: every failure becomes a failed adapter.
     std::shared_ptr<HostBuffer> packed;
     std::string error;
     try {
@@ -319,16 +387,15 @@ void AdapterCache::State::host_worker_loop() {
           detail::pack_adapter_rows(*e, config.dtype, pack_threads()));
     } catch (const std::exception& ex) {
       error = ex.what();
+    } catch (...) {
+      error = "unknown error while reading its weights";
     }
     lock.lock();
     if (e->cancelled) continue;
     if (!error.empty()) {
-      e->failed = true;
-      e->error = error;
       e->host_state = HostState::kFailed;
-      e->want_device = false;
       e->device_state = DeviceState::kNone;
-      changed.notify_all();
+      fail_locked(*e, error);
       continue;
     }
     e->host = std::move(packed);
@@ -346,6 +413,7 @@ void AdapterCache::State::host_worker_loop() {
 }
 
 void AdapterCache::State::finalizer_loop() {
+  if (device_table) detail::relax_capture_mode_of_this_thread();
   std::unique_lock<std::mutex> lock(mutex);
   while (true) {
     copy_work.wait(lock, [&] { return stopping || !copy_queue.empty(); });
@@ -353,21 +421,40 @@ void AdapterCache::State::finalizer_loop() {
     InFlight job = copy_queue.front();
     copy_queue.pop_front();
     lock.unlock();
-    copies.wait(job.ticket);
+    // Nothing may escape this thread: a copy that cannot be confirmed fails its adapter.
+    std::string error;
+    try {
+      copies.wait(job.ticket);
+    } catch (const std::exception& ex) {
+      error = std::string("its copy to the device failed: ") + ex.what();
+    } catch (...) {
+      error = "its copy to the device failed";
+    }
+    if (!error.empty()) settle_copies();
     job.source.reset();
     lock.lock();
     AdapterEntry& e = *job.entry;
     const Owner owner = adapter_owner(static_cast<uint64_t>(e.id));
-    if (e.cancelled) {
-      drop_device_locked(e, true);  // the copy completed; now its pages can go
-    } else {
-      pool.unpin(owner);  // the loading pin; acquire() adds its own
-      e.device_state = DeviceState::kResident;
-      e.device_lru = ++lru_clock;
-      ++counters.device_loads;
-      counters.load_seconds +=
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - e.load_start).count();
-      enforce_host_limits_locked(nullptr);
+    try {
+      if (e.cancelled) {
+        drop_device_locked(e, true);  // the copy completed; now its pages can go
+      } else if (!error.empty()) {
+        drop_device_locked(e, true);
+        fail_locked(e, error);
+      } else {
+        pool.unpin(owner);  // the loading pin; acquire() adds its own
+        e.device_state = DeviceState::kResident;
+        e.device_lru = ++lru_clock;
+        ++counters.device_loads;
+        counters.load_seconds +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - e.load_start)
+                .count();
+        enforce_host_limits_locked(nullptr);
+      }
+    } catch (const std::exception& ex) {
+      if (!e.cancelled) fail_locked(e, std::string("finishing its load failed: ") + ex.what());
+    } catch (...) {
+      if (!e.cancelled) fail_locked(e, "finishing its load failed");
     }
     changed.notify_all();
   }
@@ -450,7 +537,7 @@ AdapterCache::~AdapterCache() {
   for (std::thread& worker : s.host_workers) worker.join();
   s.finalizer.join();  // drains in-flight copies first
   for (auto& [id, e] : s.entries) s.pool.free(adapter_owner(static_cast<uint64_t>(id)));
-  s.copies.synchronize();  // slot clears read zero_ranks
+  s.settle_copies();  // slot clears read zero_ranks
   if (s.device_table) {
     detail::device_free(s.device_row_offsets, s.device_index);
     detail::device_free(s.device_ranks, s.device_index);
@@ -507,6 +594,7 @@ std::vector<int64_t> AdapterCache::adapter_ids() const {
 }
 
 void AdapterCache::load_host(int64_t id) {
+  check_not_capturing("AdapterCache::load_host");
   State& s = *state_;
   std::unique_lock<std::mutex> lock(s.mutex);
   EntryPtr e = s.get_locked(id);
@@ -517,10 +605,11 @@ void AdapterCache::load_host(int64_t id) {
   s.queue_host_load_locked(e);
   s.changed.wait(lock, [&] { return e->cancelled || e->host_state != HostState::kQueued; });
   if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
-  if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+  if (e->failed) throw AdapterError(e->name, problem_of(*e));
 }
 
 Residency AdapterCache::prefetch(int64_t id) {
+  check_not_capturing("AdapterCache::prefetch");
   State& s = *state_;
   EntryPtr e;
   {
@@ -542,6 +631,7 @@ Residency AdapterCache::prefetch(int64_t id) {
 }
 
 int32_t AdapterCache::wait(int64_t id) {
+  check_not_capturing("AdapterCache::wait");
   State& s = *state_;
   while (true) {
     prefetch(id);  // waiting implies asking for it; also retries loads waiting for memory
@@ -553,7 +643,7 @@ int32_t AdapterCache::wait(int64_t id) {
              (e->device_state == DeviceState::kNone && !e->want_device);
     });
     if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
-    if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+    if (e->failed) throw AdapterError(e->name, problem_of(*e));
     if (e->device_state == DeviceState::kWaiting) {
       throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
                               std::to_string(e->layout->num_pages()) + " free pages",
@@ -565,6 +655,7 @@ int32_t AdapterCache::wait(int64_t id) {
 }
 
 void AdapterCache::make_stream_wait(int64_t id, void* cuda_stream) {
+  check_not_capturing("AdapterCache::make_stream_wait");
   State& s = *state_;
   CopyTicket ticket = kNoCopyTicket;
   {
@@ -575,7 +666,7 @@ void AdapterCache::make_stream_wait(int64_t id, void* cuda_stream) {
              e->device_state == DeviceState::kCopying || !e->want_device ||
              (e->device_state == DeviceState::kWaiting && e->host_state != HostState::kQueued);
     });
-    if (e->failed) throw AdapterError(e->name, "failed to load: " + e->error);
+    if (e->failed) throw AdapterError(e->name, problem_of(*e));
     if (e->device_state == DeviceState::kCopying) ticket = e->ticket;
     else if (e->device_state != DeviceState::kResident) {
       throw InvalidArgument("adapter '" + e->name + "' is not loading (residency " +

@@ -23,11 +23,19 @@ enum class HostState : uint8_t { kNone, kQueued, kReady, kFailed };
 // allocated without the cache's mutex held. kCopying: pages pinned, copy ticket in flight.
 enum class DeviceState : uint8_t { kNone, kWaiting, kAllocating, kCopying, kResident };
 
+// A file as it was when the adapter was registered: a load compares it with the file it finds.
+struct FileStamp {
+  int64_t size = 0;
+  int64_t mtime_ns = 0;
+  uint64_t inode = 0;
+};
+
 struct AdapterEntry {
   int64_t id = 0;
   std::string name;
   AdapterSpec spec;
   std::vector<SafetensorsFile> files;
+  std::vector<FileStamp> file_stamps;  // per file, at registration
   std::vector<SafetensorInfo> matrix_tensors;  // per spec.matrices entry
   std::unique_ptr<AdapterRowLayout> layout;
 
@@ -56,7 +64,18 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
                                                     int64_t page_bytes);
 
 // Reads, converts to `dtype`, scales and packs the adapter's rows into a page-ordered buffer
-// (tails zeroed). Throws AdapterError on unreadable files or non-finite weights.
+// (tails zeroed). Throws AdapterError when a file is gone, changed since registration or
+// unreadable, or when a weight is NaN or Inf (or overflows `dtype`), naming the tensor.
 HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype, int threads);
+
+// The file name of a path (what follows the last '/').
+std::string base_name(const std::string& path);
+// `message` with every path in `files` that names a directory cut to its file name.
+std::string cut_directories(std::string message, const std::vector<std::string>& files);
+// The message of a failure of adapter `adapter` for its users: "adapter 'NAME': problem", with
+// the prefix given once and every path in `files` cut to its file name, so a message that
+// reaches a client shows no directory of the server.
+std::string failure_message(const std::string& adapter, const std::string& what,
+                            const std::vector<std::string>& files);
 
 }  // namespace moelora::detail

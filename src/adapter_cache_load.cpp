@@ -1,5 +1,8 @@
 // Adapter registration checks (headers only) and the disk -> host packing of weights.
+#include <sys/stat.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -125,7 +128,66 @@ void transpose_to_float(const std::byte* src, DType dtype, int64_t rows, int64_t
   }
 }
 
+FileStamp stamp_of(const struct stat& st) {
+  return {static_cast<int64_t>(st.st_size),
+          static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
+          static_cast<uint64_t>(st.st_ino)};
+}
+
+// A load reads the files registration validated: one that is gone, or was rewritten, shrunk or
+// replaced since, fails the load with what happened (the header offsets no longer hold).
+void check_files_unchanged(const AdapterEntry& entry) {
+  for (size_t i = 0; i < entry.files.size(); ++i) {
+    const std::string& path = entry.files[i].path();
+    const std::string name = base_name(path);
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      throw AdapterError(entry.name, "file '" + name + "' is gone since the adapter was "
+                                         "registered (" + std::strerror(errno) +
+                                         "); reload the adapter");
+    }
+    const FileStamp now = stamp_of(st);
+    const FileStamp& then = entry.file_stamps[i];
+    if (now.size < then.size) {
+      throw AdapterError(entry.name, "file '" + name + "' was truncated since the adapter was "
+                                         "registered (" + std::to_string(now.size) +
+                                         " bytes, was " + std::to_string(then.size) +
+                                         "); reload the adapter");
+    }
+    if (now.size != then.size || now.mtime_ns != then.mtime_ns || now.inode != then.inode) {
+      throw AdapterError(entry.name, "file '" + name +
+                                         "' changed since the adapter was registered; reload "
+                                         "the adapter");
+    }
+  }
+}
+
 }  // namespace
+
+std::string base_name(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+std::string cut_directories(std::string message, const std::vector<std::string>& files) {
+  for (const std::string& path : files) {
+    if (path.find('/') == std::string::npos) continue;
+    const std::string name = base_name(path);
+    for (size_t at = message.find(path); at != std::string::npos;
+         at = message.find(path, at + name.size())) {
+      message.replace(at, path.size(), name);
+    }
+  }
+  return message;
+}
+
+std::string failure_message(const std::string& adapter, const std::string& what,
+                            const std::vector<std::string>& files) {
+  std::string problem = what;
+  const std::string prefix = "adapter '" + adapter + "': ";
+  while (problem.compare(0, prefix.size(), prefix) == 0) problem.erase(0, prefix.size());
+  return prefix + cut_directories(problem, files);
+}
 
 std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
                                                     const AdapterCacheConfig& config,
@@ -163,8 +225,13 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
     try {
       entry->files.push_back(SafetensorsFile::open(path));
     } catch (const Error& e) {
-      fail(e.what());
+      fail(cut_directories(e.what(), spec.files));
     }
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+      fail("file '" + base_name(path) + "' vanished during registration");
+    }
+    entry->file_stamps.push_back(stamp_of(st));
   }
 
   std::set<std::tuple<int32_t, int32_t, int32_t, bool>> covered;
@@ -184,7 +251,7 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
     }
     const SafetensorsFile& file = entry->files[m.file];
     if (!file.contains(m.tensor)) {
-      fail(what + ": tensor '" + m.tensor + "' not found in '" + file.path() + "'");
+      fail(what + ": tensor '" + m.tensor + "' not found in '" + base_name(file.path()) + "'");
     }
     const SafetensorInfo& info = file.tensor(m.tensor);
     if (!supported_weight_dtype(info.dtype)) {
@@ -274,7 +341,7 @@ void pack_tensor_groups(const AdapterEntry& entry, DType dtype, const std::vecto
       try {
         file.read_tensor_bytes(info, lo * elem, (hi - lo + 1) * elem, scratch.data());
       } catch (const Error& e) {
-        throw AdapterError(entry.name, e.what());
+        throw AdapterError(entry.name, e.what());  // the paths are cut by failure_message
       }
       if (group_transposed) {
         transpose_to_float(scratch.data(), info.dtype, info.shape[0], info.shape[1], transposed);
@@ -296,13 +363,14 @@ void pack_tensor_groups(const AdapterEntry& entry, DType dtype, const std::vecto
       const int64_t c = float_to_row(source_row, scale, dtype, row, m.cols);
       if (c >= 0) {
         const float source = source_row[c];
-        throw AdapterError(entry.name,
-                           "tensor '" + m.tensor + "' in '" + file.path() + "' has " +
-                               (std::isfinite(source) ? "a value that overflows " +
-                                                            std::string(dtype_name(dtype))
-                                                      : std::string("a non-finite value")) +
-                               " at [" + std::to_string(r) + ", " + std::to_string(c) + "] of " +
-                               matrix_name(m));
+        const std::string value = std::isnan(source)   ? std::string("NaN")
+                                  : std::isinf(source) ? std::string("Inf")
+                                                       : "a value that overflows " +
+                                                             std::string(dtype_name(dtype));
+        throw AdapterError(entry.name, "tensor '" + m.tensor + "' holds " + value + " (at [" +
+                                           std::to_string(r) + ", " + std::to_string(c) +
+                                           "] of " + matrix_name(m) + ", file '" +
+                                           base_name(file.path()) + "')");
       }
     }
   }
@@ -334,6 +402,7 @@ std::vector<size_t> split_tensor_groups(const AdapterEntry& entry,
 }  // namespace
 
 HostBuffer pack_adapter_rows(const AdapterEntry& entry, DType dtype, int threads) {
+  check_files_unchanged(entry);
   const AdapterRowLayout& layout = *entry.layout;
   HostBuffer buffer(layout.num_pages() * layout.page_bytes());
   std::memset(buffer.data(), 0, static_cast<size_t>(buffer.bytes()));  // zero the row tails

@@ -1,7 +1,10 @@
-// The CPU copy engine (a worker thread over a FIFO queue) and HostBuffer.
+// The CPU copy engine (a worker thread over a FIFO queue), HostBuffer and the graph-capture scope
+// that defers page-locked frees while a CUDA graph is captured.
 #include "moelora/copy_engine.h"
 
 #include <condition_variable>
+#include <exception>
+#include <map>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -15,6 +18,42 @@
 namespace moelora {
 
 namespace {
+
+// Captures in progress, process-wide, and the page-locked blocks released meanwhile.
+struct CaptureState {
+  std::mutex mutex;
+  int active = 0;
+  std::vector<void*> deferred_pinned_frees;
+};
+
+CaptureState& capture_state() {
+  static CaptureState* state = new CaptureState;  // never destroyed: used from static dtors
+  return *state;
+}
+
+thread_local int t_capture_depth = 0;
+
+// Page-locked memory is allocated and freed with the capture state's mutex held, so that no
+// capture (entered through a GraphCaptureScope) begins during either call: during a capture an
+// allocation falls back to ordinary memory and a free waits for the capture's end.
+void* allocate_pinned(int64_t bytes) {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.active > 0) return nullptr;
+  return detail::try_pinned_host_alloc(bytes);
+}
+
+void release_pinned(void* ptr) noexcept {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.active > 0) {
+    state.deferred_pinned_frees.push_back(ptr);
+    return;
+  }
+  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
+  state.deferred_pinned_frees.clear();
+  detail::pinned_host_free(ptr);
+}
 
 void check_regions(const std::vector<CopyRegion>& regions) {
   for (size_t i = 0; i < regions.size(); ++i) {
@@ -55,21 +94,26 @@ class CpuCopyEngine final : public CopyEngine {
   }
 
   bool is_done(CopyTicket ticket) override {
+    check_not_capturing("CopyEngine::is_done");
     std::lock_guard<std::mutex> lock(mutex_);
     return ticket <= last_completed_;
   }
 
   void wait(CopyTicket ticket) override {
+    check_not_capturing("CopyEngine::wait");
     std::unique_lock<std::mutex> lock(mutex_);
     if (ticket > last_submitted_) {
       throw InvalidArgument("copy ticket " + std::to_string(ticket) + " was never submitted");
     }
     work_done_.wait(lock, [&] { return ticket <= last_completed_; });
+    auto failed = failed_.find(ticket);
+    if (failed != failed_.end()) throw InternalError(failed->second);
   }
 
   void make_stream_wait(CopyTicket ticket, void* cuda_stream) override { wait(ticket); }
 
   void synchronize() override {
+    check_not_capturing("CopyEngine::synchronize");
     std::unique_lock<std::mutex> lock(mutex_);
     work_done_.wait(lock, [&] { return last_completed_ == last_submitted_; });
   }
@@ -90,10 +134,18 @@ class CpuCopyEngine final : public CopyEngine {
       Job job = std::move(queue_.front());
       queue_.pop_front();
       lock.unlock();
-      for (const CopyRegion& r : job.regions) {
-        if (r.bytes > 0) std::memcpy(r.dst, r.src, static_cast<size_t>(r.bytes));
+      std::string error;
+      try {
+        for (const CopyRegion& r : job.regions) {
+          if (r.bytes > 0) std::memcpy(r.dst, r.src, static_cast<size_t>(r.bytes));
+        }
+      } catch (const std::exception& e) {  // nothing may escape the worker: the ticket fails
+        error = std::string("copy ticket ") + std::to_string(job.ticket) + " failed: " + e.what();
+      } catch (...) {
+        error = "copy ticket " + std::to_string(job.ticket) + " failed";
       }
       lock.lock();
+      if (!error.empty()) failed_[job.ticket] = error;
       last_completed_ = job.ticket;  // FIFO: every earlier ticket is done too
       work_done_.notify_all();
     }
@@ -105,6 +157,7 @@ class CpuCopyEngine final : public CopyEngine {
   std::deque<Job> queue_;
   CopyTicket last_submitted_ = 0;
   CopyTicket last_completed_ = 0;
+  std::map<CopyTicket, std::string> failed_;  // tickets whose copy threw; wait() reports them
   bool stopping_ = false;
   std::thread worker_;  // last: started after every other member exists
 };
@@ -115,11 +168,37 @@ constexpr size_t kHostAlignment = 4096;
 
 std::unique_ptr<CopyEngine> make_cpu_copy_engine() { return std::make_unique<CpuCopyEngine>(); }
 
+GraphCaptureScope::GraphCaptureScope() {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  ++state.active;
+  ++t_capture_depth;
+}
+
+GraphCaptureScope::~GraphCaptureScope() {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  --t_capture_depth;
+  if (--state.active > 0) return;
+  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
+  state.deferred_pinned_frees.clear();
+}
+
+bool this_thread_capturing() { return t_capture_depth > 0; }
+
+void check_not_capturing(const char* operation) {
+  if (t_capture_depth > 0) {
+    throw InvalidArgument(std::string(operation) +
+                          " would synchronise while this thread captures a CUDA graph; load "
+                          "and wait for adapters before capturing");
+  }
+}
+
 HostBuffer::HostBuffer(int64_t bytes, bool try_pinned) {
   if (bytes < 0) throw InvalidArgument("HostBuffer bytes must be >= 0, got " + std::to_string(bytes));
   if (bytes == 0) return;
   if (try_pinned) {
-    data_ = static_cast<std::byte*>(detail::try_pinned_host_alloc(bytes));
+    data_ = static_cast<std::byte*>(allocate_pinned(bytes));
     pinned_ = data_ != nullptr;
   }
   if (data_ == nullptr) {
@@ -159,7 +238,7 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
 void HostBuffer::release() noexcept {
   if (data_ == nullptr) return;
   if (pinned_) {
-    detail::pinned_host_free(data_);
+    release_pinned(data_);
   } else {
     std::free(data_);
   }

@@ -213,6 +213,7 @@ class CudaCopyEngine final : public CopyEngine {
   }
 
   bool is_done(CopyTicket ticket) override {
+    check_not_capturing("CopyEngine::is_done");
     std::shared_ptr<Event> event = find(ticket);
     if (!event) return true;
     cudaError_t status = cudaEventQuery(event->event);
@@ -223,6 +224,7 @@ class CudaCopyEngine final : public CopyEngine {
   }
 
   void wait(CopyTicket ticket) override {
+    check_not_capturing("CopyEngine::wait");
     std::shared_ptr<Event> event = find(ticket);
     if (!event) return;
     MOELORA_CUDA_CHECK(cudaEventSynchronize(event->event));
@@ -232,11 +234,14 @@ class CudaCopyEngine final : public CopyEngine {
   void make_stream_wait(CopyTicket ticket, void* cuda_stream) override {
     std::shared_ptr<Event> event = find(ticket);
     if (!event) return;
+    // A capturing stream may not wait on an event recorded outside its capture.
+    check_not_capturing("CopyEngine::make_stream_wait on a copy in flight");
     MOELORA_CUDA_CHECK(
         cudaStreamWaitEvent(static_cast<cudaStream_t>(cuda_stream), event->event, 0));
   }
 
   void synchronize() override {
+    check_not_capturing("CopyEngine::synchronize");
     DeviceGuard guard(device_);
     for (cudaStream_t stream : streams_) MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
     std::lock_guard<std::mutex> lock(mutex_);
@@ -405,6 +410,11 @@ void* try_pinned_host_alloc(int64_t bytes) {
 
 void pinned_host_free(void* ptr) noexcept { cudaFreeHost(ptr); }
 
+void relax_capture_mode_of_this_thread() noexcept {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) cudaGetLastError();
+}
+
 void* device_alloc(int64_t bytes, int device_index) {
   DeviceGuard guard(device_index);
   void* ptr = nullptr;
@@ -441,6 +451,7 @@ bool cuda_batch_copy_compiled() { return false; }
 
 void* try_pinned_host_alloc(int64_t bytes) { return nullptr; }
 void pinned_host_free(void* ptr) noexcept {}
+void relax_capture_mode_of_this_thread() noexcept {}
 void* device_alloc(int64_t bytes, int device_index) {
   throw CudaError("device_alloc: libmoelora was built without CUDA");
 }

@@ -18,6 +18,11 @@ namespace moelora::detail {
 void* try_pinned_host_alloc(int64_t bytes);
 void pinned_host_free(void* ptr) noexcept;
 
+// Sets the calling thread's CUDA stream-capture interaction mode to relaxed: a capture another
+// thread begins in the global mode no longer makes this thread's waits and copies fail. For
+// threads that only wait on the copy engine's own events (never on a captured stream or event).
+void relax_capture_mode_of_this_thread() noexcept;
+
 // Device memory on GPU `device_index`; throws CudaError without CUDA.
 void* device_alloc(int64_t bytes, int device_index);
 void device_free(void* ptr, int device_index) noexcept;

@@ -1,6 +1,7 @@
-// What the two GPU forms of moe_lora_align share (align/single_cta.cu: one CTA; moe_lora_align_
-// multi.cu: several CTAs for large steps): the arguments, a pair's (slot, expert) group, the
-// CTA-wide scan and the assignment of blocks to groups.
+// What the two GPU forms of moe_lora_align share (align/single_cta.cu: one CTA; align/
+// multi_cta.cu: several CTAs for large steps; align/dispatch.cu picks one): the arguments, a
+// pair's (slot, expert) group, the CTA-wide scan, the assignment of blocks to groups, and the
+// two launchers.
 #pragma once
 
 #include <cstdint>
@@ -34,8 +35,8 @@ struct AlignArgs {
 };
 
 // Group of pair p, or -1 when the pair is skipped. 32-bit division: pair ids are int32 (the
-// host checks), and a 64-bit one is a ~100-instruction subroutine, which made this kernel
-// instruction-bound (76 us at 32768 pairs on the H200, ncu).
+// host checks), and a 64-bit one is a ~100-instruction subroutine that makes the kernel
+// instruction-bound.
 __device__ __forceinline__ int32_t pair_group(const AlignArgs& a, uint32_t p) {
   const uint32_t t = p / static_cast<uint32_t>(a.top_k);
   const uint32_t k = p - t * static_cast<uint32_t>(a.top_k);
@@ -62,7 +63,8 @@ __device__ __forceinline__ void pair_groups(const AlignArgs& a, int64_t base, in
 }
 
 // Exclusive scan of one value per thread over the CTA; returns the prefix, sets *total.
-__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_sums, int64_t* total) {
+__device__ __forceinline__ int64_t block_exclusive_scan(int64_t value, int64_t* warp_sums,
+                                                        int64_t* total) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   int64_t inclusive = value;
@@ -164,6 +166,14 @@ __device__ __forceinline__ void assign_blocks(const AlignArgs& a, Count&& count,
   }
   __syncthreads();
 }
+
+// The one-CTA form (align/single_cta.cu), launched with PDL when `pdl`. Its counters live in
+// shared memory when the groups fit (kMaxSmemGroups), else in `workspace` when it holds
+// single_workspace_bytes, else in stream-ordered scratch.
+void launch_align_single(AlignArgs a, bool pdl, cudaStream_t stream, void* workspace,
+                         size_t workspace_bytes);
+// Bytes of global counters the one-CTA form needs (its groups past shared memory's).
+size_t single_workspace_bytes(int64_t num_groups);
 
 // The multi-CTA form (align/multi_cta.cu): returns false, launching nothing, when the
 // groups' counters do not fit in shared memory or the device has no cooperative launch (the

@@ -1,7 +1,7 @@
-// moe_lora_align over several CTAs, for large steps (the default from kMultiCtaMinPairs pairs:
-// align/single_cta.cu). Same outputs and rules as the one-CTA form (align/single_cta.cu), in ONE
-// cooperative launch of C CTAs (C <= the SM count, one CTA per SM, so all are resident) with two
-// grid-wide barriers, no host sync (graph-capturable: a cooperative kernel node):
+// moe_lora_align over several CTAs, for large steps (the plan's choice from 4096 pairs). Same
+// outputs and rules as the one-CTA form (align/single_cta.cu), in ONE cooperative launch of C CTAs
+// (C <= the SM count, one CTA per SM, so all are resident) with two grid-wide barriers, no host
+// sync (graph-capturable: a cooperative kernel node):
 //   1. count: CTA c counts its contiguous chunk of pairs per group in shared memory and stores
 //      the histogram as row c of counts [C][G]; together the CTAs fill the outputs with -1;
 //   2. prefix: a team of lanes per group turns column g into each chunk's offset within the
@@ -11,12 +11,10 @@
 //      same result in each; CTA 0 writes block_slot / block_expert / num_blocks), so its next
 //      row of group g is first_row(g) + its offset; it places its chunk's pairs from there with
 //      shared-memory atomics.
-// Why one launch: the earlier form launched count, scan and scatter separately, and its scan ran
-// in one CTA, a serial walk over the C counters of each group: 24 us at 16384 pairs and 60 us at
-// 65536 on the H200, 13-16% of a whole qwen3 LoRA layer at 2048-8192 tokens (bench/NOTES.md,
-// v3g). Here the serial work per group is C / width team steps and the launch floor is paid
-// once: 18.7 us at 16384 pairs, 28.4 at 65536; but ~14 us from the smallest steps up, against
-// 8 us for the one-CTA form, which therefore keeps steps under kMultiCtaMinPairs.
+// Why one launch: a separate count, scan and scatter pay the launch floor three times, and a
+// scan in one CTA walks the C counters of each group serially. Here the serial work per group is
+// C / width team steps and the launch floor is paid once; that floor (~14 us against ~8 for the
+// one-CTA form) is why small steps keep the one-CTA form (docs/performance.md, "Alignment").
 // Workspace: counts, C * G int32, plus G totals: the caller's (moe_lora_align's `workspace`), or
 // stream-ordered scratch (detail::scratch_alloc), whose free node in a captured graph would sit
 // between this kernel and the LoRA kernel after it and cost that kernel its early start.
@@ -52,8 +50,8 @@ __device__ __forceinline__ int team_width(int64_t chunks) {
 // its sum, for every group: a team of `width` lanes (a power of two <= 32, about the chunk
 // count) per group, segmented warp scans over the chunks `width` at a time. Lanes per group
 // scale with the chunks so that neither few chunks (one CTA: 2048 groups) nor many (128 chunks)
-// make a long serial walk: the first cut, one warp per group, took 57 us at 128 pairs on the
-// H200, each warp walking 128 groups one L2 round trip at a time.
+// make a long serial walk (one warp per group walks 128 groups one L2 round trip at a time when
+// there is one chunk).
 __device__ __forceinline__ void chunk_offsets(int32_t* counts, int32_t* totals,
                                               int64_t num_groups, int64_t chunks, int width) {
   const int lane = static_cast<int>(threadIdx.x & 31);

@@ -1,8 +1,8 @@
-// What the paged-attention kernels share (attention/paged_attention.cu: one CTA per (token, query head);
-// attention/gqa.cu and attention/mma.cu: one CTA per (token, KV head) serving its
-// query heads, on CUDA cores / tensor cores): the KV page layout, the kernel arguments, each
-// token's key range and its split-KV share, the merge of online-softmax states, and the
-// split-KV factor chosen on the host.
+// What the paged-attention kernels share (attention/per_head.cu: one CTA per (token, query
+// head); attention/gqa.cu and attention/mma.cu: one CTA per (token, KV head) serving its query
+// heads, on CUDA cores / tensor cores; attention/kv_write.cu writes the pages): the KV page
+// layout, the kernel arguments, each token's key range and its split-KV share, the merge of
+// online-softmax states, and the launchers attention/dispatch.cu picks from.
 #pragma once
 
 #include <cmath>
@@ -14,12 +14,12 @@
 #include "common/cluster.cuh"
 #include "common/common.cuh"
 #include "moelora/dtype.h"
+#include "moelora/ops.h"
+#include "moelora/plan.h"
 
 namespace moelora::cuda {
 
 constexpr int kAttnWarps = 4;
-constexpr int kMaxSplits = 8;  // the portable cluster size
-constexpr int64_t kMinKeysPerSplit = 256;
 
 // A page holds K as [block_tokens][num_kv_heads][head_dim] followed by V in the same layout.
 struct KvLayout {
@@ -28,6 +28,17 @@ struct KvLayout {
   int32_t block_tokens, num_kv_heads, head_dim;
   int64_t half_page_elems;  // elements of the K part of a page
 };
+
+inline KvLayout kv_layout(const KvCacheView& cache) {
+  KvLayout kv{};
+  kv.arena = cache.arena;
+  kv.page_bytes = cache.page_bytes;
+  kv.block_tokens = cache.block_tokens;
+  kv.num_kv_heads = cache.num_kv_heads;
+  kv.head_dim = cache.head_dim;
+  kv.half_page_elems = int64_t{cache.block_tokens} * cache.num_kv_heads * cache.head_dim;
+  return kv;
+}
 
 template <typename T>
 __device__ __forceinline__ T* kv_row(const KvLayout& kv, int64_t page, int64_t in_page,
@@ -149,21 +160,20 @@ __device__ __forceinline__ void store_cluster_states(const Cluster& cluster, flo
   cluster.sync();  // CTA 0 has read every peer's state before any CTA exits
 }
 
-// Split-KV factor (cluster size) for `ctas` CTAs at contexts up to max_context keys, >=
-// kMinKeysPerSplit keys a split: ~2 waves of CTAs, or, given the CTAs the GPU holds at once
-// (resident_ctas > 0), at most one wave; MOELORA_ATTN_SPLITS forces it; 1 before sm_90.
-int attention_splits(int64_t ctas, int64_t max_context, int64_t resident_ctas = 0);
-
-// The tensor-core GQA kernel (attention/mma.cu): returns false (launching nothing) when
-// the call does not qualify (float32, head_dim not 64 or 128, more than 16 query heads per KV
-// head, pages or rows not 16-byte aligned).
-bool launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,
-                                cudaStream_t stream);
-
-// The CUDA-core GQA kernel: returns false (launching nothing) when the call does not qualify (float32,
-// head_dim * element size not 8, 16 or 32 16-byte vectors, more than 8 query heads per KV head,
-// pages not 16-byte aligned).
-bool launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_tokens,
-                                cudaStream_t stream);
+// The launchers, called by attention/dispatch.cu only where plan_rules::attention_kernel_fits
+// holds for their kernel and the arena is 16-byte aligned; each takes its split-KV factor from
+// plan_rules::attention_splits.
+// Tensor-core GQA kernel (attention/mma.cu): fp16/bf16, head_dim 64 or 128, <= 16 query heads
+// per KV head.
+void launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                const AttentionPlan& plan, cudaStream_t stream);
+// CUDA-core GQA kernel (attention/gqa.cu): fp16/bf16, rows of 8, 16 or 32 16-byte vectors, <= 8
+// query heads per KV head.
+void launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                const AttentionPlan& plan, cudaStream_t stream);
+// Per-head kernel (attention/per_head.cu): any layout with head_dim <= 256 (InvalidArgument
+// above), `splits` CTAs per (token, head).
+void launch_paged_attention_per_head(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                     int splits, cudaStream_t stream);
 
 }  // namespace moelora::cuda

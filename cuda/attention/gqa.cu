@@ -1,12 +1,12 @@
 // paged_attention, CUDA-core GQA form: a cluster of S CTAs (split-KV) per (query token, KV
-// head), serving all `ratio` query heads that share the KV head. Second in the auto order: it
-// serves what the tensor-core kernel (attention/mma.cu, 2-4x faster on the H200) does not
-// take, e.g. head_dim 256; MOELORA_ATTN_KERNEL=gqa forces it.
+// head), serving all `ratio` query heads that share the KV head. Second in the chain: it serves
+// what the tensor-core kernel (attention/mma.cu, 2-6x faster on the H200) does not take, e.g.
+// head_dim 256.
 //
-// Why: the per-head kernel (attention/paged_attention.cu) reads each KV head once per query head (4-8x
+// Why: the per-head kernel (attention/per_head.cu) reads each KV head once per query head (4-8x
 // the bytes with GQA, from L2 at best) and a warp walks one key at a time with 2-byte loads per
-// lane; on the H200 it ran at 2.5-9% of the HBM roofline (bench/NOTES.md). Here a K or V row is
-// read once for all its query heads, with 16-byte loads:
+// lane (1-9% of the HBM roofline on the H200). Here a K or V row is read once for all its
+// query heads, with 16-byte loads:
 //   - a row of head_dim elements is LANES 16-byte vectors (LANES in {8, 16, 32}); a warp holds
 //     32 / LANES keys at a time, lane l covering vector l % LANES of key l / LANES;
 //   - each step a warp issues the block-table reads and then the K and V loads of kUnroll key
@@ -22,16 +22,16 @@
 #include <cmath>
 #include <type_traits>
 
+#include "attention/attention.cuh"
 #include "common/cluster.cuh"
 #include "common/common.cuh"
-#include "attention/attention.cuh"
+#include "plan_rules.h"
 
 namespace moelora::cuda {
 
 namespace {
 
-constexpr int kUnroll = 4;       // key groups a warp loads before computing on any
-constexpr int kMaxHeadDim = 256;
+constexpr int kUnroll = 4;  // key groups a warp loads before computing on any
 
 template <typename T>
 constexpr int kElems = 16 / static_cast<int>(sizeof(T));  // elements of a 16-byte vector
@@ -196,26 +196,20 @@ void launch_for_lanes(const AttnArgs& a, int lanes, int ratio, dim3 grid, int sp
 
 }  // namespace
 
-bool launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_tokens,
-                                cudaStream_t stream) {
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
-  const int64_t row_bytes = int64_t{a.kv.head_dim} * 2;
-  const int64_t lanes = row_bytes / 16;
-  if (row_bytes % 16 != 0 || (lanes != 8 && lanes != 16 && lanes != 32)) return false;
-  if (a.kv.num_kv_heads <= 0 || a.num_heads % a.kv.num_kv_heads != 0) return false;
+void launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                const AttentionPlan& plan, cudaStream_t stream) {
+  const int lanes = a.kv.head_dim * 2 / 16;  // 16-byte vectors of a row: 8, 16 or 32
   const int ratio = a.num_heads / a.kv.num_kv_heads;
-  if (ratio > 8 || a.kv.head_dim > kMaxHeadDim) return false;
-  if (!detail::aligned16(a.kv.arena) || a.kv.page_bytes % 16 != 0) return false;
-  const int splits = attention_splits(num_tokens * a.kv.num_kv_heads,
-                                      a.max_blocks_per_seq * int64_t{a.kv.block_tokens});
+  const int splits = plan_rules::attention_splits(
+      num_tokens * a.kv.num_kv_heads, a.max_blocks_per_seq * int64_t{a.kv.block_tokens},
+      /*resident_ctas=*/0, plan, device_props(DeviceKind::kCUDA, -1));
   const dim3 grid(static_cast<unsigned>(num_tokens * splits),
                   static_cast<unsigned>(a.kv.num_kv_heads));
   if (dtype == DType::kFloat16) {
-    launch_for_lanes<__half>(a, static_cast<int>(lanes), ratio, grid, splits, stream);
+    launch_for_lanes<__half>(a, lanes, ratio, grid, splits, stream);
   } else {
-    launch_for_lanes<__nv_bfloat16>(a, static_cast<int>(lanes), ratio, grid, splits, stream);
+    launch_for_lanes<__nv_bfloat16>(a, lanes, ratio, grid, splits, stream);
   }
-  return true;
 }
 
 }  // namespace moelora::cuda

@@ -26,10 +26,11 @@
 #include <cmath>
 #include <cstring>
 
+#include "attention/attention.cuh"
 #include "common/cluster.cuh"
 #include "common/common.cuh"
-#include "attention/attention.cuh"
 #include "common/ptx.cuh"
+#include "plan_rules.h"
 
 namespace moelora::cuda {
 
@@ -306,47 +307,42 @@ int ctas_per_sm() {
 }
 
 template <typename T, int D>
-void launch(const AttnArgs& a, int64_t num_tokens, cudaStream_t stream) {
+void launch(const AttnArgs& a, int64_t num_tokens, const AttentionPlan& plan,
+            cudaStream_t stream) {
   const auto kernel = paged_attention_mma_kernel<T, D>;
   // Over the default 48 KB of dynamic shared memory at D = 128; cheap, legal during capture.
   detail::allow_dynamic_smem(kernel, TileShape<D>::kSmemBytes);
-  // At most one wave: H200, 8 KV heads, 1024 keys, batch 8: 4 splits (2 waves of 1-CTA SMs)
-  // took 47.5 us, no split 24.9 (bench/NOTES.md, attention v2).
+  // At most one wave of resident CTAs: with one CTA per SM at D = 128, a second wave doubles
+  // the latency (docs/performance.md, "Split-KV").
   const int64_t ctas = num_tokens * a.kv.num_kv_heads;
-  const int splits = attention_splits(ctas, a.max_blocks_per_seq * int64_t{a.kv.block_tokens},
-                                      int64_t{ctas_per_sm<T, D>()} * detail::sm_count());
+  const DeviceProps device = device_props(DeviceKind::kCUDA, -1);
+  const int splits = plan_rules::attention_splits(
+      ctas, a.max_blocks_per_seq * int64_t{a.kv.block_tokens},
+      int64_t{ctas_per_sm<T, D>()} * device.sm_count, plan, device);
   const dim3 grid(static_cast<unsigned>(num_tokens * splits),
                   static_cast<unsigned>(a.kv.num_kv_heads));
   launch_in_clusters(kernel, grid, dim3(kThreads), TileShape<D>::kSmemBytes, stream, splits, a);
 }
 
 template <typename T>
-void launch_for_head_dim(const AttnArgs& a, int64_t num_tokens, cudaStream_t stream) {
+void launch_for_head_dim(const AttnArgs& a, int64_t num_tokens, const AttentionPlan& plan,
+                         cudaStream_t stream) {
   if (a.kv.head_dim == 64) {
-    launch<T, 64>(a, num_tokens, stream);
+    launch<T, 64>(a, num_tokens, plan, stream);
   } else {
-    launch<T, 128>(a, num_tokens, stream);
+    launch<T, 128>(a, num_tokens, plan, stream);
   }
 }
 
 }  // namespace
 
-bool launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,
-                                cudaStream_t stream) {
-  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
-  if (detail::compute_capability_major() < 8) return false;  // mma.sync bf16, cp.async
-  if (a.kv.head_dim != 64 && a.kv.head_dim != 128) return false;
-  if (a.kv.num_kv_heads <= 0 || a.num_heads % a.kv.num_kv_heads != 0) return false;
-  if (a.num_heads / a.kv.num_kv_heads > kRows) return false;
-  if (!detail::aligned16(a.kv.arena) || a.kv.page_bytes % 16 != 0) return false;
-  // key positions are int32 inside the kernel
-  if (a.max_blocks_per_seq * int64_t{a.kv.block_tokens} > (int64_t{1} << 30)) return false;
+void launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_tokens,
+                                const AttentionPlan& plan, cudaStream_t stream) {
   if (dtype == DType::kFloat16) {
-    launch_for_head_dim<__half>(a, num_tokens, stream);
+    launch_for_head_dim<__half>(a, num_tokens, plan, stream);
   } else {
-    launch_for_head_dim<__nv_bfloat16>(a, num_tokens, stream);
+    launch_for_head_dim<__nv_bfloat16>(a, num_tokens, plan, stream);
   }
-  return true;
 }
 
 }  // namespace moelora::cuda

@@ -1,5 +1,4 @@
 // Device properties and launch checks shared by the CUDA kernels.
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <set>
@@ -7,7 +6,6 @@
 #include <utility>
 
 #include "common/common.cuh"
-#include "common/launch.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -85,18 +83,6 @@ void allow_dynamic_smem(const void* kernel, size_t bytes) {
   limit = bytes;
 }
 
-int env_int(const char* name, int lo, int hi) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long n = std::strtol(value, &end, 10);
-  if (end == value || *end != '\0' || n < lo || n > hi) {
-    throw InvalidArgument(std::string(name) + " must be an integer in [" + std::to_string(lo) +
-                          ", " + std::to_string(hi) + "], got '" + value + "'");
-  }
-  return static_cast<int>(n);
-}
-
 void check_launch(const char* what) {
   const cudaError_t status = cudaGetLastError();
   if (status != cudaSuccess) {
@@ -105,18 +91,3 @@ void check_launch(const char* what) {
 }
 
 }  // namespace moelora::cuda::detail
-
-namespace moelora::cuda {
-
-bool programmatic_launch_enabled() {
-  const char* value = std::getenv("MOELORA_PDL");
-  if (value != nullptr && *value != '\0' && std::string(value) != "1") {
-    if (std::string(value) != "0") {
-      throw InvalidArgument(std::string("MOELORA_PDL must be 0 or 1, got '") + value + "'");
-    }
-    return false;
-  }
-  return detail::compute_capability_major() >= 9;
-}
-
-}  // namespace moelora::cuda

@@ -91,7 +91,9 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__host__ __device__ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+__host__ __device__ inline bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
 
 // Multiprocessor count and compute capability (major) of the current device, read once per
 // device.
@@ -109,15 +111,11 @@ void allow_dynamic_smem(void (*kernel)(Params...), size_t bytes) {
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
 }
 
-// The integer in environment variable `name`: 0 when unset or empty, InvalidArgument when it is
-// not an integer in [lo, hi] (tests and benchmarks force kernel shapes through these).
-int env_int(const char* name, int lo, int hi);
-
 // Stream-ordered scratch memory (cudaMallocAsync / cudaFreeAsync; graph-capturable). The
 // device's default pool otherwise hands freed memory back at every synchronisation and maps it
 // again on the next call: the multi-CTA align's 1 MB of counters cost ~300 us per eager call on
-// the H200 that way (bench/NOTES.md, v3c). The first call on a device lets its default pool keep
-// up to kRetainedScratchBytes reserved.
+// the H200 that way. The first call on a device lets its default pool keep up to
+// kRetainedScratchBytes reserved.
 void* scratch_alloc(size_t bytes, cudaStream_t stream);
 void scratch_free(void* ptr, cudaStream_t stream);
 

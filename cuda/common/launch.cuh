@@ -3,7 +3,7 @@
 //
 // Why PDL: the LoRA kernels run back to back (align -> w13 -> w2 in a layer, shrink -> expand
 // in the split-K family), each short, so the launch latency between two of them (~1.3 us in a
-// CUDA graph on the H200, bench/NOTES.md "v3g") is a large share of a decode step. A kernel
+// CUDA graph on the H200) is a large share of a decode step (docs/performance.md, "PDL"). A kernel
 // launched with cudaLaunchAttributeProgrammaticStreamSerialization may start its CTAs before the
 // kernel ahead of it in the stream has finished: as soon as every CTA of that kernel has called
 // release_next_grid() or exited, without waiting for the grid's completion and memory flush.
@@ -35,25 +35,22 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 
 // Lets the next kernel in the stream, if it is launched programmatically, start its CTAs now
 // (it starts anyway as this grid's CTAs exit). Called late, in a CTA's last phase, or not at
-// all: released at a kernel's start, the next grid's waiting CTAs took SM slots beside a
-// one-wave grid for its whole run (gpt-oss at 128 tokens 12% slower on the H200). Where each
-// kernel calls it, and why, is in bench/NOTES.md, "v3h".
+// all: released at a kernel's start, the next grid's waiting CTAs take SM slots beside a
+// one-wave grid for its whole run. Where each kernel calls it: docs/performance.md, "PDL".
 __device__ __forceinline__ void release_next_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 
-// Whether launches may carry the programmatic attribute: sm_90+ and MOELORA_PDL not 0 (the
-// switch exists for A/B measurements and to rule PDL out when debugging). Read per call.
-bool programmatic_launch_enabled();
-
 struct LaunchShape {
   dim3 grid, block;
   size_t smem = 0;
   cudaStream_t stream = nullptr;
   int cluster_x = 1;                 // CTAs per cluster along x (grid.x a multiple of it)
-  bool after_previous_grid = false;  // PDL; the kernel calls wait_for_previous_grid()
+  // PDL (the plan's `pdl`, which holds only on sm_90+); the kernel calls
+  // wait_for_previous_grid() before its first global access
+  bool after_previous_grid = false;
 };
 
 // kernel<<<grid, block, smem, stream>>>(args...) with the shape's cluster and PDL attributes.
@@ -74,7 +71,7 @@ void launch_kernel(void (*kernel)(Params...), const LaunchShape& shape, Args&&..
     cluster.val.clusterDim.y = 1;
     cluster.val.clusterDim.z = 1;
   }
-  if (shape.after_previous_grid && programmatic_launch_enabled()) {
+  if (shape.after_previous_grid) {
     cudaLaunchAttribute& pdl = attributes[count++];
     pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     pdl.val.programmaticStreamSerializationAllowed = 1;

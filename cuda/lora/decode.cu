@@ -1,17 +1,14 @@
-// The decode kernel of fused_moe_lora / dense_lora (v3): one thread-block cluster per (work
-// item, column group), shrink and expand in ONE launch, Split-K through distributed shared
-// memory, no workspace, no atomics. A work item is a block of pairs sharing (slot, expert), or
-// a single pair in the unsorted form.
+// The decode kernel of fused_moe_lora / dense_lora / fused_moe_lora_unsorted: one thread-block
+// cluster per (work item, column group), shrink and expand in ONE launch, Split-K through
+// distributed shared memory, no workspace, no atomics. A work item is a block of pairs sharing
+// (slot, expert), or a single pair in the unsorted form.
 //
-// Why this shape: at decode every (slot, expert) group holds about one row, so a launch costs
-// its chain of dependent DRAM round trips (~1 us each with a cold L2), not its bytes. v2 walked
-// ~7 of them (routing, ranks, row table, x, A rows, B rows, output rows) and streamed B with
-// only a few loads in flight per thread. v3 keeps three on the critical path:
+// Why this shape: at decode every (slot, expert) group holds about one row, so a launch costs its
+// chain of dependent DRAM round trips (~1 us each with a cold L2), not its bytes. Three are on
+// the critical path, each issued as a batch of independent loads:
 //   trip 1: the item's slot, expert and pair ids (the slot and the expert from two warps);
 //   trip 2: ranks, the full row table (all max_rank entries, so it need not wait for the rank),
-//           the rows' routing weights and the x rows, all cp.async into shared memory, so that
-//           they fly together (v3-v3h loaded the ranks and tables with plain loads: one trip
-//           for each slice's rank and one for its table, in thread 0's order);
+//           the rows' routing weights and the x rows, all cp.async into shared memory;
 //   trip 3: A rows (loaded directly, several 16-byte loads in flight per lane) while the FIRST
 //           expand stage (this CTA's B^T rows and output rows) is already on its way through
 //           cp.async; later stages are double-buffered behind the compute.
@@ -28,9 +25,9 @@
 // Column groups (G clusters per item, each redoing the small shrink through L2) exist so that a
 // few wide items (mixtral at 1 token: 2 pairs x 28672 columns) still spread their B^T rows over
 // ~2 waves of CTAs, each with one stage of bytes in flight at once.
-// C (<= 16; above 8 non-portable) and G (<= 16) are picked on the host; with many items
-// C = G = 1 and the kernel is a plain one-CTA-per-item kernel. Items are walked grid-stride
-// (uniform per cluster).
+// C (<= 16; above 8 non-portable) and G (<= 16) come from plan_rules::decode_shape on the host;
+// with many items C = G = 1 and the kernel is a plain one-CTA-per-item kernel. Items are walked
+// grid-stride (uniform per cluster). Measurements: docs/performance.md, "Decode kernel".
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
 // vectors, scalars (rows or column ranges not 16-byte aligned)}.
 #include <algorithm>
@@ -42,8 +39,10 @@
 
 #include "common/cluster.cuh"
 #include "common/common.cuh"
-#include "lora/kernels.h"
 #include "common/ptx.cuh"
+#include "lora/kernels.h"
+#include "lora/trace.cuh"
+#include "plan_rules.h"
 
 namespace moelora::cuda {
 
@@ -61,15 +60,9 @@ constexpr int kRowsPerWarpStep = 4;     // A rows a warp streams together
 // 16-byte loads per A row a lane issues before using any (fewer with 4 x rows: registers)
 template <int MT>
 constexpr int kStepsInFlight = MT == 1 ? 2 : 1;
-// Three CTAs per SM (<= 80 registers a thread): v3's first cut allowed 128 registers, two CTAs
-// per SM, and lost 10-50% at 8-128 tokens to a second wave (bench/NOTES.md, v3).
+// Three CTAs per SM (<= 80 registers a thread): at 128 registers (two CTAs per SM) 8-128-token
+// steps ran a second wave and lost 10-50%.
 constexpr int kMinBlocksPerSm = 3;
-constexpr int64_t kMaxPiece = 2048;     // input elements staged per pass
-constexpr int kMaxClusterSize = 8;      // the portable cluster size limit
-constexpr int kMaxNonPortableCluster = 16;  // sm_90's limit with the non-portable opt-in
-constexpr int kMaxColumnGroups = 16;
-constexpr int kMinVectorsPerCta = 32;  // column vectors a CTA keeps when column groups split
-constexpr int64_t kMinInputPerCta = 256;  // input elements a CTA keeps when C CTAs split in_dim
 constexpr int64_t kStageBytes = 24 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
 
@@ -81,9 +74,8 @@ constexpr int kVecBytes = VEC * static_cast<int>(sizeof(T));
 template <typename T, int VEC>
 using RawVec = std::conditional_t<kVecBytes<T, VEC> == 16, uint4, T>;
 
-// By value: a staged vector in shared memory is then read with one 16-byte load. Through a
-// reference the compiler read it element by element (8 ld.shared.u16 per bf16 vector in the
-// expand's rank loop and the shrink's x reads; PTX of v3i).
+// By value: a staged vector in shared memory is then read with one 16-byte load (through a
+// reference the compiler reads it element by element: 8 ld.shared.u16 per bf16 vector).
 template <typename T, int VEC>
 __device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC> raw, float (&dst)[VEC]) {
   T elems[VEC];
@@ -273,8 +265,8 @@ __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64
   T* output = static_cast<T*>(a.output);
   const int count = static_cast<int>(n);
   // A vector's slice and column are worked out once per thread: with fewer vectors than
-  // threads, `lanes` threads share a vector and take every lanes-th of its rows. (v3's first
-  // cut divided per copy and was issue-bound at 128 tokens.)
+  // threads, `lanes` threads share a vector and take every lanes-th of its rows (dividing per
+  // copy made the stage issue-bound at 128 tokens).
   const int lanes = max(1, kThreads / max(1, count));
   const int sub = threadIdx.x % lanes;
   for (int v = threadIdx.x / lanes; v < count; v += kThreads / lanes) {
@@ -334,7 +326,8 @@ __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const flo
       raw_to_f32<T, VEC>(src[(st.max_rank + m) * cap + v], cur);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) cur[i] += acc[m][i];
-      T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset + col;
+      T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset +
+             col;
       detail::store_from_f32<T, VEC>(y, cur);
     }
   }
@@ -414,36 +407,6 @@ __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64
   }
 }
 
-// A diagnostic build only (-DMOELORA_CLUSTER_TRACE, tools/gpu_cluster_trace.sh): thread 0 of
-// the grid's first and last CTA stamp the global timer (ns) at each phase of their first item
-// and print the stamps at exit, so that a launch's time can be split into its round trips.
-struct PhaseTrace {
-#ifdef MOELORA_CLUSTER_TRACE
-  static constexpr int kMarks = 8;
-  unsigned long long t[kMarks];
-  int n = 0;
-  __device__ void mark() {
-    if (threadIdx.x != 0 || n >= kMarks) return;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t[n]));
-    ++n;
-  }
-  __device__ void print(const LoraArgs& a) const {
-    const bool first = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
-    const bool last = blockIdx.x == gridDim.x - 1 && blockIdx.y == gridDim.y - 1 &&
-                      blockIdx.z == gridDim.z - 1;
-    if (threadIdx.x != 0 || !(first || last) || n < kMarks) return;
-    printf("cluster-trace slices=%d in_dim=%lld grid=%u,%u,%u cta=%s start=%llu phases=%llu,%llu,"
-           "%llu,%llu,%llu,%llu,%llu\n",
-           a.num_slices, static_cast<long long>(a.in_dim), gridDim.x, gridDim.y, gridDim.z,
-           first ? "first" : "last", t[0], t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3],
-           t[5] - t[4], t[6] - t[5], t[7] - t[6]);
-  }
-#else
-  __device__ void mark() {}
-  __device__ void print(const LoraArgs&) const {}
-#endif
-};
-
 template <typename T, int MT, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lora_cluster_kernel(const LoraArgs a, int64_t num_items, int64_t piece) {
@@ -477,10 +440,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
   PhaseTrace trace;
   trace.mark();  // 0: start
-  // Everything above came from the parameters; memory only from here (common/launch.cuh's contract).
+  // Everything above came from the parameters; memory only from here (common/launch.cuh).
   wait_for_previous_grid();
   trace.mark();  // 1: the grid ahead is done
-  const int64_t items = a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
+  const int64_t items =
+      a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
   bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
     load_item_head(a, item, pair_ids, head);  // trip 1
@@ -558,13 +522,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       }
       // Done reading the peers' s_part: arrive now, wait only before s_part is written again or
       // the CTA exits (its shared memory must outlive the peers' reads), so the barrier's round
-      // trip overlaps the expand instead of preceding it (it was a full cluster.sync() here).
+      // trip overlaps the expand instead of preceding it.
       cluster.arrive();
       peers_may_read = true;
       // Clusters of C > 1 (few items, latency-bound steps) let the next grid start before
-      // their last expand: 1-32-token steps 0.8-1.9 us faster on the H200 than at exit. With
-      // C = 1 (a wave of single CTAs) the next grid waits for the exit: released here, qwen3 at
-      // 32 tokens was 3% slower than without PDL (bench/NOTES.md, "v3h").
+      // their last expand; with C = 1 (a wave of single CTAs) the next grid waits for the exit
+      // (docs/performance.md, "PDL").
       if (csize > 1 && item + gridDim.y >= items && m0 + MT >= st.rows) release_next_grid();
       __syncthreads();  // s_full is visible to the whole CTA
       trace.mark();     // 6: reduced
@@ -589,20 +552,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   if (peers_may_read) cluster.wait();
 }
 
-// Launch shape of one call.
-struct ClusterShape {
-  int cluster_size;   // C: CTAs splitting in_dim (and the columns of a group)
-  int column_groups;  // G: clusters per item, each expanding 1/G of the columns
-  int64_t piece;      // input elements staged per pass
-  int64_t resident_clusters;  // clusters of C CTAs the GPU holds at once (one wave)
-};
-
 // Clusters of `cluster_size` CTAs of `kernel` (kThreads threads, `smem` bytes of dynamic shared
 // memory each) that the GPU holds at once, from the occupancy API; with cluster_size 1, the
 // resident CTAs. A cluster's CTAs must share one GPC, so this can be well below resident CTAs /
-// cluster_size: on the H200, 64 clusters of 6 planned as one wave by that division ran as two
-// (qwen3 at 8 tokens, every pair valid: 38 us against 27 with 56 clusters; bench/NOTES.md,
-// "v3h"). Cached per (device, kernel, size, shared memory): the decode step asks every call.
+// cluster_size (docs/performance.md, "Decode kernel"). Cached per (device, kernel, size, shared
+// memory): the decode step asks on every call.
 int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   if (smem > kMaxSmemBytes) return 0;
   static std::mutex mutex;
@@ -613,9 +567,8 @@ int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   const std::lock_guard<std::mutex> lock(mutex);
   if (const auto found = cache.find(key); found != cache.end()) return found->second;
   // Once per kernel and size, before the first query (and so before the first launch) of a
-  // cluster wider than 8; the attribute stays set. (It was set on every call, a host API call
-  // per decode launch.)
-  if (cluster_size > kMaxClusterSize) {
+  // cluster wider than 8; the attribute stays set.
+  if (cluster_size > plan_rules::kMaxPortableCluster) {
     MOELORA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   }
@@ -646,67 +599,20 @@ int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   return count;
 }
 
-// Input elements a CTA stages per pass when C CTAs split in_dim.
-int64_t piece_for(const LoraArgs& a, int cluster_size) {
-  const int64_t share = (a.in_dim + cluster_size - 1) / cluster_size;
-  return std::min<int64_t>(kMaxPiece, (share + 7) / 8 * 8);
-}
-
-// The widest cluster the plan may take: 16 (non-portable) where in_dim leaves every one of 16
-// CTAs >= 256 input elements (mixtral: 4096 and 14336), else the portable 8. On the H200 16 took
-// 1.1-1.5 us off mixtral's 1-8-token layers, where gpt-oss, whose in_dim allowed 11, lost 0.65
-// us at 1 token (bench/NOTES.md, v3i). MOELORA_CLUSTER_MAX (1-16) overrides it, for studies.
-int64_t widest_cluster(const LoraArgs& a) {
-  if (detail::compute_capability_major() < 9) return 1;  // clusters exist from sm_90 on
-  const int forced = detail::env_int("MOELORA_CLUSTER_MAX", 0, kMaxNonPortableCluster);
-  if (forced > 0) return forced;
-  return a.in_dim >= kMaxNonPortableCluster * kMinInputPerCta ? kMaxNonPortableCluster
-                                                                : kMaxClusterSize;
-}
-
-// C: the widest cluster (<= widest_cluster, each CTA keeping >= 256 input elements) whose
-// clusters, one per item, all fit in one wave; from above 8, 8 is the next one tried. G: column
-// groups while CTAs keep >= a warp of column vectors each, within that wave: with few items the
-// B^T rows then spread over many SMs and fly in one trip (mixtral at 1 token: 2 pairs x 8 CTAs x
-// 16 groups); a second wave would cost a whole extra chain of DRAM trips. `resident(C, piece)`:
-// resident_clusters for this kernel.
-template <typename Resident>
-ClusterShape choose_shape(const LoraArgs& a, int64_t num_items, int vec_bytes, int elem_bytes,
-                          const Resident& resident) {
-  const int64_t resident_ctas = std::max<int64_t>(1, resident(1, piece_for(a, 1)));
-  // Rounded down: a partial second wave cost more than idle SMs (H200, v3 notes: mixtral at 128
-  // tokens 230 us with C = 2 against 192 with C = 1; gpt-oss at 8 tokens 36 against 28 us).
-  const int64_t wanted = std::max<int64_t>(1, resident_ctas / num_items);
-  const int64_t by_input = std::max<int64_t>(1, a.in_dim / kMinInputPerCta);
-  ClusterShape shape{};
-  shape.cluster_size =
-      static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_input, widest_cluster(a)})));
-  while (shape.cluster_size > 1 &&
-         resident(shape.cluster_size, piece_for(a, shape.cluster_size)) < num_items) {
-    shape.cluster_size = shape.cluster_size > kMaxClusterSize ? kMaxClusterSize
-                                                              : shape.cluster_size - 1;
-  }
-  shape.piece = piece_for(a, shape.cluster_size);
-  shape.resident_clusters =
-      std::max<int64_t>(1, resident(shape.cluster_size, shape.piece));
-  int64_t width = 0;
-  for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
-  const int64_t out_vecs = width * elem_bytes / vec_bytes;
-  const int64_t groups = out_vecs / (int64_t{kMinVectorsPerCta} * shape.cluster_size);
-  const int64_t by_wave = std::max<int64_t>(1, shape.resident_clusters / num_items);
-  shape.column_groups = static_cast<int>(
-      std::clamp<int64_t>(std::min(groups, by_wave), 1, kMaxColumnGroups));
-  return shape;
-}
-
 template <typename T, int MT, int VEC>
-bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, cudaStream_t stream) {
+bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const LoraPlan& plan,
+            cudaStream_t stream) {
   const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   const auto resident = [&](int cluster_size, int64_t piece) {
     return resident_clusters(reinterpret_cast<const void*>(kernel), cluster_size,
                              SmemLayout::of(a, MT, piece, sizeof(T)).bytes);
   };
-  const ClusterShape shape = choose_shape(a, launch_items, kVecBytes<T, VEC>, sizeof(T), resident);
+  int64_t width = 0;
+  for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
+  const int32_t limit =
+      plan_rules::decode_cluster_limit(a.in_dim, plan, device_props(DeviceKind::kCUDA, -1));
+  const plan_rules::DecodeShape shape = plan_rules::decode_shape(
+      a.in_dim, width, sizeof(T), kVecBytes<T, VEC>, launch_items, limit, resident);
   const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
   if (layout.bytes > kMaxSmemBytes) return false;
   detail::allow_dynamic_smem(kernel, static_cast<size_t>(layout.bytes));
@@ -717,7 +623,7 @@ bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, cudaStre
                   static_cast<unsigned>(shape.column_groups));
   launch_kernel(kernel,
                 LaunchShape{grid, dim3(kThreads), static_cast<size_t>(layout.bytes), stream,
-                            shape.cluster_size, /*after_previous_grid=*/true},
+                            shape.cluster_size, plan.pdl},
                 a, num_items, shape.piece);
   detail::check_launch("fused_moe_lora cluster");
   return true;
@@ -727,21 +633,21 @@ bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, cudaStre
 // vectors when every row and column range allows them, scalars otherwise.
 template <typename T>
 bool launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
-                       int64_t launch_items, cudaStream_t stream) {
+                       int64_t launch_items, const LoraPlan& plan, cudaStream_t stream) {
   constexpr int v = detail::kVec16<T>;
   const bool unsorted = a.sorted_pairs == nullptr;
   if (vectorized) {
-    return unsorted ? launch<T, 1, v>(a, num_items, launch_items, stream)
-                    : launch<T, 4, v>(a, num_items, launch_items, stream);
+    return unsorted ? launch<T, 1, v>(a, num_items, launch_items, plan, stream)
+                    : launch<T, 4, v>(a, num_items, launch_items, plan, stream);
   }
-  return unsorted ? launch<T, 1, 1>(a, num_items, launch_items, stream)
-                  : launch<T, 4, 1>(a, num_items, launch_items, stream);
+  return unsorted ? launch<T, 1, 1>(a, num_items, launch_items, plan, stream)
+                  : launch<T, 4, 1>(a, num_items, launch_items, plan, stream);
 }
 
 }  // namespace
 
 bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, int64_t num_items,
-                         int64_t launch_items, cudaStream_t stream) {
+                         int64_t launch_items, const LoraPlan& plan, cudaStream_t stream) {
   if (num_items <= 0) return true;
   launch_items = std::clamp<int64_t>(launch_items, 1, num_items);
   const bool vectorized = vec.input && vec.output;
@@ -751,7 +657,7 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
   if (stage_vectors(a.rank_stride, mt, vec_bytes) < 1) return false;
   bool launched = false;
   MOELORA_DISPATCH_FLOAT(dtype, T, launched = launch_for_layout<T>(a, vectorized, num_items,
-                                                                   launch_items, stream));
+                                                                   launch_items, plan, stream));
   return launched;
 }
 

@@ -1,4 +1,4 @@
-// The split-K LoRA kernels (v1): the general fallback of fused_moe_lora and dense_lora for
+// The split-K LoRA kernels: the general fallback of fused_moe_lora and dense_lora for
 // float32, rows that are not 16-byte aligned and anything the cluster and mma kernels decline.
 //
 // Math, per block b (slot a, expert e, up to block_m pairs) and slice i of rank r = rank_i(a):
@@ -72,16 +72,19 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const LoraA
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const T* input = static_cast<const T*>(a.input);
-  float* partial_base = a.partials + ((int64_t{slice_index} * a.splits + blockIdx.x) * a.rows_total +
-                                      b * a.block_m) * a.rank_stride;
+  float* partial_base =
+      a.partials +
+      ((int64_t{slice_index} * a.splits + blockIdx.x) * a.rows_total + b * a.block_m) *
+          a.rank_stride;
 
   for (int m0 = 0; m0 < n; m0 += MT) {
     // Stage MT input rows of the chunk as fp32 (zeros past the block's last pair).
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const bool row_valid = m0 + m < n;
-      const T* x = row_valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + k0
-                             : nullptr;
+      const T* x =
+          row_valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + k0
+                    : nullptr;
       for (int64_t e = int64_t{threadIdx.x} * VEC; e < len; e += kShrinkThreads * VEC) {
         float v[VEC];
         if (row_valid) {
@@ -195,7 +198,8 @@ __global__ void __launch_bounds__(32) lora_expand_kernel(const LoraArgs a) {
 }
 
 template <typename T, int VEC_IN, int VEC_OUT, int MT>
-void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cudaStream_t stream) {
+void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, bool pdl,
+                  cudaStream_t stream) {
   const dim3 shrink_grid(static_cast<unsigned>(a.splits), static_cast<unsigned>(max_blocks),
                          static_cast<unsigned>(a.num_slices));
   const size_t shrink_smem = sizeof(float) * MT * a.chunk + sizeof(int32_t) * a.block_m;
@@ -203,7 +207,7 @@ void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cu
     detail::allow_dynamic_smem(lora_shrink_kernel<T, VEC_IN, MT>, shrink_smem);
   }
   launch_kernel(lora_shrink_kernel<T, VEC_IN, MT>,
-                LaunchShape{shrink_grid, dim3(kShrinkThreads), shrink_smem, stream, 1, true}, a);
+                LaunchShape{shrink_grid, dim3(kShrinkThreads), shrink_smem, stream, 1, pdl}, a);
   detail::check_launch("fused_moe_lora shrink");
 
   const int64_t tile = 32 * VEC_OUT;
@@ -214,13 +218,14 @@ void launch_split(const LoraArgs& a, int64_t max_blocks, int64_t max_out_dim, cu
     detail::allow_dynamic_smem(lora_expand_kernel<T, VEC_OUT, MT>, expand_smem);
   }
   launch_kernel(lora_expand_kernel<T, VEC_OUT, MT>,
-                LaunchShape{expand_grid, dim3(32), expand_smem, stream, 1, true}, a);
+                LaunchShape{expand_grid, dim3(32), expand_smem, stream, 1, pdl}, a);
   detail::check_launch("fused_moe_lora expand");
 }
 
 
 template <typename T>
-void run_splitk(const LoraArgs& a, LoraVectorization vec, int64_t max_blocks, cudaStream_t stream) {
+void run_splitk(const LoraArgs& a, LoraVectorization vec, int64_t max_blocks, bool pdl,
+                cudaStream_t stream) {
   constexpr int v = detail::kVec16<T>;
   int64_t max_out_dim = 0;
   for (int i = 0; i < a.num_slices; ++i) max_out_dim = std::max(max_out_dim, a.slices[i].out_dim);
@@ -228,22 +233,22 @@ void run_splitk(const LoraArgs& a, LoraVectorization vec, int64_t max_blocks, cu
   const int64_t groups = std::max<int64_t>(1, std::min(a.num_pairs, max_blocks));
   const bool few_rows = a.num_pairs <= 2 * groups;
   if (few_rows) {
-    if (vec.input && vec.output) launch_split<T, v, v, 2>(a, max_blocks, max_out_dim, stream);
-    else if (vec.input) launch_split<T, v, 1, 2>(a, max_blocks, max_out_dim, stream);
-    else if (vec.output) launch_split<T, 1, v, 2>(a, max_blocks, max_out_dim, stream);
-    else launch_split<T, 1, 1, 2>(a, max_blocks, max_out_dim, stream);
+    if (vec.input && vec.output) launch_split<T, v, v, 2>(a, max_blocks, max_out_dim, pdl, stream);
+    else if (vec.input) launch_split<T, v, 1, 2>(a, max_blocks, max_out_dim, pdl, stream);
+    else if (vec.output) launch_split<T, 1, v, 2>(a, max_blocks, max_out_dim, pdl, stream);
+    else launch_split<T, 1, 1, 2>(a, max_blocks, max_out_dim, pdl, stream);
   } else {
-    if (vec.input && vec.output) launch_split<T, v, v, 8>(a, max_blocks, max_out_dim, stream);
-    else if (vec.input) launch_split<T, v, 1, 8>(a, max_blocks, max_out_dim, stream);
-    else if (vec.output) launch_split<T, 1, v, 8>(a, max_blocks, max_out_dim, stream);
-    else launch_split<T, 1, 1, 8>(a, max_blocks, max_out_dim, stream);
+    if (vec.input && vec.output) launch_split<T, v, v, 8>(a, max_blocks, max_out_dim, pdl, stream);
+    else if (vec.input) launch_split<T, v, 1, 8>(a, max_blocks, max_out_dim, pdl, stream);
+    else if (vec.output) launch_split<T, 1, v, 8>(a, max_blocks, max_out_dim, pdl, stream);
+    else launch_split<T, 1, 1, 8>(a, max_blocks, max_out_dim, pdl, stream);
   }
 }
 
 }  // namespace
 
 void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t max_blocks,
-                        cudaStream_t stream) {
+                        const LoraPlan& plan, cudaStream_t stream) {
   a.rows_total = max_blocks * a.block_m;
   // Split-K: about two waves of CTAs for the shrink, chunks of whole 256-element warp steps
   // when the blocks alone do not fill the SMs, never more than kMaxChunk elements per CTA.
@@ -264,7 +269,7 @@ void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t
       sizeof(float) * a.num_slices * splits * a.rows_total * a.rank_stride;
   a.partials = static_cast<float*>(detail::scratch_alloc(workspace_bytes, stream));
   try {
-    MOELORA_DISPATCH_FLOAT(dtype, T, run_splitk<T>(a, vec, max_blocks, stream));
+    MOELORA_DISPATCH_FLOAT(dtype, T, run_splitk<T>(a, vec, max_blocks, plan.pdl, stream));
   } catch (...) {
     cudaFreeAsync(a.partials, stream);  // best effort: the launch error is the one to report
     throw;

@@ -53,8 +53,33 @@ std::unique_ptr<CopyEngine> make_cpu_copy_engine();
 // in order. Throws CudaError when the library was built without CUDA or the GPU is absent.
 std::unique_ptr<CopyEngine> make_cuda_copy_engine(int device_index = 0, int num_streams = 2);
 
+// CUDA graph capture and copies. A thread capturing a CUDA graph holds a GraphCaptureScope for
+// the capture's duration. While it does:
+//  - on that thread, every copy-engine or adapter-cache call that could synchronise with the GPU
+//    or block on a load (CopyEngine::wait / is_done / synchronize, AdapterCache::wait / load_host
+//    / prefetch / make_stream_wait) throws InvalidArgument instead: a synchronising call inside a
+//    capture would invalidate it;
+//  - page-locked host memory released by any thread (HostBuffer) is freed only once no scope is
+//    held anywhere, since cudaFreeHost synchronises the device, which an active capture forbids;
+//    a HostBuffer made meanwhile gets ordinary memory instead of page-locked memory.
+// Worker threads of the adapter cache set their CUDA capture interaction mode to relaxed, so a
+// capture begun elsewhere in the process in the global mode cannot make their waits fail.
+// Scopes nest and may be held on several threads at once.
+class GraphCaptureScope {
+ public:
+  GraphCaptureScope();
+  ~GraphCaptureScope();
+  GraphCaptureScope(const GraphCaptureScope&) = delete;
+  GraphCaptureScope& operator=(const GraphCaptureScope&) = delete;
+};
+// True while the calling thread holds a GraphCaptureScope.
+bool this_thread_capturing();
+// Throws InvalidArgument naming `operation` when the calling thread holds a GraphCaptureScope.
+void check_not_capturing(const char* operation);
+
 // Host memory for staging copies: page-locked (cudaHostAlloc) when the build has CUDA and a GPU
-// is present and `try_pinned` is set, otherwise 4 KiB-aligned ordinary memory. Movable RAII.
+// is present, `try_pinned` is set and no GraphCaptureScope is held, otherwise 4 KiB-aligned
+// ordinary memory. Movable RAII.
 class HostBuffer {
  public:
   HostBuffer() = default;

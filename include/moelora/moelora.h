@@ -8,6 +8,7 @@
 #include "moelora/error.h"
 #include "moelora/ops.h"
 #include "moelora/page_pool.h"
+#include "moelora/plan.h"
 #include "moelora/row_layout.h"
 #include "moelora/runtime.h"
 #include "moelora/safetensors.h"

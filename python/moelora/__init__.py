@@ -25,6 +25,7 @@ _LAZY = {
     "LoRARequest": "moelora.engine.adapters",
     "RequestOutput": "moelora.engine.request",
     "CompletionOutput": "moelora.engine.request",
+    "AdapterValidationError": "moelora.lora.validate",
 }
 
 
@@ -60,6 +61,7 @@ __all__ = [
     "RequestOutput",
     "CompletionOutput",
     "AdapterError",
+    "AdapterValidationError",
     "Cancelled",
     "CudaError",
     "InternalError",

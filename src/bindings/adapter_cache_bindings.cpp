@@ -41,9 +41,30 @@ py::dict stats_dict(const AdapterCacheStats& s) {
   return d;
 }
 
+// GraphCaptureScope as a Python context manager (entered and left on the same thread).
+struct CaptureScopeHandle {
+  std::unique_ptr<GraphCaptureScope> scope;
+};
+
 }  // namespace
 
 void register_adapter_cache(py::module_& m) {
+  py::class_<CaptureScopeHandle>(m, "GraphCaptureScope",
+                                 "with GraphCaptureScope(): capture a CUDA graph on this thread. "
+                                 "Synchronising copy/adapter calls on this thread raise meanwhile, "
+                                 "and pinned host frees wait for the capture's end.")
+      .def(py::init<>())
+      .def("__enter__",
+           [](CaptureScopeHandle& h) -> CaptureScopeHandle& {
+             if (h.scope) throw InvalidArgument("GraphCaptureScope entered twice");
+             h.scope = std::make_unique<GraphCaptureScope>();
+             return h;
+           },
+           py::return_value_policy::reference)
+      .def("__exit__", [](CaptureScopeHandle& h, const py::args&) { h.scope.reset(); });
+  m.def("this_thread_capturing", &this_thread_capturing,
+        "Whether the calling thread holds a GraphCaptureScope.");
+
   py::class_<CopyEngine>(m, "CopyEngine")
       .def(
           "submit",

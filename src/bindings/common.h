@@ -32,5 +32,7 @@ DType dtype_from_object(const py::object& dtype);
 void register_pool(py::module_& m);
 void register_adapter_cache(py::module_& m);
 void register_ops(py::module_& m);
+void register_layer(py::module_& m);
+void register_moe(py::module_& m);
 
 }  // namespace moelora::bindings

@@ -102,4 +102,6 @@ PYBIND11_MODULE(_C, m) {
   moelora::bindings::register_pool(m);
   moelora::bindings::register_adapter_cache(m);
   moelora::bindings::register_ops(m);
+  moelora::bindings::register_layer(m);
+  moelora::bindings::register_moe(m);
 }

@@ -1,7 +1,7 @@
 // Bindings of the kernels' contract (moelora/ops.h): LoraSiteView and KvCacheView as plain
 // Python classes (pointers as ints, dtype as the moelora::DType code), and each op as
-// _C.<op>(...) over tensor refs made by moelora._tensor.as_ref. Checks live in the library;
-// the binding converts and calls with the GIL released.
+// _C.<op>(...) over tensor refs made by moelora._tensor.as_ref, building the op's argument
+// struct once. Checks live in the library; the binding converts and calls with the GIL released.
 #include <cstdint>
 #include <vector>
 
@@ -10,7 +10,12 @@
 
 namespace moelora::bindings {
 
+// The plan types (plan_bindings.cpp): every op takes a plan.
+void register_plan(py::module_& m);
+
 namespace {
+
+using LoraOp = void (*)(const FusedMoeLoraArgs&, void*, const LoraPlan*);
 
 template <typename T>
 uintptr_t as_int(const T* ptr) {
@@ -107,6 +112,7 @@ void register_views(py::module_& m) {
 }  // namespace
 
 void register_ops(py::module_& m) {
+  register_plan(m);
   register_views(m);
   m.def("kv_page_bytes_needed", [](int32_t block_tokens, int32_t num_kv_heads, int32_t head_dim,
                                    int dtype) {
@@ -117,77 +123,80 @@ void register_ops(py::module_& m) {
 
   m.def(
       "moe_lora_align_workspace_bytes",
-      [](int64_t num_pairs, int32_t num_experts, int32_t num_slots, bool cuda) {
+      [](int64_t num_pairs, int32_t num_experts, int32_t num_slots, bool cuda,
+         const LoraPlan* plan) {
         return moe_lora_align_workspace_bytes(num_pairs, num_experts, num_slots,
-                                              cuda ? DeviceKind::kCUDA : DeviceKind::kCPU);
+                                              cuda ? DeviceKind::kCUDA : DeviceKind::kCPU, plan);
       },
-      py::arg("num_pairs"), py::arg("num_experts"), py::arg("num_slots"), py::arg("cuda"));
+      py::arg("num_pairs"), py::arg("num_experts"), py::arg("num_slots"), py::arg("cuda"),
+      py::arg("plan") = py::none());
 
-  m.def("moe_lora_align", [](const py::object& topk_ids, const py::tuple& token_slot,
-                             int32_t num_experts, int32_t num_slots, int32_t block_m,
-                             const py::tuple& sorted_pairs, const py::tuple& block_slot,
-                             const py::tuple& block_expert, const py::tuple& num_blocks,
-                             uintptr_t stream, const py::object& workspace) {
-    TensorRef ids = to_optional_tensor_ref(topk_ids, "topk_ids");
-    TensorRef scratch = to_optional_tensor_ref(workspace, "workspace");
-    TensorRef slots = to_tensor_ref(token_slot, "token_slot");
-    TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
-    TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
-    TensorRef b_expert = to_tensor_ref(block_expert, "block_expert");
-    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
-    py::gil_scoped_release release;
-    moe_lora_align(ids, slots, num_experts, num_slots, block_m, pairs, b_slot, b_expert, count,
-                   stream_from_int(stream), scratch);
-  });
+  m.def(
+      "moe_lora_align",
+      [](const py::object& topk_ids, const py::tuple& token_slot, int32_t num_experts,
+         int32_t num_slots, int32_t block_m, const py::tuple& sorted_pairs,
+         const py::tuple& block_slot, const py::tuple& block_expert, const py::tuple& num_blocks,
+         uintptr_t stream, const py::object& workspace, const LoraPlan* plan) {
+        MoeLoraAlignArgs a;
+        a.topk_ids = to_optional_tensor_ref(topk_ids, "topk_ids");
+        a.token_slot = to_tensor_ref(token_slot, "token_slot");
+        a.num_experts = num_experts;
+        a.num_slots = num_slots;
+        a.block_m = block_m;
+        a.sorted_pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
+        a.block_slot = to_tensor_ref(block_slot, "block_slot");
+        a.block_expert = to_tensor_ref(block_expert, "block_expert");
+        a.num_blocks = to_tensor_ref(num_blocks, "num_blocks");
+        a.workspace = to_optional_tensor_ref(workspace, "workspace");
+        py::gil_scoped_release release;
+        moe_lora_align(a, stream_from_int(stream), plan);
+      },
+      py::arg("topk_ids"), py::arg("token_slot"), py::arg("num_experts"), py::arg("num_slots"),
+      py::arg("block_m"), py::arg("sorted_pairs"), py::arg("block_slot"),
+      py::arg("block_expert"), py::arg("num_blocks"), py::arg("stream"),
+      py::arg("workspace") = py::none(), py::arg("plan") = py::none());
 
-  m.def("fused_moe_lora", [](const py::tuple& input, int32_t input_pairs_per_row,
-                             const py::tuple& output, const py::object& topk_weights,
-                             const py::tuple& sorted_pairs, const py::tuple& block_slot,
-                             const py::tuple& block_expert, const py::tuple& num_blocks,
-                             int32_t block_m, const std::vector<LoraSiteView>& slices,
-                             const std::vector<int64_t>& col_offsets, uintptr_t stream,
-                             int64_t active_slots) {
-    TensorRef in = to_tensor_ref(input, "input");
-    TensorRef out = to_tensor_ref(output, "output");
-    TensorRef weights = to_optional_tensor_ref(topk_weights, "topk_weights");
-    TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
-    TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
-    TensorRef b_expert = to_tensor_ref(block_expert, "block_expert");
-    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
-    py::gil_scoped_release release;
-    fused_moe_lora(in, input_pairs_per_row, out, weights, pairs, b_slot, b_expert, count, block_m,
-                   slices, col_offsets, stream_from_int(stream), active_slots);
-  });
-
-  m.def("fused_moe_lora_unsorted", [](const py::tuple& input, int32_t input_pairs_per_row,
-                                      const py::tuple& output, const py::object& topk_weights,
-                                      const py::object& topk_ids, const py::tuple& token_slot,
-                                      const std::vector<LoraSiteView>& slices,
-                                      const std::vector<int64_t>& col_offsets, uintptr_t stream) {
-    TensorRef in = to_tensor_ref(input, "input");
-    TensorRef out = to_tensor_ref(output, "output");
-    TensorRef weights = to_optional_tensor_ref(topk_weights, "topk_weights");
-    TensorRef ids = to_optional_tensor_ref(topk_ids, "topk_ids");
-    TensorRef slots = to_tensor_ref(token_slot, "token_slot");
-    py::gil_scoped_release release;
-    fused_moe_lora_unsorted(in, input_pairs_per_row, out, weights, ids, slots, slices,
-                            col_offsets, stream_from_int(stream));
-  });
-
-  m.def("dense_lora", [](const py::tuple& input, const py::tuple& output,
-                         const py::tuple& sorted_rows, const py::tuple& block_slot,
-                         const py::tuple& num_blocks, int32_t block_m,
-                         const std::vector<LoraSiteView>& slices,
-                         const std::vector<int64_t>& col_offsets, uintptr_t stream) {
-    TensorRef in = to_tensor_ref(input, "input");
-    TensorRef out = to_tensor_ref(output, "output");
-    TensorRef rows = to_tensor_ref(sorted_rows, "sorted_rows");
-    TensorRef b_slot = to_tensor_ref(block_slot, "block_slot");
-    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
-    py::gil_scoped_release release;
-    dense_lora(in, out, rows, b_slot, count, block_m, slices, col_offsets,
-               stream_from_int(stream));
-  });
+  // fused_moe_lora, fused_moe_lora_unsorted and dense_lora: one FusedMoeLoraArgs, built here
+  // from keywords; each op reads the fields of its form (absent tensors: None).
+  const auto lora_op = [&m](const char* name, LoraOp op) {
+    m.def(
+        name,
+        [op](const py::tuple& input, const py::tuple& output,
+             const std::vector<LoraSiteView>& slices, const std::vector<int64_t>& col_offsets,
+             uintptr_t stream, int32_t input_pairs_per_row, const py::object& topk_weights,
+             const py::object& sorted_pairs, const py::object& block_slot,
+             const py::object& block_expert, const py::object& num_blocks, int32_t block_m,
+             const py::object& topk_ids, const py::object& token_slot, int64_t active_slots,
+             const LoraPlan* plan) {
+          FusedMoeLoraArgs a;
+          a.input = to_tensor_ref(input, "input");
+          a.output = to_tensor_ref(output, "output");
+          a.slices = slices;
+          a.col_offsets = col_offsets;
+          a.input_pairs_per_row = input_pairs_per_row;
+          a.topk_weights = to_optional_tensor_ref(topk_weights, "topk_weights");
+          a.sorted_pairs = to_optional_tensor_ref(sorted_pairs, "sorted_pairs");
+          a.block_slot = to_optional_tensor_ref(block_slot, "block_slot");
+          a.block_expert = to_optional_tensor_ref(block_expert, "block_expert");
+          a.num_blocks = to_optional_tensor_ref(num_blocks, "num_blocks");
+          a.block_m = block_m;
+          a.topk_ids = to_optional_tensor_ref(topk_ids, "topk_ids");
+          a.token_slot = to_optional_tensor_ref(token_slot, "token_slot");
+          a.active_slots = active_slots;
+          py::gil_scoped_release release;
+          op(a, stream_from_int(stream), plan);
+        },
+        py::arg("input"), py::arg("output"), py::arg("slices"), py::arg("col_offsets"),
+        py::arg("stream"), py::kw_only(), py::arg("input_pairs_per_row") = 1,
+        py::arg("topk_weights") = py::none(), py::arg("sorted_pairs") = py::none(),
+        py::arg("block_slot") = py::none(), py::arg("block_expert") = py::none(),
+        py::arg("num_blocks") = py::none(), py::arg("block_m") = 0,
+        py::arg("topk_ids") = py::none(), py::arg("token_slot") = py::none(),
+        py::arg("active_slots") = 0, py::arg("plan") = py::none());
+  };
+  lora_op("fused_moe_lora", &fused_moe_lora);
+  lora_op("fused_moe_lora_unsorted", &fused_moe_lora_unsorted);
+  lora_op("dense_lora", &dense_lora);
 
   m.def("kv_cache_write", [](const py::tuple& key, const py::tuple& value,
                              const py::tuple& slot_mapping, const KvCacheView& cache,
@@ -199,22 +208,30 @@ void register_ops(py::module_& m) {
     kv_cache_write(k, v, slots, cache, stream_from_int(stream));
   });
 
-  m.def("paged_attention", [](const py::tuple& out, const py::tuple& query,
-                              const py::tuple& query_seq, const py::tuple& query_pos,
-                              const py::tuple& block_table, const py::tuple& seq_lens,
-                              const KvCacheView& cache, float scale, int32_t sliding_window,
-                              const py::object& sinks, uintptr_t stream) {
-    TensorRef o = to_tensor_ref(out, "out");
-    TensorRef q = to_tensor_ref(query, "query");
-    TensorRef seq = to_tensor_ref(query_seq, "query_seq");
-    TensorRef pos = to_tensor_ref(query_pos, "query_pos");
-    TensorRef table = to_tensor_ref(block_table, "block_table");
-    TensorRef lens = to_tensor_ref(seq_lens, "seq_lens");
-    TensorRef sink = to_optional_tensor_ref(sinks, "sinks");
-    py::gil_scoped_release release;
-    paged_attention(o, q, seq, pos, table, lens, cache, scale, sliding_window, sink,
-                    stream_from_int(stream));
-  });
+  m.def(
+      "paged_attention",
+      [](const py::tuple& out, const py::tuple& query, const py::tuple& query_seq,
+         const py::tuple& query_pos, const py::tuple& block_table, const py::tuple& seq_lens,
+         const KvCacheView& cache, float scale, int32_t sliding_window, const py::object& sinks,
+         uintptr_t stream, const AttentionPlan* plan) {
+        PagedAttentionArgs a;
+        a.out = to_tensor_ref(out, "out");
+        a.query = to_tensor_ref(query, "query");
+        a.query_seq = to_tensor_ref(query_seq, "query_seq");
+        a.query_pos = to_tensor_ref(query_pos, "query_pos");
+        a.block_table = to_tensor_ref(block_table, "block_table");
+        a.seq_lens = to_tensor_ref(seq_lens, "seq_lens");
+        a.cache = cache;
+        a.scale = scale;
+        a.sliding_window = sliding_window;
+        a.sinks = to_optional_tensor_ref(sinks, "sinks");
+        py::gil_scoped_release release;
+        paged_attention(a, stream_from_int(stream), plan);
+      },
+      py::arg("out"), py::arg("query"), py::arg("query_seq"), py::arg("query_pos"),
+      py::arg("block_table"), py::arg("seq_lens"), py::arg("cache"), py::arg("scale"),
+      py::arg("sliding_window"), py::arg("sinks"), py::arg("stream"),
+      py::arg("plan") = py::none());
 }
 
 }  // namespace moelora::bindings

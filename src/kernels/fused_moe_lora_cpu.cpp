@@ -1,4 +1,5 @@
-// CPU reference of fused_moe_lora (and of dense_lora, which is the one-expert, unweighted case).
+// CPU reference of fused_moe_lora (and of dense_lora, which is the one-expert, unweighted case
+// with an absent block_expert, and of fused_moe_lora_unsorted, over a host-side alignment).
 //   For each block (slot a, expert e), slice i of rank r = rank_i(a), and pair p in the block:
 //     shrink[k] = w[p] * sum_d input[p / input_pairs_per_row, d] * A_i[a, e][k, d]  (k < r)
 //     output[p, col_i + j] = round(output[p, col_i + j] + sum_k shrink[k] * B_i^T[a, e][k, j])
@@ -90,12 +91,13 @@ void run_blocks(const BlockProblem& problem, int64_t block_begin, int64_t block_
 
 }  // namespace
 
-void fused_moe_lora(const TensorRef& input, int32_t input_pairs_per_row, const TensorRef& output,
-                    const TensorRef& topk_weights, const TensorRef& sorted_pairs,
-                    const TensorRef& block_slot, const TensorRef& block_expert,
-                    const TensorRef& num_blocks, int32_t block_m,
-                    const std::vector<LoraSiteView>& slices,
-                    const std::vector<int64_t>& col_offsets, const char* op) {
+void fused_moe_lora(const FusedMoeLoraArgs& a, const char* op) {
+  const TensorRef &input = a.input, &output = a.output, &topk_weights = a.topk_weights,
+                  &sorted_pairs = a.sorted_pairs, &block_slot = a.block_slot,
+                  &block_expert = a.block_expert, &num_blocks = a.num_blocks;
+  const int32_t input_pairs_per_row = a.input_pairs_per_row, block_m = a.block_m;
+  const std::vector<LoraSiteView>& slices = a.slices;
+  const std::vector<int64_t>& col_offsets = a.col_offsets;
   auto fail = [op](const std::string& problem) { kernels::throw_invalid(op, problem); };
   const char* pairs_arg = kernels::is_absent(block_expert) ? "sorted_rows" : "sorted_pairs";
   BlockProblem problem{};

@@ -24,10 +24,11 @@ int32_t* int32_out(const TensorRef& t, int64_t i) {
 
 }  // namespace
 
-void moe_lora_align(const TensorRef& topk_ids, const TensorRef& token_slot, int32_t num_experts,
-                    int32_t num_slots, int32_t block_m, const TensorRef& sorted_pairs,
-                    const TensorRef& block_slot, const TensorRef& block_expert,
-                    const TensorRef& num_blocks) {
+void moe_lora_align(const MoeLoraAlignArgs& a) {
+  const TensorRef &topk_ids = a.topk_ids, &token_slot = a.token_slot,
+                  &sorted_pairs = a.sorted_pairs, &block_slot = a.block_slot,
+                  &block_expert = a.block_expert, &num_blocks = a.num_blocks;
+  const int32_t num_experts = a.num_experts, num_slots = a.num_slots, block_m = a.block_m;
   const bool dense = kernels::is_absent(topk_ids);
   const int64_t num_tokens = token_slot.shape[0];
   const int64_t top_k = dense ? 1 : topk_ids.shape[1];

@@ -152,10 +152,10 @@ void kv_cache_write(const TensorRef& key, const TensorRef& value, const TensorRe
   }
 }
 
-void paged_attention(const TensorRef& out, const TensorRef& query, const TensorRef& query_seq,
-                     const TensorRef& query_pos, const TensorRef& block_table,
-                     const TensorRef& seq_lens, const KvCacheView& cache, float scale,
-                     int32_t sliding_window, const TensorRef& sinks) {
+void paged_attention(const PagedAttentionArgs& a) {
+  const TensorRef &out = a.out, &query = a.query, &query_seq = a.query_seq,
+                  &query_pos = a.query_pos, &block_table = a.block_table, &seq_lens = a.seq_lens;
+  const KvCacheView& cache = a.cache;
   const int64_t num_tokens = query.shape[0];
   const int64_t num_seqs = seq_lens.shape[0];
   const int64_t max_blocks_per_seq = block_table.shape[1];
@@ -194,10 +194,10 @@ void paged_attention(const TensorRef& out, const TensorRef& query, const TensorR
   const int64_t half_page = int64_t{cache.block_tokens} * cache.num_kv_heads * cache.head_dim;
   const KvAddress address{cache, static_cast<int64_t>(dtype_size(cache.dtype)), half_page};
   AttentionProblem problem{&out,       &query,    &query_seq, &query_pos, &block_table,
-                           &seq_lens,  nullptr,   0,          scale,      sliding_window};
-  if (!kernels::is_absent(sinks)) {
-    problem.sinks = static_cast<const float*>(sinks.data);
-    problem.sinks_stride = sinks.stride[0];
+                           &seq_lens,  nullptr,   0,          a.scale,    a.sliding_window};
+  if (!kernels::is_absent(a.sinks)) {
+    problem.sinks = static_cast<const float*>(a.sinks.data);
+    problem.sinks_stride = a.sinks.stride[0];
   }
   auto body = [&](int64_t begin, int64_t end) {
     switch (cache.dtype) {

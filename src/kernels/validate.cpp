@@ -9,6 +9,8 @@ void throw_invalid(const char* op, const std::string& problem) {
   throw InvalidArgument(std::string(op) + ": " + problem);
 }
 
+void no_cuda_kernel(const char* op) { throw_invalid(op, "this build has no CUDA backend"); }
+
 void check_dtype(const TensorRef& t, DType dtype, const char* op, const char* arg) {
   if (t.dtype != dtype) {
     throw_invalid(op, std::string(arg) + " must be " + dtype_name(dtype) + ", got " +

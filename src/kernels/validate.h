@@ -17,6 +17,10 @@
 namespace moelora::kernels {
 
 [[noreturn]] void throw_invalid(const char* op, const std::string& problem);
+// "<op>: this build has no CUDA backend", for device tensors in a CPU-only build.
+[[noreturn]] void no_cuda_kernel(const char* op);
+
+inline bool on_cuda(const TensorRef& t) { return t.device == DeviceKind::kCUDA; }
 
 // An "empty" optional tensor: no data and no dimensions (what None becomes in the binding).
 inline bool is_absent(const TensorRef& t) { return t.data == nullptr && t.ndim == 0; }

@@ -160,7 +160,7 @@ def test_corrupt_files_fail_only_their_adapter(tmp_path):
     with pytest.raises(_C.AdapterError, match="cut"):
         cache.wait(cut_id)
     assert cache.residency(nan_id) == _C.Residency.FAILED
-    assert "non-finite" in cache.error_message(nan_id)
+    assert "holds NaN" in cache.error_message(nan_id)
     for i, (spec, reference) in zip(good_ids, good):
         cache.wait(i)
         check_adapter(cache, i, spec, reference, "bfloat16")

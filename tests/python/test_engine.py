@@ -128,15 +128,16 @@ def test_preemption_under_a_small_pool_gives_the_same_tokens(assets):
     assert tight.llm_engine.memory.pool.stats()["kv_pages"] == 0
 
 
-def test_a_request_longer_than_the_pool_fails_alone(assets):
+def test_a_request_longer_than_the_pool_is_refused_up_front(assets):
     model_dir, _ = assets
     llm = LLM(model=model_dir, device="cpu", pool_memory_bytes=1 << 20)
     capacity = llm.llm_engine.kv.capacity_tokens()
-    outs = llm.generate([{"prompt_token_ids": [5] * (capacity + 10)}, "short"],
-                        SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-    assert outs[0].outputs[0].finish_reason == "error"
-    assert "KV cache" in outs[0].outputs[0].error
-    assert outs[1].outputs[0].finish_reason in ("length", "stop")
+    with pytest.raises(ValueError, match=rf"prompt 0: .*room for at most {capacity} tokens"):
+        llm.generate([{"prompt_token_ids": [5] * (capacity + 10)}, "short"],
+                     SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()  # nothing of the call was queued
+    out = llm.generate("short", SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    assert out[0].outputs[0].finish_reason in ("length", "stop")
 
 
 def test_bad_adapters_are_refused_or_fail_only_their_requests(llm, assets, tmp_path):

@@ -6,18 +6,19 @@ with its predecessor, so every link of the chain below depends on the link befor
 memory both ways: link k reads the buffer link k - 1 wrote (read after write) and read-modify-
 writes the buffer link k - 1 read (write after read); in the grouped form link k also re-runs
 the alignment into fresh tensors, which the caching allocator hands out from memory the previous
-link's kernels were still reading in stream order. The chain runs with MOELORA_PDL=1, eagerly and
-replayed from a CUDA graph, and must match bit for bit the same chain run with PDL off and a
-device synchronize after every link.
+link's kernels were still reading in stream order. The chain runs with the plan's PDL on,
+eagerly and replayed from a CUDA graph, and must match bit for bit the same chain run with PDL off
+(PlanOverrides(pdl=False)) and a device synchronize after every link.
 """
 
 from __future__ import annotations
 
+import moelora
 import pytest
 import torch
 from lora_fixtures import assign_slots, route_experts
 from moelora import ops
-from test_gpu_ops import CUDA, SLOT_RANKS, gpu_view, make_site
+from test_gpu_ops import CUDA, SLOT_RANKS, gpu_view, make_site, plan_for
 
 pytestmark = pytest.mark.gpu
 
@@ -37,17 +38,18 @@ def make_chain(tokens, dim, top_k, experts, dtype, seed):
     }
 
 
-def run_links(chain, form, block_m, buffers, sync_each):
+def run_links(chain, form, block_m, buffers, sync_each, plan):
     for k in range(LINKS):
         src, dst = buffers[k % 2], buffers[(k + 1) % 2]
         view = [chain["views"][k % 2]]
         if form == "unsorted":
             ops.fused_moe_lora_unsorted(src, dst, chain["topk_ids"], chain["token_slot"], view,
-                                        [0], input_pairs_per_row=1)
+                                        [0], input_pairs_per_row=1, plan=plan)
         else:
             meta = ops.moe_lora_align(chain["topk_ids"], chain["token_slot"], chain["experts"],
-                                      len(SLOT_RANKS), block_m)
-            ops.fused_moe_lora(src, dst, *meta, block_m, view, [0], input_pairs_per_row=1)
+                                      len(SLOT_RANKS), block_m, plan=plan)
+            ops.fused_moe_lora(src, dst, *meta, block_m, view, [0], input_pairs_per_row=1,
+                               plan=plan)
         if sync_each:
             torch.cuda.synchronize()
 
@@ -70,20 +72,20 @@ def fresh(chain):
         ("grouped", "auto", 257, 2880, 64),
     ],
 )
-def test_gpu_chained_lora_kernels_match_serialized_run(monkeypatch, form, family, tokens, dim,
-                                                       block_m):
-    monkeypatch.setenv("MOELORA_LORA_KERNEL", family)
+def test_gpu_chained_lora_kernels_match_serialized_run(form, family, tokens, dim, block_m):
     chain = make_chain(tokens, dim, 4, 32, torch.bfloat16, seed=tokens * 7 + dim + block_m)
+    pairs = tokens * 4
+    serial = plan_for(pairs, num_experts=32, lora_kernel=family, pdl=False)
+    plan = plan_for(pairs, num_experts=32, lora_kernel=family)
+    assert plan.pdl and not serial.pdl
 
-    monkeypatch.setenv("MOELORA_PDL", "0")
     expected = fresh(chain)
-    run_links(chain, form, block_m, expected, sync_each=True)
+    run_links(chain, form, block_m, expected, sync_each=True, plan=serial)
     assert not torch.equal(expected[0], chain["start"][0])  # the chain did change the buffers
 
-    monkeypatch.setenv("MOELORA_PDL", "1")
     for _ in range(3):  # eager: the kernels of all links queued back to back
         got = fresh(chain)
-        run_links(chain, form, block_m, got, sync_each=False)
+        run_links(chain, form, block_m, got, sync_each=False, plan=plan)
         torch.cuda.synchronize()
         for g, e in zip(got, expected):
             assert torch.equal(g, e)
@@ -92,11 +94,11 @@ def test_gpu_chained_lora_kernels_match_serialized_run(monkeypatch, form, family
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the capture
-        run_links(chain, form, block_m, fresh(chain), sync_each=False)
+        run_links(chain, form, block_m, fresh(chain), sync_each=False, plan=plan)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run_links(chain, form, block_m, buffers, sync_each=False)
+        run_links(chain, form, block_m, buffers, sync_each=False, plan=plan)
     for _ in range(3):
         for b, s in zip(buffers, chain["start"]):
             b.copy_(s)
@@ -106,8 +108,6 @@ def test_gpu_chained_lora_kernels_match_serialized_run(monkeypatch, form, family
             assert torch.equal(b, e)
 
 
-def test_pdl_switch_rejects_other_values(monkeypatch):
-    chain = make_chain(1, 888, 4, 32, torch.bfloat16, seed=5)
-    monkeypatch.setenv("MOELORA_PDL", "yes")
-    with pytest.raises(RuntimeError, match="MOELORA_PDL must be 0 or 1"):
-        run_links(chain, "unsorted", 0, fresh(chain), sync_each=True)
+def test_pdl_override_rejects_other_values():
+    with pytest.raises(moelora.InvalidArgument, match="pdl must be 0, 1 or auto"):
+        ops.PlanOverrides(pdl="yes")

@@ -35,6 +35,13 @@ INTER_OF = {4104: 4112, 2880: 768, 888: 444, 111: 74}
 CUDA = torch.device("cuda")
 
 
+def plan_for(pairs, dtype=torch.bfloat16, num_experts=1, num_adapters=None, **overrides):
+    """The plan of a GPU call of `pairs` pairs with `overrides` forced (PlanOverrides keywords;
+    "auto" or none: the rule's choice)."""
+    return ops.plan_lora(pairs, num_experts=num_experts, num_adapters=num_adapters, dtype=dtype,
+                         device=CUDA, overrides=ops.PlanOverrides(**overrides))
+
+
 def gpu_view(site):
     """The same site with its arena, row table and ranks on the GPU."""
     arena, table, ranks = site.view._keepalive
@@ -123,7 +130,9 @@ def copy_strided(t, device):
     return t.as_strided((t.shape[0], stride), (stride, 1)).to(device, copy=True)[:, : t.shape[1]]
 
 
-def run_fused(prob, device, block_m, views=None, num_adapters=None):
+def run_fused(prob, device, block_m, views=None, num_adapters=None, overrides=None):
+    """align + fused_moe_lora on `device`; on the GPU with the plan `overrides` (a dict of
+    PlanOverrides keywords) force, or none (each op plans its own call)."""
     dev = torch.device(device)
     token_slot = prob["token_slot"].to(dev)
     topk_ids = prob["topk_ids"].to(dev)
@@ -132,10 +141,15 @@ def run_fused(prob, device, block_m, views=None, num_adapters=None):
     weights = None if prob["weights"] is None else prob["weights"].to(dev)
     if views is None:
         views = [gpu_view(s) if dev.type == "cuda" else s.view for s in prob["sites"]]
-    meta = ops.moe_lora_align(topk_ids, token_slot, prob["experts"], len(SLOT_RANKS), block_m)
+    plan = None
+    if overrides is not None and dev.type == "cuda":
+        plan = plan_for(topk_ids.numel(), x.dtype, prob["experts"], num_adapters, **overrides)
+    meta = ops.moe_lora_align(topk_ids, token_slot, prob["experts"], len(SLOT_RANKS), block_m,
+                              plan=plan)
     ops.fused_moe_lora(
         x, out, *meta, block_m, views, prob["col_offsets"],
         input_pairs_per_row=prob["pairs_per_row"], topk_weights=weights, num_adapters=num_adapters,
+        plan=plan,
     )
     return out, meta
 
@@ -183,17 +197,17 @@ def test_gpu_fused_moe_lora_repeated_runs_are_identical(dtype, tokens):
 @pytest.mark.parametrize("tokens,top_k,experts,block_m", [(1, 4, 32, 16), (7, 2, 8, 4), (133, 8, 13, 16), (513, 4, 128, 64), (2100, 4, 32, 64), (8191, 8, 128, 16)])
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("kernel", ["single", "multi", "auto"])
-def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, experts, block_m,
-                                         popularity):
+def test_gpu_align_matches_cpu_per_group(kernel, tokens, top_k, experts, block_m, popularity):
     # multi: align/multi_cta.cu, one cooperative launch (chunks of >= 512 pairs, at most one
     # per SM: 2052 pairs span 5, 8400 span 17, 65528 span one per SM, more than a warp's 32);
     # auto: the one-CTA form below 4096 pairs, the multi-CTA form from there
-    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
+    plan = plan_for(tokens * top_k, align_kernel=kernel)
     seed = tokens + top_k + experts
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
     topk_ids = route_experts(tokens, top_k, experts, seed + 1)
     cpu = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
-    gpu = [t.cpu() for t in ops.moe_lora_align(topk_ids.to(CUDA), token_slot.to(CUDA), experts, len(SLOT_RANKS), block_m)]
+    gpu = [t.cpu() for t in ops.moe_lora_align(topk_ids.to(CUDA), token_slot.to(CUDA), experts,
+                                               len(SLOT_RANKS), block_m, plan=plan)]
     assert torch.equal(cpu[3], gpu[3]), "num_blocks"
     assert torch.equal(cpu[1], gpu[1]), "block_slot"
     assert torch.equal(cpu[2], gpu[2]), "block_expert"
@@ -213,37 +227,41 @@ def test_gpu_align_matches_cpu_per_group(monkeypatch, kernel, tokens, top_k, exp
 
 
 @pytest.mark.parametrize("kernel", ["single", "multi"])
-def test_gpu_align_dense_rows_and_all_base(monkeypatch, kernel):
-    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
+def test_gpu_align_dense_rows_and_all_base(kernel):
+    plan = plan_for(7, align_kernel=kernel)
     token_slot = torch.tensor([2, -1, 0, 2, 2, 5, -1], dtype=torch.int32)
     cpu = ops.moe_lora_align(None, token_slot, 1, 6, 2)
-    gpu = [t.cpu() for t in ops.moe_lora_align(None, token_slot.to(CUDA), 1, 6, 2)]
+    gpu = [t.cpu() for t in ops.moe_lora_align(None, token_slot.to(CUDA), 1, 6, 2, plan=plan)]
     for c, g in zip(cpu[1:], gpu[1:]):
         assert torch.equal(c, g)
     base = torch.full((9,), -1, dtype=torch.int32, device=CUDA)
-    out = ops.moe_lora_align(torch.zeros(9, 2, dtype=torch.int32, device=CUDA), base, 4, 3, 8)
+    out = ops.moe_lora_align(torch.zeros(9, 2, dtype=torch.int32, device=CUDA), base, 4, 3, 8,
+                             plan=plan_for(18, align_kernel=kernel))
     assert int(out[3].item()) == 0 and (out[0] == -1).all() and (out[1] == -1).all()
 
 
 @pytest.mark.parametrize("kernel", ["single", "multi"])
-def test_gpu_align_replays_from_a_cuda_graph(monkeypatch, kernel):
+def test_gpu_align_replays_from_a_cuda_graph(kernel):
     # The multi-CTA form is a cooperative kernel node in a graph; replays with new routing give
     # what eager calls give (the per-group pair sets; order within a group may differ).
-    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     tokens, top_k, experts, block_m = 4096, 8, 64, 32
+    plan = plan_for(tokens * top_k, align_kernel=kernel)
     topk_ids = torch.zeros(tokens, top_k, dtype=torch.int32, device=CUDA)
     token_slot = torch.zeros(tokens, dtype=torch.int32, device=CUDA)
-    ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)  # warm-up
+    ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m,
+                       plan=plan)  # warm-up
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+        captured = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m,
+                                      plan=plan)
     for seed in (3, 4):
         topk_ids.copy_(route_experts(tokens, top_k, experts, seed))
         token_slot.copy_(assign_slots(tokens, SLOT_RANKS, "zipf", seed))
         for t in captured:
             t.fill_(-7)  # poison: the replay must write every output
         graph.replay()
-        eager = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+        eager = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m,
+                                   plan=plan)
         assert int(captured[3]) == int(eager[3])
         assert torch.equal(captured[1], eager[1]) and torch.equal(captured[2], eager[2])
         # Per (slot, expert) group, the same multiset of rows (pairs and padding).
@@ -258,20 +276,20 @@ def test_gpu_align_replays_from_a_cuda_graph(monkeypatch, kernel):
     ("single", 300, 1024, 48),   # 49152 groups, past shared memory: global counters
     ("auto", 7, 8, 8),           # the one-CTA form in shared memory: no workspace at all
 ])
-def test_gpu_align_takes_its_counters_from_the_callers_workspace(monkeypatch, kernel, tokens,
-                                                                  experts, num_slots):
+def test_gpu_align_takes_its_counters_from_the_callers_workspace(kernel, tokens, experts,
+                                                                  num_slots):
     # ops.moe_lora_align passes a workspace sized by moe_lora_align_workspace_bytes (no
     # stream-ordered allocation, so no memory nodes in a captured graph); the result must match
     # the CPU op.
-    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", kernel)
     top_k = 4
+    plan = plan_for(tokens * top_k, align_kernel=kernel)
     topk_ids = route_experts(tokens, top_k, experts, 5)
     token_slot = assign_slots(tokens, [8] * num_slots, "uniform", 6)
-    nbytes = _C.moe_lora_align_workspace_bytes(tokens * top_k, experts, num_slots, True)
+    nbytes = _C.moe_lora_align_workspace_bytes(tokens * top_k, experts, num_slots, True, plan)
     assert (nbytes > 0) == (kernel != "auto")
     cpu = ops.moe_lora_align(topk_ids, token_slot, experts, num_slots, 16)
     gpu = [t.cpu() for t in ops.moe_lora_align(topk_ids.to(CUDA), token_slot.to(CUDA), experts,
-                                               num_slots, 16)]
+                                               num_slots, 16, plan=plan)]
     for c, g in zip(cpu[1:], gpu[1:]):
         assert torch.equal(c, g)
     group = (cpu[1].long() * experts + cpu[2].long()).repeat_interleave(16)
@@ -285,15 +303,16 @@ from moelora import _C, ops
 from moelora._tensor import as_ref, stream_handle
 from lora_fixtures import assign_slots, route_experts
 cuda = torch.device("cuda")
+plan = ops.plan_lora(2100 * 4, device=cuda, overrides=ops.PlanOverrides(align_kernel="multi"))
 ids = route_experts(2100, 4, 32, 5).to(cuda)
 slots = assign_slots(2100, [8] * 8, "uniform", 6).to(cuda)
-outs = ops.moe_lora_align(ids, slots, 32, 8, 16)
-nbytes = _C.moe_lora_align_workspace_bytes(2100 * 4, 32, 8, True)
+outs = ops.moe_lora_align(ids, slots, 32, 8, 16, plan=plan)
+nbytes = _C.moe_lora_align_workspace_bytes(2100 * 4, 32, 8, True, plan)
 short = torch.empty(nbytes - 1, dtype=torch.uint8, device=cuda)
 print("needed", nbytes, flush=True)
 try:
     _C.moe_lora_align(*(as_ref(t) for t in (ids, slots)), 32, 8, 16,
-                      *(as_ref(t) for t in outs), stream_handle(cuda), as_ref(short))
+                      *(as_ref(t) for t in outs), stream_handle(cuda), as_ref(short), plan)
 except RuntimeError as error:
     print(type(error).__name__, error, flush=True)
 """
@@ -306,21 +325,14 @@ def test_gpu_align_refuses_an_undersized_workspace_by_name():
     import os
     import subprocess
     import sys
-    env = dict(os.environ, MOELORA_ALIGN_KERNEL="multi")
     done = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _SHORT_WORKSPACE_CALL],
-                          env=env, cwd=os.path.dirname(__file__), capture_output=True, text=True,
+                          check=False,
+                          cwd=os.path.dirname(__file__), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-3000:]
     needed = int(done.stdout.split()[1])
     assert (f"InvalidArgument moe_lora_align: workspace must hold moe_lora_align_workspace_bytes"
             f" = {needed} bytes, got uint8[{needed - 1}] strides [1] on cuda:0") in done.stdout
-
-
-def test_gpu_align_rejects_unknown_form(monkeypatch):
-    monkeypatch.setenv("MOELORA_ALIGN_KERNEL", "several")
-    token_slot = torch.zeros(3, dtype=torch.int32, device=CUDA)
-    with pytest.raises(RuntimeError, match="MOELORA_ALIGN_KERNEL must be auto, single or multi"):
-        ops.moe_lora_align(torch.zeros(3, 2, dtype=torch.int32, device=CUDA), token_slot, 4, 1, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -346,19 +358,22 @@ def test_gpu_dense_lora_matches_cpu(dtype, hidden):
     torch.testing.assert_close(results[1].double(), results[0].double(), rtol=rtol, atol=atol)
 
 
-def replay_align_and_fused(prob, experts, block_m, top_k):
+def replay_align_and_fused(prob, experts, block_m, top_k, overrides=None):
     """(graph replay output, eager output, starting output) of align + fused_moe_lora (w13)
-    captured in a CUDA graph."""
+    captured in a CUDA graph, under a plan with `overrides` (PlanOverrides keywords) or none."""
     views = [gpu_view(s) for s in prob["sites"]]
     token_slot = prob["token_slot"].to(CUDA)
     topk_ids = prob["topk_ids"].to(CUDA)
     x = prob["x"].to(CUDA)
     out0 = prob["output"].nan_to_num(0.0).to(CUDA)
+    plan = None if overrides is None else plan_for(topk_ids.numel(), x.dtype, experts,
+                                                   **overrides)
 
     def delta(out):
-        meta = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m)
+        meta = ops.moe_lora_align(topk_ids, token_slot, experts, len(SLOT_RANKS), block_m,
+                                  plan=plan)
         ops.fused_moe_lora(x, out, *meta, block_m, views, prob["col_offsets"],
-                           input_pairs_per_row=top_k)
+                           input_pairs_per_row=top_k, plan=plan)
 
     eager = out0.clone()
     delta(eager)
@@ -382,6 +397,8 @@ def test_gpu_align_and_fused_capture_in_a_cuda_graph():
 # ---- paged KV cache and attention ----------------------------------------------------------------
 
 BLOCK_TOKENS = 16
+# Split-KV by the plan's rule, and forced to 3 (a cluster split on short contexts too).
+SPLITS, SPLIT_IDS = [None, 3], ["split-auto", "split3"]
 ATTN_TOLERANCE = {
     torch.float32: (1e-4, 1e-5),
     torch.float16: (1e-2, 2e-3),
@@ -396,43 +413,46 @@ ATTN_TOLERANCE = {
      (16, 128, 0, True), (5, 64, 33, False)],
 )
 @pytest.mark.parametrize("kernel", ["per_head", "gqa", "mma"])
-def test_gpu_kv_cache_and_paged_attention(monkeypatch, kernel, dtype, gqa, head_dim, window,
+@pytest.mark.parametrize("splits", SPLITS, ids=SPLIT_IDS)
+def test_gpu_kv_cache_and_paged_attention(splits, kernel, dtype, gqa, head_dim, window,
                                           use_sinks):
     # decode tokens and chunked-prefill chunks (several trailing positions of one sequence);
     # kernel gqa / mma: attention/gqa.cu / attention/mma.cu where the layout
     # qualifies, else the next kernel of the chain (head_dim 36: per-head; 16 query heads per
-    # KV head: mma only)
-    monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
+    # KV head: mma only); split-KV by the plan's rule, or forced to 3
     check_paged_attention(dtype, gqa, head_dim, window, use_sinks, [1, 37, 16, 300, 1100],
-                          [1, 9, 1, 20, 3])
+                          [1, 9, 1, 20, 3], attention_kernel=kernel, attention_splits=splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window,use_sinks", [(0, False), (0, True), (3000, True)])
 @pytest.mark.parametrize("kernel,gqa", [("per_head", 1), ("gqa", 1), ("gqa", 4), ("mma", 1),
                                         ("mma", 8)])
-def test_gpu_paged_attention_splits_long_contexts(monkeypatch, kernel, gqa, dtype, window,
-                                                  use_sinks):
+@pytest.mark.parametrize("splits", SPLITS, ids=SPLIT_IDS)
+def test_gpu_paged_attention_splits_long_contexts(splits, kernel, gqa, dtype, window, use_sinks):
     # few (token, head) pairs over long contexts: the kernel splits the keys over a cluster
     # (split-KV); repeated runs must stay bit-identical (fixed merge order)
-    monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
-    first = check_paged_attention(dtype, gqa, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
-    again = check_paged_attention(dtype, gqa, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1])
+    forced = {"attention_kernel": kernel, "attention_splits": splits}
+    first = check_paged_attention(dtype, gqa, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1],
+                                  **forced)
+    again = check_paged_attention(dtype, gqa, 128, window, use_sinks, [6000, 2500, 7], [1, 2, 1],
+                                  **forced)
     assert torch.equal(first, again)
 
 
 @pytest.mark.parametrize("kernel", ["per_head", "gqa", "mma"])
-def test_gpu_paged_attention_odd_page_size(monkeypatch, kernel):
+@pytest.mark.parametrize("splits", SPLITS, ids=SPLIT_IDS)
+def test_gpu_paged_attention_odd_page_size(splits, kernel):
     # 7 tokens a page: tiles and split ranges straddle pages at every offset
-    monkeypatch.setenv("MOELORA_ATTN_KERNEL", kernel)
     check_paged_attention(torch.bfloat16, 4, 128, 0, True, [1, 37, 700], [1, 3, 2],
-                          block_tokens=7)
+                          block_tokens=7, attention_kernel=kernel, attention_splits=splits)
 
 
 def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chunks,
-                          block_tokens=BLOCK_TOKENS):
-    """kv_cache_write + paged_attention on the GPU against the CPU op and the float64
-    reference; the last `chunks[s]` positions of sequence s are queried. Returns the output."""
+                          block_tokens=BLOCK_TOKENS, **overrides):
+    """kv_cache_write + paged_attention on the GPU (with the plan `overrides` force: keywords of
+    PlanOverrides) against the CPU op and the float64 reference; the last `chunks[s]` positions
+    of sequence s are queried. Returns the output."""
     gen = torch.Generator().manual_seed(head_dim + gqa + window)
     num_kv_heads = 2
     num_heads = num_kv_heads * gqa
@@ -478,6 +498,9 @@ def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chu
     scale = 1.0 / math.sqrt(head_dim)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     outs = {}
+    plan = ops.plan_attention(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                              page_bytes=page_bytes, max_context=max_blocks * block_tokens,
+                              dtype=dtype, device=CUDA, overrides=ops.PlanOverrides(**overrides))
     for dev in ("cpu", "cuda"):
         query = q_full.to(dev)[:, :, :head_dim]
         out_full = torch.full((num_tokens, num_heads, head_dim + 3), float("nan"), dtype=dtype, device=dev)
@@ -485,6 +508,7 @@ def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chu
             query, query_seq.to(dev), query_pos.to(dev), block_table.to(dev), lens.to(dev),
             arenas[dev][1], scale, sliding_window=window,
             sinks=None if sinks is None else sinks.to(dev), out=out_full[:, :, :head_dim],
+            plan=plan if dev == "cuda" else None,
         )
         outs[dev] = out_full.cpu()
     got = outs["cuda"][:, :, :head_dim]
@@ -500,10 +524,10 @@ def check_paged_attention(dtype, gqa, head_dim, window, use_sinks, seq_lens, chu
 
 
 # ---- tensor-core (mma) path: prefill-shaped groups ------------------------------------------------
-# lora/dispatch.cu takes the mma kernels for 16-bit dtypes with 16-byte aligned rows when
-# num_pairs / max_blocks >= 8 (kMmaMinRowsPerBlock): few adapters and few experts, so that each
-# (slot, expert) group holds many rows. Dims are multiples of 8 (vectorised) but not of 64 (the
-# kernels' K chunk and column tile): 888 = 13 * 64 + 56, 232 = 3 * 64 + 40.
+# The plan takes the mma kernel for 16-bit dtypes with 16-byte aligned rows from 512 pairs; these
+# tests force it (few adapters and few experts, so that each (slot, expert) group holds many
+# rows). Dims are multiples of 8 (vectorised) but not of 64 (the kernels' K chunk and column
+# tile): 888 = 13 * 64 + 56, 232 = 3 * 64 + 40.
 
 MMA_MIN_ROWS_PER_BLOCK = 8
 SMALL_RANKS = [4, 8, 0, 16, 1, 8, 12, 13]  # max 16: w13 fits a 32-column pass
@@ -586,19 +610,22 @@ _MMA_CASES = [
 
 
 @pytest.fixture
-def force_mma(monkeypatch):
-    """The tensor-core family for every fused call of the test (the automatic choice also
-    weighs the batch size: kMmaMinPairs in cuda/lora/dispatch.cu)."""
-    monkeypatch.setenv("MOELORA_LORA_KERNEL", "mma")
+def force_mma():
+    """Plan overrides for the tensor-core family (the plan's own choice also weighs the batch
+    size)."""
+    return {"lora_kernel": "mma"}
 
 
 @pytest.mark.parametrize("stage", ["w13", "w2"])
 @pytest.mark.parametrize(
     "tokens,hidden,inter,top_k,experts,slots,ranks,dtype,block_m", _MMA_CASES
 )
+@pytest.mark.parametrize("split", [None, 1, 3], ids=["split-auto", "split1", "split3"])
 def test_gpu_fused_moe_lora_mma_prefill_matches_cpu_and_float64(
-    force_mma, tokens, hidden, inter, top_k, experts, slots, ranks, dtype, block_m, stage
+    force_mma, split, tokens, hidden, inter, top_k, experts, slots, ranks, dtype, block_m, stage
 ):
+    # the cluster split by the plan's rule, one CTA per tile, and 3 CTAs splitting K and columns
+    force_mma = {**force_mma, "mma_split": split}
     num_pairs = tokens * top_k
     max_blocks = ops.moe_lora_align_max_blocks(num_pairs, experts, len(SLOT_RANKS), block_m)
     assert num_pairs // max_blocks >= MMA_MIN_ROWS_PER_BLOCK, "case does not reach the mma path"
@@ -607,20 +634,22 @@ def test_gpu_fused_moe_lora_mma_prefill_matches_cpu_and_float64(
         tokens, hidden, inter, top_k, experts, slots, RANK_SETS[ranks], dtype, stage, seed
     )
     views = [gpu_view(s) for s in prob["sites"]]
-    out_gpu, _ = run_fused(prob, "cuda", block_m, views)
+    out_gpu, _ = run_fused(prob, "cuda", block_m, views, overrides=force_mma)
     out_cpu, _ = run_fused(prob, "cpu", block_m)
     assert prob["written"].any()
     check_fused_result(out_gpu, out_cpu, prob, dtype)
     # No atomics: repeated runs (with a fresh alignment each time) are bit-identical.
     for _ in range(2):
-        again, _ = run_fused(prob, "cuda", block_m, views)
+        again, _ = run_fused(prob, "cuda", block_m, views, overrides=force_mma)
         assert torch.equal(out_gpu.nan_to_num(7.0), again.nan_to_num(7.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ranks,num_slices", [("slot", 3), ("slot", 4), ("small", 4)])
-def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_slices):
+@pytest.mark.parametrize("split", [None, 3], ids=["split-auto", "split3"])
+def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, split, dtype, ranks, num_slices):
     """3-4 slices: with max rank 64 they need two passes over x (at most 128 rank columns each)."""
+    force_mma = {**force_mma, "mma_split": split}
     tokens, hidden, block_m = 517, 888, 64
     rank_list = RANK_SETS[ranks]
     max_blocks = ops.moe_lora_align_max_blocks(tokens, 1, len(rank_list), block_m)
@@ -644,11 +673,13 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_
     for dev in ("cpu", "cuda"):
         views = [s.view for s in sites] if dev == "cpu" else [gpu_view(s) for s in sites]
         o = copy_strided(output, dev)
+        plan = plan_for(tokens, dtype, **force_mma) if dev == "cuda" else None
         sorted_rows, block_slot, _, num_blocks = ops.moe_lora_align(
-            None, token_slot.to(dev), 1, len(rank_list), block_m
+            None, token_slot.to(dev), 1, len(rank_list), block_m, plan=plan
         )
         ops.dense_lora(
-            copy_strided(x, dev), o, sorted_rows, block_slot, num_blocks, block_m, views, col_offsets
+            copy_strided(x, dev), o, sorted_rows, block_slot, num_blocks, block_m, views,
+            col_offsets, plan=plan,
         )
         results[dev] = o
     prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
@@ -658,13 +689,13 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, dtype, ranks, num_
 
 @pytest.mark.parametrize("kernel", ["mma", "cluster"])
 @pytest.mark.parametrize("hint", [1, 3, 64])
-def test_gpu_fused_moe_lora_adapter_hint_only_sizes_the_launch(monkeypatch, kernel, hint):
+def test_gpu_fused_moe_lora_adapter_hint_only_sizes_the_launch(kernel, hint):
     # num_adapters sizes the grid and cluster split; the batch uses 3 slots, so hint 1 is an
     # under-estimate: the kernels must still walk every block (grid-stride to the device count)
-    monkeypatch.setenv("MOELORA_LORA_KERNEL", kernel)
     prob = make_prefill_problem(517, 888, 232, 2, 8, [4, 7, 0], SLOT_RANKS, torch.bfloat16, "w13", 11)
     views = [gpu_view(s) for s in prob["sites"]]
-    out_gpu, _ = run_fused(prob, "cuda", 64, views, num_adapters=hint)
+    out_gpu, _ = run_fused(prob, "cuda", 64, views, num_adapters=hint,
+                           overrides={"lora_kernel": kernel})
     out_cpu, _ = run_fused(prob, "cpu", 64)
     assert prob["written"].any()
     check_fused_result(out_gpu, out_cpu, prob, torch.bfloat16)
@@ -672,6 +703,7 @@ def test_gpu_fused_moe_lora_adapter_hint_only_sizes_the_launch(monkeypatch, kern
 
 def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph(force_mma):
     prob = make_prefill_problem(517, 2880, 768, 2, 2, [4, 7], SLOT_RANKS, torch.bfloat16, "w13", 3)
-    out, eager, out0 = replay_align_and_fused(prob, experts=2, block_m=64, top_k=2)
+    out, eager, out0 = replay_align_and_fused(prob, experts=2, block_m=64, top_k=2,
+                                              overrides=force_mma)
     assert torch.equal(out, eager)
     assert not torch.equal(out, out0)

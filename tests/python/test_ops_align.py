@@ -112,22 +112,22 @@ def test_align_max_blocks_is_tight_for_worst_case():
 @pytest.mark.parametrize(
     "kwargs,arg",
     [
-        (dict(token_slot=torch.tensor([0, 3], dtype=torch.int32)), "token_slot"),
-        (dict(topk_ids=torch.tensor([[0], [9]], dtype=torch.int32)), "topk_ids"),
-        (dict(topk_ids=torch.zeros(2, 1, dtype=torch.int64)), "topk_ids"),
-        (dict(token_slot=torch.zeros(2, dtype=torch.int64)), "token_slot"),
-        (dict(block_m=0), "block_m"),
-        (dict(topk_ids=torch.zeros(3, 1, dtype=torch.int32)), "topk_ids"),
+        ({"token_slot": torch.tensor([0, 3], dtype=torch.int32)}, "token_slot"),
+        ({"topk_ids": torch.tensor([[0], [9]], dtype=torch.int32)}, "topk_ids"),
+        ({"topk_ids": torch.zeros(2, 1, dtype=torch.int64)}, "topk_ids"),
+        ({"token_slot": torch.zeros(2, dtype=torch.int64)}, "token_slot"),
+        ({"block_m": 0}, "block_m"),
+        ({"topk_ids": torch.zeros(3, 1, dtype=torch.int32)}, "topk_ids"),
     ],
 )
 def test_align_rejects_bad_arguments(kwargs, arg):
-    args = dict(
-        topk_ids=torch.zeros(2, 1, dtype=torch.int32),
-        token_slot=torch.zeros(2, dtype=torch.int32),
-        num_experts=4,
-        num_slots=3,
-        block_m=4,
-    )
+    args = {
+        "topk_ids": torch.zeros(2, 1, dtype=torch.int32),
+        "token_slot": torch.zeros(2, dtype=torch.int32),
+        "num_experts": 4,
+        "num_slots": 3,
+        "block_m": 4,
+    }
     args.update(kwargs)
     with pytest.raises(moelora.InvalidArgument, match=arg):
         ops.moe_lora_align(**args)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import moelora
 import pytest
 import torch
 from lora_fixtures import POPULARITIES, assign_slots, make_lora_site
-
-import moelora
 from moelora import ops
 
 TOLERANCE = {

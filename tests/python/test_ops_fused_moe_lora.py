@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 
+import moelora
 import pytest
 import torch
 from lora_fixtures import POPULARITIES, assign_slots, make_lora_site, route_experts
-
-import moelora
 from moelora import ops
 
 # (rtol, atol) against the float64 reference rounded to the output dtype.
@@ -220,10 +219,10 @@ def _small_problem():
 )
 def test_fused_moe_lora_rejects_bad_arguments(mutate, arg):
     site, (pairs, b_slot, b_expert, n_blocks), x, output = _small_problem()
-    args = dict(
-        input=x, output=output, sorted_pairs=pairs, block_slot=b_slot, block_expert=b_expert,
-        num_blocks=n_blocks, block_m=4, slices=[site.view], col_offsets=[0], input_pairs_per_row=1,
-    )
+    args = {
+        "input": x, "output": output, "sorted_pairs": pairs, "block_slot": b_slot, "block_expert": b_expert,
+        "num_blocks": n_blocks, "block_m": 4, "slices": [site.view], "col_offsets": [0], "input_pairs_per_row": 1,
+    }
     mutate(args)
     with pytest.raises(moelora.InvalidArgument, match=arg):
         ops.fused_moe_lora(**args)
@@ -235,38 +234,3 @@ def test_fused_moe_lora_rejects_out_of_range_slot_in_metadata():
     with pytest.raises(moelora.InvalidArgument, match="block_slot"):
         ops.fused_moe_lora(x, output, pairs, b_slot, b_expert, n_blocks, 4, [site.view], [0],
                            input_pairs_per_row=1)
-
-
-def test_grouped_block_m_reproduces_the_benchmarked_block_sizes():
-    # (pairs, experts, adapters) -> block_m as measured on the H200 (bench/NOTES.md)
-    assert ops.grouped_block_m(512, 32, 4) == 16  # gpt-oss 128 tokens: 4 pairs a group
-    assert ops.grouped_block_m(2048, 32, 4) == 64  # gpt-oss 512 tokens
-    assert ops.grouped_block_m(2048, 32, 16) == 16  # gpt-oss 512 tokens, 16 adapters
-    assert ops.grouped_block_m(256, 8, 4) == 16  # mixtral 128 tokens: 8 pairs a group
-    assert ops.grouped_block_m(1024, 128, 4) == 16  # qwen3 128 tokens
-    assert ops.grouped_block_m(16384, 128, 16) == 16  # qwen3 2048 tokens, 16 adapters: 8 a group
-    assert ops.grouped_block_m(16384, 128, 4) == 64  # qwen3 2048 tokens, 4 adapters: 32 a group
-    assert ops.grouped_block_m(72, 8, None) == 64  # unknown adapters: taken as one (9 a group)
-
-
-def test_prefer_unsorted_follows_the_measured_crossovers():
-    # (bench/NOTES.md v3j, H200 decode form sweep) below 512 pairs unsorted, whatever the
-    # pairs per group...
-    assert ops.prefer_unsorted(4, num_experts=32, num_adapters=4)  # gpt-oss, 1 token
-    assert ops.prefer_unsorted(256, num_experts=32, num_adapters=4)  # gpt-oss 64 tokens, 2 a group
-    assert ops.prefer_unsorted(256, num_experts=8, num_adapters=16)  # mixtral 128 tokens, 2
-    assert ops.prefer_unsorted(256, num_experts=8, num_adapters=4)  # mixtral 128 tokens, 8
-    # ...from 512, grouped from 2 pairs a group...
-    assert not ops.prefer_unsorted(1024, num_experts=128, num_adapters=4)  # qwen3 128 tokens
-    assert not ops.prefer_unsorted(512, num_experts=8, num_adapters=16)  # mixtral 256 tokens
-    assert not ops.prefer_unsorted(1024, num_experts=32, num_adapters=16)  # gpt-oss 256 tokens
-    # ...and unsorted under it (the engine's 64-sequence qwen3 step: 0.5 a group)
-    assert ops.prefer_unsorted(512, num_experts=128, num_adapters=8)
-    assert ops.prefer_unsorted(1024, num_experts=64, num_adapters=16)  # olmoe 128 tokens, 1
-    assert ops.prefer_unsorted(512, num_experts=32, num_adapters=16)  # gpt-oss 128 tokens, 1
-    # unknown adapters: grouped from 512 pairs; few experts: from 64 pairs an expert
-    assert not ops.prefer_unsorted(1024, num_experts=8)
-    assert not ops.prefer_unsorted(512)
-    assert not ops.prefer_unsorted(256, num_experts=4, num_adapters=16)
-    # dense sites: unsorted up to 256 rows (tools/dense_form_study.py)
-    assert ops.prefer_unsorted(256, dense=True) and not ops.prefer_unsorted(257, dense=True)

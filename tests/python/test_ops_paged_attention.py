@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
+import moelora
 import pytest
 import torch
-
-import moelora
 from moelora import ops
 
 TOLERANCE = {
@@ -147,25 +146,25 @@ def test_paged_attention_large_logits_are_stable():
 def _args():
     gen = torch.Generator().manual_seed(1)
     cache, _, _, block_table, _, _ = build_cache([20], 2, 36, torch.float32, gen)
-    return dict(
-        query=torch.randn(2, 4, 36), query_seq=torch.zeros(2, dtype=torch.int32),
-        query_pos=torch.tensor([18, 19], dtype=torch.int32), block_table=block_table,
-        seq_lens=torch.tensor([20], dtype=torch.int32), cache=cache, scale=0.1,
-    )
+    return {
+        "query": torch.randn(2, 4, 36), "query_seq": torch.zeros(2, dtype=torch.int32),
+        "query_pos": torch.tensor([18, 19], dtype=torch.int32), "block_table": block_table,
+        "seq_lens": torch.tensor([20], dtype=torch.int32), "cache": cache, "scale": 0.1,
+    }
 
 
 @pytest.mark.parametrize(
     "update,arg",
     [
-        (dict(query=torch.randn(2, 3, 36)), "num_kv_heads"),
-        (dict(query=torch.randn(2, 4, 32)), "query"),
-        (dict(query=torch.randn(2, 4, 36, dtype=torch.float64)), "query"),
-        (dict(query_seq=torch.tensor([0, 1], dtype=torch.int32)), "query_seq"),
-        (dict(query_pos=torch.zeros(3, dtype=torch.int32)), "query_pos"),
-        (dict(seq_lens=torch.tensor([99], dtype=torch.int32)), "seq_lens"),
-        (dict(sinks=torch.zeros(3)), "sinks"),
-        (dict(sliding_window=-1), "sliding_window"),
-        (dict(out=torch.empty(2, 4, 36, dtype=torch.float16)), "out"),
+        ({"query": torch.randn(2, 3, 36)}, "num_kv_heads"),
+        ({"query": torch.randn(2, 4, 32)}, "query"),
+        ({"query": torch.randn(2, 4, 36, dtype=torch.float64)}, "query"),
+        ({"query_seq": torch.tensor([0, 1], dtype=torch.int32)}, "query_seq"),
+        ({"query_pos": torch.zeros(3, dtype=torch.int32)}, "query_pos"),
+        ({"seq_lens": torch.tensor([99], dtype=torch.int32)}, "seq_lens"),
+        ({"sinks": torch.zeros(3)}, "sinks"),
+        ({"sliding_window": -1}, "sliding_window"),
+        ({"out": torch.empty(2, 4, 36, dtype=torch.float16)}, "out"),
     ],
 )
 def test_paged_attention_rejects_bad_arguments(update, arg):

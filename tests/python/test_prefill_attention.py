@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 from hf_tiny import make_tiny
-from moelora import LLM, SamplingParams
+from moelora import LLM, SamplingParams, ops
 from moelora.engine import paged_context, prefill_attention
 
 
@@ -63,28 +63,29 @@ def test_sdpa_prefill_matches_the_paged_kernel(tmp_path, monkeypatch, family, wi
         torch.testing.assert_close(torch.tensor(lps_a), torch.tensor(lps_b), rtol=0, atol=1e-4)
 
 
+def _attention_plan(device, **overrides):
+    return ops.plan_attention(num_heads=4, num_kv_heads=2, head_dim=16, page_bytes=512,
+                              max_context=64, dtype=torch.bfloat16, device=device,
+                              overrides=ops.PlanOverrides(**overrides))
+
+
 def test_spans_and_their_first_keys():
     span = prefill_attention.PrefillSpan(first=3, count=4, seq=1, start=10)
     assert prefill_attention.first_key(span, 0) == 0
     assert prefill_attention.first_key(span, 6) == 5  # position 10 sees keys 5..10
     assert prefill_attention.first_key(span, 20) == 0
-    assert prefill_attention.spans_fit((span,), torch.device("cpu"))
-    assert not prefill_attention.spans_fit((), torch.device("cpu"))
+    assert prefill_attention.spans_fit((span,), _attention_plan("cpu"))
+    assert not prefill_attention.spans_fit((), _attention_plan("cpu"))
 
 
-def test_prefill_attention_mode_picks_sdpa_on_the_cpu_only(monkeypatch):
+def test_prefill_attention_mode_picks_sdpa_on_the_cpu_only():
     span = prefill_attention.PrefillSpan(first=0, count=4, seq=0, start=0)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert prefill_attention.PREFILL_ATTENTION == "auto"
-    assert prefill_attention.spans_fit((span,), cpu)
-    assert not prefill_attention.spans_fit((span,), cuda)  # the paged mma kernel is faster there
-    monkeypatch.setattr(prefill_attention, "PREFILL_ATTENTION", "sdpa")
-    assert prefill_attention.spans_fit((span,), cuda)
-    monkeypatch.setattr(prefill_attention, "PREFILL_ATTENTION", "paged")
-    assert not prefill_attention.spans_fit((span,), cpu)
-    monkeypatch.setenv("MOELORA_PREFILL_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="MOELORA_PREFILL_ATTENTION"):
-        prefill_attention._prefill_attention_mode()
+    cuda = ops.DeviceProps(cuda=True, sm_count=132, cc_major=9)
+    assert prefill_attention.spans_fit((span,), _attention_plan("cpu"))
+    assert not prefill_attention.spans_fit((span,), _attention_plan(cuda))  # paged is faster
+    assert prefill_attention.spans_fit((span,), _attention_plan(cuda, prefill_attention="sdpa"))
+    assert not prefill_attention.spans_fit((span,),
+                                           _attention_plan("cpu", prefill_attention="paged"))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

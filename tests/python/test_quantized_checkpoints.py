@@ -1,9 +1,11 @@
-"""Quantized checkpoints load by dequantizing at load time: MXFP4 (GPT-OSS experts) and block FP8.
+"""Quantized checkpoints: MXFP4 (GPT-OSS experts) and block FP8 experts load as stored (the MoE
+kernels read them), everything else quantized is dequantized at load.
 
 The dequantization is checked bit for bit against transformers' own MXFP4 unpacking on random
 codes and exponents; then a tiny GPT-OSS checkpoint with its experts quantized to MXFP4 loads
-(one process, and each rank's streamed shard) with exactly the weights of the same checkpoint
-dequantized by transformers and saved in bf16, and generates the same tokens.
+(one process with the experts kept in MXFP4, and each rank's streamed shard dequantized) with
+exactly the weights of the same checkpoint dequantized by transformers and saved in bf16, and
+generates the same tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from moelora.distributed import ParallelConfig
 from moelora.distributed.loading import load_shard
 from moelora.distributed.shard import shard_model
 from moelora.models import load_model
+from moelora.models.quantized import dequantize_fp8_blocks
 from moelora.models.quantized import dequantize_mxfp4 as dequantize
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -76,8 +79,29 @@ def _write_checkpoint(path, config, tensors):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
 
 
+def _dense_experts(params: dict) -> dict:
+    """`params` with expert stacks kept as stored (MXFP4 blocks + scales, FP8 + block scales)
+    replaced by their dequantized bf16 w13 / w2, so they compare with a dense checkpoint's."""
+    out = {}
+    for name, value in params.items():
+        if name.endswith(("_blocks", "_scale_inv")):
+            base = name.rsplit("_", 2 if name.endswith("_scale_inv") else 1)[0]
+            if name.endswith("_blocks"):
+                assert value.dtype == torch.uint8, name
+                out[base] = dequantize(value, params[base + "_scales"],
+                                       torch.bfloat16).transpose(1, 2)
+            else:
+                assert params[base].dtype == torch.float8_e4m3fn, base
+                out[base] = torch.stack([dequantize_fp8_blocks(w, s, torch.bfloat16)
+                                         for w, s in zip(params[base], value)])
+        elif not name.endswith("_scales") and name + "_scale_inv" not in params:
+            out[name] = value
+    return out
+
+
 def _parameters(path):
-    return dict(load_model(str(path), dtype=torch.bfloat16, progress=False).named_parameters())
+    model = load_model(str(path), dtype=torch.bfloat16, progress=False)
+    return _dense_experts(dict(model.named_parameters()))
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +124,11 @@ def checkpoints(tmp_path_factory):
     return str(root / "mxfp4"), str(root / "reference")
 
 
-def test_mxfp4_checkpoint_loads_the_dequantized_weights(checkpoints):
+def test_mxfp4_checkpoint_loads_as_stored(checkpoints):
     quantized, reference = checkpoints
+    model = load_model(quantized, dtype=torch.bfloat16, progress=False)
+    assert model.config.expert_format == "mxfp4"
+    assert model.model.layers[0].mlp.experts.w13_blocks.dtype == torch.uint8
     ours, want = _parameters(quantized), _parameters(reference)
     assert ours.keys() == want.keys()
     for name, value in want.items():
@@ -143,7 +170,7 @@ def _fp8_blocks(w: torch.Tensor, block: int = 16):
     return q, scales
 
 
-def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
+def test_block_fp8_checkpoint_keeps_experts_as_stored(tmp_path):
     config, tensors = _tiny_checkpoint("qwen3_moe", tmp_path / "original")
     quantized, reference = {}, {}
     for name, value in tensors.items():
@@ -159,7 +186,10 @@ def test_block_fp8_checkpoint_loads_the_dequantized_weights(tmp_path):
     _write_checkpoint(tmp_path / "fp8", {**config, "quantization_config": {
         "quant_method": "fp8", "weight_block_size": [16, 16]}}, quantized)
     _write_checkpoint(tmp_path / "reference", config, reference)
+    model = load_model(str(tmp_path / "fp8"), dtype=torch.bfloat16, progress=False)
+    assert model.config.expert_format == "fp8" and model.config.expert_fp8_block == (16, 16)
     ours, want = _parameters(tmp_path / "fp8"), _parameters(tmp_path / "reference")
+    assert ours.keys() == want.keys()
     assert all(torch.equal(ours[n], want[n]) for n in want)
     # an FP8 weight without its block scales is refused, not loaded unscaled
     del quantized[next(k for k in quantized if k.endswith("_scale_inv"))]

@@ -4,14 +4,14 @@ One query token per sequence (decode) against contexts of --context-lens keys, f
 sequences, GQA heads of a Qwen3/Llama-like layer (32 query heads, 8 KV heads, head_dim 128 by
 default), bf16 KV pages scattered at random in the arena. Prints one JSON line per case:
 median GPU time of a CUDA-graph replay with L2 flushed before each (attention_us) and the
-roofline: K and V bytes read / 4.2 TB/s (the H200's measured copy rate). The baseline is the
-same command with MOELORA_ATTN_SPLITS=1 (no split-KV: the kernel before it had split-KV; the
-variable is read once per process, hence two runs; the record's `splits` says which).
---kernels times each kernel of the chain in one process (`kernel` in the record: mma =
-tensor-core GQA, gqa = CUDA-core GQA, per_head = one CTA per query head; auto = the default).
+roofline: K and V bytes read / 4.2 TB/s (the H200's measured copy rate). Each case runs the
+attention plan (ops.plan_attention) with the kernel chain starting at each of --kernels (mma =
+tensor-core GQA, gqa = CUDA-core GQA, per_head = one CTA per query head; auto = the plan's) and
+each split-KV factor of --splits (auto = the plan's rule; 1 = no split-KV, the baseline); the
+record says which kernel and splits it forced.
 
-    python -m moelora.bench.attention --kernels mma gqa per_head --out bench/results/h200-attention.jsonl
-    MOELORA_ATTN_SPLITS=1 python -m moelora.bench.attention --kernels per_head --out ...
+    python -m moelora.bench.attention --kernels auto gqa per_head --splits auto 1 \
+        --out bench/results/h200-attention.jsonl
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 
 import torch
 
@@ -38,13 +37,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--kernels", nargs="+", default=["auto"],
                         choices=["auto", "mma", "gqa", "per_head"],
-                        help="MOELORA_ATTN_KERNEL values to time, one record each")
+                        help="where the kernel chain starts, one record each")
+    parser.add_argument("--splits", nargs="+", default=["auto"],
+                        help="split-KV factors to force (1-8), or auto (the plan's rule)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     return parser
 
 
-def _case(context: int, batch: int, kernel: str, args, flush) -> dict:
+def _case(context: int, batch: int, kernel: str, splits: str, args, flush) -> dict:
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     blocks = -(-context // args.block_tokens)
@@ -65,19 +66,24 @@ def _case(context: int, batch: int, kernel: str, args, flush) -> dict:
     out = torch.empty_like(query)
     scale = 1.0 / math.sqrt(args.head_dim)
 
+    overrides = ops.PlanOverrides(attention_kernel=kernel,
+                                  attention_splits=None if splits == "auto" else int(splits))
+    plan = ops.plan_attention(num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                              head_dim=args.head_dim, page_bytes=page_bytes,
+                              max_context=blocks * args.block_tokens, dtype=dtype, device=dev,
+                              overrides=overrides)
+
     def run():
         ops.paged_attention(query, query_seq, query_pos, block_table, seq_lens, cache, scale,
-                            out=out)
+                            out=out, plan=plan)
 
-    os.environ["MOELORA_ATTN_KERNEL"] = kernel  # read per call, so at capture
     graph = graph_of(run)
     us = median_event_us(graph.replay, args.iters, flush)
     kv_bytes = 2 * batch * context * args.num_kv_heads * args.head_dim * 2
     return {"bench": "attention", "device": torch.cuda.get_device_name(), "dtype": "bfloat16",
             "context": context, "batch": batch, "num_heads": args.num_heads,
             "num_kv_heads": args.num_kv_heads, "head_dim": args.head_dim,
-            "splits": os.environ.get("MOELORA_ATTN_SPLITS", "auto"),
-            "kernel": kernel,
+            "splits": splits, "kernel": kernel, "plan": repr(plan),
             "attention_us": round(us, 2), "roofline_us": round(kv_bytes / HBM_BYTES_PER_US, 2),
             "roofline_fraction": round(kv_bytes / HBM_BYTES_PER_US / us, 3)}
 
@@ -92,10 +98,11 @@ def main(argv=None) -> int:
         for context in args.context_lens:
             for batch in args.batches:
                 for kernel in args.kernels:
-                    record = _case(context, batch, kernel, args, flush)
-                    print(json.dumps(record), flush=True)
-                    if out_file:
-                        out_file.write(json.dumps(record) + "\n")
+                    for splits in args.splits:
+                        record = _case(context, batch, kernel, splits, args, flush)
+                        print(json.dumps(record), flush=True)
+                        if out_file:
+                            out_file.write(json.dumps(record) + "\n")
     finally:
         if out_file:
             out_file.close()

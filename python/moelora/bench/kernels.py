@@ -7,8 +7,11 @@ Per case: the LoRA delta captured in a CUDA graph and replayed (CUDA events, med
 before each replay unless --warm-l2), the same calls eager with a host clock (lora_with_host_us),
 the roofline (BENCHMARKS.md byte formula over 4.18 TB/s), and the base experts on the same
 routing (torch grouped_mm on expert-sorted rows; timed after all of a preset's LoRA cases, so no
-LoRA case follows their GEMMs). One JSON line per case on stdout, appended to --out when given
-(a preset's lines once its base is timed). LoRA rows live in one uint8 arena per site, read through row tables.
+LoRA case follows their GEMMs). Each case runs the step's plan (ops.plan_lora, as the engine
+makes it), with --plan's overrides (PlanOverrides syntax, e.g. "lora_kernel=splitk,block_m=32")
+on top; the record carries the plan. One JSON line per case on stdout, appended to --out when
+given (a preset's lines once its base is timed). LoRA rows live in one uint8 arena per site,
+read through row tables.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 
@@ -195,25 +197,27 @@ def base_experts_us(x, h, ids, w13, w2, iters, flush):
 
 
 def make_lora_delta(ids, token_slot, weights, x, h, h13, y, views13, views2, experts, slots,
-                    block_m, inter, form="grouped", num_adapters=None):
-    """One MoE layer's LoRA delta: align once, then w13 (gate and up) and w2 (down); or, in the
-    unsorted form (decode), w13 and w2 straight from the routing."""
+                    inter, plan, form, num_adapters=None):
+    """One MoE layer's LoRA delta under `plan`: align once, then w13 (gate and up) and w2
+    (down); or, in the unsorted form (decode), w13 and w2 straight from the routing."""
     top_k = ids.shape[1]
 
     if form == "unsorted":
         def lora_delta():
             ops.fused_moe_lora_unsorted(x, h13, ids, token_slot, views13, [0, inter],
-                                        input_pairs_per_row=top_k)
+                                        input_pairs_per_row=top_k, plan=plan)
             ops.fused_moe_lora_unsorted(h, y, ids, token_slot, views2, [0],
-                                        input_pairs_per_row=1, topk_weights=weights)
+                                        input_pairs_per_row=1, topk_weights=weights, plan=plan)
         return lora_delta
 
+    block_m = plan.block_m
+
     def lora_delta():
-        meta = ops.moe_lora_align(ids, token_slot, experts, slots, block_m)
+        meta = ops.moe_lora_align(ids, token_slot, experts, slots, block_m, plan=plan)
         ops.fused_moe_lora(x, h13, *meta, block_m, views13, [0, inter], input_pairs_per_row=top_k,
-                           num_adapters=num_adapters)
+                           num_adapters=num_adapters, plan=plan)
         ops.fused_moe_lora(h, y, *meta, block_m, views2, [0], input_pairs_per_row=1,
-                           topk_weights=weights, num_adapters=num_adapters)
+                           topk_weights=weights, num_adapters=num_adapters, plan=plan)
 
     return lora_delta
 
@@ -221,7 +225,7 @@ def make_lora_delta(ids, token_slot, weights, x, h, h13, y, views13, views2, exp
 def run_preset(preset, args, out_file):
     """Every LoRA case of the preset, then the base experts of each token count, then the lines.
     The base comes last because LoRA cases timed right after ~1 ms of grouped_mm GEMMs read
-    5-18% slower than the same build timed alone (H200, bench/NOTES.md v3e)."""
+    5-18% slower than the same code timed alone (GPU clocks after heavy GEMMs)."""
     dtype, device = getattr(torch, args.dtype), torch.device("cuda")
     max_rank = max(MIXED_RANKS if "mixed" in args.ranks else [int(r) for r in args.ranks])
     arenas = layer_arenas(preset, max(args.adapters), max_rank, dtype, device)
@@ -281,16 +285,14 @@ def lora_cases(preset, tokens, args, arenas, flush):
         views13, views2 = layer_views(arenas, ranks)
         token_slot = draw_slots(tokens, adapters, popularity, gen, device)
         used = len({s for s in token_slot.tolist() if s >= 0})
-        block_m = args.block_m or ops.grouped_block_m(pairs, experts, used)
-        forms = {"auto": ["unsorted" if ops.prefer_unsorted(pairs, num_experts=experts,
-                                                            num_adapters=used)
-                          else "grouped"],
-                 "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
+        plan = ops.plan_lora(pairs, num_experts=experts, num_adapters=used, dtype=x.dtype,
+                             device=device, overrides=args.overrides)
+        forms = {"auto": [plan.form], "both": ["grouped", "unsorted"]}.get(args.form, [args.form])
         timed = {}
         for form in forms:
             lora_delta = make_lora_delta(
                 ids, token_slot, weights, x, h, h13, y, views13, views2, experts, max_slots,
-                block_m, inter, form, num_adapters=used,
+                inter, plan, form, num_adapters=used,
             )
             graph = graph_of(lora_delta)
             timed[form] = (median_event_us(graph.replay, args.iters, flush),
@@ -314,9 +316,9 @@ def lora_cases(preset, tokens, args, arenas, flush):
             "roofline_fraction": round(roofline_us / lora_us, 3),
             "base_us": None, "base_impl": None, "lora_over_base": None,  # run_preset
             "peer_us": peer, "speedup_vs_peer": round(peer / lora_us, 2) if peer else None,
-            "block_m": block_m, "groups": int(groups.numel()), "cold_l2": flush is not None,
-            "kernel_version": args.version, "form": form,
-            "kernel_family": os.environ.get("MOELORA_LORA_KERNEL", "auto"),
+            "block_m": plan.block_m, "groups": int(groups.numel()),
+            "cold_l2": flush is not None, "form": form, "kernel_family": plan.lora_kernel,
+            "plan": repr(plan),
             **({f"{f}_us": round(t[0], 2) for f, t in timed.items()} if len(timed) > 1 else {}),
         }
         records.append(record)
@@ -334,18 +336,18 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warm-l2", action="store_true", help="do not flush L2 between replays")
     parser.add_argument("--no-base", action="store_true", help="skip the base experts timing")
-    parser.add_argument("--version", default="v2", help="kernel version tag for the notes")
     parser.add_argument("--form", default="auto", choices=["auto", "grouped", "unsorted", "both"],
-                        help="auto: the engine's choice (ops.prefer_unsorted); both: time the two "
+                        help="auto: the plan's form (the engine's choice); both: time the two "
                              "forms and report the faster (both times in the line)")
-    parser.add_argument("--block-m", type=int, default=None,
-                        help="rows per block of the grouped form (default: the engine's rule, "
-                             "ops.grouped_block_m); for sweeps of that rule")
+    parser.add_argument("--plan", default="",
+                        help="plan overrides, key=value[,...] (ops.PlanOverrides.parse: "
+                             "lora_kernel, block_m, cluster_max, mma_split, align_kernel, pdl)")
     parser.add_argument("--settle-s", type=float, default=1.0,
                         help="idle seconds before each preset's LoRA cases (GPU clocks settle "
                              "after the previous preset's base GEMMs)")
     parser.add_argument("--out", help="append JSON lines to this file")
     args = parser.parse_args(argv)
+    args.overrides = ops.PlanOverrides.parse(args.plan)
     if not torch.cuda.is_available():
         raise SystemExit("moelora.bench.kernels needs a CUDA GPU")
     out_file = open(args.out, "a") if args.out else None  # noqa: SIM115

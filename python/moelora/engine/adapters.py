@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from moelora import _C
 from moelora._tensor import dtype_code
-from moelora.lora import load_adapter_plan
+from moelora.lora import AdapterValidationError, load_adapter_plan
 
 RESIDENT = _C.Residency.DEVICE
 FAILED = _C.Residency.FAILED
@@ -60,10 +60,10 @@ class LoraViews:
 
 
 class AdapterManager:
-    def __init__(self, config, memory, sites, model_config, dtype, shard=None):
+    def __init__(self, config, memory, sites, model_config, dtype, shard=None, cache_proxy=None):
         self.config = config
         self.sites = list(sites)
-        # Tensor/expert parallel (moelora.distributed.RankContext): `sites` are this rank's
+        # A rank of a parallel engine (moelora.distributed.RankShard): `sites` are this rank's
         # shard; adapters are validated against shard.full_sites and loaded as this rank's
         # slice (shard.shard_plan). None: one process.
         self.shard = shard
@@ -72,6 +72,7 @@ class AdapterManager:
         self._ids: dict[str, int] = {}  # adapter name -> native id
         self._requests: dict[str, LoRARequest] = {}
         self.cache = None
+        self.copies = None
         self.views = None
         if not config.enable_lora:
             return
@@ -91,39 +92,87 @@ class AdapterManager:
                                      host_threads=config.adapter_load_threads,
                                      pack_threads=config.adapter_pack_threads)
         self.views = LoraViews(self.cache, self.sites, config.max_loras)
+        if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
+            self.cache = cache_proxy(self.cache)
 
     # -- registration ------------------------------------------------------------------------
     def resolve(self, request: LoRARequest) -> int:
         """The native id of `request`'s adapter, registering it on first use. Bad adapters are
-        refused here, before any request of theirs runs."""
+        refused here (AdapterValidationError), before any request of theirs runs.
+
+        Safe to call from any thread: the adapter is parsed and checked without the manager's
+        lock (a slow parse never holds up the engine thread), then registered under it; of two
+        racing registrations of one name, one registers and the other gets its id."""
         if self.cache is None:
             raise ValueError(f"adapter '{request.lora_name}' requested but the engine was "
                              f"started without enable_lora=True")
         with self._lock:
-            known = self._requests.get(request.lora_name)
+            known = self._known(request)
+        if known is not None:
+            return known
+        plan = load_adapter_plan(request.lora_path,
+                                 self.sites if self.shard is None else self.shard.full_sites,
+                                 self.family, name=request.lora_name,
+                                 max_lora_rank=self.config.max_lora_rank)
+        if self.shard is not None:
+            plan = self.shard.shard_plan(plan)
+        spec = _native_spec(plan, self.sites)
+        with self._lock:
+            known = self._known(request)
             if known is not None:
-                if request.lora_path and known.lora_path != request.lora_path:
-                    raise ValueError(f"adapter name '{request.lora_name}' is already loaded "
-                                     f"from {known.lora_path!r}, not {request.lora_path!r}")
-                return self._ids[request.lora_name]
-            plan = load_adapter_plan(request.lora_path,
-                                     self.sites if self.shard is None else self.shard.full_sites,
-                                     self.family, name=request.lora_name,
-                                     max_lora_rank=self.config.max_lora_rank)
-            if self.shard is not None:
-                plan = self.shard.shard_plan(plan)
-            adapter_id = self.cache.register_adapter(_native_spec(plan, self.sites))
+                return known
+            try:
+                adapter_id = self.cache.register_adapter(spec)
+            except _C.AdapterError as e:  # e.g. a file gone between parsing and registering
+                raise AdapterValidationError(request.lora_name, _problem(e, request)) from None
             self._ids[request.lora_name] = adapter_id
             self._requests[request.lora_name] = request
             return adapter_id
 
+    def _known(self, request: LoRARequest) -> int | None:
+        known = self._requests.get(request.lora_name)
+        if known is None:
+            return None
+        if request.lora_path and known.lora_path != request.lora_path:
+            raise ValueError(f"adapter name '{request.lora_name}' is already loaded "
+                             f"from another path")
+        return self._ids[request.lora_name]
+
     def preload(self, request: LoRARequest) -> int:
-        """Registers the adapter and blocks until it is resident on the device (as vLLM's
-        eager loading does); raises AdapterError if its weights fail to load."""
+        """Registers the adapter, reads and checks every weight (NaN, Inf, files changed since
+        they were parsed), then loads it onto the device and waits, as vLLM's eager loading does.
+        Raises AdapterValidationError naming the adapter (and the tensor or file) for an adapter
+        that cannot be served; such an adapter is unregistered, so it never shows in loaded().
+        An adapter that is valid but finds no free slot or pages yet stays registered and loads
+        once memory frees up. Preloading an adapter that failed reloads it from its files.
+        Safe to call from any thread."""
+        with self._lock:
+            known = self._ids.get(request.lora_name)
+        if known is not None and self.cache.residency(known) == FAILED:
+            self._forget_failed(request.lora_name, known)
         adapter_id = self.resolve(request)
-        self.cache.prefetch(adapter_id)
-        self.cache.wait(adapter_id)
+        try:
+            if self.cache.residency(adapter_id) not in (RESIDENT, _C.Residency.HOST):
+                self.cache.load_host(adapter_id)
+            self.cache.prefetch(adapter_id)
+            self.cache.wait(adapter_id)
+        except _C.PoolExhausted:
+            pass
+        except (_C.AdapterError, _C.Cancelled) as e:
+            self._forget_failed(request.lora_name, adapter_id)
+            raise AdapterValidationError(request.lora_name, _problem(e, request)) from None
         return adapter_id
+
+    def _forget_failed(self, name: str, adapter_id: int) -> None:
+        with self._lock:
+            if self._ids.get(name) != adapter_id:
+                return  # unloaded (or replaced) meanwhile
+            del self._ids[name]
+            del self._requests[name]
+        try:
+            self.cache.unregister(adapter_id)
+        except _C.MoeloraError:
+            pass  # already gone, or pinned by a running request: it goes with unload()
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -134,8 +183,11 @@ class AdapterManager:
         self.cache.unregister(adapter_id)
 
     def loaded(self) -> list[LoRARequest]:
+        """The adapters that can serve requests (failed ones are left out)."""
         with self._lock:
-            return list(self._requests.values())
+            entries = [(self._ids[name], request) for name, request in self._requests.items()]
+        return [request for adapter_id, request in entries
+                if self.cache.residency(adapter_id) != FAILED]
 
     # -- the scheduler's view ----------------------------------------------------------------
     def prefetch(self, adapter_id: int) -> None:
@@ -179,8 +231,13 @@ class AdapterManager:
         return dict(self.cache.stats()) if self.cache is not None else {}
 
     def close(self) -> None:
-        self.cache = None
+        """Stops the adapter cache's threads and frees its host copies and row tables (the page
+        pool's memory belongs to the engine). The manager serves nothing afterwards."""
         self.views = None
+        self.cache = None  # joins the loader threads, drains in-flight copies
+        self.copies = None
+        self._ids.clear()
+        self._requests.clear()
 
 
 def _native_spec(plan, sites) -> object:
@@ -196,3 +253,9 @@ def _native_spec(plan, sites) -> object:
     ranks = [list(plan.ranks.get(s.name, [0] * s.num_layers)) for s in sites]
     return _C.AdapterSpec(name=plan.name, files=[str(f) for f in plan.files], ranks=ranks,
                           matrices=matrices)
+
+
+def _problem(error: Exception, request: LoRARequest) -> str:
+    """A native adapter error's message without its "adapter 'NAME': " prefix (the Python error
+    puts its own)."""
+    return str(error).removeprefix(f"adapter '{request.lora_name}': ")

@@ -1,20 +1,27 @@
-"""LLMEngine: requests in, tokens out. Owns the model, the unified page pool, the adapter
-manager, the scheduler, the model runner and the sampler; `step()` runs one batch."""
+"""LLMEngine: requests in, tokens out. Owns the requests, the scheduler, the KV manager and the
+sampler; its executor (engine/executor.py) owns the model, the unified page pool, the adapter
+cache and the model runner, in this process or in one process per GPU. `step()` runs one batch.
+
+Requests are checked in full when they are added (prepare_request), so a request that can never
+run is refused up front with a ValueError, and a step that fails fails only the sequences it
+ran. `shutdown()` (or dropping the last reference: the engine holds no reference cycle) frees
+the GPU memory, the decode graphs and the adapter cache's threads.
+"""
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
-from moelora.engine.adapters import AdapterManager, LoRARequest
+from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
-from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
+from moelora.engine.detokenizer import IncrementalDetokenizer, find_stop
+from moelora.engine.executor import Executor, UniProcExecutor
 from moelora.engine.kv_manager import KVManager
-from moelora.engine.memory import build_pool
-from moelora.engine.model_runner import ModelRunner
 from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import (
     CompletionOutput,
@@ -28,10 +35,11 @@ from moelora.engine.request import (
 from moelora.engine.sampler import SampleRequest, make_generator, sample
 from moelora.engine.sampling_params import SamplingParams
 from moelora.engine.scheduler import Scheduler, SchedulerConfig
+from moelora.engine.step_pipeline import StepPipeline, async_scheduling_enabled
 from moelora.engine.tokenizer import load_tokenizer
-from moelora.models import load_model
 
 logger = logging.getLogger("moelora")
+_UNSET = object()
 
 
 class _RequestState:
@@ -44,40 +52,48 @@ class _RequestState:
         self.seqs: list[Sequence] = seqs
 
 
-class LLMEngine:
-    def __init__(self, config: EngineConfig, parallel=None):
-        # Tensor/expert parallel serving (moelora.distributed): `parallel` is this process's
-        # RankContext. With tensor_parallel_size > 1 this process becomes rank 0 and spawns the
-        # other ranks; each rank keeps its shard of the model, pool and adapters. None and
-        # tensor_parallel_size == 1: one process, as before.
-        if parallel is None and config.tensor_parallel_size > 1:
-            from moelora.distributed import launch
+@dataclass
+class PreparedRequest:
+    """A request that passed every admission check; add_prepared queues it."""
 
-            parallel = launch(config)
-        self.parallel = parallel
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    lora_request: LoRARequest | None
+    adapter_id: int | None
+    max_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        """`executor`: what runs the model, built for this `config`; None: a UniProcExecutor
+        (tensor_parallel_size 1). Parallel engines are handed a
+        moelora.distributed.MultiProcExecutor(config)."""
+        self._closed = False
+        if executor is None:
+            executor = UniProcExecutor(config)
+        elif executor.config is not config:
+            raise ValueError("the executor was built for another EngineConfig")
+        self.executor = executor  # the engine's from now on: shutdown() shuts it down
         self.config = config
-        self.device = config.torch_device()
+        self.device, self.dtype = executor.device, executor.dtype
         self.model_dir = config.model if os.path.isdir(config.model) else None
-        self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
-        if parallel is None:
-            self.model = load_model(config.model, dtype=self.dtype, device=self.device,
-                                    progress=config.load_progress,
-                                    **({"num_layers": config.synthetic_num_layers}
-                                       if config.synthetic_num_layers is not None else {}))
-        else:  # this rank's shard; model.config and lora_sites() follow it
-            self.model = parallel.load_model(config, self.dtype, self.device)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        # The driving worker's state, for stats and tests; the executor owns it.
+        self.model, self.memory = executor.model, executor.memory
+        self.adapters, self.runner = executor.adapters, executor.runner
+        try:
+            self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        except BaseException:
+            executor.shutdown()  # e.g. the other processes of a parallel engine
+            raise
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.eos_token_ids = tuple(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = tuple(sorted(set(self.eos_token_ids)
                                               | {self.tokenizer.eos_token_id}))
-        sites = self.model.lora_sites() if config.enable_lora else []
-        self.memory = build_pool(config, mc, sites, self.dtype, self.device)
-        self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype, shard=parallel)
         self.prefix_cache = PrefixCache() if config.enable_prefix_caching else None
-        self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens,
+        self.kv = KVManager(executor.kv_pool, mc.num_layers, self.memory.block_tokens,
                             mc.sliding_windows, self.prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -85,35 +101,37 @@ class LLMEngine:
                             max_loras_per_batch=config.max_loras_per_batch,
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
-        graphs = None
-        # Default: on for a one-process CUDA engine; a parallel engine only when asked for
-        # (its graphs hold the NCCL collectives too; not yet measured on GPUs).
-        use_graphs = (config.decode_graphs if config.decode_graphs is not None
-                      else self.device.type == "cuda" and parallel is None)
-        if use_graphs:
-            graphs = DecodeGraphs(self.model, self.memory.kv_view, self.adapters.views,
-                                  mc.num_layers, self.memory.block_tokens,
-                                  config.decode_graph_max_blocks,
-                                  default_buckets(config.max_num_seqs), self.device)
-        self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
-                                  self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
+        # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
+        self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
                       "window_pages_released": 0}
-        if parallel is not None:  # rank 0 mirrors pool/adapter calls to the others and drives them
-            parallel.attach(self)
+        # Last attribute on purpose: the instance dict releases its values in order, so when the
+        # engine is dropped this marker goes after the model, pool and graphs, and its finalizer
+        # hands the memory they held back to the driver.
+        self._release_marker = _ReleaseMarker()
+        if self.device.type == "cuda":
+            release = weakref.finalize(self._release_marker, _return_cached_memory, self.device)
+            release.atexit = False  # at exit the process gives everything back anyway
 
     # -- requests ----------------------------------------------------------------------------
     def next_request_id(self) -> str:
         return str(next(self._request_ids))
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                    params: SamplingParams, lora_request: LoRARequest | None = None,
-                    arrival_time: float | None = None) -> None:
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+    def prepare_request(self, prompt: str | list[int] | dict, params: SamplingParams,
+                        lora_request: LoRARequest | None = None) -> PreparedRequest:
+        """Every admission check of a request, without queueing it: ValueError (or
+        AdapterValidationError, a ValueError) naming what is wrong. Registers the request's
+        adapter on first use (that is how an adapter is validated)."""
+        self._check_open()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got "  # noqa: TRY004
+                             f"{type(params).__name__}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest or None, got "
+                             f"{type(lora_request).__name__}")
         text, prompt_ids = self._tokenize(prompt)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -121,28 +139,56 @@ class LLMEngine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
                              f"[{min(prompt_ids)}, {max(prompt_ids)}]")
-        if params.logit_bias and max(params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is outside the "
-                             f"vocabulary [0, {vocab})")
+        params.check_limits(max_logprobs=self.config.max_logprobs, vocab_size=vocab)
+        adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
+        # The pool's room for one sequence's KV cache. Whether it also fits beside its adapter
+        # is the scheduler's to decide (a per-request failure): a request must not be refused
+        # for the size of an adapter that the pool holds for other requests anyway.
+        capacity = self._capacity
+        longest = self.max_model_len if capacity is None else min(self.max_model_len, capacity)
         max_tokens = params.max_tokens if params.max_tokens is not None else \
-            self.max_model_len - len(prompt_ids)
-        if len(prompt_ids) + max(max_tokens, 1) > self.max_model_len:
+            longest - len(prompt_ids)
+        total = len(prompt_ids) + max(max_tokens, 1)
+        if total > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) "
                              f"exceeds the model's maximum length ({self.max_model_len})")
-        adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
+        if capacity is not None and total > capacity:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max(max_tokens, 1)}) needs "
+                f"{self.kv.min_pages_for(total)} pages of KV cache; the page pool holds "
+                f"{self.memory.pool.num_pages} pages, room for at most {capacity} tokens of "
+                f"one sequence")
+        return PreparedRequest(text, prompt_ids, params, lora_request, adapter_id, max_tokens)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    params: SamplingParams, lora_request: LoRARequest | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.add_prepared(request_id, self.prepare_request(prompt, params, lora_request),
+                          arrival_time)
+
+    def add_prepared(self, request_id: str, prepared: PreparedRequest,
+                     arrival_time: float | None = None) -> None:
+        """Queues a request that prepare_request accepted."""
+        self._check_open()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = prepared.params
         arrival = arrival_time if arrival_time is not None else now()
         seqs = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, index=index,
-                           prompt_token_ids=list(prompt_ids), params=params,
-                           adapter_id=adapter_id, arrival_time=arrival)
+                           prompt_token_ids=list(prepared.prompt_token_ids), params=params,
+                           adapter_id=prepared.adapter_id, arrival_time=arrival)
             seed = (params.seed if params.seed is not None else
                     self.config.seed * 1_000_003 + seq.seq_id) + index
             seq.generator = None if params.greedy else make_generator(seed, self.device)
-            seq.max_tokens = max_tokens
+            seq.max_tokens = prepared.max_tokens
             seqs.append(seq)
-        self._requests[request_id] = _RequestState(request_id, text, prompt_ids, params,
-                                                   lora_request, seqs)
+        self._requests[request_id] = _RequestState(request_id, prepared.prompt,
+                                                   prepared.prompt_token_ids, params,
+                                                   prepared.lora_request, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -157,10 +203,19 @@ class LLMEngine:
         del self._requests[request_id]  # nobody will ask for its output any more
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """Whether step() has more to do: requests to run, or a step still in flight."""
+        pipeline = self._step_pipeline()
+        return self.scheduler.has_work() or (pipeline is not None and pipeline.busy())
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one step and returns the outputs of the requests it advanced. With async
+        scheduling (engine/step_pipeline.py) the step is launched and the previous one's tokens
+        are returned while it runs."""
+        self._check_open()
+        pipeline = self._step_pipeline()
+        if pipeline is not None:
+            return pipeline.step(self)
         batch = self.scheduler.schedule()
         touched: set[str] = set()
         for seq in batch.failed:
@@ -171,9 +226,30 @@ class LLMEngine:
         if batch.is_empty():
             if self.scheduler.has_work() and not touched:
                 self.adapters.wait_for_progress()
-            return [self._output(self._requests[r]) for r in touched]
+            return self._outputs(touched)
+        try:
+            self._run_batch(batch, touched)
+        except Exception as error:  # noqa: BLE001 - confined to the step's own sequences
+            self._fail_batch(batch, error, touched)
+        return self._outputs(touched)
+
+    def _step_pipeline(self) -> StepPipeline | None:
+        """The async-scheduling pipeline (made on first use), or None: steps run one at a
+        time."""
+        pipeline = self.__dict__.get("_pipeline", _UNSET)
+        if pipeline is _UNSET:
+            one_process = isinstance(self.executor, UniProcExecutor)
+            pipeline = StepPipeline() if async_scheduling_enabled(
+                self.config, self.device, one_process) else None
+            self._pipeline = pipeline
+        return pipeline
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
+        return [self._output(self._requests[r]) for r in touched if r in self._requests]
+
+    def _run_batch(self, batch, touched: set[str]) -> None:
         slot_of = self.adapters.slots_for(batch.seqs)
-        logits = self.runner.execute(batch, slot_of)
+        logits = self.executor.execute(batch, slot_of)
         sampling = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
@@ -192,11 +268,28 @@ class LLMEngine:
                                    result.top_logprobs[i])
                 touched.add(seq.request_id)
         self.stats["steps"] += 1
+        self._record_prefix_cache_stats()
+
+    def _record_prefix_cache_stats(self) -> None:
         if self.prefix_cache is not None:
             self.stats["prefix_cache_query_tokens"] = self.prefix_cache.query_tokens
             self.stats["prefix_cache_hit_tokens"] = self.prefix_cache.hit_tokens
             self.stats["prefix_cache_evicted_blocks"] = self.prefix_cache.evicted_blocks
-        return [self._output(self._requests[r]) for r in touched]
+
+    def _fail_batch(self, batch, error: Exception, touched: set[str]) -> None:
+        """A step raised: every sequence it ran fails (its pages and adapter pin go back); the
+        other requests, and later steps, are unaffected."""
+        logger.exception("a step of %d sequences failed; they finish with an error",
+                         len(batch.seqs))
+        self.stats["failed_steps"] = self.stats.get("failed_steps", 0) + 1
+        for seq in batch.seqs:
+            if not seq.finished:
+                seq.error = (f"internal error while running the request "
+                             f"({type(error).__name__}); the server log has the details")
+                seq.error_type = "internal_error"
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                seq.finish_time = now()
+            touched.add(seq.request_id)
 
     def _append_token(self, seq: Sequence, token: int, logprob: float, top) -> None:
         if seq.first_token_time is None:
@@ -204,30 +297,38 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         seq.output_top_logprobs.append(top)
+        seq.cumulative_logprob += logprob  # the order sum(output_logprobs) adds them in
         self.stats["generation_tokens"] += 1
         params = seq.params
+        new_text = ""
         if self.tokenizer is not None:
-            seq.output_text = self.tokenizer.decode(seq.output_token_ids,
-                                                    skip_special_tokens=params.skip_special_tokens)
-        status = None
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer,
+                                                         params.skip_special_tokens)
+            new_text = seq.detokenizer.add(seq.output_token_ids)
+            seq.output_text += new_text
+        generated = len(seq.output_token_ids)
+        status, stopped_by_text = None, False
         if not params.ignore_eos and token in self.eos_token_ids and \
-                len(seq.output_token_ids) > params.min_tokens:
+                generated > params.min_tokens:
             status = SequenceStatus.FINISHED_STOPPED
             seq.stop_reason = None
-        elif token in params.stop_token_ids and len(seq.output_token_ids) > params.min_tokens:
+        elif token in params.stop_token_ids and generated > params.min_tokens:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
         elif params.stop_strings and self.tokenizer is not None:
-            for stop in params.stop_strings:
-                at = seq.output_text.find(stop)
-                if at >= 0:
-                    end = at + len(stop) if params.include_stop_str_in_output else at
-                    seq.output_text = seq.output_text[:end]
-                    status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-                    break
-        if status is None and (len(seq.output_token_ids) >= seq.max_tokens or
-                               seq.num_tokens >= self.max_model_len):
+            hit = find_stop(seq.output_text, len(new_text), params.stop_strings)
+            if hit is not None:
+                stop, at = hit
+                end = at + len(stop) if params.include_stop_str_in_output else at
+                seq.output_text = seq.output_text[:end]
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                stopped_by_text = True
+        if status is None and (generated >= seq.max_tokens or
+                               seq.num_known_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            if seq.detokenizer is not None and not stopped_by_text:
+                seq.output_text += seq.detokenizer.flush(seq.output_token_ids)
             self.scheduler.finish(seq, status)
             seq.finish_time = now()
 
@@ -236,25 +337,27 @@ class LLMEngine:
         for seq in state.seqs:
             logprobs = None
             if seq.params.logprobs is not None:
-                logprobs = []
-                for token, lp, top in zip(seq.output_token_ids, seq.output_logprobs,
-                                          seq.output_top_logprobs):
-                    entry = {token: Logprob(lp)}
-                    for rank, (tid, tlp) in enumerate(top or [], start=1):
+                for index in range(len(seq.logprob_entries), len(seq.output_token_ids)):
+                    token = seq.output_token_ids[index]
+                    entry = {token: Logprob(seq.output_logprobs[index])}
+                    for rank, (tid, tlp) in enumerate(seq.output_top_logprobs[index] or [],
+                                                      start=1):
                         if tid == token:
                             entry[token].rank = rank
                         else:
                             entry[tid] = Logprob(tlp, rank)
-                    logprobs.append(entry)
+                    seq.logprob_entries.append(entry)
+                logprobs = list(seq.logprob_entries)
             finish_reason = None
             if seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                               SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR):
                 finish_reason = seq.status.value
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=sum(seq.output_logprobs) if seq.output_logprobs else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.output_logprobs else None,
                 logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason))
             outputs[-1].error = seq.error
+            outputs[-1].error_type = seq.error_type
         first = state.seqs[0]
         finished = all(s.finished for s in state.seqs)
         metrics = RequestMetrics(first.arrival_time, first.first_token_time,
@@ -281,20 +384,47 @@ class LLMEngine:
         raise TypeError(f"a prompt must be a str, a list of token ids or a dict with "
                         f"'prompt_token_ids', got {type(prompt).__name__}")
 
+    # -- lifetime ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine was shut down")
+
+    def shutdown(self) -> None:
+        """Aborts every request, shuts the executor down (the other processes of a parallel
+        engine stop; the decode graphs, the adapter cache with its threads and host copies, the
+        page pool and the model are freed) and returns the GPU memory to the driver.
+        Idempotent; the engine serves nothing after. The runner and the adapter manager stay,
+        closed, for their counters."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.device.type == "cuda":  # a step launched by async scheduling may still run
+                torch.cuda.synchronize(self.device)
+            for request_id in list(self._requests):
+                self.abort_request(request_id)
+        finally:
+            self.executor.shutdown()
+            self.scheduler = self.kv = self.prefix_cache = None
+            self.model = self.memory = None
+            if self.device.type == "cuda":
+                _return_cached_memory(self.device)
+
     def stop(self) -> None:
-        if self.parallel is not None:  # stops the other ranks (rank 0)
-            self.parallel.shutdown()
-        self.adapters.close()
+        self.shutdown()
 
 
-def checkpoint_dtype(model_dir: str | None) -> torch.dtype | None:
-    """The dtype a checkpoint's config.json declares, if any."""
-    if model_dir is None:
-        return None
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            hf = json.load(f)
-    except (OSError, ValueError):
-        return None
-    name = hf.get("dtype") or hf.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None
+class _ReleaseMarker:
+    """See LLMEngine.__init__: dropped last of the engine's attributes."""
+
+
+def _return_cached_memory(device: torch.device) -> None:
+    """Hands the blocks torch's allocator cached for freed tensors back to the driver, with the
+    cuBLAS workspaces torch keeps per (handle, stream): each engine's capture and copy streams
+    got their own, and they would otherwise stay reserved after the engine is gone."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
+        torch.cuda.empty_cache()

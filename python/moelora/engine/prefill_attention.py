@@ -13,16 +13,13 @@ first so that a GPU takes the memory-efficient kernel rather than the O(n * keys
 math fallback. Attention sinks (GPT-OSS: a per-head logit in the softmax denominator only)
 become one virtual key seen by every query: two extra head dimensions carry the sink as
 hi + lo parts (q side 1/scale, key side the sink), its value row is zero.
-Where it pays (measured, bench/NOTES.md "attention"): on the CPU, SDPA halves TTFT at 1024-token
-prompts. On the H200 the tensor-core paged kernel (a CTA per token and KV head, all its query
-heads at once) beats the gather + SDPA path: TTFT 1909 vs 2085 ms at 2048-token prompts and
-1849 vs 3107 ms at 8192 (qwen3-30b-a3b, 8 layers, with adapters). So MOELORA_PREFILL_ATTENTION=
-auto (the default) takes SDPA on the CPU only; sdpa or paged force one everywhere. Read at import.
+Where it pays: on the CPU, SDPA halves TTFT at 1024-token prompts; on a GPU the tensor-core
+paged kernel beats the gather + SDPA path (docs/performance.md, "Prefill attention"). The step's
+AttentionPlan (ops.plan_attention, field prefill_attention) decides.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,29 +35,17 @@ MAX_GATHERED_KEYS = 1 << 14
 
 @dataclass(frozen=True)
 class PrefillSpan:
-    """Step tokens [first, first + count) of step sequence `seq`, at positions [start, start +
-    count) of that sequence."""
+    """Step tokens [first, first + count) of the sequence in block-table row `seq`, at
+    positions [start, start + count) of that sequence."""
     first: int
     count: int
     seq: int
     start: int
 
 
-def _prefill_attention_mode() -> str:
-    value = os.environ.get("MOELORA_PREFILL_ATTENTION", "auto")
-    if value not in ("auto", "sdpa", "paged"):
-        raise ValueError(f"MOELORA_PREFILL_ATTENTION must be auto, sdpa or paged, got {value!r}")
-    return value
-
-
-PREFILL_ATTENTION = _prefill_attention_mode()
-
-
-def spans_fit(spans, device: torch.device) -> bool:
-    """Whether the step's prefill spans take SDPA on `device`."""
-    if not spans or PREFILL_ATTENTION == "paged":
-        return False
-    return PREFILL_ATTENTION == "sdpa" or device.type == "cpu"
+def spans_fit(spans, plan) -> bool:
+    """Whether the step's prefill spans take SDPA under the step's AttentionPlan."""
+    return bool(spans) and plan.prefill_attention == "sdpa"
 
 
 def first_key(span: PrefillSpan, sliding_window: int) -> int:

@@ -36,9 +36,20 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+    # What each step's output repeats, kept as tokens arrive instead of rebuilt from every token
+    # each step: the running sum of output_logprobs, and the per-token logprob dicts made so far
+    cumulative_logprob: float = 0
+    logprob_entries: list = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_pages: list[list[int]] = field(default_factory=list)  # [block][layer] -> page id
+    # Tokens sampled by steps still running on the GPU (async scheduling): they count in
+    # num_tokens, so the scheduler plans the next step around them, but are not yet in
+    # output_token_ids; the next step reads them from the device.
+    num_pending_tokens: int = 0
+    # [block][layer] -> page id. Grows only by appending; KVManager.free replaces the list, which
+    # is how the device block table (engine/block_table.py) sees that its row is stale.
+    block_pages: list[list[int]] = field(default_factory=list)
+    kv_owner: int | None = None  # the page pool's owner id of the pages this sequence holds
     # sliding window size -> blocks whose pages of those layers went back to the pool
     window_released: dict[int, int] = field(default_factory=dict)
     # prefix caching (engine/prefix_cache.py): block index -> pool owner of a full prompt block
@@ -48,10 +59,12 @@ class Sequence:
     published_blocks: int = 0
     stop_reason: str | int | None = None
     error: str | None = None
+    error_type: str | None = None  # see CompletionOutput
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
     output_text: str = ""
+    detokenizer: object = None  # IncrementalDetokenizer of output_token_ids, made on first token
     pinned_adapter: bool = False  # holds a pin on its adapter while running
     generator: object = None  # torch.Generator for sampled (non-greedy) sequences
     max_tokens: int = 0  # resolved limit on generated tokens
@@ -61,7 +74,8 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids(self, start: int, stop: int) -> list[int]:
-        """all_token_ids[start:stop] without copying the whole sequence (called every step)."""
+        """all_token_ids[start:stop] without copying the whole sequence (called every step).
+        Pending tokens are not known on the host: a range that reaches them comes back short."""
         prompt = len(self.prompt_token_ids)
         if start >= prompt:
             return self.output_token_ids[start - prompt:stop - prompt]
@@ -71,6 +85,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, generated and pending tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and generated tokens the host has (num_tokens without the pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -90,8 +110,26 @@ class Logprob:
     decoded_token: str | None = None
 
 
+ERROR_TYPES = ("adapter_error", "invalid_request", "internal_error")
+
+
 @dataclass
 class CompletionOutput:
+    """One sample of a request, as vLLM shapes it.
+
+    A request that failed has finish_reason "error", `error` saying why (it names the adapter and
+    at most a file's base name, never a server path) and `error_type` saying whose fault it was,
+    so a server picks its status code without reading the message:
+
+    * None: no error;
+    * "adapter_error": the request's adapter cannot be served (bad weights, a file gone or
+      changed since it was registered, an adapter larger than the pool) -- the client's choice
+      of adapter, 4xx;
+    * "invalid_request": the request itself cannot be served (longer than the pool can ever
+      hold beside its adapter) -- 4xx;
+    * "internal_error": the engine failed while running the request's step -- 5xx.
+    """
+
     index: int
     text: str
     token_ids: list[int]
@@ -100,6 +138,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
+    error_type: str | None = None  # None or one of ERROR_TYPES
 
     def finished(self) -> bool:
         return self.finish_reason is not None

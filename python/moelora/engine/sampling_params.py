@@ -1,8 +1,15 @@
-"""SamplingParams with vLLM's names and defaults, validated on construction."""
+"""SamplingParams with vLLM's names and defaults, validated on construction.
+
+Every bad field raises ValueError (never TypeError): to a server, any malformed field is a bad
+request, answered 400.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+MAX_N = 1024  # samples of one request
 
 
 @dataclass
@@ -30,56 +37,73 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        self.n = _integer("n", self.n, low=1, high=MAX_N)
+        self.temperature = _real("temperature", self.temperature, low=0.0)
+        self.top_p = _real("top_p", self.top_p, low=0.0, high=1.0)
+        if self.top_p == 0.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is None or self.top_k == 0:
             self.top_k = -1
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be a non-negative integer, got {self.logprobs!r}")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
+        self.min_p = _real("min_p", self.min_p, low=0.0, high=1.0)
         for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            setattr(self, name, _real(name, getattr(self, name), low=-2.0, high=2.0))
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty, low=0.0)
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be > 0, got 0.0")
+        if self.max_tokens is not None:
+            self.max_tokens = _integer("max_tokens", self.max_tokens, low=1)
+        self.min_tokens = _integer("min_tokens", self.min_tokens, low=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens "
+                             f"({self.max_tokens})")
+        if self.logprobs is not None:
+            self.logprobs = _integer("logprobs", self.logprobs, low=0)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs, low=0)
         if self.logit_bias is not None:
-            bias = {}
-            for token, value in self.logit_bias.items():
-                try:
-                    token_id = int(token)
-                except (TypeError, ValueError):
-                    raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
-                if token_id < 0 or not -100.0 <= float(value) <= 100.0:
-                    raise ValueError(f"logit_bias {token!r}: {value} (token ids >= 0, biases "
-                                     f"in [-100, 100])")
-                bias[token_id] = float(value)
-            self.logit_bias = bias or None
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            self.logit_bias = _logit_bias(self.logit_bias)
+        if self.seed is not None:
+            self.seed = _integer("seed", self.seed, low=-(1 << 63), high=(1 << 64) - 1)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(  # noqa: TRY004 - a bad field is a bad request (400)
+                    f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.stop is None:
             self.stop_strings = []
         elif isinstance(self.stop, str):
             self.stop_strings = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop_strings = list(self.stop)
         else:
-            self.stop_strings = [s for s in self.stop]
+            raise ValueError(f"stop must be a string or a list of strings, got "
+                             f"{type(self.stop).__name__}")
         if any(not isinstance(s, str) or s == "" for s in self.stop_strings):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise ValueError("stop_token_ids must be a list of token ids")  # noqa: TRY004
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+               for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative integers")
+
+    def check_limits(self, *, max_logprobs: int, vocab_size: int) -> None:
+        """The checks that depend on the engine: logprobs and prompt_logprobs up to its
+        max_logprobs (vLLM's rule, 20 unless LLM(max_logprobs=...) raises it) and the vocabulary,
+        token ids inside the vocabulary."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > min(max_logprobs, vocab_size):
+                raise ValueError(f"{name}={value} exceeds the engine's max_logprobs "
+                                 f"({max_logprobs}; raise it with LLM(max_logprobs=...)), "
+                                 f"vocabulary {vocab_size}")
+        if self.logit_bias and max(self.logit_bias) >= vocab_size:
+            raise ValueError(f"logit_bias token id {max(self.logit_bias)} is outside the "
+                             f"vocabulary [0, {vocab_size})")
+        if self.stop_token_ids and max(self.stop_token_ids) >= vocab_size:
+            raise ValueError(f"stop_token_ids holds {max(self.stop_token_ids)}, outside the "
+                             f"vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:
@@ -90,3 +114,41 @@ class SamplingParams:
         """Whether penalties or biases change the logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
                     or self.repetition_penalty != 1.0)
+
+
+def _integer(name: str, value, *, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _real(name: str, value, *, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")  # noqa: TRY004
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _logit_bias(bias) -> dict[int, float] | None:
+    if not isinstance(bias, dict):
+        raise ValueError(  # noqa: TRY004
+            f"logit_bias must map token ids to biases, got {type(bias).__name__}")
+    out = {}
+    for token, value in bias.items():
+        try:
+            token_id = int(token)
+        except (TypeError, ValueError):  # includes digit strings past Python's int-string limit
+            shown = repr(token) if len(str(token)) <= 32 else repr(str(token)[:32]) + "..."
+            raise ValueError(f"logit_bias keys must be token ids, got {shown}") from None
+        if token_id < 0:
+            raise ValueError(f"logit_bias token ids must be >= 0, got {token_id}")
+        out[token_id] = _real(f"logit_bias[{token_id}]", value, low=-100.0, high=100.0)
+    return out or None

@@ -116,6 +116,7 @@ class Scheduler:
                              f"cache beside its adapter's "
                              f"{self.adapters.num_pages(seq.adapter_id)}, more than the whole "
                              f"page pool holds ({self.kv.pool.num_pages} pages)")
+                seq.error_type = "invalid_request"
                 batch.failed.append(seq)
                 continue
             if seq.adapter_id is not None:
@@ -129,6 +130,7 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.error = (f"request needs {seq.num_tokens} tokens of KV cache, more than the "
                              f"whole page pool holds ({self.kv.capacity_tokens()} tokens)")
+                seq.error_type = "invalid_request"
                 batch.failed.append(seq)
                 continue
             cached = self.kv.attach_cached_prefix(seq)  # prefix caching: skip cached blocks
@@ -218,4 +220,5 @@ class Scheduler:
             if problem is not None:
                 self.waiting.remove(seq)
                 seq.error = problem
+                seq.error_type = "adapter_error"
                 batch.failed.append(seq)

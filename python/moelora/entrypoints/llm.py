@@ -1,21 +1,31 @@
 """The offline API, with the names vLLM users know: LLM, SamplingParams, LoRARequest.
 
-    llm = LLM(model="synthetic:tiny-moe", enable_lora=True, max_lora_rank=16)
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16),
-                        lora_request=[LoRARequest("a", 1, "/path"), None, ...])
+    with LLM(model="synthetic:tiny-moe", enable_lora=True, max_lora_rank=16) as llm:
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16),
+                            lora_request=[LoRARequest("a", 1, "/path"), None, ...])
+
+A generate call is atomic: every prompt, SamplingParams and LoRARequest is checked before any is
+queued, and a bad one raises ValueError naming its index with nothing queued. Requests that fail
+while running (an adapter whose file vanished, a failed step) come back with finish_reason
+"error" and the other requests complete. The GPU memory is freed by shutdown(), by leaving a
+`with` block, or when the LLM is garbage collected.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
+from moelora.distributed import executor_for
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
 from moelora.engine.request import RequestOutput
 from moelora.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("moelora")
 
 
 class LLM:
@@ -28,11 +38,22 @@ class LLM:
                  max_loras_per_batch: int | None = None, tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, decode_graphs: bool | None = None,
                  decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
-                 enable_prefix_caching: bool = False, **unsupported):
+                 enable_prefix_caching: bool = False, max_logprobs: int = 20,
+                 kv_cache_memory_bytes: int | None = None, trust_remote_code: bool = False,
+                 synthetic_expert_weights: str | None = None,
+                 async_scheduling: bool | None = None, **unsupported):
         if unsupported:
             names = ", ".join(sorted(unsupported))
             raise TypeError(f"LLM() got arguments moelora does not support: {names}")
-        self.llm_engine = LLMEngine(EngineConfig(
+        if trust_remote_code:
+            logger.info("trust_remote_code=True is accepted and ignored: moelora runs no code "
+                        "from model repositories")
+        if kv_cache_memory_bytes is not None:  # vLLM's name for the pool's size
+            if pool_memory_bytes is not None and pool_memory_bytes != kv_cache_memory_bytes:
+                raise ValueError(f"LLM(): kv_cache_memory_bytes={kv_cache_memory_bytes} "
+                                 f"contradicts pool_memory_bytes={pool_memory_bytes}")
+            pool_memory_bytes = kv_cache_memory_bytes
+        config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, seed=seed, max_num_seqs=max_num_seqs,
@@ -45,10 +66,23 @@ class LLM:
             # them; unset = on for CUDA
             decode_graphs=_decode_graphs(decode_graphs, enforce_eager),
             decode_graph_max_blocks=decode_graph_max_blocks,
-            enable_prefix_caching=enable_prefix_caching))
+            enable_prefix_caching=enable_prefix_caching, max_logprobs=max_logprobs,
+            synthetic_expert_weights=synthetic_expert_weights, async_scheduling=async_scheduling)
+        self.llm_engine = LLMEngine(config, executor_for(config))
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Frees the engine's GPU memory, decode graphs and adapter threads; idempotent."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:  # noqa: PYI034 - typing.Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None,
@@ -58,11 +92,23 @@ class LLM:
                                  "sampling_params")
         lora_list = _broadcast(lora_request, len(prompt_list), "lora_request")
         engine = self.llm_engine
+        prepared = []
+        for index, (prompt, params, lora) in enumerate(zip(prompt_list, params_list, lora_list)):
+            try:
+                prepared.append(engine.prepare_request(prompt, params, lora))
+            except (ValueError, TypeError) as error:
+                kind = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind(f"prompt {index}: {error}") from error
         ids = []
-        for prompt, params, lora in zip(prompt_list, params_list, lora_list):
-            request_id = engine.next_request_id()
-            engine.add_request(request_id, prompt, params, lora)
-            ids.append(request_id)
+        try:
+            for request in prepared:
+                request_id = engine.next_request_id()
+                engine.add_prepared(request_id, request)
+                ids.append(request_id)
+        except BaseException:
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,
@@ -92,6 +138,9 @@ class LLM:
                         bar.update(1)
         finally:
             bar.close()
+            for request_id in request_ids:  # interrupted: leave nothing queued behind
+                if request_id not in finished:
+                    engine.abort_request(request_id)
         return [finished[r] for r in request_ids]
 
 

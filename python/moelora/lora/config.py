@@ -4,18 +4,19 @@ Pattern matching follows peft 0.21 (`peft.utils.other.get_pattern_key`): the key
 the module's name inside the model (`model.layers.3.self_attn.q_proj`; for a targeted 3D
 parameter, the module name plus the parameter name, `model.layers.3.mlp.experts.down_proj`),
 and a pattern key `k` matches when `re.match(rf"(.*\\.)?({k})$", name)`; the first matching key
-in the dict's order wins, otherwise the global `r` / `lora_alpha` apply.
+in the dict's order wins, otherwise the global `r` / `lora_alpha` apply. The keys are matched by
+moelora.lora.patterns, in time linear in the name and bounded per adapter (a hostile key cannot
+stall the server); the file is parsed with its nesting depth bounded.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moelora.lora.validate import AdapterValidationError
+from moelora.lora.patterns import PatternError, PatternSet
+from moelora.lora.validate import AdapterValidationError, loads_bounded
 
 # Options that change what the adapter computes in ways a plain B @ A delta cannot express.
 _REFUSED_VARIANTS = {
@@ -46,13 +47,21 @@ class AdapterConfig:
     target_modules: list[str] | str | None = None
     target_parameters: list[str] = field(default_factory=list)
     layers_to_transform: list[int] | None = None
+    # compiled rank_pattern / alpha_pattern keys (PatternError for a key beyond the bounds)
+    rank_keys: PatternSet = field(init=False, repr=False, compare=False)
+    alpha_keys: PatternSet = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank_keys", PatternSet(self.rank_pattern))
+        object.__setattr__(self, "alpha_keys", PatternSet(self.alpha_pattern))
 
     def rank_for(self, module_key: str) -> int:
-        key = match_pattern_key(self.rank_pattern, module_key)
+        """Raises PatternError when matching goes past its bounds."""
+        key = self.rank_keys.lookup(module_key)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module_key: str) -> float:
-        key = match_pattern_key(self.alpha_pattern, module_key)
+        key = self.alpha_keys.lookup(module_key)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
     def scale_for(self, module_key: str) -> float:
@@ -68,23 +77,24 @@ class AdapterConfig:
         return any(full == t or full.endswith("." + t) for t in self.target_parameters)
 
 
-def match_pattern_key(patterns: dict, module_key: str) -> str | None:
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_key):
-            return key
-    return None
+MAX_CONFIG_BYTES = 16 << 20  # adapter_config.json files are a few KiB
 
 
 def load_adapter_config(adapter_dir: str | Path, adapter: str) -> AdapterConfig:
     path = Path(adapter_dir) / "adapter_config.json"
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise AdapterValidationError(adapter, f"missing {path}") from e
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterValidationError(adapter, f"cannot parse {path}: {e}") from e
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise AdapterValidationError(adapter, f"missing {path.name}") from None
+    except OSError as e:
+        raise AdapterValidationError(adapter, f"cannot read {path.name}: {e.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterValidationError(adapter, f"{path.name} is larger than {MAX_CONFIG_BYTES} "
+                                              f"bytes")
+    raw = loads_bounded(data, adapter, path.name)
     if not isinstance(raw, dict):
-        raise AdapterValidationError(adapter, f"{path} is not a JSON object")
+        raise AdapterValidationError(adapter, f"{path.name} is not a JSON object")
     return parse_adapter_config(raw, adapter)
 
 
@@ -119,8 +129,8 @@ def parse_adapter_config(raw: dict, adapter: str) -> AdapterConfig:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         fail(f"r={r!r} must be a positive integer")
     alpha = raw.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        fail(f"lora_alpha={alpha!r} must be a number")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        fail(f"lora_alpha={alpha!r} must be a finite number")
     rank_pattern = raw.get("rank_pattern") or {}
     alpha_pattern = raw.get("alpha_pattern") or {}
     for name, pattern, kinds in (
@@ -132,10 +142,8 @@ def parse_adapter_config(raw: dict, adapter: str) -> AdapterConfig:
         for key, value in pattern.items():
             if not isinstance(value, kinds) or isinstance(value, bool):
                 fail(f"{name}[{key!r}]={value!r} must be a number")
-            try:
-                re.compile(key)
-            except re.error as e:
-                fail(f"{name} key {key!r} is not a valid regular expression: {e}")
+            if not math.isfinite(value):
+                fail(f"{name}[{key!r}]={value!r} must be finite")
             if name == "rank_pattern" and value < 1:
                 fail(f"rank_pattern[{key!r}]={value} must be >= 1")
 
@@ -152,13 +160,16 @@ def parse_adapter_config(raw: dict, adapter: str) -> AdapterConfig:
         not isinstance(layers, list) or not all(isinstance(i, int) for i in layers)
     ):
         fail("layers_to_transform must be an int or a list of ints")
-    return AdapterConfig(
-        r=r,
-        lora_alpha=float(alpha),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=dict(rank_pattern),
-        alpha_pattern=dict(alpha_pattern),
-        target_modules=target_modules,
-        target_parameters=list(target_parameters),
-        layers_to_transform=layers or None,
-    )
+    try:  # compiles the pattern keys
+        return AdapterConfig(
+            r=r,
+            lora_alpha=float(alpha),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            rank_pattern=dict(rank_pattern),
+            alpha_pattern=dict(alpha_pattern),
+            target_modules=target_modules,
+            target_parameters=list(target_parameters),
+            layers_to_transform=layers or None,
+        )
+    except PatternError as e:
+        fail(str(e))

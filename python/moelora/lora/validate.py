@@ -21,6 +21,7 @@ _ALL_DTYPE_SIZES = {
     "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+MAX_JSON_DEPTH = 64  # adapter files nest 3 or 4 levels; a deeper file is corrupt or hostile
 
 
 class AdapterValidationError(ValueError):
@@ -30,6 +31,37 @@ class AdapterValidationError(ValueError):
         super().__init__(f"LoRA adapter {adapter!r}: {problem}")
         self.adapter = adapter
         self.problem = problem
+
+
+def loads_bounded(data: bytes | str, adapter: str, file_name: str):
+    """json.loads of an adapter file, refusing (AdapterValidationError naming the file) JSON
+    nested deeper than MAX_JSON_DEPTH levels: Python's parser recurses per level and would raise
+    RecursionError part way down a 200,000-level file."""
+    try:
+        value = json.loads(data)
+    except RecursionError:
+        raise AdapterValidationError(adapter, f"{file_name} nests JSON deeper than "
+                                              f"{MAX_JSON_DEPTH} levels") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterValidationError(adapter, f"cannot parse {file_name}: {e}") from None
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise AdapterValidationError(adapter, f"{file_name} nests JSON deeper than "
+                                              f"{MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether `value` nests containers more than `limit` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, (dict, list)))
+    return False
 
 
 @dataclass(frozen=True)
@@ -59,13 +91,10 @@ def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorH
             raw = f.read(header_len)
         file_size = path.stat().st_size
     except OSError as e:
-        raise AdapterValidationError(adapter, f"cannot read {path}: {e}") from e
+        raise AdapterValidationError(adapter, f"cannot read {path.name}: {e.strerror}") from None
     if len(raw) != header_len:
         raise AdapterValidationError(adapter, f"{path.name}: truncated header")
-    try:
-        entries = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterValidationError(adapter, f"{path.name}: header is not JSON ({e})") from e
+    entries = loads_bounded(raw, adapter, f"{path.name} (header)")
     if not isinstance(entries, dict):
         raise AdapterValidationError(adapter, f"{path.name}: header is not a JSON object")
     data_base = 8 + header_len

@@ -1,41 +1,35 @@
-"""CausalLM: the decoder stack every family shares, and the LoRA site list it exposes.
+"""CausalLM: the decoder stack every family shares, the LoRA site list it exposes and the PEFT
+layout its adapters are saved in.
 
 Families differ in config parsing, checkpoint layout and which MLP each layer has; the stack
 (embed -> [norm, attention, residual, norm, mlp, residual] x L -> norm -> lm_head) is common.
-Parameter names follow HF's module names (model.layers.N.self_attn.q_proj.weight, ...) so most
-checkpoint tensors load by name; expert stacks are w13/w2 (see moe.py).
+The residual stream is carried through the layers and each residual add is fused into the norm
+that follows it (the next layer's input norm, or the final norm), so a layer runs
+[add + norm, attention, add + norm, mlp]. Parameter names follow HF's module names
+(model.layers.N.mlp.gate.weight, ...) so most checkpoint tensors load by name; q/k/v_proj load
+into one fused self_attn.qkv_proj, expert stacks are w13/w2 (see moe.py), by WeightRules.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelora.lora.sites import (
+    ATTENTION_SITES,
+    DENSE_MLP_SITES,
+    EXPERT_SITES,
+    SHARED_EXPERT_SITES,
+    LoraSiteSpec,
+    PeftLayout,
+)
 from moelora.models.config import ModelConfig
 from moelora.models.context import ForwardContext
-from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param
+from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param, qkv_rules
 from moelora.models.moe import MoeBlock
-from moelora.models.rope import RotaryEmbedding
+from moelora.models.rope import RopeInputs, RotaryEmbedding
 from moelora.models.weights import WeightRule
-
-
-@dataclass(frozen=True)
-class LoraSiteSpec:
-    """One adaptable linear: `name` (site), its shape, and the layers that have it."""
-
-    name: str
-    num_layers: int
-    num_experts: int  # 1 for dense sites
-    in_dim: int
-    out_dim: int
-    layers: tuple[int, ...] = ()  # layers where the site exists (empty: all)
-
-    def __post_init__(self) -> None:
-        if min(self.num_layers, self.num_experts, self.in_dim, self.out_dim) <= 0:
-            raise ValueError(f"LoraSiteSpec {self.name}: sizes must be positive: {self}")
 
 
 class DecoderLayer(nn.Module):
@@ -47,9 +41,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fp32)
         self.mlp = mlp
 
-    def forward(self, h, cos, sin, ctx: ForwardContext):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the previous layer's MLP output, not yet added to `residual` (the stream up
+        to it, updated in place); for the first layer, the embeddings and residual None.
+        Returns this layer's MLP output and the stream before it."""
+        if residual is None:
+            residual = hidden
+            x = self.input_layernorm(hidden)
+        else:
+            x = self.input_layernorm(hidden, residual)
+        x = self.self_attn(x, rope, ctx)
+        x = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, ctx), residual
 
 
 class _Backbone(nn.Module):
@@ -67,11 +71,15 @@ class _Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     """Base of every family. Subclasses set `family`, `architectures` and implement
-    `config_from_hf`; they may override `make_mlp` and `checkpoint_rules`."""
+    `config_from_hf`; they may override `make_mlp` and `checkpoint_rules`, and MoE families
+    declare how PEFT saves adapters of their experts (`peft_layout`)."""
 
     family: str = ""
     architectures: tuple[str, ...] = ()
     router_name: str = "gate"  # HF's name of the router module inside `mlp`
+    # How PEFT names the adaptable modules (moelora.lora.sites): here the attention and dense
+    # MLP projections, which every family names alike.
+    peft_layout: PeftLayout = PeftLayout()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -99,7 +107,7 @@ class CausalLM(nn.Module):
     def checkpoint_rules(cls, config: ModelConfig) -> list[WeightRule]:
         """Checkpoint names that differ from parameter names (tensors named like a parameter
         load by name); see weights.py."""
-        return [WeightRule("lm_head.weight", "lm_head_weight")]
+        return [WeightRule("lm_head.weight", "lm_head_weight"), *qkv_rules(config)]
 
     # ---- the contract ---------------------------------------------------------------------
 
@@ -112,11 +120,12 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         """input_ids/positions [T] int64 -> final hidden states [T, H] (after the last norm)."""
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, h.dtype)
+        hidden = self.model.embed_tokens(input_ids)
+        rope = self.rotary(positions)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, cos, sin, ctx)
-        return self.model.norm(h)
+            hidden, residual = layer(hidden, residual, rope, ctx)
+        return self.model.norm(hidden, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_matrix).float()
@@ -125,27 +134,31 @@ class CausalLM(nn.Module):
         c = self.config
         n = c.num_layers
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_name, k_name, v_name, o_name = ATTENTION_SITES
         sites = [
-            LoraSiteSpec("q_proj", n, 1, c.hidden_size, q_dim),
-            LoraSiteSpec("k_proj", n, 1, c.hidden_size, kv_dim),
-            LoraSiteSpec("v_proj", n, 1, c.hidden_size, kv_dim),
-            LoraSiteSpec("o_proj", n, 1, q_dim, c.hidden_size),
+            LoraSiteSpec(q_name, n, 1, c.hidden_size, q_dim),
+            LoraSiteSpec(k_name, n, 1, c.hidden_size, kv_dim),
+            LoraSiteSpec(v_name, n, 1, c.hidden_size, kv_dim),
+            LoraSiteSpec(o_name, n, 1, q_dim, c.hidden_size),
         ]
         dense = tuple(i for i in range(n) if not c.moe_layers[i])
         moe = tuple(i for i in range(n) if c.moe_layers[i])
         if dense:
-            h, i = c.hidden_size, c.intermediate_size
-            sites += [LoraSiteSpec("gate_proj", n, 1, h, i, dense),
-                      LoraSiteSpec("up_proj", n, 1, h, i, dense),
-                      LoraSiteSpec("down_proj", n, 1, i, h, dense)]
+            sites += _gated_sites(DENSE_MLP_SITES, n, 1, c.hidden_size, c.intermediate_size,
+                                  dense)
         if moe and c.shared_expert_intermediate_size:
-            h, i = c.hidden_size, c.shared_expert_intermediate_size
-            sites += [LoraSiteSpec("shared_expert.gate_proj", n, 1, h, i, moe),
-                      LoraSiteSpec("shared_expert.up_proj", n, 1, h, i, moe),
-                      LoraSiteSpec("shared_expert.down_proj", n, 1, i, h, moe)]
+            sites += _gated_sites(SHARED_EXPERT_SITES, n, 1, c.hidden_size,
+                                  c.shared_expert_intermediate_size, moe)
         if moe:
-            e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
-            sites += [LoraSiteSpec("experts.gate", n, e, h, i, moe),
-                      LoraSiteSpec("experts.up", n, e, h, i, moe),
-                      LoraSiteSpec("experts.down", n, e, i, h, moe)]
+            sites += _gated_sites(EXPERT_SITES, n, c.num_experts, c.hidden_size,
+                                  c.moe_intermediate_size, moe)
         return sites
+
+
+def _gated_sites(names, num_layers: int, num_experts: int, hidden: int, inter: int,
+                 layers: tuple[int, ...]) -> list[LoraSiteSpec]:
+    """The gate, up and down sites of a gated MLP (hidden -> inter -> hidden)."""
+    gate, up, down = names
+    return [LoraSiteSpec(gate, num_layers, num_experts, hidden, inter, layers),
+            LoraSiteSpec(up, num_layers, num_experts, hidden, inter, layers),
+            LoraSiteSpec(down, num_layers, num_experts, inter, hidden, layers)]

@@ -14,6 +14,7 @@ from typing import Any
 ROPE_TYPES = ("default", "llama3", "yarn")
 ROUTER_KINDS = ("softmax_topk", "topk_softmax")
 EXPERT_ACTS = ("silu", "gpt_oss")
+EXPERT_FORMATS = ("dense", "mxfp4", "fp8")  # how expert stacks are stored (models/moe.py)
 QK_NORMS = (None, "head", "full")
 
 
@@ -40,6 +41,11 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # Expert stacks as stored: "dense" (the model's dtype), "mxfp4" (GPT-OSS blocks + E8M0
+    # scales) or "fp8" (e4m3 with float32 scales over expert_fp8_block tiles); the MoE kernels
+    # read them as they are. Checkpoints set it at load; config_from_hf leaves "dense".
+    expert_format: str = "dense"
+    expert_fp8_block: tuple[int, int] = (128, 128)
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False

@@ -8,9 +8,12 @@ and is the definition the engine's contexts are tested against.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from moelora.models.rope import RopeInputs
 
 EXPERT_SITES = ("experts.gate", "experts.up", "experts.down")
 
@@ -19,9 +22,11 @@ class ForwardContext(Protocol):
     token_slot: torch.Tensor | None  # int32 [T] adapter slot per token, -1 = base model
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                  scale: float, sliding_window: int | None,
-                  sinks: torch.Tensor | None) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] (rope applied) -> causal attention [T, Hq, D]."""
+                  scale: float, sliding_window: int | None, sinks: torch.Tensor | None,
+                  rope: RopeInputs | None = None) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> causal attention [T, Hq, D]. With `rope`, q and k
+        are first normed (if it says so) and rotated in place (a paged context fuses that with
+        its KV-cache write); without, they come rotated. Rows may be strided views."""
 
     def apply_lora(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out [T, out_dim] += per-token LoRA delta of dense `site`, in place."""
@@ -80,9 +85,11 @@ class ReferenceContext:
 
     # ---- attention ---------------------------------------------------------------------
 
-    def attention(self, layer, q, k, v, *, scale, sliding_window, sinks):
+    def attention(self, layer, q, k, v, *, scale, sliding_window, sinks, rope=None):
         if self.seq_ids is None or self.seq_ids.numel() != q.shape[0]:
             raise ValueError("begin_step(seq_ids, positions) must describe this step's tokens")
+        if rope is not None:
+            rope.rotate(q, k)
         out = torch.empty_like(q)
         for seq_id in torch.unique(self.seq_ids).tolist():
             rows = (self.seq_ids == seq_id).nonzero().flatten().to(q.device)

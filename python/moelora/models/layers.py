@@ -1,4 +1,5 @@
-"""Shared dense building blocks: RMSNorm, attention with LoRA hooks, gated MLP.
+"""Shared dense building blocks: RMSNorm (with the fused residual add), attention with one QKV
+GEMM and LoRA hooks, gated MLP.
 
 Parameters are allocated uninitialised (torch.empty) on the current default device and dtype:
 the loader or synthetic.py fills every one, so construction costs no random-number time.
@@ -8,13 +9,17 @@ out = base(x) + delta).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelora.models.config import ModelConfig
 from moelora.models.context import ForwardContext
-from moelora.models.rope import apply_rotary
+from moelora.models.rope import RopeInputs
+from moelora.models.weights import WeightRule
+from moelora.ops import layer as layer_ops
 
 
 def empty_param(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
@@ -35,24 +40,36 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """HF RMSNorm: normalise in float32. weight_fp32 (GPT-OSS): weight kept and applied in
-    float32 before the cast back; otherwise the cast comes first, as Llama does."""
+    """HF RMSNorm over the last dimension, normalised in float32 (moelora.ops.layer). weight_fp32
+    (GPT-OSS): weight kept and applied in float32 before the cast back; otherwise the cast comes
+    first, as Llama does. Given `residual`, the residual add is fused in: residual += x (in place)
+    and the norm of the sum is returned."""
 
     def __init__(self, dim: int, eps: float, weight_fp32: bool = False):
         super().__init__()
         self.eps, self.weight_fp32 = eps, weight_fp32
         self.weight = empty_param(dim, dtype=torch.float32 if weight_fp32 else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.weight_fp32:
-            return (self.weight * h).to(x.dtype)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            return layer_ops.add_rms_norm(x, residual, self.weight, self.eps)
+        rows = x.reshape(-1, x.shape[-1])
+        return layer_ops.rms_norm(rows, self.weight, self.eps).view(x.shape)
+
+
+@dataclass
+class ProjectionSlice:
+    """The rows of one projection (q, k or v) inside the fused QKV weight: views, no copies, so
+    in-place edits (merging a LoRA delta in a test) reach the fused weight."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class Attention(nn.Module):
-    """q/k/v/o projections, optional q/k norm and clipping, rope, then ctx.attention."""
+    """One QKV GEMM (q_proj | k_proj | v_proj rows concatenated at load, weights.py), per-site
+    LoRA into the views of its output, optional q/k norm and clipping, then ctx.attention, which
+    applies rope (fused with the KV-cache write) and attends."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -60,9 +77,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.q_proj = Linear(c.hidden_size, q_dim, c.qkv_bias)
-        self.k_proj = Linear(c.hidden_size, kv_dim, c.qkv_bias)
-        self.v_proj = Linear(c.hidden_size, kv_dim, c.qkv_bias)
+        self.qkv_proj = Linear(c.hidden_size, q_dim + 2 * kv_dim, c.qkv_bias)
         self.o_proj = Linear(q_dim, c.hidden_size, c.o_bias)
         self.qk_norm = c.qk_norm
         if c.qk_norm == "head":
@@ -73,20 +88,59 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(kv_dim, c.rms_norm_eps)
         self.clip_qkv = c.clip_qkv
         self.sliding_window = c.sliding_windows[layer]
-        self.sinks = empty_param(c.num_heads) if c.attention_sinks else None
+        # float32 as the attention kernels take it (a checkpoint's bf16 sinks are exact in it),
+        # so no cast runs per layer and step
+        self.sinks = empty_param(c.num_heads, dtype=torch.float32) if c.attention_sinks else None
         self.scale = c.head_dim**-0.5
 
-    def _project(self, site: str, proj: Linear, x: torch.Tensor, ctx: ForwardContext):
-        out = proj(x)
-        ctx.apply_lora(site, self.layer, x, out)
-        return out
+    @property
+    def split_sizes(self) -> tuple[int, int, int]:
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return q_dim, kv_dim, kv_dim
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: ForwardContext) -> torch.Tensor:
+    def _slice(self, index: int) -> ProjectionSlice:
+        start = sum(self.split_sizes[:index])
+        rows = slice(start, start + self.split_sizes[index])
+        bias = self.qkv_proj.bias
+        return ProjectionSlice(self.qkv_proj.weight[rows], None if bias is None else bias[rows])
+
+    @property
+    def q_proj(self) -> ProjectionSlice:
+        return self._slice(0)
+
+    @property
+    def k_proj(self) -> ProjectionSlice:
+        return self._slice(1)
+
+    @property
+    def v_proj(self) -> ProjectionSlice:
+        return self._slice(2)
+
+    def keep_heads(self, q_heads: range, kv_heads: range) -> None:
+        """Keeps only these query and KV heads of the QKV projection (one tensor-parallel rank's
+        share; the caller cuts o_proj and the sinks)."""
+        d = self.head_dim
+        q_dim, kv_dim, _ = self.split_sizes
+
+        def rows(heads: range, offset: int) -> torch.Tensor:
+            return torch.arange(offset + heads.start * d, offset + heads.stop * d)
+
+        keep = torch.cat([rows(q_heads, 0), rows(kv_heads, q_dim), rows(kv_heads, q_dim + kv_dim)])
+        keep = keep.to(self.qkv_proj.weight.device)
+        proj = self.qkv_proj
+        proj.weight = nn.Parameter(proj.weight[keep], requires_grad=False)  # a copy
+        if proj.bias is not None:
+            proj.bias = nn.Parameter(proj.bias[keep], requires_grad=False)
+        proj.out_dim = keep.numel()
+        self.num_heads, self.num_kv_heads = len(q_heads), len(kv_heads)
+
+    def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        q = self._project("q_proj", self.q_proj, x, ctx)
-        k = self._project("k_proj", self.k_proj, x, ctx)
-        v = self._project("v_proj", self.v_proj, x, ctx)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split(self.split_sizes, dim=-1)  # views into qkv
+        ctx.apply_lora("q_proj", self.layer, x, q)
+        ctx.apply_lora("k_proj", self.layer, x, k)
+        ctx.apply_lora("v_proj", self.layer, x, v)
         if self.qk_norm == "full":  # OLMoE: norm over the whole projection, before clipping
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -94,13 +148,26 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm == "head":  # Qwen3: per-head norm
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = ctx.attention(self.layer, q, k, v, scale=self.scale,
+        if self.qk_norm == "head":  # Qwen3: per-head norm, fused into the rotation
+            rope = rope.with_qk_norm(self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        o = ctx.attention(self.layer, q, k, v, rope=rope, scale=self.scale,
                           sliding_window=self.sliding_window, sinks=self.sinks)
         o = o.reshape(t, self.num_heads * self.head_dim)
-        return self._project("o_proj", self.o_proj, o, ctx)
+        out = self.o_proj(o)
+        ctx.apply_lora("o_proj", self.layer, o, out)
+        return out
+
+
+def qkv_rules(config: ModelConfig) -> list[WeightRule]:
+    """Checkpoint q_proj / k_proj / v_proj weights (and biases) load into their rows of the fused
+    self_attn.qkv_proj, in place."""
+    q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    spans = {"q_proj": (0, q_dim), "k_proj": (q_dim, q_dim + kv_dim),
+             "v_proj": (q_dim + kv_dim, q_dim + 2 * kv_dim)}
+    prefix = "model.layers.{layer}.self_attn."
+    leaves = ("weight", "bias") if config.qkv_bias else ("weight",)
+    return [WeightRule(f"{prefix}{name}.{leaf}", f"{prefix}qkv_proj.{leaf}", rows=rows)
+            for name, rows in spans.items() for leaf in leaves]
 
 
 class GatedMLP(nn.Module):

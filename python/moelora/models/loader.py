@@ -1,7 +1,13 @@
-"""Load a local HF checkpoint directory: config.json + single or sharded safetensors."""
+"""Load a local HF checkpoint directory: config.json + single or sharded safetensors.
+
+Quantized expert stacks stay as stored where the MoE kernels read their format (GPT-OSS MXFP4,
+block FP8 per-expert weights): `stored_expert_format` sets ModelConfig.expert_format from the
+checkpoint's quantization_config, and only those tensors skip dequantization.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +17,8 @@ from tqdm import tqdm
 
 from moelora.models import quantized
 from moelora.models.base import CausalLM
-from moelora.models.weights import WeightMapper
+from moelora.models.config import ModelConfig
+from moelora.models.weights import WeightMapper, fp8_scale_rules
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -49,9 +56,39 @@ def safetensors_files(path: str | Path) -> list[Path]:
     return files
 
 
+def stored_expert_format(cls: type[CausalLM], config: ModelConfig, hf: dict) -> ModelConfig:
+    """`config` with expert_format set to how the checkpoint's experts are stored, when the MoE
+    kernels take that format as is: GPT-OSS MXFP4; block FP8 whose row blocks tile the
+    expert width (gate and up rows then stack into one scale grid). Otherwise unchanged
+    (dense: quantized experts are dequantized at load)."""
+    quant = hf.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if not config.is_moe:
+        return config
+    if method == "mxfp4" and cls.family == "gpt_oss":
+        return dataclasses.replace(config, expert_format="mxfp4")
+    block = quant.get("weight_block_size")
+    if method == "fp8" and block and len(block) == 2 and cls.family != "gpt_oss":
+        block_n, block_k = (int(b) for b in block)
+        if block_n > 0 and block_k > 0 and config.moe_intermediate_size % block_n == 0:
+            return dataclasses.replace(config, expert_format="fp8",
+                                       expert_fp8_block=(block_n, block_k))
+    return config
+
+
+def _kept_as_stored(config: ModelConfig):
+    """The checkpoint weight names that load without dequantization (see checkpoint_tensors)."""
+    if config.expert_format == "dense":
+        return None
+    return lambda name: ".experts." in name
+
+
 def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> None:
     """Fill every parameter of `model` from the safetensors under `path`; errors name tensors."""
-    mapper = WeightMapper(model, model.checkpoint_rules(model.config))
+    rules = model.checkpoint_rules(model.config)
+    if model.config.expert_format == "fp8":
+        rules = rules + fp8_scale_rules(rules)
+    mapper = WeightMapper(model, rules)
     files = safetensors_files(path)
     first = next(model.parameters())
     entries = []  # (checkpoint name, safetensors handle) over every file
@@ -62,7 +99,8 @@ def load_weights(model: CausalLM, path: str | Path, progress: bool = True) -> No
     tied = model.config.tie_word_embeddings
     with tqdm(total=len(entries), desc=f"loading {Path(path).name}", unit="tensor",
               disable=not progress) as bar:
-        for name, tensor in quantized.checkpoint_tensors(entries, first.dtype):
+        for name, tensor in quantized.checkpoint_tensors(entries, first.dtype,
+                                                         _kept_as_stored(model.config)):
             bar.update(2 if name + quantized.BLOCKS in names else 1)  # blocks + scales: two
             if tied and name == "lm_head.weight":
                 continue  # tied: the embedding is the head
@@ -89,7 +127,8 @@ def model_class_for(path: str | Path, registry: dict[str, type[CausalLM]] | None
 def load_hf_model(path: str | Path, registry: dict[str, type[CausalLM]], dtype: torch.dtype,
                   device: torch.device | str, progress: bool = True) -> CausalLM:
     cls = model_class_for(path, registry)
-    config = cls.config_from_hf(read_hf_config(path))
+    hf = read_hf_config(path)
+    config = stored_expert_format(cls, cls.config_from_hf(hf), hf)
     with torch.device(device):
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)

@@ -1,122 +1,136 @@
 """MoE block: router, base experts over (token, k) pairs, and the expert LoRA hooks.
 
-Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I):
-  router logits [T, E] -> topk_ids / topk_weights [T, K]
+Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), four native ops
+(moelora.ops.moe; the same kernels' CPU references on the CPU):
+  router logits [T, E] -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
   h13 [T*K, 2I] = x[pair token] @ w13[expert]^T (+ b13)      ctx.moe_lora_w13 adds LoRA here
   h   [T*K, I]  = act(h13)
   y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))               ctx.moe_lora_w2 adds w * delta here
   out [T, H]    = sum over K
-Pair p = t * K + k throughout, the layout the native align kernel consumes.
+Pair p = t * K + k throughout, the layout the native align kernel consumes. When no token of the
+step has an adapter (ctx.token_slot is None) the activation runs in w13's epilogue and h13 never
+exists. Expert stacks stay as stored (ModelConfig.expert_format): dense in the model's dtype,
+MXFP4 blocks + scales, or FP8 with block scales; the kernels dequantize in registers.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelora.models.config import ModelConfig
+from moelora.models.config import EXPERT_FORMATS, ModelConfig
 from moelora.models.context import ForwardContext
 from moelora.models.layers import GatedMLP, Linear, empty_param
-
-
-def _grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # torch._grouped_mm is a CUDA (sm90+) kernel for bf16 with 16-byte aligned rows.
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
-            and weight.shape[1] % 8 == 0)
-
-
-def expert_linear(x: torch.Tensor, expert_of_row: torch.Tensor,
-                  weight: torch.Tensor) -> torch.Tensor:
-    """Row r of the result is x[r] @ weight[expert_of_row[r]]^T.
-
-    x [N, in], expert_of_row [N] int, weight [E, out, in] -> [N, out]. Rows are sorted by
-    expert so each expert's weight is read once: one grouped GEMM on CUDA, a loop elsewhere.
-    """
-    num_experts, out_dim = weight.shape[0], weight.shape[1]
-    order = torch.argsort(expert_of_row, stable=True)
-    # scatter_add, not bincount: bincount sizes its output from a device max (a host sync),
-    # which a CUDA graph capture of the decode step cannot contain
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
-        0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int64))
-    sorted_x = x[order]
-    if _grouped_mm_usable(x, weight):
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        sorted_out = torch._grouped_mm(sorted_x, weight.transpose(1, 2), offs=offsets)
-    else:
-        sorted_out = x.new_empty(x.shape[0], out_dim)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                sorted_out[start:start + count] = sorted_x[start:start + count] @ weight[expert].T
-                start += count
-    out = torch.empty_like(sorted_out)
-    out[order] = sorted_out
-    return out
+from moelora.ops import moe as moe_ops
 
 
 class Router(nn.Module):
     """Top-k routing. softmax_topk (Mixtral/Qwen/OLMoE): softmax over all experts in float32,
-    top-k, optional renormalisation. topk_softmax (GPT-OSS): top-k logits, softmax over them."""
+    top-k, optional renormalisation. topk_softmax (GPT-OSS): top-k logits, softmax over them.
+    The router GEMM is a plain linear; everything after it is one native op (ops.moe.route),
+    which also carries the step's expert GEMM plan (ops.moe.plan_expert_gemm) to the experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind, self.top_k, self.renorm = config.router, config.top_k, config.norm_topk_prob
+        self.num_experts, self.expert_format = config.num_experts, config.expert_format
         self.weight = empty_param(config.num_experts, config.hidden_size)
         self.bias = empty_param(config.num_experts) if config.router_bias else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, block_m: int | None = None) -> moe_ops.Routing:
         logits = F.linear(x, self.weight, self.bias)
-        if self.kind == "topk_softmax":
-            top_logits, topk_ids = torch.topk(logits, self.top_k, dim=-1)
-            return torch.softmax(top_logits, dim=-1), topk_ids
-        probs = torch.softmax(logits.float(), dim=-1)
-        topk_weights, topk_ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renorm:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        return topk_weights.to(x.dtype), topk_ids
+        plan = moe_ops.plan_expert_gemm(x.shape[0] * self.top_k, self.num_experts,
+                                        self.expert_format)
+        return moe_ops.route(logits, self.top_k, self.kind, self.renorm, block_m, plan)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_weights float32 [T, K], topk_ids int32 [T, K])."""
+        routing = self.route(x)
+        return routing.topk_weights, routing.topk_ids
+
+
+def _check_format(c: ModelConfig) -> None:
+    if c.expert_format not in EXPERT_FORMATS:
+        raise ValueError(f"{c.architecture}: expert_format {c.expert_format!r} not in "
+                         f"{EXPERT_FORMATS}")
+    h, i = c.hidden_size, c.moe_intermediate_size
+    if c.expert_format == "mxfp4" and (h % 32 or i % 32):
+        raise ValueError(f"{c.architecture}: MXFP4 experts need hidden ({h}) and expert width "
+                         f"({i}) to be multiples of 32")
+    if c.expert_format == "fp8":
+        block_n, block_k = c.expert_fp8_block
+        if block_n <= 0 or block_k <= 0 or i % block_n:
+            raise ValueError(f"{c.architecture}: FP8 expert blocks {c.expert_fp8_block} must be "
+                             f"positive with the expert width {i} a multiple of the row block "
+                             f"(gate and up rows stack into one scale grid)")
 
 
 class Experts(nn.Module):
-    """Stacked expert weights: w13 [E, 2I, H] (rows [gate | up]), w2 [E, H, I], optional biases."""
+    """Stacked expert weights: w13 [E, 2I, H] (rows [gate | up]), w2 [E, H, I], optional biases,
+    stored as config.expert_format says:
+      dense  w13 / w2 in the model's dtype;
+      mxfp4  w13_blocks uint8 [E, 2I, H/32, 16] + w13_scales uint8 [E, 2I, H/32], likewise w2;
+      fp8    w13 / w2 float8_e4m3fn + w13_scale_inv / w2_scale_inv float32 block scales."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
+        _check_format(c)
         e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
-        self.num_experts, self.inter = e, i
+        self.num_experts, self.inter, self.format = e, i, c.expert_format
         self.act, self.alpha, self.limit = c.expert_act, c.swiglu_alpha, c.swiglu_limit
-        self.w13 = empty_param(e, 2 * i, h)
-        self.w2 = empty_param(e, h, i)
+        if self.format == "dense":
+            self.w13 = empty_param(e, 2 * i, h)
+            self.w2 = empty_param(e, h, i)
+        elif self.format == "mxfp4":
+            self.w13_blocks = empty_param(e, 2 * i, h // 32, 16, dtype=torch.uint8)
+            self.w13_scales = empty_param(e, 2 * i, h // 32, dtype=torch.uint8)
+            self.w2_blocks = empty_param(e, h, i // 32, 16, dtype=torch.uint8)
+            self.w2_scales = empty_param(e, h, i // 32, dtype=torch.uint8)
+        else:
+            self.fp8_block = c.expert_fp8_block
+            bn, bk = self.fp8_block
+            self.w13 = empty_param(e, 2 * i, h, dtype=torch.float8_e4m3fn)
+            self.w13_scale_inv = empty_param(e, 2 * i // bn, math.ceil(h / bk),
+                                             dtype=torch.float32)
+            self.w2 = empty_param(e, h, i, dtype=torch.float8_e4m3fn)
+            self.w2_scale_inv = empty_param(e, math.ceil(h / bn), math.ceil(i / bk),
+                                            dtype=torch.float32)
         self.b13 = empty_param(e, 2 * i) if c.expert_bias else None
         self.b2 = empty_param(e, h) if c.expert_bias else None
 
-    def activation(self, h13: torch.Tensor) -> torch.Tensor:
-        gate, up = h13[:, : self.inter], h13[:, self.inter:]
-        if self.act == "silu":
-            return F.silu(gate) * up
-        # GPT-OSS: clamp, glu = gate * sigmoid(alpha * gate), out = (up + 1) * glu
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(-self.limit, self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+    def stacks(self) -> tuple[moe_ops.ExpertWeights, moe_ops.ExpertWeights]:
+        """(w13, w2) as the native ops take them."""
+        if self.format == "dense":
+            return (moe_ops.ExpertWeights("dense", self.w13, bias=self.b13),
+                    moe_ops.ExpertWeights("dense", self.w2, bias=self.b2))
+        if self.format == "mxfp4":
+            return (moe_ops.ExpertWeights("mxfp4", self.w13_blocks, self.w13_scales, self.b13),
+                    moe_ops.ExpertWeights("mxfp4", self.w2_blocks, self.w2_scales, self.b2))
+        bn, bk = self.fp8_block
+        return (moe_ops.ExpertWeights("fp8", self.w13, self.w13_scale_inv, self.b13, bn, bk),
+                moe_ops.ExpertWeights("fp8", self.w2, self.w2_scale_inv, self.b2, bn, bk))
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                ctx: ForwardContext, layer: int) -> torch.Tensor:
-        t, k = topk_ids.shape
-        flat_ids = topk_ids.flatten()
-        pair_token = torch.arange(t * k, device=x.device) // k
-        h13 = expert_linear(x[pair_token], flat_ids, self.w13)
-        if self.b13 is not None:
-            h13 += self.b13[flat_ids]
-        ctx.moe_lora_w13(layer, x, topk_ids, h13)
-        h = self.activation(h13)
-        y = expert_linear(h, flat_ids, self.w2)
-        if self.b2 is not None:
-            y += self.b2[flat_ids]
-        y *= topk_weights.flatten()[:, None].to(y.dtype)
-        ctx.moe_lora_w2(layer, h, topk_ids, topk_weights, y)
-        return y.view(t, k, -1).sum(dim=1)
+    def forward(self, x: torch.Tensor, routing: moe_ops.Routing, ctx: ForwardContext,
+                layer: int) -> torch.Tensor:
+        w13, w2 = self.stacks()
+        k = routing.top_k
+        act = {"activation": self.act, "swiglu_alpha": self.alpha, "swiglu_limit": self.limit}
+        lora = ctx.token_slot is not None  # build_metadata leaves it None without adapters
+        if lora:  # the LoRA delta goes into h13 before the activation
+            h13 = moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k)
+            ctx.moe_lora_w13(layer, x, routing.topk_ids, h13)
+            h = moe_ops.activation(h13, self.act, self.alpha, self.limit)
+        else:
+            h = moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k, **act)
+        y = moe_ops.expert_gemm(h, routing, w2, input_pairs_per_row=1,
+                                topk_weights=routing.topk_weights.view(-1))
+        if lora:
+            ctx.moe_lora_w2(layer, h, routing.topk_ids, routing.topk_weights, y)
+        return moe_ops.moe_sum(y, k)
 
 
 class MoeBlock(nn.Module):
@@ -136,8 +150,8 @@ class MoeBlock(nn.Module):
             self.shared_expert_gate = Linear(config.hidden_size, 1)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        topk_weights, topk_ids = getattr(self, self.router_name)(x)
-        out = self.experts(x, topk_ids, topk_weights, ctx, self.layer)
+        routing = getattr(self, self.router_name).route(x)
+        out = self.experts(x, routing, ctx, self.layer)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, ctx)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared

@@ -1,4 +1,4 @@
-"""Quantized checkpoint tensors, dequantized at load to the model's dtype.
+"""Quantized checkpoint tensors: kept as stored for the MoE kernels, or dequantized at load.
 
 Two formats, each a pair of tensors standing for one weight:
 
@@ -7,19 +7,24 @@ MXFP4 (OCP Microscaling; GPT-OSS ships its experts so): W [..., rows, cols] is
                  low nibble holding the even element;
   <name>_scales  uint8 [..., rows, cols / 32]: one E8M0 exponent per block (bias 127), so
                  element = E2M1 value * 2 ** (scale - 127).
-  GPT-OSS stores its experts with rows = the output dimension; its unquantized tensors are
-  [E, in, out], so the dequantized matrix is returned transposed to that layout and loads
-  through the same rules as a bf16 checkpoint. E2M1 values times powers of two are exact in
-  bfloat16: nothing is lost.
+  GPT-OSS stores its experts with rows = the output dimension, which is the layout the MoE
+  kernels read (moelora.ops.moe), so expert stacks load as stored (no dequantization; the
+  gate/up rows are de-interleaved by a row permutation, see models/gpt_oss.py). Dequantized
+  (the expert-parallel loader, tensors outside the experts), the matrix is returned transposed
+  to GPT-OSS's unquantized [E, in, out] layout and loads through the same rules as a bf16
+  checkpoint. E2M1 values times powers of two are exact in bfloat16: nothing is lost.
 
 Block FP8 (quant_method "fp8" with weight_block_size, e.g. Qwen3-*-FP8): W [rows, cols] is
   <name>.weight            float8_e4m3fn [rows, cols]
   <name>.weight_scale_inv  float32 [ceil(rows / br), ceil(cols / bc)]: one scale per block,
                            element = fp8 value * scale (block size [br, bc], usually 128).
+  Per-expert weights load as stored when the model keeps its experts in FP8 (models/loader.py
+  decides); every other FP8 weight is dequantized here.
 Tensor- or channel-scaled FP8 (compressed-tensors / llm-compressor, e.g. *-FP8 Mixtral):
   <name>.weight            float8_e4m3fn [rows, cols]
   <name>.weight_scale      float32 [] / [1] (per tensor) or [rows, 1] (per output channel);
   <name>.input_scale       static activation scale: not needed once weights are dequantized.
+  The MoE kernels do not read this format: it is always dequantized at load.
 """
 
 from __future__ import annotations
@@ -91,10 +96,13 @@ def dequantize_fp8_scaled(weight: torch.Tensor, scale: torch.Tensor,
     return (weight.float() * scale).to(dtype)
 
 
-def checkpoint_tensors(entries, dtype: torch.dtype):
+def checkpoint_tensors(entries, dtype: torch.dtype, keep=None):
     """(name, tensor) for each checkpoint entry ((name, safetensors handle) pairs), with every
-    quantized pair replaced by its dequantized weight under the unquantized name."""
+    quantized pair replaced by its dequantized weight under the unquantized name, except those
+    whose weight name `keep(name)` accepts (MXFP4: the name without _blocks; FP8: the .weight
+    name): they pass through as stored, each tensor under its own name."""
     handles = dict(entries)
+    keep = keep or (lambda name: False)
     for name, handle in entries:
         if name.endswith(SCALES) and name[:-len(SCALES)] + BLOCKS in handles:
             continue  # consumed with its blocks
@@ -109,10 +117,18 @@ def checkpoint_tensors(entries, dtype: torch.dtype):
             scales = handles.get(base + SCALES)
             if scales is None:
                 raise KeyError(f"MXFP4 tensor {name!r} has no {base + SCALES!r} beside it")
+            if keep(base):
+                yield name, handle.get_tensor(name)
+                yield base + SCALES, scales.get_tensor(base + SCALES)
+                continue
             yield base, dequantize_mxfp4(handle.get_tensor(name),
                                          scales.get_tensor(base + SCALES), dtype)
             continue
         scale = handles.get(name + FP8_SCALE)
+        if scale is not None and keep(name):
+            yield name, handle.get_tensor(name)
+            yield name + FP8_SCALE, scale.get_tensor(name + FP8_SCALE)
+            continue
         if scale is not None:
             yield name, dequantize_fp8_blocks(handle.get_tensor(name),
                                               scale.get_tensor(name + FP8_SCALE), dtype)

@@ -1,17 +1,22 @@
 """Rotary position embeddings: default, llama3 and YaRN frequency schedules (HF numerics).
 
 Frequencies are computed in float32 on the CPU exactly as transformers' modeling_rope_utils
-does, so cos/sin match HF bit for bit before the cast to the activation dtype.
+does. The rotation itself is one native op (moelora.ops.layer: rope_qk, or rope_kv_write fused
+with the paged KV-cache write) that takes these frequencies and each token's position, so no
+cos/sin tables are built per step or kept per position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from moelora.models.config import ModelConfig
+from moelora.ops import layer as layer_ops
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -68,33 +73,52 @@ def _yarn_inv_freq(theta: float, dim: int, p: dict, max_pos: int) -> tuple[torch
     return inv_freq, float(attention_factor)
 
 
+@dataclass(frozen=True)
+class RopeInputs:
+    """What rotating one step's q and k takes: positions, frequencies, and (Qwen3) the layer's
+    per-head q/k RMSNorm applied just before the rotation. Contexts call `rotate` or
+    `rotate_and_write`; both work in place on q and k."""
+
+    positions: torch.Tensor  # int64 [T]
+    inv_freq: torch.Tensor  # float32 [head_dim / 2], on the positions' device
+    attention_scaling: float = 1.0  # YaRN: multiplies cos and sin
+    q_norm: torch.Tensor | None = None  # [head_dim] in the activation dtype
+    k_norm: torch.Tensor | None = None
+    norm_eps: float = 0.0
+
+    def with_qk_norm(self, q_norm: torch.Tensor, k_norm: torch.Tensor, eps: float) -> RopeInputs:
+        return dataclasses.replace(self, q_norm=q_norm, k_norm=k_norm, norm_eps=eps)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> None:
+        """q [T, Hq, D], k [T, Hkv, D] normed (if set) and rotated in place."""
+        layer_ops.rope_qk(q, k, self.positions, self.inv_freq, self.attention_scaling,
+                          self.q_norm, self.k_norm, self.norm_eps)
+
+    def rotate_and_write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         slot_mapping: torch.Tensor, cache) -> None:
+        """`rotate`, and the rotated k and v written into the paged cache in the same kernel."""
+        layer_ops.rope_kv_write(q, k, v, self.positions, self.inv_freq, slot_mapping, cache,
+                                self.attention_scaling, self.q_norm, self.k_norm, self.norm_eps)
+
+
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables per position; `apply` rotates [T, heads, D] with the rotate-half layout."""
+    """The model's frequency schedule; `forward(positions)` gives the step's RopeInputs."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         dim, theta, p = config.head_dim, config.rope_theta, config.rope_params
         self.attention_scaling = 1.0
-        if config.rope_type == "default":
-            inv_freq = _default_inv_freq(theta, dim)
-        elif config.rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(theta, dim, p)
-        else:
-            inv_freq, self.attention_scaling = _yarn_inv_freq(
-                theta, dim, p, config.max_position_embeddings)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        with torch.device("cpu"):  # HF computes the schedule on the CPU
+            if config.rope_type == "default":
+                inv_freq = _default_inv_freq(theta, dim)
+            elif config.rope_type == "llama3":
+                inv_freq = _llama3_inv_freq(theta, dim, p)
+            else:
+                inv_freq, self.attention_scaling = _yarn_inv_freq(
+                    theta, dim, p, config.max_position_embeddings)
+        device = torch.get_default_device()  # the device the model is being built on
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions [T] -> (cos, sin) [T, D] in `dtype` (frequencies duplicated over halves)."""
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    def forward(self, positions: torch.Tensor) -> RopeInputs:
+        """positions int64 [T] -> the step's RopeInputs."""
+        return RopeInputs(positions, self.inv_freq.to(positions.device), self.attention_scaling)

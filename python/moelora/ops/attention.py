@@ -6,6 +6,7 @@ import torch
 
 from moelora import _C
 from moelora._tensor import CODE_DTYPES, as_optional_ref, as_ref, dtype_code, stream_handle
+from moelora.ops.plan import AttentionPlan
 
 KvCacheView = _C.KvCacheView
 
@@ -70,8 +71,11 @@ def paged_attention(
     sliding_window: int = 0,
     sinks: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    plan: AttentionPlan | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each query token over its sequence's cached K/V; returns ``out``."""
+    """Causal attention of each query token over its sequence's cached K/V; returns ``out``.
+    ``plan``: the step's AttentionPlan, which picks the kernel and split-KV (None: one made for
+    this call)."""
     if out is None:
         out = torch.empty_like(query)
     _C.paged_attention(
@@ -86,5 +90,6 @@ def paged_attention(
         int(sliding_window),
         as_optional_ref(sinks),
         stream_handle(query.device),
+        plan,
     )
     return out

@@ -57,6 +57,7 @@ REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, Det
 
 def build_engine(args):
     """The LLMEngine the arguments describe, and the static adapters {name: path}."""
+    from moelora.distributed import executor_for
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
@@ -74,7 +75,7 @@ def build_engine(args):
     max_cpu_loras = args.max_cpu_loras
     if max_cpu_loras is None and enable_lora:
         max_cpu_loras = max(4 * args.max_loras, len(loras))
-    engine = LLMEngine(EngineConfig(
+    config = EngineConfig(
         model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         max_cpu_loras=max_cpu_loras, max_num_seqs=args.max_num_seqs,
@@ -83,7 +84,8 @@ def build_engine(args):
         pool_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
-        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching))
+        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching)
+    engine = LLMEngine(config, executor_for(config))
     return engine, model, loras, enable_lora
 
 

@@ -1,0 +1,302 @@
+// The tiled tensor-core expert GEMM of moe_expert_gemm (MoeGemmKernel::kTensorCore): weights
+// streamed from HBM as stored (bf16 / fp16, MXFP4, block FP8), dequantized in registers straight
+// into mma.sync operands; one CTA per (row tile, block). The prefill form; decode steps run the
+// persistent kernel of moe/stream.cuh.
+//
+// Math (per block b of block_m pair rows, expert e; contract in include/moelora/moe.h):
+//   out[p, n] = epilogue(sum_k x[p / ipr, k] * W[e, n, k]),  fp32 accumulation.
+// Swapped operands ("swap AB"): the m16n8k16 mma's M side is 16 weight rows (A, row-major as
+//   stored: K contiguous), its N side 8 pair rows (B, the activations). At decode a block holds
+//   1..32 pairs, so the 8-wide side fits them and the 16-wide side streams weights.
+// Operands, permuted K and dequantization: moe/formats.cuh.
+// Grid: x = weight row tile (64 * MT rows: MT m-tiles of 16 per warp, 4 warps), y = block. A
+//   gated epilogue tiles output columns instead: 32 * MT gate rows j and the 32 * MT up rows
+//   I + j in one CTA (warps 0-1 gate, 2-3 up). Blocks past num_blocks exit before reading
+//   anything else, so experts with no rows cost nothing; n-tiles of 8 pairs past the block's
+//   rows are skipped.
+// Pipelines: weights (and their scales) run kDepth k-steps ahead in registers; the block's pair
+//   rows of x are gathered BY INDEX (no copy of x) into a kStages-deep cp.async ring of
+//   128-element stages in shared memory shared by the 4 warps, 16-byte chunks XOR-swizzled per
+//   format so that each lane's 16-byte reads are free of bank conflicts.
+// Epilogue: accumulators -> shared memory (fp32, [pair row][weight row], padded) -> + bias,
+//   activation (gate/up from the same CTA), x routing weight, one rounding, coalesced stores.
+// Decode is weight-bandwidth-bound (each touched expert's weights read once per block, 16-byte
+// loads, ~4 KB in flight per warp); prefill (MT = 2, 64 rows per block) reuses each weight
+// element 64 times from registers and is bound by the mma and dequantization issue rate.
+//
+// Why not CUTLASS (checked against nvidia-cutlass 4.2.0.0): its Hopper mixed-input collectives
+// (sm90_mma_*_warpspecialized_mixed_input) load both operands by TMA (no index-gathered rows),
+// take scales in the MMA's element type rather than E8M0 per 32 elements, and have no e2m1 input
+// on sm90; the gather and the epilogues here would have to be rebuilt around them anyway.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/common.cuh"
+#include "common/launch.cuh"
+#include "common/ptx.cuh"
+#include "kernels/moe_kernels.h"
+#include "moe/formats.cuh"
+
+namespace moelora::cuda::moe {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kStageK = 128;             // x elements per row per shared-memory stage
+constexpr int kStageChunks = kStageK / 8;  // 16-byte chunks per row per stage
+constexpr int kStages = 4;
+constexpr int kRowPad = 4;               // floats of padding per epilogue row (bank spread)
+
+// ---- the kernel ---------------------------------------------------------------------------------
+
+template <int MT, int NT>
+struct Smem {
+  static constexpr int kRows = 8 * NT;  // pair rows per block
+  static constexpr int kStageBytes = kRows * kStageChunks * 16;
+  static constexpr int kTileRows = 64 * MT;  // weight rows per CTA
+  static constexpr int kEpilogueBytes = kRows * (kTileRows + kRowPad) * 4;
+  static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(kEpilogueBytes <= kBytes, "the epilogue tile reuses the stages");
+};
+
+// One k-step of a lane's weights: the 16-byte vectors of rows g and g + 8 of each m-tile and
+// their scales.
+template <typename F, int MT>
+struct WeightStep {
+  uint4 w[MT][2];
+  typename F::Scale s[MT][2];
+};
+
+template <typename F, int MT, int NT, int D>
+__global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
+  using T = typename F::Act;
+  using S = Smem<MT, NT>;
+  constexpr int kRows = S::kRows;
+  constexpr int kStepK = 32 * F::kChunks;  // k elements per k-step (4 lanes x 8 x kChunks)
+  constexpr int kStepsPerStage = kStageK / kStepK;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int32_t pair_of_row[kRows];
+  __shared__ int64_t offset_of_row[kRows];
+
+  wait_for_previous_grid();  // memory only from here (common/launch.cuh)
+  const int block = static_cast<int>(blockIdx.y);
+  if (block >= *a.num_blocks) return;
+  const int64_t expert = a.block_expert[block];
+  const int tid = static_cast<int>(threadIdx.x);
+  int row_valid = 0;
+  if (tid < kRows) {
+    const int32_t p = a.sorted_pairs[int64_t{block} * kRows + tid];
+    pair_of_row[tid] = p;
+    offset_of_row[tid] = p >= 0 ? (p / a.pairs_per_row) * a.input_stride : 0;
+    row_valid = p >= 0;
+  }
+  const int rows = __syncthreads_count(row_valid);  // pairs sit first in a block
+  const int nt_used = (rows + 7) / 8;
+
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
+  // Weight rows of this lane: m-tile i, half h -> local row warp * 16 MT + 16 i + g + 8 h.
+  const uint8_t* wrow[MT][2];
+  int64_t srow[MT][2];  // where the row's scales start (F::scale_row)
+  bool rok[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int local = warp * 16 * MT + 16 * i + g + 8 * h;
+      int64_t n;
+      bool ok;
+      if (a.gated) {
+        const int half = 32 * MT;
+        const int64_t j = int64_t{blockIdx.x} * half + (local % half);
+        ok = j < a.inter;
+        n = local < half ? j : a.inter + j;
+      } else {
+        n = int64_t{blockIdx.x} * 64 * MT + local;
+        ok = n < a.n_dim;
+      }
+      n = ok ? n : 0;
+      srow[i][h] = F::scale_row(a, expert, n);
+      rok[i][h] = ok;
+      wrow[i][h] = a.weight + expert * a.w_expert + n * a.w_row + 16 * c;
+    }
+  }
+  const int steps = (a.row_bytes + 63) / 64;
+  auto load_step = [&](WeightStep<F, MT>& st, int step) {
+    const int byte = step * 64 + 16 * c;
+    const bool in_k = step < steps && byte < a.row_bytes;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok = in_k && rok[i][h];
+        const auto* src = reinterpret_cast<const uint4*>(wrow[i][h] + step * 64);
+        // Decode reads each weight once per step (evict first); prefill blocks of one expert
+        // share it through L2.
+        st.w[i][h] = !ok ? make_uint4(0, 0, 0, 0) : MT == 1 ? __ldcs(src) : __ldg(src);
+        st.s[i][h] = F::load_scale(a, srow[i][h], step * kStepK + 8 * F::kChunks * c, ok);
+      }
+    }
+  };
+
+  // The x ring: stage st holds k [128 st, 128 st + 128) of the block's pair rows.
+  const int stages = (a.k_dim + kStageK - 1) / kStageK;
+  const T* x = static_cast<const T*>(a.input);
+  auto load_stage = [&](int st) {
+    if (st < stages) {
+      uint8_t* base = smem + (st % kStages) * S::kStageBytes;
+      for (int idx = tid; idx < nt_used * 8 * kStageChunks; idx += kThreads) {
+        const int r = idx / kStageChunks, ch = idx % kStageChunks;
+        const int64_t k = int64_t{st} * kStageK + ch * 8;
+        const bool ok = r < rows && k < a.k_dim;
+        const T* src = ok ? x + offset_of_row[r] + k : x;
+        ptx::cp_async16(ptx::smem_u32(base + (r * kStageChunks + F::swizzle(r, ch)) * 16), src,
+                        ok);
+      }
+    }
+    ptx::cp_async_commit();
+  };
+
+  float acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
+    }
+  }
+
+  WeightStep<F, MT> ring[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) load_step(ring[d], d);
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) load_stage(st);
+
+  for (int base = 0; base < steps; base += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int step = base + d;
+      if (step < steps) {
+        const int stage = step / kStepsPerStage;
+        if (step % kStepsPerStage == 0) {
+          ptx::cp_async_wait<kStages - 2>();
+          __syncthreads();  // stage `stage` landed; every warp is done with stage - 1
+          load_stage(stage + kStages - 1);
+        }
+        const uint8_t* xs = smem + (stage % kStages) * S::kStageBytes;
+        const int chunk0 = (step % kStepsPerStage) * 4 * F::kChunks + c * F::kChunks;
+#pragma unroll
+        for (int u = 0; u < F::kChunks; ++u) {
+          uint32_t ag[MT][4], ag8[MT][4];
+#pragma unroll
+          for (int i = 0; i < MT; ++i) {
+            F::a_pairs(ring[d].w[i][0], ring[d].s[i][0], u, ag[i]);
+            F::a_pairs(ring[d].w[i][1], ring[d].s[i][1], u, ag8[i]);
+          }
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            if (j < nt_used) {
+              const int r = 8 * j + g;
+              const uint4 xv = *reinterpret_cast<const uint4*>(
+                  xs + (r * kStageChunks + F::swizzle(r, chunk0 + u)) * 16);
+              uint32_t b[4];
+              F::b_pairs(xv, b);
+#pragma unroll
+              for (int i = 0; i < MT; ++i) {
+                const uint32_t lo[4] = {ag[i][0], ag8[i][0], ag[i][1], ag8[i][1]};
+                const uint32_t hi[4] = {ag[i][2], ag8[i][2], ag[i][3], ag8[i][3]};
+                ptx::mma16816<T>(acc[i][j], lo, b[0], b[1]);
+                ptx::mma16816<T>(acc[i][j], hi, b[2], b[3]);
+              }
+            }
+          }
+        }
+        load_step(ring[d], step + D);
+      }
+    }
+  }
+
+  // ---- epilogue ----
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // the stages are free: the accumulator tile goes there
+  release_next_grid();
+  float* tile = reinterpret_cast<float*>(smem);  // [kRows][kTileRows + kRowPad]
+  constexpr int kPitch = S::kTileRows + kRowPad;
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int local = warp * 16 * MT + 16 * i + g;
+      const int r = 8 * j + 2 * c;
+      tile[r * kPitch + local] = acc[i][j][0];
+      tile[(r + 1) * kPitch + local] = acc[i][j][1];
+      tile[r * kPitch + local + 8] = acc[i][j][2];
+      tile[(r + 1) * kPitch + local + 8] = acc[i][j][3];
+    }
+  }
+  __syncthreads();
+  const int cols = a.gated ? 32 * MT : 64 * MT;
+  const int64_t col0 = int64_t{blockIdx.x} * cols;
+  const int64_t out_width = a.gated ? a.inter : a.n_dim;
+  for (int idx = tid; idx < rows * cols; idx += kThreads) {
+    const int r = idx / cols, col = idx % cols;
+    const int64_t out_col = col0 + col;
+    if (out_col >= out_width) continue;
+    const int32_t p = pair_of_row[r];
+    float value = tile[r * kPitch + col] + load_bias(a, expert, out_col);
+    if (a.gated) {
+      const float up = tile[r * kPitch + 32 * MT + col] + load_bias(a, expert, a.inter + out_col);
+      value = a.activation == MoeActivation::kSilu
+                  ? moe_math::silu_glu(value, up)
+                  : moe_math::gpt_oss_glu(value, up, a.alpha, a.limit);
+    }
+    if (a.topk_weights != nullptr) value *= a.topk_weights[int64_t{p} * a.topk_stride];
+    static_cast<T*>(a.output)[int64_t{p} * a.output_stride + out_col] = detail::from_f32<T>(value);
+  }
+}
+
+// ---- launch ---------------------------------------------------------------------------------
+
+// One (MT, NT, D) shape: grid x = row (or gated column) tiles, y = max_blocks.
+template <typename F, int MT, int NT, int D>
+void launch_shape(const GemmArgs& a, int64_t max_blocks, cudaStream_t stream) {
+  const int64_t cols = a.gated ? 32 * MT : 64 * MT;
+  const int64_t width = a.gated ? a.inter : a.n_dim;
+  const int64_t tiles = (width + cols - 1) / cols;
+  if (tiles == 0 || max_blocks == 0) return;
+  constexpr size_t kSmem = Smem<MT, NT>::kBytes;
+  auto* kernel = moe_gemm_kernel<F, MT, NT, D>;
+  if (kSmem > 48 * 1024) detail::allow_dynamic_smem(kernel, kSmem);
+  LaunchShape shape;
+  shape.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(max_blocks));
+  shape.block = dim3(kThreads);
+  shape.smem = kSmem;
+  shape.stream = stream;
+  shape.after_previous_grid = true;
+  launch_kernel(kernel, shape, a);
+}
+
+// The tensor-core GEMM for rows-per-block block_m (8, 16, 32: decode shapes, one m-tile per
+// warp and 4 k-steps of weights in flight; 64: prefill, two m-tiles and 2 k-steps).
+template <typename F>
+void launch_gemm(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream) {
+  switch (block_m) {
+    case 8: return launch_shape<F, 1, 1, 4>(a, max_blocks, stream);
+    case 16: return launch_shape<F, 1, 2, 4>(a, max_blocks, stream);
+    case 32: return launch_shape<F, 1, 4, 4>(a, max_blocks, stream);
+    case 64: return launch_shape<F, 2, 8, 2>(a, max_blocks, stream);
+    default: throw InternalError("moe_expert_gemm: no tensor-core shape for block_m " +
+                                 std::to_string(block_m));
+  }
+}
+
+// Launchers of one format each (moe/gemm_<format>.cu), and the simple kernel (moe/simple.cu).
+void launch_gemm_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
+                       cudaStream_t stream);
+void launch_gemm_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+void launch_gemm_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+void launch_gemm_simple(const GemmArgs& a, MoeWeightFormat format, DType dtype, int block_m,
+                        int64_t max_blocks, cudaStream_t stream);
+
+}  // namespace moelora::cuda::moe

@@ -1,0 +1,115 @@
+// Bindings of the fused MoE layer's ops (moelora/moe.h) as _C.moe_*(...) over tensor refs made
+// by moelora._tensor.as_ref; enums cross as their integer codes. Checks live in the library;
+// the binding converts and calls with the GIL released.
+#include <cstdint>
+
+#include "bindings/common.h"
+#include "moelora/moe.h"
+
+namespace moelora::bindings {
+
+namespace {
+
+MoeExpertWeights expert_weights(int format, const py::tuple& weight, const py::object& scales,
+                                const py::object& bias, int32_t block_n, int32_t block_k) {
+  MoeExpertWeights w;
+  w.format = static_cast<MoeWeightFormat>(format);
+  w.weight = to_tensor_ref(weight, "weight");
+  w.scales = to_optional_tensor_ref(scales, "scales");
+  w.bias = to_optional_tensor_ref(bias, "bias");
+  w.block_n = block_n;
+  w.block_k = block_k;
+  return w;
+}
+
+}  // namespace
+
+void register_moe(py::module_& m) {
+  m.attr("MOE_MAX_EXPERTS") = kMoeMaxExperts;
+  m.attr("MOE_MAX_STREAM_CONSUMERS") = kMoeMaxStreamConsumers;
+  m.def("moe_route_max_blocks", &moe_route_max_blocks, py::arg("num_pairs"),
+        py::arg("num_experts"), py::arg("block_m"));
+  m.def(
+      "moe_route_workspace_bytes",
+      [](int64_t num_tokens, int32_t num_experts, bool cuda) {
+        return moe_route_workspace_bytes(num_tokens, num_experts,
+                                         cuda ? DeviceKind::kCUDA : DeviceKind::kCPU);
+      },
+      py::arg("num_tokens"), py::arg("num_experts"), py::arg("cuda"));
+
+  m.def("moe_route", [](const py::tuple& router_logits, int32_t top_k, int routing,
+                        bool renormalize, int32_t block_m, const py::tuple& topk_ids,
+                        const py::tuple& topk_weights, const py::tuple& sorted_pairs,
+                        const py::tuple& block_expert, const py::tuple& num_blocks,
+                        const py::tuple& expert_counts, uintptr_t stream,
+                        const py::object& workspace) {
+    TensorRef logits = to_tensor_ref(router_logits, "router_logits");
+    TensorRef ids = to_tensor_ref(topk_ids, "topk_ids");
+    TensorRef weights = to_tensor_ref(topk_weights, "topk_weights");
+    TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
+    TensorRef experts = to_tensor_ref(block_expert, "block_expert");
+    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
+    TensorRef counts = to_tensor_ref(expert_counts, "expert_counts");
+    TensorRef scratch = to_optional_tensor_ref(workspace, "workspace");
+    py::gil_scoped_release release;
+    moe_route(logits, top_k, static_cast<MoeRouting>(routing), renormalize, block_m, ids,
+              weights, pairs, experts, count, counts, stream_from_int(stream), scratch);
+  });
+
+  m.def("moe_expert_gemm", [](const py::tuple& input, int32_t input_pairs_per_row, int format,
+                              const py::tuple& weight, const py::object& scales,
+                              const py::object& bias, int32_t block_n, int32_t block_k,
+                              const py::tuple& sorted_pairs, const py::tuple& block_expert,
+                              const py::tuple& num_blocks, int32_t block_m, int activation,
+                              float swiglu_alpha, float swiglu_limit,
+                              const py::object& topk_weights, const py::tuple& output,
+                              uintptr_t stream, int kernel, bool fall_back,
+                              int32_t stream_consumers) {
+    TensorRef in = to_tensor_ref(input, "input");
+    MoeExpertWeights w = expert_weights(format, weight, scales, bias, block_n, block_k);
+    TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
+    TensorRef experts = to_tensor_ref(block_expert, "block_expert");
+    TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
+    MoeEpilogue epilogue;
+    epilogue.activation = static_cast<MoeActivation>(activation);
+    epilogue.swiglu_alpha = swiglu_alpha;
+    epilogue.swiglu_limit = swiglu_limit;
+    epilogue.topk_weights = to_optional_tensor_ref(topk_weights, "topk_weights");
+    TensorRef out = to_tensor_ref(output, "output");
+    MoeGemmOptions options;
+    options.kernel = static_cast<MoeGemmKernel>(kernel);
+    options.fall_back = fall_back;
+    options.stream_consumers = stream_consumers;
+    py::gil_scoped_release release;
+    moe_expert_gemm(in, input_pairs_per_row, w, pairs, experts, count, block_m, epilogue, out,
+                    stream_from_int(stream), options);
+  });
+
+  m.def("moe_dequantize", [](int format, const py::tuple& weight, const py::object& scales,
+                             int32_t block_n, int32_t block_k, int64_t first_expert,
+                             const py::tuple& out, uintptr_t stream) {
+    MoeExpertWeights w = expert_weights(format, weight, scales, py::none(), block_n, block_k);
+    TensorRef o = to_tensor_ref(out, "out");
+    py::gil_scoped_release release;
+    moe_dequantize(w, first_expert, o, stream_from_int(stream));
+  });
+
+  m.def("moe_activation", [](const py::tuple& h13, int activation, float swiglu_alpha,
+                             float swiglu_limit, const py::tuple& h, uintptr_t stream) {
+    TensorRef in = to_tensor_ref(h13, "h13");
+    TensorRef out = to_tensor_ref(h, "h");
+    py::gil_scoped_release release;
+    moe_activation(in, static_cast<MoeActivation>(activation), swiglu_alpha, swiglu_limit, out,
+                   stream_from_int(stream));
+  });
+
+  m.def("moe_sum", [](const py::tuple& y, int32_t top_k, const py::tuple& out,
+                      uintptr_t stream) {
+    TensorRef in = to_tensor_ref(y, "y");
+    TensorRef o = to_tensor_ref(out, "out");
+    py::gil_scoped_release release;
+    moe_sum(in, top_k, o, stream_from_int(stream));
+  });
+}
+
+}  // namespace moelora::bindings
