@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import moelora
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.request import RequestOutput, now
 from moelora.engine.sampling_params import SamplingParams
@@ -234,26 +233,13 @@ class AsyncEngine:
         self._commands.put(_Command(lambda: self._abort(request_id)))
 
     async def load_adapter(self, lora_request: LoRARequest) -> None:
-        """Registers an adapter, validates its content and loads it, in a worker thread. An
-        adapter that fails is unregistered again: a later load of its name starts clean. When
-        every device slot is busy the adapter stays in host memory, its content read and
-        checked, and moves to the device with its first request (PoolExhausted is raised only
-        after the host copy is made)."""
+        """Registers an adapter, validates its content and loads it, in a worker thread
+        (AdapterManager.preload: an adapter that fails is left unregistered, so a later load
+        of its name starts clean; one that finds every device slot busy stays in host memory,
+        checked, and moves to the device with its first request)."""
         name = lora_request.lora_name
-        known = await self.call(lambda: self._check_loadable(name))
-        try:
-            await asyncio.to_thread(self.engine.adapters.preload, lora_request)
-        except moelora.PoolExhausted as exc:
-            logger.info("adapter %s loaded to host memory; device later (%s)", name, exc)
-        except Exception:
-            if not known:
-                try:
-                    await self.unload_adapter(name)
-                except KeyError:
-                    pass  # it never got registered
-                except Exception as exc:  # noqa: BLE001 - the load's own error is the answer
-                    logger.warning("unregistering failed adapter %s: %s", name, exc)
-            raise
+        await self.call(lambda: self._check_loadable(name))
+        await asyncio.to_thread(self.engine.adapters.preload, lora_request)
 
     async def cut_all(self, reason: str) -> int:
         """Ends every request in flight with RequestCutError(reason), and refuses new ones
@@ -347,12 +333,11 @@ class AsyncEngine:
             if waiters is not None:
                 self._unload_now(name, waiters, deferred=True)
 
-    def _check_loadable(self, name: str) -> bool:
-        """Refuses a load while an unload of the name waits; returns whether it is known."""
+    def _check_loadable(self, name: str) -> None:
+        """Refuses a load while an unload of the name waits."""
         if name in self._pending_unloads:
             raise AdapterUnavailableError(f"adapter '{name}' is still being unloaded (requests "
                                           f"of it are in flight); retry shortly")
-        return any(r.lora_name == name for r in self.engine.adapters.loaded())
 
     def _cut_all(self, reason: str) -> int:
         self._cut_reason = reason

@@ -14,7 +14,7 @@ import struct
 import pytest
 from adapter_battery import SECRET
 from answers import check_error, check_stream, strict_loads
-from hostile_setup import BASE, NEEDS_ENGINE, STATIC, engine_classifies_failures
+from hostile_setup import BASE, STATIC
 from server_harness import wait_idle_and_exact
 
 SECRET_NUMBER = str(struct.unpack("<Q", SECRET[:8])[0])
@@ -69,7 +69,6 @@ def test_refused_before_anything_is_registered(case, status, says, http, battery
     assert unload.status_code == 200, unload.text
 
 
-@pytest.mark.skipif(not engine_classifies_failures(), reason=NEEDS_ENGINE)
 @pytest.mark.parametrize("case", ["nan", "inf"])
 def test_nonfinite_weights_refused_naming_the_tensor(case, http, battery, hostile_assets):
     error = _refused(http, hostile_assets, case, battery.dirs[case], 400)
@@ -114,7 +113,6 @@ def _evict_from_every_tier(http, battery) -> None:
             assert response.status_code == 200, response.text
 
 
-@pytest.mark.skipif(not engine_classifies_failures(), reason=NEEDS_ENGINE)
 def test_vanished_files_fail_clearly_and_unlist_the_adapter(http, battery, hostile_assets):
     path = battery.dirs["vanish"]
     assert _load(http, "vanish", path).status_code == 200
@@ -148,7 +146,7 @@ def test_streams_of_a_vanished_adapter_end_with_done(http, battery, hostile_asse
     for stream in (True, False):
         response = http.post("/v1/completions", json={"model": "vanish_stream", "prompt": "x",
                                                       "max_tokens": 2, "stream": stream})
-        assert response.status_code != 500 or not engine_classifies_failures(), response.text
+        assert response.status_code < 500, response.text
         if response.status_code == 200 and stream:
             check_stream(response.text)
         assert hostile_assets["root"] not in response.text

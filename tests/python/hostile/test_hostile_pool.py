@@ -11,7 +11,7 @@ import concurrent.futures
 import httpx
 import pytest
 from answers import check_error
-from hostile_setup import BASE, NEEDS_ENGINE, engine_classifies_failures
+from hostile_setup import BASE
 from server_harness import ServerProcess, metrics, server_env, value, wait_idle_and_exact
 
 POOL = "2MiB"
@@ -57,7 +57,6 @@ def test_oversubscribed_requests_all_finish(small_pool_server):
     wait_idle_and_exact(small_pool_server.url)
 
 
-@pytest.mark.skipif(not engine_classifies_failures(), reason=NEEDS_ENGINE)
 def test_a_request_the_pool_can_never_hold_is_refused_up_front(small_pool_server):
     body = {"model": BASE, "prompt": [5] * 1200, "max_tokens": 100}  # 328 pages of KV
     for stream in (False, True):
