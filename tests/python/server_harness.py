@@ -44,6 +44,28 @@ def server_env(**extra) -> dict:
     return env
 
 
+# Runs argv[2:] in place of itself, set to be killed when the process that started it dies (a
+# test process killed by a timeout must not leave servers or pollers behind). The signal is
+# armed before exec and survives it; argv[1] is the parent's pid, to catch a parent that died
+# before the signal was armed.
+_LAUNCHER = textwrap.dedent("""
+    import ctypes, os, signal, sys
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit(70)
+    os.execv(sys.argv[2], sys.argv[2:])
+""")
+
+
+def dies_with_this_process(argv: list[str]) -> list[str]:
+    """`argv` (a program and its arguments) wrapped so that its process is killed as soon as
+    this one dies, on Linux; unchanged elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
+
+
 class ServerProcess:
     def __init__(self, args: list[str], env: dict, log_path: str):
         self.port = free_port()
@@ -51,8 +73,8 @@ class ServerProcess:
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 - open for the process's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moelora.entrypoints.openai.api_server", *args,
-             "--host", "127.0.0.1", "--port", str(self.port)],
+            dies_with_this_process([sys.executable, "-m", "moelora.entrypoints.openai.api_server",
+                                    *args, "--host", "127.0.0.1", "--port", str(self.port)]),
             env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -139,13 +161,14 @@ def wait_idle_and_exact(url: str, timeout: float = 20.0) -> dict:
 _POLLER = textwrap.dedent("""
     import json, os, sys, time, http.client
     port, out, period = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+    deadline = time.monotonic() + float(sys.argv[4])
     try:
         os.nice(-5)  # the probe itself should not wait for a CPU (where permitted)
     except OSError:
         pass
     latencies, slow, failures = [], [], 0
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    while True:
+    while time.monotonic() < deadline:  # or until the test asks it to stop
         try:
             with open(out + ".stop"):
                 break
@@ -177,16 +200,27 @@ class HealthPoller:
     """Polls /health every `period` s from a child process (its own interpreter and GIL) over
     one keep-alive connection; `stop()` returns the latencies and the failed polls. The load
     generators of the tests run at a lower priority (yield_cpu_to_server), so that what is
-    measured is the server, not a machine with more runnable threads than cores."""
+    measured is the server, not a machine with more runnable threads than cores. The poller
+    stops by itself after `lifetime` seconds, and dies with the test process. Use it in a
+    `with` block (or call stop()) so that it never outlives its test."""
 
-    def __init__(self, port: int, workdir: str, period: float = 0.02):
+    def __init__(self, port: int, workdir: str, period: float = 0.02, lifetime: float = 900.0):
         self.out = os.path.join(workdir, f"health-{time.monotonic_ns()}.json")
-        self.proc = subprocess.Popen([sys.executable, "-c", _POLLER, str(port), self.out,
-                                      str(period)])
+        self.proc = subprocess.Popen(dies_with_this_process(
+            [sys.executable, "-c", _POLLER, str(port), self.out, str(period), str(lifetime)]))
         deadline = time.monotonic() + 30
         while not os.path.exists(self.out + ".ready"):  # polling from now on
-            assert self.proc.poll() is None and time.monotonic() < deadline, "poller failed"
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError("the /health poller did not start")
             time.sleep(0.01)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> dict:
         """The polls so far (idempotent: a second call returns the same): `latencies`,
@@ -194,7 +228,12 @@ class HealthPoller:
         poll over 50 ms, to match against what the server was doing then."""
         if self.proc.returncode is None:
             open(self.out + ".stop", "w").close()
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError("the /health poller did not stop") from None
         with open(self.out) as f:
             result = json.load(f)
         latencies = sorted(result["latencies"])

@@ -23,6 +23,8 @@ WARMUP = 200
 CLIENTS = 16
 CHURNED = ["churn_a", "churn_b"]
 RSS_GROWTH_LIMIT = 64 << 20
+REQUEST_TIMEOUT_S = 30.0  # a request of at most 8 tokens; longer means the server is stuck
+PHASE_TIMEOUT_S = 300.0  # the whole warm-up, and the whole measured run
 
 
 def _request(rng: random.Random, i: int) -> tuple[str, dict]:
@@ -118,7 +120,7 @@ def test_soak_with_adapter_churn(hostile_server, hostile_assets, tmp_path):
         for item in batch:
             queue.put_nowait(item)
         limits = httpx.Limits(max_connections=CLIENTS + 2)
-        async with httpx.AsyncClient(base_url=hostile_server.url, timeout=120,
+        async with httpx.AsyncClient(base_url=hostile_server.url, timeout=REQUEST_TIMEOUT_S,
                                      limits=limits) as client:
             async def worker() -> None:
                 while not queue.empty():
@@ -127,16 +129,19 @@ def test_soak_with_adapter_churn(hostile_server, hostile_assets, tmp_path):
 
             stop = asyncio.Event()
             churn = asyncio.create_task(_churn(client, paths, stop, tally))
-            await asyncio.gather(*[worker() for _ in range(CLIENTS)])
-            stop.set()
-            assert await churn > 0
+            try:
+                await asyncio.wait_for(asyncio.gather(*[worker() for _ in range(CLIENTS)]),
+                                       PHASE_TIMEOUT_S)
+            finally:
+                stop.set()
+            assert await asyncio.wait_for(churn, REQUEST_TIMEOUT_S * 4) > 0
 
     asyncio.run(run(plan[:WARMUP]))
     wait_idle_and_exact(hostile_server.url)
     rss_after_warmup = hostile_server.rss_bytes()
-    health = HealthPoller(hostile_server.port, str(tmp_path))
-    asyncio.run(run(plan[WARMUP:]))
-    polled = health.stop()
+    with HealthPoller(hostile_server.port, str(tmp_path)) as health:
+        asyncio.run(run(plan[WARMUP:]))
+        polled = health.stop()
 
     answered = sum(tally.statuses.values())
     assert answered == REQUESTS, tally.statuses  # none lost
