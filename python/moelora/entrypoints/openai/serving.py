@@ -127,8 +127,7 @@ class OpenAIServing:
                                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
                 completion_tokens += len(o.token_ids)
         choices.sort(key=lambda c: c["index"])
-        return JSONResponse({"id": request_id, "object": "text_completion",
-                                   "created": created,
+        return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
                              "model": model, "choices": choices,
                              "usage": _usage(prompts, completion_tokens)})
 
@@ -209,8 +208,7 @@ class OpenAIServing:
                             "stop_reason": o.stop_reason})
             completion_tokens += len(o.token_ids)
         choices.sort(key=lambda c: c["index"])
-        return JSONResponse({"id": request_id, "object": "chat.completion",
-                                   "created": created,
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
                              "model": model, "choices": choices,
                              "usage": _usage([prompt], completion_tokens)})
 
