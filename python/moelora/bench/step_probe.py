@@ -2,11 +2,13 @@
 step, kernel launches per step, and the experts (and adapter, expert pairs) a step's routing
 selected.
 
-StepTimer wraps the engine's ModelRunner from outside: `execute` is timed on the host (the step
-it belongs to is what engine.step() runs) and, on a GPU, CUDA events bracket the model run,
-from just before `run_model` (graph replay or eager forward) to the end of `execute` (the LM
-head's logits), so step_gpu_ms is the device time of the forward pass as the engine runs it.
-The events are read after the run, so timing adds no synchronisation to the steps.
+StepTimer wraps the engine's ModelRunner from outside, at the calls every way of running a step
+makes (synchronous, async scheduling, a parallel engine's rank 0): `prepare` marks a step that
+runs the model and says what it holds, and engine.step() is timed on the host around it. On a
+GPU, CUDA events bracket the model run, from just before `forward` or `run_model` (graph replay
+or eager forward) to the end of `logits` (the LM head), so step_gpu_ms is the device time of the
+forward pass as the engine runs it. The events are read after the run, so timing adds no
+synchronisation to the steps.
 
 count_step_kernels profiles one engine.step() with torch.profiler and counts the GPU kernels
 (and, apart, the memcpy/memset operations) it ran: the decode graph's kernels when the step
@@ -47,16 +49,19 @@ class StepTimer:
     steps: list[StepRecord] = field(default_factory=list)
     _current: StepRecord | None = None
 
+    _WRAPPED = ("prepare", "forward", "run_model", "logits")
+
     def __post_init__(self) -> None:
         runner = self.engine.runner
-        self._execute, self._run_model = runner.execute, runner.run_model
         self._on_gpu = self.engine.device.type == "cuda"
-        runner.execute = self._timed_execute  # instance attributes shadow the methods
-        runner.run_model = self._timed_run_model
+        self._originals = {name: getattr(runner, name) for name in self._WRAPPED}
+        for name in self._WRAPPED:  # instance attributes shadow the methods
+            setattr(runner, name, getattr(self, f"_timed_{name}"))
 
     def remove(self) -> None:
         runner = self.engine.runner
-        del runner.execute, runner.run_model
+        for name in self._WRAPPED:
+            delattr(runner, name)
 
     def __enter__(self):
         return self
@@ -64,21 +69,32 @@ class StepTimer:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _timed_execute(self, batch, slot_of):
-        record = StepRecord(num_seqs=len(batch.seqs), num_tokens=sum(batch.num_new_tokens),
-                            is_decode=all(n == 1 for n in batch.num_new_tokens))
-        self._current = record
-        logits = self._execute(batch, slot_of)
-        if self._on_gpu and record.start is not None:
+    def _timed_prepare(self, batch, *args, **kwargs):
+        self._current = StepRecord(num_seqs=len(batch.seqs),
+                                   num_tokens=sum(batch.num_new_tokens),
+                                   is_decode=all(n == 1 for n in batch.num_new_tokens))
+        return self._originals["prepare"](batch, *args, **kwargs)
+
+    def _start_event(self) -> None:
+        if self._on_gpu and self._current is not None and self._current.start is None:
+            self._current.start = torch.cuda.Event(enable_timing=True)
+            self._current.start.record()
+
+    def _timed_forward(self, *args, **kwargs):
+        self._start_event()
+        return self._originals["forward"](*args, **kwargs)
+
+    def _timed_run_model(self, *args, **kwargs):
+        self._start_event()
+        return self._originals["run_model"](*args, **kwargs)
+
+    def _timed_logits(self, hidden):
+        logits = self._originals["logits"](hidden)
+        record = self._current
+        if self._on_gpu and record is not None and record.start is not None:
             record.end = torch.cuda.Event(enable_timing=True)
             record.end.record()
         return logits
-
-    def _timed_run_model(self, input_ids, meta):
-        if self._on_gpu and self._current is not None:
-            self._current.start = torch.cuda.Event(enable_timing=True)
-            self._current.start.record()
-        return self._run_model(input_ids, meta)
 
     def step(self):
         """engine.step(), timed; a step that ran the model is appended to `steps`."""
@@ -170,14 +186,14 @@ class RoutingCapture:
 
     def step(self) -> Routing:
         runner = self.engine.runner
-        graphs, run_model = runner.graphs, runner.run_model
-        own = vars(runner).get("run_model")  # a StepTimer's wrapper, or None
+        graphs, metadata = runner.graphs, runner._metadata
         hooks = []
 
-        def keep_meta(input_ids, meta):
+        def keep_meta(step):  # every eager step's (ids, StepMetadata) are built here
+            input_ids, meta = metadata(step)
             self.num_tokens = int(input_ids.shape[0])
             self.token_slot = meta.token_slot
-            return run_model(input_ids, meta)
+            return input_ids, meta
 
         wrapped = []
         for layer, router in _routers(runner.model):
@@ -198,15 +214,12 @@ class RoutingCapture:
                     self.ids[layer] = ids.detach().clone()
             hooks.append(router.register_forward_hook(keep))
         runner.graphs = None
-        runner.run_model = keep_meta
+        runner._metadata = keep_meta
         try:
             self.engine.step()
         finally:
             runner.graphs = graphs
-            if own is not None:
-                runner.run_model = own
-            else:
-                del runner.run_model
+            del runner._metadata
             for hook in hooks:
                 hook.remove()
             for router in wrapped:
