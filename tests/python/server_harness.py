@@ -4,6 +4,7 @@ by a separate process (so that the test's own threads cannot slow the measuremen
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -19,10 +20,21 @@ from prometheus_client.parser import text_string_to_metric_families
 STALL_S = 0.1  # /health must answer within this, whatever else the server is doing
 
 
-def yield_cpu_to_server(niceness: int = 5) -> None:
-    """Lowers this (load-generating) process's priority below the server's and the probe's."""
-    if os.nice(0) < niceness:
-        os.nice(niceness - os.nice(0))
+@contextlib.contextmanager
+def yielding_cpu_to_server(niceness: int = 5):
+    """Within the block, this (load-generating) process runs at a lower priority than the
+    server's and the probe's; afterwards at its own again where the system permits raising it
+    (as root), so that the tests after the block are not slowed."""
+    before = os.nice(0)
+    if before < niceness:
+        os.nice(niceness - before)
+    try:
+        yield
+    finally:
+        try:
+            os.nice(before - os.nice(0))
+        except PermissionError:
+            pass  # an unprivileged process cannot raise its priority again
 
 
 def free_port() -> int:
@@ -199,7 +211,7 @@ _POLLER = textwrap.dedent("""
 class HealthPoller:
     """Polls /health every `period` s from a child process (its own interpreter and GIL) over
     one keep-alive connection; `stop()` returns the latencies and the failed polls. The load
-    generators of the tests run at a lower priority (yield_cpu_to_server), so that what is
+    generators of the tests run at a lower priority (yielding_cpu_to_server), so that what is
     measured is the server, not a machine with more runnable threads than cores. The poller
     stops by itself after `lifetime` seconds, and dies with the test process. Use it in a
     `with` block (or call stop()) so that it never outlives its test."""

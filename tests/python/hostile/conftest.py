@@ -13,13 +13,14 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("hypothesis")
 import httpx
-from adapter_battery import build_battery
-from hostile_setup import BASE, BODY_LIMIT, MAX_MODEL_LEN, STATIC
 from moelora.demo.assets import build_demo_assets
-from server_harness import ServerProcess, server_env, yield_cpu_to_server
+from server_harness import ServerProcess, server_env, yielding_cpu_to_server
+
+from hostile.adapter_battery import build_battery
+from hostile.hostile_setup import BASE, BODY_LIMIT, MAX_MODEL_LEN, STATIC
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hostile_assets(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hostile"))
     model_dir, adapters = build_demo_assets(os.path.join(root, "demo"))
@@ -27,7 +28,7 @@ def hostile_assets(tmp_path_factory):
     return {"root": root, "model": model_dir, "adapters": adapters, "battery": battery}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hostile_server(hostile_assets, tmp_path_factory):
     a = hostile_assets
     args = [a["model"], "--served-model-name", BASE, "--device", "cpu",
@@ -38,15 +39,15 @@ def hostile_server(hostile_assets, tmp_path_factory):
             "--max-model-len", str(MAX_MODEL_LEN), "--max-request-body-bytes", str(BODY_LIMIT)]
     log = str(tmp_path_factory.mktemp("hostile-logs") / "server.log")
     proc = ServerProcess(args, server_env(), log)
-    yield_cpu_to_server()  # after the server started: it keeps the usual priority
     try:
-        proc.wait_ready()
-        yield proc
+        with yielding_cpu_to_server():  # after the server started: it keeps the usual priority
+            proc.wait_ready()
+            yield proc
     finally:
         proc.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def http(hostile_server):
     with httpx.Client(base_url=hostile_server.url, timeout=60) as client:
         yield client

@@ -12,10 +12,11 @@ import shutil
 import struct
 
 import pytest
-from adapter_battery import SECRET
-from answers import check_error, check_stream, strict_loads
-from hostile_setup import BASE, STATIC
 from server_harness import wait_idle_and_exact
+
+from hostile.adapter_battery import SECRET
+from hostile.answers import check_error, check_stream, strict_loads
+from hostile.hostile_setup import BASE, STATIC
 
 SECRET_NUMBER = str(struct.unpack("<Q", SECRET[:8])[0])
 

@@ -11,9 +11,10 @@ import threading
 import time
 
 import httpx
-from answers import check_error, check_stream
-from hostile_setup import BASE
 from server_harness import ServerProcess, metrics, server_env, value
+
+from hostile.answers import check_error, check_stream
+from hostile.hostile_setup import BASE
 
 SHUTDOWN_TIMEOUT_S = 6.0  # the long requests need far longer (4,000 tokens each)
 

@@ -10,9 +10,10 @@ import concurrent.futures
 
 import httpx
 import pytest
-from answers import check_error
-from hostile_setup import BASE
 from server_harness import ServerProcess, metrics, server_env, value, wait_idle_and_exact
+
+from hostile.answers import check_error
+from hostile.hostile_setup import BASE
 
 POOL = "2MiB"
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from answers import Checker
-from hostile_setup import BASE, BODY_LIMIT, STATIC
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
-from schema_strategies import SchemaStrategies
 from server_harness import HealthPoller, assert_no_stall, wait_idle_and_exact
+
+from hostile.answers import Checker
+from hostile.hostile_setup import BASE, BODY_LIMIT, STATIC
+from hostile.schema_strategies import SchemaStrategies
 
 POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
                "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]

@@ -13,8 +13,9 @@ import random
 
 import httpx
 import pytest
-from hostile_setup import BASE, STATIC
 from server_harness import HealthPoller, assert_no_stall, wait_idle_and_exact
+
+from hostile.hostile_setup import BASE, STATIC
 
 pytestmark = pytest.mark.soak
 

@@ -8,9 +8,10 @@ import concurrent.futures
 import time
 
 import pytest
-from answers import check_error
-from hostile_setup import BASE
 from server_harness import HealthPoller, assert_no_stall, wait_idle_and_exact
+
+from hostile.answers import check_error
+from hostile.hostile_setup import BASE
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 SLOW = ("{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}"
