@@ -51,7 +51,7 @@ CASES = [
     ("dir_link_out", 403, "outside the allowed"),
     ("not_safetensors", 400, "adapter_model.safetensors is not a safetensors file"),
     ("link_to_secret", 400, "adapter_model.safetensors is not a safetensors file"),
-    ("deep_config", 400, "adapter_config.json nests too deeply"),
+    ("deep_config", 400, "adapter_config.json nests JSON deeper than 64 levels"),
     ("deep_header", 400, "nest"),
     ("bad_config", 400, "r="),
 ]
