@@ -96,36 +96,42 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moelora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="serve a mixed multi-adapter workload on a tiny model")
-    demo.add_argument("--num-requests", type=int, default=48)
-    demo.add_argument("--max-tokens", type=int, default=24)
+    def command(parent, name: str, summary: str, **kwargs) -> argparse.ArgumentParser:
+        # every command's --help: its summary as the description, each flag with its default
+        return parent.add_parser(name, help=summary, description=summary,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    demo = command(sub, "demo", "serve a mixed multi-adapter workload on a tiny model")
+    demo.add_argument("--num-requests", type=int, default=48, help="requests in the workload")
+    demo.add_argument("--max-tokens", type=int, default=24, help="tokens generated per request")
     demo.add_argument("--max-loras", type=int, default=2,
                       help="adapters resident on the device at once")
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--cache-dir", default=None)
+    demo.add_argument("--device", default="auto", help="cuda, cuda:N or cpu")
+    demo.add_argument("--cache-dir", default=None,
+                      help="where the demo's model and adapters are built (~/.cache/moelora/demo)")
     demo.set_defaults(func=_demo)
 
-    gen = sub.add_parser("generate", help="generate from one or more prompts")
-    gen.add_argument("model")
-    gen.add_argument("prompt", nargs="+")
+    gen = command(sub, "generate", "generate from one or more prompts")
+    gen.add_argument("model", help="model directory, Hugging Face id or synthetic:<preset>")
+    gen.add_argument("prompt", nargs="+", help="prompts, one completion each")
     gen.add_argument("--lora", default=None, help="name=path of a PEFT adapter")
-    gen.add_argument("--max-lora-rank", type=int, default=64)
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--device", default="auto", help="cuda, cuda:N or cpu")
+    gen.add_argument("--dtype", default="auto", help="model dtype (auto: the checkpoint's)")
     gen.set_defaults(func=_generate)
 
     # The server's and benchmark's flag parsers import nothing heavy (no fastapi, aiohttp).
     from moelora.bench.serve import add_cli_args as add_bench_serve_args
     from moelora.entrypoints.openai.cli_args import add_cli_args as add_serve_args
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible server (vLLM's flags)")
+    serve = command(sub, "serve", "OpenAI-compatible server (vLLM's flags)")
     add_serve_args(serve)
     serve.set_defaults(func=_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks")
+    bench = command(sub, "bench", "benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     bench_serve = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server")
     add_bench_serve_args(bench_serve)
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_sub.add_parser("attention", help="time paged decode attention over long contexts "
                                            "(GPU; see `moelora bench attention --help`)")
 
-    config = sub.add_parser("config", help="build information")
+    config = command(sub, "config", "build information")
     config.add_argument("--cmake-prefix", action="store_true",
                         help="print the CMAKE_PREFIX_PATH for find_package(moelora)")
     config.set_defaults(func=_config)

@@ -53,6 +53,11 @@ class LLM:
                 raise ValueError(f"LLM(): kv_cache_memory_bytes={kv_cache_memory_bytes} "
                                  f"contradicts pool_memory_bytes={pool_memory_bytes}")
             pool_memory_bytes = kv_cache_memory_bytes
+        from moelora.hub import resolve_model
+
+        model = resolve_model(model)  # a Hugging Face id: its snapshot in the local cache
+        if tokenizer is not None:
+            tokenizer = resolve_model(tokenizer)
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=max_loras,

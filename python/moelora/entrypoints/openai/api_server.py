@@ -14,6 +14,8 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
+import socket
 import sys
 
 import uvicorn
@@ -43,8 +45,10 @@ from moelora.entrypoints.openai.protocol import (
 from moelora.entrypoints.openai.request_body import parse_json_object, read_body
 from moelora.entrypoints.openai.serving import OpenAIServing
 from moelora.entrypoints.openai.serving_models import ServingModels
+from moelora.entrypoints.openai.vllm_flags import apply_vllm_flags, read_chat_template
 from moelora.entrypoints.openai.workers import OffLoop
 from moelora.graph_flags import graphs_choice
+from moelora.hub import resolve_model
 
 logger = logging.getLogger("moelora.server")
 
@@ -62,6 +66,7 @@ def build_engine(args):
     from moelora.engine.llm_engine import LLMEngine
 
     loras = parse_lora_modules(args.lora_modules)
+    chat_template = read_chat_template(args.chat_template)
     model = args.model
     if args.demo:
         from moelora.demo.assets import build_demo_assets
@@ -71,12 +76,18 @@ def build_engine(args):
         loras = {**demo_loras, **loras}
     if model is None:
         raise ValueError("give a model (or --demo)")
+    model_name, model = model, resolve_model(model)  # the API names it as the user did
+    tokenizer = resolve_model(args.tokenizer) if args.tokenizer else None
+    for name, path in loras.items():  # before minutes of model loading, not after
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"--lora-modules {name}={path}: no adapter_config.json there "
+                             f"(a PEFT adapter directory is expected)")
     enable_lora = bool(args.enable_lora or loras or args.enable_runtime_lora_updating)
     max_cpu_loras = args.max_cpu_loras
     if max_cpu_loras is None and enable_lora:
         max_cpu_loras = max(4 * args.max_loras, len(loras))
     config = EngineConfig(
-        model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        model=model, tokenizer=tokenizer, dtype=args.dtype, device=args.device,
         enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         max_cpu_loras=max_cpu_loras, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -84,9 +95,16 @@ def build_engine(args):
         pool_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
-        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching)
+        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching,
+        block_size=args.block_size, max_logprobs=args.max_logprobs)
     engine = LLMEngine(config, executor_for(config))
-    return engine, model, loras, enable_lora
+    if chat_template is not None:
+        if engine.tokenizer is None:
+            engine.shutdown()
+            raise ValueError("--chat-template: this model has no tokenizer to apply it with "
+                             "(give --tokenizer)")
+        engine.tokenizer.chat_template = chat_template
+    return engine, model_name, loras, enable_lora
 
 
 class ServerApp:
@@ -94,6 +112,15 @@ class ServerApp:
 
     def __init__(self, app, gate: ShutdownGate, engine: AsyncEngine):
         self.app, self.gate, self.engine = app, gate, engine
+        self.startup_error: Exception | None = None  # why start-up failed, told as one line
+        self.server = None  # the uvicorn server that runs it (run_server sets it)
+
+    def fail_startup(self, error: Exception) -> None:
+        """Ends the server before it serves: new requests get 503, the loop stops."""
+        self.startup_error = error
+        self.gate.start_draining()
+        if self.server is not None:
+            self.server.should_exit = True
 
     async def __call__(self, scope, receive, send):
         return await self.app(scope, receive, send)
@@ -126,8 +153,12 @@ def build_app(engine, model_path: str, args, static_loras: dict[str, str],
                 try:
                     await models.load(name, path, check_allowed=False)
                 except APIError as exc:
-                    raise RuntimeError(f"--lora-modules: {exc.message}") from exc
-            logger.info("serving %s with %d adapters", served[0], len(static_loras))
+                    # Not raised: uvicorn would log a traceback. run_server prints one line and
+                    # exits 2; until the loop stops every request gets 503.
+                    server_app.fail_startup(ValueError(f"--lora-modules {name}: {exc.message}"))
+                    break
+            if server_app.startup_error is None:
+                logger.info("serving %s with %d adapters", served[0], len(static_loras))
             # The model, tokenizer and libraries are ~200k objects that live as long as the
             # process; a full collection scanning them holds the GIL (so the event loop) for
             # 0.1-0.2 s. Frozen, collections see only what requests allocate.
@@ -215,7 +246,8 @@ def build_app(engine, model_path: str, args, static_loras: dict[str, str],
 
     install_request_schemas(app, REQUEST_MODELS)
     gate = ShutdownGate(app)
-    return ServerApp(AuthAndCount(gate, args.api_key, metrics), gate, async_engine)
+    server_app = ServerApp(AuthAndCount(gate, args.api_key, metrics), gate, async_engine)
+    return server_app
 
 
 def _validated(body: bytes, model_cls):
@@ -240,9 +272,17 @@ def run_server(args) -> int:
     if args.shutdown_timeout < 0:
         raise SystemExit("--shutdown-timeout must be >= 0")
     try:
+        for warning in apply_vllm_flags(args):
+            logger.warning("%s", warning)
+        # The port first: a busy port is reported in a second, not after the model loads.
+        listener = bind_listener(args.host, args.port)
+    except (ValueError, OSError) as exc:
+        return _usage_error(exc)
+    try:
         engine, model_path, loras, enable_lora = build_engine(args)
     except (ValueError, OSError) as exc:
-        raise SystemExit(f"moelora serve: {exc}") from exc
+        listener.close()
+        return _usage_error(exc)
     app = build_app(engine, model_path, args, loras, enable_lora)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logger.info("listening on http://%s:%d", args.host, args.port)
@@ -250,8 +290,32 @@ def run_server(args) -> int:
                             lifespan="on", timeout_keep_alive=5, access_log=False,
                             timeout_graceful_shutdown=5)
     server = DrainingServer(config, app.gate, app.engine, timeout_s=args.shutdown_timeout)
-    server.run()
+    app.server = server
+    server.run(sockets=[listener])
+    if app.startup_error is not None:
+        return _usage_error(app.startup_error)
     return 0 if server.started else 1
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (OSError naming the address when it is taken)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _usage_error(exc: BaseException) -> int:
+    """One line on stderr and exit status 2, for a command line that cannot be served."""
+    print(f"moelora serve: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+from moelora.entrypoints.openai.vllm_flags import add_vllm_flags
 from moelora.graph_flags import add_graph_arguments
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 << 20  # a 128k-token prompt as token ids is ~0.9 MB
@@ -19,8 +20,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="model directory (HF format) or synthetic:<preset>")
     parser.add_argument("--demo", action="store_true",
                         help="serve the tiny demo model and its five adapters (built once)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port to listen on (bound before the model loads)")
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="names of the base model in the API (default: the model path)")
     parser.add_argument("--api-key", default=os.environ.get("MOELORA_API_KEY"),
@@ -36,16 +38,24 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="runtime loads outside these directories are refused")
     parser.add_argument("--max-loras", type=int, default=8,
                         help="adapters resident on the device at once")
-    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-lora-rank", type=int, default=16,
+                        help="largest adapter rank accepted")
     parser.add_argument("--max-cpu-loras", type=int, default=None,
                         help="adapters kept in host memory (default 4 x max-loras)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16",
-                                                            "bfloat16", "half", "float"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--max-model-len", type=int, default=None)
+                                                            "bfloat16", "half", "float"],
+                        help="model dtype (auto: the checkpoint's; bfloat16 on a GPU for "
+                             "float32 checkpoints)")
+    parser.add_argument("--device", default="auto",
+                        help="cuda, cuda:N or cpu (auto: cuda when available)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory or Hugging Face id (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="sequences in one batch at most")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="tokens in one step at most (prefill chunks to fit)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (default: the model's context)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                         help="fraction of the GPU's memory the server may use; the unified "
                              "KV/adapter pool gets what the model leaves")
@@ -59,6 +69,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="partition the experts over the tensor-parallel processes")
     add_graph_arguments(parser)
+    add_vllm_flags(parser)
     parser.add_argument("--enable-prefix-caching", action="store_true",
                         help="reuse the KV cache of identical prompt prefixes (per adapter)")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
@@ -75,9 +86,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="on SIGTERM, how long requests in flight may run before they are "
                              "cut; new requests get 503 meanwhile, and the exit status is 0")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of requests that give none")
     parser.add_argument("--uvicorn-log-level", default="warning",
-                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+                        choices=["critical", "error", "warning", "info", "debug", "trace"],
+                        help="uvicorn's own log level")
     return parser
 
 
