@@ -36,7 +36,7 @@ from moelora.engine.sampler import SampleRequest, make_generator, sample
 from moelora.engine.sampling_params import SamplingParams
 from moelora.engine.scheduler import Scheduler, SchedulerConfig
 from moelora.engine.step_pipeline import StepPipeline, async_scheduling_enabled
-from moelora.engine.tokenizer import load_tokenizer
+from moelora.engine.tokenizer import check_tokenizer, load_tokenizer
 
 logger = logging.getLogger("moelora")
 _UNSET = object()
@@ -83,6 +83,8 @@ class LLMEngine:
         self.adapters, self.runner = executor.adapters, executor.runner
         try:
             self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+            check_tokenizer(self.tokenizer, executor.model.config.vocab_size,
+                            config.tokenizer or self.model_dir)
         except BaseException:
             executor.shutdown()  # e.g. the other processes of a parallel engine
             raise

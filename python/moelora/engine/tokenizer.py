@@ -9,6 +9,7 @@ then be token ids and output text stays empty.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from moelora.engine.chat_template import ChatTemplateRenderer
@@ -20,6 +21,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 GIL_FREE_CHARS = 4096
 GIL_FREE_TOKENS = 1024
 
+
+logger = logging.getLogger("moelora")
 
 class Tokenizer:
     def __init__(self, path: str):
@@ -127,3 +130,18 @@ def load_tokenizer(path: str | None) -> Tokenizer | HFTokenizer | None:
         except ImportError:
             return None
     return None
+
+
+def check_tokenizer(tokenizer, model_vocab_size: int, path: str | None) -> None:
+    """Warns when a model directory has no tokenizer (prompts must then be token ids) and
+    refuses a tokenizer with more tokens than the model embeds (one of another model: its ids
+    past the model's vocabulary would index outside the embedding)."""
+    if tokenizer is None:
+        if path is not None:
+            logger.warning("%s has no tokenizer (tokenizer.json, tokenizer.model): prompts must "
+                           "be token ids; give a tokenizer to send text",
+                           os.path.basename(os.path.normpath(path)))
+        return
+    if tokenizer.vocab_size > model_vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary has {model_vocab_size}: a tokenizer of another model?")

@@ -47,6 +47,8 @@ class AdapterConfig:
     target_modules: list[str] | str | None = None
     target_parameters: list[str] = field(default_factory=list)
     layers_to_transform: list[int] | None = None
+    # the model it was trained on (PEFT's base_model_name_or_path), for messages only
+    base_model: str | None = None
     # compiled rank_pattern / alpha_pattern keys (PatternError for a key beyond the bounds)
     rank_keys: PatternSet = field(init=False, repr=False, compare=False)
     alpha_keys: PatternSet = field(init=False, repr=False, compare=False)
@@ -170,6 +172,18 @@ def parse_adapter_config(raw: dict, adapter: str) -> AdapterConfig:
             target_modules=target_modules,
             target_parameters=list(target_parameters),
             layers_to_transform=layers or None,
+            base_model=_base_model_name(raw.get("base_model_name_or_path")),
         )
     except PatternError as e:
         fail(str(e))
+
+
+def _base_model_name(value) -> str | None:
+    """The base model's name as a message may show it: its last path part (a local training
+    path names no server file but is not the client's business), at most 120 characters."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    name = value.strip().rstrip("/")
+    if name.startswith(("/", ".", "~")):
+        name = name.rsplit("/", 1)[-1]
+    return name[:120]

@@ -103,17 +103,30 @@ def load_adapter_plan(
         raise AdapterValidationError(name, "the adapter has no tensors")
     if isinstance(layout, str):
         layout = peft_layout_of(layout)
-    targets = classify_keys(sorted(tensors), layout, config, name)
-    builder = _PlanBuilder(name, config, site_table(sites), layout, tensors, file_of)
-    plan = AdapterPlan(
-        name, path, files, builder.empty_ranks(), tensors=tensors, sites=builder.sites
-    )
     try:
+        targets = classify_keys(sorted(tensors), layout, config, name)
+        builder = _PlanBuilder(name, config, site_table(sites), layout, tensors, file_of)
+        plan = AdapterPlan(
+            name, path, files, builder.empty_ranks(), tensors=tensors, sites=builder.sites
+        )
         for a_key, b_key in _pair_targets(targets, name):
             builder.add(plan, a_key, b_key, max_lora_rank)
     except PatternError as e:  # rank_pattern / alpha_pattern matching beyond its bounds
         raise AdapterValidationError(name, str(e)) from None
+    except AdapterValidationError as e:
+        raise _name_the_base_model(e, config) from None
     return plan
+
+
+def _name_the_base_model(error: AdapterValidationError, config: AdapterConfig):
+    """A module or shape this model lacks most often means an adapter of another base model:
+    the message says which model the adapter was trained on."""
+    if config.base_model is None or not any(
+            word in error.problem for word in ("cannot adapt", "shape", "no site", "layer")):
+        return error
+    return AdapterValidationError(
+        error.adapter, f"{error.problem}; the adapter was trained on base model "
+                       f"{config.base_model!r}: an adapter of another model?")
 
 
 def _adapter_files(path: Path, adapter: str) -> list[Path]:
