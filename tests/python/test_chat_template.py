@@ -111,3 +111,51 @@ def test_the_limits_do_not_leak_into_the_thread():
     for i in range(2_000_000):  # untraced, unhurried Python after a render
         total += i
     assert total == 1_999_999_000_000
+
+
+# Templates of the families served, in the constructs their checkpoints use (tools as JSON with
+# transformers' tojson arguments, generation blocks, namespaces, raise_exception), against
+# transformers' own renderer.
+FAMILY_TEMPLATES = {
+    "qwen3_tools": (
+        "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}\n"
+        "{{ tool | tojson(separators=(',', ':'), sort_keys=True) }}{% endfor %}\n</tools>"
+        "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'assistant' %}"
+        "<|im_start|>assistant\n{% generation %}{{ m.content }}{% endgeneration %}<|im_end|>\n"
+        "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        "{% endif %}"),
+    "gpt_oss_like": (
+        "{% set ns = namespace(system=none) %}{% for m in messages %}{% if m.role == 'system' %}"
+        "{% set ns.system = m.content %}{% endif %}{% endfor %}<|start|>system<|message|>"
+        "{{ ns.system or 'You are ChatGPT.' }}<|end|>{% for m in messages %}"
+        "{% if m.role == 'user' %}<|start|>user<|message|>{{ m.content }}<|end|>"
+        "{% elif m.role == 'assistant' %}<|start|>assistant<|channel|>final<|message|>"
+        "{{ m.content }}<|end|>{% elif m.role != 'system' %}"
+        "{{ raise_exception('unexpected role ' ~ m.role) }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|start|>assistant{% endif %}"),
+    "mixtral": (
+        "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != "
+        "(loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}"
+        "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"),
+}
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_family_templates_render_as_transformers_does(name):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Weather in Oslo?"}]
+    if name == "gpt_oss_like":
+        messages = [{"role": "system", "content": "Be brief."}, *messages]
+    variables = {"bos_token": "<s>", "eos_token": "</s>"}
+    want = render_jinja_template([messages], tools=TOOLS, chat_template=FAMILY_TEMPLATES[name],
+                                 add_generation_prompt=True, **variables)
+    want = want[0][0] if isinstance(want, tuple) else want
+    got = ChatTemplateRenderer().render(FAMILY_TEMPLATES[name], messages=messages, tools=TOOLS,
+                                        add_generation_prompt=True, **variables)
+    assert got == want

@@ -2,7 +2,8 @@
 
 A template is code: a model directory's is trusted configuration, a request's is user input.
 Both are rendered the way transformers renders them (trim_blocks, lstrip_blocks, loop
-controls, `raise_exception`, `strftime_now`, `tojson`) in an ImmutableSandboxedEnvironment
+controls, `{% generation %}` blocks, `raise_exception`, `strftime_now`, `tojson` with its
+keyword arguments) in an ImmutableSandboxedEnvironment
 (no attribute escapes, no mutation of the inputs, `range` capped at 100,000 items), and every
 render is bounded so that no template can hold its thread or fill memory:
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.environment import Environment
 from jinja2.exceptions import TemplateError
@@ -69,6 +71,18 @@ _PADDING_METHODS = {"center", "ljust", "rjust", "zfill"}
 _FORMAT_NUMBER = re.compile(r"\d+")
 
 
+class GenerationBlocks(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`: marks the assistant's part of a
+    conversation for training masks; a render for inference emits the body unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
 class LimitedSandbox(ImmutableSandboxedEnvironment):
     """The sandbox with size checks; limits come from TemplateLimits."""
 
@@ -77,7 +91,7 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, limits: TemplateLimits):
         super().__init__(trim_blocks=True, lstrip_blocks=True,
-                         extensions=["jinja2.ext.loopcontrols"])
+                         extensions=["jinja2.ext.loopcontrols", GenerationBlocks])
         self.limits = limits
         self.produced = _Produced()
         self.globals.pop("lipsum", None)  # lipsum(n) makes n paragraphs: nothing a chat needs
