@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from jinja2 import nodes
-from jinja2.ext import Extension
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.environment import Environment
 from jinja2.exceptions import TemplateError
+from jinja2.ext import Extension
 from jinja2.nodes import EvalContext
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
