@@ -75,7 +75,7 @@ class GenerationBlocks(Extension):
     """transformers' `{% generation %}...{% endgeneration %}`: marks the assistant's part of a
     conversation for training masks; a render for inference emits the body unchanged."""
 
-    tags = {"generation"}
+    tags = frozenset({"generation"})
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
