@@ -22,6 +22,8 @@ __version__ = _C.version()
 _LAZY = {
     "LLM": "moelora.entrypoints.llm",
     "SamplingParams": "moelora.engine.sampling_params",
+    "StructuredOutputsParams": "moelora.engine.structured_params",
+    "GuidedDecodingParams": "moelora.engine.structured_params",
     "LoRARequest": "moelora.engine.adapters",
     "RequestOutput": "moelora.engine.request",
     "CompletionOutput": "moelora.engine.request",
@@ -58,6 +60,8 @@ __all__ = [
     "LLM",
     "LoRARequest",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "GuidedDecodingParams",
     "RequestOutput",
     "CompletionOutput",
     "AdapterError",
