@@ -81,8 +81,9 @@ class GrammarCompilerPool:
             if kind == "json":
                 return compiler.compile_json_schema(
                     params.json, any_whitespace=not params.disable_any_whitespace)
-            if kind == "json_object":
-                return compiler.compile_builtin_json_grammar()
+            if kind == "json_object":  # an object, as OpenAI's response_format means it
+                return compiler.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=not params.disable_any_whitespace)
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
@@ -108,8 +109,9 @@ class GrammarState:
         self._stop_token_ids = list(stop_token_ids)
         self._matcher = None
 
-    def ready(self) -> bool:
-        return self._future.done()
+    def compiled(self) -> bool:
+        """Whether the grammar compiled (False while compiling, and when it failed)."""
+        return self._future.done() and self._future.exception() is None
 
     def failure(self) -> str | None:
         """Why the grammar did not compile, once it is done; None while compiling or compiled."""

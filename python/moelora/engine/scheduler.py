@@ -111,8 +111,8 @@ class Scheduler:
                 break
             if starving is not None and seq.adapter_id not in (None, starving):
                 continue
-            if seq.grammar is not None and not seq.grammar.ready():
-                continue  # compiling: later arrivals may run meanwhile
+            if seq.grammar is not None and not seq.grammar.compiled():
+                continue  # compiling (or failed since the check above: next step fails it)
             if seq.adapter_id is not None and (self.kv.pages_for(seq.num_tokens)
                                                + self.adapters.num_pages(seq.adapter_id)
                                                > self.kv.pool.num_pages):
