@@ -204,3 +204,24 @@ def test_refusals_without_tokenizer_or_xgrammar(tmp_path, assets, monkeypatch):
     tokenizer = load_tokenizer(assets[0])
     with pytest.raises(ValueError, match="pip install xgrammar"):
         GrammarCompilerPool(tokenizer, tokenizer.vocab_size, ())
+
+
+@pytest.mark.gpu
+def test_gpu_engine_masks_and_scores_prompts_like_the_cpu_engine(assets, llm):
+    """On a GPU (decode graphs and async scheduling on by default): constrained outputs stay
+    valid and equal the CPU engine's greedy text; prompt logprobs agree with the CPU's."""
+    model_dir, _ = assets
+    params = [_params(**CONSTRAINTS["json"]), _params(**CONSTRAINTS["regex"]),
+              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=3),
+              _params(temperature=1.0, seed=4, **CONSTRAINTS["grammar"])]
+    prompts = ["Hello", "Once upon a time", "The quick brown fox jumps", "Numbers:"]
+    with LLM(model=model_dir, device="cuda", dtype="float32") as gpu:
+        ours = gpu.generate(prompts, params, use_tqdm=False)
+    theirs = llm.generate(prompts, params, use_tqdm=False)
+    _check("json", ours[0].outputs[0].text)
+    _check("regex", ours[1].outputs[0].text)
+    _check("grammar", ours[3].outputs[0].text)
+    assert [o.outputs[0].text for o in ours[:2]] == [o.outputs[0].text for o in theirs[:2]]
+    for a, b in zip(ours[2].prompt_logprobs[1:], theirs[2].prompt_logprobs[1:]):
+        token = next(iter(b))
+        assert a[token].logprob == pytest.approx(b[token].logprob, abs=1e-3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class LLMEngine:
             self.kv, self.adapters)
         self._requests: dict[str, _RequestState] = {}
         self._grammar_pool: GrammarCompilerPool | None = None  # made for the first constraint
+        self._grammar_pool_lock = threading.Lock()
         # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
         self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
         self._seq_ids = itertools.count()
@@ -183,11 +185,17 @@ class LLMEngine:
 
     def grammar_pool(self) -> GrammarCompilerPool:
         """The compiler of structured-output constraints (made, and xgrammar imported, on first
-        use; ValueError naming `pip install xgrammar` where it is missing)."""
-        if self._grammar_pool is None:
-            self._grammar_pool = GrammarCompilerPool(self.tokenizer, self.model.config.vocab_size,
-                                                     self.eos_token_ids)
-        return self._grammar_pool
+        use; ValueError naming `pip install xgrammar` where it is missing). Safe from any thread:
+        a server may compile a request's constraint before queueing it, to answer a bad one
+        with 400; the engine then finds the same compilation in the pool's cache."""
+        with self._grammar_pool_lock:
+            if self._grammar_pool is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer and this model has "
+                                     "none")
+                self._grammar_pool = GrammarCompilerPool(
+                    self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+            return self._grammar_pool
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams, lora_request: LoRARequest | None = None,
