@@ -120,15 +120,17 @@ class KVManager:
     def attach_cached_prefix(self, seq: Sequence) -> int:
         """For a sequence about to start (no pages yet): takes the cached blocks its prompt
         starts with and marks their tokens computed (at least one prompt token is always left
-        to compute, for the logits). Returns the tokens reused."""
+        to compute, for the logits). Returns the tokens reused. A sequence asking for prompt
+        logprobs reuses nothing (a cached block has no logits) but still offers its blocks."""
         cache = self.prefix_cache
         if cache is None or seq.block_pages:
             return 0
         prompt, bt = seq.prompt_token_ids, self.block_tokens
         key = -1 if seq.adapter_id is None else int(seq.adapter_id)
         seq.prefix_digests = cache.chain(prompt, key, bt, len(prompt) // bt)
+        reusable = 0 if seq.params.prompt_logprobs is not None else (len(prompt) - 1) // bt
         matched = 0
-        for digest in seq.prefix_digests[:(len(prompt) - 1) // bt]:
+        for digest in seq.prefix_digests[:reusable]:
             block = cache.lookup(digest)
             if block is None:
                 break

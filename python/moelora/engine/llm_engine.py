@@ -13,7 +13,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import weakref
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,14 @@ from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
 from moelora.engine.detokenizer import IncrementalDetokenizer, find_stop
 from moelora.engine.executor import Executor, UniProcExecutor
+from moelora.engine.grammar import GrammarCompilerPool, mask_logits
 from moelora.engine.kv_manager import KVManager
 from moelora.engine.prefix_cache import PrefixCache
+from moelora.engine.prompt_logprobs import (
+    PromptLogprobBatch,
+    prompt_logprob_spans,
+    request_prompt_logprobs,
+)
 from moelora.engine.request import (
     CompletionOutput,
     Logprob,
@@ -62,6 +70,9 @@ class PreparedRequest:
     lora_request: LoRARequest | None
     adapter_id: int | None
     max_tokens: int
+    # the compiled grammar of a structured-output request (a Future, compiled off this thread;
+    # a server may wait for it to answer a bad schema before queueing): None without one
+    grammar: Future | None = None
 
 
 class LLMEngine:
@@ -104,6 +115,8 @@ class LLMEngine:
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
         self._requests: dict[str, _RequestState] = {}
+        self._grammar_pool: GrammarCompilerPool | None = None  # made for the first constraint
+        self._grammar_pool_lock = threading.Lock()
         # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
         self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
         self._seq_ids = itertools.count()
@@ -142,6 +155,12 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab}), got "
                              f"[{min(prompt_ids)}, {max(prompt_ids)}]")
         params.check_limits(max_logprobs=self.config.max_logprobs, vocab_size=vocab)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer and this model has none: "
+                             "stop on token ids with stop_token_ids")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError(f"structured outputs ({params.structured_outputs.kind}) need a "
+                             f"tokenizer and this model has none")
         adapter_id = self.adapters.resolve(lora_request) if lora_request is not None else None
         # The pool's room for one sequence's KV cache. Whether it also fits beside its adapter
         # is the scheduler's to decide (a per-request failure): a request must not be refused
@@ -160,7 +179,25 @@ class LLMEngine:
                 f"{self.kv.min_pages_for(total)} pages of KV cache; the page pool holds "
                 f"{self.memory.pool.num_pages} pages, room for at most {capacity} tokens of "
                 f"one sequence")
-        return PreparedRequest(text, prompt_ids, params, lora_request, adapter_id, max_tokens)
+        grammar = None
+        if params.structured_outputs is not None:  # checked last: nothing after can refuse it
+            grammar = self.grammar_pool().compile(params.structured_outputs)
+        return PreparedRequest(text, prompt_ids, params, lora_request, adapter_id, max_tokens,
+                               grammar)
+
+    def grammar_pool(self) -> GrammarCompilerPool:
+        """The compiler of structured-output constraints (made, and xgrammar imported, on first
+        use; ValueError naming `pip install xgrammar` where it is missing). Safe from any thread:
+        a server may compile a request's constraint before queueing it, to answer a bad one
+        with 400; the engine then finds the same compilation in the pool's cache."""
+        with self._grammar_pool_lock:
+            if self._grammar_pool is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer and this model has "
+                                     "none")
+                self._grammar_pool = GrammarCompilerPool(
+                    self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+            return self._grammar_pool
 
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams, lora_request: LoRARequest | None = None,
@@ -187,6 +224,8 @@ class LLMEngine:
                     self.config.seed * 1_000_003 + seq.seq_id) + index
             seq.generator = None if params.greedy else make_generator(seed, self.device)
             seq.max_tokens = prepared.max_tokens
+            if prepared.grammar is not None:
+                seq.grammar = self._grammar_pool.state(prepared.grammar)
             seqs.append(seq)
         self._requests[request_id] = _RequestState(request_id, prepared.prompt,
                                                    prepared.prompt_token_ids, params,
@@ -251,6 +290,7 @@ class LLMEngine:
 
     def _run_batch(self, batch, touched: set[str]) -> None:
         slot_of = self.adapters.slots_for(batch.seqs)
+        spans = prompt_logprob_spans(batch)
         logits = self.executor.execute(batch, slot_of)
         sampling = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
@@ -261,7 +301,11 @@ class LLMEngine:
                 sampling.append(seq)
             if len(seq.output_token_ids) == 0:
                 self.stats["prompt_tokens"] += num_new
+        if spans:
+            PromptLogprobBatch(logits[len(sampling):], spans).append(self.tokenizer)
         if sampling:
+            logits = logits[:len(sampling)]
+            self.mask_grammar_rows(logits, sampling)
             result = sample(logits, [SampleRequest(s.params, s.generator, self.eos_token_ids,
                                                    s.prompt_token_ids, s.output_token_ids)
                                      for s in sampling])
@@ -271,6 +315,14 @@ class LLMEngine:
                 touched.add(seq.request_id)
         self.stats["steps"] += 1
         self._record_prefix_cache_stats()
+
+    def mask_grammar_rows(self, logits: torch.Tensor, sampling: list[Sequence]) -> None:
+        """Masks, in place, the logits of sampling sequences with a grammar to the tokens it
+        allows next; the other rows stay as they are."""
+        if self._grammar_pool is not None:
+            states = [seq.grammar for seq in sampling]
+            if any(state is not None for state in states):
+                mask_logits(logits, states, self._grammar_pool.tokenizer_vocab)
 
     def _record_prefix_cache_stats(self) -> None:
         if self.prefix_cache is not None:
@@ -302,6 +354,17 @@ class LLMEngine:
         seq.cumulative_logprob += logprob  # the order sum(output_logprobs) adds them in
         self.stats["generation_tokens"] += 1
         params = seq.params
+        grammar_done = False
+        if seq.grammar is not None:
+            if not seq.grammar.accept(token):  # only a token the mask let through is sampled,
+                # unless min_tokens held back the stop token the grammar required
+                seq.error = (f"token {token} is not allowed by the request's "
+                             f"{params.structured_outputs.kind} constraint")
+                seq.error_type = "invalid_request"
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ERROR)
+                seq.finish_time = now()
+                return
+            grammar_done = seq.grammar.terminated()
         new_text = ""
         if self.tokenizer is not None:
             if seq.detokenizer is None:
@@ -325,6 +388,8 @@ class LLMEngine:
                 seq.output_text = seq.output_text[:end]
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
                 stopped_by_text = True
+        if status is None and grammar_done:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, None
         if status is None and (generated >= seq.max_tokens or
                                seq.num_known_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
@@ -368,7 +433,8 @@ class LLMEngine:
         if finished:
             self._requests.pop(state.request_id, None)
         return RequestOutput(state.request_id, state.prompt, list(state.prompt_token_ids),
-                             outputs, finished, state.lora_request, metrics)
+                             outputs, finished, state.lora_request, metrics,
+                             request_prompt_logprobs(first))
 
     # -- prompts -----------------------------------------------------------------------------
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
@@ -407,6 +473,8 @@ class LLMEngine:
                 self.abort_request(request_id)
         finally:
             self.executor.shutdown()
+            if self._grammar_pool is not None:
+                self._grammar_pool.shutdown()
             self.scheduler = self.kv = self.prefix_cache = None
             self.model = self.memory = None
             if self.device.type == "cuda":

@@ -5,8 +5,9 @@ new blocks need (engine/block_table.py), token ids, positions, adapter slots, se
 to sample; then sends them to the device in one copy (engine/step_inputs.py). `forward` writes the
 table entries, fills in the ids of pending tokens from the previous step's sampled tokens (async
 scheduling: the host does not have them yet), and replays a decode graph (a pure-decode step that
-fits one) or runs the model eagerly; it returns the hidden states of the sampled rows. Nothing in
-prepare or forward waits for the GPU. `execute` does both and returns the logits.
+fits one) or runs the model eagerly; it returns the hidden states of the sampled rows, then of the
+rows whose logits give prompt logprobs (engine/prompt_logprobs.py). Nothing in prepare or forward
+waits for the GPU. `execute` does both and returns the logits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from moelora.engine.block_table import BlockTable, TableWrites
 from moelora.engine.paged_context import PagedContext, StepMetadata
 from moelora.engine.prefill_attention import MAX_GATHERED_KEYS, PrefillSpan
+from moelora.engine.prompt_logprobs import prompt_logprob_span
 from moelora.engine.scheduler import ScheduledBatch
 from moelora.engine.step_inputs import HostStep, PreparedStep, send, step_metadata
 
@@ -86,7 +88,9 @@ class ModelRunner:
             rows=rows, slots=slots if lora else None, seq_lens=seq_lens,
             writes=writes_on_device, feed_dst=feed_dst, feed_src=feed_src,
             sample_rows=sample_rows, num_sample=len(host.sample_rows),
-            samples_every_token=len(host.sample_rows) == num_tokens, spans=host.spans,
+            samples_every_token=(len(host.sample_rows) == num_tokens
+                                 and host.sample_rows == list(range(num_tokens))),
+            spans=host.spans,
             paged_tokens=rest[8].long() if host.spans else None)
 
     def _host_step(self, batch: ScheduledBatch, slot_of: dict[int, int],
@@ -99,6 +103,7 @@ class ModelRunner:
         token_rows: list[int] = []
         token_slots: list[int] = []
         sample_rows: list[int] = []
+        prompt_rows: list[int] = []  # after the sampled rows: rows scoring prompt tokens
         feed_dst: list[int] = []
         feed_src: list[int] = []
         spans: list[PrefillSpan] = []
@@ -126,18 +131,23 @@ class ModelRunner:
             seq_lens[row] = start + num_new
             if start + num_new == seq.num_tokens:
                 sample_rows.append(len(ids) - 1)
+            span = prompt_logprob_span(seq, start, num_new)
+            if span is not None:
+                offset = len(ids) - num_new - start
+                prompt_rows.extend(range(offset + span[0], offset + span[1]))
         width = max(1, max(len(seq.block_pages) for seq in batch.seqs))
         return HostStep(ids=ids, positions=positions, rows=token_rows,
                         slots=token_slots if slots_used else None, seq_lens=seq_lens,
-                        sample_rows=sample_rows, feed_dst=feed_dst, feed_src=feed_src,
+                        sample_rows=sample_rows + prompt_rows, feed_dst=feed_dst,
+                        feed_src=feed_src,
                         spans=tuple(spans), num_seqs=len(batch.seqs),
                         num_adapters=len(slots_used), width=width), writes
 
     # -- device ------------------------------------------------------------------------------
     def forward(self, step: PreparedStep, previous_tokens: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        """Hidden states [step.num_sample, H] of the sampled rows. previous_tokens: int64 sampled
-        tokens of the step before (for step.feed_*)."""
+        """Hidden states [step.num_sample, H] of the sampled rows, then the prompt-logprob
+        rows. previous_tokens: int64 sampled tokens of the step before (for step.feed_*)."""
         self.tables.apply(*step.writes)
         if step.feed_dst.numel():
             step.ids.index_copy_(0, step.feed_dst.long(),
@@ -166,7 +176,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, slot_of: dict[int, int]) -> torch.Tensor:
-        """Returns float32 logits [number of sampling sequences, vocab]."""
+        """Returns float32 logits [sampling sequences + prompt-logprob rows, vocab]: one row
+        per sampling sequence, in batch order, then the rows of prompt_logprob_span's spans."""
         return self.logits(self.forward(self.prepare(batch, slot_of)))
 
     # -- metadata for another runner (a parallel engine's rank 0 builds, every rank runs) -----

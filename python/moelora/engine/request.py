@@ -68,6 +68,10 @@ class Sequence:
     pinned_adapter: bool = False  # holds a pin on its adapter while running
     generator: object = None  # torch.Generator for sampled (non-greedy) sequences
     max_tokens: int = 0  # resolved limit on generated tokens
+    # prompt logprobs (engine/prompt_logprobs.py): one dict per prompt token after the first,
+    # filled as prefill chunks compute them
+    prompt_logprobs: list = field(default_factory=list)
+    grammar: object = None  # GrammarState (engine/grammar.py) of a structured-output request
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -167,6 +171,9 @@ class RequestOutput:
     finished: bool
     lora_request: object = None
     metrics: RequestMetrics | None = None
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then per prompt token
+    # {token id: Logprob} with the actual token and the top k; None when not asked for
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 def now() -> float:

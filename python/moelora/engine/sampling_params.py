@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from moelora.engine.structured_params import GuidedDecodingParams, StructuredOutputsParams
+
 MAX_N = 1024  # samples of one request
 
 
@@ -31,9 +33,15 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs to return per generated token
+    # Logprobs of the prompt's tokens: the actual token's and the top k at each position after
+    # the first (0: the actual token's only; -1: the whole vocabulary)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # One grammar constraint (JSON schema, regex, choice, EBNF, any JSON object); guided_decoding
+    # is vLLM's earlier name for the same thing
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: GuidedDecodingParams | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -61,7 +69,7 @@ class SamplingParams:
         if self.logprobs is not None:
             self.logprobs = _integer("logprobs", self.logprobs, low=0)
         if self.prompt_logprobs is not None:
-            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs, low=0)
+            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs, low=-1)
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias)
         if self.seed is not None:
@@ -70,6 +78,7 @@ class SamplingParams:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(  # noqa: TRY004 - a bad field is a bad request (400)
                     f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._resolve_structured_outputs()
         if self.stop is None:
             self.stop_strings = []
         elif isinstance(self.stop, str):
@@ -94,7 +103,8 @@ class SamplingParams:
         token ids inside the vocabulary."""
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and value > min(max_logprobs, vocab_size):
+            wanted = vocab_size if value == -1 else value  # -1: the whole vocabulary
+            if value is not None and wanted > min(max_logprobs, vocab_size):
                 raise ValueError(f"{name}={value} exceeds the engine's max_logprobs "
                                  f"({max_logprobs}; raise it with LLM(max_logprobs=...)), "
                                  f"vocabulary {vocab_size}")
@@ -104,6 +114,21 @@ class SamplingParams:
         if self.stop_token_ids and max(self.stop_token_ids) >= vocab_size:
             raise ValueError(f"stop_token_ids holds {max(self.stop_token_ids)}, outside the "
                              f"vocabulary [0, {vocab_size})")
+
+    def _resolve_structured_outputs(self) -> None:
+        """structured_outputs and guided_decoding are one setting under two names: either
+        may be given (both only when equal); structured_outputs holds the result."""
+        for name in ("structured_outputs", "guided_decoding"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, StructuredOutputsParams):
+                raise ValueError(f"{name} must be a StructuredOutputsParams, got "
+                                 f"{type(value).__name__}")
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None and \
+                    self.structured_outputs.cache_key() != self.guided_decoding.cache_key():
+                raise ValueError("structured_outputs and guided_decoding name different "
+                                 "constraints; give one of them")
+            self.structured_outputs = self.structured_outputs or self.guided_decoding
 
     @property
     def greedy(self) -> bool:

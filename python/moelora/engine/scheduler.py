@@ -9,6 +9,8 @@ Each step:
      adapters of waiting sequences are prefetched so loads overlap other requests' steps;
   3. fairness: a sequence that waited past `starvation_steps` stops the admission of sequences
      behind it that use other adapters, so its adapter gets a slot when running ones release.
+A structured-output sequence is admitted once its grammar is compiled (engine/grammar.py compiles
+on its own threads); one whose grammar failed to compile fails here, alone.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         self._fail_sequences_of_failed_adapters(batch)
+        self._fail_sequences_of_failed_grammars(batch)
 
         # 1. running sequences, oldest first; preempt the youngest when pages run out.
         for seq in sorted(self.running, key=lambda s: s.arrival_time):
@@ -108,6 +111,8 @@ class Scheduler:
                 break
             if starving is not None and seq.adapter_id not in (None, starving):
                 continue
+            if seq.grammar is not None and not seq.grammar.compiled():
+                continue  # compiling (or failed since the check above: next step fails it)
             if seq.adapter_id is not None and (self.kv.pages_for(seq.num_tokens)
                                                + self.adapters.num_pages(seq.adapter_id)
                                                > self.kv.pool.num_pages):
@@ -221,4 +226,13 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.error = problem
                 seq.error_type = "adapter_error"
+                batch.failed.append(seq)
+
+    def _fail_sequences_of_failed_grammars(self, batch: ScheduledBatch) -> None:
+        for seq in list(self.waiting):
+            problem = seq.grammar.failure() if seq.grammar is not None else None
+            if problem is not None:
+                self.waiting.remove(seq)
+                seq.error = problem
+                seq.error_type = "invalid_request"
                 batch.failed.append(seq)

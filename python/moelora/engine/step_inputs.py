@@ -124,7 +124,8 @@ class PreparedStep:
     writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # BlockTable.apply
     feed_dst: torch.Tensor
     feed_src: torch.Tensor
-    sample_rows: torch.Tensor  # int32: the tokens whose logits are sampled
+    sample_rows: torch.Tensor  # int32: the tokens whose logits are taken (sampled, then
+    #                            prompt-logprob rows)
     num_sample: int
     samples_every_token: bool  # sample_rows == range(num_tokens)
     spans: tuple[PrefillSpan, ...] = ()

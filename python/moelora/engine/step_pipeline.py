@@ -17,8 +17,13 @@ token from N+1 is dropped. Nothing N+1 may still touch goes back while it runs: 
 wait behind N+1's fence (KVManager.fence), and N+1 holds a pin on each adapter it reads.
 
 The host falls back to one step at a time (waits for N before scheduling) when a sequence of N
-samples with penalties or logit bias (they need their own latest token on the host); the tokens,
-text and stop behaviour are those of the synchronous engine either way.
+samples with penalties or logit bias (they need their own latest token on the host) or under a
+grammar (its mask for N+1 comes from a matcher advanced by N's token, on the host); the tokens,
+text and stop behaviour are those of the synchronous engine either way. Steps without such
+sequences keep overlapping, beside constrained requests that are waiting or between their steps.
+
+Prompt logprobs are computed on the device when their step is launched and brought to the host
+with its tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 from moelora.engine.device_sampler import DeviceSampleRequest, SampledTokens, sample_on_device
+from moelora.engine.prompt_logprobs import PromptLogprobBatch, prompt_logprob_spans
 from moelora.engine.request import Sequence, SequenceStatus, now
 from moelora.engine.scheduler import ScheduledBatch
 
@@ -62,6 +68,7 @@ class _InFlight:
     sampling: list[Sequence]  # the sequences that sample, in the order of `sampled`
     sampled: SampledTokens
     pinned_adapters: list[int] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobBatch | None = None
 
     def row_of(self) -> dict[int, int]:
         return {seq.seq_id: row for row, seq in enumerate(self.sampling)}
@@ -120,15 +127,21 @@ class StepPipeline:
         slot_of = engine.adapters.slots_for(batch.seqs)
         sampling = [seq for seq, num_new in zip(batch.seqs, batch.num_new_tokens)
                     if seq.num_computed_tokens + num_new == seq.num_tokens]
+        spans = prompt_logprob_spans(batch)
         prepared = runner.prepare(batch, slot_of,
                                   previous.row_of() if previous is not None else None)
         hidden = runner.forward(prepared, previous.sampled.tokens if previous else None)
+        logits = runner.logits(hidden)
+        prompt_logprobs = (PromptLogprobBatch(logits[len(sampling):], spans) if spans
+                           else None)
+        logits = logits[:len(sampling)]
+        engine.mask_grammar_rows(logits, sampling)  # their tokens are all on the host (step())
         requests = [DeviceSampleRequest(seq.params, seq.generator, engine.eos_token_ids,
                                         len(seq.output_token_ids) + seq.num_pending_tokens,
                                         seq.prompt_token_ids, seq.output_token_ids)
                     for seq in sampling]
-        sampled = sample_on_device(runner.logits(hidden), requests)
-        launched = _InFlight(batch, sampling, sampled)
+        sampled = sample_on_device(logits, requests)
+        launched = _InFlight(batch, sampling, sampled, prompt_logprobs=prompt_logprobs)
         engine.kv.fence = _Fence(sampled)  # pages freed from now on wait for this step
         for adapter_id in {s.adapter_id for s in batch.seqs if s.adapter_id is not None}:
             if engine.adapters.pin(adapter_id):
@@ -157,7 +170,11 @@ class StepPipeline:
 
     @staticmethod
     def _needs_host_tokens(in_flight: _InFlight) -> bool:
-        return any(seq.params.adjusts_logits for seq in in_flight.sampling if not seq.finished)
+        """Whether a sequence sampling in the step in flight needs that token on the host
+        before its next step is built: penalties and biases read it, and a grammar's next mask
+        comes from its matcher advanced by it. Such steps run one at a time."""
+        return any(seq.params.adjusts_logits or seq.grammar is not None
+                   for seq in in_flight.sampling if not seq.finished)
 
     # -- finishing ---------------------------------------------------------------------------
     def _finish(self, engine, step: _InFlight, touched: set[str]) -> None:
@@ -167,6 +184,9 @@ class StepPipeline:
             self._unpin(engine, step)
             engine._fail_batch(step.batch, error, touched)
             return
+        if step.prompt_logprobs is not None:
+            step.prompt_logprobs.append(engine.tokenizer)
+            touched.update(seq.request_id for seq, _ in step.prompt_logprobs.spans)
         for seq, token, logprob, top in zip(step.sampling, tokens, logprobs, tops):
             if seq.finished:
                 continue  # stopped, aborted or failed after this step was launched

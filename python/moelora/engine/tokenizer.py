@@ -48,6 +48,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The `tokenizers` Tokenizer (its vocabulary and pipeline, for grammar masks)."""
+        return self._tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if len(text) > GIL_FREE_CHARS:
             ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
@@ -96,6 +101,11 @@ class HFTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self._tok)
+
+    @property
+    def backend(self):
+        """The transformers tokenizer."""
+        return self._tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
