@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moelora.engine.sampling_params import SamplingParams
+from moelora.engine.structured_params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key longer than this is no token id of any vocabulary
@@ -55,6 +56,17 @@ class _SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (vLLM)
+    prompt_logprobs: int | None = Field(None, ge=-1)  # vLLM: logprobs of the prompt's tokens
+    # Structured outputs: OpenAI's response_format, vLLM's guided_* fields and its newer
+    # structured_outputs object (one constraint per request; structured_outputs_params()).
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -86,10 +98,54 @@ class _SamplingFields(_Request):
         """(param, message) for a feature this server does not implement, if used."""
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream=true"
+        if self.guided_whitespace_pattern is not None:
+            return "guided_whitespace_pattern", ("guided_whitespace_pattern is not supported "
+                                                 "(xgrammar's JSON whitespace rules apply)")
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs is not supported with stream=true"
+        kind = (self.response_format or {}).get("type")
+        if kind not in (None, "text", "json_object", "json_schema"):
+            return "response_format", (f"response_format type {kind!r} is not supported (text, "
+                                       f"json_object, json_schema)")
         return None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's one output constraint, or None; ValueError (a 400 naming the field)
+        for a malformed one or more than one."""
+        given = {}
+        kind = (self.response_format or {}).get("type")
+        if kind == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            spec = self.response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format json_schema needs a json_schema object with "
+                                 "a 'schema' object")
+            given["response_format"] = {"json": spec["schema"]}
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given[name] = {key: getattr(self, name)}
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = dict(self.structured_outputs)
+        if not given:
+            if self.guided_decoding_backend is not None:
+                raise ValueError("guided_decoding_backend needs a guided_* constraint")
+            return None
+        if len(given) > 1:
+            raise ValueError(f"give one output constraint, got {', '.join(sorted(given))}")
+        (field_name, fields), = given.items()
+        if self.guided_decoding_backend is not None:
+            fields.setdefault("backend", self.guided_decoding_backend)
+        try:
+            return StructuredOutputsParams(**fields)
+        except TypeError as exc:
+            raise ValueError(f"{field_name}: {exc}") from None
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
+            structured_outputs=self.structured_outputs_params(),
+            prompt_logprobs=self.prompt_logprobs,
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
@@ -168,15 +224,12 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs=true"
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            return "response_format", "only response_format type 'text' is supported"
         if self.tools and self.tool_choice not in (None, "none"):
             return "tools", "tool calling is not supported by this server"
         if self.continue_final_message and self.add_generation_prompt:

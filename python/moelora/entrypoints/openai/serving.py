@@ -25,7 +25,7 @@ from moelora.entrypoints.openai.errors import (
     from_validation_error,
     overloaded,
 )
-from moelora.entrypoints.openai.logprobs import LogprobFormatter
+from moelora.entrypoints.openai.logprobs import LogprobFormatter, finite_logprob
 from moelora.entrypoints.openai.prompts import Prompt, PromptBuilder
 from moelora.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -39,7 +39,10 @@ from moelora.entrypoints.openai.streaming import SSEResponse, run_until_disconne
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
                     "logprobs", "seed", "stop", "stop_token_ids", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "logit_bias")
+                    "frequency_penalty", "repetition_penalty", "logit_bias",
+                    "prompt_logprobs")
+_CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice",
+                      "guided_grammar", "structured_outputs")
 
 
 class _Choice:
@@ -102,6 +105,7 @@ class OpenAIServing:
             raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
         prompts = [await self.prompts.completion_prompt(p) for p in req.prompts()]
         params = self._params(req, prompts, req.max_tokens, req.logprobs, "prompt")
+        await self._check_constraint(req, params)
         request_id = random_id("cmpl")
         streams = await self._start(request_id, prompts, params, lora)
         created, model = int(time.time()), req.model or self.models.base_name
@@ -124,7 +128,8 @@ class OpenAIServing:
                     logprobs = self.logprobs.completion(o.logprobs or [], o.token_ids, 0,
                                                         req.return_tokens_as_token_ids)
                 choices.append({"index": i * req.n + o.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+                                "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
+                                **self._prompt_logprobs(req, output)})
                 completion_tokens += len(o.token_ids)
         choices.sort(key=lambda c: c["index"])
         return JSONResponse({"id": request_id, "object": "text_completion", "created": created,
@@ -183,6 +188,7 @@ class OpenAIServing:
         prompt = await self.prompts.chat_prompt(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, [prompt], req.requested_max_tokens(), top, "messages")
+        await self._check_constraint(req, params)
         request_id = random_id("chatcmpl")
         streams = await self._start(request_id, [prompt], params, lora)
         created, model = int(time.time()), req.model or self.models.base_name
@@ -205,7 +211,8 @@ class OpenAIServing:
             choices.append({"index": o.index,
                             "message": {"role": "assistant", "content": o.text},
                             "logprobs": logprobs, "finish_reason": o.finish_reason,
-                            "stop_reason": o.stop_reason})
+                            "stop_reason": o.stop_reason,
+                            **self._prompt_logprobs(req, final)})
             completion_tokens += len(o.token_ids)
         choices.sort(key=lambda c: c["index"])
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
@@ -318,11 +325,42 @@ class OpenAIServing:
                                   for t in req.logit_bias):
             raise bad_request(f"logit_bias token ids must be < {self.vocab_size}", "logit_bias")
         try:
+            req.structured_outputs_params()
+        except ValueError as exc:
+            raise bad_request(str(exc), _constraint_field(req)) from exc
+        try:
             return req.sampling_params(max_tokens, logprobs)
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]
             raise bad_request(message, name if name in _SAMPLING_FIELDS else None) from exc
+
+    async def _check_constraint(self, req, params) -> None:
+        """Compiles the request's output constraint before it queues, so that a schema, regex
+        or grammar that does not compile answers 400 naming its field (the engine then finds the
+        compilation in the pool's cache)."""
+        if params.structured_outputs is None:
+            return
+        try:
+            pool = await asyncio.to_thread(self.engine.engine.grammar_pool)
+            await asyncio.wrap_future(pool.compile(params.structured_outputs))
+        except ValueError as exc:
+            raise bad_request(str(exc), _constraint_field(req)) from exc
+
+    def _prompt_logprobs(self, req, output) -> dict:
+        """{"prompt_logprobs": [...]} as vLLM answers it (None for the first prompt token, then
+        {token id: {logprob, rank, decoded_token}} per token), or {} when not asked."""
+        if req.prompt_logprobs is None:
+            return {}
+        entries = []
+        for position in output.prompt_logprobs or []:
+            if position is None:
+                entries.append(None)
+                continue
+            entries.append({str(token): {"logprob": finite_logprob(lp.logprob), "rank": lp.rank,
+                                         "decoded_token": lp.decoded_token}
+                            for token, lp in position.items()})
+        return {"prompt_logprobs": entries}
 
     async def _start(self, request_id: str, prompts: list[Prompt], params,
                      lora) -> list[RequestStream]:
@@ -419,3 +457,11 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, objec
     finally:
         for stream in streams:
             stream.close()
+
+
+def _constraint_field(req) -> str | None:
+    """The field that carried a request's output constraint (for a 400's param)."""
+    for name in _CONSTRAINT_FIELDS:
+        if getattr(req, name, None) is not None:
+            return name
+    return "guided_decoding_backend" if req.guided_decoding_backend is not None else None
