@@ -80,7 +80,8 @@ def test_a_copied_vllm_command_line_serves(assets, tmp_path):
 
 
 @pytest.mark.parametrize("flags,reason", [
-    (["--enable-auto-tool-choice", "--tool-call-parser", "hermes"], "tool calling"),
+    (["--enable-auto-tool-choice", "--tool-call-parser", "openai"], "not available"),
+    (["--enable-auto-tool-choice"], "needs --tool-call-parser"),
     (["--kv-cache-dtype", "fp8"], "fp8 KV caches"),
     (["--block-size", "0"], "--block-size"),
     (["--chat-template", "/no/such/template.jinja"], "--chat-template"),

@@ -137,7 +137,10 @@ def build_app(engine, model_path: str, args, static_loras: dict[str, str],
                            allowed_dirs=args.allowed_lora_dirs)
     serving = OpenAIServing(async_engine, models, engine.tokenizer, engine.max_model_len,
                             engine.model.config.vocab_size, args.max_waiting_requests,
-                            trust_request_chat_template=args.trust_request_chat_template)
+                            trust_request_chat_template=args.trust_request_chat_template,
+                            tool_call_parser=(args.tool_call_parser
+                                              if getattr(args, "enable_auto_tool_choice", False)
+                                              else None))
     body_limit = args.max_request_body_bytes
     body_workers = OffLoop("moelora-bodies", BODY_WORKERS)
 

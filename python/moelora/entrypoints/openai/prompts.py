@@ -91,6 +91,8 @@ class PromptBuilder:
     def _render_and_encode(self, req: ChatCompletionRequest) -> Prompt:
         messages = [m.as_template_message() for m in req.messages]
         kwargs = dict(req.chat_template_kwargs or {})
+        if req.tools and req.tool_choice != "none":  # the template lists them for the model
+            kwargs["tools"] = req.tools
         try:
             if req.continue_final_message:
                 text = self.tokenizer.apply_chat_template(

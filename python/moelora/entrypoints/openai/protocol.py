@@ -204,6 +204,8 @@ class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer names the call it answers
 
     def as_template_message(self) -> dict:
         if isinstance(self.content, list):
@@ -211,7 +213,11 @@ class ChatMessage(_Request):
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text}
+        message = {"role": role, "content": text}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -230,12 +236,17 @@ class ChatCompletionRequest(_SamplingFields):
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs requires logprobs=true"
-        if self.tools and self.tool_choice not in (None, "none"):
-            return "tools", "tool calling is not supported by this server"
+        if self.tools and self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", ("tool_choice 'required' and named functions are not "
+                                   "supported; use 'auto' (or 'none')")
         if self.continue_final_message and self.add_generation_prompt:
             return "continue_final_message", ("continue_final_message needs "
                                               "add_generation_prompt=false")
         return super().unsupported()
+
+    def wants_tool_calls(self) -> bool:
+        """Whether the request offers tools the model may call (tool_choice unset or auto)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \

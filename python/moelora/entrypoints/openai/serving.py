@@ -36,6 +36,11 @@ from moelora.entrypoints.openai.protocol import (
 )
 from moelora.entrypoints.openai.serving_models import ServingModels
 from moelora.entrypoints.openai.streaming import SSEResponse, run_until_disconnect, sse
+from moelora.entrypoints.openai.tool_parsers import (
+    assistant_message,
+    completion_chunks,
+    tool_parser,
+)
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
                     "logprobs", "seed", "stop", "stop_token_ids", "presence_penalty",
@@ -85,8 +90,10 @@ def _safe_length(text: str, hold: int) -> int:
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, models: ServingModels, tokenizer, max_model_len: int,
                  vocab_size: int, max_waiting_requests: int | None = None,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, tool_call_parser: str | None = None):
         self.engine = engine
+        # --enable-auto-tool-choice's parser, or None: requests offering tools answer 400
+        self.tool_parser = tool_parser(tool_call_parser) if tool_call_parser else None
         self.models = models
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -185,6 +192,12 @@ class OpenAIServing:
     # -- /v1/chat/completions ------------------------------------------------------------------
     async def create_chat_completion(self, req: ChatCompletionRequest, raw: Request) -> Response:
         lora = self._admit(req)
+        parser = None
+        if req.wants_tool_calls():
+            if self.tool_parser is None:
+                raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and '
+                                  '--tool-call-parser to be set', "tool_choice")
+            parser = self.tool_parser
         prompt = await self.prompts.chat_prompt(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, [prompt], req.requested_max_tokens(), top, "messages")
@@ -192,14 +205,25 @@ class OpenAIServing:
         request_id = random_id("chatcmpl")
         streams = await self._start(request_id, [prompt], params, lora)
         created, model = int(time.time()), req.model or self.models.base_name
+        if req.stream and parser is not None:
+            # calls are read from the whole output: it streams once it is complete
+            return SSEResponse(self._chat_tool_stream(req, request_id, created, model, prompt,
+                                                      streams, lora, parser),
+                               on_close=lambda: _close_all(streams))
         if req.stream:
             return SSEResponse(self._chat_stream(req, request_id, created, model, prompt,
                                                  streams, lora),
                                on_close=lambda: _close_all(streams))
         return await run_until_disconnect(raw, self._chat_full(req, request_id, created, model,
-                                                               prompt, streams, lora))
+                                                               prompt, streams, lora, parser))
 
-    async def _chat_full(self, req, request_id, created, model, prompt, streams, lora):
+    async def _chat_full(self, req, request_id, created, model, prompt, streams, lora,
+                         parser=None):
+        return JSONResponse(await self._chat_body(req, request_id, created, model, prompt,
+                                                  streams, lora, parser))
+
+    async def _chat_body(self, req, request_id, created, model, prompt, streams, lora,
+                         parser) -> dict:
         (final,) = await _collect(streams)
         choices, completion_tokens = [], 0
         for o in final.outputs:
@@ -208,16 +232,30 @@ class OpenAIServing:
             if req.logprobs:
                 logprobs = self.logprobs.chat(o.logprobs or [], o.token_ids,
                                               req.return_tokens_as_token_ids)
-            choices.append({"index": o.index,
-                            "message": {"role": "assistant", "content": o.text},
-                            "logprobs": logprobs, "finish_reason": o.finish_reason,
-                            "stop_reason": o.stop_reason,
+            message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
+            if parser is not None:
+                message, finish = assistant_message(parser.extract(o.text), finish)
+            choices.append({"index": o.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": finish, "stop_reason": o.stop_reason,
                             **self._prompt_logprobs(req, final)})
             completion_tokens += len(o.token_ids)
         choices.sort(key=lambda c: c["index"])
-        return JSONResponse({"id": request_id, "object": "chat.completion", "created": created,
-                             "model": model, "choices": choices,
-                             "usage": _usage([prompt], completion_tokens)})
+        return {"id": request_id, "object": "chat.completion", "created": created,
+                "model": model, "choices": choices,
+                "usage": _usage([prompt], completion_tokens)}
+
+    async def _chat_tool_stream(self, req, request_id, created, model, prompt, streams, lora,
+                                parser) -> AsyncIterator[str]:
+        try:
+            body = await self._chat_body(req, request_id, created, model, prompt, streams,
+                                         lora, parser)
+            options = req.stream_options
+            for chunk in completion_chunks(body, include_usage=bool(
+                    options and options.include_usage)):
+                yield sse(chunk)
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, as vLLM does
+            yield sse(from_engine_error(exc).body())
+        yield "data: [DONE]\n\n"
 
     async def _chat_stream(self, req, request_id, created, model, prompt, streams,
                            lora) -> AsyncIterator[str]:

@@ -32,10 +32,11 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-log-stats", action="store_true",
                         help="accepted for vLLM's command lines (no periodic stats are logged; /metrics has them)")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help="tool calling (refused: not implemented; requests with `tools` "
-                             "answer 400)")
+                        help="read tool calls back from the model's output (needs "
+                             "--tool-call-parser)")
     parser.add_argument("--tool-call-parser", default=None,
-                        help="tool call parser (refused with --enable-auto-tool-choice)")
+                        help="the format of the model's tool calls: hermes (Qwen2/Qwen3 and "
+                             "Hermes-style templates)")
     parser.add_argument("--lora-dtype", default="auto", choices=LORA_DTYPES,
                         help="adapter dtype (adapters always run in the model's dtype: any "
                              "other value is accepted with a warning)")
@@ -58,10 +59,15 @@ def apply_vllm_flags(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     if args.max_logprobs < 0:
         raise ValueError(f"--max-logprobs must be >= 0, got {args.max_logprobs}")
-    if args.enable_auto_tool_choice or args.tool_call_parser:
-        raise ValueError("--enable-auto-tool-choice / --tool-call-parser: tool calling is not "
-                         "implemented in moelora; requests that send `tools` with a tool_choice "
-                         "answer 400 naming the field")
+    if args.enable_auto_tool_choice:
+        if args.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (e.g. hermes)")
+        from moelora.entrypoints.openai.tool_parsers import tool_parser
+
+        tool_parser(args.tool_call_parser)  # ValueError naming the parsers offered
+    elif args.tool_call_parser is not None:
+        warnings.append(f"--tool-call-parser {args.tool_call_parser}: ignored without "
+                        f"--enable-auto-tool-choice")
     if args.kv_cache_dtype.startswith("fp8"):
         raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype}: fp8 KV caches are not "
                          f"implemented; the cache is kept in the model's dtype (auto)")
