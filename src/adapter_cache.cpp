@@ -89,6 +89,16 @@ bool AdapterCache::State::may_evict(const AdapterEntry& victim, const AdapterEnt
 // Picks a free slot, else evicts an unpinned resident adapter that `for_entry` may evict: idle
 // ones (no queued demand) least recently used first, then those wanted furthest back.
 int32_t AdapterCache::State::find_slot_locked(const AdapterEntry& for_entry) {
+  // A slot goes to the most urgent load that is ready for one: this load waits while one ahead
+  // of it in the queue does (retry_waiting serves them in order).
+  for (const EntryPtr& other : demanded) {
+    if (other->demand >= for_entry.demand) continue;
+    if (!other->failed && other->want_device && other->host_state == HostState::kReady &&
+        (other->device_state == DeviceState::kWaiting ||
+         other->device_state == DeviceState::kNone)) {
+      return -1;
+    }
+  }
   for (size_t s = 0; s < slot_owner.size(); ++s) {
     if (slot_owner[s] < 0) return static_cast<int32_t>(s);
   }
@@ -702,6 +712,7 @@ AdapterCacheStats AdapterCache::stats() const {
       out.host_bytes += e->host_copy_bytes();
     }
   }
+  out.host_buffers_in_use = s.buffers->buffers_in_use();
   out.host_buffers_kept = s.buffers->kept_buffers();
   out.host_buffer_bytes_kept = s.buffers->kept_bytes();
   out.host_load_histogram = s.host_histogram.counts;

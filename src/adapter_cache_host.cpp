@@ -104,6 +104,11 @@ void AdapterCache::State::enforce_host_limits_locked(const AdapterEntry* protect
     if (!victim) return;
     drop_host_copy_locked(*victim);
     ++counters.host_evictions;
+    // Still waiting for the device: its read is queued again (it starts when its turn and the
+    // host tier's room allow).
+    if (victim->device_state == DeviceState::kWaiting) {
+      queue_host_load_locked(entries.at(victim->id));
+    }
   }
 }
 
@@ -183,7 +188,8 @@ void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,
   }
   job->files.reset();
   host_work.notify_all();  // a job slot is free
-  if (e->cancelled) return;  // the buffer goes back to the pool with the job
+  if (e->cancelled || job->failed) job->buffer.reset();  // back to the pool, before anyone looks
+  if (e->cancelled) return;
   if (job->failed) {
     e->host_state = HostState::kFailed;
     e->device_state = DeviceState::kNone;
@@ -192,6 +198,9 @@ void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,
     return;
   }
   set_host_ready_locked(*e, std::move(job->buffer));
+  // A load that waited for this copy is retried below: until then it is not waiting for memory
+  // (a waiter woken meanwhile must not take it for one).
+  if (e->device_state == DeviceState::kWaiting) e->device_state = DeviceState::kNone;
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - job->start).count();
   ++counters.host_loads;
@@ -203,6 +212,7 @@ void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,
   if (e->want_device) {
     lock.unlock();
     try_start_device_load(e);
+    retry_waiting();  // one ahead of it may have been waiting for this turn
     lock.lock();
   }
 }

@@ -197,12 +197,14 @@ class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {
   std::shared_ptr<HostBuffer> take(int64_t bytes);
   int64_t kept_buffers() const;
   int64_t kept_bytes() const;
+  int64_t buffers_in_use() const;  // taken and not yet back
   void clear();
 
  private:
   void give_back(HostBuffer* buffer) noexcept;
   mutable std::mutex mutex_;
   int keep_at_most_;
+  int64_t in_use_ = 0;
   std::vector<std::unique_ptr<HostBuffer>> kept_;
 };
 

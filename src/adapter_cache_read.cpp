@@ -111,8 +111,17 @@ std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes) {
       found = std::move(kept_[best]);
       kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(best));
     }
+    ++in_use_;
   }
-  if (!found) found = std::make_unique<HostBuffer>(bytes);
+  if (!found) {
+    try {
+      found = std::make_unique<HostBuffer>(bytes);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      --in_use_;
+      throw;
+    }
+  }
   std::weak_ptr<HostBufferPool> pool = weak_from_this();
   return std::shared_ptr<HostBuffer>(found.release(), [pool](HostBuffer* buffer) {
     if (auto alive = pool.lock()) {
@@ -126,6 +135,7 @@ std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes) {
 void HostBufferPool::give_back(HostBuffer* buffer) noexcept {
   std::unique_ptr<HostBuffer> owned(buffer);
   std::lock_guard<std::mutex> lock(mutex_);
+  --in_use_;
   if (static_cast<int>(kept_.size()) < keep_at_most_) kept_.push_back(std::move(owned));
   // Otherwise freed here (a page-locked free during a graph capture waits for its end).
 }
@@ -140,6 +150,11 @@ int64_t HostBufferPool::kept_bytes() const {
   int64_t total = 0;
   for (const auto& b : kept_) total += b->bytes();
   return total;
+}
+
+int64_t HostBufferPool::buffers_in_use() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return in_use_;
 }
 
 void HostBufferPool::clear() {

@@ -111,6 +111,7 @@ struct AdapterCacheStats {
   int64_t host_bytes_read = 0;     // file bytes read by disk -> host loads
   double host_load_seconds = 0;    // wall time of disk -> host loads (read start to host copy)
   int64_t host_loads_failed = 0;   // loads whose read or check failed
+  int64_t host_buffers_in_use = 0;  // host buffers held by host copies, reads and copies
   int64_t host_buffers_kept = 0;   // host buffers kept for reuse (page-locked where possible)
   int64_t host_buffer_bytes_kept = 0;
   // Load latency histograms: counts of loads per bucket of load_seconds_buckets() (the last
