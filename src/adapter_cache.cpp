@@ -576,6 +576,17 @@ int32_t AdapterCache::wait(int64_t id) {
     if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
     if (e->failed) throw AdapterError(e->name, problem_of(*e));
     if (e->device_state == DeviceState::kWaiting) {
+      // Other loads still on their way to the device make room (or change the picture) when
+      // they land: wait for that and ask again; otherwise nothing will change by waiting.
+      const bool others_in_flight =
+          std::any_of(s.entries.begin(), s.entries.end(), [&](const auto& entry) {
+            const DeviceState d = entry.second->device_state;
+            return d == DeviceState::kAllocating || d == DeviceState::kCopying;
+          });
+      if (others_in_flight) {
+        s.changed.wait(lock);
+        continue;
+      }
       throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
                               std::to_string(e->layout->num_pages()) + " free pages",
                           e->layout->num_pages(), s.pool.free_pages());

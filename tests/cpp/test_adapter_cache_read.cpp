@@ -101,6 +101,15 @@ void check_accounts(const Cache& c, const std::vector<int64_t>& resident) {
   c.pool.check_invariants();
 }
 
+template <typename Pred>
+bool eventually(Pred pred) {
+  for (int i = 0; i < 2000; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return false;
+}
+
 // A fresh directory (temp paths repeat when process ids do).
 std::string make_dir(const std::string& stem) {
   const std::string dir = temp_path(stem);
@@ -375,7 +384,8 @@ TEST_CASE("unregistering during a parallel read drops it; the cache keeps servin
   CHECK_EQ(mismatches(c, b, c.cache->wait(idb), DType::kBFloat16), int64_t{0});
   detail::set_read_hook(*c.cache, nullptr);
   CHECK_EQ(c.cache->stats().host_copies, int64_t{1});
-  CHECK_EQ(c.cache->stats().host_buffers_in_use, int64_t{1});
+  // The dropped load's buffer comes back once its last claimed chunk is done.
+  CHECK(eventually([&] { return c.cache->stats().host_buffers_in_use == 1; }));
   check_accounts(c, {idb});
 }
 
