@@ -17,6 +17,7 @@
 //                      [--chunk-kib 1024] [--dir /tmp/moelora-bench-adapters]
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -238,6 +239,15 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+// CPU seconds (user + system) of every thread of this process so far: the work a load costs,
+// whatever else competes for the cores.
+double process_cpu_seconds() {
+  rusage usage {};
+  ::getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) * 1e-6;
+}
+
 struct Options {
   std::string preset = "gpt-oss-20b";
   int32_t layers = 4;
@@ -306,29 +316,40 @@ int run(const Options& o) {
   };
 
   // Disk -> host: the plain parallel read against the cache's host load, alternating.
-  std::vector<double> plain, host, cached;
+  std::vector<double> plain, host, cached, plain_cpu, host_cpu;
   HostBuffer target(file_bytes, /*try_pinned=*/true);
   int64_t id = cache.register_adapter(spec);
   for (int r = 0; r < o.repeats + 1; ++r) {
     cached.push_back(cold_or_warm());
+    double cpu = process_cpu_seconds();
     auto start = std::chrono::steady_clock::now();
     plain_parallel_read(file, o.threads, int64_t{4} << 20, target.data(), file_bytes);
     const double plain_s = seconds_since(start);
+    const double plain_cpu_s = process_cpu_seconds() - cpu;
     cache.unregister(id);
     id = cache.register_adapter(spec);
     cold_or_warm();
+    cpu = process_cpu_seconds();
     start = std::chrono::steady_clock::now();
     cache.load_host(id);
     const double host_s = seconds_since(start);
+    const double host_cpu_s = process_cpu_seconds() - cpu;
     if (r > 0) {  // the first run is a warm-up (pinned allocations, thread start)
       plain.push_back(plain_s);
       host.push_back(host_s);
+      plain_cpu.push_back(plain_cpu_s);
+      host_cpu.push_back(host_cpu_s);
     }
   }
   const double cached_before = cached.back();
-  print_line(o, "plain_read", file_bytes, median(plain), median(plain), "plain_read", cached_before);
+  auto cpu_field = [](double seconds) {
+    return ", \"cpu_ms\": " + std::to_string(seconds * 1e3);
+  };
+  print_line(o, "plain_read", file_bytes, median(plain), median(plain), "plain_read", cached_before,
+             cpu_field(median(plain_cpu)));
   print_line(o, "host_load", file_bytes, median(host), median(plain), "plain_read", cached_before,
-             ", \"host_copy_bytes\": " + std::to_string(packed_bytes));
+             cpu_field(median(host_cpu)) + ", \"host_copy_bytes\": " +
+                 std::to_string(packed_bytes));
   if (!cuda) return 0;
 
   // Host -> device: two registrations of one file alternate in the only slot, host copies kept.

@@ -10,7 +10,11 @@
 //  - anything else: a strided gather per view row.
 // Loads and stores go through memcpy: tensors may sit at any byte offset of their file. On
 // x86-64 the element loops are compiled for SSE2, AVX2 and AVX-512 and picked at load time
-// (the conversion is the reader threads' compute), and 16-bit transposes use 8 x 8 SSE2 tiles.
+// (the conversion is the reader threads' compute), 16-bit transposes use 8 x 8 SSE2 tiles, and
+// runs copied as they are (same dtype, scale 1: A of a bf16 adapter) go to the host copy with
+// non-temporal stores: it is written once and next read by the copy engine's DMA, so its lines
+// need not be read in first nor kept in the cache. (Converted runs are stored normally: through
+// an L1 buffer and streamed out they measured slower.)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -29,6 +33,33 @@
 #include "moelora/error.h"
 
 namespace moelora::detail {
+
+void stream_copy(std::byte* dst, const std::byte* src, int64_t bytes) {
+#if defined(__SSE2__)
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16);
+  std::memcpy(dst, src, static_cast<size_t>(head));
+  int64_t at = head;
+  for (; at + 64 <= bytes; at += 64) {
+    for (int64_t k = 0; k < 64; k += 16) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + at + k),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at + k)));
+    }
+  }
+  for (; at + 16 <= bytes; at += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + at),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at)));
+  }
+  std::memcpy(dst + at, src + at, static_cast<size_t>(bytes - at));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+#endif
+}
+
+void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 namespace {
 
@@ -135,15 +166,14 @@ inline __attribute__((always_inline)) int64_t convert_loop(const std::byte* src,
   return -1;
 }
 
-// An exact copy of 16- or 32-bit elements (same dtype, scale 1) and the finite check, fused.
+// The finite check of 16- or 32-bit elements that are copied as they are (same dtype, scale
+// 1): the source is still in the cache, the copy streams.
 template <typename Bits, Bits kExponent>
-inline __attribute__((always_inline)) int64_t copy_loop(const std::byte* src, int64_t n,
-                                                        std::byte* dst) {
+inline __attribute__((always_inline)) int64_t check_loop(const std::byte* src, int64_t n) {
   Bits any_bad = 0;
   for (int64_t c = 0; c < n; ++c) {
     Bits x;
     std::memcpy(&x, src + c * sizeof(Bits), sizeof(Bits));
-    std::memcpy(dst + c * sizeof(Bits), &x, sizeof(Bits));
     any_bad |= static_cast<Bits>((x & kExponent) == kExponent);
   }
   if (any_bad == 0) return -1;
@@ -386,12 +416,12 @@ void convert_rows(const AdapterEntry& entry, const TensorGroup& g, const ChunkPi
 }  // namespace
 
 MOELORA_VECTOR_CLONES
-int64_t convert_elements(const std::byte* src, DType src_dtype, int64_t stride, int64_t n,
-                         float scale, std::byte* dst, DType dst_dtype) {
+int64_t convert_block(const std::byte* src, DType src_dtype, int64_t stride, int64_t n,
+                      float scale, std::byte* dst, DType dst_dtype) {
   if (src_dtype == dst_dtype && scale == 1.0f && stride == 1) {
-    if (src_dtype == DType::kFloat32) return copy_loop<uint32_t, 0x7F800000u>(src, n, dst);
-    if (src_dtype == DType::kBFloat16) return copy_loop<uint16_t, 0x7F80u>(src, n, dst);
-    if (src_dtype == DType::kFloat16) return copy_loop<uint16_t, 0x7C00u>(src, n, dst);
+    if (src_dtype == DType::kFloat32) return check_loop<uint32_t, 0x7F800000u>(src, n);
+    if (src_dtype == DType::kBFloat16) return check_loop<uint16_t, 0x7F80u>(src, n);
+    if (src_dtype == DType::kFloat16) return check_loop<uint16_t, 0x7C00u>(src, n);
   }
   switch (src_dtype) {
     case DType::kFloat32: return convert_to<LoadF32>(dst_dtype, src, stride, n, scale, dst);
@@ -400,6 +430,16 @@ int64_t convert_elements(const std::byte* src, DType src_dtype, int64_t stride, 
     default: throw InternalError("adapter weights cannot be read from " +
                                  std::string(dtype_name(src_dtype)));
   }
+}
+
+int64_t convert_elements(const std::byte* src, DType src_dtype, int64_t stride, int64_t n,
+                         float scale, std::byte* dst, DType dst_dtype) {
+  if (src_dtype == dst_dtype && scale == 1.0f && stride == 1) {
+    const int64_t bad = convert_block(src, src_dtype, 1, n, 1.0f, nullptr, dst_dtype);
+    stream_copy(dst, src, n * static_cast<int64_t>(dtype_size(dst_dtype)));
+    return bad;
+  }
+  return convert_block(src, src_dtype, stride, n, scale, dst, dst_dtype);
 }
 
 void convert_piece(const AdapterEntry& entry, const ReadPlan& plan, const ChunkPiece& piece,

@@ -151,8 +151,8 @@ std::shared_ptr<ReadJob> AdapterCache::State::prepare_job(const EntryPtr& e) {
   job->files = std::make_unique<detail::OpenFiles>(*e);
   job->plan = detail::build_read_plan(*e, config.dtype, config.read_chunk_bytes);
   job->buffer = buffers->take(e->host_copy_bytes());
-  for (const detail::ByteRange& gap : job->plan.gaps) {
-    std::memset(job->buffer->data() + gap.offset, 0, static_cast<size_t>(gap.bytes));
+  for (const detail::ByteRange& pad : job->plan.row_padding) {
+    std::memset(job->buffer->data() + pad.offset, 0, static_cast<size_t>(pad.bytes));
   }
   return job;
 }
@@ -170,6 +170,7 @@ void AdapterCache::State::read_chunk(ReadJob& job, size_t index, detail::ReaderS
     detail::convert_piece(e, job.plan, piece, scratch.staging.data(), config.dtype,
                           job.buffer->data(), scratch);
   }
+  detail::stream_fence();  // the host copy's bytes are visible before the chunk counts as done
 }
 
 void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,

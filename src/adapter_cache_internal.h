@@ -135,7 +135,7 @@ struct ByteRange {
 struct ReadPlan {
   std::vector<TensorGroup> groups;
   std::vector<ReadChunk> chunks;    // in file order; each file's chunks start chunk-aligned
-  std::vector<ByteRange> gaps;      // bytes of the host copy that no row holds (zeroed)
+  std::vector<ByteRange> row_padding;  // zeroed: a row's bytes past its last element
   int64_t largest_chunk = 0;
   int64_t read_bytes = 0;           // summed chunk bytes (the needed bytes and small holes)
 };
@@ -158,9 +158,15 @@ void convert_piece(const AdapterEntry& entry, const ReadPlan& plan, const ChunkP
                    ReaderScratch& scratch);
 
 // Converts n elements of `src` (stride in elements) times `scale` into contiguous `dst`; returns
-// the index of the first stored value that is not finite, or -1.
+// the index of the first stored value that is not finite, or -1. An exact copy (same dtype,
+// scale 1, stride 1) is written with non-temporal stores where the CPU has them:
+// stream_fence() before another thread or a DMA reads `dst`.
 int64_t convert_elements(const std::byte* src, DType src_dtype, int64_t stride, int64_t n,
                          float scale, std::byte* dst, DType dst_dtype);
+// memcpy with non-temporal stores for the 16-byte-aligned part of `dst`.
+void stream_copy(std::byte* dst, const std::byte* src, int64_t bytes);
+// Orders this thread's non-temporal stores before its later stores (an x86 sfence).
+void stream_fence();
 
 // ---- reading ---------------------------------------------------------------------------------
 

@@ -110,30 +110,23 @@ void cut_run(const std::vector<Span>& spans, size_t first, size_t last, int32_t 
   }
 }
 
-// The bytes of the host copy outside every row's data: page tails and row padding.
-std::vector<ByteRange> host_gaps(const AdapterEntry& entry, DType model_dtype) {
+// The padding at the end of each row (rows start 16-byte aligned; vector loads of a row's last
+// elements read it, so it must be zero). Page tails after a page's last row are never read.
+std::vector<ByteRange> row_padding(const AdapterEntry& entry, DType model_dtype) {
   const AdapterRowLayout& layout = *entry.layout;
-  std::vector<ByteRange> gaps;
-  int64_t cursor = 0;
   const int64_t elem = static_cast<int64_t>(dtype_size(model_dtype));
-  struct Row {
-    int64_t offset, bytes;
-  };
-  std::vector<Row> rows;
+  std::vector<ByteRange> pads;
   for (const LoraMatrixSource& m : entry.spec.matrices) {
+    const int64_t data = m.cols * elem;
+    const int64_t pad = lora_row_bytes(m.cols, model_dtype) - data;
+    if (pad == 0) continue;
     for (int64_t r = 0; r < m.rows; ++r) {
-      rows.push_back({layout.row_offset(m.site, m.layer, m.expert, m.is_b, static_cast<int>(r)),
-                      m.cols * elem});
+      pads.push_back(
+          {layout.row_offset(m.site, m.layer, m.expert, m.is_b, static_cast<int>(r)) + data,
+           pad});
     }
   }
-  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.offset < b.offset; });
-  for (const Row& row : rows) {
-    if (row.offset > cursor) gaps.push_back({cursor, row.offset - cursor});
-    cursor = std::max(cursor, row.offset + row.bytes);
-  }
-  const int64_t total = layout.num_pages() * layout.page_bytes();
-  if (total > cursor) gaps.push_back({cursor, total - cursor});
-  return gaps;
+  return pads;
 }
 
 }  // namespace
@@ -170,7 +163,7 @@ ReadPlan build_read_plan(const AdapterEntry& entry, DType model_dtype, int64_t c
       }
     }
   }
-  plan.gaps = host_gaps(entry, model_dtype);
+  plan.row_padding = row_padding(entry, model_dtype);
   return plan;
 }
 

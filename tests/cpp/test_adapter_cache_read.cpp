@@ -55,29 +55,16 @@ int64_t mismatches(const Cache& c, const AwkwardAdapter& a, int32_t slot, DType 
   return awkward_mismatches([&](int s, int l) { return c.view(s, l); }, a, slot, dtype);
 }
 
-// Bytes of the adapter's device pages that no row holds and that are not zero. The pages are
-// found through the row table (a page's base is a row's address less its packed offset).
-int64_t dirty_gap_bytes(const Cache& c, const AwkwardAdapter& a, int32_t slot, DType dtype) {
-  AdapterRowLayout layout(awkward_sites(), a.spec.ranks, dtype, kPageBytes, 8);
-  std::map<int64_t, const std::byte*> page_base;
-  std::map<const std::byte*, std::vector<bool>> used;
+// Bytes of row padding (between a row's last element and its 16-byte-aligned end, which vector
+// loads read) in the adapter's device rows that are not zero.
+int64_t dirty_padding_bytes(const Cache& c, const AwkwardAdapter& a, int32_t slot, DType dtype) {
   const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
-  for (const LoraMatrixSource& m : a.spec.matrices) {
-    for (int i = 0; i < m.rows; ++i) {
-      const int64_t packed = layout.row_offset(m.site, m.layer, m.expert, m.is_b, i);
-      const std::byte* row = c.view(m.site, m.layer).row(slot, m.expert, m.is_b, i);
-      const std::byte* base = row - packed % kPageBytes;
-      page_base[packed / kPageBytes] = base;
-      auto& marks = used[base];
-      marks.resize(kPageBytes, false);
-      for (int64_t b = 0; b < m.cols * elem; ++b) marks[packed % kPageBytes + b] = true;
-    }
-  }
   int64_t dirty = 0;
-  for (const auto& [page, base] : page_base) {
-    const auto& marks = used[base];
-    for (int64_t b = 0; b < kPageBytes; ++b) {
-      if (!marks[b] && base[b] != std::byte{0}) ++dirty;
+  for (const LoraMatrixSource& m : a.spec.matrices) {
+    const int64_t data = m.cols * elem, padded = lora_row_bytes(m.cols, dtype);
+    for (int i = 0; i < m.rows; ++i) {
+      const std::byte* row = c.view(m.site, m.layer).row(slot, m.expert, m.is_b, i);
+      for (int64_t b = data; b < padded; ++b) dirty += row[b] != std::byte{0};
     }
   }
   return dirty;
@@ -142,14 +129,14 @@ TEST_CASE("every view shape converts exactly: dtypes, chunk sizes, threads, unal
                        static_cast<long long>(bad));
         }
         CHECK_EQ(bad, int64_t{0});
-        CHECK_EQ(dirty_gap_bytes(c, a, slot, model), int64_t{0});
+        CHECK_EQ(dirty_padding_bytes(c, a, slot, model), int64_t{0});
         check_accounts(c, {id});
       }
     }
   }
 }
 
-TEST_CASE("a recycled host buffer leaves no stale bytes between rows") {
+TEST_CASE("a recycled host buffer leaves no stale bytes in row padding") {
   Cache c(DType::kFloat32, 4096, 1);
   AwkwardOptions first;
   first.ranks = {7, 4};
@@ -162,12 +149,12 @@ TEST_CASE("a recycled host buffer leaves no stale bytes between rows") {
   c.cache->wait(ida);
   c.cache->unregister(ida);  // its host copy goes back to the pool of buffers
   CHECK(c.cache->stats().host_buffers_kept >= 1);
-  // Stale bytes in every free page, so a page copied without its gaps would show them.
+  // Stale bytes in every free page, so a page copied without its padding would show them.
   std::memset(c.pool.arena().base(), 0xAB, static_cast<size_t>(kPageBytes * 2048));
   const int64_t idb = c.cache->register_adapter(b.spec);
   const int32_t slot = c.cache->wait(idb);
   CHECK_EQ(mismatches(c, b, slot, DType::kFloat32), int64_t{0});
-  CHECK_EQ(dirty_gap_bytes(c, b, slot, DType::kFloat32), int64_t{0});
+  CHECK_EQ(dirty_padding_bytes(c, b, slot, DType::kFloat32), int64_t{0});
   check_accounts(c, {idb});
 }
 
@@ -215,11 +202,18 @@ TEST_CASE("read plan: chunks cover each tensor's needed elements once, in order,
     CHECK(columns == (std::set<std::string>{"layers.0.q.B", "layers.0.gate_up.B",
                                             "layers.0.down.B", "layers.1.q.B",
                                             "layers.1.gate_up.B", "layers.1.down.B"}));
-    // Gaps and rows (bf16 elements) partition the host copy.
-    int64_t covered = 0;
-    for (const auto& gap : plan.gaps) covered += gap.bytes;
-    for (const auto& m : a.spec.matrices) covered += m.rows * m.cols * 2;
-    CHECK_EQ(covered, entry->host_copy_bytes());
+    // Row padding: every row whose length is not a multiple of 16 bytes, nothing else.
+    int64_t padding = 0, expected = 0;
+    for (const auto& pad : plan.row_padding) {
+      CHECK(pad.bytes > 0 && pad.bytes < 16);
+      CHECK((pad.offset + pad.bytes) % 16 == 0);
+      padding += pad.bytes;
+    }
+    for (const auto& m : a.spec.matrices) {
+      expected += m.rows * (lora_row_bytes(m.cols, DType::kBFloat16) - m.cols * 2);
+    }
+    CHECK_EQ(padding, expected);
+    CHECK(expected > 0);
   }
 }
 
