@@ -19,6 +19,7 @@
 
 #include "adapter_cache_internal.h"
 #include "moelora/error.h"
+#include "moelora/runtime.h"
 #include "test_adapter_cache_util.h"
 #include "test_harness.h"
 
@@ -398,6 +399,61 @@ TEST_CASE("the cache goes away in the middle of a read: no hang, nothing left in
   CHECK_EQ(c->pool.stats().adapter_pages, int64_t{0});
   CHECK_EQ(c->pool.stats().adapter_owners, int64_t{0});
   c->pool.check_invariants();
+}
+
+TEST_CASE("cuda: every view shape through page-locked host copies and the CUDA copy engine") {
+  if (!cuda_available()) {
+    std::printf("  (no GPU: skipped)\n");
+    return;
+  }
+  auto copies = make_cuda_copy_engine(0, 2);
+  PagePool pool(make_cuda_arena(kPageBytes * 2048, 0), kPageBytes);
+  AdapterCacheConfig config;
+  config.sites = awkward_sites();
+  config.max_loras = 2;
+  config.max_lora_rank = 8;
+  config.dtype = DType::kBFloat16;
+  config.host_threads = 2;
+  config.pack_threads = 3;
+  config.read_chunk_bytes = 4096;
+  AdapterCache cache(pool, *copies, config);
+  std::vector<AwkwardAdapter> adapters;
+  for (const char* src : {"F32", "BF16", "F16"}) {
+    AwkwardOptions o;
+    o.src_dtype = src;
+    adapters.push_back(write_awkward_adapter(std::string("gpu_") + src,
+                                             temp_path(std::string("gpu_") + src + ".st"), o));
+  }
+  for (const AwkwardAdapter& a : adapters) {
+    const int64_t id = cache.register_adapter(a.spec);
+    const int32_t slot = cache.wait(id);
+    cache.acquire(id);
+    // The arena and the row tables back on the host; rows are read there.
+    HostBuffer arena(pool.arena().bytes(), false);
+    copies->wait(copies->submit({{arena.data(), pool.arena().base(), arena.bytes()}}));
+    std::vector<std::vector<int64_t>> rows_back;
+    std::vector<std::vector<int32_t>> ranks_back;
+    auto view_of = [&](int site, int layer) {
+      LoraSiteView device_view = cache.site_view(site, layer);
+      rows_back.emplace_back(device_view.slot_stride * config.max_loras);
+      ranks_back.emplace_back(device_view.rank_slot_stride * config.max_loras);
+      const int64_t rows = device_view.slot_stride * (config.max_loras - 1) +
+                           device_view.num_experts * 2 * device_view.max_rank;
+      const int64_t ranks = device_view.rank_slot_stride * (config.max_loras - 1) + 1;
+      copies->wait(copies->submit({{rows_back.back().data(), device_view.row_offsets, rows * 8},
+                                   {ranks_back.back().data(), device_view.ranks, ranks * 4}}));
+      LoraSiteView host_view = device_view;
+      host_view.arena = arena.data();
+      host_view.row_offsets = rows_back.back().data();
+      host_view.ranks = ranks_back.back().data();
+      return host_view;
+    };
+    CHECK_EQ(awkward_mismatches(view_of, a, slot, DType::kBFloat16), int64_t{0});
+    cache.release(id);
+  }
+  CHECK(cache.stats().device_evictions >= 1);
+  CHECK_EQ(pool.stats().pinned_adapter_pages, int64_t{0});
+  pool.check_invariants();
 }
 
 MOELORA_TEST_MAIN()
