@@ -89,11 +89,13 @@ bool AdapterCache::State::may_evict(const AdapterEntry& victim, const AdapterEnt
 // Picks a free slot, else evicts an unpinned resident adapter that `for_entry` may evict: idle
 // ones (no queued demand) least recently used first, then those wanted furthest back.
 int32_t AdapterCache::State::find_slot_locked(const AdapterEntry& for_entry) {
-  // A slot goes to the most urgent load that is ready for one: this load waits while one ahead
-  // of it in the queue does (retry_waiting serves them in order).
+  // Device loads start in queue order: this one waits while one ahead of it has not started
+  // yet (is still being read, or waits for memory). Slots then go to the requests furthest
+  // ahead, and which adapter gets which slot and pages depends only on the calls made, not on
+  // which read finished first (parallel engines replay these calls on every rank).
   for (const EntryPtr& other : demanded) {
     if (other->demand >= for_entry.demand) continue;
-    if (!other->failed && other->want_device && other->host_state == HostState::kReady &&
+    if (!other->failed && other->want_device &&
         (other->device_state == DeviceState::kWaiting ||
          other->device_state == DeviceState::kNone)) {
       return -1;
@@ -310,7 +312,12 @@ void AdapterCache::State::retry_waiting() {
       return a->demand < b->demand;
     });
   }
-  for (const EntryPtr& e : waiting) try_start_device_load(e);
+  for (const EntryPtr& e : waiting) {
+    try_start_device_load(e);
+    std::lock_guard<std::mutex> lock(mutex);
+    // Still waiting: those behind it wait too (find_slot_locked serves the most urgent first).
+    if (e->device_state == DeviceState::kWaiting && e->demand != kNoDemand) return;
+  }
 }
 
 void AdapterCache::State::finalizer_loop() {
@@ -576,12 +583,16 @@ int32_t AdapterCache::wait(int64_t id) {
     if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
     if (e->failed) throw AdapterError(e->name, problem_of(*e));
     if (e->device_state == DeviceState::kWaiting) {
-      // Other loads still on their way to the device make room (or change the picture) when
-      // they land: wait for that and ask again; otherwise nothing will change by waiting.
+      // Loads still on their way (to the device, or read for a device load that goes first)
+      // make room or take their turn when they land: wait for that and ask again; otherwise
+      // nothing will change by waiting.
       const bool others_in_flight =
           std::any_of(s.entries.begin(), s.entries.end(), [&](const auto& entry) {
-            const DeviceState d = entry.second->device_state;
-            return d == DeviceState::kAllocating || d == DeviceState::kCopying;
+            const AdapterEntry& other = *entry.second;
+            return other.device_state == DeviceState::kAllocating ||
+                   other.device_state == DeviceState::kCopying ||
+                   (other.want_device && !other.failed &&
+                    other.device_state == DeviceState::kNone);  // read, or about to start
           });
       if (others_in_flight) {
         s.changed.wait(lock);

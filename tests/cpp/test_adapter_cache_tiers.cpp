@@ -94,10 +94,10 @@ void check_pool(const PagePool& pool) {
 }  // namespace
 
 TEST_CASE("reads start in queue order, not in the order they were asked for") {
+  ReadGate g("gate");    // outlives the cache, whose readers call it
   Tiers t(4, 8, 2048);  // one read at a time
   const int64_t gate = t.add("gate");
   const int64_t x = t.add("x"), y = t.add("y"), z = t.add("z");
-  ReadGate g("gate");
   g.install(*t.cache);
   t.cache->prefetch(gate);
   g.wait_held();
