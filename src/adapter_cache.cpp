@@ -51,7 +51,8 @@ Residency AdapterCache::State::residency_locked(const AdapterEntry& e) const {
                                                 : Residency::kWaitingForMemory;
     case DeviceState::kNone: break;
   }
-  if (e.want_device && e.host_state == HostState::kQueued) return Residency::kLoading;
+  // Wanted on the device: being read, or its device load is about to start.
+  if (e.want_device && e.host_state != HostState::kNone) return Residency::kLoading;
   return e.host_state == HostState::kReady ? Residency::kHost : Residency::kDisk;
 }
 
