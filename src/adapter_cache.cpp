@@ -325,10 +325,12 @@ void AdapterCache::State::finalizer_loop() {
   if (device_table) detail::relax_capture_mode_of_this_thread();
   std::unique_lock<std::mutex> lock(mutex);
   while (true) {
+    finalizer_busy = false;
     copy_work.wait(lock, [&] { return stopping || !copy_queue.empty(); });
     if (copy_queue.empty()) return;  // stopping with no copy left in flight
     InFlight job = copy_queue.front();
     copy_queue.pop_front();
+    finalizer_busy = true;
     lock.unlock();
     // Nothing may escape this thread: a copy that cannot be confirmed fails its adapter.
     std::string error;

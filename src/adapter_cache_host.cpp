@@ -6,6 +6,13 @@
 // thread at once, and at most host_threads jobs are open. A failed chunk fails the job: the
 // remaining chunks are skipped, the thread that finishes the last one closes the files, fails
 // the adapter and lets the buffer go back to the HostBufferPool.
+//
+// Which copies stay: at most max_cpu_loras (and max_cpu_bytes). A read starts when there is
+// room or when a copy less urgent than it can go. Urgency: a queued request's position first,
+// then wanted on the device (a request not yet in the demand list, or waiting for a slot), then
+// idle (resident on the device, or read by prefetch_host alone). Among equals the least recently
+// used goes, but a read never evicts an equal: reads for adapters that all wait for the device
+// would otherwise replace each other's copies in turn.
 #include <algorithm>
 #include <cstring>
 
@@ -44,6 +51,21 @@ void set_read_hook(AdapterCache& cache, ReadHook hook) {
   s.read_hook = std::move(hook);
 }
 
+bool is_settled(AdapterCache& cache) {
+  AdapterCache::State& s = ReadHookAccess::state(cache);
+  std::lock_guard<std::mutex> lock(s.mutex);
+  if (s.busy_readers > 0 || s.finalizer_busy || !s.copy_queue.empty() || !s.jobs.empty() ||
+      s.preparing_jobs > 0) {
+    return false;
+  }
+  for (const auto& [id, e] : s.entries) {
+    if (e->device_state == DeviceState::kAllocating || e->device_state == DeviceState::kCopying) {
+      return false;
+    }
+  }
+  return s.startable_host_load_locked() == nullptr;
+}
+
 }  // namespace detail
 
 void AdapterCache::State::queue_host_load_locked(const EntryPtr& e) {
@@ -70,7 +92,11 @@ void AdapterCache::State::drop_host_copy_locked(AdapterEntry& e) {
 }
 
 int64_t AdapterCache::State::host_urgency_locked(const AdapterEntry& e) const {
-  return e.device_state == DeviceState::kResident ? kNoDemand : e.demand;
+  if (e.device_state == DeviceState::kResident) return kNoDemand;
+  if (e.demand != kNoDemand) return e.demand;
+  // Wanted on the device by a request not (yet) in the queue's demand list: kept over idle
+  // copies, so that such requests' reads do not evict each other's copies in turn.
+  return e.want_device ? kNoDemand - 1 : kNoDemand;
 }
 
 AdapterEntry* AdapterCache::State::host_victim_locked(const AdapterEntry* protect) const {
@@ -120,18 +146,21 @@ EntryPtr AdapterCache::State::startable_host_load_locked() {
                                     return e->cancelled || e->host_state != HostState::kQueued;
                                   }),
                    host_queue.end());
+  // The most urgent first (queue position, then wanted on the device), in arrival order.
   auto best = std::min_element(host_queue.begin(), host_queue.end(),
-                               [](const EntryPtr& a, const EntryPtr& b) {
-                                 return a->demand != b->demand
-                                            ? a->demand < b->demand
-                                            : a->host_queue_order < b->host_queue_order;
+                               [this](const EntryPtr& a, const EntryPtr& b) {
+                                 const int64_t ua = host_urgency_locked(*a);
+                                 const int64_t ub = host_urgency_locked(*b);
+                                 return ua != ub ? ua < ub
+                                                 : a->host_queue_order < b->host_queue_order;
                                });
   if (best == host_queue.end()) return nullptr;
-  // Room in the host tier, or a copy less urgent than this one to make room with.
+  // Room in the host tier, or a copy less urgent than this one to make room with (an idle
+  // copy always is).
   if (host_copies + open_jobs < std::max<int64_t>(1, config.max_cpu_loras)) return *best;
   const AdapterEntry* victim = host_victim_locked(nullptr);
   if (victim && (host_urgency_locked(*victim) == kNoDemand ||
-                 host_urgency_locked(*victim) > (*best)->demand)) {
+                 host_urgency_locked(*victim) > host_urgency_locked(**best))) {
     return *best;
   }
   return nullptr;
@@ -222,15 +251,18 @@ void AdapterCache::State::reader_loop() {
   if (device_table) detail::relax_capture_mode_of_this_thread();
   detail::ReaderScratch scratch;
   std::unique_lock<std::mutex> lock(mutex);
+  ++busy_readers;
   while (true) {
     std::shared_ptr<ReadJob> job;
     EntryPtr start;
+    --busy_readers;
     host_work.wait(lock, [&] {
       if (stopping) return true;
       job = claimable_job_locked();
       if (!job) start = startable_host_load_locked();
       return job || start;
     });
+    ++busy_readers;
     if (stopping) return;
     if (job) {
       const size_t index = job->next_chunk++;

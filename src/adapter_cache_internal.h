@@ -193,6 +193,10 @@ class OpenFiles {
 using ReadHook = std::function<void(const std::string&, int32_t, int64_t)>;
 void set_read_hook(AdapterCache& cache, ReadHook hook);
 
+// Test hook: true when no read, device load or copy is in progress and none can start until the
+// cache is called again (so a test can check that something did not happen without sleeping).
+bool is_settled(AdapterCache& cache);
+
 // Host copies of finished loads whose adapters left the host tier, kept for the next loads:
 // page-locked allocations cost about as much as the read itself.
 class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {

@@ -78,6 +78,8 @@ struct AdapterCache::State {
   std::vector<EntryPtr> host_queue;  // host loads not yet started; started by demand, then FIFO
   std::vector<std::shared_ptr<ReadJob>> jobs;  // host loads in flight, oldest first
   int preparing_jobs = 0;                      // jobs being opened and allocated
+  int busy_readers = 0;                        // reader threads not waiting for work
+  bool finalizer_busy = false;                 // the finalizer holds a copy it took
   int64_t host_copies = 0;                     // entries whose host copy is ready
   std::vector<EntryPtr> demanded;              // entries with a demand position
   struct InFlight {
@@ -113,8 +115,9 @@ struct AdapterCache::State {
   void queue_host_load_locked(const EntryPtr& e);
   void set_host_ready_locked(detail::AdapterEntry& e, std::shared_ptr<HostBuffer> copy);
   void drop_host_copy_locked(detail::AdapterEntry& e);
-  // Urgency of keeping e's host copy: its demand position, or kNoDemand when it is resident on
-  // the device or no queued request waits for it.
+  // Urgency of e's host copy (lower is more urgent): its demand position; else just below
+  // kNoDemand while it is wanted on the device; kNoDemand when it is resident on the device or
+  // idle.
   int64_t host_urgency_locked(const detail::AdapterEntry& e) const;
   detail::AdapterEntry* host_victim_locked(const detail::AdapterEntry* protect) const;
   void enforce_host_limits_locked(const detail::AdapterEntry* protect);

@@ -3,6 +3,7 @@
 // for one further back or not wanted at all; host copies of waiting adapters are kept over idle
 // ones; and the load metrics (counts, bytes, latency histograms per tier) add up.
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <ostream>
@@ -86,6 +87,22 @@ struct ReadGate {
   std::vector<std::string> started;
 };
 
+// Bounded waits: a test that goes wrong fails its check instead of hanging.
+template <typename Pred>
+bool eventually(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return true;
+}
+
+// Until the cache's threads have nothing left to do and nothing can start without a call.
+bool settled(AdapterCache& cache) {
+  return eventually([&] { return detail::is_settled(cache); });
+}
+
 void check_pool(const PagePool& pool) {
   CHECK_EQ(pool.stats().pinned_adapter_pages, int64_t{0});
   pool.check_invariants();
@@ -167,20 +184,19 @@ TEST_CASE("host copies of adapters queued requests wait for are kept over idle o
   CHECK_EQ(t.cache->stats().host_copies, int64_t{2});  // busy's and idle's
   // Two queued adapters wait for the slot: their copies replace the idle ones.
   t.cache->set_demand({first, second});
-  for (int64_t id : {first, second}) {
-    while (t.residency(id) == Residency::kLoading) std::this_thread::yield();
-    CHECK_EQ(t.residency(id), Residency::kWaitingForMemory);
-  }
+  CHECK(settled(*t.cache));
+  CHECK_EQ(t.residency(first), Residency::kWaitingForMemory);
+  CHECK_EQ(t.residency(second), Residency::kWaitingForMemory);
   CHECK_EQ(t.residency(idle), Residency::kDisk);
   CHECK_EQ(t.cache->stats().host_copies, int64_t{2});
   // One further back does not replace them: its read waits.
   t.cache->set_demand({first, second, third});
-  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(settled(*t.cache));
   CHECK_EQ(t.residency(third), Residency::kLoading);  // queued for a read
   CHECK_EQ(t.residency(second), Residency::kWaitingForMemory);
   // Moved ahead of second, it replaces second's copy.
   t.cache->set_demand({first, third, second});
-  while (t.residency(third) == Residency::kLoading) std::this_thread::yield();
+  CHECK(settled(*t.cache));
   CHECK_EQ(t.residency(third), Residency::kWaitingForMemory);
   CHECK_EQ(t.residency(second), Residency::kLoading);  // wants a read again
   CHECK_EQ(t.residency(first), Residency::kWaitingForMemory);
@@ -191,6 +207,51 @@ TEST_CASE("host copies of adapters queued requests wait for are kept over idle o
   CHECK(t.cache->wait(third) >= 0);
   t.cache->set_demand({second});
   CHECK(t.cache->wait(second) >= 0);
+  CHECK_EQ(t.cache->stats().failed, int64_t{0});
+  check_pool(t.pool);
+}
+
+TEST_CASE("reads for adapters outside the demand list do not evict each other's copies") {
+  Tiers t(1, 2, 4096);  // one slot, two host copies, one reader
+  const int64_t busy = t.add("busy");
+  t.cache->wait(busy);
+  t.cache->acquire(busy);  // holds the slot
+  std::vector<int64_t> p;
+  for (const char* name : {"p0", "p1", "p2", "p3"}) p.push_back(t.add(name));
+  for (int64_t id : p) t.cache->prefetch(id);  // wanted, no queue position yet
+  // p0 and p1 take the host tier (busy's copy is idle: busy is on the device); p2 and p3 do not
+  // replace them, nor each other, while they all wait for the slot.
+  CHECK(settled(*t.cache));
+  AdapterCacheStats st = t.cache->stats();
+  CHECK_EQ(st.host_loads, int64_t{3});
+  CHECK_EQ(st.host_evictions, int64_t{1});
+  CHECK_EQ(t.residency(p[0]), Residency::kWaitingForMemory);
+  CHECK_EQ(t.residency(p[1]), Residency::kWaitingForMemory);
+  CHECK_EQ(t.residency(p[2]), Residency::kLoading);  // queued for a read
+  CHECK_EQ(t.residency(p[3]), Residency::kLoading);
+  // In the queue, p3 goes first: its read replaces the least recently used unqueued copy (p0's,
+  // whose read is queued again) and it takes busy's slot.
+  t.cache->release(busy);
+  t.cache->set_demand({p[3]});
+  CHECK(t.cache->wait(p[3]) >= 0);
+  // On the device, p3's host copy is idle: p2's read replaces it. p0 and p2 now wait with p1.
+  CHECK(settled(*t.cache));
+  st = t.cache->stats();
+  CHECK_EQ(st.host_loads, int64_t{5});
+  CHECK_EQ(st.host_evictions, int64_t{3});
+  CHECK_EQ(st.device_evictions, int64_t{1});
+  CHECK_EQ(t.residency(p[3]), Residency::kDevice);
+  CHECK_EQ(t.residency(p[0]), Residency::kLoading);
+  CHECK_EQ(t.residency(p[1]), Residency::kWaitingForMemory);
+  CHECK_EQ(t.residency(p[2]), Residency::kWaitingForMemory);
+  // Its request gone, p3 is idle: p2, first in line now, takes the slot; then p2's host copy is
+  // idle and p0's read replaces it.
+  t.cache->set_demand({p[2]});
+  CHECK(t.cache->wait(p[2]) >= 0);
+  CHECK(settled(*t.cache));
+  CHECK_EQ(t.residency(p[3]), Residency::kDisk);
+  CHECK_EQ(t.residency(p[0]), Residency::kWaitingForMemory);
+  CHECK_EQ(t.cache->stats().host_loads, int64_t{6});
   CHECK_EQ(t.cache->stats().failed, int64_t{0});
   check_pool(t.pool);
 }
