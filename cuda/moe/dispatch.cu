@@ -1,14 +1,16 @@
-// moe_expert_gemm on the GPU: builds the kernels' arguments from the validated views and picks
-// the kernel: the tensor-core GEMM (moe/gemm.cuh) when the call qualifies (bfloat16 / float16
-// activations; dense weights of that dtype, or MXFP4 / block FP8 with bfloat16; block_m one of
-// its shapes; 16-byte aligned rows), the simple kernel (moe/simple.cu) otherwise. The caller's
-// block_m (moelora.ops.moe.gemm_block_m) is the step's plan: it decides the tile shape.
+// moe_expert_gemm on the GPU: builds the kernels' arguments from the validated views and runs
+// the kernel asked for: the persistent stream kernel (moe/stream.cuh, decode), the tiled
+// tensor-core kernel (moe/gemm.cuh) or the simple one (moe/simple.cu). Both tensor-core kernels
+// need bfloat16 / float16 activations, dense weights of that dtype or MXFP4 / block FP8 with
+// bfloat16, and 16-byte aligned rows; kAuto is the tiled kernel when it takes the call, else the
+// simple one. The caller's plan (moelora.ops.moe.plan_expert_gemm) chooses kernel and block_m.
 #include <string>
 
 #include "common/common.cuh"
 #include "kernels/moe_kernels.h"
 #include "kernels/validate.h"
 #include "moe/gemm.cuh"
+#include "moe/stream.cuh"
 
 namespace moelora::cuda {
 
@@ -105,30 +107,71 @@ std::string tensor_core_refusal(const TensorRef& input, const MoeExpertWeights& 
 
 }  // namespace
 
+namespace {
+
+// The stream kernel for this call: "" when launched, else why it cannot take it.
+std::string launch_stream(const moe::GemmArgs& a, const TensorRef& input,
+                          const MoeExpertWeights& w, int32_t block_m, int64_t max_blocks,
+                          int32_t consumers, cudaStream_t s) {
+  switch (w.format) {
+    case MoeWeightFormat::kDense:
+      return moe::launch_stream_dense(a, input.dtype, block_m, max_blocks, consumers, s);
+    case MoeWeightFormat::kMxfp4:
+      return moe::launch_stream_mxfp4(a, block_m, max_blocks, consumers, s);
+    case MoeWeightFormat::kFp8Block:
+      return moe::launch_stream_fp8(a, block_m, max_blocks, consumers, s);
+  }
+  return "unknown weight format";
+}
+
+void launch_tensor_core(const moe::GemmArgs& a, const TensorRef& input,
+                        const MoeExpertWeights& w, int32_t block_m, int64_t max_blocks,
+                        cudaStream_t s) {
+  switch (w.format) {
+    case MoeWeightFormat::kDense:
+      moe::launch_gemm_dense(a, input.dtype, block_m, max_blocks, s);
+      break;
+    case MoeWeightFormat::kMxfp4: moe::launch_gemm_mxfp4(a, block_m, max_blocks, s); break;
+    case MoeWeightFormat::kFp8Block: moe::launch_gemm_fp8(a, block_m, max_blocks, s); break;
+  }
+}
+
+void refuse(const char* kernel, const std::string& why) {
+  throw InvalidArgument(std::string("moe_expert_gemm: the ") + kernel +
+                        " kernel cannot take this call: " + why);
+}
+
+}  // namespace
+
 void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel) {
+                     const MoeGemmOptions& options) {
   const moe::GemmArgs a = gemm_args(input, input_pairs_per_row, weights, sorted_pairs,
                                     block_expert, num_blocks, epilogue, output);
   const int64_t max_blocks = block_expert.shape[0];
   const cudaStream_t s = detail::as_stream(stream);
   const std::string refusal = tensor_core_refusal(input, weights, block_m, max_blocks);
+  MoeGemmKernel kernel = options.kernel;
+  const bool fall_back = options.fall_back;
+  if (kernel == MoeGemmKernel::kStream) {
+    const std::string why =
+        refusal.empty()
+            ? launch_stream(a, input, weights, block_m, max_blocks, options.stream_consumers, s)
+            : refusal;
+    if (why.empty()) return detail::check_launch("moe_expert_gemm");
+    if (!fall_back) refuse("stream", why);
+    kernel = MoeGemmKernel::kAuto;
+  }
   if (kernel == MoeGemmKernel::kTensorCore && !refusal.empty()) {
-    throw InvalidArgument("moe_expert_gemm: the tensor-core kernel cannot take this call: " +
-                          refusal);
+    if (!fall_back) refuse("tensor-core", refusal);
+    kernel = MoeGemmKernel::kAuto;
   }
   if (kernel == MoeGemmKernel::kSimple || !refusal.empty()) {
     moe::launch_gemm_simple(a, weights.format, input.dtype, block_m, max_blocks, s);
   } else {
-    switch (weights.format) {
-      case MoeWeightFormat::kDense:
-        moe::launch_gemm_dense(a, input.dtype, block_m, max_blocks, s);
-        break;
-      case MoeWeightFormat::kMxfp4: moe::launch_gemm_mxfp4(a, block_m, max_blocks, s); break;
-      case MoeWeightFormat::kFp8Block: moe::launch_gemm_fp8(a, block_m, max_blocks, s); break;
-    }
+    launch_tensor_core(a, input, weights, block_m, max_blocks, s);
   }
   detail::check_launch("moe_expert_gemm");
 }

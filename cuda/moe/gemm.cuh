@@ -1,22 +1,14 @@
-// The tensor-core expert GEMM of moe_expert_gemm: weights streamed from HBM as stored (bf16 /
-// fp16, MXFP4, block FP8), dequantized in registers straight into mma.sync operands.
+// The tiled tensor-core expert GEMM of moe_expert_gemm (MoeGemmKernel::kTensorCore): weights
+// streamed from HBM as stored (bf16 / fp16, MXFP4, block FP8), dequantized in registers straight
+// into mma.sync operands; one CTA per (row tile, block). The prefill form; decode steps run the
+// persistent kernel of moe/stream.cuh.
 //
 // Math (per block b of block_m pair rows, expert e; contract in include/moelora/moe.h):
 //   out[p, n] = epilogue(sum_k x[p / ipr, k] * W[e, n, k]),  fp32 accumulation.
 // Swapped operands ("swap AB"): the m16n8k16 mma's M side is 16 weight rows (A, row-major as
 //   stored: K contiguous), its N side 8 pair rows (B, the activations). At decode a block holds
 //   1..32 pairs, so the 8-wide side fits them and the 16-wide side streams weights.
-// Permuted K: the sum over k does not care about order, so each lane's A fragment is built from
-//   the bytes it loads itself: lane (g = lane/4, c = lane%4) of a k-step reads one 16-byte
-//   vector of rows g and g+8 at byte 16c (the 4 lanes of a row cover 64 contiguous bytes: 32
-//   bf16, 64 fp8 or 128 e2m1 elements), and the B fragment of the same lane is gathered from the
-//   same k positions of its pair row: no shuffles, no shared-memory staging of weights, one
-//   16-byte load per row per k-step. MXFP4 pairs nibble q with nibble q+4 of a word (one shift
-//   and mask for both halves of a bf16x2) and B takes the matching pair with one prmt.
-// Dequantization: MXFP4 codes are placed into bf16 bit fields (value * 2^-126, subnormal for
-//   code 1, as Marlin does) and multiplied by 2^(scale-1) (two multiplies for scales > 128), all
-//   exact; FP8 goes e4m3x2 -> f16x2 (hardware cvt) -> f32 * block scale -> bf16 (the rounding
-//   models/quantized.py's dequantization does). Dense bf16/fp16 needs nothing.
+// Operands, permuted K and dequantization: moe/formats.cuh.
 // Grid: x = weight row tile (64 * MT rows: MT m-tiles of 16 per warp, 4 warps), y = block. A
 //   gated epilogue tiles output columns instead: 32 * MT gate rows j and the 32 * MT up rows
 //   I + j in one CTA (warps 0-1 gate, 2-3 up). Blocks past num_blocks exit before reading
@@ -38,19 +30,14 @@
 // on sm90; the gather and the epilogues here would have to be rebuilt around them anyway.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
-
 #include <cstdint>
-#include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "common/common.cuh"
 #include "common/launch.cuh"
 #include "common/ptx.cuh"
 #include "kernels/moe_kernels.h"
+#include "moe/formats.cuh"
 
 namespace moelora::cuda::moe {
 
@@ -60,174 +47,6 @@ constexpr int kStageK = 128;             // x elements per row per shared-memory
 constexpr int kStageChunks = kStageK / 8;  // 16-byte chunks per row per stage
 constexpr int kStages = 4;
 constexpr int kRowPad = 4;               // floats of padding per epilogue row (bank spread)
-
-// What the launcher passes; pointers are validated by moe_ops.cpp.
-struct GemmArgs {
-  const void* input;  // [rows][K], row stride input_stride (elements)
-  int64_t input_stride;
-  int32_t pairs_per_row;
-  void* output;  // [P][out_cols], row stride output_stride (elements)
-  int64_t output_stride;
-  const uint8_t* weight;  // expert e, row n at weight + e * w_expert + n * w_row (bytes)
-  int64_t w_expert, w_row;
-  int32_t row_bytes;     // bytes of one weight row (K * element bits / 8)
-  const void* scales;    // MXFP4: uint8 [E][N][K/32]; FP8: float [E][N/bn][K/bk]
-  int64_t s_expert, s_row;  // elements; FP8: s_row is the stride of a row block
-  int32_t block_n, block_k;  // FP8
-  const void* bias;      // [E][N] or null
-  int64_t b_expert, b_row;
-  DType bias_dtype;
-  int32_t n_dim, k_dim;
-  bool gated;
-  int32_t inter;  // N / 2 when gated
-  MoeActivation activation;
-  float alpha, limit;
-  const float* topk_weights;  // [P] stride topk_stride, or null
-  int64_t topk_stride;
-  const int32_t* sorted_pairs;  // [max_blocks * block_m]
-  const int32_t* block_expert;
-  const int32_t* num_blocks;
-};
-
-// ---- formats: one 16-byte weight vector per row per k-step ----------------------------------
-// kChunks: 16-byte chunks of x (8 elements) a lane reads per k-step; chunk u feeds mma sub-steps
-// 2u and 2u+1. a_pairs(u) gives, for one row, the bf16x2 / f16x2 operands of those sub-steps in
-// the order {2u: k 2c..2c+1, 2u: k 2c+8..2c+9, 2u+1: ..., 2u+1: ...}; b_pairs gives the x
-// operands of the same k positions from the chunk's 4 words.
-
-template <typename T>
-struct DenseFormat {
-  using Act = T;
-  static constexpr int kChunks = 1;
-  struct Scale {};
-  __device__ static int64_t scale_row(const GemmArgs&, int64_t, int64_t) { return 0; }
-  __device__ static Scale load_scale(const GemmArgs&, int64_t, int, bool) { return {}; }
-  __device__ static void a_pairs(const uint4& w, Scale, int, uint32_t (&a)[4]) {
-    a[0] = w.x;
-    a[1] = w.y;
-    a[2] = w.z;
-    a[3] = w.w;
-  }
-  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
-    b[0] = x.x;
-    b[1] = x.y;
-    b[2] = x.z;
-    b[3] = x.w;
-  }
-  // Lanes c of rows r, r+1 read chunks 4s + c: the odd row's half moves by 4 chunks.
-  __device__ static int swizzle(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
-};
-
-struct Fp8Format {
-  using Act = __nv_bfloat16;
-  static constexpr int kChunks = 2;
-  using Scale = float;
-  // Where the scales of weight row n of expert e start (its row block's), once per kernel.
-  __device__ static int64_t scale_row(const GemmArgs& a, int64_t e, int64_t n) {
-    return e * a.s_expert + (n / a.block_n) * a.s_row;
-  }
-  // The block scale of the lane's 16 elements [k0, k0 + 16) (block_k % 16 == 0).
-  __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
-    return ok ? __ldg(static_cast<const float*>(a.scales) + row + k0 / a.block_k) : 0.0f;
-  }
-  __device__ static uint32_t pair(uint32_t word, int half, float scale) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-        static_cast<__nv_fp8x2_storage_t>(word >> (16 * half)), __NV_E4M3);
-    __half2 v;
-    memcpy(&v, &h, 4);
-    const float2 f = __half22float2(v);
-    return ptx::pack2<__nv_bfloat16>(f.x * scale, f.y * scale);
-  }
-  __device__ static void a_pairs(const uint4& w, Scale scale, int u, uint32_t (&a)[4]) {
-    const uint32_t lo = u == 0 ? w.x : w.z, hi = u == 0 ? w.y : w.w;
-    a[0] = pair(lo, 0, scale);
-    a[1] = pair(lo, 1, scale);
-    a[2] = pair(hi, 0, scale);
-    a[3] = pair(hi, 1, scale);
-  }
-  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
-    b[0] = x.x;
-    b[1] = x.y;
-    b[2] = x.z;
-    b[3] = x.w;
-  }
-  // Lanes c of rows r, r+1 read chunks 8s + 2c + u: the odd row moves to the other parity.
-  __device__ static int swizzle(int row, int chunk) { return chunk ^ (row & 1); }
-};
-
-struct Mxfp4Format {
-  using Act = __nv_bfloat16;
-  static constexpr int kChunks = 4;
-  using Scale = uint32_t;  // the E8M0 byte
-  __device__ static int64_t scale_row(const GemmArgs& a, int64_t e, int64_t n) {
-    return e * a.s_expert + n * a.s_row;
-  }
-  // The exponent of the lane's block of 32 elements at k0.
-  __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
-    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + k0 / 32) : 0u;
-  }
-  // Nibbles q and q + 4 of `word` as a bf16x2 of value * 2^-126 (sign to bit 15, exponent and
-  // mantissa bits to bits 6-8 of each half).
-  template <int Q>
-  __device__ static uint32_t bits(uint32_t word) {
-    constexpr int kEm = 6 - 4 * Q;  // shift of the exponent/mantissa bits (right when < 0)
-    constexpr int kSign = 12 - 4 * Q;
-    uint32_t em;
-    if constexpr (kEm >= 0) {
-      em = word << kEm;
-    } else {
-      em = word >> -kEm;
-    }
-    return (em & 0x01C001C0u) | ((word << kSign) & 0x80008000u);
-  }
-  __device__ static uint32_t times(uint32_t v, uint32_t m) {
-    __nv_bfloat162 a, b;
-    memcpy(&a, &v, 4);
-    memcpy(&b, &m, 4);
-    const __nv_bfloat162 r = __hmul2(a, b);
-    uint32_t out;
-    memcpy(&out, &r, 4);
-    return out;
-  }
-  __device__ static void a_pairs(const uint4& w, Scale scale, int u, uint32_t (&a)[4]) {
-    const uint32_t word = u == 0 ? w.x : u == 1 ? w.y : u == 2 ? w.z : w.w;
-    a[0] = bits<0>(word);
-    a[1] = bits<1>(word);
-    a[2] = bits<2>(word);
-    a[3] = bits<3>(word);
-    // value * 2^-126 * 2^(scale - 1) = value * 2^(scale - 127); 2^(scale - 1) is a normal bf16
-    // up to scale 128, beyond it the product goes through 2^126 first.
-    if (scale <= 128u) {
-      const uint32_t m = (scale + 126u) << 7;
-      const uint32_t m2 = m | (m << 16);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = times(a[i], m2);
-    } else {
-      const uint32_t big = 0x7E807E80u;  // 2^126
-      const uint32_t m = scale << 7;
-      const uint32_t m2 = m | (m << 16);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = times(times(a[i], big), m2);
-    }
-  }
-  __device__ static uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
-    uint32_t r;
-    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
-    return r;
-  }
-  // x elements (q, q + 4) of the chunk's 8, matching bits<q>.
-  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
-    b[0] = prmt(x.x, x.z, 0x5410u);
-    b[1] = prmt(x.x, x.z, 0x7632u);
-    b[2] = prmt(x.y, x.w, 0x5410u);
-    b[3] = prmt(x.y, x.w, 0x7632u);
-  }
-  // Lanes c of rows r, r+1 read chunks 4c + u: chunks 8..15 move by 2 within their bank group
-  // and the odd row to the other parity.
-  __device__ static int swizzle(int row, int chunk) {
-    return chunk ^ (((chunk >> 3) & 1) << 1) ^ (row & 1);
-  }
-};
 
 // ---- the kernel ---------------------------------------------------------------------------------
 
@@ -240,17 +59,6 @@ struct Smem {
   static constexpr int kBytes = kStages * kStageBytes;
   static_assert(kEpilogueBytes <= kBytes, "the epilogue tile reuses the stages");
 };
-
-// bias[e][n] as float, 0 without a bias.
-__device__ __forceinline__ float load_bias(const GemmArgs& a, int64_t e, int64_t n) {
-  if (a.bias == nullptr) return 0.0f;
-  const int64_t at = e * a.b_expert + n * a.b_row;
-  switch (a.bias_dtype) {
-    case DType::kFloat32: return static_cast<const float*>(a.bias)[at];
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(a.bias)[at]);
-    default: return __bfloat162float(static_cast<const __nv_bfloat16*>(a.bias)[at]);
-  }
-}
 
 // One k-step of a lane's weights: the 16-byte vectors of rows g and g + 8 of each m-tile and
 // their scales.

@@ -2,10 +2,12 @@
 // grouped by expert into blocks, in ONE launch with fixed-size outputs and no host sync.
 //
 // Grid mapping: one warp per token (tokens strided over all warps of the grid). A lane holds
-// logits e = lane + 32 i (i < kPerLane, E <= 512); each of the K rounds takes the warp's best
-// (largest key, then lowest id; NaN keys as -inf) by a butterfly over (key, id), and lane k keeps
-// the k-th choice, so K <= 32. Weights: softmax over the K choices (GPT-OSS) or over all E with
-// optional renormalisation, in float32 with expf.
+// logits e = lane + 32 i (i < kPer, the smallest power of two with 32 kPer >= E, a template
+// constant so that E = 32 scans one value, not 16) as order-preserving 32-bit keys (NaN as -inf,
+// -0 as +0) and keeps its best untaken one; each of the K rounds takes the warp's best with two
+// redux.sync (largest key, then lowest id among equal keys), the owning lane alone rescans, and
+// lane k keeps the k-th choice, so K <= 32. Weights: softmax over the K choices (GPT-OSS) or
+// over all E with optional renormalisation, in float32 with expf.
 // Grouping: counts per expert, blocks per expert = ceil(count / block_m), a CTA-wide exclusive
 // scan over experts gives each expert's first row, padding rows are -1, and every pair takes the
 // next row of its expert with an atomic increment (so an expert's pairs are in no fixed order;
@@ -32,8 +34,8 @@ namespace moelora::cuda {
 
 namespace {
 
-constexpr int kPerLane = kMoeMaxExperts / 32;  // logits a lane holds
-constexpr int kMaxTopK = 32;                   // one lane per choice
+constexpr int kMaxPerLane = kMoeMaxExperts / 32;  // logits a lane holds, at most
+constexpr int kMaxTopK = 32;                      // one lane per choice
 constexpr int kSingleThreads = 1024;
 constexpr int kMultiThreads = 256;
 constexpr int64_t kSingleCtaMaxTokens = 128;
@@ -65,11 +67,11 @@ struct RouteShared {
   int32_t total_blocks;
 };
 
-__device__ __forceinline__ float rank_key(float v) { return isnan(v) ? -INFINITY : v; }
-
-// Whether (key a, id ia) ranks before (key b, id ib).
-__device__ __forceinline__ bool before(float a, int32_t ia, float b, int32_t ib) {
-  return a > b || (a == b && ia < ib);
+// Order-preserving key of a logit: a larger logit has a larger key; NaN ranks as -inf, -0 as +0;
+// 0 is below every key (no candidate).
+__device__ __forceinline__ uint32_t order_key(float v) {
+  const uint32_t bits = __float_as_uint(isnan(v) ? -INFINITY : v + 0.0f);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
 template <typename T>
@@ -77,51 +79,59 @@ __device__ __forceinline__ float logit(const RouteArgs& a, int64_t t, int32_t e)
   return detail::to_f32(static_cast<const T*>(a.logits)[t * a.logits_stride + e]);
 }
 
+// The lane's best candidate (largest key, lowest i among equal keys) and its raw logit.
+template <int kPer>
+__device__ __forceinline__ void lane_best(const uint32_t (&key)[kPer], const float (&raw)[kPer],
+                                          uint32_t& best, int& best_i, float& best_raw) {
+  best = 0;
+  best_i = 0;
+  best_raw = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    if (key[i] > best) {
+      best = key[i];
+      best_i = i;
+      best_raw = raw[i];
+    }
+  }
+}
+
 // Top-k and weights of token t by one warp; writes topk_ids / topk_weights and returns, in lane
 // k < K, the k-th expert (-1 in the other lanes).
-template <typename T>
+template <typename T, int kPer>
 __device__ int32_t route_token(const RouteArgs& a, int64_t t) {
   const int lane = static_cast<int>(threadIdx.x & 31);
-  float raw[kPerLane];  // ranked by rank_key(raw), recomputed (registers are the budget here)
+  float raw[kPer];
+  uint32_t key[kPer];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
+  for (int i = 0; i < kPer; ++i) {
     const int32_t e = lane + 32 * i;
     raw[i] = e < a.num_experts ? logit<T>(a, t, e) : -INFINITY;
+    key[i] = e < a.num_experts ? order_key(raw[i]) : 0u;
   }
-  uint32_t taken = 0;
+  uint32_t best;
+  int best_i;
+  float best_raw;
+  lane_best(key, raw, best, best_i, best_raw);
   int32_t my_id = -1;
   float my_raw = 0.0f, top = 0.0f;
   for (int k = 0; k < a.top_k; ++k) {
-    float best = -INFINITY, best_raw = -INFINITY;
-    int32_t best_id = 0x7fffffff;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int32_t e = lane + 32 * i;
-      const float key = rank_key(raw[i]);
-      if (e < a.num_experts && !(taken >> i & 1u) && before(key, e, best, best_id)) {
-        best = key;
-        best_raw = raw[i];
-        best_id = e;
-      }
-    }
-    float win = best;
-    int32_t win_id = best_id;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, win, offset);
-      const int32_t other_id = __shfl_xor_sync(0xffffffffu, win_id, offset);
-      if (before(other, other_id, win, win_id)) {
-        win = other;
-        win_id = other_id;
-      }
-    }
+    const uint32_t win_key = __reduce_max_sync(0xffffffffu, best);
+    const uint32_t mine = best == win_key ? static_cast<uint32_t>(lane + 32 * best_i) : ~0u;
+    const int32_t win_id = static_cast<int32_t>(__reduce_min_sync(0xffffffffu, mine));
     const int owner = win_id & 31;
     const float win_raw = __shfl_sync(0xffffffffu, best_raw, owner);
-    if (lane == owner) taken |= 1u << (win_id >> 5);
-    if (k == 0) top = win;
+    if (k == 0) top = isnan(win_raw) ? -INFINITY : win_raw;
     if (lane == k) {
       my_id = win_id;
       my_raw = win_raw;
+    }
+    if (lane == owner) {  // take it, rescan this lane's rest
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        if (i == best_i) key[i] = 0u;
+      }
+      lane_best(key, raw, best, best_i, best_raw);
     }
   }
   const bool chosen = lane < a.top_k;
@@ -129,7 +139,7 @@ __device__ int32_t route_token(const RouteArgs& a, int64_t t) {
   if (a.softmax_all) {
     float denominator = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
+    for (int i = 0; i < kPer; ++i) {
       if (lane + 32 * i < a.num_experts) denominator += expf(raw[i] - top);
     }
     w /= detail::warp_sum(denominator);
@@ -202,16 +212,21 @@ __device__ void write_layout(const RouteArgs& a, const RouteShared& s) {
   if (threadIdx.x == 0) *a.num_blocks = static_cast<int32_t>(blocks);
 }
 
-template <typename T>
+template <typename T, int kPer>
 __global__ void __launch_bounds__(kSingleThreads) route_single_kernel(RouteArgs a) {
   __shared__ RouteShared s;
+  __shared__ int32_t pair_expert[kSingleCtaMaxTokens * kMaxTopK];  // expert of each pair
   wait_for_previous_grid();  // memory only from here (common/launch.cuh)
   for (int e = static_cast<int>(threadIdx.x); e < a.num_experts; e += blockDim.x) s.counts[e] = 0;
   __syncthreads();
   const int warp = static_cast<int>(threadIdx.x >> 5), warps = static_cast<int>(blockDim.x >> 5);
+  const int lane = static_cast<int>(threadIdx.x & 31);
   for (int64_t t = warp; t < a.num_tokens; t += warps) {
-    const int32_t e = route_token<T>(a, t);
-    if (e >= 0) atomicAdd(&s.counts[e], 1);
+    const int32_t e = route_token<T, kPer>(a, t);
+    if (e >= 0) {
+      atomicAdd(&s.counts[e], 1);
+      pair_expert[t * a.top_k + lane] = e;
+    }
   }
   __syncthreads();
   layout_blocks(a, s);
@@ -220,12 +235,11 @@ __global__ void __launch_bounds__(kSingleThreads) route_single_kernel(RouteArgs 
   release_next_grid();
   const int64_t num_pairs = a.num_tokens * a.top_k;
   for (int64_t p = threadIdx.x; p < num_pairs; p += blockDim.x) {
-    const int32_t e = a.topk_ids[p];  // written above by this CTA: visible after the barriers
-    a.sorted_pairs[atomicAdd(&s.first_row[e], 1)] = static_cast<int32_t>(p);
+    a.sorted_pairs[atomicAdd(&s.first_row[pair_expert[p]], 1)] = static_cast<int32_t>(p);
   }
 }
 
-template <typename T>
+template <typename T, int kPer>
 __global__ void __launch_bounds__(kMultiThreads) route_multi_kernel(RouteArgs a) {
   __shared__ RouteShared s;
   const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
@@ -242,7 +256,7 @@ __global__ void __launch_bounds__(kMultiThreads) route_multi_kernel(RouteArgs a)
   grid.sync();  // the global counters are zero
 
   for (int64_t t = warp; t < a.num_tokens; t += warps) {
-    const int32_t e = route_token<T>(a, t);
+    const int32_t e = route_token<T, kPer>(a, t);
     if (e >= 0) atomicAdd(&s.counts[e], 1);
   }
   __syncthreads();
@@ -267,15 +281,15 @@ __global__ void __launch_bounds__(kMultiThreads) route_multi_kernel(RouteArgs a)
   }
 }
 
-template <typename T>
+template <typename T, int kPer>
 int multi_ctas_resident() {
   int per_sm = 0;
   MOELORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, route_multi_kernel<T>, kMultiThreads, 0));
+      &per_sm, route_multi_kernel<T, kPer>, kMultiThreads, 0));
   return per_sm * detail::sm_count();
 }
 
-template <typename T>
+template <typename T, int kPer>
 void launch_route(const RouteArgs& a, cudaStream_t stream, void* workspace) {
   const bool single = a.num_tokens <= kSingleCtaMaxTokens || !detail::cooperative_launch();
   if (single) {
@@ -284,14 +298,14 @@ void launch_route(const RouteArgs& a, cudaStream_t stream, void* workspace) {
     shape.block = dim3(kSingleThreads);
     shape.stream = stream;
     shape.after_previous_grid = true;
-    launch_kernel(route_single_kernel<T>, shape, a);
+    launch_kernel(route_single_kernel<T, kPer>, shape, a);
     return;
   }
   RouteArgs m = a;
   const size_t bytes = 2 * sizeof(int32_t) * static_cast<size_t>(a.num_experts);
   const bool own = workspace == nullptr;
   m.global_counts = static_cast<int32_t*>(own ? detail::scratch_alloc(bytes, stream) : workspace);
-  static const int resident = multi_ctas_resident<T>();
+  static const int resident = multi_ctas_resident<T, kPer>();
   const int64_t wanted = (a.num_tokens + kMultiThreads / 32 - 1) / (kMultiThreads / 32);
   const int ctas = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, resident)));
   cudaLaunchConfig_t config{};
@@ -303,8 +317,19 @@ void launch_route(const RouteArgs& a, cudaStream_t stream, void* workspace) {
   cooperative.val.cooperative = 1;
   config.attrs = &cooperative;
   config.numAttrs = 1;
-  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, route_multi_kernel<T>, m));
+  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, route_multi_kernel<T, kPer>, m));
   if (own) detail::scratch_free(m.global_counts, stream);
+}
+
+// Logits per lane: the smallest power of two that holds E.
+template <typename T>
+void launch_route_for_experts(const RouteArgs& a, cudaStream_t stream, void* workspace) {
+  static_assert(kMaxPerLane == 16, "the dispatch below covers 1..16 logits per lane");
+  if (a.num_experts <= 32) return launch_route<T, 1>(a, stream, workspace);
+  if (a.num_experts <= 64) return launch_route<T, 2>(a, stream, workspace);
+  if (a.num_experts <= 128) return launch_route<T, 4>(a, stream, workspace);
+  if (a.num_experts <= 256) return launch_route<T, 8>(a, stream, workspace);
+  return launch_route<T, 16>(a, stream, workspace);
 }
 
 }  // namespace
@@ -340,7 +365,8 @@ void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing
   a.num_blocks = static_cast<int32_t*>(num_blocks.data);
   a.expert_counts = static_cast<int32_t*>(expert_counts.data);
   const cudaStream_t s = detail::as_stream(stream);
-  MOELORA_DISPATCH_FLOAT(router_logits.dtype, T, launch_route<T>(a, s, workspace.data));
+  MOELORA_DISPATCH_FLOAT(router_logits.dtype, T,
+                         launch_route_for_experts<T>(a, s, workspace.data));
   detail::check_launch("moe_route");
 }
 

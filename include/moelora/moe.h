@@ -37,11 +37,27 @@ enum class MoeActivation : uint8_t {
                 //        (up + 1) * gate * sigmoid(alpha * gate)
 };
 
-// Which kernel family the GPU uses; kAuto lets the op choose (tests and benchmarks force one).
+// Which kernel family the GPU uses. kAuto: the tensor-core kernel when it takes the call, else
+// the simple one (moelora.ops.moe's plan picks explicitly, with fall_back). Ignored on the CPU.
 enum class MoeGemmKernel : uint8_t {
   kAuto = 0,
   kSimple = 1,      // one warp per output element: any dtype, format and alignment
-  kTensorCore = 2,  // mma.sync tiles; bfloat16 / float16 with 16-byte aligned rows only
+  kTensorCore = 2,  // mma.sync tiles, one CTA per (row tile, block): bfloat16 / float16 with
+                    // 16-byte aligned rows; block_m 8, 16, 32 or 64
+  kStream = 3,      // persistent, one CTA per SM, weights streamed by bulk copies (decode):
+                    // as kTensorCore, block_m 8 or 16, sm_90+, x rows fitting shared memory
+};
+
+constexpr int32_t kMoeMaxStreamConsumers = 12;
+
+// Typed overrides of the step's plan for moe_expert_gemm (tests and benchmarks set them).
+struct MoeGemmOptions {
+  MoeGemmKernel kernel = MoeGemmKernel::kAuto;
+  // a kernel that cannot take the call: false, an InvalidArgument naming why; true, the kAuto
+  // choice runs instead
+  bool fall_back = false;
+  int32_t stream_consumers = 0;  // kStream's consumer warps, 1..kMoeMaxStreamConsumers; 0: its
+                                 // choice per format
 };
 
 // One expert stack W [E, N, K] (N outputs, K inputs) as stored:
@@ -115,11 +131,22 @@ void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing
 // Rows are read by index: no gathered copy of the activations. Output rows of pairs in no block
 // are not written. input/output: float32, float16 or bfloat16, the same dtype, 2-D with a
 // contiguous last dimension. sorted_pairs / block_expert / num_blocks as moe_route writes them.
+// options: the kernel (MoeGemmKernel) and its overrides, see MoeGemmOptions.
 void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel = MoeGemmKernel::kAuto);
+                     const MoeGemmOptions& options = MoeGemmOptions{});
+
+// ---- moe_dequantize ----------------------------------------------------------------------------
+// The dense form of experts [first_expert, first_expert + out.shape[0]) of a stack, exactly as
+// moe_expert_gemm sees them (dequantized, rounded to out's dtype): for a grouped GEMM at
+// prefill, where many rows per expert make one more pass over the weights cheaper than
+// dequantizing them inside the GEMM for every block.
+//   out [count, N, K] float32 / float16 / bfloat16, contiguous, on the weights' device; a dense
+//       stack must have out's dtype (the op is then a copy).
+void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out,
+                    void* stream);
 
 // ---- moe_activation ----------------------------------------------------------------------------
 // h[p, j] = act(h13[p, j], h13[p, I + j]) for the gated activations (float32 math, one rounding):

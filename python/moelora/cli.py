@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         "scale", help="throughput as adapters grow past the GPU's slots (8 to 512 by default)")
     add_bench_scale_args(bench_scale)
     bench_scale.set_defaults(func=_bench_scale)
+    from moelora.bench.commands import add_bench_commands
+
+    add_bench_commands(bench_sub)
     # `moelora bench kernels|attention ...` are dispatched above to their modules' own parsers.
     bench_sub.add_parser("kernels", help="time the MoE-LoRA kernels on the BENCHMARKS.md grid "
                                          "(GPU; see `moelora bench kernels --help`)")

@@ -26,6 +26,7 @@ MoeExpertWeights expert_weights(int format, const py::tuple& weight, const py::o
 
 void register_moe(py::module_& m) {
   m.attr("MOE_MAX_EXPERTS") = kMoeMaxExperts;
+  m.attr("MOE_MAX_STREAM_CONSUMERS") = kMoeMaxStreamConsumers;
   m.def("moe_route_max_blocks", &moe_route_max_blocks, py::arg("num_pairs"),
         py::arg("num_experts"), py::arg("block_m"));
   m.def(
@@ -62,7 +63,8 @@ void register_moe(py::module_& m) {
                               const py::tuple& num_blocks, int32_t block_m, int activation,
                               float swiglu_alpha, float swiglu_limit,
                               const py::object& topk_weights, const py::tuple& output,
-                              uintptr_t stream, int kernel) {
+                              uintptr_t stream, int kernel, bool fall_back,
+                              int32_t stream_consumers) {
     TensorRef in = to_tensor_ref(input, "input");
     MoeExpertWeights w = expert_weights(format, weight, scales, bias, block_n, block_k);
     TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
@@ -74,9 +76,22 @@ void register_moe(py::module_& m) {
     epilogue.swiglu_limit = swiglu_limit;
     epilogue.topk_weights = to_optional_tensor_ref(topk_weights, "topk_weights");
     TensorRef out = to_tensor_ref(output, "output");
+    MoeGemmOptions options;
+    options.kernel = static_cast<MoeGemmKernel>(kernel);
+    options.fall_back = fall_back;
+    options.stream_consumers = stream_consumers;
     py::gil_scoped_release release;
     moe_expert_gemm(in, input_pairs_per_row, w, pairs, experts, count, block_m, epilogue, out,
-                    stream_from_int(stream), static_cast<MoeGemmKernel>(kernel));
+                    stream_from_int(stream), options);
+  });
+
+  m.def("moe_dequantize", [](int format, const py::tuple& weight, const py::object& scales,
+                             int32_t block_n, int32_t block_k, int64_t first_expert,
+                             const py::tuple& out, uintptr_t stream) {
+    MoeExpertWeights w = expert_weights(format, weight, scales, py::none(), block_n, block_k);
+    TensorRef o = to_tensor_ref(out, "out");
+    py::gil_scoped_release release;
+    moe_dequantize(w, first_expert, o, stream_from_int(stream));
   });
 
   m.def("moe_activation", [](const py::tuple& h13, int activation, float swiglu_alpha,

@@ -218,4 +218,31 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
   });
 }
 
+void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out) {
+  const int64_t n_dim = out.shape[1], k_dim = out.shape[2];
+  parallel_for(out.shape[0] * n_dim, out.numel(), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(k_dim));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = first_expert + item / n_dim, n = item % n_dim;
+      void* dst = static_cast<uint8_t*>(out.data) +
+                  item * k_dim * static_cast<int64_t>(dtype_size(out.dtype));
+      switch (out.dtype) {
+        case DType::kFloat32:
+          dequantize_row<float>(weights, e, n, k_dim, static_cast<float*>(dst));
+          break;
+        case DType::kFloat16:
+          dequantize_row<Half>(weights, e, n, k_dim, row.data());
+          for (int64_t k = 0; k < k_dim; ++k) static_cast<Half*>(dst)[k] = from_float<Half>(row[k]);
+          break;
+        default:
+          dequantize_row<BFloat16>(weights, e, n, k_dim, row.data());
+          for (int64_t k = 0; k < k_dim; ++k) {
+            static_cast<BFloat16*>(dst)[k] = from_float<BFloat16>(row[k]);
+          }
+          break;
+      }
+    }
+  });
+}
+
 }  // namespace moelora::cpu

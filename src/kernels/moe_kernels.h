@@ -22,6 +22,7 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output);
+void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out);
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
                     float swiglu_limit, const TensorRef& h);
 void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out);
@@ -41,7 +42,9 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel);
+                     const MoeGemmOptions& options);
+void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out,
+                    void* stream);
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
                     float swiglu_limit, const TensorRef& h, void* stream);
 void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream);

@@ -222,8 +222,9 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,
                      const MoeEpilogue& epilogue, const TensorRef& output, void* stream,
-                     MoeGemmKernel kernel) {
+                     const MoeGemmOptions& options) {
   constexpr const char* op = "moe_expert_gemm";
+  const MoeGemmKernel kernel = options.kernel;
   check_matrix(input, op, "input");
   check_matrix(output, op, "output");
   if (output.dtype != input.dtype) {
@@ -260,19 +261,53 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
   }
   check_blocks(sorted_pairs, block_expert, num_blocks, block_m, input, op);
   if (kernel != MoeGemmKernel::kAuto && kernel != MoeGemmKernel::kSimple &&
-      kernel != MoeGemmKernel::kTensorCore) {
+      kernel != MoeGemmKernel::kTensorCore && kernel != MoeGemmKernel::kStream) {
     throw_invalid(op, "unknown kernel code " + std::to_string(static_cast<int>(kernel)));
+  }
+  if (options.stream_consumers < 0 || options.stream_consumers > kMoeMaxStreamConsumers) {
+    throw_invalid(op, "stream_consumers must be in [0, " +
+                          std::to_string(kMoeMaxStreamConsumers) + "], got " +
+                          std::to_string(options.stream_consumers));
   }
   if (on_cuda(input)) {
 #ifdef MOELORA_WITH_CUDA
     return cuda::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
-                                 num_blocks, block_m, epilogue, output, stream, kernel);
+                                 num_blocks, block_m, epilogue, output, stream, options);
 #else
     no_cuda_kernel(op);
 #endif
   }
   cpu::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
                        num_blocks, block_m, epilogue, output);
+}
+
+void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out,
+                    void* stream) {
+  constexpr const char* op = "moe_dequantize";
+  check_float_dtype(out, op, "out");
+  check_ndim(out, 3, op, "out");
+  check_has_data(out, op, "out");
+  if (!out.is_contiguous()) throw_invalid(op, "out must be contiguous, got " + out.describe());
+  // the weights are checked against rows of out's width, dtype and device
+  TensorRef rows = make_tensor_ref(out.data, out.dtype, {1, out.shape[2]}, out.device,
+                                   out.device_index);
+  const int64_t n_dim = check_expert_weights(weights, rows, op);
+  check_size(out, 1, n_dim, op, "out", "the weight rows");
+  const int64_t experts = weights.weight.shape[0];
+  if (first_expert < 0 || first_expert + out.shape[0] > experts) {
+    throw_invalid(op, "experts [" + std::to_string(first_expert) + ", " +
+                          std::to_string(first_expert + out.shape[0]) + ") are outside the " +
+                          std::to_string(experts) + " of the stack");
+  }
+  if (out.numel() == 0) return;
+  if (on_cuda(out)) {
+#ifdef MOELORA_WITH_CUDA
+    return cuda::moe_dequantize(weights, first_expert, out, stream);
+#else
+    no_cuda_kernel(op);
+#endif
+  }
+  cpu::moe_dequantize(weights, first_expert, out);
 }
 
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,

@@ -1,24 +1,42 @@
 """The end-to-end benchmarks run and report what BENCHMARKS.md asks (tiny synthetic model, CPU):
-`moelora bench offline` (with vs without adapters, TP via gloo) and `moelora bench scale`; the
-GPU-only `moelora bench attention` refuses a CPU machine with a clear message."""
+`moelora bench offline` (with vs without adapters, a table and per-adapter results beside strict
+JSON) and `moelora bench scale` (popularity x arrivals, cold points, ratios to the fewest
+adapters); the GPU-only `moelora bench attention` refuses a CPU machine with a clear message."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 from moelora.cli import main
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: a shared 2-core CI machine runs these steps 50x slower with more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _refuse(name):
+    raise ValueError(f"not JSON: {name}")
+
+
 def _records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line, parse_constant=_refuse) for line in path.read_text().splitlines()]
 
 
-def test_bench_offline_reports_every_run(tmp_path):
+def test_bench_offline_reports_every_run(tmp_path, capsys):
     out = tmp_path / "offline.jsonl"
-    assert main(["bench", "offline", "--device", "cpu", "--num-prompts", "6", "--input-len", "8",
-                 "--output-len", "4", "--num-adapters", "3", "--max-loras", "2", "--repeats", "3",
-                 "--adapter-dir", str(tmp_path / "adapters"), "--out", str(out)]) == 0
+    argv = ["bench", "offline", "--device", "cpu", "--num-prompts", "6", "--input-len", "8",
+            "--output-len", "4", "--num-adapters", "3", "--max-loras", "2", "--repeats", "3",
+            "--adapter-dir", str(tmp_path / "adapters"), "--out", str(out)]
+    pytest.importorskip("matplotlib")
+    argv += ["--plot", str(tmp_path / "adapters.png")]
+    assert main(argv) == 0
     record = _records(out)[-1]
     for run in ("with_adapters", "no_adapters", "with_adapters_warm"):
         assert record[run]["failed"] == 0 and record[run]["output_tokens_per_s"] > 0
@@ -29,6 +47,16 @@ def test_bench_offline_reports_every_run(tmp_path):
     for run in ("no_adapters", "with_adapters_warm"):
         rounds = sorted(r["tpot_p50_ms"] for r in record[run + "_rounds"])
         assert len(rounds) == 3 and record[run]["tpot_p50_ms"] == rounds[1]
+    # per adapter: every request of the warm run is counted once
+    per_adapter = record["per_adapter_warm"]
+    assert sum(a["requests"] for a in per_adapter.values()) == 6
+    assert set(per_adapter) <= {"a0", "a1", "a2"}
+    assert all(a["failed"] == 0 and a["output_tokens"] == 4 * a["requests"]
+               for a in per_adapter.values())
+    printed = capsys.readouterr().out
+    for text in ("no adapters", "adapters, cold", "adapters, warm", "per adapter", "TPOT p50"):
+        assert text in printed, text
+    assert (tmp_path / "adapters.png").stat().st_size > 1000
 
 
 def test_bench_offline_refuses_zero_repeats(tmp_path):
@@ -38,20 +66,37 @@ def test_bench_offline_refuses_zero_repeats(tmp_path):
               "--adapter-dir", str(tmp_path / "adapters")])
 
 
-def test_bench_scale_runs_every_count_with_few_slots(tmp_path, capsys):
+def test_bench_scale_runs_every_point_with_few_slots(tmp_path, capsys):
     out = tmp_path / "scale.jsonl"
-    assert main(["bench", "scale", "--device", "cpu", "--num-prompts", "12", "--input-len", "8",
-                 "--output-len", "4", "--adapter-counts", "2", "12", "--max-loras", "2",
-                 "--max-cpu-loras", "4", "--adapter-dir", str(tmp_path / "adapters"),
-                 "--out", str(out)]) == 0
+    argv = ["bench", "scale", "--device", "cpu", "--num-prompts", "12", "--input-len", "8",
+            "--output-len", "4", "--adapter-counts", "2", "12", "--max-loras", "2",
+            "--max-cpu-loras", "4", "--popularity", "uniform", "zipf",
+            "--request-rate", "inf", "auto", "--adapter-dir", str(tmp_path / "adapters"),
+            "--out", str(out)]
+    pytest.importorskip("matplotlib")
+    argv += ["--plot", str(tmp_path / "scale.png")]
+    assert main(argv) == 0
     record = _records(out)[-1]
-    assert [r["num_adapters"] for r in record["by_count"]] == [2, 12]
-    more = record["by_count"][1]
-    assert more["failed"] == 0
-    assert more["device_loads"] >= more["distinct_adapters_used"] > 2  # more than the 2 slots
-    assert more["device_evictions"] > 0
-    assert record["by_count"][0]["relative_to_fewest"] == 1.0
-    assert "vs fewest" in capsys.readouterr().out
+    points = record["points"]
+    auto_rate = record["no_adapters"][1]["request_rate"]
+    assert [p["request_rate"] for p in record["no_adapters"]] == ["inf", auto_rate]
+    assert 0 < auto_rate < record["no_adapters"][0]["requests_per_s"]
+    assert [(p["popularity"], p["request_rate"], p["num_adapters"]) for p in points] == [
+        (pop, rate, count) for pop in ("uniform", "zipf") for rate in ("inf", auto_rate)
+        for count in (2, 12)]
+    for fewest, more in zip(points[::2], points[1::2]):
+        assert fewest["relative_to_fewest"] == 1.0
+        assert more["relative_to_fewest"] == pytest.approx(
+            more["output_tokens_per_s"] / fewest["output_tokens_per_s"])
+        assert more["failed"] == 0
+        # every point starts cold: each adapter it uses is loaded at least once
+        assert more["device_loads"] >= more["distinct_adapters_used"]
+    uniform_all_at_once = points[1]
+    assert uniform_all_at_once["distinct_adapters_used"] > 2  # more than the 2 slots
+    assert uniform_all_at_once["device_evictions"] > 0
+    printed = capsys.readouterr().out
+    assert "vs fewest" in printed and "vs none" in printed
+    assert (tmp_path / "scale.png").stat().st_size > 1000
 
 
 def test_bench_attention_needs_a_gpu_and_says_so(monkeypatch):

@@ -115,3 +115,78 @@ def test_cuda_graph_decode_replays_equal_the_padded_eager_passes(mixtral, monkey
     padded_eager, engine = _generate(model_dir, adapters, "cuda", "bfloat16", decode_graphs=True)
     assert engine.runner.graphs.replays == 0
     assert graphed == padded_eager
+
+
+def _count_lora_launches(monkeypatch) -> dict:
+    """Counts calls of the LoRA ops (each launches kernels on a GPU)."""
+    from moelora import ops
+    from moelora.engine import paged_context
+
+    calls = {"lora": 0}
+    for name in ("dense_lora", "fused_moe_lora", "fused_moe_lora_unsorted", "moe_lora_align"):
+        original = getattr(ops, name)
+
+        def counted(*args, _original=original, **kwargs):
+            calls["lora"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(paged_context.ops, name, counted)
+    return calls
+
+
+def test_steps_without_adapters_launch_no_lora_and_replay_the_lora_free_graph(mixtral,
+                                                                             monkeypatch):
+    """A LoRA engine's steps where no token has an adapter: no LoRA op runs, and pure-decode
+    steps take the bucket's LoRA-free graph; steps with adapters take the other one."""
+    model_dir, adapters = mixtral
+    llm = LLM(model=model_dir, device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8,
+              max_loras=2, max_num_seqs=4, block_size=4, pool_memory_bytes=16 << 20,
+              decode_graphs=True)
+    calls = _count_lora_launches(monkeypatch)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    base = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, use_tqdm=False)
+    graphs = llm.llm_engine.runner.graphs
+    assert calls["lora"] == 0 and set(graphs._made) == {(4, False)}
+    llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, lora_request=adapters[0],
+                 use_tqdm=False)
+    assert calls["lora"] > 0 and set(graphs._made) == {(4, False), (4, True)}
+    # the LoRA-free graph gives the tokens of an engine without LoRA
+    plain = LLM(model=model_dir, device="cpu", dtype="float32", block_size=4,
+                pool_memory_bytes=16 << 20)
+    assert [o.outputs[0].token_ids for o in base] == [
+        o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": [5, 6, 7]}] * 3,
+                                                       params, use_tqdm=False)]
+
+
+@pytest.mark.gpu
+def test_gpu_lora_free_graph_launches_no_lora_kernel(mixtral):
+    """On a GPU, one replayed decode step without adapters runs no LoRA kernel; with an
+    adapter it does (kernels counted with torch.profiler, graph kernels included)."""
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model_dir, adapters = mixtral
+    engine = LLMEngine(EngineConfig(model_dir, device="cuda", dtype="bfloat16", enable_lora=True,
+                                    max_lora_rank=8, max_loras=2, max_num_seqs=4, block_size=4,
+                                    pool_memory_bytes=64 << 20, decode_graphs=True))
+
+    def lora_kernels(lora_request) -> int:
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        for i in range(3):
+            engine.add_request(f"{lora_request}{i}", [5, 6, 7 + i], params, lora_request)
+        for _ in range(4):  # prefill, then decode steps: their graphs are captured
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        while engine.has_unfinished_requests():
+            engine.step()
+        return sum(1 for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and "lora" in e.name.lower())
+
+    assert lora_kernels(None) == 0
+    assert lora_kernels(adapters[0]) > 0
+    assert engine.runner.graphs.replays > 0 and engine.runner.graphs.capture_error is None

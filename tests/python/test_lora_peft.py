@@ -608,7 +608,7 @@ def test_registration_reads_header_only(tmp_path, monkeypatch):
 
 
 def test_accepts_model_side_site_objects(tmp_path):
-    """The model package defines its own LoraSiteSpec; any object with the fields works."""
+    """Any object with the LoraSiteSpec fields works as a site."""
     from types import SimpleNamespace
 
     sites = [

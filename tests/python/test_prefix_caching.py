@@ -11,7 +11,7 @@ import pytest
 import torch
 from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
-from moelora.distributed import ParallelConfig, launch
+from moelora.distributed import MultiProcExecutor, ParallelConfig
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
 from test_engine_vs_hf import SECOND_CASES
@@ -91,7 +91,7 @@ def test_prefix_caching_under_tensor_parallel(model):
     waves = [plan[:2], plan[2:] + plan[:1]]
     want = _waves(LLM(model=model_dir, **ARGS), waves)
     config = EngineConfig(model_dir, enable_prefix_caching=True, **ARGS)
-    engine = LLMEngine(config, parallel=launch(config, ParallelConfig(2)))
+    engine = LLMEngine(config, MultiProcExecutor(config, ParallelConfig(2)))
     try:
         got = []
         for w, wave in enumerate(waves):

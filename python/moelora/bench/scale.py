@@ -1,143 +1,190 @@
 """`moelora bench scale`: throughput as the number of adapters grows past what the GPU holds.
 
 S-LoRA's claim to beat: serving 2000 adapters costs under 10% of the throughput of serving 5.
-One engine (one process) runs the same workload (random prompts, fixed arrival rate or all at
-once, ignore_eos) once with no adapters and once per adapter count in --adapter-counts, each
-request drawing its adapter uniformly or by zipf popularity from that many random adapters,
-with only --max-loras device slots and --max-cpu-loras host copies: adapters stream from disk
-to host to GPU while requests run. Prints a table and one JSON record: per count, output
-tokens/s, request throughput, TTFT/TPOT p50/p99, device loads and evictions, and the throughput
-relative to the smallest count and to no adapters.
+One engine (one process) runs the same workload (random prompts, ignore_eos) with no adapters
+and then, for every popularity (uniform, zipf) and arrival setting (all at once, or Poisson at a
+rate), once per adapter count in --adapter-counts: each request draws its adapter from that many
+random adapters, with --max-loras device slots and --max-cpu-loras host copies, so adapters
+stream from disk to host to GPU while requests run. Every point starts cold: its adapters are
+registered before the run (as a server's --lora-modules are) and unregistered after it.
+
+--request-rate takes numbers, inf (all at once) and auto: a Poisson rate of --auto-rate-fraction
+of the request throughput the no-adapter run reached all at once, so the GPU is busy but not
+flooded. With a synthetic model and no --num-layers, the model keeps as many of its first layers
+as let the largest count of adapters fit --adapter-disk-budget-gb.
+
+Prints a table and one JSON record: per point, output tokens/s, request throughput, TTFT/TPOT
+p50/p99, device loads and evictions, and the throughput relative to the fewest adapters at the
+same popularity and rate (relative_to_fewest) and to no adapters at the same rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import random
-import tempfile
+import shutil
 
-from moelora.bench.offline import _run, engine_fields, random_workload, save_record
+from moelora.bench import flags
+from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
+
+GB = 1e9
+TABLE = [("popularity", "popularity"), ("request_rate", "rate"), ("num_adapters", "adapters"),
+         ("output_tokens_per_s", "out tok/s"), ("requests_per_s", "req/s"),
+         ("ttft_p50_ms", "TTFT p50 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
+         ("device_loads", "loads"), ("device_evictions", "evictions"),
+         ("relative_to_fewest", "vs fewest"), ("relative_to_no_adapters", "vs none")]
+
+
+def rate_or_auto(text: str):
+    return "auto" if text == "auto" else flags.rate(text)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", default="synthetic:tiny-moe")
-    parser.add_argument("--num-layers", type=int, default=None,
-                        help="synthetic models only: fewer layers than the preset")
-    parser.add_argument("--adapter-counts", nargs="+", type=int, default=[8, 32, 128, 512])
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-loras", type=int, default=32, help="device slots")
-    parser.add_argument("--max-cpu-loras", type=int, default=64, help="host copies kept")
-    parser.add_argument("--popularity", choices=["uniform", "zipf"], default="uniform")
-    parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, default=32)
-    parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--request-rate", type=float, default=float("inf"),
-                        help="Poisson arrivals per second (inf: all at once)")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    flags.describe(parser, __doc__)
+    parser.add_argument("--model", default="synthetic:tiny-moe",
+                        help="synthetic:<preset> or a model directory")
+    parser.add_argument("--num-layers", type=flags.positive_int, default=None,
+                        help="synthetic models: build this many layers (default: as many as "
+                             "let the adapters fit the disk budget)")
+    parser.add_argument("--adapter-counts", nargs="+", type=flags.positive_int,
+                        default=[8, 64, 512], help="adapter counts, one point each")
+    parser.add_argument("--rank", type=flags.positive_int, default=16, help="adapter rank")
+    parser.add_argument("--max-loras", type=flags.positive_int, default=64, help="device slots")
+    parser.add_argument("--max-cpu-loras", type=flags.positive_int, default=128,
+                        help="host copies kept")
+    parser.add_argument("--popularity", nargs="+", choices=["uniform", "zipf"],
+                        default=["uniform", "zipf"], help="how requests pick their adapter")
+    parser.add_argument("--request-rate", nargs="+", type=rate_or_auto, default=[math.inf, "auto"],
+                        help="Poisson arrivals per second; inf: all at once; auto: see above")
+    parser.add_argument("--auto-rate-fraction", type=float, default=0.75,
+                        help="the auto rate as a fraction of the no-adapter request throughput")
+    parser.add_argument("--num-prompts", type=flags.positive_int, default=512,
+                        help="requests per point")
+    parser.add_argument("--input-len", type=flags.positive_int, default=32,
+                        help="prompt tokens per request")
+    parser.add_argument("--output-len", type=flags.positive_int, default=32,
+                        help="generated tokens per request (ignore_eos)")
+    parser.add_argument("--max-num-seqs", type=flags.positive_int, default=64,
+                        help="sequences decoding together at most")
+    parser.add_argument("--max-num-batched-tokens", type=flags.positive_int, default=2048,
+                        help="prefill chunk budget per step")
+    flags.add_graph_arguments(parser)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
     parser.add_argument("--adapter-dir", default=None,
-                        help="where to write the adapters (reused when they exist)")
+                        help="where to write the adapters (reused when complete; default: a "
+                             "temporary directory, removed at the end)")
+    parser.add_argument("--adapter-disk-budget-gb", type=float, default=16.0,
+                        help="disk the adapters may take when the layer count is chosen")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
+    parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                        help="draw throughput and TTFT against the adapter count")
+    flags.add_memory_check_argument(parser)
     return parser
 
 
-def _adapter(adapter_dir: str, index: int, sites, rank: int, seed: int) -> str:
-    from moelora.bench.synthetic_adapters import write_random_adapter
+def choose_layers(args, adapter_dir: str) -> int | None:
+    """--num-layers, or for a synthetic model the most first layers whose adapters (the largest
+    count) fit the disk budget and the free disk."""
+    from moelora.bench.memory_check import engine_dtype, model_config_of
+    from moelora.bench.weight_bytes import adapter_bytes
 
-    path = os.path.join(adapter_dir, f"a{index}")
-    if not os.path.exists(os.path.join(path, "adapter_config.json")):
-        write_random_adapter(path, sites, rank, seed=seed + index)
-    return path
+    if args.num_layers is not None or not args.model.startswith("synthetic:"):
+        return args.num_layers
+    import torch
+
+    elem = torch.tensor([], dtype=engine_dtype(args.model, args.dtype, args.device)).element_size()
+    full = model_config_of(args.model)
+    per_layer = adapter_bytes(full.with_num_layers(1), args.rank, elem)
+    budget = min(args.adapter_disk_budget_gb * GB, 0.8 * shutil.disk_usage(adapter_dir).free)
+    layers = min(full.num_layers, int(budget // (max(args.adapter_counts) * per_layer)))
+    if layers < 1:
+        raise SystemExit(f"{max(args.adapter_counts)} adapters of one layer take "
+                         f"{max(args.adapter_counts) * per_layer / GB:.1f} GB, over the disk "
+                         f"budget of {budget / GB:.1f} GB (--adapter-disk-budget-gb, free disk at "
+                         f"{adapter_dir})")
+    if layers < full.num_layers:
+        total = max(args.adapter_counts) * layers * per_layer
+        print(f"{args.model}: the first {layers} of {full.num_layers} layers, so that "
+              f"{max(args.adapter_counts)} adapters take {total / GB:.1f} GB of disk")
+    return layers
 
 
-def run_from_args(args) -> int:
-    from moelora import LoRARequest, SamplingParams
+def _check_memory(args, layers: int | None) -> None:
+    import torch
+
+    from moelora.bench.memory_check import check_model_fits, engine_dtype, model_config_of
+    from moelora.bench.weight_bytes import adapter_bytes, kv_bytes_per_token
+
+    if args.skip_memory_check:
+        return
+    config = model_config_of(args.model, layers)
+    elem = torch.tensor([], dtype=engine_dtype(args.model, args.dtype, args.device)).element_size()
+    tokens = min(args.max_num_seqs, args.num_prompts) * (args.input_len + args.output_len)
+    extra = (min(args.max_loras, max(args.adapter_counts)) * adapter_bytes(config, args.rank, elem)
+             + tokens * config.num_layers * kv_bytes_per_token(config, elem))
+    check_model_fits(args.model, layers, args.dtype, args.device, extra_bytes=extra)
+
+
+def build_engine(args, layers: int | None):
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
-    counts = sorted(set(args.adapter_counts))
-    if counts[0] < 1:
-        raise SystemExit(f"--adapter-counts must be positive, got {counts}")
-    rng = random.Random(args.seed)
-    config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          enable_lora=True, max_lora_rank=args.rank, max_loras=args.max_loras,
-                          max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
-                          load_progress=False, synthetic_num_layers=args.num_layers)
-    engine = LLMEngine(config)
-    adapter_dir = args.adapter_dir or tempfile.mkdtemp(prefix="moelora-bench-scale-")
-    sites = engine.model.lora_sites()
-    vocab = engine.model.config.vocab_size
-    prompts, arrivals = random_workload(rng, vocab, args.num_prompts, args.input_len,
-                                        args.request_rate)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    # Adapter ids are unique across counts, so every count starts with cold device slots.
-    next_id = 1
+    return LLMEngine(EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, enable_lora=True,
+        max_lora_rank=args.rank, max_loras=args.max_loras,
+        max_cpu_loras=max(args.max_cpu_loras, args.max_loras), max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+        load_progress=False, synthetic_num_layers=layers,
+        decode_graphs=flags.graphs_choice(args)))
 
-    results = []
-    try:
-        # warm-up on the whole workload (its batch shapes: decode graphs, allocator pools), so
-        # that the no-adapter baseline does not pay it (bench/offline.py, session 9)
-        _run(engine, prompts, [None] * len(prompts), params, arrivals)
-        base = _run(engine, prompts, [None] * len(prompts), params, arrivals)
-        for count in counts:
-            loras = []
-            for index in range(count):
-                loras.append(LoRARequest(f"n{count}-a{index}", next_id,
-                                         _adapter(adapter_dir, index, sites, args.rank,
-                                                  args.seed)))
-                next_id += 1
-            weights = [1.0 / (i + 1) if args.popularity == "zipf" else 1.0
-                       for i in range(count)]
-            chosen = [rng.choices(loras, weights)[0] for _ in prompts]
-            before = engine.adapters.stats()
-            run = _run(engine, prompts, chosen, params, arrivals)
-            after = engine.adapters.stats()
-            run.update(num_adapters=count,
-                       distinct_adapters_used=len({lora.lora_int_id for lora in chosen}),
-                       requests_per_s=len(prompts) / run["duration_s"],
-                       device_loads=after["device_loads"] - before["device_loads"],
-                       device_evictions=after["device_evictions"] - before["device_evictions"])
-            results.append(run)
-            for name in {lora.lora_name for lora in chosen}:  # free the registrations and
-                engine.adapters.unload(name)                  # copies before the next count
-    finally:
-        engine.stop()
 
-    first = results[0]["output_tokens_per_s"]
-    for run in results:
-        run["relative_to_fewest"] = run["output_tokens_per_s"] / first
-        run["relative_to_no_adapters"] = run["output_tokens_per_s"] / base["output_tokens_per_s"]
+def run_from_args(args) -> int:
+    from moelora.bench.scale_points import ScalePoints
+    from moelora.bench.synthetic_adapters import adapter_directory
+
+    if not 0 < args.auto_rate_fraction:
+        raise SystemExit(f"--auto-rate-fraction must be > 0, got {args.auto_rate_fraction}")
+    if args.plot is not None:
+        pyplot()  # before the run: a missing matplotlib stops it with its pip line
+    with adapter_directory(args.adapter_dir, "moelora-bench-scale-") as adapter_dir:
+        layers = choose_layers(args, adapter_dir)
+        _check_memory(args, layers)
+        engine = build_engine(args, layers)
+        try:
+            points = ScalePoints(engine, args, adapter_dir, random.Random(args.seed))
+            base, results = points.measure()
+            # read before stop(), which releases the model
+            engine_info = {**engine_fields(engine), "num_layers": engine.model.config.num_layers}
+        finally:
+            engine.stop()
     record = {
-        "bench": "scale", "model": args.model, **engine_fields(engine), "rank": args.rank,
+        "bench": "scale", "model": args.model, **engine_info, "rank": args.rank,
         "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
-        "popularity": args.popularity, "num_prompts": args.num_prompts,
-        "input_len": args.input_len, "output_len": args.output_len,
-        "request_rate": args.request_rate, "no_adapters": base, "by_count": results,
-        "max_drop": 1.0 - min(r["relative_to_fewest"] for r in results),
+        "num_prompts": args.num_prompts, "input_len": args.input_len,
+        "output_len": args.output_len, "adapter_counts": sorted(set(args.adapter_counts)),
+        "no_adapters": base, "points": results,
+        "max_drop": 1.0 - min((r["relative_to_fewest"] for r in results
+                               if r["relative_to_fewest"] is not None), default=1.0),
     }
-    print(f"{'adapters':>9} {'out tok/s':>10} {'req/s':>7} {'TTFT p50 ms':>12} "
-          f"{'TPOT p50 ms':>12} {'loads':>6} {'vs fewest':>10}")
-    print(f"{'none':>9} {base['output_tokens_per_s']:>10.1f} "
-          f"{len(prompts) / base['duration_s']:>7.2f} {base['ttft_p50_ms']:>12.1f} "
-          f"{base['tpot_p50_ms']:>12.1f} {0:>6} {'':>10}")
-    for run in results:
-        print(f"{run['num_adapters']:>9} {run['output_tokens_per_s']:>10.1f} "
-              f"{run['requests_per_s']:>7.2f} {run['ttft_p50_ms']:>12.1f} "
-              f"{run['tpot_p50_ms']:>12.1f} {run['device_loads']:>6} "
-              f"{run['relative_to_fewest']:>10.3f}")
-    print(json.dumps(record))
-    save_record(record, args.out)
-    return 0
+    print(format_table(TABLE, [{"popularity": "none", "num_adapters": 0, **b} for b in base]
+                       + results))
+    print(dumps(record))
+    append_record(record, args.out)
+    if args.plot is not None:
+        from moelora.bench.plots import plot_scale
+
+        target = args.plot or os.path.splitext(args.out or "bench-scale")[0] + "-scale.png"
+        print(f"plot saved to {plot_scale(record, target)}")
+    return 0 if all(r["failed"] == 0 for r in results) else 1
 
 
 def main(argv=None) -> int:
-    return run_from_args(add_cli_args(argparse.ArgumentParser(description=__doc__)).parse_args(argv))
+    parser = add_cli_args(argparse.ArgumentParser(prog="moelora bench scale"))
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

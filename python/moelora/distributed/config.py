@@ -9,11 +9,14 @@ Two independent choices:
   gate/up/down like a dense MLP. A Qwen2-MoE shared expert is sharded either way.
 `LLM(..., tensor_parallel_size=N)` is shard_attention; `enable_expert_parallel=True` adds
 expert_parallel (vLLM's names). Replicated attention with expert parallel experts is
-reachable through this class directly (moelora.distributed.launch).
+reachable through this class directly (MultiProcExecutor(config, ParallelConfig(...))).
+Expert stacks stored quantized (MXFP4, block FP8) are split like dense ones, along their
+blocks: tensor-parallel experts need a per-rank expert width that the blocks tile.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -71,20 +74,42 @@ class ParallelConfig:
         elif mc.is_moe:
             need(mc.moe_intermediate_size, "moe_intermediate_size",
                  " (try enable_expert_parallel=True)")
+            self._check_expert_blocks(mc, what)
+
+    def _check_expert_blocks(self, mc, what: str) -> None:
+        """Tensor-parallel experts stored in blocks: each rank's cut of the expert width must
+        fall on block boundaries of the stored tensors."""
+        width = mc.moe_intermediate_size // self.world_size
+        if mc.expert_format == "mxfp4":
+            blocks, step = "MXFP4 blocks of 32 inputs", 32
+        elif mc.expert_format == "fp8":
+            block_n, block_k = mc.expert_fp8_block
+            blocks, step = f"FP8 scale blocks of {block_n} x {block_k}", math.lcm(block_n, block_k)
+        else:
+            return
+        if width % step:
+            raise ValueError(
+                f"{what}: the experts are stored in {blocks}, and each rank's share of "
+                f"moe_intermediate_size ({mc.moe_intermediate_size} / {self.world_size} = "
+                f"{width}) is not a multiple of {step}, so the blocks cannot be split; use "
+                f"enable_expert_parallel=True (whole experts per rank; --enable-expert-parallel) "
+                f"or dense expert weights (synthetic_expert_weights='dense' for synthetic "
+                f"models)")
 
 
-def model_config_of(model: str):
-    """The ModelConfig of a HF directory or `synthetic:<preset>`, without loading weights."""
+def model_config_of(model: str, **synthetic_overrides):
+    """The ModelConfig a parallel engine serves for a HF directory (whose experts its loader
+    dequantizes) or `synthetic:<preset>` (num_layers=, expert_weights= as for build_synthetic),
+    without loading weights."""
     from moelora.models import model_class
     from moelora.models.loader import read_hf_config
-    from moelora.models.synthetic import preset_hf_config
+    from moelora.models.synthetic import preset_model_config
 
     if model.startswith("synthetic:"):
-        hf = preset_hf_config(model.removeprefix("synthetic:"))
-    elif os.path.isdir(model):
-        hf = read_hf_config(model)
-    else:
+        return preset_model_config(model.removeprefix("synthetic:"), **synthetic_overrides)
+    if not os.path.isdir(model):
         raise ValueError(f"{model!r} is neither a model directory nor synthetic:<preset>")
+    hf = read_hf_config(model)
     archs = hf.get("architectures") or []
     if not archs:
         raise ValueError(f"{model}: config.json names no architecture")

@@ -7,6 +7,10 @@ Megatron-style tensor parallel over N ranks (rank r):
   stay on rank 0 only, so the sum adds them once).
 Expert parallel: rank r keeps experts [r*E/N, (r+1)*E/N) whole and computes their share of
 every token (each rank has all tokens); the MoE block's all-reduce combines the shares.
+Expert stacks stay as stored: dense, MXFP4 or block FP8. Expert parallel slices any of them
+along the expert axis; tensor parallel slices the stored tensors along w13's output rows and
+w2's input columns, so its cut must fall on block boundaries (MXFP4: 32 inputs per scale;
+FP8: the scale blocks), which ParallelConfig.validate_model checks before anything is built.
 
 LoRA follows the base weights: a column-parallel site keeps A whole and the rank's slice of B
 (B^T views [r, out]: a column slice); a row-parallel site keeps B whole and the rank's slice of
@@ -25,21 +29,22 @@ from torch import nn
 
 from moelora.distributed.config import ParallelConfig
 from moelora.lora.plan import AdapterPlan
+from moelora.lora.sites import EXPERT_DOWN, EXPERT_SITES, SHARED_EXPERT_PREFIX
 from moelora.models.layers import Attention, GatedMLP
-from moelora.models.moe import Experts, MoeBlock, expert_linear
+from moelora.models.moe import Experts, MoeBlock
+from moelora.ops import moe as moe_ops
 
 COLUMN, ROW, EXPERTS, REPLICATED = "column", "row", "experts", "replicated"
 _COLUMN_SITES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-_ROW_SITES = ("o_proj", "down_proj")
 
 
 def site_mode(parallel: ParallelConfig, site: str) -> str:
     """How `site`'s LoRA (and its base weight) is split: column, row, experts or replicated."""
-    if site.startswith("experts."):
+    if site in EXPERT_SITES:
         if parallel.expert_parallel:
             return EXPERTS
-        return ROW if site == "experts.down" else COLUMN
-    leaf = site.removeprefix("shared_expert.")
+        return ROW if site == EXPERT_DOWN else COLUMN
+    leaf = site.removeprefix(SHARED_EXPERT_PREFIX)
     if leaf == site and not parallel.shard_attention:  # attention and dense MLP layers
         return REPLICATED
     return COLUMN if leaf in _COLUMN_SITES else ROW
@@ -123,40 +128,54 @@ class AllReduceOutput(nn.Module):
 
 
 class PartitionedExperts(Experts):
-    """This rank's experts [offset, offset + num_experts) of an expert-parallel MoE layer.
+    """This rank's experts [expert_offset, expert_offset + num_experts) of an expert-parallel
+    MoE layer, in whatever format they are stored.
 
-    Pairs routed to other ranks' experts contribute zero: they are left out of the base GEMMs
-    and sent to local expert 0 with weight 0 and zeroed activations for the LoRA kernels
-    (whose CPU align rejects out-of-range expert ids), so the sum over ranks is exact.
+    The MoE kernels run over the routing's blocks of this rank's experts only (moved to the
+    front and numbered locally), so the output rows of other ranks' pairs are never written and
+    stay zero. The LoRA kernels see those pairs as local expert 0 with zero activations and
+    weight 0: they add nothing either, and the sum over ranks is exact.
     """
 
     expert_offset: int = 0
 
-    def forward(self, x, topk_ids, topk_weights, ctx, layer):
-        t, k = topk_ids.shape
-        local = (topk_ids >= self.expert_offset) & \
-            (topk_ids < self.expert_offset + self.num_experts)
-        local_ids = torch.where(local, topk_ids - self.expert_offset, 0)
-        weights = torch.where(local, topk_weights, torch.zeros_like(topk_weights))
-        flat_local = local.flatten()
-        rows = flat_local.nonzero().flatten()
-        ids = local_ids.flatten()[rows]
-        pair_token = torch.arange(t * k, device=x.device) // k
-        h13 = x.new_zeros(t * k, 2 * self.inter)
-        if rows.numel():
-            h13[rows] = expert_linear(x[pair_token[rows]], ids, self.w13)
-            if self.b13 is not None:
-                h13[rows] += self.b13[ids]
-        ctx.moe_lora_w13(layer, x, local_ids, h13)
-        h = torch.where(flat_local[:, None], self.activation(h13), torch.zeros_like(h13[:, :1]))
-        y = x.new_zeros(t * k, x.shape[1])
-        if rows.numel():
-            y[rows] = expert_linear(h[rows], ids, self.w2)
-            if self.b2 is not None:
-                y[rows] += self.b2[ids]
-        y *= weights.flatten()[:, None].to(y.dtype)
-        ctx.moe_lora_w2(layer, h, local_ids, weights, y)
-        return y.view(t, k, -1).sum(dim=1)
+    def local_routing(self, routing: moe_ops.Routing) -> moe_ops.Routing:
+        """`routing` restricted to this rank's experts, without a host sync."""
+        first, count, block_m = self.expert_offset, self.num_experts, routing.block_m
+        experts = routing.block_expert  # -1 past the routing's blocks
+        mine = (experts >= first) & (experts < first + count)
+        order = torch.argsort(mine.logical_not().to(torch.uint8), stable=True)
+        pairs = routing.sorted_pairs[:experts.numel() * block_m].view(-1, block_m)
+        return dataclasses.replace(
+            routing, sorted_pairs=pairs.index_select(0, order).view(-1),
+            block_expert=torch.where(mine, experts - first, -1).index_select(0, order),
+            num_blocks=mine.sum(dtype=torch.int32).view(1),
+            expert_counts=routing.expert_counts[first:first + count])
+
+    def forward(self, x, routing: moe_ops.Routing, ctx, layer):
+        local = self.local_routing(routing)
+        w13, w2 = self.stacks()
+        ids, k = routing.topk_ids, routing.top_k
+        mine = (ids >= self.expert_offset) & (ids < self.expert_offset + self.num_experts)
+        local_ids = torch.where(mine, ids - self.expert_offset, 0)
+        weights = torch.where(mine, routing.topk_weights, 0.0)
+        pairs = ids.numel()
+        lora = ctx.token_slot is not None
+        if lora:
+            h13 = moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k,
+                                      out=x.new_zeros(pairs, 2 * self.inter))
+            ctx.moe_lora_w13(layer, x, local_ids, h13)
+            h = moe_ops.activation(h13, self.act, self.alpha, self.limit) * mine.view(-1, 1)
+        else:
+            h = moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k, activation=self.act,
+                                    swiglu_alpha=self.alpha, swiglu_limit=self.limit,
+                                    out=x.new_zeros(pairs, self.inter))
+        y = moe_ops.expert_gemm(h, local, w2, input_pairs_per_row=1,
+                                topk_weights=weights.view(-1),
+                                out=x.new_zeros(pairs, x.shape[1]))
+        if lora:
+            ctx.moe_lora_w2(layer, h, local_ids, weights, y)
+        return moe_ops.moe_sum(y, k)
 
 
 def _shard_attention(attn: Attention, rank: int, n: int) -> None:
@@ -174,13 +193,33 @@ def _shard_gated_mlp(mlp: GatedMLP, rank: int, n: int) -> None:
     _row(mlp.down_proj, rank * inter, inter, rank)
 
 
+def _stored_parts(experts: Experts):
+    """The tensors an expert stack is stored in, as (name, dim, elements per index along dim):
+    w13's cut along its output rows (dim 1), w2's along its inputs (dim 2)."""
+    if experts.format == "mxfp4":  # w2's dim 2 counts blocks of 32 inputs (16 bytes, 1 scale)
+        return ([("w13_blocks", 1, 1), ("w13_scales", 1, 1)],
+                [("w2_blocks", 2, 32), ("w2_scales", 2, 32)])
+    if experts.format == "fp8":
+        block_n, block_k = experts.fp8_block
+        return ([("w13", 1, 1), ("w13_scale_inv", 1, block_n)],
+                [("w2", 2, 1), ("w2_scale_inv", 2, block_k)])
+    return [("w13", 1, 1)], [("w2", 2, 1)]
+
+
 def _shard_experts(experts: Experts, rank: int, n: int) -> None:
     full, inter = experts.inter, experts.inter // n
-    gate = slice(rank * inter, (rank + 1) * inter)
-    up = slice(full + rank * inter, full + (rank + 1) * inter)
-    experts.w13 = _param(torch.cat([experts.w13[:, gate], experts.w13[:, up]], dim=1))
-    experts.w2 = _param(experts.w2[:, :, gate])
+    w13_parts, w2_parts = _stored_parts(experts)
+    for name, dim, per in w13_parts:  # [gate | up] rows: this rank's gate rows and up rows
+        value = getattr(experts, name)
+        gate = value.narrow(dim, rank * inter // per, inter // per)
+        up = value.narrow(dim, (full + rank * inter) // per, inter // per)
+        setattr(experts, name, _param(torch.cat([gate, up], dim=dim)))
+    for name, dim, per in w2_parts:
+        value = getattr(experts, name)
+        setattr(experts, name, _param(value.narrow(dim, rank * inter // per, inter // per)))
     if experts.b13 is not None:
+        gate = slice(rank * inter, (rank + 1) * inter)
+        up = slice(full + rank * inter, full + (rank + 1) * inter)
         experts.b13 = _param(torch.cat([experts.b13[:, gate], experts.b13[:, up]], dim=1))
     experts.b2 = _zero_unless_first(experts.b2, rank)
     experts.inter = inter
@@ -188,11 +227,8 @@ def _shard_experts(experts: Experts, rank: int, n: int) -> None:
 
 def _partition_experts(experts: Experts, rank: int, n: int) -> None:
     per_rank = experts.num_experts // n
-    own = slice(rank * per_rank, (rank + 1) * per_rank)
-    for name in ("w13", "w2", "b13", "b2"):
-        value = getattr(experts, name)
-        if value is not None:
-            setattr(experts, name, _param(value[own]))
+    for name, value in list(experts.named_parameters(recurse=False)):  # all [E, ...]
+        setattr(experts, name, _param(value[rank * per_rank:(rank + 1) * per_rank]))
     experts.__class__ = PartitionedExperts
     experts.num_experts, experts.expert_offset = per_rank, rank * per_rank
 

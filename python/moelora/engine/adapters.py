@@ -66,10 +66,10 @@ class LoraViews:
 
 
 class AdapterManager:
-    def __init__(self, config, memory, sites, model_config, dtype, shard=None):
+    def __init__(self, config, memory, sites, model_config, dtype, shard=None, cache_proxy=None):
         self.config = config
         self.sites = list(sites)
-        # Tensor/expert parallel (moelora.distributed.RankContext): `sites` are this rank's
+        # A rank of a parallel engine (moelora.distributed.RankShard): `sites` are this rank's
         # shard; adapters are validated against shard.full_sites and loaded as this rank's
         # slice (shard.shard_plan). None: one process.
         self.shard = shard
@@ -99,6 +99,8 @@ class AdapterManager:
                                      host_threads=config.adapter_load_threads,
                                      pack_threads=config.adapter_pack_threads)
         self.views = LoraViews(self.cache, self.sites, config.max_loras)
+        if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
+            self.cache = cache_proxy(self.cache)
 
     # -- registration ------------------------------------------------------------------------
     def resolve(self, request: LoRARequest) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from moelora.models.config import EXPERT_FORMATS
 
 _DTYPES = {
     "float32": torch.float32,
@@ -40,6 +41,9 @@ class EngineConfig:
     seed: int = 0
     load_progress: bool = True
     synthetic_num_layers: int | None = None  # build only this many layers (synthetic models)
+    # How a synthetic model stores its expert stacks: "dense", "mxfp4" or "fp8" (None: as the
+    # real checkpoint ships them; synthetic:gpt-oss-20b in MXFP4, the others dense).
+    synthetic_expert_weights: str | None = None
     # Pure-decode steps through padded static buffers, captured as CUDA graphs on a GPU (run
     # eagerly on the CPU). None = on for a one-process CUDA engine (vLLM's default; measured
     # 1.5x shorter TPOT on the H200, docs/performance.md), off elsewhere; True also for a parallel
@@ -48,6 +52,9 @@ class EngineConfig:
     # Reuse the KV blocks of identical prompt prefixes (same adapter) across requests.
     enable_prefix_caching: bool = False
     decode_graph_max_blocks: int = 512  # block-table width of the graphs; longer runs eagerly
+    # Schedule step N+1 while the GPU runs step N (vLLM's async scheduling). None = on for a
+    # one-process CUDA engine, off elsewhere.
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # processes, one per GPU (moelora.distributed)
     enable_expert_parallel: bool = False  # partition experts over them instead of sharding
 
@@ -69,8 +76,13 @@ class EngineConfig:
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
             raise ValueError("enable_expert_parallel partitions experts over the "
                              "tensor_parallel_size processes: it needs tensor_parallel_size >= 2")
-        if self.synthetic_num_layers is not None and not self.model.startswith("synthetic:"):
-            raise ValueError("synthetic_num_layers applies to synthetic:<preset> models only")
+        for name in ("synthetic_num_layers", "synthetic_expert_weights"):
+            if getattr(self, name) is not None and not self.model.startswith("synthetic:"):
+                raise ValueError(f"{name} applies to synthetic:<preset> models only, not "
+                                 f"{self.model!r}")
+        if self.synthetic_expert_weights not in (None, *EXPERT_FORMATS):
+            raise ValueError(f"synthetic_expert_weights must be one of {EXPERT_FORMATS} (or "
+                             f"None: as the real checkpoint), got {self.synthetic_expert_weights!r}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = 4 * self.max_loras
         if self.max_cpu_loras < self.max_loras:
@@ -83,6 +95,12 @@ class EngineConfig:
                              f"{self.gpu_memory_utilization}")
         if self.pool_memory_bytes is not None and self.pool_memory_bytes <= 0:
             raise ValueError(f"pool_memory_bytes must be > 0, got {self.pool_memory_bytes}")
+
+    def synthetic_overrides(self) -> dict:
+        """The keyword arguments load_model passes to build_synthetic (empty for checkpoints)."""
+        overrides = {"num_layers": self.synthetic_num_layers,
+                     "expert_weights": self.synthetic_expert_weights}
+        return {k: v for k, v in overrides.items() if v is not None}
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

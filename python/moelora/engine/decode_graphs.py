@@ -1,14 +1,19 @@
 """Pure-decode steps (one new token per sequence) replayed from CUDA graphs.
 
 A decode step of a MoE model launches hundreds of small kernels from Python; on the GPU the
-step is bound by that host work, not by the GPU. A DecodeGraphs keeps, per padded batch size
-(a bucket), static input buffers and a CUDA graph of the whole forward pass captured over them;
-a step copies its metadata into the buffers of the smallest bucket that holds it and replays.
+step is bound by that host work, not by the GPU. DecodeGraphs keeps, per padded batch size (a
+bucket), a CUDA graph of the whole forward pass, from the step's int32 inputs to the final hidden
+states. The graphs read the runner's buffers directly: the step's arrays land in `inputs` (the
+runner's one host-to-device copy goes there), the block tables are the runner's persistent
+BlockTable, and expanding the arrays (int64 ids and positions, every layer's KV slots) is part of
+the captured work. Each bucket has two graphs: one with the LoRA kernels, replayed when some token
+has an adapter, and one without (ctx.token_slot None), so steps without adapters launch no LoRA
+kernel and the MoE takes its fused LoRA-free form.
 
-Padding rows decode a dummy token that touches nothing: slot_mapping -1 (no KV write),
-token_slot -1 (no LoRA), seq_len 1 over an all-zero block-table row (they attend to one key of
-page 0, whatever it holds, and only to it); their outputs are dropped. Every op in the forward
-pass has fixed shapes for a fixed bucket and no host synchronisation, so it can be captured.
+Padding rows decode a dummy token that touches nothing: they use the block table's padding row
+(all zeros, seq_len 1: they attend to one key of page 0, whatever it holds), write no KV (slot
+-1) and take no LoRA (slot -1); their outputs are dropped. Every op in the forward pass has fixed
+shapes for a fixed bucket and no host synchronisation, so it can be captured.
 
 On the CPU (no graphs) the same padded path runs eagerly: the tests check it against the
 unpadded engine, so the padding semantics are proven where the tests run.
@@ -28,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 from moelora import _C
+from moelora.engine.block_table import BlockTable
 from moelora.engine.paged_context import PagedContext, StepMetadata
+from moelora.engine.step_inputs import step_metadata
 
 log = logging.getLogger("moelora")
 
@@ -42,11 +49,10 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 
 @dataclass
-class _Bucket:
+class _Graph:
     size: int
-    ids: torch.Tensor  # int64 [B]
-    meta: StepMetadata  # static tensors the captured graph reads
-    hidden: torch.Tensor | None = None  # the captured output [B, H]
+    lora: bool
+    hidden: torch.Tensor | None = None  # the captured output [size, H]
     graph: torch.cuda.CUDAGraph | None = None
 
 
@@ -63,93 +69,133 @@ class DecodeGraphs:
         self.device = device
         self.capture = device.type == "cuda"
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self._made: dict[int, _Bucket | None] = {}  # None once closed
+        self._made: dict[tuple[int, bool], _Graph | None] = {}  # None once closed
         self.replays = 0
         self.capture_error: str | None = None  # why capturing was given up, if it was
+        self.tables: BlockTable | None = None  # the runner's, set by attach()
+        self.inputs: torch.Tensor | None = None  # int32: a step's staged arrays, bucket layout
+        self._generation = -1
+
+    def attach(self, tables: BlockTable) -> None:
+        """Reads `tables` from now on (the runner's). Graphs captured over other tables, or
+        over these before they were reallocated, are dropped and captured again when used."""
+        if tables is self.tables and tables.generation == self._generation:
+            return
+        if any(g is not None and g.graph is not None for g in self._made.values()):
+            log.info("block tables reallocated: decode graphs are captured again")
+        self._made = {}
+        self.tables, self._generation = tables, tables.generation
+        # room for the largest bucket's arrays and, after them, a step's other arrays (table
+        # writes: at most one new block per sequence and layer at decode; feed; sample rows)
+        largest = self.buckets[-1]
+        self.capacity = (self.prefix_size(largest) + 2 * largest * (self.num_layers + 2)
+                         + largest + 64)
+        self.inputs = torch.zeros(self.capacity, dtype=torch.int32, device=self.device)
+
+    @property
+    def closed(self) -> bool:
+        return self.model is None
+
+    def prefix_size(self, size: int) -> int:
+        """int32 entries a bucket's graph reads from the front of `inputs`: ids, positions, rows,
+        adapter slots (size each), then seq_lens (one per table row)."""
+        return 4 * size + self.tables.rows + 1
 
     def fits(self, num_seqs: int, block_table_width: int) -> bool:
         return num_seqs <= self.buckets[-1] and block_table_width <= self.max_blocks
 
-    def run(self, ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
-        """Final hidden states [n, H] of a pure-decode step of n sequences (ids/meta as built by
-        ModelRunner.build_metadata, one token per sequence)."""
-        n = ids.shape[0]
-        bucket = self._bucket(next(b for b in self.buckets if b >= n))
-        self._fill(bucket, ids, meta)
-        if bucket.graph is not None:
-            bucket.graph.replay()
+    def bucket_for(self, num_seqs: int, block_table_width: int) -> int | None:
+        """The bucket a pure-decode step of num_seqs sequences replays, or None (eager)."""
+        if self.closed or self.tables is None or not self.fits(num_seqs, block_table_width):
+            return None
+        if self.tables.generation != self._generation:
+            self.attach(self.tables)
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def ensure(self, size: int, lora: bool) -> None:
+        """Captures the bucket's graph if it has none yet: call before the step's arrays are
+        staged into `inputs` (capturing overwrites them)."""
+        key = (size, lora and self.lora_views is not None)
+        if key in self._made:
+            return
+        made = _Graph(*key)
+        if self.capture:
+            try:
+                self._capture(made)
+            except RuntimeError as error:  # e.g. an op that syncs the host
+                # (float32 MoE experts on CUDA loop over experts on the host)
+                self.capture = False
+                self.capture_error = str(error).splitlines()[0]
+                log.warning("decode graphs disabled, steps run eagerly: capture failed: %s",
+                            self.capture_error)
+        self._made[key] = made
+
+    def replay(self, size: int, lora: bool) -> torch.Tensor:
+        """Final hidden states [size, H] of the step staged in `inputs` (ensure() first)."""
+        made = self._made[(size, lora and self.lora_views is not None)]
+        if made.graph is not None:
+            made.graph.replay()
             self.replays += 1
-            return bucket.hidden[:n]
-        return self._forward(bucket)[:n]
+            return made.hidden
+        return self._forward(made)
 
-    def _forward(self, bucket: _Bucket) -> torch.Tensor:
+    def run_meta(self, ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor | None:
+        """Final hidden states [n, H] of a pure-decode step whose metadata another runner built
+        (a parallel engine's rank 0 builds it, every rank replays it): its arrays and block
+        tables are copied into this one's buffers. None when they do not fit (run it eagerly)."""
+        n, (_, rows, width) = ids.shape[0], meta.block_tables.shape
+        size = self.bucket_for(n, width)
+        if size is None or rows > self.tables.rows + 1:
+            return None
+        lora = meta.token_slot is not None
+        self.ensure(size, lora)
+        table = self.tables.table
+        table[:, :rows, :width].copy_(meta.block_tables)
+        ids32, positions, query_rows, slots, seq_lens = self._views(size)
+        padding = self.tables.padding_row
+        for static, value, fill in ((ids32, ids, 0), (positions, meta.query_pos, 0),
+                                    (query_rows, meta.query_seq, padding),
+                                    (slots, meta.token_slot, -1)):
+            if value is None:
+                static.fill_(fill)
+                continue
+            static[:n].copy_(value)
+            static[n:].fill_(fill)
+        seq_lens.zero_()
+        seq_lens[:meta.seq_lens.shape[0]].copy_(meta.seq_lens)
+        seq_lens[padding] = 1
+        return self.replay(size, lora)[:n]
+
+    # -- capture -----------------------------------------------------------------------------
+    def _views(self, size: int) -> list[torch.Tensor]:
+        ends = [size, 2 * size, 3 * size, 4 * size, self.prefix_size(size)]
+        return [self.inputs[start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+    def _forward(self, made: _Graph) -> torch.Tensor:
+        ids32, positions, rows, slots, seq_lens = self._views(made.size)
+        ids, meta = step_metadata(ids32, positions, rows, slots if made.lora else None, seq_lens,
+                                  self.tables.table[:, :, :self.max_blocks], self.block_tokens,
+                                  padding_row=self.tables.padding_row, num_seqs=made.size)
         # A fresh context per pass: a PagedContext caches per-step groupings.
-        ctx = PagedContext(bucket.meta, self.kv_view, self.lora_views)
-        return self.model(bucket.ids, bucket.meta.positions, ctx)
+        return self.model(ids, meta.positions, PagedContext(meta, self.kv_view, self.lora_views))
 
-    # -- static buffers ----------------------------------------------------------------------
-    def _bucket(self, size: int) -> _Bucket:
-        bucket = self._made.get(size)
-        if bucket is None:
-            bucket = self._new_bucket(size)
-            if self.capture:
-                try:
-                    self._capture(bucket)
-                except RuntimeError as error:  # e.g. an op that syncs the host
-                    # (float32 MoE experts on CUDA loop over experts on the host)
-                    self.capture = False
-                    self.capture_error = str(error).splitlines()[0]
-                    log.warning("decode graphs disabled, steps run eagerly: capture failed: %s",
-                                self.capture_error)
-            self._made[size] = bucket
-        return bucket
+    def _fill_padding(self, size: int) -> None:
+        """Every row a padding row: capturing runs the pass, and it must touch nothing."""
+        ids32, positions, rows, slots, seq_lens = self._views(size)
+        ids32.zero_()
+        positions.zero_()
+        rows.fill_(self.tables.padding_row)
+        slots.fill_(-1)
+        seq_lens.zero_()
+        seq_lens[self.tables.padding_row] = 1
 
-    def _new_bucket(self, size: int) -> _Bucket:
-        dev = self.device
-        positions = torch.zeros(size, dtype=torch.int64, device=dev)
-        meta = StepMetadata(
-            positions=positions,
-            query_pos=torch.zeros(size, dtype=torch.int32, device=dev),
-            query_seq=torch.arange(size, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(size, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(self.num_layers, size, self.max_blocks, dtype=torch.int32,
-                                     device=dev),
-            slot_mapping=torch.full((self.num_layers, size), -1, dtype=torch.int64, device=dev),
-            # always a tensor when LoRA is on, so the LoRA launches are part of every graph
-            token_slot=(torch.full((size,), -1, dtype=torch.int32, device=dev)
-                        if self.lora_views is not None else None),
-        )
-        ids = torch.zeros(size, dtype=torch.int64, device=dev)
-        return _Bucket(size, ids, meta)
-
-    def _fill(self, bucket: _Bucket, ids: torch.Tensor, meta: StepMetadata) -> None:
-        n, static = ids.shape[0], bucket.meta
-        width = meta.block_tables.shape[2]
-        bucket.ids[:n].copy_(ids)
-        bucket.ids[n:].zero_()
-        static.positions[:n].copy_(meta.positions)
-        static.positions[n:].zero_()
-        static.query_pos[:n].copy_(meta.query_pos)
-        static.query_pos[n:].zero_()
-        static.seq_lens[:n].copy_(meta.seq_lens)
-        static.seq_lens[n:].fill_(1)
-        static.block_tables.zero_()
-        static.block_tables[:, :n, :width].copy_(meta.block_tables)
-        static.slot_mapping[:, :n].copy_(meta.slot_mapping)
-        static.slot_mapping[:, n:].fill_(-1)
-        if static.token_slot is not None:
-            if meta.token_slot is None:
-                static.token_slot.fill_(-1)
-            else:
-                static.token_slot[:n].copy_(meta.token_slot)
-                static.token_slot[n:].fill_(-1)
-
-    def _capture(self, bucket: _Bucket) -> None:
+    def _capture(self, made: _Graph) -> None:
+        self._fill_padding(made.size)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up: lazy inits, kernel attributes, allocator
             for _ in range(2):
-                self._forward(bucket)
+                self._forward(made)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         collecting = gc.isenabled()
@@ -157,16 +203,17 @@ class DecodeGraphs:
         try:
             with _C.GraphCaptureScope(), torch.cuda.graph(graph, pool=self._pool,
                                                           capture_error_mode="thread_local"):
-                bucket.hidden = self._forward(bucket)
+                made.hidden = self._forward(made)
         finally:
             if collecting:
                 gc.enable()
-        bucket.graph = graph
+        made.graph = graph
 
     def close(self) -> None:
-        """Frees the graphs, their memory pool and the static buffers (the bucket sizes that
-        were made stay listed, as does the replay count)."""
+        """Frees the graphs, their memory pool and the buffers (the keys of the graphs that were
+        made stay listed, as does the replay count)."""
         self._made = dict.fromkeys(self._made)
         self._pool = None
         self.capture = False
         self.model = self.kv_view = self.lora_views = None
+        self.tables = self.inputs = None

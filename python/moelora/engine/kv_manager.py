@@ -11,14 +11,35 @@ table keeps the stale page id: the attention kernels only read positions inside 
 
 With a PrefixCache, the full blocks of a prompt are allocated under owners of their own, shared
 with later sequences whose prompts (and adapter) start the same way; see prefix_cache.py.
+
+A sequence's own pages belong to a pool owner taken fresh each time it gets pages after having
+none (kv_owner), so pages it gave back never mix with pages it holds later.
+
+Frees wait for the GPU when it may still use the pages. With async scheduling the engine
+launches a step and frees pages (a sequence that finished, was aborted or preempted, pages behind
+a window) before that step has run; the pool could hand them at once to an adapter load, whose
+copy runs on another stream. So while `fence` (the last launched step) is not done, frees are
+queued and go back to the pool once their step is done (settle, or any allocation); a
+reservation that cannot be met waits for them before it reports failure.
 """
 
 from __future__ import annotations
+
+import itertools
+from typing import Protocol
 
 from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import Sequence
 
 KV_KIND = "kv"
+
+
+class StepFence(Protocol):
+    """A launched step: done() without blocking, wait() until it has run."""
+
+    def done(self) -> bool: ...
+
+    def wait(self) -> None: ...
 
 
 class KVManager:
@@ -29,6 +50,9 @@ class KVManager:
         self.num_layers = num_layers
         self.block_tokens = block_tokens
         self.prefix_cache = prefix_cache
+        self.fence: StepFence | None = None  # the last launched step, while it may be running
+        self._deferred: list[tuple[StepFence, int, list[int] | None]] = []  # (fence, owner, pages)
+        self._owner_ids = itertools.count(1)  # prefix-cache blocks own ids from OWNER_BASE up
         # layers by window size: the pages of one window size are released together
         self._window_layers: dict[int, list[int]] = {}
         for layer, window in enumerate(sliding_windows):
@@ -47,9 +71,17 @@ class KVManager:
         missing = self.blocks_for(total_tokens) - len(seq.block_pages)
         if missing <= 0:
             return True
+        self.settle()
         if self._allocate_blocks(seq, missing):
             return True
-        return self._evict_cached(missing * self.num_layers) and self._allocate_blocks(seq, missing)
+        if self._deferred:  # pages on their way back: wait for the step that holds them
+            self.wait_for_deferred()
+            if self._allocate_blocks(seq, missing):
+                return True
+        if not self._evict_cached(missing * self.num_layers):
+            return False
+        self.wait_for_deferred()
+        return self._allocate_blocks(seq, missing)
 
     def _allocate_blocks(self, seq: Sequence, missing: int) -> bool:
         """All or nothing: full prompt blocks (when caching) under owners of their own, the
@@ -68,12 +100,14 @@ class KVManager:
         private = missing - len(shared)
         pages: list[int] = []
         if private:
-            outcome = self.pool.try_allocate(KV_KIND, seq.seq_id, private * self.num_layers,
+            owner = seq.kv_owner if seq.kv_owner is not None else next(self._owner_ids)
+            outcome = self.pool.try_allocate(KV_KIND, owner, private * self.num_layers,
                                              evict=True)
             if not outcome.ok:
                 for _, taken, _ in shared:
                     self.pool.free(KV_KIND, taken)
                 return False
+            seq.kv_owner = owner
             pages = list(outcome.pages)
         for block, owner, block_pages in shared:
             seq.block_pages.append(block_pages)
@@ -131,7 +165,7 @@ class KVManager:
         for block in cache.evictable():
             if freed >= pages_needed:
                 break
-            self.pool.free(KV_KIND, block.owner)
+            self._release(block.owner)
             cache.forget(block)
             freed += len(block.pages)
         return freed > 0
@@ -152,7 +186,7 @@ class KVManager:
             if dead > done:
                 seq.window_released[window] = dead
         if freed:
-            self.pool.free_pages(KV_KIND, seq.seq_id, freed)
+            self._release(seq.kv_owner, freed)
         return len(freed)
 
     def free(self, seq: Sequence) -> None:
@@ -160,14 +194,52 @@ class KVManager:
             if self.prefix_cache.is_published(owner):
                 self.prefix_cache.release(owner)  # stays cached for later prompts
             else:
-                self.pool.free(KV_KIND, owner)  # never computed, or a duplicate
-        if len(seq.block_pages) > len(seq.prefix_owners):  # blocks the sequence owns itself
-            self.pool.free(KV_KIND, seq.seq_id)
+                self._release(owner)  # never computed, or a duplicate
+        if seq.kv_owner is not None:  # blocks the sequence owns itself
+            self._release(seq.kv_owner)
+            seq.kv_owner = None
         seq.block_pages = []
         seq.window_released = {}
         seq.prefix_owners = {}
         seq.prefix_digests = []
         seq.published_blocks = 0
+
+    # -- frees behind a running step ---------------------------------------------------------
+    def _release(self, owner: int, pages: list[int] | None = None) -> None:
+        """Gives `pages` of `owner` (None: all of them, and the owner) back to the pool, or
+        queues them while the last launched step may still use them."""
+        self.settle()
+        if self.fence is not None and not self.fence.done():
+            self._deferred.append((self.fence, owner, pages))
+        elif pages is None:
+            self.pool.free(KV_KIND, owner)
+        else:
+            self.pool.free_pages(KV_KIND, owner, pages)
+
+    def settle(self) -> None:
+        """Gives back the queued frees whose step is done, in the order they were made."""
+        done = 0
+        for fence, owner, pages in self._deferred:
+            if not fence.done():
+                break
+            if pages is None:
+                self.pool.free(KV_KIND, owner)
+            else:
+                self.pool.free_pages(KV_KIND, owner, pages)
+            done += 1
+        del self._deferred[:done]
+        if self.fence is not None and not self._deferred and self.fence.done():
+            self.fence = None
+
+    def wait_for_deferred(self) -> None:
+        """Waits for the steps that queued frees, then gives every queued page back."""
+        if self._deferred:
+            self._deferred[-1][0].wait()  # steps run in launch order: the last one is enough
+        self.settle()
+
+    @property
+    def deferred_frees(self) -> int:
+        return len(self._deferred)
 
     def capacity_tokens(self) -> int:
         """Tokens one sequence could cache if it had the whole pool."""

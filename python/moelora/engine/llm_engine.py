@@ -1,5 +1,6 @@
-"""LLMEngine: requests in, tokens out. Owns the model, the unified page pool, the adapter
-manager, the scheduler, the model runner and the sampler; `step()` runs one batch.
+"""LLMEngine: requests in, tokens out. Owns the requests, the scheduler, the KV manager and the
+sampler; its executor (engine/executor.py) owns the model, the unified page pool, the adapter
+cache and the model runner, in this process or in one process per GPU. `step()` runs one batch.
 
 Requests are checked in full when they are added (prepare_request), so a request that can never
 run is refused up front with a ValueError, and a step that fails fails only the sequences it
@@ -10,19 +11,17 @@ the GPU memory, the decode graphs and the adapter cache's threads.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
-from moelora.engine.adapters import AdapterManager, LoRARequest
+from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
-from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
+from moelora.engine.detokenizer import IncrementalDetokenizer, find_stop
+from moelora.engine.executor import Executor, UniProcExecutor
 from moelora.engine.kv_manager import KVManager
-from moelora.engine.memory import build_pool
-from moelora.engine.model_runner import ModelRunner
 from moelora.engine.prefix_cache import PrefixCache
 from moelora.engine.request import (
     CompletionOutput,
@@ -36,10 +35,11 @@ from moelora.engine.request import (
 from moelora.engine.sampler import SampleRequest, make_generator, sample
 from moelora.engine.sampling_params import SamplingParams
 from moelora.engine.scheduler import Scheduler, SchedulerConfig
+from moelora.engine.step_pipeline import StepPipeline, async_scheduling_enabled
 from moelora.engine.tokenizer import load_tokenizer
-from moelora.models import load_model
 
 logger = logging.getLogger("moelora")
+_UNSET = object()
 
 
 class _RequestState:
@@ -65,40 +65,35 @@ class PreparedRequest:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, parallel=None):
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        """`executor`: what runs the model, built for this `config`; None: a UniProcExecutor
+        (tensor_parallel_size 1). Parallel engines are handed a
+        moelora.distributed.MultiProcExecutor(config)."""
         self._closed = False
-        # Tensor/expert parallel serving (moelora.distributed): `parallel` is this process's
-        # RankContext. With tensor_parallel_size > 1 this process becomes rank 0 and spawns the
-        # other ranks; each rank keeps its shard of the model, pool and adapters. None and
-        # tensor_parallel_size == 1: one process, as before.
-        if parallel is None and config.tensor_parallel_size > 1:
-            from moelora.distributed import launch
-
-            parallel = launch(config)
-        self.parallel = parallel
+        if executor is None:
+            executor = UniProcExecutor(config)
+        elif executor.config is not config:
+            raise ValueError("the executor was built for another EngineConfig")
+        self.executor = executor  # the engine's from now on: shutdown() shuts it down
         self.config = config
-        self.device = config.torch_device()
+        self.device, self.dtype = executor.device, executor.dtype
         self.model_dir = config.model if os.path.isdir(config.model) else None
-        self.dtype = config.torch_dtype(checkpoint_dtype(self.model_dir))
-        if parallel is None:
-            self.model = load_model(config.model, dtype=self.dtype, device=self.device,
-                                    progress=config.load_progress,
-                                    **({"num_layers": config.synthetic_num_layers}
-                                       if config.synthetic_num_layers is not None else {}))
-        else:  # this rank's shard; model.config and lora_sites() follow it
-            self.model = parallel.load_model(config, self.dtype, self.device)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        # The driving worker's state, for stats and tests; the executor owns it.
+        self.model, self.memory = executor.model, executor.memory
+        self.adapters, self.runner = executor.adapters, executor.runner
+        try:
+            self.tokenizer = load_tokenizer(config.tokenizer or self.model_dir)
+        except BaseException:
+            executor.shutdown()  # e.g. the other processes of a parallel engine
+            raise
         mc = self.model.config
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.eos_token_ids = tuple(mc.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = tuple(sorted(set(self.eos_token_ids)
                                               | {self.tokenizer.eos_token_id}))
-        sites = self.model.lora_sites() if config.enable_lora else []
-        self.memory = build_pool(config, mc, sites, self.dtype, self.device)
-        self.adapters = AdapterManager(config, self.memory, sites, mc, self.dtype, shard=parallel)
         self.prefix_cache = PrefixCache() if config.enable_prefix_caching else None
-        self.kv = KVManager(self.memory.pool, mc.num_layers, self.memory.block_tokens,
+        self.kv = KVManager(executor.kv_pool, mc.num_layers, self.memory.block_tokens,
                             mc.sliding_windows, self.prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
@@ -106,18 +101,6 @@ class LLMEngine:
                             max_loras_per_batch=config.max_loras_per_batch,
                             max_resident_adapters=config.max_loras),
             self.kv, self.adapters)
-        graphs = None
-        # Default: on for a one-process CUDA engine; a parallel engine only when asked for
-        # (its graphs hold the NCCL collectives too; not yet measured on GPUs).
-        use_graphs = (config.decode_graphs if config.decode_graphs is not None
-                      else self.device.type == "cuda" and parallel is None)
-        if use_graphs:
-            graphs = DecodeGraphs(self.model, self.memory.kv_view, self.adapters.views,
-                                  mc.num_layers, self.memory.block_tokens,
-                                  config.decode_graph_max_blocks,
-                                  default_buckets(config.max_num_seqs), self.device)
-        self.runner = ModelRunner(self.model, self.memory.kv_view, self.adapters.views,
-                                  self.memory.block_tokens, self.device, graphs)
         self._requests: dict[str, _RequestState] = {}
         # the longest sequence the pool can ever hold (None: no bound, all layers windowed)
         self._capacity = self.kv.max_tokens_within(self.memory.pool.num_pages)
@@ -125,8 +108,6 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0, "preemptions": 0,
                       "window_pages_released": 0}
-        if parallel is not None:  # rank 0 mirrors pool/adapter calls to the others and drives them
-            parallel.attach(self)
         # Last attribute on purpose: the instance dict releases its values in order, so when the
         # engine is dropped this marker goes after the model, pool and graphs, and its finalizer
         # hands the memory they held back to the driver.
@@ -222,11 +203,19 @@ class LLMEngine:
         del self._requests[request_id]  # nobody will ask for its output any more
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """Whether step() has more to do: requests to run, or a step still in flight."""
+        pipeline = self._step_pipeline()
+        return self.scheduler.has_work() or (pipeline is not None and pipeline.busy())
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Runs one step and returns the outputs of the requests it advanced. With async
+        scheduling (engine/step_pipeline.py) the step is launched and the previous one's tokens
+        are returned while it runs."""
         self._check_open()
+        pipeline = self._step_pipeline()
+        if pipeline is not None:
+            return pipeline.step(self)
         batch = self.scheduler.schedule()
         touched: set[str] = set()
         for seq in batch.failed:
@@ -237,16 +226,30 @@ class LLMEngine:
         if batch.is_empty():
             if self.scheduler.has_work() and not touched:
                 self.adapters.wait_for_progress()
-            return [self._output(self._requests[r]) for r in touched if r in self._requests]
+            return self._outputs(touched)
         try:
             self._run_batch(batch, touched)
         except Exception as error:  # noqa: BLE001 - confined to the step's own sequences
             self._fail_batch(batch, error, touched)
+        return self._outputs(touched)
+
+    def _step_pipeline(self) -> StepPipeline | None:
+        """The async-scheduling pipeline (made on first use), or None: steps run one at a
+        time."""
+        pipeline = self.__dict__.get("_pipeline", _UNSET)
+        if pipeline is _UNSET:
+            one_process = isinstance(self.executor, UniProcExecutor)
+            pipeline = StepPipeline() if async_scheduling_enabled(
+                self.config, self.device, one_process) else None
+            self._pipeline = pipeline
+        return pipeline
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
         return [self._output(self._requests[r]) for r in touched if r in self._requests]
 
     def _run_batch(self, batch, touched: set[str]) -> None:
         slot_of = self.adapters.slots_for(batch.seqs)
-        logits = self.runner.execute(batch, slot_of)
+        logits = self.executor.execute(batch, slot_of)
         sampling = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
@@ -265,6 +268,9 @@ class LLMEngine:
                                    result.top_logprobs[i])
                 touched.add(seq.request_id)
         self.stats["steps"] += 1
+        self._record_prefix_cache_stats()
+
+    def _record_prefix_cache_stats(self) -> None:
         if self.prefix_cache is not None:
             self.stats["prefix_cache_query_tokens"] = self.prefix_cache.query_tokens
             self.stats["prefix_cache_hit_tokens"] = self.prefix_cache.hit_tokens
@@ -291,30 +297,38 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         seq.output_logprobs.append(logprob)
         seq.output_top_logprobs.append(top)
+        seq.cumulative_logprob += logprob  # the order sum(output_logprobs) adds them in
         self.stats["generation_tokens"] += 1
         params = seq.params
+        new_text = ""
         if self.tokenizer is not None:
-            seq.output_text = self.tokenizer.decode(seq.output_token_ids,
-                                                    skip_special_tokens=params.skip_special_tokens)
-        status = None
+            if seq.detokenizer is None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer,
+                                                         params.skip_special_tokens)
+            new_text = seq.detokenizer.add(seq.output_token_ids)
+            seq.output_text += new_text
+        generated = len(seq.output_token_ids)
+        status, stopped_by_text = None, False
         if not params.ignore_eos and token in self.eos_token_ids and \
-                len(seq.output_token_ids) > params.min_tokens:
+                generated > params.min_tokens:
             status = SequenceStatus.FINISHED_STOPPED
             seq.stop_reason = None
-        elif token in params.stop_token_ids and len(seq.output_token_ids) > params.min_tokens:
+        elif token in params.stop_token_ids and generated > params.min_tokens:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
         elif params.stop_strings and self.tokenizer is not None:
-            for stop in params.stop_strings:
-                at = seq.output_text.find(stop)
-                if at >= 0:
-                    end = at + len(stop) if params.include_stop_str_in_output else at
-                    seq.output_text = seq.output_text[:end]
-                    status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-                    break
-        if status is None and (len(seq.output_token_ids) >= seq.max_tokens or
-                               seq.num_tokens >= self.max_model_len):
+            hit = find_stop(seq.output_text, len(new_text), params.stop_strings)
+            if hit is not None:
+                stop, at = hit
+                end = at + len(stop) if params.include_stop_str_in_output else at
+                seq.output_text = seq.output_text[:end]
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+                stopped_by_text = True
+        if status is None and (generated >= seq.max_tokens or
+                               seq.num_known_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
+            if seq.detokenizer is not None and not stopped_by_text:
+                seq.output_text += seq.detokenizer.flush(seq.output_token_ids)
             self.scheduler.finish(seq, status)
             seq.finish_time = now()
 
@@ -323,23 +337,24 @@ class LLMEngine:
         for seq in state.seqs:
             logprobs = None
             if seq.params.logprobs is not None:
-                logprobs = []
-                for token, lp, top in zip(seq.output_token_ids, seq.output_logprobs,
-                                          seq.output_top_logprobs):
-                    entry = {token: Logprob(lp)}
-                    for rank, (tid, tlp) in enumerate(top or [], start=1):
+                for index in range(len(seq.logprob_entries), len(seq.output_token_ids)):
+                    token = seq.output_token_ids[index]
+                    entry = {token: Logprob(seq.output_logprobs[index])}
+                    for rank, (tid, tlp) in enumerate(seq.output_top_logprobs[index] or [],
+                                                      start=1):
                         if tid == token:
                             entry[token].rank = rank
                         else:
                             entry[tid] = Logprob(tlp, rank)
-                    logprobs.append(entry)
+                    seq.logprob_entries.append(entry)
+                logprobs = list(seq.logprob_entries)
             finish_reason = None
             if seq.status in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                               SequenceStatus.FINISHED_ABORTED, SequenceStatus.FINISHED_ERROR):
                 finish_reason = seq.status.value
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.output_text, token_ids=list(seq.output_token_ids),
-                cumulative_logprob=sum(seq.output_logprobs) if seq.output_logprobs else None,
+                cumulative_logprob=seq.cumulative_logprob if seq.output_logprobs else None,
                 logprobs=logprobs, finish_reason=finish_reason, stop_reason=seq.stop_reason))
             outputs[-1].error = seq.error
             outputs[-1].error_type = seq.error_type
@@ -375,20 +390,21 @@ class LLMEngine:
             raise RuntimeError("this engine was shut down")
 
     def shutdown(self) -> None:
-        """Aborts every request, stops the other ranks of a parallel engine, frees the decode
-        graphs, the adapter cache (its threads and host copies), the page pool and the model,
-        and returns the GPU memory to the driver. Idempotent; the engine serves nothing after."""
+        """Aborts every request, shuts the executor down (the other processes of a parallel
+        engine stop; the decode graphs, the adapter cache with its threads and host copies, the
+        page pool and the model are freed) and returns the GPU memory to the driver.
+        Idempotent; the engine serves nothing after. The runner and the adapter manager stay,
+        closed, for their counters."""
         if self._closed:
             return
         self._closed = True
         try:
+            if self.device.type == "cuda":  # a step launched by async scheduling may still run
+                torch.cuda.synchronize(self.device)
             for request_id in list(self._requests):
                 self.abort_request(request_id)
-            if self.parallel is not None:  # stops the other ranks (rank 0)
-                self.parallel.shutdown()
         finally:
-            self.runner.release()  # kept, for its counters (graph replays)
-            self.adapters.close()
+            self.executor.shutdown()
             self.scheduler = self.kv = self.prefix_cache = None
             self.model = self.memory = None
             if self.device.type == "cuda":
@@ -403,20 +419,12 @@ class _ReleaseMarker:
 
 
 def _return_cached_memory(device: torch.device) -> None:
-    """Hands the blocks torch's allocator cached for freed tensors back to the driver."""
+    """Hands the blocks torch's allocator cached for freed tensors back to the driver, with the
+    cuBLAS workspaces torch keeps per (handle, stream): each engine's capture and copy streams
+    got their own, and they would otherwise stay reserved after the engine is gone."""
     if torch.cuda.is_available():
         torch.cuda.synchronize(device)
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
-
-
-def checkpoint_dtype(model_dir: str | None) -> torch.dtype | None:
-    """The dtype a checkpoint's config.json declares, if any."""
-    if model_dir is None:
-        return None
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            hf = json.load(f)
-    except (OSError, ValueError):
-        return None
-    name = hf.get("dtype") or hf.get("torch_dtype")
-    return getattr(torch, name, None) if isinstance(name, str) else None

@@ -20,23 +20,35 @@ from moelora.ops import PlanOverrides
 
 @dataclass
 class StepMetadata:
+    """A step's tensors. Sequences are addressed by their row of the block tables (see
+    engine/block_table.py): rows not in the step have seq_len 0."""
+
     positions: torch.Tensor  # int64 [T] (rotary embeddings)
     query_pos: torch.Tensor  # int32 [T] the same positions, as the attention kernel takes them
-    query_seq: torch.Tensor  # int32 [T] index of each token's sequence in the step
-    seq_lens: torch.Tensor  # int32 [S] tokens cached per sequence after this step
-    block_tables: torch.Tensor  # int32 [L, S, max_blocks]
-    slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset
+    query_seq: torch.Tensor  # int32 [T] block-table row of each token's sequence
+    seq_lens: torch.Tensor  # int32 [R] tokens cached per row after this step
+    block_tables: torch.Tensor  # int32 [L, R, max_blocks]
+    slot_mapping: torch.Tensor  # int64 [L, T] page * block_tokens + offset, -1: no KV write
     token_slot: torch.Tensor | None  # int32 [T] adapter slot, -1 = base; None if no adapters
     num_adapters: int | None = None  # distinct adapters among the step's tokens (None: unknown)
-    # Prefill spans (sequences with >= 2 step tokens) and the other tokens' indices (int64
-    # [T']), which the paged kernel serves; see moelora.engine.prefill_attention.
+    num_seqs: int = 0  # sequences in the step (pure decode when it equals T)
+    # Prefill spans (sequences with >= 2 step tokens; PrefillSpan.seq is the row) and the other
+    # tokens' indices (int64 [T']), which the paged kernel serves; see prefill_attention.
     prefill_spans: tuple[PrefillSpan, ...] = ()
     paged_tokens: torch.Tensor | None = None
 
     def to(self, device) -> StepMetadata:
         """The same metadata with every tensor on `device` (other fields as they are)."""
+        return self._map(lambda t: t.to(device))
+
+    def compact(self) -> StepMetadata:
+        """The same metadata in tensors of its own (not views of a runner's buffers), e.g. to
+        be pickled."""
+        return self._map(lambda t: t.clone(memory_format=torch.contiguous_format))
+
+    def _map(self, convert) -> StepMetadata:
         return dataclasses.replace(self, **{
-            f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+            f.name: convert(getattr(self, f.name)) for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)})
 
 

@@ -35,8 +35,8 @@ MAX_GATHERED_KEYS = 1 << 14
 
 @dataclass(frozen=True)
 class PrefillSpan:
-    """Step tokens [first, first + count) of step sequence `seq`, at positions [start, start +
-    count) of that sequence."""
+    """Step tokens [first, first + count) of the sequence in block-table row `seq`, at
+    positions [start, start + count) of that sequence."""
     first: int
     count: int
     seq: int

@@ -36,9 +36,20 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+    # What each step's output repeats, kept as tokens arrive instead of rebuilt from every token
+    # each step: the running sum of output_logprobs, and the per-token logprob dicts made so far
+    cumulative_logprob: float = 0
+    logprob_entries: list = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_pages: list[list[int]] = field(default_factory=list)  # [block][layer] -> page id
+    # Tokens sampled by steps still running on the GPU (async scheduling): they count in
+    # num_tokens, so the scheduler plans the next step around them, but are not yet in
+    # output_token_ids; the next step reads them from the device.
+    num_pending_tokens: int = 0
+    # [block][layer] -> page id. Grows only by appending; KVManager.free replaces the list, which
+    # is how the device block table (engine/block_table.py) sees that its row is stale.
+    block_pages: list[list[int]] = field(default_factory=list)
+    kv_owner: int | None = None  # the page pool's owner id of the pages this sequence holds
     # sliding window size -> blocks whose pages of those layers went back to the pool
     window_released: dict[int, int] = field(default_factory=dict)
     # prefix caching (engine/prefix_cache.py): block index -> pool owner of a full prompt block
@@ -53,6 +64,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     output_text: str = ""
+    detokenizer: object = None  # IncrementalDetokenizer of output_token_ids, made on first token
     pinned_adapter: bool = False  # holds a pin on its adapter while running
     generator: object = None  # torch.Generator for sampled (non-greedy) sequences
     max_tokens: int = 0  # resolved limit on generated tokens
@@ -62,7 +74,8 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_ids(self, start: int, stop: int) -> list[int]:
-        """all_token_ids[start:stop] without copying the whole sequence (called every step)."""
+        """all_token_ids[start:stop] without copying the whole sequence (called every step).
+        Pending tokens are not known on the host: a range that reaches them comes back short."""
         prompt = len(self.prompt_token_ids)
         if start >= prompt:
             return self.output_token_ids[start - prompt:stop - prompt]
@@ -72,6 +85,12 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, generated and pending tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and generated tokens the host has (num_tokens without the pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

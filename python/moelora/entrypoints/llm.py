@@ -18,6 +18,7 @@ from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
+from moelora.distributed import executor_for
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
@@ -39,7 +40,8 @@ class LLM:
                  decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
                  enable_prefix_caching: bool = False, max_logprobs: int = 20,
                  kv_cache_memory_bytes: int | None = None, trust_remote_code: bool = False,
-                 **unsupported):
+                 synthetic_expert_weights: str | None = None,
+                 async_scheduling: bool | None = None, **unsupported):
         if unsupported:
             names = ", ".join(sorted(unsupported))
             raise TypeError(f"LLM() got arguments moelora does not support: {names}")
@@ -51,7 +53,7 @@ class LLM:
                 raise ValueError(f"LLM(): kv_cache_memory_bytes={kv_cache_memory_bytes} "
                                  f"contradicts pool_memory_bytes={pool_memory_bytes}")
             pool_memory_bytes = kv_cache_memory_bytes
-        self.llm_engine = LLMEngine(EngineConfig(
+        config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=max_loras,
             max_cpu_loras=max_cpu_loras, seed=seed, max_num_seqs=max_num_seqs,
@@ -64,7 +66,9 @@ class LLM:
             # them; unset = on for CUDA
             decode_graphs=_decode_graphs(decode_graphs, enforce_eager),
             decode_graph_max_blocks=decode_graph_max_blocks,
-            enable_prefix_caching=enable_prefix_caching, max_logprobs=max_logprobs))
+            enable_prefix_caching=enable_prefix_caching, max_logprobs=max_logprobs,
+            synthetic_expert_weights=synthetic_expert_weights, async_scheduling=async_scheduling)
+        self.llm_engine = LLMEngine(config, executor_for(config))
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -25,15 +25,16 @@ from pathlib import Path
 
 from moelora.lora.config import AdapterConfig, load_adapter_config
 from moelora.lora.patterns import PatternError
-from moelora.lora.sites import LoraSiteSpec, site_table
-from moelora.lora.targets import (
-    ALL_EXPERTS,
+from moelora.lora.sites import (
+    EXPERT_GATE,
+    EXPERT_UP,
     FUSED_GATE_UP,
-    Family,
-    TargetKey,
-    classify_keys,
-    family_of,
+    LoraSiteSpec,
+    PeftLayout,
+    peft_layout_of,
+    site_table,
 )
+from moelora.lora.targets import ALL_EXPERTS, TargetKey, classify_keys
 from moelora.lora.validate import (
     AdapterValidationError,
     TensorHeader,
@@ -78,12 +79,13 @@ class AdapterPlan:
 def load_adapter_plan(
     adapter_dir: str | Path,
     sites,
-    family: str,
+    layout: PeftLayout | str,
     *,
     name: str | None = None,
     max_lora_rank: int | None = None,
 ) -> AdapterPlan:
-    """Validate a PEFT adapter directory against a model's LoRA sites and plan its loads."""
+    """Validate a PEFT adapter directory against a model's LoRA sites and plan its loads.
+    `layout`: the model class's peft_layout, or its architecture family name."""
     path = Path(adapter_dir)
     name = name or path.name
     config = load_adapter_config(path, name)
@@ -99,8 +101,10 @@ def load_adapter_plan(
             file_of[key] = index
     if not tensors:
         raise AdapterValidationError(name, "the adapter has no tensors")
-    targets = classify_keys(sorted(tensors), family_of(family), config, name)
-    builder = _PlanBuilder(name, config, site_table(sites), family_of(family), tensors, file_of)
+    if isinstance(layout, str):
+        layout = peft_layout_of(layout)
+    targets = classify_keys(sorted(tensors), layout, config, name)
+    builder = _PlanBuilder(name, config, site_table(sites), layout, tensors, file_of)
     plan = AdapterPlan(
         name, path, files, builder.empty_ranks(), tensors=tensors, sites=builder.sites
     )
@@ -153,11 +157,12 @@ def _pair_targets(targets: list[TargetKey], adapter: str) -> list[tuple[TargetKe
 class _PlanBuilder:
     """Checks one A/B pair against the model's sites and appends its views."""
 
-    def __init__(self, adapter, config: AdapterConfig, sites, family: Family, tensors, file_of):
+    def __init__(self, adapter, config: AdapterConfig, sites, layout: PeftLayout, tensors,
+                 file_of):
         self.adapter = adapter
         self.config = config
         self.sites: dict[str, LoraSiteSpec] = sites
-        self.family = family
+        self.layout = layout
         self.tensors = tensors
         self.file_of = file_of
         self.expert_ranks: dict[tuple[str, int], tuple[int, str]] = {}
@@ -208,7 +213,7 @@ class _PlanBuilder:
                 f"tensor {a.key!r} is in layer {a.layer}, outside layers_to_transform={layers}",
             )
         if a.site == FUSED_GATE_UP:
-            gate, up = self._site("experts.gate", a), self._site("experts.up", a)
+            gate, up = self._site(EXPERT_GATE, a), self._site(EXPERT_UP, a)
             if (gate.in_dim, gate.out_dim, gate.num_experts) != (
                 up.in_dim, up.out_dim, up.num_experts,
             ):  # fmt: skip
@@ -279,7 +284,7 @@ class _PlanBuilder:
         b_col = expert if is_3d else 0
         if parts == 1:
             first_row, row_step = 0, 1
-        elif self.family.gate_up_interleaved:
+        elif self.layout.gate_up_interleaved:
             first_row, row_step = part, 2  # GPT-OSS: gate rows 0, 2, ...; up rows 1, 3, ...
         else:
             first_row, row_step = part * out_dim, 1  # [gate; up] halves

@@ -1,4 +1,5 @@
-"""CausalLM: the decoder stack every family shares, and the LoRA site list it exposes.
+"""CausalLM: the decoder stack every family shares, the LoRA site list it exposes and the PEFT
+layout its adapters are saved in.
 
 Families differ in config parsing, checkpoint layout and which MLP each layer has; the stack
 (embed -> [norm, attention, residual, norm, mlp, residual] x L -> norm -> lm_head) is common.
@@ -11,34 +12,24 @@ into one fused self_attn.qkv_proj, expert stacks are w13/w2 (see moe.py), by Wei
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelora.lora.sites import (
+    ATTENTION_SITES,
+    DENSE_MLP_SITES,
+    EXPERT_SITES,
+    SHARED_EXPERT_SITES,
+    LoraSiteSpec,
+    PeftLayout,
+)
 from moelora.models.config import ModelConfig
 from moelora.models.context import ForwardContext
 from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param, qkv_rules
 from moelora.models.moe import MoeBlock
 from moelora.models.rope import RopeInputs, RotaryEmbedding
 from moelora.models.weights import WeightRule
-
-
-@dataclass(frozen=True)
-class LoraSiteSpec:
-    """One adaptable linear: `name` (site), its shape, and the layers that have it."""
-
-    name: str
-    num_layers: int
-    num_experts: int  # 1 for dense sites
-    in_dim: int
-    out_dim: int
-    layers: tuple[int, ...] = ()  # layers where the site exists (empty: all)
-
-    def __post_init__(self) -> None:
-        if min(self.num_layers, self.num_experts, self.in_dim, self.out_dim) <= 0:
-            raise ValueError(f"LoraSiteSpec {self.name}: sizes must be positive: {self}")
 
 
 class DecoderLayer(nn.Module):
@@ -80,11 +71,15 @@ class _Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     """Base of every family. Subclasses set `family`, `architectures` and implement
-    `config_from_hf`; they may override `make_mlp` and `checkpoint_rules`."""
+    `config_from_hf`; they may override `make_mlp` and `checkpoint_rules`, and MoE families
+    declare how PEFT saves adapters of their experts (`peft_layout`)."""
 
     family: str = ""
     architectures: tuple[str, ...] = ()
     router_name: str = "gate"  # HF's name of the router module inside `mlp`
+    # How PEFT names the adaptable modules (moelora.lora.sites): here the attention and dense
+    # MLP projections, which every family names alike.
+    peft_layout: PeftLayout = PeftLayout()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -139,27 +134,31 @@ class CausalLM(nn.Module):
         c = self.config
         n = c.num_layers
         q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_name, k_name, v_name, o_name = ATTENTION_SITES
         sites = [
-            LoraSiteSpec("q_proj", n, 1, c.hidden_size, q_dim),
-            LoraSiteSpec("k_proj", n, 1, c.hidden_size, kv_dim),
-            LoraSiteSpec("v_proj", n, 1, c.hidden_size, kv_dim),
-            LoraSiteSpec("o_proj", n, 1, q_dim, c.hidden_size),
+            LoraSiteSpec(q_name, n, 1, c.hidden_size, q_dim),
+            LoraSiteSpec(k_name, n, 1, c.hidden_size, kv_dim),
+            LoraSiteSpec(v_name, n, 1, c.hidden_size, kv_dim),
+            LoraSiteSpec(o_name, n, 1, q_dim, c.hidden_size),
         ]
         dense = tuple(i for i in range(n) if not c.moe_layers[i])
         moe = tuple(i for i in range(n) if c.moe_layers[i])
         if dense:
-            h, i = c.hidden_size, c.intermediate_size
-            sites += [LoraSiteSpec("gate_proj", n, 1, h, i, dense),
-                      LoraSiteSpec("up_proj", n, 1, h, i, dense),
-                      LoraSiteSpec("down_proj", n, 1, i, h, dense)]
+            sites += _gated_sites(DENSE_MLP_SITES, n, 1, c.hidden_size, c.intermediate_size,
+                                  dense)
         if moe and c.shared_expert_intermediate_size:
-            h, i = c.hidden_size, c.shared_expert_intermediate_size
-            sites += [LoraSiteSpec("shared_expert.gate_proj", n, 1, h, i, moe),
-                      LoraSiteSpec("shared_expert.up_proj", n, 1, h, i, moe),
-                      LoraSiteSpec("shared_expert.down_proj", n, 1, i, h, moe)]
+            sites += _gated_sites(SHARED_EXPERT_SITES, n, 1, c.hidden_size,
+                                  c.shared_expert_intermediate_size, moe)
         if moe:
-            e, h, i = c.num_experts, c.hidden_size, c.moe_intermediate_size
-            sites += [LoraSiteSpec("experts.gate", n, e, h, i, moe),
-                      LoraSiteSpec("experts.up", n, e, h, i, moe),
-                      LoraSiteSpec("experts.down", n, e, i, h, moe)]
+            sites += _gated_sites(EXPERT_SITES, n, c.num_experts, c.hidden_size,
+                                  c.moe_intermediate_size, moe)
         return sites
+
+
+def _gated_sites(names, num_layers: int, num_experts: int, hidden: int, inter: int,
+                 layers: tuple[int, ...]) -> list[LoraSiteSpec]:
+    """The gate, up and down sites of a gated MLP (hidden -> inter -> hidden)."""
+    gate, up, down = names
+    return [LoraSiteSpec(gate, num_layers, num_experts, hidden, inter, layers),
+            LoraSiteSpec(up, num_layers, num_experts, hidden, inter, layers),
+            LoraSiteSpec(down, num_layers, num_experts, inter, hidden, layers)]

@@ -9,6 +9,7 @@ MXFP4 checkpoints store them as [E, out, in / 32] blocks and scales: kept as sto
 
 from __future__ import annotations
 
+from moelora.lora.sites import PeftLayout
 from moelora.models.base import CausalLM
 from moelora.models.config import ModelConfig, common_of
 from moelora.models.weights import (
@@ -24,6 +25,13 @@ class GptOssForCausalLM(CausalLM):
     family = "gpt_oss"
     architectures = ("GptOssForCausalLM",)
     router_name = "router"
+    # Only the transformers-5 3D layout exists: gate_up_proj (rows interleaved gate, up),
+    # its bias, down_proj, its bias, registered in that order (the biases cannot be adapted).
+    peft_layout = PeftLayout(
+        expert_modules=("mlp.experts",),
+        expert_params=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+        gate_up_interleaved=True,
+    )
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moelora.lora.sites import EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, PeftLayout
 from moelora.models.base import CausalLM
 from moelora.models.config import ModelConfig, common_of
 from moelora.models.weights import WeightRule
@@ -18,6 +19,13 @@ def fused_expert_rules(prefix: str) -> list[WeightRule]:
 class MixtralForCausalLM(CausalLM):
     family = "mixtral"
     architectures = ("MixtralForCausalLM",)
+    # transformers 4 saved one linear per expert under block_sparse_moe (w1 gate, w3 up, w2
+    # down); transformers 5 keeps the experts as 3D gate_up_proj ([gate; up]) and down_proj.
+    peft_layout = PeftLayout(
+        expert_modules=("block_sparse_moe.experts", "mlp.experts"),
+        per_expert_names={"w1": EXPERT_GATE, "w3": EXPERT_UP, "w2": EXPERT_DOWN},
+        expert_params=("gate_up_proj", "down_proj"),
+    )
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:

@@ -27,57 +27,24 @@ from moelora.models.layers import GatedMLP, Linear, empty_param
 from moelora.ops import moe as moe_ops
 
 
-def _grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # torch._grouped_mm is a CUDA (sm90+) kernel for bf16 with 16-byte aligned rows.
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and x.shape[1] % 8 == 0
-            and weight.shape[1] % 8 == 0)
-
-
-def expert_linear(x: torch.Tensor, expert_of_row: torch.Tensor,
-                  weight: torch.Tensor) -> torch.Tensor:
-    """Row r of the result is x[r] @ weight[expert_of_row[r]]^T, in plain torch.
-
-    x [N, in], expert_of_row [N] int, weight [E, out, in] -> [N, out]. Rows are sorted by
-    expert so each expert's weight is read once: one grouped GEMM on CUDA, a loop elsewhere.
-    The expert-parallel shard (distributed/shard.py) computes its experts' share with it.
-    """
-    num_experts, out_dim = weight.shape[0], weight.shape[1]
-    order = torch.argsort(expert_of_row, stable=True)
-    # scatter_add, not bincount: bincount sizes its output from a device max (a host sync),
-    # which a CUDA graph capture of the decode step cannot contain
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(
-        0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int64))
-    sorted_x = x[order]
-    if _grouped_mm_usable(x, weight):
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        sorted_out = torch._grouped_mm(sorted_x, weight.transpose(1, 2), offs=offsets)
-    else:
-        sorted_out = x.new_empty(x.shape[0], out_dim)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count:
-                sorted_out[start:start + count] = sorted_x[start:start + count] @ weight[expert].T
-                start += count
-    out = torch.empty_like(sorted_out)
-    out[order] = sorted_out
-    return out
-
-
 class Router(nn.Module):
     """Top-k routing. softmax_topk (Mixtral/Qwen/OLMoE): softmax over all experts in float32,
     top-k, optional renormalisation. topk_softmax (GPT-OSS): top-k logits, softmax over them.
-    The router GEMM is a plain linear; everything after it is one native op (ops.moe.route)."""
+    The router GEMM is a plain linear; everything after it is one native op (ops.moe.route),
+    which also carries the step's expert GEMM plan (ops.moe.plan_expert_gemm) to the experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind, self.top_k, self.renorm = config.router, config.top_k, config.norm_topk_prob
+        self.num_experts, self.expert_format = config.num_experts, config.expert_format
         self.weight = empty_param(config.num_experts, config.hidden_size)
         self.bias = empty_param(config.num_experts) if config.router_bias else None
 
     def route(self, x: torch.Tensor, block_m: int | None = None) -> moe_ops.Routing:
         logits = F.linear(x, self.weight, self.bias)
-        return moe_ops.route(logits, self.top_k, self.kind, self.renorm, block_m)
+        plan = moe_ops.plan_expert_gemm(x.shape[0] * self.top_k, self.num_experts,
+                                        self.expert_format)
+        return moe_ops.route(logits, self.top_k, self.kind, self.renorm, block_m, plan)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(topk_weights float32 [T, K], topk_ids int32 [T, K])."""
@@ -147,16 +114,6 @@ class Experts(nn.Module):
         return (moe_ops.ExpertWeights("fp8", self.w13, self.w13_scale_inv, self.b13, bn, bk),
                 moe_ops.ExpertWeights("fp8", self.w2, self.w2_scale_inv, self.b2, bn, bk))
 
-    def activation(self, h13: torch.Tensor) -> torch.Tensor:
-        """The gated activation in plain torch (the expert-parallel shard's path)."""
-        gate, up = h13[:, : self.inter], h13[:, self.inter:]
-        if self.act == "silu":
-            return F.silu(gate) * up
-        # GPT-OSS: clamp, glu = gate * sigmoid(alpha * gate), out = (up + 1) * glu
-        gate = gate.clamp(max=self.limit)
-        up = up.clamp(-self.limit, self.limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-
     def forward(self, x: torch.Tensor, routing: moe_ops.Routing, ctx: ForwardContext,
                 layer: int) -> torch.Tensor:
         w13, w2 = self.stacks()
@@ -194,10 +151,7 @@ class MoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         routing = getattr(self, self.router_name).route(x)
-        if type(self.experts).forward is Experts.forward:
-            out = self.experts(x, routing, ctx, self.layer)
-        else:  # a subclass with its own forward (the expert-parallel shard) takes the top-k
-            out = self.experts(x, routing.topk_ids, routing.topk_weights, ctx, self.layer)
+        out = self.experts(x, routing, ctx, self.layer)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, ctx)
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from moelora.models.base import CausalLM
 from moelora.models.config import ModelConfig, common_of
-from moelora.models.qwen3_moe import per_expert_rules
+from moelora.models.qwen3_moe import QWEN_PEFT_LAYOUT, per_expert_rules
 from moelora.models.weights import WeightRule
 
 
 class OlmoeForCausalLM(CausalLM):
     family = "olmoe"
     architectures = ("OlmoeForCausalLM",)
+    peft_layout = QWEN_PEFT_LAYOUT
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from moelora.models.base import CausalLM
 from moelora.models.config import ModelConfig, common_of, sparse_layers_of
-from moelora.models.qwen3_moe import per_expert_rules
+from moelora.models.qwen3_moe import QWEN_PEFT_LAYOUT, per_expert_rules
 from moelora.models.weights import WeightRule
 
 
 class Qwen2MoeForCausalLM(CausalLM):
     family = "qwen2_moe"
     architectures = ("Qwen2MoeForCausalLM",)
+    peft_layout = QWEN_PEFT_LAYOUT  # the shared expert's mlp.shared_expert.* are standard
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:

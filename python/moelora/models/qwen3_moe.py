@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moelora.lora.sites import EXPERT_DOWN, EXPERT_GATE, EXPERT_UP, PeftLayout
 from moelora.models.base import CausalLM
 from moelora.models.config import ModelConfig, common_of, sparse_layers_of
 from moelora.models.mixtral import fused_expert_rules
@@ -19,9 +20,20 @@ def per_expert_rules() -> list[WeightRule]:
     ]
 
 
+# Qwen2-MoE, Qwen3-MoE and OLMoE adapters: transformers 4 saved one linear per expert
+# (mlp.experts.{e}.gate_proj / up_proj / down_proj), transformers 5 the 3D gate_up_proj
+# ([gate; up]) and down_proj of mlp.experts.
+QWEN_PEFT_LAYOUT = PeftLayout(
+    expert_modules=("mlp.experts",),
+    per_expert_names={"gate_proj": EXPERT_GATE, "up_proj": EXPERT_UP, "down_proj": EXPERT_DOWN},
+    expert_params=("gate_up_proj", "down_proj"),
+)
+
+
 class Qwen3MoeForCausalLM(CausalLM):
     family = "qwen3_moe"
     architectures = ("Qwen3MoeForCausalLM",)
+    peft_layout = QWEN_PEFT_LAYOUT
 
     @classmethod
     def config_from_hf(cls, hf: dict) -> ModelConfig:

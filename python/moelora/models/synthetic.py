@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from moelora.models.base import CausalLM
+from moelora.models.config import ModelConfig
 
 _GPT_OSS_LAYERS = 24
 
@@ -26,6 +27,19 @@ PRESETS: dict[str, dict] = {
         "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 128,
         "intermediate_size": 512, "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
         "max_position_embeddings": 4096, "eos_token_id": 2, "bos_token_id": 1,
+    },
+    # GPT-OSS's architecture at test size: MXFP4 experts (widths multiples of 32), sinks, a
+    # sliding layer and a full one, YaRN rope.
+    "tiny-gpt-oss": {
+        "architectures": ["GptOssForCausalLM"], "vocab_size": 1024, "hidden_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64,
+        "sliding_window": 8, "attention_bias": True, "rms_norm_eps": 1e-5, "swiglu_limit": 7.0,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                             "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 256},
+        "max_position_embeddings": 1024, "eos_token_id": 2, "pad_token_id": 0,
     },
     "gpt-oss-20b": {
         "architectures": ["GptOssForCausalLM"], "vocab_size": 201088, "hidden_size": 2880,
@@ -118,6 +132,22 @@ def init_random_(model: CausalLM, std: float = 0.02, seed: int = 0) -> None:
             param.normal_(0.0, std, generator=generator)
 
 
+def preset_model_config(preset: str, num_layers: int | None = None,
+                        expert_weights: str | None = None) -> ModelConfig:
+    """The ModelConfig of synthetic:`preset` as build_synthetic makes it."""
+    from moelora.models import model_class
+
+    hf = preset_hf_config(preset, num_layers)
+    config = model_class(hf["architectures"][0]).config_from_hf(hf)
+    expert_weights = expert_weights or default_expert_weights(preset)
+    if expert_weights not in EXPERT_WEIGHTS:
+        raise ValueError(f"synthetic:{preset}: expert_weights must be one of {EXPERT_WEIGHTS}, "
+                         f"got {expert_weights!r}")
+    if config.is_moe:
+        config = dataclasses.replace(config, expert_format=expert_weights)
+    return config
+
+
 def build_synthetic(preset: str, dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str = "cpu", num_layers: int | None = None,
                     seed: int = 0, expert_weights: str | None = None) -> CausalLM:
@@ -125,15 +155,8 @@ def build_synthetic(preset: str, dtype: torch.dtype = torch.bfloat16,
     default_expert_weights)."""
     from moelora.models import model_class
 
-    hf = preset_hf_config(preset, num_layers)
-    cls = model_class(hf["architectures"][0])
-    config = cls.config_from_hf(hf)
-    expert_weights = expert_weights or default_expert_weights(preset)
-    if expert_weights not in EXPERT_WEIGHTS:
-        raise ValueError(f"synthetic:{preset}: expert_weights must be one of {EXPERT_WEIGHTS}, "
-                         f"got {expert_weights!r}")
-    if config.is_moe:
-        config = dataclasses.replace(config, expert_format=expert_weights)
+    config = preset_model_config(preset, num_layers, expert_weights)
+    cls = model_class(config.architecture)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -6,13 +6,19 @@ One layer: ``route`` (router logits -> top-k, weights, expert blocks), ``expert_
 for w2 with the routing weights, ``moe_sum``. Outputs are allocated here; every check is the
 library's (``moelora.InvalidArgument`` naming the argument). Import as
 ``from moelora.ops import moe as moe_ops``.
+
+Which expert GEMM runs is decided once per step by ``plan_expert_gemm`` from GEMM_PLAN (weight
+format and rows per touched expert -> kernel and rows per block); ``route(..., plan=)`` carries
+the plan to every ``expert_gemm`` of the step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moelora import _C
 from moelora._tensor import as_optional_ref, as_ref, stream_handle
@@ -20,16 +26,90 @@ from moelora._tensor import as_optional_ref, as_ref, stream_handle
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1}
 ACTIVATIONS = {"none": 0, "silu": 1, "gpt_oss": 2}
 FORMATS = {"dense": 0, "mxfp4": 1, "fp8": 2}
-KERNELS = {"auto": 0, "simple": 1, "tensor_core": 2}
+# The native kernels (moelora/moe.h MoeGemmKernel): "tensor_core" the tiled kernel, "stream" the
+# persistent decode kernel (block_m 8 or 16), "simple" one warp per output element.
+KERNELS = {"auto": 0, "simple": 1, "tensor_core": 2, "stream": 3}
+# Forms in Python over torch: torch._grouped_mm on expert-sorted rows (quantized stacks
+# dequantized first, moe_dequantize, in chunks of at most GROUPED_SCRATCH_BYTES).
+GROUPED = "grouped_mm"
+GEMM_KERNELS = (*KERNELS, GROUPED)
 # Rows per block the tensor-core kernels are built for; other sizes run the simple kernel.
 TENSOR_CORE_BLOCK_M = (8, 16, 32, 64)
+STREAM_BLOCK_M = (8, 16)
 MAX_EXPERTS = _C.MOE_MAX_EXPERTS
+MAX_STREAM_CONSUMERS = _C.MOE_MAX_STREAM_CONSUMERS
+GROUPED_SCRATCH_BYTES = 256 << 20
+GROUPED_EPILOGUE_ROWS = 4096  # rows of the grouped form's float32 epilogue at a time
+
+# The expert GEMM of a step, by weight format: (mean rows per touched expert up to, kernel,
+# block_m), the first row that holds the step's num_pairs / min(experts, num_pairs) is taken.
+# Decode (a few rows per expert) is weight-bandwidth-bound: the stream kernel, with 16-row
+# blocks once experts hold several rows (a block holding an expert's rows reads its weights
+# once). Prefill: dense bfloat16 goes to torch's grouped GEMM (H100: 874 us against 1311 us for
+# the tiled kernel, one gpt-oss-20b layer at 512 tokens); quantized stacks stay in the tiled
+# kernel, which dequantizes each weight once per 64 rows, until rows per expert pay for a
+# dequantized copy. The A/B study (bench/studies/moe_decode_ab.py) measures every row; edit the
+# thresholds here and nowhere else.
+GEMM_PLAN = {
+    "dense": ((2, "stream", 8), (8, "stream", 16), (math.inf, GROUPED, 64)),
+    "mxfp4": ((2, "stream", 8), (8, "stream", 16), (32, "tensor_core", 32),
+              (96, "tensor_core", 64), (math.inf, GROUPED, 64)),
+    "fp8": ((2, "stream", 8), (8, "stream", 16), (32, "tensor_core", 32),
+            (96, "tensor_core", 64), (math.inf, GROUPED, 64)),
+}
 
 
 def _code(table: dict, name: str, what: str) -> int:
     if name not in table:
         raise ValueError(f"{what} must be one of {sorted(table)}, got {name!r}")
     return table[name]
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """The expert GEMM form of one step: a kernel of GEMM_KERNELS, the rows per block and, for
+    the stream kernel, its consumer warps (0: the library's choice per weight format)."""
+
+    kernel: str
+    block_m: int
+    stream_consumers: int = 0
+
+    def __post_init__(self):
+        if self.kernel not in GEMM_KERNELS:
+            raise ValueError(f"kernel must be one of {GEMM_KERNELS}, got {self.kernel!r}")
+        if self.block_m < 1:
+            raise ValueError(f"block_m must be positive, got {self.block_m}")
+        if not 0 <= self.stream_consumers <= MAX_STREAM_CONSUMERS:
+            raise ValueError(f"stream_consumers must be in [0, {MAX_STREAM_CONSUMERS}], got "
+                             f"{self.stream_consumers}")
+
+    @classmethod
+    def parse(cls, text: str) -> GemmPlan:
+        """"kernel[:block_m[:consumers]]", e.g. "stream:16:12" or "grouped_mm" (block_m 64)."""
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"a plan is kernel[:block_m[:consumers]], got {text!r}")
+        numbers = [int(p) for p in parts[1:]]
+        return cls(parts[0], *(numbers or [64]))
+
+    def __str__(self) -> str:
+        tail = f":{self.stream_consumers}" if self.stream_consumers else ""
+        return f"{self.kernel}:{self.block_m}{tail}"
+
+
+def plan_expert_gemm(num_pairs: int, num_experts: int, weight_format: str,
+                     table: dict | None = None) -> GemmPlan:
+    """The GEMM_PLAN row (or `table`'s) for a step of `num_pairs` (token, expert) pairs."""
+    rows = (table or GEMM_PLAN).get(weight_format)
+    if rows is None:
+        raise ValueError(f"weight format must be one of {sorted(GEMM_PLAN)}, "
+                         f"got {weight_format!r}")
+    per_expert = num_pairs / max(1, min(num_experts, num_pairs))
+    for most, kernel, block_m in rows:
+        if per_expert <= most:
+            return GemmPlan(kernel, block_m)
+    raise ValueError(f"GEMM_PLAN[{weight_format!r}] has no row for {per_expert:g} rows per "
+                     "expert: its last row must hold math.inf")
 
 
 @dataclass
@@ -43,6 +123,7 @@ class Routing:
     num_blocks: torch.Tensor  # int32 [1]
     expert_counts: torch.Tensor  # int32 [E]
     block_m: int
+    plan: GemmPlan | None = None  # the step's expert GEMM form when route() was given one
 
     @property
     def top_k(self) -> int:
@@ -81,23 +162,17 @@ class ExpertWeights:
         return self.weight.shape[2]
 
 
-def gemm_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per expert block for a step of `num_pairs` pairs: at decode about four times the
-    mean rows per touched expert (the kernels skip a block's empty 8-row tiles, so a roomy
-    block costs nothing while a split expert reads its weights twice), 64 at prefill."""
-    per_expert = num_pairs / max(1, min(num_experts, num_pairs))
-    for block_m in TENSOR_CORE_BLOCK_M[:-1]:
-        if 4 * per_expert <= block_m:
-            return block_m
-    return TENSOR_CORE_BLOCK_M[-1]
-
-
 def route(router_logits: torch.Tensor, top_k: int, routing: str = "softmax_topk",
-          renormalize: bool = True, block_m: int | None = None) -> Routing:
-    """router_logits [T, E] -> Routing (see moelora/moe.h moe_route for the exact rules)."""
+          renormalize: bool = True, block_m: int | None = None,
+          plan: GemmPlan | None = None) -> Routing:
+    """router_logits [T, E] -> Routing (see moelora/moe.h moe_route for the exact rules). The
+    blocks have `block_m` rows, else the plan's, else those of the dense plan of this step."""
     num_tokens, num_experts = router_logits.shape
     if block_m is None:
-        block_m = gemm_block_m(num_tokens * top_k, num_experts)
+        if plan is None:
+            block_m = plan_expert_gemm(num_tokens * top_k, num_experts, "dense").block_m
+        else:
+            block_m = plan.block_m
     device = router_logits.device
     max_blocks = _C.moe_route_max_blocks(num_tokens * top_k, num_experts, block_m)
     topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
@@ -116,7 +191,7 @@ def route(router_logits: torch.Tensor, top_k: int, routing: str = "softmax_topk"
                  as_ref(sorted_pairs), as_ref(block_expert), as_ref(num_blocks),
                  as_ref(expert_counts), stream_handle(device), as_optional_ref(workspace))
     return Routing(topk_ids, topk_weights, sorted_pairs, block_expert, num_blocks,
-                   expert_counts, block_m)
+                   expert_counts, block_m, plan)
 
 
 def _bytes(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -130,13 +205,30 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
                 input_pairs_per_row: int, activation: str = "none",
                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
                 topk_weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                kernel: str = "auto") -> torch.Tensor:
+                kernel: str = "auto", stream_consumers: int = 0) -> torch.Tensor:
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
-    [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given."""
+    [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
+
+    kernel: one of GEMM_KERNELS, or "auto": on a GPU the routing's plan (falling back to the
+    tiled or simple kernel when the planned one cannot take the call), else the library's
+    choice. A kernel named here that cannot take the call is an error; stream_consumers goes
+    with it. The CPU runs its reference for every native kernel."""
     num_pairs = input.shape[0] * input_pairs_per_row
     width = weights.out_dim // 2 if activation != "none" else weights.out_dim
     if out is None:
         out = input.new_empty(num_pairs, width)
+    fall_back = kernel == "auto" and routing.plan is not None and input.is_cuda
+    consumers = stream_consumers
+    if fall_back:
+        kernel, consumers = routing.plan.kernel, routing.plan.stream_consumers
+    if kernel == GROUPED:
+        why = _grouped_refusal(input, weights)
+        if not why:
+            return _grouped_gemm(input, input_pairs_per_row, routing, weights, activation,
+                                 swiglu_alpha, swiglu_limit, topk_weights, out)
+        if not fall_back:
+            raise ValueError(f"expert_gemm: the grouped GEMM cannot take this call: {why}")
+        kernel = "tensor_core"
     _C.moe_expert_gemm(
         as_ref(input), input_pairs_per_row, _code(FORMATS, weights.format, "format"),
         as_ref(_bytes(weights.weight)), as_optional_ref(weights.scales),
@@ -144,7 +236,103 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         as_ref(routing.sorted_pairs), as_ref(routing.block_expert), as_ref(routing.num_blocks),
         routing.block_m, _code(ACTIVATIONS, activation, "activation"), swiglu_alpha,
         swiglu_limit, as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
-        _code(KERNELS, kernel, "kernel"))
+        _code(KERNELS, kernel, "kernel"), fall_back, consumers)
+    return out
+
+
+def dequantize(weights: ExpertWeights, first_expert: int = 0, count: int | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Experts [first_expert, first_expert + count) as dense [count, N, K] in `dtype`, exactly
+    the values expert_gemm multiplies by (moe_dequantize)."""
+    if count is None:
+        count = weights.num_experts - first_expert
+    out = torch.empty(count, weights.out_dim, weights.in_dim, dtype=dtype,
+                      device=weights.weight.device)
+    _C.moe_dequantize(_code(FORMATS, weights.format, "format"), as_ref(_bytes(weights.weight)),
+                      as_optional_ref(weights.scales), weights.block_n, weights.block_k,
+                      first_expert, as_ref(out), stream_handle(out.device))
+    return out
+
+
+# ---- the grouped form (torch._grouped_mm on expert-sorted rows) -------------------------------
+
+def _grouped_refusal(input: torch.Tensor, weights: ExpertWeights) -> str:
+    """Why torch._grouped_mm cannot take this call, or ""."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "this torch has no _grouped_mm"
+    if input.is_cuda and input.dtype != torch.bfloat16:
+        return f"CUDA grouped GEMMs take bfloat16 activations, got {input.dtype}"
+    if input.shape[1] % 8 or weights.out_dim % 8:
+        return "widths must be multiples of 8 (16-byte rows)"
+    if weights.format == "dense" and weights.weight.dtype != input.dtype:
+        return "dense weights must have the activations' dtype"
+    if weights.format != "dense" and input.is_cuda and torch.cuda.is_current_stream_capturing():
+        return ("a quantized stack's grouped form reads the expert counts on the host, which a "
+                "CUDA graph capture cannot")
+    return ""
+
+
+def _grouped_mm(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """rows [R, K] sorted by expert (counts[e] rows each) @ weight[e]^T -> [R, N]."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    return torch._grouped_mm(rows, weight.transpose(1, 2), offs=offsets)
+
+
+def _grouped_dequantized(rows: torch.Tensor, weights: ExpertWeights,
+                         counts: torch.Tensor) -> torch.Tensor:
+    """_grouped_mm over a quantized stack, dequantized GROUPED_SCRATCH_BYTES at a time. Reads
+    the counts on the host (one sync): the plan picks this form only for prefill steps."""
+    n, k = weights.out_dim, weights.in_dim
+    chunk = max(1, GROUPED_SCRATCH_BYTES // (n * k * rows.element_size()))
+    host_counts = counts.tolist()
+    acc = rows.new_empty(rows.shape[0], n)
+    start = 0
+    for first in range(0, weights.num_experts, chunk):
+        last = min(weights.num_experts, first + chunk)
+        taken = sum(host_counts[first:last])
+        if taken:
+            dense = dequantize(weights, first, last - first, rows.dtype)
+            acc[start:start + taken] = _grouped_mm(rows[start:start + taken], dense,
+                                                   counts[first:last])
+        start += taken
+    return acc
+
+
+def _grouped_gemm(input, input_pairs_per_row, routing, weights, activation, alpha, limit,
+                  topk_weights, out):
+    """expert_gemm's contract over torch: the product is rounded to the activations' dtype
+    before the epilogue (the native kernels keep it in float32)."""
+    expert_of_pair = routing.topk_ids.reshape(-1)
+    order = torch.argsort(expert_of_pair, stable=True)  # pairs grouped by expert, no host sync
+    rows = input[order // input_pairs_per_row]
+    counts = routing.expert_counts
+    if weights.format == "dense":
+        acc = _grouped_mm(rows, weights.weight, counts)
+    else:
+        acc = _grouped_dequantized(rows, weights, counts)
+    bias = None if weights.bias is None else weights.bias.float()
+    experts = expert_of_pair[order].long()
+    row_weight = None if topk_weights is None else topk_weights.reshape(-1)[order]
+    result = out.new_empty(acc.shape[0], out.shape[1])
+    for start in range(0, acc.shape[0], GROUPED_EPILOGUE_ROWS):  # bounded float32 temporaries
+        chunk = slice(start, start + GROUPED_EPILOGUE_ROWS)
+        value = acc[chunk].float()
+        if bias is not None:
+            value = value + bias[experts[chunk]]
+        if activation != "none":
+            inter = value.shape[1] // 2
+            gate, up = value[:, :inter], value[:, inter:]
+            if activation == "silu":
+                value = F.silu(gate) * up
+            else:
+                _code(ACTIVATIONS, activation, "activation")
+                gate = gate.clamp(max=limit)
+                up = up.clamp(-limit, limit)
+                value = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        if row_weight is not None:
+            value = value * row_weight[chunk, None]
+        result[chunk] = value
+    out[order] = result
     return out
 
 
@@ -169,15 +357,21 @@ def moe_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> tor
 __all__ = [
     "ACTIVATIONS",
     "FORMATS",
+    "GEMM_KERNELS",
+    "GEMM_PLAN",
+    "GROUPED",
     "KERNELS",
     "MAX_EXPERTS",
     "ROUTINGS",
+    "STREAM_BLOCK_M",
     "TENSOR_CORE_BLOCK_M",
     "ExpertWeights",
+    "GemmPlan",
     "Routing",
     "activation",
+    "dequantize",
     "expert_gemm",
-    "gemm_block_m",
     "moe_sum",
+    "plan_expert_gemm",
     "route",
 ]

@@ -47,6 +47,7 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lor
 
 def build_engine(args):
     """The LLMEngine the arguments describe, and the static adapters {name: path}."""
+    from moelora.distributed import executor_for
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
@@ -64,7 +65,7 @@ def build_engine(args):
     max_cpu_loras = args.max_cpu_loras
     if max_cpu_loras is None and enable_lora:
         max_cpu_loras = max(4 * args.max_loras, len(loras))
-    engine = LLMEngine(EngineConfig(
+    config = EngineConfig(
         model=model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
         enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         max_cpu_loras=max_cpu_loras, max_num_seqs=args.max_num_seqs,
@@ -72,7 +73,8 @@ def build_engine(args):
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
-        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching))
+        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching)
+    engine = LLMEngine(config, executor_for(config))
     return engine, model, loras, enable_lora
 
 

@@ -1,0 +1,91 @@
+"""The runs of `moelora bench scale` (see scale.py): the no-adapter baseline per arrival rate,
+then one cold point per (popularity, rate, adapter count)."""
+
+from __future__ import annotations
+
+import math
+
+from moelora.bench.records import ratio
+from moelora.bench.workload import popularity_weights, random_workload, run_requests
+
+
+class ScalePoints:
+    def __init__(self, engine, args, adapter_dir: str, rng):
+        from moelora import SamplingParams
+        from moelora.bench.synthetic_adapters import write_adapters
+
+        self.engine, self.args, self.rng = engine, args, rng
+        self.params = SamplingParams(temperature=0.0, max_tokens=args.output_len,
+                                     ignore_eos=True)
+        self.counts = sorted(set(args.adapter_counts))
+        self.paths = write_adapters(adapter_dir, self.counts[-1], engine.executor.full_sites,
+                                    args.rank, seed=args.seed, device=engine.device)
+        self.vocab = engine.model.config.vocab_size
+        self._next_id = 1  # adapter ids are never reused, so every point starts cold
+
+    def _workload(self, rate: float):
+        return random_workload(self.rng, self.vocab, self.args.num_prompts, self.args.input_len,
+                               rate)
+
+    def _baseline(self, rate: float) -> dict:
+        prompts, arrivals = self._workload(rate)
+        run, _ = run_requests(self.engine, prompts, [None] * len(prompts), self.params,
+                              arrivals)
+        return {**run, "request_rate": rate, "requests_per_s": len(prompts) / run["duration_s"]}
+
+    def measure(self) -> tuple[list[dict], list[dict]]:
+        """(no-adapter runs, one per rate; points)."""
+        args = self.args
+        prompts, arrivals = self._workload(math.inf)
+        # warm-up on the whole workload (its batch shapes: decode graphs, allocator pools), so
+        # that the no-adapter baseline does not pay it
+        run_requests(self.engine, prompts, [None] * len(prompts), self.params, arrivals)
+        base_all_at_once = self._baseline(math.inf)
+        rates = []
+        for rate in args.request_rate:
+            if rate == "auto":
+                rate = round(args.auto_rate_fraction * base_all_at_once["requests_per_s"], 3)
+            if rate not in rates:
+                rates.append(rate)
+        base = {math.inf: base_all_at_once}
+        for rate in rates:
+            if rate not in base:
+                base[rate] = self._baseline(rate)
+        points = []
+        for popularity in args.popularity:
+            for rate in rates:
+                for count in self.counts:
+                    points.append(self._point(popularity, rate, count))
+                fewest = points[-len(self.counts)]["output_tokens_per_s"]
+                for point in points[-len(self.counts):]:
+                    point["relative_to_fewest"] = ratio(point["output_tokens_per_s"], fewest)
+                    point["relative_to_no_adapters"] = ratio(point["output_tokens_per_s"],
+                                                             base[rate]["output_tokens_per_s"])
+        return [base[rate] for rate in base if rate in rates or rate == math.inf], points
+
+    def _point(self, popularity: str, rate: float, count: int) -> dict:
+        from moelora import LoRARequest
+
+        engine = self.engine
+        loras = []
+        for index in range(count):
+            loras.append(LoRARequest(f"n{self._next_id}-a{index}", self._next_id,
+                                     self.paths[index]))
+            self._next_id += 1
+        for lora in loras:  # registered up front, as a server's --lora-modules: no weights read
+            engine.adapters.resolve(lora)
+        prompts, arrivals = self._workload(rate)
+        weights = popularity_weights(count, popularity)
+        chosen = [self.rng.choices(loras, weights)[0] for _ in prompts]
+        before = engine.adapters.stats()
+        run, _ = run_requests(engine, prompts, chosen, self.params, arrivals)
+        after = engine.adapters.stats()
+        for lora in loras:  # frees the registrations and copies before the next point
+            engine.adapters.unload(lora.lora_name)
+        return {**run, "popularity": popularity, "request_rate": rate, "num_adapters": count,
+                "distinct_adapters_used": len({lora.lora_int_id for lora in chosen}),
+                "requests_per_s": len(prompts) / run["duration_s"],
+                "device_loads": after["device_loads"] - before["device_loads"],
+                "device_evictions": after["device_evictions"] - before["device_evictions"],
+                "host_loads": after["host_loads"] - before["host_loads"],
+                "bytes_loaded": after["bytes_loaded"] - before["bytes_loaded"]}

@@ -1,0 +1,94 @@
+"""Offline workloads for the end-to-end benchmarks: random prompts, arrival times, popularity,
+and the loop that feeds an engine and measures what users see (output tokens/s, TTFT, TPOT),
+overall and per adapter."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from moelora.bench.records import percentile
+
+
+def random_workload(rng: random.Random, vocab: int, num_prompts: int, input_len: int,
+                    request_rate: float) -> tuple[list[list[int]], list[float]]:
+    """Random prompts of input_len tokens and their arrival times (all at 0 for rate inf,
+    else a Poisson process)."""
+    prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(num_prompts)]
+    arrivals, t = [], 0.0
+    for _ in prompts:
+        arrivals.append(t)
+        if request_rate != float("inf"):
+            t += rng.expovariate(request_rate)
+    return prompts, arrivals
+
+
+def popularity_weights(count: int, popularity: str, alpha: float = 1.0) -> list[float]:
+    """Relative request weights of `count` adapters: uniform, or zipf (1 / rank**alpha)."""
+    if popularity == "zipf":
+        return [1.0 / (i + 1) ** alpha for i in range(count)]
+    if popularity == "uniform":
+        return [1.0] * count
+    raise ValueError(f"popularity must be uniform or zipf, got {popularity!r}")
+
+
+def _latencies(outs) -> tuple[list[float], list[float]]:
+    ttft = [o.metrics.ttft for o in outs if o.metrics.ttft is not None]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) /
+            max(1, len(o.outputs[0].token_ids) - 1) for o in outs
+            if o.metrics.first_token_time is not None and o.metrics.finished_time is not None]
+    return ttft, tpot
+
+
+def summarize(outs, elapsed: float) -> dict:
+    """Output tokens/s, TTFT and TPOT p50/p99 (ms) and failures of finished requests."""
+    generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft, tpot = _latencies(outs)
+    return {"duration_s": elapsed, "output_tokens": generated,
+            "output_tokens_per_s": generated / elapsed if elapsed > 0 else float("nan"),
+            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
+            "tpot_p50_ms": 1e3 * percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99),
+            "failed": sum(o.outputs[0].finish_reason == "error" for o in outs)}
+
+
+def per_adapter(outs, elapsed: float) -> dict[str, dict]:
+    """The same summary per adapter name ("(base)" for requests without one)."""
+    groups: dict[str, list] = {}
+    for out in outs:
+        name = out.lora_request.lora_name if out.lora_request is not None else "(base)"
+        groups.setdefault(name, []).append(out)
+    result = {}
+    for name in sorted(groups):
+        summary = summarize(groups[name], elapsed)
+        result[name] = {"requests": len(groups[name]), **{
+            k: summary[k] for k in ("output_tokens", "output_tokens_per_s", "ttft_p50_ms",
+                                    "ttft_p99_ms", "tpot_p50_ms", "failed")}}
+    return result
+
+
+def run_requests(engine, prompts, loras, params, arrivals,
+                 step: Callable | None = None) -> tuple[dict, list]:
+    """Feeds the requests to `engine` at their arrival times (seconds from the start) and steps
+    it until all finish. Returns (summary, finished RequestOutputs). `step` replaces
+    engine.step (a StepTimer's, to time each step)."""
+    step = step or engine.step
+    start = time.perf_counter()
+    pending = list(range(len(prompts)))
+    done = {}
+    tag = f"{id(prompts)}-{start}"
+    while pending or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while pending and arrivals[pending[0]] <= now:
+            i = pending.pop(0)
+            engine.add_request(f"b{i}-{tag}", {"prompt_token_ids": prompts[i]}, params,
+                               loras[i])
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrivals[pending[0]] - now))
+            continue
+        for out in step():
+            if out.finished:
+                done[out.request_id] = out
+    elapsed = time.perf_counter() - start
+    outs = list(done.values())
+    return summarize(outs, elapsed), outs
