@@ -62,10 +62,10 @@ def model_config_of(model: str, num_layers: int | None = None):
 def engine_dtype(model: str, dtype: str, device: str) -> torch.dtype:
     """The dtype the engine will pick for these flags (EngineConfig's rule)."""
     from moelora.engine.config import EngineConfig
-    from moelora.engine.llm_engine import checkpoint_dtype
+    from moelora.engine.executor import checkpoint_dtype
 
     config = EngineConfig(model=model, dtype=dtype, device=device)
-    return config.torch_dtype(checkpoint_dtype(model if os.path.isdir(model) else None))
+    return config.torch_dtype(checkpoint_dtype(model))
 
 
 def available_bytes(device: torch.device, gpu_memory_utilization: float = 0.85
