@@ -314,9 +314,10 @@ class AdapterManager:
           ("+Inf", count)], "sum": seconds, "count": loads}, the shape of prometheus_client's
           HistogramMetricFamily.add_metric.
         Empty when the engine runs without adapters."""
-        if self.cache is None:
+        cache = self.cache  # close() may run on another thread
+        if cache is None:
             return {}
-        stats = self.cache.stats()
+        stats = cache.stats()
         with self._lock:
             arrivals = dict(self._arrivals)
         return {
