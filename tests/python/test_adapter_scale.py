@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,17 @@ def workload(dirs, n: int = 48, seed: int = 0):
     return prompts, loras
 
 
+def finish_all(engine, timeout_s: float = 120.0, on_output=None) -> None:
+    """Steps until every request is done (steps that only wait for a load are short), within
+    `timeout_s`: a request that never finishes fails the test instead of hanging it."""
+    deadline = time.monotonic() + timeout_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"requests unfinished after {timeout_s} s"
+        for out in engine.step():
+            if on_output is not None:
+                on_output(out)
+
+
 def accounts(llm: LLM) -> dict:
     engine = llm.llm_engine
     pool = engine.memory.pool
@@ -94,18 +106,19 @@ def test_churn_through_three_slots_matches_holding_every_adapter(adapter_dirs, r
         engine = llm.llm_engine
         # Waves: a third of the requests at a time, each wave queued while the last decodes.
         outputs = {}
+
+        def keep(out) -> None:
+            if out.finished:
+                outputs[int(out.request_id)] = out.outputs[0].token_ids
+
         wave = len(prompts) // 3
         for start in range(0, len(prompts), wave):
             for k in range(start, min(start + wave, len(prompts))):
                 engine.add_request(str(k), prompts[k], PARAMS, loras[k])
             for _ in range(3):
                 for out in engine.step():
-                    if out.finished:
-                        outputs[int(out.request_id)] = out.outputs[0].token_ids
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    outputs[int(out.request_id)] = out.outputs[0].token_ids
+                    keep(out)
+        finish_all(engine, on_output=keep)
         assert [outputs[k] for k in range(len(prompts))] == reference
         assert accounts(llm) == IDLE
 

@@ -12,6 +12,7 @@ chosen adapter's read for as long as a test wants, so the checks count steps, ne
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -63,6 +64,17 @@ def adapter(engine: LLMEngine, tmp_path, name: str, seed: int) -> LoRARequest:
     return LoRARequest(name, seed + 1, path)
 
 
+def finish_all(engine, timeout_s: float = 120.0, on_output=None) -> None:
+    """Steps until every request is done (steps that only wait for a load are short), within
+    `timeout_s`: a request that never finishes fails the test instead of hanging it."""
+    deadline = time.monotonic() + timeout_s
+    while engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, f"requests unfinished after {timeout_s} s"
+        for out in engine.step():
+            if on_output is not None:
+                on_output(out)
+
+
 def prompt(i: int) -> list[int]:
     return [3 + i, 14, 15, 92, 65 + i]
 
@@ -100,8 +112,7 @@ def test_the_load_starts_when_the_request_is_queued(engine, tmp_path):
     engine.add_request("c0", prompt(0), PARAMS, cold)
     assert gate.started["cold"].wait(timeout=30), "the read did not start before any step"
     gate.release()
-    while engine.has_unfinished_requests():
-        engine.step()
+    finish_all(engine)
     assert engine.adapters.metrics()["arrivals"]["disk"] == 1
 
 
@@ -165,8 +176,7 @@ def test_a_slow_load_is_not_starvation_others_keep_being_admitted(engine, tmp_pa
         assert rid in outs and outs[rid].outputs[0].token_ids, f"{rid} was held back"
         assert not engine.adapters.ready(cold_id)
     gate.release()
-    while engine.has_unfinished_requests():
-        engine.step()
+    finish_all(engine)
     assert engine.adapters.failure(cold_id) is None
 
 
