@@ -108,13 +108,18 @@ def test_nan_and_inf_weights_are_refused_at_preload_naming_the_tensor(llm, tmp_p
     assert accounts(llm) == start
 
 
-@pytest.fixture(scope="module")
-def fillers(llm, tmp_path_factory):
-    """More adapters than the fixture engine's 2 slots and 4 host copies: one request for each
-    pushes any other adapter out of both tiers."""
-    root = tmp_path_factory.mktemp("fillers")
-    return [LoRARequest(f"filler{k}", 100 + k, write_adapter(llm, root / f"f{k}", seed=50 + k))
-            for k in range(5)]
+@pytest.fixture
+def fillers(llm, tmp_path):
+    """Adapters never seen before, more than the fixture engine's 2 slots and 4 host copies: a
+    request for each pushes any adapter read before them out of both tiers (their copies are
+    the more recent)."""
+    requests = [LoRARequest(f"{tmp_path.name}-filler{k}", 100 + k,
+                            write_adapter(llm, tmp_path / f"filler{k}", seed=50 + k))
+                for k in range(5)]
+    yield requests
+    for request in requests:
+        if request.lora_name in [r.lora_name for r in llm.llm_engine.adapters.loaded()]:
+            llm.llm_engine.adapters.unload(request.lora_name)
 
 
 def break_file(file: str, fault: str) -> None:
