@@ -4,6 +4,7 @@
 // need bfloat16 / float16 activations, dense weights of that dtype or MXFP4 / block FP8 with
 // bfloat16, and 16-byte aligned rows; kAuto is the tiled kernel when it takes the call, else the
 // simple one. The caller's plan (moelora.ops.moe.plan_expert_gemm) chooses kernel and block_m.
+#include <algorithm>
 #include <string>
 
 #include "common/common.cuh"
@@ -66,6 +67,9 @@ moe::GemmArgs gemm_args(const TensorRef& input, int32_t input_pairs_per_row,
   a.sorted_pairs = static_cast<const int32_t*>(sorted_pairs.data);
   a.block_expert = static_cast<const int32_t*>(block_expert.data);
   a.num_blocks = static_cast<const int32_t*>(num_blocks.data);
+  a.num_pairs = output.shape[0];
+  a.splits = 1;
+  a.split_steps = (a.row_bytes + 63) / 64;
   return a;
 }
 
@@ -124,9 +128,8 @@ std::string launch_stream(const moe::GemmArgs& a, const TensorRef& input,
   return "unknown weight format";
 }
 
-void launch_tensor_core(const moe::GemmArgs& a, const TensorRef& input,
-                        const MoeExpertWeights& w, int32_t block_m, int64_t max_blocks,
-                        cudaStream_t s) {
+void launch_tiles(const moe::GemmArgs& a, const TensorRef& input, const MoeExpertWeights& w,
+                  int32_t block_m, int64_t max_blocks, cudaStream_t s) {
   switch (w.format) {
     case MoeWeightFormat::kDense:
       moe::launch_gemm_dense(a, input.dtype, block_m, max_blocks, s);
@@ -134,6 +137,45 @@ void launch_tensor_core(const moe::GemmArgs& a, const TensorRef& input,
     case MoeWeightFormat::kMxfp4: moe::launch_gemm_mxfp4(a, block_m, max_blocks, s); break;
     case MoeWeightFormat::kFp8Block: moe::launch_gemm_fp8(a, block_m, max_blocks, s); break;
   }
+}
+
+int steps_per_stage(MoeWeightFormat format) {
+  switch (format) {
+    case MoeWeightFormat::kMxfp4: return moe::steps_per_stage<moe::Mxfp4Format>();
+    case MoeWeightFormat::kFp8Block: return moe::steps_per_stage<moe::Fp8Format>();
+    default: return moe::steps_per_stage<moe::DenseFormat<__nv_bfloat16>>();
+  }
+}
+
+// The tiled kernel in `wanted` k splits (1: its own epilogue, as one CTA per tile and block
+// computes it). The k-steps per split round up to whole x stages, so fewer splits may hold
+// them all; the partials go to the caller's workspace (checked by moe_ops.cpp to hold
+// wanted * pairs * N floats) or to stream-ordered scratch.
+void launch_tensor_core(moe::GemmArgs a, const TensorRef& input, const MoeExpertWeights& w,
+                        int32_t block_m, int64_t max_blocks, int32_t wanted,
+                        const TensorRef& workspace, cudaStream_t s) {
+  const int steps = (a.row_bytes + 63) / 64;
+  const int per_stage = steps_per_stage(w.format);
+  const int per_split = (steps + std::max(wanted, 1) - 1) / std::max(wanted, 1);
+  a.split_steps = std::max(per_stage, (per_split + per_stage - 1) / per_stage * per_stage);
+  a.splits = (steps + a.split_steps - 1) / a.split_steps;
+  if (a.splits <= 1 || a.num_pairs == 0) {
+    a.splits = 1;
+    a.split_steps = std::max(steps, 1);
+    return launch_tiles(a, input, w, block_m, max_blocks, s);
+  }
+  const bool own = is_absent(workspace);
+  const size_t bytes = sizeof(float) * static_cast<size_t>(a.splits) *
+                       static_cast<size_t>(a.num_pairs) * static_cast<size_t>(a.n_dim);
+  a.partials = static_cast<float*>(own ? detail::scratch_alloc(bytes, s) : workspace.data);
+  try {
+    launch_tiles(a, input, w, block_m, max_blocks, s);
+    moe::launch_split_finish(a, input.dtype, block_m, max_blocks, s);
+  } catch (...) {
+    if (own) cudaFreeAsync(a.partials, s);  // best effort: the launch error is the one to report
+    throw;
+  }
+  if (own) detail::scratch_free(a.partials, s);
 }
 
 void refuse(const char* kernel, const std::string& why) {
@@ -171,7 +213,8 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
   if (kernel == MoeGemmKernel::kSimple || !refusal.empty()) {
     moe::launch_gemm_simple(a, weights.format, input.dtype, block_m, max_blocks, s);
   } else {
-    launch_tensor_core(a, input, weights, block_m, max_blocks, s);
+    launch_tensor_core(a, input, weights, block_m, max_blocks, options.splits, options.workspace,
+                       s);
   }
   detail::check_launch("moe_expert_gemm");
 }

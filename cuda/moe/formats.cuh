@@ -56,6 +56,14 @@ struct GemmArgs {
   const int32_t* sorted_pairs;  // [max_blocks * block_m]
   const int32_t* block_expert;
   const int32_t* num_blocks;
+  // Split-K of the tiled kernel (moe/gemm.cuh, grid.z = splits): CTA z sums the k-steps
+  // [z * split_steps, (z + 1) * split_steps), whole x stages. One split: split_steps covers the
+  // row and partials is null (the kernel's own epilogue). More: each CTA writes its fp32 sums,
+  // before bias and epilogue, to partials and moe/split.cu adds the splits and applies it.
+  int32_t split_steps;
+  int32_t splits;
+  float* partials;    // [splits][num_pairs][n_dim]: by weight row n (gated: gate j, up I + j)
+  int64_t num_pairs;  // output rows
 };
 
 // bias[e][n] as float, 0 without a bias.

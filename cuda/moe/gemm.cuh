@@ -1,7 +1,7 @@
 // The tiled tensor-core expert GEMM of moe_expert_gemm (MoeGemmKernel::kTensorCore): weights
 // streamed from HBM as stored (bf16 / fp16, MXFP4, block FP8), dequantized in registers straight
-// into mma.sync operands; one CTA per (row tile, block). The prefill form; decode steps run the
-// persistent kernel of moe/stream.cuh.
+// into mma.sync operands; one CTA per (row tile, block, k split). The plan's form at decode
+// and, for quantized stacks, at prefill (moelora.ops.moe.GEMM_PLAN).
 //
 // Math (per block b of block_m pair rows, expert e; contract in include/moelora/moe.h):
 //   out[p, n] = epilogue(sum_k x[p / ipr, k] * W[e, n, k]),  fp32 accumulation.
@@ -20,6 +20,12 @@
 //   format so that each lane's 16-byte reads are free of bank conflicts.
 // Epilogue: accumulators -> shared memory (fp32, [pair row][weight row], padded) -> + bias,
 //   activation (gate/up from the same CTA), x routing weight, one rounding, coalesced stores.
+// Split-K (grid z > 1, decode): a decode grid of (row tile, block) CTAs can hold less than one
+//   wave of the GPU's resident CTAs (gpt-oss-20b w2 at one token: 180 CTAs), and each warp's
+//   load -> dequantize -> mma chain then paces the kernel rather than HBM. CTA z takes a
+//   contiguous range of whole x stages of k-steps and stores its fp32 tile, before bias, to
+//   a partials workspace; moe/split.cu adds the splits in order z = 0, 1, .. (the same bits on
+//   every run) and applies the epilogue above. No atomics, no zeroing.
 // Decode is weight-bandwidth-bound (each touched expert's weights read once per block, 16-byte
 // loads, ~4 KB in flight per warp); prefill (MT = 2, 64 rows per block) reuses each weight
 // element 64 times from registers and is bound by the mma and dequantization issue rate.
@@ -48,6 +54,14 @@ constexpr int kStageChunks = kStageK / 8;  // 16-byte chunks per row per stage
 constexpr int kStages = 4;
 constexpr int kRowPad = 4;               // floats of padding per epilogue row (bank spread)
 
+// k-steps (64 weight bytes of a row, 32 * F::kChunks elements) per x stage: a split of K
+// starts on a stage.
+template <typename F>
+constexpr int steps_per_stage() {
+  static_assert(kStageK % (32 * F::kChunks) == 0, "a stage holds whole k-steps");
+  return kStageK / (32 * F::kChunks);
+}
+
 // ---- the kernel ---------------------------------------------------------------------------------
 
 template <int MT, int NT>
@@ -68,13 +82,64 @@ struct WeightStep {
   typename F::Scale s[MT][2];
 };
 
-template <typename F, int MT, int NT, int D>
-__global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
+// The epilogue of a whole-K CTA: its fp32 tile [rows][64 MT weight rows] + bias, the gated
+// activation (gate and up rows of one column in the same tile), x routing weight, one rounding,
+// stores coalesced along the output columns.
+template <typename T, int MT>
+__device__ void store_outputs(const GemmArgs& a, const float* tile, int pitch,
+                              const int32_t* pair_of_row, int rows, int64_t expert) {
+  const int cols = a.gated ? 32 * MT : 64 * MT;
+  const int64_t col0 = int64_t{blockIdx.x} * cols;
+  const int64_t out_width = a.gated ? a.inter : a.n_dim;
+  for (int idx = static_cast<int>(threadIdx.x); idx < rows * cols; idx += kThreads) {
+    const int r = idx / cols, col = idx % cols;
+    const int64_t out_col = col0 + col;
+    if (out_col >= out_width) continue;
+    const int32_t p = pair_of_row[r];
+    float value = tile[r * pitch + col] + load_bias(a, expert, out_col);
+    if (a.gated) {
+      const float up = tile[r * pitch + 32 * MT + col] + load_bias(a, expert, a.inter + out_col);
+      value = a.activation == MoeActivation::kSilu
+                  ? moe_math::silu_glu(value, up)
+                  : moe_math::gpt_oss_glu(value, up, a.alpha, a.limit);
+    }
+    if (a.topk_weights != nullptr) value *= a.topk_weights[int64_t{p} * a.topk_stride];
+    static_cast<T*>(a.output)[int64_t{p} * a.output_stride + out_col] = detail::from_f32<T>(value);
+  }
+}
+
+// Split-K: the CTA's fp32 tile [rows][64 MT weight rows] (its k range's sums, no bias) to
+// partials[blockIdx.z][p][n], coalesced along n.
+template <int MT>
+__device__ void store_partials(const GemmArgs& a, const float* tile, int pitch,
+                               const int32_t* pair_of_row, int rows) {
+  constexpr int kTileRows = 64 * MT;
+  constexpr int kHalf = 32 * MT;
+  float* part = a.partials + int64_t{blockIdx.z} * a.num_pairs * a.n_dim;
+  for (int idx = static_cast<int>(threadIdx.x); idx < rows * kTileRows; idx += kThreads) {
+    const int r = idx / kTileRows, local = idx % kTileRows;
+    int64_t n;
+    bool ok;
+    if (a.gated) {  // the kernel's row mapping: local [0, half) gate rows j, the rest up rows
+      const int64_t j = int64_t{blockIdx.x} * kHalf + (local % kHalf);
+      ok = j < a.inter;
+      n = local < kHalf ? j : a.inter + j;
+    } else {
+      n = int64_t{blockIdx.x} * kTileRows + local;
+      ok = n < a.n_dim;
+    }
+    if (ok) part[int64_t{pair_of_row[r]} * a.n_dim + n] = tile[r * pitch + local];
+  }
+}
+
+// One CTA's work. kSplit: the k-steps of split blockIdx.z only, stored to a.partials.
+template <typename F, int MT, int NT, int D, bool kSplit>
+__device__ __forceinline__ void gemm_cta(const GemmArgs& a) {
   using T = typename F::Act;
   using S = Smem<MT, NT>;
   constexpr int kRows = S::kRows;
   constexpr int kStepK = 32 * F::kChunks;  // k elements per k-step (4 lanes x 8 x kChunks)
-  constexpr int kStepsPerStage = kStageK / kStepK;
+  constexpr int kStepsPerStage = steps_per_stage<F>();
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ int32_t pair_of_row[kRows];
   __shared__ int64_t offset_of_row[kRows];
@@ -121,10 +186,14 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
       wrow[i][h] = a.weight + expert * a.w_expert + n * a.w_row + 16 * c;
     }
   }
+  // This CTA's k-steps (64 weight bytes per row each): all of them, or split blockIdx.z's
+  // whole x stages.
   const int steps = (a.row_bytes + 63) / 64;
+  const int step_begin = kSplit ? static_cast<int>(blockIdx.z) * a.split_steps : 0;
+  const int step_end = kSplit ? min(steps, step_begin + a.split_steps) : steps;
   auto load_step = [&](WeightStep<F, MT>& st, int step) {
     const int byte = step * 64 + 16 * c;
-    const bool in_k = step < steps && byte < a.row_bytes;
+    const bool in_k = step < step_end && byte < a.row_bytes;
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -139,11 +208,14 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
     }
   };
 
-  // The x ring: stage st holds k [128 st, 128 st + 128) of the block's pair rows.
-  const int stages = (a.k_dim + kStageK - 1) / kStageK;
+  // The x ring: stage st holds k [128 st, 128 st + 128) of the block's pair rows; this CTA
+  // reads the stages of its k-steps (a split starts on a stage).
+  const int stage_begin = step_begin / kStepsPerStage;
+  const int stage_end = kSplit ? (step_end + kStepsPerStage - 1) / kStepsPerStage
+                               : (a.k_dim + kStageK - 1) / kStageK;
   const T* x = static_cast<const T*>(a.input);
   auto load_stage = [&](int st) {
-    if (st < stages) {
+    if (st < stage_end) {
       uint8_t* base = smem + (st % kStages) * S::kStageBytes;
       for (int idx = tid; idx < nt_used * 8 * kStageChunks; idx += kThreads) {
         const int r = idx / kStageChunks, ch = idx % kStageChunks;
@@ -169,15 +241,15 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
 
   WeightStep<F, MT> ring[D];
 #pragma unroll
-  for (int d = 0; d < D; ++d) load_step(ring[d], d);
+  for (int d = 0; d < D; ++d) load_step(ring[d], step_begin + d);
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) load_stage(st);
+  for (int st = 0; st < kStages - 1; ++st) load_stage(stage_begin + st);
 
-  for (int base = 0; base < steps; base += D) {
+  for (int base = step_begin; base < step_end; base += D) {
 #pragma unroll
     for (int d = 0; d < D; ++d) {
       const int step = base + d;
-      if (step < steps) {
+      if (step < step_end) {
         const int stage = step / kStepsPerStage;
         if (step % kStepsPerStage == 0) {
           ptx::cp_async_wait<kStages - 2>();
@@ -236,40 +308,51 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
     }
   }
   __syncthreads();
-  const int cols = a.gated ? 32 * MT : 64 * MT;
-  const int64_t col0 = int64_t{blockIdx.x} * cols;
-  const int64_t out_width = a.gated ? a.inter : a.n_dim;
-  for (int idx = tid; idx < rows * cols; idx += kThreads) {
-    const int r = idx / cols, col = idx % cols;
-    const int64_t out_col = col0 + col;
-    if (out_col >= out_width) continue;
-    const int32_t p = pair_of_row[r];
-    float value = tile[r * kPitch + col] + load_bias(a, expert, out_col);
-    if (a.gated) {
-      const float up = tile[r * kPitch + 32 * MT + col] + load_bias(a, expert, a.inter + out_col);
-      value = a.activation == MoeActivation::kSilu
-                  ? moe_math::silu_glu(value, up)
-                  : moe_math::gpt_oss_glu(value, up, a.alpha, a.limit);
-    }
-    if (a.topk_weights != nullptr) value *= a.topk_weights[int64_t{p} * a.topk_stride];
-    static_cast<T*>(a.output)[int64_t{p} * a.output_stride + out_col] = detail::from_f32<T>(value);
+  if constexpr (kSplit) {
+    store_partials<MT>(a, tile, kPitch, pair_of_row, rows);
+  } else {
+    store_outputs<T, MT>(a, tile, kPitch, pair_of_row, rows, expert);
   }
+}
+
+template <typename F, int MT, int NT, int D>
+__global__ void __launch_bounds__(kThreads) moe_gemm_kernel(GemmArgs a) {
+  gemm_cta<F, MT, NT, D, false>(a);
+}
+
+// Split-K runs as its own kernel so that the whole-K one keeps its registers. The one-n-tile
+// shape (block_m 8) is held to 5 CTAs per SM (at most 102 registers), its residency unsplit.
+template <int NT>
+constexpr int split_min_ctas() {
+  return NT == 1 ? 5 : 4;
+}
+
+template <typename F, int MT, int NT, int D>
+__global__ void __launch_bounds__(kThreads, split_min_ctas<NT>())
+    moe_gemm_split_kernel(GemmArgs a) {
+  gemm_cta<F, MT, NT, D, true>(a);
 }
 
 // ---- launch ---------------------------------------------------------------------------------
 
-// One (MT, NT, D) shape: grid x = row (or gated column) tiles, y = max_blocks.
-template <typename F, int MT, int NT, int D>
+// One (MT, NT, D) shape: grid x = row (or gated column) tiles, y = max_blocks, z = splits.
+template <typename F, int MT, int NT, int D, bool kSplit>
 void launch_shape(const GemmArgs& a, int64_t max_blocks, cudaStream_t stream) {
   const int64_t cols = a.gated ? 32 * MT : 64 * MT;
   const int64_t width = a.gated ? a.inter : a.n_dim;
   const int64_t tiles = (width + cols - 1) / cols;
   if (tiles == 0 || max_blocks == 0) return;
   constexpr size_t kSmem = Smem<MT, NT>::kBytes;
-  auto* kernel = moe_gemm_kernel<F, MT, NT, D>;
+  void (*kernel)(GemmArgs) = nullptr;
+  if constexpr (kSplit) {
+    kernel = moe_gemm_split_kernel<F, MT, NT, D>;
+  } else {
+    kernel = moe_gemm_kernel<F, MT, NT, D>;
+  }
   if (kSmem > 48 * 1024) detail::allow_dynamic_smem(kernel, kSmem);
   LaunchShape shape;
-  shape.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(max_blocks));
+  shape.grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(max_blocks),
+                    static_cast<unsigned>(a.splits));
   shape.block = dim3(kThreads);
   shape.smem = kSmem;
   shape.stream = stream;
@@ -278,14 +361,22 @@ void launch_shape(const GemmArgs& a, int64_t max_blocks, cudaStream_t stream) {
 }
 
 // The tensor-core GEMM for rows-per-block block_m (8, 16, 32: decode shapes, one m-tile per
-// warp and 4 k-steps of weights in flight; 64: prefill, two m-tiles and 2 k-steps).
+// warp and 4 k-steps of weights in flight, split-K when a.splits > 1; 64: prefill, two m-tiles
+// and 2 k-steps, never split: moe_ops.cpp refuses it).
 template <typename F>
 void launch_gemm(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream) {
+  const bool split = a.splits > 1;
   switch (block_m) {
-    case 8: return launch_shape<F, 1, 1, 4>(a, max_blocks, stream);
-    case 16: return launch_shape<F, 1, 2, 4>(a, max_blocks, stream);
-    case 32: return launch_shape<F, 1, 4, 4>(a, max_blocks, stream);
-    case 64: return launch_shape<F, 2, 8, 2>(a, max_blocks, stream);
+    case 8:
+      return split ? launch_shape<F, 1, 1, 4, true>(a, max_blocks, stream)
+                   : launch_shape<F, 1, 1, 4, false>(a, max_blocks, stream);
+    case 16:
+      return split ? launch_shape<F, 1, 2, 4, true>(a, max_blocks, stream)
+                   : launch_shape<F, 1, 2, 4, false>(a, max_blocks, stream);
+    case 32:
+      return split ? launch_shape<F, 1, 4, 4, true>(a, max_blocks, stream)
+                   : launch_shape<F, 1, 4, 4, false>(a, max_blocks, stream);
+    case 64: return launch_shape<F, 2, 8, 2, false>(a, max_blocks, stream);
     default: throw InternalError("moe_expert_gemm: no tensor-core shape for block_m " +
                                  std::to_string(block_m));
   }
@@ -296,6 +387,10 @@ void launch_gemm_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_
                        cudaStream_t stream);
 void launch_gemm_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
 void launch_gemm_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+// Split-K's finishing kernel (moe/split.cu): a.partials summed over a.splits, the epilogue,
+// the output. dtype: bfloat16 or float16.
+void launch_split_finish(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
+                         cudaStream_t stream);
 void launch_gemm_simple(const GemmArgs& a, MoeWeightFormat format, DType dtype, int block_m,
                         int64_t max_blocks, cudaStream_t stream);
 

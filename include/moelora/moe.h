@@ -49,6 +49,7 @@ enum class MoeGemmKernel : uint8_t {
 };
 
 constexpr int32_t kMoeMaxStreamConsumers = 12;
+constexpr int32_t kMoeMaxGemmSplits = 16;
 
 // Typed overrides of the step's plan for moe_expert_gemm (tests and benchmarks set them).
 struct MoeGemmOptions {
@@ -58,6 +59,16 @@ struct MoeGemmOptions {
   bool fall_back = false;
   int32_t stream_consumers = 0;  // kStream's consumer warps, 1..kMoeMaxStreamConsumers; 0: its
                                  // choice per format
+  // Split-K of kTensorCore, 1..kMoeMaxGemmSplits: CTAs of each (row tile, block) take
+  // contiguous ranges of K (whole 128-element x stages, so fewer splits run where K is short)
+  // and a finishing kernel adds their float32 sums in a fixed order (the same bits on every
+  // run) and applies the epilogue. For decode grids too small to fill the GPU: block_m 8, 16
+  // or 32. kSimple and kStream take 1; the simple kernel that kAuto or fall_back picks
+  // ignores it.
+  int32_t splits = 1;
+  // optional float32 scratch for the splits' sums, contiguous, on the input's device, at
+  // least splits * P * N elements (N: the weight rows); absent: stream-ordered scratch
+  TensorRef workspace;
 };
 
 // One expert stack W [E, N, K] (N outputs, K inputs) as stored:

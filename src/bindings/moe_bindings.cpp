@@ -27,6 +27,7 @@ MoeExpertWeights expert_weights(int format, const py::tuple& weight, const py::o
 void register_moe(py::module_& m) {
   m.attr("MOE_MAX_EXPERTS") = kMoeMaxExperts;
   m.attr("MOE_MAX_STREAM_CONSUMERS") = kMoeMaxStreamConsumers;
+  m.attr("MOE_MAX_GEMM_SPLITS") = kMoeMaxGemmSplits;
   m.def("moe_route_max_blocks", &moe_route_max_blocks, py::arg("num_pairs"),
         py::arg("num_experts"), py::arg("block_m"));
   m.def(
@@ -64,7 +65,8 @@ void register_moe(py::module_& m) {
                               float swiglu_alpha, float swiglu_limit,
                               const py::object& topk_weights, const py::tuple& output,
                               uintptr_t stream, int kernel, bool fall_back,
-                              int32_t stream_consumers) {
+                              int32_t stream_consumers, int32_t splits,
+                              const py::object& workspace) {
     TensorRef in = to_tensor_ref(input, "input");
     MoeExpertWeights w = expert_weights(format, weight, scales, bias, block_n, block_k);
     TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
@@ -80,6 +82,8 @@ void register_moe(py::module_& m) {
     options.kernel = static_cast<MoeGemmKernel>(kernel);
     options.fall_back = fall_back;
     options.stream_consumers = stream_consumers;
+    options.splits = splits;
+    options.workspace = to_optional_tensor_ref(workspace, "workspace");
     py::gil_scoped_release release;
     moe_expert_gemm(in, input_pairs_per_row, w, pairs, experts, count, block_m, epilogue, out,
                     stream_from_int(stream), options);

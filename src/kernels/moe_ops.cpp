@@ -122,6 +122,38 @@ int64_t check_expert_weights(const MoeExpertWeights& w, const TensorRef& input, 
   return wt.shape[1];
 }
 
+// MoeGemmOptions::splits and its workspace; `partial_floats` = P * N.
+void check_splits(const MoeGemmOptions& options, int64_t partial_floats, int32_t block_m,
+                  const TensorRef& input, const char* op) {
+  const int32_t splits = options.splits;
+  if (splits < 1 || splits > kMoeMaxGemmSplits) {
+    throw_invalid(op, "splits must be in [1, " + std::to_string(kMoeMaxGemmSplits) + "], got " +
+                          std::to_string(splits));
+  }
+  if (splits > 1 && (options.kernel == MoeGemmKernel::kSimple ||
+                     options.kernel == MoeGemmKernel::kStream)) {
+    throw_invalid(op, "splits > 1 is the tensor-core kernel's split-K; the " +
+                          std::string(options.kernel == MoeGemmKernel::kSimple ? "simple"
+                                                                               : "stream") +
+                          " kernel takes splits = 1, got " + std::to_string(splits));
+  }
+  if (splits > 1 && block_m > 32) {
+    throw_invalid(op, "splits > 1 runs with block_m 8, 16 or 32 (the decode shapes), got block_m " +
+                          std::to_string(block_m));
+  }
+  const TensorRef& w = options.workspace;
+  if (is_absent(w)) return;
+  check_dtype(w, DType::kFloat32, op, "workspace");
+  check_has_data(w, op, "workspace");
+  if (!w.is_contiguous()) throw_invalid(op, "workspace must be contiguous, got " + w.describe());
+  check_same_device(input, w, op, "input", "workspace");
+  if (w.numel() < splits * partial_floats) {
+    throw_invalid(op, "workspace must hold splits * pairs * weight rows = " +
+                          std::to_string(splits * partial_floats) + " float32, got " +
+                          w.describe());
+  }
+}
+
 }  // namespace
 
 int64_t moe_route_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t block_m) {
@@ -269,6 +301,7 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                           std::to_string(kMoeMaxStreamConsumers) + "], got " +
                           std::to_string(options.stream_consumers));
   }
+  check_splits(options, output.shape[0] * n_dim, block_m, input, op);
   if (on_cuda(input)) {
 #ifdef MOELORA_WITH_CUDA
     return cuda::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,

@@ -76,9 +76,35 @@ def test_gpu_layer_at_real_shapes(preset, tokens):
         assert_close(unfused, want, f"{what}: unfused layer")
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("form", ["tensor_core:8:s2", "tensor_core:16:s4", "tensor_core:8:s"])
+def test_gpu_layer_split_k_at_real_shapes(preset, tokens, form):
+    # split-K in both GEMMs of a layer at the presets' K (gpt-oss-20b MXFP4: 23 k-steps, so
+    # four splits of 6, 6, 6, 5)
+    hidden, inter, experts, top_k, routing, activation, formats = PRESETS[preset]
+    gen = torch.Generator().manual_seed(tokens + 100)
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).to(CUDA)
+    logits = torch.randn(tokens, experts, generator=gen).to(CUDA)
+    bias = preset == "gpt-oss-20b"
+    fmt = formats[0]
+    w13 = _weights(fmt, experts, 2 * inter, hidden, gen, bias)
+    w2 = _weights(fmt, experts, hidden, inter, gen, bias)
+    plan = moe_ops.GemmPlan.parse(form)
+    out, r, h = _layer(x, logits, w13, w2, top_k, routing, activation, plan=plan)
+    what = f"{preset} {fmt} {plan}, {tokens} tokens"
+    assert_close(h, gemm_reference(x, top_k, r.topk_ids, w13, activation), f"{what}: w13")
+    want_y = gemm_reference(h, 1, r.topk_ids, w2, topk_weights=r.topk_weights)
+    assert_close(out, want_y.view(tokens, top_k, -1).sum(1), f"{what}: layer")
+    whole, _, _ = _layer(x, logits, w13, w2, top_k, routing, activation,
+                         plan=moe_ops.GemmPlan("tensor_core", plan.block_m))
+    assert_close(out, whole.double(), f"{what}: against the whole-K kernel")
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "dense", "fp8"])
 @pytest.mark.parametrize("tokens", [1, 64, 300])
-@pytest.mark.parametrize("form", ["stream:8", "stream:16", "tensor_core:32"])
+@pytest.mark.parametrize("form", ["stream:8", "stream:16", "tensor_core:32", "tensor_core:8:s3",
+                                  "tensor_core:8:s"])
 def test_gpu_layer_replays_from_a_cuda_graph(fmt, tokens, form):
     hidden, inter, experts, top_k = 512, 256, 32, 4
     gen = torch.Generator().manual_seed(5)
@@ -139,4 +165,5 @@ def test_gpu_bench_moe_runs(capsys):
 
     record = json.loads(lines[3])
     assert record["weights"] == "fp8" and record["variant"] == "plan"
-    assert record["layer_us"] > 0 and record["roofline_us"] > 0 and record["plan"] == "stream:16"
+    assert record["layer_us"] > 0 and record["roofline_us"] > 0
+    assert record["plan"] == str(moe_ops.plan_expert_gemm(64 * 8, 128, "fp8"))

@@ -174,6 +174,110 @@ def test_gpu_w2_gemm_with_routing_weights_and_strided_rows(fmt, block_m):
     assert_close(out, want, f"{fmt}: " + _first_mismatch(out, want, 2e-2))
 
 
+# ---- split-K -------------------------------------------------------------------------------------
+
+SPLIT_CASES = [  # format, hidden (K): k-steps of 64 weight bytes, none a multiple of the splits
+    ("dense", 888),  # 28 steps, the last one partial; 4 steps per x stage
+    ("mxfp4", 864),  # 7 steps, the last one partial; 1 per stage
+    ("fp8", 896),  # 14 steps, 2 per stage
+]
+
+
+@pytest.mark.parametrize("fmt,hidden", SPLIT_CASES)
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 16, 2), (7, 8, 4), (133, 16, 3)])
+@pytest.mark.parametrize("activation", ["none", "silu", "gpt_oss"])
+@pytest.mark.parametrize("block_m", [8, 16, 32])
+def test_gpu_split_k_gemm(fmt, hidden, tokens, experts, top_k, activation, block_m):
+    # Every split count against float64, from NaN-poisoned outputs and partial sums: each
+    # output element and each partial the finishing kernel reads must have been written. One
+    # token over 16 experts leaves 14 of them empty; inter 37 ends tiles mid-tile.
+    gen = _gen(3 * tokens + block_m)
+    inter = 37
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    w = random_weights(fmt, experts, 2 * inter, hidden, torch.bfloat16, gen, bias=True,
+                       fp8_block=(16, 32))
+    cpu_routing = moe_ops.route(torch.randn(tokens, experts, generator=gen), top_k,
+                                "softmax_topk", True, block_m)
+    weighted = activation == "none"  # the w2 form: routing weights in the epilogue
+    topk = cpu_routing.topk_weights.view(-1) if weighted else None
+    want = gemm_reference(x, top_k, cpu_routing.topk_ids, w, activation, topk_weights=topk)
+    routing, wg, xg = _routing_to(cpu_routing, CUDA), _to(w, CUDA), x.to(CUDA)
+    topk_g = routing.topk_weights.view(-1) if weighted else None
+    whole = moe_ops.expert_gemm(xg, routing, wg, input_pairs_per_row=top_k,
+                                activation=activation, topk_weights=topk_g, kernel="tensor_core")
+    def run(splits, out, workspace):
+        moe_ops.expert_gemm(xg, routing, wg, input_pairs_per_row=top_k, activation=activation,
+                            topk_weights=topk_g, out=out, kernel="tensor_core", splits=splits,
+                            workspace=workspace)
+
+    for splits in (1, 2, 3, 4):
+        out = torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device=CUDA)
+        workspace = torch.full((splits * want.shape[0] * w.out_dim,), float("nan"), device=CUDA)
+        run(splits, out, workspace)
+        what = f"{fmt} {activation} block_m {block_m} splits {splits}"
+        assert not torch.isnan(out).any(), f"{what}: unwritten outputs " + \
+            _first_mismatch(out, want, 2e-2)
+        assert_close(out, want, what + ": " + _first_mismatch(out, want, 2e-2))
+        if splits == 1:
+            assert torch.equal(out, whole), f"{what}: one split is the whole-K kernel"
+        first = out.clone()
+        out.fill_(float("nan"))
+        run(splits, out, workspace)
+        assert torch.equal(out, first), f"{what}: the splits' sum is not the same every run"
+    # the default workspace (allocated by expert_gemm) gives the same bits
+    again = moe_ops.expert_gemm(xg, routing, wg, input_pairs_per_row=top_k,
+                                activation=activation, topk_weights=topk_g, kernel="tensor_core",
+                                splits=4)
+    assert torch.equal(again, first)
+
+
+@pytest.mark.parametrize("fmt,hidden", [("dense", 40), ("mxfp4", 64), ("fp8", 64)])
+def test_gpu_split_k_of_a_short_k_runs_whole(fmt, hidden):
+    # K of one x stage: no split holds a k-step of its own, so the whole-K kernel runs
+    gen = _gen(hidden)
+    x = torch.randn(9, hidden, generator=gen).to(torch.bfloat16).to(CUDA)
+    w = _to(random_weights(fmt, 4, 48, hidden, torch.bfloat16, gen, fp8_block=(16, 32)), CUDA)
+    routing = _routing_to(moe_ops.route(torch.randn(9, 4, generator=gen), 2), CUDA)
+    whole = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="tensor_core")
+    split = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="tensor_core",
+                                splits=4)
+    assert torch.equal(split, whole)
+
+
+@pytest.mark.parametrize("block_m", [8, 16, 32])
+@pytest.mark.parametrize("splits", [2, 3, 4])
+def test_gpu_split_k_whole_numbers_are_exact(block_m, splits):
+    # small integers: every partial sum is exact in fp32, so the splits' sum is the CPU op's
+    gen = _gen(block_m + splits)
+    tokens, experts, top_k, hidden, n = 41, 8, 3, 1000, 72  # 32 k-steps, 4 per stage
+    x = torch.randint(-3, 4, (tokens, hidden), generator=gen).to(torch.bfloat16)
+    weight = torch.randint(-2, 3, (experts, n, hidden), generator=gen).to(torch.bfloat16)
+    w = moe_ops.ExpertWeights("dense", weight)
+    routing = moe_ops.route(torch.randn(tokens, experts, generator=gen), top_k, "softmax_topk",
+                            True, block_m)
+    cpu = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=top_k)
+    gpu = moe_ops.expert_gemm(x.to(CUDA), _routing_to(routing, CUDA), _to(w, CUDA),
+                              input_pairs_per_row=top_k, kernel="tensor_core", splits=splits)
+    assert torch.equal(gpu.cpu(), cpu), _first_mismatch(gpu, cpu.double(), 0.0)
+
+
+def test_gpu_split_k_refusals_are_named():
+    gen = _gen(8)
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16).to(CUDA)
+    w = _to(random_weights("dense", 4, 32, 64, torch.bfloat16, gen), CUDA)
+    routing = _routing_to(moe_ops.route(torch.randn(3, 4, generator=gen), 2, block_m=64), CUDA)
+    with pytest.raises(InvalidArgument, match="splits > 1 runs with block_m 8, 16 or 32"):
+        moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="tensor_core",
+                            splits=2)
+    with pytest.raises(InvalidArgument, match="stream kernel takes splits = 1"):
+        moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="stream", splits=2)
+    with pytest.raises(InvalidArgument, match="workspace must hold"):
+        moe_ops.expert_gemm(x, _routing_to(moe_ops.route(torch.randn(3, 4, generator=gen), 2,
+                                                         block_m=8), CUDA),
+                            w, input_pairs_per_row=2, kernel="tensor_core", splits=2,
+                            workspace=torch.empty(7, device=CUDA))
+
+
 # ---- exactness probes --------------------------------------------------------------------------
 
 def _one_hot_readback(w: moe_ops.ExpertWeights, block_m: int, kernel: str) -> torch.Tensor:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from moelora.graph_flags import add_graph_arguments, graphs_choice
+
+__all__ = ["WEIGHT_CHOICES", "add_graph_arguments", "describe", "graphs_choice"]
+
 WEIGHT_CHOICES = ("bf16", "mxfp4", "fp8")  # how experts are stored (weight_bytes.py)
 
 
@@ -18,23 +22,6 @@ def describe(parser: argparse.ArgumentParser, doc: str | None) -> None:
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
-
-
-def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
-    """vLLM's --enforce-eager and moelora's --decode-graphs (decode steps from CUDA graphs)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--decode-graphs", action="store_true",
-                       help="replay decode steps from CUDA graphs (already the default for a "
-                            "one-process engine on a CUDA device)")
-    group.add_argument("--enforce-eager", action="store_true",
-                       help="run every step eagerly, no CUDA graphs (vLLM's flag)")
-
-
-def graphs_choice(args: argparse.Namespace) -> bool | None:
-    """EngineConfig.decode_graphs: False, True, or None for the device's default."""
-    if args.enforce_eager:
-        return False
-    return True if args.decode_graphs else None
 
 
 def positive_int(text: str) -> int:

@@ -4,12 +4,15 @@ weight format and expert GEMM variant, against torch's grouped_mm bf16 path on t
     python -m moelora.bench.moe --presets gpt-oss-20b qwen3-30b-a3b \
         --tokens 1 8 16 32 64 128 512 2048 --out bench/results/moe-layer.jsonl
     python -m moelora.bench.moe --variants tiles plan stream:8 stream:16:8 tensor_core:32
+    python -m moelora.bench.moe --presets gpt-oss-20b --weights mxfp4 --tokens 1 16 64 \
+        --variants tiles plan tensor_core:8:s2 tensor_core:8:s4 --table
 
 Variants: "plan" (the step's plan, moelora.ops.moe.GEMM_PLAN, falling back as the model does),
-"tiles" (the tiled tensor-core kernel with rows per block four times the mean rows per touched
-expert: the form before the plan existed, the baseline every ratio is against), or
-kernel[:block_m[:consumers]] run strictly (ops.moe.GemmPlan.parse; a variant that cannot take a
-case is reported, not replaced). Per (preset, tokens, weights, variant): the fused layer
+"tiles" (the tiled tensor-core kernel, unsplit, with rows per block four times the mean rows per
+touched expert: the form before the plan existed, the baseline every ratio is against), or
+kernel[:block_m[:consumers]][:s[ways]] run strictly (ops.moe.GemmPlan.parse; ":s4" splits K
+four ways in both GEMMs, ":s" by ops.moe.split_k_ways per GEMM; a variant that cannot take a
+case is reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset, tokens, weights, variant): the fused layer
 (moelora.ops.moe: route, expert_gemm for w13 with the activation fused, expert_gemm for w2 with
 the routing weights, moe_sum) captured in one CUDA graph and replayed (CUDA events, median, L2
 flushed before each replay unless --warm-l2); its two GEMMs each in a graph of their own (and
@@ -112,14 +115,23 @@ class Layer:
         self.x, self.logits, self.w13, self.w2 = x, logits, w13, w2
         self.top_k, self.routing, self.activation = top_k, routing, activation
         self.plan = plan
-        self.gemm = ({"kernel": plan.kernel, "stream_consumers": plan.stream_consumers}
-                     if strict else {})
+        self.gemm = ({"kernel": plan.kernel, "stream_consumers": plan.stream_consumers,
+                      "splits": plan.splits} if strict else {})
         # a quantized stack's grouped form reads expert counts on the host: timed eagerly
         self.capturable = not (plan.kernel == moe_ops.GROUPED and w13.format != "dense")
 
     def replayable(self, fn):
         """fn captured in a CUDA graph (its replay), or fn itself where it cannot be."""
         return graph_of(fn).replay if self.capturable else fn
+
+    def splits(self, r, weights, gated) -> int:
+        """The split-K ways this layer's GEMM asks of the tiled kernel (the launcher may run
+        fewer where K holds fewer whole x stages); 1 for the other kernels."""
+        if self.plan.kernel != "tensor_core":
+            return 1
+        if self.plan.splits != moe_ops.SPLIT_BY_SHAPE:
+            return self.plan.splits
+        return moe_ops.gemm_splits(self.x, r, weights, gated)
 
     def route(self):
         return moe_ops.route(self.logits, self.top_k, self.routing, True, plan=self.plan)
@@ -186,6 +198,8 @@ def run_case(preset, tokens, fmt, weights, variant, args, flush, rate, with_smal
         ops_us[name] = round(median_event_us(layer.replayable(fn), args.iters, flush), 2)
 
     touched = int((r.expert_counts > 0).sum().item())
+    splits = {name: layer.splits(r, w, gated)
+              for name, w, gated in (("w13", w13, True), ("w2", w2, False))}
     weight_bytes = touched * (expert_bytes(w13) + expert_bytes(w2))
     io_bytes = 2 * tokens * hidden * x.element_size()  # x in, out
     roofline_us = (weight_bytes + io_bytes) / rate * 1e6
@@ -194,7 +208,8 @@ def run_case(preset, tokens, fmt, weights, variant, args, flush, rate, with_smal
         "preset": preset, "tokens": tokens, "weights": fmt, "variant": variant,
         "plan": str(plan), "dtype": "bfloat16", "device": torch.cuda.get_device_name(),
         "layer_us": round(layer_us, 2), "layer_with_host_us": round(host_us, 2),
-        "ops_us": ops_us, "kernels": 4, "block_m": r.block_m, "touched_experts": touched,
+        "ops_us": ops_us, "kernels": 4 + sum(ways > 1 for ways in splits.values()), "block_m": r.block_m, "splits": splits,
+        "touched_experts": touched,
         "bytes": weight_bytes + io_bytes, "roofline_us": round(roofline_us, 2),
         "roofline_fraction": round(roofline_us / layer_us, 3),
         "gemm_roofline_fraction": round(gemm_roofline_us / (ops_us["w13"] + ops_us["w2"]), 3),

@@ -48,15 +48,17 @@ class StepTimer:
     _current: StepRecord | None = None
 
     def __post_init__(self) -> None:
+        # A step is runner.prepare -> forward -> logits, whether the engine runs it at once or
+        # launches it through the async pipeline: instance attributes shadow the methods.
         runner = self.engine.runner
-        self._execute, self._run_model = runner.execute, runner.run_model
+        self._prepare, self._forward, self._logits = runner.prepare, runner.forward, runner.logits
         self._on_gpu = self.engine.device.type == "cuda"
-        runner.execute = self._timed_execute  # instance attributes shadow the methods
-        runner.run_model = self._timed_run_model
+        runner.prepare, runner.forward = self._timed_prepare, self._timed_forward
+        runner.logits = self._timed_logits
 
     def remove(self) -> None:
         runner = self.engine.runner
-        del runner.execute, runner.run_model
+        del runner.prepare, runner.forward, runner.logits
 
     def __enter__(self):
         return self
@@ -64,21 +66,25 @@ class StepTimer:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _timed_execute(self, batch, slot_of):
-        record = StepRecord(num_seqs=len(batch.seqs), num_tokens=sum(batch.num_new_tokens),
-                            is_decode=all(n == 1 for n in batch.num_new_tokens))
-        self._current = record
-        logits = self._execute(batch, slot_of)
-        if self._on_gpu and record.start is not None:
-            record.end = torch.cuda.Event(enable_timing=True)
-            record.end.record()
-        return logits
+    def _timed_prepare(self, batch, slot_of, *args, **kwargs):
+        self._current = StepRecord(num_seqs=len(batch.seqs),
+                                   num_tokens=sum(batch.num_new_tokens),
+                                   is_decode=all(n == 1 for n in batch.num_new_tokens))
+        return self._prepare(batch, slot_of, *args, **kwargs)
 
-    def _timed_run_model(self, input_ids, meta):
+    def _timed_forward(self, *args, **kwargs):
         if self._on_gpu and self._current is not None:
             self._current.start = torch.cuda.Event(enable_timing=True)
             self._current.start.record()
-        return self._run_model(input_ids, meta)
+        return self._forward(*args, **kwargs)
+
+    def _timed_logits(self, hidden):
+        logits = self._logits(hidden)
+        record = self._current
+        if self._on_gpu and record is not None and record.start is not None:
+            record.end = torch.cuda.Event(enable_timing=True)
+            record.end.record()
+        return logits
 
     def step(self):
         """engine.step(), timed; a step that ran the model is appended to `steps`."""
@@ -170,14 +176,14 @@ class RoutingCapture:
 
     def step(self) -> Routing:
         runner = self.engine.runner
-        graphs, run_model = runner.graphs, runner.run_model
-        own = vars(runner).get("run_model")  # a StepTimer's wrapper, or None
+        graphs, metadata = runner.graphs, runner._metadata
         hooks = []
 
-        def keep_meta(input_ids, meta):
-            self.num_tokens = int(input_ids.shape[0])
+        def keep_meta(step):  # the eager forward's metadata (graphs are off for this step)
+            ids, meta = metadata(step)
+            self.num_tokens = int(ids.shape[0])
             self.token_slot = meta.token_slot
-            return run_model(input_ids, meta)
+            return ids, meta
 
         wrapped = []
         for layer, router in _routers(runner.model):
@@ -198,15 +204,12 @@ class RoutingCapture:
                     self.ids[layer] = ids.detach().clone()
             hooks.append(router.register_forward_hook(keep))
         runner.graphs = None
-        runner.run_model = keep_meta
+        runner._metadata = keep_meta
         try:
             self.engine.step()
         finally:
             runner.graphs = graphs
-            if own is not None:
-                runner.run_model = own
-            else:
-                del runner.run_model
+            del runner._metadata
             for hook in hooks:
                 hook.remove()
             for router in wrapped:

@@ -14,6 +14,7 @@ the plan to every ``expert_gemm`` of the step.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,27 +37,78 @@ GEMM_KERNELS = (*KERNELS, GROUPED)
 # Rows per block the tensor-core kernels are built for; other sizes run the simple kernel.
 TENSOR_CORE_BLOCK_M = (8, 16, 32, 64)
 STREAM_BLOCK_M = (8, 16)
+SPLIT_BLOCK_M = (8, 16, 32)  # the tiled kernel's decode shapes, the ones that split K
 MAX_EXPERTS = _C.MOE_MAX_EXPERTS
 MAX_STREAM_CONSUMERS = _C.MOE_MAX_STREAM_CONSUMERS
+MAX_GEMM_SPLITS = _C.MOE_MAX_GEMM_SPLITS
+SPLIT_BY_SHAPE = 0  # GemmPlan.splits: each GEMM of the step takes split_k_ways of its own grid
 GROUPED_SCRATCH_BYTES = 256 << 20
 GROUPED_EPILOGUE_ROWS = 4096  # rows of the grouped form's float32 epilogue at a time
 
 # The expert GEMM of a step, by weight format: (mean rows per touched expert up to, kernel,
 # block_m), the first row that holds the step's num_pairs / min(experts, num_pairs) is taken.
-# Decode (a few rows per expert) is weight-bandwidth-bound: the stream kernel, with 16-row
-# blocks once experts hold several rows (a block holding an expert's rows reads its weights
-# once). Prefill: dense bfloat16 goes to torch's grouped GEMM (H100: 874 us against 1311 us for
-# the tiled kernel, one gpt-oss-20b layer at 512 tokens); quantized stacks stay in the tiled
-# kernel, which dequantizes each weight once per 64 rows, until rows per expert pay for a
-# dequantized copy. The A/B study (bench/studies/moe_decode_ab.py) measures every row; edit the
-# thresholds here and nowhere else.
+# Measured on an H100 80GB over gpt-oss-20b and qwen3-30b-a3b layers at T = 1..2048
+# (bench/studies/moe_decode_ab.py; docs/performance.md): the tiled tensor-core kernel with
+# 8-row blocks leads at decode for every format (gpt-oss-20b MXFP4, T = 1: 88 us a layer; the
+# persistent stream kernel 125-229 us); dense bfloat16 moves to torch's grouped GEMM once
+# experts hold more than one row (gpt-oss-20b T = 16: 633 against 727 us); quantized stacks
+# stay in the tiled kernel, which dequantizes each weight in registers, with 32-row blocks once
+# experts hold several rows (gpt-oss-20b MXFP4 T = 512: 1036 us; grouped over a dequantized
+# copy 2919 us). Every tensor_core row splits K where its grid is too small for the GPU
+# (split_k_ways below). Edit the thresholds here and nowhere else.
 GEMM_PLAN = {
-    "dense": ((2, "stream", 8), (8, "stream", 16), (math.inf, GROUPED, 64)),
-    "mxfp4": ((2, "stream", 8), (8, "stream", 16), (32, "tensor_core", 32),
-              (96, "tensor_core", 64), (math.inf, GROUPED, 64)),
-    "fp8": ((2, "stream", 8), (8, "stream", 16), (32, "tensor_core", 32),
-            (96, "tensor_core", 64), (math.inf, GROUPED, 64)),
+    "dense": ((1, "tensor_core", 8), (math.inf, GROUPED, 64)),
+    "mxfp4": ((2, "tensor_core", 8), (4, "tensor_core", 16), (math.inf, "tensor_core", 32)),
+    "fp8": ((2, "tensor_core", 8), (4, "tensor_core", 16), (math.inf, "tensor_core", 32)),
 }
+
+# Split-K of the tiled kernel (moelora/moe.h MoeGemmOptions.splits), decided per GEMM from its
+# grid: one CTA per (row tile, block) is too few CTAs at decode. Nsight Compute on an H100,
+# gpt-oss-20b MXFP4 at one token: w13's 360 CTAs fill 0.55 of a wave of resident CTAs (17%
+# occupancy, 836 GB/s), w2's 180 CTAs 0.27 (450 GB/s); with so few warps per SM each warp's
+# load -> dequantize -> mma chain sets the pace, not HBM. Splitting K over grid z puts more
+# independent warps on the same weight bytes; a finishing kernel adds the float32 partial sums
+# (a few KB to MB in L2) and applies the epilogue. The rule: grids of at least one wave stay
+# whole (prefill, and decode steps that touch many experts, where the splits would only add
+# partial-sum traffic); smaller ones split into enough ways for SPLIT_TARGET_WAVES waves (the
+# last wave's tail then costs little), keeping at least SPLIT_MIN_K_STEPS k-steps (64 weight
+# bytes of a row each) per CTA so that the weight prefetch (4 k-steps deep) still fills.
+TILED_CTAS_PER_SM = 5  # resident CTAs of the decode shapes: 95 registers x 128 threads
+SPLIT_TARGET_WAVES = 2
+SPLIT_MIN_K_STEPS = 4
+
+
+def split_k_ways(ctas: float, k_steps: int, sm_count: int) -> int:
+    """Split-K ways for a tiled-kernel grid of `ctas` CTAs (row tiles x expected blocks) whose
+    weight rows hold `k_steps` k-steps, on a GPU of `sm_count` SMs."""
+    wave = sm_count * TILED_CTAS_PER_SM
+    if ctas <= 0 or ctas >= wave:
+        return 1
+    wanted = math.ceil(SPLIT_TARGET_WAVES * wave / ctas)
+    return max(1, min(wanted, k_steps // SPLIT_MIN_K_STEPS, MAX_GEMM_SPLITS))
+
+
+def tiled_grid(weights: ExpertWeights, gated: bool, block_m: int, num_pairs: int,
+               top_k: int) -> tuple[float, int]:
+    """(expected CTAs of one split, k-steps per weight row) of the tiled kernel for one GEMM:
+    row tiles as moe/gemm.cuh lays them out (64 weight rows, or 32 gate + 32 up rows, per CTA
+    at block_m 8..32) times the blocks a step of num_pairs pairs is expected to fill (experts
+    touched by num_pairs / top_k tokens choosing top_k of E uniformly, or full blocks of pairs
+    where there are more)."""
+    rows = weights.out_dim // 2 if gated else weights.out_dim
+    tiles = math.ceil(rows / (32 if gated else 64))
+    experts = weights.num_experts
+    tokens = num_pairs / max(1, top_k)
+    touched = experts * (1 - (1 - min(top_k, experts) / experts) ** tokens) if num_pairs else 0
+    blocks = max(touched, num_pairs / block_m)
+    row_bytes = {"mxfp4": weights.in_dim // 2, "fp8": weights.in_dim}.get(
+        weights.format, weights.in_dim * weights.weight.element_size())
+    return tiles * blocks, math.ceil(row_bytes / 64)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _code(table: dict, name: str, what: str) -> int:
@@ -67,12 +119,14 @@ def _code(table: dict, name: str, what: str) -> int:
 
 @dataclass(frozen=True)
 class GemmPlan:
-    """The expert GEMM form of one step: a kernel of GEMM_KERNELS, the rows per block and, for
-    the stream kernel, its consumer warps (0: the library's choice per weight format)."""
+    """The expert GEMM form of one step: a kernel of GEMM_KERNELS, the rows per block, for the
+    stream kernel its consumer warps (0: the library's choice per weight format), and for the
+    tiled kernel its split-K ways (SPLIT_BY_SHAPE: split_k_ways of each GEMM's own grid)."""
 
     kernel: str
     block_m: int
     stream_consumers: int = 0
+    splits: int = 1
 
     def __post_init__(self):
         if self.kernel not in GEMM_KERNELS:
@@ -82,18 +136,35 @@ class GemmPlan:
         if not 0 <= self.stream_consumers <= MAX_STREAM_CONSUMERS:
             raise ValueError(f"stream_consumers must be in [0, {MAX_STREAM_CONSUMERS}], got "
                              f"{self.stream_consumers}")
+        if not 0 <= self.splits <= MAX_GEMM_SPLITS:
+            raise ValueError(f"splits must be in [0, {MAX_GEMM_SPLITS}] (0: by shape), got "
+                             f"{self.splits}")
+        if self.splits != 1 and self.kernel != "tensor_core":
+            raise ValueError(f"split-K is the tensor_core kernel's; {self.kernel} takes "
+                             f"splits = 1, got {self.splits}")
+        if self.splits > 1 and self.block_m not in SPLIT_BLOCK_M:
+            raise ValueError(f"split-K runs with block_m in {SPLIT_BLOCK_M}, got "
+                             f"{self.block_m}")
 
     @classmethod
     def parse(cls, text: str) -> GemmPlan:
-        """"kernel[:block_m[:consumers]]", e.g. "stream:16:12" or "grouped_mm" (block_m 64)."""
+        """"kernel[:block_m[:consumers]][:s[ways]]", e.g. "stream:16:12", "grouped_mm" (block_m
+        64), "tensor_core:8:s3" (three k splits) or "tensor_core:8:s" (split_k_ways)."""
         parts = text.split(":")
+        splits = 1
+        if len(parts) > 2 and parts[-1].startswith("s"):
+            ways = parts.pop()[1:]
+            splits = int(ways) if ways else SPLIT_BY_SHAPE
         if not 1 <= len(parts) <= 3:
-            raise ValueError(f"a plan is kernel[:block_m[:consumers]], got {text!r}")
+            raise ValueError(f"a plan is kernel[:block_m[:consumers]][:s[ways]], got {text!r}")
         numbers = [int(p) for p in parts[1:]]
-        return cls(parts[0], *(numbers or [64]))
+        numbers = numbers or [64]
+        return cls(parts[0], numbers[0], *numbers[1:], splits=splits)
 
     def __str__(self) -> str:
         tail = f":{self.stream_consumers}" if self.stream_consumers else ""
+        if self.splits != 1:
+            tail += f":s{self.splits}" if self.splits else ":s"
         return f"{self.kernel}:{self.block_m}{tail}"
 
 
@@ -107,7 +178,8 @@ def plan_expert_gemm(num_pairs: int, num_experts: int, weight_format: str,
     per_expert = num_pairs / max(1, min(num_experts, num_pairs))
     for most, kernel, block_m in rows:
         if per_expert <= most:
-            return GemmPlan(kernel, block_m)
+            splits = SPLIT_BY_SHAPE if kernel == "tensor_core" else 1
+            return GemmPlan(kernel, block_m, splits=splits)
     raise ValueError(f"GEMM_PLAN[{weight_format!r}] has no row for {per_expert:g} rows per "
                      "expert: its last row must hold math.inf")
 
@@ -205,14 +277,18 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
                 input_pairs_per_row: int, activation: str = "none",
                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
                 topk_weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                kernel: str = "auto", stream_consumers: int = 0) -> torch.Tensor:
+                kernel: str = "auto", stream_consumers: int = 0, splits: int = 1,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
     [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
 
     kernel: one of GEMM_KERNELS, or "auto": on a GPU the routing's plan (falling back to the
     tiled or simple kernel when the planned one cannot take the call), else the library's
-    choice. A kernel named here that cannot take the call is an error; stream_consumers goes
-    with it. The CPU runs its reference for every native kernel."""
+    choice. A kernel named here that cannot take the call is an error; stream_consumers and
+    splits (the tiled kernel's split-K ways, SPLIT_BY_SHAPE: split_k_ways) go with it.
+    workspace: float32 scratch of at least splits * P * N elements for the splits' partial
+    sums (default: allocated here when the GEMM splits). The CPU runs its reference for every
+    native kernel."""
     num_pairs = input.shape[0] * input_pairs_per_row
     width = weights.out_dim // 2 if activation != "none" else weights.out_dim
     if out is None:
@@ -221,6 +297,7 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     consumers = stream_consumers
     if fall_back:
         kernel, consumers = routing.plan.kernel, routing.plan.stream_consumers
+        splits = routing.plan.splits
     if kernel == GROUPED:
         why = _grouped_refusal(input, weights)
         if not why:
@@ -229,6 +306,12 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         if not fall_back:
             raise ValueError(f"expert_gemm: the grouped GEMM cannot take this call: {why}")
         kernel = "tensor_core"
+    if splits == SPLIT_BY_SHAPE:
+        tiled = kernel in ("tensor_core", "auto")
+        splits = gemm_splits(input, routing, weights, activation != "none") if tiled else 1
+    if splits > 1 and workspace is None and input.is_cuda:
+        workspace = torch.empty(splits * num_pairs * weights.out_dim, dtype=torch.float32,
+                                device=input.device)
     _C.moe_expert_gemm(
         as_ref(input), input_pairs_per_row, _code(FORMATS, weights.format, "format"),
         as_ref(_bytes(weights.weight)), as_optional_ref(weights.scales),
@@ -236,8 +319,20 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         as_ref(routing.sorted_pairs), as_ref(routing.block_expert), as_ref(routing.num_blocks),
         routing.block_m, _code(ACTIVATIONS, activation, "activation"), swiglu_alpha,
         swiglu_limit, as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
-        _code(KERNELS, kernel, "kernel"), fall_back, consumers)
+        _code(KERNELS, kernel, "kernel"), fall_back, consumers, splits,
+        as_optional_ref(workspace))
     return out
+
+
+def gemm_splits(input: torch.Tensor, routing: Routing, weights: ExpertWeights,
+                gated: bool) -> int:
+    """split_k_ways of the tiled kernel's grid for this GEMM on input's GPU (1 on the CPU and
+    for block sizes that do not split)."""
+    if not input.is_cuda or routing.block_m not in SPLIT_BLOCK_M:
+        return 1
+    ctas, k_steps = tiled_grid(weights, gated, routing.block_m, routing.num_pairs,
+                               routing.top_k)
+    return split_k_ways(ctas, k_steps, _sm_count(input.device.index or 0))
 
 
 def dequantize(weights: ExpertWeights, first_expert: int = 0, count: int | None = None,
@@ -363,6 +458,8 @@ __all__ = [
     "KERNELS",
     "MAX_EXPERTS",
     "ROUTINGS",
+    "SPLIT_BLOCK_M",
+    "SPLIT_BY_SHAPE",
     "STREAM_BLOCK_M",
     "TENSOR_CORE_BLOCK_M",
     "ExpertWeights",
@@ -371,7 +468,10 @@ __all__ = [
     "activation",
     "dequantize",
     "expert_gemm",
+    "gemm_splits",
     "moe_sum",
     "plan_expert_gemm",
     "route",
+    "split_k_ways",
+    "tiled_grid",
 ]

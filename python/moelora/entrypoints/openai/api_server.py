@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import moelora
 from moelora.engine.adapter_metrics import register_adapter_metrics
 from moelora.engine.async_engine import AsyncEngine
-from moelora.entrypoints.graph_flags import graphs_choice
 from moelora.entrypoints.openai.cli_args import add_cli_args, parse_lora_modules
 from moelora.entrypoints.openai.errors import APIError, error_body, from_validation_error
 from moelora.entrypoints.openai.metrics import ServerMetrics
@@ -39,6 +38,7 @@ from moelora.entrypoints.openai.protocol import (
 )
 from moelora.entrypoints.openai.serving import OpenAIServing
 from moelora.entrypoints.openai.serving_models import ServingModels
+from moelora.graph_flags import graphs_choice
 
 logger = logging.getLogger("moelora.server")
 

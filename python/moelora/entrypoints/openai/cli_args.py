@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 
-from moelora.entrypoints.graph_flags import add_graph_arguments
+from moelora.graph_flags import add_graph_arguments
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Wall time against GPU time per decode step, with async scheduling off and on, in one run.
 
-    PYTHONPATH=python python3 bench/step_overlap.py --model synthetic:gpt-oss-20b --seqs 64
-    PYTHONPATH=python python3 bench/step_overlap.py --model synthetic:qwen3-30b-a3b \
+    PYTHONPATH=python python3 bench/studies/step_overlap.py --model synthetic:gpt-oss-20b --seqs 64
+    PYTHONPATH=python python3 bench/studies/step_overlap.py --model synthetic:qwen3-30b-a3b \
         --layers 24 --seqs 16 --adapters 16
 
 For each mode the engine decodes `--seqs` sequences (128-token prompts, ignore_eos) until every

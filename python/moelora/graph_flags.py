@@ -1,4 +1,4 @@
-"""The decode-graph switches the server and the benchmarks share: vLLM's --enforce-eager and
+"""The decode-graph switches the server (entrypoints/) and the benchmarks (bench/) share: vLLM's --enforce-eager and
 moelora's --decode-graphs, and the EngineConfig.decode_graphs value they select."""
 
 from __future__ import annotations

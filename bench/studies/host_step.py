@@ -1,6 +1,6 @@
 """Host work of one decode step, before and after keeping block tables on the device, in one run.
 
-    PYTHONPATH=python python3 bench/host_step.py --seqs 64 --tokens 512 --layers 48
+    PYTHONPATH=python python3 bench/studies/host_step.py --seqs 64 --tokens 512 --layers 48
 
 Steady-state decode of `--seqs` sequences of `--tokens` tokens (one new token each per step, a
 new block every block_size tokens), three measurements per step, medians over `--steps`:
