@@ -67,7 +67,7 @@ class Parser {
   }
 
   JsonValue parse_value(int depth) {
-    if (depth > kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth));
+    if (depth > kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth) + " levels");
     if (at_end()) fail("unexpected end of input, expected a value");
     char c = peek();
     switch (c) {

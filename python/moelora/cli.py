@@ -38,7 +38,22 @@ def _serve(args) -> int:
     return run_server(args)
 
 
+def missing_modules(names: list[str]) -> list[str]:
+    """Which of the named top-level modules cannot be imported (checked without importing)."""
+    import importlib.util
+
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def _bench_serve(args) -> int:
+    needed = ["aiohttp"] + (["matplotlib"] if args.plot is not None else [])
+    missing = missing_modules(needed)
+    if missing:
+        # The packages by name: the line works for a wheel and a source install alike (both
+        # are in the `bench` extra).
+        print(f"moelora bench serve needs {' and '.join(missing)}: "
+              f"pip install {' '.join(missing)}", file=sys.stderr)
+        return 2
     from moelora.bench.serve import run_from_args
 
     return run_from_args(args)

@@ -42,6 +42,46 @@ TEST_CASE("json refuses malformed input and says where") {
   }
 }
 
+TEST_CASE("json bounds nesting: 200,000 levels are an InvalidArgument, 128 parse") {
+  const size_t hostile = 200000;
+  for (const char* open_close : {"[]", "{}"}) {
+    std::string deep;
+    for (size_t i = 0; i < hostile; ++i) {
+      deep += open_close[0];
+      if (open_close[0] == '{') deep += "\"a\":";
+    }
+    deep += "1";
+    deep.append(hostile, open_close[1]);
+    try {
+      json::parse_json(deep, "deep");
+      CHECK(false);
+    } catch (const InvalidArgument& e) {
+      CHECK(std::string(e.what()).find("nesting deeper than 128 levels") != std::string::npos);
+    }
+  }
+  std::string ok = std::string(128, '[') + "0" + std::string(128, ']');
+  auto v = json::parse_json(ok);
+  for (int i = 0; i < 128; ++i) v = json::JsonValue(v.as_array()[0]);
+  CHECK_EQ(v.as_int64(), int64_t{0});
+  CHECK_THROWS_AS(json::parse_json("[" + ok + "]"), InvalidArgument);
+}
+
+TEST_CASE("safetensors: a header nested 200,000 levels deep is InvalidArgument") {
+  std::string header = "{\"a\":";
+  header.append(200000, '[');
+  header.append(200000, ']');
+  header += "}";
+  std::string path = temp_path("deep.safetensors");
+  write_raw_file(path, header, std::vector<uint8_t>(16, 0));
+  try {
+    SafetensorsFile::open(path);
+    CHECK(false);
+  } catch (const InvalidArgument& e) {
+    CHECK(std::string(e.what()).find("nesting deeper than") != std::string::npos);
+  }
+  std::remove(path.c_str());
+}
+
 TEST_CASE("safetensors: a good file lists tensors and reads their bytes") {
   std::string path = temp_path("good.safetensors");
   std::vector<float> a(7 * 3);

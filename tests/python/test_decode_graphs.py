@@ -17,7 +17,7 @@ import torch
 from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.engine.decode_graphs import default_buckets
-from moelora.entrypoints.graph_flags import add_graph_arguments, graphs_choice
+from moelora.graph_flags import add_graph_arguments, graphs_choice
 from moelora.entrypoints.llm import _decode_graphs
 from test_lora_peft import PEFT_CASES
 

@@ -237,7 +237,8 @@ def test_gpu_split_k_of_a_short_k_runs_whole(fmt, hidden):
     gen = _gen(hidden)
     x = torch.randn(9, hidden, generator=gen).to(torch.bfloat16).to(CUDA)
     w = _to(random_weights(fmt, 4, 48, hidden, torch.bfloat16, gen, fp8_block=(16, 32)), CUDA)
-    routing = _routing_to(moe_ops.route(torch.randn(9, 4, generator=gen), 2), CUDA)
+    routing = _routing_to(moe_ops.route(torch.randn(9, 4, generator=gen), 2, "softmax_topk",
+                                        True, 8), CUDA)  # 8-row blocks: a decode shape
     whole = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="tensor_core")
     split = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2, kernel="tensor_core",
                                 splits=4)

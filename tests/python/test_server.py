@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +19,8 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 from moelora.demo.assets import build_demo_assets
 from prometheus_client.parser import text_string_to_metric_families
+from server_harness import ServerProcess
+from server_harness import server_env as _env
 
 API_KEY = "test-key"
 BASE = "tiny-mixtral"
@@ -30,64 +29,6 @@ MAX_MODEL_LEN = 1024
 
 
 # -- fixtures --------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    """The server subprocess imports the same moelora as this test process: the installed
-    package in CI, the source tree (PYTHONPATH=python) in a developer build."""
-    import moelora
-
-    env = dict(os.environ)
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(moelora.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra)
-    return env
-
-
-class ServerProcess:
-    def __init__(self, args: list[str], env: dict, log_path: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")  # noqa: SIM115 - open for the process's lifetime
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moelora.entrypoints.openai.api_server", *args,
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.logs()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        self.log.flush()
-        with open(self.log_path) as f:
-            return f.read()[-5000:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
@@ -513,7 +454,15 @@ ERROR_CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "chat_template": "{{ undefined_call() }}"}, 400, "messages"),
+                              "chat_template": "{{ x }}"}, 400, "chat_template"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ x }}"},
+     400, "chat_template"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"chat_template": "{{ x }}"}}, 400,
+     "chat_template"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1" * 5000: 1.0}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 1000.0}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     ("/v1/load_lora_adapter", {"lora_name": ""}, 400, "lora_name"),
 ]

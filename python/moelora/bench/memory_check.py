@@ -65,7 +65,7 @@ def engine_dtype(model: str, dtype: str, device: str) -> torch.dtype:
     from moelora.engine.executor import checkpoint_dtype
 
     config = EngineConfig(model=model, dtype=dtype, device=device)
-    return config.torch_dtype(checkpoint_dtype(model))
+    return config.torch_dtype(checkpoint_dtype(model))  # None for a synthetic model
 
 
 def available_bytes(device: torch.device, gpu_memory_utilization: float = 0.85

@@ -2,11 +2,13 @@
 step, kernel launches per step, and the experts (and adapter, expert pairs) a step's routing
 selected.
 
-StepTimer wraps the engine's ModelRunner from outside: `execute` is timed on the host (the step
-it belongs to is what engine.step() runs) and, on a GPU, CUDA events bracket the model run,
-from just before `run_model` (graph replay or eager forward) to the end of `execute` (the LM
-head's logits), so step_gpu_ms is the device time of the forward pass as the engine runs it.
-The events are read after the run, so timing adds no synchronisation to the steps.
+StepTimer wraps the engine's ModelRunner from outside, at the calls every way of running a step
+makes (synchronous, async scheduling, a parallel engine's rank 0): `prepare` marks a step that
+runs the model and says what it holds, and engine.step() is timed on the host around it. On a
+GPU, CUDA events bracket the model run, from just before `forward` or `run_model` (graph replay
+or eager forward) to the end of `logits` (the LM head), so step_gpu_ms is the device time of the
+forward pass as the engine runs it. The events are read after the run, so timing adds no
+synchronisation to the steps.
 
 count_step_kernels profiles one engine.step() with torch.profiler and counts the GPU kernels
 (and, apart, the memcpy/memset operations) it ran: the decode graph's kernels when the step
@@ -47,18 +49,19 @@ class StepTimer:
     steps: list[StepRecord] = field(default_factory=list)
     _current: StepRecord | None = None
 
+    _WRAPPED = ("prepare", "forward", "run_model", "logits")
+
     def __post_init__(self) -> None:
-        # A step is runner.prepare -> forward -> logits, whether the engine runs it at once or
-        # launches it through the async pipeline: instance attributes shadow the methods.
         runner = self.engine.runner
-        self._prepare, self._forward, self._logits = runner.prepare, runner.forward, runner.logits
         self._on_gpu = self.engine.device.type == "cuda"
-        runner.prepare, runner.forward = self._timed_prepare, self._timed_forward
-        runner.logits = self._timed_logits
+        self._originals = {name: getattr(runner, name) for name in self._WRAPPED}
+        for name in self._WRAPPED:  # instance attributes shadow the methods
+            setattr(runner, name, getattr(self, f"_timed_{name}"))
 
     def remove(self) -> None:
         runner = self.engine.runner
-        del runner.prepare, runner.forward, runner.logits
+        for name in self._WRAPPED:
+            delattr(runner, name)
 
     def __enter__(self):
         return self
@@ -66,20 +69,27 @@ class StepTimer:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _timed_prepare(self, batch, slot_of, *args, **kwargs):
+    def _timed_prepare(self, batch, *args, **kwargs):
         self._current = StepRecord(num_seqs=len(batch.seqs),
                                    num_tokens=sum(batch.num_new_tokens),
                                    is_decode=all(n == 1 for n in batch.num_new_tokens))
-        return self._prepare(batch, slot_of, *args, **kwargs)
+        return self._originals["prepare"](batch, *args, **kwargs)
 
-    def _timed_forward(self, *args, **kwargs):
-        if self._on_gpu and self._current is not None:
+    def _start_event(self) -> None:
+        if self._on_gpu and self._current is not None and self._current.start is None:
             self._current.start = torch.cuda.Event(enable_timing=True)
             self._current.start.record()
-        return self._forward(*args, **kwargs)
+
+    def _timed_forward(self, *args, **kwargs):
+        self._start_event()
+        return self._originals["forward"](*args, **kwargs)
+
+    def _timed_run_model(self, *args, **kwargs):
+        self._start_event()
+        return self._originals["run_model"](*args, **kwargs)
 
     def _timed_logits(self, hidden):
-        logits = self._logits(hidden)
+        logits = self._originals["logits"](hidden)
         record = self._current
         if self._on_gpu and record is not None and record.start is not None:
             record.end = torch.cuda.Event(enable_timing=True)
@@ -179,11 +189,11 @@ class RoutingCapture:
         graphs, metadata = runner.graphs, runner._metadata
         hooks = []
 
-        def keep_meta(step):  # the eager forward's metadata (graphs are off for this step)
-            ids, meta = metadata(step)
-            self.num_tokens = int(ids.shape[0])
+        def keep_meta(step):  # every eager step's (ids, StepMetadata) are built here
+            input_ids, meta = metadata(step)
+            self.num_tokens = int(input_ids.shape[0])
             self.token_slot = meta.token_slot
-            return ids, meta
+            return input_ids, meta
 
         wrapped = []
         for layer, router in _routers(runner.model):

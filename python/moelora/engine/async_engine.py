@@ -11,6 +11,8 @@ A consumer that stops listening (a client disconnect cancels its generator) abor
 at once, which frees its KV pages and unpins its adapter before the next step. Adapters are
 unloaded only once no request of theirs is in flight: an unload with requests running is
 deferred, and new requests for that adapter are refused meanwhile, so nothing is corrupted.
+Loading an adapter (parsing its files, checking and copying its weights) runs in a worker
+thread, neither on the event loop nor on the engine thread, so decoding never waits for it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class EngineDeadError(RuntimeError):
 
 class AdapterUnavailableError(ValueError):
     """The adapter is being unloaded (or is unknown to the engine) and takes no new requests."""
+
+
+class RequestCutError(RuntimeError):
+    """The server cut the request short (a shutdown whose drain timed out)."""
 
 
 @dataclass
@@ -162,6 +168,7 @@ class AsyncEngine:
         self._adapter_refs: dict[str, int] = {}
         self._pending_unloads: dict[str, list[_Command]] = {}
         self._load_counters = (0, 0.0)  # (device_loads, load_seconds) last seen
+        self._cut_reason: str | None = None  # set by cut_all: later adds are refused too
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -226,8 +233,18 @@ class AsyncEngine:
         self._commands.put(_Command(lambda: self._abort(request_id)))
 
     async def load_adapter(self, lora_request: LoRARequest) -> None:
-        """Registers (and validates) an adapter with the engine."""
-        await self.call(lambda: self._load(lora_request))
+        """Registers an adapter, validates its content and loads it, in a worker thread
+        (AdapterManager.preload: an adapter that fails is left unregistered, so a later load
+        of its name starts clean; one that finds every device slot busy stays in host memory,
+        checked, and moves to the device with its first request)."""
+        name = lora_request.lora_name
+        await self.call(lambda: self._check_loadable(name))
+        await asyncio.to_thread(self.engine.adapters.preload, lora_request)
+
+    async def cut_all(self, reason: str) -> int:
+        """Ends every request in flight with RequestCutError(reason), and refuses new ones
+        from then on (the server is going away); returns how many were cut."""
+        return await self.call(lambda: self._cut_all(reason))
 
     async def unload_adapter(self, name: str) -> bool:
         """Unloads an adapter. With requests of it in flight the native unload waits for them
@@ -288,6 +305,8 @@ class AsyncEngine:
     def _add(self, request_id, prompt, params, lora_request, prompt_len) -> None:
         with self._queued_lock:
             self._queued_adds -= 1
+        if self._cut_reason is not None:
+            raise RequestCutError(self._cut_reason)
         name = lora_request.lora_name if lora_request is not None else None
         if name is not None and name in self._pending_unloads:
             raise AdapterUnavailableError(f"adapter '{name}' is being unloaded")
@@ -314,12 +333,17 @@ class AsyncEngine:
             if waiters is not None:
                 self._unload_now(name, waiters, deferred=True)
 
-    def _load(self, lora_request: LoRARequest) -> None:
-        name = lora_request.lora_name
+    def _check_loadable(self, name: str) -> None:
+        """Refuses a load while an unload of the name waits."""
         if name in self._pending_unloads:
             raise AdapterUnavailableError(f"adapter '{name}' is still being unloaded (requests "
                                           f"of it are in flight); retry shortly")
-        self.engine.adapters.resolve(lora_request)
+
+    def _cut_all(self, reason: str) -> int:
+        self._cut_reason = reason
+        count = len(self._tracked)
+        self._fail_all(RequestCutError(reason))
+        return count
 
     def _unload(self, name: str, future: asyncio.Future) -> None:
         waiter = _Command(lambda: None, self._loop, future)

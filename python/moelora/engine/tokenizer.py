@@ -1,18 +1,24 @@
 """Tokenizers from a model directory, without transformers at run time.
 
 Reads tokenizer.json with the `tokenizers` library, special tokens and the chat template from
-tokenizer_config.json, and renders chat templates with jinja2 the way HF does. A model with no
-tokenizer files gets None: prompts must then be token ids and output text stays empty.
+tokenizer_config.json, and renders chat templates the way HF does, in a sandbox with time and
+size limits (engine/chat_template.py). A model with no tokenizer files gets None: prompts must
+then be token ids and output text stays empty.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from moelora.engine.chat_template import ChatTemplateRenderer
 from tokenizers import Tokenizer as _HFTokenizer
+
+# `tokenizers` holds the GIL in encode() and decode() but releases it in the batch calls, which
+# cost a few microseconds more: long inputs go through the batch calls, so a multi-MB prompt
+# tokenised in a worker thread never stops the server's event loop or the engine thread.
+GIL_FREE_CHARS = 4096
+GIL_FREE_TOKENS = 1024
 
 
 class Tokenizer:
@@ -33,19 +39,25 @@ class Tokenizer:
         self.add_bos = bool(config.get("add_bos_token", False))
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        self.renderer = ChatTemplateRenderer()
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > GIL_FREE_CHARS:
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None and \
                 (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if len(ids) > GIL_FREE_TOKENS:
+            return self._tok.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
@@ -53,25 +65,16 @@ class Tokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_template_error
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, indent=indent,
-                                                                      ensure_ascii=False)
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        return self.renderer.render(
+            template, **{"bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                         **kwargs, "messages": messages,
+                         "add_generation_prompt": add_generation_prompt})
 
 
 def _token_text(token) -> str | None:
     if isinstance(token, dict):
         return token.get("content")
     return token
-
-
-def _raise_template_error(message: str):
-    raise ValueError(f"chat template error: {message}")
 
 
 class HFTokenizer:
@@ -85,6 +88,7 @@ class HFTokenizer:
         self.chat_template = self._tok.chat_template
         self.eos_token_id = self._tok.eos_token_id
         self.bos_token_id = self._tok.bos_token_id
+        self.renderer = ChatTemplateRenderer()
 
     @property
     def vocab_size(self) -> int:
@@ -98,8 +102,15 @@ class HFTokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs) -> str:
-        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                             chat_template=chat_template, tokenize=False, **kwargs)
+        # Rendered here, not by transformers, so that the same limits apply.
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template=")
+        special = {name: value for name, value in self._tok.special_tokens_map.items()
+                   if isinstance(value, str)}
+        return self.renderer.render(
+            template, **{**special, **kwargs, "messages": messages,
+                         "add_generation_prompt": add_generation_prompt})
 
 
 def load_tokenizer(path: str | None) -> Tokenizer | HFTokenizer | None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 from moelora.graph_flags import add_graph_arguments
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 4 << 20  # a 128k-token prompt as token ids is ~0.9 MB
+DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -42,7 +46,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                        help="fraction of the GPU's memory the server may use; the unified "
+                             "KV/adapter pool gets what the model leaves")
+    parser.add_argument("--kv-cache-memory-bytes", type=memory_bytes, default=None,
+                        metavar="BYTES",
+                        help="size of the unified KV/adapter page pool, on a GPU or a CPU "
+                             "(overrides --gpu-memory-utilization); vLLM's units: 1k = 1000, "
+                             "1K = 1024, also 512MiB, 2GB, 2G")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="processes (one per GPU) sharing the model over torch.distributed")
     parser.add_argument("--enable-expert-parallel", action="store_true",
@@ -52,10 +63,42 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="reuse the KV cache of identical prompt prefixes (per adapter)")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="beyond this many waiting requests new ones get 503 + Retry-After")
+    parser.add_argument("--max-request-body-bytes", type=memory_bytes,
+                        default=DEFAULT_MAX_REQUEST_BODY_BYTES, metavar="BYTES",
+                        help="larger request bodies get 413 (default 4MiB); parsing a body "
+                             "holds the GIL in one call, so the limit also bounds that pause")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="accept a chat_template sent with a request (refused otherwise, "
+                             "as in vLLM); it still renders in the sandbox with time and size "
+                             "limits")
+    parser.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help="on SIGTERM, how long requests in flight may run before they are "
+                             "cut; new requests get 503 meanwhile, and the exit status is 0")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--uvicorn-log-level", default="warning",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     return parser
+
+
+_MEMORY = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_UNITS = "kmgt"
+
+
+def memory_bytes(text: str) -> int:
+    """A byte count as vLLM reads one: a plain number, or with k/m/g/t (powers of 1000) or
+    K/M/G/T (powers of 1024); a trailing 'iB' is binary and 'B' decimal ('512MiB', '2GB')."""
+    match = _MEMORY.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 536870912, "
+                                         f"512MiB, 2G, 1.5GB)")
+    number, unit, suffix = match.groups()
+    power = _UNITS.index(unit.lower()) + 1 if unit else 0
+    binary = unit.isupper() if suffix is None else suffix.lower() == "ib"
+    value = float(number) * (1024 if binary else 1000) ** power
+    if not 1 <= value <= 2 ** 62:
+        raise argparse.ArgumentTypeError(f"byte count out of range: {text!r}")
+    return int(value)
 
 
 def parse_lora_modules(specs: list[str]) -> dict[str, str]:

@@ -157,9 +157,17 @@ class _EngineCollector(Collector):
         loads.add_metric(["host"], adapters.get("host_loads", 0))
         loads.add_metric(["device"], adapters.get("device_loads", 0))
         yield loads
-        pages = GaugeMetricFamily(P + "pool_pages", "Unified pool pages by owner.",
-                                  labels=["kind"])
-        for kind in ("kv", "adapter", "free"):
+        pages = GaugeMetricFamily(P + "pool_pages", "Unified pool pages by owner (pinned_adapter: "
+                                  "adapter pages pinned by running requests).", labels=["kind"])
+        for kind in ("kv", "adapter", "free", "pinned_adapter"):
             pages.add_metric([kind], pool.get(f"{kind}_pages", 0))
         yield pages
+        owners = GaugeMetricFamily(P + "pool_owners", "Owners of pool pages (a KV owner is one "
+                                   "sequence's blocks, an adapter owner one adapter).",
+                                   labels=["kind"])
+        for kind in ("kv", "adapter"):
+            owners.add_metric([kind], pool.get(f"{kind}_owners", 0))
+        yield owners
         yield gauge("pool_total_pages", "Pages in the unified pool.", total)
+        yield gauge("requests_in_flight", "Requests handed to the engine and not finished.",
+                    snap.in_flight)

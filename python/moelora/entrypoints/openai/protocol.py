@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from moelora.engine.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
+MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key longer than this is no token id of any vocabulary
 
 
 def random_id(prefix: str) -> str:
@@ -55,6 +56,22 @@ class _SamplingFields(_Request):
     user: str | None = None
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:N" (vLLM)
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_token_ids(cls, value):
+        # Keys are checked before int() sees them: Python refuses to convert strings of more
+        # than 4,300 digits, and that error is no place to learn what the field wants.
+        for key, bias in (value or {}).items():
+            digits = key.strip()
+            if not (digits.isascii() and digits.isdigit() and
+                    len(digits) <= MAX_TOKEN_ID_DIGITS):
+                shown = key if len(key) <= 24 else key[:24] + "..."
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), "
+                                 f"got {shown!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_not_empty(cls, value):
@@ -89,7 +106,10 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Tried in this order, and token ids before lists of strings: pydantic's default "smart"
+    # union collects an error per element of every member it tries, which takes it 0.7 s for
+    # a million token ids.
+    prompt: str | list[int] | list[list[int]] | list[str] = Field(union_mode="left_to_right")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -169,14 +189,31 @@ class ChatCompletionRequest(_SamplingFields):
             else self.max_tokens
 
 
+def _printable_name(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 class LoadLoRAAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=256)
-    lora_path: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+    _name_printable = field_validator("lora_name")(_printable_name)
+
+    @field_validator("lora_path")
+    @classmethod
+    def _path_without_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL byte")
+        return value
 
 
 class UnloadLoRAAdapterRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=256)
     lora_int_id: int | None = None
+
+    _name_printable = field_validator("lora_name")(_printable_name)
 
 
 # -- responses (plain dicts are built in serving; these document and shape the non-streaming
@@ -218,7 +255,7 @@ class TokenizeRequest(_Request):
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template: str | None = None
@@ -228,6 +265,12 @@ class TokenizeRequest(_Request):
         if (self.prompt is None) == (self.messages is None):
             return "prompt", "give exactly one of prompt and messages"
         return None
+
+    def chat_request(self) -> ChatCompletionRequest:
+        """The chat request whose prompt this request asks to tokenise."""
+        return ChatCompletionRequest(
+            messages=self.messages, add_generation_prompt=self.add_generation_prompt,
+            chat_template=self.chat_template, chat_template_kwargs=self.chat_template_kwargs)
 
 
 class DetokenizeRequest(_Request):

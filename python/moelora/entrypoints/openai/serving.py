@@ -12,18 +12,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 
 from moelora.engine.async_engine import AsyncEngine, RequestStream
 from moelora.entrypoints.openai.errors import (
-    APIError,
     bad_request,
     from_engine_error,
+    from_failed_output,
+    from_validation_error,
     overloaded,
 )
+from moelora.entrypoints.openai.logprobs import LogprobFormatter
+from moelora.entrypoints.openai.prompts import Prompt, PromptBuilder
 from moelora.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,12 +40,6 @@ from moelora.entrypoints.openai.streaming import SSEResponse, run_until_disconne
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens",
                     "logprobs", "seed", "stop", "stop_token_ids", "presence_penalty",
                     "frequency_penalty", "repetition_penalty", "logit_bias")
-
-
-@dataclass
-class _Prompt:
-    text: str | None
-    token_ids: list[int]
 
 
 class _Choice:
@@ -84,41 +81,48 @@ def _safe_length(text: str, hold: int) -> int:
 
 class OpenAIServing:
     def __init__(self, engine: AsyncEngine, models: ServingModels, tokenizer, max_model_len: int,
-                 vocab_size: int, max_waiting_requests: int | None = None):
+                 vocab_size: int, max_waiting_requests: int | None = None,
+                 trust_request_chat_template: bool = False):
         self.engine = engine
         self.models = models
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.max_waiting_requests = max_waiting_requests
+        self.prompts = PromptBuilder(tokenizer, vocab_size, trust_request_chat_template)
+        self.logprobs = LogprobFormatter(tokenizer)
+
+    def close(self) -> None:
+        self.prompts.close()
 
     # -- /v1/completions -----------------------------------------------------------------------
     async def create_completion(self, req: CompletionRequest, raw: Request) -> Response:
         lora = self._admit(req)
         if req.echo and req.logprobs is not None:
             raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
-        prompts = [self._prompt_from(p) for p in req.prompts()]
+        prompts = [await self.prompts.completion_prompt(p) for p in req.prompts()]
         params = self._params(req, prompts, req.max_tokens, req.logprobs, "prompt")
         request_id = random_id("cmpl")
         streams = await self._start(request_id, prompts, params, lora)
         created, model = int(time.time()), req.model or self.models.base_name
         if req.stream:
-            body = self._completion_stream(req, request_id, created, model, prompts, streams)
+            body = self._completion_stream(req, request_id, created, model, prompts, streams,
+                                           lora)
             return SSEResponse(body, on_close=lambda: _close_all(streams))
         return await run_until_disconnect(raw, self._completion_full(
-            req, request_id, created, model, prompts, streams))
+            req, request_id, created, model, prompts, streams, lora))
 
-    async def _completion_full(self, req, request_id, created, model, prompts, streams):
+    async def _completion_full(self, req, request_id, created, model, prompts, streams, lora):
         finals = await _collect(streams)
         choices, completion_tokens = [], 0
         for i, output in enumerate(finals):
             for o in output.outputs:
-                _raise_if_failed(o)
+                self._raise_if_failed(o, lora)
                 text = (self._echo(prompts[i]) + o.text) if req.echo else o.text
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, 0,
-                                                         req.return_tokens_as_token_ids)
+                    logprobs = self.logprobs.completion(o.logprobs or [], o.token_ids, 0,
+                                                        req.return_tokens_as_token_ids)
                 choices.append({"index": i * req.n + o.index, "text": text, "logprobs": logprobs,
                                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
                 completion_tokens += len(o.token_ids)
@@ -127,8 +131,8 @@ class OpenAIServing:
                              "model": model, "choices": choices,
                              "usage": _usage(prompts, completion_tokens)})
 
-    async def _completion_stream(self, req, request_id, created, model, prompts,
-                                 streams) -> AsyncIterator[str]:
+    async def _completion_stream(self, req, request_id, created, model, prompts, streams,
+                                 lora) -> AsyncIterator[str]:
         states: dict[int, _Choice] = {}
         hold = _holdback(req.stop)
         options = req.stream_options
@@ -144,7 +148,7 @@ class OpenAIServing:
         try:
             async for i, output in _merge(streams):
                 for o in output.outputs:
-                    _raise_if_failed(o)
+                    self._raise_if_failed(o, lora)
                     index = i * req.n + o.index
                     state = states.setdefault(index, _Choice())
                     step = state.advance(o, hold, req.logprobs is not None)
@@ -158,7 +162,7 @@ class OpenAIServing:
                     state.started = True
                     logprobs = None
                     if req.logprobs is not None:
-                        logprobs = self._completion_logprobs(
+                        logprobs = self.logprobs.completion(
                             (o.logprobs or [])[start:end], o.token_ids[start:end], offset,
                             req.return_tokens_as_token_ids)
                     usage = None
@@ -176,7 +180,7 @@ class OpenAIServing:
     # -- /v1/chat/completions ------------------------------------------------------------------
     async def create_chat_completion(self, req: ChatCompletionRequest, raw: Request) -> Response:
         lora = self._admit(req)
-        prompt = self._chat_prompt(req)
+        prompt = await self.prompts.chat_prompt(req)
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, [prompt], req.requested_max_tokens(), top, "messages")
         request_id = random_id("chatcmpl")
@@ -184,19 +188,20 @@ class OpenAIServing:
         created, model = int(time.time()), req.model or self.models.base_name
         if req.stream:
             return SSEResponse(self._chat_stream(req, request_id, created, model, prompt,
-                                                 streams), on_close=lambda: _close_all(streams))
+                                                 streams, lora),
+                               on_close=lambda: _close_all(streams))
         return await run_until_disconnect(raw, self._chat_full(req, request_id, created, model,
-                                                               prompt, streams))
+                                                               prompt, streams, lora))
 
-    async def _chat_full(self, req, request_id, created, model, prompt, streams):
+    async def _chat_full(self, req, request_id, created, model, prompt, streams, lora):
         (final,) = await _collect(streams)
         choices, completion_tokens = [], 0
         for o in final.outputs:
-            _raise_if_failed(o)
+            self._raise_if_failed(o, lora)
             logprobs = None
             if req.logprobs:
-                logprobs = self._chat_logprobs(o.logprobs or [], o.token_ids,
-                                               req.return_tokens_as_token_ids)
+                logprobs = self.logprobs.chat(o.logprobs or [], o.token_ids,
+                                              req.return_tokens_as_token_ids)
             choices.append({"index": o.index,
                             "message": {"role": "assistant", "content": o.text},
                             "logprobs": logprobs, "finish_reason": o.finish_reason,
@@ -207,8 +212,8 @@ class OpenAIServing:
                              "model": model, "choices": choices,
                              "usage": _usage([prompt], completion_tokens)})
 
-    async def _chat_stream(self, req, request_id, created, model, prompt,
-                           streams) -> AsyncIterator[str]:
+    async def _chat_stream(self, req, request_id, created, model, prompt, streams,
+                           lora) -> AsyncIterator[str]:
         states: dict[int, _Choice] = {}
         hold = _holdback(req.stop)
         options = req.stream_options
@@ -227,7 +232,7 @@ class OpenAIServing:
                               "logprobs": None, "finish_reason": None}])
             async for _, output in _merge(streams):
                 for o in output.outputs:
-                    _raise_if_failed(o)
+                    self._raise_if_failed(o, lora)
                     state = states.setdefault(o.index, _Choice())
                     step = state.advance(o, hold, req.logprobs)
                     if step is None:
@@ -236,9 +241,9 @@ class OpenAIServing:
                     completion_tokens += end - start
                     logprobs = None
                     if req.logprobs:
-                        logprobs = self._chat_logprobs((o.logprobs or [])[start:end],
-                                                       o.token_ids[start:end],
-                                                       req.return_tokens_as_token_ids)
+                        logprobs = self.logprobs.chat((o.logprobs or [])[start:end],
+                                                      o.token_ids[start:end],
+                                                      req.return_tokens_as_token_ids)
                     usage = None
                     if options is not None and options.continuous_usage_stats:
                         usage = _usage([prompt], completion_tokens)
@@ -253,7 +258,7 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # -- tokenizer endpoints (vLLM's /tokenize and /detokenize) --------------------------------
-    def tokenize(self, req: TokenizeRequest) -> dict:
+    async def tokenize(self, req: TokenizeRequest) -> Response:
         problem = req.unsupported()
         if problem is not None:
             raise bad_request(problem[1], problem[0])
@@ -261,23 +266,23 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer", "prompt")
         if req.messages is not None:
-            chat = ChatCompletionRequest(
-                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
-                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs)
-            ids = self._chat_prompt(chat).token_ids
+            try:
+                chat = req.chat_request()
+            except ValidationError as exc:  # the fields the two requests do not share
+                raise from_validation_error(exc) from exc
+            ids = (await self.prompts.chat_prompt(chat)).token_ids
         else:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+            ids = await self.prompts.encode(req.prompt, req.add_special_tokens)
+        # Written off the loop: a million token ids take json.dumps 0.1 s under the GIL.
+        body = (b'{"count":%d,"max_model_len":%d,"tokens":' % (len(ids), self.max_model_len) +
+                await self.prompts.ids_json(ids) + b"}")
+        return Response(body, media_type="application/json")
 
-    def detokenize(self, req: DetokenizeRequest) -> dict:
+    async def detokenize(self, req: DetokenizeRequest) -> dict:
         self.models.resolve(req.model)
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer", "tokens")
-        bad = [t for t in req.tokens if not 0 <= t < self.vocab_size]
-        if bad:
-            raise bad_request(f"token ids must be in [0, {self.vocab_size}), got {bad[0]}",
-                              "tokens")
-        return {"prompt": self.tokenizer.decode(req.tokens)}
+        return {"prompt": await self.prompts.decode(req.tokens)}
 
     # -- shared steps --------------------------------------------------------------------------
     def _admit(self, req):
@@ -292,49 +297,7 @@ class OpenAIServing:
                              f"waiting, limit {limit}); retry later")
         return lora
 
-    def _prompt_from(self, prompt) -> _Prompt:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise bad_request("this model has no tokenizer: send the prompt as token ids",
-                                  "prompt")
-            if prompt == "":
-                raise bad_request("the prompt is empty", "prompt")
-            return _Prompt(prompt, self.tokenizer.encode(prompt))
-        ids = list(prompt)
-        if not ids:
-            raise bad_request("a prompt of token ids must not be empty", "prompt")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise bad_request(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[0]}",
-                              "prompt")
-        return _Prompt(None, ids)
-
-    def _chat_prompt(self, req: ChatCompletionRequest) -> _Prompt:
-        if self.tokenizer is None:
-            raise bad_request("this model has no tokenizer, so no chat template", "messages")
-        messages = [m.as_template_message() for m in req.messages]
-        try:
-            if req.continue_final_message:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=False, chat_template=req.chat_template,
-                    **(req.chat_template_kwargs or {}))
-                last = messages[-1]["content"]
-                end = text.rfind(last) if last else -1
-                if end < 0:
-                    raise ValueError("the final message is not in the rendered template")
-                text = text[:end + len(last)]
-            else:
-                text = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt,
-                    chat_template=req.chat_template, **(req.chat_template_kwargs or {}))
-        except Exception as exc:  # a template is user input here
-            raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if not ids:
-            raise bad_request("the rendered chat prompt is empty", "messages")
-        return _Prompt(text, ids)
-
-    def _params(self, req, prompts: list[_Prompt], max_tokens: int | None,
+    def _params(self, req, prompts: list[Prompt], max_tokens: int | None,
                 logprobs: int | None, prompt_param: str):
         longest = max(len(p.token_ids) for p in prompts)
         if longest >= self.max_model_len:
@@ -361,7 +324,7 @@ class OpenAIServing:
             name = message.split(" ", 1)[0]
             raise bad_request(message, name if name in _SAMPLING_FIELDS else None) from exc
 
-    async def _start(self, request_id: str, prompts: list[_Prompt], params,
+    async def _start(self, request_id: str, prompts: list[Prompt], params,
                      lora) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
@@ -378,51 +341,20 @@ class OpenAIServing:
             raise
         return streams
 
-    def _echo(self, prompt: _Prompt) -> str:
+    def _echo(self, prompt: Prompt) -> str:
         if prompt.text is not None:
             return prompt.text
         return self.tokenizer.decode(prompt.token_ids) if self.tokenizer is not None else ""
 
-    def _token_text(self, token_id: int, as_ids: bool = False) -> str:
-        if as_ids or self.tokenizer is None:
-            return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _ranked(self, entry: dict) -> list[tuple[int, float]]:
-        ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items()
-                        if lp.rank is not None)
-        return [(tid, logprob) for _, tid, logprob in ranked]
-
-    def _completion_logprobs(self, entries, token_ids, offset: int, as_ids: bool) -> dict:
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        for token_id, entry in zip(token_ids, entries):
-            text = self._token_text(token_id, as_ids)
-            chosen = entry.get(token_id)
-            tokens.append(text)
-            token_logprobs.append(chosen.logprob if chosen is not None else None)
-            top = {}
-            for tid, lp in self._ranked(entry):  # best first: a repeated text keeps the best
-                top.setdefault(self._token_text(tid, as_ids), lp)
-            if not top and chosen is not None:
-                top = {text: chosen.logprob}
-            top_logprobs.append(top)
-            offsets.append(offset)
-            offset += len(self._token_text(token_id))  # offsets count characters of the text
-        return {"tokens": tokens, "token_logprobs": token_logprobs,
-                "top_logprobs": top_logprobs, "text_offset": offsets}
-
-    def _chat_logprobs(self, entries, token_ids, as_ids: bool) -> dict:
-        content = []
-        for token_id, entry in zip(token_ids, entries):
-            text = self._token_text(token_id, as_ids)
-            chosen = entry.get(token_id)
-            top = [{"token": self._token_text(tid, as_ids), "logprob": lp,
-                    "bytes": list(self._token_text(tid, as_ids).encode("utf-8"))}
-                   for tid, lp in self._ranked(entry)]
-            content.append({"token": text,
-                            "logprob": chosen.logprob if chosen is not None else None,
-                            "bytes": list(text.encode("utf-8")), "top_logprobs": top})
-        return {"content": content}
+    def _raise_if_failed(self, output, lora) -> None:
+        """Raises the client's error for an output that ended with finish_reason "error"; an
+        adapter that failed stops being offered (it is no longer listed in /v1/models)."""
+        if output.finish_reason != "error":
+            return
+        error = from_failed_output(output)
+        if lora is not None and getattr(output, "error_type", None) == "adapter_error":
+            self.models.mark_failed(lora.lora_name, error.message)
+        raise error
 
 
 def _holdback(stop) -> int:
@@ -430,15 +362,10 @@ def _holdback(stop) -> int:
     return max((len(s) for s in stops), default=1) - 1
 
 
-def _usage(prompts: list[_Prompt], completion_tokens: int) -> dict:
+def _usage(prompts: list[Prompt], completion_tokens: int) -> dict:
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _raise_if_failed(output) -> None:
-    if output.finish_reason == "error":
-        raise APIError(500, f"the request failed in the engine: {output.error or 'unknown'}")
 
 
 def _close_all(streams: list[RequestStream]) -> None:
@@ -448,8 +375,11 @@ def _close_all(streams: list[RequestStream]) -> None:
 
 async def _collect(streams: list[RequestStream]):
     finals = [None] * len(streams)
-    async for i, output in _merge(streams):
-        finals[i] = output
+    try:
+        async for i, output in _merge(streams):
+            finals[i] = output
+    except Exception as exc:
+        raise from_engine_error(exc) from exc
     return finals
 
 

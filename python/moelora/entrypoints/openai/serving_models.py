@@ -1,5 +1,11 @@
 """The models a server offers: the base model under its served names, and LoRA adapters by name
-(static ones from --lora-modules, runtime ones from /v1/load_lora_adapter)."""
+(static ones from --lora-modules, runtime ones from /v1/load_lora_adapter).
+
+A load answers only once the adapter is validated and loaded: its directory is checked
+(adapter_files.py), then the engine parses it and checks its weights in a worker thread, off
+the event loop and off the engine thread. An adapter that fails, then or later (its files
+vanish), is never listed: requests naming it get a 400 with the reason until it is unloaded.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,14 @@ import os
 
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.async_engine import AdapterUnavailableError, AsyncEngine
-from moelora.entrypoints.openai.errors import APIError, bad_request, from_engine_error, not_found
+from moelora.entrypoints.openai.adapter_files import check_adapter_dir
+from moelora.entrypoints.openai.errors import (
+    APIError,
+    bad_request,
+    client_safe,
+    from_engine_error,
+    not_found,
+)
 from moelora.entrypoints.openai.protocol import ModelCard, ModelList
 
 logger = logging.getLogger("moelora.server")
@@ -33,6 +46,7 @@ class ServingModels:
         self.runtime_updates = runtime_updates
         self.allowed_dirs = [os.path.realpath(d) for d in (allowed_dirs or [])]
         self.loras: dict[str, LoRARequest] = {}
+        self.failed: dict[str, str] = {}  # adapter name -> why it failed (client-safe)
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
 
@@ -43,15 +57,26 @@ class ServingModels:
             return None
         lora = self.loras.get(model)
         if lora is None:
-            raise not_found(f"The model `{model}` does not exist.", "model")
+            shown = model if len(model) <= 256 else model[:256] + "..."
+            raise not_found(f"The model `{shown}` does not exist.", "model")
+        reason = self.failed.get(model)
+        if reason is not None:
+            raise bad_request(f"adapter '{model}' failed and serves no requests until it is "
+                              f"unloaded: {reason}", "model")
         return lora
 
     def list_models(self) -> ModelList:
         cards = [ModelCard(id=name, root=self.model_path, max_model_len=self.max_model_len)
                  for name in self.served_names]
         cards += [ModelCard(id=lora.lora_name, root=lora.lora_path, parent=self.base_name)
-                  for lora in self.loras.values()]
+                  for lora in self.loras.values() if lora.lora_name not in self.failed]
         return ModelList(data=cards)
+
+    def mark_failed(self, name: str, reason: str) -> None:
+        """A request found the adapter broken (its files vanished or went bad)."""
+        if name in self.loras and name not in self.failed:
+            self.failed[name] = client_safe(reason)
+            logger.warning("adapter %s failed: %s", name, reason)
 
     # -- loading and unloading -----------------------------------------------------------------
     async def load(self, name: str, path: str, check_allowed: bool = True) -> str:
@@ -59,27 +84,22 @@ class ServingModels:
             raise bad_request("this server was started without LoRA support", "lora_name")
         if name in self.served_names:
             raise bad_request(f"'{name}' is the base model's name", "lora_name")
-        real = os.path.realpath(os.path.expanduser(path))
-        if check_allowed and self.allowed_dirs and not any(_is_within(real, d)
-                                                           for d in self.allowed_dirs):
-            raise APIError(403, f"lora_path '{path}' is outside the allowed LoRA directories",
-                           "lora_path")
-        if not os.path.isfile(os.path.join(real, "adapter_config.json")):
-            raise not_found(f"no PEFT adapter at '{path}' (adapter_config.json not found)",
-                            "lora_path")
+        allowed = self.allowed_dirs if check_allowed else None
+        real = await asyncio.to_thread(check_adapter_dir, path, allowed)
         async with self._lock:
             if name in self.loras:
                 raise bad_request(f"The lora adapter '{name}' has already been loaded.",
                                   "lora_name")
             request = LoRARequest(name, next(self._ids), real, base_model_name=self.base_name)
             try:
-                await self.engine.load_adapter(request)
+                # Shielded: a client that hangs up does not leave a half-registered adapter.
+                await asyncio.shield(self.engine.load_adapter(request))
             except AdapterUnavailableError as exc:
                 raise APIError(409, str(exc), "lora_name",
                                headers={"Retry-After": "1"}) from exc
             except Exception as exc:  # every failure is the client's answer
                 error = from_engine_error(exc, "lora_path")
-                if error.status == 404:  # the directory exists: what is missing is invalid
+                if error.status == 404:  # the directory is there: what is missing is invalid
                     error.status = 400
                 error.message = f"cannot load adapter '{name}': {error.message}"
                 raise error from exc
@@ -92,6 +112,7 @@ class ServingModels:
             if name not in self.loras:
                 raise not_found(f"The lora adapter '{name}' cannot be found.", "lora_name")
             self.loras.pop(name)  # new requests for it get 404 from now on
+            self.failed.pop(name, None)
         unload = asyncio.ensure_future(self.engine.unload_adapter(name))
         unload.add_done_callback(_log_late_failure)
         try:
@@ -109,9 +130,3 @@ def _log_late_failure(task: asyncio.Future) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("unloading an adapter failed: %s", task.exception())
 
-
-def _is_within(path: str, directory: str) -> bool:
-    try:
-        return os.path.commonpath([path, directory]) == directory
-    except ValueError:
-        return False

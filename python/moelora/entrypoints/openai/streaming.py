@@ -19,7 +19,9 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; never s
 
 
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    """One event. Strict JSON (allow_nan=False, as JSONResponse writes): a non-finite number
+    raises here, inside the stream's generator, which then sends an error event instead."""
+    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 class SSEResponse(StreamingResponse):

@@ -1,0 +1,1 @@
+"""The hostile suite: a package, so that its shared server lives only while its tests run."""
