@@ -1,12 +1,13 @@
-// The adapter cache's state machine: host tier (background packing thread, LRU), device tier
-// (slots, pages, copy tickets, a finalizer thread that marks loads resident), pool evictions.
+// The adapter cache's device tier (slots, pages, copy tickets, a finalizer thread that marks
+// loads resident, pool evictions), queue demand, and the public API. The host tier is in
+// adapter_cache_host.cpp.
 // Lock order: pool allocation (which runs eviction listeners) is never called with mutex held.
 #include "moelora/adapter_cache.h"
 
 #include <algorithm>
 #include <thread>
 
-#include "adapter_cache_internal.h"
+#include "adapter_cache_state.h"
 #include "copy_engine_internal.h"
 #include "moelora/error.h"
 
@@ -15,7 +16,7 @@ namespace moelora {
 using detail::AdapterEntry;
 using detail::DeviceState;
 using detail::HostState;
-using EntryPtr = std::shared_ptr<AdapterEntry>;
+using detail::kNoDemand;
 
 namespace {
 
@@ -39,178 +40,104 @@ const char* residency_name(Residency r) {
   return "?";
 }
 
-// Lets the pool's eviction listener (which may outlive the cache) reach it safely.
-struct ListenerLink {
-  std::mutex mutex;
-  AdapterCache::State* state = nullptr;
-};
-
-struct AdapterCache::State {
-  State(PagePool& p, CopyEngine& c, AdapterCacheConfig cfg)
-      : pool(p), copies(c), config(std::move(cfg)), table(config.sites, config.max_lora_rank) {}
-
-  PagePool& pool;
-  CopyEngine& copies;
-  AdapterCacheConfig config;
-  RowTableLayout table;
-  std::vector<int64_t> host_row_offsets;  // [max_loras][entries_per_slot]
-  std::vector<int32_t> host_ranks;        // [max_loras][rank_entries_per_slot]
-  bool device_table = false;
-  int device_index = 0;
-  int64_t* device_row_offsets = nullptr;
-  int32_t* device_ranks = nullptr;
-  std::vector<int32_t> zero_ranks;  // source of slot clears on the device table
-  std::vector<int64_t> slot_owner;
-  std::vector<CopyTicket> slot_clear_ticket;
-
-  mutable std::mutex mutex;
-  std::condition_variable changed;
-  std::condition_variable host_work;
-  std::condition_variable copy_work;
-  std::map<int64_t, EntryPtr> entries;
-  std::map<std::string, int64_t> names;
-  int64_t next_id = 1;
-  uint64_t lru_clock = 0;
-  std::deque<EntryPtr> host_queue;
-  struct InFlight {
-    EntryPtr entry;
-    CopyTicket ticket;
-    std::shared_ptr<HostBuffer> source;  // keeps the packed pages alive during the copy
-  };
-  std::deque<InFlight> copy_queue;
-  bool stopping = false;
-  AdapterCacheStats counters;
-  std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
-  std::vector<std::thread> host_workers;  // config.host_threads of them
-  std::thread finalizer;
-
-  // Threads packing one adapter: config.pack_threads, or the hardware threads shared among the
-  // host workers (1 to 8).
-  int pack_threads() const {
-    if (config.pack_threads > 0) return config.pack_threads;
-    const int hardware = static_cast<int>(std::thread::hardware_concurrency());
-    return std::clamp(hardware / std::max(1, config.host_threads), 1, 8);
+Residency AdapterCache::State::residency_locked(const AdapterEntry& e) const {
+  if (e.failed) return Residency::kFailed;
+  switch (e.device_state) {
+    case DeviceState::kResident: return Residency::kDevice;
+    case DeviceState::kAllocating:
+    case DeviceState::kCopying: return Residency::kLoading;
+    case DeviceState::kWaiting:
+      return e.host_state == HostState::kQueued ? Residency::kLoading
+                                                : Residency::kWaitingForMemory;
+    case DeviceState::kNone: break;
   }
+  // Wanted on the device: being read, or its device load is about to start.
+  if (e.want_device && e.host_state != HostState::kNone) return Residency::kLoading;
+  return e.host_state == HostState::kReady ? Residency::kHost : Residency::kDisk;
+}
 
-  EntryPtr get_locked(int64_t id) const {
-    auto it = entries.find(id);
-    if (it == entries.end()) throw NotFound("no adapter with id " + std::to_string(id));
-    return it->second;
+// Zeroes the slot's table entries (kernels skip rank 0) and gives the slot back.
+void AdapterCache::State::clear_slot_locked(int32_t slot) {
+  const int64_t entries_per_slot = table.entries_per_slot();
+  const int64_t ranks_per_slot = table.rank_entries_per_slot();
+  std::fill_n(host_row_offsets.begin() + slot * entries_per_slot, entries_per_slot, 0);
+  std::fill_n(host_ranks.begin() + slot * ranks_per_slot, ranks_per_slot, 0);
+  slot_owner[slot] = -1;
+  if (device_table) {
+    slot_clear_ticket[slot] = copies.submit({{device_ranks + slot * ranks_per_slot,
+                                              zero_ranks.data(),
+                                              ranks_per_slot * int64_t{sizeof(int32_t)}}});
   }
+}
 
-  Residency residency_locked(const AdapterEntry& e) const {
-    if (e.failed) return Residency::kFailed;
-    switch (e.device_state) {
-      case DeviceState::kResident: return Residency::kDevice;
-      case DeviceState::kAllocating:
-      case DeviceState::kCopying: return Residency::kLoading;
-      case DeviceState::kWaiting:
-        return e.host_state == HostState::kQueued ? Residency::kLoading
-                                                  : Residency::kWaitingForMemory;
-      case DeviceState::kNone: break;
-    }
-    if (e.want_device && e.host_state == HostState::kQueued) return Residency::kLoading;
-    return e.host_state == HostState::kReady ? Residency::kHost : Residency::kDisk;
-  }
+// Drops the device copy of a resident (or cancelled, copied) adapter.
+void AdapterCache::State::drop_device_locked(AdapterEntry& e, bool free_pages) {
+  if (free_pages) pool.free(adapter_owner(static_cast<uint64_t>(e.id)));
+  ++e.device_generation;
+  if (e.slot >= 0) clear_slot_locked(e.slot);
+  e.slot = -1;
+  e.pages.clear();
+  e.device_state = DeviceState::kNone;
+  e.want_device = false;
+  e.ticket = kNoCopyTicket;
+  host_work.notify_all();  // its host copy may now make room for another load
+}
 
-  void queue_host_load_locked(const EntryPtr& e) {
-    if (e->host_state != HostState::kNone) return;
-    e->host_state = HostState::kQueued;
-    host_queue.push_back(e);
-    host_work.notify_one();
-  }
+bool AdapterCache::State::may_evict(const AdapterEntry& victim, const AdapterEntry& for_entry) {
+  return victim.demand == kNoDemand || victim.demand > for_entry.demand;
+}
 
-  // Zeroes the slot's table entries (kernels skip rank 0) and gives the slot back.
-  void clear_slot_locked(int32_t slot) {
-    const int64_t entries_per_slot = table.entries_per_slot();
-    const int64_t ranks_per_slot = table.rank_entries_per_slot();
-    std::fill_n(host_row_offsets.begin() + slot * entries_per_slot, entries_per_slot, 0);
-    std::fill_n(host_ranks.begin() + slot * ranks_per_slot, ranks_per_slot, 0);
-    slot_owner[slot] = -1;
-    if (device_table) {
-      slot_clear_ticket[slot] = copies.submit({{device_ranks + slot * ranks_per_slot,
-                                                zero_ranks.data(),
-                                                ranks_per_slot * int64_t{sizeof(int32_t)}}});
+// Picks a free slot, else evicts an unpinned resident adapter that `for_entry` may evict: idle
+// ones (no queued demand) least recently used first, then those wanted furthest back.
+int32_t AdapterCache::State::find_slot_locked(const AdapterEntry& for_entry) {
+  // Device loads start in queue order: this one waits while one ahead of it has not started
+  // yet (is still being read, or waits for memory). Slots then go to the requests furthest
+  // ahead, and which adapter gets which slot and pages depends only on the calls made, not on
+  // which read finished first (parallel engines replay these calls on every rank).
+  for (const EntryPtr& other : demanded) {
+    if (other->demand >= for_entry.demand) continue;
+    if (!other->failed && other->want_device &&
+        (other->device_state == DeviceState::kWaiting ||
+         other->device_state == DeviceState::kNone)) {
+      return -1;
     }
   }
-
-  // Drops the device copy of a resident (or cancelled, copied) adapter.
-  void drop_device_locked(AdapterEntry& e, bool free_pages) {
-    if (free_pages) pool.free(adapter_owner(static_cast<uint64_t>(e.id)));
-    if (e.slot >= 0) clear_slot_locked(e.slot);
-    e.slot = -1;
-    e.pages.clear();
-    e.device_state = DeviceState::kNone;
-    e.want_device = false;
-    e.ticket = kNoCopyTicket;
+  for (size_t s = 0; s < slot_owner.size(); ++s) {
+    if (slot_owner[s] < 0) return static_cast<int32_t>(s);
   }
-
-  void enforce_host_limits_locked(const AdapterEntry* protect) {
-    while (true) {
-      int64_t copies_held = 0, bytes_held = 0;
-      AdapterEntry* victim = nullptr;
-      for (auto& [id, e] : entries) {
-        if (e->host_state != HostState::kReady) continue;
-        ++copies_held;
-        bytes_held += e->host->bytes();
-        const bool in_flight = e->device_state == DeviceState::kAllocating ||
-                               e->device_state == DeviceState::kCopying;
-        if (e.get() == protect || in_flight) continue;
-        if (!victim || e->host_lru < victim->host_lru) victim = e.get();
-      }
-      const bool over = copies_held > config.max_cpu_loras ||
-                        (config.max_cpu_bytes > 0 && bytes_held > config.max_cpu_bytes);
-      if (!over || !victim) return;
-      victim->host.reset();
-      victim->host_state = HostState::kNone;
-      ++counters.host_evictions;
+  AdapterEntry* victim = nullptr;
+  for (auto& [id, e] : entries) {
+    if (e->device_state != DeviceState::kResident || e->acquire_pins > 0) continue;
+    if (!may_evict(*e, for_entry)) continue;
+    if (!victim || e->demand > victim->demand ||
+        (e->demand == victim->demand && e->device_lru < victim->device_lru)) {
+      victim = e.get();
     }
   }
+  if (!victim) return -1;
+  int32_t slot = victim->slot;
+  drop_device_locked(*victim, true);
+  ++counters.device_evictions;
+  return slot;
+}
 
-  // Picks a free slot, evicting the least recently used unpinned resident adapter if needed.
-  int32_t find_slot_locked() {
-    for (size_t s = 0; s < slot_owner.size(); ++s) {
-      if (slot_owner[s] < 0) return static_cast<int32_t>(s);
-    }
-    AdapterEntry* victim = nullptr;
-    for (auto& [id, e] : entries) {
-      if (e->device_state != DeviceState::kResident || e->acquire_pins > 0) continue;
-      if (!victim || e->device_lru < victim->device_lru) victim = e.get();
-    }
-    if (!victim) return -1;
-    int32_t slot = victim->slot;
-    drop_device_locked(*victim, true);
-    ++counters.device_evictions;
-    return slot;
+// Marks the adapter failed: its requests fail with `what` (its paths cut to file names).
+void AdapterCache::State::fail_locked(AdapterEntry& e, const std::string& what) {
+  e.failed = true;
+  e.error = detail::failure_message(e.name, what, e.spec.files);
+  e.want_device = false;
+  if (e.device_state == DeviceState::kWaiting) e.device_state = DeviceState::kNone;
+  changed.notify_all();
+}
+
+// After a copy whose completion could not be confirmed: drains every copy (so no transfer can
+// still land in the pages about to be given back) where that is possible.
+void AdapterCache::State::settle_copies() noexcept {
+  try {
+    copies.synchronize();
+  } catch (...) {  // a broken device: its pages are lost to it either way
   }
-
-  // Marks the adapter failed: its requests fail with `what` (its paths cut to file names).
-  void fail_locked(AdapterEntry& e, const std::string& what) {
-    e.failed = true;
-    e.error = detail::failure_message(e.name, what, e.spec.files);
-    e.want_device = false;
-    if (e.device_state == DeviceState::kWaiting) e.device_state = DeviceState::kNone;
-    changed.notify_all();
-  }
-
-  // After a copy whose completion could not be confirmed: drains every copy (so no transfer can
-  // still land in the pages about to be given back) where that is possible.
-  void settle_copies() noexcept {
-    try {
-      copies.synchronize();
-    } catch (...) {  // a broken device: its pages are lost to it either way
-    }
-  }
-
-  // Never throws: whatever goes wrong fails this adapter (and so its requests) alone.
-  void try_start_device_load(const EntryPtr& e) noexcept;
-  void start_device_load(const EntryPtr& e);
-  void on_device_load_error(const EntryPtr& e, const std::string& what) noexcept;
-  void retry_waiting();
-  void host_worker_loop();
-  void finalizer_loop();
-  void on_pool_eviction(Owner owner);
-};
+}
 
 void AdapterCache::State::try_start_device_load(const EntryPtr& e) noexcept {
   try {
@@ -253,12 +180,15 @@ void AdapterCache::State::on_device_load_error(const EntryPtr& e,
 void AdapterCache::State::start_device_load(const EntryPtr& e) {
   const Owner owner = adapter_owner(static_cast<uint64_t>(e->id));
   int64_t pages_needed = 0;
+  // Resident adapters this load may not evict (queued requests want them sooner), pinned while
+  // the pool looks for pages so that its LRU eviction passes them over.
+  std::vector<std::pair<EntryPtr, uint64_t>> spared;  // with their device generation
   {
     std::unique_lock<std::mutex> lock(mutex);
     if (e->cancelled || e->failed || !e->want_device) return;
     if (e->device_state != DeviceState::kNone && e->device_state != DeviceState::kWaiting) return;
     if (e->host_state != HostState::kReady) {
-      // The host worker starts the device load when the host copy is ready.
+      // The reader that finishes the host copy starts the device load.
       queue_host_load_locked(e);
       return;
     }
@@ -271,7 +201,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
                           std::to_string(pool.num_pages()) + " pages)");
       return;
     }
-    int32_t slot = find_slot_locked();
+    int32_t slot = find_slot_locked(*e);
     if (slot < 0) {
       e->device_state = DeviceState::kWaiting;
       changed.notify_all();
@@ -289,10 +219,23 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
     pages_needed = e->layout->num_pages();
     // Pinned before its pages exist, so no other allocation can evict them before the copy.
     pool.pin(owner);
+    for (const auto& [id, other] : entries) {
+      if (other->device_state == DeviceState::kResident && other->acquire_pins == 0 &&
+          !may_evict(*other, *e)) {
+        spared.emplace_back(other, other->device_generation);
+        pool.pin(adapter_owner(static_cast<uint64_t>(id)));
+      }
+    }
   }
   AllocationOutcome outcome = pool.try_allocate(owner, pages_needed, Eviction::kIdleAdapters);
 
   std::unique_lock<std::mutex> lock(mutex);
+  for (const auto& [other, generation] : spared) {
+    // Unless its pages were freed meanwhile (which forgets their pins).
+    if (other->device_generation == generation) {
+      pool.unpin(adapter_owner(static_cast<uint64_t>(other->id)));
+    }
+  }
   auto give_back_slot = [&] {
     slot_owner[e->slot] = -1;
     e->slot = -1;
@@ -365,50 +308,16 @@ void AdapterCache::State::retry_waiting() {
         queue_host_load_locked(e);
       }
     }
+    // The most urgent first: a slot that frees goes to the request furthest ahead.
+    std::stable_sort(waiting.begin(), waiting.end(), [](const EntryPtr& a, const EntryPtr& b) {
+      return a->demand < b->demand;
+    });
   }
-  for (const EntryPtr& e : waiting) try_start_device_load(e);
-}
-
-void AdapterCache::State::host_worker_loop() {
-  if (device_table) detail::relax_capture_mode_of_this_thread();
-  std::unique_lock<std::mutex> lock(mutex);
-  while (true) {
-    host_work.wait(lock, [&] { return stopping || !host_queue.empty(); });
-    if (stopping) return;
-    EntryPtr e = host_queue.front();
-    host_queue.pop_front();
-    if (e->cancelled) continue;
-    lock.unlock();
-    // Nothing may escape this thread: every failure becomes a failed adapter.
-    std::shared_ptr<HostBuffer> packed;
-    std::string error;
-    try {
-      packed = std::make_shared<HostBuffer>(
-          detail::pack_adapter_rows(*e, config.dtype, pack_threads()));
-    } catch (const std::exception& ex) {
-      error = ex.what();
-    } catch (...) {
-      error = "unknown error while reading its weights";
-    }
-    lock.lock();
-    if (e->cancelled) continue;
-    if (!error.empty()) {
-      e->host_state = HostState::kFailed;
-      e->device_state = DeviceState::kNone;
-      fail_locked(*e, error);
-      continue;
-    }
-    e->host = std::move(packed);
-    e->host_state = HostState::kReady;
-    e->host_lru = ++lru_clock;
-    ++counters.host_loads;
-    enforce_host_limits_locked(e->want_device ? e.get() : nullptr);
-    changed.notify_all();
-    if (e->want_device) {
-      lock.unlock();
-      try_start_device_load(e);
-      lock.lock();
-    }
+  for (const EntryPtr& e : waiting) {
+    try_start_device_load(e);
+    std::lock_guard<std::mutex> lock(mutex);
+    // Still waiting: those behind it wait too (find_slot_locked serves the most urgent first).
+    if (e->device_state == DeviceState::kWaiting && e->demand != kNoDemand) return;
   }
 }
 
@@ -416,10 +325,12 @@ void AdapterCache::State::finalizer_loop() {
   if (device_table) detail::relax_capture_mode_of_this_thread();
   std::unique_lock<std::mutex> lock(mutex);
   while (true) {
+    finalizer_busy = false;
     copy_work.wait(lock, [&] { return stopping || !copy_queue.empty(); });
     if (copy_queue.empty()) return;  // stopping with no copy left in flight
     InFlight job = copy_queue.front();
     copy_queue.pop_front();
+    finalizer_busy = true;
     lock.unlock();
     // Nothing may escape this thread: a copy that cannot be confirmed fails its adapter.
     std::string error;
@@ -446,10 +357,13 @@ void AdapterCache::State::finalizer_loop() {
         e.device_state = DeviceState::kResident;
         e.device_lru = ++lru_clock;
         ++counters.device_loads;
-        counters.load_seconds +=
+        const double seconds =
             std::chrono::duration<double>(std::chrono::steady_clock::now() - e.load_start)
                 .count();
+        counters.load_seconds += seconds;
+        device_histogram.observe(seconds);
         enforce_host_limits_locked(nullptr);
+        host_work.notify_all();  // its host copy no longer holds back other reads
       }
     } catch (const std::exception& ex) {
       if (!e.cancelled) fail_locked(e, std::string("finishing its load failed: ") + ex.what());
@@ -485,6 +399,9 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
   MOELORA_CHECK_ARG(cfg.max_cpu_bytes >= 0, "max_cpu_bytes must be >= 0");
   MOELORA_CHECK_ARG(cfg.host_threads >= 1 && cfg.host_threads <= 64,
                     "host_threads must be in [1, 64], got " + std::to_string(cfg.host_threads));
+  MOELORA_CHECK_ARG(cfg.read_chunk_bytes >= 4096 && cfg.read_chunk_bytes <= (int64_t{1} << 30),
+                    "read_chunk_bytes must be in [4096, 1 GiB], got " +
+                        std::to_string(cfg.read_chunk_bytes));
   MOELORA_CHECK_ARG(cfg.pack_threads >= 0 && cfg.pack_threads <= 64,
                     "pack_threads must be in [0, 64] (0: automatic), got " +
                         std::to_string(cfg.pack_threads));
@@ -515,8 +432,9 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
     std::lock_guard<std::mutex> guard(link->mutex);
     if (link->state) link->state->on_pool_eviction(owner);
   });
-  for (int32_t i = 0; i < s.config.host_threads; ++i) {
-    s.host_workers.emplace_back([&s] { s.host_worker_loop(); });
+  s.buffers = std::make_shared<detail::HostBufferPool>(s.config.host_threads);
+  for (int32_t i = 0; i < s.reader_threads(); ++i) {
+    s.readers.emplace_back([&s] { s.reader_loop(); });
   }
   s.finalizer = std::thread([&s] { s.finalizer_loop(); });
 }
@@ -534,8 +452,10 @@ AdapterCache::~AdapterCache() {
   }
   s.host_work.notify_all();
   s.copy_work.notify_all();
-  for (std::thread& worker : s.host_workers) worker.join();
+  for (std::thread& reader : s.readers) reader.join();
   s.finalizer.join();  // drains in-flight copies first
+  s.jobs.clear();      // loads cut short: their files close, their buffers go
+  s.host_queue.clear();
   for (auto& [id, e] : s.entries) s.pool.free(adapter_owner(static_cast<uint64_t>(id)));
   s.settle_copies();  // slot clears read zero_ranks
   if (s.device_table) {
@@ -573,7 +493,11 @@ void AdapterCache::unregister(int64_t id) {
   // Allocating and copying loads are finished by the thread that owns them (they see the flag).
   if (e->device_state == DeviceState::kResident) s.drop_device_locked(*e, true);
   if (e->device_state == DeviceState::kWaiting) e->device_state = DeviceState::kNone;
-  if (e->host_state == HostState::kReady) e->host.reset();
+  s.drop_host_copy_locked(*e);
+  if (e->demand != kNoDemand) {
+    e->demand = kNoDemand;
+    s.demanded.erase(std::find(s.demanded.begin(), s.demanded.end(), e));
+  }
   s.changed.notify_all();
 }
 
@@ -591,21 +515,6 @@ std::vector<int64_t> AdapterCache::adapter_ids() const {
   std::vector<int64_t> ids;
   for (const auto& [id, e] : state_->entries) ids.push_back(id);
   return ids;
-}
-
-void AdapterCache::load_host(int64_t id) {
-  check_not_capturing("AdapterCache::load_host");
-  State& s = *state_;
-  std::unique_lock<std::mutex> lock(s.mutex);
-  EntryPtr e = s.get_locked(id);
-  if (e->host_state == HostState::kReady) {
-    e->host_lru = ++s.lru_clock;
-    return;
-  }
-  s.queue_host_load_locked(e);
-  s.changed.wait(lock, [&] { return e->cancelled || e->host_state != HostState::kQueued; });
-  if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
-  if (e->failed) throw AdapterError(e->name, problem_of(*e));
 }
 
 Residency AdapterCache::prefetch(int64_t id) {
@@ -630,6 +539,38 @@ Residency AdapterCache::prefetch(int64_t id) {
   return s.residency_locked(*e);
 }
 
+void AdapterCache::set_demand(const std::vector<int64_t>& queued_adapters) {
+  check_not_capturing("AdapterCache::set_demand");
+  State& s = *state_;
+  std::vector<EntryPtr> to_start;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    for (const EntryPtr& e : s.demanded) e->demand = kNoDemand;
+    s.demanded.clear();
+    for (size_t position = 0; position < queued_adapters.size(); ++position) {
+      auto it = s.entries.find(queued_adapters[position]);
+      if (it == s.entries.end() || it->second->demand != kNoDemand) continue;
+      const EntryPtr& e = it->second;
+      e->demand = static_cast<int64_t>(position);
+      s.demanded.push_back(e);
+      if (e->failed || e->device_state != DeviceState::kNone) continue;
+      e->want_device = true;
+      s.queue_host_load_locked(e);
+      to_start.push_back(e);
+    }
+    // KV allocations evict idle adapters least recently used first: those queued requests
+    // wait for become the most recently used, the most urgent last.
+    for (auto it = s.demanded.rbegin(); it != s.demanded.rend(); ++it) {
+      if ((*it)->device_state == DeviceState::kResident) {
+        s.pool.touch(adapter_owner(static_cast<uint64_t>((*it)->id)));
+      }
+    }
+    s.host_work.notify_all();  // the order of reads changed
+  }
+  for (const EntryPtr& e : to_start) s.try_start_device_load(e);
+  s.retry_waiting();
+}
+
 int32_t AdapterCache::wait(int64_t id) {
   check_not_capturing("AdapterCache::wait");
   State& s = *state_;
@@ -645,6 +586,21 @@ int32_t AdapterCache::wait(int64_t id) {
     if (e->cancelled) throw Cancelled("adapter '" + e->name + "' was unregistered while loading");
     if (e->failed) throw AdapterError(e->name, problem_of(*e));
     if (e->device_state == DeviceState::kWaiting) {
+      // Loads still on their way (to the device, or read for a device load that goes first)
+      // make room or take their turn when they land: wait for that and ask again; otherwise
+      // nothing will change by waiting.
+      const bool others_in_flight =
+          std::any_of(s.entries.begin(), s.entries.end(), [&](const auto& entry) {
+            const AdapterEntry& other = *entry.second;
+            return other.device_state == DeviceState::kAllocating ||
+                   other.device_state == DeviceState::kCopying ||
+                   (other.want_device && !other.failed &&
+                    other.device_state == DeviceState::kNone);  // read, or about to start
+          });
+      if (others_in_flight) {
+        s.changed.wait(lock);
+        continue;
+      }
       throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
                               std::to_string(e->layout->num_pages()) + " free pages",
                           e->layout->num_pages(), s.pool.free_pages());
@@ -778,9 +734,14 @@ AdapterCacheStats AdapterCache::stats() const {
     }
     if (e->host_state == HostState::kReady) {
       ++out.host_copies;
-      out.host_bytes += e->host->bytes();
+      out.host_bytes += e->host_copy_bytes();
     }
   }
+  out.host_buffers_in_use = s.buffers->buffers_in_use();
+  out.host_buffers_kept = s.buffers->kept_buffers();
+  out.host_buffer_bytes_kept = s.buffers->kept_bytes();
+  out.host_load_histogram = s.host_histogram.counts;
+  out.device_load_histogram = s.device_histogram.counts;
   return out;
 }
 

@@ -1,13 +1,22 @@
 // The adapter tiers: disk (registered safetensors, header only) -> host (converted to the
-// model dtype, scale folded into B, packed in page order in a HostBuffer; LRU bounded) ->
-// device (pages of the unified PagePool, a row-table slot; loaded on the copy engine).
+// model dtype, scale folded into B, in page order in a page-locked HostBuffer; bounded, by
+// recency and queue demand) -> device (pages of the unified PagePool, a row-table slot; loaded
+// on the copy engine).
 //
 // Life of an adapter: register_adapter() validates everything and reads no weights. prefetch()
-// starts an asynchronous load: a background thread reads and packs the host copy if needed,
-// then pages are allocated (evicting idle adapters), the packed pages are copied, and the
-// slot's row-table entries are written before the load's ticket completes. If no slot or pages
-// can be found the load waits (Residency::kWaitingForMemory) and is retried on the next
-// prefetch(). acquire() pins a resident adapter for a batch; release() unpins it.
+// starts an asynchronous load. Disk -> host: the cache's reader threads pread the needed bytes
+// of the files in large chunks, in parallel, and convert each chunk as it arrives straight into
+// the rows of the host copy (dtype, scale, NaN/Inf check, transposition in one pass). Host ->
+// device: pages are allocated (evicting idle adapters), the host copy's pages are copied as a
+// few long runs, and the slot's row-table entries are written before the load's ticket
+// completes. If no slot or pages can be found the load waits (Residency::kWaitingForMemory) and
+// is retried on the next prefetch() or set_demand(). acquire() pins a resident adapter for a
+// batch; release() unpins it.
+//
+// Queue demand (set_demand): loads start in the order of the queued requests that wait for
+// them, and a resident adapter that a queued request waits for is evicted (from either tier)
+// only for an adapter whose request is ahead of it in the queue; idle adapters go first, least
+// recently used first.
 //
 // Thread-safe. Lock order: the cache never calls into the PagePool's allocation (which may run
 // eviction listeners) while holding its own mutex.
@@ -24,6 +33,10 @@
 #include "moelora/row_layout.h"
 
 namespace moelora {
+
+namespace detail {
+struct ReadHookAccess;  // the reader test hook (src/adapter_cache_internal.h)
+}
 
 // Where one LoRA matrix comes from: a strided 2D view [rows, cols] (in elements) into a tensor
 // of one of the adapter's files. For A it must be [rank, in_dim]; for B it is B^T,
@@ -57,10 +70,16 @@ struct AdapterCacheConfig {
   int64_t max_cpu_loras = 8;    // host copies kept
   int64_t max_cpu_bytes = 0;    // 0 = unbounded
   DType dtype = DType::kFloat32;  // the model dtype; weights are converted to it
-  int32_t host_threads = 4;       // threads reading and packing adapters into host copies
-  // Threads packing one adapter (its source tensors split between them): a cold adapter's load
-  // is bound by this packing. 0: the machine's hardware threads / host_threads, 1 to 8.
+  // Disk -> host loads: at most host_threads adapters are read at once, by a pool of
+  // host_threads * pack_threads reader threads that all work on the oldest load first (so one
+  // cold adapter gets every thread). pack_threads 0: the machine's hardware threads /
+  // host_threads, 1 to 8.
+  int32_t host_threads = 4;
   int32_t pack_threads = 0;
+  // Bytes of one pread (chunks start at multiples of it, moved to a row boundary): large enough
+  // for the storage's full rate, small enough that a chunk stays in the reader's cache while it
+  // is converted.
+  int64_t read_chunk_bytes = int64_t{1} << 20;
 };
 
 enum class Residency : uint8_t {
@@ -89,7 +108,20 @@ struct AdapterCacheStats {
   int64_t host_evictions = 0;
   int64_t bytes_loaded = 0;  // host -> device bytes
   double load_seconds = 0;   // wall time from the start of each device load to its completion
+  int64_t host_bytes_read = 0;     // file bytes read by disk -> host loads
+  double host_load_seconds = 0;    // wall time of disk -> host loads (read start to host copy)
+  int64_t host_loads_failed = 0;   // loads whose read or check failed
+  int64_t host_buffers_in_use = 0;  // host buffers held by host copies, reads and copies
+  int64_t host_buffers_kept = 0;   // host buffers kept for reuse (page-locked where possible)
+  int64_t host_buffer_bytes_kept = 0;
+  // Load latency histograms: counts of loads per bucket of load_seconds_buckets() (the last
+  // count is above the last bound), disk -> host and host -> device.
+  std::vector<int64_t> host_load_histogram;
+  std::vector<int64_t> device_load_histogram;
 };
+
+// Upper bounds (seconds) of the load latency histogram buckets, ascending.
+const std::vector<double>& load_seconds_buckets();
 
 class AdapterCache {
  public:
@@ -114,6 +146,12 @@ class AdapterCache {
   // Starts loading to the device if not resident (asynchronous), and retries every load
   // waiting for memory. Returns the adapter's residency after the attempt.
   Residency prefetch(int64_t id);
+  // Starts reading the adapter into the host tier (asynchronous; the device is not asked for).
+  void prefetch_host(int64_t id);
+  // The adapters queued requests wait for, most urgent first (an adapter's position is its
+  // first index here; unknown ids are skipped). Each is prefetched; loads start in this order;
+  // adapters not listed lose their demand. Replaces the previous call's list.
+  void set_demand(const std::vector<int64_t>& queued_adapters);
   // Blocks until the adapter is resident (returns its slot), failed (throws AdapterError) or
   // waiting for memory (throws PoolExhausted).
   int32_t wait(int64_t id);
@@ -139,6 +177,7 @@ class AdapterCache {
   struct State;  // internal; public so that the implementation files can share it
 
  private:
+  friend struct detail::ReadHookAccess;
   std::unique_ptr<State> state_;
 };
 

@@ -2,6 +2,7 @@
 // release the GIL; the AdapterCache keeps its PagePool and CopyEngine Python objects alive.
 #include <pybind11/stl.h>
 
+#include "adapter_cache_internal.h"
 #include "bindings/common.h"
 #include "moelora/adapter_cache.h"
 #include "moelora/copy_engine.h"
@@ -38,6 +39,14 @@ py::dict stats_dict(const AdapterCacheStats& s) {
   d["host_evictions"] = s.host_evictions;
   d["bytes_loaded"] = s.bytes_loaded;
   d["load_seconds"] = s.load_seconds;
+  d["host_bytes_read"] = s.host_bytes_read;
+  d["host_load_seconds"] = s.host_load_seconds;
+  d["host_loads_failed"] = s.host_loads_failed;
+  d["host_buffers_in_use"] = s.host_buffers_in_use;
+  d["host_buffers_kept"] = s.host_buffers_kept;
+  d["host_buffer_bytes_kept"] = s.host_buffer_bytes_kept;
+  d["host_load_histogram"] = s.host_load_histogram;
+  d["device_load_histogram"] = s.device_load_histogram;
   return d;
 }
 
@@ -177,16 +186,17 @@ void register_adapter_cache(py::module_& m) {
       .def(py::init([](PagePool& pool, CopyEngine& copies, std::vector<LoraSite> sites,
                        int32_t max_loras, int32_t max_lora_rank, int64_t max_cpu_loras,
                        int64_t max_cpu_bytes, const py::object& dtype, int32_t host_threads,
-                       int32_t pack_threads) {
+                       int32_t pack_threads, int64_t read_chunk_bytes) {
              AdapterCacheConfig config{std::move(sites), max_loras,    max_lora_rank,
                                        max_cpu_loras,    max_cpu_bytes, dtype_from_object(dtype),
-                                       host_threads,     pack_threads};
+                                       host_threads,     pack_threads,  read_chunk_bytes};
              return std::make_unique<AdapterCache>(pool, copies, std::move(config));
            }),
            py::arg("pool"), py::arg("copies"), py::arg("sites"), py::arg("max_loras"),
            py::arg("max_lora_rank"), py::arg("max_cpu_loras") = 8, py::arg("max_cpu_bytes") = 0,
            py::arg("dtype") = "float32", py::arg("host_threads") = 4,
-           py::arg("pack_threads") = 0, py::keep_alive<1, 2>(),
+           py::arg("pack_threads") = 0, py::arg("read_chunk_bytes") = int64_t{1} << 20,
+           py::keep_alive<1, 2>(),
            py::keep_alive<1, 3>())
       .def("register_adapter", &AdapterCache::register_adapter, py::arg("spec"), Release())
       .def("unregister", py::overload_cast<int64_t>(&AdapterCache::unregister), py::arg("id"),
@@ -197,6 +207,9 @@ void register_adapter_cache(py::module_& m) {
       .def("adapter_ids", &AdapterCache::adapter_ids)
       .def("load_host", &AdapterCache::load_host, py::arg("id"), Release())
       .def("prefetch", &AdapterCache::prefetch, py::arg("id"), Release())
+      .def("prefetch_host", &AdapterCache::prefetch_host, py::arg("id"), Release())
+      .def("set_demand", &AdapterCache::set_demand, py::arg("queued_adapters"), Release(),
+           "The adapters queued requests wait for, most urgent first.")
       .def("wait", &AdapterCache::wait, py::arg("id"), Release())
       .def(
           "make_stream_wait",
@@ -213,7 +226,34 @@ void register_adapter_cache(py::module_& m) {
       .def("num_pages", &AdapterCache::num_pages, py::arg("id"))
       .def("site_view", &AdapterCache::site_view, py::arg("site_index"), py::arg("layer"))
       .def_property_readonly("max_loras", &AdapterCache::max_loras)
-      .def("stats", [](const AdapterCache& c) { return stats_dict(c.stats()); });
+      .def("stats", [](const AdapterCache& c) { return stats_dict(c.stats()); })
+      .def(
+          "_set_read_hook",
+          [](AdapterCache& c, py::object hook) {
+            if (hook.is_none()) {
+              detail::set_read_hook(c, nullptr);
+              return;
+            }
+            // Called on a reader thread: takes the GIL; an exception fails the read. The last
+            // copy of the hook may go on a reader thread too: it takes the GIL to drop it.
+            std::shared_ptr<py::object> shared(new py::object(std::move(hook)), [](py::object* o) {
+              py::gil_scoped_acquire gil;
+              delete o;
+            });
+            detail::set_read_hook(c, [shared](const std::string& adapter, int32_t file,
+                                              int64_t chunk) {
+              py::gil_scoped_acquire gil;
+              try {
+                (*shared)(adapter, file, chunk);
+              } catch (py::error_already_set& e) {
+                throw IoError(e.what());
+              }
+            });
+          },
+          py::arg("hook"),
+          "Tests only: hook(adapter, file_index, chunk_index) runs before each chunk is read; "
+          "what it raises fails the read. Clear it (None) before dropping the cache.");
+  m.attr("ADAPTER_LOAD_SECONDS_BUCKETS") = load_seconds_buckets();
 }
 
 }  // namespace moelora::bindings

@@ -1,5 +1,6 @@
 """Adapters that go wrong, through the whole engine on the CPU: NaN / Inf weights, files that
-vanish, shrink or are rewritten after registration, adapter_config.json and safetensors headers
+vanish, shrink or are rewritten after registration (before the first read, or after the
+adapter was served and evicted from both tiers), adapter_config.json and safetensors headers
 nested 200,000 levels deep, hostile rank_pattern keys, and registrations racing on threads.
 
 Each fault stays with its adapter: preload raises AdapterValidationError naming the adapter and
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from moelora import LLM, AdapterValidationError, LoRARequest, SamplingParams
+from moelora import _C, LLM, AdapterValidationError, LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
 from safetensors.torch import load_file, save_file
 
@@ -107,37 +108,68 @@ def test_nan_and_inf_weights_are_refused_at_preload_naming_the_tensor(llm, tmp_p
     assert accounts(llm) == start
 
 
-@pytest.mark.parametrize("fault", ["deleted", "truncated", "rewritten"])
-def test_a_file_broken_after_registration_fails_its_requests_until_reloaded(llm, tmp_path, fault):
-    start = accounts(llm)
-    adapters = llm.llm_engine.adapters
-    name = f"broken_{fault}"
-    directory = write_adapter(llm, tmp_path / name, seed=3)
-    request = LoRARequest(name, 3, directory)
-    adapters.resolve(request)  # registered: header and config checked, no weight read yet
-    file = os.path.join(directory, "adapter_model.safetensors")
+@pytest.fixture
+def fillers(llm, tmp_path):
+    """Adapters never seen before, more than the fixture engine's 2 slots and 4 host copies: a
+    request for each pushes any adapter read before them out of both tiers (their copies are
+    the more recent)."""
+    requests = [LoRARequest(f"{tmp_path.name}-filler{k}", 100 + k,
+                            write_adapter(llm, tmp_path / f"filler{k}", seed=50 + k))
+                for k in range(5)]
+    yield requests
+    for request in requests:
+        if request.lora_name in [r.lora_name for r in llm.llm_engine.adapters.loaded()]:
+            llm.llm_engine.adapters.unload(request.lora_name)
+
+
+def break_file(file: str, fault: str) -> None:
     original = Path(file).read_bytes()
     if fault == "deleted":
         os.remove(file)
     elif fault == "truncated":
         os.truncate(file, len(original) // 2)
-    else:  # same size, other bytes
-        time.sleep(0.01)
+    else:  # same size, other bytes, a later modification time (as every write gives)
+        stamp = os.stat(file)
         with open(file, "r+b") as f:
             f.seek(len(original) - 64)
             f.write(b"\x7f" * 64)
-    outs = llm.generate([PROMPT, PROMPT], PARAMS, [request, None], use_tqdm=False)
-    failed = outs[0].outputs[0]
+        os.utime(file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000))
+
+
+@pytest.mark.parametrize("when", ["before_its_first_read", "after_its_eviction"])
+@pytest.mark.parametrize("fault", ["deleted", "truncated", "rewritten"])
+def test_a_file_broken_under_a_registered_adapter_fails_its_requests_until_reloaded(
+        llm, fillers, tmp_path, fault, when):
+    start = accounts(llm)
+    adapters = llm.llm_engine.adapters
+    name = f"broken_{fault}"
+    directory = write_adapter(llm, tmp_path / name, seed=3)
+    request = LoRARequest(name, 3, directory)
+    adapter_id = adapters.resolve(request)  # registered: header and config checked
+    if when == "after_its_eviction":
+        # Served once, then pushed out of both tiers: its next request reads the files again.
+        assert llm.generate(PROMPT, PARAMS, request, use_tqdm=False)[0].outputs[0] \
+            .finish_reason == "length"
+        llm.generate([PROMPT] * len(fillers), PARAMS, fillers, use_tqdm=False)
+        assert adapters.cache.residency(adapter_id) == _C.Residency.DISK
+    file = os.path.join(directory, "adapter_model.safetensors")
+    original = Path(file).read_bytes()
+    break_file(file, fault)
+    # Its requests among others, some of which need loads of their own.
+    outs = llm.generate([PROMPT] * 4, PARAMS, [fillers[0], request, None, fillers[1]],
+                        use_tqdm=False)
+    failed = outs[1].outputs[0]
     assert failed.finish_reason == "error" and failed.error_type == "adapter_error"
     assert f"adapter '{name}'" in failed.error and "adapter_model.safetensors" in failed.error
     assert {"deleted": "is gone", "truncated": "was truncated",
             "rewritten": "changed since"}[fault] in failed.error
     assert_path_free(failed.error, tmp_path)
-    assert outs[1].outputs[0].finish_reason == "length"
+    assert [outs[k].outputs[0].finish_reason for k in (0, 2, 3)] == ["length"] * 3
     assert name not in [r.lora_name for r in adapters.loaded()]
+    assert accounts(llm) == start
     # Still failed for later requests, until unloaded and loaded again from a good file.
     again = llm.generate(PROMPT, PARAMS, request, use_tqdm=False)[0].outputs[0]
-    assert again.finish_reason == "error"
+    assert again.finish_reason == "error" and f"adapter '{name}'" in again.error
     Path(file).write_bytes(original)
     if fault == "deleted":  # unload, then load
         adapters.unload(name)

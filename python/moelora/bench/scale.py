@@ -15,7 +15,9 @@ as let the largest count of adapters fit --adapter-disk-budget-gb.
 
 Prints a table and one JSON record: per point, output tokens/s, request throughput, TTFT/TPOT
 p50/p99, device loads and evictions, and the throughput relative to the fewest adapters at the
-same popularity and rate (relative_to_fewest) and to no adapters at the same rate.
+same popularity and rate (relative_to_fewest) and to no adapters at the same rate. With
+--results-dir, also writes the record, a markdown table with the command that made it, and the
+plot into that folder (scale_report.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--adapter-counts", nargs="+", type=flags.positive_int,
                         default=[8, 64, 512], help="adapter counts, one point each")
     parser.add_argument("--rank", type=flags.positive_int, default=16, help="adapter rank")
+    parser.add_argument("--weights", choices=flags.WEIGHT_CHOICES, default="bf16",
+                        help="how the experts are stored (synthetic models; falls back to bf16 "
+                             "with a note when this build has no such option)")
     parser.add_argument("--max-loras", type=flags.positive_int, default=64, help="device slots")
     parser.add_argument("--max-cpu-loras", type=flags.positive_int, default=128,
                         help="host copies kept")
@@ -82,6 +87,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw throughput and TTFT against the adapter count")
+    parser.add_argument("--results-dir", default=None,
+                        help="write NAME.jsonl (record appended), NAME.md (table and command) "
+                             "and NAME.png (plot) into this folder")
+    parser.add_argument("--results-name", default=None,
+                        help="NAME of the results files (default: <card>-scale, e.g. h100-scale)")
     flags.add_memory_check_argument(parser)
     return parser
 
@@ -92,14 +102,23 @@ def choose_layers(args, adapter_dir: str) -> int | None:
     from moelora.bench.memory_check import engine_dtype, model_config_of
     from moelora.bench.weight_bytes import adapter_bytes
 
-    if args.num_layers is not None or not args.model.startswith("synthetic:"):
+    if not args.model.startswith("synthetic:"):
         return args.num_layers
     import torch
 
     elem = torch.tensor([], dtype=engine_dtype(args.model, args.dtype, args.device)).element_size()
     full = model_config_of(args.model)
     per_layer = adapter_bytes(full.with_num_layers(1), args.rank, elem)
-    budget = min(args.adapter_disk_budget_gb * GB, 0.8 * shutil.disk_usage(adapter_dir).free)
+    free = 0.9 * shutil.disk_usage(adapter_dir).free + _written_bytes(adapter_dir)
+    if args.num_layers is not None:
+        total = max(args.adapter_counts) * min(args.num_layers, full.num_layers) * per_layer
+        if total > free:
+            raise SystemExit(f"{max(args.adapter_counts)} adapters of {args.num_layers} layers "
+                             f"take {total / GB:.1f} GB, more than the disk at {adapter_dir} "
+                             f"has free ({free / GB:.1f} GB): fewer --num-layers, or another "
+                             f"--adapter-dir")
+        return args.num_layers
+    budget = min(args.adapter_disk_budget_gb * GB, 0.8 * free)
     layers = min(full.num_layers, int(budget // (max(args.adapter_counts) * per_layer)))
     if layers < 1:
         raise SystemExit(f"{max(args.adapter_counts)} adapters of one layer take "
@@ -111,6 +130,14 @@ def choose_layers(args, adapter_dir: str) -> int | None:
         print(f"{args.model}: the first {layers} of {full.num_layers} layers, so that "
               f"{max(args.adapter_counts)} adapters take {total / GB:.1f} GB of disk")
     return layers
+
+
+def _written_bytes(adapter_dir: str) -> int:
+    """Bytes of adapter files already in `adapter_dir` (reused, so they need no new room)."""
+    total = 0
+    for root, _, files in os.walk(adapter_dir):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
 
 
 def _check_memory(args, layers: int | None) -> None:
@@ -126,10 +153,12 @@ def _check_memory(args, layers: int | None) -> None:
     tokens = min(args.max_num_seqs, args.num_prompts) * (args.input_len + args.output_len)
     extra = (min(args.max_loras, max(args.adapter_counts)) * adapter_bytes(config, args.rank, elem)
              + tokens * config.num_layers * kv_bytes_per_token(config, elem))
-    check_model_fits(args.model, layers, args.dtype, args.device, extra_bytes=extra)
+    check_model_fits(args.model, layers, args.dtype, args.device, args.weights_built,
+                     extra_bytes=extra)
 
 
 def build_engine(args, layers: int | None):
+    from moelora.bench.engine_options import weights_options
     from moelora.engine.config import EngineConfig
     from moelora.engine.llm_engine import LLMEngine
 
@@ -139,17 +168,24 @@ def build_engine(args, layers: int | None):
         max_cpu_loras=max(args.max_cpu_loras, args.max_loras), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
         load_progress=False, synthetic_num_layers=layers,
-        decode_graphs=flags.graphs_choice(args)))
+        decode_graphs=flags.graphs_choice(args), **weights_options(args.weights_built)))
 
 
 def run_from_args(args) -> int:
+    from moelora.bench.engine_options import weights_options
     from moelora.bench.scale_points import ScalePoints
     from moelora.bench.synthetic_adapters import adapter_directory
 
     if not 0 < args.auto_rate_fraction:
         raise SystemExit(f"--auto-rate-fraction must be > 0, got {args.auto_rate_fraction}")
-    if args.plot is not None:
+    if args.plot is not None or args.results_dir is not None:
         pyplot()  # before the run: a missing matplotlib stops it with its pip line
+    args.weights_built = args.weights if weights_options(args.weights) is not None else "bf16"
+    notes = []
+    if args.weights_built != args.weights:
+        notes.append(f"this build has no option for {args.weights} experts: they were built "
+                     f"unquantized, in the model dtype")
+        print(f"note: {notes[-1]}")
     with adapter_directory(args.adapter_dir, "moelora-bench-scale-") as adapter_dir:
         layers = choose_layers(args, adapter_dir)
         _check_memory(args, layers)
@@ -163,6 +199,7 @@ def run_from_args(args) -> int:
             engine.stop()
     record = {
         "bench": "scale", "model": args.model, **engine_info, "rank": args.rank,
+        "weights": args.weights_built, "notes": notes,
         "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "adapter_counts": sorted(set(args.adapter_counts)),
@@ -170,10 +207,16 @@ def run_from_args(args) -> int:
         "max_drop": 1.0 - min((r["relative_to_fewest"] for r in results
                                if r["relative_to_fewest"] is not None), default=1.0),
     }
-    print(format_table(TABLE, [{"popularity": "none", "num_adapters": 0, **b} for b in base]
-                       + results))
+    rows = [{"popularity": "none", "num_adapters": 0, **b} for b in base] + results
+    print(format_table(TABLE, rows))
     print(dumps(record))
     append_record(record, args.out)
+    if args.results_dir is not None:
+        from moelora.bench.scale_report import command_of, write_results
+
+        command = command_of(args, add_cli_args(argparse.ArgumentParser()), "moelora bench scale")
+        paths = write_results(record, TABLE, rows, command, args.results_dir, args.results_name)
+        print("results: " + ", ".join(paths.values()))
     if args.plot is not None:
         from moelora.bench.plots import plot_scale
 

@@ -2,8 +2,8 @@
 
 Each rank has its own pool (same page count and size) and adapter cache (its shard of every
 adapter takes the same number of pages on every rank). Rank 0's scheduler decides; every call
-that changes its pool or cache (KV allocations and frees, adapter registration, prefetch, pin,
-unpin, unregister) is recorded, in order, by the proxies below and replayed by the other ranks
+that changes its pool or cache (KV allocations and frees, adapter registration, prefetch,
+set_demand, touch, pin, unpin, unregister) is recorded, in order, by the proxies below and replayed by the other ranks
 before the step's forward. Both state machines are deterministic given the call sequence
 (LRU order is a counter), except for the timing of the cache's asynchronous loads, so in a
 parallel engine a prefetch waits for every load it started: loads do not overlap compute
@@ -102,6 +102,22 @@ class RecordingCache:
             self._log.append(("prefetch", adapter_id))
             return self._cache.residency(adapter_id)
 
+    def prefetch_host(self, adapter_id):
+        with self._log.lock:
+            self._cache.prefetch_host(adapter_id)
+            self._log.append(("prefetch_host", adapter_id))
+
+    def set_demand(self, queued_adapters):
+        with self._log.lock:
+            self._cache.set_demand(queued_adapters)
+            settle(self._cache)
+            self._log.append(("set_demand", list(queued_adapters)))
+
+    def touch(self, adapter_id):
+        with self._log.lock:
+            self._cache.touch(adapter_id)
+            self._log.append(("touch", adapter_id))
+
     def acquire(self, adapter_id):
         with self._log.lock:
             slot = self._cache.acquire(adapter_id)  # raises without changing anything
@@ -155,6 +171,13 @@ class Replayer:
             elif kind == "prefetch":
                 cache.prefetch(op[1])
                 settle(cache)
+            elif kind == "prefetch_host":
+                cache.prefetch_host(op[1])
+            elif kind == "set_demand":
+                cache.set_demand(op[1])
+                settle(cache)
+            elif kind == "touch":
+                cache.touch(op[1])
             elif kind == "acquire":
                 slot = cache.acquire(op[1])
                 if slot != op[2]:

@@ -1,6 +1,8 @@
 """Adapters as the engine sees them: vLLM's LoRARequest, and the AdapterManager that registers
-PEFT directories with the native adapter cache (disk -> host -> device tiers), prefetches
-them, pins them while requests run, and exposes the row tables to the kernels."""
+PEFT directories with the native adapter cache (disk -> host -> device tiers), starts their
+loads as requests arrive, tells the cache which adapters queued requests wait for (in queue
+order), pins them while requests run, exposes the row tables to the kernels and the load
+metrics to the server."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from moelora.lora import AdapterValidationError, load_adapter_plan
 
 RESIDENT = _C.Residency.DEVICE
 FAILED = _C.Residency.FAILED
+# Where an adapter was when a request for it arrived (the "hits" of AdapterManager.metrics()).
+_ARRIVAL_TIER = {_C.Residency.DEVICE: "device", _C.Residency.HOST: "host",
+                 _C.Residency.LOADING: "loading", _C.Residency.DISK: "disk",
+                 _C.Residency.WAITING_FOR_MEMORY: "host", _C.Residency.FAILED: "failed"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}  # adapter name -> native id
         self._requests: dict[str, LoRARequest] = {}
+        self._arrivals = dict.fromkeys(("device", "host", "loading", "disk", "failed"), 0)
         self.cache = None
         self.copies = None
         self.views = None
@@ -163,6 +170,48 @@ class AdapterManager:
             raise AdapterValidationError(request.lora_name, _problem(e, request)) from None
         return adapter_id
 
+    def preload_all(self, requests, up_to: int | None = None) -> dict[str, str]:
+        """Eager start-up load (the server's --lora-modules): registers every adapter, reads
+        them all into the host tier at once (as many as it holds) and loads the first `up_to`
+        (default and at most: the device slots) onto the device, waiting for all of it.
+
+        Every adapter is tried; those that cannot be served are unregistered and the first of
+        them raises AdapterValidationError (naming the adapter and the tensor or file) once the
+        others are loaded. Returns each adapter's tier: "device", "host" or "disk" (past the
+        host tier's size, or no slot or pages free). Safe to call from any thread."""
+        requests = list(requests)
+        slots = self.config.max_loras
+        up_to = slots if up_to is None else max(0, min(up_to, slots))
+        errors: list[AdapterValidationError] = []
+        ids: dict[str, int] = {}
+        for request in requests:
+            try:
+                ids[request.lora_name] = self.resolve(request)
+            except AdapterValidationError as error:
+                errors.append(error)
+        names = list(ids)
+        host_room = max(up_to, self.config.max_cpu_loras)
+        for index, name in enumerate(names):  # every read starts before the first wait
+            if index < up_to:
+                self.cache.prefetch(ids[name])
+            elif index < host_room:
+                self.cache.prefetch_host(ids[name])
+        for index, name in enumerate(names):
+            try:
+                if index < up_to:
+                    self.cache.wait(ids[name])
+                elif index < host_room:
+                    self.cache.load_host(ids[name])
+            except _C.PoolExhausted:
+                pass  # valid; it loads when memory frees up
+            except (_C.AdapterError, _C.Cancelled) as e:
+                self._forget_failed(name, ids[name])
+                errors.append(AdapterValidationError(name, _problem_of(e, name)))
+        if errors:
+            raise errors[0]
+        tiers = {RESIDENT: "device", _C.Residency.HOST: "host"}
+        return {name: tiers.get(self.cache.residency(ids[name]), "disk") for name in names}
+
     def _forget_failed(self, name: str, adapter_id: int) -> None:
         with self._lock:
             if self._ids.get(name) != adapter_id:
@@ -193,6 +242,25 @@ class AdapterManager:
     def prefetch(self, adapter_id: int) -> None:
         self.cache.prefetch(adapter_id)
 
+    def request_arrived(self, adapter_id: int) -> None:
+        """A request for the adapter was queued: counts where the adapter was (device, host,
+        on its way, disk) and starts its load at once, so that it overlaps the steps of the
+        requests ahead of it."""
+        tier = _ARRIVAL_TIER.get(self.cache.residency(adapter_id), "disk")
+        with self._lock:
+            self._arrivals[tier] += 1
+        if tier == "device":
+            self.cache.touch(adapter_id)  # recency: adapters asked for often stay
+        elif tier != "failed":
+            self.cache.prefetch(adapter_id)
+
+    def set_demand(self, queued_adapters: list[int]) -> None:
+        """The adapters queued requests wait for, most urgent first: loads start in this order
+        and a resident adapter in it is evicted only for one ahead of it (see the native
+        AdapterCache::set_demand)."""
+        if self.cache is not None:
+            self.cache.set_demand(queued_adapters)
+
     def num_pages(self, adapter_id: int) -> int:
         """Pool pages the adapter occupies when resident."""
         return self.cache.num_pages(adapter_id)
@@ -203,6 +271,10 @@ class AdapterManager:
 
     def ready(self, adapter_id: int) -> bool:
         return self.cache.residency(adapter_id) == RESIDENT
+
+    def waiting_for_slot(self, adapter_id: int) -> bool:
+        """Whether the adapter's load waits for a device slot or pages (not for its read)."""
+        return self.cache.residency(adapter_id) == _C.Residency.WAITING_FOR_MEMORY
 
     def failure(self, adapter_id: int) -> str | None:
         if self.cache.residency(adapter_id) == FAILED:
@@ -229,6 +301,37 @@ class AdapterManager:
 
     def stats(self) -> dict:
         return dict(self.cache.stats()) if self.cache is not None else {}
+
+    def metrics(self) -> dict:
+        """Adapter load metrics, ready for a Prometheus exporter:
+
+        - "loads", "evictions": completed loads into / evictions from each tier ("host" is
+          disk -> host, "device" host -> device); "load_failures": failed disk -> host loads;
+        - "arrivals": requests by where their adapter was when they arrived ("device" is a hit;
+          "host", "loading" and "disk" wait for a load; "failed" cannot run);
+        - "bytes": "disk_to_host" (file bytes read) and "host_to_device" (bytes copied);
+        - "load_seconds": per tier a histogram {"buckets": [(le, cumulative count), ...,
+          ("+Inf", count)], "sum": seconds, "count": loads}, the shape of prometheus_client's
+          HistogramMetricFamily.add_metric.
+        Empty when the engine runs without adapters."""
+        cache = self.cache  # close() may run on another thread
+        if cache is None:
+            return {}
+        stats = cache.stats()
+        with self._lock:
+            arrivals = dict(self._arrivals)
+        return {
+            "loads": {"host": stats["host_loads"], "device": stats["device_loads"]},
+            "load_failures": {"host": stats["host_loads_failed"]},
+            "evictions": {"host": stats["host_evictions"], "device": stats["device_evictions"]},
+            "arrivals": arrivals,
+            "bytes": {"disk_to_host": stats["host_bytes_read"],
+                      "host_to_device": stats["bytes_loaded"]},
+            "load_seconds": {
+                "host": _histogram(stats["host_load_histogram"], stats["host_load_seconds"]),
+                "device": _histogram(stats["device_load_histogram"], stats["load_seconds"]),
+            },
+        }
 
     def close(self) -> None:
         """Stops the adapter cache's threads and frees its host copies and row tables (the page
@@ -258,4 +361,20 @@ def _native_spec(plan, sites) -> object:
 def _problem(error: Exception, request: LoRARequest) -> str:
     """A native adapter error's message without its "adapter 'NAME': " prefix (the Python error
     puts its own)."""
-    return str(error).removeprefix(f"adapter '{request.lora_name}': ")
+    return _problem_of(error, request.lora_name)
+
+
+def _problem_of(error: Exception, name: str) -> str:
+    return str(error).removeprefix(f"adapter '{name}': ")
+
+
+def _histogram(counts: list[int], total_seconds: float) -> dict:
+    """Per-bucket counts (the last above every bound) as a Prometheus histogram: cumulative
+    counts by upper bound, "+Inf" last."""
+    buckets, running = [], 0
+    for bound, count in zip(_C.ADAPTER_LOAD_SECONDS_BUCKETS, counts):
+        running += count
+        buckets.append((repr(float(bound)), running))
+    running += counts[-1]
+    buckets.append(("+Inf", running))
+    return {"buckets": buckets, "sum": total_seconds, "count": running}

@@ -1,14 +1,19 @@
 """Continuous batching with chunked prefill, adapter-aware admission and preemption.
 
-Each step:
+A request's adapter starts loading the moment the request is queued (add), so the load
+overlaps the steps of everything ahead of it. Each step:
   1. running sequences keep running: decodes take one token each, unfinished prefills take a
      chunk; when KV pages run out the youngest running sequence is preempted (its pages freed,
      recomputed later from its tokens), so no request fails for memory that will come back;
-  2. waiting sequences are admitted in arrival order while the token budget, the sequence cap
-     and the distinct-adapter cap allow, and only once their adapter is resident on the device;
-     adapters of waiting sequences are prefetched so loads overlap other requests' steps;
-  3. fairness: a sequence that waited past `starvation_steps` stops the admission of sequences
-     behind it that use other adapters, so its adapter gets a slot when running ones release.
+  2. the adapters waiting sequences need are given to the adapter cache in queue order (their
+     loads start in that order, and one wanted sooner is never evicted for one wanted later);
+  3. waiting sequences are admitted in arrival order while the token budget, the sequence cap
+     and the distinct-adapter cap allow; one whose adapter is not resident yet is passed over
+     (never waited for), and joins on the first step its adapter is resident;
+  4. fairness (aging): a sequence that could not get its adapter a slot or pages for
+     `starvation_steps` steps while every slot is taken goes first in the cache's queue and
+     stops the admission of sequences behind it that use other adapters, so running ones
+     release their slots to it. Steps its adapter spends loading do not count.
 A structured-output sequence is admitted once its grammar is compiled (engine/grammar.py compiles
 on its own threads); one whose grammar failed to compile fails here, alone.
 """
@@ -27,13 +32,13 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_loras_per_batch: int = 8
-    prefetch_lookahead: int = 16  # waiting sequences whose adapters are prefetched
-    max_resident_adapters: int = 8  # device slots (max_loras): prefetch never thrashes them
+    prefetch_lookahead: int = 64  # distinct adapters of waiting sequences given to the cache
+    max_resident_adapters: int = 8  # device slots (max_loras)
     starvation_steps: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras_per_batch",
-                     "starvation_steps"):
+                     "prefetch_lookahead", "max_resident_adapters", "starvation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -57,15 +62,19 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVManager, adapters):
         self.config = config
         self.kv = kv
-        self.adapters = adapters  # AdapterManager: prefetch/ready/failed/pin/unpin
+        # AdapterManager: request_arrived / set_demand / ready / failure / pin / unpin
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._waited_steps: dict[int, int] = {}
+        self._starving: int | None = None  # adapter of the sequence that starved last step
 
     # -- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        if seq.adapter_id is not None:
+            self.adapters.request_arrived(seq.adapter_id)  # its load starts now
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -103,7 +112,7 @@ class Scheduler:
         # pages (the native cache only evicts idle adapters to make room).
         if self.kv.prefix_cache is not None and self.adapters.waiting_for_memory():
             self.kv.evict_cached_blocks()
-        self._prefetch_waiting()
+        self._publish_demand()
         adapters_in_batch = {s.adapter_id for s in self.running if s.adapter_id is not None}
         starving: int | None = None  # adapter of a starving sequence: admit no other adapter
         for seq in list(self.waiting):
@@ -126,7 +135,8 @@ class Scheduler:
                 continue
             if seq.adapter_id is not None:
                 if not self._admit_adapter(seq, adapters_in_batch):
-                    if self._note_wait(seq) and starving is None:
+                    if (self._blocked_by_memory(seq, adapters_in_batch) and self._note_wait(seq)
+                            and starving is None and self._slots_taken()):
                         starving = seq.adapter_id
                     continue
                 seq.pinned_adapter = True
@@ -157,6 +167,7 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+        self._starving = starving
         return batch
 
     # -- helpers -----------------------------------------------------------------------------
@@ -201,21 +212,36 @@ class Scheduler:
         self._waited_steps[seq.seq_id] = waited
         return waited >= self.config.starvation_steps
 
-    def _prefetch_waiting(self) -> None:
-        """Starts loads for the adapters of the first waiting sequences, but only into slots
-        that running sequences do not hold: prefetching more would evict adapters that the
-        next steps need (thrashing) instead of overlapping loads with decode."""
+    def _blocked_by_memory(self, seq: Sequence, adapters_in_batch: set[int]) -> bool:
+        """Whether seq waits for room (a slot, pages, or a place under the distinct-adapter
+        cap) rather than for its adapter's load to finish."""
+        if seq.adapter_id in adapters_in_batch:
+            return False
+        if self.adapters.ready(seq.adapter_id):
+            return True  # resident: the per-batch adapter cap holds it back
+        return self.adapters.waiting_for_slot(seq.adapter_id)
+
+    def _slots_taken(self) -> bool:
         in_use = {s.adapter_id for s in self.running if s.adapter_id is not None}
-        room = self.config.max_resident_adapters - len(in_use)
+        return len(in_use) >= min(self.config.max_resident_adapters,
+                                  self.config.max_loras_per_batch)
+
+    def _publish_demand(self) -> None:
+        """Tells the adapter cache which adapters waiting sequences need, in queue order (a
+        starving sequence's first): loads start in that order, and a resident adapter that a
+        sequence further ahead needs is not evicted for one further back."""
+        order: list[int] = []
         seen: set[int] = set()
-        for seq in list(self.waiting)[: self.config.prefetch_lookahead]:
-            if room <= 0:
+        if self._starving is not None:
+            order.append(self._starving)
+            seen.add(self._starving)
+        for seq in self.waiting:
+            if len(order) >= self.config.prefetch_lookahead:
                 break
             if seq.adapter_id is not None and seq.adapter_id not in seen:
                 seen.add(seq.adapter_id)
-                if seq.adapter_id not in in_use:
-                    room -= 1
-                self.adapters.prefetch(seq.adapter_id)
+                order.append(seq.adapter_id)
+        self.adapters.set_demand(order)
 
     def _fail_sequences_of_failed_adapters(self, batch: ScheduledBatch) -> None:
         for seq in list(self.waiting):

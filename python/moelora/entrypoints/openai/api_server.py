@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import moelora
+from moelora.engine.adapter_metrics import register_adapter_metrics
 from moelora.engine.async_engine import AsyncEngine
 from moelora.entrypoints.openai.cli_args import add_cli_args, parse_lora_modules
 from moelora.entrypoints.openai.drain import DrainingServer, ShutdownGate
@@ -132,6 +133,7 @@ def build_app(engine, model_path: str, args, static_loras: dict[str, str],
     metrics = ServerMetrics(served[0], args.max_loras)
     async_engine = AsyncEngine(engine, metrics)
     metrics.snapshot_source = async_engine
+    register_adapter_metrics(metrics.registry, engine.adapters.metrics)
     models = ServingModels(async_engine, served, model_path, engine.max_model_len, enable_lora,
                            runtime_updates=args.enable_runtime_lora_updating,
                            allowed_dirs=args.allowed_lora_dirs)

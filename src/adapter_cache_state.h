@@ -1,0 +1,149 @@
+// The AdapterCache's state, shared by adapter_cache_host.cpp (host tier: reader threads, read
+// jobs, host LRU) and adapter_cache.cpp (device tier, public API).
+// Lock order: pool allocation (which runs eviction listeners) is never called with `mutex` held;
+// HostBufferPool's mutex is a leaf.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "adapter_cache_internal.h"
+#include "moelora/adapter_cache.h"
+#include "moelora/error.h"
+
+namespace moelora {
+
+using EntryPtr = std::shared_ptr<detail::AdapterEntry>;
+
+// Lets the pool's eviction listener (which may outlive the cache) reach it safely.
+struct ListenerLink {
+  std::mutex mutex;
+  AdapterCache::State* state = nullptr;
+};
+
+// One adapter's disk -> host load: its chunks are claimed by the reader threads in order.
+struct ReadJob {
+  EntryPtr entry;
+  detail::ReadPlan plan;
+  std::unique_ptr<detail::OpenFiles> files;
+  std::shared_ptr<HostBuffer> buffer;
+  size_t next_chunk = 0;  // the next chunk to claim
+  size_t finished = 0;    // chunks read and converted, or skipped after a failure
+  bool failed = false;    // once set, the remaining chunks are skipped
+  std::string error;
+  std::chrono::steady_clock::time_point start;
+};
+
+struct LoadHistogram {
+  std::vector<int64_t> counts = std::vector<int64_t>(load_seconds_buckets().size() + 1, 0);
+  void observe(double seconds);
+};
+
+struct AdapterCache::State {
+  State(PagePool& p, CopyEngine& c, AdapterCacheConfig cfg)
+      : pool(p), copies(c), config(std::move(cfg)), table(config.sites, config.max_lora_rank) {}
+
+  PagePool& pool;
+  CopyEngine& copies;
+  AdapterCacheConfig config;
+  RowTableLayout table;
+  std::vector<int64_t> host_row_offsets;  // [max_loras][entries_per_slot]
+  std::vector<int32_t> host_ranks;        // [max_loras][rank_entries_per_slot]
+  bool device_table = false;
+  int device_index = 0;
+  int64_t* device_row_offsets = nullptr;
+  int32_t* device_ranks = nullptr;
+  std::vector<int32_t> zero_ranks;  // source of slot clears on the device table
+  std::vector<int64_t> slot_owner;
+  std::vector<CopyTicket> slot_clear_ticket;
+
+  mutable std::mutex mutex;
+  std::condition_variable changed;
+  std::condition_variable host_work;
+  std::condition_variable copy_work;
+  std::map<int64_t, EntryPtr> entries;
+  std::map<std::string, int64_t> names;
+  int64_t next_id = 1;
+  uint64_t lru_clock = 0;
+  uint64_t host_queue_clock = 0;
+  std::vector<EntryPtr> host_queue;  // host loads not yet started; started by demand, then FIFO
+  std::vector<std::shared_ptr<ReadJob>> jobs;  // host loads in flight, oldest first
+  int preparing_jobs = 0;                      // jobs being opened and allocated
+  int busy_readers = 0;                        // reader threads not waiting for work
+  bool finalizer_busy = false;                 // the finalizer holds a copy it took
+  int64_t host_copies = 0;                     // entries whose host copy is ready
+  std::vector<EntryPtr> demanded;              // entries with a demand position
+  struct InFlight {
+    EntryPtr entry;
+    CopyTicket ticket;
+    std::shared_ptr<HostBuffer> source;  // keeps the host pages alive during the copy
+  };
+  std::deque<InFlight> copy_queue;
+  bool stopping = false;
+  AdapterCacheStats counters;
+  LoadHistogram host_histogram, device_histogram;
+  detail::ReadHook read_hook;
+  std::shared_ptr<detail::HostBufferPool> buffers;
+  std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
+  std::vector<std::thread> readers;  // reader_threads() of them
+  std::thread finalizer;
+
+  int pack_threads() const {
+    if (config.pack_threads > 0) return config.pack_threads;
+    const int hardware = static_cast<int>(std::thread::hardware_concurrency());
+    return std::clamp(hardware / std::max(1, config.host_threads), 1, 8);
+  }
+  int reader_threads() const { return config.host_threads * pack_threads(); }
+
+  EntryPtr get_locked(int64_t id) const {
+    auto it = entries.find(id);
+    if (it == entries.end()) throw NotFound("no adapter with id " + std::to_string(id));
+    return it->second;
+  }
+  Residency residency_locked(const detail::AdapterEntry& e) const;
+
+  // ---- host tier (adapter_cache_host.cpp) ----
+  void queue_host_load_locked(const EntryPtr& e);
+  void set_host_ready_locked(detail::AdapterEntry& e, std::shared_ptr<HostBuffer> copy);
+  void drop_host_copy_locked(detail::AdapterEntry& e);
+  // Urgency of e's host copy (lower is more urgent): its demand position; else just below
+  // kNoDemand while it is wanted on the device; kNoDemand when it is resident on the device or
+  // idle.
+  int64_t host_urgency_locked(const detail::AdapterEntry& e) const;
+  detail::AdapterEntry* host_victim_locked(const detail::AdapterEntry* protect) const;
+  void enforce_host_limits_locked(const detail::AdapterEntry* protect);
+  EntryPtr startable_host_load_locked();
+  std::shared_ptr<ReadJob> claimable_job_locked() const;
+  std::shared_ptr<ReadJob> prepare_job(const EntryPtr& e);
+  void read_chunk(ReadJob& job, size_t chunk, detail::ReaderScratch& scratch,
+                  const detail::ReadHook& hook);
+  void finish_job_locked(const std::shared_ptr<ReadJob>& job, std::unique_lock<std::mutex>& lock);
+  void reader_loop();
+
+  // ---- device tier (adapter_cache.cpp) ----
+  void clear_slot_locked(int32_t slot);
+  void drop_device_locked(detail::AdapterEntry& e, bool free_pages);
+  // Whether a load of `for_entry` may evict resident `victim` (see set_demand).
+  static bool may_evict(const detail::AdapterEntry& victim, const detail::AdapterEntry& for_entry);
+  int32_t find_slot_locked(const detail::AdapterEntry& for_entry);
+  void fail_locked(detail::AdapterEntry& e, const std::string& what);
+  void settle_copies() noexcept;
+  // Never throws: whatever goes wrong fails this adapter (and so its requests) alone.
+  void try_start_device_load(const EntryPtr& e) noexcept;
+  void start_device_load(const EntryPtr& e);
+  void on_device_load_error(const EntryPtr& e, const std::string& what) noexcept;
+  void retry_waiting();
+  void finalizer_loop();
+  void on_pool_eviction(Owner owner);
+};
+
+}  // namespace moelora
