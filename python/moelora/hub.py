@@ -33,14 +33,17 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     except ImportError as exc:
         raise ValueError(f"model {name!r} is not a local directory, and resolving Hugging Face "
                          f"ids needs huggingface_hub: pip install huggingface_hub") from exc
+    # HF_HUB_CACHE as it is now (huggingface_hub reads it once, when first imported)
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     try:
         # The cache first: an id already downloaded never touches the network.
         return snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS,
-                                 local_files_only=True)
+                                 cache_dir=cache_dir, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
     try:
-        return snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+        return snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS,
+                                 cache_dir=cache_dir)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"model {name!r}: not a local directory, not in the Hugging Face cache "
