@@ -12,7 +12,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-
 from moelora.ops import LoraSiteView, make_site_view
 
 ALIGN = 16

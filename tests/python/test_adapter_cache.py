@@ -10,9 +10,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from moelora import _C
+from safetensors.torch import save_file
 
 SITES = [("q_proj", 2, 1, 45, 19), ("experts.w13", 2, 4, 45, 26)]
 PAGE_BYTES = 1024
@@ -135,7 +134,7 @@ def test_mixed_ranks_and_sources_load_exactly(tmp_path, model_dtype):
 
 
 def test_corrupt_files_fail_only_their_adapter(tmp_path):
-    pool, cache = make_cache(max_loras=4)
+    _pool, cache = make_cache(max_loras=4)
     good = [write_adapter(tmp_path, f"good{i}", [[4, 4], [2, 6]], 10 + i, torch.bfloat16, 1.0)
             for i in range(3)]
     nan_spec, _ = write_adapter(tmp_path, "nan", [[2, 2], [2, 2]], 20, torch.float32, 1.0,

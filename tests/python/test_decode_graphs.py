@@ -17,8 +17,8 @@ import torch
 from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.engine.decode_graphs import default_buckets
-from moelora.graph_flags import add_graph_arguments, graphs_choice
 from moelora.entrypoints.llm import _decode_graphs
+from moelora.graph_flags import add_graph_arguments, graphs_choice
 from test_lora_peft import PEFT_CASES
 
 

@@ -10,10 +10,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.demo.assets import ADAPTERS, build_demo_assets
+from safetensors.torch import load_file, save_file
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -157,7 +156,7 @@ def test_bad_adapters_are_refused_or_fail_only_their_requests(llm, assets, tmp_p
     nan = tmp_path / "nan"
     shutil.copytree(dirs["chef"], nan)
     tensors = load_file(str(nan / "adapter_model.safetensors"))
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(nan / "adapter_model.safetensors"))
     good = _loras(assets)[0]

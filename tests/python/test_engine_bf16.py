@@ -16,12 +16,11 @@ import peft
 import pytest
 import torch
 from hf_tiny import make_tiny
-from test_engine_vs_hf import SECOND_CASES
-from test_lora_peft import PEFT_CASES
-
 from moelora import LoRARequest, SamplingParams
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
+from test_engine_vs_hf import SECOND_CASES
+from test_lora_peft import PEFT_CASES
 
 
 def _prefill_logits(engine: LLMEngine, prompts, loras) -> torch.Tensor:

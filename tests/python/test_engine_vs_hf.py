@@ -15,26 +15,25 @@ import peft
 import pytest
 import torch
 from hf_tiny import FAMILIES, make_tiny
-from test_lora_peft import PEFT_CASES
-
 from moelora import LLM, LoRARequest, SamplingParams
+from test_lora_peft import PEFT_CASES
 
 MAX_NEW = 8
 # A second adapter per family: another rank, attention-only or a different expert target.
 SECOND_CASES = {
-    "llama": dict(r=7, lora_alpha=7, target_modules=["q_proj", "up_proj"]),
-    "qwen2": dict(r=5, lora_alpha=10, target_modules=["o_proj", "gate_proj"]),
-    "qwen3": dict(r=6, lora_alpha=3, target_modules=["v_proj", "down_proj"]),
-    "mixtral": dict(r=6, lora_alpha=12, target_modules=["k_proj", "o_proj"],
-                    target_parameters=["gate_up_proj"]),
-    "qwen2_moe": dict(r=7, lora_alpha=7, target_modules=["q_proj", "shared_expert.down_proj"],
-                      target_parameters=["down_proj"]),
-    "qwen3_moe": dict(r=8, lora_alpha=16, target_modules=["o_proj"],
-                      target_parameters=["down_proj"]),
-    "olmoe": dict(r=3, lora_alpha=6, target_modules=["q_proj", "o_proj"],
-                  target_parameters=["gate_up_proj"]),
-    "gpt_oss": dict(r=6, lora_alpha=6, target_modules=["k_proj", "v_proj"],
-                    target_parameters=["down_proj"]),
+    "llama": {"r": 7, "lora_alpha": 7, "target_modules": ["q_proj", "up_proj"]},
+    "qwen2": {"r": 5, "lora_alpha": 10, "target_modules": ["o_proj", "gate_proj"]},
+    "qwen3": {"r": 6, "lora_alpha": 3, "target_modules": ["v_proj", "down_proj"]},
+    "mixtral": {"r": 6, "lora_alpha": 12, "target_modules": ["k_proj", "o_proj"],
+                    "target_parameters": ["gate_up_proj"]},
+    "qwen2_moe": {"r": 7, "lora_alpha": 7, "target_modules": ["q_proj", "shared_expert.down_proj"],
+                      "target_parameters": ["down_proj"]},
+    "qwen3_moe": {"r": 8, "lora_alpha": 16, "target_modules": ["o_proj"],
+                      "target_parameters": ["down_proj"]},
+    "olmoe": {"r": 3, "lora_alpha": 6, "target_modules": ["q_proj", "o_proj"],
+                  "target_parameters": ["gate_up_proj"]},
+    "gpt_oss": {"r": 6, "lora_alpha": 6, "target_modules": ["k_proj", "v_proj"],
+                    "target_parameters": ["down_proj"]},
 }
 
 

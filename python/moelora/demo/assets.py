@@ -15,8 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY = dict(hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, experts=8, top_k=2,
-            inter=96)
+TINY = {"hidden": 128, "layers": 4, "heads": 4, "kv_heads": 2, "head_dim": 32, "experts": 8, "top_k": 2,
+            "inter": 96}
 # (name, rank, targets): attention-only, experts-only, and both.
 ADAPTERS = [
     ("poet", 8, ["q_proj", "v_proj", "w1", "w2", "w3"]),

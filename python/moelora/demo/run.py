@@ -79,12 +79,12 @@ def _print_summary(s: dict, engine) -> None:
         ("adapters used", s["adapters"]),
         ("output tokens/s", f"{s['output_tokens_per_s']:.1f}"),
         ("TTFT p50 / p99", f"{s['ttft_p50_ms']:.1f} ms / {s['ttft_p99_ms']:.1f} ms"),
-        ("adapter loads / evictions", f"{s['adapter_stats'].get('device_loads', 0)} / "
-                                      f"{s['adapter_stats'].get('device_evictions', 0)}"),
+        ("adapter loads / evictions", (f"{s['adapter_stats'].get('device_loads', 0)} / "
+                                       f"{s['adapter_stats'].get('device_evictions', 0)}")),
         ("preemptions", s["preemptions"]),
         ("pool pages (total)", pool["total_pages"]),
-        ("pool pages kv / adapter / free", f"{pool['kv_pages']} / {pool['adapter_pages']} / "
-                                           f"{pool['free_pages']}"),
+        ("pool pages kv / adapter / free", (f"{pool['kv_pages']} / {pool['adapter_pages']} / "
+                                            f"{pool['free_pages']}")),
         ("page size", f"{pool['page_bytes']} bytes"),
     ]
     width = max(len(r[0]) for r in rows)
