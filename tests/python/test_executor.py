@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import moelora
 import torch
 from moelora import LLM, SamplingParams
 from moelora.engine.config import EngineConfig
@@ -24,7 +25,9 @@ from moelora.engine.executor import UniProcExecutor
 from moelora.engine.llm_engine import LLMEngine
 from moelora.engine.model_runner import ModelRunner
 
-PACKAGE = Path(__file__).resolve().parents[2] / "python" / "moelora"
+# The package these tests import: the installed one in CI (with its _C), the source tree in a
+# developer build.
+PACKAGE = Path(moelora.__file__).resolve().parent
 TINY = {"device": "cpu", "dtype": "float32", "synthetic_num_layers": 2,
         "pool_memory_bytes": 16 << 20, "load_progress": False}
 PROMPTS = [[5, 9, 33, 2], [7], [11, 12, 13, 14, 15, 16, 17]]
