@@ -16,8 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import moelora
+import pytest
 import torch
 from moelora import LLM, SamplingParams
 from moelora.engine.config import EngineConfig
