@@ -50,12 +50,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="interleaved rounds of every path (medians reported)")
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep the files in the page cache (measures memory, not storage)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--seed", type=int, default=0, help="adapter weights")
-    parser.add_argument("--adapter-dir", default=None,
-                        help="where to write the adapters (reused when complete; default: a "
-                             "temporary directory, removed at the end)")
+    flags.add_engine_placement_arguments(parser, seed_help="adapter weights")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     return parser
 

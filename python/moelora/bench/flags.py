@@ -7,7 +7,8 @@ import argparse
 
 from moelora.graph_flags import add_graph_arguments, graphs_choice
 
-__all__ = ["WEIGHT_CHOICES", "add_graph_arguments", "describe", "graphs_choice"]
+__all__ = ["WEIGHT_CHOICES", "add_engine_placement_arguments", "add_graph_arguments",
+           "describe", "graphs_choice"]
 
 WEIGHT_CHOICES = ("bf16", "mxfp4", "fp8")  # how experts are stored (weight_bytes.py)
 
@@ -42,3 +43,14 @@ def rate(text: str) -> float:
 def add_memory_check_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-memory-check", action="store_true",
                         help="build the model even when the estimate says it cannot fit")
+
+
+def add_engine_placement_arguments(parser: argparse.ArgumentParser,
+                                   seed_help: str = "prompts and adapter weights") -> None:
+    """--device, --dtype, --seed and --adapter-dir, as every engine benchmark takes them."""
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--adapter-dir", default=None,
+                        help="where to write the adapters (reused when complete; default: a "
+                             "temporary directory, removed at the end)")

@@ -79,15 +79,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                         help="fraction of the GPU the engine may use")
     flags.add_graph_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    flags.add_engine_placement_arguments(parser)
     parser.add_argument("--copy-rate", type=float, default=None,
                         help="bytes/s for the roofline (default: the measured rate of the card: "
                              "H100 80GB 3.0e12, H200 4.18e12)")
-    parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
-    parser.add_argument("--adapter-dir", default=None,
-                        help="where the adapters are written (reused when complete; default: "
-                             "a temporary directory, removed at the end)")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help="append one JSON line per (sequences, adapters) here ('-': none)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",

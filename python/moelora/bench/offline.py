@@ -60,12 +60,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="partition the experts over the tensor-parallel processes")
     flags.add_graph_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
-    parser.add_argument("--adapter-dir", default=None,
-                        help="where to write the adapters (reused when complete; default: a "
-                             "temporary directory, removed at the end)")
+    flags.add_engine_placement_arguments(parser)
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds of the no-adapter and the warm run (medians reported)")

@@ -76,12 +76,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-num-batched-tokens", type=flags.positive_int, default=2048,
                         help="prefill chunk budget per step")
     flags.add_graph_arguments(parser)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    parser.add_argument("--seed", type=int, default=0, help="prompts and adapter weights")
-    parser.add_argument("--adapter-dir", default=None,
-                        help="where to write the adapters (reused when complete; default: a "
-                             "temporary directory, removed at the end)")
+    flags.add_engine_placement_arguments(parser)
     parser.add_argument("--adapter-disk-budget-gb", type=float, default=16.0,
                         help="disk the adapters may take when the layer count is chosen")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
