@@ -16,11 +16,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from engine_steps import finish_all
 from moelora import LLM, AdapterValidationError, LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
 
@@ -60,17 +60,6 @@ def workload(dirs, n: int = 48, seed: int = 0):
         loras.append(None if k % 8 == 7 else
                      lora(dirs, rng.choices(range(NUM_ADAPTERS), weights)[0]))
     return prompts, loras
-
-
-def finish_all(engine, timeout_s: float = 120.0, on_output=None) -> None:
-    """Steps until every request is done (steps that only wait for a load are short), within
-    `timeout_s`: a request that never finishes fails the test instead of hanging it."""
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, f"requests unfinished after {timeout_s} s"
-        for out in engine.step():
-            if on_output is not None:
-                on_output(out)
 
 
 def accounts(llm: LLM) -> dict:

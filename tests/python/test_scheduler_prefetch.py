@@ -12,10 +12,10 @@ chosen adapter's read for as long as a test wants, so the checks count steps, ne
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
+from engine_steps import finish_all
 from moelora import LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
 from moelora.engine.config import EngineConfig
@@ -62,17 +62,6 @@ def adapter(engine: LLMEngine, tmp_path, name: str, seed: int) -> LoRARequest:
     path = write_random_adapter(str(tmp_path / name), engine.model.lora_sites(), 4, seed=seed,
                                 dtype=torch.float32)
     return LoRARequest(name, seed + 1, path)
-
-
-def finish_all(engine, timeout_s: float = 120.0, on_output=None) -> None:
-    """Steps until every request is done (steps that only wait for a load are short), within
-    `timeout_s`: a request that never finishes fails the test instead of hanging it."""
-    deadline = time.monotonic() + timeout_s
-    while engine.has_unfinished_requests():
-        assert time.monotonic() < deadline, f"requests unfinished after {timeout_s} s"
-        for out in engine.step():
-            if on_output is not None:
-                on_output(out)
 
 
 def prompt(i: int) -> list[int]:
