@@ -24,7 +24,7 @@ def resolve_model(name: str, revision: str | None = None) -> str:
     what was tried when it is neither a directory, a synthetic preset nor a resolvable id."""
     if name.startswith("synthetic:") or os.path.isdir(name):
         return name
-    if not is_repo_id(name) or name.startswith(("/", ".", "~")):
+    if not is_repo_id(name):
         raise ValueError(f"model {name!r}: no such directory (and not a Hugging Face repository "
                          f"id)")
     try:

@@ -142,9 +142,12 @@ class _SamplingFields(_Request):
         except TypeError as exc:
             raise ValueError(f"{field_name}: {exc}") from None
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        structured_outputs: StructuredOutputsParams | None = None
+                        ) -> SamplingParams:
+        """The request's SamplingParams; structured_outputs: its structured_outputs_params()."""
         return SamplingParams(
-            structured_outputs=self.structured_outputs_params(),
+            structured_outputs=structured_outputs,
             prompt_logprobs=self.prompt_logprobs,
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,

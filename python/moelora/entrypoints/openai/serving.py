@@ -363,11 +363,11 @@ class OpenAIServing:
                                   for t in req.logit_bias):
             raise bad_request(f"logit_bias token ids must be < {self.vocab_size}", "logit_bias")
         try:
-            req.structured_outputs_params()
+            constraint = req.structured_outputs_params()
         except ValueError as exc:
             raise bad_request(str(exc), _constraint_field(req)) from exc
         try:
-            return req.sampling_params(max_tokens, logprobs)
+            return req.sampling_params(max_tokens, logprobs, constraint)
         except ValueError as exc:
             message = str(exc)
             name = message.split(" ", 1)[0]
