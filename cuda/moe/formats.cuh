@@ -88,6 +88,10 @@ __device__ __forceinline__ float load_bias(const GemmArgs& a, int64_t e, int64_t
 // scales of the row blocks each 8-row half of a unit touches (FP8: at most two per half).
 enum class StageScales : uint8_t { kNone, kPerRow, kRowBlocks };
 
+// kStepLocalSwizzle: swizzle(r, 4 * kChunks * s + local) == 4 * kChunks * s + swizzle(r, local),
+// so a lane's x addresses move by whole k-steps (moe/gemm.cuh computes them once). Prepared,
+// fast, prepare, a_pairs_prepared: what a k-step works out once per weight row before its
+// kChunks sub-steps (MXFP4: the scale's multiplier), and the fast path it allows.
 // kChunks: 16-byte chunks of x (8 elements) a lane reads per k-step; chunk u feeds mma sub-steps
 // 2u and 2u+1. a_pairs(u) gives, for one row, the bf16x2 / f16x2 operands of those sub-steps in
 // the order {2u: k 2c..2c+1, 2u: k 2c+8..2c+9, 2u+1: ..., 2u+1: ...}; b_pairs gives the x
@@ -117,8 +121,18 @@ struct DenseFormat {
     b[2] = x.z;
     b[3] = x.w;
   }
-  // Lanes c of rows r, r+1 read chunks 4s + c: the odd row's half moves by 4 chunks.
+  // Lanes c of rows r, r+1 read chunks 4s + c: the odd row's half moves by 4 chunks, into the
+  // next k-step's (not step-local).
+  static constexpr bool kStepLocalSwizzle = false;
   __device__ static int swizzle(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
+  using Prepared = Scale;
+  __device__ static bool fast(Scale) { return true; }
+  template <bool kFast>
+  __device__ static Prepared prepare(Scale s) { return s; }
+  template <bool kFast>
+  __device__ static void a_pairs_prepared(const uint4& w, Prepared p, int u, uint32_t (&a)[4]) {
+    a_pairs(w, p, u, a);
+  }
 };
 
 struct Fp8Format {
@@ -159,8 +173,18 @@ struct Fp8Format {
     b[2] = x.z;
     b[3] = x.w;
   }
-  // Lanes c of rows r, r+1 read chunks 8s + 2c + u: the odd row moves to the other parity.
+  // Lanes c of rows r, r+1 read chunks 8s + 2c + u: the odd row moves to the other parity,
+  // within the k-step's chunks.
+  static constexpr bool kStepLocalSwizzle = true;
   __device__ static int swizzle(int row, int chunk) { return chunk ^ (row & 1); }
+  using Prepared = Scale;
+  __device__ static bool fast(Scale) { return true; }
+  template <bool kFast>
+  __device__ static Prepared prepare(Scale s) { return s; }
+  template <bool kFast>
+  __device__ static void a_pairs_prepared(const uint4& w, Prepared p, int u, uint32_t (&a)[4]) {
+    a_pairs(w, p, u, a);
+  }
 };
 
 struct Mxfp4Format {
@@ -250,9 +274,25 @@ struct Mxfp4Format {
     b[3] = prmt(x.y, x.w, 0x7632u);
   }
   // Lanes c of rows r, r+1 read chunks 4c + u: chunks 8..15 move by 2 within their bank group
-  // and the odd row to the other parity.
+  // and the odd row to the other parity, all within the k-step's 16 chunks.
+  static constexpr bool kStepLocalSwizzle = true;
   __device__ static int swizzle(int row, int chunk) {
     return chunk ^ (((chunk >> 3) & 1) << 1) ^ (row & 1);
+  }
+  // Per k-step, once per weight row (moe/gemm.cuh): a scale <= 128 (every real checkpoint's)
+  // becomes its multiplier, so each pair costs its bits and one multiply; a larger one stays
+  // the scale for the two-multiply path.
+  using Prepared = uint32_t;
+  __device__ static bool fast(Scale s) { return s <= 128u; }
+  template <bool kFast>
+  __device__ static Prepared prepare(Scale s) { return kFast ? small_multiplier(s) : s; }
+  template <bool kFast>
+  __device__ static void a_pairs_prepared(const uint4& w, Prepared p, int u, uint32_t (&a)[4]) {
+    if constexpr (kFast) {
+      a_pairs_small(w, p, u, a);
+    } else {
+      a_pairs(w, p, u, a);
+    }
   }
 };
 
