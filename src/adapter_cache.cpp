@@ -432,7 +432,8 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
     std::lock_guard<std::mutex> guard(link->mutex);
     if (link->state) link->state->on_pool_eviction(owner);
   });
-  s.buffers = std::make_shared<detail::HostBufferPool>(s.config.host_threads);
+  s.buffers = std::make_shared<detail::HostBufferPool>(s.config.max_cpu_loras +
+                                                       s.config.host_threads);
   for (int32_t i = 0; i < s.reader_threads(); ++i) {
     s.readers.emplace_back([&s] { s.reader_loop(); });
   }

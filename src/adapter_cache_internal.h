@@ -198,10 +198,13 @@ void set_read_hook(AdapterCache& cache, ReadHook hook);
 bool is_settled(AdapterCache& cache);
 
 // Host copies of finished loads whose adapters left the host tier, kept for the next loads:
-// page-locked allocations cost about as much as the read itself.
+// page-locked allocations cost about as much as the read itself (an H100 host pins a few GB/s),
+// so a burst of loads after a burst of evictions or unloads should not pin again. Buffers kept
+// plus buffers in use stay within max_buffers: the host tier's copies and the reads in flight,
+// the most the tier pins at any time anyway.
 class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {
  public:
-  explicit HostBufferPool(int keep_at_most) : keep_at_most_(keep_at_most) {}
+  explicit HostBufferPool(int64_t max_buffers) : max_buffers_(max_buffers) {}
   // A buffer of at least `bytes` (a kept one at most a quarter larger, page-locked preferred,
   // or a new one). It returns here when its last reference goes.
   std::shared_ptr<HostBuffer> take(int64_t bytes);
@@ -213,7 +216,7 @@ class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {
  private:
   void give_back(HostBuffer* buffer) noexcept;
   mutable std::mutex mutex_;
-  int keep_at_most_;
+  int64_t max_buffers_;
   int64_t in_use_ = 0;
   std::vector<std::unique_ptr<HostBuffer>> kept_;
 };

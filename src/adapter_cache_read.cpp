@@ -136,7 +136,9 @@ void HostBufferPool::give_back(HostBuffer* buffer) noexcept {
   std::unique_ptr<HostBuffer> owned(buffer);
   std::lock_guard<std::mutex> lock(mutex_);
   --in_use_;
-  if (static_cast<int>(kept_.size()) < keep_at_most_) kept_.push_back(std::move(owned));
+  if (static_cast<int64_t>(kept_.size()) + in_use_ < max_buffers_) {
+    kept_.push_back(std::move(owned));
+  }
   // Otherwise freed here (a page-locked free during a graph capture waits for its end).
 }
 

@@ -4,7 +4,8 @@
 // read by several threads, against an independent reference; the read plan's invariants; page
 // bytes outside rows zero even in a recycled buffer; and faults in the middle of a parallel read
 // (truncation, a failed read, a rewrite, a directory replaced by a file, unregistering, the
-// cache going away), each confined to its adapter with every page account exact afterwards.
+// cache going away), each confined to its adapter with every page account exact afterwards; and
+// how many freed host buffers the cache keeps for later loads.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -16,6 +17,7 @@
 #include <mutex>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "adapter_cache_internal.h"
 #include "moelora/error.h"
@@ -157,6 +159,23 @@ TEST_CASE("a recycled host buffer leaves no stale bytes in row padding") {
   CHECK_EQ(mismatches(c, b, slot, DType::kFloat32), int64_t{0});
   CHECK_EQ(dirty_padding_bytes(c, b, slot, DType::kFloat32), int64_t{0});
   check_accounts(c, {idb});
+}
+
+TEST_CASE("the pool of host buffers keeps what the host tier may pin, and no more") {
+  auto pool = std::make_shared<detail::HostBufferPool>(3);  // kept + in use <= 3
+  std::vector<std::shared_ptr<HostBuffer>> taken;
+  for (int i = 0; i < 5; ++i) taken.push_back(pool->take(4096));
+  CHECK_EQ(pool->buffers_in_use(), int64_t{5});
+  taken.resize(2);  // three come back while two stay in use: one of them is kept
+  CHECK_EQ(pool->kept_buffers(), int64_t{1});
+  taken.clear();
+  CHECK_EQ(pool->kept_buffers(), int64_t{3});
+  for (int i = 0; i < 3; ++i) taken.push_back(pool->take(4096));  // all three reused
+  CHECK_EQ(pool->kept_buffers(), int64_t{0});
+  taken.push_back(pool->take(4096));  // a new one: in use 4 > 3 while it lives
+  taken.clear();
+  CHECK_EQ(pool->kept_buffers(), int64_t{3});
+  CHECK_EQ(pool->buffers_in_use(), int64_t{0});
 }
 
 TEST_CASE("read plan: chunks cover each tensor's needed elements once, in order, in bounds") {

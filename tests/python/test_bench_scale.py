@@ -70,3 +70,18 @@ def test_adapters_that_would_not_fit_the_disk_are_refused(tmp_path, monkeypatch)
         main(["bench", "scale", *shlex.split(GPU_ARGS), "--device", "cpu", "--dtype", "bfloat16",
               "--adapter-dir", str(tmp_path / "adapters")])
     assert not any((tmp_path / "adapters").iterdir())
+
+
+def test_warm_host_reads_the_adapters_before_the_clock(tmp_path, capsys):
+    """--warm-host: every adapter of a point is in host memory before its requests run, so the
+    point itself reads nothing from disk (host_loads 0) and only copies to the device."""
+    argv = ["--device", "cpu", "--num-layers", "1", "--num-prompts", "6", "--input-len", "4",
+            "--output-len", "3", "--adapter-counts", "3", "--max-loras", "2",
+            "--max-cpu-loras", "3", "--popularity", "uniform", "--request-rate", "inf",
+            "--warm-host", "--adapter-dir", str(tmp_path / "adapters"),
+            "--out", str(tmp_path / "scale.jsonl")]
+    assert main(["bench", "scale", *argv]) == 0
+    record = json.loads((tmp_path / "scale.jsonl").read_text().splitlines()[-1])
+    assert record["warm_host"] is True
+    (point,) = record["points"]
+    assert point["host_warm"] == 3 and point["host_loads"] == 0 and point["device_loads"] >= 2

@@ -73,7 +73,9 @@ class AdapterLoads:
             torch.cuda.synchronize(self.device)
 
     def cold(self) -> float:
-        """Seconds for register + prefetch + wait of every adapter, from cold."""
+        """Seconds for register + prefetch + wait of every adapter, from cold (the previous
+        round's adapters are unloaded before the clock starts: freeing them is not a load)."""
+        self._unload()
         start = time.perf_counter()
         ids = self._register()
         self._to_device(ids)

@@ -6,7 +6,9 @@ and then, for every popularity (uniform, zipf) and arrival setting (all at once,
 rate), once per adapter count in --adapter-counts: each request draws its adapter from that many
 random adapters, with --max-loras device slots and --max-cpu-loras host copies, so adapters
 stream from disk to host to GPU while requests run. Every point starts cold: its adapters are
-registered before the run (as a server's --lora-modules are) and unregistered after it.
+registered before the run (as a server's --lora-modules are) and unregistered after it. With
+--warm-host their host copies are read before the clock starts (S-LoRA's setting: adapters in
+host memory), so only host -> device copies run with the requests.
 
 --request-rate takes numbers, inf (all at once) and auto: a Poisson rate of --auto-rate-fraction
 of the request throughput the no-adapter run reached all at once, so the GPU is busy but not
@@ -71,6 +73,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="prompt tokens per request")
     parser.add_argument("--output-len", type=flags.positive_int, default=32,
                         help="generated tokens per request (ignore_eos)")
+    parser.add_argument("--warm-host", action="store_true",
+                        help="read each point's adapters (up to --max-cpu-loras of them) into "
+                             "host memory before its clock starts, as S-LoRA measures; the "
+                             "device still starts cold")
     parser.add_argument("--max-num-seqs", type=flags.positive_int, default=64,
                         help="sequences decoding together at most")
     parser.add_argument("--max-num-batched-tokens", type=flags.positive_int, default=2048,
@@ -196,6 +202,7 @@ def run_from_args(args) -> int:
         "bench": "scale", "model": args.model, **engine_info, "rank": args.rank,
         "weights": args.weights_built, "notes": notes,
         "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
+        "warm_host": args.warm_host,
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "adapter_counts": sorted(set(args.adapter_counts)),
         "no_adapters": base, "points": results,

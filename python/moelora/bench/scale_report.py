@@ -76,7 +76,8 @@ def write_results(record: dict, columns, rows, command: str, results_dir: str,
     setting = (f"{record['max_loras']} device slots, {record['max_cpu_loras']} host copies, "
                f"rank {record['rank']}, {record['dtype']}; {record['num_prompts']} requests of "
                f"{record['input_len']} + {record['output_len']} tokens per point; every point "
-               f"starts cold.")
+               + ("starts with its adapters in host memory and none on the device."
+                  if record.get("warm_host") else "starts cold."))
     target = ("Throughput of the most adapters relative to the fewest, at the same popularity "
               "and arrivals (target: >= 0.90):")
     lines = [title, "", f"`{command}`", "", setting, *record.get("notes", []), "",
