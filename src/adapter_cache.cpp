@@ -88,7 +88,8 @@ bool AdapterCache::State::may_evict(const AdapterEntry& victim, const AdapterEnt
 }
 
 // Picks a free slot, else evicts an unpinned resident adapter that `for_entry` may evict: idle
-// ones (no queued demand) least recently used first, then those wanted furthest back.
+// ones (no queued demand) first, the least popular and then least recently used of them, then
+// those wanted furthest back.
 int32_t AdapterCache::State::find_slot_locked(const AdapterEntry& for_entry) {
   // Device loads start in queue order: this one waits while one ahead of it has not started
   // yet (is still being read, or waits for memory). Slots then go to the requests furthest
@@ -110,7 +111,8 @@ int32_t AdapterCache::State::find_slot_locked(const AdapterEntry& for_entry) {
     if (e->device_state != DeviceState::kResident || e->acquire_pins > 0) continue;
     if (!may_evict(*e, for_entry)) continue;
     if (!victim || e->demand > victim->demand ||
-        (e->demand == victim->demand && e->device_lru < victim->device_lru)) {
+        (e->demand == victim->demand &&
+         leaves_first_locked(*e, e->device_lru, *victim, victim->device_lru))) {
       victim = e.get();
     }
   }

@@ -10,10 +10,12 @@
 // Which copies stay: at most max_cpu_loras (and max_cpu_bytes). A read starts when there is
 // room or when a copy less urgent than it can go. Urgency: a queued request's position first,
 // then wanted on the device (a request not yet in the demand list, or waiting for a slot), then
-// idle (resident on the device, or read by prefetch_host alone). Among equals the least recently
-// used goes, but a read never evicts an equal: reads for adapters that all wait for the device
-// would otherwise replace each other's copies in turn.
+// idle (resident on the device, or read by prefetch_host alone). Among equals the least popular
+// (note_request, decayed) and then least recently used goes, but a read never evicts an equal:
+// reads for adapters that all wait for the device would otherwise replace each other's copies
+// in turn.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "adapter_cache_state.h"
@@ -99,6 +101,36 @@ int64_t AdapterCache::State::host_urgency_locked(const AdapterEntry& e) const {
   return e.want_device ? kNoDemand - 1 : kNoDemand;
 }
 
+// Popularity, for both tiers: which of two equally urgent copies leaves first.
+void AdapterCache::note_request(int64_t id) {
+  State& s = *state_;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    EntryPtr e = s.get_locked(id);
+    ++s.requests_seen;
+    e->popularity = s.popularity_locked(*e) + 1.0;
+    e->popularity_at = s.requests_seen;
+  }
+  touch(id);
+}
+
+double AdapterCache::State::popularity_locked(const AdapterEntry& e) const {
+  if (config.popularity_half_life <= 0 || e.popularity == 0.0) return e.popularity;
+  const double since = static_cast<double>(requests_seen - e.popularity_at);
+  return e.popularity * std::exp2(-since / static_cast<double>(config.popularity_half_life));
+}
+
+bool AdapterCache::State::leaves_first_locked(const AdapterEntry& a, uint64_t a_lru,
+                                              const AdapterEntry& b, uint64_t b_lru) const {
+  if (config.popularity_half_life > 0) {
+    // A count decayed below one request no longer counts: among those, recency decides.
+    auto counted = [](double p) { return p >= 1.0 ? p : 0.0; };
+    const double pa = counted(popularity_locked(a)), pb = counted(popularity_locked(b));
+    if (pa != pb) return pa < pb;
+  }
+  return a_lru < b_lru;
+}
+
 AdapterEntry* AdapterCache::State::host_victim_locked(const AdapterEntry* protect) const {
   AdapterEntry* victim = nullptr;
   for (const auto& [id, e] : entries) {
@@ -106,10 +138,10 @@ AdapterEntry* AdapterCache::State::host_victim_locked(const AdapterEntry* protec
     if (e->device_state == DeviceState::kAllocating || e->device_state == DeviceState::kCopying) {
       continue;  // its copy is being read
     }
-    // The least urgent goes first; among equals, the least recently used.
+    // The least urgent goes first; among equals, the least popular, then least recently used.
     if (!victim || host_urgency_locked(*e) > host_urgency_locked(*victim) ||
         (host_urgency_locked(*e) == host_urgency_locked(*victim) &&
-         e->host_lru < victim->host_lru)) {
+         leaves_first_locked(*e, e->host_lru, *victim, victim->host_lru))) {
       victim = e.get();
     }
   }

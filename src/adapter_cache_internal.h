@@ -63,6 +63,10 @@ struct AdapterEntry {
 
   // Position of the first queued request that waits for this adapter (set_demand), or kNoDemand.
   int64_t demand = kNoDemand;
+  // Requests noted for it (note_request), decayed: worth `popularity` when the cache had seen
+  // `popularity_at` requests.
+  double popularity = 0.0;
+  uint64_t popularity_at = 0;
 
   bool cancelled = false;  // unregistered; background work drops its result
   bool failed = false;

@@ -74,6 +74,7 @@ struct AdapterCache::State {
   std::map<std::string, int64_t> names;
   int64_t next_id = 1;
   uint64_t lru_clock = 0;
+  uint64_t requests_seen = 0;  // note_request calls: the clock popularity decays by
   uint64_t host_queue_clock = 0;
   std::vector<EntryPtr> host_queue;  // host loads not yet started; started by demand, then FIFO
   std::vector<std::shared_ptr<ReadJob>> jobs;  // host loads in flight, oldest first
@@ -119,6 +120,12 @@ struct AdapterCache::State {
   // kNoDemand while it is wanted on the device; kNoDemand when it is resident on the device or
   // idle.
   int64_t host_urgency_locked(const detail::AdapterEntry& e) const;
+  // e's popularity now (decayed to requests_seen).
+  double popularity_locked(const detail::AdapterEntry& e) const;
+  // Whether a should leave a tier before b, both equally urgent: the less popular first, then
+  // the less recently used (lru: the tier's recency stamps of a and b).
+  bool leaves_first_locked(const detail::AdapterEntry& a, uint64_t a_lru,
+                           const detail::AdapterEntry& b, uint64_t b_lru) const;
   detail::AdapterEntry* host_victim_locked(const detail::AdapterEntry* protect) const;
   void enforce_host_limits_locked(const detail::AdapterEntry* protect);
   EntryPtr startable_host_load_locked();

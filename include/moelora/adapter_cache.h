@@ -80,6 +80,12 @@ struct AdapterCacheConfig {
   // for the storage's full rate, small enough that a chunk stays in the reader's cache while it
   // is converted.
   int64_t read_chunk_bytes = int64_t{1} << 20;
+  // Popularity: every note_request() counts one request for its adapter, and every count halves
+  // after this many requests to the cache, so that yesterday's favourite does not stay forever.
+  // Among copies equally urgent (no queued demand, or the same), the less popular leaves a tier
+  // first (a count decayed below one request counts as none), then the least recently used.
+  // 0: recency alone.
+  int64_t popularity_half_life = 256;
 };
 
 enum class Residency : uint8_t {
@@ -160,7 +166,10 @@ class AdapterCache {
   // Pins a resident adapter and returns its slot; throws InvalidArgument if not resident.
   int32_t acquire(int64_t id);
   void release(int64_t id);
-  void touch(int64_t id);
+  void touch(int64_t id);  // recency alone
+  // A request for the adapter arrived: counts toward its popularity (see AdapterCacheConfig)
+  // and its recency, as touch() does.
+  void note_request(int64_t id);
 
   Residency residency(int64_t id) const;
   std::string error_message(int64_t id) const;  // "" unless failed

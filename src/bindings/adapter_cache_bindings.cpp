@@ -220,6 +220,7 @@ void register_adapter_cache(py::module_& m) {
       .def("acquire", &AdapterCache::acquire, py::arg("id"))
       .def("release", &AdapterCache::release, py::arg("id"))
       .def("touch", &AdapterCache::touch, py::arg("id"))
+      .def("note_request", &AdapterCache::note_request, py::arg("id"))
       .def("residency", &AdapterCache::residency, py::arg("id"))
       .def("error_message", &AdapterCache::error_message, py::arg("id"))
       .def("slot_of", &AdapterCache::slot_of, py::arg("id"))

@@ -1,7 +1,8 @@
-// Residency by queue demand and recency, in both tiers: reads start in queue order; a resident
-// adapter that queued requests wait for is not evicted (by a slot or by the pool's page hunt)
-// for one further back or not wanted at all; host copies of waiting adapters are kept over idle
-// ones; and the load metrics (counts, bytes, latency histograms per tier) add up.
+// Residency by queue demand, popularity and recency, in both tiers: reads start in queue order;
+// a resident adapter that queued requests wait for is not evicted (by a slot or by the pool's
+// page hunt) for one further back or not wanted at all; among idle ones the less popular goes
+// first; host copies of waiting adapters are kept over idle ones; and the load metrics (counts,
+// bytes, latency histograms per tier) add up.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -29,7 +30,7 @@ constexpr int64_t kPageBytes = 512;
 
 struct Tiers {
   Tiers(int32_t max_loras, int64_t max_cpu_loras, int64_t arena_pages, int32_t host_threads = 1,
-        int32_t pack_threads = 1)
+        int32_t pack_threads = 1, int64_t popularity_half_life = 256)
       : pool(make_host_arena(kPageBytes * arena_pages), kPageBytes),
         copies(make_cpu_copy_engine()) {
     AdapterCacheConfig config;
@@ -41,6 +42,7 @@ struct Tiers {
     config.host_threads = host_threads;
     config.pack_threads = pack_threads;
     config.read_chunk_bytes = 4096;
+    config.popularity_half_life = popularity_half_life;
     cache = std::make_unique<AdapterCache>(pool, *copies, config);
   }
   ~Tiers() { cache.reset(); }
@@ -154,6 +156,39 @@ TEST_CASE("a slot held by an adapter queued requests wait for goes only to one a
   CHECK_EQ(t.residency(c), Residency::kDevice);
   CHECK(t.residency(a) != Residency::kDevice);
   CHECK_EQ(t.cache->stats().device_evictions, int64_t{2});
+  check_pool(t.pool);
+}
+
+TEST_CASE("among idle adapters the less popular leaves first, and popularity fades") {
+  Tiers t(2, 8, 4096);
+  const int64_t fav = t.add("fav"), once = t.add("once"), next = t.add("next");
+  for (int i = 0; i < 5; ++i) t.cache->note_request(fav);
+  t.cache->wait(fav);
+  t.cache->note_request(once);
+  t.cache->wait(once);  // `once` is the more recent; `fav` asked for five times
+  t.cache->note_request(next);
+  CHECK(t.cache->wait(next) >= 0);
+  CHECK_EQ(t.residency(fav), Residency::kDevice);  // recency alone would have evicted it
+  CHECK(t.residency(once) != Residency::kDevice);
+  // 256 requests per halving (the default): after 2600 requests for another adapter, fav's
+  // five have decayed below one and no longer count; recency decides between fav and next.
+  for (int i = 0; i < 2600; ++i) t.cache->note_request(once);
+  CHECK(t.cache->wait(once) >= 0);
+  CHECK_EQ(t.residency(next), Residency::kDevice);
+  CHECK(t.residency(fav) != Residency::kDevice);
+  check_pool(t.pool);
+}
+
+TEST_CASE("popularity_half_life 0: recency alone decides among idle adapters") {
+  Tiers t(2, 8, 4096, 1, 1, 0);
+  const int64_t fav = t.add("fav"), once = t.add("once"), next = t.add("next");
+  for (int i = 0; i < 5; ++i) t.cache->note_request(fav);
+  t.cache->wait(fav);
+  t.cache->note_request(once);
+  t.cache->wait(once);
+  t.cache->note_request(next);
+  CHECK(t.cache->wait(next) >= 0);
+  CHECK_EQ(t.residency(once), Residency::kDevice);
   check_pool(t.pool);
 }
 

@@ -3,11 +3,11 @@
 Each rank has its own pool (same page count and size) and adapter cache (its shard of every
 adapter takes the same number of pages on every rank). Rank 0's scheduler decides; every call
 that changes its pool or cache (KV allocations and frees, adapter registration, prefetch,
-set_demand, touch, pin, unpin, unregister) is recorded, in order, by the proxies below and replayed by the other ranks
-before the step's forward. Both state machines are deterministic given the call sequence
-(LRU order is a counter), except for the timing of the cache's asynchronous loads, so in a
-parallel engine a prefetch waits for every load it started: loads do not overlap compute
-there (a known cost, see executor.py). Replays check that they got the same KV pages and
+set_demand, touch, note_request, pin, unpin, unregister) is recorded, in order, by the proxies
+below and replayed by the other ranks before the step's forward. Both state machines are
+deterministic given the call sequence (LRU order and popularity count calls), except for the
+timing of the cache's asynchronous loads, so in a parallel engine a prefetch waits for every
+load it started: loads do not overlap compute there (a known cost, see executor.py). Replays check that they got the same KV pages and
 adapter slots as rank 0 and fail loudly otherwise: the ranks' pages must never silently diverge.
 """
 
@@ -118,6 +118,11 @@ class RecordingCache:
             self._cache.touch(adapter_id)
             self._log.append(("touch", adapter_id))
 
+    def note_request(self, adapter_id):
+        with self._log.lock:
+            self._cache.note_request(adapter_id)
+            self._log.append(("note_request", adapter_id))
+
     def acquire(self, adapter_id):
         with self._log.lock:
             slot = self._cache.acquire(adapter_id)  # raises without changing anything
@@ -178,6 +183,8 @@ class Replayer:
                 settle(cache)
             elif kind == "touch":
                 cache.touch(op[1])
+            elif kind == "note_request":
+                cache.note_request(op[1])
             elif kind == "acquire":
                 slot = cache.acquire(op[1])
                 if slot != op[2]:

@@ -249,9 +249,10 @@ class AdapterManager:
         tier = _ARRIVAL_TIER.get(self.cache.residency(adapter_id), "disk")
         with self._lock:
             self._arrivals[tier] += 1
-        if tier == "device":
-            self.cache.touch(adapter_id)  # recency: adapters asked for often stay
-        elif tier != "failed":
+        if tier == "failed":
+            return
+        self.cache.note_request(adapter_id)  # popularity and recency: often-asked adapters stay
+        if tier != "device":
             self.cache.prefetch(adapter_id)
 
     def set_demand(self, queued_adapters: list[int]) -> None:
