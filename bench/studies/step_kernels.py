@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 def short_name(name: str) -> str:
     """A kernel's name without template arguments and parameter lists."""
+    name = name.replace("(anonymous namespace)", "anon")
     name = re.sub(r"\(.*\)$", "", name)
     depth, out = 0, []
     for ch in name:

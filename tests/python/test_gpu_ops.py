@@ -707,3 +707,40 @@ def test_gpu_fused_moe_lora_mma_captures_in_a_cuda_graph(force_mma):
                                               overrides=force_mma)
     assert torch.equal(out, eager)
     assert not torch.equal(out, out0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 7, 133])
+def test_gpu_dense_lora_decode_qkv_slices(tokens, dtype):
+    """q, k and v of one QKV output in one decode launch (the engine's attention LoRA): three
+    slices of unequal widths and mixed ranks into one output, against float64 and the CPU op."""
+    hidden = 888
+    gen = torch.Generator().manual_seed(tokens)
+    token_slot = few_adapter_slots(tokens, [4, 0, 7], tokens)
+    out_dims = [888, 232, 232]  # q wider than k and v
+    orders = [SLOT_RANKS, SLOT_RANKS[::-1], SLOT_RANKS[2:] + SLOT_RANKS[:2]]
+    sites = [make_site(orders[i], 1, hidden, d, dtype, 40 + i) for i, d in enumerate(out_dims)]
+    col_offsets, width = [], 0
+    for d in out_dims:
+        col_offsets.append(width)
+        width += d + 8  # 8 poisoned columns after each slice
+    x = rows(tokens, hidden, dtype, gen, 8)
+    topk_ids = torch.zeros(tokens, 1, dtype=torch.int32)
+    delta, written = reference_delta(x.double(), token_slot, topk_ids, None, sites, col_offsets,
+                                     width, 1)
+    base64 = torch.randn(tokens, width, generator=gen, dtype=torch.float64)
+    base64[~written] = float("nan")
+    output = rows(tokens, width, dtype, gen, 8, fill=base64)
+    plan = ops.plan_lora(tokens, dense=True, dtype=dtype, device=CUDA)
+    assert plan.form == "unsorted"
+    results = {}
+    for dev in ("cpu", "cuda"):
+        views = [s.view for s in sites] if dev == "cpu" else [gpu_view(s) for s in sites]
+        o = copy_strided(output, dev)
+        ops.fused_moe_lora_unsorted(copy_strided(x, dev), o, None, token_slot.to(dev), views,
+                                    col_offsets, input_pairs_per_row=1,
+                                    plan=plan if dev == "cuda" else None)
+        results[dev] = o
+    prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
+    assert prob["written"].any()
+    check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)

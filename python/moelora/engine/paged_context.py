@@ -130,16 +130,24 @@ class PagedContext:
 
     # -- LoRA --------------------------------------------------------------------------------
     def apply_lora(self, site, layer, x, out):
-        if not self._has_lora or not self.lora_views.has_site(site):
+        self.apply_lora_columns([(site, 0, out.shape[1])], layer, x, out)
+
+    def apply_lora_columns(self, sites, layer, x, out):
+        """One launch for every site of `sites` the pool holds (q, k and v of a QKV output:
+        three decode launches a layer become one)."""
+        held = [(site, first) for site, first, _ in sites
+                if self._has_lora and self.lora_views.has_site(site)]
+        if not held:
             return
+        views = [self.lora_views.view(site, layer) for site, _ in held]
+        firsts = [first for _, first in held]
         if self._dense_plan is None:  # every dense site of the step has the step's rows
             self._dense_plan = ops.plan_lora(x.shape[0], dense=True,
                                              num_adapters=self.meta.num_adapters, dtype=x.dtype,
                                              device=x.device, overrides=self.overrides)
         plan = self._dense_plan
         if plan.form == "unsorted":  # decode: no alignment launch
-            ops.fused_moe_lora_unsorted(x, out, None, self.token_slot,
-                                        [self.lora_views.view(site, layer)], [0],
+            ops.fused_moe_lora_unsorted(x, out, None, self.token_slot, views, firsts,
                                         input_pairs_per_row=1, plan=plan)
             return
         if self._dense_groups is None:
@@ -147,8 +155,8 @@ class PagedContext:
                                                     self.lora_views.num_slots, plan.block_m,
                                                     plan=plan)
         sorted_rows, block_slot, _block_expert, num_blocks = self._dense_groups
-        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, plan.block_m,
-                       [self.lora_views.view(site, layer)], [0], plan=plan)
+        ops.dense_lora(x, out, sorted_rows, block_slot, num_blocks, plan.block_m, views, firsts,
+                       plan=plan)
 
     def _moe_plan_for(self, x, topk_ids):
         if self._moe_plan is None:  # every MoE layer of the step has the step's pairs

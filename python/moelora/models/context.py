@@ -31,6 +31,11 @@ class ForwardContext(Protocol):
     def apply_lora(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """out [T, out_dim] += per-token LoRA delta of dense `site`, in place."""
 
+    def apply_lora_columns(self, sites: list[tuple[str, int, int]], layer: int, x: torch.Tensor,
+                           out: torch.Tensor) -> None:
+        """For each (site, first column, width): out[:, first:first + width] += that site's
+        delta, in place; the sites share the input x (q, k and v of one QKV output)."""
+
     def moe_lora_w13(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                      h13: torch.Tensor) -> None:
         """x [T, H], topk_ids [T, K], h13 [T*K, 2I] ([gate | up]) += expert LoRA, in place."""
@@ -137,6 +142,10 @@ class ReferenceContext:
         if slot not in self.adapters:
             raise KeyError(f"token_slot names adapter slot {slot}, which is not loaded")
         return self.adapters[slot].get(site, {}).get(layer)
+
+    def apply_lora_columns(self, sites, layer, x, out):
+        for site, first, width in sites:
+            self.apply_lora(site, layer, x, out[:, first:first + width])
 
     def apply_lora(self, site, layer, x, out):
         for slot in self._slots():

@@ -137,10 +137,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        q_dim, kv_dim, _ = self.split_sizes
+        ctx.apply_lora_columns([("q_proj", 0, q_dim), ("k_proj", q_dim, kv_dim),
+                                ("v_proj", q_dim + kv_dim, kv_dim)], self.layer, x, qkv)
         q, k, v = qkv.split(self.split_sizes, dim=-1)  # views into qkv
-        ctx.apply_lora("q_proj", self.layer, x, q)
-        ctx.apply_lora("k_proj", self.layer, x, k)
-        ctx.apply_lora("v_proj", self.layer, x, v)
         if self.qk_norm == "full":  # OLMoE: norm over the whole projection, before clipping
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
