@@ -41,12 +41,14 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// 16 bytes from shared memory at a 32-bit shared address.
+// 16 bytes from shared memory at a 32-bit shared address (a memory clobber: never moved across
+// the barriers and cp.async waits that make the bytes valid; the expert GEMM's SASS is the same).
 __device__ __forceinline__ uint4 lds128(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");
   return v;
 }
 // Keeps `v` in its register: the compiler can no longer recompute it where it is used (it
