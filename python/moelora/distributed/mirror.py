@@ -7,8 +7,9 @@ set_demand, touch, note_request, pin, unpin, unregister) is recorded, in order, 
 below and replayed by the other ranks before the step's forward. Both state machines are
 deterministic given the call sequence (LRU order and popularity count calls), except for the
 timing of the cache's asynchronous loads, so in a parallel engine a prefetch waits for every
-load it started: loads do not overlap compute there (a known cost, see executor.py). Replays check that they got the same KV pages and
-adapter slots as rank 0 and fail loudly otherwise: the ranks' pages must never silently diverge.
+load it started: loads do not overlap compute there (a known cost, see executor.py). Replays
+check that they got the same KV pages and adapter slots as rank 0 and fail loudly otherwise:
+the ranks' pages must never silently diverge.
 """
 
 from __future__ import annotations
