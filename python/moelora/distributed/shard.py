@@ -187,9 +187,16 @@ def _shard_attention(attn: Attention, rank: int, n: int) -> None:
 
 
 def _shard_gated_mlp(mlp: GatedMLP, rank: int, n: int) -> None:
-    inter = mlp.gate_proj.out_dim // n
-    _column(mlp.gate_proj, rank * inter, inter)
-    _column(mlp.up_proj, rank * inter, inter)
+    """This rank's gate rows and up rows of gate_up_proj (kept [gate | up]), its down columns."""
+    inter = mlp.inter // n
+    fused = mlp.gate_up_proj
+    gate = slice(rank * inter, (rank + 1) * inter)
+    up = slice(mlp.inter + rank * inter, mlp.inter + (rank + 1) * inter)
+    fused.weight = _param(torch.cat([fused.weight[gate], fused.weight[up]]))
+    if fused.bias is not None:
+        fused.bias = _param(torch.cat([fused.bias[gate], fused.bias[up]]))
+    fused.out_dim = 2 * inter
+    mlp.inter = inter
     _row(mlp.down_proj, rank * inter, inter, rank)
 
 

@@ -26,7 +26,14 @@ from moelora.lora.sites import (
 )
 from moelora.models.config import ModelConfig
 from moelora.models.context import ForwardContext
-from moelora.models.layers import Attention, GatedMLP, RMSNorm, empty_param, qkv_rules
+from moelora.models.layers import (
+    Attention,
+    GatedMLP,
+    RMSNorm,
+    empty_param,
+    gate_up_rules,
+    qkv_rules,
+)
 from moelora.models.moe import MoeBlock
 from moelora.models.rope import RopeInputs, RotaryEmbedding
 from moelora.models.weights import WeightRule
@@ -107,7 +114,14 @@ class CausalLM(nn.Module):
     def checkpoint_rules(cls, config: ModelConfig) -> list[WeightRule]:
         """Checkpoint names that differ from parameter names (tensors named like a parameter
         load by name); see weights.py."""
-        return [WeightRule("lm_head.weight", "lm_head_weight"), *qkv_rules(config)]
+        rules = [WeightRule("lm_head.weight", "lm_head_weight"), *qkv_rules(config)]
+        mlp = "model.layers.{layer}.mlp"
+        if not all(config.moe_layers):
+            rules += gate_up_rules(mlp, config.intermediate_size, config.mlp_bias)
+        if config.shared_expert_intermediate_size:
+            rules += gate_up_rules(mlp + ".shared_expert", config.shared_expert_intermediate_size,
+                                   False)
+        return rules
 
     # ---- the contract ---------------------------------------------------------------------
 

@@ -59,8 +59,8 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class ProjectionSlice:
-    """The rows of one projection (q, k or v) inside the fused QKV weight: views, no copies, so
-    in-place edits (merging a LoRA delta in a test) reach the fused weight."""
+    """The rows of one projection (q, k or v; gate or up) inside a fused weight: views, no
+    copies, so in-place edits (merging a LoRA delta in a test) reach the fused weight."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -170,22 +170,46 @@ def qkv_rules(config: ModelConfig) -> list[WeightRule]:
             for name, rows in spans.items() for leaf in leaves]
 
 
+def gate_up_rules(module: str, inter: int, bias: bool) -> list[WeightRule]:
+    """Checkpoint gate_proj / up_proj weights (and biases) of the GatedMLP at `module` (a name
+    template with {layer}) load into their rows of its fused gate_up_proj, in place."""
+    spans = {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}
+    leaves = ("weight", "bias") if bias else ("weight",)
+    return [WeightRule(f"{module}.{name}.{leaf}", f"{module}.gate_up_proj.{leaf}", rows=rows)
+            for name, rows in spans.items() for leaf in leaves]
+
+
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); `site_prefix` names its LoRA sites ("" or "shared_expert.")."""
+    """down(silu(gate(x)) * up(x)), gate and up as one GEMM: gate_up_proj holds [gate | up] rows
+    (filled from the checkpoint's gate_proj and up_proj by gate_up_rules), and their LoRA sites
+    share one launch. `site_prefix` names its LoRA sites ("" or "shared_expert.")."""
 
     def __init__(self, hidden: int, inter: int, layer: int, site_prefix: str = "",
                  bias: bool = False):
         super().__init__()
-        self.layer, self.prefix = layer, site_prefix
-        self.gate_proj = Linear(hidden, inter, bias)
-        self.up_proj = Linear(hidden, inter, bias)
+        self.layer, self.prefix, self.inter = layer, site_prefix, inter
+        self.gate_up_proj = Linear(hidden, 2 * inter, bias)
         self.down_proj = Linear(inter, hidden, bias)
 
+    def _slice(self, index: int) -> ProjectionSlice:
+        rows = slice(index * self.inter, (index + 1) * self.inter)
+        bias = self.gate_up_proj.bias
+        return ProjectionSlice(self.gate_up_proj.weight[rows], None if bias is None else bias[rows])
+
+    @property
+    def gate_proj(self) -> ProjectionSlice:
+        return self._slice(0)
+
+    @property
+    def up_proj(self) -> ProjectionSlice:
+        return self._slice(1)
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        ctx.apply_lora(self.prefix + "gate_proj", self.layer, x, gate)
-        up = self.up_proj(x)
-        ctx.apply_lora(self.prefix + "up_proj", self.layer, x, up)
+        gate_up = self.gate_up_proj(x)
+        p, i = self.prefix, self.inter
+        ctx.apply_lora_columns([(p + "gate_proj", 0, i), (p + "up_proj", i, i)], self.layer, x,
+                               gate_up)
+        gate, up = gate_up.split(i, dim=-1)
         h = F.silu(gate) * up
         out = self.down_proj(h)
         ctx.apply_lora(self.prefix + "down_proj", self.layer, h, out)
