@@ -1,4 +1,6 @@
-"""Shared test configuration: GPU tests carry the `gpu` marker and skip without a GPU."""
+"""Shared test configuration: GPU tests carry the `gpu` marker and skip without a GPU; the
+`assets` fixture is the demo model and its adapters (moelora.demo.assets), built once per module
+that asks for it (a module may define its own `assets` instead)."""
 
 from __future__ import annotations
 
@@ -28,3 +30,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(model directory, {adapter name: adapter directory}) of the demo."""
+    from moelora.demo.assets import build_demo_assets
+
+    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))

@@ -11,18 +11,12 @@ import time
 
 import httpx
 import pytest
-from moelora.demo.assets import build_demo_assets
 from moelora.engine.adapter_metrics import register_adapter_metrics
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "metrics-test-key"
 ADAPTERS = ("poet", "chef", "pirate")  # three adapters through two slots and two host copies
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))
 
 
 def samples_of(text: str) -> dict:

@@ -11,15 +11,10 @@ import shutil
 import pytest
 import torch
 from moelora import LLM, LoRARequest, SamplingParams
-from moelora.demo.assets import ADAPTERS, build_demo_assets
+from moelora.demo.assets import ADAPTERS, demo_lora_requests
 from safetensors.torch import load_file, save_file
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +22,6 @@ def llm(assets):
     model_dir, _ = assets
     return LLM(model=model_dir, device="cpu", enable_lora=True, max_lora_rank=16, max_loras=2,
                max_cpu_loras=len(ADAPTERS))
-
-
-def _loras(assets):
-    _, dirs = assets
-    return [LoRARequest(name, i + 1, dirs[name]) for i, (name, _, _) in enumerate(ADAPTERS)]
 
 
 def test_prompt_forms_agree(llm):
@@ -47,7 +37,7 @@ def test_prompt_forms_agree(llm):
 
 
 def test_adapters_change_outputs_and_batching_does_not(llm, assets):
-    loras = _loras(assets)
+    loras = demo_lora_requests(assets[1])
     prompt = "Once upon a time"
     mixed = llm.generate([prompt] * (len(loras) + 1), GREEDY, lora_request=[None] + loras,
                          use_tqdm=False)
@@ -60,7 +50,7 @@ def test_adapters_change_outputs_and_batching_does_not(llm, assets):
 
 
 def test_more_adapters_than_slots_load_and_evict(llm, assets):
-    loras = _loras(assets)  # 5 adapters, 2 device slots
+    loras = demo_lora_requests(assets[1])  # 5 adapters, 2 device slots
     before = llm.llm_engine.adapters.stats()
     outs = llm.generate(["abc"] * 10, GREEDY, lora_request=[loras[i % 5] for i in range(10)],
                         use_tqdm=False)
@@ -159,7 +149,7 @@ def test_bad_adapters_are_refused_or_fail_only_their_requests(llm, assets, tmp_p
     key = min(tensors)
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(nan / "adapter_model.safetensors"))
-    good = _loras(assets)[0]
+    good = demo_lora_requests(assets[1])[0]
     outs = llm.generate(["a", "b", "c"], GREEDY,
                         lora_request=[good, LoRARequest("nan", 91, str(nan)), None],
                         use_tqdm=False)

@@ -11,22 +11,16 @@ import shutil
 
 import pytest
 from moelora import LLM, LoRARequest, SamplingParams
-from moelora.demo.assets import build_demo_assets
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))
 
 
 def _llm(model_dir: str, **kwargs) -> LLM:
     return LLM(model_dir, device="cpu", max_num_seqs=2, max_model_len=64, **kwargs)
 
 
-def test_an_adapter_of_another_base_model_says_so(demo, tmp_path):
-    model_dir, adapters = demo
+def test_an_adapter_of_another_base_model_says_so(assets, tmp_path):
+    model_dir, adapters = assets
     other = tmp_path / "llama-adapter"
     other.mkdir()
     with open(os.path.join(adapters["poet"], "adapter_config.json")) as f:
@@ -54,8 +48,8 @@ def test_an_adapter_of_another_base_model_says_so(demo, tmp_path):
         assert len(out[0].outputs[0].token_ids) == 2
 
 
-def test_a_model_without_a_tokenizer_warns_at_load(demo, tmp_path, caplog):
-    model_dir, _ = demo
+def test_a_model_without_a_tokenizer_warns_at_load(assets, tmp_path, caplog):
+    model_dir, _ = assets
     bare = tmp_path / "bare-model"
     shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
     with caplog.at_level(logging.WARNING, logger="moelora"), _llm(str(bare)) as llm:
@@ -63,8 +57,8 @@ def test_a_model_without_a_tokenizer_warns_at_load(demo, tmp_path, caplog):
     assert any("bare-model has no tokenizer" in r.getMessage() for r in caplog.records)
 
 
-def test_a_tokenizer_larger_than_the_vocabulary_is_refused(demo, tmp_path):
-    model_dir, _ = demo
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(assets, tmp_path):
+    model_dir, _ = assets
     with open(os.path.join(model_dir, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     wrong = tmp_path / "wrong-tokenizer"

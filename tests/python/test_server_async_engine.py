@@ -7,17 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from moelora.demo.assets import build_demo_assets
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.async_engine import AdapterUnavailableError, AsyncEngine
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
 from moelora.engine.sampling_params import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))
 
 
 def _engine(model_dir: str) -> LLMEngine:

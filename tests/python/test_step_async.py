@@ -17,21 +17,11 @@ import math
 import pytest
 import torch
 from moelora import LLM, LoRARequest, SamplingParams
-from moelora.demo.assets import ADAPTERS, build_demo_assets
+from moelora.demo.assets import ADAPTERS, demo_lora_requests
 from moelora.engine.request import Sequence
 from moelora.engine.scheduler import ScheduledBatch
 from moelora.ops import moe as moe_ops
 from test_adapter_faults import accounts, make_llm, poison, write_adapter
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))
-
-
-def _loras(assets):
-    _, dirs = assets
-    return [LoRARequest(name, i + 1, dirs[name]) for i, (name, _, _) in enumerate(ADAPTERS)]
 
 
 def _summary(outputs):
@@ -87,7 +77,7 @@ def _demo(assets, **args):
 
 
 def test_greedy_with_mixed_adapters_and_lengths(assets, monkeypatch):
-    loras = _loras(assets)
+    loras = demo_lora_requests(assets[1])
     params = [SamplingParams(temperature=0.0, max_tokens=3 + 4 * i, ignore_eos=True)
               for i in range(len(PROMPTS))]
     _both(monkeypatch, _demo(assets), PROMPTS, params, [None, *loras[:4]])
@@ -98,7 +88,8 @@ def test_seeded_sampling_with_logprobs_and_n(assets, monkeypatch):
                              logprobs=3, ignore_eos=True),
               SamplingParams(temperature=1.0, min_p=0.05, max_tokens=7, logprobs=2),
               SamplingParams(temperature=0.0, max_tokens=8, logprobs=1)]
-    _both(monkeypatch, _demo(assets), PROMPTS[:3], params, [_loras(assets)[0], None, None])
+    first = demo_lora_requests(assets[1])[0]
+    _both(monkeypatch, _demo(assets), PROMPTS[:3], params, [first, None, None])
 
 
 def test_stops_eos_and_min_tokens(assets, monkeypatch):
@@ -146,7 +137,7 @@ def test_preemption_and_prefix_caching(assets, monkeypatch):
 
 def test_an_abort_while_its_step_is_in_flight(assets, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    loras = _loras(assets)
+    loras = demo_lora_requests(assets[1])
     want, _ = _run(monkeypatch, False, _demo(assets), PROMPTS[:3], params, [loras[0], None,
                                                                             loras[1]])
     engine = _demo(assets)().llm_engine
@@ -236,7 +227,7 @@ def test_a_prefill_takes_its_pending_token_from_the_last_steps_tokens(assets):
 def test_gpu_async_engine_matches_the_synchronous_one(assets, monkeypatch, decode_graphs):
     """bfloat16 on a GPU, with and without decode graphs: the same tokens, text and stops,
     steps launched while the previous one runs."""
-    loras = _loras(assets)
+    loras = demo_lora_requests(assets[1])
     params = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, logprobs=2,
                              ignore_eos=True),

@@ -18,11 +18,10 @@ import torch
 from moelora import (
     LLM,
     GuidedDecodingParams,
-    LoRARequest,
     SamplingParams,
     StructuredOutputsParams,
 )
-from moelora.demo.assets import ADAPTERS, build_demo_assets
+from moelora.demo.assets import ADAPTERS, demo_lora_requests
 from moelora.engine.grammar import GrammarCompilerPool, mask_logits
 from moelora.engine.tokenizer import load_tokenizer
 
@@ -37,20 +36,10 @@ GRAMMAR_REGEX = r"\(\d{1,2}(,\d{1,2})?\)"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_demo_assets(str(tmp_path_factory.mktemp("demo")))
-
-
-@pytest.fixture(scope="module")
 def llm(assets):
     model_dir, _ = assets
     return LLM(model=model_dir, device="cpu", enable_lora=True, max_lora_rank=16, max_loras=2,
                max_cpu_loras=len(ADAPTERS))
-
-
-def _loras(assets):
-    _, dirs = assets
-    return [LoRARequest(name, i + 1, dirs[name]) for i, (name, _, _) in enumerate(ADAPTERS)]
 
 
 def _params(temperature=0.0, max_tokens=48, seed=None, **constraint):
@@ -113,7 +102,7 @@ def test_bad_constraints_fail_only_their_request(llm):
 
 
 def test_constrained_rows_beside_adapters_and_unconstrained_rows(llm, assets):
-    loras = _loras(assets)
+    loras = demo_lora_requests(assets[1])
     prompt = "Once upon a time"
     plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     params = [plain, _params(**CONSTRAINTS["regex"]), plain, _params(**CONSTRAINTS["json"]),

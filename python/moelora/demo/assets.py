@@ -44,6 +44,13 @@ def build_demo_assets(root: str, seed: int = 0) -> tuple[str, dict[str, str]]:
     return model_dir, adapters
 
 
+def demo_lora_requests(adapter_dirs: dict[str, str]) -> list:
+    """One LoRARequest per demo adapter, ids 1, 2, ... in ADAPTERS order."""
+    from moelora import LoRARequest
+
+    return [LoRARequest(name, i + 1, adapter_dirs[name]) for i, (name, _, _) in enumerate(ADAPTERS)]
+
+
 def _write_tokenizer(path: str) -> int:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}

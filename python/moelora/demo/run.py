@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import time
 
-from moelora.demo.assets import ADAPTERS, build_demo_assets
+from moelora.demo.assets import ADAPTERS, build_demo_assets, demo_lora_requests
 
 PROMPTS = ["Tell me a story about", "The capital of France is", "def fibonacci(n):",
            "Once upon a time", "The best recipe for soup", "In the court of law,",
@@ -27,7 +27,7 @@ def default_cache_dir() -> str:
 
 def run_demo(num_requests: int = 48, max_tokens: int = 24, device: str = "auto",
              cache_dir: str | None = None, max_loras: int = 2, seed: int = 0) -> dict:
-    from moelora import LLM, LoRARequest, SamplingParams
+    from moelora import LLM, SamplingParams
 
     cache_dir = cache_dir or default_cache_dir()
     print(f"demo assets in {cache_dir}")
@@ -35,8 +35,7 @@ def run_demo(num_requests: int = 48, max_tokens: int = 24, device: str = "auto",
     llm = LLM(model=model_dir, device=device, enable_lora=True, max_lora_rank=16,
               max_loras=max_loras, max_cpu_loras=len(ADAPTERS), max_num_seqs=16,
               max_num_batched_tokens=256, seed=seed)
-    lora_requests = [LoRARequest(name, i + 1, adapter_dirs[name])
-                     for i, (name, _, _) in enumerate(ADAPTERS)]
+    lora_requests = demo_lora_requests(adapter_dirs)
     rng = random.Random(seed)
     # Zipf-like popularity: the first adapters are asked for most; about one request in six
     # uses the base model.
