@@ -89,16 +89,34 @@ __device__ __forceinline__ float load_bias(const GemmArgs& a, int64_t e, int64_t
 enum class StageScales : uint8_t { kNone, kPerRow, kRowBlocks };
 
 // kStepLocalSwizzle: swizzle(r, 4 * kChunks * s + local) == 4 * kChunks * s + swizzle(r, local),
-// so a lane's x addresses move by whole k-steps (moe/gemm.cuh computes them once). Prepared,
-// fast, prepare, a_pairs_prepared: what a k-step works out once per weight row before its
-// kChunks sub-steps (MXFP4: the scale's multiplier), and the fast path it allows.
+// so a lane's x addresses move by whole k-steps (moe/gemm.cuh computes them once). fast,
+// prepare, a_pairs_prepared: what a k-step works out once per weight row before its kChunks
+// sub-steps (MXFP4: the scale's multiplier) and the fast path it allows (ScaleAsIs: nothing).
 // kChunks: 16-byte chunks of x (8 elements) a lane reads per k-step; chunk u feeds mma sub-steps
 // 2u and 2u+1. a_pairs(u) gives, for one row, the bf16x2 / f16x2 operands of those sub-steps in
 // the order {2u: k 2c..2c+1, 2u: k 2c+8..2c+9, 2u+1: ..., 2u+1: ...}; b_pairs gives the x
 // operands of the same k positions from the chunk's 4 words.
 
+// The per-k-step hooks (moe/gemm.cuh) of a format whose scale needs nothing worked out once per
+// k-step: the scale as it is, one path.
+template <typename F>
+struct ScaleAsIs {
+  template <typename S>
+  __device__ static bool fast(S) {
+    return true;
+  }
+  template <bool kFast, typename S>
+  __device__ static S prepare(S s) {
+    return s;
+  }
+  template <bool kFast, typename S>
+  __device__ static void a_pairs_prepared(const uint4& w, S s, int u, uint32_t (&a)[4]) {
+    F::a_pairs(w, s, u, a);
+  }
+};
+
 template <typename T>
-struct DenseFormat {
+struct DenseFormat : ScaleAsIs<DenseFormat<T>> {
   using Act = T;
   static constexpr int kChunks = 1;
   static constexpr int kXBytesPerWeightByte = 1;
@@ -125,17 +143,9 @@ struct DenseFormat {
   // next k-step's (not step-local).
   static constexpr bool kStepLocalSwizzle = false;
   __device__ static int swizzle(int row, int chunk) { return chunk ^ ((row & 1) << 2); }
-  using Prepared = Scale;
-  __device__ static bool fast(Scale) { return true; }
-  template <bool kFast>
-  __device__ static Prepared prepare(Scale s) { return s; }
-  template <bool kFast>
-  __device__ static void a_pairs_prepared(const uint4& w, Prepared p, int u, uint32_t (&a)[4]) {
-    a_pairs(w, p, u, a);
-  }
 };
 
-struct Fp8Format {
+struct Fp8Format : ScaleAsIs<Fp8Format> {
   using Act = __nv_bfloat16;
   static constexpr int kChunks = 2;
   static constexpr int kXBytesPerWeightByte = 2;
@@ -177,14 +187,6 @@ struct Fp8Format {
   // within the k-step's chunks.
   static constexpr bool kStepLocalSwizzle = true;
   __device__ static int swizzle(int row, int chunk) { return chunk ^ (row & 1); }
-  using Prepared = Scale;
-  __device__ static bool fast(Scale) { return true; }
-  template <bool kFast>
-  __device__ static Prepared prepare(Scale s) { return s; }
-  template <bool kFast>
-  __device__ static void a_pairs_prepared(const uint4& w, Prepared p, int u, uint32_t (&a)[4]) {
-    a_pairs(w, p, u, a);
-  }
 };
 
 struct Mxfp4Format {
@@ -282,12 +284,11 @@ struct Mxfp4Format {
   // Per k-step, once per weight row (moe/gemm.cuh): a scale <= 128 (every real checkpoint's)
   // becomes its multiplier, so each pair costs its bits and one multiply; a larger one stays
   // the scale for the two-multiply path.
-  using Prepared = uint32_t;
   __device__ static bool fast(Scale s) { return s <= 128u; }
   template <bool kFast>
-  __device__ static Prepared prepare(Scale s) { return kFast ? small_multiplier(s) : s; }
+  __device__ static uint32_t prepare(Scale s) { return kFast ? small_multiplier(s) : s; }
   template <bool kFast>
-  __device__ static void a_pairs_prepared(const uint4& w, Prepared p, int u, uint32_t (&a)[4]) {
+  __device__ static void a_pairs_prepared(const uint4& w, uint32_t p, int u, uint32_t (&a)[4]) {
     if constexpr (kFast) {
       a_pairs_small(w, p, u, a);
     } else {

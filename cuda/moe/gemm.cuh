@@ -277,7 +277,8 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs& a) {
   auto consume = [&](const WeightStep<F, MT>& st, uint32_t stage_bytes, int in_stage,
                      auto fast_path) {
     constexpr bool kFast = decltype(fast_path)::value;
-    typename F::Prepared prepared[MT][2];
+    using Prepared = decltype(F::template prepare<kFast>(st.s[0][0]));
+    Prepared prepared[MT][2];
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
       prepared[i][0] = F::template prepare<kFast>(st.s[i][0]);
