@@ -65,6 +65,11 @@ class ProjectionSlice:
     weight: torch.Tensor
     bias: torch.Tensor | None
 
+    @classmethod
+    def rows_of(cls, fused: Linear, start: int, size: int) -> ProjectionSlice:
+        rows = slice(start, start + size)
+        return cls(fused.weight[rows], None if fused.bias is None else fused.bias[rows])
+
 
 class Attention(nn.Module):
     """One QKV GEMM (q_proj | k_proj | v_proj rows concatenated at load, weights.py), per-site
@@ -99,10 +104,8 @@ class Attention(nn.Module):
         return q_dim, kv_dim, kv_dim
 
     def _slice(self, index: int) -> ProjectionSlice:
-        start = sum(self.split_sizes[:index])
-        rows = slice(start, start + self.split_sizes[index])
-        bias = self.qkv_proj.bias
-        return ProjectionSlice(self.qkv_proj.weight[rows], None if bias is None else bias[rows])
+        sizes = self.split_sizes
+        return ProjectionSlice.rows_of(self.qkv_proj, sum(sizes[:index]), sizes[index])
 
     @property
     def q_proj(self) -> ProjectionSlice:
@@ -162,21 +165,26 @@ def qkv_rules(config: ModelConfig) -> list[WeightRule]:
     """Checkpoint q_proj / k_proj / v_proj weights (and biases) load into their rows of the fused
     self_attn.qkv_proj, in place."""
     q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    spans = {"q_proj": (0, q_dim), "k_proj": (q_dim, q_dim + kv_dim),
-             "v_proj": (q_dim + kv_dim, q_dim + 2 * kv_dim)}
-    prefix = "model.layers.{layer}.self_attn."
-    leaves = ("weight", "bias") if config.qkv_bias else ("weight",)
-    return [WeightRule(f"{prefix}{name}.{leaf}", f"{prefix}qkv_proj.{leaf}", rows=rows)
-            for name, rows in spans.items() for leaf in leaves]
+    return fused_row_rules("model.layers.{layer}.self_attn", "qkv_proj",
+                           {"q_proj": q_dim, "k_proj": kv_dim, "v_proj": kv_dim}, config.qkv_bias)
 
 
 def gate_up_rules(module: str, inter: int, bias: bool) -> list[WeightRule]:
     """Checkpoint gate_proj / up_proj weights (and biases) of the GatedMLP at `module` (a name
     template with {layer}) load into their rows of its fused gate_up_proj, in place."""
-    spans = {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}
-    leaves = ("weight", "bias") if bias else ("weight",)
-    return [WeightRule(f"{module}.{name}.{leaf}", f"{module}.gate_up_proj.{leaf}", rows=rows)
-            for name, rows in spans.items() for leaf in leaves]
+    return fused_row_rules(module, "gate_up_proj", {"gate_proj": inter, "up_proj": inter}, bias)
+
+
+def fused_row_rules(module: str, fused: str, parts: dict[str, int], bias: bool
+                    ) -> list[WeightRule]:
+    """`module`.<part>.weight (and .bias) of each part, rows in order, into `module`.`fused`."""
+    rules, start = [], 0
+    for name, size in parts.items():
+        for leaf in ("weight", "bias") if bias else ("weight",):
+            rules.append(WeightRule(f"{module}.{name}.{leaf}", f"{module}.{fused}.{leaf}",
+                                    rows=(start, start + size)))
+        start += size
+    return rules
 
 
 class GatedMLP(nn.Module):
@@ -191,18 +199,13 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(hidden, 2 * inter, bias)
         self.down_proj = Linear(inter, hidden, bias)
 
-    def _slice(self, index: int) -> ProjectionSlice:
-        rows = slice(index * self.inter, (index + 1) * self.inter)
-        bias = self.gate_up_proj.bias
-        return ProjectionSlice(self.gate_up_proj.weight[rows], None if bias is None else bias[rows])
-
     @property
     def gate_proj(self) -> ProjectionSlice:
-        return self._slice(0)
+        return ProjectionSlice.rows_of(self.gate_up_proj, 0, self.inter)
 
     @property
     def up_proj(self) -> ProjectionSlice:
-        return self._slice(1)
+        return ProjectionSlice.rows_of(self.gate_up_proj, self.inter, self.inter)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
