@@ -159,15 +159,6 @@ struct Fixture {
   std::unique_ptr<AdapterCache> cache;
 };
 
-template <typename Pred>
-bool eventually(Pred pred) {
-  for (int i = 0; i < 2000; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return false;
-}
-
 }  // namespace
 
 TEST_CASE("register validates files, tensors, views, ranks and coverage") {

@@ -91,15 +91,6 @@ void check_accounts(const Cache& c, const std::vector<int64_t>& resident) {
   c.pool.check_invariants();
 }
 
-template <typename Pred>
-bool eventually(Pred pred) {
-  for (int i = 0; i < 2000; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
-  return false;
-}
-
 // A fresh directory (temp paths repeat when process ids do).
 std::string make_dir(const std::string& stem) {
   const std::string dir = temp_path(stem);

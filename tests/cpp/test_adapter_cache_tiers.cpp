@@ -89,17 +89,6 @@ struct ReadGate {
   std::vector<std::string> started;
 };
 
-// Bounded waits: a test that goes wrong fails its check instead of hanging.
-template <typename Pred>
-bool eventually(Pred pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  return true;
-}
-
 // Until the cache's threads have nothing left to do and nothing can start without a call.
 bool settled(AdapterCache& cache) {
   return eventually([&] { return detail::is_settled(cache); });

@@ -2,17 +2,31 @@
 //   TEST_CASE(name) { CHECK(cond); CHECK_EQ(a, b); CHECK_THROWS_AS(expr, Type); }
 //   int main() { return moelora_test::run_all(); }   // or MOELORA_TEST_MAIN()
 // Each failing check prints file:line and the expression; run_all prints one line per test and
-// a closing "N passed, N failed" line, and returns non-zero if anything failed.
+// a closing "N passed, N failed" line, and returns non-zero if anything failed. eventually(pred)
+// waits for something another thread does, with a bound: a test that goes wrong fails its
+// check instead of hanging.
 #pragma once
 
+#include <chrono>
 #include <cstdio>
 #include <exception>
 #include <functional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace moelora_test {
+
+template <typename Pred>
+bool eventually(Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  return true;
+}
 
 struct TestCase {
   const char* name;
