@@ -249,17 +249,8 @@ def test_gpu_split_k_of_a_short_k_runs_whole(fmt, hidden):
 @pytest.mark.parametrize("splits", [2, 3, 4])
 def test_gpu_split_k_whole_numbers_are_exact(block_m, splits):
     # small integers: every partial sum is exact in fp32, so the splits' sum is the CPU op's
-    gen = _gen(block_m + splits)
-    tokens, experts, top_k, hidden, n = 41, 8, 3, 1000, 72  # 32 k-steps, 4 per stage
-    x = torch.randint(-3, 4, (tokens, hidden), generator=gen).to(torch.bfloat16)
-    weight = torch.randint(-2, 3, (experts, n, hidden), generator=gen).to(torch.bfloat16)
-    w = moe_ops.ExpertWeights("dense", weight)
-    routing = moe_ops.route(torch.randn(tokens, experts, generator=gen), top_k, "softmax_topk",
-                            True, block_m)
-    cpu = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=top_k)
-    gpu = moe_ops.expert_gemm(x.to(CUDA), _routing_to(routing, CUDA), _to(w, CUDA),
-                              input_pairs_per_row=top_k, kernel="tensor_core", splits=splits)
-    assert torch.equal(gpu.cpu(), cpu), _first_mismatch(gpu, cpu.double(), 0.0)
+    _check_whole_numbers(_gen(block_m + splits), 1000, block_m,  # 32 k-steps, 4 per stage
+                         kernel="tensor_core", splits=splits)
 
 
 def test_gpu_split_k_refusals_are_named():
@@ -316,8 +307,13 @@ def test_gpu_dequantization_is_exact_through_the_fragments(fmt, block_m):
 def test_gpu_whole_numbers_are_exact(block_m):
     # Small integers: every product and sum is exact in fp32, so the tensor-core result must
     # equal the CPU op bit for bit whatever the summation order.
-    gen = _gen(block_m)
-    tokens, experts, top_k, hidden, n = 41, 8, 3, 320, 72
+    _check_whole_numbers(_gen(block_m), 320, block_m, kernel="tensor_core")
+
+
+def _check_whole_numbers(gen, hidden, block_m, **gemm_options):
+    """41 tokens of small integers through 8 experts (top 3, 72 output columns): the GPU GEMM
+    with `gemm_options` equals the CPU op bit for bit."""
+    tokens, experts, top_k, n = 41, 8, 3, 72
     x = torch.randint(-3, 4, (tokens, hidden), generator=gen).to(torch.bfloat16)
     weight = torch.randint(-2, 3, (experts, n, hidden), generator=gen).to(torch.bfloat16)
     w = moe_ops.ExpertWeights("dense", weight)
@@ -325,7 +321,7 @@ def test_gpu_whole_numbers_are_exact(block_m):
                             True, block_m)
     cpu = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=top_k)
     gpu = moe_ops.expert_gemm(x.to(CUDA), _routing_to(routing, CUDA), _to(w, CUDA),
-                              input_pairs_per_row=top_k, kernel="tensor_core")
+                              input_pairs_per_row=top_k, **gemm_options)
     assert torch.equal(gpu.cpu(), cpu), _first_mismatch(gpu, cpu.double(), 0.0)
 
 
