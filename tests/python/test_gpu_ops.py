@@ -658,17 +658,8 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, split, dtype, rank
     token_slot = few_adapter_slots(tokens, [4, 0, 7], num_slices)
     out_dims = [888, 64, 232, 128][:num_slices]
     orders = [rank_list, rank_list[::-1], rank_list[2:] + rank_list[:2], rank_list[5:] + rank_list[:5]]
-    sites = [make_site(orders[i], 1, hidden, d, dtype, 20 + i) for i, d in enumerate(out_dims)]
-    col_offsets, width = [], 0
-    for d in out_dims:
-        col_offsets.append(width)
-        width += d + 8  # 8 poisoned columns after each slice
-    x = rows(tokens, hidden, dtype, gen, 8)
-    topk_ids = torch.zeros(tokens, 1, dtype=torch.int32)
-    delta, written = reference_delta(x.double(), token_slot, topk_ids, None, sites, col_offsets, width, 1)
-    base64 = torch.randn(tokens, width, generator=gen, dtype=torch.float64)
-    base64[~written] = float("nan")
-    output = rows(tokens, width, dtype, gen, 8, fill=base64)
+    sites, col_offsets, x, output, prob = dense_slices_problem(
+        tokens, hidden, out_dims, orders, token_slot, dtype, gen, 20)
     results = {}
     for dev in ("cpu", "cuda"):
         views = [s.view for s in sites] if dev == "cpu" else [gpu_view(s) for s in sites]
@@ -682,9 +673,27 @@ def test_gpu_dense_lora_mma_prefill_several_slices(force_mma, split, dtype, rank
             col_offsets, plan=plan,
         )
         results[dev] = o
-    prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
     assert prob["written"].any()
     check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)
+
+
+def dense_slices_problem(tokens, hidden, out_dims, orders, token_slot, dtype, gen, seed):
+    """Dense sites of widths out_dims (slot ranks in orders[i]) into one output, 8 poisoned
+    columns after each: (sites, col_offsets, x, output, prob with the float64 expectation)."""
+    sites = [make_site(orders[i], 1, hidden, d, dtype, seed + i) for i, d in enumerate(out_dims)]
+    col_offsets, width = [], 0
+    for d in out_dims:
+        col_offsets.append(width)
+        width += d + 8
+    x = rows(tokens, hidden, dtype, gen, 8)
+    topk_ids = torch.zeros(tokens, 1, dtype=torch.int32)
+    delta, written = reference_delta(x.double(), token_slot, topk_ids, None, sites, col_offsets,
+                                     width, 1)
+    base64 = torch.randn(tokens, width, generator=gen, dtype=torch.float64)
+    base64[~written] = float("nan")
+    output = rows(tokens, width, dtype, gen, 8, fill=base64)
+    prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
+    return sites, col_offsets, x, output, prob
 
 
 @pytest.mark.parametrize("kernel", ["mma", "cluster"])
@@ -719,18 +728,8 @@ def test_gpu_dense_lora_decode_qkv_slices(tokens, dtype):
     token_slot = few_adapter_slots(tokens, [4, 0, 7], tokens)
     out_dims = [888, 232, 232]  # q wider than k and v
     orders = [SLOT_RANKS, SLOT_RANKS[::-1], SLOT_RANKS[2:] + SLOT_RANKS[:2]]
-    sites = [make_site(orders[i], 1, hidden, d, dtype, 40 + i) for i, d in enumerate(out_dims)]
-    col_offsets, width = [], 0
-    for d in out_dims:
-        col_offsets.append(width)
-        width += d + 8  # 8 poisoned columns after each slice
-    x = rows(tokens, hidden, dtype, gen, 8)
-    topk_ids = torch.zeros(tokens, 1, dtype=torch.int32)
-    delta, written = reference_delta(x.double(), token_slot, topk_ids, None, sites, col_offsets,
-                                     width, 1)
-    base64 = torch.randn(tokens, width, generator=gen, dtype=torch.float64)
-    base64[~written] = float("nan")
-    output = rows(tokens, width, dtype, gen, 8, fill=base64)
+    sites, col_offsets, x, output, prob = dense_slices_problem(
+        tokens, hidden, out_dims, orders, token_slot, dtype, gen, 40)
     plan = ops.plan_lora(tokens, dense=True, dtype=dtype, device=CUDA)
     assert plan.form == "unsorted"
     results = {}
@@ -741,6 +740,5 @@ def test_gpu_dense_lora_decode_qkv_slices(tokens, dtype):
                                     col_offsets, input_pairs_per_row=1,
                                     plan=plan if dev == "cuda" else None)
         results[dev] = o
-    prob = {"written": written, "expected": (output.double() + delta).to(dtype)}
     assert prob["written"].any()
     check_fused_result(results["cuda"], results["cpu"].cpu(), prob, dtype)
