@@ -125,6 +125,20 @@ class ServerProcess:
         self.log.close()
 
 
+@contextlib.contextmanager
+def openai_server(args: list[str], env: dict, log_path: str, timeout: float = 120.0):
+    """(ServerProcess, openai.OpenAI client for it) once the server is ready; stopped on exit."""
+    import openai
+
+    server = ServerProcess(args, env, log_path)
+    try:
+        server.wait_ready()
+        yield server, openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                    timeout=timeout)
+    finally:
+        server.stop()
+
+
 # -- /metrics ------------------------------------------------------------------------------------
 def metrics(url: str) -> dict:
     """{(name, frozenset(labels)): value} of every sample /metrics serves."""

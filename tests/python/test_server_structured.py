@@ -12,7 +12,7 @@ import re
 import openai
 import pytest
 from moelora.demo.assets import build_demo_assets
-from server_harness import ServerProcess, server_env
+from server_harness import openai_server, server_env
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                            "age": {"type": "integer"}},
@@ -26,13 +26,9 @@ def client(tmp_path_factory):
     args = [model_dir, "--served-model-name", "base", "--device", "cpu",
             "--lora-modules", f"poet={adapters['poet']}", "--max-lora-rank", "16",
             "--max-num-seqs", "8", "--max-model-len", "512"]
-    server = ServerProcess(args, server_env(), str(tmp_path_factory.mktemp("logs") / "s.log"))
-    try:
-        server.wait_ready()
-        yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                            timeout=120)
-    finally:
-        server.stop()
+    with openai_server(args, server_env(), str(tmp_path_factory.mktemp("logs") / "s.log")) as (
+            _, client):
+        yield client
 
 
 def _chat(client, model="base", max_tokens=48, **kwargs):

@@ -12,7 +12,7 @@ import openai
 import pytest
 from moelora.demo.assets import build_demo_assets
 from moelora.entrypoints.openai.tool_parsers import HermesToolParser
-from server_harness import ServerProcess, server_env
+from server_harness import openai_server, server_env
 
 TEMPLATE = (
     "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}"
@@ -37,13 +37,9 @@ def client(tmp_path_factory):
     args = [model_dir, "--served-model-name", "base", "--device", "cpu", "--max-num-seqs", "4",
             "--max-model-len", "512", "--chat-template", str(template),
             "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
-    server = ServerProcess(args, server_env(), str(tmp_path_factory.mktemp("logs") / "s.log"))
-    try:
-        server.wait_ready()
-        yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                            timeout=120)
-    finally:
-        server.stop()
+    with openai_server(args, server_env(), str(tmp_path_factory.mktemp("logs") / "s.log")) as (
+            _, client):
+        yield client
 
 
 def test_hermes_parser():

@@ -17,7 +17,7 @@ import openai
 import pytest
 from moelora.demo.assets import build_demo_assets
 from moelora.hub import is_repo_id, resolve_model
-from server_harness import ServerProcess, dies_with_this_process, free_port, server_env
+from server_harness import dies_with_this_process, free_port, openai_server, server_env
 
 TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<<assistant>>{% endif %}")
@@ -49,11 +49,7 @@ def test_a_copied_vllm_command_line_serves(assets, tmp_path):
             "--lora-dtype", "auto", "--kv-cache-dtype", "auto", "--enable-lora",
             "--max-lora-rank", "16", "--max-num-seqs", "8", "--max-model-len", "512"]
     env = server_env(VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
-    server = ServerProcess(args, env, str(tmp_path / "server.log"))
-    try:
-        server.wait_ready()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                               timeout=60)
+    with openai_server(args, env, str(tmp_path / "server.log"), timeout=60) as (server, client):
         # the environment switch enabled runtime loading, as in vLLM
         loaded = client.post("/load_lora_adapter", cast_to=object,
                              body={"lora_name": "poet", "lora_path": adapters["poet"]})
@@ -73,8 +69,6 @@ def test_a_copied_vllm_command_line_serves(assets, tmp_path):
             "model": "base", "prompt": "<<user>>hi<<assistant>>",
             "add_special_tokens": False}).json()
         assert rendered["tokens"][-len(plain["tokens"]):] == plain["tokens"]
-    finally:
-        server.stop()
     with open(server.log_path) as f:
         assert "--trust-remote-code: accepted" in f.read()
 
@@ -190,12 +184,6 @@ def test_serve_takes_a_repo_id(assets, tmp_path):
     _, model_dir, _ = assets
     _hub_cache(str(tmp_path / "hub"), "acme/tiny-moe", model_dir)
     env = server_env(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
-    server = ServerProcess(["acme/tiny-moe", "--device", "cpu", "--max-num-seqs", "4",
-                            "--max-model-len", "256"], env, str(tmp_path / "server.log"))
-    try:
-        server.wait_ready()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                               timeout=60)
+    args = ["acme/tiny-moe", "--device", "cpu", "--max-num-seqs", "4", "--max-model-len", "256"]
+    with openai_server(args, env, str(tmp_path / "server.log"), timeout=60) as (_, client):
         assert [m.id for m in client.models.list().data] == ["acme/tiny-moe"]
-    finally:
-        server.stop()
