@@ -23,17 +23,16 @@ import torch
 from engine_steps import finish_all
 from moelora import LLM, AdapterValidationError, LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
+from test_adapter_faults import make_llm as fault_test_llm
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 NUM_ADAPTERS = 16
 
 
 def make_llm(**overrides) -> LLM:
-    options = {"model": "synthetic:tiny-moe", "device": "cpu", "enable_lora": True,
-               "max_lora_rank": 8, "max_loras": 3, "max_cpu_loras": 5,
-               "pool_memory_bytes": 48 << 20, "seed": 0}
-    options.update(overrides)
-    return LLM(**options)
+    """test_adapter_faults' engine with three device slots and five host copies."""
+    options = {"max_loras": 3, "max_cpu_loras": 5, "pool_memory_bytes": 48 << 20}
+    return fault_test_llm(**{**options, **overrides})
 
 
 @pytest.fixture(scope="module")
