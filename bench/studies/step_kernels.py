@@ -26,6 +26,7 @@ from moelora.bench.engine_options import weights_options
 from moelora.bench.synthetic_adapters import write_random_adapter
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
+from step_overlap import busy_us
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -67,20 +68,13 @@ def profile_steps(engine, steps: int) -> tuple[dict, float]:
             engine.step()
         sync()
     kernels: dict[str, list] = defaultdict(lambda: [0, 0.0])
-    spans = []
     for event in prof.events():
         if event.device_type != DeviceType.CUDA:
             continue
         entry = kernels[short_name(event.name)]
         entry[0] += 1
         entry[1] += event.time_range.end - event.time_range.start
-        spans.append((event.time_range.start, event.time_range.end))
-    busy, end = 0.0, float("-inf")
-    for s, e in sorted(spans):
-        if e > end:
-            busy += e - max(s, end)
-            end = e
-    return kernels, busy
+    return kernels, busy_us(prof)
 
 
 def finish(engine) -> None:
