@@ -23,15 +23,6 @@ class ScalePoints:
         self.vocab = engine.model.config.vocab_size
         self._next_id = 1  # adapter ids are never reused, so every point starts cold
 
-    def _read_into_host(self, ids: list[int]) -> None:
-        """Host copies of these adapters before the clock starts (S-LoRA's setting: every
-        adapter in host memory, none on the device)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        cache = self.engine.adapters.cache
-        with ThreadPoolExecutor(self.engine.config.adapter_load_threads) as pool:
-            list(pool.map(cache.load_host, ids))
-
     def _workload(self, rate: float):
         return random_workload(self.rng, self.vocab, self.args.num_prompts, self.args.input_len,
                                rate)
@@ -81,10 +72,11 @@ class ScalePoints:
             loras.append(LoRARequest(f"n{self._next_id}-a{index}", self._next_id,
                                      self.paths[index]))
             self._next_id += 1
-        ids = [engine.adapters.resolve(lora) for lora in loras]  # registered up front, as a
-        # server's --lora-modules: no weights read
-        if self.args.warm_host:
-            self._read_into_host(ids[:self.args.max_cpu_loras])
+        if self.args.warm_host:  # S-LoRA's setting: host copies (as many as the tier holds)
+            engine.adapters.preload_all(loras, up_to=0)
+        else:  # registered up front, as a server's --lora-modules: no weights read
+            for lora in loras:
+                engine.adapters.resolve(lora)
         prompts, arrivals = self._workload(rate)
         weights = popularity_weights(count, popularity)
         chosen = [self.rng.choices(loras, weights)[0] for _ in prompts]
@@ -94,7 +86,8 @@ class ScalePoints:
         for lora in loras:  # frees the registrations and copies before the next point
             engine.adapters.unload(lora.lora_name)
         return {**run, "popularity": popularity, "request_rate": rate, "num_adapters": count,
-                "host_warm": min(count, self.args.max_cpu_loras) if self.args.warm_host else 0,
+                "host_warm": (min(count, engine.config.max_cpu_loras) if self.args.warm_host
+                              else 0),
                 "distinct_adapters_used": len({lora.lora_int_id for lora in chosen}),
                 "requests_per_s": len(prompts) / run["duration_s"],
                 "device_loads": after["device_loads"] - before["device_loads"],
