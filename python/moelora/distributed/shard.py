@@ -101,13 +101,6 @@ def _zero_unless_first(t: torch.Tensor | None, rank: int):
     return None if t is None else _param(t if rank == 0 else torch.zeros_like(t))
 
 
-def _column(linear, start: int, size: int) -> None:
-    linear.weight = _param(linear.weight[start:start + size])
-    if linear.bias is not None:
-        linear.bias = _param(linear.bias[start:start + size])
-    linear.out_dim = size
-
-
 def _row(linear, start: int, size: int, rank: int) -> None:
     linear.weight = _param(linear.weight[:, start:start + size])
     linear.bias = _zero_unless_first(linear.bias, rank)
