@@ -18,8 +18,10 @@ import pytest
 import torch
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.demo.assets import ADAPTERS, demo_lora_requests
+from moelora.engine.paged_context import PagedContext
 from moelora.engine.request import Sequence
 from moelora.engine.scheduler import ScheduledBatch
+from moelora.ops import PlanOverrides
 from moelora.ops import moe as moe_ops
 from test_adapter_faults import accounts, make_llm, poison, write_adapter
 
@@ -239,9 +241,16 @@ def test_gpu_async_engine_matches_the_synchronous_one(assets, monkeypatch, decod
     # An async step N+1 still computes a sequence that stopped on step N's token, so the two
     # engines' steps can hold different numbers of rows. A row's bfloat16 expert sums stay the
     # same only while its expert GEMM does not change with the step's size: one plan row (the
-    # tiled kernel, whose sums per row do not depend on the block) and no split-K.
+    # tiled kernel, whose sums per row do not depend on the block) and no split-K. The same for
+    # attention: graphs address the whole block table, so their split-KV factor grows with the
+    # keys it could hold and shrinks with the bucket; one split keeps a row's sums per bucket.
     monkeypatch.setitem(moe_ops.GEMM_PLAN, "dense", ((math.inf, "tensor_core", 8),))
     monkeypatch.setattr(moe_ops, "SPLIT_BELOW_WAVES", 0.0)
+    one_split = PlanOverrides.parse("attention_splits=1")
+    make_context = PagedContext.__init__
+    monkeypatch.setattr(PagedContext, "__init__",
+                        lambda self, meta, kv_view, lora_views, overrides=None:
+                        make_context(self, meta, kv_view, lora_views, one_split))
     engine = _both(monkeypatch, make, PROMPTS, params, [None, *loras[:4]], tolerance=1e-2)
     if decode_graphs:
         assert engine.runner.graphs.replays > 0 and engine.runner.graphs.capture_error is None
