@@ -95,12 +95,17 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None, help="append the JSON lines here")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (no kernels)")
+    parser.add_argument("--eager", action="store_true",
+                        help="no decode graphs (the profiler names every kernel launched eagerly; "
+                             "some launched from a graph come back unnamed)")
     args = parser.parse_args()
     options = {"model": args.model, "device": args.device,
                "dtype": "bfloat16" if args.device == "cuda" else "float32",
                "max_num_seqs": args.seqs, "load_progress": False, "enable_lora": True,
                "max_lora_rank": 16, "max_loras": max(args.adapters, 1),
                **(weights_options(args.weights) or {})}
+    if args.eager:
+        options["decode_graphs"] = False
     if args.layers:
         options["synthetic_num_layers"] = args.layers
     engine = LLMEngine(EngineConfig(**options))
@@ -120,7 +125,8 @@ def main() -> None:
                                                                if args.device == "cuda" else "cpu"),
                       "model": args.model, "weights": args.weights,
                       "num_layers": engine.model.config.num_layers, "num_seqs": args.seqs,
-                      "num_adapters": count, "busy_us_per_step": round(busy / args.steps, 1),
+                      "num_adapters": count, "decode_graphs": not args.eager,
+                      "busy_us_per_step": round(busy / args.steps, 1),
                       "kernels": [{"name": name, "per_step": n / args.steps,
                                    "us_per_step": round(us / args.steps, 1)}
                                   for name, (n, us) in rows]}

@@ -48,3 +48,21 @@ def test_bench_adapters_times_every_path(tmp_path, capsys):
     assert record["page_cache"].startswith("dropped")
     printed = capsys.readouterr().out
     assert "plain parallel read" in printed and "engine: disk -> host" in printed
+
+
+def test_bench_cold_ttft_holds_each_cold_request_to_its_bound(tmp_path, capsys):
+    out = tmp_path / "cold.jsonl"
+    assert main(["bench", "cold-ttft", "--device", "cpu", "--num-adapters", "2",
+                 "--background-seqs", "2", "--adapter-dir", str(tmp_path / "a"),
+                 "--out", str(out)]) == 0
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["bench"] == "cold_ttft" and record["step_ms"] > 0
+    assert [row["adapter"] for row in record["rows"]] == ["cold0", "cold1"]
+    for row in record["rows"]:
+        file = tmp_path / "a" / f"a{row['adapter'][-1]}" / "adapter_model.safetensors"
+        assert row["file_bytes"] == file.stat().st_size
+        assert row["ttft_ms"] > 0 and row["steps_during"] >= 1
+        assert row["bound_ms"] == pytest.approx(1e3 * row["plain_read_s"]
+                                                + 2 * record["step_ms"])
+        assert row["ratio_to_bound"] == pytest.approx(row["ttft_ms"] / row["bound_ms"])
+    assert "TTFT / bound" in capsys.readouterr().out

@@ -11,6 +11,8 @@ COMMANDS = (
      "decode step wall/GPU ms, kernels, roofline, tok/s, TTFT/TPOT: 0 vs N adapters"),
     ("adapters", "moelora.bench.adapters",
      "adapter load rates (disk, host, device) against a plain parallel read of the files"),
+    ("cold-ttft", "moelora.bench.cold_ttft",
+     "TTFT of a request whose adapter is cold, against its bytes' read time + two steps"),
     ("e2e-matrix", "moelora.bench.matrix",
      "the end-to-end GPU matrix: gpt-oss-20b and qwen3-30b-a3b x sequences x adapters"),
     ("serve-synthetic", "moelora.bench.serve_synthetic",
