@@ -18,6 +18,49 @@ bool supported_weight_dtype(DType d) {
   return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
 }
 
+bool same_view(const LoraMatrixSource& a, const LoraMatrixSource& b) {
+  return a.file == b.file && a.tensor == b.tensor && a.offset == b.offset && a.rows == b.rows &&
+         a.cols == b.cols && a.row_stride == b.row_stride && a.col_stride == b.col_stride &&
+         a.scale == b.scale;
+}
+
+// (site, layer) pairs whose every expert's A view is an earlier site's at the same layer (a
+// fused gate_up target feeds experts.gate and experts.up from one A): those keep one copy of
+// the rows. Every targeted (site, layer, expert) has exactly one A view (checked before).
+SharedARows shared_a_rows(const std::vector<LoraSite>& sites, const AdapterSpec& spec) {
+  std::vector<std::vector<std::vector<const LoraMatrixSource*>>> a_views(sites.size());
+  for (size_t s = 0; s < sites.size(); ++s) {
+    a_views[s].assign(static_cast<size_t>(sites[s].num_layers),
+                      std::vector<const LoraMatrixSource*>(sites[s].num_experts, nullptr));
+  }
+  for (const LoraMatrixSource& m : spec.matrices) {
+    if (!m.is_b) a_views[m.site][m.layer][m.expert] = &m;
+  }
+  SharedARows shared(sites.size());
+  bool any = false;
+  for (size_t s = 0; s < sites.size(); ++s) {
+    shared[s].assign(static_cast<size_t>(sites[s].num_layers), -1);
+    for (int32_t l = 0; l < sites[s].num_layers; ++l) {
+      if (spec.ranks[s][l] == 0) continue;
+      for (size_t t = 0; t < s && shared[s][l] < 0; ++t) {
+        if (sites[t].in_dim != sites[s].in_dim || sites[t].num_experts != sites[s].num_experts ||
+            l >= sites[t].num_layers || spec.ranks[t][l] != spec.ranks[s][l]) {
+          continue;
+        }
+        bool same = true;
+        for (int32_t e = 0; e < sites[s].num_experts && same; ++e) {
+          same = same_view(*a_views[s][l][e], *a_views[t][l][e]);
+        }
+        if (same) {
+          shared[s][l] = static_cast<int32_t>(t);
+          any = true;
+        }
+      }
+    }
+  }
+  return any ? shared : SharedARows{};
+}
+
 }  // namespace
 
 std::pair<int64_t, int64_t> view_extent(const LoraMatrixSource& m) {
@@ -168,7 +211,8 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
   }
   try {
     entry->layout = std::make_unique<AdapterRowLayout>(sites, spec.ranks, config.dtype,
-                                                       page_bytes, config.max_lora_rank);
+                                                       page_bytes, config.max_lora_rank,
+                                                       shared_a_rows(sites, spec));
   } catch (const InvalidArgument& e) {
     fail(e.what());
   }

@@ -117,6 +117,7 @@ std::vector<ByteRange> row_padding(const AdapterEntry& entry, DType model_dtype)
   const int64_t elem = static_cast<int64_t>(dtype_size(model_dtype));
   std::vector<ByteRange> pads;
   for (const LoraMatrixSource& m : entry.spec.matrices) {
+    if (!m.is_b && layout.shares_a(m.site, m.layer)) continue;  // the source's rows
     const int64_t data = m.cols * elem;
     const int64_t pad = lora_row_bytes(m.cols, model_dtype) - data;
     if (pad == 0) continue;
@@ -136,7 +137,10 @@ ReadPlan build_read_plan(const AdapterEntry& entry, DType model_dtype, int64_t c
   std::map<std::tuple<int32_t, std::string>, std::vector<int32_t>> by_tensor;
   const auto& matrices = entry.spec.matrices;
   for (size_t i = 0; i < matrices.size(); ++i) {
-    by_tensor[{matrices[i].file, matrices[i].tensor}].push_back(static_cast<int32_t>(i));
+    const LoraMatrixSource& m = matrices[i];
+    // An A view another site's rows already hold is written once, through that site.
+    if (!m.is_b && entry.layout->shares_a(m.site, m.layer)) continue;
+    by_tensor[{m.file, m.tensor}].push_back(static_cast<int32_t>(i));
   }
   std::map<int32_t, std::vector<Span>> spans_of_file;
   for (const auto& [key, members] : by_tensor) {

@@ -35,6 +35,38 @@ void check_max_rank(int32_t max_rank, const char* what) {
   }
 }
 
+// A shared A must come from an earlier site (its rows are placed first) of the same in_dim and
+// experts with the same rank at that layer.
+void check_shared_a(const std::vector<LoraSite>& sites, const SiteRanks& ranks,
+                    const SharedARows& shared_a) {
+  if (shared_a.empty()) return;
+  const std::string what = "AdapterRowLayout: shared_a ";
+  if (shared_a.size() != sites.size()) {
+    throw InvalidArgument(what + "has " + std::to_string(shared_a.size()) + " sites, expected " +
+                          std::to_string(sites.size()));
+  }
+  for (size_t s = 0; s < sites.size(); ++s) {
+    if (static_cast<int64_t>(shared_a[s].size()) != sites[s].num_layers) {
+      throw InvalidArgument(what + "of site '" + sites[s].name + "' has " +
+                            std::to_string(shared_a[s].size()) + " layers, expected " +
+                            std::to_string(sites[s].num_layers));
+    }
+    for (int32_t l = 0; l < sites[s].num_layers; ++l) {
+      const int32_t t = shared_a[s][l];
+      if (t < 0) continue;
+      if (t >= static_cast<int32_t>(s) || sites[t].in_dim != sites[s].in_dim ||
+          sites[t].num_experts != sites[s].num_experts || l >= sites[t].num_layers ||
+          l >= static_cast<int32_t>(ranks[t].size()) ||
+          l >= static_cast<int32_t>(ranks[s].size()) || ranks[t][l] != ranks[s][l]) {
+        throw InvalidArgument(what + "of site '" + sites[s].name + "' layer " +
+                              std::to_string(l) + " names site " + std::to_string(t) +
+                              ", which is not an earlier site of the same in_dim, experts and "
+                              "rank");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int64_t lora_row_bytes(int64_t dim, DType dtype) {
@@ -45,8 +77,9 @@ int64_t lora_row_bytes(int64_t dim, DType dtype) {
 }
 
 AdapterRowLayout::AdapterRowLayout(const std::vector<LoraSite>& sites, const SiteRanks& ranks,
-                                   DType dtype, int64_t page_bytes, int32_t max_rank)
-    : sites_(sites), ranks_(ranks), dtype_(dtype), page_bytes_(page_bytes) {
+                                   DType dtype, int64_t page_bytes, int32_t max_rank,
+                                   const SharedARows& shared_a)
+    : sites_(sites), ranks_(ranks), shared_a_(shared_a), dtype_(dtype), page_bytes_(page_bytes) {
   const char* what = "AdapterRowLayout";
   check_sites(sites, what);
   check_max_rank(max_rank, what);
@@ -58,6 +91,7 @@ AdapterRowLayout::AdapterRowLayout(const std::vector<LoraSite>& sites, const Sit
     throw InvalidArgument("AdapterRowLayout: ranks has " + std::to_string(ranks.size()) +
                           " sites, expected " + std::to_string(sites.size()));
   }
+  check_shared_a(sites, ranks, shared_a);
   int64_t cursor = 0;  // next free byte of the packed buffer
   auto place_row = [&](int64_t row_bytes) {
     if (cursor % page_bytes + row_bytes > page_bytes) {
@@ -93,10 +127,14 @@ AdapterRowLayout::AdapterRowLayout(const std::vector<LoraSite>& sites, const Sit
                               " bytes) does not fit in a page of " + std::to_string(page_bytes) +
                               " bytes");
       }
+      const int32_t a_source = shares_a(static_cast<int>(s), layer) ? shared_a[s][layer] : -1;
       std::vector<int64_t>& offsets = row_offsets_[s][layer];
       offsets.reserve(static_cast<size_t>(site.num_experts) * 2 * rank);
       for (int32_t expert = 0; expert < site.num_experts; ++expert) {
-        for (int32_t row = 0; row < rank; ++row) offsets.push_back(place_row(a_bytes));
+        for (int32_t row = 0; row < rank; ++row) {
+          offsets.push_back(a_source >= 0 ? row_offset(a_source, layer, expert, false, row)
+                                          : place_row(a_bytes));
+        }
         for (int32_t row = 0; row < rank; ++row) offsets.push_back(place_row(b_bytes));
       }
     }

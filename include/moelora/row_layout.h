@@ -5,7 +5,9 @@
 // stores, for each (site, layer, expert) it targets, A as rows [rank, in_dim] and B transposed
 // as rows [rank, out_dim]. Rows are packed into pages in a fixed order (site, layer, expert,
 // A rows then B rows); a row never straddles a page, and each row starts 16-byte aligned.
-// So an adapter of rank r takes pages in proportion to r, whatever max_lora_rank is.
+// So an adapter of rank r takes pages in proportion to r, whatever max_lora_rank is. Two sites
+// fed by one saved A (a fused gate_up target: experts.gate and experts.up) keep one copy of its
+// rows; the second site's row table points at the first's.
 //
 // Kernels find rows through a row table: for each slot (a device-resident adapter) the byte
 // offset of every row from the arena's base. LoraSiteView is the slice of that table a kernel
@@ -35,13 +37,17 @@ using SiteRanks = std::vector<std::vector<int32_t>>;
 // Row bytes rounded up to 16 so that every row starts 16-byte aligned.
 int64_t lora_row_bytes(int64_t dim, DType dtype);
 
+// shared_a[site][layer]: an earlier site whose A rows (site, layer) reuses, or -1. Empty: none.
+using SharedARows = std::vector<std::vector<int32_t>>;
+
 // The packed placement of one adapter's rows in its pages.
 class AdapterRowLayout {
  public:
   // Throws InvalidArgument when ranks do not match the sites, a rank is negative or above
-  // max_rank, or a row does not fit in one page.
+  // max_rank, a row does not fit in one page, or a shared A names a site that is not earlier
+  // or differs in in_dim, experts or rank at that layer.
   AdapterRowLayout(const std::vector<LoraSite>& sites, const SiteRanks& ranks, DType dtype,
-                   int64_t page_bytes, int32_t max_rank);
+                   int64_t page_bytes, int32_t max_rank, const SharedARows& shared_a = {});
 
   int64_t num_pages() const { return num_pages_; }
   int64_t used_bytes() const { return used_bytes_; }  // row bytes, excluding page tails
@@ -49,12 +55,17 @@ class AdapterRowLayout {
   DType dtype() const { return dtype_; }
   const SiteRanks& ranks() const { return ranks_; }
   int32_t rank(int site, int layer) const { return ranks_[site][layer]; }
+  // Whether (site, layer) reuses another site's A rows (its A views need no copy of their own).
+  bool shares_a(int site, int layer) const {
+    return !shared_a_.empty() && shared_a_[site][layer] >= 0;
+  }
   // Byte offset of a row inside the adapter's packed buffer (page i begins at i * page_bytes).
   int64_t row_offset(int site, int layer, int expert, bool is_b, int row) const;
 
  private:
   std::vector<LoraSite> sites_;
   SiteRanks ranks_;
+  SharedARows shared_a_;
   DType dtype_;
   int64_t page_bytes_;
   // row_offsets_[site][layer][(expert * 2 + is_b) * rank + row]: byte offset of each row.

@@ -5,7 +5,8 @@
 // bytes outside rows zero even in a recycled buffer; and faults in the middle of a parallel read
 // (truncation, a failed read, a rewrite, a directory replaced by a file, unregistering, the
 // cache going away), each confined to its adapter with every page account exact afterwards; and
-// how many freed host buffers the cache keeps for later loads.
+// how many freed host buffers the cache keeps for later loads. Sites fed by one saved A keep one
+// copy of its rows.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -125,6 +126,10 @@ TEST_CASE("every view shape converts exactly: dtypes, chunk sizes, threads, unal
         CHECK_EQ(bad, int64_t{0});
         CHECK_EQ(dirty_padding_bytes(c, a, slot, model), int64_t{0});
         check_accounts(c, {id});
+        // experts.gate and experts.up read one saved A: its rows are kept once.
+        const AdapterRowLayout unshared(awkward_sites(), a.spec.ranks, model, kPageBytes, 8);
+        CHECK(c.cache->num_pages(id) < unshared.num_pages());
+        CHECK(c.view(2, 0).row(slot, 1, false, 0) == c.view(1, 0).row(slot, 1, false, 0));
       }
     }
   }

@@ -162,6 +162,43 @@ TEST_CASE("row layout: errors name what was wrong") {
   CHECK_THROWS_AS(RowTableLayout(dup, 16), InvalidArgument);
 }
 
+TEST_CASE("row layout: a site sharing an earlier site's A reuses its rows, not its pages") {
+  std::vector<LoraSite> sites = {{"q_proj", 2, 1, 111, 96},
+                                 {"experts.gate", 2, 7, 111, 133},
+                                 {"experts.up", 2, 7, 111, 133},
+                                 {"experts.down", 2, 7, 133, 111}};
+  const auto ranks = uniform_ranks(sites, 5);
+  const SharedARows shared = {{-1, -1}, {-1, -1}, {1, -1}, {-1, -1}};  // up shares layer 0 only
+  AdapterRowLayout plain(sites, ranks, DType::kBFloat16, 4096, 8);
+  AdapterRowLayout fused(sites, ranks, DType::kBFloat16, 4096, 8, shared);
+  CHECK(fused.shares_a(2, 0) && !fused.shares_a(2, 1) && !fused.shares_a(1, 0));
+  CHECK(!plain.shares_a(2, 0));
+  CHECK_EQ(plain.used_bytes() - fused.used_bytes(), 7 * 5 * lora_row_bytes(111, DType::kBFloat16));
+  CHECK(fused.num_pages() < plain.num_pages());
+  std::set<int64_t> b_rows;
+  for (int e = 0; e < 7; ++e) {
+    for (int r = 0; r < 5; ++r) {
+      CHECK_EQ(fused.row_offset(2, 0, e, false, r), fused.row_offset(1, 0, e, false, r));
+      CHECK(fused.row_offset(2, 1, e, false, r) != fused.row_offset(1, 1, e, false, r));
+      CHECK(b_rows.insert(fused.row_offset(2, 0, e, true, r)).second);
+      CHECK(b_rows.insert(fused.row_offset(1, 0, e, true, r)).second);
+    }
+  }
+  // Only an earlier site of the same in_dim, experts and rank can lend its A rows.
+  for (const SharedARows& bad : {SharedARows{{-1, -1}, {2, -1}, {-1, -1}, {-1, -1}},   // later
+                                 SharedARows{{-1, -1}, {-1, -1}, {-1, -1}, {1, -1}},   // in_dim
+                                 SharedARows{{-1, -1}, {-1, -1}, {0, -1}, {-1, -1}},   // experts
+                                 SharedARows{{-1, -1}, {-1, -1}, {1, -1}},             // sites
+                                 SharedARows{{-1, -1}, {-1, -1}, {1}, {-1, -1}}}) {    // layers
+    CHECK_THROWS_AS(AdapterRowLayout(sites, ranks, DType::kBFloat16, 4096, 8, bad),
+                    InvalidArgument);
+  }
+  auto uneven = ranks;
+  uneven[2][0] = 4;
+  CHECK_THROWS_AS(AdapterRowLayout(sites, uneven, DType::kBFloat16, 4096, 8, shared),
+                  InvalidArgument);
+}
+
 TEST_CASE("row table: indices cover [0, entries_per_slot) exactly once") {
   const auto sites = awkward_sites();
   RowTableLayout table(sites, 6);
