@@ -452,7 +452,10 @@ void launch_gemm(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_
 void launch_gemm_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
                        cudaStream_t stream);
 void launch_gemm_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+// MXFP4 by a.mxfp4_layout: checkpoint words here, mma-layout words in launch_gemm_mxfp4_mma.
 void launch_gemm_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+void launch_gemm_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_blocks,
+                           cudaStream_t stream);
 // Split-K's finishing kernel (moe/split.cu): a.partials summed over a.splits, the epilogue,
 // the output. dtype: bfloat16 or float16.
 void launch_split_finish(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
