@@ -85,3 +85,33 @@ def test_layout_errors_are_named():
     mx.layout = "nibbles"
     with pytest.raises(ValueError, match="layout must be one of"):
         moe_ops.expert_gemm(x, routing, mx, input_pairs_per_row=2)
+
+
+def test_loaded_models_hold_mma_blocks_with_the_checkpoints_values():
+    """build_synthetic (like every loader) packs MXFP4 experts once; the forward pass equals the
+    same model over the checkpoint bytes bit for bit, and packing again changes nothing."""
+    import copy
+
+    from moelora.models import ReferenceContext
+    from moelora.models.synthetic import build_synthetic
+
+    model = build_synthetic("tiny-gpt-oss", dtype=torch.float32, num_layers=2)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.format == "mxfp4" and experts.mxfp4_layout == "mma"
+    blocks = experts.w13_blocks.clone()
+    model.pack_for_kernels()
+    assert torch.equal(experts.w13_blocks, blocks)
+    stored = copy.deepcopy(model)
+    for layer in stored.model.layers:
+        e = layer.mlp.experts
+        for leaf in ("w13_blocks", "w2_blocks"):
+            moe_ops.mxfp4_from_mma_layout(getattr(e, leaf).data, out=getattr(e, leaf).data)
+        e.mxfp4_layout = "checkpoint"
+    assert all(w.layout == "checkpoint" for w in stored.model.layers[0].mlp.experts.stacks())
+    ids = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    hidden = []
+    for m in (model, stored):
+        ctx = ReferenceContext()
+        ctx.begin_step(torch.zeros_like(ids), torch.arange(7))
+        hidden.append(m(ids, torch.arange(7), ctx))
+    assert torch.equal(hidden[0], hidden[1])
