@@ -6,15 +6,18 @@
 //   the 16 bytes it reads itself: lane (g = lane/4, c = lane%4) of a k-step takes one 16-byte
 //   vector of weight rows g and g+8 at byte 16c of the step's 64 bytes (32 bf16, 64 fp8 or 128
 //   e2m1 elements per row), and its B fragment comes from the same k positions of its pair row:
-//   no shuffles, no staging of weights in mma layout. MXFP4 pairs nibble q with nibble q+4 of a
-//   word (one shift and mask for both halves of a bf16x2) and B takes the matching pair with
-//   one prmt.
+//   no shuffles, no staging of weights in mma layout. MXFP4 pairs element q with element q+4 of
+//   a word (both halves of a bf16x2 come out of the same shifts and masks) and B takes the
+//   matching pair with one prmt.
 // Dequantization: MXFP4 codes are placed into bf16 bit fields (value * 2^-126, subnormal for
 //   code 1, as Marlin does) and multiplied by 2^(scale-1) (two multiplies for scales > 128), all
 //   exact; FP8 goes e4m3x2 -> f16x2 (hardware cvt) -> f32 * block scale -> bf16 (the rounding
 //   models/quantized.py's dequantization does). Dense bf16/fp16 needs nothing.
-// Cost per 16-byte weight vector (instructions a lane issues): dense 0, FP8 ~24, MXFP4 ~80 (four
-//   per bf16x2 pair plus the scale multiply): MXFP4 decode is close to issue-bound on an H100.
+// Cost per 16-byte weight vector (instructions a lane issues): dense 0, FP8 ~24, MXFP4 76 from
+//   checkpoint words (15 integer instructions per word of four pairs, plus a multiply per pair)
+//   and 52 from words in the mma layout (9 + 4 per word: src/mxfp4_layout.h), the layout the
+//   engine repacks its MXFP4 experts into at load. MXFP4 decode is close to issue-bound on an
+//   H100.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -289,7 +292,7 @@ struct Mxfp4Codes {
   }
 };
 
-// Checkpoint words: two shifts and two masks per pair (the kernel symbols' Mxfp4Format).
+// Checkpoint words (GPT-OSS's nibbles as stored): two shifts and two masks per pair.
 struct Mxfp4Format : Mxfp4Codes<Mxfp4Format> {
   template <int Q>
   __device__ static uint32_t bits(uint32_t word) {
