@@ -307,6 +307,16 @@ def test_gpu_dequantization_is_exact_through_the_fragments(fmt, block_m):
                                   f"{[want[tuple(b)].item() for b in bad[:4]]}")
 
 
+def test_gpu_mxfp4_repack_matches_the_cpu_one():
+    # the engine repacks on the device it loads to: the same int32 shifts on CUDA tensors
+    blocks = torch.randint(0, 256, (5, 24, 9, 16), dtype=torch.uint8, generator=_gen(31))
+    want = moe_ops.mxfp4_to_mma_layout(blocks)
+    got = blocks.to(CUDA)
+    moe_ops.mxfp4_to_mma_layout(got, out=got)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(moe_ops.mxfp4_from_mma_layout(got).cpu(), blocks)
+
+
 @pytest.mark.parametrize("block_m", [8, 16, 32, 64])
 def test_gpu_whole_numbers_are_exact(block_m):
     # Small integers: every product and sum is exact in fp32, so the tensor-core result must

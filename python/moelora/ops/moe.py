@@ -325,9 +325,10 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         as_ref(input), input_pairs_per_row, _code(FORMATS, weights.format, "format"),
         as_ref(_bytes(weights.weight)), as_optional_ref(weights.scales),
         as_optional_ref(weights.bias), weights.block_n, weights.block_k,
-        _code(MXFP4_LAYOUTS, weights.layout, "layout"), as_ref(routing.sorted_pairs), as_ref(routing.block_expert), as_ref(routing.num_blocks),
-        routing.block_m, _code(ACTIVATIONS, activation, "activation"), swiglu_alpha,
-        swiglu_limit, as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
+        _code(MXFP4_LAYOUTS, weights.layout, "layout"), as_ref(routing.sorted_pairs),
+        as_ref(routing.block_expert), as_ref(routing.num_blocks), routing.block_m,
+        _code(ACTIVATIONS, activation, "activation"), swiglu_alpha, swiglu_limit,
+        as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
         _code(KERNELS, kernel, "kernel"), fall_back, consumers, splits,
         as_optional_ref(workspace))
     return out
