@@ -13,6 +13,7 @@
 #include "common/launch.cuh"
 #include "kernels/moe_kernels.h"
 #include "kernels/validate.h"
+#include "mxfp4_layout.h"
 
 namespace moelora::cuda {
 
@@ -27,6 +28,7 @@ struct DequantArgs {
   int64_t s_expert, s_row, s_k;  // elements
   int32_t block_n, block_k;
   MoeWeightFormat format;
+  MoeMxfp4Layout mxfp4_layout;
   int64_t first_expert, experts, n_dim, k_dim;
   int64_t vectors_per_row;  // 16-byte vectors of a stored row
 };
@@ -66,8 +68,12 @@ __global__ void __launch_bounds__(kThreads) moe_dequantize_kernel(DequantArgs a,
        i += int64_t{gridDim.x} * kThreads) {
     const int64_t row = i / a.vectors_per_row, v = i - row * a.vectors_per_row;
     const int64_t local = row / a.n_dim, n = row - local * a.n_dim, e = a.first_expert + local;
-    const uint4 raw =
+    uint4 raw =
         *reinterpret_cast<const uint4*>(a.weight + e * a.w_expert + n * a.w_row + 16 * v);
+    if (a.format == MoeWeightFormat::kMxfp4 && a.mxfp4_layout == MoeMxfp4Layout::kMma) {
+      raw = make_uint4(mxfp4::from_mma(raw.x), mxfp4::from_mma(raw.y), mxfp4::from_mma(raw.z),
+                       mxfp4::from_mma(raw.w));  // back to the checkpoint's nibbles
+    }
     const auto* bytes = reinterpret_cast<const uint8_t*>(&raw);
     T* dst = out + row * a.k_dim;
     if (a.format == MoeWeightFormat::kMxfp4) {
@@ -101,6 +107,7 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
   const TensorRef& w = weights.weight;
   DequantArgs a{};
   a.format = weights.format;
+  a.mxfp4_layout = weights.mxfp4_layout;
   const int64_t elem = weights.format == MoeWeightFormat::kDense
                            ? static_cast<int64_t>(dtype_size(w.dtype))
                            : 1;

@@ -49,6 +49,7 @@ moe::GemmArgs gemm_args(const TensorRef& input, int32_t input_pairs_per_row,
   }
   a.block_n = w.block_n;
   a.block_k = w.block_k;
+  a.mxfp4_layout = w.mxfp4_layout;
   if (!is_absent(w.bias)) {
     a.bias = w.bias.data;
     a.b_expert = w.bias.stride[0];

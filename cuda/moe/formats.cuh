@@ -6,15 +6,18 @@
 //   the 16 bytes it reads itself: lane (g = lane/4, c = lane%4) of a k-step takes one 16-byte
 //   vector of weight rows g and g+8 at byte 16c of the step's 64 bytes (32 bf16, 64 fp8 or 128
 //   e2m1 elements per row), and its B fragment comes from the same k positions of its pair row:
-//   no shuffles, no staging of weights in mma layout. MXFP4 pairs nibble q with nibble q+4 of a
-//   word (one shift and mask for both halves of a bf16x2) and B takes the matching pair with
-//   one prmt.
+//   no shuffles, no staging of weights in mma layout. MXFP4 pairs element q with element q+4 of
+//   a word (both halves of a bf16x2 come out of the same shifts and masks) and B takes the
+//   matching pair with one prmt.
 // Dequantization: MXFP4 codes are placed into bf16 bit fields (value * 2^-126, subnormal for
 //   code 1, as Marlin does) and multiplied by 2^(scale-1) (two multiplies for scales > 128), all
 //   exact; FP8 goes e4m3x2 -> f16x2 (hardware cvt) -> f32 * block scale -> bf16 (the rounding
 //   models/quantized.py's dequantization does). Dense bf16/fp16 needs nothing.
-// Cost per 16-byte weight vector (instructions a lane issues): dense 0, FP8 ~24, MXFP4 ~80 (four
-//   per bf16x2 pair plus the scale multiply): MXFP4 decode is close to issue-bound on an H100.
+// Cost per 16-byte weight vector (instructions a lane issues): dense 0, FP8 ~24, MXFP4 76 from
+//   checkpoint words (15 integer instructions per word of four pairs, plus a multiply per pair)
+//   and 52 from words in the mma layout (9 + 4 per word: src/mxfp4_layout.h), the layout the
+//   engine repacks its MXFP4 experts into at load. MXFP4 decode is close to issue-bound on an
+//   H100.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -27,6 +30,7 @@
 #include "common/common.cuh"
 #include "common/ptx.cuh"
 #include "kernels/moe_kernels.h"
+#include "mxfp4_layout.h"
 
 namespace moelora::cuda::moe {
 
@@ -42,6 +46,8 @@ struct GemmArgs {
   int32_t row_bytes;     // bytes of one weight row (K * element bits / 8)
   const void* scales;    // MXFP4: uint8 [E][N][K/32]; FP8: float [E][N/bn][K/bk]
   int64_t s_expert, s_row;  // elements; FP8: s_row is the stride of a row block
+  MoeMxfp4Layout mxfp4_layout;  // MXFP4: the simple kernel reads it; the tiled and stream
+                                // kernels are built per layout (Mxfp4Format, Mxfp4MmaFormat)
   int32_t block_n, block_k;  // FP8
   const void* bias;      // [E][N] or null
   int64_t b_expert, b_row;
@@ -189,7 +195,10 @@ struct Fp8Format : ScaleAsIs<Fp8Format> {
   __device__ static int swizzle(int row, int chunk) { return chunk ^ (row & 1); }
 };
 
-struct Mxfp4Format {
+// MXFP4 over words of either layout (src/mxfp4_layout.h): Words::bits<Q> places elements q and
+// q + 4 of a word into a bf16x2; everything else is the same for both.
+template <typename Words>
+struct Mxfp4Codes {
   using Act = __nv_bfloat16;
   static constexpr int kChunks = 4;
   static constexpr int kXBytesPerWeightByte = 4;
@@ -204,20 +213,6 @@ struct Mxfp4Format {
   // The exponent of the lane's block of 32 elements at k0.
   __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
     return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + k0 / 32) : 0u;
-  }
-  // Nibbles q and q + 4 of `word` as a bf16x2 of value * 2^-126 (sign to bit 15, exponent and
-  // mantissa bits to bits 6-8 of each half).
-  template <int Q>
-  __device__ static uint32_t bits(uint32_t word) {
-    constexpr int kEm = 6 - 4 * Q;  // shift of the exponent/mantissa bits (right when < 0)
-    constexpr int kSign = 12 - 4 * Q;
-    uint32_t em;
-    if constexpr (kEm >= 0) {
-      em = word << kEm;
-    } else {
-      em = word >> -kEm;
-    }
-    return (em & 0x01C001C0u) | ((word << kSign) & 0x80008000u);
   }
   __device__ static uint32_t times(uint32_t v, uint32_t m) {
     __nv_bfloat162 a, b;
@@ -242,10 +237,10 @@ struct Mxfp4Format {
   __device__ static void a_pairs_small(const uint4& w, uint32_t multiplier, int u,
                                        uint32_t (&a)[4]) {
     const uint32_t word = word_of(w, u);
-    a[0] = times(bits<0>(word), multiplier);
-    a[1] = times(bits<1>(word), multiplier);
-    a[2] = times(bits<2>(word), multiplier);
-    a[3] = times(bits<3>(word), multiplier);
+    a[0] = times(Words::template bits<0>(word), multiplier);
+    a[1] = times(Words::template bits<1>(word), multiplier);
+    a[2] = times(Words::template bits<2>(word), multiplier);
+    a[3] = times(Words::template bits<3>(word), multiplier);
   }
   __device__ static void a_pairs(const uint4& w, Scale scale, int u, uint32_t (&a)[4]) {
     if (scale <= 128u) {
@@ -253,10 +248,10 @@ struct Mxfp4Format {
       return;
     }
     const uint32_t word = word_of(w, u);
-    a[0] = bits<0>(word);
-    a[1] = bits<1>(word);
-    a[2] = bits<2>(word);
-    a[3] = bits<3>(word);
+    a[0] = Words::template bits<0>(word);
+    a[1] = Words::template bits<1>(word);
+    a[2] = Words::template bits<2>(word);
+    a[3] = Words::template bits<3>(word);
     const uint32_t big = 0x7E807E80u;  // 2^126
     const uint32_t m = scale << 7;
     const uint32_t m2 = m | (m << 16);
@@ -268,7 +263,7 @@ struct Mxfp4Format {
     asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
     return r;
   }
-  // x elements (q, q + 4) of the chunk's 8, matching bits<q>.
+  // x elements (q, q + 4) of the chunk's 8, matching Words::bits<q>.
   __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
     b[0] = prmt(x.x, x.z, 0x5410u);
     b[1] = prmt(x.x, x.z, 0x7632u);
@@ -294,6 +289,22 @@ struct Mxfp4Format {
     } else {
       a_pairs(w, p, u, a);
     }
+  }
+};
+
+// Checkpoint words (GPT-OSS's nibbles as stored): two shifts and two masks per pair.
+struct Mxfp4Format : Mxfp4Codes<Mxfp4Format> {
+  template <int Q>
+  __device__ static uint32_t bits(uint32_t word) {
+    return mxfp4::checkpoint_pair<Q>(word);
+  }
+};
+
+// mma-layout words: 9 integer instructions for a word's four pairs instead of 16.
+struct Mxfp4MmaFormat : Mxfp4Codes<Mxfp4MmaFormat> {
+  template <int Q>
+  __device__ static uint32_t bits(uint32_t word) {
+    return mxfp4::mma_pair<Q>(word);
   }
 };
 

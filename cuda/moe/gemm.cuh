@@ -20,10 +20,13 @@
 //   format so that each lane's 16-byte reads are free of bank conflicts.
 // Instructions per weight byte: MXFP4 decode is bound by the instructions it issues (Nsight
 //   Compute, H100, gpt-oss-20b w13 at 16 tokens: 0.55 issued per scheduler-cycle at 39% of the
-//   DRAM roofline). The dequantization itself is 5 per bf16x2 (two shifts, two LOP3, one
-//   multiply: 160 per lane per k-step); the loop around it is kept small: one barrier per
-//   8 KB stage, the scale's multiplier and its fast-path test once per k-step (the path is
-//   chosen per warp: each path issues its own mma.sync), and each lane's shared x addresses
+//   DRAM roofline). The dequantization itself, per lane per k-step: 152 instructions from
+//   checkpoint words (15 integer per word of four bf16x2 and a multiply per pair), 104 from
+//   words in the mma layout (9 integer per word, src/mxfp4_layout.h; the engine's layout; static
+//   SASS of the 8-row kernel's fast path, sm_90a: 259 instructions per k-step against 306).
+//   The loop around it is kept small: one barrier per 8 KB stage, the scale's multiplier and
+//   its fast-path test once per k-step (the path is chosen per warp: each path issues its own
+//   mma.sync), and each lane's shared x addresses
 //   computed once and held in registers (the compiler would otherwise rebuild them from the
 //   thread index for every 16-byte read). That took the k-step from ~394 to ~236 issued
 //   instructions and the gpt-oss-20b MXFP4 layer at 16 tokens from 298 to 237 us.
@@ -452,7 +455,10 @@ void launch_gemm(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_
 void launch_gemm_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
                        cudaStream_t stream);
 void launch_gemm_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+// MXFP4 by a.mxfp4_layout: checkpoint words here, mma-layout words in launch_gemm_mxfp4_mma.
 void launch_gemm_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
+void launch_gemm_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_blocks,
+                           cudaStream_t stream);
 // Split-K's finishing kernel (moe/split.cu): a.partials summed over a.splits, the epilogue,
 // the output. dtype: bfloat16 or float16.
 void launch_split_finish(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,

@@ -12,6 +12,7 @@
 #include "common/launch.cuh"
 #include "kernels/moe_kernels.h"
 #include "moe/gemm.cuh"
+#include "mxfp4_layout.h"
 
 namespace moelora::cuda {
 
@@ -38,8 +39,16 @@ __device__ float weight_at(const GemmArgs& a, MoeWeightFormat format, int64_t e,
   switch (format) {
     case MoeWeightFormat::kDense: return detail::to_f32(reinterpret_cast<const T*>(row)[k]);
     case MoeWeightFormat::kMxfp4: {
-      const uint32_t byte = row[k / 2];
-      const uint32_t code = k & 1 ? byte >> 4 : byte & 0xFu;
+      uint32_t code;
+      if (a.mxfp4_layout == MoeMxfp4Layout::kMma) {  // byte loads: rows may sit at any address
+        const uint8_t* b = row + (k / 8) * 4;
+        const uint32_t word = b[0] | uint32_t{b[1]} << 8 | uint32_t{b[2]} << 16 |
+                              uint32_t{b[3]} << 24;
+        code = mxfp4::code_of_mma(word, static_cast<int>(k % 8));
+      } else {
+        const uint32_t byte = row[k / 2];
+        code = k & 1 ? byte >> 4 : byte & 0xFu;
+      }
       const auto* scales = static_cast<const uint8_t*>(a.scales);
       const int scale = scales[e * a.s_expert + n * a.s_row + k / 32];
       v = ldexpf(e2m1(code), scale - 127);

@@ -199,7 +199,10 @@ std::string launch_stream_dense(const GemmArgs& a, DType dtype, int block_m, int
                                 int consumers, cudaStream_t stream);
 std::string launch_stream_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, int consumers,
                               cudaStream_t stream);
+// MXFP4 by a.mxfp4_layout, as launch_gemm_mxfp4.
 std::string launch_stream_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks,
                                 int consumers, cudaStream_t stream);
+std::string launch_stream_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_blocks,
+                                    int consumers, cudaStream_t stream);
 
 }  // namespace moelora::cuda::moe

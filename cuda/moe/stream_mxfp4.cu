@@ -1,11 +1,15 @@
 // Persistent stream expert GEMM (moe/stream.cuh) over MXFP4 expert weights (GPT-OSS), bfloat16
-// activations.
+// activations. Both word layouts: the stream kernel decodes through the format's a_pairs like
+// the tiled one, so the mma layout is one more instantiation (stream_mxfp4_mma.cu).
 #include "moe/stream.cuh"
 
 namespace moelora::cuda::moe {
 
 std::string launch_stream_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks,
                                 int consumers, cudaStream_t stream) {
+  if (a.mxfp4_layout == MoeMxfp4Layout::kMma) {
+    return launch_stream_mxfp4_mma(a, block_m, max_blocks, consumers, stream);
+  }
   return launch_stream<Mxfp4Format>(a, block_m, max_blocks, consumers, stream);
 }
 

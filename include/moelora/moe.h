@@ -30,6 +30,14 @@ enum class MoeWeightFormat : uint8_t {
   kFp8Block = 2,  // float8 e4m3fn with float32 scales over block_n x block_k tiles
 };
 
+// How an MXFP4 block's 16 bytes hold its 32 codes (every op reads both layouts).
+enum class MoeMxfp4Layout : uint8_t {
+  kCheckpoint = 0,  // as GPT-OSS stores them: element 2j in the low nibble of byte j
+  kMma = 1,         // the bits of each little-endian 32-bit word (elements 8u..8u+7) permuted
+                    // so that the tensor-core kernels decode them with fewer instructions
+                    // (src/mxfp4_layout.h; moelora.ops.moe.mxfp4_to_mma_layout repacks)
+};
+
 enum class MoeActivation : uint8_t {
   kNone = 0,    // output = the N columns as computed
   kSilu = 1,    // gated: silu(gate) * up over the halves [gate | up] of the N rows; N/2 columns
@@ -76,6 +84,7 @@ struct MoeGemmOptions {
 //   kMxfp4     weight  uint8 [E, N, K/32, 16]: 32 E2M1 codes per block, two a byte, low
 //                      nibble first (element 2j in the low nibble of byte j)
 //              scales  uint8 [E, N, K/32]: E8M0 exponents, W = e2m1 * 2^(scale - 127)
+//              mxfp4_layout: the checkpoint's nibbles or the mma layout (MoeMxfp4Layout)
 //   kFp8Block  weight  uint8 [E, N, K]: float8 e4m3fn bit patterns
 //              scales  float32 [E, ceil(N/block_n), ceil(K/block_k)]:
 //                      W[e, n, k] = fp8 * scales[e, n / block_n, k / block_k]
@@ -89,6 +98,7 @@ struct MoeExpertWeights {
   TensorRef bias;
   int32_t block_n = 0;  // kFp8Block only
   int32_t block_k = 0;  // kFp8Block only
+  MoeMxfp4Layout mxfp4_layout = MoeMxfp4Layout::kCheckpoint;  // kMxfp4 only
 };
 
 // What moe_expert_gemm does to each output row after the product, in this order: + bias[e],

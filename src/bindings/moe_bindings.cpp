@@ -5,15 +5,18 @@
 
 #include "bindings/common.h"
 #include "moelora/moe.h"
+#include "mxfp4_layout.h"
 
 namespace moelora::bindings {
 
 namespace {
 
 MoeExpertWeights expert_weights(int format, const py::tuple& weight, const py::object& scales,
-                                const py::object& bias, int32_t block_n, int32_t block_k) {
+                                const py::object& bias, int32_t block_n, int32_t block_k,
+                                int mxfp4_layout) {
   MoeExpertWeights w;
   w.format = static_cast<MoeWeightFormat>(format);
+  w.mxfp4_layout = static_cast<MoeMxfp4Layout>(mxfp4_layout);
   w.weight = to_tensor_ref(weight, "weight");
   w.scales = to_optional_tensor_ref(scales, "scales");
   w.bias = to_optional_tensor_ref(bias, "bias");
@@ -28,6 +31,15 @@ void register_moe(py::module_& m) {
   m.attr("MOE_MAX_EXPERTS") = kMoeMaxExperts;
   m.attr("MOE_MAX_STREAM_CONSUMERS") = kMoeMaxStreamConsumers;
   m.attr("MOE_MAX_GEMM_SPLITS") = kMoeMaxGemmSplits;
+  // The MXFP4 mma layout's table, the one source of Python's repack (moelora.ops.moe):
+  // [element][bit] -> bit of the word, and the permutation's displacements.
+  py::list positions;
+  for (const auto& element : mxfp4::kMmaPosition) {
+    positions.append(py::make_tuple(element[0], element[1], element[2], element[3]));
+  }
+  m.attr("MXFP4_MMA_POSITIONS") = py::tuple(positions);
+  m.def("mxfp4_to_mma_word", [](uint32_t w) { return mxfp4::to_mma(w); }, py::arg("word"));
+  m.def("mxfp4_from_mma_word", [](uint32_t w) { return mxfp4::from_mma(w); }, py::arg("word"));
   m.def("moe_route_max_blocks", &moe_route_max_blocks, py::arg("num_pairs"),
         py::arg("num_experts"), py::arg("block_m"));
   m.def(
@@ -60,7 +72,8 @@ void register_moe(py::module_& m) {
   m.def("moe_expert_gemm", [](const py::tuple& input, int32_t input_pairs_per_row, int format,
                               const py::tuple& weight, const py::object& scales,
                               const py::object& bias, int32_t block_n, int32_t block_k,
-                              const py::tuple& sorted_pairs, const py::tuple& block_expert,
+                              int mxfp4_layout, const py::tuple& sorted_pairs,
+                              const py::tuple& block_expert,
                               const py::tuple& num_blocks, int32_t block_m, int activation,
                               float swiglu_alpha, float swiglu_limit,
                               const py::object& topk_weights, const py::tuple& output,
@@ -68,7 +81,8 @@ void register_moe(py::module_& m) {
                               int32_t stream_consumers, int32_t splits,
                               const py::object& workspace) {
     TensorRef in = to_tensor_ref(input, "input");
-    MoeExpertWeights w = expert_weights(format, weight, scales, bias, block_n, block_k);
+    MoeExpertWeights w =
+        expert_weights(format, weight, scales, bias, block_n, block_k, mxfp4_layout);
     TensorRef pairs = to_tensor_ref(sorted_pairs, "sorted_pairs");
     TensorRef experts = to_tensor_ref(block_expert, "block_expert");
     TensorRef count = to_tensor_ref(num_blocks, "num_blocks");
@@ -90,9 +104,10 @@ void register_moe(py::module_& m) {
   });
 
   m.def("moe_dequantize", [](int format, const py::tuple& weight, const py::object& scales,
-                             int32_t block_n, int32_t block_k, int64_t first_expert,
-                             const py::tuple& out, uintptr_t stream) {
-    MoeExpertWeights w = expert_weights(format, weight, scales, py::none(), block_n, block_k);
+                             int32_t block_n, int32_t block_k, int mxfp4_layout,
+                             int64_t first_expert, const py::tuple& out, uintptr_t stream) {
+    MoeExpertWeights w =
+        expert_weights(format, weight, scales, py::none(), block_n, block_k, mxfp4_layout);
     TensorRef o = to_tensor_ref(out, "out");
     py::gil_scoped_release release;
     moe_dequantize(w, first_expert, o, stream_from_int(stream));

@@ -13,6 +13,7 @@
 #include "kernels/cpu_parallel.h"
 #include "kernels/moe_kernels.h"
 #include "kernels/validate.h"
+#include "mxfp4_layout.h"
 
 namespace moelora::cpu {
 
@@ -56,14 +57,18 @@ void dequantize_row(const MoeExpertWeights& w, int64_t e, int64_t n, int64_t k_d
                            n * wt.stride[1];
       const auto* scales = static_cast<const uint8_t*>(w.scales.data) + e * w.scales.stride[0] +
                            n * w.scales.stride[1];
+      const bool mma = w.mxfp4_layout == MoeMxfp4Layout::kMma;
       for (int64_t g = 0; g < k_dim / 32; ++g) {
         const uint8_t* bytes = blocks + g * wt.stride[2];
         const int exponent = static_cast<int>(scales[g * w.scales.stride[2]]) - 127;
-        for (int j = 0; j < 16; ++j) {
-          for (int half = 0; half < 2; ++half) {
-            const int code = (bytes[j] >> (4 * half)) & 0xF;
+        for (int u = 0; u < 4; ++u) {  // little-endian words of 8 codes
+          const uint8_t* b = bytes + 4 * u;
+          uint32_t word = b[0] | uint32_t{b[1]} << 8 | uint32_t{b[2]} << 16 | uint32_t{b[3]} << 24;
+          if (mma) word = mxfp4::from_mma(word);
+          for (int i = 0; i < 8; ++i) {
+            const uint32_t code = mxfp4::code_of_checkpoint(word, i);
             const float magnitude = std::ldexp(kE2m1[code & 7], exponent);
-            out[g * 32 + 2 * j + half] = round_to<T>(code & 8 ? -magnitude : magnitude);
+            out[g * 32 + 8 * u + i] = round_to<T>(code & 8 ? -magnitude : magnitude);
           }
         }
       }

@@ -87,6 +87,11 @@ int64_t check_expert_weights(const MoeExpertWeights& w, const TensorRef& input, 
       check_size(w.scales, 1, wt.shape[1], op, "scales", "one per weight row");
       check_size(w.scales, 2, k_dim / 32, op, "scales", "one per block of 32");
       check_same_device(input, w.scales, op, "input", "scales");
+      if (w.mxfp4_layout != MoeMxfp4Layout::kCheckpoint &&
+          w.mxfp4_layout != MoeMxfp4Layout::kMma) {
+        throw_invalid(op, "unknown MXFP4 layout code " +
+                              std::to_string(static_cast<int>(w.mxfp4_layout)));
+      }
       break;
     case MoeWeightFormat::kFp8Block: {
       check_dtype(wt, DType::kUInt8, op, "weight");
@@ -110,6 +115,9 @@ int64_t check_expert_weights(const MoeExpertWeights& w, const TensorRef& input, 
     }
     default:
       throw_invalid(op, "unknown weight format code " + std::to_string(static_cast<int>(w.format)));
+  }
+  if (w.format != MoeWeightFormat::kMxfp4 && w.mxfp4_layout != MoeMxfp4Layout::kCheckpoint) {
+    throw_invalid(op, "an MXFP4 layout applies to MXFP4 weights only");
   }
   if (!is_absent(w.bias)) {
     check_float_dtype(w.bias, op, "bias");

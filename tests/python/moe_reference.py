@@ -14,6 +14,11 @@ from moelora.ops import moe as moe_ops
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                      -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float64)
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# The MXFP4 mma layout as moelora/moe.h and src/mxfp4_layout.h define it, written out again:
+# bit b (mantissa, exponent 0, exponent 1, sign) of element i of a 32-bit word sits at
+# MMA_POSITIONS[i][b].
+MMA_POSITIONS = ((6, 7, 8, 15), (0, 1, 2, 9), (12, 13, 14, 21), (10, 3, 4, 11),
+                 (22, 23, 24, 31), (16, 17, 18, 25), (28, 29, 30, 5), (26, 19, 20, 27))
 
 
 # ---- routing ---------------------------------------------------------------------------------
@@ -76,19 +81,21 @@ def manual_routing(expert_of_pair: torch.Tensor, top_k: int, num_experts: int, b
 def random_weights(fmt: str, num_experts: int, n: int, k: int, dtype: torch.dtype,
                    gen: torch.Generator, bias: bool = True,
                    fp8_block: tuple[int, int] = (16, 32)) -> moe_ops.ExpertWeights:
-    """Random weights in `fmt` whose products with N(0, 1) rows are O(1): spread ~1/sqrt(k)."""
+    """Random weights in `fmt` whose products with N(0, 1) rows are O(1): spread ~1/sqrt(k).
+    fmt "mxfp4_mma": the same MXFP4 stack repacked into the mma layout."""
     spread = 1.0 / math.sqrt(k)
     b = torch.randn(num_experts, n, generator=gen).to(dtype) if bias else None
     if fmt == "dense":
         w = (torch.randn(num_experts, n, k, generator=gen) * spread).to(dtype)
         return moe_ops.ExpertWeights("dense", w, bias=b)
-    if fmt == "mxfp4":
+    if fmt in ("mxfp4", "mxfp4_mma"):
         blocks = torch.randint(0, 256, (num_experts, n, k // 32, 16), generator=gen,
                                dtype=torch.uint8)
         center = 127 + round(math.log2(spread / 2.93))  # random codes: RMS 2.93
         scales = torch.randint(center - 2, center + 3, (num_experts, n, k // 32), generator=gen,
                                dtype=torch.uint8)
-        return moe_ops.ExpertWeights("mxfp4", blocks, scales, b)
+        w = moe_ops.ExpertWeights("mxfp4", blocks, scales, b)
+        return in_mma_layout(w) if fmt == "mxfp4_mma" else w
     bn, bk = fp8_block
     w = torch.randn(num_experts, n, k, generator=gen).to(torch.float8_e4m3fn)
     scales = spread * (0.5 + torch.rand(num_experts, -(-n // bn), -(-k // bk), generator=gen))
@@ -102,13 +109,28 @@ def dequantize(w: moe_ops.ExpertWeights, dtype: torch.dtype) -> torch.Tensor:
         return w.weight.to(dtype)
     if w.format == "mxfp4":
         blocks = w.weight.long()
-        codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-3)  # [E, N, K]
+        if w.layout == "mma":
+            codes = mma_codes(blocks).flatten(-2)  # [E, N, K]
+        else:
+            codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-3)  # [E, N, K]
         exponent = (w.scales.double() - 127).repeat_interleave(32, dim=-1)
         return (E2M1.to(blocks.device)[codes] * torch.exp2(exponent)).to(dtype)
     bn, bk = w.block_n, w.block_k
     _, n, k = w.weight.shape
     scale = w.scales.double().repeat_interleave(bn, 1)[:, :n].repeat_interleave(bk, 2)
     return (w.weight.double() * scale[:, :, :k]).float().to(dtype)
+
+
+def mma_codes(blocks: torch.Tensor) -> torch.Tensor:
+    """[..., G, 16] blocks in the mma layout (any integer dtype) -> [..., G, 32] codes, one bit
+    at a time from MMA_POSITIONS."""
+    b = blocks.long()
+    words = b[..., 0::4] | b[..., 1::4] << 8 | b[..., 2::4] << 16 | b[..., 3::4] << 24  # [.., 4]
+    codes = torch.zeros(*words.shape, 8, dtype=torch.long, device=blocks.device)
+    for i, positions in enumerate(MMA_POSITIONS):
+        for bit, position in enumerate(positions):
+            codes[..., i] |= ((words >> position) & 1) << bit
+    return codes.flatten(-2)  # element 8u + i of the block
 
 
 def activation_reference(h13: torch.Tensor, kind: str, alpha: float = 1.702,
@@ -148,7 +170,13 @@ def _expert(w: moe_ops.ExpertWeights, e: int) -> moe_ops.ExpertWeights:
     """Expert e of a stack, as a stack of one."""
     pick = lambda t: None if t is None else t[e:e + 1]
     return moe_ops.ExpertWeights(w.format, pick(w.weight), pick(w.scales), None, w.block_n,
-                                 w.block_k)
+                                 w.block_k, w.layout)
+
+
+def in_mma_layout(w: moe_ops.ExpertWeights) -> moe_ops.ExpertWeights:
+    """An MXFP4 stack repacked into the mma layout (same values)."""
+    return moe_ops.ExpertWeights("mxfp4", moe_ops.mxfp4_to_mma_layout(w.weight), w.scales,
+                                 w.bias, layout="mma")
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:

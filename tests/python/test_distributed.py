@@ -279,19 +279,23 @@ def test_streamed_shard_equals_the_cut_of_the_whole_model(cases, family, paralle
 
 
 def _quantized_model(preset, weights, fp8_block=None):
-    """A one-layer synthetic model, its experts stored as `weights` (FP8 blocks `fp8_block`)."""
+    """A one-layer synthetic model, its experts stored as `weights` (FP8 blocks `fp8_block`),
+    packed for the kernels as a loaded one is (MXFP4: the mma layout)."""
     config = preset_model_config(preset, num_layers=1, expert_weights=weights)
     if fp8_block is not None:
         config = dataclasses.replace(config, expert_fp8_block=fp8_block)
     model = model_class(config.architecture)(config)
     init_random_(model, seed=3)
-    return model.eval()
+    return model.pack_for_kernels().eval()
 
 
 def _dense_stack(stack: moe_ops.ExpertWeights) -> torch.Tensor:
     """An expert stack as stored, dequantized to float32 [E, out, in] (the reference)."""
     if stack.format == "mxfp4":
-        return dequantize_mxfp4(stack.weight, stack.scales, torch.float32).transpose(1, 2)
+        blocks = stack.weight
+        if stack.layout == "mma":
+            blocks = moe_ops.mxfp4_from_mma_layout(blocks)
+        return dequantize_mxfp4(blocks, stack.scales, torch.float32).transpose(1, 2)
     if stack.format == "fp8":
         return torch.stack([dequantize_fp8_blocks(w, s, torch.float32)
                             for w, s in zip(stack.weight, stack.scales)])

@@ -19,22 +19,22 @@ CUDA = torch.device("cuda")
 def _to(w: moe_ops.ExpertWeights) -> moe_ops.ExpertWeights:
     move = lambda t: None if t is None else t.to(CUDA)
     return moe_ops.ExpertWeights(w.format, move(w.weight), move(w.scales), move(w.bias),
-                                 w.block_n, w.block_k)
+                                 w.block_n, w.block_k, w.layout)
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "fp8", "dense"])
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp4_mma", "fp8", "dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_dequantize_matches_the_cpu_op(fmt, dtype):
     gen = torch.Generator().manual_seed(2)
     w = random_weights(fmt, 6, 40, 256, dtype, gen, bias=False, fp8_block=(16, 32))
-    if fmt == "mxfp4":
+    if w.format == "mxfp4":
         w.scales = torch.randint(100, 150, w.scales.shape, generator=gen, dtype=torch.uint8)
     cpu = moe_ops.dequantize(w, 1, 4, dtype)
     gpu = moe_ops.dequantize(_to(w), 1, 4, dtype)
     assert torch.equal(gpu.cpu(), cpu)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "mxfp4_mma", "fp8"])
 @pytest.mark.parametrize("activation", ["none", "gpt_oss"])
 def test_gpu_grouped_form_matches_reference(fmt, activation, monkeypatch):
     monkeypatch.setattr(moe_ops, "GROUPED_SCRATCH_BYTES", 3 * 2 * 80 * 512)  # 3 experts a chunk

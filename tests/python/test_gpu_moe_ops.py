@@ -33,7 +33,7 @@ def _gen(seed: int) -> torch.Generator:
 def _to(w: moe_ops.ExpertWeights, device) -> moe_ops.ExpertWeights:
     move = lambda t: None if t is None else t.to(device)
     return moe_ops.ExpertWeights(w.format, move(w.weight), move(w.scales), move(w.bias),
-                                 w.block_n, w.block_k)
+                                 w.block_n, w.block_k, w.layout)
 
 
 def _routing_to(r: moe_ops.Routing, device) -> moe_ops.Routing:
@@ -111,12 +111,14 @@ def test_gpu_route_top_k_above_32_is_refused():
 
 # ---- expert GEMM -------------------------------------------------------------------------------
 
-CASES = [  # format, activations, hidden (K), tensor core possible
+CASES = [  # format (mxfp4_mma: the mma layout), activations, hidden (K), tensor core possible
     ("dense", torch.bfloat16, 888, True),
     ("dense", torch.float16, 888, True),
     ("dense", torch.float32, 111, False),
     ("mxfp4", torch.bfloat16, 864, True),
     ("mxfp4", torch.float16, 864, False),
+    ("mxfp4_mma", torch.bfloat16, 864, True),
+    ("mxfp4_mma", torch.float16, 864, False),
     ("fp8", torch.bfloat16, 896, True),
     ("fp8", torch.bfloat16, 888, False),  # K % 16 != 0: simple kernel only
 ]
@@ -156,7 +158,7 @@ def test_gpu_w13_gemm(fmt, dtype, hidden, tensor_core, tokens, experts, top_k, a
                                 kernel="tensor_core")
 
 
-@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "mxfp4_mma", "fp8"])
 @pytest.mark.parametrize("block_m", [8, 32, 64])
 def test_gpu_w2_gemm_with_routing_weights_and_strided_rows(fmt, block_m):
     gen = _gen(block_m)
@@ -179,6 +181,7 @@ def test_gpu_w2_gemm_with_routing_weights_and_strided_rows(fmt, block_m):
 SPLIT_CASES = [  # format, hidden (K): k-steps of 64 weight bytes, none a multiple of the splits
     ("dense", 888),  # 28 steps, the last one partial; 4 steps per x stage
     ("mxfp4", 864),  # 7 steps, the last one partial; 1 per stage
+    ("mxfp4_mma", 864),
     ("fp8", 896),  # 14 steps, 2 per stage
 ]
 
@@ -231,7 +234,8 @@ def test_gpu_split_k_gemm(fmt, hidden, tokens, experts, top_k, activation, block
     assert torch.equal(again, first)
 
 
-@pytest.mark.parametrize("fmt,hidden", [("dense", 40), ("mxfp4", 64), ("fp8", 64)])
+@pytest.mark.parametrize("fmt,hidden", [("dense", 40), ("mxfp4", 64), ("mxfp4_mma", 64),
+                                        ("fp8", 64)])
 def test_gpu_split_k_of_a_short_k_runs_whole(fmt, hidden):
     # K of one x stage: no split holds a k-step of its own, so the whole-K kernel runs
     gen = _gen(hidden)
@@ -283,7 +287,7 @@ def _one_hot_readback(w: moe_ops.ExpertWeights, block_m: int, kernel: str) -> to
     return out.reshape(e, k, n).transpose(1, 2).cpu()
 
 
-@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "mxfp4_mma", "fp8"])
 @pytest.mark.parametrize("block_m", [8, 64])
 def test_gpu_dequantization_is_exact_through_the_fragments(fmt, block_m):
     # A wrong K permutation, nibble order, swizzle or scale shows up as a specific (n, k).
@@ -291,7 +295,7 @@ def test_gpu_dequantization_is_exact_through_the_fragments(fmt, block_m):
 
     gen = _gen(21)
     w = random_weights(fmt, 2, 80, 256, torch.bfloat16, gen, bias=False, fp8_block=(16, 32))
-    if fmt == "mxfp4":  # every code with scales on both sides of 2^(scale - 1)'s range
+    if w.format == "mxfp4":  # every code with scales on both sides of 2^(scale - 1)'s range
         w.scales = torch.randint(110, 140, w.scales.shape, generator=gen, dtype=torch.uint8)
     want = dequantize(w, torch.bfloat16)
     for kernel in ("tensor_core", "simple"):
@@ -301,6 +305,16 @@ def test_gpu_dequantization_is_exact_through_the_fragments(fmt, block_m):
                                   f"(expert, n, k) {bad[:8].tolist()}: got "
                                   f"{[got[tuple(b)].item() for b in bad[:4]]}, want "
                                   f"{[want[tuple(b)].item() for b in bad[:4]]}")
+
+
+def test_gpu_mxfp4_repack_matches_the_cpu_one():
+    # the engine repacks on the device it loads to: the same int32 shifts on CUDA tensors
+    blocks = torch.randint(0, 256, (5, 24, 9, 16), dtype=torch.uint8, generator=_gen(31))
+    want = moe_ops.mxfp4_to_mma_layout(blocks)
+    got = blocks.to(CUDA)
+    moe_ops.mxfp4_to_mma_layout(got, out=got)
+    assert torch.equal(got.cpu(), want)
+    assert torch.equal(moe_ops.mxfp4_from_mma_layout(got).cpu(), blocks)
 
 
 @pytest.mark.parametrize("block_m", [8, 16, 32, 64])

@@ -31,7 +31,7 @@ def _gen(seed: int) -> torch.Generator:
 def _to(w: moe_ops.ExpertWeights) -> moe_ops.ExpertWeights:
     move = lambda t: None if t is None else t.to(CUDA)
     return moe_ops.ExpertWeights(w.format, move(w.weight), move(w.scales), move(w.bias),
-                                 w.block_n, w.block_k)
+                                 w.block_n, w.block_k, w.layout)
 
 
 def _routing_to(r: moe_ops.Routing) -> moe_ops.Routing:
@@ -64,10 +64,11 @@ def _gemm(x, routing, w, ipr, activation="none", topk=None, kernel="stream", con
     return out
 
 
-CASES = [  # format, activations, K
+CASES = [  # format (mxfp4_mma: the mma layout), activations, K
     ("dense", torch.bfloat16, 888),
     ("dense", torch.float16, 888),
     ("mxfp4", torch.bfloat16, 864),
+    ("mxfp4_mma", torch.bfloat16, 864),
     ("fp8", torch.bfloat16, 896),
 ]
 
@@ -93,13 +94,13 @@ def test_gpu_stream_matches_reference_and_tiles(fmt, dtype, hidden, tokens, expe
         _mismatch(got, want, TOLERANCE[dtype])
     assert_close(got, want, what + ": " + _mismatch(got, want, TOLERANCE[dtype]))
     tiles = _gemm(xg, routing, wg, top_k, activation, kernel="tensor_core")
-    if fmt == "mxfp4":  # lanes 2, 3 take their words in another order: other roundings
+    if w.format == "mxfp4":  # lanes 2, 3 take their words in another order: other roundings
         assert_close(got, tiles.double(), what + " vs tiles")
     else:  # the same mma sequence per output: bit for bit
         assert torch.equal(got, tiles), what + " vs tiles: " + _mismatch(got, tiles, 0.0)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "mxfp4_mma", "fp8"])
 @pytest.mark.parametrize("block_m", [8, 16])
 def test_gpu_stream_w2_weights_rows_and_reads_strided_input(fmt, block_m):
     gen = _gen(block_m)
@@ -147,7 +148,7 @@ def test_gpu_stream_one_x_slot_and_many_stages_per_row():
     assert torch.equal(got, _gemm(xg, routing, wg, top_k, kernel="tensor_core"))
 
 
-@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "mxfp4_mma", "fp8"])
 def test_gpu_stream_any_consumer_count_gives_the_same_bits(fmt):
     gen = _gen(47)
     tokens, experts, top_k, hidden, inter = 64, 32, 4, 512, 96
@@ -162,14 +163,14 @@ def test_gpu_stream_any_consumer_count_gives_the_same_bits(fmt):
         assert torch.equal(got, first), f"{consumers} consumers: " + _mismatch(got, first, 0.0)
 
 
-@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "fp8"])
+@pytest.mark.parametrize("fmt", ["dense", "mxfp4", "mxfp4_mma", "fp8"])
 @pytest.mark.parametrize("block_m", [8, 16])
 def test_gpu_stream_dequantization_is_exact_through_the_fragments(fmt, block_m):
     # one-hot input rows: out[p, n] = W[e, n, p % K] exactly; a wrong word order, nibble,
     # pitch or stage scale shows up as a specific (n, k)
     gen = _gen(21)
     w = random_weights(fmt, 2, 80, 256, torch.bfloat16, gen, bias=False, fp8_block=(16, 32))
-    if fmt == "mxfp4":  # every code, scales on both sides of 2^(scale - 1)'s range
+    if w.format == "mxfp4":  # every code, scales on both sides of 2^(scale - 1)'s range
         w.scales = torch.randint(110, 140, w.scales.shape, generator=gen, dtype=torch.uint8)
     e, n, k = w.num_experts, w.out_dim, w.in_dim
     x = torch.eye(k, dtype=torch.bfloat16, device=CUDA).repeat(e, 1)

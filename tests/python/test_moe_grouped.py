@@ -40,7 +40,7 @@ def test_dequantize_names_bad_arguments():
     out = torch.empty(2, 9, 64, dtype=torch.bfloat16)
     with pytest.raises(InvalidArgument, match="out dimension 1 must be 8"):
         moe_ops._C.moe_dequantize(1, moe_ops.as_ref(w.weight), moe_ops.as_optional_ref(w.scales),
-                                  0, 0, 0, moe_ops.as_ref(out), 0)
+                                  0, 0, 0, 0, moe_ops.as_ref(out), 0)
     dense = random_weights("dense", 4, 8, 64, torch.float32, _gen(2), bias=False)
     with pytest.raises(InvalidArgument, match="dense weight must have the input's dtype"):
         moe_ops.dequantize(dense, dtype=torch.bfloat16)

@@ -23,6 +23,7 @@ from moelora.distributed.shard import shard_model
 from moelora.models import load_model
 from moelora.models.quantized import dequantize_fp8_blocks
 from moelora.models.quantized import dequantize_mxfp4 as dequantize
+from moelora.ops import moe as moe_ops
 from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -100,8 +101,15 @@ def _dense_experts(params: dict) -> dict:
 
 
 def _parameters(path):
+    """The parameters of the model loaded from `path`, MXFP4 blocks as the checkpoint's bytes
+    (the loader repacks them into the kernels' layout) and then dequantized."""
     model = load_model(str(path), dtype=torch.bfloat16, progress=False)
-    return _dense_experts(dict(model.named_parameters()))
+    params = dict(model.named_parameters())
+    for name, module in model.named_modules():
+        if getattr(module, "mxfp4_layout", "checkpoint") == "mma":
+            for leaf in ("w13_blocks", "w2_blocks"):
+                params[f"{name}.{leaf}"] = moe_ops.mxfp4_from_mma_layout(params[f"{name}.{leaf}"])
+    return _dense_experts(params)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +136,9 @@ def test_mxfp4_checkpoint_loads_as_stored(checkpoints):
     quantized, reference = checkpoints
     model = load_model(quantized, dtype=torch.bfloat16, progress=False)
     assert model.config.expert_format == "mxfp4"
-    assert model.model.layers[0].mlp.experts.w13_blocks.dtype == torch.uint8
+    experts = model.model.layers[0].mlp.experts
+    assert experts.w13_blocks.dtype == torch.uint8 and experts.mxfp4_layout == "mma"
+    assert all(w.layout == "mma" for w in experts.stacks())
     ours, want = _parameters(quantized), _parameters(reference)
     assert ours.keys() == want.keys()
     for name, value in want.items():

@@ -58,7 +58,8 @@ def copy_rate(device_name: str, override: float | None) -> float:
 
 def stack(fmt: str, experts: int, n: int, k: int, gen, device,
           bias: bool) -> moe_ops.ExpertWeights:
-    """Random weights of spread ~1/sqrt(k) as `fmt` stores them ("bf16", "mxfp4", "fp8")."""
+    """Random weights of spread ~1/sqrt(k) as `fmt` stores them ("bf16", "mxfp4", "fp8"); MXFP4
+    blocks in the mma layout, as the engine holds them (CausalLM.pack_for_kernels)."""
     spread = k ** -0.5
     b = (torch.randn(experts, n, generator=gen, device=device) * 0.1).bfloat16() if bias else None
     if fmt == "bf16":
@@ -70,7 +71,8 @@ def stack(fmt: str, experts: int, n: int, k: int, gen, device,
         center = 127 + round(math.log2(spread / 2.93))  # random E2M1 codes: RMS 2.93
         scales = torch.randint(center - 1, center + 2, (experts, n, k // 32), generator=gen,
                                device=device, dtype=torch.uint8)
-        return moe_ops.ExpertWeights("mxfp4", blocks, scales, b)
+        return moe_ops.ExpertWeights("mxfp4", moe_ops.mxfp4_to_mma_layout(blocks, out=blocks),
+                                     scales, b, layout="mma")
     bn, bk = FP8_BLOCK
     w = torch.randn(experts, n, k, generator=gen, device=device).to(torch.float8_e4m3fn)
     scales = spread * (0.5 + torch.rand(experts, -(-n // bn), -(-k // bk), generator=gen,

@@ -96,7 +96,7 @@ def load_shard(path: str | Path, parallel: ParallelConfig, rank: int, dtype: tor
         model.model.layers[index] = layer.to(device)  # the host copy of the layer goes now
     model = model.to(device)  # the replicated weights and rotary tables
     finish_shard(model, parallel, full_sites)
-    return model.eval(), full_sites
+    return model.pack_for_kernels().eval(), full_sites
 
 
 __all__ = ["load_shard"]

@@ -34,7 +34,7 @@ from moelora.models.layers import (
     gate_up_rules,
     qkv_rules,
 )
-from moelora.models.moe import MoeBlock
+from moelora.models.moe import Experts, MoeBlock
 from moelora.models.rope import RopeInputs, RotaryEmbedding
 from moelora.models.weights import WeightRule
 
@@ -143,6 +143,15 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head_matrix).float()
+
+    def pack_for_kernels(self) -> CausalLM:
+        """Once every weight is loaded: rewrites stored weights into the layouts the kernels
+        read fastest (MXFP4 expert blocks: the mma layout, see Experts.pack_for_kernels).
+        Every loader calls it; calling it again changes nothing."""
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.pack_for_kernels()
+        return self
 
     def lora_sites(self) -> list[LoraSiteSpec]:
         c = self.config

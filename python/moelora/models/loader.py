@@ -137,4 +137,4 @@ def load_hf_model(path: str | Path, registry: dict[str, type[CausalLM]], dtype: 
         finally:
             torch.set_default_dtype(prev)
     load_weights(model, path, progress=progress)
-    return model.eval()
+    return model.pack_for_kernels().eval()

@@ -10,7 +10,10 @@ Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), fo
 Pair p = t * K + k throughout, the layout the native align kernel consumes. When no token of the
 step has an adapter (ctx.token_slot is None) the activation runs in w13's epilogue and h13 never
 exists. Expert stacks stay as stored (ModelConfig.expert_format): dense in the model's dtype,
-MXFP4 blocks + scales, or FP8 with block scales; the kernels dequantize in registers.
+MXFP4 blocks + scales, or FP8 with block scales; the kernels dequantize in registers. MXFP4
+blocks load as the checkpoint's bytes and CausalLM.pack_for_kernels then repacks them once into
+the mma layout (ops.moe.mxfp4_to_mma_layout), which the tensor-core kernels decode with fewer
+instructions.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class Experts(nn.Module):
     """Stacked expert weights: w13 [E, 2I, H] (rows [gate | up]), w2 [E, H, I], optional biases,
     stored as config.expert_format says:
       dense  w13 / w2 in the model's dtype;
-      mxfp4  w13_blocks uint8 [E, 2I, H/32, 16] + w13_scales uint8 [E, 2I, H/32], likewise w2;
+      mxfp4  w13_blocks uint8 [E, 2I, H/32, 16] + w13_scales uint8 [E, 2I, H/32], likewise w2,
+             the blocks' words in `mxfp4_layout` ("checkpoint" as loaded, "mma" once packed);
       fp8    w13 / w2 float8_e4m3fn + w13_scale_inv / w2_scale_inv float32 block scales."""
 
     def __init__(self, config: ModelConfig):
@@ -101,6 +105,18 @@ class Experts(nn.Module):
                                             dtype=torch.float32)
         self.b13 = empty_param(e, 2 * i) if c.expert_bias else None
         self.b2 = empty_param(e, h) if c.expert_bias else None
+        self.mxfp4_layout = "checkpoint"
+
+    @torch.no_grad()
+    def pack_for_kernels(self) -> None:
+        """MXFP4 blocks, holding the checkpoint's bytes, repacked in place into the mma layout;
+        once, after loading (again: nothing). Cuts of whole blocks (expert and tensor parallel)
+        keep the layout, so sharding may come before or after."""
+        if self.format != "mxfp4" or self.mxfp4_layout == "mma":
+            return
+        for blocks in (self.w13_blocks, self.w2_blocks):
+            moe_ops.mxfp4_to_mma_layout(blocks.data, out=blocks.data)
+        self.mxfp4_layout = "mma"
 
     def stacks(self) -> tuple[moe_ops.ExpertWeights, moe_ops.ExpertWeights]:
         """(w13, w2) as the native ops take them."""
@@ -108,8 +124,11 @@ class Experts(nn.Module):
             return (moe_ops.ExpertWeights("dense", self.w13, bias=self.b13),
                     moe_ops.ExpertWeights("dense", self.w2, bias=self.b2))
         if self.format == "mxfp4":
-            return (moe_ops.ExpertWeights("mxfp4", self.w13_blocks, self.w13_scales, self.b13),
-                    moe_ops.ExpertWeights("mxfp4", self.w2_blocks, self.w2_scales, self.b2))
+            layout = self.mxfp4_layout
+            return (moe_ops.ExpertWeights("mxfp4", self.w13_blocks, self.w13_scales, self.b13,
+                                          layout=layout),
+                    moe_ops.ExpertWeights("mxfp4", self.w2_blocks, self.w2_scales, self.b2,
+                                          layout=layout))
         bn, bk = self.fp8_block
         return (moe_ops.ExpertWeights("fp8", self.w13, self.w13_scale_inv, self.b13, bn, bk),
                 moe_ops.ExpertWeights("fp8", self.w2, self.w2_scale_inv, self.b2, bn, bk))

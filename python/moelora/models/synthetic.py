@@ -164,5 +164,5 @@ def build_synthetic(preset: str, dtype: torch.dtype = torch.bfloat16,
             model = cls(config)
     finally:
         torch.set_default_dtype(prev)
-    init_random_(model, seed=seed)
-    return model.eval()
+    init_random_(model, seed=seed)  # MXFP4 blocks as a checkpoint holds them
+    return model.pack_for_kernels().eval()

@@ -27,6 +27,10 @@ from moelora._tensor import as_optional_ref, as_ref, stream_handle
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1}
 ACTIVATIONS = {"none": 0, "silu": 1, "gpt_oss": 2}
 FORMATS = {"dense": 0, "mxfp4": 1, "fp8": 2}
+# How MXFP4 blocks hold their codes (moelora/moe.h MoeMxfp4Layout): "checkpoint" as GPT-OSS
+# stores them, "mma" each 32-bit word bit-permuted for the tensor-core kernels
+# (mxfp4_to_mma_layout; src/mxfp4_layout.h).
+MXFP4_LAYOUTS = {"checkpoint": 0, "mma": 1}
 # The native kernels (moelora/moe.h MoeGemmKernel): "tensor_core" the tiled kernel, "stream" the
 # persistent decode kernel (block_m 8 or 16), "simple" one warp per output element.
 KERNELS = {"auto": 0, "simple": 1, "tensor_core": 2, "stream": 3}
@@ -212,8 +216,9 @@ class Routing:
 @dataclass
 class ExpertWeights:
     """One expert stack as stored (moelora/moe.h MoeExpertWeights): dense [E, N, K]; MXFP4
-    blocks uint8 [E, N, K/32, 16] + scales uint8 [E, N, K/32]; FP8 float8_e4m3fn (or its uint8
-    bytes) [E, N, K] + float32 scales [E, ceil(N/block_n), ceil(K/block_k)]."""
+    blocks uint8 [E, N, K/32, 16] + scales uint8 [E, N, K/32], their words in `layout`
+    (MXFP4_LAYOUTS); FP8 float8_e4m3fn (or its uint8 bytes) [E, N, K] + float32 scales
+    [E, ceil(N/block_n), ceil(K/block_k)]."""
 
     format: str
     weight: torch.Tensor
@@ -221,6 +226,7 @@ class ExpertWeights:
     bias: torch.Tensor | None = None  # [E, N]
     block_n: int = 0
     block_k: int = 0
+    layout: str = "checkpoint"
 
     @property
     def num_experts(self) -> int:
@@ -319,9 +325,10 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         as_ref(input), input_pairs_per_row, _code(FORMATS, weights.format, "format"),
         as_ref(_bytes(weights.weight)), as_optional_ref(weights.scales),
         as_optional_ref(weights.bias), weights.block_n, weights.block_k,
-        as_ref(routing.sorted_pairs), as_ref(routing.block_expert), as_ref(routing.num_blocks),
-        routing.block_m, _code(ACTIVATIONS, activation, "activation"), swiglu_alpha,
-        swiglu_limit, as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
+        _code(MXFP4_LAYOUTS, weights.layout, "layout"), as_ref(routing.sorted_pairs),
+        as_ref(routing.block_expert), as_ref(routing.num_blocks), routing.block_m,
+        _code(ACTIVATIONS, activation, "activation"), swiglu_alpha, swiglu_limit,
+        as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
         _code(KERNELS, kernel, "kernel"), fall_back, consumers, splits,
         as_optional_ref(workspace))
     return out
@@ -348,8 +355,71 @@ def dequantize(weights: ExpertWeights, first_expert: int = 0, count: int | None 
                       device=weights.weight.device)
     _C.moe_dequantize(_code(FORMATS, weights.format, "format"), as_ref(_bytes(weights.weight)),
                       as_optional_ref(weights.scales), weights.block_n, weights.block_k,
-                      first_expert, as_ref(out), stream_handle(out.device))
+                      _code(MXFP4_LAYOUTS, weights.layout, "layout"), first_expert, as_ref(out),
+                      stream_handle(out.device))
     return out
+
+
+# ---- the MXFP4 mma layout (src/mxfp4_layout.h) ------------------------------------------------
+
+MXFP4_REPACK_CHUNK_BYTES = 256 << 20  # bounds the int32 temporaries of a repack
+
+
+@functools.cache
+def _mxfp4_moves() -> list[tuple[int, int, int]]:
+    """The word permutation as grouped shifts, from the library's table
+    (_C.MXFP4_MMA_POSITIONS[element][bit] = bit of the mma word): (shift, checkpoint mask,
+    mma mask) per displacement."""
+    moved: dict[int, int] = {}
+    for element, positions in enumerate(_C.MXFP4_MMA_POSITIONS):
+        for bit, position in enumerate(positions):
+            source = 4 * element + bit
+            moved[position - source] = moved.get(position - source, 0) | 1 << source
+    return [(shift, mask, (mask << shift if shift > 0 else mask >> -shift) & 0xFFFFFFFF)
+            for shift, mask in sorted(moved.items())]
+
+
+def _as_int32(mask: int) -> int:
+    return mask - (1 << 32) if mask >= 1 << 31 else mask
+
+
+def _permute_words(words: torch.Tensor, to_mma: bool) -> torch.Tensor:
+    """int32 words permuted (to_mma) or put back. Arithmetic right shifts copy the sign into
+    the top bits; the mask after each shift clears them."""
+    out = torch.zeros_like(words)
+    for shift, checkpoint_mask, mma_mask in _mxfp4_moves():
+        by, mask = (shift, mma_mask) if to_mma else (-shift, checkpoint_mask)
+        moved = words << by if by > 0 else words >> -by
+        out |= moved.bitwise_and_(_as_int32(mask))
+    return out
+
+
+def _repack_mxfp4(blocks: torch.Tensor, out: torch.Tensor | None, to_mma: bool) -> torch.Tensor:
+    if blocks.dtype != torch.uint8 or blocks.dim() < 2 or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks must be uint8 [..., 16], got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    if out is None:
+        out = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)
+    elif out.shape != blocks.shape or out.dtype != torch.uint8 or out.device != blocks.device:
+        raise ValueError("out must be a uint8 tensor of the blocks' shape on their device")
+    per_index = max(1, blocks[0].numel())
+    step = max(1, MXFP4_REPACK_CHUNK_BYTES // per_index)
+    for first in range(0, blocks.shape[0], step):  # chunks along dim 0; out may be blocks
+        words = blocks[first:first + step].contiguous().view(torch.int32)
+        out[first:first + step] = _permute_words(words, to_mma).view(torch.uint8)
+    return out
+
+
+def mxfp4_to_mma_layout(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """MXFP4 blocks uint8 [..., 16] (checkpoint layout) with every 32-bit word permuted into the
+    mma layout, on the blocks' device; `out` may be `blocks` (in place). Slices of whole blocks
+    keep the layout, so a stack may be cut (experts, rows, tensor-parallel K) before or after."""
+    return _repack_mxfp4(blocks, out, to_mma=True)
+
+
+def mxfp4_from_mma_layout(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of mxfp4_to_mma_layout: the checkpoint's bytes back."""
+    return _repack_mxfp4(blocks, out, to_mma=False)
 
 
 # ---- the grouped form (torch._grouped_mm on expert-sorted rows) -------------------------------
@@ -460,6 +530,7 @@ __all__ = [
     "GROUPED",
     "KERNELS",
     "MAX_EXPERTS",
+    "MXFP4_LAYOUTS",
     "ROUTINGS",
     "SPLIT_BLOCK_M",
     "SPLIT_BY_SHAPE",
@@ -473,6 +544,8 @@ __all__ = [
     "expert_gemm",
     "gemm_splits",
     "moe_sum",
+    "mxfp4_from_mma_layout",
+    "mxfp4_to_mma_layout",
     "plan_expert_gemm",
     "route",
     "split_k_ways",

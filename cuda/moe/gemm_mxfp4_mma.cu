@@ -1,0 +1,12 @@
+// Tensor-core expert GEMM (moe/gemm.cuh) over MXFP4 expert weights in the mma layout
+// (src/mxfp4_layout.h), bfloat16 activations; launch_gemm_mxfp4 dispatches here.
+#include "moe/gemm.cuh"
+
+namespace moelora::cuda::moe {
+
+void launch_gemm_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_blocks,
+                           cudaStream_t stream) {
+  launch_gemm<Mxfp4MmaFormat>(a, block_m, max_blocks, stream);
+}
+
+}  // namespace moelora::cuda::moe

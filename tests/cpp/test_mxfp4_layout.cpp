@@ -1,0 +1,58 @@
+// Tests of the MXFP4 mma word layout (src/mxfp4_layout.h): the grouped-shift permutation
+// against a bit-by-bit walk of the position table, its inverse, the per-element codes, and the
+// tensor-core kernels' pair extraction from mma words against that from checkpoint words.
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "mxfp4_layout.h"
+#include "test_harness.h"
+
+using namespace moelora;
+
+namespace {
+
+// to_mma one bit at a time, straight from the table.
+uint32_t to_mma_by_table(uint32_t w) {
+  uint32_t out = 0;
+  for (int i = 0; i < 8; ++i) {
+    for (int b = 0; b < 4; ++b) {
+      if ((w >> (4 * i + b)) & 1u) out |= 1u << mxfp4::kMmaPosition[i][b];
+    }
+  }
+  return out;
+}
+
+// Every single-bit word (the maps are linear over bits, so these decide them) and random ones.
+std::vector<uint32_t> test_words() {
+  std::vector<uint32_t> words{0u, 0xFFFFFFFFu};
+  for (int b = 0; b < 32; ++b) words.push_back(1u << b);
+  std::mt19937 gen(7);
+  for (int i = 0; i < 100000; ++i) words.push_back(static_cast<uint32_t>(gen()));
+  return words;
+}
+
+}  // namespace
+
+TEST_CASE("mxfp4_mma_permutation_matches_its_table_and_inverts") {
+  for (const uint32_t w : test_words()) {
+    const uint32_t m = mxfp4::to_mma(w);
+    CHECK_EQ(m, to_mma_by_table(w));
+    CHECK_EQ(mxfp4::from_mma(m), w);
+    for (int i = 0; i < 8; ++i) {
+      CHECK_EQ(mxfp4::code_of_mma(m, i), mxfp4::code_of_checkpoint(w, i));
+    }
+  }
+}
+
+TEST_CASE("mxfp4_mma_pairs_equal_checkpoint_pairs") {
+  for (const uint32_t w : test_words()) {
+    const uint32_t m = mxfp4::to_mma(w);
+    CHECK_EQ(mxfp4::mma_pair<0>(m), mxfp4::checkpoint_pair<0>(w));
+    CHECK_EQ(mxfp4::mma_pair<1>(m), mxfp4::checkpoint_pair<1>(w));
+    CHECK_EQ(mxfp4::mma_pair<2>(m), mxfp4::checkpoint_pair<2>(w));
+    CHECK_EQ(mxfp4::mma_pair<3>(m), mxfp4::checkpoint_pair<3>(w));
+  }
+}
+
+MOELORA_TEST_MAIN()
