@@ -278,8 +278,9 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   std::vector<CopyRegion> regions;
   for (size_t i = 0; i < e->pages.size(); ++i) {
     std::byte* dst = pool.page_address(e->pages[i]);
-    const std::byte* src = e->host->data() + static_cast<int64_t>(i) * page_bytes;
-    if (i > 0 && e->pages[i] == e->pages[i - 1] + 1) {
+    const std::byte* src = e->host->at(static_cast<int64_t>(i) * page_bytes);
+    if (i > 0 && e->pages[i] == e->pages[i - 1] + 1 &&
+        static_cast<const std::byte*>(regions.back().src) + regions.back().bytes == src) {
       regions.back().bytes += page_bytes;  // a maximal run of consecutive pages: one copy
     } else {
       regions.push_back({dst, src, page_bytes});
@@ -404,6 +405,8 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
   MOELORA_CHECK_ARG(cfg.read_chunk_bytes >= 4096 && cfg.read_chunk_bytes <= (int64_t{1} << 30),
                     "read_chunk_bytes must be in [4096, 1 GiB], got " +
                         std::to_string(cfg.read_chunk_bytes));
+  MOELORA_CHECK_ARG(cfg.host_block_bytes >= 0,
+                    "host_block_bytes must be >= 0, got " + std::to_string(cfg.host_block_bytes));
   MOELORA_CHECK_ARG(cfg.pack_threads >= 0 && cfg.pack_threads <= 64,
                     "pack_threads must be in [0, 64] (0: automatic), got " +
                         std::to_string(cfg.pack_threads));

@@ -298,7 +298,7 @@ void transpose_block(const std::byte* in, int64_t pitch, int64_t rows, int64_t c
 class PieceWriter {
  public:
   PieceWriter(const AdapterEntry& entry, const TensorGroup& group, const ChunkPiece& piece,
-              const std::byte* chunk, DType model_dtype, std::byte* host)
+              const std::byte* chunk, DType model_dtype, const HostBuffer& host)
       : entry_(entry), group_(group), piece_(piece),
         data_(chunk + piece.staging_offset), model_dtype_(model_dtype),
         model_elem_(static_cast<int64_t>(dtype_size(model_dtype))), host_(host) {}
@@ -308,9 +308,10 @@ class PieceWriter {
   void write(const LoraMatrixSource& m, int64_t i, int64_t j0, int64_t n, const std::byte* src,
              int64_t stride) const {
     if (n <= 0) return;
-    std::byte* dst = host_ + entry_.layout->row_offset(m.site, m.layer, m.expert, m.is_b,
-                                                       static_cast<int>(i)) +
-                     j0 * model_elem_;
+    // A row never straddles a page, nor so a block of the host copy.
+    std::byte* dst = host_.at(entry_.layout->row_offset(m.site, m.layer, m.expert, m.is_b,
+                                                        static_cast<int>(i)) +
+                              j0 * model_elem_);
     const float scale = m.is_b ? m.scale : 1.0f;
     const int64_t bad =
         convert_elements(src, group_.info.dtype, stride, n, scale, dst, model_dtype_);
@@ -342,7 +343,7 @@ class PieceWriter {
   const std::byte* data_;
   DType model_dtype_;
   int64_t model_elem_;
-  std::byte* host_;
+  const HostBuffer& host_;
 };
 
 // Views that walk columns: transpose the piece's rows per phase of the column step, then every
@@ -443,7 +444,7 @@ int64_t convert_elements(const std::byte* src, DType src_dtype, int64_t stride, 
 }
 
 void convert_piece(const AdapterEntry& entry, const ReadPlan& plan, const ChunkPiece& piece,
-                   const std::byte* chunk_bytes, DType model_dtype, std::byte* host,
+                   const std::byte* chunk_bytes, DType model_dtype, const HostBuffer& host,
                    ReaderScratch& scratch) {
   const TensorGroup& g = plan.groups[piece.group];
   PieceWriter writer(entry, g, piece, chunk_bytes, model_dtype, host);

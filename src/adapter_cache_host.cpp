@@ -211,9 +211,10 @@ std::shared_ptr<ReadJob> AdapterCache::State::prepare_job(const EntryPtr& e) {
   job->start = std::chrono::steady_clock::now();
   job->files = std::make_unique<detail::OpenFiles>(*e);
   job->plan = detail::build_read_plan(*e, config.dtype, config.read_chunk_bytes);
-  job->buffer = buffers->take(e->host_copy_bytes());
+  job->buffer = buffers->take(e->host_copy_bytes(),
+                               e->host_block_bytes(config.host_block_bytes));
   for (const detail::ByteRange& pad : job->plan.row_padding) {
-    std::memset(job->buffer->data() + pad.offset, 0, static_cast<size_t>(pad.bytes));
+    std::memset(job->buffer->at(pad.offset), 0, static_cast<size_t>(pad.bytes));
   }
   return job;
 }
@@ -229,7 +230,7 @@ void AdapterCache::State::read_chunk(ReadJob& job, size_t index, detail::ReaderS
   job.files->read(e, chunk, scratch.staging.data());
   for (const detail::ChunkPiece& piece : chunk.pieces) {
     detail::convert_piece(e, job.plan, piece, scratch.staging.data(), config.dtype,
-                          job.buffer->data(), scratch);
+                          *job.buffer, scratch);
   }
   detail::stream_fence();  // the host copy's bytes are visible before the chunk counts as done
 }

@@ -7,6 +7,7 @@
 //   adapter_cache.cpp        the device tier and the public API.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -73,6 +74,11 @@ struct AdapterEntry {
   std::string error;
 
   int64_t host_copy_bytes() const { return layout->num_pages() * layout->page_bytes(); }
+  // The host copy's blocks (HostBuffer): whole pages, about `target` bytes each (0: one).
+  int64_t host_block_bytes(int64_t target) const {
+    const int64_t page = layout->page_bytes();
+    return target == 0 ? 0 : std::max<int64_t>(1, target / page) * page;
+  }
 };
 
 // Validates `spec` (files, tensors, dtypes, views, ranks, coverage) and returns an entry with its
@@ -158,7 +164,7 @@ struct ReaderScratch {
 // source dtype -> model dtype, B's scale folded in, non-finite results refused. Throws
 // AdapterError naming the tensor, the matrix, the element and the file.
 void convert_piece(const AdapterEntry& entry, const ReadPlan& plan, const ChunkPiece& piece,
-                   const std::byte* chunk_bytes, DType model_dtype, std::byte* host,
+                   const std::byte* chunk_bytes, DType model_dtype, const HostBuffer& host,
                    ReaderScratch& scratch);
 
 // Converts n elements of `src` (stride in elements) times `scale` into contiguous `dst`; returns
@@ -209,9 +215,10 @@ bool is_settled(AdapterCache& cache);
 class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {
  public:
   explicit HostBufferPool(int64_t max_buffers) : max_buffers_(max_buffers) {}
-  // A buffer of at least `bytes` (a kept one at most a quarter larger, page-locked preferred,
-  // or a new one). It returns here when its last reference goes.
-  std::shared_ptr<HostBuffer> take(int64_t bytes);
+  // A buffer of at least `bytes` in blocks of `block_bytes` (a kept one at most a quarter
+  // larger with the same blocks, page-locked preferred, or a new one). It returns here when its
+  // last reference goes.
+  std::shared_ptr<HostBuffer> take(int64_t bytes, int64_t block_bytes = 0);
   int64_t kept_buffers() const;
   int64_t kept_bytes() const;
   int64_t buffers_in_use() const;  // taken and not yet back

@@ -94,7 +94,7 @@ void OpenFiles::check_unchanged(const AdapterEntry& entry) const {
   }
 }
 
-std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes) {
+std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes, int64_t block_bytes) {
   std::unique_ptr<HostBuffer> found;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -105,6 +105,7 @@ std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes) {
     for (size_t i = 0; i < kept_.size(); ++i) {
       const HostBuffer& b = *kept_[i];
       if (b.bytes() < bytes || b.bytes() > bytes + bytes / 4) continue;
+      if (b.block_bytes() != (block_bytes >= b.bytes() ? 0 : block_bytes)) continue;
       if (best == kept_.size() || better(b, *kept_[best])) best = i;
     }
     if (best < kept_.size()) {
@@ -115,7 +116,7 @@ std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes) {
   }
   if (!found) {
     try {
-      found = std::make_unique<HostBuffer>(bytes);
+      found = std::make_unique<HostBuffer>(bytes, true, block_bytes);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       --in_use_;

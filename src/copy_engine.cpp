@@ -2,6 +2,7 @@
 // that defers page-locked frees while a CUDA graph is captured.
 #include "moelora/copy_engine.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <exception>
 #include <map>
@@ -194,21 +195,44 @@ void check_not_capturing(const char* operation) {
   }
 }
 
-HostBuffer::HostBuffer(int64_t bytes, bool try_pinned) {
-  if (bytes < 0) throw InvalidArgument("HostBuffer bytes must be >= 0, got " + std::to_string(bytes));
-  if (bytes == 0) return;
-  if (try_pinned) {
-    data_ = static_cast<std::byte*>(allocate_pinned(bytes));
-    pinned_ = data_ != nullptr;
+namespace {
+
+std::byte* allocate_ordinary(int64_t bytes) {
+  const size_t rounded = (static_cast<size_t>(bytes) + kHostAlignment - 1) / kHostAlignment *
+                         kHostAlignment;
+  auto* data = static_cast<std::byte*>(std::aligned_alloc(kHostAlignment, rounded));
+  if (data == nullptr) {
+    throw InvalidArgument("cannot allocate a host buffer of " + std::to_string(bytes) + " bytes");
   }
-  if (data_ == nullptr) {
-    size_t rounded = (static_cast<size_t>(bytes) + kHostAlignment - 1) / kHostAlignment *
-                     kHostAlignment;
-    data_ = static_cast<std::byte*>(std::aligned_alloc(kHostAlignment, rounded));
-    if (data_ == nullptr) {
-      throw InvalidArgument("cannot allocate a host buffer of " + std::to_string(bytes) +
-                            " bytes");
+  return data;
+}
+
+}  // namespace
+
+HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes) {
+  if (bytes < 0) throw InvalidArgument("HostBuffer bytes must be >= 0, got " + std::to_string(bytes));
+  if (block_bytes < 0) {
+    throw InvalidArgument("HostBuffer block_bytes must be >= 0, got " +
+                          std::to_string(block_bytes));
+  }
+  if (bytes == 0) return;
+  block_bytes_ = block_bytes >= bytes ? 0 : block_bytes;
+  const int64_t step = block_bytes_ == 0 ? bytes : block_bytes_;
+  pinned_ = true;
+  try {
+    for (int64_t offset = 0; offset < bytes; offset += step) {
+      if (offset > 0) std::this_thread::yield();  // let a waiting CUDA call take the driver
+      const int64_t size = std::min(step, bytes - offset);
+      Block block;
+      if (try_pinned) block.data = static_cast<std::byte*>(allocate_pinned(size));
+      block.pinned = block.data != nullptr;
+      if (block.data == nullptr) block.data = allocate_ordinary(size);
+      pinned_ = pinned_ && block.pinned;
+      blocks_.push_back(block);
     }
+  } catch (...) {
+    release();
+    throw;
   }
   bytes_ = bytes;
 }
@@ -216,34 +240,37 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned) {
 HostBuffer::~HostBuffer() { release(); }
 
 HostBuffer::HostBuffer(HostBuffer&& other) noexcept
-    : data_(other.data_), bytes_(other.bytes_), pinned_(other.pinned_) {
-  other.data_ = nullptr;
-  other.bytes_ = 0;
+    : blocks_(std::move(other.blocks_)), bytes_(other.bytes_), block_bytes_(other.block_bytes_),
+      pinned_(other.pinned_) {
+  other.blocks_.clear();
+  other.bytes_ = other.block_bytes_ = 0;
   other.pinned_ = false;
 }
 
 HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
   if (this != &other) {
     release();
-    data_ = other.data_;
+    blocks_ = std::move(other.blocks_);
     bytes_ = other.bytes_;
+    block_bytes_ = other.block_bytes_;
     pinned_ = other.pinned_;
-    other.data_ = nullptr;
-    other.bytes_ = 0;
+    other.blocks_.clear();
+    other.bytes_ = other.block_bytes_ = 0;
     other.pinned_ = false;
   }
   return *this;
 }
 
 void HostBuffer::release() noexcept {
-  if (data_ == nullptr) return;
-  if (pinned_) {
-    release_pinned(data_);
-  } else {
-    std::free(data_);
+  for (const Block& block : blocks_) {
+    if (block.pinned) {
+      release_pinned(block.data);
+    } else {
+      std::free(block.data);
+    }
   }
-  data_ = nullptr;
-  bytes_ = 0;
+  blocks_.clear();
+  bytes_ = block_bytes_ = 0;
   pinned_ = false;
 }
 

@@ -34,7 +34,8 @@ namespace {
 constexpr int64_t kPageBytes = 512;
 
 struct Cache {
-  explicit Cache(DType dtype = DType::kBFloat16, int64_t chunk = 4096, int32_t max_loras = 4)
+  explicit Cache(DType dtype = DType::kBFloat16, int64_t chunk = 4096, int32_t max_loras = 4,
+                 int64_t host_block = int64_t{8} << 20)
       : pool(make_host_arena(kPageBytes * 2048), kPageBytes), copies(make_cpu_copy_engine()) {
     AdapterCacheConfig config;
     config.sites = awkward_sites();
@@ -45,6 +46,7 @@ struct Cache {
     config.host_threads = 2;
     config.pack_threads = 3;
     config.read_chunk_bytes = chunk;
+    config.host_block_bytes = host_block;
     cache = std::make_unique<AdapterCache>(pool, *copies, config);
   }
   ~Cache() { cache.reset(); }
@@ -110,7 +112,8 @@ TEST_CASE("every view shape converts exactly: dtypes, chunk sizes, threads, unal
   for (const char* src : {"F32", "BF16", "F16"}) {
     for (DType model : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
       for (int64_t chunk : {int64_t{4096}, int64_t{1} << 20}) {
-        Cache c(model, chunk);
+        // Host copies in one block, and in blocks of 3 pages (rows never straddle a block).
+        Cache c(model, chunk, 4, chunk == 4096 ? 3 * kPageBytes : 0);
         AwkwardOptions o;
         o.src_dtype = src;
         o.interleaved_gate_up = chunk == 4096;
@@ -155,6 +158,22 @@ TEST_CASE("a recycled host buffer leaves no stale bytes in row padding") {
   CHECK_EQ(mismatches(c, b, slot, DType::kFloat32), int64_t{0});
   CHECK_EQ(dirty_padding_bytes(c, b, slot, DType::kFloat32), int64_t{0});
   check_accounts(c, {idb});
+}
+
+TEST_CASE("a host buffer in blocks: every byte addressable, blocks reused only alike") {
+  HostBuffer buffer(10 * 1000 + 7, false, 1000);
+  CHECK_EQ(buffer.block_bytes(), int64_t{1000});
+  for (int64_t i = 0; i < buffer.bytes(); ++i) *buffer.at(i) = std::byte(i % 251);
+  for (int64_t i = 0; i < buffer.bytes(); ++i) CHECK(*buffer.at(i) == std::byte(i % 251));
+  CHECK(buffer.at(999) + 1 == buffer.at(999) + 1);  // within a block: contiguous
+  CHECK_EQ(HostBuffer(500, false, 1000).block_bytes(), int64_t{0});  // one block
+  HostBuffer moved = std::move(buffer);
+  CHECK(*moved.at(10006) == std::byte(10006 % 251));
+  CHECK_THROWS_AS(HostBuffer(10, false, -1), InvalidArgument);
+  auto pool = std::make_shared<detail::HostBufferPool>(4);
+  { auto a = pool->take(8192, 2048); auto b = pool->take(8192); }
+  CHECK_EQ(pool->take(8192, 2048)->block_bytes(), int64_t{2048});  // the blocked one, kept
+  CHECK_EQ(pool->take(8192)->block_bytes(), int64_t{0});
 }
 
 TEST_CASE("the pool of host buffers keeps what the host tier may pin, and no more") {
