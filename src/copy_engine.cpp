@@ -218,11 +218,15 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes) {
   if (bytes == 0) return;
   block_bytes_ = block_bytes >= bytes ? 0 : block_bytes;
   const int64_t step = block_bytes_ == 0 ? bytes : block_bytes_;
+  // Blocks are allocated a little longer than they are used, so that two of them never touch:
+  // a copy engine merges regions whose addresses continue, and a copy may not span two
+  // page-locked allocations (cudaMemcpyAsync: invalid argument).
+  const int64_t slack = block_bytes_ == 0 ? 0 : static_cast<int64_t>(kHostAlignment);
   pinned_ = true;
   try {
     for (int64_t offset = 0; offset < bytes; offset += step) {
       if (offset > 0) std::this_thread::yield();  // let a waiting CUDA call take the driver
-      const int64_t size = std::min(step, bytes - offset);
+      const int64_t size = std::min(step, bytes - offset) + slack;
       Block block;
       if (try_pinned) block.data = static_cast<std::byte*>(allocate_pinned(size));
       block.pinned = block.data != nullptr;

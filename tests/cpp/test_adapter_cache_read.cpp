@@ -165,7 +165,8 @@ TEST_CASE("a host buffer in blocks: every byte addressable, blocks reused only a
   CHECK_EQ(buffer.block_bytes(), int64_t{1000});
   for (int64_t i = 0; i < buffer.bytes(); ++i) *buffer.at(i) = std::byte(i % 251);
   for (int64_t i = 0; i < buffer.bytes(); ++i) CHECK(*buffer.at(i) == std::byte(i % 251));
-  CHECK(buffer.at(999) + 1 == buffer.at(999) + 1);  // within a block: contiguous
+  CHECK(buffer.at(998) + 1 == buffer.at(999));  // within a block: contiguous
+  CHECK(buffer.at(999) + 1 != buffer.at(1000));  // blocks never touch: no copy spans two
   CHECK_EQ(HostBuffer(500, false, 1000).block_bytes(), int64_t{0});  // one block
   HostBuffer moved = std::move(buffer);
   CHECK(*moved.at(10006) == std::byte(10006 % 251));
