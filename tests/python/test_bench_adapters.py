@@ -52,11 +52,13 @@ def test_bench_adapters_times_every_path(tmp_path, capsys):
 
 def test_bench_cold_ttft_holds_each_cold_request_to_its_bound(tmp_path, capsys):
     out = tmp_path / "cold.jsonl"
+    # host copies in 1 MB blocks: each ~1.1 MB adapter spans two
     assert main(["bench", "cold-ttft", "--device", "cpu", "--num-adapters", "2",
                  "--background-seqs", "2", "--adapter-dir", str(tmp_path / "a"),
-                 "--out", str(out)]) == 0
+                 "--host-block-mb", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text().splitlines()[-1])
     assert record["bench"] == "cold_ttft" and record["step_ms"] > 0
+    assert record["host_block_bytes"] == 1 << 20
     assert [row["adapter"] for row in record["rows"]] == ["cold0", "cold1"]
     for row in record["rows"]:
         file = tmp_path / "a" / f"a{row['adapter'][-1]}" / "adapter_model.safetensors"

@@ -117,7 +117,7 @@ def test_prefix_caching_under_tensor_parallel(model):
 def test_requests_that_cannot_fit_beside_their_adapter_fail_clearly(model, spare_pages):
     """A pool one page short of the adapter: the adapter alone is larger than the pool; one
     page over it: it fits, but not together with the request's KV cache. Either way the
-    adapter's requests fail with the reason (they used to wait forever) and the base-model
+    adapter's requests fail with the reason instead of waiting forever, and the base-model
     requests still finish."""
     model_dir, (a0, _) = model
     probe = LLM(model=model_dir, **ARGS).llm_engine

@@ -97,7 +97,8 @@ class AdapterManager:
                                      max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0,
                                      dtype=dtype_code(dtype),
                                      host_threads=config.adapter_load_threads,
-                                     pack_threads=config.adapter_pack_threads)
+                                     pack_threads=config.adapter_pack_threads,
+                                     host_block_bytes=config.adapter_host_block_bytes)
         self.views = LoraViews(self.cache, self.sites, config.max_loras)
         if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
             self.cache = cache_proxy(self.cache)

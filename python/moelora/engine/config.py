@@ -29,6 +29,9 @@ class EngineConfig:
     max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
     adapter_load_threads: int = 4  # host threads reading and packing adapters from disk
     adapter_pack_threads: int = 0  # threads packing one adapter (0: cpu count / load threads)
+    # host copies page-locked in blocks of about this many bytes (0: one block per adapter; see
+    # moelora/adapter_cache.h AdapterCacheConfig.host_block_bytes)
+    adapter_host_block_bytes: int = 0
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -71,6 +74,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.adapter_pack_threads < 0:
             raise ValueError(f"adapter_pack_threads must be >= 0, got {self.adapter_pack_threads}")
+        if self.adapter_host_block_bytes < 0:
+            raise ValueError("adapter_host_block_bytes must be >= 0, got "
+                             f"{self.adapter_host_block_bytes}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
