@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 #include "adapter_cache_state.h"
 #include "copy_engine_internal.h"
@@ -318,7 +319,9 @@ void AdapterCache::State::reader_loop() {
         job->failed = true;
         job->error = error;
       }
-      if (++job->finished == job->plan.chunks.size()) finish_job_locked(job, lock);
+      if (++job->finished == job->plan.chunks.size() && !job->pinning) {
+        finish_job_locked(job, lock);
+      }
       continue;
     }
     host_queue.erase(std::find(host_queue.begin(), host_queue.end(), start));
@@ -350,7 +353,22 @@ void AdapterCache::State::reader_loop() {
       finish_job_locked(prepared, lock);
       continue;
     }
-    jobs.push_back(std::move(prepared));
+    prepared->pinning = !prepared->buffer->pinned() && prepared->buffer->num_blocks() > 1;
+    jobs.push_back(prepared);
+    if (prepared->pinning) {
+      // The other readers read the chunks while this one page-locks the blocks they fill: the
+      // page-locking (~2 GB/s) costs a cold load no more than its read, and each block holds
+      // the CUDA driver's lock for milliseconds only.
+      host_work.notify_all();
+      lock.unlock();
+      for (size_t b = 0; b < prepared->buffer->num_blocks(); ++b) {
+        prepared->buffer->pin_block(b);
+        std::this_thread::yield();
+      }
+      lock.lock();
+      prepared->pinning = false;
+      if (prepared->finished == prepared->plan.chunks.size()) finish_job_locked(prepared, lock);
+    }
   }
 }
 

@@ -216,8 +216,8 @@ class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {
  public:
   explicit HostBufferPool(int64_t max_buffers) : max_buffers_(max_buffers) {}
   // A buffer of at least `bytes` in blocks of `block_bytes` (a kept one at most a quarter
-  // larger with the same blocks, page-locked preferred, or a new one). It returns here when its
-  // last reference goes.
+  // larger with the same blocks, page-locked preferred, or a new one: in blocks, left for the
+  // taker to page-lock with pin_block). It returns here when its last reference goes.
   std::shared_ptr<HostBuffer> take(int64_t bytes, int64_t block_bytes = 0);
   int64_t kept_buffers() const;
   int64_t kept_bytes() const;

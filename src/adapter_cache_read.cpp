@@ -116,7 +116,7 @@ std::shared_ptr<HostBuffer> HostBufferPool::take(int64_t bytes, int64_t block_by
   }
   if (!found) {
     try {
-      found = std::make_unique<HostBuffer>(bytes, true, block_bytes);
+      found = std::make_unique<HostBuffer>(bytes, true, block_bytes, block_bytes > 0);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       --in_use_;

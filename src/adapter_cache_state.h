@@ -39,6 +39,7 @@ struct ReadJob {
   size_t next_chunk = 0;  // the next chunk to claim
   size_t finished = 0;    // chunks read and converted, or skipped after a failure
   bool failed = false;    // once set, the remaining chunks are skipped
+  bool pinning = false;   // the preparing reader still page-locks the buffer's blocks
   std::string error;
   std::chrono::steady_clock::time_point start;
 };

@@ -25,7 +25,18 @@ struct CaptureState {
   std::mutex mutex;
   int active = 0;
   std::vector<void*> deferred_pinned_frees;
+  std::vector<void*> deferred_unregisters;  // registered ordinary blocks: unregister, then free
 };
+
+void release_deferred(CaptureState& state) {
+  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
+  state.deferred_pinned_frees.clear();
+  for (void* block : state.deferred_unregisters) {
+    detail::host_unregister(block);
+    std::free(block);
+  }
+  state.deferred_unregisters.clear();
+}
 
 CaptureState& capture_state() {
   static CaptureState* state = new CaptureState;  // never destroyed: used from static dtors
@@ -51,9 +62,28 @@ void release_pinned(void* ptr) noexcept {
     state.deferred_pinned_frees.push_back(ptr);
     return;
   }
-  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
-  state.deferred_pinned_frees.clear();
+  release_deferred(state);
   detail::pinned_host_free(ptr);
+}
+
+// Ordinary memory page-locked in place, under the same rules as allocate_pinned.
+bool register_pinned(void* ptr, int64_t bytes) {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.active > 0) return false;
+  return detail::try_host_register(ptr, bytes);
+}
+
+void release_registered(void* ptr) noexcept {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  if (state.active > 0) {
+    state.deferred_unregisters.push_back(ptr);
+    return;
+  }
+  release_deferred(state);
+  detail::host_unregister(ptr);
+  std::free(ptr);
 }
 
 void check_regions(const std::vector<CopyRegion>& regions) {
@@ -181,8 +211,7 @@ GraphCaptureScope::~GraphCaptureScope() {
   std::lock_guard<std::mutex> lock(state.mutex);
   --t_capture_depth;
   if (--state.active > 0) return;
-  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
-  state.deferred_pinned_frees.clear();
+  release_deferred(state);
 }
 
 bool this_thread_capturing() { return t_capture_depth > 0; }
@@ -209,7 +238,7 @@ std::byte* allocate_ordinary(int64_t bytes) {
 
 }  // namespace
 
-HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes) {
+HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool pin_later) {
   if (bytes < 0) throw InvalidArgument("HostBuffer bytes must be >= 0, got " + std::to_string(bytes));
   if (block_bytes < 0) {
     throw InvalidArgument("HostBuffer block_bytes must be >= 0, got " +
@@ -222,16 +251,17 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes) {
   // a copy engine merges regions whose addresses continue, and a copy may not span two
   // page-locked allocations (cudaMemcpyAsync: invalid argument).
   const int64_t slack = block_bytes_ == 0 ? 0 : static_cast<int64_t>(kHostAlignment);
-  pinned_ = true;
+  const bool pin_now = try_pinned && !pin_later;
+  pinned_ = pin_now;
   try {
     for (int64_t offset = 0; offset < bytes; offset += step) {
-      if (offset > 0) std::this_thread::yield();  // let a waiting CUDA call take the driver
-      const int64_t size = std::min(step, bytes - offset) + slack;
+      if (offset > 0 && pin_now) std::this_thread::yield();  // let a CUDA call take the driver
       Block block;
-      if (try_pinned) block.data = static_cast<std::byte*>(allocate_pinned(size));
-      block.pinned = block.data != nullptr;
-      if (block.data == nullptr) block.data = allocate_ordinary(size);
-      pinned_ = pinned_ && block.pinned;
+      block.bytes = std::min(step, bytes - offset) + slack;
+      if (pin_now) block.data = static_cast<std::byte*>(allocate_pinned(block.bytes));
+      if (block.data != nullptr) block.memory = Memory::kAllocatedPinned;
+      if (block.data == nullptr) block.data = allocate_ordinary(block.bytes);
+      pinned_ = pinned_ && block.memory != Memory::kOrdinary;
       blocks_.push_back(block);
     }
   } catch (...) {
@@ -239,6 +269,16 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes) {
     throw;
   }
   bytes_ = bytes;
+}
+
+bool HostBuffer::pin_block(size_t i) {
+  Block& block = blocks_.at(i);
+  if (block.memory == Memory::kOrdinary && register_pinned(block.data, block.bytes)) {
+    block.memory = Memory::kRegistered;
+    pinned_ = std::all_of(blocks_.begin(), blocks_.end(),
+                          [](const Block& b) { return b.memory != Memory::kOrdinary; });
+  }
+  return block.memory != Memory::kOrdinary;
 }
 
 HostBuffer::~HostBuffer() { release(); }
@@ -267,10 +307,10 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
 
 void HostBuffer::release() noexcept {
   for (const Block& block : blocks_) {
-    if (block.pinned) {
-      release_pinned(block.data);
-    } else {
-      std::free(block.data);
+    switch (block.memory) {
+      case Memory::kAllocatedPinned: release_pinned(block.data); break;
+      case Memory::kRegistered: release_registered(block.data); break;
+      case Memory::kOrdinary: std::free(block.data); break;
     }
   }
   blocks_.clear();

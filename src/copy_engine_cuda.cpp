@@ -410,6 +410,18 @@ void* try_pinned_host_alloc(int64_t bytes) {
 
 void pinned_host_free(void* ptr) noexcept { cudaFreeHost(ptr); }
 
+bool try_host_register(void* ptr, int64_t bytes) {
+  if (!cuda_available()) return false;
+  if (cudaHostRegister(ptr, static_cast<size_t>(bytes), cudaHostRegisterPortable) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+void host_unregister(void* ptr) noexcept { cudaHostUnregister(ptr); }
+
 void relax_capture_mode_of_this_thread() noexcept {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) cudaGetLastError();
@@ -451,6 +463,8 @@ bool cuda_batch_copy_compiled() { return false; }
 
 void* try_pinned_host_alloc(int64_t bytes) { return nullptr; }
 void pinned_host_free(void* ptr) noexcept {}
+bool try_host_register(void* ptr, int64_t bytes) { return false; }
+void host_unregister(void* ptr) noexcept {}
 void relax_capture_mode_of_this_thread() noexcept {}
 void* device_alloc(int64_t bytes, int device_index) {
   throw CudaError("device_alloc: libmoelora was built without CUDA");

@@ -17,6 +17,10 @@ namespace moelora::detail {
 // (the caller then falls back to ordinary memory).
 void* try_pinned_host_alloc(int64_t bytes);
 void pinned_host_free(void* ptr) noexcept;
+// Page-locks ordinary host memory in place (false when CUDA or a GPU is absent or it failed),
+// and undoes it.
+bool try_host_register(void* ptr, int64_t bytes);
+void host_unregister(void* ptr) noexcept;
 
 // Sets the calling thread's CUDA stream-capture interaction mode to relaxed: a capture another
 // thread begins in the global mode no longer makes this thread's waits and copies fail. For

@@ -80,10 +80,11 @@ struct AdapterCacheConfig {
   // for the storage's full rate, small enough that a chunk stays in the reader's cache while it
   // is converted.
   int64_t read_chunk_bytes = int64_t{1} << 20;
-  // Host copies page-locked in blocks of about this many bytes (whole pages; HostBuffer), 0: one
-  // block per copy. Page-locking holds the CUDA driver's lock and a decode step's launches wait
-  // for it: on an H100 host one 370 MB copy held a step ~0.17 s (bench cold-ttft); a block of
-  // 8 MB should hold it a few milliseconds.
+  // Host copies in blocks of about this many bytes (whole pages; HostBuffer), 0: one block per
+  // copy, page-locked when allocated. Page-locking holds the CUDA driver's lock and a decode
+  // step's launches wait for it: on an H100 host one 420 MB copy held a step ~0.17 s (bench
+  // cold-ttft). Blocks start as ordinary memory; the reader that prepared the load page-locks
+  // them one at a time while the other readers fill them.
   int64_t host_block_bytes = 0;
   // Popularity: every note_request() counts one request for its adapter, and every count halves
   // after this many requests to the cache, so that yesterday's favourite does not stay forever.

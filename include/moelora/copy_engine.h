@@ -85,11 +85,14 @@ void check_not_capturing(const char* operation);
 // (the last one shorter): page-locking holds the CUDA driver's lock for as long as it takes
 // (~0.2 s for 400 MB on an H100 host), and every other thread's CUDA call (a decode step's
 // launches) waits for it, so a large buffer is locked a block at a time. Byte ranges that do not
-// cross a multiple of block_bytes are contiguous; at() finds them.
+// cross a multiple of block_bytes are contiguous; at() finds them. With `pin_later` the blocks
+// start as ordinary memory and pin_block() page-locks them in place, one at a time, so that a
+// caller can fill the buffer meanwhile.
 class HostBuffer {
  public:
   HostBuffer() = default;
-  explicit HostBuffer(int64_t bytes, bool try_pinned = true, int64_t block_bytes = 0);
+  explicit HostBuffer(int64_t bytes, bool try_pinned = true, int64_t block_bytes = 0,
+                      bool pin_later = false);
   ~HostBuffer();
   HostBuffer(HostBuffer&& other) noexcept;
   HostBuffer& operator=(HostBuffer&& other) noexcept;
@@ -106,11 +109,18 @@ class HostBuffer {
   int64_t bytes() const { return bytes_; }
   int64_t block_bytes() const { return block_bytes_; }  // 0: one block
   bool pinned() const { return pinned_; }               // every block page-locked
+  size_t num_blocks() const { return blocks_.size(); }
+  bool block_pinned(size_t i) const { return blocks_[i].memory != Memory::kOrdinary; }
+  // Page-locks block i in place (not while this process captures a CUDA graph, nor without
+  // CUDA); true when it is page-locked afterwards.
+  bool pin_block(size_t i);
 
  private:
+  enum class Memory : uint8_t { kOrdinary, kAllocatedPinned, kRegistered };
   struct Block {
     std::byte* data = nullptr;
-    bool pinned = false;
+    int64_t bytes = 0;
+    Memory memory = Memory::kOrdinary;
   };
   void release() noexcept;
   std::vector<Block> blocks_;

@@ -171,6 +171,10 @@ TEST_CASE("a host buffer in blocks: every byte addressable, blocks reused only a
   HostBuffer moved = std::move(buffer);
   CHECK(*moved.at(10006) == std::byte(10006 % 251));
   CHECK_THROWS_AS(HostBuffer(10, false, -1), InvalidArgument);
+  HostBuffer later(3000, true, 1000, true);  // ordinary blocks, page-locked one by one later
+  CHECK_EQ(later.num_blocks(), size_t{3});
+  CHECK(!later.pinned() && !later.block_pinned(0));
+  for (size_t b = 0; b < later.num_blocks(); ++b) CHECK_EQ(later.pin_block(b), later.block_pinned(b));
   auto pool = std::make_shared<detail::HostBufferPool>(4);
   { auto a = pool->take(8192, 2048); auto b = pool->take(8192); }
   CHECK_EQ(pool->take(8192, 2048)->block_bytes(), int64_t{2048});  // the blocked one, kept
