@@ -49,9 +49,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="prompt tokens of every request")
     parser.add_argument("--threads", type=flags.positive_int, default=4,
                         help="reader threads of the plain read")
-    parser.add_argument("--host-block-mb", type=int, default=0,
-                        help="page-lock host copies in blocks of this many MB (0: one block; "
-                             "EngineConfig.adapter_host_block_bytes)")
+    flags.add_host_block_argument(parser)
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep the files in the page cache (measures memory, not storage)")
     parser.add_argument("--decode-graphs", dest="graphs", action="store_true", default=None,
@@ -147,7 +145,7 @@ def run_from_args(args) -> int:
                           max_num_seqs=max(args.background_seqs + 1, 2), seed=args.seed,
                           load_progress=False, synthetic_num_layers=args.num_layers,
                           decode_graphs=args.graphs,
-                          adapter_host_block_bytes=args.host_block_mb << 20)
+                          adapter_host_block_bytes=flags.host_block_bytes(args))
     engine = LLMEngine(config)
     rng = random.Random(args.seed)
     try:
@@ -171,7 +169,7 @@ def run_from_args(args) -> int:
               "num_adapters": args.num_adapters, "background_seqs": args.background_seqs,
               "input_len": args.input_len, "threads": args.threads,
               "page_cache": "kept warm" if args.warm_cache else "dropped",
-              "host_block_bytes": args.host_block_mb << 20,
+              "host_block_bytes": flags.host_block_bytes(args),
               "step_ms": step_ms,
               **{key: median([row[key] for row in rows])
                  for key in ("ttft_ms", "bound_ms", "ratio_to_bound", "plain_read_gbps")},

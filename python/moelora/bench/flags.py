@@ -40,6 +40,19 @@ def rate(text: str) -> float:
     return value
 
 
+def add_host_block_argument(parser: argparse.ArgumentParser) -> None:
+    """--host-block-mb: EngineConfig.adapter_host_block_bytes, in MB (read it with host_block_bytes)."""
+    parser.add_argument("--host-block-mb", type=int, default=0,
+                        help="adapters' host copies in blocks of this many MB, page-locked beside "
+                             "the read (0: one block, page-locked before it)")
+
+
+def host_block_bytes(args) -> int:
+    if args.host_block_mb < 0:
+        raise SystemExit(f"--host-block-mb must be >= 0, got {args.host_block_mb}")
+    return args.host_block_mb << 20
+
+
 def add_memory_check_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-memory-check", action="store_true",
                         help="build the model even when the estimate says it cannot fit")

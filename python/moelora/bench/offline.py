@@ -66,6 +66,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rounds of the no-adapter and the warm run (medians reported)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw the warm run's per-adapter results")
+    flags.add_host_block_argument(parser)
     flags.add_memory_check_argument(parser)
     return parser
 
@@ -169,7 +170,8 @@ def run_from_args(args) -> int:
                           load_progress=False, synthetic_num_layers=args.num_layers,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
-                          decode_graphs=flags.graphs_choice(args))
+                          decode_graphs=flags.graphs_choice(args),
+                          adapter_host_block_bytes=flags.host_block_bytes(args))
     engine = LLMEngine(config, executor_for(config))
     try:
         with adapter_directory(args.adapter_dir, "moelora-bench-adapters-") as adapter_dir:
@@ -195,6 +197,7 @@ def run_from_args(args) -> int:
         "input_len": args.input_len, "output_len": args.output_len,
         "request_rate": args.request_rate, "tensor_parallel_size": args.tensor_parallel_size,
         "enable_expert_parallel": args.enable_expert_parallel,
+        "host_block_bytes": flags.host_block_bytes(args),
         **graph_info,
         "with_adapters": with_adapters, "no_adapters": base, "with_adapters_warm": warm,
         "repeats": args.repeats, "no_adapters_rounds": _spread(base_runs),
