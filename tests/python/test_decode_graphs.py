@@ -147,6 +147,9 @@ def test_steps_without_adapters_launch_no_lora_and_replay_the_lora_free_graph(mi
     base = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, use_tqdm=False)
     graphs = llm.llm_engine.runner.graphs
     assert calls["lora"] == 0 and set(graphs._made) == {(4, False)}
+    # resident first, so that the three requests decode together (one bucket) however long the
+    # load takes
+    llm.llm_engine.adapters.preload(adapters[0])
     llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, lora_request=adapters[0],
                  use_tqdm=False)
     assert calls["lora"] > 0 and set(graphs._made) == {(4, False), (4, True)}
