@@ -24,6 +24,14 @@
 
 namespace moelora {
 
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
 using detail::AdapterEntry;
 using detail::DeviceState;
 using detail::HostState;
@@ -212,8 +220,10 @@ std::shared_ptr<ReadJob> AdapterCache::State::prepare_job(const EntryPtr& e) {
   job->start = std::chrono::steady_clock::now();
   job->files = std::make_unique<detail::OpenFiles>(*e);
   job->plan = detail::build_read_plan(*e, config.dtype, config.read_chunk_bytes);
+  const auto taking = std::chrono::steady_clock::now();
   job->buffer = buffers->take(e->host_copy_bytes(),
                                e->host_block_bytes(config.host_block_bytes));
+  job->buffer_seconds = seconds_since(taking);
   for (const detail::ByteRange& pad : job->plan.row_padding) {
     std::memset(job->buffer->at(pad.offset), 0, static_cast<size_t>(pad.bytes));
   }
@@ -265,11 +275,11 @@ void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,
   // A load that waited for this copy is retried below: until then it is not waiting for memory
   // (a waiter woken meanwhile must not take it for one).
   if (e->device_state == DeviceState::kWaiting) e->device_state = DeviceState::kNone;
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - job->start).count();
+  const double seconds = seconds_since(job->start);
   ++counters.host_loads;
   counters.host_bytes_read += job->plan.read_bytes;
   counters.host_load_seconds += seconds;
+  counters.host_buffer_seconds += job->buffer_seconds;
   host_histogram.observe(seconds);
   enforce_host_limits_locked(e->want_device ? e.get() : nullptr);
   changed.notify_all();
@@ -361,11 +371,14 @@ void AdapterCache::State::reader_loop() {
       // the CUDA driver's lock for milliseconds only.
       host_work.notify_all();
       lock.unlock();
+      const auto start = std::chrono::steady_clock::now();
       for (size_t b = 0; b < prepared->buffer->num_blocks(); ++b) {
         prepared->buffer->pin_block(b);
         std::this_thread::yield();
       }
+      const double seconds = seconds_since(start);
       lock.lock();
+      prepared->buffer_seconds += seconds;
       prepared->pinning = false;
       if (prepared->finished == prepared->plan.chunks.size()) finish_job_locked(prepared, lock);
     }

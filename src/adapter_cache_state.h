@@ -40,6 +40,7 @@ struct ReadJob {
   size_t finished = 0;    // chunks read and converted, or skipped after a failure
   bool failed = false;    // once set, the remaining chunks are skipped
   bool pinning = false;   // the preparing reader still page-locks the buffer's blocks
+  double buffer_seconds = 0;  // obtaining the buffer and page-locking it
   std::string error;
   std::chrono::steady_clock::time_point start;
 };

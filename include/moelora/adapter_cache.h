@@ -122,6 +122,9 @@ struct AdapterCacheStats {
   double load_seconds = 0;   // wall time from the start of each device load to its completion
   int64_t host_bytes_read = 0;     // file bytes read by disk -> host loads
   double host_load_seconds = 0;    // wall time of disk -> host loads (read start to host copy)
+  // Of those loads, the time spent obtaining host buffers and page-locking them (a new one-block
+  // buffer is page-locked before its read; blocks are page-locked beside it).
+  double host_buffer_seconds = 0;
   int64_t host_loads_failed = 0;   // loads whose read or check failed
   int64_t host_buffers_in_use = 0;  // host buffers held by host copies, reads and copies
   int64_t host_buffers_kept = 0;   // host buffers kept for reuse (page-locked where possible)

@@ -41,6 +41,7 @@ py::dict stats_dict(const AdapterCacheStats& s) {
   d["load_seconds"] = s.load_seconds;
   d["host_bytes_read"] = s.host_bytes_read;
   d["host_load_seconds"] = s.host_load_seconds;
+  d["host_buffer_seconds"] = s.host_buffer_seconds;
   d["host_loads_failed"] = s.host_loads_failed;
   d["host_buffers_in_use"] = s.host_buffers_in_use;
   d["host_buffers_kept"] = s.host_buffers_kept;

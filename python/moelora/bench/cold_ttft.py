@@ -12,7 +12,9 @@ TTFT is held against issue 21's bound:
 where the plain read (--threads threads, 64 MiB chunks, page cache dropped before and after) runs
 just before the request in the same process, and a decode step is the median wall time of the
 background's steps before the first request. The steps that ran while an adapter loaded are
-reported too (median and max wall ms): no step may wait for another request's adapter.
+reported too (median and max wall ms): no step may wait for another request's adapter; so are
+the disk -> host load's time and, inside it, the time spent obtaining and page-locking its host
+buffer (with --host-block-mb that runs beside the read, so it may be as long as the load).
 
 Prints one row per adapter and saves one JSON record (medians and every row).
 """
@@ -31,6 +33,7 @@ from moelora.bench.records import append_record, dumps, engine_fields, format_ta
 
 TABLE = [("adapter", "adapter"), ("file_mb", "file MB"), ("plain_read_gbps", "plain GB/s"),
          ("bound_ms", "bound ms"), ("ttft_ms", "TTFT ms"), ("ratio_to_bound", "TTFT / bound"),
+         ("host_load_ms", "disk->host ms"), ("host_buffer_ms", "of it buffer ms"),
          ("steps_during", "steps meanwhile"), ("step_max_ms", "slowest step ms")]
 
 
@@ -113,6 +116,7 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
         drop_page_cache([path])
     request_id = f"cold-{lora.lora_name}"
     first_step = len(background.step_ms)
+    before = engine.adapters.stats()
     engine.add_request(request_id, {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), lora)
     while True:
@@ -124,9 +128,13 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
     if out.outputs[0].finish_reason == "error":
         raise SystemExit(f"the request for {lora.lora_name} failed: {out.outputs[0].text}")
     during = background.step_ms[first_step:]
+    after = engine.adapters.stats()
     return {"adapter": lora.lora_name, "file_bytes": file_bytes, "file_mb": file_bytes / 1e6,
             "plain_read_s": plain_s, "plain_read_gbps": file_bytes / plain_s / 1e9,
             "ttft_ms": 1e3 * out.metrics.ttft, "steps_during": len(during),
+            # the disk -> host load and, inside it, obtaining and page-locking its host buffer
+            "host_load_ms": 1e3 * (after["host_load_seconds"] - before["host_load_seconds"]),
+            "host_buffer_ms": 1e3 * (after["host_buffer_seconds"] - before["host_buffer_seconds"]),
             "step_median_ms": median(during) if during else None,
             "step_max_ms": max(during) if during else None}
 
