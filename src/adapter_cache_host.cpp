@@ -369,7 +369,6 @@ void AdapterCache::State::reader_loop() {
       // The other readers read the chunks while this one page-locks the blocks they fill: the
       // page-locking (~2 GB/s) costs a cold load no more than its read, and each block holds
       // the CUDA driver's lock for milliseconds only.
-      host_work.notify_all();
       lock.unlock();
       const auto start = std::chrono::steady_clock::now();
       for (size_t b = 0; b < prepared->buffer->num_blocks(); ++b) {

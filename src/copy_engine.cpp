@@ -20,22 +20,31 @@ namespace moelora {
 
 namespace {
 
+// A page-locked block: allocated so (cudaHostAlloc), or ordinary memory registered in place.
+struct PageLocked {
+  void* ptr = nullptr;
+  bool registered = false;
+};
+
+void free_page_locked(const PageLocked& block) noexcept {
+  if (block.registered) {
+    detail::host_unregister(block.ptr);
+    std::free(block.ptr);
+  } else {
+    detail::pinned_host_free(block.ptr);
+  }
+}
+
 // Captures in progress, process-wide, and the page-locked blocks released meanwhile.
 struct CaptureState {
   std::mutex mutex;
   int active = 0;
-  std::vector<void*> deferred_pinned_frees;
-  std::vector<void*> deferred_unregisters;  // registered ordinary blocks: unregister, then free
+  std::vector<PageLocked> deferred_frees;
 };
 
 void release_deferred(CaptureState& state) {
-  for (void* block : state.deferred_pinned_frees) detail::pinned_host_free(block);
-  state.deferred_pinned_frees.clear();
-  for (void* block : state.deferred_unregisters) {
-    detail::host_unregister(block);
-    std::free(block);
-  }
-  state.deferred_unregisters.clear();
+  for (const PageLocked& block : state.deferred_frees) free_page_locked(block);
+  state.deferred_frees.clear();
 }
 
 CaptureState& capture_state() {
@@ -45,9 +54,10 @@ CaptureState& capture_state() {
 
 thread_local int t_capture_depth = 0;
 
-// Page-locked memory is allocated and freed with the capture state's mutex held, so that no
-// capture (entered through a GraphCaptureScope) begins during either call: during a capture an
-// allocation falls back to ordinary memory and a free waits for the capture's end.
+// Page-locked memory is allocated (or registered) and freed with the capture state's mutex
+// held, so that no capture (entered through a GraphCaptureScope) begins during either call:
+// during a capture page-locking is refused (the caller keeps ordinary memory) and a free waits
+// for the capture's end.
 void* allocate_pinned(int64_t bytes) {
   CaptureState& state = capture_state();
   std::lock_guard<std::mutex> lock(state.mutex);
@@ -55,18 +65,6 @@ void* allocate_pinned(int64_t bytes) {
   return detail::try_pinned_host_alloc(bytes);
 }
 
-void release_pinned(void* ptr) noexcept {
-  CaptureState& state = capture_state();
-  std::lock_guard<std::mutex> lock(state.mutex);
-  if (state.active > 0) {
-    state.deferred_pinned_frees.push_back(ptr);
-    return;
-  }
-  release_deferred(state);
-  detail::pinned_host_free(ptr);
-}
-
-// Ordinary memory page-locked in place, under the same rules as allocate_pinned.
 bool register_pinned(void* ptr, int64_t bytes) {
   CaptureState& state = capture_state();
   std::lock_guard<std::mutex> lock(state.mutex);
@@ -74,16 +72,15 @@ bool register_pinned(void* ptr, int64_t bytes) {
   return detail::try_host_register(ptr, bytes);
 }
 
-void release_registered(void* ptr) noexcept {
+void release_page_locked(const PageLocked& block) noexcept {
   CaptureState& state = capture_state();
   std::lock_guard<std::mutex> lock(state.mutex);
   if (state.active > 0) {
-    state.deferred_unregisters.push_back(ptr);
+    state.deferred_frees.push_back(block);
     return;
   }
   release_deferred(state);
-  detail::host_unregister(ptr);
-  std::free(ptr);
+  free_page_locked(block);
 }
 
 void check_regions(const std::vector<CopyRegion>& regions) {
@@ -252,7 +249,6 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool
   // page-locked allocations (cudaMemcpyAsync: invalid argument).
   const int64_t slack = block_bytes_ == 0 ? 0 : static_cast<int64_t>(kHostAlignment);
   const bool pin_now = try_pinned && !pin_later;
-  pinned_ = pin_now;
   try {
     for (int64_t offset = 0; offset < bytes; offset += step) {
       if (offset > 0 && pin_now) std::this_thread::yield();  // let a CUDA call take the driver
@@ -261,7 +257,6 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool
       if (pin_now) block.data = static_cast<std::byte*>(allocate_pinned(block.bytes));
       if (block.data != nullptr) block.memory = Memory::kAllocatedPinned;
       if (block.data == nullptr) block.data = allocate_ordinary(block.bytes);
-      pinned_ = pinned_ && block.memory != Memory::kOrdinary;
       blocks_.push_back(block);
     }
   } catch (...) {
@@ -275,20 +270,22 @@ bool HostBuffer::pin_block(size_t i) {
   Block& block = blocks_.at(i);
   if (block.memory == Memory::kOrdinary && register_pinned(block.data, block.bytes)) {
     block.memory = Memory::kRegistered;
-    pinned_ = std::all_of(blocks_.begin(), blocks_.end(),
-                          [](const Block& b) { return b.memory != Memory::kOrdinary; });
   }
   return block.memory != Memory::kOrdinary;
+}
+
+bool HostBuffer::pinned() const {
+  return !blocks_.empty() && std::all_of(blocks_.begin(), blocks_.end(), [](const Block& b) {
+           return b.memory != Memory::kOrdinary;
+         });
 }
 
 HostBuffer::~HostBuffer() { release(); }
 
 HostBuffer::HostBuffer(HostBuffer&& other) noexcept
-    : blocks_(std::move(other.blocks_)), bytes_(other.bytes_), block_bytes_(other.block_bytes_),
-      pinned_(other.pinned_) {
+    : blocks_(std::move(other.blocks_)), bytes_(other.bytes_), block_bytes_(other.block_bytes_) {
   other.blocks_.clear();
   other.bytes_ = other.block_bytes_ = 0;
-  other.pinned_ = false;
 }
 
 HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
@@ -297,10 +294,8 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
     blocks_ = std::move(other.blocks_);
     bytes_ = other.bytes_;
     block_bytes_ = other.block_bytes_;
-    pinned_ = other.pinned_;
     other.blocks_.clear();
     other.bytes_ = other.block_bytes_ = 0;
-    other.pinned_ = false;
   }
   return *this;
 }
@@ -308,14 +303,13 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
 void HostBuffer::release() noexcept {
   for (const Block& block : blocks_) {
     switch (block.memory) {
-      case Memory::kAllocatedPinned: release_pinned(block.data); break;
-      case Memory::kRegistered: release_registered(block.data); break;
+      case Memory::kAllocatedPinned: release_page_locked({block.data, false}); break;
+      case Memory::kRegistered: release_page_locked({block.data, true}); break;
       case Memory::kOrdinary: std::free(block.data); break;
     }
   }
   blocks_.clear();
   bytes_ = block_bytes_ = 0;
-  pinned_ = false;
 }
 
 }  // namespace moelora

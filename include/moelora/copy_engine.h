@@ -108,7 +108,7 @@ class HostBuffer {
   }
   int64_t bytes() const { return bytes_; }
   int64_t block_bytes() const { return block_bytes_; }  // 0: one block
-  bool pinned() const { return pinned_; }               // every block page-locked
+  bool pinned() const;                                  // every block page-locked
   size_t num_blocks() const { return blocks_.size(); }
   bool block_pinned(size_t i) const { return blocks_[i].memory != Memory::kOrdinary; }
   // Page-locks block i in place (not while this process captures a CUDA graph, nor without
@@ -126,7 +126,6 @@ class HostBuffer {
   std::vector<Block> blocks_;
   int64_t bytes_ = 0;
   int64_t block_bytes_ = 0;
-  bool pinned_ = false;
 };
 
 }  // namespace moelora

@@ -55,10 +55,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     flags.add_host_block_argument(parser)
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep the files in the page cache (measures memory, not storage)")
-    parser.add_argument("--decode-graphs", dest="graphs", action="store_true", default=None,
-                        help="replay decode steps from CUDA graphs (the default on a GPU)")
-    parser.add_argument("--enforce-eager", dest="graphs", action="store_false",
-                        help="run every step eagerly")
+    flags.add_graph_arguments(parser)
     flags.add_engine_placement_arguments(parser, seed_help="prompts and adapter weights")
     parser.add_argument("--out", default=None, help="append the JSON record to this file")
     return parser
@@ -152,7 +149,7 @@ def run_from_args(args) -> int:
                           max_loras=args.num_adapters, max_cpu_loras=args.num_adapters,
                           max_num_seqs=max(args.background_seqs + 1, 2), seed=args.seed,
                           load_progress=False, synthetic_num_layers=args.num_layers,
-                          decode_graphs=args.graphs,
+                          decode_graphs=flags.graphs_choice(args),
                           adapter_host_block_bytes=flags.host_block_bytes(args))
     engine = LLMEngine(config)
     rng = random.Random(args.seed)
