@@ -3,6 +3,7 @@ with the native cache's real reader and copy threads. A gate on the cache's read
 chosen adapter's read for as long as a test wants, so the checks count steps, never time:
 
 - the load starts when the request is queued, before any step;
+- a burst of arrivals for more adapters than slots loads each adapter once, in queue order;
 - every other request runs on exactly the steps it runs on without the cold adapter's requests;
 - ready requests are admitted in arrival order, cold ones passed over;
 - the cold adapter's requests join on the first step after it is resident;
@@ -16,7 +17,7 @@ import threading
 import pytest
 import torch
 from engine_steps import finish_all
-from moelora import LoRARequest, SamplingParams
+from moelora import LoRARequest, SamplingParams, _C
 from moelora.bench.synthetic_adapters import write_random_adapter
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
@@ -103,6 +104,48 @@ def test_the_load_starts_when_the_request_is_queued(engine, tmp_path):
     gate.release()
     finish_all(engine)
     assert engine.adapters.metrics()["arrivals"]["disk"] == 1
+
+
+def test_a_burst_for_more_adapters_than_slots_loads_each_once_in_queue_order(tmp_path):
+    """Six adapters queued at once (before any step) for two slots: the two the queue's head
+    wants are the ones loaded (later arrivals do not evict them), and no adapter is loaded
+    twice on the way through the queue."""
+    engine = make_engine(max_cpu_loras=6)
+    try:
+        loras = [adapter(engine, tmp_path, f"a{i}", i) for i in range(6)]
+        ids = [engine.adapters.resolve(lora) for lora in loras]
+        for i, lora in enumerate(loras):
+            engine.add_request(f"r{i}", prompt(i), PARAMS, lora)
+        for adapter_id in ids:
+            engine.adapters.cache.load_host(adapter_id)
+        engine.adapters.cache.wait(ids[0])
+        engine.adapters.cache.wait(ids[1])
+        assert [engine.adapters.ready(i) for i in ids] == [True, True] + [False] * 4
+        finish_all(engine)
+        stats = engine.adapters.stats()
+        assert stats["device_loads"] == 6
+        assert stats["device_evictions"] == 4
+    finally:
+        engine.shutdown()
+
+
+def test_adapters_queued_past_the_lookahead_are_read_into_host_memory_only(tmp_path):
+    engine = make_engine(max_cpu_loras=4)
+    try:
+        engine.scheduler.config.prefetch_lookahead = 2
+        loras = [adapter(engine, tmp_path, f"a{i}", i) for i in range(4)]
+        ids = [engine.adapters.resolve(lora) for lora in loras]
+        for i, lora in enumerate(loras):
+            engine.add_request(f"r{i}", prompt(i), PARAMS, lora)
+        for adapter_id in ids:
+            engine.adapters.cache.load_host(adapter_id)
+        engine.adapters.cache.wait(ids[1])
+        host = engine.adapters.cache.residency(ids[3])
+        assert host == engine.adapters.cache.residency(ids[2]) == _C.Residency.HOST
+        finish_all(engine)
+        assert engine.adapters.stats()["device_loads"] == 4
+    finally:
+        engine.shutdown()
 
 
 def test_a_cold_adapter_delays_no_other_request_by_a_single_step(engine, tmp_path):

@@ -243,18 +243,23 @@ class AdapterManager:
     def prefetch(self, adapter_id: int) -> None:
         self.cache.prefetch(adapter_id)
 
-    def request_arrived(self, adapter_id: int) -> None:
+    def request_arrived(self, adapter_id: int, to_device: bool = True) -> None:
         """A request for the adapter was queued: counts where the adapter was (device, host,
         on its way, disk) and starts its load at once, so that it overlaps the steps of the
-        requests ahead of it."""
+        requests ahead of it: onto the device, or with `to_device=False` (far back in the
+        queue) into host memory only."""
         tier = _ARRIVAL_TIER.get(self.cache.residency(adapter_id), "disk")
         with self._lock:
             self._arrivals[tier] += 1
         if tier == "failed":
             return
         self.cache.note_request(adapter_id)  # popularity and recency: often-asked adapters stay
-        if tier != "device":
+        if tier == "device":
+            return
+        if to_device:
             self.cache.prefetch(adapter_id)
+        else:
+            self.cache.prefetch_host(adapter_id)
 
     def set_demand(self, queued_adapters: list[int]) -> None:
         """The adapters queued requests wait for, most urgent first: loads start in this order

@@ -29,9 +29,9 @@ class EngineConfig:
     max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
     adapter_load_threads: int = 4  # host threads reading and packing adapters from disk
     adapter_pack_threads: int = 0  # threads packing one adapter (0: cpu count / load threads)
-    # host copies page-locked in blocks of about this many bytes (0: one block per adapter; see
-    # moelora/adapter_cache.h AdapterCacheConfig.host_block_bytes)
-    adapter_host_block_bytes: int = 0
+    # host copies page-locked in blocks of about this many bytes beside the read (0: one block
+    # per adapter, page-locked before it; see moelora/adapter_cache.h AdapterCacheConfig)
+    adapter_host_block_bytes: int = 8 << 20
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None

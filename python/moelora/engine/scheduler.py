@@ -1,7 +1,10 @@
 """Continuous batching with chunked prefill, adapter-aware admission and preemption.
 
 A request's adapter starts loading the moment the request is queued (add), so the load
-overlaps the steps of everything ahead of it. Each step:
+overlaps the steps of everything ahead of it: onto the device when the adapter is among the first
+`prefetch_lookahead` distinct adapters queued (it joins the demand order at once, so a burst of
+arrivals loads in queue order and never evicts what the head of the queue waits for), else into
+host memory only, until the queue ahead of it drains. Each step:
   1. running sequences keep running: decodes take one token each, unfinished prefills take a
      chunk; when KV pages run out the youngest running sequence is preempted (its pages freed,
      recomputed later from its tokens), so no request fails for memory that will come back;
@@ -69,12 +72,23 @@ class Scheduler:
         self.num_preemptions = 0
         self._waited_steps: dict[int, int] = {}
         self._starving: int | None = None  # adapter of the sequence that starved last step
+        self._demand: list[int] = []  # the demand order last given to the adapter cache
+        self._demanded: set[int] = set()
 
     # -- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-        if seq.adapter_id is not None:
-            self.adapters.request_arrived(seq.adapter_id)  # its load starts now
+        if seq.adapter_id is None:
+            return
+        adapter_id = seq.adapter_id
+        joins = (adapter_id in self._demanded
+                 or len(self._demand) < self.config.prefetch_lookahead)
+        self.adapters.request_arrived(adapter_id, to_device=joins)  # its load starts now
+        if joins and adapter_id not in self._demanded:
+            # Into the demand order at once, behind every adapter queued ahead of it.
+            self._demand.append(adapter_id)
+            self._demanded.add(adapter_id)
+            self.adapters.set_demand(self._demand)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -241,6 +255,7 @@ class Scheduler:
             if seq.adapter_id is not None and seq.adapter_id not in seen:
                 seen.add(seq.adapter_id)
                 order.append(seq.adapter_id)
+        self._demand, self._demanded = order, seen
         self.adapters.set_demand(order)
 
     def _fail_sequences_of_failed_adapters(self, batch: ScheduledBatch) -> None:
