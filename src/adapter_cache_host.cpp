@@ -15,6 +15,7 @@
 // reads for adapters that all wait for the device would otherwise replace each other's copies
 // in turn.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <thread>
@@ -25,6 +26,10 @@
 namespace moelora {
 
 namespace {
+
+// Long enough for a thread blocked on the CUDA driver's lock to wake and take it (tens of us),
+// short beside a block's page-locking (~2 ms for 8 MB).
+constexpr std::chrono::microseconds kPauseBetweenPinnedBlocks{250};
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -367,13 +372,15 @@ void AdapterCache::State::reader_loop() {
     jobs.push_back(prepared);
     if (prepared->pinning) {
       // The other readers read the chunks while this one page-locks the blocks they fill: the
-      // page-locking (~2 GB/s) costs a cold load no more than its read, and each block holds
-      // the CUDA driver's lock for milliseconds only.
+      // page-locking (~5 GB/s) costs a cold load no more than its read, and each block holds
+      // the CUDA driver's lock for about 2 ms. The pause lets a CUDA call waiting for that lock
+      // (a decode step's launch) take it: without it this loop takes it straight back.
       lock.unlock();
       const auto start = std::chrono::steady_clock::now();
+      bool locked_one = false;  // no pause where nothing was page-locked (no CUDA)
       for (size_t b = 0; b < prepared->buffer->num_blocks(); ++b) {
-        prepared->buffer->pin_block(b);
-        std::this_thread::yield();
+        if (locked_one) std::this_thread::sleep_for(kPauseBetweenPinnedBlocks);
+        locked_one = prepared->buffer->pin_block(b);
       }
       const double seconds = seconds_since(start);
       lock.lock();

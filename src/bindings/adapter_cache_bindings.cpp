@@ -198,7 +198,7 @@ void register_adapter_cache(py::module_& m) {
            py::arg("max_lora_rank"), py::arg("max_cpu_loras") = 8, py::arg("max_cpu_bytes") = 0,
            py::arg("dtype") = "float32", py::arg("host_threads") = 4,
            py::arg("pack_threads") = 0, py::arg("read_chunk_bytes") = int64_t{1} << 20,
-           py::arg("host_block_bytes") = 0,
+           py::arg("host_block_bytes") = int64_t{8} << 20,
            py::keep_alive<1, 2>(),
            py::keep_alive<1, 3>())
       .def("register_adapter", &AdapterCache::register_adapter, py::arg("spec"), Release())

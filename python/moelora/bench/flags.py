@@ -42,7 +42,7 @@ def rate(text: str) -> float:
 
 def add_host_block_argument(parser: argparse.ArgumentParser) -> None:
     """--host-block-mb: EngineConfig.adapter_host_block_bytes, in MB (read it with host_block_bytes)."""
-    parser.add_argument("--host-block-mb", type=int, default=0,
+    parser.add_argument("--host-block-mb", type=int, default=8,
                         help="adapters' host copies in blocks of this many MB, page-locked beside "
                              "the read (0: one block, page-locked before it)")
 
