@@ -17,7 +17,7 @@ import threading
 import pytest
 import torch
 from engine_steps import finish_all
-from moelora import LoRARequest, SamplingParams, _C
+from moelora import _C, LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
