@@ -148,6 +148,40 @@ def test_adapters_queued_past_the_lookahead_are_read_into_host_memory_only(tmp_p
         engine.shutdown()
 
 
+def test_a_prefetch_slot_loads_the_next_adapter_while_a_step_holds_the_others(tmp_path):
+    """One slot a step may use and one prefetch slot: B's adapter is resident while A's
+    request still runs with the other one, and B runs on the step after A's last."""
+    engine = make_engine(max_loras=1, lora_prefetch_slots=1)
+    try:
+        a = adapter(engine, tmp_path, "a", 1)
+        b = adapter(engine, tmp_path, "b", 2)
+        engine.adapters.preload(a)
+        long = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        engine.add_request("a", prompt(0), long, a)
+        engine.step()
+        engine.add_request("b", prompt(1), PARAMS, b)
+        engine.adapters.cache.wait(engine.adapters.resolve(b))
+        steps_to_a, first_b = None, None
+        for step in range(20):
+            for out in engine.step():
+                if out.request_id == "a" and out.finished:
+                    steps_to_a = step
+                if out.request_id == "b" and out.outputs[0].token_ids and first_b is None:
+                    first_b = step
+        assert steps_to_a is not None and first_b == steps_to_a + 1
+        assert engine.adapters.stats()["device_evictions"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_prefetch_slots_need_host_copies_for_every_device_slot():
+    with pytest.raises(ValueError, match="max_cpu_loras .2. must be >= the device slots"):
+        EngineConfig(model="synthetic:tiny-moe", max_loras=1, lora_prefetch_slots=2,
+                     max_cpu_loras=2)
+    assert EngineConfig(model="synthetic:tiny-moe", max_loras=1,
+                        lora_prefetch_slots=5).max_cpu_loras == 6
+
+
 def test_a_cold_adapter_delays_no_other_request_by_a_single_step(engine, tmp_path):
     warm = adapter(engine, tmp_path, "warm", 1)
     cold = adapter(engine, tmp_path, "cold", 2)

@@ -236,8 +236,17 @@ def test_gpu_async_engine_matches_the_synchronous_one(assets, monkeypatch, decod
               SamplingParams(temperature=0.0, max_tokens=30, stop=["e"]),
               SamplingParams(temperature=0.9, seed=8, n=2, max_tokens=16),
               SamplingParams(temperature=0.0, max_tokens=12, repetition_penalty=1.2)]
-    make = _demo(assets, device="cuda", dtype="bfloat16", decode_graphs=decode_graphs,
-                 pool_memory_bytes=256 << 20)
+    make_engine = _demo(assets, device="cuda", dtype="bfloat16", decode_graphs=decode_graphs,
+                        pool_memory_bytes=256 << 20, max_loras=4)
+
+    def make():
+        # Every adapter resident before the first step: which step a load lands on must not
+        # decide which rows share a step (a step of one row takes cuBLAS's GEMV, other bits).
+        llm = make_engine()
+        for lora in loras[:4]:
+            llm.llm_engine.adapters.preload(lora)
+        return llm
+
     # An async step N+1 still computes a sequence that stopped on step N's token, so the two
     # engines' steps can hold different numbers of rows. A row's bfloat16 expert sums stay the
     # same only while its expert GEMM does not change with the step's size: one plan row (the

@@ -58,7 +58,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=flags.WEIGHT_CHOICES, default="bf16",
                         help="how the experts are stored (synthetic models; falls back to bf16 "
                              "with a note when this build has no such option)")
-    parser.add_argument("--max-loras", type=flags.positive_int, default=64, help="device slots")
+    parser.add_argument("--max-loras", type=flags.positive_int, default=64,
+                        help="device slots a step may use")
+    parser.add_argument("--lora-prefetch-slots", type=int, default=0,
+                        help="device slots beyond --max-loras that adapters load into while a "
+                             "step runs")
     parser.add_argument("--max-cpu-loras", type=flags.positive_int, default=128,
                         help="host copies kept")
     parser.add_argument("--popularity", nargs="+", choices=["uniform", "zipf"],
@@ -152,7 +156,8 @@ def _check_memory(args, layers: int | None) -> None:
     config = model_config_of(args.model, layers)
     elem = torch.tensor([], dtype=engine_dtype(args.model, args.dtype, args.device)).element_size()
     tokens = min(args.max_num_seqs, args.num_prompts) * (args.input_len + args.output_len)
-    extra = (min(args.max_loras, max(args.adapter_counts)) * adapter_bytes(config, args.rank, elem)
+    slots = args.max_loras + args.lora_prefetch_slots
+    extra = (min(slots, max(args.adapter_counts)) * adapter_bytes(config, args.rank, elem)
              + tokens * config.num_layers * kv_bytes_per_token(config, elem))
     check_model_fits(args.model, layers, args.dtype, args.device, args.weights_built,
                      extra_bytes=extra)
@@ -166,7 +171,9 @@ def build_engine(args, layers: int | None):
     return LLMEngine(EngineConfig(
         model=args.model, device=args.device, dtype=args.dtype, enable_lora=True,
         max_lora_rank=args.rank, max_loras=args.max_loras,
-        max_cpu_loras=max(args.max_cpu_loras, args.max_loras), max_num_seqs=args.max_num_seqs,
+        lora_prefetch_slots=args.lora_prefetch_slots,
+        max_cpu_loras=max(args.max_cpu_loras, args.max_loras + args.lora_prefetch_slots),
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
         load_progress=False, synthetic_num_layers=layers,
         decode_graphs=flags.graphs_choice(args), **weights_options(args.weights_built)))
@@ -201,7 +208,8 @@ def run_from_args(args) -> int:
     record = {
         "bench": "scale", "model": args.model, **engine_info, "rank": args.rank,
         "weights": args.weights_built, "notes": notes,
-        "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras,
+        "max_loras": args.max_loras, "lora_prefetch_slots": args.lora_prefetch_slots,
+        "max_cpu_loras": args.max_cpu_loras,
         "warm_host": args.warm_host,
         "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "adapter_counts": sorted(set(args.adapter_counts)),

@@ -73,7 +73,10 @@ def write_results(record: dict, columns, rows, command: str, results_dir: str,
     append_record(record, paths["record"])
     title = (f"# bench scale: {record['model']}, {record['num_layers']} layers, "
              f"{record['device_name']}")
-    setting = (f"{record['max_loras']} device slots, {record['max_cpu_loras']} host copies, "
+    prefetch = record.get("lora_prefetch_slots", 0)
+    slots = (f"{record['max_loras']} device slots"
+             + (f" (+ {prefetch} prefetch slots)" if prefetch else ""))
+    setting = (f"{slots}, {record['max_cpu_loras']} host copies, "
                f"rank {record['rank']}, {record['dtype']}; {record['num_prompts']} requests of "
                f"{record['input_len']} + {record['output_len']} tokens per point; every point "
                + ("starts with its adapters in host memory and none on the device."

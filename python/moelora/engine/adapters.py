@@ -92,14 +92,14 @@ class AdapterManager:
                                     num_experts=s.num_experts, in_dim=s.in_dim, out_dim=s.out_dim)
                         for s in self.sites]
         self.cache = _C.AdapterCache(pool, self.copies, sites=native_sites,
-                                     max_loras=config.max_loras,
+                                     max_loras=config.device_lora_slots,
                                      max_lora_rank=config.max_lora_rank,
                                      max_cpu_loras=config.max_cpu_loras, max_cpu_bytes=0,
                                      dtype=dtype_code(dtype),
                                      host_threads=config.adapter_load_threads,
                                      pack_threads=config.adapter_pack_threads,
                                      host_block_bytes=config.adapter_host_block_bytes)
-        self.views = LoraViews(self.cache, self.sites, config.max_loras)
+        self.views = LoraViews(self.cache, self.sites, config.device_lora_slots)
         if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
             self.cache = cache_proxy(self.cache)
 
@@ -181,7 +181,7 @@ class AdapterManager:
         others are loaded. Returns each adapter's tier: "device", "host" or "disk" (past the
         host tier's size, or no slot or pages free). Safe to call from any thread."""
         requests = list(requests)
-        slots = self.config.max_loras
+        slots = self.config.device_lora_slots
         up_to = slots if up_to is None else max(0, min(up_to, slots))
         errors: list[AdapterValidationError] = []
         ids: dict[str, int] = {}

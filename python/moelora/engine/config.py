@@ -25,6 +25,9 @@ class EngineConfig:
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 8  # adapters resident on the device at once (slots)
+    # Device slots beyond max_loras that no step uses: adapters that queued requests wait for
+    # load into them while the step's adapters hold the others (see device_lora_slots).
+    lora_prefetch_slots: int = 0
     max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 * max_loras)
     max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
     adapter_load_threads: int = 4  # host threads reading and packing adapters from disk
@@ -72,6 +75,8 @@ class EngineConfig:
                      "block_size", "adapter_load_threads", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_prefetch_slots < 0:
+            raise ValueError(f"lora_prefetch_slots must be >= 0, got {self.lora_prefetch_slots}")
         if self.adapter_pack_threads < 0:
             raise ValueError(f"adapter_pack_threads must be >= 0, got {self.adapter_pack_threads}")
         if self.adapter_host_block_bytes < 0:
@@ -90,10 +95,11 @@ class EngineConfig:
             raise ValueError(f"synthetic_expert_weights must be one of {EXPERT_FORMATS} (or "
                              f"None: as the real checkpoint), got {self.synthetic_expert_weights!r}")
         if self.max_cpu_loras is None:
-            self.max_cpu_loras = 4 * self.max_loras
-        if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
-                             f"({self.max_loras})")
+            self.max_cpu_loras = max(4 * self.max_loras, self.device_lora_slots)
+        if self.max_cpu_loras < self.device_lora_slots:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= the device slots "
+                             f"(max_loras {self.max_loras} + lora_prefetch_slots "
+                             f"{self.lora_prefetch_slots})")
         if self.max_loras_per_batch is None:
             self.max_loras_per_batch = self.max_loras
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -101,6 +107,12 @@ class EngineConfig:
                              f"{self.gpu_memory_utilization}")
         if self.pool_memory_bytes is not None and self.pool_memory_bytes <= 0:
             raise ValueError(f"pool_memory_bytes must be > 0, got {self.pool_memory_bytes}")
+
+    @property
+    def device_lora_slots(self) -> int:
+        """Adapters resident on the device at once: max_loras, plus the prefetch slots, where
+        adapters load while a step runs with max_loras_per_batch (default max_loras) of them."""
+        return self.max_loras + self.lora_prefetch_slots
 
     def synthetic_overrides(self) -> dict:
         """The keyword arguments load_model passes to build_synthetic (empty for checkpoints)."""

@@ -112,9 +112,9 @@ class LLMEngine:
             SchedulerConfig(max_num_seqs=config.max_num_seqs,
                             max_num_batched_tokens=config.max_num_batched_tokens,
                             max_loras_per_batch=config.max_loras_per_batch,
-                            max_resident_adapters=config.max_loras,
+                            max_resident_adapters=config.device_lora_slots,
                             # twice the slots: evictions see which idle adapter is wanted last
-                            prefetch_lookahead=max(64, 2 * config.max_loras)),
+                            prefetch_lookahead=max(64, 2 * config.device_lora_slots)),
             self.kv, self.adapters)
         self._requests: dict[str, _RequestState] = {}
         self._grammar_pool: GrammarCompilerPool | None = None  # made for the first constraint

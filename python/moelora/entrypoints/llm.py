@@ -31,7 +31,8 @@ logger = logging.getLogger("moelora")
 class LLM:
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
                  device: str = "auto", enable_lora: bool = False, max_lora_rank: int = 16,
-                 max_loras: int = 8, max_cpu_loras: int | None = None, seed: int = 0,
+                 max_loras: int = 8, lora_prefetch_slots: int = 0,
+                 max_cpu_loras: int | None = None, seed: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
                  pool_memory_bytes: int | None = None, block_size: int = 16,
@@ -61,7 +62,8 @@ class LLM:
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device,
             enable_lora=enable_lora, max_lora_rank=max_lora_rank, max_loras=max_loras,
-            max_cpu_loras=max_cpu_loras, seed=seed, max_num_seqs=max_num_seqs,
+            lora_prefetch_slots=lora_prefetch_slots, max_cpu_loras=max_cpu_loras, seed=seed,
+            max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, pool_memory_bytes=pool_memory_bytes,
             block_size=block_size, max_loras_per_batch=max_loras_per_batch,

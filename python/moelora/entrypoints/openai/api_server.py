@@ -86,11 +86,13 @@ def build_engine(args):
     enable_lora = bool(args.enable_lora or loras or args.enable_runtime_lora_updating)
     max_cpu_loras = args.max_cpu_loras
     if max_cpu_loras is None and enable_lora:
-        max_cpu_loras = max(4 * args.max_loras, len(loras))
+        max_cpu_loras = max(4 * args.max_loras, len(loras),
+                            args.max_loras + args.lora_prefetch_slots)
     config = EngineConfig(
         model=model, tokenizer=tokenizer, dtype=args.dtype, device=args.device,
         enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
-        max_cpu_loras=max_cpu_loras, max_num_seqs=args.max_num_seqs,
+        lora_prefetch_slots=args.lora_prefetch_slots, max_cpu_loras=max_cpu_loras,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         pool_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,

@@ -38,6 +38,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="runtime loads outside these directories are refused")
     parser.add_argument("--max-loras", type=int, default=8,
                         help="adapters resident on the device at once")
+    parser.add_argument("--lora-prefetch-slots", type=int, default=0,
+                        help="device slots beyond --max-loras that no step uses: adapters "
+                             "queued requests wait for load into them while a step runs")
     parser.add_argument("--max-lora-rank", type=int, default=16,
                         help="largest adapter rank accepted")
     parser.add_argument("--max-cpu-loras", type=int, default=None,
