@@ -85,3 +85,6 @@ def test_warm_host_reads_the_adapters_before_the_clock(tmp_path, capsys):
     assert record["warm_host"] is True
     (point,) = record["points"]
     assert point["host_warm"] == 3 and point["host_loads"] == 0 and point["device_loads"] >= 2
+    # 6 requests of 3 tokens each: at least 3 steps, never more than 6 sequences running
+    assert point["steps"] >= 3 and 0 < point["mean_running"] <= 6
+    assert 0 <= point["steps_short_for_adapters"] <= point["steps"]

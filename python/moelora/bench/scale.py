@@ -38,6 +38,8 @@ TABLE = [("popularity", "popularity"), ("request_rate", "rate"), ("num_adapters"
          ("output_tokens_per_s", "out tok/s"), ("requests_per_s", "req/s"),
          ("ttft_p50_ms", "TTFT p50 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
          ("device_loads", "loads"), ("device_evictions", "evictions"),
+         ("mean_running", "mean running"), ("steps", "steps"),
+         ("steps_short_for_adapters", "short for adapters"),
          ("relative_to_fewest", "vs fewest"), ("relative_to_no_adapters", "vs none")]
 
 

@@ -81,7 +81,8 @@ class ScalePoints:
         weights = popularity_weights(count, popularity)
         chosen = [self.rng.choices(loras, weights)[0] for _ in prompts]
         before = engine.adapters.stats()
-        run, _ = run_requests(engine, prompts, chosen, self.params, arrivals)
+        occupancy = BatchOccupancy(engine)
+        run, _ = run_requests(engine, prompts, chosen, self.params, arrivals, occupancy.step)
         after = engine.adapters.stats()
         for lora in loras:  # frees the registrations and copies before the next point
             engine.adapters.unload(lora.lora_name)
@@ -93,4 +94,32 @@ class ScalePoints:
                 "device_loads": after["device_loads"] - before["device_loads"],
                 "device_evictions": after["device_evictions"] - before["device_evictions"],
                 "host_loads": after["host_loads"] - before["host_loads"],
-                "bytes_loaded": after["bytes_loaded"] - before["bytes_loaded"]}
+                "bytes_loaded": after["bytes_loaded"] - before["bytes_loaded"],
+                **occupancy.summary()}
+
+
+class BatchOccupancy:
+    """Where a point's steps go: how full they ran, and how many of them ran short of
+    max_num_seqs while queued requests waited for their adapters to reach the device."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.steps = 0
+        self.running = 0
+        self.short_for_adapters = 0
+
+    def step(self):
+        outputs = self.engine.step()
+        scheduler = self.engine.scheduler
+        self.steps += 1
+        self.running += len(scheduler.running)
+        if len(scheduler.running) < scheduler.config.max_num_seqs and any(
+                seq.adapter_id is not None and not self.engine.adapters.ready(seq.adapter_id)
+                for seq in scheduler.waiting):
+            self.short_for_adapters += 1
+        return outputs
+
+    def summary(self) -> dict:
+        return {"steps": self.steps,
+                "mean_running": self.running / self.steps if self.steps else 0.0,
+                "steps_short_for_adapters": self.short_for_adapters}
