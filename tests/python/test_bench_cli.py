@@ -42,6 +42,11 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
         assert record[run]["failed"] == 0 and record[run]["output_tokens_per_s"] > 0
     assert record["adapter_loads"] >= 1 and record["tensor_parallel_size"] == 1
     assert record["throughput_ratio_warm"] > 0 and record["warm_adapter_loads"] >= 0
+    # the cold run's bound: the warm run, or a plain read of the files it used
+    bound = record["cold_bound"]
+    assert bound["plain_read_s"] > 0 and 0 < bound["ratio_to_bound"]
+    assert bound["bound_s"] == max(record["with_adapters_warm"]["duration_s"],
+                                   bound["plain_read_s"])
     # the rounds of the no-adapter and warm runs, and their medians
     assert record["repeats"] == 3
     for run in ("no_adapters", "with_adapters_warm"):
@@ -54,7 +59,8 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
     assert all(a["failed"] == 0 and a["output_tokens"] == 4 * a["requests"]
                for a in per_adapter.values())
     printed = capsys.readouterr().out
-    for text in ("no adapters", "adapters, cold", "adapters, warm", "per adapter", "TPOT p50"):
+    for text in ("no adapters", "adapters, cold", "adapters, warm", "per adapter", "TPOT p50",
+                 "of the best"):
         assert text in printed, text
     assert (tmp_path / "adapters.png").stat().st_size > 1000
 

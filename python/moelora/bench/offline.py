@@ -13,7 +13,9 @@ interleaved so that drift affects both alike.
 Prints a table (no adapters, cold, warm; one line per adapter of the warm run) and saves one JSON
 record: output tokens/s, TTFT and TPOT p50/p99 of the cold run and the per-field medians of the
 rounds (each round's TPOT p50 and tokens/s listed too, to show the spread), per-adapter results,
-adapter loads and their bandwidth, pool pages by kind, and the ratios to the no-adapter runs.
+adapter loads and their bandwidth, pool pages by kind, the ratios to the no-adapter runs, and
+the cold run against its bound (`cold_bound`): the longer of the warm run and a plain parallel
+read of the adapter files the run used, the page cache as the cold run left it.
 The model's memory is estimated before it is built; one that cannot fit is refused with the
 numbers and the flag to change.
 """
@@ -26,8 +28,11 @@ import random
 import statistics
 
 from moelora.bench import flags
+from moelora.bench.adapters import plain_parallel_read
 from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
 from moelora.bench.workload import per_adapter, popularity_weights, random_workload, run_requests
+
+READ_THREADS = 4  # the plain read's threads, as the engine's adapter_load_threads default
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,12 +96,27 @@ _ADAPTER_COLUMNS = [("adapter", "adapter"), ("requests", "requests"),
                     ("tpot_p50_ms", "TPOT p50"), ("failed", "failed")]
 
 
+def cold_bound(record: dict) -> dict:
+    """The cold run against what it could at best be: no shorter than the warm run, and no
+    shorter than a plain parallel read of the adapter files it used."""
+    cold, warm = record["with_adapters"], record["with_adapters_warm"]
+    floor_s = max(warm["duration_s"], cold["plain_read_s"])
+    return {"plain_read_s": cold["plain_read_s"],
+            "plain_read_gbps": cold["adapter_file_bytes"] / cold["plain_read_s"] / 1e9,
+            "bound_s": floor_s, "duration_s": cold["duration_s"],
+            "ratio_to_bound": floor_s / cold["duration_s"]}
+
+
 def print_tables(record: dict) -> None:
     base = record["no_adapters"]["output_tokens_per_s"]
     rows = [{"run": name, **record[key], "ratio": record[key]["output_tokens_per_s"] / base}
             for name, key in (("no adapters", "no_adapters"), ("adapters, cold", "with_adapters"),
                               ("adapters, warm", "with_adapters_warm"))]
     print(format_table(_RUN_COLUMNS, rows))
+    bound = record["cold_bound"]
+    print(f"\ncold run {bound['duration_s']:.2f} s; its bound {bound['bound_s']:.2f} s (the warm "
+          f"run, or a plain read of its adapters' files: {bound['plain_read_s']:.2f} s at "
+          f"{bound['plain_read_gbps']:.2f} GB/s): {bound['ratio_to_bound']:.2f} of the best")
     print("\nper adapter (warm run, last round):")
     print(format_table(_ADAPTER_COLUMNS, [{"adapter": name, **values} for name, values in
                                           record["per_adapter_warm"].items()]))
@@ -140,6 +160,10 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
     before = engine.adapters.stats()
     with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals)
     after = engine.adapters.stats()
+    # The cold run's floor: its adapters' files read plainly (page cache as the run found it)
+    used = sorted({os.path.join(lora.lora_path, "adapter_model.safetensors") for lora in chosen})
+    with_adapters["adapter_file_bytes"] = sum(os.path.getsize(path) for path in used)
+    with_adapters["plain_read_s"] = plain_parallel_read(used, READ_THREADS)
     base_runs, warm_runs = [], []
     for _ in range(args.repeats):  # interleaved, so drift affects both alike
         base_runs.append(run_requests(engine, prompts, plain, params, arrivals)[0])
@@ -212,6 +236,7 @@ def run_from_args(args) -> int:
         "per_adapter_warm": per_adapter(warm_outs, warm_runs[-1]["duration_s"]),
         "pool": pool,
     }
+    record["cold_bound"] = cold_bound(record)
     print_tables(record)
     print(dumps(record))
     append_record(record, args.out)
