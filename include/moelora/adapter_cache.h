@@ -82,8 +82,8 @@ struct AdapterCacheConfig {
   int64_t read_chunk_bytes = int64_t{1} << 20;
   // Host copies in blocks of about this many bytes (whole pages; HostBuffer), 0: one block per
   // copy, page-locked when allocated. Page-locking holds the CUDA driver's lock and a decode
-  // step's launches wait for it: on an H100 host one 420 MB copy held a step ~0.13 s and came
-  // before the read (bench cold-ttft: TTFT 1.87x its bound; 8 MB blocks: 1.09x). Blocks start
+  // step's launches wait for it: on an H100 host one 420 MB copy held a step 0.12-0.25 s and
+  // came before the read (bench cold-ttft: TTFT 2.23x its bound; 8 MB blocks: 1.15x). Blocks start
   // as ordinary memory; the reader that prepared the load page-locks them one at a time, with a
   // pause between them for waiting CUDA calls, while the other readers fill them.
   int64_t host_block_bytes = int64_t{8} << 20;

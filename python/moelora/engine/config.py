@@ -28,7 +28,8 @@ class EngineConfig:
     # Device slots beyond max_loras that no step uses: adapters that queued requests wait for
     # load into them while the step's adapters hold the others (see device_lora_slots).
     lora_prefetch_slots: int = 0
-    max_cpu_loras: int | None = None  # adapters kept in host memory (default: 4 * max_loras)
+    # adapters kept in host memory (default: 4 * max_loras, and at least the device slots)
+    max_cpu_loras: int | None = None
     max_loras_per_batch: int | None = None  # distinct adapters in one step (default: max_loras)
     adapter_load_threads: int = 4  # host threads reading and packing adapters from disk
     adapter_pack_threads: int = 0  # threads packing one adapter (0: cpu count / load threads)
