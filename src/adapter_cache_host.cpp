@@ -368,7 +368,11 @@ void AdapterCache::State::reader_loop() {
       finish_job_locked(prepared, lock);
       continue;
     }
-    prepared->pinning = !prepared->buffer->pinned() && prepared->buffer->num_blocks() > 1;
+    // Page-locked beside the read whenever blocks were asked for: a copy smaller than one block
+    // is one block, left ordinary by take() all the same. (Without blocks, take() page-locked
+    // the buffer already, or could not: relocking a whole copy here would hold the driver.)
+    prepared->pinning = !prepared->buffer->pinned() &&
+                        start->host_block_bytes(config.host_block_bytes) > 0;
     jobs.push_back(prepared);
     if (prepared->pinning) {
       // The other readers read the chunks while this one page-locks the blocks they fill: the

@@ -251,7 +251,6 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool
   const bool pin_now = try_pinned && !pin_later;
   try {
     for (int64_t offset = 0; offset < bytes; offset += step) {
-      if (offset > 0 && pin_now) std::this_thread::yield();  // let a CUDA call take the driver
       Block block;
       block.bytes = std::min(step, bytes - offset) + slack;
       if (pin_now) block.data = static_cast<std::byte*>(allocate_pinned(block.bytes));
