@@ -106,18 +106,25 @@ def test_the_load_starts_when_the_request_is_queued(engine, tmp_path):
     assert engine.adapters.metrics()["arrivals"]["disk"] == 1
 
 
+def queue_one_request_each(engine: LLMEngine, tmp_path, count: int) -> list[int]:
+    """`count` adapters, one request each queued before any step; returns their ids once
+    every host copy is read."""
+    loras = [adapter(engine, tmp_path, f"a{i}", i) for i in range(count)]
+    ids = [engine.adapters.resolve(lora) for lora in loras]
+    for i, lora in enumerate(loras):
+        engine.add_request(f"r{i}", prompt(i), PARAMS, lora)
+    for adapter_id in ids:
+        engine.adapters.cache.load_host(adapter_id)
+    return ids
+
+
 def test_a_burst_for_more_adapters_than_slots_loads_each_once_in_queue_order(tmp_path):
     """Six adapters queued at once (before any step) for two slots: the two the queue's head
     wants are the ones loaded (later arrivals do not evict them), and no adapter is loaded
     twice on the way through the queue."""
     engine = make_engine(max_cpu_loras=6)
     try:
-        loras = [adapter(engine, tmp_path, f"a{i}", i) for i in range(6)]
-        ids = [engine.adapters.resolve(lora) for lora in loras]
-        for i, lora in enumerate(loras):
-            engine.add_request(f"r{i}", prompt(i), PARAMS, lora)
-        for adapter_id in ids:
-            engine.adapters.cache.load_host(adapter_id)
+        ids = queue_one_request_each(engine, tmp_path, 6)
         engine.adapters.cache.wait(ids[0])
         engine.adapters.cache.wait(ids[1])
         assert [engine.adapters.ready(i) for i in ids] == [True, True] + [False] * 4
@@ -133,12 +140,7 @@ def test_adapters_queued_past_the_lookahead_are_read_into_host_memory_only(tmp_p
     engine = make_engine(max_cpu_loras=4)
     try:
         engine.scheduler.config.prefetch_lookahead = 2
-        loras = [adapter(engine, tmp_path, f"a{i}", i) for i in range(4)]
-        ids = [engine.adapters.resolve(lora) for lora in loras]
-        for i, lora in enumerate(loras):
-            engine.add_request(f"r{i}", prompt(i), PARAMS, lora)
-        for adapter_id in ids:
-            engine.adapters.cache.load_host(adapter_id)
+        ids = queue_one_request_each(engine, tmp_path, 4)
         engine.adapters.cache.wait(ids[1])
         host = engine.adapters.cache.residency(ids[3])
         assert host == engine.adapters.cache.residency(ids[2]) == _C.Residency.HOST
@@ -241,6 +243,8 @@ def test_a_slow_load_is_not_starvation_others_keep_being_admitted(engine, tmp_pa
         outs = {o.request_id: o for o in engine.step()}
         assert rid in outs and outs[rid].outputs[0].token_ids, f"{rid} was held back"
         assert not engine.adapters.ready(cold_id)
+    # every one of those steps ran short of sequences while c0 waited for its adapter
+    assert engine.scheduler.num_short_for_adapters >= 15
     gate.release()
     finish_all(engine)
     assert engine.adapters.failure(cold_id) is None

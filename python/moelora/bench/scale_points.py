@@ -100,26 +100,23 @@ class ScalePoints:
 
 class BatchOccupancy:
     """Where a point's steps go: how full they ran, and how many of them ran short of
-    max_num_seqs while queued requests waited for their adapters to reach the device."""
+    max_num_seqs while queued requests waited for their adapters to reach the device (the
+    scheduler's count)."""
 
     def __init__(self, engine):
         self.engine = engine
         self.steps = 0
         self.running = 0
-        self.short_for_adapters = 0
+        self.short_before = engine.scheduler.num_short_for_adapters
 
     def step(self):
         outputs = self.engine.step()
-        scheduler = self.engine.scheduler
         self.steps += 1
-        self.running += len(scheduler.running)
-        if len(scheduler.running) < scheduler.config.max_num_seqs and any(
-                seq.adapter_id is not None and not self.engine.adapters.ready(seq.adapter_id)
-                for seq in scheduler.waiting):
-            self.short_for_adapters += 1
+        self.running += len(self.engine.scheduler.running)
         return outputs
 
     def summary(self) -> dict:
         return {"steps": self.steps,
                 "mean_running": self.running / self.steps if self.steps else 0.0,
-                "steps_short_for_adapters": self.short_for_adapters}
+                "steps_short_for_adapters":
+                    self.engine.scheduler.num_short_for_adapters - self.short_before}

@@ -70,6 +70,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # steps that ran short of max_num_seqs while queued sequences waited for their adapters
+        self.num_short_for_adapters = 0
         self._waited_steps: dict[int, int] = {}
         self._starving: int | None = None  # adapter of the sequence that starved last step
         self._demand: list[int] = []  # the demand order last given to the adapter cache
@@ -129,6 +131,7 @@ class Scheduler:
         self._publish_demand()
         adapters_in_batch = {s.adapter_id for s in self.running if s.adapter_id is not None}
         starving: int | None = None  # adapter of a starving sequence: admit no other adapter
+        waited_for_a_load = False
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -149,6 +152,7 @@ class Scheduler:
                 continue
             if seq.adapter_id is not None:
                 if not self._admit_adapter(seq, adapters_in_batch):
+                    waited_for_a_load = waited_for_a_load or not self.adapters.ready(seq.adapter_id)
                     if (self._blocked_by_memory(seq, adapters_in_batch) and self._note_wait(seq)
                             and starving is None and self._slots_taken()):
                         starving = seq.adapter_id
@@ -182,6 +186,8 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
         self._starving = starving
+        if waited_for_a_load and len(self.running) < self.config.max_num_seqs:
+            self.num_short_for_adapters += 1
         return batch
 
     # -- helpers -----------------------------------------------------------------------------
