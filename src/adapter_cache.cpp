@@ -407,6 +407,11 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
                         std::to_string(cfg.read_chunk_bytes));
   MOELORA_CHECK_ARG(cfg.host_block_bytes >= 0,
                     "host_block_bytes must be >= 0, got " + std::to_string(cfg.host_block_bytes));
+  MOELORA_CHECK_ARG(cfg.host_reserve_bytes >= 0, "host_reserve_bytes must be >= 0, got " +
+                                                     std::to_string(cfg.host_reserve_bytes));
+  MOELORA_CHECK_ARG(cfg.host_reserve_bytes == 0 || cfg.host_block_bytes > 0,
+                    "host_reserve_bytes needs host_block_bytes > 0 (the reserve is made of "
+                    "blocks)");
   MOELORA_CHECK_ARG(cfg.pack_threads >= 0 && cfg.pack_threads <= 64,
                     "pack_threads must be in [0, 64] (0: automatic), got " +
                         std::to_string(cfg.pack_threads));
@@ -437,8 +442,8 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
     std::lock_guard<std::mutex> guard(link->mutex);
     if (link->state) link->state->on_pool_eviction(owner);
   });
-  s.buffers = std::make_shared<detail::HostBufferPool>(s.config.max_cpu_loras +
-                                                       s.config.host_threads);
+  s.buffers = std::make_shared<detail::HostBlockPool>(s.config.host_reserve_bytes,
+                                                      s.config.host_block_bytes);
   for (int32_t i = 0; i < s.reader_threads(); ++i) {
     s.readers.emplace_back([&s] { s.reader_loop(); });
   }
@@ -744,8 +749,10 @@ AdapterCacheStats AdapterCache::stats() const {
     }
   }
   out.host_buffers_in_use = s.buffers->buffers_in_use();
-  out.host_buffers_kept = s.buffers->kept_buffers();
-  out.host_buffer_bytes_kept = s.buffers->kept_bytes();
+  out.host_blocks_kept = s.buffers->kept_blocks();
+  out.host_block_bytes_kept = s.buffers->kept_bytes();
+  out.host_block_bytes_in_use = s.buffers->bytes_in_use();
+  out.host_reserve_blocks_made = s.buffers->reserve_blocks_made();
   out.host_load_histogram = s.host_histogram.counts;
   out.device_load_histogram = s.device_histogram.counts;
   return out;

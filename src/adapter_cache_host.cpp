@@ -5,7 +5,7 @@
 // job's host copy while the bytes are still in its cache; so one cold adapter is read by every
 // thread at once, and at most host_threads jobs are open. A failed chunk fails the job: the
 // remaining chunks are skipped, the thread that finishes the last one closes the files, fails
-// the adapter and lets the buffer go back to the HostBufferPool.
+// the adapter and lets the buffer go back to the HostBlockPool.
 //
 // Which copies stay: at most max_cpu_loras (and max_cpu_bytes). A read starts when there is
 // room or when a copy less urgent than it can go. Urgency: a queued request's position first,
@@ -30,6 +30,9 @@ namespace {
 // Long enough for a thread blocked on the CUDA driver's lock to wake and take it (tens of us),
 // short beside a block's page-locking (~2 ms for 8 MB).
 constexpr std::chrono::microseconds kPauseBetweenPinnedBlocks{250};
+// How often idle readers look again whether a graph capture that kept them from making the host
+// reserve has ended.
+constexpr std::chrono::milliseconds kReserveRecheck{20};
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -102,7 +105,7 @@ void AdapterCache::State::set_host_ready_locked(AdapterEntry& e,
 
 void AdapterCache::State::drop_host_copy_locked(AdapterEntry& e) {
   if (e.host_state != HostState::kReady) return;
-  e.host.reset();  // back to the HostBufferPool once no copy reads it
+  e.host.reset();  // back to the HostBlockPool once no copy reads it
   e.host_state = HostState::kNone;
   --host_copies;
 }
@@ -305,14 +308,36 @@ void AdapterCache::State::reader_loop() {
     std::shared_ptr<ReadJob> job;
     EntryPtr start;
     --busy_readers;
-    host_work.wait(lock, [&] {
+    bool reserve = false;
+    auto has_work = [&] {
       if (stopping) return true;
       job = claimable_job_locked();
       if (!job) start = startable_host_load_locked();
-      return job || start;
-    });
+      // Not during a graph capture, which refuses page-locking: checked again every
+      // kReserveRecheck while a reserve block is wanted (no one signals a capture's end).
+      reserve = !job && !start && buffers->wants_reserve_block() && !graph_capture_in_progress();
+      return job || start || reserve;
+    };
+    while (!has_work()) {
+      if (buffers->wants_reserve_block()) {
+        host_work.wait_for(lock, kReserveRecheck);
+      } else {
+        host_work.wait(lock);
+      }
+    }
     ++busy_readers;
     if (stopping) return;
+    if (reserve) {  // nothing to read: one more block of the host reserve, made ahead
+      lock.unlock();
+      try {
+        buffers->make_reserve_block();
+      } catch (const std::exception&) {
+        // Out of host memory: the reserve stops where it got; loads allocate as they go.
+      }
+      std::this_thread::sleep_for(kPauseBetweenPinnedBlocks);
+      lock.lock();
+      continue;
+    }
     if (job) {
       const size_t index = job->next_chunk++;
       const bool skip = job->failed || job->entry->cancelled;
@@ -383,6 +408,7 @@ void AdapterCache::State::reader_loop() {
       const auto start = std::chrono::steady_clock::now();
       bool locked_one = false;  // no pause where nothing was page-locked (no CUDA)
       for (size_t b = 0; b < prepared->buffer->num_blocks(); ++b) {
+        if (prepared->buffer->block_pinned(b)) continue;  // a kept block: locked already
         if (locked_one) std::this_thread::sleep_for(kPauseBetweenPinnedBlocks);
         locked_one = prepared->buffer->pin_block(b);
       }

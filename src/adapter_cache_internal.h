@@ -2,7 +2,7 @@
 //   adapter_cache_load.cpp   spec validation at registration, failure messages;
 //   adapter_cache_plan.cpp   the read plan of a load (chunks of file bytes, what each holds);
 //   adapter_cache_convert.cpp  the fused conversion of a chunk into the host copy's rows;
-//   adapter_cache_read.cpp   reading one chunk, file checks, recycled host buffers;
+//   adapter_cache_read.cpp   reading one chunk, file checks;
 //   adapter_cache_host.cpp   the host tier (reader threads, jobs, host LRU);
 //   adapter_cache.cpp        the device tier and the public API.
 #pragma once
@@ -206,30 +206,5 @@ void set_read_hook(AdapterCache& cache, ReadHook hook);
 // Test hook: true when no read, device load or copy is in progress and none can start until the
 // cache is called again (so a test can check that something did not happen without sleeping).
 bool is_settled(AdapterCache& cache);
-
-// Host copies of finished loads whose adapters left the host tier, kept for the next loads:
-// page-locked allocations cost about as much as the read itself (an H100 host pins a few GB/s),
-// so a burst of loads after a burst of evictions or unloads should not pin again. Buffers kept
-// plus buffers in use stay within max_buffers: the host tier's copies and the reads in flight,
-// the most the tier pins at any time anyway.
-class HostBufferPool : public std::enable_shared_from_this<HostBufferPool> {
- public:
-  explicit HostBufferPool(int64_t max_buffers) : max_buffers_(max_buffers) {}
-  // A buffer of at least `bytes` in blocks of `block_bytes` (a kept one at most a quarter
-  // larger with the same blocks, page-locked preferred, or a new one: in blocks, left for the
-  // taker to page-lock with pin_block). It returns here when its last reference goes.
-  std::shared_ptr<HostBuffer> take(int64_t bytes, int64_t block_bytes = 0);
-  int64_t kept_buffers() const;
-  int64_t kept_bytes() const;
-  int64_t buffers_in_use() const;  // taken and not yet back
-  void clear();
-
- private:
-  void give_back(HostBuffer* buffer) noexcept;
-  mutable std::mutex mutex_;
-  int64_t max_buffers_;
-  int64_t in_use_ = 0;
-  std::vector<std::unique_ptr<HostBuffer>> kept_;
-};
 
 }  // namespace moelora::detail

@@ -1,7 +1,7 @@
 // The AdapterCache's state, shared by adapter_cache_host.cpp (host tier: reader threads, read
 // jobs, host LRU) and adapter_cache.cpp (device tier, public API).
 // Lock order: pool allocation (which runs eviction listeners) is never called with `mutex` held;
-// HostBufferPool's mutex is a leaf.
+// HostBlockPool's mutex is a leaf.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "adapter_cache_internal.h"
+#include "host_block_pool.h"
 #include "moelora/adapter_cache.h"
 #include "moelora/error.h"
 
@@ -95,7 +96,7 @@ struct AdapterCache::State {
   AdapterCacheStats counters;
   LoadHistogram host_histogram, device_histogram;
   detail::ReadHook read_hook;
-  std::shared_ptr<detail::HostBufferPool> buffers;
+  std::shared_ptr<detail::HostBlockPool> buffers;
   std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
   std::vector<std::thread> readers;  // reader_threads() of them
   std::thread finalizer;

@@ -213,6 +213,12 @@ GraphCaptureScope::~GraphCaptureScope() {
 
 bool this_thread_capturing() { return t_capture_depth > 0; }
 
+bool graph_capture_in_progress() {
+  CaptureState& state = capture_state();
+  std::lock_guard<std::mutex> lock(state.mutex);
+  return state.active > 0;
+}
+
 void check_not_capturing(const char* operation) {
   if (t_capture_depth > 0) {
     throw InvalidArgument(std::string(operation) +
@@ -235,6 +241,45 @@ std::byte* allocate_ordinary(int64_t bytes) {
 
 }  // namespace
 
+HostBlock allocate_host_block(int64_t capacity, bool pinned) {
+  if (capacity <= 0) {
+    throw InvalidArgument("a host block needs a positive capacity, got " +
+                          std::to_string(capacity));
+  }
+  HostBlock block;
+  block.capacity = capacity;
+  if (pinned) block.data = static_cast<std::byte*>(allocate_pinned(capacity));
+  if (block.data != nullptr) block.memory = HostBlock::Memory::kAllocatedPinned;
+  if (block.data == nullptr) block.data = allocate_ordinary(capacity);
+  return block;
+}
+
+bool pin_host_block(HostBlock& block) {
+  if (!block.pinned() && register_pinned(block.data, block.capacity)) {
+    block.memory = HostBlock::Memory::kRegistered;
+  }
+  return block.pinned();
+}
+
+void free_host_block(const HostBlock& block) noexcept {
+  switch (block.memory) {
+    case HostBlock::Memory::kAllocatedPinned: release_page_locked({block.data, false}); break;
+    case HostBlock::Memory::kRegistered: release_page_locked({block.data, true}); break;
+    case HostBlock::Memory::kOrdinary: std::free(block.data); break;
+  }
+}
+
+std::vector<int64_t> HostBuffer::block_layout(int64_t bytes, int64_t block_bytes) {
+  if (bytes <= 0) return {};
+  if (block_bytes <= 0 || block_bytes >= bytes) return {bytes};
+  const int64_t slack = static_cast<int64_t>(kHostAlignment);
+  std::vector<int64_t> layout;
+  for (int64_t offset = 0; offset < bytes; offset += block_bytes) {
+    layout.push_back(std::min(block_bytes, bytes - offset) + slack);
+  }
+  return layout;
+}
+
 HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool pin_later) {
   if (bytes < 0) throw InvalidArgument("HostBuffer bytes must be >= 0, got " + std::to_string(bytes));
   if (block_bytes < 0) {
@@ -243,20 +288,9 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool
   }
   if (bytes == 0) return;
   block_bytes_ = block_bytes >= bytes ? 0 : block_bytes;
-  const int64_t step = block_bytes_ == 0 ? bytes : block_bytes_;
-  // Blocks are allocated a little longer than they are used, so that two of them never touch:
-  // a copy engine merges regions whose addresses continue, and a copy may not span two
-  // page-locked allocations (cudaMemcpyAsync: invalid argument).
-  const int64_t slack = block_bytes_ == 0 ? 0 : static_cast<int64_t>(kHostAlignment);
-  const bool pin_now = try_pinned && !pin_later;
   try {
-    for (int64_t offset = 0; offset < bytes; offset += step) {
-      Block block;
-      block.bytes = std::min(step, bytes - offset) + slack;
-      if (pin_now) block.data = static_cast<std::byte*>(allocate_pinned(block.bytes));
-      if (block.data != nullptr) block.memory = Memory::kAllocatedPinned;
-      if (block.data == nullptr) block.data = allocate_ordinary(block.bytes);
-      blocks_.push_back(block);
+    for (int64_t capacity : block_layout(bytes, block_bytes_)) {
+      blocks_.push_back(allocate_host_block(capacity, try_pinned && !pin_later));
     }
   } catch (...) {
     release();
@@ -265,18 +299,38 @@ HostBuffer::HostBuffer(int64_t bytes, bool try_pinned, int64_t block_bytes, bool
   bytes_ = bytes;
 }
 
-bool HostBuffer::pin_block(size_t i) {
-  Block& block = blocks_.at(i);
-  if (block.memory == Memory::kOrdinary && register_pinned(block.data, block.bytes)) {
-    block.memory = Memory::kRegistered;
+HostBuffer::HostBuffer(int64_t bytes, int64_t block_bytes, std::vector<HostBlock> blocks) {
+  const std::vector<int64_t> layout = block_layout(bytes, block_bytes);
+  if (blocks.size() != layout.size()) {
+    throw InvalidArgument("a host buffer of " + std::to_string(bytes) + " bytes in blocks of " +
+                          std::to_string(block_bytes) + " needs " +
+                          std::to_string(layout.size()) + " blocks, got " +
+                          std::to_string(blocks.size()));
   }
-  return block.memory != Memory::kOrdinary;
+  for (size_t i = 0; i < layout.size(); ++i) {
+    if (blocks[i].data == nullptr || blocks[i].capacity < layout[i]) {
+      throw InvalidArgument("host block " + std::to_string(i) + " holds " +
+                            std::to_string(blocks[i].capacity) + " bytes, needs " +
+                            std::to_string(layout[i]));
+    }
+  }
+  blocks_ = std::move(blocks);
+  bytes_ = bytes < 0 ? 0 : bytes;
+  block_bytes_ = block_bytes >= bytes ? 0 : block_bytes;
 }
 
+bool HostBuffer::pin_block(size_t i) { return pin_host_block(blocks_.at(i)); }
+
 bool HostBuffer::pinned() const {
-  return !blocks_.empty() && std::all_of(blocks_.begin(), blocks_.end(), [](const Block& b) {
-           return b.memory != Memory::kOrdinary;
-         });
+  return !blocks_.empty() && std::all_of(blocks_.begin(), blocks_.end(),
+                                         [](const HostBlock& b) { return b.pinned(); });
+}
+
+std::vector<HostBlock> HostBuffer::release_blocks() noexcept {
+  std::vector<HostBlock> blocks = std::move(blocks_);
+  blocks_.clear();
+  bytes_ = block_bytes_ = 0;
+  return blocks;
 }
 
 HostBuffer::~HostBuffer() { release(); }
@@ -300,13 +354,7 @@ HostBuffer& HostBuffer::operator=(HostBuffer&& other) noexcept {
 }
 
 void HostBuffer::release() noexcept {
-  for (const Block& block : blocks_) {
-    switch (block.memory) {
-      case Memory::kAllocatedPinned: release_page_locked({block.data, false}); break;
-      case Memory::kRegistered: release_page_locked({block.data, true}); break;
-      case Memory::kOrdinary: std::free(block.data); break;
-    }
-  }
+  for (const HostBlock& block : blocks_) free_host_block(block);
   blocks_.clear();
   bytes_ = block_bytes_ = 0;
 }

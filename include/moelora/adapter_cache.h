@@ -87,6 +87,11 @@ struct AdapterCacheConfig {
   // as ordinary memory; the reader that prepared the load page-locks them one at a time, with a
   // pause between them for waiting CUDA calls, while the other readers fill them.
   int64_t host_block_bytes = int64_t{8} << 20;
+  // Host memory made ahead for host copies, in blocks of host_block_bytes: faulted in and
+  // page-locked by idle reader threads, so that the first cold loads neither fault nor lock
+  // pages on their path (the blocks of copies that leave the host tier are reused the same
+  // way). 0: none made ahead.
+  int64_t host_reserve_bytes = 0;
   // Popularity: every note_request() counts one request for its adapter, and every count halves
   // after this many requests to the cache, so that yesterday's favourite does not stay forever.
   // Among copies equally urgent (no queued demand, or the same), the less popular leaves a tier
@@ -128,8 +133,10 @@ struct AdapterCacheStats {
   double host_buffer_seconds = 0;
   int64_t host_loads_failed = 0;   // loads whose read or check failed
   int64_t host_buffers_in_use = 0;  // host buffers held by host copies, reads and copies
-  int64_t host_buffers_kept = 0;   // host buffers kept for reuse (page-locked where possible)
-  int64_t host_buffer_bytes_kept = 0;
+  int64_t host_blocks_kept = 0;         // host blocks kept for reuse (page-locked where possible)
+  int64_t host_block_bytes_kept = 0;
+  int64_t host_block_bytes_in_use = 0;  // behind host copies, reads and copies
+  int64_t host_reserve_blocks_made = 0;  // blocks made ahead (host_reserve_bytes), ever
   // Load latency histograms: counts of loads per bucket of load_seconds_buckets() (the last
   // count is above the last bound), disk -> host and host -> device.
   std::vector<int64_t> host_load_histogram;

@@ -74,12 +74,32 @@ class GraphCaptureScope {
 };
 // True while the calling thread holds a GraphCaptureScope.
 bool this_thread_capturing();
+// True while any thread holds a GraphCaptureScope (page-locking is refused meanwhile).
+bool graph_capture_in_progress();
 // Throws InvalidArgument naming `operation` when the calling thread holds a GraphCaptureScope.
 void check_not_capturing(const char* operation);
 
-// Host memory for staging copies: page-locked (cudaHostAlloc) when the build has CUDA and a GPU
-// is present, `try_pinned` is set and no GraphCaptureScope is held, otherwise 4 KiB-aligned
-// ordinary memory. Movable RAII.
+// One allocation of host memory behind a HostBuffer: page-locked when allocated
+// (cudaHostAlloc), ordinary memory page-locked in place (cudaHostRegister), or ordinary.
+struct HostBlock {
+  enum class Memory : uint8_t { kOrdinary, kAllocatedPinned, kRegistered };
+  std::byte* data = nullptr;
+  int64_t capacity = 0;  // bytes allocated
+  Memory memory = Memory::kOrdinary;
+  bool pinned() const { return memory != Memory::kOrdinary; }
+};
+// A block of `capacity` bytes: page-locked when `pinned` (and CUDA, a GPU and no graph capture
+// allow it), else 4 KiB-aligned ordinary memory. Throws InvalidArgument when out of memory.
+HostBlock allocate_host_block(int64_t capacity, bool pinned);
+// Page-locks an ordinary block in place (not while this process captures a CUDA graph, nor
+// without CUDA); true when it is page-locked afterwards.
+bool pin_host_block(HostBlock& block);
+// Frees a block (a page-locked free during a graph capture waits for the capture's end).
+void free_host_block(const HostBlock& block) noexcept;
+
+// Host memory for staging copies: page-locked when the build has CUDA and a GPU is present,
+// `try_pinned` is set and no GraphCaptureScope is held, otherwise 4 KiB-aligned ordinary memory.
+// Movable RAII.
 //
 // block_bytes > 0 allocates (and page-locks) the buffer as separate blocks of that many bytes
 // (the last one shorter): page-locking holds the CUDA driver's lock for as long as it takes
@@ -93,11 +113,22 @@ class HostBuffer {
   HostBuffer() = default;
   explicit HostBuffer(int64_t bytes, bool try_pinned = true, int64_t block_bytes = 0,
                       bool pin_later = false);
+  // Adopts `blocks` (from a pool): block_layout(bytes, block_bytes) many, each at least as
+  // large as that layout's block. Throws InvalidArgument otherwise (and then frees nothing:
+  // the blocks stay the caller's).
+  HostBuffer(int64_t bytes, int64_t block_bytes, std::vector<HostBlock> blocks);
   ~HostBuffer();
   HostBuffer(HostBuffer&& other) noexcept;
   HostBuffer& operator=(HostBuffer&& other) noexcept;
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
+
+  // The capacity of each block a buffer of `bytes` in blocks of `block_bytes` needs: one
+  // block of `bytes` when block_bytes is 0 or not below bytes, otherwise full blocks and a
+  // shorter last one, each a little longer than its bytes (two blocks never touch: a copy
+  // engine merges regions whose addresses continue, and one copy may not span two page-locked
+  // allocations).
+  static std::vector<int64_t> block_layout(int64_t bytes, int64_t block_bytes);
 
   // The first block: the whole buffer when it has one.
   std::byte* data() const { return blocks_.empty() ? nullptr : blocks_.front().data; }
@@ -110,20 +141,16 @@ class HostBuffer {
   int64_t block_bytes() const { return block_bytes_; }  // 0: one block
   bool pinned() const;                                  // every block page-locked
   size_t num_blocks() const { return blocks_.size(); }
-  bool block_pinned(size_t i) const { return blocks_[i].memory != Memory::kOrdinary; }
+  bool block_pinned(size_t i) const { return blocks_[i].pinned(); }
   // Page-locks block i in place (not while this process captures a CUDA graph, nor without
   // CUDA); true when it is page-locked afterwards.
   bool pin_block(size_t i);
+  // Gives up the blocks, unfreed (to a pool); the buffer is empty afterwards.
+  std::vector<HostBlock> release_blocks() noexcept;
 
  private:
-  enum class Memory : uint8_t { kOrdinary, kAllocatedPinned, kRegistered };
-  struct Block {
-    std::byte* data = nullptr;
-    int64_t bytes = 0;
-    Memory memory = Memory::kOrdinary;
-  };
   void release() noexcept;
-  std::vector<Block> blocks_;
+  std::vector<HostBlock> blocks_;
   int64_t bytes_ = 0;
   int64_t block_bytes_ = 0;
 };

@@ -44,8 +44,10 @@ py::dict stats_dict(const AdapterCacheStats& s) {
   d["host_buffer_seconds"] = s.host_buffer_seconds;
   d["host_loads_failed"] = s.host_loads_failed;
   d["host_buffers_in_use"] = s.host_buffers_in_use;
-  d["host_buffers_kept"] = s.host_buffers_kept;
-  d["host_buffer_bytes_kept"] = s.host_buffer_bytes_kept;
+  d["host_blocks_kept"] = s.host_blocks_kept;
+  d["host_block_bytes_kept"] = s.host_block_bytes_kept;
+  d["host_block_bytes_in_use"] = s.host_block_bytes_in_use;
+  d["host_reserve_blocks_made"] = s.host_reserve_blocks_made;
   d["host_load_histogram"] = s.host_load_histogram;
   d["device_load_histogram"] = s.device_load_histogram;
   return d;
@@ -187,18 +189,19 @@ void register_adapter_cache(py::module_& m) {
       .def(py::init([](PagePool& pool, CopyEngine& copies, std::vector<LoraSite> sites,
                        int32_t max_loras, int32_t max_lora_rank, int64_t max_cpu_loras,
                        int64_t max_cpu_bytes, const py::object& dtype, int32_t host_threads,
-                       int32_t pack_threads, int64_t read_chunk_bytes, int64_t host_block_bytes) {
+                       int32_t pack_threads, int64_t read_chunk_bytes, int64_t host_block_bytes,
+                       int64_t host_reserve_bytes) {
              AdapterCacheConfig config{std::move(sites), max_loras,    max_lora_rank,
                                        max_cpu_loras,    max_cpu_bytes, dtype_from_object(dtype),
                                        host_threads,     pack_threads,  read_chunk_bytes,
-                                       host_block_bytes};
+                                       host_block_bytes, host_reserve_bytes};
              return std::make_unique<AdapterCache>(pool, copies, std::move(config));
            }),
            py::arg("pool"), py::arg("copies"), py::arg("sites"), py::arg("max_loras"),
            py::arg("max_lora_rank"), py::arg("max_cpu_loras") = 8, py::arg("max_cpu_bytes") = 0,
            py::arg("dtype") = "float32", py::arg("host_threads") = 4,
            py::arg("pack_threads") = 0, py::arg("read_chunk_bytes") = int64_t{1} << 20,
-           py::arg("host_block_bytes") = int64_t{8} << 20,
+           py::arg("host_block_bytes") = int64_t{8} << 20, py::arg("host_reserve_bytes") = 0,
            py::keep_alive<1, 2>(),
            py::keep_alive<1, 3>())
       .def("register_adapter", &AdapterCache::register_adapter, py::arg("spec"), Release())

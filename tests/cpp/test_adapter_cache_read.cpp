@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "adapter_cache_internal.h"
+#include "host_block_pool.h"
 #include "moelora/error.h"
 #include "moelora/runtime.h"
 #include "test_adapter_cache_util.h"
@@ -149,8 +150,8 @@ TEST_CASE("a recycled host buffer leaves no stale bytes in row padding") {
   const AwkwardAdapter b = write_awkward_adapter("second", temp_path("second.st"), second);
   const int64_t ida = c.cache->register_adapter(a.spec);
   c.cache->wait(ida);
-  c.cache->unregister(ida);  // its host copy goes back to the pool of buffers
-  CHECK(c.cache->stats().host_buffers_kept >= 1);
+  c.cache->unregister(ida);  // its host copy's blocks go back to the pool
+  CHECK(c.cache->stats().host_blocks_kept >= 1);
   // Stale bytes in every free page, so a page copied without its padding would show them.
   std::memset(c.pool.arena().base(), 0xAB, static_cast<size_t>(kPageBytes * 2048));
   const int64_t idb = c.cache->register_adapter(b.spec);
@@ -175,27 +176,89 @@ TEST_CASE("a host buffer in blocks: every byte addressable, blocks reused only a
   CHECK_EQ(later.num_blocks(), size_t{3});
   CHECK(!later.pinned() && !later.block_pinned(0));
   for (size_t b = 0; b < later.num_blocks(); ++b) CHECK_EQ(later.pin_block(b), later.block_pinned(b));
-  auto pool = std::make_shared<detail::HostBufferPool>(4);
-  { auto a = pool->take(8192, 2048); auto b = pool->take(8192); }
-  CHECK_EQ(pool->take(8192, 2048)->block_bytes(), int64_t{2048});  // the blocked one, kept
-  CHECK_EQ(pool->take(8192)->block_bytes(), int64_t{0});
 }
 
-TEST_CASE("the pool of host buffers keeps what the host tier may pin, and no more") {
-  auto pool = std::make_shared<detail::HostBufferPool>(3);  // kept + in use <= 3
-  std::vector<std::shared_ptr<HostBuffer>> taken;
-  for (int i = 0; i < 5; ++i) taken.push_back(pool->take(4096));
-  CHECK_EQ(pool->buffers_in_use(), int64_t{5});
-  taken.resize(2);  // three come back while two stay in use: one of them is kept
-  CHECK_EQ(pool->kept_buffers(), int64_t{1});
-  taken.clear();
-  CHECK_EQ(pool->kept_buffers(), int64_t{3});
-  for (int i = 0; i < 3; ++i) taken.push_back(pool->take(4096));  // all three reused
-  CHECK_EQ(pool->kept_buffers(), int64_t{0});
-  taken.push_back(pool->take(4096));  // a new one: in use 4 > 3 while it lives
-  taken.clear();
-  CHECK_EQ(pool->kept_buffers(), int64_t{3});
+TEST_CASE("a host buffer adopts blocks at least as large as its layout") {
+  const std::vector<int64_t> layout = HostBuffer::block_layout(2500, 1000);
+  CHECK_EQ(layout.size(), size_t{3});
+  CHECK(layout[0] > 1000);  // blocks never touch
+  CHECK(layout[2] < layout[0]);
+  CHECK(HostBuffer::block_layout(500, 1000) == std::vector<int64_t>{500});
+  CHECK(HostBuffer::block_layout(500, 0) == std::vector<int64_t>{500});
+  std::vector<HostBlock> blocks;
+  for (int i = 0; i < 3; ++i) blocks.push_back(allocate_host_block(layout[0], false));
+  HostBuffer adopted(2500, 1000, blocks);  // the last block larger than needed
+  for (int64_t i = 0; i < adopted.bytes(); ++i) *adopted.at(i) = std::byte(i % 13);
+  for (int64_t i = 0; i < adopted.bytes(); ++i) CHECK(*adopted.at(i) == std::byte(i % 13));
+  std::vector<HostBlock> too_few(blocks.begin(), blocks.begin() + 2);
+  CHECK_THROWS_AS(HostBuffer(2500, 1000, too_few), InvalidArgument);
+  std::vector<HostBlock> back = adopted.release_blocks();
+  CHECK_EQ(back.size(), size_t{3});
+  CHECK_EQ(adopted.bytes(), int64_t{0});
+  std::vector<HostBlock> small = {allocate_host_block(100, false)};
+  CHECK_THROWS_AS(HostBuffer(500, 0, small), InvalidArgument);  // the caller keeps it
+  for (const HostBlock& b : back) free_host_block(b);
+  free_host_block(small[0]);
+}
+
+TEST_CASE("the host block pool reuses blocks across copies of any size") {
+  auto pool = std::make_shared<detail::HostBlockPool>();
+  const int64_t block = 1 << 16;
+  { auto a = pool->take(10 * block + 5, block); }  // 11 blocks come back
+  CHECK_EQ(pool->kept_blocks(), int64_t{11});
   CHECK_EQ(pool->buffers_in_use(), int64_t{0});
+  {
+    auto b = pool->take(4 * block, block);  // another size: four full blocks reused
+    CHECK_EQ(b->num_blocks(), size_t{4});
+    CHECK_EQ(pool->kept_blocks(), int64_t{7});
+    auto c = pool->take(6 * block, block);  // six of the rest (the short tail never fits)
+    CHECK_EQ(pool->kept_blocks(), int64_t{1});
+    CHECK_EQ(pool->bytes_in_use(), int64_t{10} * (block + 4096));
+  }
+  CHECK_EQ(pool->kept_blocks(), int64_t{11});
+  CHECK_EQ(pool->bytes_in_use(), int64_t{0});
+}
+
+TEST_CASE("the host block pool keeps no more than the peak in use, and frees unusable blocks") {
+  auto pool = std::make_shared<detail::HostBlockPool>();
+  const int64_t block = 1 << 16;
+  { auto a = pool->take(3 * block, block); }
+  const int64_t peak = pool->kept_bytes();
+  {
+    // A one-block copy of another size fits no kept block: kept ones are freed so that kept
+    // plus in use stays within the peak.
+    auto big = pool->take(2 * peak);
+    CHECK_EQ(pool->kept_blocks(), int64_t{0});
+  }
+  CHECK_EQ(pool->kept_blocks(), int64_t{1});  // the peak is now the big copy
+  CHECK(pool->kept_bytes() <= 2 * peak);
+  pool->clear();
+  CHECK_EQ(pool->kept_bytes(), int64_t{0});
+}
+
+TEST_CASE("the host block pool makes its reserve ahead and again as loads take it") {
+  CHECK_THROWS_AS(detail::HostBlockPool(1 << 20, 0), InvalidArgument);
+  CHECK_THROWS_AS(detail::HostBlockPool(-1, 4096), InvalidArgument);
+  const int64_t block = 1 << 16;
+  auto pool = std::make_shared<detail::HostBlockPool>(3 * block, block);
+  int made = 0;
+  while (pool->wants_reserve_block()) {
+    pool->make_reserve_block();
+    ++made;
+  }
+  CHECK_EQ(made, 3);
+  CHECK_EQ(pool->reserve_blocks_made(), int64_t{3});
+  {
+    auto a = pool->take(2 * block, block);  // two reserve blocks
+    CHECK_EQ(pool->kept_blocks(), int64_t{1});
+    CHECK(pool->wants_reserve_block());
+    while (pool->wants_reserve_block()) pool->make_reserve_block();
+    CHECK_EQ(pool->kept_blocks(), int64_t{3});
+  }
+  // Its blocks come back, but kept plus in use stays within the larger of the peak in use
+  // (two blocks) and in use plus the reserve (three).
+  CHECK_EQ(pool->kept_blocks(), int64_t{3});
+  CHECK(!pool->wants_reserve_block());
 }
 
 TEST_CASE("read plan: chunks cover each tensor's needed elements once, in order, in bounds") {

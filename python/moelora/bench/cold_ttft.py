@@ -53,6 +53,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=flags.positive_int, default=4,
                         help="reader threads of the plain read")
     flags.add_host_block_argument(parser)
+    flags.add_host_reserve_argument(parser)
     parser.add_argument("--warm-cache", action="store_true",
                         help="keep the files in the page cache (measures memory, not storage)")
     flags.add_graph_arguments(parser)
@@ -150,7 +151,8 @@ def run_from_args(args) -> int:
                           max_num_seqs=max(args.background_seqs + 1, 2), seed=args.seed,
                           load_progress=False, synthetic_num_layers=args.num_layers,
                           decode_graphs=flags.graphs_choice(args),
-                          adapter_host_block_bytes=flags.host_block_bytes(args))
+                          adapter_host_block_bytes=flags.host_block_bytes(args),
+                          adapter_host_reserve_bytes=flags.host_reserve_bytes(args))
     engine = LLMEngine(config)
     rng = random.Random(args.seed)
     try:
@@ -175,6 +177,7 @@ def run_from_args(args) -> int:
               "input_len": args.input_len, "threads": args.threads,
               "page_cache": "kept warm" if args.warm_cache else "dropped",
               "host_block_bytes": flags.host_block_bytes(args),
+              "host_reserve_mb": args.host_reserve_mb,
               "step_ms": step_ms,
               **{key: median([row[key] for row in rows])
                  for key in ("ttft_ms", "bound_ms", "ratio_to_bound", "plain_read_gbps")},

@@ -53,6 +53,22 @@ def host_block_bytes(args) -> int:
     return args.host_block_mb << 20
 
 
+def add_host_reserve_argument(parser: argparse.ArgumentParser) -> None:
+    """--host-reserve-mb: EngineConfig.adapter_host_reserve_bytes, in MB (host_reserve_bytes)."""
+    parser.add_argument("--host-reserve-mb", type=int, default=None,
+                        help="host memory kept ready (faulted in, page-locked) for adapters' host "
+                             "copies, in MB (default: one largest adapter per load thread; 0: "
+                             "none)")
+
+
+def host_reserve_bytes(args) -> int | None:
+    if args.host_reserve_mb is None:
+        return None
+    if args.host_reserve_mb < 0:
+        raise SystemExit(f"--host-reserve-mb must be >= 0, got {args.host_reserve_mb}")
+    return args.host_reserve_mb << 20
+
+
 def add_memory_check_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-memory-check", action="store_true",
                         help="build the model even when the estimate says it cannot fit")

@@ -72,6 +72,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw the warm run's per-adapter results")
     flags.add_host_block_argument(parser)
+    flags.add_host_reserve_argument(parser)
     flags.add_memory_check_argument(parser)
     return parser
 
@@ -195,7 +196,8 @@ def run_from_args(args) -> int:
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
                           decode_graphs=flags.graphs_choice(args),
-                          adapter_host_block_bytes=flags.host_block_bytes(args))
+                          adapter_host_block_bytes=flags.host_block_bytes(args),
+                          adapter_host_reserve_bytes=flags.host_reserve_bytes(args))
     engine = LLMEngine(config, executor_for(config))
     try:
         with adapter_directory(args.adapter_dir, "moelora-bench-adapters-") as adapter_dir:
@@ -222,6 +224,7 @@ def run_from_args(args) -> int:
         "request_rate": args.request_rate, "tensor_parallel_size": args.tensor_parallel_size,
         "enable_expert_parallel": args.enable_expert_parallel,
         "host_block_bytes": flags.host_block_bytes(args),
+        "host_reserve_mb": args.host_reserve_mb,
         **graph_info,
         "with_adapters": with_adapters, "no_adapters": base, "with_adapters_warm": warm,
         "repeats": args.repeats, "no_adapters_rounds": _spread(base_runs),

@@ -10,6 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
 from moelora import _C
 from moelora._tensor import dtype_code
 from moelora.lora import AdapterValidationError, load_adapter_plan
@@ -44,6 +45,26 @@ class LoRARequest:
     @property
     def path(self) -> str:
         return self.lora_path
+
+
+_AUTO_RESERVE_CAP = 4 << 30
+
+
+def host_reserve_bytes(config, sites, dtype) -> int:
+    """EngineConfig.adapter_host_reserve_bytes, with None resolved: one largest adapter (rank
+    max_lora_rank on every site, in the model dtype) per load thread, at most 4 GiB. The first
+    cold loads then find their host memory faulted in and page-locked. None where the largest
+    adapter is smaller than one block: the reserve is made of whole blocks, and a copy smaller
+    than a block gets its own allocation."""
+    if config.adapter_host_reserve_bytes is not None:
+        return config.adapter_host_reserve_bytes
+    block = config.adapter_host_block_bytes
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    largest = sum(s.num_layers * s.num_experts * config.max_lora_rank * (s.in_dim + s.out_dim)
+                  for s in sites) * element_bytes
+    if block == 0 or largest < block:
+        return 0
+    return min(_AUTO_RESERVE_CAP, largest * config.adapter_load_threads)
 
 
 class LoraViews:
@@ -98,7 +119,9 @@ class AdapterManager:
                                      dtype=dtype_code(dtype),
                                      host_threads=config.adapter_load_threads,
                                      pack_threads=config.adapter_pack_threads,
-                                     host_block_bytes=config.adapter_host_block_bytes)
+                                     host_block_bytes=config.adapter_host_block_bytes,
+                                     host_reserve_bytes=host_reserve_bytes(config, self.sites,
+                                                                           dtype))
         self.views = LoraViews(self.cache, self.sites, config.device_lora_slots)
         if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
             self.cache = cache_proxy(self.cache)

@@ -36,6 +36,11 @@ class EngineConfig:
     # host copies page-locked in blocks of about this many bytes beside the read (0: one block
     # per adapter, page-locked before it; see moelora/adapter_cache.h AdapterCacheConfig)
     adapter_host_block_bytes: int = 8 << 20
+    # Host memory kept ready for adapters' host copies (faulted in and page-locked ahead by idle
+    # reader threads, made again as loads take it), so that a cold load does neither on its
+    # path. None: room for one largest adapter (max_lora_rank on every site) per load thread,
+    # at most 4 GiB; 0: none.
+    adapter_host_reserve_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -83,6 +88,12 @@ class EngineConfig:
         if self.adapter_host_block_bytes < 0:
             raise ValueError("adapter_host_block_bytes must be >= 0, got "
                              f"{self.adapter_host_block_bytes}")
+        if self.adapter_host_reserve_bytes is not None and self.adapter_host_reserve_bytes < 0:
+            raise ValueError("adapter_host_reserve_bytes must be >= 0, got "
+                             f"{self.adapter_host_reserve_bytes}")
+        if self.adapter_host_reserve_bytes and self.adapter_host_block_bytes == 0:
+            raise ValueError("adapter_host_reserve_bytes needs adapter_host_block_bytes > 0 (the "
+                             "reserve is made of blocks)")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.enable_expert_parallel and self.tensor_parallel_size < 2:
