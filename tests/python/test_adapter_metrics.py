@@ -105,8 +105,10 @@ def test_the_server_serves_adapter_metrics_over_http(assets):
     args = add_cli_args(argparse.ArgumentParser()).parse_args([
         model_dir, "--device", "cpu", "--api-key", API_KEY, "--max-loras", "2",
         "--max-cpu-loras", "2", "--max-model-len", "128", "--port", str(port),
+        "--lora-host-reserve-mb", "1",
         "--lora-modules", *[f"{name}={adapters[name]}" for name in ADAPTERS]])
     engine, model_path, loras, enable_lora = build_engine(args)
+    assert engine.config.adapter_host_reserve_bytes == 1 << 20
     app = build_app(engine, model_path, args, loras, enable_lora)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on",
                                            log_level="warning", timeout_graceful_shutdown=5))

@@ -92,6 +92,8 @@ def build_engine(args):
         model=model, tokenizer=tokenizer, dtype=args.dtype, device=args.device,
         enable_lora=enable_lora, max_lora_rank=args.max_lora_rank, max_loras=args.max_loras,
         lora_prefetch_slots=args.lora_prefetch_slots, max_cpu_loras=max_cpu_loras,
+        adapter_host_reserve_bytes=(None if args.lora_host_reserve_mb is None
+                                    else args.lora_host_reserve_mb << 20),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
