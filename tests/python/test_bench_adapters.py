@@ -64,6 +64,8 @@ def test_bench_cold_ttft_holds_each_cold_request_to_its_bound(tmp_path, capsys):
         file = tmp_path / "a" / f"a{row['adapter'][-1]}" / "adapter_model.safetensors"
         assert row["file_bytes"] == file.stat().st_size
         assert row["ttft_ms"] > 0 and row["steps_during"] >= 1
+        assert row["steps_loading"] == row["steps_during"] - 1  # synchronous CPU steps
+        assert row["admitted_step_ms"] > 0
         assert 0 <= row["host_buffer_ms"] <= row["host_load_ms"]
         assert row["bound_ms"] == pytest.approx(1e3 * row["plain_read_s"]
                                                 + 2 * record["step_ms"])

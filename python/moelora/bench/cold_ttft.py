@@ -11,9 +11,10 @@ TTFT is held against issue 21's bound:
 
 where the plain read (--threads threads, 64 MiB chunks, page cache dropped before and after) runs
 just before the request in the same process, and a decode step is the median wall time of the
-background's steps before the first request. The steps that ran while an adapter loaded are
-reported too (median and max wall ms): no step may wait for another request's adapter; so are
-the disk -> host load's time and, inside it, the time spent obtaining and page-locking its host
+background's steps before the first request. Also reported: the steps that ran while the
+adapter loaded, before the step that scheduled the request (median and max wall ms: no step may
+wait for another request's adapter); that step's own wall time (it runs the prefill too); the
+disk -> host load's time and, inside it, the time spent obtaining and page-locking its host
 buffer (with --host-block-mb that runs beside the read, so it may be as long as the load).
 
 Prints one row per adapter and saves one JSON record (medians and every row).
@@ -34,7 +35,8 @@ from moelora.bench.records import append_record, dumps, engine_fields, format_ta
 TABLE = [("adapter", "adapter"), ("file_mb", "file MB"), ("plain_read_gbps", "plain GB/s"),
          ("bound_ms", "bound ms"), ("ttft_ms", "TTFT ms"), ("ratio_to_bound", "TTFT / bound"),
          ("host_load_ms", "disk->host ms"), ("host_buffer_ms", "of it buffer ms"),
-         ("steps_during", "steps meanwhile"), ("step_max_ms", "slowest step ms")]
+         ("steps_loading", "steps loading"), ("step_max_ms", "slowest of them ms"),
+         ("admitted_step_ms", "its prefill step ms")]
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -117,14 +119,22 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
     before = engine.adapters.stats()
     engine.add_request(request_id, {"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), lora)
+    admitted_step = None  # index into step_ms of the step that scheduled the request
     while True:
         outs = background.step() if background.count else engine.step()
+        if admitted_step is None and not any(seq.request_id == request_id
+                                             for seq in engine.scheduler.waiting):
+            admitted_step = len(background.step_ms) - 1
         done = [out for out in outs if out.request_id == request_id and out.finished]
         if done:
             break
     out = done[0]
     if out.outputs[0].finish_reason == "error":
         raise SystemExit(f"the request for {lora.lora_name} failed: {out.outputs[0].text}")
+    # The steps while its adapter loaded ran other requests only; the step that scheduled it
+    # also ran its prefill (eagerly, with its adapter) and is reported on its own.
+    loading = background.step_ms[first_step:admitted_step]
+    admitted_ms = background.step_ms[admitted_step] if admitted_step is not None else None
     during = background.step_ms[first_step:]
     after = engine.adapters.stats()
     return {"adapter": lora.lora_name, "file_bytes": file_bytes, "file_mb": file_bytes / 1e6,
@@ -133,8 +143,10 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
             # the disk -> host load and, inside it, obtaining and page-locking its host buffer
             "host_load_ms": 1e3 * (after["host_load_seconds"] - before["host_load_seconds"]),
             "host_buffer_ms": 1e3 * (after["host_buffer_seconds"] - before["host_buffer_seconds"]),
-            "step_median_ms": median(during) if during else None,
-            "step_max_ms": max(during) if during else None}
+            "steps_loading": len(loading),
+            "step_median_ms": median(loading) if loading else None,
+            "step_max_ms": max(loading) if loading else None,
+            "admitted_step_ms": admitted_ms}
 
 
 def run_from_args(args) -> int:
