@@ -88,3 +88,6 @@ def test_warm_host_reads_the_adapters_before_the_clock(tmp_path, capsys):
     # 6 requests of 3 tokens each: at least 3 steps, never more than 6 sequences running
     assert point["steps"] >= 3 and 0 < point["mean_running"] <= 6
     assert 0 <= point["steps_short_for_adapters"] <= point["steps"]
+    assert 0 <= point["steps_empty"] <= point["steps"]
+    assert 0 < point["step_ms_median"] <= point["step_ms_max"]
+    assert point["step_ms_mean"] <= point["step_ms_max"]

@@ -39,7 +39,8 @@ TABLE = [("popularity", "popularity"), ("request_rate", "rate"), ("num_adapters"
          ("ttft_p50_ms", "TTFT p50 ms"), ("tpot_p50_ms", "TPOT p50 ms"),
          ("device_loads", "loads"), ("device_evictions", "evictions"),
          ("mean_running", "mean running"), ("steps", "steps"),
-         ("steps_short_for_adapters", "short for adapters"),
+         ("steps_short_for_adapters", "short for adapters"), ("steps_empty", "empty"),
+         ("step_ms_median", "step ms p50"), ("step_ms_mean", "mean"), ("step_ms_max", "max"),
          ("relative_to_fewest", "vs fewest"), ("relative_to_no_adapters", "vs none")]
 
 

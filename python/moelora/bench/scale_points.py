@@ -4,6 +4,8 @@ then one cold point per (popularity, rate, adapter count)."""
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 from moelora.bench.records import ratio
 from moelora.bench.workload import popularity_weights, random_workload, run_requests
@@ -99,24 +101,34 @@ class ScalePoints:
 
 
 class BatchOccupancy:
-    """Where a point's steps go: how full they ran, and how many of them ran short of
-    max_num_seqs while queued requests waited for their adapters to reach the device (the
-    scheduler's count)."""
+    """Where a point's steps go: how full they ran, how many of them ran short of max_num_seqs
+    while queued requests waited for their adapters to reach the device (the scheduler's
+    count), how many ran nothing, and their wall times (a median step as fast as with fewer
+    adapters, but a longer mean, says some steps waited)."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.steps = 0
         self.running = 0
+        self.empty = 0
+        self.step_ms: list[float] = []
         self.short_before = engine.scheduler.num_short_for_adapters
 
     def step(self):
+        start = time.perf_counter()
         outputs = self.engine.step()
-        self.steps += 1
-        self.running += len(self.engine.scheduler.running)
+        self.step_ms.append(1e3 * (time.perf_counter() - start))
+        running = len(self.engine.scheduler.running)
+        self.running += running
+        self.empty += running == 0
         return outputs
 
     def summary(self) -> dict:
-        return {"steps": self.steps,
-                "mean_running": self.running / self.steps if self.steps else 0.0,
+        steps = len(self.step_ms)
+        return {"steps": steps,
+                "mean_running": self.running / steps if steps else 0.0,
                 "steps_short_for_adapters":
-                    self.engine.scheduler.num_short_for_adapters - self.short_before}
+                    self.engine.scheduler.num_short_for_adapters - self.short_before,
+                "steps_empty": self.empty,
+                "step_ms_median": statistics.median(self.step_ms) if steps else None,
+                "step_ms_mean": statistics.fmean(self.step_ms) if steps else None,
+                "step_ms_max": max(self.step_ms) if steps else None}
