@@ -185,6 +185,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   // Resident adapters this load may not evict (queued requests want them sooner), pinned while
   // the pool looks for pages so that its LRU eviction passes them over.
   std::vector<std::pair<EntryPtr, uint64_t>> spared;  // with their device generation
+  CopyTicket slot_cleared = kNoCopyTicket;  // the previous owner's rank zeroing
   {
     std::unique_lock<std::mutex> lock(mutex);
     if (e->cancelled || e->failed || !e->want_device) return;
@@ -209,11 +210,10 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
       changed.notify_all();
       return;
     }
-    if (slot_clear_ticket[slot] != kNoCopyTicket) {
-      // The zeroing of the previous owner's ranks must land before the new entries do.
-      copies.wait(slot_clear_ticket[slot]);
-      slot_clear_ticket[slot] = kNoCopyTicket;
-    }
+    // The zeroing of the previous owner's ranks must land before the new entries do: waited
+    // for below, without the mutex (it may queue behind another adapter's copy).
+    slot_cleared = slot_clear_ticket[slot];
+    slot_clear_ticket[slot] = kNoCopyTicket;
     slot_owner[slot] = e->id;
     e->slot = slot;
     e->device_state = DeviceState::kAllocating;
@@ -229,6 +229,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
       }
     }
   }
+  copies.wait(slot_cleared);
   AllocationOutcome outcome = pool.try_allocate(owner, pages_needed, Eviction::kIdleAdapters);
 
   std::unique_lock<std::mutex> lock(mutex);
@@ -252,10 +253,30 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   e->pages = outcome.pages;
   const AdapterRowLayout& layout = *e->layout;
   pool.set_used_bytes(owner, layout.used_bytes());
+  // The row table and the copy are built and queued without the mutex: queueing thousands of
+  // page runs holds the driver for milliseconds, and every other call into the cache (a step's
+  // readiness checks) would wait that long. Meanwhile the entry stays kAllocating: its pages
+  // are pinned, its host copy is held here, its slot is its own; an unregister meanwhile only
+  // marks it cancelled, and the finalizer frees its pages once the copy lands.
+  const std::vector<PageId> pages = e->pages;
+  const std::shared_ptr<HostBuffer> source = e->host;
+  const int32_t slot = e->slot;
+  lock.unlock();
+  const CopyTicket ticket = queue_device_copy(layout, pages, *source, slot);
+  lock.lock();
+  e->ticket = ticket;
+  e->device_state = DeviceState::kCopying;
+  counters.bytes_loaded += layout.num_pages() * layout.page_bytes();
+  copy_queue.push_back({e, ticket, source});
+  copy_work.notify_one();
+  changed.notify_all();
+}
 
+CopyTicket AdapterCache::State::queue_device_copy(const AdapterRowLayout& layout,
+                                                  const std::vector<PageId>& pages,
+                                                  const HostBuffer& source, int32_t slot) {
   const std::byte* arena_base = pool.arena().base();
   const int64_t page_bytes = layout.page_bytes();
-  const int32_t slot = e->slot;
   int64_t* slot_rows = host_row_offsets.data() + slot * table.entries_per_slot();
   int32_t* slot_ranks = host_ranks.data() + slot * table.rank_entries_per_slot();
   const auto& sites = config.sites;
@@ -268,7 +289,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
           for (int r = 0; r < rank; ++r) {
             const int64_t packed = layout.row_offset(static_cast<int>(s), l, x, is_b, r);
             const std::byte* address =
-                pool.page_address(e->pages[packed / page_bytes]) + packed % page_bytes;
+                pool.page_address(pages[packed / page_bytes]) + packed % page_bytes;
             slot_rows[table.row_index(static_cast<int>(s), l, x, is_b, r)] = address - arena_base;
           }
         }
@@ -276,10 +297,10 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
     }
   }
   std::vector<CopyRegion> regions;
-  for (size_t i = 0; i < e->pages.size(); ++i) {
-    std::byte* dst = pool.page_address(e->pages[i]);
-    const std::byte* src = e->host->at(static_cast<int64_t>(i) * page_bytes);
-    if (i > 0 && e->pages[i] == e->pages[i - 1] + 1 &&
+  for (size_t i = 0; i < pages.size(); ++i) {
+    std::byte* dst = pool.page_address(pages[i]);
+    const std::byte* src = source.at(static_cast<int64_t>(i) * page_bytes);
+    if (i > 0 && pages[i] == pages[i - 1] + 1 &&
         static_cast<const std::byte*>(regions.back().src) + regions.back().bytes == src) {
       regions.back().bytes += page_bytes;  // a maximal run of consecutive pages: one copy
     } else {
@@ -292,12 +313,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
     regions.push_back({device_ranks + slot * table.rank_entries_per_slot(), slot_ranks,
                        table.rank_entries_per_slot() * int64_t{sizeof(int32_t)}});
   }
-  e->ticket = copies.submit(std::move(regions));
-  e->device_state = DeviceState::kCopying;
-  counters.bytes_loaded += layout.num_pages() * page_bytes;
-  copy_queue.push_back({e, e->ticket, e->host});
-  copy_work.notify_one();
-  changed.notify_all();
+  return copies.submit(std::move(regions));
 }
 
 void AdapterCache::State::retry_waiting() {

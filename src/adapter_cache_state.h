@@ -150,6 +150,10 @@ struct AdapterCache::State {
   // Never throws: whatever goes wrong fails this adapter (and so its requests) alone.
   void try_start_device_load(const EntryPtr& e) noexcept;
   void start_device_load(const EntryPtr& e);
+  // Fills `slot`'s row table for `pages` and queues the copy of `source` and the table (called
+  // without the mutex); returns its ticket.
+  CopyTicket queue_device_copy(const AdapterRowLayout& layout, const std::vector<PageId>& pages,
+                               const HostBuffer& source, int32_t slot);
   void on_device_load_error(const EntryPtr& e, const std::string& what) noexcept;
   void retry_waiting();
   void finalizer_loop();

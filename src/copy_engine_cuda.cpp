@@ -179,7 +179,10 @@ class CudaCopyEngine final : public CopyEngine {
     int64_t total_bytes = 0;
     for (const CopyRegion& r : runs) total_bytes += r.bytes;
 
-    std::lock_guard<std::mutex> lock(mutex_);
+    // Submissions queue one after another (the join events are shared); tickets are looked up
+    // under their own mutex, so that a step's readiness checks never wait for a submission's
+    // driver calls (thousands of page runs take milliseconds).
+    std::lock_guard<std::mutex> lock(submit_mutex_);
     DeviceGuard guard(device_);
     const size_t first = next_stream_;
     next_stream_ = (next_stream_ + 1) % streams_.size();
@@ -207,6 +210,7 @@ class CudaCopyEngine final : public CopyEngine {
     }
     auto event = std::make_shared<Event>(device_);
     MOELORA_CUDA_CHECK(cudaEventRecord(event->event, stream));
+    std::lock_guard<std::mutex> tickets(tickets_mutex_);
     CopyTicket ticket = ++last_submitted_;
     pending_[ticket] = std::move(event);
     return ticket;
@@ -244,14 +248,14 @@ class CudaCopyEngine final : public CopyEngine {
     check_not_capturing("CopyEngine::synchronize");
     DeviceGuard guard(device_);
     for (cudaStream_t stream : streams_) MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(tickets_mutex_);
     pending_.clear();
   }
 
   DeviceKind device() const override { return DeviceKind::kCUDA; }
 
   detail::CudaCopyStats stats() const {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(submit_mutex_);
     detail::CudaCopyStats s = stats_;
     s.batches_enabled = batches_enabled();
     return s;
@@ -273,7 +277,7 @@ class CudaCopyEngine final : public CopyEngine {
   }
 
   // Copies runs[begin, end) on `stream`: batched where allowed, the rest one call per run.
-  // The caller holds mutex_.
+  // The caller holds submit_mutex_.
   void copy_group(const std::vector<CopyRegion>& runs, size_t begin, size_t end,
                   cudaStream_t stream, bool independent) {
     size_t next = begin;
@@ -348,7 +352,7 @@ class CudaCopyEngine final : public CopyEngine {
 
   // Events are shared so that a waiter keeps its event alive while another thread retires it.
   std::shared_ptr<Event> find(CopyTicket ticket) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(tickets_mutex_);
     if (ticket > last_submitted_) {
       throw InvalidArgument("copy ticket " + std::to_string(ticket) + " was never submitted");
     }
@@ -357,7 +361,7 @@ class CudaCopyEngine final : public CopyEngine {
   }
 
   void retire(CopyTicket ticket) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(tickets_mutex_);
     pending_.erase(ticket);
   }
 
@@ -365,12 +369,13 @@ class CudaCopyEngine final : public CopyEngine {
   detail::CudaCopyTuning tuning_;
   std::vector<cudaStream_t> streams_;
   std::vector<std::unique_ptr<Event>> joins_;  // [stream]: joins a split submission's streams
-  mutable std::mutex mutex_;
+  mutable std::mutex submit_mutex_;  // streams, joins, batches_given_up_, stats_
   size_t next_stream_ = 0;
-  CopyTicket last_submitted_ = 0;
-  std::map<CopyTicket, std::shared_ptr<Event>> pending_;
   bool batches_given_up_ = false;
   detail::CudaCopyStats stats_;
+  std::mutex tickets_mutex_;  // a leaf: last_submitted_, pending_
+  CopyTicket last_submitted_ = 0;
+  std::map<CopyTicket, std::shared_ptr<Event>> pending_;
 };
 
 }  // namespace
