@@ -1,6 +1,6 @@
-// The adapter cache's device tier (slots, pages, copy tickets, a finalizer thread that marks
-// loads resident, pool evictions), queue demand, and the public API. The host tier is in
-// adapter_cache_host.cpp.
+// The adapter cache's device tier (slots, copy tickets, a finalizer thread that marks loads
+// resident, pool evictions), queue demand, and the public API. Device loads start in
+// adapter_cache_device.cpp, the host tier is in adapter_cache_host.cpp.
 // Lock order: pool allocation (which runs eviction listeners) is never called with mutex held.
 #include "moelora/adapter_cache.h"
 
@@ -141,205 +141,6 @@ void AdapterCache::State::settle_copies() noexcept {
   }
 }
 
-void AdapterCache::State::try_start_device_load(const EntryPtr& e) noexcept {
-  try {
-    start_device_load(e);
-  } catch (const std::exception& ex) {
-    on_device_load_error(e, ex.what());
-  } catch (...) {
-    on_device_load_error(e, "unknown error while starting its load");
-  }
-}
-
-void AdapterCache::State::on_device_load_error(const EntryPtr& e,
-                                               const std::string& what) noexcept {
-  try {
-    bool had_pages = false;
-    {
-      std::lock_guard<std::mutex> lock(mutex);
-      had_pages = e->device_state == DeviceState::kAllocating && !e->pages.empty();
-    }
-    if (had_pages) settle_copies();  // part of its copy may have been queued
-    std::lock_guard<std::mutex> lock(mutex);
-    if (e->device_state == DeviceState::kAllocating) {
-      pool.free(adapter_owner(static_cast<uint64_t>(e->id)));  // its pin, and pages if any
-      if (e->slot >= 0) {
-        try {
-          clear_slot_locked(e->slot);
-        } catch (...) {  // a stale row table of a slot that nobody uses is harmless
-          slot_owner[e->slot] = -1;
-        }
-      }
-      e->slot = -1;
-      e->pages.clear();
-      e->device_state = DeviceState::kNone;
-    }
-    if (!e->cancelled) fail_locked(*e, what);
-  } catch (...) {  // bookkeeping of a broken state: nothing more can be done safely
-  }
-}
-
-void AdapterCache::State::start_device_load(const EntryPtr& e) {
-  const Owner owner = adapter_owner(static_cast<uint64_t>(e->id));
-  int64_t pages_needed = 0;
-  // Resident adapters this load may not evict (queued requests want them sooner), pinned while
-  // the pool looks for pages so that its LRU eviction passes them over.
-  std::vector<std::pair<EntryPtr, uint64_t>> spared;  // with their device generation
-  CopyTicket slot_cleared = kNoCopyTicket;  // the previous owner's rank zeroing
-  {
-    std::unique_lock<std::mutex> lock(mutex);
-    if (e->cancelled || e->failed || !e->want_device) return;
-    if (e->device_state != DeviceState::kNone && e->device_state != DeviceState::kWaiting) return;
-    if (e->host_state != HostState::kReady) {
-      // The reader that finishes the host copy starts the device load.
-      queue_host_load_locked(e);
-      return;
-    }
-    if (e->layout->num_pages() > pool.num_pages()) {
-      // Waiting could never help: fail the adapter (and so its requests) instead.
-      e->device_state = DeviceState::kNone;
-      fail_locked(*e, "needs " + std::to_string(e->layout->num_pages()) + " pages of " +
-                          std::to_string(e->layout->page_bytes()) +
-                          " bytes, more than the whole page pool holds (" +
-                          std::to_string(pool.num_pages()) + " pages)");
-      return;
-    }
-    int32_t slot = find_slot_locked(*e);
-    if (slot < 0) {
-      e->device_state = DeviceState::kWaiting;
-      changed.notify_all();
-      return;
-    }
-    // The zeroing of the previous owner's ranks must land before the new entries do: waited
-    // for below, without the mutex (it may queue behind another adapter's copy).
-    slot_cleared = slot_clear_ticket[slot];
-    slot_clear_ticket[slot] = kNoCopyTicket;
-    slot_owner[slot] = e->id;
-    e->slot = slot;
-    e->device_state = DeviceState::kAllocating;
-    e->load_start = std::chrono::steady_clock::now();
-    pages_needed = e->layout->num_pages();
-    // Pinned before its pages exist, so no other allocation can evict them before the copy.
-    pool.pin(owner);
-    for (const auto& [id, other] : entries) {
-      if (other->device_state == DeviceState::kResident && other->acquire_pins == 0 &&
-          !may_evict(*other, *e)) {
-        spared.emplace_back(other, other->device_generation);
-        pool.pin(adapter_owner(static_cast<uint64_t>(id)));
-      }
-    }
-  }
-  copies.wait(slot_cleared);
-  AllocationOutcome outcome = pool.try_allocate(owner, pages_needed, Eviction::kIdleAdapters);
-
-  std::unique_lock<std::mutex> lock(mutex);
-  for (const auto& [other, generation] : spared) {
-    // Unless its pages were freed meanwhile (which forgets their pins).
-    if (other->device_generation == generation) {
-      pool.unpin(adapter_owner(static_cast<uint64_t>(other->id)));
-    }
-  }
-  auto give_back_slot = [&] {
-    slot_owner[e->slot] = -1;
-    e->slot = -1;
-  };
-  if (e->cancelled || !outcome.ok) {
-    pool.free(owner);  // forgets the pin, and the pages when there are any
-    give_back_slot();
-    e->device_state = e->cancelled ? DeviceState::kNone : DeviceState::kWaiting;
-    changed.notify_all();
-    return;
-  }
-  e->pages = outcome.pages;
-  const AdapterRowLayout& layout = *e->layout;
-  pool.set_used_bytes(owner, layout.used_bytes());
-  // The row table and the copy are built and queued without the mutex: queueing thousands of
-  // page runs holds the driver for milliseconds, and every other call into the cache (a step's
-  // readiness checks) would wait that long. Meanwhile the entry stays kAllocating: its pages
-  // are pinned, its host copy is held here, its slot is its own; an unregister meanwhile only
-  // marks it cancelled, and the finalizer frees its pages once the copy lands.
-  const std::vector<PageId> pages = e->pages;
-  const std::shared_ptr<HostBuffer> source = e->host;
-  const int32_t slot = e->slot;
-  lock.unlock();
-  const CopyTicket ticket = queue_device_copy(layout, pages, *source, slot);
-  lock.lock();
-  e->ticket = ticket;
-  e->device_state = DeviceState::kCopying;
-  counters.bytes_loaded += layout.num_pages() * layout.page_bytes();
-  copy_queue.push_back({e, ticket, source});
-  copy_work.notify_one();
-  changed.notify_all();
-}
-
-CopyTicket AdapterCache::State::queue_device_copy(const AdapterRowLayout& layout,
-                                                  const std::vector<PageId>& pages,
-                                                  const HostBuffer& source, int32_t slot) {
-  const std::byte* arena_base = pool.arena().base();
-  const int64_t page_bytes = layout.page_bytes();
-  int64_t* slot_rows = host_row_offsets.data() + slot * table.entries_per_slot();
-  int32_t* slot_ranks = host_ranks.data() + slot * table.rank_entries_per_slot();
-  const auto& sites = config.sites;
-  for (size_t s = 0; s < sites.size(); ++s) {
-    for (int l = 0; l < sites[s].num_layers; ++l) {
-      const int32_t rank = layout.rank(static_cast<int>(s), l);
-      slot_ranks[table.rank_index(static_cast<int>(s), l)] = rank;
-      for (int x = 0; x < sites[s].num_experts; ++x) {
-        for (bool is_b : {false, true}) {
-          for (int r = 0; r < rank; ++r) {
-            const int64_t packed = layout.row_offset(static_cast<int>(s), l, x, is_b, r);
-            const std::byte* address =
-                pool.page_address(pages[packed / page_bytes]) + packed % page_bytes;
-            slot_rows[table.row_index(static_cast<int>(s), l, x, is_b, r)] = address - arena_base;
-          }
-        }
-      }
-    }
-  }
-  std::vector<CopyRegion> regions;
-  for (size_t i = 0; i < pages.size(); ++i) {
-    std::byte* dst = pool.page_address(pages[i]);
-    const std::byte* src = source.at(static_cast<int64_t>(i) * page_bytes);
-    if (i > 0 && pages[i] == pages[i - 1] + 1 &&
-        static_cast<const std::byte*>(regions.back().src) + regions.back().bytes == src) {
-      regions.back().bytes += page_bytes;  // a maximal run of consecutive pages: one copy
-    } else {
-      regions.push_back({dst, src, page_bytes});
-    }
-  }
-  if (device_table) {
-    regions.push_back({device_row_offsets + slot * table.entries_per_slot(), slot_rows,
-                       table.entries_per_slot() * int64_t{sizeof(int64_t)}});
-    regions.push_back({device_ranks + slot * table.rank_entries_per_slot(), slot_ranks,
-                       table.rank_entries_per_slot() * int64_t{sizeof(int32_t)}});
-  }
-  return copies.submit(std::move(regions));
-}
-
-void AdapterCache::State::retry_waiting() {
-  std::vector<EntryPtr> waiting;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (auto& [id, e] : entries) {
-      if (e->device_state == DeviceState::kWaiting && e->host_state == HostState::kReady) {
-        waiting.push_back(e);
-      } else if (e->device_state == DeviceState::kWaiting && e->host_state == HostState::kNone) {
-        queue_host_load_locked(e);
-      }
-    }
-    // The most urgent first: a slot that frees goes to the request furthest ahead.
-    std::stable_sort(waiting.begin(), waiting.end(), [](const EntryPtr& a, const EntryPtr& b) {
-      return a->demand < b->demand;
-    });
-  }
-  for (const EntryPtr& e : waiting) {
-    try_start_device_load(e);
-    std::lock_guard<std::mutex> lock(mutex);
-    // Still waiting: those behind it wait too (find_slot_locked serves the most urgent first).
-    if (e->device_state == DeviceState::kWaiting && e->demand != kNoDemand) return;
-  }
-}
-
 void AdapterCache::State::finalizer_loop() {
   if (device_table) detail::relax_capture_mode_of_this_thread();
   std::unique_lock<std::mutex> lock(mutex);
@@ -464,6 +265,7 @@ AdapterCache::AdapterCache(PagePool& pool, CopyEngine& copies, AdapterCacheConfi
     s.readers.emplace_back([&s] { s.reader_loop(); });
   }
   s.finalizer = std::thread([&s] { s.finalizer_loop(); });
+  s.starter = std::thread([&s] { s.starter_loop(); });
 }
 
 AdapterCache::~AdapterCache() {
@@ -479,6 +281,8 @@ AdapterCache::~AdapterCache() {
   }
   s.host_work.notify_all();
   s.copy_work.notify_all();
+  s.start_work.notify_all();
+  s.starter.join();
   for (std::thread& reader : s.readers) reader.join();
   s.finalizer.join();  // drains in-flight copies first
   s.jobs.clear();      // loads cut short: their files close, their buffers go
@@ -544,7 +348,7 @@ std::vector<int64_t> AdapterCache::adapter_ids() const {
   return ids;
 }
 
-Residency AdapterCache::prefetch(int64_t id) {
+Residency AdapterCache::prefetch(int64_t id, bool in_background) {
   check_not_capturing("AdapterCache::prefetch");
   State& s = *state_;
   EntryPtr e;
@@ -560,13 +364,21 @@ Residency AdapterCache::prefetch(int64_t id) {
       s.pool.touch(adapter_owner(static_cast<uint64_t>(id)));
     }
   }
-  s.try_start_device_load(e);
-  s.retry_waiting();
+  if (!in_background) {
+    s.try_start_device_load(e);
+    s.retry_waiting();
+  }
   std::lock_guard<std::mutex> lock(s.mutex);
+  if (in_background) {
+    const bool startable = !e->failed && e->want_device &&
+                           (e->device_state == DeviceState::kNone ||
+                            e->device_state == DeviceState::kWaiting);
+    s.ask_device_start_locked(startable ? e : nullptr);
+  }
   return s.residency_locked(*e);
 }
 
-void AdapterCache::set_demand(const std::vector<int64_t>& queued_adapters) {
+void AdapterCache::set_demand(const std::vector<int64_t>& queued_adapters, bool in_background) {
   check_not_capturing("AdapterCache::set_demand");
   State& s = *state_;
   std::vector<EntryPtr> to_start;
@@ -593,6 +405,11 @@ void AdapterCache::set_demand(const std::vector<int64_t>& queued_adapters) {
       }
     }
     s.host_work.notify_all();  // the order of reads changed
+    if (in_background) {
+      for (const EntryPtr& e : to_start) s.ask_device_start_locked(e);  // in demand order
+      s.ask_device_start_locked(nullptr);  // and a retry of those waiting for memory
+      return;
+    }
   }
   for (const EntryPtr& e : to_start) s.try_start_device_load(e);
   s.retry_waiting();
@@ -617,6 +434,7 @@ int32_t AdapterCache::wait(int64_t id) {
       // make room or take their turn when they land: wait for that and ask again; otherwise
       // nothing will change by waiting.
       const bool others_in_flight =
+          s.starter_busy || !s.start_queue.empty() ||  // starts asked in the background
           std::any_of(s.entries.begin(), s.entries.end(), [&](const auto& entry) {
             const AdapterEntry& other = *entry.second;
             return other.device_state == DeviceState::kAllocating ||

@@ -74,7 +74,7 @@ bool is_settled(AdapterCache& cache) {
   AdapterCache::State& s = ReadHookAccess::state(cache);
   std::lock_guard<std::mutex> lock(s.mutex);
   if (s.busy_readers > 0 || s.finalizer_busy || !s.copy_queue.empty() || !s.jobs.empty() ||
-      s.preparing_jobs > 0) {
+      s.preparing_jobs > 0 || s.starter_busy || !s.start_queue.empty() || s.retry_wanted) {
     return false;
   }
   for (const auto& [id, e] : s.entries) {

@@ -4,6 +4,7 @@
 //   adapter_cache_convert.cpp  the fused conversion of a chunk into the host copy's rows;
 //   adapter_cache_read.cpp   reading one chunk, file checks;
 //   adapter_cache_host.cpp   the host tier (reader threads, jobs, host LRU);
+//   adapter_cache_device.cpp starting device loads (the starter thread);
 //   adapter_cache.cpp        the device tier and the public API.
 #pragma once
 
@@ -54,6 +55,7 @@ struct AdapterEntry {
 
   DeviceState device_state = DeviceState::kNone;
   bool want_device = false;
+  bool start_asked = false;  // in the starter's queue
   int32_t slot = -1;
   std::vector<PageId> pages;
   CopyTicket ticket = kNoCopyTicket;

@@ -98,8 +98,15 @@ struct AdapterCache::State {
   detail::ReadHook read_hook;
   std::shared_ptr<detail::HostBlockPool> buffers;
   std::shared_ptr<ListenerLink> link = std::make_shared<ListenerLink>();
+  // Device loads asked for by prefetch / set_demand, started in order by the starter thread
+  // (adapter_cache_device.cpp), then a retry of those waiting for memory.
+  std::deque<EntryPtr> start_queue;
+  bool retry_wanted = false;
+  bool starter_busy = false;  // the starter holds loads it took
+  std::condition_variable start_work;
   std::vector<std::thread> readers;  // reader_threads() of them
   std::thread finalizer;
+  std::thread starter;
 
   int pack_threads() const {
     if (config.pack_threads > 0) return config.pack_threads;
@@ -150,6 +157,9 @@ struct AdapterCache::State {
   // Never throws: whatever goes wrong fails this adapter (and so its requests) alone.
   void try_start_device_load(const EntryPtr& e) noexcept;
   void start_device_load(const EntryPtr& e);
+  // Queues e's device load (null: a retry of waiting loads only) for the starter thread.
+  void ask_device_start_locked(const EntryPtr& e);
+  void starter_loop();
   // Fills `slot`'s row table for `pages` and queues the copy of `source` and the table (called
   // without the mutex); returns its ticket.
   CopyTicket queue_device_copy(const AdapterRowLayout& layout, const std::vector<PageId>& pages,

@@ -167,14 +167,20 @@ class AdapterCache {
   // Throws AdapterError when the weights cannot be read or are not finite.
   void load_host(int64_t id);
   // Starts loading to the device if not resident (asynchronous), and retries every load
-  // waiting for memory. Returns the adapter's residency after the attempt.
-  Residency prefetch(int64_t id);
+  // waiting for memory. Returns the adapter's residency after the attempt. in_background: the
+  // start (a slot, pages with their evictions, the row table, queueing the copy: about a
+  // millisecond for a GPT-OSS adapter) and the retry run on the cache's starter thread, so a
+  // caller between decode steps does not wait for them; the residency returned is then the
+  // one before the start (kLoading where the start is pending).
+  Residency prefetch(int64_t id, bool in_background = false);
   // Starts reading the adapter into the host tier (asynchronous; the device is not asked for).
   void prefetch_host(int64_t id);
   // The adapters queued requests wait for, most urgent first (an adapter's position is its
   // first index here; unknown ids are skipped). Each is prefetched; loads start in this order;
-  // adapters not listed lose their demand. Replaces the previous call's list.
-  void set_demand(const std::vector<int64_t>& queued_adapters);
+  // adapters not listed lose their demand. Replaces the previous call's list. in_background:
+  // the loads start (and those waiting for memory are retried) on the starter thread, as for
+  // prefetch.
+  void set_demand(const std::vector<int64_t>& queued_adapters, bool in_background = false);
   // Blocks until the adapter is resident (returns its slot), failed (throws AdapterError) or
   // waiting for memory (throws PoolExhausted).
   int32_t wait(int64_t id);

@@ -212,9 +212,11 @@ void register_adapter_cache(py::module_& m) {
       .def("id_of", &AdapterCache::id_of, py::arg("name"))
       .def("adapter_ids", &AdapterCache::adapter_ids)
       .def("load_host", &AdapterCache::load_host, py::arg("id"), Release())
-      .def("prefetch", &AdapterCache::prefetch, py::arg("id"), Release())
+      .def("prefetch", &AdapterCache::prefetch, py::arg("id"), py::arg("background") = false,
+           Release())
       .def("prefetch_host", &AdapterCache::prefetch_host, py::arg("id"), Release())
-      .def("set_demand", &AdapterCache::set_demand, py::arg("queued_adapters"), Release(),
+      .def("set_demand", &AdapterCache::set_demand, py::arg("queued_adapters"),
+           py::arg("background") = false, Release(),
            "The adapters queued requests wait for, most urgent first.")
       .def("wait", &AdapterCache::wait, py::arg("id"), Release())
       .def(

@@ -305,6 +305,40 @@ TEST_CASE("device LRU evicts the least recently used unpinned adapter; pins prot
   f.pool.check_invariants();
 }
 
+TEST_CASE("loads asked in the background start on the starter thread, in demand order") {
+  Fixture f(2);
+  std::vector<TestAdapter> adapters;
+  std::vector<int64_t> ids;
+  for (int i = 0; i < 3; ++i) {
+    adapters.push_back(write_adapter("bg" + std::to_string(i), ranks_of(2, 1, 2, 1), 40 + i,
+                                     "F32", 0.5f));
+    ids.push_back(f.cache->register_adapter(adapters.back().spec));
+    f.cache->load_host(ids.back());
+  }
+  // Two slots, three adapters wanted: the two ahead in the demand order load, the third waits.
+  f.cache->set_demand({ids[2], ids[0], ids[1]}, /*in_background=*/true);
+  CHECK(eventually([&] {
+    return f.cache->residency(ids[2]) == Residency::kDevice &&
+           f.cache->residency(ids[0]) == Residency::kDevice &&
+           f.cache->residency(ids[1]) == Residency::kWaitingForMemory;
+  }));
+  for (int i : {2, 0}) {
+    CHECK_EQ(verify_rows(*f.cache, adapters[i], f.cache->slot_of(ids[i]), DType::kFloat32),
+             int64_t{0});
+  }
+  // The first no longer wanted: a background prefetch retries the waiting load, which takes
+  // the idle adapter's slot.
+  f.cache->set_demand({ids[0], ids[1]}, true);
+  const Residency asked = f.cache->prefetch(ids[1], true);
+  CHECK(asked == Residency::kWaitingForMemory || asked == Residency::kLoading ||
+        asked == Residency::kDevice);
+  CHECK(eventually([&] { return f.cache->residency(ids[1]) == Residency::kDevice; }));
+  CHECK_EQ(f.cache->residency(ids[2]), Residency::kHost);
+  CHECK_EQ(verify_rows(*f.cache, adapters[1], f.cache->slot_of(ids[1]), DType::kFloat32),
+           int64_t{0});
+  f.pool.check_invariants();
+}
+
 TEST_CASE("host LRU is bounded by count and bytes") {
   Fixture f(1, 512, 2);
   std::vector<int64_t> ids;

@@ -102,6 +102,7 @@ class AdapterManager:
         self.cache = None
         self.copies = None
         self.views = None
+        self._in_background = False
         if not config.enable_lora:
             return
         pool = memory.pool
@@ -123,6 +124,10 @@ class AdapterManager:
                                      host_reserve_bytes=host_reserve_bytes(config, self.sites,
                                                                            dtype))
         self.views = LoraViews(self.cache, self.sites, config.device_lora_slots)
+        # The scheduler's calls (arrivals, demand) start device loads on the cache's starter
+        # thread, so that a step does not wait for their page allocation and copy queueing;
+        # a parallel engine's ranks replay them synchronously instead (moelora.distributed).
+        self._in_background = cache_proxy is None
         if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
             self.cache = cache_proxy(self.cache)
 
@@ -264,7 +269,13 @@ class AdapterManager:
 
     # -- the scheduler's view ----------------------------------------------------------------
     def prefetch(self, adapter_id: int) -> None:
-        self.cache.prefetch(adapter_id)
+        self._prefetch_for_queue(adapter_id)
+
+    def _prefetch_for_queue(self, adapter_id: int) -> None:
+        if self._in_background:
+            self.cache.prefetch(adapter_id, background=True)
+        else:
+            self.cache.prefetch(adapter_id)
 
     def request_arrived(self, adapter_id: int, to_device: bool = True) -> None:
         """A request for the adapter was queued: counts where the adapter was (device, host,
@@ -280,7 +291,7 @@ class AdapterManager:
         if tier == "device":
             return
         if to_device:
-            self.cache.prefetch(adapter_id)
+            self._prefetch_for_queue(adapter_id)
         else:
             self.cache.prefetch_host(adapter_id)
 
@@ -288,7 +299,11 @@ class AdapterManager:
         """The adapters queued requests wait for, most urgent first: loads start in this order
         and a resident adapter in it is evicted only for one ahead of it (see the native
         AdapterCache::set_demand)."""
-        if self.cache is not None:
+        if self.cache is None:
+            return
+        if self._in_background:
+            self.cache.set_demand(queued_adapters, background=True)
+        else:
             self.cache.set_demand(queued_adapters)
 
     def num_pages(self, adapter_id: int) -> int:
