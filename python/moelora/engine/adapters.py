@@ -268,9 +268,6 @@ class AdapterManager:
                 if self.cache.residency(adapter_id) != FAILED]
 
     # -- the scheduler's view ----------------------------------------------------------------
-    def prefetch(self, adapter_id: int) -> None:
-        self._prefetch_for_queue(adapter_id)
-
     def _prefetch_for_queue(self, adapter_id: int) -> None:
         if self._in_background:
             self.cache.prefetch(adapter_id, background=True)
