@@ -83,14 +83,17 @@ struct AdapterCacheConfig {
   // Host copies in blocks of about this many bytes (whole pages; HostBuffer), 0: one block per
   // copy, page-locked when allocated. Page-locking holds the CUDA driver's lock and a decode
   // step's launches wait for it: on an H100 host one 420 MB copy held a step 0.12-0.25 s and
-  // came before the read (bench cold-ttft: TTFT 2.23x its bound; 8 MB blocks: 1.15x). Blocks start
-  // as ordinary memory; the reader that prepared the load page-locks them one at a time, with a
-  // pause between them for waiting CUDA calls, while the other readers fill them.
+  // came before the read (bench cold-ttft: TTFT 2.23x its bound; 8 MB blocks: 1.21x, steps
+  // while loading up to 22 ms; with the reserve below: 1.08x, no step above 4.2 ms). A copy
+  // takes kept blocks (page-locked already) where it can; new blocks start as ordinary memory,
+  // and the reader that prepared the load page-locks them one at a time, with a pause between
+  // them for waiting CUDA calls, while the other readers fill them.
   int64_t host_block_bytes = int64_t{8} << 20;
   // Host memory made ahead for host copies, in blocks of host_block_bytes: faulted in and
   // page-locked by idle reader threads, so that the first cold loads neither fault nor lock
   // pages on their path (the blocks of copies that leave the host tier are reused the same
-  // way). 0: none made ahead.
+  // way). 0: none made ahead. It is host memory beyond max_cpu_bytes: blocks kept plus blocks
+  // in use stay within the larger of the most ever in use and (in use + this reserve).
   int64_t host_reserve_bytes = 0;
   // Popularity: every note_request() counts one request for its adapter, and every count halves
   // after this many requests to the cache, so that yesterday's favourite does not stay forever.
