@@ -50,6 +50,9 @@ def check_series_match(samples: dict, m: dict) -> None:
         assert value(samples, "moelora:adapter_requests_total", found=found) == count
     for path, count in m["bytes"].items():
         assert value(samples, "moelora:adapter_load_bytes_total", path=path) == count
+    for state, count in m["host_memory"].items():
+        assert value(samples, "moelora:adapter_host_memory_bytes", state=state) == count
+    assert m["host_memory"]["in_use"] > 0  # the host copies of the adapters that ran
 
 
 def test_exported_series_equal_the_managers_numbers(assets):

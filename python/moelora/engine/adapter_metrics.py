@@ -13,6 +13,10 @@
                                           (device, host, loading, disk, failed)
   moelora:adapter_load_bytes_total{path}  bytes moved: disk_to_host (file bytes read),
                                           host_to_device (bytes copied)
+  moelora:adapter_host_memory_bytes{state}  gauge: host memory of the adapters' host copies:
+                                          in_use (behind host copies, reads and copies) and
+                                          kept (blocks kept for the next loads, the reserve
+                                          made ahead among them)
 
 The counters and histogram buckets are the native cache's own (cumulative since the engine
 started), so a scrape costs one stats() call and never waits for a step.
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 P = "moelora:"
@@ -69,6 +73,12 @@ class AdapterMetricsCollector(Collector):
         yield _counter("adapter_requests", "Requests by where their adapter was when they "
                        "arrived.", "found", arrivals)
         yield _counter("adapter_load_bytes", "Adapter bytes moved, by path.", "path", m["bytes"])
+        memory = GaugeMetricFamily(P + "adapter_host_memory_bytes", "Host memory of adapter "
+                                   "host copies: in use, and kept for the next loads.",
+                                   labels=["state"])
+        for state, value in m["host_memory"].items():
+            memory.add_metric([state], value)
+        yield memory
 
 
 def _counter(name: str, doc: str, label: str, values: dict) -> CounterMetricFamily:
@@ -80,7 +90,8 @@ def _counter(name: str, doc: str, label: str, values: dict) -> CounterMetricFami
 
 _EMPTY_HISTOGRAM = {"buckets": [("+Inf", 0)], "sum": 0.0}
 _EMPTY = {"load_seconds": {"host": _EMPTY_HISTOGRAM, "device": _EMPTY_HISTOGRAM},
-          "loads": {}, "load_failures": {}, "evictions": {}, "arrivals": {}, "bytes": {}}
+          "loads": {}, "load_failures": {}, "evictions": {}, "arrivals": {}, "bytes": {},
+          "host_memory": {}}
 
 
 def register_adapter_metrics(registry: CollectorRegistry,

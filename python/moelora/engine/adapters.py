@@ -352,6 +352,8 @@ class AdapterManager:
         - "arrivals": requests by where their adapter was when they arrived ("device" is a hit;
           "host", "loading" and "disk" wait for a load; "failed" cannot run);
         - "bytes": "disk_to_host" (file bytes read) and "host_to_device" (bytes copied);
+        - "host_memory": bytes of host memory "in_use" behind host copies (and reads, copies)
+          and "kept" for the next loads (the host reserve among them);
         - "load_seconds": per tier a histogram {"buckets": [(le, cumulative count), ...,
           ("+Inf", count)], "sum": seconds, "count": loads}, the shape of prometheus_client's
           HistogramMetricFamily.add_metric.
@@ -369,6 +371,8 @@ class AdapterManager:
             "arrivals": arrivals,
             "bytes": {"disk_to_host": stats["host_bytes_read"],
                       "host_to_device": stats["bytes_loaded"]},
+            "host_memory": {"in_use": stats["host_block_bytes_in_use"],
+                            "kept": stats["host_block_bytes_kept"]},
             "load_seconds": {
                 "host": _histogram(stats["host_load_histogram"], stats["host_load_seconds"]),
                 "device": _histogram(stats["device_load_histogram"], stats["load_seconds"]),
