@@ -369,12 +369,7 @@ Residency AdapterCache::prefetch(int64_t id, bool in_background) {
     s.retry_waiting();
   }
   std::lock_guard<std::mutex> lock(s.mutex);
-  if (in_background) {
-    const bool startable = !e->failed && e->want_device &&
-                           (e->device_state == DeviceState::kNone ||
-                            e->device_state == DeviceState::kWaiting);
-    s.ask_device_start_locked(startable ? e : nullptr);
-  }
+  if (in_background) s.ask_device_start_locked(e);  // the start looks at its state itself
   return s.residency_locked(*e);
 }
 

@@ -1,7 +1,7 @@
 // The adapter cache's device loads: where they start (a slot, pages, the row table, the copy
 // queued), on the starter thread. The engine's step only asks (prefetch, set_demand): starting a
-// load allocates pages (evicting), fills the slot's row table and queues thousands of page
-// runs, about a millisecond for a GPT-OSS adapter, which a decode step must not wait for.
+// load allocates pages (evicting), fills the slot's row table and queues the copy's page runs,
+// which a decode step must not wait for.
 // Reader threads start the loads whose host copies they finish themselves.
 // Lock order: pool allocation (which runs eviction listeners) is never called with mutex held.
 #include <algorithm>
@@ -158,9 +158,9 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   e->pages = outcome.pages;
   const AdapterRowLayout& layout = *e->layout;
   pool.set_used_bytes(owner, layout.used_bytes());
-  // The row table and the copy are built and queued without the mutex: queueing thousands of
-  // page runs holds the driver for milliseconds, and every other call into the cache (a step's
-  // readiness checks) would wait that long. Meanwhile the entry stays kAllocating: its pages
+  // The row table and the copy are built and queued without the mutex: every other call into
+  // the cache (a step's readiness checks) would otherwise wait for the table and the driver
+  // calls that queue the page runs. Meanwhile the entry stays kAllocating: its pages
   // are pinned, its host copy is held here, its slot is its own; an unregister meanwhile only
   // marks it cancelled, and the finalizer frees its pages once the copy lands.
   const std::vector<PageId> pages = e->pages;
@@ -244,6 +244,5 @@ void AdapterCache::State::retry_waiting() {
     if (e->device_state == DeviceState::kWaiting && e->demand != kNoDemand) return;
   }
 }
-
 
 }  // namespace moelora

@@ -181,7 +181,7 @@ class CudaCopyEngine final : public CopyEngine {
 
     // Submissions queue one after another (the join events are shared); tickets are looked up
     // under their own mutex, so that a step's readiness checks never wait for a submission's
-    // driver calls (thousands of page runs take milliseconds).
+    // driver calls.
     std::lock_guard<std::mutex> lock(submit_mutex_);
     DeviceGuard guard(device_);
     const size_t first = next_stream_;

@@ -77,14 +77,16 @@ std::shared_ptr<HostBuffer> HostBlockPool::take(int64_t bytes, int64_t block_byt
     taken_bytes = capacity_of(blocks) + new_bytes;
     bytes_in_use_ += taken_bytes;
     ++buffers_in_use_;
-    // The largest kept blocks go first, until kept + in use is back within the limit (new
-    // blocks are about to be allocated: the kept ones did not fit them).
-    std::sort(kept_.begin(), kept_.end(),
-              [](const HostBlock& a, const HostBlock& b) { return a.capacity < b.capacity; });
-    while (!kept_.empty() && kept_bytes_ + bytes_in_use_ > limit_locked()) {
-      dropped.push_back(kept_.back());
-      kept_bytes_ -= kept_.back().capacity;
-      kept_.pop_back();
+    if (new_bytes > 0) {
+      // New blocks are about to be allocated (the kept ones did not fit them): the largest kept
+      // blocks go first, until kept + in use is back within the limit.
+      std::sort(kept_.begin(), kept_.end(),
+                [](const HostBlock& a, const HostBlock& b) { return a.capacity < b.capacity; });
+      while (!kept_.empty() && kept_bytes_ + bytes_in_use_ > limit_locked()) {
+        dropped.push_back(kept_.back());
+        kept_bytes_ -= kept_.back().capacity;
+        kept_.pop_back();
+      }
     }
     peak_bytes_in_use_ = std::max(peak_bytes_in_use_, bytes_in_use_);
   }
@@ -147,6 +149,7 @@ void HostBlockPool::make_reserve_block() {
     if (making_reserve_ || reserve_failed_ || kept_bytes_ >= reserve_bytes_) return;
     making_reserve_ = true;
   }
+  // The capacity of one full block of a blocked copy (its bytes and the slack after them).
   const int64_t capacity = HostBuffer::block_layout(reserve_block_bytes_ + 1,
                                                     reserve_block_bytes_).front();
   HostBlock block;

@@ -1,9 +1,9 @@
 // The host blocks behind adapter host copies, kept and reused across loads.
 //
-// A cold load's host copy costs more than its read when its memory is fresh: every page faults
-// in (zeroing, memcg charge, mmap-lock traffic: about a third of the engine's disk-to-host time
-// on a 2-core host with the files cached), and page-locking it holds the CUDA driver's lock
-// that a decode step's launches wait for. So the blocks of finished copies (an eviction, an
+// Fresh host memory costs a cold load twice: every page faults in, and page-locking it holds the
+// CUDA driver's lock that a decode step's launches wait for (bench cold-ttft on an H100: steps
+// of up to 22 ms beside a load against 4 ms, and ~110 ms of page-locking per GPT-OSS adapter).
+// So the blocks of finished copies (an eviction, an
 // unregister, a failed read) come back here faulted in and page-locked, and the next copies
 // are assembled from them block by block, whatever their sizes. A reserve of ready blocks,
 // made ahead by idle reader threads (faulted in, page-locked one block at a time) and made

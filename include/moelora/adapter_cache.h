@@ -171,10 +171,10 @@ class AdapterCache {
   void load_host(int64_t id);
   // Starts loading to the device if not resident (asynchronous), and retries every load
   // waiting for memory. Returns the adapter's residency after the attempt. in_background: the
-  // start (a slot, pages with their evictions, the row table, queueing the copy: about a
-  // millisecond for a GPT-OSS adapter) and the retry run on the cache's starter thread, so a
-  // caller between decode steps does not wait for them; the residency returned is then the
-  // one before the start (kLoading where the start is pending).
+  // start (a slot, pages with their evictions, the row table, queueing the copy's page runs)
+  // and the retry run on the cache's starter thread, so a caller between decode steps does not
+  // wait for them; the residency returned is then the one before the start (kLoading where the
+  // start is pending).
   Residency prefetch(int64_t id, bool in_background = false);
   // Starts reading the adapter into the host tier (asynchronous; the device is not asked for).
   void prefetch_host(int64_t id);

@@ -96,7 +96,9 @@ class RecordingCache:
             self._cache.unregister(adapter_id)
             self._log.append(("unregister", adapter_id))
 
-    def prefetch(self, adapter_id):
+    # `background` is not honoured: every rank must reach the same state from the same calls,
+    # so loads start (and settle) on the calling thread.
+    def prefetch(self, adapter_id, background=False):
         with self._log.lock:
             self._cache.prefetch(adapter_id)
             settle(self._cache)
@@ -108,7 +110,7 @@ class RecordingCache:
             self._cache.prefetch_host(adapter_id)
             self._log.append(("prefetch_host", adapter_id))
 
-    def set_demand(self, queued_adapters):
+    def set_demand(self, queued_adapters, background=False):
         with self._log.lock:
             self._cache.set_demand(queued_adapters)
             settle(self._cache)

@@ -102,7 +102,6 @@ class AdapterManager:
         self.cache = None
         self.copies = None
         self.views = None
-        self._in_background = False
         if not config.enable_lora:
             return
         pool = memory.pool
@@ -124,10 +123,6 @@ class AdapterManager:
                                      host_reserve_bytes=host_reserve_bytes(config, self.sites,
                                                                            dtype))
         self.views = LoraViews(self.cache, self.sites, config.device_lora_slots)
-        # The scheduler's calls (arrivals, demand) start device loads on the cache's starter
-        # thread, so that a step does not wait for their page allocation and copy queueing;
-        # a parallel engine's ranks replay them synchronously instead (moelora.distributed).
-        self._in_background = cache_proxy is None
         if cache_proxy is not None:  # e.g. rank 0 of a parallel engine records the calls
             self.cache = cache_proxy(self.cache)
 
@@ -268,12 +263,6 @@ class AdapterManager:
                 if self.cache.residency(adapter_id) != FAILED]
 
     # -- the scheduler's view ----------------------------------------------------------------
-    def _prefetch_for_queue(self, adapter_id: int) -> None:
-        if self._in_background:
-            self.cache.prefetch(adapter_id, background=True)
-        else:
-            self.cache.prefetch(adapter_id)
-
     def request_arrived(self, adapter_id: int, to_device: bool = True) -> None:
         """A request for the adapter was queued: counts where the adapter was (device, host,
         on its way, disk) and starts its load at once, so that it overlaps the steps of the
@@ -288,7 +277,9 @@ class AdapterManager:
         if tier == "device":
             return
         if to_device:
-            self._prefetch_for_queue(adapter_id)
+            # On the cache's starter thread: the step does not wait for the load's start
+            # (pages, row table, queueing the copy).
+            self.cache.prefetch(adapter_id, background=True)
         else:
             self.cache.prefetch_host(adapter_id)
 
@@ -296,12 +287,8 @@ class AdapterManager:
         """The adapters queued requests wait for, most urgent first: loads start in this order
         and a resident adapter in it is evicted only for one ahead of it (see the native
         AdapterCache::set_demand)."""
-        if self.cache is None:
-            return
-        if self._in_background:
+        if self.cache is not None:
             self.cache.set_demand(queued_adapters, background=True)
-        else:
-            self.cache.set_demand(queued_adapters)
 
     def num_pages(self, adapter_id: int) -> int:
         """Pool pages the adapter occupies when resident."""
