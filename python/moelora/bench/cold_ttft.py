@@ -162,7 +162,7 @@ def run_from_args(args) -> int:
                           max_loras=args.num_adapters, max_cpu_loras=args.num_adapters,
                           max_num_seqs=max(args.background_seqs + 1, 2), seed=args.seed,
                           load_progress=False, synthetic_num_layers=args.num_layers,
-                          decode_graphs=flags.graphs_choice(args),
+                          **flags.graph_options(args),
                           adapter_host_block_bytes=flags.host_block_bytes(args),
                           adapter_host_reserve_bytes=flags.host_reserve_bytes(args))
     engine = LLMEngine(config)

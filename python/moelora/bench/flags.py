@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from moelora.graph_flags import add_graph_arguments, graphs_choice
+from moelora.graph_flags import add_graph_arguments, graph_options, graphs_choice
 
 __all__ = ["WEIGHT_CHOICES", "add_engine_placement_arguments", "add_graph_arguments",
-           "describe", "graphs_choice"]
+           "describe", "graph_options", "graphs_choice"]
 
 WEIGHT_CHOICES = ("bf16", "mxfp4", "fp8")  # how experts are stored (weight_bytes.py)
 

@@ -151,7 +151,7 @@ def build_engine(args, layers: int | None):
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
                           load_progress=False, synthetic_num_layers=layers,
-                          decode_graphs=flags.graphs_choice(args), **extra)
+                          **flags.graph_options(args), **extra)
     return LLMEngine(config)
 
 

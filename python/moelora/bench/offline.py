@@ -195,7 +195,7 @@ def run_from_args(args) -> int:
                           load_progress=False, synthetic_num_layers=args.num_layers,
                           tensor_parallel_size=args.tensor_parallel_size,
                           enable_expert_parallel=args.enable_expert_parallel,
-                          decode_graphs=flags.graphs_choice(args),
+                          **flags.graph_options(args),
                           adapter_host_block_bytes=flags.host_block_bytes(args),
                           adapter_host_reserve_bytes=flags.host_reserve_bytes(args))
     engine = LLMEngine(config, executor_for(config))

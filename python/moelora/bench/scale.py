@@ -179,7 +179,7 @@ def build_engine(args, layers: int | None):
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
         load_progress=False, synthetic_num_layers=layers,
-        decode_graphs=flags.graphs_choice(args), **weights_options(args.weights_built)))
+        **flags.graph_options(args), **weights_options(args.weights_built)))
 
 
 def run_from_args(args) -> int:

@@ -56,11 +56,15 @@ class EngineConfig:
     # How a synthetic model stores its expert stacks: "dense", "mxfp4" or "fp8" (None: as the
     # real checkpoint ships them; synthetic:gpt-oss-20b in MXFP4, the others dense).
     synthetic_expert_weights: str | None = None
-    # Pure-decode steps through padded static buffers, captured as CUDA graphs on a GPU (run
-    # eagerly on the CPU). None = on for a one-process CUDA engine (vLLM's default; measured
-    # 1.5x shorter TPOT on the H200, docs/performance.md), off elsewhere; True also for a parallel
-    # engine (each rank captures its steps, collectives included; not yet measured on GPUs).
+    # Steps of up to max_cudagraph_capture_size tokens (decode, and prefill beside decodes)
+    # through padded static buffers, captured as CUDA graphs on a GPU (run eagerly on the CPU).
+    # None = on for a one-process CUDA engine (vLLM's default; measured 1.5x shorter TPOT on the
+    # H200, docs/performance.md), off elsewhere; True also for a parallel engine (each rank
+    # captures its pure-decode steps, collectives included; not yet measured on GPUs).
     decode_graphs: bool | None = None
+    # The largest step (in tokens) replayed from a graph (vLLM's max_cudagraph_capture_size);
+    # None: max_num_seqs, or 256 where that is larger, within max_num_batched_tokens.
+    max_cudagraph_capture_size: int | None = None
     # Reuse the KV blocks of identical prompt prefixes (same adapter) across requests.
     enable_prefix_caching: bool = False
     decode_graph_max_blocks: int = 512  # block-table width of the graphs; longer runs eagerly
@@ -112,6 +116,12 @@ class EngineConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= the device slots "
                              f"(max_loras {self.max_loras} + lora_prefetch_slots "
                              f"{self.lora_prefetch_slots})")
+        if self.max_cudagraph_capture_size is None:
+            self.max_cudagraph_capture_size = min(self.max_num_batched_tokens,
+                                                  max(256, self.max_num_seqs))
+        if self.max_cudagraph_capture_size < 1:
+            raise ValueError("max_cudagraph_capture_size must be >= 1, got "
+                             f"{self.max_cudagraph_capture_size}")
         if self.max_loras_per_batch is None:
             self.max_loras_per_batch = self.max_loras
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

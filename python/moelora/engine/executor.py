@@ -23,7 +23,7 @@ import os
 
 import torch
 from moelora.engine.adapters import AdapterManager
-from moelora.engine.decode_graphs import DecodeGraphs, default_buckets
+from moelora.engine.step_graphs import StepGraphs, default_buckets
 from moelora.engine.memory import build_pool
 from moelora.engine.model_runner import ModelRunner
 from moelora.models import load_model
@@ -43,11 +43,13 @@ class Worker:
                                        shard=adapter_shard, cache_proxy=cache_proxy)
         graphs = None
         if decode_graphs:
-            graphs = DecodeGraphs(model, self.memory.kv_view, self.adapters.views, mc.num_layers,
-                                  self.memory.block_tokens, config.decode_graph_max_blocks,
-                                  default_buckets(config.max_num_seqs), device)
+            graphs = StepGraphs(model, self.memory.kv_view, self.adapters.views, mc.num_layers,
+                                self.memory.block_tokens, config.decode_graph_max_blocks,
+                                default_buckets(config.max_num_seqs,
+                                                config.max_cudagraph_capture_size), device)
         self.runner = ModelRunner(model, self.memory.kv_view, self.adapters.views,
-                                  self.memory.block_tokens, device, graphs)
+                                  self.memory.block_tokens, device, graphs,
+                                  max_rows=config.max_num_seqs)
 
     def release(self) -> None:
         """Frees the decode graphs, the adapter cache (threads, host copies), the pool and the

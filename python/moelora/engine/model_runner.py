@@ -4,8 +4,8 @@
 new blocks need (engine/block_table.py), token ids, positions, adapter slots, seq_lens, the rows
 to sample; then sends them to the device in one copy (engine/step_inputs.py). `forward` writes the
 table entries, fills in the ids of pending tokens from the previous step's sampled tokens (async
-scheduling: the host does not have them yet), and replays a decode graph (a pure-decode step that
-fits one) or runs the model eagerly; it returns the hidden states of the sampled rows, then of the
+scheduling: the host does not have them yet), and replays a step graph (a step whose tokens
+fit one of its buckets, decode and prefill tokens alike) or runs the model eagerly; it returns the hidden states of the sampled rows, then of the
 rows whose logits give prompt logprobs (engine/prompt_logprobs.py). Nothing in prepare or forward
 waits for the GPU. `execute` does both and returns the logits.
 """
@@ -21,8 +21,9 @@ from moelora.engine.prompt_logprobs import prompt_logprob_span
 from moelora.engine.scheduler import ScheduledBatch
 from moelora.engine.step_inputs import HostStep, PreparedStep, send, step_metadata
 
-# Block tables of a runner without decode graphs: rows grow with the sequences running at once;
-# blocks past the width go to the overflow table.
+# Block tables of a runner not told its row count (max_rows) or without step graphs (their
+# width): rows grow with the sequences running at once; blocks past the width go to the
+# overflow table.
 DEFAULT_ROWS = 16
 DEFAULT_WIDTH = 64
 
@@ -36,15 +37,15 @@ class ModelRunner:
         self.block_tokens = block_tokens
         self.device = device
         self.num_layers = model.config.num_layers
-        self.graphs = graphs  # DecodeGraphs, or None: every step runs eagerly
-        rows = max_rows or (graphs.buckets[-1] if graphs is not None else DEFAULT_ROWS)
+        self.graphs = graphs  # StepGraphs, or None: every step runs eagerly
+        rows = max_rows or DEFAULT_ROWS
         width = graphs.max_blocks if graphs is not None else DEFAULT_WIDTH
         self.tables = BlockTable(self.num_layers, rows, width, device)
         if graphs is not None:
             graphs.attach(self.tables)
 
     def release(self) -> None:
-        """Drops the model and the pool's views and frees the decode graphs (their counters stay
+        """Drops the model and the pool's views and frees the step graphs (their counters stay
         readable); runners this one wraps are released too. The runner runs nothing after."""
         if self.graphs is not None:
             self.graphs.close()
@@ -62,8 +63,8 @@ class ModelRunner:
         num_tokens, lora = len(host.ids), host.slots is not None
         tail = [*writes.arrays(), host.feed_dst, host.feed_src, host.sample_rows]
         bucket = None
-        if self.graphs is not None and not eager and num_tokens == host.num_seqs:
-            bucket = self.graphs.bucket_for(host.num_seqs, host.width)
+        if self.graphs is not None and not eager:
+            bucket = self.graphs.bucket_for(num_tokens, host.width)
             if bucket is not None and (self.graphs.prefix_size(bucket)
                                        + sum(len(t) for t in tail) > self.graphs.capacity):
                 bucket = None  # an unusual step (many new table entries): eager
@@ -190,7 +191,7 @@ class ModelRunner:
         return ids.clone(), meta.compact(), step.sample_rows.tolist()
 
     def run_model(self, input_ids: torch.Tensor, meta: StepMetadata) -> torch.Tensor:
-        """Final hidden states of a step built by build_metadata: replayed from a decode graph
+        """Final hidden states of a step built by build_metadata: replayed from a step graph
         when every sequence has one token (pure decode) and the graphs fit the step, else an
         eager forward pass. Ranks of a parallel engine decide alike from the same metadata, so
         their collectives stay matched whether they replay (the graph holds them) or not."""

@@ -4,7 +4,7 @@ The host writes the step's int32 arrays (token ids, positions, rows, adapter slo
 row, the block-table entries that changed, the rows to sample, ...) one after another into one
 pinned buffer and copies it to the device once, without waiting. Everything derived from them
 (int64 ids and positions, the per-layer KV slot of every token) is computed on the device by
-`step_metadata`: inside the decode graphs that is part of the captured work, so a replayed step
+`step_metadata`: inside the step graphs that is part of the captured work, so a replayed step
 costs the host only the packing and the copy.
 """
 
@@ -98,12 +98,13 @@ class HostStep:
         return np.flatnonzero(~inside).astype(np.int32)
 
     def pad(self, size: int, padding_row: int) -> None:
-        """Pads the token arrays to `size` with rows that decode a dummy token (decode graphs)."""
-        extra = size - len(self.ids)
+        """Pads the token arrays to `size` with rows that decode a dummy token (step graphs)."""
+        tokens = len(self.ids)
+        extra = size - tokens
         self.ids += [0] * extra
         self.positions += [0] * extra
         self.rows += [padding_row] * extra
-        self.slots = (self.slots or [-1] * self.num_seqs) + [-1] * extra
+        self.slots = (self.slots or [-1] * tokens) + [-1] * extra
 
 
 @dataclass
@@ -112,7 +113,7 @@ class PreparedStep:
 
     num_seqs: int
     num_tokens: int  # without padding
-    bucket: int | None  # the decode graph's padded size, None: eager
+    bucket: int | None  # the step graph's padded size, None: eager
     lora: bool  # some token has an adapter
     num_adapters: int
     width: int

@@ -39,6 +39,7 @@ class LLM:
                  max_loras_per_batch: int | None = None, tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, decode_graphs: bool | None = None,
                  decode_graph_max_blocks: int = 512, enforce_eager: bool | None = None,
+                 max_cudagraph_capture_size: int | None = None,
                  enable_prefix_caching: bool = False, max_logprobs: int = 20,
                  kv_cache_memory_bytes: int | None = None, trust_remote_code: bool = False,
                  synthetic_expert_weights: str | None = None,
@@ -73,6 +74,7 @@ class LLM:
             # them; unset = on for CUDA
             decode_graphs=_decode_graphs(decode_graphs, enforce_eager),
             decode_graph_max_blocks=decode_graph_max_blocks,
+            max_cudagraph_capture_size=max_cudagraph_capture_size,
             enable_prefix_caching=enable_prefix_caching, max_logprobs=max_logprobs,
             synthetic_expert_weights=synthetic_expert_weights, async_scheduling=async_scheduling)
         self.llm_engine = LLMEngine(config, executor_for(config))

@@ -48,7 +48,7 @@ from moelora.entrypoints.openai.serving import OpenAIServing
 from moelora.entrypoints.openai.serving_models import ServingModels
 from moelora.entrypoints.openai.vllm_flags import apply_vllm_flags, read_chat_template
 from moelora.entrypoints.openai.workers import OffLoop
-from moelora.graph_flags import graphs_choice
+from moelora.graph_flags import graph_options
 from moelora.hub import resolve_model
 
 logger = logging.getLogger("moelora.server")
@@ -100,7 +100,7 @@ def build_engine(args):
         pool_memory_bytes=args.kv_cache_memory_bytes, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_expert_parallel=args.enable_expert_parallel,
-        decode_graphs=graphs_choice(args), enable_prefix_caching=args.enable_prefix_caching,
+        **graph_options(args), enable_prefix_caching=args.enable_prefix_caching,
         block_size=args.block_size, max_logprobs=args.max_logprobs)
     engine = LLMEngine(config, executor_for(config))
     if chat_template is not None:

@@ -1,9 +1,11 @@
-"""Pure-decode steps through the padded static buffers of moelora.engine.decode_graphs.
+"""Steps through the padded static buffers of moelora.engine.step_graphs.
 
 On the CPU the padded path runs eagerly (no CUDA graph), which is what these tests check: a
-batch padded to its bucket (dummy rows: no KV write, no LoRA, one key of page 0) decodes the
-same greedy tokens as the unpadded engine, with mixed adapters, several bucket sizes and block
-tables wider than some steps need. The GPU variant (marked gpu) captures and replays graphs.
+step padded to its bucket (dummy rows: no KV write, no LoRA, one key of page 0) gives the same
+greedy tokens as the unpadded engine, with mixed adapters, several bucket sizes, block tables
+wider than some steps need, and steps that mix prompts with decoding sequences (their prompt
+tokens take the paged kernel there, SDPA in the eager engine). The GPU variant (marked gpu)
+captures and replays graphs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
-from moelora.engine.decode_graphs import default_buckets
+from moelora.engine.step_graphs import default_buckets
 from moelora.entrypoints.llm import _decode_graphs
 from moelora.graph_flags import add_graph_arguments, graphs_choice
 from test_lora_peft import PEFT_CASES
@@ -26,6 +28,10 @@ def test_default_buckets():
     assert default_buckets(1) == [1]
     assert default_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert default_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    # beyond the decode sizes, multiples of 32 up to the capture size (which is one itself)
+    assert default_buckets(20, 100) == [1, 2, 4, 8, 16, 20, 32, 64, 96, 100]
+    assert default_buckets(64, 256) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    assert default_buckets(64, 40) == [1, 2, 4, 8, 16, 32, 40]  # a cap below max_num_seqs
 
 
 def test_graph_switches_follow_vllm():
@@ -99,19 +105,19 @@ def test_padded_decode_steps_match_the_eager_engine(mixtral, max_blocks):
 def test_cuda_graph_decode_replays_equal_the_padded_eager_passes(mixtral, monkeypatch):
     """Same padded shapes with and without capture: the replays must give the same tokens
     (bfloat16: the MoE base GEMM of float32 syncs the host and cannot be captured)."""
-    from moelora.engine import decode_graphs
+    from moelora.engine import step_graphs
 
     model_dir, adapters = mixtral
     graphed, engine = _generate(model_dir, adapters, "cuda", "bfloat16", decode_graphs=True)
     assert engine.runner.graphs.capture_error is None
     assert engine.runner.graphs.replays > 0
-    original = decode_graphs.DecodeGraphs.__init__
+    original = step_graphs.StepGraphs.__init__
 
     def no_capture(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.capture = False
 
-    monkeypatch.setattr(decode_graphs.DecodeGraphs, "__init__", no_capture)
+    monkeypatch.setattr(step_graphs.StepGraphs, "__init__", no_capture)
     padded_eager, engine = _generate(model_dir, adapters, "cuda", "bfloat16", decode_graphs=True)
     assert engine.runner.graphs.replays == 0
     assert graphed == padded_eager
@@ -136,8 +142,9 @@ def _count_lora_launches(monkeypatch) -> dict:
 
 def test_steps_without_adapters_launch_no_lora_and_replay_the_lora_free_graph(mixtral,
                                                                              monkeypatch):
-    """A LoRA engine's steps where no token has an adapter: no LoRA op runs, and pure-decode
-    steps take the bucket's LoRA-free graph; steps with adapters take the other one."""
+    """A LoRA engine's steps where no token has an adapter: no LoRA op runs, and the steps
+    (the prompts' step in bucket 32, the decode steps in bucket 4) take their bucket's LoRA-free
+    graph; steps with adapters take the other one."""
     model_dir, adapters = mixtral
     llm = LLM(model=model_dir, device="cpu", dtype="float32", enable_lora=True, max_lora_rank=8,
               max_loras=2, max_num_seqs=4, block_size=4, pool_memory_bytes=16 << 20,
@@ -146,13 +153,14 @@ def test_steps_without_adapters_launch_no_lora_and_replay_the_lora_free_graph(mi
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     base = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, use_tqdm=False)
     graphs = llm.llm_engine.runner.graphs
-    assert calls["lora"] == 0 and set(graphs._made) == {(4, False)}
+    assert calls["lora"] == 0 and set(graphs._made) == {(32, False), (4, False)}
     # resident first, so that the three requests decode together (one bucket) however long the
     # load takes
     llm.llm_engine.adapters.preload(adapters[0])
     llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, lora_request=adapters[0],
                  use_tqdm=False)
-    assert calls["lora"] > 0 and set(graphs._made) == {(4, False), (4, True)}
+    assert calls["lora"] > 0 and set(graphs._made) == {(32, False), (4, False), (32, True),
+                                                    (4, True)}
     # the LoRA-free graph gives the tokens of an engine without LoRA
     plain = LLM(model=model_dir, device="cpu", dtype="float32", block_size=4,
                 pool_memory_bytes=16 << 20)
@@ -194,3 +202,74 @@ def test_gpu_lora_free_graph_launches_no_lora_kernel(mixtral):
     assert lora_kernels(None) == 0
     assert lora_kernels(adapters[0]) > 0
     assert engine.runner.graphs.replays > 0 and engine.runner.graphs.capture_error is None
+
+
+def _staggered_run(model_dir, adapter, **engine_args) -> tuple[dict, object]:
+    """Requests arriving while others decode, prompts chunked beside decodes (16 tokens a step),
+    one prompt sharing a cached prefix, prompt logprobs: greedy tokens and logprobs by id."""
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model_dir, device="cpu", dtype="float32", enable_lora=True,
+                                    max_lora_rank=8, max_loras=2, max_num_seqs=6, block_size=4,
+                                    max_num_batched_tokens=16, enable_prefix_caching=True,
+                                    pool_memory_bytes=16 << 20, **engine_args))
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 60, (int(n),), generator=gen).tolist() for n in (5, 23, 9, 3)]
+    prompts.append(prompts[1][:12] + [7, 8, 9])  # shares three cached blocks of prompt 1
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1)
+    results: dict = {}
+    engine.mixed_padded_steps = 0  # steps with prompt tokens that ran padded to a bucket
+    forward = engine.runner.forward
+
+    def counted(step, *args):
+        engine.mixed_padded_steps += step.bucket is not None and step.num_tokens > step.num_seqs
+        return forward(step, *args)
+
+    engine.runner.forward = counted
+    for step in range(200):
+        if step < len(prompts):  # one arrival per step while the others run
+            engine.add_request(str(step), prompts[step], params, adapter if step % 2 else None)
+        for out in engine.step():
+            if out.finished:
+                completion = out.outputs[0]
+                results[out.request_id] = (
+                    list(completion.token_ids),
+                    [sorted(d) for d in completion.logprobs],
+                    [None if d is None else sorted(d) for d in out.prompt_logprobs])
+        if step >= len(prompts) and not engine.has_unfinished_requests():
+            break
+    return results, engine
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs_gpt_oss")
+    hf_model, _ = make_tiny("gpt_oss", root / "model")
+    torch.manual_seed(3)
+    peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(
+        init_lora_weights=False, **PEFT_CASES["gpt_oss"]))
+    peft_model.save_pretrained(root / "a")
+    return str(root / "model"), LoRARequest("a", 1, str(root / "a"))
+
+
+def test_steps_mixing_prompts_and_decodes_match_the_eager_engine(gpt_oss):
+    """gpt-oss (sliding window, sinks): steps holding prompt chunks beside decoding sequences
+    run padded to their bucket and give the eager engine's tokens and logprob ids."""
+    model_dir, adapter = gpt_oss
+    eager, _ = _staggered_run(model_dir, adapter)
+    padded, engine = _staggered_run(model_dir, adapter, decode_graphs=True,
+                                    max_cudagraph_capture_size=16)
+    assert padded == eager and len(padded) == 5
+    assert engine.mixed_padded_steps >= 5
+
+
+def test_capture_size_is_checked_and_defaults_to_the_batch_limits():
+    from moelora.engine.config import EngineConfig
+
+    assert EngineConfig("m", max_num_seqs=64).max_cudagraph_capture_size == 256
+    assert EngineConfig("m", max_num_seqs=512).max_cudagraph_capture_size == 512
+    assert EngineConfig("m", max_num_batched_tokens=128).max_cudagraph_capture_size == 128
+    with pytest.raises(ValueError, match="max_cudagraph_capture_size"):
+        EngineConfig("m", max_cudagraph_capture_size=0)

@@ -1,22 +1,29 @@
-"""Pure-decode steps (one new token per sequence) replayed from CUDA graphs.
+"""Steps of up to a bucket's tokens replayed from CUDA graphs: pure decode, and prefill chunks
+beside decodes.
 
-A decode step of a MoE model launches hundreds of small kernels from Python; on the GPU the
-step is bound by that host work, not by the GPU. DecodeGraphs keeps, per padded batch size (a
-bucket), a CUDA graph of the whole forward pass, from the step's int32 inputs to the final hidden
-states. The graphs read the runner's buffers directly: the step's arrays land in `inputs` (the
-runner's one host-to-device copy goes there), the block tables are the runner's persistent
-BlockTable, and expanding the arrays (int64 ids and positions, every layer's KV slots) is part of
-the captured work. Each bucket has two graphs: one with the LoRA kernels, replayed when some token
-has an adapter, and one without (ctx.token_slot None), so steps without adapters launch no LoRA
-kernel and the MoE takes its fused LoRA-free form.
+A step of a MoE model launches hundreds of small kernels from Python; on the GPU a step of a few
+hundred tokens or fewer is bound by that host work, not by the GPU. StepGraphs keeps, per padded
+token count (a bucket), a CUDA graph of the whole forward pass, from the step's int32 inputs to
+the final hidden states. Every token is a query of its own (its block-table row and position):
+the paged attention kernel serves decode tokens and prefill tokens alike (causal by position),
+so a step that mixes a new prompt with decoding sequences replays the same graph as a decode
+step of as many tokens. The graphs read the runner's buffers directly: the step's arrays land in
+`inputs` (the runner's one host-to-device copy goes there), the block tables are the runner's
+persistent BlockTable, and expanding the arrays (int64 ids and positions, every layer's KV slots)
+is part of the captured work. Each bucket has two graphs: one with the LoRA kernels, replayed
+when some token has an adapter, and one without (ctx.token_slot None), so steps without adapters
+launch no LoRA kernel and the MoE takes its fused LoRA-free form. Graphs are captured on a
+bucket's first use.
 
-Padding rows decode a dummy token that touches nothing: they use the block table's padding row
+Padding tokens decode a dummy token that touches nothing: they use the block table's padding row
 (all zeros, seq_len 1: they attend to one key of page 0, whatever it holds), write no KV (slot
 -1) and take no LoRA (slot -1); their outputs are dropped. Every op in the forward pass has fixed
 shapes for a fixed bucket and no host synchronisation, so it can be captured.
 
 On the CPU (no graphs) the same padded path runs eagerly: the tests check it against the
-unpadded engine, so the padding semantics are proven where the tests run.
+unpadded engine, so the padding semantics are proven where the tests run. (There, prefill
+tokens of a padded step take the paged kernel, as on a GPU, where the eager engine gives them
+SDPA.)
 
 Captures and adapter loads share the process. A capture runs in CUDA's thread-local mode (other
 threads' calls neither fail nor break it) inside a native GraphCaptureScope (on this thread no
@@ -40,11 +47,18 @@ from moelora.engine.step_inputs import step_metadata
 log = logging.getLogger("moelora")
 
 
-def default_buckets(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (and max_num_seqs itself)."""
+def default_buckets(max_num_seqs: int, max_tokens: int | None = None) -> list[int]:
+    """Token counts with a graph: 1, 2, 4, 8, every multiple of 16 up to max_num_seqs and
+    max_num_seqs itself (decode steps), then every multiple of 32 up to max_tokens (steps with
+    prefill tokens). None: max_num_seqs. Sizes above max_tokens are dropped; max_tokens itself
+    is a bucket."""
+    limit = max_num_seqs if max_tokens is None else max_tokens
     sizes = {b for b in (1, 2, 4, 8) if b <= max_num_seqs}
     sizes.update(range(16, max_num_seqs + 1, 16))
     sizes.add(max_num_seqs)
+    sizes.update(range(32 * (max_num_seqs // 32 + 1), limit + 1, 32))
+    sizes = {b for b in sizes if b <= limit}
+    sizes.add(limit)
     return sorted(sizes)
 
 
@@ -56,7 +70,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph | None = None
 
 
-class DecodeGraphs:
+class StepGraphs:
     def __init__(self, model, kv_view, lora_views, num_layers: int, block_tokens: int,
                  max_blocks: int, buckets: list[int], device: torch.device):
         self.model = model
@@ -85,11 +99,12 @@ class DecodeGraphs:
             log.info("block tables reallocated: decode graphs are captured again")
         self._made = {}
         self.tables, self._generation = tables, tables.generation
-        # room for the largest bucket's arrays and, after them, a step's other arrays (table
-        # writes: at most one new block per sequence and layer at decode; feed; sample rows)
+        # room for the largest bucket's arrays and, after them, a step's other arrays: table
+        # writes (two entries per new block and layer; a step's tokens start at most one block
+        # each), feed (two per sequence) and sampled rows (prompt-logprob rows included)
         largest = self.buckets[-1]
         self.capacity = (self.prefix_size(largest) + 2 * largest * (self.num_layers + 2)
-                         + largest + 64)
+                         + 4 * largest + 64)
         self.inputs = torch.zeros(self.capacity, dtype=torch.int32, device=self.device)
 
     @property
@@ -101,16 +116,16 @@ class DecodeGraphs:
         adapter slots (size each), then seq_lens (one per table row)."""
         return 4 * size + self.tables.rows + 1
 
-    def fits(self, num_seqs: int, block_table_width: int) -> bool:
-        return num_seqs <= self.buckets[-1] and block_table_width <= self.max_blocks
+    def fits(self, num_tokens: int, block_table_width: int) -> bool:
+        return num_tokens <= self.buckets[-1] and block_table_width <= self.max_blocks
 
-    def bucket_for(self, num_seqs: int, block_table_width: int) -> int | None:
-        """The bucket a pure-decode step of num_seqs sequences replays, or None (eager)."""
-        if self.closed or self.tables is None or not self.fits(num_seqs, block_table_width):
+    def bucket_for(self, num_tokens: int, block_table_width: int) -> int | None:
+        """The bucket a step of num_tokens tokens replays, or None (eager)."""
+        if self.closed or self.tables is None or not self.fits(num_tokens, block_table_width):
             return None
         if self.tables.generation != self._generation:
             self.attach(self.tables)
-        return next(b for b in self.buckets if b >= num_seqs)
+        return next(b for b in self.buckets if b >= num_tokens)
 
     def ensure(self, size: int, lora: bool) -> None:
         """Captures the bucket's graph if it has none yet: call before the step's arrays are
