@@ -23,9 +23,9 @@ import os
 
 import torch
 from moelora.engine.adapters import AdapterManager
-from moelora.engine.step_graphs import StepGraphs, default_buckets
 from moelora.engine.memory import build_pool
 from moelora.engine.model_runner import ModelRunner
+from moelora.engine.step_graphs import StepGraphs, default_buckets
 from moelora.models import load_model
 
 
