@@ -141,7 +141,7 @@ class StepGraphs:
                 # (float32 MoE experts on CUDA loop over experts on the host)
                 self.capture = False
                 self.capture_error = str(error).splitlines()[0]
-                log.warning("decode graphs disabled, steps run eagerly: capture failed: %s",
+                log.warning("step graphs disabled, steps run eagerly: capture failed: %s",
                             self.capture_error)
         self._made[key] = made
 
