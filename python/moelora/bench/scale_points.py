@@ -39,7 +39,7 @@ class ScalePoints:
         """(no-adapter runs, one per rate; points)."""
         args = self.args
         prompts, arrivals = self._workload(math.inf)
-        # warm-up on the whole workload (its batch shapes: decode graphs, allocator pools), so
+        # warm-up on the whole workload (its batch shapes: step graphs, allocator pools), so
         # that the no-adapter baseline does not pay it
         run_requests(self.engine, prompts, [None] * len(prompts), self.params, arrivals)
         base_all_at_once = self._baseline(math.inf)

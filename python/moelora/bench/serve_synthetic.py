@@ -5,7 +5,7 @@ vLLM's published GPT-OSS-20B LoRA figures come from `vllm bench serve` at 16 con
 (128-token prompts, 800 generated tokens, ignore_eos). This command starts `moelora serve` on
 --model (random weights at real shapes) with --num-adapters random rank --rank adapters and a
 tokenizer covering the model's vocabulary (synthetic_tokenizer.py, so prompts are sized exactly
-and text streams), waits for /health, sends --warmup-prompts short requests (decode graphs of
+and text streams), waits for /health, sends --warmup-prompts short requests (step graphs of
 every batch size captured, adapters loaded), runs `moelora bench serve` with the requests spread
 over the adapters, saves its JSON (and --plot) in --result-dir, appends a compact record to
 --out, and stops the server. --server-arg passes flags through to `moelora serve`.

@@ -3,7 +3,7 @@
 A sequence holds one row of an int32 [layers, rows + 1, width] table for as long as it holds KV
 pages. A step writes only the entries of the blocks its sequences gained since they last ran (at
 decode, one block per sequence every block_tokens tokens), so the host's work follows what
-changed, not the pages held. The last row is the decode graphs' padding row: zeros, never given
+changed, not the pages held. The last row is the step graphs' padding row: zeros, never given
 to a sequence. Attention reads the table through each token's row (StepMetadata.query_seq), and
 seq_lens has one entry per row (0 for rows not in the step).
 
@@ -11,9 +11,9 @@ Every layer has its own entries: a block's pages come from the pool's free list 
 in no fixed order, and sliding-window layers give theirs back on their own, so one shared table
 plus a per-layer offset would need contiguous per-block allocation from the pool.
 
-Blocks at or beyond `width` (sequences longer than the decode graphs' tables) go to an overflow
+Blocks at or beyond `width` (sequences longer than the step graphs' tables) go to an overflow
 table that grows on demand; a step that reaches them sees both joined (one device copy) and runs
-eagerly, as no decode graph is that wide. `width` itself never changes, so the graphs' pointers
+eagerly, as no step graph is that wide. `width` itself never changes, so the graphs' pointers
 stay valid; more rows than planned reallocate the table and bump `generation` (the graphs are
 captured again).
 

@@ -31,7 +31,7 @@ from moelora.models import load_model
 
 class Worker:
     """One device's serving state: a model (or its shard), the unified page pool sized for it,
-    the adapter cache over that pool and the model runner (with its decode graphs)."""
+    the adapter cache over that pool and the model runner (with its step graphs)."""
 
     def __init__(self, config, model, dtype: torch.dtype, device: torch.device, *,
                  decode_graphs: bool, adapter_shard=None, cache_proxy=None):
@@ -52,7 +52,7 @@ class Worker:
                                   max_rows=config.max_num_seqs)
 
     def release(self) -> None:
-        """Frees the decode graphs, the adapter cache (threads, host copies), the pool and the
+        """Frees the step graphs, the adapter cache (threads, host copies), the pool and the
         model; the runner and the adapter manager stay, closed, for their counters."""
         self.runner.release()
         self.adapters.close()
@@ -94,7 +94,7 @@ class UniProcExecutor(Executor):
         model = load_model(config.model, dtype=self.dtype, device=self.device,
                            progress=config.load_progress, **config.synthetic_overrides())
         self.full_sites = model.lora_sites()
-        # Default: decode graphs on for a CUDA engine (vLLM's default), off elsewhere.
+        # Default: step graphs on for a CUDA engine (vLLM's default), off elsewhere.
         graphs = (config.decode_graphs if config.decode_graphs is not None
                   else self.device.type == "cuda")
         self.worker = Worker(config, model, self.dtype, self.device, decode_graphs=graphs)

@@ -5,7 +5,7 @@ cache and the model runner, in this process or in one process per GPU. `step()` 
 Requests are checked in full when they are added (prepare_request), so a request that can never
 run is refused up front with a ValueError, and a step that fails fails only the sequences it
 ran. `shutdown()` (or dropping the last reference: the engine holds no reference cycle) frees
-the GPU memory, the decode graphs and the adapter cache's threads.
+the GPU memory, the step graphs and the adapter cache's threads.
 """
 
 from __future__ import annotations
@@ -461,7 +461,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Aborts every request, shuts the executor down (the other processes of a parallel
-        engine stop; the decode graphs, the adapter cache with its threads and host copies, the
+        engine stop; the step graphs, the adapter cache with its threads and host copies, the
         page pool and the model are freed) and returns the GPU memory to the driver.
         Idempotent; the engine serves nothing after. The runner and the adapter manager stay,
         closed, for their counters."""

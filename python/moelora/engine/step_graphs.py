@@ -96,7 +96,7 @@ class StepGraphs:
         if tables is self.tables and tables.generation == self._generation:
             return
         if any(g is not None and g.graph is not None for g in self._made.values()):
-            log.info("block tables reallocated: decode graphs are captured again")
+            log.info("block tables reallocated: step graphs are captured again")
         self._made = {}
         self.tables, self._generation = tables, tables.generation
         # room for the largest bucket's arrays and, after them, a step's other arrays: table

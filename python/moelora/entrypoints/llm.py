@@ -70,7 +70,7 @@ class LLM:
             block_size=block_size, max_loras_per_batch=max_loras_per_batch,
             tensor_parallel_size=tensor_parallel_size,
             enable_expert_parallel=enable_expert_parallel,
-            # vLLM's switch: enforce_eager=True turns the decode graphs off, False asks for
+            # vLLM's switch: enforce_eager=True turns the step graphs off, False asks for
             # them; unset = on for CUDA
             decode_graphs=_decode_graphs(decode_graphs, enforce_eager),
             decode_graph_max_blocks=decode_graph_max_blocks,
@@ -84,7 +84,7 @@ class LLM:
 
     # -- lifetime ----------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Frees the engine's GPU memory, decode graphs and adapter threads; idempotent."""
+        """Frees the engine's GPU memory, step graphs and adapter threads; idempotent."""
         self.llm_engine.shutdown()
 
     def __enter__(self) -> LLM:  # noqa: PYI034 - typing.Self needs Python 3.11
