@@ -4,17 +4,21 @@
 //
 // Three shapes of views:
 //  - rows of the tensor (A, [r, in] or fused [E*r, in]): each view row is a contiguous run;
-//  - columns of the tensor (B stored [out, r] or fused [out, E*r], read as B^T rows): the
-//    piece's rows are first transposed in the cache (blocked, per column step phase so that
-//    interleaved gate/up rows come out contiguous), then converted as contiguous runs;
+//  - columns of the tensor (B stored [out, r] or fused [out, E*r], read as B^T rows): 16-bit to
+//    16-bit, tiles of the piece are transposed and converted in registers and stored straight
+//    into the view rows (convert_column_tiles, adapter_cache_transpose.cpp), columns outside a
+//    tile element by element. Otherwise (32-bit source or model dtype, a non-finite value to
+//    name, views that share a column) the piece's rows are first transposed in the cache
+//    (blocked, per column step phase so that interleaved gate/up rows come out contiguous),
+//    then converted as contiguous runs;
 //  - anything else: a strided gather per view row.
 // Loads and stores go through memcpy: tensors may sit at any byte offset of their file. On
 // x86-64 the element loops are compiled for SSE2, AVX2 and AVX-512 and picked at load time
 // (the conversion is the reader threads' compute), 16-bit transposes use 8 x 8 SSE2 tiles, and
 // runs copied as they are (same dtype, scale 1: A of a bf16 adapter) go to the host copy with
 // non-temporal stores: it is written once and next read by the copy engine's DMA, so its lines
-// need not be read in first nor kept in the cache. (Converted runs are stored normally: through
-// an L1 buffer and streamed out they measured slower.)
+// need not be read in first nor kept in the cache. (Runs the element loops convert are stored
+// normally: through an L1 buffer and streamed out they measured slower.)
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -29,6 +33,7 @@
 #endif
 
 #include "adapter_cache_internal.h"
+#include "adapter_cache_transpose.h"
 #include "half_convert.h"
 #include "moelora/error.h"
 
@@ -308,15 +313,21 @@ class PieceWriter {
   void write(const LoraMatrixSource& m, int64_t i, int64_t j0, int64_t n, const std::byte* src,
              int64_t stride) const {
     if (n <= 0) return;
-    // A row never straddles a page, nor so a block of the host copy.
-    std::byte* dst = host_.at(entry_.layout->row_offset(m.site, m.layer, m.expert, m.is_b,
-                                                        static_cast<int>(i)) +
-                              j0 * model_elem_);
-    const float scale = m.is_b ? m.scale : 1.0f;
-    const int64_t bad =
-        convert_elements(src, group_.info.dtype, stride, n, scale, dst, model_dtype_);
+    const int64_t bad = convert_elements(src, group_.info.dtype, stride, n, scale_of(m),
+                                         row(m, i, j0), model_dtype_);
     if (bad >= 0) refuse(m, i, j0 + bad);
   }
+
+  // Where element (i, j) of view `m` goes in the host copy. A row never straddles a page, nor
+  // so a block of the host copy: the row's later elements follow it.
+  std::byte* row(const LoraMatrixSource& m, int64_t i, int64_t j) const {
+    return host_.at(entry_.layout->row_offset(m.site, m.layer, m.expert, m.is_b,
+                                              static_cast<int>(i)) +
+                    j * model_elem_);
+  }
+
+  static float scale_of(const LoraMatrixSource& m) { return m.is_b ? m.scale : 1.0f; }
+  DType model_dtype() const { return model_dtype_; }
 
   // Source element `flat` of the tensor, from the piece.
   const std::byte* at(int64_t flat) const {
@@ -346,10 +357,104 @@ class PieceWriter {
   const HostBuffer& host_;
 };
 
-// Views that walk columns: transpose the piece's rows per phase of the column step, then every
-// view row is a contiguous run of one transposed column.
-void convert_columns(const AdapterEntry& entry, const TensorGroup& g, const ChunkPiece& piece,
-                     const PieceWriter& writer, ReaderScratch& scratch) {
+// The views of a walks-columns piece that read the same rows of it (one first row, one run
+// [j0, j1) of view columns) with one scale. Each column of the tensor belongs to at most one
+// view row of a band: dst holds, per column, where that view row's element j0 goes (null for
+// columns no view of the band reads).
+struct Band {
+  int64_t first = 0;
+  int64_t j0 = 0;
+  int64_t j1 = 0;
+  float scale = 1.0f;
+  std::vector<std::byte*> dst;
+};
+
+// The piece's views sorted into bands; false when two view rows of a band read one column.
+bool gather_bands(const AdapterEntry& entry, const TensorGroup& g, const ChunkPiece& piece,
+                  const PieceWriter& writer, std::vector<Band>& bands) {
+  const int64_t cols = g.row_elems, step = g.column_step;
+  const int64_t row_begin = piece.first_elem / cols, row_end = piece.end_elem / cols;
+  for (int32_t index : g.matrices) {
+    const LoraMatrixSource& m = entry.spec.matrices[index];
+    const int64_t first = m.offset / cols, column0 = m.offset % cols;
+    const int64_t j0 = std::max<int64_t>(0, ceil_div(row_begin - first, step));
+    const int64_t j1 = std::min<int64_t>(m.cols, ceil_div(row_end - first, step));
+    if (j0 >= j1) continue;
+    const float scale = PieceWriter::scale_of(m);
+    auto band = std::find_if(bands.begin(), bands.end(), [&](const Band& b) {
+      return b.first == first && b.j0 == j0 && b.j1 == j1 && b.scale == scale;
+    });
+    if (band == bands.end()) {
+      bands.push_back({first, j0, j1, scale, std::vector<std::byte*>(cols, nullptr)});
+      band = bands.end() - 1;
+    }
+    for (int64_t i = 0; i < m.rows; ++i) {
+      std::byte*& dst = band->dst[column0 + i * m.row_stride];
+      if (dst != nullptr) return false;
+      dst = writer.row(m, i, j0);
+    }
+  }
+  return true;
+}
+
+// One band of a 16-bit piece (`in`: its first row) converted while transposed: runs of 8
+// columns whose destinations all exist (and share their alignment) go through
+// convert_column_tiles, any other column element by element (strided). False when a value is
+// not finite (the band is then partly written).
+bool convert_band(const Band& b, const TensorGroup& g, const std::byte* in, int64_t row_begin,
+                  DType model_dtype) {
+  const int64_t cols = g.row_elems, step = g.column_step, elem = g.elem_bytes;
+  const int64_t pitch = step * cols * elem;
+  const std::byte* src = in + (b.first + b.j0 * step - row_begin) * cols * elem;  // (j0, 0)
+  const int64_t rows = b.j1 - b.j0;
+  auto tiles_fit = [&](int64_t c) {
+    const uintptr_t alignment = reinterpret_cast<uintptr_t>(b.dst[c]) % 16;
+    return std::all_of(b.dst.begin() + c, b.dst.begin() + c + 8, [&](const std::byte* d) {
+      return d != nullptr && reinterpret_cast<uintptr_t>(d) % 16 == alignment;
+    });
+  };
+  int64_t c = 0;
+  while (c < cols) {
+    int64_t end = c;
+    while (end + 8 <= cols && tiles_fit(end)) end += 8;
+    if (end > c) {
+      if (!convert_column_tiles(src + c * elem, pitch, rows, end - c, b.dst.data() + c,
+                                g.info.dtype, model_dtype, b.scale)) {
+        return false;
+      }
+      c = end;
+      continue;
+    }
+    if (b.dst[c] != nullptr &&
+        convert_elements(src + c * elem, g.info.dtype, step * cols, rows, b.scale, b.dst[c],
+                         model_dtype) >= 0) {
+      return false;
+    }
+    ++c;
+  }
+  return true;
+}
+
+// Views that walk columns, 16-bit to 16-bit, in one pass (convert_band per band); false when the
+// piece must go through transpose_and_convert (a value is not finite, or views share columns).
+bool convert_columns_fused(const AdapterEntry& entry, const TensorGroup& g,
+                           const ChunkPiece& piece, const PieceWriter& writer) {
+  std::vector<Band> bands;
+  if (!gather_bands(entry, g, piece, writer, bands)) return false;
+  const int64_t row_begin = piece.first_elem / g.row_elems;
+  const std::byte* in = writer.at(piece.first_elem);
+  for (const Band& b : bands) {
+    if (!convert_band(b, g, in, row_begin, writer.model_dtype())) return false;
+  }
+  return true;
+}
+
+// Views that walk columns, in two passes: transpose the piece's rows per phase of the column
+// step, then every view row is a contiguous run of one transposed column. The element path
+// refuses the first non-finite value in view order (matrix, row, column).
+void transpose_and_convert(const AdapterEntry& entry, const TensorGroup& g,
+                           const ChunkPiece& piece, const PieceWriter& writer,
+                           ReaderScratch& scratch) {
   const int64_t cols = g.row_elems, step = g.column_step;
   const int64_t row_begin = piece.first_elem / cols, row_end = piece.end_elem / cols;
   scratch.transposed.resize(static_cast<size_t>((row_end - row_begin) * cols * g.elem_bytes));
@@ -386,6 +491,17 @@ void convert_columns(const AdapterEntry& entry, const TensorGroup& g, const Chun
                    out + (base[p] + column * count[p] + k0) * g.elem_bytes, 1);
     }
   }
+}
+
+// Views that walk columns: 16-bit to 16-bit in one pass where it can, else (32-bit elements, a
+// non-finite value to name, views sharing columns) in two.
+void convert_columns(const AdapterEntry& entry, const TensorGroup& g, const ChunkPiece& piece,
+                     const PieceWriter& writer, ReaderScratch& scratch) {
+  if (converts_column_tiles(g.info.dtype, writer.model_dtype()) &&
+      convert_columns_fused(entry, g, piece, writer)) {
+    return;
+  }
+  transpose_and_convert(entry, g, piece, writer, scratch);
 }
 
 // Any other view: per view row, the columns whose elements lie in the piece.
