@@ -3,6 +3,7 @@
 #include "moelora/copy_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <map>
@@ -241,6 +242,12 @@ std::byte* allocate_ordinary(int64_t bytes) {
 
 }  // namespace
 
+namespace {
+std::atomic<int64_t> live_host_block_bytes{0};
+}  // namespace
+
+int64_t host_block_bytes_allocated() noexcept { return live_host_block_bytes.load(); }
+
 HostBlock allocate_host_block(int64_t capacity, bool pinned) {
   if (capacity <= 0) {
     throw InvalidArgument("a host block needs a positive capacity, got " +
@@ -251,6 +258,7 @@ HostBlock allocate_host_block(int64_t capacity, bool pinned) {
   if (pinned) block.data = static_cast<std::byte*>(allocate_pinned(capacity));
   if (block.data != nullptr) block.memory = HostBlock::Memory::kAllocatedPinned;
   if (block.data == nullptr) block.data = allocate_ordinary(capacity);
+  live_host_block_bytes += capacity;
   return block;
 }
 
@@ -262,6 +270,8 @@ bool pin_host_block(HostBlock& block) {
 }
 
 void free_host_block(const HostBlock& block) noexcept {
+  if (block.data == nullptr) return;
+  live_host_block_bytes -= block.capacity;
   switch (block.memory) {
     case HostBlock::Memory::kAllocatedPinned: release_page_locked({block.data, false}); break;
     case HostBlock::Memory::kRegistered: release_page_locked({block.data, true}); break;

@@ -36,6 +36,8 @@ HostBlockPool::HostBlockPool(int64_t reserve_bytes, int64_t reserve_block_bytes)
   }
 }
 
+HostBlockPool::~HostBlockPool() { clear(); }
+
 int64_t HostBlockPool::limit_locked() const {
   return std::max(peak_bytes_in_use_, bytes_in_use_ + reserve_bytes_);
 }

@@ -27,6 +27,9 @@ class HostBlockPool : public std::enable_shared_from_this<HostBlockPool> {
  public:
   // reserve_bytes: ready bytes to keep made ahead, in blocks of reserve_block_bytes (0: none).
   explicit HostBlockPool(int64_t reserve_bytes = 0, int64_t reserve_block_bytes = 0);
+  ~HostBlockPool();  // frees the kept blocks; buffers still out free theirs when they go
+  HostBlockPool(const HostBlockPool&) = delete;
+  HostBlockPool& operator=(const HostBlockPool&) = delete;
   // A buffer of `bytes` in blocks of `block_bytes` (HostBuffer::block_layout). Each block is a
   // kept one at most a quarter larger than needed (page-locked preferred, then the smallest)
   // or a new one: ordinary memory left for the taker to page-lock with pin_block, or, for a

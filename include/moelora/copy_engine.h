@@ -96,6 +96,8 @@ HostBlock allocate_host_block(int64_t capacity, bool pinned);
 bool pin_host_block(HostBlock& block);
 // Frees a block (a page-locked free during a graph capture waits for the capture's end).
 void free_host_block(const HostBlock& block) noexcept;
+// Bytes of host blocks allocated and not yet freed, in this process (every owner).
+int64_t host_block_bytes_allocated() noexcept;
 
 // Host memory for staging copies: page-locked when the build has CUDA and a GPU is present,
 // `try_pinned` is set and no GraphCaptureScope is held, otherwise 4 KiB-aligned ordinary memory.

@@ -261,6 +261,22 @@ TEST_CASE("the host block pool makes its reserve ahead and again as loads take i
   CHECK(!pool->wants_reserve_block());
 }
 
+TEST_CASE("a host block pool frees its kept blocks and reserve when it goes") {
+  const int64_t before = host_block_bytes_allocated();
+  const int64_t block = 1 << 16;
+  std::shared_ptr<HostBuffer> outlives;
+  {
+    auto pool = std::make_shared<detail::HostBlockPool>(3 * block, block);
+    while (pool->wants_reserve_block()) pool->make_reserve_block();
+    { auto a = pool->take(5 * block, block); }  // two reserve blocks reused, three new
+    outlives = pool->take(2 * block, block);
+    CHECK(host_block_bytes_allocated() > before);
+  }
+  CHECK(host_block_bytes_allocated() > before);  // the buffer still out holds its blocks
+  outlives.reset();
+  CHECK_EQ(host_block_bytes_allocated(), before);
+}
+
 TEST_CASE("read plan: chunks cover each tensor's needed elements once, in order, in bounds") {
   AwkwardOptions o;
   o.src_dtype = "F32";
