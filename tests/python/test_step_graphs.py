@@ -20,7 +20,7 @@ from hf_tiny import make_tiny
 from moelora import LLM, LoRARequest, SamplingParams
 from moelora.engine.step_graphs import default_buckets
 from moelora.entrypoints.llm import _decode_graphs
-from moelora.graph_flags import add_graph_arguments, graphs_choice
+from moelora.graph_flags import add_graph_arguments, graph_options, graphs_choice
 from test_lora_peft import PEFT_CASES
 
 
@@ -49,6 +49,9 @@ def test_graph_switches_follow_vllm():
     assert graphs_choice(parser.parse_args(["--decode-graphs"])) is True
     with pytest.raises(SystemExit):
         parser.parse_args(["--decode-graphs", "--enforce-eager"])
+    assert graph_options(parser.parse_args(["--max-cudagraph-capture-size", "128"])) == {
+        "decode_graphs": None, "max_cudagraph_capture_size": 128}
+    assert graph_options(parser.parse_args([]))["max_cudagraph_capture_size"] is None
 
 
 def test_cpu_engine_runs_eagerly_by_default(mixtral):
