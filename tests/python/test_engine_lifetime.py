@@ -86,7 +86,10 @@ def test_gpu_five_engines_in_one_process_give_their_memory_back():
         if baseline is None:
             baseline = (free, reserved)
         assert reserved <= baseline[1] + (64 << 20), (index, reserved, baseline)
-        assert free >= baseline[0] - (256 << 20), (index, free, baseline)
+        # The device's free memory moves with whatever else runs on it: other pytest-xdist
+        # workers' engines come and go meanwhile. Checked where this process has the GPU alone.
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            assert free >= baseline[0] - (256 << 20), (index, free, baseline)
 
 
 @pytest.mark.gpu
