@@ -66,6 +66,7 @@ def test_bench_cold_ttft_holds_each_cold_request_to_its_bound(tmp_path, capsys):
         assert row["ttft_ms"] > 0 and row["steps_during"] >= 1
         assert row["steps_loading"] == row["steps_during"] - 1  # synchronous CPU steps
         assert row["admitted_step_ms"] > 0
+        assert row["next_step_ms"] is None or row["next_step_ms"] > 0
         assert 0 <= row["host_buffer_ms"] <= row["host_load_ms"]
         assert row["bound_ms"] == pytest.approx(1e3 * row["plain_read_s"]
                                                 + 2 * record["step_ms"])

@@ -13,7 +13,8 @@ where the plain read (--threads threads, 64 MiB chunks, page cache dropped befor
 just before the request in the same process, and a decode step is the median wall time of the
 background's steps before the first request. Also reported: the steps that ran while the
 adapter loaded, before the step that scheduled the request (median and max wall ms: no step may
-wait for another request's adapter); that step's own wall time (it runs the prefill too); the
+wait for another request's adapter); that step's own wall time (it runs the prefill too) and
+the next one's (with async scheduling a step waits there for the one before it); the
 disk -> host load's time and, inside it, the time spent obtaining and page-locking its host
 buffer (with --host-block-mb that runs beside the read, so it may be as long as the load).
 
@@ -36,7 +37,7 @@ TABLE = [("adapter", "adapter"), ("file_mb", "file MB"), ("plain_read_gbps", "pl
          ("bound_ms", "bound ms"), ("ttft_ms", "TTFT ms"), ("ratio_to_bound", "TTFT / bound"),
          ("host_load_ms", "disk->host ms"), ("host_buffer_ms", "of it buffer ms"),
          ("steps_loading", "steps loading"), ("step_max_ms", "slowest of them ms"),
-         ("admitted_step_ms", "its prefill step ms")]
+         ("admitted_step_ms", "its prefill step ms"), ("next_step_ms", "next step ms")]
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -132,9 +133,14 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
     if out.outputs[0].finish_reason == "error":
         raise SystemExit(f"the request for {lora.lora_name} failed: {out.outputs[0].text}")
     # The steps while its adapter loaded ran other requests only; the step that scheduled it
-    # also ran its prefill (eagerly, with its adapter) and is reported on its own.
+    # also ran its prefill (a step graph where the step fits one) and is reported on its own,
+    # as is the step after it: with async scheduling a step() launches its step and waits for
+    # the one before, so the prefill's GPU time shows there.
     loading = background.step_ms[first_step:admitted_step]
     admitted_ms = background.step_ms[admitted_step] if admitted_step is not None else None
+    next_ms = (background.step_ms[admitted_step + 1]
+               if admitted_step is not None and admitted_step + 1 < len(background.step_ms)
+               else None)
     during = background.step_ms[first_step:]
     after = engine.adapters.stats()
     return {"adapter": lora.lora_name, "file_bytes": file_bytes, "file_mb": file_bytes / 1e6,
@@ -146,7 +152,7 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
             "steps_loading": len(loading),
             "step_median_ms": median(loading) if loading else None,
             "step_max_ms": max(loading) if loading else None,
-            "admitted_step_ms": admitted_ms}
+            "admitted_step_ms": admitted_ms, "next_step_ms": next_ms}
 
 
 def run_from_args(args) -> int:
