@@ -47,6 +47,13 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
     assert bound["plain_read_s"] > 0 and 0 < bound["ratio_to_bound"]
     assert bound["bound_s"] == max(record["with_adapters_warm"]["duration_s"],
                                    bound["plain_read_s"])
+    # when each adapter of the cold run became ready on the device, in order
+    timeline = record["with_adapters"]["adapter_timeline"]
+    used = {a for a in record["per_adapter_cold"]}
+    assert set(timeline["ready_s"]) == used and timeline["adapters_ready"] == len(used)
+    assert 0 < timeline["first_ready_s"] <= timeline["median_ready_s"] <= timeline["last_ready_s"]
+    assert timeline["steps_to_last_ready"] >= 1
+    assert timeline["host_load_ms_mean"] > 0 and timeline["device_load_ms_mean"] > 0
     # the rounds of the no-adapter and warm runs, and their medians
     assert record["repeats"] == 3
     for run in ("no_adapters", "with_adapters_warm"):
@@ -60,7 +67,7 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
                for a in per_adapter.values())
     printed = capsys.readouterr().out
     for text in ("no adapters", "adapters, cold", "adapters, warm", "per adapter", "TPOT p50",
-                 "of the best"):
+                 "of the best", "adapters ready on the device"):
         assert text in printed, text
     assert (tmp_path / "adapters.png").stat().st_size > 1000
 

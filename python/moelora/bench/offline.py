@@ -30,7 +30,13 @@ import statistics
 from moelora.bench import flags
 from moelora.bench.adapters import plain_parallel_read
 from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
-from moelora.bench.workload import per_adapter, popularity_weights, random_workload, run_requests
+from moelora.bench.workload import (
+    AdapterTimeline,
+    per_adapter,
+    popularity_weights,
+    random_workload,
+    run_requests,
+)
 
 READ_THREADS = 4  # the plain read's threads, as the engine's adapter_load_threads default
 
@@ -118,6 +124,12 @@ def print_tables(record: dict) -> None:
     print(f"\ncold run {bound['duration_s']:.2f} s; its bound {bound['bound_s']:.2f} s (the warm "
           f"run, or a plain read of its adapters' files: {bound['plain_read_s']:.2f} s at "
           f"{bound['plain_read_gbps']:.2f} GB/s): {bound['ratio_to_bound']:.2f} of the best")
+    t = record["with_adapters"]["adapter_timeline"]
+    if t["adapters_ready"]:
+        print(f"cold run's adapters ready on the device: first {t['first_ready_s']:.3f} s, median "
+              f"{t['median_ready_s']:.3f} s, last {t['last_ready_s']:.3f} s (step "
+              f"{t['steps_to_last_ready']}); a load's mean disk -> host "
+              f"{t['host_load_ms_mean']:.1f} ms, host -> device {t['device_load_ms_mean']:.1f} ms")
     print("\nper adapter (warm run, last round):")
     print(format_table(_ADAPTER_COLUMNS, [{"adapter": name, **values} for name, values in
                                           record["per_adapter_warm"].items()]))
@@ -159,8 +171,16 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
     plain = [None] * len(prompts)
     run_requests(engine, prompts, plain, params, arrivals)  # warm-up: this workload's shapes
     before = engine.adapters.stats()
-    with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals)
+    timeline = AdapterTimeline(engine, sorted(set(chosen), key=lambda lora: lora.lora_name))
+    with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals,
+                                            step=timeline.step)
     after = engine.adapters.stats()
+    loads = max(1, after["device_loads"] - before["device_loads"])
+    with_adapters["adapter_timeline"] = {
+        **timeline.summary(),
+        "host_load_ms_mean": 1e3 * (after["host_load_seconds"] - before["host_load_seconds"])
+        / loads,
+        "device_load_ms_mean": 1e3 * (after["load_seconds"] - before["load_seconds"]) / loads}
     # The cold run's floor: its adapters' files read plainly (page cache as the run found it)
     used = sorted({os.path.join(lora.lora_path, "adapter_model.safetensors") for lora in chosen})
     with_adapters["adapter_file_bytes"] = sum(os.path.getsize(path) for path in used)

@@ -92,3 +92,41 @@ def run_requests(engine, prompts, loras, params, arrivals,
     elapsed = time.perf_counter() - start
     outs = list(done.values())
     return summarize(outs, elapsed), outs
+
+
+class AdapterTimeline:
+    """An engine.step for run_requests that notes, after each step, when each of `loras` first
+    became ready on the device: seconds from the first step, and the steps run by then. Where
+    a cold run's time goes: loads that land late, or requests that join late."""
+
+    def __init__(self, engine, loras):
+        self.engine = engine
+        self._waiting = {lora.lora_name: lora for lora in loras}
+        self.ready: dict[str, tuple[float, int]] = {}  # name -> (seconds, steps)
+        self._start: float | None = None
+        self._steps = 0
+
+    def step(self) -> list:
+        if self._start is None:
+            self._start = time.perf_counter()
+        outs = self.engine.step()
+        self._steps += 1
+        now = time.perf_counter() - self._start
+        adapters = self.engine.adapters
+        for name, lora in list(self._waiting.items()):
+            if adapters.ready(adapters.resolve(lora)):
+                self.ready[name] = (now, self._steps)
+                del self._waiting[name]
+        return outs
+
+    def summary(self) -> dict:
+        """first / median / last ready seconds and the steps by the last, per adapter too."""
+        times = sorted(seconds for seconds, _ in self.ready.values())
+        return {"adapters_ready": len(times),
+                "first_ready_s": times[0] if times else None,
+                "median_ready_s": times[len(times) // 2] if times else None,
+                "last_ready_s": times[-1] if times else None,
+                "steps_to_last_ready": max((n for _, n in self.ready.values()), default=None),
+                "ready_s": {name: round(seconds, 4)
+                            for name, (seconds, _) in sorted(self.ready.items())}}
+
