@@ -21,8 +21,8 @@ Padding tokens decode a dummy token that touches nothing: they use the block tab
 shapes for a fixed bucket and no host synchronisation, so it can be captured.
 
 On the CPU (no graphs) the same padded path runs eagerly: the tests check it against the
-unpadded engine, so the padding semantics are proven where the tests run. (There, prefill
-tokens of a padded step take the paged kernel, as on a GPU, where the eager engine gives them
+unpadded engine, so the padding semantics are proven where the tests run. (The prompt tokens
+of a padded step take the paged kernel there, as on a GPU; the eager CPU engine gives them
 SDPA.)
 
 Captures and adapter loads share the process. A capture runs in CUDA's thread-local mode (other
@@ -101,7 +101,8 @@ class StepGraphs:
         self.tables, self._generation = tables, tables.generation
         # room for the largest bucket's arrays and, after them, a step's other arrays: table
         # writes (two entries per new block and layer; a step's tokens start at most one block
-        # each), feed (two per sequence) and sampled rows (prompt-logprob rows included)
+        # each, though a fresh row's cached prefix can need more: prepare() runs such a step
+        # eagerly), feed (two per sequence) and sampled rows (prompt-logprob rows included)
         largest = self.buckets[-1]
         self.capacity = (self.prefix_size(largest) + 2 * largest * (self.num_layers + 2)
                          + 4 * largest + 64)
