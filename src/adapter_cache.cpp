@@ -63,6 +63,7 @@ void AdapterCache::State::clear_slot_locked(int32_t slot) {
   std::fill_n(host_row_offsets.begin() + slot * entries_per_slot, entries_per_slot, 0);
   std::fill_n(host_ranks.begin() + slot * ranks_per_slot, ranks_per_slot, 0);
   slot_owner[slot] = -1;
+  ++device_releases;
   if (device_table) {
     slot_clear_ticket[slot] = copies.submit({{device_ranks + slot * ranks_per_slot,
                                               zero_ranks.data(),
@@ -73,6 +74,7 @@ void AdapterCache::State::clear_slot_locked(int32_t slot) {
 // Drops the device copy of a resident (or cancelled, copied) adapter.
 void AdapterCache::State::drop_device_locked(AdapterEntry& e, bool free_pages) {
   if (free_pages) pool.free(adapter_owner(static_cast<uint64_t>(e.id)));
+  ++device_releases;
   ++e.device_generation;
   if (e.slot >= 0) clear_slot_locked(e.slot);
   e.slot = -1;
@@ -430,17 +432,25 @@ int32_t AdapterCache::wait(int64_t id) {
       // nothing will change by waiting.
       const bool others_in_flight =
           s.starter_busy || !s.start_queue.empty() ||  // starts asked in the background
+          s.finalizer_busy || !s.copy_queue.empty() ||  // copies, cancelled ones included
           std::any_of(s.entries.begin(), s.entries.end(), [&](const auto& entry) {
             const AdapterEntry& other = *entry.second;
             return other.device_state == DeviceState::kAllocating ||
                    other.device_state == DeviceState::kCopying ||
                    (other.want_device && !other.failed &&
                     other.device_state == DeviceState::kNone);  // read, or about to start
-          });
+          }) ||
+          // An unregistered adapter's load keeps its slot (and pages) until the thread that
+          // owns the load sees it cancelled: that slot frees without anyone asking.
+          std::any_of(s.slot_owner.begin(), s.slot_owner.end(),
+                      [&](int64_t owner) { return owner >= 0 && !s.entries.count(owner); });
       if (others_in_flight) {
         s.changed.wait(lock);
         continue;
       }
+      // A slot or pages given back since its last try (after it found no room, before this
+      // thread looked): ask again.
+      if (s.device_releases != e->releases_when_waiting) continue;
       throw PoolExhausted("adapter '" + e->name + "' is waiting for a slot or " +
                               std::to_string(e->layout->num_pages()) + " free pages",
                           e->layout->num_pages(), s.pool.free_pages());

@@ -73,6 +73,7 @@ void AdapterCache::State::on_device_load_error(const EntryPtr& e,
           clear_slot_locked(e->slot);
         } catch (...) {  // a stale row table of a slot that nobody uses is harmless
           slot_owner[e->slot] = -1;
+          ++device_releases;
         }
       }
       e->slot = -1;
@@ -112,6 +113,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
     int32_t slot = find_slot_locked(*e);
     if (slot < 0) {
       e->device_state = DeviceState::kWaiting;
+      e->releases_when_waiting = device_releases;
       changed.notify_all();
       return;
     }
@@ -146,12 +148,14 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   }
   auto give_back_slot = [&] {
     slot_owner[e->slot] = -1;
+    ++device_releases;
     e->slot = -1;
   };
   if (e->cancelled || !outcome.ok) {
     pool.free(owner);  // forgets the pin, and the pages when there are any
     give_back_slot();
     e->device_state = e->cancelled ? DeviceState::kNone : DeviceState::kWaiting;
+    e->releases_when_waiting = device_releases;
     changed.notify_all();
     return;
   }

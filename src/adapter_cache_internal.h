@@ -62,6 +62,7 @@ struct AdapterEntry {
   int32_t acquire_pins = 0;
   uint64_t device_lru = 0;
   uint64_t device_generation = 0;  // counts the times its device pages were freed
+  uint64_t releases_when_waiting = 0;  // State::device_releases when it last found no room
   std::chrono::steady_clock::time_point load_start;
 
   // Position of the first queued request that waits for this adapter (set_demand), or kNoDemand.

@@ -77,6 +77,7 @@ struct AdapterCache::State {
   std::map<std::string, int64_t> names;
   int64_t next_id = 1;
   uint64_t lru_clock = 0;
+  uint64_t device_releases = 0;  // slots and device pages given back: wait() asks again after one
   uint64_t requests_seen = 0;  // note_request calls: the clock popularity decays by
   uint64_t host_queue_clock = 0;
   std::vector<EntryPtr> host_queue;  // host loads not yet started; started by demand, then FIFO

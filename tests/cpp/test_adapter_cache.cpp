@@ -442,6 +442,30 @@ TEST_CASE("unregister during loads frees everything; failures stay with their ad
   CHECK(!f.pool.contains(adapter_owner(ids[1])));
 }
 
+TEST_CASE("a load waits for the slot an unregistered adapter's copy still holds") {
+  // One slot: the cancelled load keeps it (and its pages) until its copy lands, and the load
+  // asked next must wait for that, not give up as if nothing were in flight.
+  Fixture f(1, 1024, 8, DType::kFloat32);
+  for (int round = 0; round < 40; ++round) {
+    TestAdapter first = write_adapter("held" + std::to_string(round), ranks_of(8, 8, 8, 8),
+                                      200 + round, "F32", 0.5f);
+    TestAdapter next = write_adapter("next" + std::to_string(round), ranks_of(8, 8, 8, 8),
+                                     300 + round, "F32", 0.5f);
+    const int64_t held = f.cache->register_adapter(first.spec);
+    const int64_t id = f.cache->register_adapter(next.spec);
+    f.cache->load_host(held);
+    f.cache->load_host(id);
+    f.cache->prefetch(held);  // its copy is queued
+    f.cache->unregister(held);
+    const int32_t slot = f.cache->wait(id);  // PoolExhausted here is the failure
+    f.cache->acquire(id);
+    CHECK_EQ(verify_rows(*f.cache, next, slot, DType::kFloat32), int64_t{0});
+    f.cache->release(id);
+    f.cache->unregister(id);
+  }
+  f.pool.check_invariants();
+}
+
 TEST_CASE("concurrent users: prefetch, wait, acquire and release from threads") {
   Fixture f(3, 160);
   std::vector<TestAdapter> adapters;
