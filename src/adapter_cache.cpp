@@ -412,6 +412,17 @@ void AdapterCache::set_demand(const std::vector<int64_t>& queued_adapters, bool 
   s.retry_waiting();
 }
 
+bool AdapterCache::State::device_loads_in_flight_locked() const {
+  if (finalizer_busy || !copy_queue.empty()) return true;
+  for (const auto& [id, e] : entries) {
+    if (e->device_state == DeviceState::kAllocating || e->device_state == DeviceState::kCopying) {
+      return true;
+    }
+  }
+  return std::any_of(slot_owner.begin(), slot_owner.end(),
+                     [&](int64_t owner) { return owner >= 0 && !entries.count(owner); });
+}
+
 int32_t AdapterCache::wait(int64_t id) {
   check_not_capturing("AdapterCache::wait");
   State& s = *state_;
@@ -432,18 +443,12 @@ int32_t AdapterCache::wait(int64_t id) {
       // nothing will change by waiting.
       const bool others_in_flight =
           s.starter_busy || !s.start_queue.empty() ||  // starts asked in the background
-          s.finalizer_busy || !s.copy_queue.empty() ||  // copies, cancelled ones included
+          s.device_loads_in_flight_locked() ||
           std::any_of(s.entries.begin(), s.entries.end(), [&](const auto& entry) {
             const AdapterEntry& other = *entry.second;
-            return other.device_state == DeviceState::kAllocating ||
-                   other.device_state == DeviceState::kCopying ||
-                   (other.want_device && !other.failed &&
-                    other.device_state == DeviceState::kNone);  // read, or about to start
-          }) ||
-          // An unregistered adapter's load keeps its slot (and pages) until the thread that
-          // owns the load sees it cancelled: that slot frees without anyone asking.
-          std::any_of(s.slot_owner.begin(), s.slot_owner.end(),
-                      [&](int64_t owner) { return owner >= 0 && !s.entries.count(owner); });
+            return other.want_device && !other.failed &&
+                   other.device_state == DeviceState::kNone;  // read, or about to start
+          });
       if (others_in_flight) {
         s.changed.wait(lock);
         continue;

@@ -357,6 +357,26 @@ class PieceWriter {
   const HostBuffer& host_;
 };
 
+// A walks-columns view within the source rows [row_begin, row_end) of a piece: its first
+// source row and column, and the run [j0, j1) of its view columns there (empty: j0 >= j1).
+struct ColumnRun {
+  int64_t first = 0;
+  int64_t column0 = 0;
+  int64_t j0 = 0;
+  int64_t j1 = 0;
+};
+
+ColumnRun column_run(const LoraMatrixSource& m, const TensorGroup& g, int64_t row_begin,
+                     int64_t row_end) {
+  const int64_t cols = g.row_elems, step = g.column_step;
+  ColumnRun run;
+  run.first = m.offset / cols;
+  run.column0 = m.offset % cols;
+  run.j0 = std::max<int64_t>(0, ceil_div(row_begin - run.first, step));
+  run.j1 = std::min<int64_t>(m.cols, ceil_div(row_end - run.first, step));
+  return run;
+}
+
 // The views of a walks-columns piece that read the same rows of it (one first row, one run
 // [j0, j1) of view columns) with one scale. Each column of the tensor belongs to at most one
 // view row of a band: dst holds, per column, where that view row's element j0 goes (null for
@@ -372,14 +392,13 @@ struct Band {
 // The piece's views sorted into bands; false when two view rows of a band read one column.
 bool gather_bands(const AdapterEntry& entry, const TensorGroup& g, const ChunkPiece& piece,
                   const PieceWriter& writer, std::vector<Band>& bands) {
-  const int64_t cols = g.row_elems, step = g.column_step;
+  const int64_t cols = g.row_elems;
   const int64_t row_begin = piece.first_elem / cols, row_end = piece.end_elem / cols;
   for (int32_t index : g.matrices) {
     const LoraMatrixSource& m = entry.spec.matrices[index];
-    const int64_t first = m.offset / cols, column0 = m.offset % cols;
-    const int64_t j0 = std::max<int64_t>(0, ceil_div(row_begin - first, step));
-    const int64_t j1 = std::min<int64_t>(m.cols, ceil_div(row_end - first, step));
-    if (j0 >= j1) continue;
+    const ColumnRun run = column_run(m, g, row_begin, row_end);
+    if (run.j0 >= run.j1) continue;
+    const int64_t first = run.first, column0 = run.column0, j0 = run.j0, j1 = run.j1;
     const float scale = PieceWriter::scale_of(m);
     auto band = std::find_if(bands.begin(), bands.end(), [&](const Band& b) {
       return b.first == first && b.j0 == j0 && b.j1 == j1 && b.scale == scale;
@@ -479,10 +498,9 @@ void transpose_and_convert(const AdapterEntry& entry, const TensorGroup& g,
   }
   for (int32_t index : g.matrices) {
     const LoraMatrixSource& m = entry.spec.matrices[index];
-    const int64_t first = m.offset / cols, column0 = m.offset % cols;
-    const int64_t j0 = std::max<int64_t>(0, ceil_div(row_begin - first, step));
-    const int64_t j1 = std::min<int64_t>(m.cols, ceil_div(row_end - first, step));
-    if (j0 >= j1) continue;
+    const ColumnRun run = column_run(m, g, row_begin, row_end);
+    if (run.j0 >= run.j1) continue;
+    const int64_t first = run.first, column0 = run.column0, j0 = run.j0, j1 = run.j1;
     const int64_t p = first % step;
     const int64_t k0 = (first + j0 * step - first_row[p]) / step;
     for (int64_t i = 0; i < m.rows; ++i) {

@@ -73,14 +73,9 @@ void set_read_hook(AdapterCache& cache, ReadHook hook) {
 bool is_settled(AdapterCache& cache) {
   AdapterCache::State& s = ReadHookAccess::state(cache);
   std::lock_guard<std::mutex> lock(s.mutex);
-  if (s.busy_readers > 0 || s.finalizer_busy || !s.copy_queue.empty() || !s.jobs.empty() ||
-      s.preparing_jobs > 0 || s.starter_busy || !s.start_queue.empty() || s.retry_wanted) {
+  if (s.busy_readers > 0 || !s.jobs.empty() || s.preparing_jobs > 0 || s.starter_busy ||
+      !s.start_queue.empty() || s.retry_wanted || s.device_loads_in_flight_locked()) {
     return false;
-  }
-  for (const auto& [id, e] : s.entries) {
-    if (e->device_state == DeviceState::kAllocating || e->device_state == DeviceState::kCopying) {
-      return false;
-    }
   }
   return s.startable_host_load_locked() == nullptr;
 }

@@ -140,6 +140,10 @@ struct AdapterCache::State {
   detail::AdapterEntry* host_victim_locked(const detail::AdapterEntry* protect) const;
   void enforce_host_limits_locked(const detail::AdapterEntry* protect);
   EntryPtr startable_host_load_locked();
+  // A device load started and not yet finished: its copy queued or being finished, its entry
+  // allocating or copying, or a slot held by an unregistered adapter's load (the thread that
+  // owns that load frees it once it sees the load cancelled).
+  bool device_loads_in_flight_locked() const;
   std::shared_ptr<ReadJob> claimable_job_locked() const;
   std::shared_ptr<ReadJob> prepare_job(const EntryPtr& e);
   void read_chunk(ReadJob& job, size_t chunk, detail::ReaderScratch& scratch,
