@@ -5,10 +5,11 @@
 #
 # Side "new" is this tree, installed into the running Python as tools/gpu_check.sh's build
 # stage does; side "base" is a copy of the build inputs with PATCH reverted (PATCH: `git diff
-# BASE -- cuda src include ...` of the change), installed into OUT_DIR/../base-site (a --target
-# directory put first on PYTHONPATH for its rounds). BENCH_COMMAND then runs ROUNDS times
-# (default 2) for each side, alternating new, base, new, base, with `--out OUT_DIR/<side>.jsonl`
-# appended, e.g.
+# BASE -- cuda src include ...` of the change), installed into a --target directory put first on
+# PYTHONPATH for its rounds. BENCH_COMMAND then runs ROUNDS times (default 2) for each side,
+# alternating new, base, new, base, with `--out OUT_DIR/<side>.jsonl` appended. OUT_DIR gets
+# those two files and ab.log (every build and round's output); the builds go to AB_WORK
+# (default ${TMPDIR:-/tmp}/moelora-ab). E.g.
 #
 #   git diff origin/main -- cuda src > /tmp/change.patch
 #   tools/gpu_ab.sh /tmp/change.patch /tmp/ab -- python3 -m moelora.bench.moe \
@@ -33,8 +34,10 @@ shift  # the "--"
 root=$(cd "$(dirname "$0")/.." && pwd)
 export MOELORA_CUDA=${MOELORA_CUDA:-ON} MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} PYTHONUNBUFFERED=1
-base_src=$out/../base-src
-base_site=$out/../base-site
+work=${AB_WORK:-${TMPDIR:-/tmp}/moelora-ab}
+base_src=$work/base-src
+base_site=$work/base-site
+log=$out/ab.log
 rm -rf "$base_src" "$base_site"
 mkdir -p "$base_src"
 (cd "$root" && cp -r CMakeLists.txt pyproject.toml README.md cmake include src cuda python \
@@ -44,27 +47,34 @@ if ! (cd "$base_src" && patch -s -R -p1 < "$patch_file"); then
   exit 1
 fi
 
-echo "== building new and base"
+# run NAME COMMAND...: the command's output appended to ab.log under a header
+run() {
+  local name=$1
+  shift
+  echo "== $name" | tee -a "$log"
+  "$@" >> "$log" 2>&1
+}
+
+: > "$log"
 (cd "$root" && python3 -m pip install -q --no-build-isolation --no-deps . \
-  -C build-dir="$root/build/gpu-ab-new") > "$out/build-new.log" 2>&1 &
+  -C build-dir="$root/build/gpu-ab-new") > "$work/build-new.log" 2>&1 &
 new_pid=$!
-(cd "$base_src" && python3 -m pip install -q --no-build-isolation --no-deps --target "$base_site" . \
-  -C build-dir="$base_src/build") > "$out/build-base.log" 2>&1
+run "build base" bash -c "cd '$base_src' && python3 -m pip install -q --no-build-isolation \
+  --no-deps --target '$base_site' . -C build-dir='$base_src/build'"
 base_status=$?
 wait $new_pid
 new_status=$?
+echo "== build new" >> "$log"
+cat "$work/build-new.log" >> "$log"
 if [ $new_status -ne 0 ] || [ $base_status -ne 0 ]; then
-  echo "build failed (new $new_status, base $base_status): see $out/build-*.log" >&2
+  echo "build failed (new $new_status, base $base_status): see $log" >&2
   exit 1
 fi
 
 status=0
 for round in $(seq "$rounds"); do
-  echo "== round $round: new"
-  "$@" --out "$out/new.jsonl" > "$out/new-$round.log" 2>&1 || status=1
-  echo "== round $round: base"
-  PYTHONPATH="$base_site${PYTHONPATH:+:$PYTHONPATH}" "$@" --out "$out/base.jsonl" \
-    > "$out/base-$round.log" 2>&1 || status=1
+  run "round $round: new" "$@" --out "$out/new.jsonl" || status=1
+  run "round $round: base" env PYTHONPATH="$base_site${PYTHONPATH:+:$PYTHONPATH}" "$@" \
+    --out "$out/base.jsonl" || status=1
 done
-tail -n 5 "$out/new-$rounds.log" "$out/base-$rounds.log"
 exit $status
