@@ -54,6 +54,14 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
     assert 0 < timeline["first_ready_s"] <= timeline["median_ready_s"] <= timeline["last_ready_s"]
     assert timeline["steps_to_last_ready"] >= 1
     assert timeline["host_load_ms_mean"] > 0 and timeline["device_load_ms_mean"] > 0
+    # each step's wall time and running sequences: 6 requests never fill half of the default
+    # 64-sequence batch, so every step counts as run by under half of it
+    for run in ("with_adapters", "with_adapters_warm"):
+        profile = record[run]["step_profile"]
+        assert profile["steps"] >= 4 and profile["seconds"] > 0  # 4 tokens a request
+        assert profile["steps_below_half_batch"] == profile["steps"]
+        assert profile["seconds_below_half_batch"] == pytest.approx(profile["seconds"])
+        assert 0 <= profile["mean_running"] <= 6
     # the rounds of the no-adapter and warm runs, and their medians
     assert record["repeats"] == 3
     for run in ("no_adapters", "with_adapters_warm"):
@@ -67,7 +75,8 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
                for a in per_adapter.values())
     printed = capsys.readouterr().out
     for text in ("no adapters", "adapters, cold", "adapters, warm", "per adapter", "TPOT p50",
-                 "of the best", "adapters ready on the device"):
+                 "of the best", "adapters ready on the device",
+                 "steps run by under half the batch"):
         assert text in printed, text
     assert (tmp_path / "adapters.png").stat().st_size > 1000
 

@@ -32,6 +32,7 @@ from moelora.bench.adapters import plain_parallel_read
 from moelora.bench.records import append_record, dumps, engine_fields, format_table, pyplot
 from moelora.bench.workload import (
     AdapterTimeline,
+    StepProfile,
     per_adapter,
     popularity_weights,
     random_workload,
@@ -83,9 +84,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _median_fields(runs: list[dict]) -> dict:
+    """Per-field median of several runs' summaries, nested summaries field by field."""
+    return {key: (_median_fields([run[key] for run in runs]) if isinstance(runs[0][key], dict)
+                  else statistics.median(run[key] for run in runs)) for key in runs[0]}
+
+
 def _median_run(runs: list[dict]) -> dict:
     """Per-field median of several runs' summaries (failed requests: summed)."""
-    merged = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    merged = _median_fields(runs)
     merged["failed"] = sum(run["failed"] for run in runs)
     return merged
 
@@ -130,6 +137,12 @@ def print_tables(record: dict) -> None:
               f"{t['median_ready_s']:.3f} s, last {t['last_ready_s']:.3f} s (step "
               f"{t['steps_to_last_ready']}); a load's mean disk -> host "
               f"{t['host_load_ms_mean']:.1f} ms, host -> device {t['device_load_ms_mean']:.1f} ms")
+    cold = record["with_adapters"]["step_profile"]
+    warm = record["with_adapters_warm"]["step_profile"]
+    print(f"steps run by under half the batch: cold {cold['steps_below_half_batch']} of "
+          f"{cold['steps']} ({cold['seconds_below_half_batch']:.2f} s), warm "
+          f"{warm['steps_below_half_batch']:g} of {warm['steps']:g} "
+          f"({warm['seconds_below_half_batch']:.2f} s)")
     print("\nper adapter (warm run, last round):")
     print(format_table(_ADAPTER_COLUMNS, [{"adapter": name, **values} for name, values in
                                           record["per_adapter_warm"].items()]))
@@ -172,8 +185,10 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
     run_requests(engine, prompts, plain, params, arrivals)  # warm-up: this workload's shapes
     before = engine.adapters.stats()
     timeline = AdapterTimeline(engine, sorted(set(chosen), key=lambda lora: lora.lora_name))
+    profile = StepProfile(engine, args.max_num_seqs, timeline.step)
     with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals,
-                                            step=timeline.step)
+                                            step=profile.step)
+    with_adapters["step_profile"] = profile.summary()
     after = engine.adapters.stats()
     loads = max(1, after["device_loads"] - before["device_loads"])
     with_adapters["adapter_timeline"] = {
@@ -188,7 +203,10 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
     base_runs, warm_runs = [], []
     for _ in range(args.repeats):  # interleaved, so drift affects both alike
         base_runs.append(run_requests(engine, prompts, plain, params, arrivals)[0])
-        warm, warm_outs = run_requests(engine, prompts, chosen, params, arrivals)
+        profile = StepProfile(engine, args.max_num_seqs)
+        warm, warm_outs = run_requests(engine, prompts, chosen, params, arrivals,
+                                       step=profile.step)
+        warm["step_profile"] = profile.summary()
         warm_runs.append(warm)
     return {"before": before, "after": after, "after_warm": engine.adapters.stats(),
             "pool": engine.memory.pool.stats(), "with_adapters": with_adapters,

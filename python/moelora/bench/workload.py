@@ -94,6 +94,36 @@ def run_requests(engine, prompts, loras, params, arrivals,
     return summarize(outs, elapsed), outs
 
 
+class StepProfile:
+    """An engine.step for run_requests (wrapping `inner`, default engine.step) that notes each
+    step's wall time and how many sequences were running after it. A run whose requests start
+    spread out (a cold run, as adapters land) ends in a tail of steps run by a part of the
+    batch, each costing nearly a full step: the summary counts the steps and seconds run with
+    fewer than half of max_num_seqs."""
+
+    def __init__(self, engine, max_num_seqs: int, inner: Callable[[], list] | None = None):
+        self.engine = engine
+        self.max_num_seqs = max_num_seqs
+        self._inner = inner or engine.step
+        self.seconds: list[float] = []
+        self.running: list[int] = []
+
+    def step(self) -> list:
+        start = time.perf_counter()
+        outs = self._inner()
+        self.seconds.append(time.perf_counter() - start)
+        self.running.append(len(self.engine.scheduler.running))
+        return outs
+
+    def summary(self) -> dict:
+        below = [s for s, n in zip(self.seconds, self.running) if 2 * n < self.max_num_seqs]
+        steps = len(self.seconds)
+        return {"steps": steps, "seconds": sum(self.seconds),
+                "mean_running": sum(self.running) / steps if steps else 0.0,
+                "steps_below_half_batch": len(below),
+                "seconds_below_half_batch": sum(below)}
+
+
 class AdapterTimeline:
     """An engine.step for run_requests that notes, after each step, when each of `loras` first
     became ready on the device: seconds from the first step, and the steps run by then. Where
