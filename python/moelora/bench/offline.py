@@ -15,7 +15,10 @@ record: output tokens/s, TTFT and TPOT p50/p99 of the cold run and the per-field
 rounds (each round's TPOT p50 and tokens/s listed too, to show the spread), per-adapter results,
 adapter loads and their bandwidth, pool pages by kind, the ratios to the no-adapter runs, and
 the cold run against its bound (`cold_bound`): the longer of the warm run and a plain parallel
-read of the adapter files the run used, the page cache as the cold run left it.
+read of the adapter files the run used, the page cache as the cold run left it. Where the cold
+run's time goes: when each of its adapters became ready on the device (`adapter_timeline`) and,
+for it and the warm rounds, a step profile (`step_profile`: steps, seconds, and those run by
+under half of --max-num-seqs, the tail that requests starting spread out leave).
 The model's memory is estimated before it is built; one that cannot fit is refused with the
 numbers and the flag to change.
 """
