@@ -207,6 +207,32 @@ def test_gpu_lora_free_graph_launches_no_lora_kernel(mixtral):
     assert engine.runner.graphs.replays > 0 and engine.runner.graphs.capture_error is None
 
 
+@pytest.mark.gpu
+def test_gpu_engine_captures_every_bucket_when_it_starts(mixtral):
+    """A GPU engine has every bucket's two graphs when it starts, and its steps, with and
+    without an adapter, replay those graphs: none is captured while requests run."""
+    from moelora.engine.config import EngineConfig
+    from moelora.engine.llm_engine import LLMEngine
+
+    model_dir, adapters = mixtral
+    engine = LLMEngine(EngineConfig(model_dir, device="cuda", dtype="bfloat16", enable_lora=True,
+                                    max_lora_rank=8, max_loras=2, max_num_seqs=4, block_size=4,
+                                    max_cudagraph_capture_size=64,
+                                    pool_memory_bytes=64 << 20, decode_graphs=True))
+    graphs = engine.runner.graphs
+    assert graphs.capture_error is None and graphs.buckets == [1, 2, 4, 32, 64]
+    made = dict(graphs._made)
+    assert set(made) == {(b, lora) for b in graphs.buckets for lora in (False, True)}
+    assert all(g.graph is not None for g in made.values())
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(str(i), [5, 6, 7 + i], params, adapters[0] if i else None)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert graphs.replays > 0
+    assert all(graphs._made[key] is made[key] for key in made)  # the same graphs, none new
+
+
 def _staggered_run(model_dir, adapter, **engine_args) -> tuple[dict, object]:
     """Requests arriving while others decode, prompts chunked beside decodes (16 tokens a step),
     one prompt sharing a cached prefix, prompt logprobs: greedy tokens and logprobs by id."""

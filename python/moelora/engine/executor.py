@@ -50,6 +50,8 @@ class Worker:
         self.runner = ModelRunner(model, self.memory.kv_view, self.adapters.views,
                                   self.memory.block_tokens, device, graphs,
                                   max_rows=config.max_num_seqs)
+        if graphs is not None:
+            graphs.capture_all()  # after the runner attached its block tables
 
     def release(self) -> None:
         """Frees the step graphs, the adapter cache (threads, host copies), the pool and the

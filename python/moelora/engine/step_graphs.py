@@ -12,7 +12,9 @@ step of as many tokens. The graphs read the runner's buffers directly: the step'
 persistent BlockTable, and expanding the arrays (int64 ids and positions, every layer's KV slots)
 is part of the captured work. Each bucket has two graphs: one with the LoRA kernels, replayed
 when some token has an adapter, and one without (ctx.token_slot None), so steps without adapters
-launch no LoRA kernel and the MoE takes its fused LoRA-free form. Graphs are captured on a
+launch no LoRA kernel and the MoE takes its fused LoRA-free form. On a GPU every bucket's
+graphs are captured when the engine starts (capture_all, largest first, as vLLM does), so no
+step pays a capture; graphs dropped later (block tables reallocated) are captured again on a
 bucket's first use.
 
 Padding tokens decode a dummy token that touches nothing: they use the block table's padding row
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +148,23 @@ class StepGraphs:
                 log.warning("step graphs disabled, steps run eagerly: capture failed: %s",
                             self.capture_error)
         self._made[key] = made
+
+    def capture_all(self) -> None:
+        """Captures every bucket's graphs, with and without LoRA, largest first (the smaller
+        ones then reuse the memory pool's blocks). Only where graphs are captured (a GPU, tables
+        attached); elsewhere buckets are made on first use."""
+        if not self.capture or self.tables is None:
+            return
+        start = time.perf_counter()
+        kinds = (False, True) if self.lora_views is not None else (False,)
+        for size in reversed(self.buckets):
+            for lora in kinds:
+                self.ensure(size, lora)
+                if not self.capture:  # a capture failed: steps run eagerly (logged)
+                    return
+        log.info("captured %d step graphs (%d buckets up to %d tokens) in %.2f s",
+                 len(self._made), len(self.buckets), self.buckets[-1],
+                 time.perf_counter() - start)
 
     def replay(self, size: int, lora: bool) -> torch.Tensor:
         """Final hidden states [size, H] of the step staged in `inputs` (ensure() first)."""
