@@ -3,17 +3,19 @@
 //
 // A 16-byte block is 4 little-endian 32-bit words; word u holds elements 8u..8u+7, element i as
 // nibble i in the checkpoint layout: bit 0 mantissa m, bits 1-2 exponent e0 e1, bit 3 sign s.
-// The tensor-core kernels pair element q with element q + 4 of a word as the two halves of a
-// bf16x2 of value * 2^-126 (m -> bit 6, e0 -> 7, e1 -> 8, s -> 15 of each half). From a
-// checkpoint word that takes two shifts and two masks per pair (the sign sits 4 bits above the
-// exponent, bf16 wants it 7 above the mantissa's top). The mma layout permutes the bits of each
-// word once, at load, so that the four pairs of a word cost 9 integer instructions, not 16:
-//   pair 0: w & 0x81C081C0                        (the bits already in place)
-//   pair 1: rotl(w, 6) & 0x81C081C0
-//   pair 2: rotl(w, 26) & 0x81C081C0
-//   pair 3: (rotl(w, 4) & 0x81808180) | (rotl(w, 28) & 0x00400040)
-// The permutation only moves bits within a word, so slices of whole 16-byte blocks (the
-// tensor-parallel cut along K, expert and row slices) keep the layout.
+// The tensor-core kernels take elements 2q and 2q + 1 of a word as the two halves of a bf16x2
+// of value * 2^-126 (m -> bit 6, e0 -> 7, e1 -> 8, s -> 15 of each half): the pairs of the
+// activations' own bf16x2 words, so the activations go to the mma as they are loaded. The mma
+// layout permutes the bits of each word once, at load, so that the four pairs of a word cost 9
+// integer instructions (from checkpoint words: 16, and the activations then need pairing):
+//   pair 0 (elements 0, 1): rotl(w, 6) & 0x81C081C0
+//   pair 1 (elements 2, 3): (rotl(w, 4) & 0x81808180) | (rotl(w, 28) & 0x00400040)
+//   pair 2 (elements 4, 5): rotl(w, 26) & 0x81C081C0
+//   pair 3 (elements 6, 7): w & 0x81C081C0                (the bits already in place)
+// (Which pair takes which rotation is the choice with the fewest distinct bit displacements,
+// kShifts: the repack's shift-and-mask passes.) The permutation only moves bits within a word,
+// so slices of whole 16-byte blocks (the tensor-parallel cut along K, expert and row slices)
+// keep the layout.
 #pragma once
 
 #include <cstdint>
@@ -28,8 +30,8 @@ namespace moelora::mxfp4 {
 
 // kMmaPosition[i][b]: the bit of the mma word that holds bit b (m, e0, e1, s) of element i.
 inline constexpr int kMmaPosition[8][4] = {
-    {6, 7, 8, 15},     {0, 1, 2, 9},      {12, 13, 14, 21}, {10, 3, 4, 11},
-    {22, 23, 24, 31},  {16, 17, 18, 25},  {28, 29, 30, 5},  {26, 19, 20, 27},
+    {0, 1, 2, 9},      {16, 17, 18, 25},  {10, 3, 4, 11},   {26, 19, 20, 27},
+    {12, 13, 14, 21},  {28, 29, 30, 5},   {6, 7, 8, 15},    {22, 23, 24, 31},
 };
 
 // The checkpoint bits that move `shift` places up (down when negative) into the mma word.
@@ -58,7 +60,7 @@ constexpr bool is_permutation() {
 static_assert(is_permutation(), "kMmaPosition must place the 32 bits on distinct positions");
 
 // The displacements of the permutation: bits that move by the same amount move together.
-inline constexpr int kShifts[9] = {-22, -10, -4, -2, 2, 4, 6, 10, 12};
+inline constexpr int kShifts[11] = {-18, -12, -6, -4, 0, 2, 6, 8, 12, 14, 18};
 
 constexpr bool shifts_cover_every_bit() {
   uint32_t all = 0;
@@ -89,15 +91,16 @@ MOELORA_MXFP4_HD uint32_t move_from_mma(uint32_t w) {
 
 // A checkpoint word in the mma layout, and back (kShifts spelled out: one shift and mask each).
 MOELORA_MXFP4_HD uint32_t to_mma(uint32_t w) {
-  return move_to_mma<-22>(w) | move_to_mma<-10>(w) | move_to_mma<-4>(w) | move_to_mma<-2>(w) |
-         move_to_mma<2>(w) | move_to_mma<4>(w) | move_to_mma<6>(w) | move_to_mma<10>(w) |
-         move_to_mma<12>(w);
+  return move_to_mma<-18>(w) | move_to_mma<-12>(w) | move_to_mma<-6>(w) | move_to_mma<-4>(w) |
+         move_to_mma<0>(w) | move_to_mma<2>(w) | move_to_mma<6>(w) | move_to_mma<8>(w) |
+         move_to_mma<12>(w) | move_to_mma<14>(w) | move_to_mma<18>(w);
 }
 
 MOELORA_MXFP4_HD uint32_t from_mma(uint32_t w) {
-  return move_from_mma<-22>(w) | move_from_mma<-10>(w) | move_from_mma<-4>(w) |
-         move_from_mma<-2>(w) | move_from_mma<2>(w) | move_from_mma<4>(w) |
-         move_from_mma<6>(w) | move_from_mma<10>(w) | move_from_mma<12>(w);
+  return move_from_mma<-18>(w) | move_from_mma<-12>(w) | move_from_mma<-6>(w) |
+         move_from_mma<-4>(w) | move_from_mma<0>(w) | move_from_mma<2>(w) |
+         move_from_mma<6>(w) | move_from_mma<8>(w) | move_from_mma<12>(w) |
+         move_from_mma<14>(w) | move_from_mma<18>(w);
 }
 
 // The 4-bit code of element i (0..7) of a word in either layout.
@@ -130,18 +133,20 @@ MOELORA_MXFP4_HD uint32_t checkpoint_pair(uint32_t w) {
   return (em & 0x01C001C0u) | ((w << kSign) & 0x80008000u);
 }
 
-// mma words: one rotation (pair 0: none; pair 3: two) puts all four bits of both halves in place.
+// Elements 2Q and 2Q + 1 of an mma word as a bf16x2 of value * 2^-126 (the halves of
+// checkpoint_pair's form): one rotation (pair 3: none; pair 1: two) puts all four bits of both
+// halves in place.
 template <int Q>
 MOELORA_MXFP4_HD uint32_t mma_pair(uint32_t w) {
   constexpr uint32_t kField = 0x81C081C0u;
   if constexpr (Q == 0) {
-    return w & kField;
-  } else if constexpr (Q == 1) {
     return rotl(w, 6) & kField;
+  } else if constexpr (Q == 1) {
+    return (rotl(w, 4) & 0x81808180u) | (rotl(w, 28) & 0x00400040u);
   } else if constexpr (Q == 2) {
     return rotl(w, 26) & kField;
   } else {
-    return (rotl(w, 4) & 0x81808180u) | (rotl(w, 28) & 0x00400040u);
+    return w & kField;
   }
 }
 

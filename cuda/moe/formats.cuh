@@ -195,8 +195,9 @@ struct Fp8Format : ScaleAsIs<Fp8Format> {
   __device__ static int swizzle(int row, int chunk) { return chunk ^ (row & 1); }
 };
 
-// MXFP4 over words of either layout (src/mxfp4_layout.h): Words::bits<Q> places elements q and
-// q + 4 of a word into a bf16x2; everything else is the same for both.
+// MXFP4 over words of either layout (src/mxfp4_layout.h): Words::bits<Q> places a pair of a
+// word's elements into a bf16x2 and Words::b_pairs pairs the x elements to match; everything
+// else is the same for both.
 template <typename Words>
 struct Mxfp4Codes {
   using Act = __nv_bfloat16;
@@ -212,7 +213,8 @@ struct Mxfp4Codes {
   }
   // The exponent of the lane's block of 32 elements at k0.
   __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
-    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + k0 / 32) : 0u;
+    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + (static_cast<uint32_t>(k0) >> 5))
+              : 0u;
   }
   __device__ static uint32_t times(uint32_t v, uint32_t m) {
     __nv_bfloat162 a, b;
@@ -258,18 +260,8 @@ struct Mxfp4Codes {
 #pragma unroll
     for (int i = 0; i < 4; ++i) a[i] = times(times(a[i], big), m2);
   }
-  __device__ static uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
-    uint32_t r;
-    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
-    return r;
-  }
-  // x elements (q, q + 4) of the chunk's 8, matching Words::bits<q>.
-  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
-    b[0] = prmt(x.x, x.z, 0x5410u);
-    b[1] = prmt(x.x, x.z, 0x7632u);
-    b[2] = prmt(x.y, x.w, 0x5410u);
-    b[3] = prmt(x.y, x.w, 0x7632u);
-  }
+  // x operands of the chunk's 8 elements, matching Words::bits<q> (Words::b_pairs).
+  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) { Words::b_pairs(x, b); }
   // Lanes c of rows r, r+1 read chunks 4c + u: chunks 8..15 move by 2 within their bank group
   // and the odd row to the other parity, all within the k-step's 16 chunks.
   static constexpr bool kStepLocalSwizzle = true;
@@ -292,19 +284,38 @@ struct Mxfp4Codes {
   }
 };
 
-// Checkpoint words (GPT-OSS's nibbles as stored): two shifts and two masks per pair.
+// Checkpoint words (GPT-OSS's nibbles as stored): two shifts and two masks per pair of elements
+// q, q + 4, so the x elements are paired the same way (a byte permute per pair).
 struct Mxfp4Format : Mxfp4Codes<Mxfp4Format> {
   template <int Q>
   __device__ static uint32_t bits(uint32_t word) {
     return mxfp4::checkpoint_pair<Q>(word);
   }
+  __device__ static uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+    return r;
+  }
+  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
+    b[0] = prmt(x.x, x.z, 0x5410u);
+    b[1] = prmt(x.x, x.z, 0x7632u);
+    b[2] = prmt(x.y, x.w, 0x5410u);
+    b[3] = prmt(x.y, x.w, 0x7632u);
+  }
 };
 
-// mma-layout words: 9 integer instructions for a word's four pairs instead of 16.
+// mma-layout words: 9 integer instructions for a word's four pairs instead of 16, and each pair
+// is elements 2q, 2q + 1: the x words go to the mma as they are.
 struct Mxfp4MmaFormat : Mxfp4Codes<Mxfp4MmaFormat> {
   template <int Q>
   __device__ static uint32_t bits(uint32_t word) {
     return mxfp4::mma_pair<Q>(word);
+  }
+  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) {
+    b[0] = x.x;
+    b[1] = x.y;
+    b[2] = x.z;
+    b[3] = x.w;
   }
 };
 

@@ -216,19 +216,30 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs& a) {
   const int steps = (a.row_bytes + 63) / 64;
   const int step_begin = kSplit ? static_cast<int>(blockIdx.z) * a.split_steps : 0;
   const int step_end = kSplit ? min(steps, step_begin + a.split_steps) : steps;
+  // The k-steps this lane's 16 bytes of row (i, h) take part in end at end_step[i][h] (rows past
+  // the stack's and bytes past the row's end read nothing): one compare per load, worked out
+  // once. The lane's k offset within a step is held in a register too (the compiler would
+  // otherwise rebuild it from the thread index for every step).
+  uint32_t lane_k = static_cast<uint32_t>(8 * F::kChunks * c);
+  ptx::keep_in_register(lane_k);
+  const int lane_steps = min(step_end, (a.row_bytes - 16 * c + 63) / 64);
+  int end_step[MT][2];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) end_step[i][h] = rok[i][h] ? lane_steps : 0;
+  }
   auto load_step = [&](WeightStep<F, MT>& st, int step) {
-    const int byte = step * 64 + 16 * c;
-    const bool in_k = step < step_end && byte < a.row_bytes;
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const bool ok = in_k && rok[i][h];
+        const bool ok = step < end_step[i][h];
         const auto* src = reinterpret_cast<const uint4*>(wrow[i][h] + step * 64);
         // Decode reads each weight once per step (evict first); prefill blocks of one expert
         // share it through L2.
         st.w[i][h] = !ok ? make_uint4(0, 0, 0, 0) : MT == 1 ? __ldcs(src) : __ldg(src);
-        st.s[i][h] = F::load_scale(a, srow[i][h], step * kStepK + 8 * F::kChunks * c, ok);
+        st.s[i][h] = F::load_scale(a, srow[i][h], step * kStepK + static_cast<int>(lane_k), ok);
       }
     }
   };

@@ -1,6 +1,7 @@
 // Tests of the MXFP4 mma word layout (src/mxfp4_layout.h): the grouped-shift permutation
 // against a bit-by-bit walk of the position table, its inverse, the per-element codes, and the
-// tensor-core kernels' pair extraction from mma words against that from checkpoint words.
+// tensor-core kernels' pair extraction from mma and checkpoint words against a bf16x2 built
+// from the two elements' codes.
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -32,6 +33,13 @@ std::vector<uint32_t> test_words() {
   return words;
 }
 
+// Elements lo and hi of checkpoint word w as the kernels' bf16x2 of value * 2^-126: each code's
+// m, e0, e1 to bits 6, 7, 8 of its half and s to bit 15.
+uint32_t pair_of_elements(uint32_t w, int lo, int hi) {
+  auto half = [](uint32_t code) { return ((code & 0x7u) << 6) | ((code & 0x8u) << 12); };
+  return half(mxfp4::code_of_checkpoint(w, lo)) | (half(mxfp4::code_of_checkpoint(w, hi)) << 16);
+}
+
 }  // namespace
 
 TEST_CASE("mxfp4_mma_permutation_matches_its_table_and_inverts") {
@@ -45,13 +53,19 @@ TEST_CASE("mxfp4_mma_permutation_matches_its_table_and_inverts") {
   }
 }
 
-TEST_CASE("mxfp4_mma_pairs_equal_checkpoint_pairs") {
+TEST_CASE("mxfp4_pairs_are_the_elements_the_activations_pair_with") {
   for (const uint32_t w : test_words()) {
     const uint32_t m = mxfp4::to_mma(w);
-    CHECK_EQ(mxfp4::mma_pair<0>(m), mxfp4::checkpoint_pair<0>(w));
-    CHECK_EQ(mxfp4::mma_pair<1>(m), mxfp4::checkpoint_pair<1>(w));
-    CHECK_EQ(mxfp4::mma_pair<2>(m), mxfp4::checkpoint_pair<2>(w));
-    CHECK_EQ(mxfp4::mma_pair<3>(m), mxfp4::checkpoint_pair<3>(w));
+    // mma words: elements 2q, 2q + 1 (the halves of the activations' bf16x2 word q)
+    CHECK_EQ(mxfp4::mma_pair<0>(m), pair_of_elements(w, 0, 1));
+    CHECK_EQ(mxfp4::mma_pair<1>(m), pair_of_elements(w, 2, 3));
+    CHECK_EQ(mxfp4::mma_pair<2>(m), pair_of_elements(w, 4, 5));
+    CHECK_EQ(mxfp4::mma_pair<3>(m), pair_of_elements(w, 6, 7));
+    // checkpoint words: elements q, q + 4 (the activations are paired to match)
+    CHECK_EQ(mxfp4::checkpoint_pair<0>(w), pair_of_elements(w, 0, 4));
+    CHECK_EQ(mxfp4::checkpoint_pair<1>(w), pair_of_elements(w, 1, 5));
+    CHECK_EQ(mxfp4::checkpoint_pair<2>(w), pair_of_elements(w, 2, 6));
+    CHECK_EQ(mxfp4::checkpoint_pair<3>(w), pair_of_elements(w, 3, 7));
   }
 }
 

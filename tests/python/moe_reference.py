@@ -17,8 +17,8 @@ TOLERANCE = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 # The MXFP4 mma layout as moelora/moe.h and src/mxfp4_layout.h define it, written out again:
 # bit b (mantissa, exponent 0, exponent 1, sign) of element i of a 32-bit word sits at
 # MMA_POSITIONS[i][b].
-MMA_POSITIONS = ((6, 7, 8, 15), (0, 1, 2, 9), (12, 13, 14, 21), (10, 3, 4, 11),
-                 (22, 23, 24, 31), (16, 17, 18, 25), (28, 29, 30, 5), (26, 19, 20, 27))
+MMA_POSITIONS = ((0, 1, 2, 9), (16, 17, 18, 25), (10, 3, 4, 11), (26, 19, 20, 27),
+                 (12, 13, 14, 21), (28, 29, 30, 5), (6, 7, 8, 15), (22, 23, 24, 31))
 
 
 # ---- routing ---------------------------------------------------------------------------------
