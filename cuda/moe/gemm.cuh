@@ -22,14 +22,15 @@
 //   Compute, H100, gpt-oss-20b w13 at 16 tokens: 0.55 issued per scheduler-cycle at 39% of the
 //   DRAM roofline). The dequantization itself, per lane per k-step: 152 instructions from
 //   checkpoint words (15 integer per word of four bf16x2 and a multiply per pair), 104 from
-//   words in the mma layout (9 integer per word, src/mxfp4_layout.h; the engine's layout; static
-//   SASS of the 8-row kernel's fast path, sm_90a: 259 instructions per k-step against 306).
+//   words in the mma layout (9 integer per word, src/mxfp4_layout.h; the engine's layout),
+//   whose pairs are also the x words' own (no byte permute of x: 16 fewer per k-step).
 //   The loop around it is kept small: one barrier per 8 KB stage, the scale's multiplier and
 //   its fast-path test once per k-step (the path is chosen per warp: each path issues its own
-//   mma.sync), and each lane's shared x addresses
-//   computed once and held in registers (the compiler would otherwise rebuild them from the
-//   thread index for every 16-byte read). That took the k-step from ~394 to ~236 issued
-//   instructions and the gpt-oss-20b MXFP4 layer at 16 tokens from 298 to 237 us.
+//   mma.sync), each lane's shared x addresses and k-step bound computed once and held in
+//   registers (the compiler would otherwise rebuild them from the thread index for every
+//   16-byte read and every load). Static SASS of the 8-row kernel's fast path, sm_90a: 222
+//   instructions per k-step (259 with permuted x and per-step bounds, 306 from checkpoint
+//   words; docs/performance.md has what the loop's instructions cost in time).
 // Epilogue: accumulators -> shared memory (fp32, [pair row][weight row], padded) -> + bias,
 //   activation (gate/up from the same CTA), x routing weight, one rounding, coalesced stores.
 // Split-K (grid z > 1, decode): a decode grid of (row tile, block) CTAs can hold less than one
