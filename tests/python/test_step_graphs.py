@@ -190,7 +190,7 @@ def test_gpu_lora_free_graph_launches_no_lora_kernel(mixtral):
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         for i in range(3):
             engine.add_request(f"{lora_request}{i}", [5, 6, 7 + i], params, lora_request)
-        for _ in range(4):  # prefill, then decode steps: their graphs are captured
+        for _ in range(4):  # prefill, then decode steps
             engine.step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
