@@ -28,9 +28,11 @@
 //   its fast-path test once per k-step (the path is chosen per warp: each path issues its own
 //   mma.sync), each lane's shared x addresses and k-step bound computed once and held in
 //   registers (the compiler would otherwise rebuild them from the thread index for every
-//   16-byte read and every load). Static SASS of the 8-row kernel's fast path, sm_90a: 222
-//   instructions per k-step (259 with permuted x and per-step bounds, 306 from checkpoint
-//   words; docs/performance.md has what the loop's instructions cost in time).
+//   16-byte read and every load). Static SASS of the 8-row kernel, sm_90a, per k-step: the fast
+//   path's block of dequantization and mma 186 instructions (211 with permuted x and per-load
+//   bounds), and 38 from its last mma to the next step's path vote (48 with them); from
+//   checkpoint words the whole fast k-step is ~306 (docs/performance.md has what the loop's
+//   instructions cost in time).
 // Epilogue: accumulators -> shared memory (fp32, [pair row][weight row], padded) -> + bias,
 //   activation (gate/up from the same CTA), x routing weight, one rounding, coalesced stores.
 // Split-K (grid z > 1, decode): a decode grid of (row tile, block) CTAs can hold less than one
