@@ -213,8 +213,8 @@ struct Mxfp4Codes {
   }
   // The exponent of the lane's block of 32 elements at k0.
   __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
-    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + (static_cast<uint32_t>(k0) >> 5))
-              : 0u;
+    const uint32_t block = static_cast<uint32_t>(k0) >> 5;  // k0 >= 0: a shift, not a divide
+    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + block) : 0u;
   }
   __device__ static uint32_t times(uint32_t v, uint32_t m) {
     __nv_bfloat162 a, b;
@@ -260,8 +260,6 @@ struct Mxfp4Codes {
 #pragma unroll
     for (int i = 0; i < 4; ++i) a[i] = times(times(a[i], big), m2);
   }
-  // x operands of the chunk's 8 elements, matching Words::bits<q> (Words::b_pairs).
-  __device__ static void b_pairs(const uint4& x, uint32_t (&b)[4]) { Words::b_pairs(x, b); }
   // Lanes c of rows r, r+1 read chunks 4c + u: chunks 8..15 move by 2 within their bank group
   // and the odd row to the other parity, all within the k-step's 16 chunks.
   static constexpr bool kStepLocalSwizzle = true;
