@@ -18,7 +18,9 @@ the cold run against its bound (`cold_bound`): the longer of the warm run and a 
 read of the adapter files the run used, the page cache as the cold run left it. Where the cold
 run's time goes: when each of its adapters became ready on the device (`adapter_timeline`) and,
 for it and the warm rounds, a step profile (`step_profile`: steps, seconds, and those run by
-under half of --max-num-seqs, the tail that requests starting spread out leave).
+under half of --max-num-seqs, the tail that requests starting spread out leave; the first and
+the longest step; with --step-trace, every step of the cold run) and the time spent queueing
+requests (`add_request_s`: a first request for an adapter registers it).
 The model's memory is estimated before it is built; one that cannot fit is refused with the
 numbers and the flag to change.
 """
@@ -81,6 +83,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rounds of the no-adapter and the warm run (medians reported)")
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw the warm run's per-adapter results")
+    parser.add_argument("--step-trace", action="store_true",
+                        help="save every step of the cold run (start, seconds, running and "
+                             "waiting sequences) in its step profile")
     flags.add_host_block_argument(parser)
     flags.add_host_reserve_argument(parser)
     flags.add_memory_check_argument(parser)
@@ -145,7 +150,11 @@ def print_tables(record: dict) -> None:
     print(f"steps run by under half the batch: cold {cold['steps_below_half_batch']} of "
           f"{cold['steps']} ({cold['seconds_below_half_batch']:.2f} s), warm "
           f"{warm['steps_below_half_batch']:g} of {warm['steps']:g} "
-          f"({warm['seconds_below_half_batch']:.2f} s)")
+          f"({warm['seconds_below_half_batch']:.2f} s); first step cold "
+          f"{cold['first_step_s']:.3f} s, warm {warm['first_step_s']:.3f} s")
+    print(f"requests queued (their adapters registered on first use): cold "
+          f"{record['with_adapters']['add_request_s']:.3f} s, warm "
+          f"{record['with_adapters_warm']['add_request_s']:.3f} s")
     print("\nper adapter (warm run, last round):")
     print(format_table(_ADAPTER_COLUMNS, [{"adapter": name, **values} for name, values in
                                           record["per_adapter_warm"].items()]))
@@ -188,7 +197,7 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
     run_requests(engine, prompts, plain, params, arrivals)  # warm-up: this workload's shapes
     before = engine.adapters.stats()
     timeline = AdapterTimeline(engine, sorted(set(chosen), key=lambda lora: lora.lora_name))
-    profile = StepProfile(engine, args.max_num_seqs, timeline.step)
+    profile = StepProfile(engine, args.max_num_seqs, timeline.step, trace=args.step_trace)
     with_adapters, cold_outs = run_requests(engine, prompts, chosen, params, arrivals,
                                             step=profile.step)
     with_adapters["step_profile"] = profile.summary()

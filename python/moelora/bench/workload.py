@@ -71,18 +71,22 @@ def run_requests(engine, prompts, loras, params, arrivals,
                  step: Callable | None = None) -> tuple[dict, list]:
     """Feeds the requests to `engine` at their arrival times (seconds from the start) and steps
     it until all finish. Returns (summary, finished RequestOutputs). `step` replaces
-    engine.step (a StepTimer's, to time each step)."""
+    engine.step (a StepTimer's, to time each step). The summary's add_request_s is the time
+    spent queueing requests (a first request for an adapter registers it: parses its files)."""
     step = step or engine.step
     start = time.perf_counter()
     pending = list(range(len(prompts)))
     done = {}
     tag = f"{id(prompts)}-{start}"
+    adding = 0.0
     while pending or engine.has_unfinished_requests():
         now = time.perf_counter() - start
         while pending and arrivals[pending[0]] <= now:
             i = pending.pop(0)
+            added = time.perf_counter()
             engine.add_request(f"b{i}-{tag}", {"prompt_token_ids": prompts[i]}, params,
                                loras[i])
+            adding += time.perf_counter() - added
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, arrivals[pending[0]] - now))
             continue
@@ -91,7 +95,7 @@ def run_requests(engine, prompts, loras, params, arrivals,
                 done[out.request_id] = out
     elapsed = time.perf_counter() - start
     outs = list(done.values())
-    return summarize(outs, elapsed), outs
+    return {**summarize(outs, elapsed), "add_request_s": adding}, outs
 
 
 class StepProfile:
@@ -99,29 +103,44 @@ class StepProfile:
     step's wall time and how many sequences were running after it. A run whose requests start
     spread out (a cold run, as adapters land) ends in a tail of steps run by a part of the
     batch, each costing nearly a full step: the summary counts the steps and seconds run with
-    fewer than half of max_num_seqs."""
+    fewer than half of max_num_seqs, and gives the first and the longest step. With `trace`,
+    it lists every step too: [start (seconds from the first step's), seconds, running and
+    waiting sequences after it]."""
 
-    def __init__(self, engine, max_num_seqs: int, inner: Callable[[], list] | None = None):
+    def __init__(self, engine, max_num_seqs: int, inner: Callable[[], list] | None = None,
+                 trace: bool = False):
         self.engine = engine
         self.max_num_seqs = max_num_seqs
+        self.trace = trace
         self._inner = inner or engine.step
+        self.starts: list[float] = []
         self.seconds: list[float] = []
         self.running: list[int] = []
+        self.waiting: list[int] = []
 
     def step(self) -> list:
         start = time.perf_counter()
         outs = self._inner()
+        self.starts.append(start)
         self.seconds.append(time.perf_counter() - start)
         self.running.append(len(self.engine.scheduler.running))
+        self.waiting.append(len(self.engine.scheduler.waiting))
         return outs
 
     def summary(self) -> dict:
         below = [s for s, n in zip(self.seconds, self.running) if 2 * n < self.max_num_seqs]
         steps = len(self.seconds)
-        return {"steps": steps, "seconds": sum(self.seconds),
-                "mean_running": sum(self.running) / steps if steps else 0.0,
-                "steps_below_half_batch": len(below),
-                "seconds_below_half_batch": sum(below)}
+        summary = {"steps": steps, "seconds": sum(self.seconds),
+                   "mean_running": sum(self.running) / steps if steps else 0.0,
+                   "steps_below_half_batch": len(below),
+                   "seconds_below_half_batch": sum(below),
+                   "first_step_s": self.seconds[0] if steps else None,
+                   "longest_step_s": max(self.seconds, default=None)}
+        if self.trace:
+            summary["trace"] = [[round(start - self.starts[0], 5), round(seconds, 5), running,
+                                 waiting] for start, seconds, running, waiting in
+                                zip(self.starts, self.seconds, self.running, self.waiting)]
+        return summary
 
 
 class AdapterTimeline:
