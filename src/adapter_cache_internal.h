@@ -85,7 +85,8 @@ struct AdapterEntry {
 };
 
 // Validates `spec` (files, tensors, dtypes, views, ranks, coverage) and returns an entry with its
-// files' headers and row layout; throws AdapterError naming the adapter.
+// files' headers and row layout, its spec with one source per expert; throws AdapterError
+// naming the adapter.
 std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
                                                     const AdapterCacheConfig& config,
                                                     int64_t page_bytes);

@@ -61,6 +61,42 @@ SharedARows shared_a_rows(const std::vector<LoraSite>& sites, const AdapterSpec&
   return any ? shared : SharedARows{};
 }
 
+// `given` with a source per (site, layer, expert, A or B): a source of several experts is the
+// same view repeated (see LoraMatrixSource). The checks after this one are per expert.
+AdapterSpec one_source_per_expert(const AdapterSpec& given, const std::vector<LoraSite>& sites) {
+  AdapterSpec spec{given.name, given.files, given.ranks, {}};
+  size_t count = 0;
+  for (const LoraMatrixSource& m : given.matrices) {
+    if (m.experts == 1) {
+      ++count;
+      continue;
+    }
+    const bool known_site = m.site >= 0 && m.site < static_cast<int32_t>(sites.size());
+    if (m.experts < 1 || !known_site || m.expert < 0 ||
+        m.expert > sites[m.site].num_experts - m.experts) {
+      throw AdapterError(given.name,
+                         matrix_name(m) + ": covers " + std::to_string(m.experts) +
+                             " experts from expert " + std::to_string(m.expert) +
+                             (known_site ? ", the site has " +
+                                               std::to_string(sites[m.site].num_experts)
+                                         : ", of no such site"));
+    }
+    count += static_cast<size_t>(m.experts);
+  }
+  spec.matrices.reserve(count);
+  for (const LoraMatrixSource& m : given.matrices) {
+    for (int32_t e = 0; e < m.experts; ++e) {
+      LoraMatrixSource one = m;
+      one.expert = m.expert + e;
+      one.offset = m.offset + e * m.expert_stride;
+      one.experts = 1;
+      one.expert_stride = 0;
+      spec.matrices.push_back(std::move(one));
+    }
+  }
+  return spec;
+}
+
 }  // namespace
 
 std::pair<int64_t, int64_t> view_extent(const LoraMatrixSource& m) {
@@ -109,13 +145,14 @@ std::string failure_message(const std::string& adapter, const std::string& what,
   return prefix + cut_directories(problem, files);
 }
 
-std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& spec,
+std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
                                                     const AdapterCacheConfig& config,
                                                     int64_t page_bytes) {
-  const std::string& name = spec.name;
+  const std::string& name = given.name;
   auto fail = [&](const std::string& problem) -> void { throw AdapterError(name, problem); };
   if (name.empty()) throw AdapterError(name, "the adapter name is empty");
   const auto& sites = config.sites;
+  const AdapterSpec spec = one_source_per_expert(given, sites);
   if (spec.ranks.size() != sites.size()) {
     fail("ranks has " + std::to_string(spec.ranks.size()) + " sites, the model has " +
          std::to_string(sites.size()));

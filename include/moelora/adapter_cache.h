@@ -40,7 +40,9 @@ struct ReadHookAccess;  // the reader test hook (src/adapter_cache_internal.h)
 
 // Where one LoRA matrix comes from: a strided 2D view [rows, cols] (in elements) into a tensor
 // of one of the adapter's files. For A it must be [rank, in_dim]; for B it is B^T,
-// [rank, out_dim]. `scale` is multiplied into B.
+// [rank, out_dim]. `scale` is multiplied into B. One source may stand for the same view of
+// `experts` consecutive experts (expert, expert + 1, ...), each `expert_stride` elements on from
+// the one before: a fused expert tensor is one source, not one per expert.
 struct LoraMatrixSource {
   int32_t site = 0;
   int32_t layer = 0;
@@ -54,6 +56,8 @@ struct LoraMatrixSource {
   int64_t row_stride = 0;
   int64_t col_stride = 1;
   float scale = 1.0f;
+  int32_t experts = 1;
+  int64_t expert_stride = 0;
 };
 
 struct AdapterSpec {

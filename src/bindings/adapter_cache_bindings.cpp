@@ -143,14 +143,17 @@ void register_adapter_cache(py::module_& m) {
   py::class_<LoraMatrixSource>(m, "LoraMatrixSource")
       .def(py::init([](int32_t site, int32_t layer, int32_t expert, bool is_b, int32_t file,
                        std::string tensor, int64_t offset, int64_t rows, int64_t cols,
-                       int64_t row_stride, int64_t col_stride, float scale) {
-             return LoraMatrixSource{site, layer, expert, is_b, file, std::move(tensor), offset,
-                                     rows, cols, row_stride, col_stride, scale};
+                       int64_t row_stride, int64_t col_stride, float scale, int32_t experts,
+                       int64_t expert_stride) {
+             return LoraMatrixSource{site, layer, expert, is_b, file, std::move(tensor),
+                                     offset, rows, cols, row_stride, col_stride, scale,
+                                     experts, expert_stride};
            }),
            py::arg("site"), py::arg("layer"), py::arg("expert"), py::arg("is_b"),
            py::arg("file") = 0, py::arg("tensor") = "", py::arg("offset") = 0,
            py::arg("rows") = 0, py::arg("cols") = 0, py::arg("row_stride") = 0,
-           py::arg("col_stride") = 1, py::arg("scale") = 1.0f)
+           py::arg("col_stride") = 1, py::arg("scale") = 1.0f, py::arg("experts") = 1,
+           py::arg("expert_stride") = 0)
       .def_readwrite("site", &LoraMatrixSource::site)
       .def_readwrite("layer", &LoraMatrixSource::layer)
       .def_readwrite("expert", &LoraMatrixSource::expert)
@@ -162,7 +165,9 @@ void register_adapter_cache(py::module_& m) {
       .def_readwrite("cols", &LoraMatrixSource::cols)
       .def_readwrite("row_stride", &LoraMatrixSource::row_stride)
       .def_readwrite("col_stride", &LoraMatrixSource::col_stride)
-      .def_readwrite("scale", &LoraMatrixSource::scale);
+      .def_readwrite("scale", &LoraMatrixSource::scale)
+      .def_readwrite("experts", &LoraMatrixSource::experts)
+      .def_readwrite("expert_stride", &LoraMatrixSource::expert_stride);
 
   py::class_<AdapterSpec>(m, "AdapterSpec")
       .def(py::init([](std::string name, std::vector<std::string> files, SiteRanks ranks,

@@ -23,8 +23,11 @@ def make_sites():
             for n, l, e, i, o in SITES]
 
 
-def write_adapter(tmp_path, name, ranks, seed, src_dtype, scale, poison=False):
-    """PEFT layout: A [r, in], B [out, r]; experts fused [E, r, in] / [E, out, r]."""
+def write_adapter(tmp_path, name, ranks, seed, src_dtype, scale, poison=False,
+                  one_source_per_tensor=False):
+    """PEFT layout: A [r, in], B [out, r]; experts fused [E, r, in] / [E, out, r]. The views
+    are one source per expert, or with `one_source_per_tensor` one source for all of a
+    tensor's experts (LoraMatrixSource.experts)."""
     gen = torch.Generator().manual_seed(seed)
     tensors, matrices, reference = {}, [], {}
     for s, (site_name, layers, experts, in_dim, out_dim) in enumerate(SITES):
@@ -38,7 +41,20 @@ def write_adapter(tmp_path, name, ranks, seed, src_dtype, scale, poison=False):
                 a[0, 0, 3] = float("nan")
             tensors[f"{site_name}.{layer}.A"] = a.contiguous()
             tensors[f"{site_name}.{layer}.B"] = b.contiguous()
+            if one_source_per_tensor:
+                matrices.append(_C.LoraMatrixSource(
+                    site=s, layer=layer, expert=0, is_b=False, tensor=f"{site_name}.{layer}.A",
+                    rows=r, cols=in_dim, row_stride=in_dim, col_stride=1, scale=scale,
+                    experts=experts, expert_stride=r * in_dim))
+                matrices.append(_C.LoraMatrixSource(
+                    site=s, layer=layer, expert=0, is_b=True, tensor=f"{site_name}.{layer}.B",
+                    rows=r, cols=out_dim, row_stride=1, col_stride=r, scale=scale,
+                    experts=experts, expert_stride=out_dim * r))
             for e in range(experts):
+                reference[(s, layer, e, False)] = a[e].float()
+                reference[(s, layer, e, True)] = b[e].float().t() * scale
+                if one_source_per_tensor:
+                    continue
                 matrices.append(_C.LoraMatrixSource(
                     site=s, layer=layer, expert=e, is_b=False, tensor=f"{site_name}.{layer}.A",
                     offset=e * r * in_dim, rows=r, cols=in_dim, row_stride=in_dim, col_stride=1,
@@ -47,8 +63,6 @@ def write_adapter(tmp_path, name, ranks, seed, src_dtype, scale, poison=False):
                     site=s, layer=layer, expert=e, is_b=True, tensor=f"{site_name}.{layer}.B",
                     offset=e * out_dim * r, rows=r, cols=out_dim, row_stride=1, col_stride=r,
                     scale=scale))
-                reference[(s, layer, e, False)] = a[e].float()
-                reference[(s, layer, e, True)] = b[e].float().t() * scale
     path = os.path.join(tmp_path, f"{name}.safetensors")
     save_file(tensors, path)
     spec = _C.AdapterSpec(name=name, files=[path], ranks=ranks, matrices=matrices)
@@ -131,6 +145,31 @@ def test_mixed_ranks_and_sources_load_exactly(tmp_path, model_dtype):
     stats = cache.stats()
     assert stats["on_device"] == 3 and stats["device_loads"] == 3 and stats["bytes_loaded"] > 0
     pool.check_invariants()
+
+
+def test_one_source_for_all_experts_loads_exactly(tmp_path):
+    pool, cache = make_cache()
+    spec, reference = write_adapter(tmp_path, "fused", [[2, 3], [5, 1]], 4, torch.bfloat16,
+                                    1.5, one_source_per_tensor=True)
+    assert len(spec.matrices) == 2 * 4  # a source per (site, layer, A or B)
+    adapter_id = cache.register_adapter(spec)
+    cache.prefetch(adapter_id)
+    cache.wait(adapter_id)
+    check_adapter(cache, adapter_id, spec, reference, "bfloat16")
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("first, experts", [(0, 5), (3, 2), (-1, 2), (0, 0)])
+def test_a_source_past_its_sites_experts_is_refused(tmp_path, first, experts):
+    _pool, cache = make_cache()
+    spec, _ = write_adapter(tmp_path, "wide", [[2, 2], [2, 2]], 5, torch.bfloat16, 1.0,
+                            one_source_per_tensor=True)
+    matrices = list(spec.matrices)
+    matrices[-1].expert, matrices[-1].experts = first, experts  # experts.w13 has 4
+    spec.matrices = matrices
+    with pytest.raises(_C.AdapterError, match=r"adapter 'wide'.*expert.*the site has 4"):
+        cache.register_adapter(spec)
+    assert cache.stats()["registered"] == 0
 
 
 def test_corrupt_files_fail_only_their_adapter(tmp_path):

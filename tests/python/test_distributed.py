@@ -28,7 +28,7 @@ from moelora.distributed.loading import load_shard
 from moelora.distributed.shard import PartitionedExperts, shard_model, shard_plan, shard_sites
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
-from moelora.lora import load_adapter_plan
+from moelora.lora import load_adapter_plan, per_expert_sources
 from moelora.models import load_model, model_class
 from moelora.models.quantized import dequantize_fp8_blocks, dequantize_mxfp4
 from moelora.models.synthetic import init_random_, preset_model_config
@@ -231,12 +231,13 @@ def test_plan_shards_are_slices_of_the_full_matrices(cases, parallel):
     sites = load_model(case.model, dtype=torch.float32, progress=False).lora_sites()
     full = load_adapter_plan(case.requests["first"].lora_path, sites, "mixtral")
     tensors = load_file(str(full.files[0]))
-    whole = {(m.site, m.layer, m.expert, m.is_b): _view(tensors, m) for m in full.sources}
+    whole = {(m.site, m.layer, m.expert, m.is_b): _view(tensors, m)
+             for m in per_expert_sources(full.sources)}
     n = parallel.world_size
     seen = set()
     for rank in range(n):
         local_sites = {s.name: s for s in shard_sites(sites, parallel)}
-        for m in shard_plan(full, sites, parallel, rank).sources:
+        for m in per_expert_sources(shard_plan(full, sites, parallel, rank).sources):
             local = _view(tensors, m)
             assert local.shape[1] == (local_sites[m.site].out_dim if m.is_b
                                       else local_sites[m.site].in_dim)

@@ -13,7 +13,13 @@ import math
 
 import pytest
 import torch
-from moelora.lora import AdapterValidationError, LoraSiteSpec, load_adapter_plan, load_dense
+from moelora.lora import (
+    AdapterValidationError,
+    LoraSiteSpec,
+    load_adapter_plan,
+    load_dense,
+    per_expert_sources,
+)
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
@@ -257,10 +263,9 @@ def test_fused_gate_up_views_share_a(tmp_path):
         model, peft.LoraConfig(init_lora_weights=False, **PEFT_CASES["gpt_oss"])
     ).save_pretrained(tmp_path)
     plan = load_adapter_plan(tmp_path, sites_for("gpt_oss", cfg), "gpt_oss")
-    a_views = {
-        (s.site, s.layer, s.expert): (s.tensor, s.offset) for s in plan.sources if not s.is_b
-    }
-    b_views = [s for s in plan.sources if s.is_b and s.site in ("experts.gate", "experts.up")]
+    sources = per_expert_sources(plan.sources)
+    a_views = {(s.site, s.layer, s.expert): (s.tensor, s.offset) for s in sources if not s.is_b}
+    b_views = [s for s in sources if s.is_b and s.site in ("experts.gate", "experts.up")]
     for e in range(E):
         assert a_views[("experts.gate", 0, e)] == a_views[("experts.up", 0, e)]
     # GPT-OSS B rows are interleaved: gate and up views step over two B rows.

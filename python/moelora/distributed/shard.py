@@ -74,11 +74,14 @@ def shard_plan(plan: AdapterPlan, full_sites, parallel: ParallelConfig, rank: in
     sources = []
     for m in plan.sources:
         mode = site_mode(parallel, m.site)
-        if mode == EXPERTS:
+        if mode == EXPERTS:  # the source's experts that are this rank's
             per_rank = full[m.site].num_experts // n
-            if m.expert // per_rank != rank:
-                continue  # another rank's expert
-            m = dataclasses.replace(m, expert=m.expert - rank * per_rank)
+            first = max(m.expert, rank * per_rank)
+            end = min(m.expert + m.experts, (rank + 1) * per_rank)
+            if first >= end:
+                continue  # another rank's experts
+            m = dataclasses.replace(m, expert=first - rank * per_rank, experts=end - first,
+                                    offset=m.offset + (first - m.expert) * m.expert_stride)
         elif (mode == COLUMN and m.is_b) or (mode == ROW and not m.is_b):
             cols = m.cols // n
             m = dataclasses.replace(m, offset=m.offset + rank * cols * m.col_stride, cols=cols)

@@ -383,7 +383,8 @@ def _native_spec(plan, sites) -> object:
         _C.LoraMatrixSource(site=site_index[m.site], layer=m.layer, expert=m.expert,
                             is_b=m.is_b, file=m.file_index, tensor=m.tensor, offset=m.offset,
                             rows=m.rows, cols=m.cols, row_stride=m.row_stride,
-                            col_stride=m.col_stride, scale=m.scale)
+                            col_stride=m.col_stride, scale=m.scale, experts=m.experts,
+                            expert_stride=m.expert_stride)
         for m in plan.sources
     ]
     ranks = [list(plan.ranks.get(s.name, [0] * s.num_layers)) for s in sites]

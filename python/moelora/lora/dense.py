@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from safetensors import safe_open
 
-from moelora.lora.plan import AdapterPlan
+from moelora.lora.plan import AdapterPlan, per_expert_sources
 from moelora.lora.validate import AdapterValidationError
 
 DenseLora = dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
@@ -31,7 +31,7 @@ def load_dense(plan: AdapterPlan) -> DenseLora:
                     torch.zeros(spec.num_experts, spec.out_dim, rank),
                 )
     flat_cache: dict[str, torch.Tensor] = {}
-    for src in plan.sources:
+    for src in per_expert_sources(plan.sources):
         flat = flat_cache.get(src.tensor)
         if flat is None:
             flat = _read_flat(plan, src.file_index, src.tensor)
