@@ -105,7 +105,8 @@ class StepProfile:
     batch, each costing nearly a full step: the summary counts the steps and seconds run with
     fewer than half of max_num_seqs, and gives the first and the longest step. With `trace`,
     it lists every step too: [start (seconds from the first step's), seconds, running and
-    waiting sequences after it]."""
+    waiting sequences after it, adapters on the device after it, the CUDA allocator's
+    cudaMalloc + cudaFree calls during it]."""
 
     def __init__(self, engine, max_num_seqs: int, inner: Callable[[], list] | None = None,
                  trace: bool = False):
@@ -117,14 +118,21 @@ class StepProfile:
         self.seconds: list[float] = []
         self.running: list[int] = []
         self.waiting: list[int] = []
+        self.rows: list[list] = []
 
     def step(self) -> list:
+        calls = _allocator_calls(self.engine.device) if self.trace else 0
         start = time.perf_counter()
         outs = self._inner()
         self.starts.append(start)
         self.seconds.append(time.perf_counter() - start)
         self.running.append(len(self.engine.scheduler.running))
         self.waiting.append(len(self.engine.scheduler.waiting))
+        if self.trace:
+            on_device = self.engine.adapters.stats().get("on_device", 0)
+            self.rows.append([round(start - self.starts[0], 5), round(self.seconds[-1], 5),
+                              self.running[-1], self.waiting[-1], on_device,
+                              _allocator_calls(self.engine.device) - calls])
         return outs
 
     def summary(self) -> dict:
@@ -137,10 +145,18 @@ class StepProfile:
                    "first_step_s": self.seconds[0] if steps else None,
                    "longest_step_s": max(self.seconds, default=None)}
         if self.trace:
-            summary["trace"] = [[round(start - self.starts[0], 5), round(seconds, 5), running,
-                                 waiting] for start, seconds, running, waiting in
-                                zip(self.starts, self.seconds, self.running, self.waiting)]
+            summary["trace"] = self.rows
         return summary
+
+
+def _allocator_calls(device) -> int:
+    """cudaMalloc + cudaFree calls of torch's caching allocator so far (0 off CUDA)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 0
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0) + stats.get("num_device_free", 0)
 
 
 class AdapterTimeline:
