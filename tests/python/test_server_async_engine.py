@@ -1,12 +1,15 @@
 """AsyncEngine over the real LLMEngine (demo model and adapters): streaming, aborts that free
-pages at once, adapter unloads deferred until requests in flight finish, and bad input refused
-before anything streams."""
+pages at once, adapter unloads deferred until requests in flight finish, bad input refused
+before anything streams, and a new adapter registered while the engine keeps stepping."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
+from moelora.engine import adapters as adapter_module
 from moelora.engine.adapters import LoRARequest
 from moelora.engine.async_engine import AdapterUnavailableError, AsyncEngine
 from moelora.engine.config import EngineConfig
@@ -143,5 +146,45 @@ def test_bad_input_is_refused_before_streaming(assets):
         assert engine.snapshot.in_flight == 0 and not engine._streams
         stream = await engine.add_request("ok", "still fine", _greedy(3))
         assert [o async for o in stream][-1].finished
+
+    _run(_engine(model_dir), body)
+
+
+def test_a_new_adapter_registers_while_the_engine_steps(assets, monkeypatch):
+    """A first request parses its adapter's files on a worker thread: the engine thread keeps
+    running other requests' steps meanwhile (here the parse is slowed to 0.5 s)."""
+    model_dir, adapters = assets
+    parsed_on = []
+    parse = adapter_module.load_adapter_plan
+
+    def slow_parse(*args, **kwargs):
+        parsed_on.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_module, "load_adapter_plan", slow_parse)
+    poet = LoRARequest("poet", 1, adapters["poet"])
+
+    async def body(engine: AsyncEngine):
+        base = await engine.add_request("base", "Hello there", _greedy(200))
+        arrivals = []
+
+        async def drain():
+            async for _ in base:
+                arrivals.append(time.monotonic())
+
+        drainer = asyncio.ensure_future(drain())
+        await _until(lambda: len(arrivals) > 0)
+        start = time.monotonic()
+        stream = await engine.add_request("adapted", "Hello there", _greedy(4), poet)
+        meanwhile = sum(start <= t <= time.monotonic() for t in arrivals)
+        assert parsed_on and "moelora-engine" not in parsed_on
+        assert meanwhile >= 5, meanwhile  # the base request kept getting tokens
+        assert [o async for o in stream][-1].finished
+        again = await engine.add_request("again", "Hi", _greedy(2), poet)  # registered: no parse
+        assert [o async for o in again][-1].finished and len(parsed_on) == 1
+        engine.abort("base")
+        drainer.cancel()
+        await asyncio.gather(drainer, return_exceptions=True)
 
     _run(_engine(model_dir), body)

@@ -160,6 +160,12 @@ class AdapterManager:
             self._requests[request.lora_name] = request
             return adapter_id
 
+    def registered(self, request: LoRARequest) -> bool:
+        """Whether an adapter of `request`'s name is registered: resolve() then parses
+        nothing."""
+        with self._lock:
+            return request.lora_name in self._requests
+
     def _known(self, request: LoRARequest) -> int | None:
         known = self._requests.get(request.lora_name)
         if known is None:

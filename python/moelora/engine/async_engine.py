@@ -214,6 +214,11 @@ class AsyncEngine:
         """Hands a request to the engine and returns the stream of its outputs. Bad input
         (ValueError, TypeError, adapter errors) raises here, before anything streams."""
         self._check_alive()
+        if lora_request is not None and not self.engine.adapters.registered(lora_request):
+            # A first request registers its adapter: its files parsed and checked, tens of
+            # milliseconds for a large MoE adapter. On a worker thread, so that the engine
+            # thread keeps stepping meanwhile; the add below then finds it registered.
+            await asyncio.to_thread(self.engine.adapters.resolve, lora_request)
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream.queue
         with self._queued_lock:
