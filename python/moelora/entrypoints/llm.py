@@ -101,16 +101,19 @@ class LLM:
                                  "sampling_params")
         lora_list = _broadcast(lora_request, len(prompt_list), "lora_request")
         engine = self.llm_engine
-        prepared = []
-        for index, (prompt, params, lora) in enumerate(zip(prompt_list, params_list, lora_list)):
-            try:
-                prepared.append(engine.prepare_request(prompt, params, lora))
-            except (ValueError, TypeError) as error:
-                kind = TypeError if isinstance(error, TypeError) else ValueError
-                raise kind(f"prompt {index}: {error}") from error
+        # Each request is queued as soon as it is checked: a first request for an adapter
+        # registers it (parses its files), and queueing it starts the adapter's load, which then
+        # overlaps the registration of the adapters after it. A bad request raises with nothing
+        # of this call left queued.
         ids = []
         try:
-            for request in prepared:
+            for index, (prompt, params, lora) in enumerate(zip(prompt_list, params_list,
+                                                               lora_list)):
+                try:
+                    request = engine.prepare_request(prompt, params, lora)
+                except (ValueError, TypeError) as error:
+                    kind = TypeError if isinstance(error, TypeError) else ValueError
+                    raise kind(f"prompt {index}: {error}") from error
                 request_id = engine.next_request_id()
                 engine.add_prepared(request_id, request)
                 ids.append(request_id)
