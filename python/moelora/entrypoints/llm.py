@@ -101,19 +101,16 @@ class LLM:
                                  "sampling_params")
         lora_list = _broadcast(lora_request, len(prompt_list), "lora_request")
         engine = self.llm_engine
-        # Each request is queued as soon as it is checked: a first request for an adapter
-        # registers it (parses its files), and queueing it starts the adapter's load, which then
-        # overlaps the registration of the adapters after it. A bad request raises with nothing
-        # of this call left queued.
+        prepared = []
+        for index, (prompt, params, lora) in enumerate(zip(prompt_list, params_list, lora_list)):
+            try:
+                prepared.append(engine.prepare_request(prompt, params, lora))
+            except (ValueError, TypeError) as error:
+                kind = TypeError if isinstance(error, TypeError) else ValueError
+                raise kind(f"prompt {index}: {error}") from error
         ids = []
         try:
-            for index, (prompt, params, lora) in enumerate(zip(prompt_list, params_list,
-                                                               lora_list)):
-                try:
-                    request = engine.prepare_request(prompt, params, lora)
-                except (ValueError, TypeError) as error:
-                    kind = TypeError if isinstance(error, TypeError) else ValueError
-                    raise kind(f"prompt {index}: {error}") from error
+            for request in prepared:
                 request_id = engine.next_request_id()
                 engine.add_prepared(request_id, request)
                 ids.append(request_id)
