@@ -33,7 +33,7 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
     out = tmp_path / "offline.jsonl"
     argv = ["bench", "offline", "--device", "cpu", "--num-prompts", "6", "--input-len", "8",
             "--output-len", "4", "--num-adapters", "3", "--max-loras", "2", "--repeats", "3",
-            "--adapter-dir", str(tmp_path / "adapters"), "--out", str(out)]
+            "--adapter-dir", str(tmp_path / "adapters"), "--out", str(out), "--step-trace"]
     pytest.importorskip("matplotlib")
     argv += ["--plot", str(tmp_path / "adapters.png")]
     assert main(argv) == 0
@@ -62,6 +62,13 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
         assert profile["steps_below_half_batch"] == profile["steps"]
         assert profile["seconds_below_half_batch"] == pytest.approx(profile["seconds"])
         assert 0 <= profile["mean_running"] <= 6
+    # --step-trace: every step of the cold run, [start, seconds, running, waiting, adapters on
+    # the device, allocator calls], starts from 0 and in order
+    trace = record["with_adapters"]["step_profile"]["trace"]
+    assert len(trace) == record["with_adapters"]["step_profile"]["steps"]
+    assert trace[0][0] == 0 and [row[0] for row in trace] == sorted(row[0] for row in trace)
+    assert all(len(row) == 6 and row[2] + row[3] <= 6 for row in trace)
+    assert "trace" not in record["with_adapters_warm"]["step_profile"]
     # the rounds of the no-adapter and warm runs, and their medians
     assert record["repeats"] == 3
     for run in ("no_adapters", "with_adapters_warm"):

@@ -84,8 +84,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                         help="draw the warm run's per-adapter results")
     parser.add_argument("--step-trace", action="store_true",
-                        help="save every step of the cold run (start, seconds, running and "
-                             "waiting sequences) in its step profile")
+                        help="save every step of the cold run in its step profile (start, "
+                             "seconds, running and waiting sequences, adapters on the device, "
+                             "CUDA allocator calls)")
     flags.add_host_block_argument(parser)
     flags.add_host_reserve_argument(parser)
     flags.add_memory_check_argument(parser)

@@ -114,24 +114,23 @@ class StepProfile:
         self.max_num_seqs = max_num_seqs
         self.trace = trace
         self._inner = inner or engine.step
-        self.starts: list[float] = []
         self.seconds: list[float] = []
         self.running: list[int] = []
-        self.waiting: list[int] = []
-        self.rows: list[list] = []
+        self.rows: list[list] = []  # the trace
+        self._first_start: float | None = None
 
     def step(self) -> list:
         calls = _allocator_calls(self.engine.device) if self.trace else 0
         start = time.perf_counter()
         outs = self._inner()
-        self.starts.append(start)
         self.seconds.append(time.perf_counter() - start)
         self.running.append(len(self.engine.scheduler.running))
-        self.waiting.append(len(self.engine.scheduler.waiting))
         if self.trace:
-            on_device = self.engine.adapters.stats().get("on_device", 0)
-            self.rows.append([round(start - self.starts[0], 5), round(self.seconds[-1], 5),
-                              self.running[-1], self.waiting[-1], on_device,
+            if self._first_start is None:
+                self._first_start = start
+            self.rows.append([round(start - self._first_start, 5), round(self.seconds[-1], 5),
+                              self.running[-1], len(self.engine.scheduler.waiting),
+                              self.engine.adapters.stats().get("on_device", 0),
                               _allocator_calls(self.engine.device) - calls])
         return outs
 
