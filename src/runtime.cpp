@@ -2,10 +2,13 @@
 // machine without a driver or GPU the device query fails and cuda_available() is false.
 #include "moelora/runtime.h"
 
+#include "moelora/error.h"
 #include "moelora/version.h"
 
 #ifdef MOELORA_WITH_CUDA
 #include <cuda_runtime.h>
+
+#include "common/kernel_modules.h"
 #endif
 
 namespace moelora {
@@ -34,5 +37,13 @@ int cuda_device_count() {
 }
 
 bool cuda_available() { return cuda_device_count() > 0; }
+
+KernelPreload preload_cuda_kernels() {
+#ifdef MOELORA_WITH_CUDA
+  return cuda::detail::preload_kernel_modules();
+#else
+  throw CudaError("preload_cuda_kernels: this build of libmoelora has no CUDA backend");
+#endif
+}
 
 }  // namespace moelora

@@ -7,6 +7,7 @@
 
 #include "align/align.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/dispatch.h"
 #include "moelora/plan.h"
 
@@ -60,3 +61,5 @@ void moe_lora_align(const MoeLoraAlignArgs& args, const LoraPlan& plan, void* st
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

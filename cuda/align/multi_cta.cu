@@ -22,8 +22,9 @@
 
 #include <algorithm>
 
-#include "common/launch.cuh"
 #include "align/align.cuh"
+#include "common/kernel_modules.cuh"
+#include "common/launch.cuh"
 
 namespace moelora::cuda::align {
 
@@ -167,3 +168,5 @@ bool launch_align_multi(const AlignArgs& a, cudaStream_t stream, void* workspace
 }
 
 }  // namespace moelora::cuda::align
+
+MOELORA_KERNEL_MODULE()

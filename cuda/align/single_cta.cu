@@ -15,6 +15,7 @@
 // multi-CTA form (align/multi_cta.cu) by the plan's choice (align/dispatch.cu).
 #include "align/align.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/launch.cuh"
 
 namespace moelora::cuda::align {
@@ -72,3 +73,5 @@ void launch_align_single(AlignArgs a, bool pdl, cudaStream_t stream, void* works
 }
 
 }  // namespace moelora::cuda::align
+
+MOELORA_KERNEL_MODULE()

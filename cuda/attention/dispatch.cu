@@ -7,6 +7,7 @@
 // order and these splits: docs/performance.md, "Attention kernels" and "Split-KV".
 #include "attention/attention.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/dispatch.h"
 #include "moelora/plan.h"
 #include "plan_rules.h"
@@ -82,3 +83,5 @@ void paged_attention(const PagedAttentionArgs& args, const AttentionPlan& plan, 
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

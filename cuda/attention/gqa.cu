@@ -25,6 +25,7 @@
 #include "attention/attention.cuh"
 #include "common/cluster.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "plan_rules.h"
 
 namespace moelora::cuda {
@@ -213,3 +214,5 @@ void launch_paged_attention_gqa(const AttnArgs& a, DType dtype, int64_t num_toke
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

@@ -3,6 +3,7 @@
 // the page layout). Slot -1 skips the token.
 #include "attention/attention.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/dispatch.h"
 
 namespace moelora::cuda {
@@ -48,3 +49,5 @@ void kv_cache_write(const TensorRef& key, const TensorRef& value, const TensorRe
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

@@ -29,6 +29,7 @@
 #include "attention/attention.cuh"
 #include "common/cluster.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/ptx.cuh"
 #include "plan_rules.h"
 
@@ -346,3 +347,5 @@ void launch_paged_attention_mma(const AttnArgs& a, DType dtype, int64_t num_toke
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

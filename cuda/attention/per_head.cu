@@ -17,6 +17,7 @@
 #include "attention/attention.cuh"
 #include "common/cluster.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 
 namespace moelora::cuda {
 
@@ -154,3 +155,5 @@ void launch_paged_attention_per_head(const AttnArgs& a, DType dtype, int64_t num
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

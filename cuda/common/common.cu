@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 
 namespace moelora::cuda::detail {
 
@@ -91,3 +92,5 @@ void check_launch(const char* what) {
 }
 
 }  // namespace moelora::cuda::detail
+
+MOELORA_KERNEL_MODULE()

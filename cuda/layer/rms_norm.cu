@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/layer_dispatch.h"
 
 namespace moelora::cuda {
@@ -192,3 +193,5 @@ void rms_norm(const TensorRef& input, const TensorRef& residual, const TensorRef
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

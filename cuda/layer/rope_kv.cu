@@ -14,6 +14,7 @@
 #include <string>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/layer_dispatch.h"
 
 namespace moelora::cuda {
@@ -195,3 +196,5 @@ void rope_kv_write(const TensorRef& query, const TensorRef& key, const TensorRef
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

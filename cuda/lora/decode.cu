@@ -39,6 +39,7 @@
 
 #include "common/cluster.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/ptx.cuh"
 #include "lora/kernels.h"
 #include "lora/trace.cuh"
@@ -662,3 +663,5 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/dispatch.h"
 #include "kernels/validate.h"
 #include "lora/kernels.h"
@@ -167,3 +168,5 @@ void fused_moe_lora_unsorted(const FusedMoeLoraArgs& args, const LoraPlan& plan,
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

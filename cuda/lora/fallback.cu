@@ -25,6 +25,7 @@
 #include <algorithm>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/launch.cuh"
 #include "lora/kernels.h"
 
@@ -278,3 +279,5 @@ void launch_lora_splitk(LoraArgs& a, DType dtype, LoraVectorization vec, int64_t
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

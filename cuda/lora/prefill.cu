@@ -62,6 +62,7 @@
 
 #include "common/cluster.cuh"
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/ptx.cuh"
 #include "lora/kernels.h"
 #include "lora/prefill_pipeline.cuh"
@@ -680,3 +681,5 @@ bool launch_lora_mma(const LoraArgs& a, DType dtype, LoraVectorization vec, int6
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/launch.cuh"
 #include "kernels/moe_kernels.h"
 #include "kernels/validate.h"
@@ -152,3 +153,5 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "kernels/moe_kernels.h"
 #include "kernels/validate.h"
 #include "moe/gemm.cuh"
@@ -221,3 +222,5 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

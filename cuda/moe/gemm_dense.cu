@@ -1,4 +1,5 @@
 // Tensor-core expert GEMM (moe/gemm.cuh) over dense bfloat16 / float16 expert weights.
+#include "common/kernel_modules.cuh"
 #include "moe/gemm.cuh"
 
 namespace moelora::cuda::moe {
@@ -13,3 +14,5 @@ void launch_gemm_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -1,5 +1,6 @@
 // Tensor-core expert GEMM (moe/gemm.cuh) over block-scaled FP8 (e4m3) expert weights, bfloat16
 // activations.
+#include "common/kernel_modules.cuh"
 #include "moe/gemm.cuh"
 
 namespace moelora::cuda::moe {
@@ -9,3 +10,5 @@ void launch_gemm_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStr
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -1,6 +1,7 @@
 // Tensor-core expert GEMM (moe/gemm.cuh) over MXFP4 expert weights (GPT-OSS), bfloat16
 // activations, in the words' layout: checkpoint nibbles here, the mma layout (the engine's, see
 // src/mxfp4_layout.h) in gemm_mxfp4_mma.cu, its own file so that the two build in parallel.
+#include "common/kernel_modules.cuh"
 #include "moe/gemm.cuh"
 
 namespace moelora::cuda::moe {
@@ -13,3 +14,5 @@ void launch_gemm_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks, cudaS
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -1,5 +1,6 @@
 // Tensor-core expert GEMM (moe/gemm.cuh) over MXFP4 expert weights in the mma layout
 // (src/mxfp4_layout.h), bfloat16 activations; launch_gemm_mxfp4 dispatches here.
+#include "common/kernel_modules.cuh"
 #include "moe/gemm.cuh"
 
 namespace moelora::cuda::moe {
@@ -10,3 +11,5 @@ void launch_gemm_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_blocks,
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -27,6 +27,7 @@
 #include <string>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/launch.cuh"
 #include "kernels/moe_kernels.h"
 
@@ -371,3 +372,5 @@ void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

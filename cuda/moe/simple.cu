@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/launch.cuh"
 #include "kernels/moe_kernels.h"
 #include "moe/gemm.cuh"
@@ -247,3 +248,5 @@ void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stre
 }
 
 }  // namespace moelora::cuda
+
+MOELORA_KERNEL_MODULE()

@@ -12,6 +12,7 @@
 // few MB that the GEMM has just written (L2-resident at decode); launched after the GEMM by
 // PDL, so its launch overlaps the GEMM's last CTAs.
 #include "common/common.cuh"
+#include "common/kernel_modules.cuh"
 #include "common/launch.cuh"
 #include "moe/gemm.cuh"
 
@@ -76,3 +77,5 @@ void launch_split_finish(const GemmArgs& a, DType dtype, int block_m, int64_t ma
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -1,4 +1,5 @@
 // Persistent stream expert GEMM (moe/stream.cuh) over dense bfloat16 / float16 expert weights.
+#include "common/kernel_modules.cuh"
 #include "moe/stream.cuh"
 
 namespace moelora::cuda::moe {
@@ -12,3 +13,5 @@ std::string launch_stream_dense(const GemmArgs& a, DType dtype, int block_m, int
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -1,5 +1,6 @@
 // Persistent stream expert GEMM (moe/stream.cuh) over block-scaled FP8 (e4m3) expert weights,
 // bfloat16 activations.
+#include "common/kernel_modules.cuh"
 #include "moe/stream.cuh"
 
 namespace moelora::cuda::moe {
@@ -10,3 +11,5 @@ std::string launch_stream_fp8(const GemmArgs& a, int block_m, int64_t max_blocks
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

@@ -1,6 +1,7 @@
 // Persistent stream expert GEMM (moe/stream.cuh) over MXFP4 expert weights (GPT-OSS), bfloat16
 // activations. Both word layouts: the stream kernel decodes through the format's a_pairs like
 // the tiled one, so the mma layout is one more instantiation (stream_mxfp4_mma.cu).
+#include "common/kernel_modules.cuh"
 #include "moe/stream.cuh"
 
 namespace moelora::cuda::moe {
@@ -14,3 +15,5 @@ std::string launch_stream_mxfp4(const GemmArgs& a, int block_m, int64_t max_bloc
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

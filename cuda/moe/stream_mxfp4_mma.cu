@@ -1,5 +1,6 @@
 // Persistent stream expert GEMM (moe/stream.cuh) over MXFP4 expert weights in the mma layout
 // (src/mxfp4_layout.h), bfloat16 activations; launch_stream_mxfp4 dispatches here.
+#include "common/kernel_modules.cuh"
 #include "moe/stream.cuh"
 
 namespace moelora::cuda::moe {
@@ -10,3 +11,5 @@ std::string launch_stream_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_
 }
 
 }  // namespace moelora::cuda::moe
+
+MOELORA_KERNEL_MODULE()

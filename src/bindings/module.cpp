@@ -98,6 +98,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cuda_available", &cuda_available);
   m.def("cuda_device_count", &cuda_device_count);
+  m.def(
+      "preload_cuda_kernels",
+      [] {
+        KernelPreload p;
+        {
+          py::gil_scoped_release released;
+          p = preload_cuda_kernels();
+        }
+        py::dict out;
+        out["modules"] = p.modules;
+        out["kernels"] = p.kernels;
+        out["newly_loaded"] = p.newly_loaded;
+        return out;
+      },
+      "Loads every kernel of libmoelora on the current CUDA device (see moelora/runtime.h); "
+      "returns {modules, kernels, newly_loaded}");
 
   moelora::bindings::register_pool(m);
   moelora::bindings::register_adapter_cache(m);

@@ -26,6 +26,7 @@ from moelora.engine.adapters import AdapterManager
 from moelora.engine.memory import build_pool
 from moelora.engine.model_runner import ModelRunner
 from moelora.engine.step_graphs import StepGraphs, default_buckets
+from moelora.engine.warmup import warm_up_engine
 from moelora.models import load_model
 
 
@@ -52,6 +53,7 @@ class Worker:
                                   max_rows=config.max_num_seqs)
         if graphs is not None:
             graphs.capture_all()  # after the runner attached its block tables
+        self.warmup_passes = warm_up_engine(self.runner, config)
 
     def release(self) -> None:
         """Frees the step graphs, the adapter cache (threads, host copies), the pool and the
