@@ -325,11 +325,10 @@ void AdapterCache::State::reader_loop() {
     if (reserve) {  // nothing to read: one more block of the host reserve, made ahead
       lock.unlock();
       try {
-        buffers->make_reserve_block();
+        buffers->make_reserve_block(kPauseBetweenPinnedBlocks);
       } catch (const std::exception&) {
         // Out of host memory: the reserve stops where it got; loads allocate as they go.
       }
-      std::this_thread::sleep_for(kPauseBetweenPinnedBlocks);
       lock.lock();
       continue;
     }

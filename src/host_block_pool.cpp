@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "moelora/error.h"
 
@@ -142,31 +143,35 @@ void HostBlockPool::give_back(HostBuffer* buffer) noexcept {
 
 bool HostBlockPool::wants_reserve_block() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return !making_reserve_ && !reserve_failed_ && kept_bytes_ < reserve_bytes_;
+  return !reserve_failed_ && kept_bytes_ + making_reserve_bytes_ < reserve_bytes_;
 }
 
-void HostBlockPool::make_reserve_block() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (making_reserve_ || reserve_failed_ || kept_bytes_ >= reserve_bytes_) return;
-    making_reserve_ = true;
-  }
+void HostBlockPool::make_reserve_block(std::chrono::microseconds pause_after_pin) {
   // The capacity of one full block of a blocked copy (its bytes and the slack after them).
   const int64_t capacity = HostBuffer::block_layout(reserve_block_bytes_ + 1,
                                                     reserve_block_bytes_).front();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (reserve_failed_ || kept_bytes_ + making_reserve_bytes_ >= reserve_bytes_) return;
+    making_reserve_bytes_ += capacity;
+  }
   HostBlock block;
   try {
     block = allocate_host_block(capacity, false);
   } catch (...) {
     std::lock_guard<std::mutex> lock(mutex_);
-    making_reserve_ = false;
+    making_reserve_bytes_ -= capacity;
     reserve_failed_ = true;  // out of host memory: no more blocks are made ahead
     throw;
   }
   std::memset(block.data, 0, static_cast<size_t>(capacity));  // faults every page in now
-  pin_host_block(block);
+  {
+    std::lock_guard<std::mutex> pinning(pin_mutex_);
+    pin_host_block(block);
+    if (pause_after_pin.count() > 0) std::this_thread::sleep_for(pause_after_pin);
+  }
   std::lock_guard<std::mutex> lock(mutex_);
-  making_reserve_ = false;
+  making_reserve_bytes_ -= capacity;
   reserve_blocks_made_ += 1;
   kept_.push_back(block);
   kept_bytes_ += capacity;

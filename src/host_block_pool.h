@@ -14,6 +14,7 @@
 // use are freed before a new block is allocated.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -37,12 +38,16 @@ class HostBlockPool : public std::enable_shared_from_this<HostBlockPool> {
   // when the buffer's last reference goes.
   std::shared_ptr<HostBuffer> take(int64_t bytes, int64_t block_bytes = 0);
 
-  // True while fewer than reserve_bytes are kept ready (and no one is making a block of them;
-  // after an allocation failed, never again).
+  // True while the blocks kept ready and those being made fall short of reserve_bytes (after
+  // an allocation failed, never again).
   bool wants_reserve_block() const;
-  // Makes one block of the reserve: faulted in, then page-locked where CUDA allows. Throws
-  // InvalidArgument when out of host memory.
-  void make_reserve_block();
+  // Makes one block of the reserve: faulted in, then page-locked where CUDA allows, then
+  // `pause_after_pin` elapses. Several threads may make blocks at once: faulting pages in runs
+  // in parallel (one thread faults a VM's memory in at a fraction of what four do), while
+  // page-locking, which holds the CUDA driver's lock that a step's launches wait for, takes one
+  // block at a time and leaves the pause after each. Throws InvalidArgument when out of host
+  // memory.
+  void make_reserve_block(std::chrono::microseconds pause_after_pin = {});
 
   int64_t kept_blocks() const;
   int64_t kept_bytes() const;
@@ -60,7 +65,8 @@ class HostBlockPool : public std::enable_shared_from_this<HostBlockPool> {
   const int64_t reserve_bytes_;
   const int64_t reserve_block_bytes_;
   int64_t reserve_blocks_made_ = 0;
-  bool making_reserve_ = false;
+  int64_t making_reserve_bytes_ = 0;  // of blocks being made now
+  std::mutex pin_mutex_;  // page-locking, one reserve block at a time (make_reserve_block)
   bool reserve_failed_ = false;
   int64_t buffers_in_use_ = 0;
   int64_t bytes_in_use_ = 0;

@@ -261,6 +261,24 @@ TEST_CASE("the host block pool makes its reserve ahead and again as loads take i
   CHECK(!pool->wants_reserve_block());
 }
 
+TEST_CASE("threads making the host reserve together make exactly the reserve") {
+  const int64_t block = 1 << 16;
+  const int64_t capacity = HostBuffer::block_layout(block + 1, block).front();  // with slack
+  auto pool = std::make_shared<detail::HostBlockPool>(37 * capacity, block);
+  std::vector<std::thread> makers;
+  for (int t = 0; t < 4; ++t) {
+    makers.emplace_back([&pool] {
+      while (pool->wants_reserve_block()) {
+        pool->make_reserve_block(std::chrono::microseconds{50});
+      }
+    });
+  }
+  for (auto& m : makers) m.join();
+  CHECK_EQ(pool->reserve_blocks_made(), int64_t{37});
+  CHECK_EQ(pool->kept_blocks(), int64_t{37});
+  CHECK(!pool->wants_reserve_block());
+}
+
 TEST_CASE("a host block pool frees its kept blocks and reserve when it goes") {
   const int64_t before = host_block_bytes_allocated();
   const int64_t block = 1 << 16;

@@ -11,6 +11,7 @@ import pytest
 import torch
 from moelora import LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
+from moelora.engine import adapters as adapters_module
 from moelora.engine.adapters import host_reserve_bytes
 from moelora.engine.config import EngineConfig
 from moelora.engine.llm_engine import LLMEngine
@@ -91,7 +92,7 @@ def test_the_reserve_changes_no_token(tmp_path):
     assert tokens[0] == tokens[1]
 
 
-def test_the_automatic_reserve_is_one_largest_adapter_per_load_thread():
+def test_the_automatic_reserve_is_one_largest_adapter_per_device_slot(monkeypatch):
     config = EngineConfig(model="synthetic:tiny-moe", enable_lora=True, max_lora_rank=8,
                           adapter_host_block_bytes=BLOCK, adapter_load_threads=3)
     engine = make_engine(adapter_host_block_bytes=BLOCK, adapter_load_threads=3)
@@ -99,7 +100,17 @@ def test_the_automatic_reserve_is_one_largest_adapter_per_load_thread():
         sites = engine.model.lora_sites()
         largest = 4 * sum(s.num_layers * s.num_experts * 8 * (s.in_dim + s.out_dim) for s in sites)
         assert largest >= BLOCK
-        assert host_reserve_bytes(config, sites, torch.float32) == 3 * largest
+        assert config.device_lora_slots > 3
+        assert host_reserve_bytes(config, sites, torch.float32) == (
+            config.device_lora_slots * largest)
+        few_slots = EngineConfig(model="synthetic:tiny-moe", enable_lora=True, max_lora_rank=8,
+                                 max_loras=1, adapter_host_block_bytes=BLOCK,
+                                 adapter_load_threads=3)
+        assert few_slots.device_lora_slots < 3
+        assert host_reserve_bytes(few_slots, sites, torch.float32) == 3 * largest
+        # at most an eighth of the machine's memory
+        monkeypatch.setattr(adapters_module, "physical_memory_bytes", lambda: 8 * largest)
+        assert host_reserve_bytes(config, sites, torch.float32) == largest
         bigger_blocks = EngineConfig(model="synthetic:tiny-moe", enable_lora=True,
                                      max_lora_rank=8, adapter_host_block_bytes=largest + 1)
         assert host_reserve_bytes(bigger_blocks, sites, torch.float32) == 0  # no whole block

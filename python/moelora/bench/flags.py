@@ -57,8 +57,8 @@ def add_host_reserve_argument(parser: argparse.ArgumentParser) -> None:
     """--host-reserve-mb: EngineConfig.adapter_host_reserve_bytes, in MB (host_reserve_bytes)."""
     parser.add_argument("--host-reserve-mb", type=int, default=None,
                         help="host memory kept ready (faulted in, page-locked) for adapters' host "
-                             "copies, in MB (default: one largest adapter per load thread; 0: "
-                             "none)")
+                             "copies, in MB (default: one largest adapter per device slot, at "
+                             "most 16 GiB and 1/8 of the machine's memory; 0: none)")
 
 
 def host_reserve_bytes(args) -> int | None:

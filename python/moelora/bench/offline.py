@@ -208,7 +208,10 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
         **timeline.summary(),
         "host_load_ms_mean": 1e3 * (after["host_load_seconds"] - before["host_load_seconds"])
         / loads,
-        "device_load_ms_mean": 1e3 * (after["load_seconds"] - before["load_seconds"]) / loads}
+        "device_load_ms_mean": 1e3 * (after["load_seconds"] - before["load_seconds"]) / loads,
+        # host blocks page-locked ahead (the reserve) when the cold run began: loads that find
+        # none lock their own beside the reads
+        "reserve_blocks_at_start": before["host_reserve_blocks_made"]}
     # The cold run's floor: its adapters' files read plainly (page cache as the run found it)
     used = sorted({os.path.join(lora.lora_path, "adapter_model.safetensors") for lora in chosen})
     with_adapters["adapter_file_bytes"] = sum(os.path.getsize(path) for path in used)

@@ -6,6 +6,7 @@ metrics to the server."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -47,15 +48,23 @@ class LoRARequest:
         return self.lora_path
 
 
-_AUTO_RESERVE_CAP = 4 << 30
+_AUTO_RESERVE_CAP = 16 << 30
+_AUTO_RESERVE_MEMORY_SHARE = 8  # at most this fraction (1/8) of the machine's memory
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def host_reserve_bytes(config, sites, dtype) -> int:
     """EngineConfig.adapter_host_reserve_bytes, with None resolved: one largest adapter (rank
-    max_lora_rank on every site, in the model dtype) per load thread, at most 4 GiB. The first
-    cold loads then find their host memory faulted in and page-locked. None where the largest
-    adapter is smaller than one block: the reserve is made of whole blocks, and a copy smaller
-    than a block gets its own allocation."""
+    max_lora_rank on every site, in the model dtype) per device slot (at least one per load
+    thread), at most 16 GiB and an eighth of the machine's memory (shared by the processes of a
+    parallel engine). A burst of cold adapters as
+    large as the device slots then finds its host memory faulted in and page-locked: a load
+    that page-locks its own blocks takes 2-5x as long (docs/performance.md, "Adapter loads and
+    many adapters"). 0 where the largest adapter is smaller than one block: the reserve is made
+    of whole blocks, and a copy smaller than a block gets its own allocation."""
     if config.adapter_host_reserve_bytes is not None:
         return config.adapter_host_reserve_bytes
     block = config.adapter_host_block_bytes
@@ -64,7 +73,10 @@ def host_reserve_bytes(config, sites, dtype) -> int:
                   for s in sites) * element_bytes
     if block == 0 or largest < block:
         return 0
-    return min(_AUTO_RESERVE_CAP, largest * config.adapter_load_threads)
+    adapters = max(config.device_lora_slots, config.adapter_load_threads)
+    share = _AUTO_RESERVE_MEMORY_SHARE * max(1, config.tensor_parallel_size)
+    cap = min(_AUTO_RESERVE_CAP, physical_memory_bytes() // share)
+    return min(cap, largest * adapters)
 
 
 class LoraViews:

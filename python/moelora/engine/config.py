@@ -38,8 +38,8 @@ class EngineConfig:
     adapter_host_block_bytes: int = 8 << 20
     # Host memory kept ready for adapters' host copies (faulted in and page-locked ahead by idle
     # reader threads, made again as loads take it), so that a cold load does neither on its
-    # path. None: room for one largest adapter (max_lora_rank on every site) per load thread,
-    # at most 4 GiB; 0: none.
+    # path. None: room for one largest adapter (max_lora_rank on every site) per device slot
+    # (at least per load thread), at most 16 GiB and 1/8 of the machine's memory; 0: none.
     adapter_host_reserve_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
