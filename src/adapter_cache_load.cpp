@@ -3,8 +3,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <set>
-#include <tuple>
 #include <vector>
 
 #include "adapter_cache_internal.h"
@@ -191,46 +189,61 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
     entry->file_stamps.push_back(stamp_of_stat(&st));
   }
 
-  std::set<std::tuple<int32_t, int32_t, int32_t, bool>> covered;
+  // Which (site, layer, expert, A or B) has a source: one flag each, from first_flag[site].
+  std::vector<size_t> first_flag(sites.size() + 1, 0);
+  for (size_t s = 0; s < sites.size(); ++s) {
+    first_flag[s + 1] = first_flag[s] + static_cast<size_t>(sites[s].num_layers) *
+                                            static_cast<size_t>(sites[s].num_experts) * 2;
+  }
+  std::vector<char> covered(first_flag.back(), 0);
+  auto flag = [&](size_t s, int32_t layer, int32_t expert, bool is_b) -> char& {
+    return covered[first_flag[s] +
+                   (static_cast<size_t>(layer) * static_cast<size_t>(sites[s].num_experts) +
+                    static_cast<size_t>(expert)) * 2 + (is_b ? 1 : 0)];
+  };
+  entry->matrix_tensors.reserve(spec.matrices.size());
   for (const LoraMatrixSource& m : spec.matrices) {
-    const std::string what = matrix_name(m);
-    if (m.site < 0 || m.site >= static_cast<int32_t>(sites.size())) fail(what + ": no such site");
-    const LoraSite& site = sites[m.site];
-    if (m.layer < 0 || m.layer >= site.num_layers) fail(what + ": no such layer");
-    if (m.expert < 0 || m.expert >= site.num_experts) fail(what + ": no such expert");
-    const int32_t rank = spec.ranks[m.site][m.layer];
-    if (rank == 0) fail(what + ": site '" + site.name + "' is not targeted at this layer");
-    if (!covered.insert({m.site, m.layer, m.expert, m.is_b}).second) {
-      fail(what + ": given more than once");
+    // The name is made only for a message: thousands of sources pass.
+    auto what = [&m] { return matrix_name(m); };
+    if (m.site < 0 || m.site >= static_cast<int32_t>(sites.size())) {
+      fail(what() + ": no such site");
     }
+    const LoraSite& site = sites[m.site];
+    if (m.layer < 0 || m.layer >= site.num_layers) fail(what() + ": no such layer");
+    if (m.expert < 0 || m.expert >= site.num_experts) fail(what() + ": no such expert");
+    const int32_t rank = spec.ranks[m.site][m.layer];
+    if (rank == 0) fail(what() + ": site '" + site.name + "' is not targeted at this layer");
+    char& seen = flag(static_cast<size_t>(m.site), m.layer, m.expert, m.is_b);
+    if (seen) fail(what() + ": given more than once");
+    seen = 1;
     if (m.file < 0 || m.file >= static_cast<int32_t>(entry->files.size())) {
-      fail(what + ": file index " + std::to_string(m.file) + " out of range");
+      fail(what() + ": file index " + std::to_string(m.file) + " out of range");
     }
     const SafetensorsFile& file = entry->files[m.file];
     if (!file.contains(m.tensor)) {
-      fail(what + ": tensor '" + m.tensor + "' not found in '" + base_name(file.path()) + "'");
+      fail(what() + ": tensor '" + m.tensor + "' not found in '" + base_name(file.path()) + "'");
     }
     const SafetensorInfo& info = file.tensor(m.tensor);
     if (!supported_weight_dtype(info.dtype)) {
-      fail(what + ": tensor '" + m.tensor + "' has unsupported dtype " + dtype_name(info.dtype));
+      fail(what() + ": tensor '" + m.tensor + "' has unsupported dtype " + dtype_name(info.dtype));
     }
     const int64_t expected_cols = m.is_b ? site.out_dim : site.in_dim;
     if (m.rows != rank) {
-      fail(what + ": view has " + std::to_string(m.rows) + " rows but the rank is " +
+      fail(what() + ": view has " + std::to_string(m.rows) + " rows but the rank is " +
            std::to_string(rank));
     }
     if (m.cols != expected_cols) {
-      fail(what + ": view has " + std::to_string(m.cols) + " columns, expected " +
+      fail(what() + ": view has " + std::to_string(m.cols) + " columns, expected " +
            std::to_string(expected_cols) + (m.is_b ? " (out_dim)" : " (in_dim)"));
     }
     auto [lo, hi] = view_extent(m);
     if (lo < 0 || hi >= info.numel()) {
-      fail(what + ": strided view of tensor '" + m.tensor + "' (offset " +
+      fail(what() + ": strided view of tensor '" + m.tensor + "' (offset " +
            std::to_string(m.offset) + ", strides " + std::to_string(m.row_stride) + ", " +
            std::to_string(m.col_stride) + ") reaches elements [" + std::to_string(lo) + ", " +
            std::to_string(hi) + "] outside its " + std::to_string(info.numel()) + " elements");
     }
-    if (!std::isfinite(m.scale)) fail(what + ": scale is not finite");
+    if (!std::isfinite(m.scale)) fail(what() + ": scale is not finite");
     entry->matrix_tensors.push_back(info);
   }
   for (size_t s = 0; s < sites.size(); ++s) {
@@ -238,7 +251,7 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
       if (spec.ranks[s][l] == 0) continue;
       for (int32_t e = 0; e < sites[s].num_experts; ++e) {
         for (bool is_b : {false, true}) {
-          if (!covered.count({static_cast<int32_t>(s), l, e, is_b})) {
+          if (!flag(s, l, e, is_b)) {
             fail("no source for site '" + sites[s].name + "' layer " + std::to_string(l) +
                  " expert " + std::to_string(e) + (is_b ? " B" : " A"));
           }

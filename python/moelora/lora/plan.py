@@ -20,10 +20,17 @@ delta is zero.
 
 `load_adapter_plan` is the registration entry point: it reads adapter_config.json and the
 safetensors headers only, and raises AdapterValidationError for anything we cannot serve.
+Adapters of one recipe (the same adapter_config.json, safetensors headers and file sizes) for
+one model have one plan but for their name and paths: the last PLAN_CACHE_SIZE plans are kept
+by that structure, so a fleet's cold adapters register without parsing and checking it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +47,7 @@ from moelora.lora.sites import (
 )
 from moelora.lora.targets import ALL_EXPERTS, TargetKey, classify_keys
 from moelora.lora.validate import (
+    MAX_HEADER_BYTES,
     AdapterValidationError,
     TensorHeader,
     check_dtype,
@@ -47,6 +55,8 @@ from moelora.lora.validate import (
     check_shape,
     read_safetensors_header,
 )
+
+PLAN_CACHE_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,16 @@ def load_adapter_plan(
     name = name or path.name
     config = load_adapter_config(path, name)
     files = _adapter_files(path, name)
+    key = _structure_key(path, files, sites, layout, max_lora_rank)
+    known = _PLANS.get(key, name, path, files)
+    if known is not None:
+        return known
+    plan = _build_plan(name, path, files, config, sites, layout, max_lora_rank)
+    _PLANS.put(key, plan)
+    return plan
+
+
+def _build_plan(name, path, files, config, sites, layout, max_lora_rank) -> AdapterPlan:
     tensors: dict[str, TensorHeader] = {}
     file_of: dict[str, int] = {}
     for index, file in enumerate(files):
@@ -134,6 +154,67 @@ def load_adapter_plan(
     except AdapterValidationError as e:
         raise _name_the_base_model(e, config) from None
     return plan
+
+
+class _PlanCache:
+    """Plans by structure key (see the module docstring), the last PLAN_CACHE_SIZE; a hit is
+    the plan with the new adapter's name and paths. Safe from any thread."""
+
+    def __init__(self) -> None:
+        self._plans: OrderedDict[tuple, AdapterPlan] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple | None, name: str, path: Path, files: list[Path]
+            ) -> AdapterPlan | None:
+        if key is None:
+            return None
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+        if plan is None:
+            return None
+        return replace(plan, name=name, path=path, files=list(files),
+                       ranks={site: list(ranks) for site, ranks in plan.ranks.items()},
+                       sources=list(plan.sources))
+
+    def put(self, key: tuple | None, plan: AdapterPlan) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._plans[key] = plan
+            self._plans.move_to_end(key)
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+_PLANS = _PlanCache()
+
+
+def _structure_key(path: Path, files: list[Path], sites, layout, max_lora_rank) -> tuple | None:
+    """What an adapter's plan depends on besides its name and paths: a digest of its config
+    and its files' names, headers and sizes, and the model's sites, layout and max rank. None
+    where a file cannot be read (the full parse then names the problem)."""
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        digest.update((path / "adapter_config.json").read_bytes())
+        for file in files:
+            with open(file, "rb") as f:
+                size = f.read(8)
+                if len(size) != 8:
+                    return None
+                (header_len,) = struct.unpack("<Q", size)
+                if header_len > MAX_HEADER_BYTES:
+                    return None
+                digest.update(file.name.encode() + b"\0" + size + f.read(header_len))
+                digest.update(b"\0%d" % file.stat().st_size)
+    except OSError:
+        return None
+    return digest.digest(), tuple(site_table(sites).values()), repr(layout), max_lora_rank
 
 
 def _name_the_base_model(error: AdapterValidationError, config: AdapterConfig):

@@ -20,7 +20,7 @@ _ALL_DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 MAX_JSON_DEPTH = 64  # adapter files nest 3 or 4 levels; a deeper file is corrupt or hostile
 
 
@@ -84,7 +84,7 @@ def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorH
             if len(size_bytes) != 8:
                 raise AdapterValidationError(adapter, f"{path.name} is not a safetensors file")
             (header_len,) = struct.unpack("<Q", size_bytes)
-            if header_len > _MAX_HEADER_BYTES:
+            if header_len > MAX_HEADER_BYTES:
                 raise AdapterValidationError(
                     adapter, f"{path.name}: header length {header_len} is implausible"
                 )
