@@ -97,7 +97,8 @@ def test_gpu_decode_graphs_captured_while_cold_adapters_load(tmp_path):
     """16 base requests to completion, then 16 requests over 8 cold rank-16 adapters, stepped to
     completion: graph captures (thread-local, inside a GraphCaptureScope) and the adapter
     loads' copy waits on the cache's threads must not interfere."""
-    with _gpu_engine() as llm:
+    # a fixed pool: only the test above takes 85% of the GPU (pytest-xdist runs them at once)
+    with _gpu_engine(pool_memory_bytes=512 << 20) as llm:
         engine = llm.llm_engine
         params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
         base = llm.generate([{"prompt_token_ids": [5 + i, 9, 2]} for i in range(16)], params,
