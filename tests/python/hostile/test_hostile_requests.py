@@ -37,7 +37,7 @@ def checker(hostile_assets):
 
 @pytest.fixture(scope="module")
 def health(hostile_server, tmp_path_factory):
-    poller = HealthPoller(hostile_server.port, str(tmp_path_factory.mktemp("health")))
+    poller = HealthPoller(hostile_server, str(tmp_path_factory.mktemp("health")))
     yield poller
     poller.stop()
 

@@ -140,7 +140,7 @@ def test_soak_with_adapter_churn(hostile_server, hostile_assets, tmp_path):
     asyncio.run(run(plan[:WARMUP]))
     wait_idle_and_exact(hostile_server.url)
     rss_after_warmup = hostile_server.rss_bytes()
-    with HealthPoller(hostile_server.port, str(tmp_path)) as health:
+    with HealthPoller(hostile_server, str(tmp_path)) as health:
         asyncio.run(run(plan[WARMUP:]))
         polled = health.stop()
 

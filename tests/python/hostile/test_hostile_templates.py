@@ -5,6 +5,8 @@ while /health, polled from another process every 20 ms, answers within 100 ms th
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 
 import pytest
@@ -25,7 +27,7 @@ RENDER_LIMIT_S = 2.0  # engine/chat_template.py TemplateLimits.timeout_s
 
 @pytest.fixture
 def health(hostile_server, tmp_path):
-    poller = HealthPoller(hostile_server.port, str(tmp_path))
+    poller = HealthPoller(hostile_server, str(tmp_path))
     time.sleep(0.1)  # a few polls before the storm
     yield poller
     poller.stop()
@@ -89,3 +91,16 @@ def test_huge_prompts_tokenise_off_the_loop(http, hostile_server, health):
             assert "maximum context length" in check_error(response)["message"]
     wait_idle_and_exact(hostile_server.url)
     _assert_no_stall(health)
+
+
+def test_the_probe_counts_a_frozen_server_as_a_stall(hostile_server, health):
+    """The probe leaves out only the server's waits for a CPU: a server that does not run at
+    all (stopped, as a blocked event loop would be) shows as a stall."""
+    os.kill(hostile_server.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)
+    finally:
+        os.kill(hostile_server.proc.pid, signal.SIGCONT)
+    time.sleep(0.1)
+    polled = health.stop()
+    assert polled["over_100ms"] >= 1 and polled["max_own_s"] > 0.25, polled["max_own_s"]
