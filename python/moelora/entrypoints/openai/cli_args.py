@@ -47,8 +47,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="adapters kept in host memory (default 4 x max-loras)")
     parser.add_argument("--lora-host-reserve-mb", type=int, default=None,
                         help="host memory kept ready (faulted in, page-locked) for adapters "
-                             "loaded from disk, in MB (default: one largest adapter per load "
-                             "thread, at most 4096; 0: none)")
+                             "loaded from disk, in MB (default: one largest adapter per device "
+                             "slot, at most 16 GiB and 1/8 of the machine's memory; 0: none)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16",
                                                             "bfloat16", "half", "float"],
                         help="model dtype (auto: the checkpoint's; bfloat16 on a GPU for "
