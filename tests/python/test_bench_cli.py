@@ -54,6 +54,9 @@ def test_bench_offline_reports_every_run(tmp_path, capsys):
     assert 0 < timeline["first_ready_s"] <= timeline["median_ready_s"] <= timeline["last_ready_s"]
     assert timeline["steps_to_last_ready"] >= 1
     assert timeline["host_load_ms_mean"] > 0 and timeline["device_load_ms_mean"] > 0
+    # registering the cold run's adapters is part of queueing its requests
+    assert 0 < timeline["registration_s"] <= record["with_adapters"]["add_request_s"]
+    assert timeline["reserve_blocks_at_start"] >= 0
     # each step's wall time and running sequences: 6 requests never fill half of the default
     # 64-sequence batch, so every step counts as run by under half of it
     for run in ("with_adapters", "with_adapters_warm"):

@@ -154,8 +154,8 @@ def print_tables(record: dict) -> None:
           f"({warm['seconds_below_half_batch']:.2f} s); first step cold "
           f"{cold['first_step_s']:.3f} s, warm {warm['first_step_s']:.3f} s")
     print(f"requests queued (their adapters registered on first use): cold "
-          f"{record['with_adapters']['add_request_s']:.3f} s, warm "
-          f"{record['with_adapters_warm']['add_request_s']:.3f} s")
+          f"{record['with_adapters']['add_request_s']:.3f} s (registering "
+          f"{t['registration_s']:.3f} s), warm {record['with_adapters_warm']['add_request_s']:.3f} s")
     print("\nper adapter (warm run, last round):")
     print(format_table(_ADAPTER_COLUMNS, [{"adapter": name, **values} for name, values in
                                           record["per_adapter_warm"].items()]))
@@ -211,7 +211,9 @@ def _measure(engine, args, adapter_dir: str, rng: random.Random) -> dict:
         "device_load_ms_mean": 1e3 * (after["load_seconds"] - before["load_seconds"]) / loads,
         # host blocks page-locked ahead (the reserve) when the cold run began: loads that find
         # none lock their own beside the reads
-        "reserve_blocks_at_start": before["host_reserve_blocks_made"]}
+        "reserve_blocks_at_start": before["host_reserve_blocks_made"],
+        # of add_request_s: the adapters' registration (plan and native), the rest is queueing
+        "registration_s": after["registration_seconds"] - before["registration_seconds"]}
     # The cold run's floor: its adapters' files read plainly (page cache as the run found it)
     used = sorted({os.path.join(lora.lora_path, "adapter_model.safetensors") for lora in chosen})
     with_adapters["adapter_file_bytes"] = sum(os.path.getsize(path) for path in used)

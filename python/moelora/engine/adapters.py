@@ -110,6 +110,8 @@ class AdapterManager:
         self._lock = threading.Lock()
         self._ids: dict[str, int] = {}  # adapter name -> native id
         self._requests: dict[str, LoRARequest] = {}
+        self._registrations = 0
+        self._registration_seconds = 0.0
         self._arrivals = dict.fromkeys(("device", "host", "loading", "disk", "failed"), 0)
         self.cache = None
         self.copies = None
@@ -153,6 +155,7 @@ class AdapterManager:
             known = self._known(request)
         if known is not None:
             return known
+        start = time.perf_counter()
         plan = load_adapter_plan(request.lora_path,
                                  self.sites if self.shard is None else self.shard.full_sites,
                                  self.family, name=request.lora_name,
@@ -170,6 +173,8 @@ class AdapterManager:
                 raise AdapterValidationError(request.lora_name, _problem(e, request)) from None
             self._ids[request.lora_name] = adapter_id
             self._requests[request.lora_name] = request
+            self._registrations += 1
+            self._registration_seconds += time.perf_counter() - start
             return adapter_id
 
     def registered(self, request: LoRARequest) -> bool:
@@ -347,7 +352,14 @@ class AdapterManager:
         time.sleep(0.0005)
 
     def stats(self) -> dict:
-        return dict(self.cache.stats()) if self.cache is not None else {}
+        """The native cache's counters, and `registrations` / `registration_seconds`: adapters
+        registered and the time their plans and native registration took."""
+        if self.cache is None:
+            return {}
+        with self._lock:
+            ours = {"registrations": self._registrations,
+                    "registration_seconds": self._registration_seconds}
+        return {**self.cache.stats(), **ours}
 
     def metrics(self) -> dict:
         """Adapter load metrics, ready for a Prometheus exporter:
