@@ -181,8 +181,10 @@ class _PlanCache:
     def put(self, key: tuple | None, plan: AdapterPlan) -> None:
         if key is None:
             return
+        kept = replace(plan, ranks={site: list(ranks) for site, ranks in plan.ranks.items()},
+                       sources=list(plan.sources))  # the caller's plan stays the caller's
         with self._lock:
-            self._plans[key] = plan
+            self._plans[key] = kept
             self._plans.move_to_end(key)
             while len(self._plans) > PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
