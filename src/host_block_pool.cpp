@@ -167,8 +167,10 @@ void HostBlockPool::make_reserve_block(std::chrono::microseconds pause_after_pin
   std::memset(block.data, 0, static_cast<size_t>(capacity));  // faults every page in now
   {
     std::lock_guard<std::mutex> pinning(pin_mutex_);
-    pin_host_block(block);
-    if (pause_after_pin.count() > 0) std::this_thread::sleep_for(pause_after_pin);
+    // no pause where nothing was page-locked (no CUDA): no driver lock was held
+    if (pin_host_block(block) && pause_after_pin.count() > 0) {
+      std::this_thread::sleep_for(pause_after_pin);
+    }
   }
   std::lock_guard<std::mutex> lock(mutex_);
   making_reserve_bytes_ -= capacity;

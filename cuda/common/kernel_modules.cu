@@ -40,7 +40,7 @@ F driver_entry(const char* symbol) {
       status != cudaDriverEntryPointSuccess || fn == nullptr) {
     cudaGetLastError();
     throw CudaError(std::string("preloading kernels needs the driver's ") + symbol +
-                       " (CUDA 12.4 or newer)");
+                    " (CUDA 12.4 or newer)");
   }
   return reinterpret_cast<F>(fn);
 }
@@ -48,7 +48,7 @@ F driver_entry(const char* symbol) {
 void check(CUresult result, const char* what) {
   if (result != CUDA_SUCCESS) {
     throw CudaError(std::string("preloading kernels: ") + what + " failed (CUresult " +
-                       std::to_string(static_cast<int>(result)) + ")");
+                    std::to_string(static_cast<int>(result)) + ")");
   }
 }
 

@@ -14,3 +14,15 @@ def finish_all(engine, timeout_s: float = 120.0, on_output=None) -> None:
         for out in engine.step():
             if on_output is not None:
                 on_output(out)
+
+
+def finished_tokens(engine, timeout_s: float = 120.0) -> dict[str, list[int]]:
+    """finish_all, returning each finished request's generated token ids by request id."""
+    tokens: dict[str, list[int]] = {}
+
+    def keep(out) -> None:
+        if out.finished:
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
+
+    finish_all(engine, timeout_s, keep)
+    return tokens

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from engine_steps import finished_tokens
 from moelora import LoRARequest, SamplingParams
 from moelora.bench.synthetic_adapters import write_random_adapter
 from moelora.engine import adapters as adapters_module
@@ -40,12 +41,7 @@ def wait_for(condition, timeout: float = 30.0) -> None:
 def generate(engine: LLMEngine, requests) -> dict[str, list[int]]:
     for rid, lora in requests:
         engine.add_request(rid, [3, 14, 15, 92, 65], PARAMS, lora)
-    tokens = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                tokens[out.request_id] = list(out.outputs[0].token_ids)
-    return tokens
+    return finished_tokens(engine)
 
 
 def test_the_reserve_is_made_ahead_taken_by_cold_loads_and_made_again(tmp_path):

@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 import torch
+from engine_steps import finished_tokens
 from moelora import _C, LLM, SamplingParams
 from moelora.engine.warmup import adapter_counts, eager_step_sizes, warm_up_eager_steps
 from test_step_graphs import _count_lora_launches, mixtral  # noqa: F401  (fixture)
@@ -89,16 +90,7 @@ def test_warm_up_changes_nothing_in_the_pool_and_launches_lora(mixtral, monkeypa
     reference = _engine(model_dir)
     reference.adapters.preload(adapters[0])
     reference.add_request("a", [5, 6, 7, 8, 9], params, adapters[0])
-    assert _finish(engine) == _finish(reference)
-
-
-def _finish(engine) -> dict[str, list[int]]:
-    tokens = {}
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            if output.finished:
-                tokens[output.request_id] = list(output.outputs[0].token_ids)
-    return tokens
+    assert finished_tokens(engine) == finished_tokens(reference)
 
 
 def test_cpu_engines_do_not_warm_up(mixtral):  # noqa: F811
@@ -119,4 +111,4 @@ def test_gpu_engine_warms_up_every_eager_size_when_it_starts(mixtral):  # noqa: 
     assert engine.memory.pool.stats()["kv_pages"] == 0
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     engine.add_request("long", list(range(3, 203)), params, adapters[0])
-    assert len(_finish(engine)["long"]) == 6
+    assert len(finished_tokens(engine)["long"]) == 6

@@ -52,13 +52,13 @@ def adapter_counts(lora: bool, max_per_step: int) -> list[int | None]:
 
 
 @torch.inference_mode()
-def warm_up_eager_steps(runner, sizes: list[int], adapter_counts: list[int | None],
+def warm_up_eager_steps(runner, sizes: list[int], counts: list[int | None],
                         sample_rows: int) -> int:
-    """Runs each size x adapter count through the runner's model with padding tokens, then the
+    """Runs each size x adapter count (`counts`, see adapter_counts) through the runner's model with padding tokens, then the
     logits and sampling of 1 and `sample_rows` rows. Returns the passes run."""
     passes = 0
     for size in sizes:
-        for num_adapters in adapter_counts:
+        for num_adapters in counts:
             if num_adapters is not None and runner.lora_views is None:
                 continue
             _padding_pass(runner, size, num_adapters)

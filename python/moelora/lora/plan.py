@@ -28,7 +28,6 @@ by that structure, so a fleet's cold adapters register without parsing and check
 from __future__ import annotations
 
 import hashlib
-import struct
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -47,12 +46,12 @@ from moelora.lora.sites import (
 )
 from moelora.lora.targets import ALL_EXPERTS, TargetKey, classify_keys
 from moelora.lora.validate import (
-    MAX_HEADER_BYTES,
     AdapterValidationError,
     TensorHeader,
     check_dtype,
     check_rank,
     check_shape,
+    read_header_bytes,
     read_safetensors_header,
 )
 
@@ -174,15 +173,12 @@ class _PlanCache:
                 self._plans.move_to_end(key)
         if plan is None:
             return None
-        return replace(plan, name=name, path=path, files=list(files),
-                       ranks={site: list(ranks) for site, ranks in plan.ranks.items()},
-                       sources=list(plan.sources))
+        return _own_copy(plan, name=name, path=path, files=list(files))
 
     def put(self, key: tuple | None, plan: AdapterPlan) -> None:
         if key is None:
             return
-        kept = replace(plan, ranks={site: list(ranks) for site, ranks in plan.ranks.items()},
-                       sources=list(plan.sources))  # the caller's plan stays the caller's
+        kept = _own_copy(plan)  # the caller's plan stays the caller's
         with self._lock:
             self._plans[key] = kept
             self._plans.move_to_end(key)
@@ -197,6 +193,12 @@ class _PlanCache:
 _PLANS = _PlanCache()
 
 
+def _own_copy(plan: AdapterPlan, **changes) -> AdapterPlan:
+    """`plan` with `changes` and its own ranks and sources lists (the rest is never changed)."""
+    return replace(plan, ranks={site: list(ranks) for site, ranks in plan.ranks.items()},
+                   sources=list(plan.sources), **changes)
+
+
 def _structure_key(path: Path, files: list[Path], sites, layout, max_lora_rank) -> tuple | None:
     """What an adapter's plan depends on besides its name and paths: a digest of its config
     and its files' names, headers and sizes, and the model's sites, layout and max rank. None
@@ -205,16 +207,9 @@ def _structure_key(path: Path, files: list[Path], sites, layout, max_lora_rank) 
     try:
         digest.update((path / "adapter_config.json").read_bytes())
         for file in files:
-            with open(file, "rb") as f:
-                size = f.read(8)
-                if len(size) != 8:
-                    return None
-                (header_len,) = struct.unpack("<Q", size)
-                if header_len > MAX_HEADER_BYTES:
-                    return None
-                digest.update(file.name.encode() + b"\0" + size + f.read(header_len))
-                digest.update(b"\0%d" % file.stat().st_size)
-    except OSError:
+            header, size = read_header_bytes(file, "")
+            digest.update(b"%s\0%d\0%d\0" % (file.name.encode(), size, len(header)) + header)
+    except (OSError, AdapterValidationError):
         return None
     return digest.digest(), tuple(site_table(sites).values()), repr(layout), max_lora_rank
 

@@ -20,7 +20,7 @@ _ALL_DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 MAX_JSON_DEPTH = 64  # adapter files nest 3 or 4 levels; a deeper file is corrupt or hostile
 
 
@@ -75,8 +75,8 @@ class TensorHeader:
     data_start: int
 
 
-def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorHeader]:
-    """Parse a safetensors header (8-byte length + JSON) without reading any weight."""
+def read_header_bytes(path: str | Path, adapter: str) -> tuple[bytes, int]:
+    """(the JSON header of a safetensors file, the file's size), reading no weight."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -84,7 +84,7 @@ def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorH
             if len(size_bytes) != 8:
                 raise AdapterValidationError(adapter, f"{path.name} is not a safetensors file")
             (header_len,) = struct.unpack("<Q", size_bytes)
-            if header_len > MAX_HEADER_BYTES:
+            if header_len > _MAX_HEADER_BYTES:
                 raise AdapterValidationError(
                     adapter, f"{path.name}: header length {header_len} is implausible"
                 )
@@ -94,6 +94,14 @@ def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorH
         raise AdapterValidationError(adapter, f"cannot read {path.name}: {e.strerror}") from None
     if len(raw) != header_len:
         raise AdapterValidationError(adapter, f"{path.name}: truncated header")
+    return raw, file_size
+
+
+def read_safetensors_header(path: str | Path, adapter: str) -> dict[str, TensorHeader]:
+    """Parse a safetensors header (8-byte length + JSON) without reading any weight."""
+    path = Path(path)
+    raw, file_size = read_header_bytes(path, adapter)
+    header_len = len(raw)
     entries = loads_bounded(raw, adapter, f"{path.name} (header)")
     if not isinstance(entries, dict):
         raise AdapterValidationError(adapter, f"{path.name}: header is not a JSON object")
