@@ -15,7 +15,8 @@
 // (Which pair takes which rotation is the choice with the fewest distinct bit displacements,
 // kShifts: the repack's shift-and-mask passes.) The permutation only moves bits within a word,
 // so slices of whole 16-byte blocks (the tensor-parallel cut along K, expert and row slices)
-// keep the layout.
+// keep the layout. The tiled layout (end of this file) also moves whole blocks: tiles of 16
+// rows stored k-step-major, so that the tiled kernel's warps read contiguous memory.
 #pragma once
 
 #include <cstdint>
@@ -148,6 +149,23 @@ MOELORA_MXFP4_HD uint32_t mma_pair(uint32_t w) {
   } else {
     return w & kField;
   }
+}
+
+// The tiled layout (MoeMxfp4Layout::kMmaTiled): the mma layout's words in tiles of kTileRows
+// rows, k-step-major (a k-step being kStepBlocks blocks of 16 bytes a row), so that one k-step
+// of a tile is kTileRows * 64 contiguous bytes. Offsets within an expert, given the stride of
+// a tile (the weight's or the scales' dimension 1).
+inline constexpr int kTileRows = 16;
+inline constexpr int kStepBlocks = 4;
+
+MOELORA_MXFP4_HD int64_t tiled_block_offset(int64_t tile_stride, int64_t n, int64_t block) {
+  return (n / kTileRows) * tile_stride + (block / kStepBlocks) * (kTileRows * kStepBlocks * 16) +
+         (n % kTileRows) * (kStepBlocks * 16) + (block % kStepBlocks) * 16;
+}
+
+MOELORA_MXFP4_HD int64_t tiled_scale_offset(int64_t tile_stride, int64_t n, int64_t block) {
+  return (n / kTileRows) * tile_stride + (block / kStepBlocks) * (kTileRows * kStepBlocks) +
+         (n % kTileRows) * kStepBlocks + block % kStepBlocks;
 }
 
 }  // namespace moelora::mxfp4

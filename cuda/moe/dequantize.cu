@@ -27,6 +27,9 @@ struct DequantArgs {
   int64_t w_expert, w_row;
   const void* scales;  // MXFP4: uint8 [E][N][K/32]; FP8: float [E][N/bn][K/bk]
   int64_t s_expert, s_row, s_k;  // elements
+  // MXFP4 tiles (kMmaTiled): block v of row n at mxfp4::tiled_block_offset(w_row, n, v) within
+  // its expert, its scale at tiled_scale_offset(s_row, n, v): w_row and s_row are tile strides.
+  bool tiled;
   int32_t block_n, block_k;
   MoeWeightFormat format;
   MoeMxfp4Layout mxfp4_layout;
@@ -69,9 +72,9 @@ __global__ void __launch_bounds__(kThreads) moe_dequantize_kernel(DequantArgs a,
        i += int64_t{gridDim.x} * kThreads) {
     const int64_t row = i / a.vectors_per_row, v = i - row * a.vectors_per_row;
     const int64_t local = row / a.n_dim, n = row - local * a.n_dim, e = a.first_expert + local;
-    uint4 raw =
-        *reinterpret_cast<const uint4*>(a.weight + e * a.w_expert + n * a.w_row + 16 * v);
-    if (a.format == MoeWeightFormat::kMxfp4 && a.mxfp4_layout == MoeMxfp4Layout::kMma) {
+    const int64_t at = a.tiled ? mxfp4::tiled_block_offset(a.w_row, n, v) : n * a.w_row + 16 * v;
+    uint4 raw = *reinterpret_cast<const uint4*>(a.weight + e * a.w_expert + at);
+    if (a.format == MoeWeightFormat::kMxfp4 && a.mxfp4_layout != MoeMxfp4Layout::kCheckpoint) {
       raw = make_uint4(mxfp4::from_mma(raw.x), mxfp4::from_mma(raw.y), mxfp4::from_mma(raw.z),
                        mxfp4::from_mma(raw.w));  // back to the checkpoint's nibbles
     }
@@ -79,7 +82,8 @@ __global__ void __launch_bounds__(kThreads) moe_dequantize_kernel(DequantArgs a,
     T* dst = out + row * a.k_dim;
     if (a.format == MoeWeightFormat::kMxfp4) {
       const auto* scales = static_cast<const uint8_t*>(a.scales);
-      const int scale = scales[e * a.s_expert + n * a.s_row + v * a.s_k];  // one per 16 bytes
+      const int scale = scales[e * a.s_expert + (a.tiled ? mxfp4::tiled_scale_offset(a.s_row, n, v)
+                                                          : n * a.s_row + v * a.s_k)];
       float values[32];
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
@@ -115,6 +119,7 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
   a.weight = static_cast<const uint8_t*>(w.data);
   a.w_expert = w.stride[0] * elem;
   a.w_row = w.stride[1] * elem;
+  a.tiled = weights.mxfp4_layout == MoeMxfp4Layout::kMmaTiled;
   a.first_expert = first_expert;
   a.experts = out.shape[0];
   a.n_dim = out.shape[1];
@@ -134,7 +139,7 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
   a.block_k = weights.block_k;
   const bool rows_ok = detail::aligned16(w.data) && a.w_row % 16 == 0 && a.w_expert % 16 == 0 &&
                        row_bytes % 16 == 0 &&
-                       (weights.format != MoeWeightFormat::kMxfp4 || w.stride[2] == 16);
+                       (weights.format != MoeWeightFormat::kMxfp4 || a.tiled || w.stride[2] == 16);
   if (!rows_ok || !detail::aligned16(out.data)) {
     throw InvalidArgument(
         "moe_dequantize: the GPU kernel needs 16-byte aligned weight rows whose bytes are a "

@@ -33,11 +33,13 @@ moe::GemmArgs gemm_args(const TensorRef& input, int32_t input_pairs_per_row,
   const int64_t elem = w.format == MoeWeightFormat::kDense
                            ? static_cast<int64_t>(dtype_size(w.weight.dtype))
                            : 1;  // MXFP4 and FP8 strides count bytes
+  const bool tiled = w.mxfp4_layout == MoeMxfp4Layout::kMmaTiled;
   a.weight = static_cast<const uint8_t*>(w.weight.data);
   a.w_expert = w.weight.stride[0] * elem;
-  a.w_row = w.weight.stride[1] * elem;
+  a.w_row = tiled ? w.weight.stride[3] : w.weight.stride[1] * elem;
+  a.w_tile = tiled ? w.weight.stride[1] : 16 * a.w_row;
   a.k_dim = static_cast<int32_t>(input.shape[1]);
-  a.n_dim = static_cast<int32_t>(w.weight.shape[1]);
+  a.n_dim = static_cast<int32_t>(w.rows());
   switch (w.format) {
     case MoeWeightFormat::kDense: a.row_bytes = static_cast<int32_t>(a.k_dim * elem); break;
     case MoeWeightFormat::kMxfp4: a.row_bytes = a.k_dim / 2; break;
@@ -46,7 +48,8 @@ moe::GemmArgs gemm_args(const TensorRef& input, int32_t input_pairs_per_row,
   if (!is_absent(w.scales)) {
     a.scales = w.scales.data;
     a.s_expert = w.scales.stride[0];
-    a.s_row = w.scales.stride[1];
+    a.s_row = tiled ? w.scales.stride[3] : w.scales.stride[1];
+    a.s_tile = tiled ? w.scales.stride[1] : 16 * a.s_row;
   }
   a.block_n = w.block_n;
   a.block_k = w.block_k;
@@ -101,7 +104,7 @@ std::string tensor_core_refusal(const TensorRef& input, const MoeExpertWeights& 
   if (!aligned16(w.weight.data, w.weight.stride[1] * elem) || (w.weight.stride[0] * elem) % 16) {
     return "weight rows must be 16-byte aligned";
   }
-  if (w.format == MoeWeightFormat::kMxfp4 &&
+  if (w.format == MoeWeightFormat::kMxfp4 && w.mxfp4_layout != MoeMxfp4Layout::kMmaTiled &&
       (w.weight.stride[2] != 16 || w.scales.stride[2] != 1)) {
     return "MXFP4 blocks and scales must be contiguous along K";
   }

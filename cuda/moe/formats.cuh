@@ -41,11 +41,16 @@ struct GemmArgs {
   int32_t pairs_per_row;
   void* output;  // [P][out_cols], row stride output_stride (elements)
   int64_t output_stride;
-  const uint8_t* weight;  // expert e, row n at weight + e * w_expert + n * w_row (bytes)
-  int64_t w_expert, w_row;
+  // Byte b of row n of expert e at weight + e * w_expert + (n / 16) * w_tile + (n % 16) * w_row
+  // + (b / 64) * F::kStepBytes + b % 64: rows as stored (w_tile = 16 w_row, k-steps 64 bytes
+  // apart), or the MXFP4 tiled layout (w_row = 64, k-steps 1024 bytes apart, w_tile its tile
+  // stride; moelora/moe.h).
+  const uint8_t* weight;
+  int64_t w_expert, w_row, w_tile;
   int32_t row_bytes;     // bytes of one weight row (K * element bits / 8)
-  const void* scales;    // MXFP4: uint8 [E][N][K/32]; FP8: float [E][N/bn][K/bk]
+  const void* scales;    // MXFP4: uint8 [E][N][K/32] or tiled; FP8: float [E][N/bn][K/bk]
   int64_t s_expert, s_row;  // elements; FP8: s_row is the stride of a row block
+  int64_t s_tile;           // MXFP4 tiled: the scales' tile stride (mxfp4::tiled_scale_offset)
   MoeMxfp4Layout mxfp4_layout;  // MXFP4: the simple kernel reads it; the tiled and stream
                                 // kernels are built per layout (Mxfp4Format, Mxfp4MmaFormat)
   int32_t block_n, block_k;  // FP8
@@ -124,6 +129,7 @@ struct ScaleAsIs {
 template <typename T>
 struct DenseFormat : ScaleAsIs<DenseFormat<T>> {
   using Act = T;
+  static constexpr int kStepBytes = 64;  // between a row's k-steps (rows as stored)
   static constexpr int kChunks = 1;
   static constexpr int kXBytesPerWeightByte = 1;
   static constexpr int kXPitchMod = 64;
@@ -153,6 +159,7 @@ struct DenseFormat : ScaleAsIs<DenseFormat<T>> {
 
 struct Fp8Format : ScaleAsIs<Fp8Format> {
   using Act = __nv_bfloat16;
+  static constexpr int kStepBytes = 64;
   static constexpr int kChunks = 2;
   static constexpr int kXBytesPerWeightByte = 2;
   static constexpr int kXPitchMod = 16;
@@ -201,6 +208,7 @@ struct Fp8Format : ScaleAsIs<Fp8Format> {
 template <typename Words>
 struct Mxfp4Codes {
   using Act = __nv_bfloat16;
+  static constexpr int kStepBytes = 64;
   static constexpr int kChunks = 4;
   static constexpr int kXBytesPerWeightByte = 4;
   static constexpr int kXPitchMod = 32;
@@ -314,6 +322,24 @@ struct Mxfp4MmaFormat : Mxfp4Codes<Mxfp4MmaFormat> {
     b[1] = x.y;
     b[2] = x.z;
     b[3] = x.w;
+  }
+};
+
+// The mma layout's words in 16-row tiles, k-step-major (MoeMxfp4Layout::kMmaTiled): a warp's
+// 16 rows of a k-step are one contiguous KB, where rows as stored put each row's 64 bytes one
+// row apart (1440 bytes for gpt-oss-20b), a DRAM page touched per 64-128 bytes. The scales of
+// a k-step's 16 rows are 64 contiguous bytes likewise.
+struct Mxfp4TiledFormat : Mxfp4MmaFormat {
+  static constexpr int kStepBytes = mxfp4::kTileRows * 64;
+  __device__ static int64_t scale_row(const GemmArgs& a, int64_t e, int64_t n) {
+    return e * a.s_expert + mxfp4::tiled_scale_offset(a.s_tile, n, 0);
+  }
+  // k0 / 32 = 4 step + c: the lane's block of the step, at 64 bytes a step.
+  __device__ static Scale load_scale(const GemmArgs& a, int64_t row, int k0, bool ok) {
+    const uint32_t block = static_cast<uint32_t>(k0) >> 5;
+    return ok ? __ldg(static_cast<const uint8_t*>(a.scales) + row + (block >> 2) * 64 +
+                      (block & 3u))
+              : 0u;
   }
 };
 

@@ -14,6 +14,8 @@
 //   I + j in one CTA (warps 0-1 gate, 2-3 up). Blocks past num_blocks exit before reading
 //   anything else, so experts with no rows cost nothing; n-tiles of 8 pairs past the block's
 //   rows are skipped.
+// Weight rows: a warp's 16 rows of a k-step are 64 bytes a row one stored row apart, or, MXFP4
+//   in the tiled layout (Mxfp4TiledFormat), one contiguous KB (GemmArgs says where bytes are).
 // Pipelines: weights (and their scales) run D k-steps ahead in registers; the block's pair
 //   rows of x are gathered BY INDEX (no copy of x) into a kStages-deep cp.async ring of stages
 //   in shared memory shared by the 4 warps (stage_k below), 16-byte chunks XOR-swizzled per
@@ -211,7 +213,8 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs& a) {
       n = ok ? n : 0;
       srow[i][h] = F::scale_row(a, expert, n);
       rok[i][h] = ok;
-      wrow[i][h] = a.weight + expert * a.w_expert + n * a.w_row + 16 * c;
+      wrow[i][h] = a.weight + expert * a.w_expert + (n >> 4) * a.w_tile + (n & 15) * a.w_row +
+                   16 * c;
     }
   }
   // This CTA's k-steps (64 weight bytes per row each): all of them, or split blockIdx.z's
@@ -238,7 +241,7 @@ __device__ __forceinline__ void gemm_cta(const GemmArgs& a) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const bool ok = step < end_step[i][h];
-        const auto* src = reinterpret_cast<const uint4*>(wrow[i][h] + step * 64);
+        const auto* src = reinterpret_cast<const uint4*>(wrow[i][h] + step * F::kStepBytes);
         // Decode reads each weight once per step (evict first); prefill blocks of one expert
         // share it through L2.
         st.w[i][h] = !ok ? make_uint4(0, 0, 0, 0) : MT == 1 ? __ldcs(src) : __ldg(src);
@@ -469,10 +472,13 @@ void launch_gemm(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_
 void launch_gemm_dense(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,
                        cudaStream_t stream);
 void launch_gemm_fp8(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
-// MXFP4 by a.mxfp4_layout: checkpoint words here, mma-layout words in launch_gemm_mxfp4_mma.
+// MXFP4 by a.mxfp4_layout: checkpoint words here, mma-layout words in launch_gemm_mxfp4_mma,
+// their tiles in launch_gemm_mxfp4_tiled.
 void launch_gemm_mxfp4(const GemmArgs& a, int block_m, int64_t max_blocks, cudaStream_t stream);
 void launch_gemm_mxfp4_mma(const GemmArgs& a, int block_m, int64_t max_blocks,
                            cudaStream_t stream);
+void launch_gemm_mxfp4_tiled(const GemmArgs& a, int block_m, int64_t max_blocks,
+                             cudaStream_t stream);
 // Split-K's finishing kernel (moe/split.cu): a.partials summed over a.splits, the epilogue,
 // the output. dtype: bfloat16 or float16.
 void launch_split_finish(const GemmArgs& a, DType dtype, int block_m, int64_t max_blocks,

@@ -41,8 +41,13 @@ __device__ float weight_at(const GemmArgs& a, MoeWeightFormat format, int64_t e,
     case MoeWeightFormat::kDense: return detail::to_f32(reinterpret_cast<const T*>(row)[k]);
     case MoeWeightFormat::kMxfp4: {
       uint32_t code;
-      if (a.mxfp4_layout == MoeMxfp4Layout::kMma) {  // byte loads: rows may sit at any address
-        const uint8_t* b = row + (k / 8) * 4;
+      const bool tiled = a.mxfp4_layout == MoeMxfp4Layout::kMmaTiled;
+      if (tiled || a.mxfp4_layout == MoeMxfp4Layout::kMma) {
+        // byte loads: rows may sit at any address
+        const uint8_t* b =
+            tiled ? a.weight + e * a.w_expert + mxfp4::tiled_block_offset(a.w_tile, n, k / 32) +
+                        (k % 32) / 8 * 4
+                  : row + (k / 8) * 4;
         const uint32_t word = b[0] | uint32_t{b[1]} << 8 | uint32_t{b[2]} << 16 |
                               uint32_t{b[3]} << 24;
         code = mxfp4::code_of_mma(word, static_cast<int>(k % 8));
@@ -51,7 +56,8 @@ __device__ float weight_at(const GemmArgs& a, MoeWeightFormat format, int64_t e,
         code = k & 1 ? byte >> 4 : byte & 0xFu;
       }
       const auto* scales = static_cast<const uint8_t*>(a.scales);
-      const int scale = scales[e * a.s_expert + n * a.s_row + k / 32];
+      const int scale = scales[e * a.s_expert + (tiled ? mxfp4::tiled_scale_offset(a.s_tile, n, k / 32)
+                                                         : n * a.s_row + k / 32)];
       v = ldexpf(e2m1(code), scale - 127);
       break;
     }

@@ -11,6 +11,9 @@ std::string launch_stream_mxfp4(const GemmArgs& a, int block_m, int64_t max_bloc
   if (a.mxfp4_layout == MoeMxfp4Layout::kMma) {
     return launch_stream_mxfp4_mma(a, block_m, max_blocks, consumers, stream);
   }
+  if (a.mxfp4_layout == MoeMxfp4Layout::kMmaTiled) {
+    return "its bulk copies read MXFP4 rows as stored (the checkpoint or mma layout, not tiles)";
+  }
   return launch_stream<Mxfp4Format>(a, block_m, max_blocks, consumers, stream);
 }
 

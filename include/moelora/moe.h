@@ -36,6 +36,9 @@ enum class MoeMxfp4Layout : uint8_t {
   kMma = 1,         // the bits of each little-endian 32-bit word (elements 8u..8u+7) permuted
                     // so that the tensor-core kernels decode them with fewer instructions
                     // (src/mxfp4_layout.h; moelora.ops.moe.mxfp4_to_mma_layout repacks)
+  kMmaTiled = 2,    // kMma's words in tiles of 16 weight rows, k-step-major, so that a warp of
+                    // the tiled kernel reads a k-step of its 16 rows as one contiguous KB
+                    // (shapes in MoeExpertWeights; moelora.ops.moe.mxfp4_to_tiled_layout)
 };
 
 enum class MoeActivation : uint8_t {
@@ -85,6 +88,11 @@ struct MoeGemmOptions {
 //                      nibble first (element 2j in the low nibble of byte j)
 //              scales  uint8 [E, N, K/32]: E8M0 exponents, W = e2m1 * 2^(scale - 127)
 //              mxfp4_layout: the checkpoint's nibbles or the mma layout (MoeMxfp4Layout)
+//              kMmaTiled: weight uint8 [E, N/16, S, 16, 64] and scales uint8 [E, N/16, S, 16, 4]
+//                      (S = ceil(K/128) k-steps of 64 bytes a row, four blocks of 32 codes):
+//                      block g of row n at [e, n/16, g/4, n%16, 16 (g%4)..], its scale at
+//                      [e, n/16, g/4, n%16, g%4]; codes past K are 0, their scales 127. The
+//                      last three dimensions are contiguous.
 //   kFp8Block  weight  uint8 [E, N, K]: float8 e4m3fn bit patterns
 //              scales  float32 [E, ceil(N/block_n), ceil(K/block_k)]:
 //                      W[e, n, k] = fp8 * scales[e, n / block_n, k / block_k]
@@ -99,6 +107,11 @@ struct MoeExpertWeights {
   int32_t block_n = 0;  // kFp8Block only
   int32_t block_k = 0;  // kFp8Block only
   MoeMxfp4Layout mxfp4_layout = MoeMxfp4Layout::kCheckpoint;  // kMxfp4 only
+
+  // N, the weight rows, in any format and layout.
+  int64_t rows() const {
+    return mxfp4_layout == MoeMxfp4Layout::kMmaTiled ? weight.shape[1] * 16 : weight.shape[1];
+  }
 };
 
 // What moe_expert_gemm does to each output row after the product, in this order: + bias[e],

@@ -38,6 +38,9 @@ void register_moe(py::module_& m) {
     positions.append(py::make_tuple(element[0], element[1], element[2], element[3]));
   }
   m.attr("MXFP4_MMA_POSITIONS") = py::tuple(positions);
+  // The tiled layout's shape (moelora.ops.moe.mxfp4_to_tiled_layout).
+  m.attr("MXFP4_TILE_ROWS") = mxfp4::kTileRows;
+  m.attr("MXFP4_STEP_BLOCKS") = mxfp4::kStepBlocks;
   m.def("mxfp4_to_mma_word", [](uint32_t w) { return mxfp4::to_mma(w); }, py::arg("word"));
   m.def("mxfp4_from_mma_word", [](uint32_t w) { return mxfp4::from_mma(w); }, py::arg("word"));
   m.def("moe_route_max_blocks", &moe_route_max_blocks, py::arg("num_pairs"),

@@ -53,14 +53,19 @@ void dequantize_row(const MoeExpertWeights& w, int64_t e, int64_t n, int64_t k_d
       return;
     }
     case MoeWeightFormat::kMxfp4: {
-      const auto* blocks = static_cast<const uint8_t*>(wt.data) + e * wt.stride[0] +
-                           n * wt.stride[1];
-      const auto* scales = static_cast<const uint8_t*>(w.scales.data) + e * w.scales.stride[0] +
-                           n * w.scales.stride[1];
-      const bool mma = w.mxfp4_layout == MoeMxfp4Layout::kMma;
+      const auto* expert_blocks = static_cast<const uint8_t*>(wt.data) + e * wt.stride[0];
+      const auto* expert_scales =
+          static_cast<const uint8_t*>(w.scales.data) + e * w.scales.stride[0];
+      const bool tiled = w.mxfp4_layout == MoeMxfp4Layout::kMmaTiled;
+      const bool mma = tiled || w.mxfp4_layout == MoeMxfp4Layout::kMma;
       for (int64_t g = 0; g < k_dim / 32; ++g) {
-        const uint8_t* bytes = blocks + g * wt.stride[2];
-        const int exponent = static_cast<int>(scales[g * w.scales.stride[2]]) - 127;
+        const uint8_t* bytes =
+            expert_blocks + (tiled ? mxfp4::tiled_block_offset(wt.stride[1], n, g)
+                                   : n * wt.stride[1] + g * wt.stride[2]);
+        const uint8_t scale =
+            expert_scales[tiled ? mxfp4::tiled_scale_offset(w.scales.stride[1], n, g)
+                                : n * w.scales.stride[1] + g * w.scales.stride[2]];
+        const int exponent = static_cast<int>(scale) - 127;
         for (int u = 0; u < 4; ++u) {  // little-endian words of 8 codes
           const uint8_t* b = bytes + 4 * u;
           uint32_t word = b[0] | uint32_t{b[1]} << 8 | uint32_t{b[2]} << 16 | uint32_t{b[3]} << 24;
@@ -176,7 +181,7 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
   pr.sorted_pairs = static_cast<const int32_t*>(sorted_pairs.data);
   pr.pairs_stride = sorted_pairs.stride[0];
   pr.block_m = block_m;
-  pr.n_dim = weights.weight.shape[1];
+  pr.n_dim = weights.rows();
   pr.k_dim = input.shape[1];
   pr.gated = epilogue.activation != MoeActivation::kNone;
   pr.out_cols = output.shape[1];

@@ -55,6 +55,30 @@ bool gated(MoeActivation activation, const char* op) {
 }
 
 // The stored expert weights against the activations: returns N.
+// MXFP4 in the tiled layout: weight [E, N/16, S, 16, 64], scales [E, N/16, S, 16, 4], the last
+// three dimensions of each contiguous (moelora/moe.h).
+void check_mxfp4_tiles(const MoeExpertWeights& w, int64_t k_dim, const char* op) {
+  const TensorRef& wt = w.weight;
+  const int64_t steps = (k_dim + 127) / 128;
+  check_ndim(wt, 5, op, "weight");
+  check_size(wt, 2, steps, op, "weight", "ceil(input width / 128) k-steps");
+  check_size(wt, 3, 16, op, "weight", "16 rows per tile");
+  check_size(wt, 4, 64, op, "weight", "64 bytes per row and k-step");
+  check_ndim(w.scales, 5, op, "scales");
+  check_size(w.scales, 0, wt.shape[0], op, "scales", "one per expert");
+  check_size(w.scales, 1, wt.shape[1], op, "scales", "one tile per weight tile");
+  check_size(w.scales, 2, steps, op, "scales", "the weight's k-steps");
+  check_size(w.scales, 3, 16, op, "scales", "16 rows per tile");
+  check_size(w.scales, 4, 4, op, "scales", "4 blocks per row and k-step");
+  // A dimension of one index may have any stride (torch gives one k-step the tile's).
+  const bool steps_packed = steps == 1 || (wt.stride[2] == 1024 && w.scales.stride[2] == 64);
+  if (wt.stride[3] != 64 || w.scales.stride[4] != 1 || w.scales.stride[3] != 4 ||
+      !steps_packed) {
+    throw_invalid(op, "MXFP4 tiles must be contiguous in their last three dimensions, got "
+                      "weight " + wt.describe() + " and scales " + w.scales.describe());
+  }
+}
+
 int64_t check_expert_weights(const MoeExpertWeights& w, const TensorRef& input, const char* op) {
   const TensorRef& wt = w.weight;
   const int64_t k_dim = input.shape[1];
@@ -73,25 +97,28 @@ int64_t check_expert_weights(const MoeExpertWeights& w, const TensorRef& input, 
       break;
     case MoeWeightFormat::kMxfp4:
       check_dtype(wt, DType::kUInt8, op, "weight");
-      check_ndim(wt, 4, op, "weight");
       if (k_dim % 32 != 0) {
         throw_invalid(op, "MXFP4 needs an input width that is a multiple of 32, got " +
                               std::to_string(k_dim));
       }
-      check_size(wt, 2, k_dim / 32, op, "weight", "input width / 32 blocks");
-      check_size(wt, 3, 16, op, "weight", "16 bytes per block of 32 codes");
       check_dtype(w.scales, DType::kUInt8, op, "scales");
-      check_ndim(w.scales, 3, op, "scales");
       check_has_data(w.scales, op, "scales");
-      check_size(w.scales, 0, wt.shape[0], op, "scales", "one per expert");
-      check_size(w.scales, 1, wt.shape[1], op, "scales", "one per weight row");
-      check_size(w.scales, 2, k_dim / 32, op, "scales", "one per block of 32");
-      check_same_device(input, w.scales, op, "input", "scales");
-      if (w.mxfp4_layout != MoeMxfp4Layout::kCheckpoint &&
-          w.mxfp4_layout != MoeMxfp4Layout::kMma) {
+      if (w.mxfp4_layout == MoeMxfp4Layout::kMmaTiled) {
+        check_mxfp4_tiles(w, k_dim, op);
+      } else if (w.mxfp4_layout == MoeMxfp4Layout::kCheckpoint ||
+                 w.mxfp4_layout == MoeMxfp4Layout::kMma) {
+        check_ndim(wt, 4, op, "weight");
+        check_size(wt, 2, k_dim / 32, op, "weight", "input width / 32 blocks");
+        check_size(wt, 3, 16, op, "weight", "16 bytes per block of 32 codes");
+        check_ndim(w.scales, 3, op, "scales");
+        check_size(w.scales, 0, wt.shape[0], op, "scales", "one per expert");
+        check_size(w.scales, 1, wt.shape[1], op, "scales", "one per weight row");
+        check_size(w.scales, 2, k_dim / 32, op, "scales", "one per block of 32");
+      } else {
         throw_invalid(op, "unknown MXFP4 layout code " +
                               std::to_string(static_cast<int>(w.mxfp4_layout)));
       }
+      check_same_device(input, w.scales, op, "input", "scales");
       break;
     case MoeWeightFormat::kFp8Block: {
       check_dtype(wt, DType::kUInt8, op, "weight");
@@ -124,10 +151,10 @@ int64_t check_expert_weights(const MoeExpertWeights& w, const TensorRef& input, 
     check_ndim(w.bias, 2, op, "bias");
     check_has_data(w.bias, op, "bias");
     check_size(w.bias, 0, wt.shape[0], op, "bias", "one row per expert");
-    check_size(w.bias, 1, wt.shape[1], op, "bias", "one per weight row");
+    check_size(w.bias, 1, w.rows(), op, "bias", "one per weight row");
     check_same_device(input, w.bias, op, "input", "bias");
   }
-  return wt.shape[1];
+  return w.rows();
 }
 
 // MoeGemmOptions::splits and its workspace; `partial_floats` = P * N.

@@ -82,19 +82,22 @@ def random_weights(fmt: str, num_experts: int, n: int, k: int, dtype: torch.dtyp
                    gen: torch.Generator, bias: bool = True,
                    fp8_block: tuple[int, int] = (16, 32)) -> moe_ops.ExpertWeights:
     """Random weights in `fmt` whose products with N(0, 1) rows are O(1): spread ~1/sqrt(k).
-    fmt "mxfp4_mma": the same MXFP4 stack repacked into the mma layout."""
+    fmt "mxfp4_mma": the same MXFP4 stack repacked into the mma layout; "mxfp4_tiled": into its
+    16-row tiles (n a multiple of 16)."""
     spread = 1.0 / math.sqrt(k)
     b = torch.randn(num_experts, n, generator=gen).to(dtype) if bias else None
     if fmt == "dense":
         w = (torch.randn(num_experts, n, k, generator=gen) * spread).to(dtype)
         return moe_ops.ExpertWeights("dense", w, bias=b)
-    if fmt in ("mxfp4", "mxfp4_mma"):
+    if fmt in ("mxfp4", "mxfp4_mma", "mxfp4_tiled"):
         blocks = torch.randint(0, 256, (num_experts, n, k // 32, 16), generator=gen,
                                dtype=torch.uint8)
         center = 127 + round(math.log2(spread / 2.93))  # random codes: RMS 2.93
         scales = torch.randint(center - 2, center + 3, (num_experts, n, k // 32), generator=gen,
                                dtype=torch.uint8)
         w = moe_ops.ExpertWeights("mxfp4", blocks, scales, b)
+        if fmt == "mxfp4_tiled":
+            return in_tiled_layout(w)
         return in_mma_layout(w) if fmt == "mxfp4_mma" else w
     bn, bk = fp8_block
     w = torch.randn(num_experts, n, k, generator=gen).to(torch.float8_e4m3fn)
@@ -107,6 +110,9 @@ def dequantize(w: moe_ops.ExpertWeights, dtype: torch.dtype) -> torch.Tensor:
     (on the weights' device)."""
     if w.format == "dense":
         return w.weight.to(dtype)
+    if w.format == "mxfp4" and w.layout == "mma_tiled":
+        blocks, scales = moe_ops.mxfp4_from_tiled_layout(w.weight, w.scales, w.k)
+        return dequantize(moe_ops.ExpertWeights("mxfp4", blocks, scales, layout="mma"), dtype)
     if w.format == "mxfp4":
         blocks = w.weight.long()
         if w.layout == "mma":
@@ -170,7 +176,15 @@ def _expert(w: moe_ops.ExpertWeights, e: int) -> moe_ops.ExpertWeights:
     """Expert e of a stack, as a stack of one."""
     pick = lambda t: None if t is None else t[e:e + 1]
     return moe_ops.ExpertWeights(w.format, pick(w.weight), pick(w.scales), None, w.block_n,
-                                 w.block_k, w.layout)
+                                 w.block_k, w.layout, w.k)
+
+
+def in_tiled_layout(w: moe_ops.ExpertWeights) -> moe_ops.ExpertWeights:
+    """An MXFP4 stack (checkpoint layout) as the engine's 16-row tiles (same values)."""
+    tiles, scales = moe_ops.mxfp4_to_tiled_layout(moe_ops.mxfp4_to_mma_layout(w.weight),
+                                                  w.scales)
+    return moe_ops.ExpertWeights("mxfp4", tiles, scales, w.bias, layout="mma_tiled",
+                                 k=w.in_dim)
 
 
 def in_mma_layout(w: moe_ops.ExpertWeights) -> moe_ops.ExpertWeights:

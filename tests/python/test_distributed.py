@@ -293,10 +293,12 @@ def _quantized_model(preset, weights, fp8_block=None):
 def _dense_stack(stack: moe_ops.ExpertWeights) -> torch.Tensor:
     """An expert stack as stored, dequantized to float32 [E, out, in] (the reference)."""
     if stack.format == "mxfp4":
-        blocks = stack.weight
-        if stack.layout == "mma":
+        blocks, scales = stack.weight, stack.scales
+        if stack.layout == "mma_tiled":
+            blocks, scales = moe_ops.mxfp4_from_tiled_layout(blocks, scales, stack.k)
+        if stack.layout != "checkpoint":
             blocks = moe_ops.mxfp4_from_mma_layout(blocks)
-        return dequantize_mxfp4(blocks, stack.scales, torch.float32).transpose(1, 2)
+        return dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2)
     if stack.format == "fp8":
         return torch.stack([dequantize_fp8_blocks(w, s, torch.float32)
                             for w, s in zip(stack.weight, stack.scales)])

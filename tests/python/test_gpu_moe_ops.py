@@ -14,6 +14,8 @@ from moe_reference import (
     TOLERANCE,
     assert_close,
     gemm_reference,
+    in_mma_layout,
+    in_tiled_layout,
     manual_routing,
     random_weights,
     route_reference,
@@ -33,7 +35,7 @@ def _gen(seed: int) -> torch.Generator:
 def _to(w: moe_ops.ExpertWeights, device) -> moe_ops.ExpertWeights:
     move = lambda t: None if t is None else t.to(device)
     return moe_ops.ExpertWeights(w.format, move(w.weight), move(w.scales), move(w.bias),
-                                 w.block_n, w.block_k, w.layout)
+                                 w.block_n, w.block_k, w.layout, w.k)
 
 
 def _routing_to(r: moe_ops.Routing, device) -> moe_ops.Routing:
@@ -174,6 +176,54 @@ def test_gpu_w2_gemm_with_routing_weights_and_strided_rows(fmt, block_m):
     out = moe_ops.expert_gemm(hg, r, _to(w, CUDA), input_pairs_per_row=1,
                               topk_weights=r.topk_weights.view(-1), kernel="tensor_core")
     assert_close(out, want, f"{fmt}: " + _first_mismatch(out, want, 2e-2))
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 16, 2), (7, 8, 4), (133, 16, 3)])
+@pytest.mark.parametrize("activation", ["none", "gpt_oss"])
+@pytest.mark.parametrize("block_m", [8, 16, 32, 64])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gpu_tiled_mxfp4_gemm_equals_the_mma_layout_bit_for_bit(tokens, experts, top_k,
+                                                                 activation, block_m, splits):
+    # The 16-row tiles change where the kernel reads each 16-byte vector, not which: every
+    # output (through split-K partial sums too) equals the mma layout's bit for bit, and both
+    # match float64. 864 inputs: 7 k-steps, the last one three quarters padding; 48 gate rows
+    # end a gated column tile mid-way.
+    if splits > 1 and block_m == 64:
+        pytest.skip("split-K runs the decode shapes")
+    gen = _gen(tokens + 5 * block_m + splits)
+    hidden, inter = 864, 48
+    x = torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16)
+    w = random_weights("mxfp4", experts, 2 * inter, hidden, torch.bfloat16, gen, bias=True)
+    routing = moe_ops.route(torch.randn(tokens, experts, generator=gen), top_k, "softmax_topk",
+                            True, block_m)
+    want = gemm_reference(x, top_k, routing.topk_ids, w, activation)
+    r, xg = _routing_to(routing, CUDA), x.to(CUDA)
+    outs = {}
+    for layout, stack in (("mma", in_mma_layout(w)), ("mma_tiled", in_tiled_layout(w))):
+        outs[layout] = torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device=CUDA)
+        moe_ops.expert_gemm(xg, r, _to(stack, CUDA), input_pairs_per_row=top_k,
+                            activation=activation, out=outs[layout], kernel="tensor_core",
+                            splits=splits)
+    tiled = outs["mma_tiled"]
+    what = f"tiled {activation} block_m {block_m} splits {splits}"
+    assert torch.equal(tiled, outs["mma"]), what + ": " + _first_mismatch(tiled, outs["mma"], 0)
+    assert_close(tiled, want, what + ": " + _first_mismatch(tiled, want, 2e-2))
+
+
+def test_gpu_tiled_mxfp4_simple_kernel_and_dequantize_match_the_cpu():
+    gen = _gen(11)
+    w = in_tiled_layout(random_weights("mxfp4", 4, 32, 160, torch.bfloat16, gen))
+    wg = _to(w, CUDA)
+    assert torch.equal(moe_ops.dequantize(wg).cpu(), moe_ops.dequantize(w))
+    x = torch.randn(7, 160, generator=gen).to(torch.bfloat16)
+    routing = moe_ops.route(torch.randn(7, 4, generator=gen), 2, block_m=8)
+    cpu = moe_ops.expert_gemm(x, routing, w, input_pairs_per_row=2)
+    out = moe_ops.expert_gemm(x.to(CUDA), _routing_to(routing, CUDA), wg, input_pairs_per_row=2,
+                              kernel="simple")
+    assert_close(out, cpu.double(), "simple kernel, tiled MXFP4")
+    with pytest.raises(InvalidArgument, match="stream kernel cannot take this call.*tiles"):
+        moe_ops.expert_gemm(x.to(CUDA), _routing_to(routing, CUDA), wg, input_pairs_per_row=2,
+                            kernel="stream")
 
 
 # ---- split-K -------------------------------------------------------------------------------------

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_reference import MMA_POSITIONS, dequantize, in_mma_layout, mma_codes, random_weights
+from moe_reference import (
+    MMA_POSITIONS,
+    dequantize,
+    in_mma_layout,
+    in_tiled_layout,
+    mma_codes,
+    random_weights,
+)
 from moelora import InvalidArgument
 from moelora.ops import moe as moe_ops
 
@@ -73,6 +80,50 @@ def test_gemm_over_either_layout_is_bit_identical(dtype, tokens, experts, top_k,
     assert torch.equal(moe_ops.dequantize(mma, 1, 2, dtype), dequantize(mma, dtype)[1:3])
 
 
+@pytest.mark.parametrize("hidden", [32, 160, 864])
+@pytest.mark.parametrize("activation", ["none", "gpt_oss"])
+def test_gemm_over_tiles_is_bit_identical(hidden, activation):
+    # 16-row tiles stored k-step-major (the engine's layout) hold the same values: one k-step
+    # (32 inputs: three blocks of padding), several, and a last one three quarters padding.
+    gen = _gen(hidden)
+    w = random_weights("mxfp4", 6, 2 * 48, hidden, torch.bfloat16, gen)
+    tiled = in_tiled_layout(w)
+    assert tiled.weight.shape == (6, 6, -(-hidden // 128), 16, 64)
+    assert (tiled.out_dim, tiled.in_dim) == (96, hidden)
+    x = torch.randn(9, hidden, generator=gen).to(torch.bfloat16)
+    routing = moe_ops.route(torch.randn(9, 6, generator=gen), 2, "softmax_topk", True, 8)
+    outs = [moe_ops.expert_gemm(x, routing, stack, input_pairs_per_row=2,
+                                activation=activation) for stack in (w, tiled)]
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(moe_ops.dequantize(tiled, 2, 3), moe_ops.dequantize(w, 2, 3))
+    blocks, scales = moe_ops.mxfp4_from_tiled_layout(tiled.weight, tiled.scales, hidden)
+    assert torch.equal(blocks, moe_ops.mxfp4_to_mma_layout(w.weight))
+    assert torch.equal(scales, w.scales)
+
+
+def test_tiles_need_whole_tiles_and_their_own_shapes():
+    gen = _gen(5)
+    w = random_weights("mxfp4", 2, 40, 64, torch.bfloat16, gen)
+    with pytest.raises(ValueError, match="whole tiles of 16, got 40"):
+        moe_ops.mxfp4_to_tiled_layout(w.weight, w.scales)
+    tiled = in_tiled_layout(random_weights("mxfp4", 2, 32, 256, torch.bfloat16, gen))
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    routing = moe_ops.route(torch.randn(3, 2, generator=gen), 1, "softmax_topk", True, 8)
+    wrong_k = torch.randn(3, 384, generator=gen).to(torch.bfloat16)
+    with pytest.raises(InvalidArgument, match=r"weight.*ceil\(input width / 128\) k-steps"):
+        moe_ops.expert_gemm(wrong_k, routing, tiled, input_pairs_per_row=1)
+    wide = torch.zeros(*tiled.weight.shape[:4], 128, dtype=torch.uint8)
+    wide[..., :64] = tiled.weight
+    strided = moe_ops.ExpertWeights("mxfp4", wide[..., :64], tiled.scales, layout="mma_tiled",
+                                    k=256)
+    with pytest.raises(InvalidArgument, match="contiguous in their last three dimensions"):
+        moe_ops.expert_gemm(x, routing, strided, input_pairs_per_row=1)
+    gapped = moe_ops.ExpertWeights("mxfp4", tiled.weight, tiled.scales[..., ::2, :],
+                                   layout="mma_tiled", k=256)
+    with pytest.raises(InvalidArgument, match="scales"):
+        moe_ops.expert_gemm(x, routing, gapped, input_pairs_per_row=1)
+
+
 def test_layout_errors_are_named():
     gen = _gen(3)
     x = torch.randn(4, 64, generator=gen)
@@ -87,9 +138,10 @@ def test_layout_errors_are_named():
         moe_ops.expert_gemm(x, routing, mx, input_pairs_per_row=2)
 
 
-def test_loaded_models_hold_mma_blocks_with_the_checkpoints_values():
-    """build_synthetic (like every loader) packs MXFP4 experts once; the forward pass equals the
-    same model over the checkpoint bytes bit for bit, and packing again changes nothing."""
+def test_loaded_models_hold_tiled_blocks_with_the_checkpoints_values():
+    """build_synthetic (like every loader) packs MXFP4 experts once, into tiles; the forward
+    pass equals the same model over the checkpoint bytes bit for bit, and packing again changes
+    nothing."""
     import copy
 
     from moelora.models import ReferenceContext
@@ -97,13 +149,16 @@ def test_loaded_models_hold_mma_blocks_with_the_checkpoints_values():
 
     model = build_synthetic("tiny-gpt-oss", dtype=torch.float32, num_layers=2)
     experts = model.model.layers[0].mlp.experts
-    assert experts.format == "mxfp4" and experts.mxfp4_layout == "mma"
+    assert experts.format == "mxfp4" and experts.mxfp4_layout == "mma_tiled"
+    assert experts.w13_blocks.dim() == 5
     blocks = experts.w13_blocks.clone()
     model.pack_for_kernels()
     assert torch.equal(experts.w13_blocks, blocks)
     stored = copy.deepcopy(model)
     for layer in stored.model.layers:
         e = layer.mlp.experts
+        e.unpack_tiles()
+        assert e.mxfp4_layout == "mma" and e.w13_blocks.dim() == 4
         for leaf in ("w13_blocks", "w2_blocks"):
             moe_ops.mxfp4_from_mma_layout(getattr(e, leaf).data, out=getattr(e, leaf).data)
         e.mxfp4_layout = "checkpoint"

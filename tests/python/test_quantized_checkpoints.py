@@ -102,8 +102,11 @@ def _dense_experts(params: dict) -> dict:
 
 def _parameters(path):
     """The parameters of the model loaded from `path`, MXFP4 blocks as the checkpoint's bytes
-    (the loader repacks them into the kernels' layout) and then dequantized."""
+    (the loader repacks them into the kernels' tiles) and then dequantized."""
     model = load_model(str(path), dtype=torch.bfloat16, progress=False)
+    for module in model.modules():
+        if getattr(module, "mxfp4_layout", "checkpoint") == "mma_tiled":
+            module.unpack_tiles()
     params = dict(model.named_parameters())
     for name, module in model.named_modules():
         if getattr(module, "mxfp4_layout", "checkpoint") == "mma":
@@ -137,8 +140,8 @@ def test_mxfp4_checkpoint_loads_as_stored(checkpoints):
     model = load_model(quantized, dtype=torch.bfloat16, progress=False)
     assert model.config.expert_format == "mxfp4"
     experts = model.model.layers[0].mlp.experts
-    assert experts.w13_blocks.dtype == torch.uint8 and experts.mxfp4_layout == "mma"
-    assert all(w.layout == "mma" for w in experts.stacks())
+    assert experts.w13_blocks.dtype == torch.uint8 and experts.mxfp4_layout == "mma_tiled"
+    assert all(w.layout == "mma_tiled" for w in experts.stacks())
     ours, want = _parameters(quantized), _parameters(reference)
     assert ours.keys() == want.keys()
     for name, value in want.items():

@@ -56,10 +56,10 @@ def copy_rate(device_name: str, override: float | None) -> float:
     return next((rate for card, rate in COPY_RATE.items() if card in device_name), 3.0e12)
 
 
-def stack(fmt: str, experts: int, n: int, k: int, gen, device,
-          bias: bool) -> moe_ops.ExpertWeights:
+def stack(fmt: str, experts: int, n: int, k: int, gen, device, bias: bool,
+          mxfp4_layout: str = "mma_tiled") -> moe_ops.ExpertWeights:
     """Random weights of spread ~1/sqrt(k) as `fmt` stores them ("bf16", "mxfp4", "fp8"); MXFP4
-    blocks in the mma layout, as the engine holds them (CausalLM.pack_for_kernels)."""
+    blocks in `mxfp4_layout`, by default the engine's (CausalLM.pack_for_kernels)."""
     spread = k ** -0.5
     b = (torch.randn(experts, n, generator=gen, device=device) * 0.1).bfloat16() if bias else None
     if fmt == "bf16":
@@ -71,8 +71,11 @@ def stack(fmt: str, experts: int, n: int, k: int, gen, device,
         center = 127 + round(math.log2(spread / 2.93))  # random E2M1 codes: RMS 2.93
         scales = torch.randint(center - 1, center + 2, (experts, n, k // 32), generator=gen,
                                device=device, dtype=torch.uint8)
-        return moe_ops.ExpertWeights("mxfp4", moe_ops.mxfp4_to_mma_layout(blocks, out=blocks),
-                                     scales, b, layout="mma")
+        blocks = moe_ops.mxfp4_to_mma_layout(blocks, out=blocks)
+        if mxfp4_layout == "mma":
+            return moe_ops.ExpertWeights("mxfp4", blocks, scales, b, layout="mma")
+        tiles, tile_scales = moe_ops.mxfp4_to_tiled_layout(blocks, scales)
+        return moe_ops.ExpertWeights("mxfp4", tiles, tile_scales, b, layout="mma_tiled", k=k)
     bn, bk = FP8_BLOCK
     w = torch.randn(experts, n, k, generator=gen, device=device).to(torch.float8_e4m3fn)
     scales = spread * (0.5 + torch.rand(experts, -(-n // bn), -(-k // bk), generator=gen,
@@ -251,8 +254,8 @@ def run_preset(preset, args, out_file, rate, records):
                 for tokens in args.tokens}
     for fmt in args.weights or formats:
         weights = bf16 if fmt == "bf16" else (
-            stack(fmt, experts, 2 * inter, hidden, gen, device, bias),
-            stack(fmt, experts, hidden, inter, gen, device, bias))
+            stack(fmt, experts, 2 * inter, hidden, gen, device, bias, args.mxfp4_layout),
+            stack(fmt, experts, hidden, inter, gen, device, bias, args.mxfp4_layout))
         time.sleep(args.settle_s)
         for tokens in args.tokens:
             for i, variant in enumerate(args.variants):
@@ -266,6 +269,8 @@ def run_preset(preset, args, out_file, rate, records):
                 record["torch_grouped_mm_us"] = torch_us
                 if torch_us and "layer_us" in record:
                     record["speedup_vs_grouped_mm"] = round(torch_us / record["layer_us"], 2)
+                if fmt == "mxfp4":
+                    record["mxfp4_layout"] = args.mxfp4_layout
                 records.append(record)
                 line = json.dumps(record)
                 print(line, flush=True)
@@ -313,6 +318,8 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", default=["plan"],
                         help="expert GEMM variants: plan, tiles, kernel[:block_m[:consumers]]"
                              " (ratios are to the first)")
+    parser.add_argument("--mxfp4-layout", choices=["mma_tiled", "mma"], default="mma_tiled",
+                        help="how MXFP4 stacks are stored (default: the engine's 16-row tiles)")
     parser.add_argument("--table", action="store_true",
                         help="print the variants side by side after the JSON lines")
     parser.add_argument("--iters", type=int, default=50)

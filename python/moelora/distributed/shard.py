@@ -210,6 +210,8 @@ def _stored_parts(experts: Experts):
 
 
 def _shard_experts(experts: Experts, rank: int, n: int) -> None:
+    tiled = experts.format == "mxfp4" and experts.mxfp4_layout == "mma_tiled"
+    experts.unpack_tiles()  # the cuts below are of rows and blocks as stored untiled
     full, inter = experts.inter, experts.inter // n
     w13_parts, w2_parts = _stored_parts(experts)
     for name, dim, per in w13_parts:  # [gate | up] rows: this rank's gate rows and up rows
@@ -226,6 +228,8 @@ def _shard_experts(experts: Experts, rank: int, n: int) -> None:
         experts.b13 = _param(torch.cat([experts.b13[:, gate], experts.b13[:, up]], dim=1))
     experts.b2 = _zero_unless_first(experts.b2, rank)
     experts.inter = inter
+    if tiled:
+        experts.pack_for_kernels()
 
 
 def _partition_experts(experts: Experts, rank: int, n: int) -> None:

@@ -76,7 +76,8 @@ class Experts(nn.Module):
     stored as config.expert_format says:
       dense  w13 / w2 in the model's dtype;
       mxfp4  w13_blocks uint8 [E, 2I, H/32, 16] + w13_scales uint8 [E, 2I, H/32], likewise w2,
-             the blocks' words in `mxfp4_layout` ("checkpoint" as loaded, "mma" once packed);
+             the blocks' words in `mxfp4_layout` ("checkpoint" as loaded, "mma_tiled" once
+             packed: 16-row tiles [E, 2I/16, ceil(H/128), 16, 64] + [.., 16, 4]);
       fp8    w13 / w2 float8_e4m3fn + w13_scale_inv / w2_scale_inv float32 block scales."""
 
     def __init__(self, config: ModelConfig):
@@ -106,16 +107,43 @@ class Experts(nn.Module):
         self.b13 = empty_param(e, 2 * i) if c.expert_bias else None
         self.b2 = empty_param(e, h) if c.expert_bias else None
         self.mxfp4_layout = "checkpoint"
+        self.widths = (0, 0)  # K of w13 and w2 once tiled (their k-steps pad it)
 
     @torch.no_grad()
     def pack_for_kernels(self) -> None:
-        """MXFP4 blocks, holding the checkpoint's bytes, repacked in place into the mma layout;
-        once, after loading (again: nothing). Cuts of whole blocks (expert and tensor parallel)
-        keep the layout, so sharding may come before or after."""
-        if self.format != "mxfp4" or self.mxfp4_layout == "mma":
+        """MXFP4 blocks, holding the checkpoint's bytes, repacked into the mma layout (in
+        place), then into its 16-row tiles (mma_tiled: a warp of the expert GEMM reads a k-step
+        of its rows as one contiguous KB) where both stacks hold whole tiles; once, after
+        loading (again: nothing). Sharding cuts the mma layout: unpack_tiles first."""
+        if self.format != "mxfp4" or self.mxfp4_layout == "mma_tiled":
             return
-        for blocks in (self.w13_blocks, self.w2_blocks):
-            moe_ops.mxfp4_to_mma_layout(blocks.data, out=blocks.data)
+        if self.mxfp4_layout == "checkpoint":
+            for blocks in (self.w13_blocks, self.w2_blocks):
+                moe_ops.mxfp4_to_mma_layout(blocks.data, out=blocks.data)
+            self.mxfp4_layout = "mma"
+        if self.w13_blocks.shape[1] % moe_ops.MXFP4_TILE_ROWS or \
+                self.w2_blocks.shape[1] % moe_ops.MXFP4_TILE_ROWS:
+            return
+        self.widths = (self.w13_blocks.shape[2] * 32, self.w2_blocks.shape[2] * 32)
+        for name in ("w13", "w2"):
+            tiles, scales = moe_ops.mxfp4_to_tiled_layout(getattr(self, name + "_blocks").data,
+                                                          getattr(self, name + "_scales").data)
+            setattr(self, name + "_blocks", nn.Parameter(tiles, requires_grad=False))
+            setattr(self, name + "_scales", nn.Parameter(scales, requires_grad=False))
+        self.mxfp4_layout = "mma_tiled"
+
+    @torch.no_grad()
+    def unpack_tiles(self) -> None:
+        """Tiled MXFP4 stacks back to the mma layout [E, N, K/32, 16] (what a shard cuts);
+        pack_for_kernels tiles them again."""
+        if self.mxfp4_layout != "mma_tiled":
+            return
+        for name, width in zip(("w13", "w2"), self.widths):
+            blocks, scales = moe_ops.mxfp4_from_tiled_layout(
+                getattr(self, name + "_blocks").data, getattr(self, name + "_scales").data,
+                width)
+            setattr(self, name + "_blocks", nn.Parameter(blocks, requires_grad=False))
+            setattr(self, name + "_scales", nn.Parameter(scales, requires_grad=False))
         self.mxfp4_layout = "mma"
 
     def stacks(self) -> tuple[moe_ops.ExpertWeights, moe_ops.ExpertWeights]:
@@ -125,10 +153,11 @@ class Experts(nn.Module):
                     moe_ops.ExpertWeights("dense", self.w2, bias=self.b2))
         if self.format == "mxfp4":
             layout = self.mxfp4_layout
+            k13, k2 = self.widths if layout == "mma_tiled" else (0, 0)
             return (moe_ops.ExpertWeights("mxfp4", self.w13_blocks, self.w13_scales, self.b13,
-                                          layout=layout),
+                                          layout=layout, k=k13),
                     moe_ops.ExpertWeights("mxfp4", self.w2_blocks, self.w2_scales, self.b2,
-                                          layout=layout))
+                                          layout=layout, k=k2))
         bn, bk = self.fp8_block
         return (moe_ops.ExpertWeights("fp8", self.w13, self.w13_scale_inv, self.b13, bn, bk),
                 moe_ops.ExpertWeights("fp8", self.w2, self.w2_scale_inv, self.b2, bn, bk))

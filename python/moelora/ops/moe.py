@@ -29,8 +29,12 @@ ACTIVATIONS = {"none": 0, "silu": 1, "gpt_oss": 2}
 FORMATS = {"dense": 0, "mxfp4": 1, "fp8": 2}
 # How MXFP4 blocks hold their codes (moelora/moe.h MoeMxfp4Layout): "checkpoint" as GPT-OSS
 # stores them, "mma" each 32-bit word bit-permuted for the tensor-core kernels
-# (mxfp4_to_mma_layout; src/mxfp4_layout.h).
-MXFP4_LAYOUTS = {"checkpoint": 0, "mma": 1}
+# (mxfp4_to_mma_layout; src/mxfp4_layout.h), "mma_tiled" those words in 16-row tiles stored
+# k-step-major, so that a warp of the tiled kernel reads contiguous memory
+# (mxfp4_to_tiled_layout).
+MXFP4_LAYOUTS = {"checkpoint": 0, "mma": 1, "mma_tiled": 2}
+MXFP4_TILE_ROWS = _C.MXFP4_TILE_ROWS
+MXFP4_STEP_BLOCKS = _C.MXFP4_STEP_BLOCKS  # blocks of 32 codes (16 bytes) a row per k-step
 # The native kernels (moelora/moe.h MoeGemmKernel): "tensor_core" the tiled kernel, "stream" the
 # persistent decode kernel (block_m 8 or 16), "simple" one warp per output element.
 KERNELS = {"auto": 0, "simple": 1, "tensor_core": 2, "stream": 3}
@@ -217,8 +221,9 @@ class Routing:
 class ExpertWeights:
     """One expert stack as stored (moelora/moe.h MoeExpertWeights): dense [E, N, K]; MXFP4
     blocks uint8 [E, N, K/32, 16] + scales uint8 [E, N, K/32], their words in `layout`
-    (MXFP4_LAYOUTS); FP8 float8_e4m3fn (or its uint8 bytes) [E, N, K] + float32 scales
-    [E, ceil(N/block_n), ceil(K/block_k)]."""
+    (MXFP4_LAYOUTS), or in the "mma_tiled" layout [E, N/16, S, 16, 64] + [E, N/16, S, 16, 4]
+    (S = ceil(K/128); `k` then gives K, which the padded k-steps do not); FP8 float8_e4m3fn (or
+    its uint8 bytes) [E, N, K] + float32 scales [E, ceil(N/block_n), ceil(K/block_k)]."""
 
     format: str
     weight: torch.Tensor
@@ -227,6 +232,7 @@ class ExpertWeights:
     block_n: int = 0
     block_k: int = 0
     layout: str = "checkpoint"
+    k: int = 0  # the input width K of tiled MXFP4 stacks
 
     @property
     def num_experts(self) -> int:
@@ -234,10 +240,14 @@ class ExpertWeights:
 
     @property
     def out_dim(self) -> int:
+        if self.layout == "mma_tiled":
+            return self.weight.shape[1] * MXFP4_TILE_ROWS
         return self.weight.shape[1]
 
     @property
     def in_dim(self) -> int:
+        if self.layout == "mma_tiled":
+            return self.k
         if self.format == "mxfp4":
             return self.weight.shape[2] * 32
         return self.weight.shape[2]
@@ -422,6 +432,49 @@ def mxfp4_from_mma_layout(blocks: torch.Tensor, out: torch.Tensor | None = None)
     return _repack_mxfp4(blocks, out, to_mma=False)
 
 
+def mxfp4_to_tiled_layout(blocks: torch.Tensor, scales: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 blocks uint8 [E, N, K/32, 16] in the mma layout and their scales [E, N, K/32] as
+    the "mma_tiled" layout: tiles of 16 rows stored k-step-major, [E, N/16, S, 16, 64] and
+    [E, N/16, S, 16, 4] with S = ceil(K/128) k-steps of four blocks; padding blocks hold code 0
+    and scale 127. N must be a multiple of 16. New tensors on the blocks' device."""
+    if blocks.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks must be uint8 [E, N, K/32, 16], got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    e, n, k_blocks, _ = blocks.shape
+    if scales.dtype != torch.uint8 or tuple(scales.shape) != (e, n, k_blocks):
+        raise ValueError(f"MXFP4 scales must be uint8 {(e, n, k_blocks)}, got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    if n % MXFP4_TILE_ROWS:
+        raise ValueError(f"the tiled layout needs rows in whole tiles of {MXFP4_TILE_ROWS}, "
+                         f"got {n}")
+    steps = -(-k_blocks // MXFP4_STEP_BLOCKS)
+    padded = blocks.new_zeros(e, n, steps * MXFP4_STEP_BLOCKS, 16)
+    padded[:, :, :k_blocks] = blocks
+    padded_scales = scales.new_full((e, n, steps * MXFP4_STEP_BLOCKS), 127)
+    padded_scales[:, :, :k_blocks] = scales
+    tiles = padded.view(e, n // MXFP4_TILE_ROWS, MXFP4_TILE_ROWS, steps, 64)
+    tile_scales = padded_scales.view(e, n // MXFP4_TILE_ROWS, MXFP4_TILE_ROWS, steps,
+                                     MXFP4_STEP_BLOCKS)
+    return (tiles.permute(0, 1, 3, 2, 4).contiguous(),
+            tile_scales.permute(0, 1, 3, 2, 4).contiguous())
+
+
+def mxfp4_from_tiled_layout(tiles: torch.Tensor, tile_scales: torch.Tensor, k: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of mxfp4_to_tiled_layout for an input width k: blocks [E, N, k/32, 16] and
+    scales [E, N, k/32], new contiguous tensors."""
+    e, tiles_n, steps, rows, width = tiles.shape
+    k_blocks = k // 32
+    if (rows, width) != (MXFP4_TILE_ROWS, 64) or not 0 < k_blocks <= steps * MXFP4_STEP_BLOCKS:
+        raise ValueError(f"MXFP4 tiles of width {k} must be [E, N/16, ceil(K/128), 16, 64], got "
+                         f"{tuple(tiles.shape)}")
+    n = tiles_n * MXFP4_TILE_ROWS
+    blocks = tiles.permute(0, 1, 3, 2, 4).reshape(e, n, steps * MXFP4_STEP_BLOCKS, 16)
+    scales = tile_scales.permute(0, 1, 3, 2, 4).reshape(e, n, steps * MXFP4_STEP_BLOCKS)
+    return blocks[:, :, :k_blocks].contiguous(), scales[:, :, :k_blocks].contiguous()
+
+
 # ---- the grouped form (torch._grouped_mm on expert-sorted rows) -------------------------------
 
 def _grouped_refusal(input: torch.Tensor, weights: ExpertWeights) -> str:
@@ -545,7 +598,9 @@ __all__ = [
     "gemm_splits",
     "moe_sum",
     "mxfp4_from_mma_layout",
+    "mxfp4_from_tiled_layout",
     "mxfp4_to_mma_layout",
+    "mxfp4_to_tiled_layout",
     "plan_expert_gemm",
     "route",
     "split_k_ways",
