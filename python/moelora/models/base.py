@@ -146,7 +146,8 @@ class CausalLM(nn.Module):
 
     def pack_for_kernels(self) -> CausalLM:
         """Once every weight is loaded: rewrites stored weights into the layouts the kernels
-        read fastest (MXFP4 expert blocks: the mma layout, see Experts.pack_for_kernels).
+        read fastest (MXFP4 expert blocks: the mma layout in 16-row tiles, see
+        Experts.pack_for_kernels).
         Every loader calls it; calling it again changes nothing."""
         for module in self.modules():
             if isinstance(module, Experts):

@@ -13,7 +13,8 @@ exists. Expert stacks stay as stored (ModelConfig.expert_format): dense in the m
 MXFP4 blocks + scales, or FP8 with block scales; the kernels dequantize in registers. MXFP4
 blocks load as the checkpoint's bytes and CausalLM.pack_for_kernels then repacks them once into
 the mma layout (ops.moe.mxfp4_to_mma_layout), which the tensor-core kernels decode with fewer
-instructions.
+instructions, stored in 16-row tiles (ops.moe.mxfp4_to_tiled_layout) that they read as
+contiguous memory.
 """
 
 from __future__ import annotations
