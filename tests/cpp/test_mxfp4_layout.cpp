@@ -1,7 +1,7 @@
 // Tests of the MXFP4 mma word layout (src/mxfp4_layout.h): the grouped-shift permutation
 // against a bit-by-bit walk of the position table, its inverse, the per-element codes, and the
 // tensor-core kernels' pair extraction from mma and checkpoint words against a bf16x2 built
-// from the two elements' codes.
+// from the two elements' codes, and the tiled layout's offsets.
 #include <cstdint>
 #include <random>
 #include <vector>
@@ -70,3 +70,35 @@ TEST_CASE("mxfp4_pairs_are_the_elements_the_activations_pair_with") {
 }
 
 MOELORA_TEST_MAIN()
+
+// The tiled layout's offsets visit every byte and scale of a stack once, a k-step of a 16-row
+// tile being one contiguous KB of blocks and 64 bytes of scales.
+TEST_CASE("mxfp4_tiles_place_every_block_and_scale_once") {
+  constexpr int64_t kRows = 48, kBlocks = 27;  // 3 tiles; 7 k-steps, the last one 3/4 padding
+  constexpr int64_t kSteps = (kBlocks + mxfp4::kStepBlocks - 1) / mxfp4::kStepBlocks;
+  constexpr int64_t kTileBytes = kSteps * mxfp4::kTileRows * mxfp4::kStepBlocks * 16;
+  constexpr int64_t kTileScales = kSteps * mxfp4::kTileRows * mxfp4::kStepBlocks;
+  std::vector<int> block_seen(static_cast<size_t>(kRows / 16 * kTileBytes / 16), 0);
+  std::vector<int> scale_seen(static_cast<size_t>(kRows / 16 * kTileScales), 0);
+  for (int64_t n = 0; n < kRows; ++n) {
+    for (int64_t g = 0; g < kBlocks; ++g) {
+      const int64_t at = mxfp4::tiled_block_offset(kTileBytes, n, g);
+      CHECK_EQ(at % 16, 0);
+      ++block_seen[static_cast<size_t>(at / 16)];
+      ++scale_seen[static_cast<size_t>(mxfp4::tiled_scale_offset(kTileScales, n, g))];
+      // the 16 rows of one k-step share one KB
+      CHECK_EQ(at / 1024, (n / 16) * kSteps + g / 4);
+    }
+  }
+  int64_t blocks = 0, scales = 0;
+  for (const int c : block_seen) {
+    CHECK(c <= 1);
+    blocks += c;
+  }
+  for (const int c : scale_seen) {
+    CHECK(c <= 1);
+    scales += c;
+  }
+  CHECK_EQ(blocks, kRows * kBlocks);
+  CHECK_EQ(scales, kRows * kBlocks);
+}
