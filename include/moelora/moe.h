@@ -30,7 +30,8 @@ enum class MoeWeightFormat : uint8_t {
   kFp8Block = 2,  // float8 e4m3fn with float32 scales over block_n x block_k tiles
 };
 
-// How an MXFP4 block's 16 bytes hold its 32 codes (every op reads both layouts).
+// How an MXFP4 stack holds its codes (every op reads every layout, but the stream kernel of
+// moe_expert_gemm refuses tiles).
 enum class MoeMxfp4Layout : uint8_t {
   kCheckpoint = 0,  // as GPT-OSS stores them: element 2j in the low nibble of byte j
   kMma = 1,         // the bits of each little-endian 32-bit word (elements 8u..8u+7) permuted
