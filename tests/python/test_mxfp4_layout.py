@@ -101,6 +101,15 @@ def test_gemm_over_tiles_is_bit_identical(hidden, activation):
     assert torch.equal(scales, w.scales)
 
 
+def test_tiling_a_few_experts_at_a_time_equals_tiling_at_once(monkeypatch):
+    gen = _gen(8)
+    w = in_mma_layout(random_weights("mxfp4", 5, 32, 160, torch.bfloat16, gen))
+    whole = moe_ops.mxfp4_to_tiled_layout(w.weight, w.scales)
+    monkeypatch.setattr(moe_ops, "MXFP4_REPACK_CHUNK_BYTES", 2 * 32 * 8 * 16)  # 2 experts
+    chunked = moe_ops.mxfp4_to_tiled_layout(w.weight, w.scales)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
 def test_tiles_need_whole_tiles_and_their_own_shapes():
     gen = _gen(5)
     w = random_weights("mxfp4", 2, 40, 64, torch.bfloat16, gen)

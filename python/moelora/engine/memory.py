@@ -44,6 +44,9 @@ def pool_bytes_for(config, device: torch.device) -> int:
         return int(config.pool_memory_bytes)
     if device.type == "cpu":
         return CPU_DEFAULT_POOL_BYTES
+    # Blocks torch caches but nothing uses (the stacks pack_for_kernels replaced at load) would
+    # otherwise count as the model's memory.
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     in_use_by_others = total - free - torch.cuda.memory_reserved(device)
     budget = int(total * config.gpu_memory_utilization) - in_use_by_others

@@ -449,15 +449,22 @@ def mxfp4_to_tiled_layout(blocks: torch.Tensor, scales: torch.Tensor
         raise ValueError(f"the tiled layout needs rows in whole tiles of {MXFP4_TILE_ROWS}, "
                          f"got {n}")
     steps = -(-k_blocks // MXFP4_STEP_BLOCKS)
-    padded = blocks.new_zeros(e, n, steps * MXFP4_STEP_BLOCKS, 16)
-    padded[:, :, :k_blocks] = blocks
-    padded_scales = scales.new_full((e, n, steps * MXFP4_STEP_BLOCKS), 127)
-    padded_scales[:, :, :k_blocks] = scales
-    tiles = padded.view(e, n // MXFP4_TILE_ROWS, MXFP4_TILE_ROWS, steps, 64)
-    tile_scales = padded_scales.view(e, n // MXFP4_TILE_ROWS, MXFP4_TILE_ROWS, steps,
-                                     MXFP4_STEP_BLOCKS)
-    return (tiles.permute(0, 1, 3, 2, 4).contiguous(),
-            tile_scales.permute(0, 1, 3, 2, 4).contiguous())
+    tiles_n, width = n // MXFP4_TILE_ROWS, steps * MXFP4_STEP_BLOCKS
+    tiles = blocks.new_empty(e, tiles_n, steps, MXFP4_TILE_ROWS, 64)
+    tile_scales = scales.new_empty(e, tiles_n, steps, MXFP4_TILE_ROWS, MXFP4_STEP_BLOCKS)
+    # A few experts at a time: the padded copies stay small beside a large model's weights.
+    chunk = max(1, MXFP4_REPACK_CHUNK_BYTES // max(1, n * width * 16))
+    for first in range(0, e, chunk):
+        part = slice(first, first + chunk)
+        count = blocks[part].shape[0]
+        padded = blocks.new_zeros(count, n, width, 16)
+        padded[:, :, :k_blocks] = blocks[part]
+        tiles[part] = padded.view(count, tiles_n, MXFP4_TILE_ROWS, steps, 64).transpose(2, 3)
+        padded_scales = scales.new_full((count, n, width), 127)
+        padded_scales[:, :, :k_blocks] = scales[part]
+        tile_scales[part] = padded_scales.view(count, tiles_n, MXFP4_TILE_ROWS, steps,
+                                               MXFP4_STEP_BLOCKS).transpose(2, 3)
+    return tiles, tile_scales
 
 
 def mxfp4_from_tiled_layout(tiles: torch.Tensor, tile_scales: torch.Tensor, k: int
