@@ -30,21 +30,6 @@ SHAPES = {
 COPY_RATE = {"H100": 3.0e12, "H200": 4.18e12}
 
 
-def one_expert_routing(rows: int, block_m: int, device) -> moe_ops.Routing:
-    blocks = (rows + block_m - 1) // block_m
-    sorted_pairs = torch.full((blocks * block_m,), -1, dtype=torch.int32, device=device)
-    sorted_pairs[:rows] = torch.arange(rows, dtype=torch.int32, device=device)
-    plan = moe_ops.GemmPlan("tensor_core", block_m, splits=moe_ops.SPLIT_BY_SHAPE)
-    return moe_ops.Routing(
-        topk_ids=torch.zeros(rows, 1, dtype=torch.int32, device=device),
-        topk_weights=torch.ones(rows, 1, dtype=torch.float32, device=device),
-        sorted_pairs=sorted_pairs,
-        block_expert=torch.zeros(blocks, dtype=torch.int32, device=device),
-        num_blocks=torch.tensor([blocks], dtype=torch.int32, device=device),
-        expert_counts=torch.tensor([rows], dtype=torch.int32, device=device),
-        block_m=block_m, plan=plan)
-
-
 def time_shape(name, rows, iters, flush, device, rate):
     in_dim, out_dim, has_bias = SHAPES[name]
     gen = torch.Generator(device=device).manual_seed(rows)
@@ -64,7 +49,8 @@ def time_shape(name, rows, iters, flush, device, rate):
     for block_m in (8, 16, 32):
         if block_m < rows / 2 or (block_m > 8 and block_m // 2 >= rows):
             continue
-        routing = one_expert_routing(rows, block_m, device)
+        # every row to the one expert, as route() groups them
+        routing = moe_ops.route(torch.zeros(rows, 1, device=device), 1, block_m=block_m)
 
         def ours(routing=routing):
             moe_ops.expert_gemm(x, routing, weights, input_pairs_per_row=1, out=out,

@@ -210,7 +210,7 @@ def _stored_parts(experts: Experts):
 
 
 def _shard_experts(experts: Experts, rank: int, n: int) -> None:
-    tiled = experts.format == "mxfp4" and experts.mxfp4_layout == "mma_tiled"
+    tiled = experts.mxfp4_layout == "mma_tiled"
     experts.unpack_tiles()  # the cuts below are of rows and blocks as stored untiled
     full, inter = experts.inter, experts.inter // n
     w13_parts, w2_parts = _stored_parts(experts)

@@ -108,7 +108,7 @@ class Experts(nn.Module):
         self.b13 = empty_param(e, 2 * i) if c.expert_bias else None
         self.b2 = empty_param(e, h) if c.expert_bias else None
         self.mxfp4_layout = "checkpoint"
-        self.widths = (0, 0)  # K of w13 and w2 once tiled (their k-steps pad it)
+        self.hidden = h  # w13's K (tiles pad their k-steps; w2's K is self.inter)
 
     @torch.no_grad()
     def pack_for_kernels(self) -> None:
@@ -125,7 +125,6 @@ class Experts(nn.Module):
         if self.w13_blocks.shape[1] % moe_ops.MXFP4_TILE_ROWS or \
                 self.w2_blocks.shape[1] % moe_ops.MXFP4_TILE_ROWS:
             return
-        self.widths = (self.w13_blocks.shape[2] * 32, self.w2_blocks.shape[2] * 32)
         for name in ("w13", "w2"):
             tiles, scales = moe_ops.mxfp4_to_tiled_layout(getattr(self, name + "_blocks").data,
                                                           getattr(self, name + "_scales").data)
@@ -139,7 +138,7 @@ class Experts(nn.Module):
         pack_for_kernels tiles them again."""
         if self.mxfp4_layout != "mma_tiled":
             return
-        for name, width in zip(("w13", "w2"), self.widths):
+        for name, width in (("w13", self.hidden), ("w2", self.inter)):
             blocks, scales = moe_ops.mxfp4_from_tiled_layout(
                 getattr(self, name + "_blocks").data, getattr(self, name + "_scales").data,
                 width)
@@ -154,7 +153,7 @@ class Experts(nn.Module):
                     moe_ops.ExpertWeights("dense", self.w2, bias=self.b2))
         if self.format == "mxfp4":
             layout = self.mxfp4_layout
-            k13, k2 = self.widths if layout == "mma_tiled" else (0, 0)
+            k13, k2 = (self.hidden, self.inter) if layout == "mma_tiled" else (0, 0)
             return (moe_ops.ExpertWeights("mxfp4", self.w13_blocks, self.w13_scales, self.b13,
                                           layout=layout, k=k13),
                     moe_ops.ExpertWeights("mxfp4", self.w2_blocks, self.w2_scales, self.b2,
