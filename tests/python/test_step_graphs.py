@@ -126,6 +126,29 @@ def test_cuda_graph_decode_replays_equal_the_padded_eager_passes(mixtral, monkey
     assert graphed == padded_eager
 
 
+@pytest.mark.gpu
+def test_gpu_captured_lora_deltas_run_on_their_own_stream(mixtral, monkeypatch):
+    """While a decode graph is captured, each LoRA delta is computed on the LoRA stream (beside
+    its base GEMM in the graph) and joined before it is added; eager passes compute it in line.
+    The replays give the tokens of the padded eager passes (test above)."""
+    from moelora.engine import paged_context
+
+    captured = {"forks": 0}
+    original = paged_context.lora_stream
+
+    def counted(device):
+        assert torch.cuda.is_current_stream_capturing()
+        captured["forks"] += 1
+        return original(device)
+
+    monkeypatch.setattr(paged_context, "lora_stream", counted)
+    model_dir, adapters = mixtral
+    graphed, engine = _generate(model_dir, adapters, "cuda", "bfloat16", decode_graphs=True)
+    assert engine.runner.graphs.capture_error is None and engine.runner.graphs.replays > 0
+    assert captured["forks"] > 0
+    assert all(len(tokens) > 0 for tokens in graphed)
+
+
 def _count_lora_launches(monkeypatch) -> dict:
     """Counts calls of the LoRA ops (each launches kernels on a GPU)."""
     from moelora import ops

@@ -156,21 +156,21 @@ class PartitionedExperts(Experts):
         local_ids = torch.where(mine, ids - self.expert_offset, 0)
         weights = torch.where(mine, routing.topk_weights, 0.0)
         pairs = ids.numel()
-        lora = ctx.token_slot is not None
-        if lora:
-            h13 = moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k,
-                                      out=x.new_zeros(pairs, 2 * self.inter))
-            ctx.moe_lora_w13(layer, x, local_ids, h13)
+        lora = ctx.moe_lora_w13_delta(layer, x, local_ids, self.inter)
+        if lora is not None:
+            h13 = lora.add_to(moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k,
+                                                  out=x.new_zeros(pairs, 2 * self.inter)))
             h = moe_ops.activation(h13, self.act, self.alpha, self.limit) * mine.view(-1, 1)
         else:
             h = moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k, activation=self.act,
                                     swiglu_alpha=self.alpha, swiglu_limit=self.limit,
                                     out=x.new_zeros(pairs, self.inter))
+        lora = ctx.moe_lora_w2_delta(layer, h, local_ids, weights, x.shape[1])
         y = moe_ops.expert_gemm(h, local, w2, input_pairs_per_row=1,
                                 topk_weights=weights.view(-1),
                                 out=x.new_zeros(pairs, x.shape[1]))
-        if lora:
-            ctx.moe_lora_w2(layer, h, local_ids, weights, y)
+        if lora is not None:
+            lora.add_to(y)
         return moe_ops.moe_sum(y, k)
 
 

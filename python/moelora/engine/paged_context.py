@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from moelora import ops
 from moelora.engine.prefill_attention import PrefillSpan, attend_spans, spans_fit
+from moelora.models.context import LoraDelta
 from moelora.ops import PlanOverrides
 
 
@@ -129,16 +130,38 @@ class PagedContext:
             plan=self._attention_plan_for(q))
 
     # -- LoRA --------------------------------------------------------------------------------
-    def apply_lora(self, site, layer, x, out):
-        self.apply_lora_columns([(site, 0, out.shape[1])], layer, x, out)
-
-    def apply_lora_columns(self, sites, layer, x, out):
+    # Each delta goes into a zeroed tensor of its own, added to the base output by the caller
+    # (LoraDelta.add_to). While a decode graph is captured its kernels go on the LoRA stream,
+    # forked before the base op is enqueued, so in the graph they run beside the base GEMM:
+    # at decode a LoRA launch is a chain of dependent DRAM round trips, not bytes, and beside a
+    # bandwidth-bound GEMM it costs little. Elsewhere (prefill, the CPU) they run in line.
+    def lora_delta(self, sites, layer, x, width):
         """One launch for every site of `sites` the pool holds (q, k and v of a QKV output:
         three decode launches a layer become one)."""
         held = [(site, first) for site, first, _ in sites
                 if self._has_lora and self.lora_views.has_site(site)]
         if not held:
-            return
+            return None
+        return self._deferred(x, x.shape[0], width,
+                              lambda delta: self._dense_lora(held, layer, x, delta))
+
+    def _deferred(self, like, rows, width, launch) -> LoraDelta:
+        """launch(delta) adds a LoRA delta into a zeroed [rows, width] tensor like `like`: on
+        the LoRA stream while a graph is being captured, else in line."""
+        if like.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            delta = like.new_zeros(rows, width)
+            launch(delta)
+            return LoraDelta(delta)
+        stream = lora_stream(like.device)
+        stream.wait_stream(torch.cuda.current_stream(like.device))
+        with torch.cuda.stream(stream):
+            delta = like.new_zeros(rows, width)
+            launch(delta)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return LoraDelta(delta, ready)
+
+    def _dense_lora(self, held, layer, x, out):
         views = [self.lora_views.view(site, layer) for site, _ in held]
         firsts = [first for _, first in held]
         if self._dense_plan is None:  # every dense site of the step has the step's rows
@@ -182,9 +205,13 @@ class PagedContext:
             self._moe_groups = {layer: groups}  # only the current layer is needed again
         return groups
 
-    def moe_lora_w13(self, layer, x, topk_ids, h13):
+    def moe_lora_w13_delta(self, layer, x, topk_ids, inter):
         if not self._has_lora or not self.lora_views.has_site("experts.gate"):
-            return
+            return None
+        return self._deferred(x, topk_ids.numel(), 2 * inter,
+                              lambda h13: self._moe_lora_w13(layer, x, topk_ids, h13))
+
+    def _moe_lora_w13(self, layer, x, topk_ids, h13):
         inter = h13.shape[1] // 2
         views = [self.lora_views.view("experts.gate", layer),
                  self.lora_views.view("experts.up", layer)]
@@ -199,9 +226,13 @@ class PagedContext:
                            input_pairs_per_row=topk_ids.shape[1],
                            num_adapters=self.meta.num_adapters, plan=plan)
 
-    def moe_lora_w2(self, layer, h, topk_ids, topk_weights, y):
+    def moe_lora_w2_delta(self, layer, h, topk_ids, topk_weights, hidden):
         if not self._has_lora or not self.lora_views.has_site("experts.down"):
-            return
+            return None
+        return self._deferred(h, h.shape[0], hidden,
+                              lambda y: self._moe_lora_w2(layer, h, topk_ids, topk_weights, y))
+
+    def _moe_lora_w2(self, layer, h, topk_ids, topk_weights, y):
         weights = topk_weights.reshape(-1).float().contiguous()
         plan = self._moe_plan_for(h, topk_ids)
         if plan.form == "unsorted":
@@ -214,3 +245,16 @@ class PagedContext:
                            [self.lora_views.view("experts.down", layer)], [0],
                            input_pairs_per_row=1, topk_weights=weights,
                            num_adapters=self.meta.num_adapters, plan=plan)
+
+
+_LORA_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def lora_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream a device's captured LoRA kernels run on: highest priority, so that the block
+    scheduler places their CTAs as soon as the base GEMM beside them frees room."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _LORA_STREAMS.get(index)
+    if stream is None:
+        stream = _LORA_STREAMS[index] = torch.cuda.Stream(index, priority=-100)
+    return stream

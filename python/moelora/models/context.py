@@ -28,21 +28,39 @@ class ForwardContext(Protocol):
         are first normed (if it says so) and rotated in place (a paged context fuses that with
         its KV-cache write); without, they come rotated. Rows may be strided views."""
 
-    def apply_lora(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        """out [T, out_dim] += per-token LoRA delta of dense `site`, in place."""
+    def lora_delta(self, sites: list[tuple[str, int, int]], layer: int, x: torch.Tensor,
+                   width: int) -> LoraDelta | None:
+        """The per-token LoRA delta [T, width] of dense sites sharing the input x, each
+        (site, first column, site width) in its columns (q, k and v of one QKV output); None
+        when there is nothing to add. Asked for before the base projection runs, added to its
+        output (bias included, PEFT semantics) with LoraDelta.add_to."""
 
-    def apply_lora_columns(self, sites: list[tuple[str, int, int]], layer: int, x: torch.Tensor,
-                           out: torch.Tensor) -> None:
-        """For each (site, first column, width): out[:, first:first + width] += that site's
-        delta, in place; the sites share the input x (q, k and v of one QKV output)."""
+    def moe_lora_w13_delta(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                           inter: int) -> LoraDelta | None:
+        """x [T, H], topk_ids [T, K] -> the expert LoRA delta [T*K, 2I] ([gate | up]) of h13,
+        or None."""
 
-    def moe_lora_w13(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                     h13: torch.Tensor) -> None:
-        """x [T, H], topk_ids [T, K], h13 [T*K, 2I] ([gate | up]) += expert LoRA, in place."""
+    def moe_lora_w2_delta(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
+                          topk_weights: torch.Tensor, hidden: int) -> LoraDelta | None:
+        """h [T*K, I] -> w * down LoRA delta [T*K, H] of y (already weighted), or None."""
 
-    def moe_lora_w2(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
-                    topk_weights: torch.Tensor, y: torch.Tensor) -> None:
-        """h [T*K, I]; y [T*K, H] (already weighted) += w * down LoRA delta, in place."""
+
+class LoraDelta:
+    """A LoRA delta computed apart from the base output it belongs to. A context may compute it
+    on a stream of its own (the engine does while it captures a decode graph, so that the LoRA
+    kernels run beside the base GEMM instead of after it); `ready` is then the event that
+    add_to makes the consumer's stream wait for."""
+
+    __slots__ = ("delta", "ready")
+
+    def __init__(self, delta: torch.Tensor, ready: torch.cuda.Event | None = None):
+        self.delta, self.ready = delta, ready
+
+    def add_to(self, out: torch.Tensor) -> torch.Tensor:
+        """out += delta, in place, on the current stream."""
+        if self.ready is not None:
+            torch.cuda.current_stream(out.device).wait_event(self.ready)
+        return out.add_(self.delta)
 
 
 # adapters[slot][site][layer] = (A [E, r, in], B [E, out, r]); scaling already folded into B.
@@ -143,11 +161,15 @@ class ReferenceContext:
             raise KeyError(f"token_slot names adapter slot {slot}, which is not loaded")
         return self.adapters[slot].get(site, {}).get(layer)
 
-    def apply_lora_columns(self, sites, layer, x, out):
-        for site, first, width in sites:
-            self.apply_lora(site, layer, x, out[:, first:first + width])
+    def lora_delta(self, sites, layer, x, width):
+        if not self._slots():
+            return None
+        delta = x.new_zeros(x.shape[0], width)
+        for site, first, size in sites:
+            self._add_dense(site, layer, x, delta[:, first:first + size])
+        return LoraDelta(delta)
 
-    def apply_lora(self, site, layer, x, out):
+    def _add_dense(self, site, layer, x, out):
         for slot in self._slots():
             ab = self._weights(slot, site, layer)
             if ab is None:
@@ -168,8 +190,10 @@ class ReferenceContext:
                 pairs = ((pair_slot == slot) & (flat_ids == expert)).nonzero().flatten()
                 yield slot, expert, pairs, pair_token[pairs]
 
-    def moe_lora_w13(self, layer, x, topk_ids, h13):
-        inter = h13.shape[1] // 2
+    def moe_lora_w13_delta(self, layer, x, topk_ids, inter):
+        if not self._slots():
+            return None
+        h13 = x.new_zeros(topk_ids.numel(), 2 * inter)
         for slot, expert, pairs, tokens in self._expert_pairs(topk_ids):
             for site, cols in (("experts.gate", slice(0, inter)),
                                ("experts.up", slice(inter, 2 * inter))):
@@ -177,11 +201,16 @@ class ReferenceContext:
                 if ab is not None:
                     delta = _lora_delta(x[tokens], ab[0][expert], ab[1][expert])
                     h13[pairs, cols] += delta.to(h13.dtype)
+        return LoraDelta(h13)
 
-    def moe_lora_w2(self, layer, h, topk_ids, topk_weights, y):
+    def moe_lora_w2_delta(self, layer, h, topk_ids, topk_weights, hidden):
+        if not self._slots():
+            return None
+        y = h.new_zeros(h.shape[0], hidden)
         flat_w = topk_weights.flatten()
         for slot, expert, pairs, _ in self._expert_pairs(topk_ids):
             ab = self._weights(slot, "experts.down", layer)
             if ab is not None:
                 delta = _lora_delta(h[pairs], ab[0][expert], ab[1][expert])
                 y[pairs] += (flat_w[pairs, None].float() * delta).to(y.dtype)
+        return LoraDelta(y)

@@ -3,8 +3,9 @@ GEMM and LoRA hooks, gated MLP.
 
 Parameters are allocated uninitialised (torch.empty) on the current default device and dtype:
 the loader or synthetic.py fills every one, so construction costs no random-number time.
-Every adaptable linear calls ctx.apply_lora on its output, bias included (PEFT semantics:
-out = base(x) + delta).
+Every adaptable linear asks the context for its LoRA delta before it runs and adds it to its
+output, bias included (PEFT semantics: out = base(x) + delta); asked first, the delta's kernels
+may run beside the projection (engine/paged_context.py).
 """
 
 from __future__ import annotations
@@ -139,10 +140,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
         q_dim, kv_dim, _ = self.split_sizes
-        ctx.apply_lora_columns([("q_proj", 0, q_dim), ("k_proj", q_dim, kv_dim),
-                                ("v_proj", q_dim + kv_dim, kv_dim)], self.layer, x, qkv)
+        lora = ctx.lora_delta([("q_proj", 0, q_dim), ("k_proj", q_dim, kv_dim),
+                               ("v_proj", q_dim + kv_dim, kv_dim)], self.layer, x,
+                              q_dim + 2 * kv_dim)
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.add_to(qkv)
         q, k, v = qkv.split(self.split_sizes, dim=-1)  # views into qkv
         if self.qk_norm == "full":  # OLMoE: norm over the whole projection, before clipping
             q, k = self.q_norm(q), self.k_norm(k)
@@ -156,8 +160,11 @@ class Attention(nn.Module):
         o = ctx.attention(self.layer, q, k, v, rope=rope, scale=self.scale,
                           sliding_window=self.sliding_window, sinks=self.sinks)
         o = o.reshape(t, self.num_heads * self.head_dim)
+        lora = ctx.lora_delta([("o_proj", 0, self.o_proj.out_dim)], self.layer, o,
+                              self.o_proj.out_dim)
         out = self.o_proj(o)
-        ctx.apply_lora("o_proj", self.layer, o, out)
+        if lora is not None:
+            lora.add_to(out)
         return out
 
 
@@ -208,12 +215,17 @@ class GatedMLP(nn.Module):
         return ProjectionSlice.rows_of(self.gate_up_proj, self.inter, self.inter)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
         p, i = self.prefix, self.inter
-        ctx.apply_lora_columns([(p + "gate_proj", 0, i), (p + "up_proj", i, i)], self.layer, x,
-                               gate_up)
+        lora = ctx.lora_delta([(p + "gate_proj", 0, i), (p + "up_proj", i, i)], self.layer, x,
+                              2 * i)
+        gate_up = self.gate_up_proj(x)
+        if lora is not None:
+            lora.add_to(gate_up)
         gate, up = gate_up.split(i, dim=-1)
         h = F.silu(gate) * up
+        width = self.down_proj.out_dim
+        lora = ctx.lora_delta([(p + "down_proj", 0, width)], self.layer, h, width)
         out = self.down_proj(h)
-        ctx.apply_lora(self.prefix + "down_proj", self.layer, h, out)
+        if lora is not None:
+            lora.add_to(out)
         return out
