@@ -145,17 +145,27 @@ __device__ __forceinline__ int64_t divide(int64_t i, int64_t d) {
   return i / d;
 }
 
+// Element j of row p of an optional addend (a LoRA delta computed apart) as float, 0 if absent.
+template <typename T>
+__device__ __forceinline__ float addend_at(const T* addend, int64_t stride, int64_t p,
+                                           int64_t j) {
+  return addend == nullptr ? 0.0f : detail::to_f32(addend[p * stride + j]);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kElementThreads) moe_activation_kernel(
-    const T* h13, int64_t h13_stride, T* h, int64_t h_stride, int64_t rows, int64_t inter,
-    MoeActivation activation, float alpha, float limit) {
+    const T* h13, int64_t h13_stride, const T* addend, int64_t addend_stride, T* h,
+    int64_t h_stride, int64_t rows, int64_t inter, MoeActivation activation, float alpha,
+    float limit) {
   wait_for_previous_grid();
   const int64_t total = rows * inter;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t p = divide(i, inter), j = i - p * inter;
-    const float gate = detail::to_f32(h13[p * h13_stride + j]);
-    const float up = detail::to_f32(h13[p * h13_stride + inter + j]);
+    const float gate =
+        detail::to_f32(h13[p * h13_stride + j]) + addend_at(addend, addend_stride, p, j);
+    const float up = detail::to_f32(h13[p * h13_stride + inter + j]) +
+                     addend_at(addend, addend_stride, p, inter + j);
     h[p * h_stride + j] = detail::from_f32<T>(
         activation == MoeActivation::kSilu ? moe_math::silu_glu(gate, up)
                                            : moe_math::gpt_oss_glu(gate, up, alpha, limit));
@@ -163,17 +173,19 @@ __global__ void __launch_bounds__(kElementThreads) moe_activation_kernel(
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kElementThreads) moe_sum_kernel(const T* y, int64_t y_stride,
-                                                                  T* out, int64_t out_stride,
-                                                                  int64_t tokens, int64_t width,
-                                                                  int32_t top_k) {
+__global__ void __launch_bounds__(kElementThreads)
+    moe_sum_kernel(const T* y, int64_t y_stride, const T* addend, int64_t addend_stride, T* out,
+                   int64_t out_stride, int64_t tokens, int64_t width, int32_t top_k) {
   wait_for_previous_grid();
   const int64_t total = tokens * width;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t t = divide(i, width), j = i - t * width;
     float sum = 0.0f;
-    for (int32_t k = 0; k < top_k; ++k) sum += detail::to_f32(y[(t * top_k + k) * y_stride + j]);
+    for (int32_t k = 0; k < top_k; ++k) {
+      const int64_t pair = t * top_k + k;
+      sum += detail::to_f32(y[pair * y_stride + j]) + addend_at(addend, addend_stride, pair, j);
+    }
     out[t * out_stride + j] = detail::from_f32<T>(sum);
   }
 }
@@ -182,8 +194,8 @@ __global__ void __launch_bounds__(kElementThreads) moe_sum_kernel(const T* y, in
 // top_k loads of a vector are independent, so they are in flight together.
 template <typename T>
 __global__ void __launch_bounds__(kElementThreads) moe_sum_vector_kernel(
-    const T* y, int64_t y_stride, T* out, int64_t out_stride, int64_t tokens, int64_t width,
-    int32_t top_k) {
+    const T* y, int64_t y_stride, const T* addend, int64_t addend_stride, T* out,
+    int64_t out_stride, int64_t tokens, int64_t width, int32_t top_k) {
   constexpr int kVec = detail::kVec16<T>;
   wait_for_previous_grid();
   const int64_t vectors = width / kVec, total = tokens * vectors;
@@ -193,10 +205,12 @@ __global__ void __launch_bounds__(kElementThreads) moe_sum_vector_kernel(
     float sum[kVec] = {};
 #pragma unroll 4
     for (int32_t k = 0; k < top_k; ++k) {
-      float v[kVec];
-      detail::load_f32<T, kVec>(y + (t * top_k + k) * y_stride + j, v);
+      const int64_t pair = t * top_k + k;
+      float v[kVec], a[kVec] = {};
+      detail::load_f32<T, kVec>(y + pair * y_stride + j, v);
+      if (addend != nullptr) detail::load_f32<T, kVec>(addend + pair * addend_stride + j, a);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) sum[e] += v[e];
+      for (int e = 0; e < kVec; ++e) sum[e] += v[e] + a[e];
     }
     detail::store_from_f32<T, kVec>(out + t * out_stride + j, sum);
   }
@@ -216,39 +230,49 @@ LaunchShape element_shape(int64_t total, cudaStream_t stream) {
 }  // namespace
 
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
-                    float swiglu_limit, const TensorRef& h, void* stream) {
+                    float swiglu_limit, const TensorRef& h, void* stream,
+                    const TensorRef& addend) {
   const int64_t total = h.shape[0] * h.shape[1];
   if (total == 0) return;
   const LaunchShape shape = element_shape(total, detail::as_stream(stream));
+  const int64_t addend_stride = addend.data != nullptr ? addend.stride[0] : 0;
   MOELORA_DISPATCH_FLOAT(h.dtype, T,
                          launch_kernel(moe_activation_kernel<T>, shape,
                                        static_cast<const T*>(h13.data), h13.stride[0],
+                                       static_cast<const T*>(addend.data), addend_stride,
                                        static_cast<T*>(h.data), h.stride[0], h.shape[0],
                                        h.shape[1], activation, swiglu_alpha, swiglu_limit));
   detail::check_launch("moe_activation");
 }
 
-void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream) {
+void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream,
+             const TensorRef& addend) {
   const int64_t total = out.shape[0] * out.shape[1];
   if (total == 0) return;
   const cudaStream_t s = detail::as_stream(stream);
   const int64_t elem = static_cast<int64_t>(dtype_size(out.dtype));
   const int64_t vec = 16 / elem;
+  const bool has_addend = addend.data != nullptr;
+  const int64_t addend_stride = has_addend ? addend.stride[0] : 0;
   const bool vectors = out.shape[1] % vec == 0 && detail::aligned16(y.data) &&
                        detail::aligned16(out.data) && (y.stride[0] * elem) % 16 == 0 &&
-                       (out.stride[0] * elem) % 16 == 0;
+                       (out.stride[0] * elem) % 16 == 0 &&
+                       (!has_addend ||
+                        (detail::aligned16(addend.data) && (addend_stride * elem) % 16 == 0));
   const LaunchShape shape = element_shape(vectors ? total / vec : total, s);
   if (vectors) {
     MOELORA_DISPATCH_FLOAT(out.dtype, T,
                            launch_kernel(moe_sum_vector_kernel<T>, shape,
                                          static_cast<const T*>(y.data), y.stride[0],
+                                         static_cast<const T*>(addend.data), addend_stride,
                                          static_cast<T*>(out.data), out.stride[0], out.shape[0],
                                          out.shape[1], top_k));
   } else {
     MOELORA_DISPATCH_FLOAT(out.dtype, T,
                            launch_kernel(moe_sum_kernel<T>, shape, static_cast<const T*>(y.data),
-                                         y.stride[0], static_cast<T*>(out.data), out.stride[0],
-                                         out.shape[0], out.shape[1], top_k));
+                                         y.stride[0], static_cast<const T*>(addend.data),
+                                         addend_stride, static_cast<T*>(out.data),
+                                         out.stride[0], out.shape[0], out.shape[1], top_k));
   }
   detail::check_launch("moe_sum");
 }

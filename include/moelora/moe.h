@@ -184,15 +184,21 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
                     void* stream);
 
 // ---- moe_activation ----------------------------------------------------------------------------
-// h[p, j] = act(h13[p, j], h13[p, I + j]) for the gated activations (float32 math, one rounding):
-// the unfused form, for when a LoRA delta must be added to h13 first.
-//   h13 [P, 2I], h [P, I]: float32 / float16 / bfloat16, same dtype, contiguous last dimension.
+// h[p, j] = act(g, u) with g = h13[p, j] + a[p, j], u = h13[p, I + j] + a[p, I + j] for the gated
+// activations (float32 math, one rounding): the unfused form, for when a LoRA delta goes into
+// h13 first. The delta may come as `addend` (a [P, 2I] tensor computed apart, e.g. beside the
+// GEMM that wrote h13), added in float32; absent, a = 0.
+//   h13 [P, 2I], h [P, I], addend: float32 / float16 / bfloat16, one dtype, contiguous last
+//   dimension.
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
-                    float swiglu_limit, const TensorRef& h, void* stream);
+                    float swiglu_limit, const TensorRef& h, void* stream,
+                    const TensorRef& addend = TensorRef{});
 
 // ---- moe_sum -----------------------------------------------------------------------------------
-// out[t, :] = sum_{k < K} y[t*K + k, :], in float32, k in increasing order, one rounding.
-//   y [T*K, H], out [T, H]: same float dtype, contiguous last dimension.
-void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream);
+// out[t, :] = sum_{k < K} (y[t*K + k, :] + addend[t*K + k, :]), in float32, k in increasing
+// order, one rounding; addend optional ([T*K, H], a weighted LoRA delta computed apart).
+//   y [T*K, H], out [T, H], addend: same float dtype, contiguous last dimension.
+void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream,
+             const TensorRef& addend = TensorRef{});
 
 }  // namespace moelora

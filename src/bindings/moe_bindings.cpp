@@ -116,22 +116,32 @@ void register_moe(py::module_& m) {
     moe_dequantize(w, first_expert, o, stream_from_int(stream));
   });
 
-  m.def("moe_activation", [](const py::tuple& h13, int activation, float swiglu_alpha,
-                             float swiglu_limit, const py::tuple& h, uintptr_t stream) {
-    TensorRef in = to_tensor_ref(h13, "h13");
-    TensorRef out = to_tensor_ref(h, "h");
-    py::gil_scoped_release release;
-    moe_activation(in, static_cast<MoeActivation>(activation), swiglu_alpha, swiglu_limit, out,
-                   stream_from_int(stream));
-  });
+  m.def(
+      "moe_activation",
+      [](const py::tuple& h13, int activation, float swiglu_alpha, float swiglu_limit,
+         const py::tuple& h, uintptr_t stream, const py::object& addend) {
+        TensorRef in = to_tensor_ref(h13, "h13");
+        TensorRef out = to_tensor_ref(h, "h");
+        TensorRef add = to_optional_tensor_ref(addend, "addend");
+        py::gil_scoped_release release;
+        moe_activation(in, static_cast<MoeActivation>(activation), swiglu_alpha, swiglu_limit,
+                       out, stream_from_int(stream), add);
+      },
+      py::arg("h13"), py::arg("activation"), py::arg("swiglu_alpha"), py::arg("swiglu_limit"),
+      py::arg("h"), py::arg("stream"), py::arg("addend") = py::none());
 
-  m.def("moe_sum", [](const py::tuple& y, int32_t top_k, const py::tuple& out,
-                      uintptr_t stream) {
-    TensorRef in = to_tensor_ref(y, "y");
-    TensorRef o = to_tensor_ref(out, "out");
-    py::gil_scoped_release release;
-    moe_sum(in, top_k, o, stream_from_int(stream));
-  });
+  m.def(
+      "moe_sum",
+      [](const py::tuple& y, int32_t top_k, const py::tuple& out, uintptr_t stream,
+         const py::object& addend) {
+        TensorRef in = to_tensor_ref(y, "y");
+        TensorRef o = to_tensor_ref(out, "out");
+        TensorRef add = to_optional_tensor_ref(addend, "addend");
+        py::gil_scoped_release release;
+        moe_sum(in, top_k, o, stream_from_int(stream), add);
+      },
+      py::arg("y"), py::arg("top_k"), py::arg("out"), py::arg("stream"),
+      py::arg("addend") = py::none());
 }
 
 }  // namespace moelora::bindings

@@ -24,8 +24,8 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeEpilogue& epilogue, const TensorRef& output);
 void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out);
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
-                    float swiglu_limit, const TensorRef& h);
-void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out);
+                    float swiglu_limit, const TensorRef& h, const TensorRef& addend);
+void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, const TensorRef& addend);
 
 }  // namespace cpu
 
@@ -46,8 +46,10 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
 void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out,
                     void* stream);
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
-                    float swiglu_limit, const TensorRef& h, void* stream);
-void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream);
+                    float swiglu_limit, const TensorRef& h, void* stream,
+                    const TensorRef& addend);
+void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream,
+             const TensorRef& addend);
 
 }  // namespace cuda
 #endif

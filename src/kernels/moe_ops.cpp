@@ -378,8 +378,27 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
   cpu::moe_dequantize(weights, first_expert, out);
 }
 
+namespace {
+
+// An optional addend of `like`'s shape, dtype and device.
+void check_addend(const TensorRef& addend, const TensorRef& like, const char* op,
+                  const char* like_name) {
+  if (is_absent(addend)) return;
+  check_matrix(addend, op, "addend");
+  if (addend.dtype != like.dtype) {
+    throw_invalid(op, std::string("addend must have ") + like_name + "'s dtype " +
+                          dtype_name(like.dtype) + ", got " + addend.describe());
+  }
+  check_same_device(like, addend, op, like_name, "addend");
+  check_size(addend, 0, like.shape[0], op, "addend", "one row per row of the input");
+  check_size(addend, 1, like.shape[1], op, "addend", "the input's width");
+}
+
+}  // namespace
+
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
-                    float swiglu_limit, const TensorRef& h, void* stream) {
+                    float swiglu_limit, const TensorRef& h, void* stream,
+                    const TensorRef& addend) {
   constexpr const char* op = "moe_activation";
   check_matrix(h13, op, "h13");
   check_matrix(h, op, "h");
@@ -391,17 +410,19 @@ void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu
   if (!gated(activation, op)) throw_invalid(op, "activation must be silu or gpt_oss");
   check_size(h, 0, h13.shape[0], op, "h", "one row per row of h13");
   check_size(h13, 1, 2 * h.shape[1], op, "h13", "twice h's width ([gate | up])");
+  check_addend(addend, h13, op, "h13");
   if (on_cuda(h13)) {
 #ifdef MOELORA_WITH_CUDA
-    return cuda::moe_activation(h13, activation, swiglu_alpha, swiglu_limit, h, stream);
+    return cuda::moe_activation(h13, activation, swiglu_alpha, swiglu_limit, h, stream, addend);
 #else
     no_cuda_kernel(op);
 #endif
   }
-  cpu::moe_activation(h13, activation, swiglu_alpha, swiglu_limit, h);
+  cpu::moe_activation(h13, activation, swiglu_alpha, swiglu_limit, h, addend);
 }
 
-void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream) {
+void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stream,
+             const TensorRef& addend) {
   constexpr const char* op = "moe_sum";
   check_matrix(y, op, "y");
   check_matrix(out, op, "out");
@@ -413,14 +434,15 @@ void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, void* stre
   if (top_k <= 0) throw_invalid(op, "top_k must be positive, got " + std::to_string(top_k));
   check_size(y, 0, out.shape[0] * top_k, op, "y", "one row per (token, k) pair");
   check_size(y, 1, out.shape[1], op, "y", "out's width");
+  check_addend(addend, y, op, "y");
   if (on_cuda(y)) {
 #ifdef MOELORA_WITH_CUDA
-    return cuda::moe_sum(y, top_k, out, stream);
+    return cuda::moe_sum(y, top_k, out, stream, addend);
 #else
     no_cuda_kernel(op);
 #endif
   }
-  cpu::moe_sum(y, top_k, out);
+  cpu::moe_sum(y, top_k, out, addend);
 }
 
 }  // namespace moelora

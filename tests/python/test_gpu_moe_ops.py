@@ -106,6 +106,22 @@ def test_gpu_route_ties_nan_and_poisoned_outputs():
         assert not torch.isnan(r.topk_weights).any()
 
 
+@pytest.mark.parametrize("kind", ["silu", "gpt_oss"])
+def test_gpu_activation_and_sum_take_addends_as_the_cpu_does(kind):
+    gen = _gen(11)
+    h13 = (torch.randn(133, 2 * 111, generator=gen) * 4).to(torch.bfloat16)
+    d13 = torch.randn(133, 2 * 111, generator=gen).to(torch.bfloat16)
+    want = moe_ops.activation(h13, kind, addend=d13)
+    out = torch.full(want.shape, float("nan"), dtype=torch.bfloat16, device=CUDA)
+    moe_ops.activation(h13.to(CUDA), kind, out=out, addend=d13.to(CUDA))
+    assert_close(out.cpu(), want.double())
+    for width in (111, 128):  # scalar and 16-byte-vector sums
+        y = torch.randn(7 * 4, width, generator=gen).to(torch.bfloat16)
+        d2 = torch.randn(7 * 4, width, generator=gen).to(torch.bfloat16)
+        got = moe_ops.moe_sum(y.to(CUDA), 4, addend=d2.to(CUDA))
+        assert torch.equal(got.cpu(), moe_ops.moe_sum(y, 4, addend=d2)), f"width {width}"
+
+
 def test_gpu_route_top_k_above_32_is_refused():
     with pytest.raises(InvalidArgument, match="top_k <= 32"):
         moe_ops.route(torch.randn(2, 64, device=CUDA), 33)

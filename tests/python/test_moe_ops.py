@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moe_reference import (
+    activation_reference,
     assert_close,
     blocks_reference,
     gemm_reference,
@@ -187,8 +188,6 @@ def test_fp8_unpacking_is_models_quantized_bit_for_bit():
 def test_activation_matches_reference(dtype, kind):
     h13 = (torch.randn(133, 2 * 111, generator=_gen(2)) * 4).to(dtype)
     out = moe_ops.activation(h13, kind, 1.702, 7.0)
-    from moe_reference import activation_reference
-
     assert_close(out, activation_reference(h13, kind))
 
 
@@ -201,6 +200,44 @@ def test_sum_over_k(dtype, top_k):
     ones = torch.ones(3 * top_k, 16, dtype=dtype)  # whole numbers: exact
     assert torch.equal(moe_ops.moe_sum(ones, top_k), torch.full((3, 16), float(top_k),
                                                                 dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["silu", "gpt_oss"])
+def test_activation_adds_its_addend_in_float32(dtype, kind):
+    # The LoRA delta of h13 as an addend: act(h13 + addend) with the sum in float32 (float32:
+    # the same bits as adding it to h13 first); strided rows of both.
+    gen = _gen(5)
+    h13 = (torch.randn(133, 2 * 111, generator=gen) * 4).to(dtype)
+    addend = torch.randn(133, 2 * 120, generator=gen).to(dtype)[:, :2 * 111]
+    out = moe_ops.activation(h13, kind, addend=addend)
+    assert_close(out, activation_reference(h13.double() + addend.double(), kind))
+    if dtype == torch.float32:
+        assert torch.equal(out, moe_ops.activation(h13 + addend, kind))
+    assert torch.equal(moe_ops.activation(h13, kind, addend=torch.zeros_like(h13)),
+                       moe_ops.activation(h13, kind))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_sum_over_k_adds_its_addend(dtype, top_k):
+    gen = _gen(6)
+    y = torch.randn(7 * top_k, 111, generator=gen).to(dtype)
+    addend = torch.randn(7 * top_k, 111, generator=gen).to(dtype)
+    out = moe_ops.moe_sum(y, top_k, addend=addend)
+    assert_close(out, (y.double() + addend.double()).view(7, top_k, -1).sum(1))
+    if dtype == torch.float32:
+        assert torch.equal(out, moe_ops.moe_sum(y + addend, top_k))
+
+
+def test_addends_of_the_wrong_shape_or_dtype_are_named():
+    h13 = torch.randn(5, 8)
+    with pytest.raises(InvalidArgument, match="moe_activation.*addend"):
+        moe_ops.activation(h13, "silu", addend=torch.randn(5, 6))
+    with pytest.raises(InvalidArgument, match="moe_activation.*addend must have h13's dtype"):
+        moe_ops.activation(h13, "silu", addend=torch.randn(5, 8, dtype=torch.bfloat16))
+    with pytest.raises(InvalidArgument, match="moe_sum.*addend"):
+        moe_ops.moe_sum(torch.randn(6, 4), 2, addend=torch.randn(3, 4))
 
 
 # ---- errors ----------------------------------------------------------------------------------

@@ -158,9 +158,10 @@ class PartitionedExperts(Experts):
         pairs = ids.numel()
         lora = ctx.moe_lora_w13_delta(layer, x, local_ids, self.inter)
         if lora is not None:
-            h13 = lora.add_to(moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k,
-                                                  out=x.new_zeros(pairs, 2 * self.inter)))
-            h = moe_ops.activation(h13, self.act, self.alpha, self.limit) * mine.view(-1, 1)
+            h13 = moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k,
+                                      out=x.new_zeros(pairs, 2 * self.inter))
+            h = moe_ops.activation(h13, self.act, self.alpha, self.limit,
+                                   addend=lora.joined()) * mine.view(-1, 1)
         else:
             h = moe_ops.expert_gemm(x, local, w13, input_pairs_per_row=k, activation=self.act,
                                     swiglu_alpha=self.alpha, swiglu_limit=self.limit,
@@ -169,9 +170,7 @@ class PartitionedExperts(Experts):
         y = moe_ops.expert_gemm(h, local, w2, input_pairs_per_row=1,
                                 topk_weights=weights.view(-1),
                                 out=x.new_zeros(pairs, x.shape[1]))
-        if lora is not None:
-            lora.add_to(y)
-        return moe_ops.moe_sum(y, k)
+        return moe_ops.moe_sum(y, k, addend=None if lora is None else lora.joined())
 
 
 def _shard_attention(attn: Attention, rank: int, n: int) -> None:

@@ -56,11 +56,16 @@ class LoraDelta:
     def __init__(self, delta: torch.Tensor, ready: torch.cuda.Event | None = None):
         self.delta, self.ready = delta, ready
 
+    def joined(self) -> torch.Tensor:
+        """The delta, for an op on the current stream that takes it as an addend."""
+        if self.ready is not None:
+            torch.cuda.current_stream(self.delta.device).wait_event(self.ready)
+            self.ready = None
+        return self.delta
+
     def add_to(self, out: torch.Tensor) -> torch.Tensor:
         """out += delta, in place, on the current stream."""
-        if self.ready is not None:
-            torch.cuda.current_stream(out.device).wait_event(self.ready)
-        return out.add_(self.delta)
+        return out.add_(self.joined())
 
 
 # adapters[slot][site][layer] = (A [E, r, in], B [E, out, r]); scaling already folded into B.

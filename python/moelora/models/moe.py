@@ -3,10 +3,12 @@
 Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), four native ops
 (moelora.ops.moe; the same kernels' CPU references on the CPU):
   router logits [T, E] -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
-  h13 [T*K, 2I] = x[pair token] @ w13[expert]^T (+ b13)      ctx.moe_lora_w13_delta added here
-  h   [T*K, I]  = act(h13)
-  y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))               ctx.moe_lora_w2_delta (w * delta) here
-  out [T, H]    = sum over K
+  h13 [T*K, 2I] = x[pair token] @ w13[expert]^T (+ b13)
+  h   [T*K, I]  = act(h13 + d13)     d13: ctx.moe_lora_w13_delta, added in the activation
+  y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))
+  out [T, H]    = sum over K of (y + d2)     d2: ctx.moe_lora_w2_delta (w * delta), in the sum
+The deltas are asked for before the GEMM they belong to, so that their kernels may run beside it
+(engine/paged_context.py).
 Pair p = t * K + k throughout, the layout the native align kernel consumes. When no token of the
 step has an adapter (ctx.token_slot is None) the activation runs in w13's epilogue and h13 never
 exists. Expert stacks stay as stored (ModelConfig.expert_format): dense in the model's dtype,
@@ -169,17 +171,15 @@ class Experts(nn.Module):
         act = {"activation": self.act, "swiglu_alpha": self.alpha, "swiglu_limit": self.limit}
         lora = ctx.moe_lora_w13_delta(layer, x, routing.topk_ids, self.inter)
         if lora is not None:  # the LoRA delta goes into h13 before the activation
-            h13 = lora.add_to(moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k))
-            h = moe_ops.activation(h13, self.act, self.alpha, self.limit)
+            h13 = moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k)
+            h = moe_ops.activation(h13, self.act, self.alpha, self.limit, addend=lora.joined())
         else:
             h = moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k, **act)
         lora = ctx.moe_lora_w2_delta(layer, h, routing.topk_ids, routing.topk_weights,
                                      x.shape[1])
         y = moe_ops.expert_gemm(h, routing, w2, input_pairs_per_row=1,
                                 topk_weights=routing.topk_weights.view(-1))
-        if lora is not None:
-            lora.add_to(y)
-        return moe_ops.moe_sum(y, k)
+        return moe_ops.moe_sum(y, k, addend=None if lora is None else lora.joined())
 
 
 class MoeBlock(nn.Module):

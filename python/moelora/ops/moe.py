@@ -565,20 +565,23 @@ def _grouped_gemm(input, input_pairs_per_row, routing, weights, activation, alph
 
 
 def activation(h13: torch.Tensor, kind: str, swiglu_alpha: float = 1.702,
-               swiglu_limit: float = 7.0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """h13 [P, 2I] ([gate | up]) -> h [P, I]."""
+               swiglu_limit: float = 7.0, out: torch.Tensor | None = None,
+               addend: torch.Tensor | None = None) -> torch.Tensor:
+    """h13 [P, 2I] ([gate | up]) (+ addend [P, 2I], in float32) -> h [P, I]."""
     if out is None:
         out = h13.new_empty(h13.shape[0], h13.shape[1] // 2)
     _C.moe_activation(as_ref(h13), _code(ACTIVATIONS, kind, "activation"), swiglu_alpha,
-                      swiglu_limit, as_ref(out), stream_handle(h13.device))
+                      swiglu_limit, as_ref(out), stream_handle(h13.device),
+                      as_optional_ref(addend))
     return out
 
 
-def moe_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y [T*K, H] -> out [T, H], summed over k in order, in float32."""
+def moe_sum(y: torch.Tensor, top_k: int, out: torch.Tensor | None = None,
+            addend: torch.Tensor | None = None) -> torch.Tensor:
+    """y [T*K, H] (+ addend [T*K, H]) -> out [T, H], summed over k in order, in float32."""
     if out is None:
         out = y.new_empty(y.shape[0] // top_k, y.shape[1])
-    _C.moe_sum(as_ref(y), top_k, as_ref(out), stream_handle(y.device))
+    _C.moe_sum(as_ref(y), top_k, as_ref(out), stream_handle(y.device), as_optional_ref(addend))
     return out
 
 
