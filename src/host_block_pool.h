@@ -42,8 +42,8 @@ class HostBlockPool : public std::enable_shared_from_this<HostBlockPool> {
   // an allocation failed, never again).
   bool wants_reserve_block() const;
   // Makes one block of the reserve: faulted in, then page-locked where CUDA allows, then (if
-  // it was) `pause_after_pin` elapses. Several threads may make blocks at once: faulting pages in runs
-  // in parallel (one thread faults a VM's memory in at a fraction of what four do), while
+  // it was) `pause_after_pin` elapses. Several threads may make blocks at once: faulting pages
+  // in runs in parallel (one thread faults a VM's memory in at a fraction of what four do), while
   // page-locking, which holds the CUDA driver's lock that a step's launches wait for, takes one
   // block at a time and leaves the pause after each. Throws InvalidArgument when out of host
   // memory.

@@ -56,8 +56,9 @@ __device__ float weight_at(const GemmArgs& a, MoeWeightFormat format, int64_t e,
         code = k & 1 ? byte >> 4 : byte & 0xFu;
       }
       const auto* scales = static_cast<const uint8_t*>(a.scales);
-      const int scale = scales[e * a.s_expert + (tiled ? mxfp4::tiled_scale_offset(a.s_tile, n, k / 32)
-                                                         : n * a.s_row + k / 32)];
+      const int64_t at =
+          tiled ? mxfp4::tiled_scale_offset(a.s_tile, n, k / 32) : n * a.s_row + k / 32;
+      const int scale = scales[e * a.s_expert + at];
       v = ldexpf(e2m1(code), scale - 127);
       break;
     }

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from moelora import ops
 from moelora.engine.prefill_attention import PrefillSpan, attend_spans, spans_fit
-from moelora.models.context import LoraDelta
+from moelora.models.context import LoraDelta, delta_width
 from moelora.ops import PlanOverrides
 
 
@@ -135,14 +135,14 @@ class PagedContext:
     # forked before the base op is enqueued, so in the graph they run beside the base GEMM:
     # at decode a LoRA launch is a chain of dependent DRAM round trips, not bytes, and beside a
     # bandwidth-bound GEMM it costs little. Elsewhere (prefill, the CPU) they run in line.
-    def lora_delta(self, sites, layer, x, width):
+    def lora_delta(self, sites, layer, x):
         """One launch for every site of `sites` the pool holds (q, k and v of a QKV output:
         three decode launches a layer become one)."""
         held = [(site, first) for site, first, _ in sites
                 if self._has_lora and self.lora_views.has_site(site)]
         if not held:
             return None
-        return self._deferred(x, x.shape[0], width,
+        return self._deferred(x, x.shape[0], delta_width(sites),
                               lambda delta: self._dense_lora(held, layer, x, delta))
 
     def _deferred(self, like, rows, width, launch) -> LoraDelta:

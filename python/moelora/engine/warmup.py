@@ -54,8 +54,9 @@ def adapter_counts(lora: bool, max_per_step: int) -> list[int | None]:
 @torch.inference_mode()
 def warm_up_eager_steps(runner, sizes: list[int], counts: list[int | None],
                         sample_rows: int) -> int:
-    """Runs each size x adapter count (`counts`, see adapter_counts) through the runner's model with padding tokens, then the
-    logits and sampling of 1 and `sample_rows` rows. Returns the passes run."""
+    """Runs each size x adapter count (`counts`, see adapter_counts) through the runner's model
+    with padding tokens, then the logits and sampling of 1 and `sample_rows` rows. Returns the
+    passes run."""
     passes = 0
     for size in sizes:
         for num_adapters in counts:

@@ -28,12 +28,13 @@ class ForwardContext(Protocol):
         are first normed (if it says so) and rotated in place (a paged context fuses that with
         its KV-cache write); without, they come rotated. Rows may be strided views."""
 
-    def lora_delta(self, sites: list[tuple[str, int, int]], layer: int, x: torch.Tensor,
-                   width: int) -> LoraDelta | None:
-        """The per-token LoRA delta [T, width] of dense sites sharing the input x, each
-        (site, first column, site width) in its columns (q, k and v of one QKV output); None
-        when there is nothing to add. Asked for before the base projection runs, added to its
-        output (bias included, PEFT semantics) with LoraDelta.add_to."""
+    def lora_delta(self, sites: list[tuple[str, int, int]], layer: int,
+                   x: torch.Tensor) -> LoraDelta | None:
+        """The per-token LoRA delta of dense sites sharing the input x, each (site, first
+        column, site width) in its columns of a [T, delta_width(sites)] tensor (q, k and v of
+        one QKV output); None when there is nothing to add. Asked for before the base
+        projection runs, added to its output (bias included, PEFT semantics) with
+        LoraDelta.add_to."""
 
     def moe_lora_w13_delta(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
                            inter: int) -> LoraDelta | None:
@@ -43,6 +44,11 @@ class ForwardContext(Protocol):
     def moe_lora_w2_delta(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
                           topk_weights: torch.Tensor, hidden: int) -> LoraDelta | None:
         """h [T*K, I] -> w * down LoRA delta [T*K, H] of y (already weighted), or None."""
+
+
+def delta_width(sites: list[tuple[str, int, int]]) -> int:
+    """Columns of the output that (site, first column, site width) entries cover."""
+    return max(first + size for _, first, size in sites)
 
 
 class LoraDelta:
@@ -166,10 +172,10 @@ class ReferenceContext:
             raise KeyError(f"token_slot names adapter slot {slot}, which is not loaded")
         return self.adapters[slot].get(site, {}).get(layer)
 
-    def lora_delta(self, sites, layer, x, width):
+    def lora_delta(self, sites, layer, x):
         if not self._slots():
             return None
-        delta = x.new_zeros(x.shape[0], width)
+        delta = x.new_zeros(x.shape[0], delta_width(sites))
         for site, first, size in sites:
             self._add_dense(site, layer, x, delta[:, first:first + size])
         return LoraDelta(delta)

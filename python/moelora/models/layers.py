@@ -142,8 +142,7 @@ class Attention(nn.Module):
         t = x.shape[0]
         q_dim, kv_dim, _ = self.split_sizes
         lora = ctx.lora_delta([("q_proj", 0, q_dim), ("k_proj", q_dim, kv_dim),
-                               ("v_proj", q_dim + kv_dim, kv_dim)], self.layer, x,
-                              q_dim + 2 * kv_dim)
+                               ("v_proj", q_dim + kv_dim, kv_dim)], self.layer, x)
         qkv = self.qkv_proj(x)
         if lora is not None:
             lora.add_to(qkv)
@@ -160,8 +159,7 @@ class Attention(nn.Module):
         o = ctx.attention(self.layer, q, k, v, rope=rope, scale=self.scale,
                           sliding_window=self.sliding_window, sinks=self.sinks)
         o = o.reshape(t, self.num_heads * self.head_dim)
-        lora = ctx.lora_delta([("o_proj", 0, self.o_proj.out_dim)], self.layer, o,
-                              self.o_proj.out_dim)
+        lora = ctx.lora_delta([("o_proj", 0, self.o_proj.out_dim)], self.layer, o)
         out = self.o_proj(o)
         if lora is not None:
             lora.add_to(out)
@@ -216,15 +214,13 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         p, i = self.prefix, self.inter
-        lora = ctx.lora_delta([(p + "gate_proj", 0, i), (p + "up_proj", i, i)], self.layer, x,
-                              2 * i)
+        lora = ctx.lora_delta([(p + "gate_proj", 0, i), (p + "up_proj", i, i)], self.layer, x)
         gate_up = self.gate_up_proj(x)
         if lora is not None:
             lora.add_to(gate_up)
         gate, up = gate_up.split(i, dim=-1)
         h = F.silu(gate) * up
-        width = self.down_proj.out_dim
-        lora = ctx.lora_delta([(p + "down_proj", 0, width)], self.layer, h, width)
+        lora = ctx.lora_delta([(p + "down_proj", 0, self.down_proj.out_dim)], self.layer, h)
         out = self.down_proj(h)
         if lora is not None:
             lora.add_to(out)

@@ -9,14 +9,14 @@ Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), fo
   out [T, H]    = sum over K of (y + d2)     d2: ctx.moe_lora_w2_delta (w * delta), in the sum
 The deltas are asked for before the GEMM they belong to, so that their kernels may run beside it
 (engine/paged_context.py).
-Pair p = t * K + k throughout, the layout the native align kernel consumes. When no token of the
-step has an adapter (ctx.token_slot is None) the activation runs in w13's epilogue and h13 never
-exists. Expert stacks stay as stored (ModelConfig.expert_format): dense in the model's dtype,
-MXFP4 blocks + scales, or FP8 with block scales; the kernels dequantize in registers. MXFP4
-blocks load as the checkpoint's bytes and CausalLM.pack_for_kernels then repacks them once into
-the mma layout (ops.moe.mxfp4_to_mma_layout), which the tensor-core kernels decode with fewer
-instructions, stored in 16-row tiles (ops.moe.mxfp4_to_tiled_layout) that they read as
-contiguous memory.
+Pair p = t * K + k throughout, the layout the native align kernel consumes. When the context has no
+w13 delta (no token of the step has an adapter on the experts) the activation runs in w13's epilogue
+and h13 never exists. Expert stacks stay as stored (ModelConfig.expert_format): dense in the model's
+dtype, MXFP4 blocks + scales, or FP8 with block scales; the kernels dequantize in registers. MXFP4
+blocks load as the checkpoint's bytes and CausalLM.pack_for_kernels then repacks them once into the
+mma layout (ops.moe.mxfp4_to_mma_layout), which the tensor-core kernels decode with fewer
+instructions, stored in 16-row tiles (ops.moe.mxfp4_to_tiled_layout) that they read as contiguous
+memory.
 """
 
 from __future__ import annotations
