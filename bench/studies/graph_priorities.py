@@ -46,7 +46,7 @@ def measure(engine, args, adapter_dir: str) -> list[dict]:
     fields = engine_fields(engine)
     return [{"study": "graph_priorities", "model": args.model, **fields,
              "weights": args.weights_built, "num_layers": engine.model.config.num_layers,
-             "num_seqs": n, "num_adapters": c, "node_priorities": on, "rounds": args.rounds,
+             "num_seqs": n, "num_adapters": c, "node_priorities": on, "rounds": args.rounds, "note": args.note,
              **{f: median([r[f] for r in rows if r[f] is not None]) for f in FIELDS},
              "rounds_step_wall_ms": [r["step_wall_ms"] for r in rows]}
             for (n, c, on), rows in timed.items()]
