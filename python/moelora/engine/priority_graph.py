@@ -35,7 +35,8 @@ class PriorityGraph:
 
     def instantiate(self) -> None:
         """Call once the capture has ended."""
-        if not self._kept or not _C.built_with_cuda():
+        if not self._kept or not _C.built_with_cuda() or \
+                not hasattr(self.graph, "raw_cuda_graph"):
             return
         index = self.device.index if self.device.index is not None \
             else torch.cuda.current_device()
