@@ -6,7 +6,6 @@
 #include "moelora/copy_engine.h"
 #include "moelora/dtype.h"
 #include "moelora/error.h"
-#include "moelora/graph_exec.h"
 #include "moelora/ops.h"
 #include "moelora/page_pool.h"
 #include "moelora/plan.h"

@@ -3,7 +3,6 @@
 #include <pybind11/pybind11.h>
 
 #include "bindings/common.h"
-#include "moelora/graph_exec.h"
 #include "moelora/runtime.h"
 
 namespace py = pybind11;
@@ -115,21 +114,6 @@ PYBIND11_MODULE(_C, m) {
       },
       "Loads every kernel of libmoelora on the current CUDA device (see moelora/runtime.h); "
       "returns {modules, kernels, newly_loaded}");
-
-  py::class_<GraphExec>(m, "GraphExec",
-                        "An executable CUDA graph instantiated from a captured cudaGraph_t (an "
-                        "integer, e.g. torch.cuda.CUDAGraph(keep_graph=True).raw_cuda_graph()) "
-                        "on a CUDA device; with node_priorities, a replay runs each kernel at "
-                        "the priority of the stream that captured it (moelora/graph_exec.h)")
-      .def(py::init<std::uintptr_t, int, bool>(), py::arg("graph"), py::arg("device"),
-           py::arg("node_priorities") = true)
-      .def("launch", &GraphExec::launch, py::arg("stream"),
-           py::call_guard<py::gil_scoped_release>(),
-           "Enqueues one replay on a cudaStream_t given as an integer")
-      .def_property_readonly("node_priorities", &GraphExec::node_priorities);
-  m.def("graph_kernel_priorities", &graph_kernel_priorities, py::arg("graph"),
-        "The priority attribute of each kernel node of a cudaGraph_t (an integer), in the "
-        "graph's node order");
 
   moelora::bindings::register_pool(m);
   moelora::bindings::register_adapter_cache(m);

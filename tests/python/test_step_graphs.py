@@ -147,34 +147,6 @@ def test_gpu_captured_lora_deltas_run_on_their_own_stream(mixtral, monkeypatch):
     assert engine.runner.graphs.capture_error is None and engine.runner.graphs.replays > 0
     assert captured["forks"] > 0
     assert all(len(tokens) > 0 for tokens in graphed)
-    # a replay runs the LoRA kernels at the LoRA stream's priority, the rest at the default
-    lora_priority = original(engine.device).priority
-    made = {key: graph for key, graph in engine.runner.graphs._made.items() if graph.graph}
-    assert any(lora for _, lora in made) and any(not lora for _, lora in made)
-    for (_, lora), graph in made.items():
-        assert graph.graph.node_priorities
-        priorities = set(graph.graph.kernel_priorities())
-        assert priorities == ({0, lora_priority} if lora else {0})
-
-
-@pytest.mark.gpu
-def test_gpu_replays_give_the_same_tokens_with_and_without_node_priorities(mixtral,
-                                                                          monkeypatch):
-    from moelora.engine import step_graphs
-
-    model_dir, adapters = mixtral
-    prioritised, engine = _generate(model_dir, adapters, "cuda", "bfloat16", decode_graphs=True)
-    assert engine.runner.graphs.replays > 0
-    original = step_graphs.StepGraphs.__init__
-
-    def without_priorities(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.node_priorities = False
-
-    monkeypatch.setattr(step_graphs.StepGraphs, "__init__", without_priorities)
-    plain, engine = _generate(model_dir, adapters, "cuda", "bfloat16", decode_graphs=True)
-    assert engine.runner.graphs.replays > 0
-    assert prioritised == plain
 
 
 def _count_lora_launches(monkeypatch) -> dict:

@@ -252,8 +252,8 @@ _LORA_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def lora_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream a device's captured LoRA kernels run on: a branch of the graph beside the
-    base ops. Created at the highest priority, which capture records in each of its kernel
-    nodes; step graphs replay at those priorities (engine/priority_graph.py)."""
+    base ops. Created at the highest priority; a replay honours per-node priorities only in a
+    graph instantiated to use them (CUDA's default is the launch stream's priority)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _LORA_STREAMS.get(index)
     if stream is None:

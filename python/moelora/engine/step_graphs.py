@@ -45,7 +45,6 @@ import torch
 from moelora import _C
 from moelora.engine.block_table import BlockTable
 from moelora.engine.paged_context import PagedContext, StepMetadata
-from moelora.engine.priority_graph import PriorityGraph
 from moelora.engine.step_inputs import step_metadata
 
 log = logging.getLogger("moelora")
@@ -71,7 +70,7 @@ class _Graph:
     size: int
     lora: bool
     hidden: torch.Tensor | None = None  # the captured output [size, H]
-    graph: PriorityGraph | None = None
+    graph: torch.cuda.CUDAGraph | None = None
 
 
 class StepGraphs:
@@ -89,9 +88,6 @@ class StepGraphs:
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._made: dict[tuple[int, bool], _Graph | None] = {}  # None once closed
         self.replays = 0
-        # replays run the LoRA kernels at their stream's priority (priority_graph.py); off only
-        # to measure what that gives
-        self.node_priorities = True
         self.capture_error: str | None = None  # why capturing was given up, if it was
         self.tables: BlockTable | None = None  # the runner's, set by attach()
         self.inputs: torch.Tensor | None = None  # int32: a step's staged arrays, bucket layout
@@ -174,7 +170,7 @@ class StepGraphs:
         """Final hidden states [size, H] of the step staged in `inputs` (ensure() first)."""
         made = self._made[(size, lora and self.lora_views is not None)]
         if made.graph is not None:
-            made.graph.replay(self.node_priorities)
+            made.graph.replay()
             self.replays += 1
             return made.hidden
         return self._forward(made)
@@ -237,17 +233,16 @@ class StepGraphs:
             for _ in range(2):
                 self._forward(made)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = PriorityGraph(self.device)
+        graph = torch.cuda.CUDAGraph()
         collecting = gc.isenabled()
         gc.disable()
         try:
-            with _C.GraphCaptureScope(), torch.cuda.graph(graph.graph, pool=self._pool,
+            with _C.GraphCaptureScope(), torch.cuda.graph(graph, pool=self._pool,
                                                           capture_error_mode="thread_local"):
                 made.hidden = self._forward(made)
         finally:
             if collecting:
                 gc.enable()
-        graph.instantiate()
         made.graph = graph
 
     def close(self) -> None:
