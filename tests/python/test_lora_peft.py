@@ -20,6 +20,7 @@ from moelora.lora import (
     load_dense,
     per_expert_sources,
 )
+from packaging.version import Version
 from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
@@ -220,7 +221,7 @@ def test_peft_adapter_matches_merged_delta(family, tmp_path):
 # targets experts.down_proj (rank 4), and its fused gate_up_proj, also named in target_parameters,
 # gets rank 8; before, only target_parameters did (gate_up_proj at rank 4). Either way the
 # merged weights, checked above, are what the plan's A and B give.
-TARGET_MODULES_REACH_EXPERTS = tuple(int(p) for p in peft.__version__.split(".")[:2]) >= (0, 22)
+TARGET_MODULES_REACH_EXPERTS = Version(peft.__version__) >= Version("0.22")
 
 # rank_pattern / alpha_pattern reach 3D parameters too (peft 0.21 warns they "did not match
 # any targeted module", but applies them: the key matched is `<module>.<parameter>`).

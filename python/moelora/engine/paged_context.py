@@ -252,10 +252,10 @@ _LORA_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 def lora_stream(device: torch.device) -> torch.cuda.Stream:
     """The stream a device's captured LoRA kernels run on: a branch of the graph beside the
-    base ops. Created at the highest priority; a replay honours per-node priorities only in a
-    graph instantiated to use them (CUDA's default is the launch stream's priority)."""
+    base ops. Of the default priority: a replay runs every node at its launch stream's priority,
+    and replays at per-node priorities measured no faster (docs/performance.md)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = _LORA_STREAMS.get(index)
     if stream is None:
-        stream = _LORA_STREAMS[index] = torch.cuda.Stream(index, priority=-100)
+        stream = _LORA_STREAMS[index] = torch.cuda.Stream(index)
     return stream
