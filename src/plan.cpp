@@ -39,12 +39,6 @@ constexpr int32_t kDenseBlockM = 16;
 constexpr int64_t kMmaMinPairs = 512;        // grouped calls from here run on tensor cores
 constexpr int64_t kMultiCtaMinPairs = 4096;  // the cooperative align from here
 
-// ---- decode CTAs beside the base GEMM ("LoRA deltas beside the base GEMM") ---------------------
-// Narrow CTAs from 16 pairs (fewer: the base GEMM's grid leaves room for wide ones), one an SM
-// (the registers five expert-GEMM CTAs leave).
-constexpr int64_t kNarrowMinPairs = 16;
-constexpr int64_t kBesideCtasPerSm = 1;
-
 // ---- decode kernel shape ("Decode cluster shape") ----------------------------------------------
 constexpr int64_t kMinInputPerCta = 256;   // input elements a CTA keeps when C CTAs split in_dim
 constexpr int64_t kMaxPiece = 2048;        // input elements staged per pass
@@ -124,8 +118,6 @@ const char* to_string(LoraKernel v) {
 
 const char* to_string(AlignKernel v) { return v == AlignKernel::kSingleCta ? "single" : "multi"; }
 
-const char* to_string(DecodeCtas v) { return v == DecodeCtas::kWide ? "wide" : "narrow"; }
-
 const char* to_string(AttentionKernel v) {
   switch (v) {
     case AttentionKernel::kMma: return "mma";
@@ -167,10 +159,6 @@ PlanOverrides PlanOverrides::parse(const std::string& text) {
       if (value == "single") o.align_kernel = AlignKernel::kSingleCta;
       else if (value == "multi") o.align_kernel = AlignKernel::kMultiCta;
       else if (!unset) bad_value(key, value, "single, multi or auto");
-    } else if (key == "decode_ctas") {
-      if (value == "wide") o.decode_ctas = DecodeCtas::kWide;
-      else if (value == "narrow") o.decode_ctas = DecodeCtas::kNarrow;
-      else if (!unset) bad_value(key, value, "wide, narrow or auto");
     } else if (key == "attention_kernel") {
       if (value == "mma") o.attention_kernel = AttentionKernel::kMma;
       else if (value == "gqa") o.attention_kernel = AttentionKernel::kGqa;
@@ -194,7 +182,7 @@ PlanOverrides PlanOverrides::parse(const std::string& text) {
       o.attention_splits = unset ? 0 : parse_int(key, value, 1, kMaxAttentionSplits);
     } else {
       throw InvalidArgument("unknown plan override '" + key + "' (keys: form, lora_kernel, "
-                            "block_m, cluster_max, mma_split, align_kernel, decode_ctas, pdl, "
+                            "block_m, cluster_max, mma_split, align_kernel, pdl, "
                             "attention_kernel, attention_splits, prefill_attention)");
     }
   }
@@ -219,7 +207,6 @@ PlanOverrides PlanOverrides::over(const PlanOverrides& base) const {
   if (o.cluster_max == 0) o.cluster_max = base.cluster_max;
   if (o.mma_split == 0) o.mma_split = base.mma_split;
   if (!o.align_kernel) o.align_kernel = base.align_kernel;
-  if (!o.decode_ctas) o.decode_ctas = base.decode_ctas;
   if (!o.pdl) o.pdl = base.pdl;
   if (!o.attention_kernel) o.attention_kernel = base.attention_kernel;
   if (o.attention_splits == 0) o.attention_splits = base.attention_splits;
@@ -233,7 +220,6 @@ std::string PlanOverrides::describe() const {
          ",cluster_max=" + (cluster_max > 0 ? std::to_string(cluster_max) : "auto") +
          ",mma_split=" + (mma_split > 0 ? std::to_string(mma_split) : "auto") +
          ",align_kernel=" + optional_name(align_kernel) +
-         ",decode_ctas=" + optional_name(decode_ctas) +
          ",pdl=" + (pdl ? (*pdl ? "1" : "0") : "auto") +
          ",attention_kernel=" + optional_name(attention_kernel) +
          ",attention_splits=" + (attention_splits > 0 ? std::to_string(attention_splits) : "auto") +
@@ -244,8 +230,7 @@ std::string LoraPlan::describe() const {
   return std::string("LoraPlan(form=") + to_string(form) + ", block_m=" +
          std::to_string(block_m) + ", align=" + to_string(align) + ", kernel=" +
          to_string(kernel) + ", unaligned_kernel=" + to_string(unaligned_kernel) +
-         ", pdl=" + (pdl ? "1" : "0") + ", decode_ctas=" + to_string(decode_ctas) +
-         ", cluster_max=" + std::to_string(cluster_max) +
+         ", pdl=" + (pdl ? "1" : "0") + ", cluster_max=" + std::to_string(cluster_max) +
          ", mma_split=" + std::to_string(mma_split) + ")";
 }
 
@@ -297,9 +282,6 @@ LoraPlan plan_lora(const LoraStep& step, const DeviceProps& device,
   p.kernel = o.lora_kernel.value_or(tensor_cores ? LoraKernel::kMma : LoraKernel::kCluster);
   p.unaligned_kernel = o.lora_kernel.value_or(LoraKernel::kCluster);
   p.pdl = o.pdl.value_or(true) && device.kind == DeviceKind::kCUDA && device.cc_major >= 9;
-  p.decode_ctas = o.decode_ctas.value_or(
-      step.beside_base && step.num_pairs >= kNarrowMinPairs ? DecodeCtas::kNarrow
-                                                            : DecodeCtas::kWide);
   p.cluster_max = o.cluster_max;
   p.mma_split = o.mma_split;
   return p;
@@ -339,10 +321,6 @@ int32_t decode_cluster_limit(int64_t in_dim, const LoraPlan& plan, const DeviceP
   if (plan.cluster_max > 0) return plan.cluster_max;
   return in_dim >= kMaxNonPortableCluster * kMinInputPerCta ? kMaxNonPortableCluster
                                                             : kMaxPortableCluster;
-}
-
-int64_t beside_ctas(const DeviceProps& device) {
-  return int64_t{device.sm_count} * kBesideCtasPerSm;
 }
 
 int64_t decode_piece(int64_t in_dim, int cluster_size) {

@@ -22,10 +22,6 @@ constexpr int kMaxNonPortableCluster = 16;  // sm_90's limit with the non-portab
 // plan.cluster_max when set, else 16 where each of 16 CTAs keeps enough of in_dim, else 8.
 int32_t decode_cluster_limit(int64_t in_dim, const LoraPlan& plan, const DeviceProps& device);
 
-// Narrow decode CTAs the GPU holds beside a base GEMM that fills its SMs (one an SM: the
-// registers five expert-GEMM CTAs leave).
-int64_t beside_ctas(const DeviceProps& device);
-
 // Input elements a CTA stages per pass when `cluster_size` CTAs split in_dim.
 int64_t decode_piece(int64_t in_dim, int cluster_size);
 

@@ -55,28 +55,16 @@ using ptx::cp_async_commit;
 using ptx::cp_async_wait;
 using ptx::smem_u32;
 
-// Threads of a CTA (NT): wide CTAs when the kernel has the SMs to itself; narrow ones beside
-// the expert GEMM, whose five CTAs an SM (128 threads at 96 registers) leave 4,096 registers:
-// a narrow CTA (64 threads at <= 64 registers) fits there, a wide one (20,480) does not.
-constexpr int kWideThreads = 256;
-constexpr int kNarrowThreads = 64;
-template <int NT>
-constexpr int kWarps = NT / 32;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarpStep = 4;     // A rows a warp streams together
-// 16-byte loads per A row a lane issues before using any (fewer with 4 x rows or narrow CTAs:
-// registers)
-template <int MT, int NT>
-constexpr int kStepsInFlight = MT == 1 && NT == kWideThreads ? 2 : 1;
-// Wide: three CTAs per SM (<= 80 registers a thread): at 128 registers (two CTAs per SM)
-// 8-128-token steps ran a second wave and lost 10-50%. Narrow: <= 64 registers (above).
-template <int NT>
-constexpr int kMinBlocksPerSm = NT == kWideThreads ? 3 : 16;
-// Bytes of one stage: an expand stage (B^T rows + output rows), and in narrow CTAs also a chunk
-// of A rows. Five expert-GEMM CTAs (33 KB each) leave ~30 KB of the SM's 196 KB shared-memory
-// configuration: a narrow CTA (four stages, the x piece, the tables) stays under 28 KB.
-template <int NT>
-constexpr int64_t kStageBytes = NT == kWideThreads ? 24 * 1024 : 5 * 1024 + 512;
-constexpr int kNarrowAStages = 2;  // A chunks in flight in a narrow CTA
+// 16-byte loads per A row a lane issues before using any (fewer with 4 x rows: registers)
+template <int MT>
+constexpr int kStepsInFlight = MT == 1 ? 2 : 1;
+// Three CTAs per SM (<= 80 registers a thread): at 128 registers (two CTAs per SM) 8-128-token
+// steps ran a second wave and lost 10-50%.
+constexpr int kMinBlocksPerSm = 3;
+constexpr int64_t kStageBytes = 24 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
 
 // Bytes of one column vector (VEC elements of T).
@@ -111,9 +99,9 @@ __device__ __forceinline__ void stage_vec(void* dst, const T* src, bool valid) {
 // Shared-memory layout of one CTA, identical in every CTA of a cluster (DSMEM reads s_part at
 // the same offset in a peer).
 struct SmemLayout {
-  int64_t pair_ids, row_weights, offsets, s_part, s_full, x_tile, stages, a_stages, bytes;
+  int64_t pair_ids, row_weights, offsets, s_part, s_full, x_tile, stages, bytes;
   __host__ __device__ static SmemLayout of(const LoraArgs& a, int mt, int64_t piece,
-                                           int elem_bytes, int64_t stage_bytes, int a_stages) {
+                                           int elem_bytes) {
     SmemLayout l{};
     int64_t at = 0;
     const auto take = [&at](int64_t bytes) {
@@ -128,18 +116,15 @@ struct SmemLayout {
     const int64_t item_rows = a.sorted_pairs != nullptr && a.block_m > 1 ? a.block_m : 1;
     l.pair_ids = take(sizeof(int32_t) * item_rows);
     l.row_weights = take(sizeof(float) * item_rows);
-    l.stages = take(2 * stage_bytes);
-    l.a_stages = take(a_stages * stage_bytes);
+    l.stages = take(2 * kStageBytes);
     l.bytes = at;
     return l;
   }
 };
 
-// Column vectors one expand stage of `stage_bytes` holds with `rows_b` B^T rows and `mt` output
-// rows each.
-__host__ __device__ __forceinline__ int64_t stage_vectors(int rows_b, int mt, int vec_bytes,
-                                                          int64_t stage_bytes) {
-  return stage_bytes / (int64_t{rows_b + mt} * vec_bytes);
+// Column vectors one expand stage holds with `rows_b` B^T rows and `mt` output rows each.
+__host__ __device__ __forceinline__ int64_t stage_vectors(int rows_b, int mt, int vec_bytes) {
+  return kStageBytes / (int64_t{rows_b + mt} * vec_bytes);
 }
 
 struct ItemState {
@@ -152,15 +137,13 @@ struct ItemState {
 };
 
 // Trip 1: the item's slot, expert and valid pairs (into pair_ids); ends with a barrier. The
-// slot and the expert are loaded by warp 1 (lane 1 of a one-warp CTA) while warp 0 reads the
-// pairs, so that no load waits for another.
-template <int NT>
-constexpr int kHeadThread = NT > 32 ? 32 : 1;
-template <int NT>
+// slot and the expert are loaded by warp 1 while warp 0 reads the pairs, so that no load waits
+// for another.
+constexpr int kHeadThread = 32;
 __device__ void load_item_head(const LoraArgs& a, int64_t item, int32_t* pair_ids,
                                int32_t* shared_head) {
   if (a.sorted_pairs != nullptr) {
-    if (threadIdx.x == kHeadThread<NT>) {
+    if (threadIdx.x == kHeadThread) {
       const int32_t slot = a.block_slot[item * a.block_slot_stride];
       const int32_t expert =
           a.block_expert != nullptr ? a.block_expert[item * a.block_expert_stride] : 0;
@@ -176,7 +159,7 @@ __device__ void load_item_head(const LoraArgs& a, int64_t item, int32_t* pair_id
       pair_ids[0] = pair;
       shared_head[0] = valid ? a.token_slot[(pair / a.top_k) * a.token_slot_stride] : -1;
       shared_head[2] = valid ? 1 : 0;
-    } else if (threadIdx.x == kHeadThread<NT>) {
+    } else if (threadIdx.x == kHeadThread) {
       shared_head[1] = a.pair_expert != nullptr ? a.pair_expert[pair * a.pair_expert_stride] : 0;
     }
   }
@@ -187,14 +170,13 @@ __device__ void load_item_head(const LoraArgs& a, int64_t item, int32_t* pair_id
 // slice's rank (shared_ranks[i], clamped by fill_state), its whole row-table entry of (slot,
 // expert) (offsets[(slice * 2 + is_b) * rank_stride + k]; entries past the rank are copied but
 // never used) and the routing weight of each of the item's `rows` pairs (row_weights).
-template <int NT>
 __device__ void issue_item_tables(const LoraArgs& a, int32_t slot, int32_t expert, int rows,
                                   const int32_t* pair_ids, int32_t* shared_ranks,
                                   int64_t* offsets, float* row_weights) {
   for (int i = 0; i < a.num_slices; ++i) {
     const SliceArgs& s = a.slices[i];
     const bool known = slot >= 0 && slot < s.num_slots && expert >= 0 && expert < s.num_experts;
-    if (threadIdx.x == NT - 1 - i) {  // the last warp: warp 0 has the most copies below
+    if (threadIdx.x == kThreads - 1 - i) {  // the last warp: warp 0 has the most copies below
       if (known) {
         cp_async4(smem_u32(shared_ranks + i), s.ranks + slot * s.rank_slot_stride);
       } else {
@@ -203,14 +185,14 @@ __device__ void issue_item_tables(const LoraArgs& a, int32_t slot, int32_t exper
     }
     if (!known || rows == 0) continue;
     const int64_t* table = s.row_offsets + slot * s.slot_stride + int64_t{expert} * 2 * s.max_rank;
-    for (int j = threadIdx.x; j < 2 * s.max_rank; j += NT) {
+    for (int j = threadIdx.x; j < 2 * s.max_rank; j += kThreads) {
       const int is_b = j >= s.max_rank;
       cp_async8(smem_u32(offsets + (i * 2 + is_b) * a.rank_stride + (j - is_b * s.max_rank)),
                 table + j);
     }
   }
   if (a.weights != nullptr) {
-    for (int m = threadIdx.x; m < rows; m += NT) {
+    for (int m = threadIdx.x; m < rows; m += kThreads) {
       cp_async4(smem_u32(row_weights + m), a.weights + int64_t{pair_ids[m]} * a.weight_stride);
     }
   }
@@ -258,7 +240,7 @@ __device__ __forceinline__ int column_slice(const LoraArgs& a, int64_t& col) {
 }
 
 // Stages rows [m0, m0 + MT) of x, elements [p0, p0 + len), into x_tile (T, row stride piece).
-template <typename T, int MT, int VEC, int NT>
+template <typename T, int MT, int VEC>
 __device__ void stage_x(const LoraArgs& a, const int32_t* pair_ids, int m0, int mt, int64_t p0,
                         int64_t len, int64_t piece, T* x_tile) {
   const T* input = static_cast<const T*>(a.input);
@@ -266,7 +248,7 @@ __device__ void stage_x(const LoraArgs& a, const int32_t* pair_ids, int m0, int 
     const bool valid = m < mt;
     const T* x = valid ? input + (pair_ids[m0 + m] / a.input_pairs_per_row) * a.input_stride + p0
                        : input;
-    for (int64_t e = int64_t{threadIdx.x} * VEC; e < len; e += NT * VEC) {
+    for (int64_t e = int64_t{threadIdx.x} * VEC; e < len; e += kThreads * VEC) {
       stage_vec<T, VEC>(x_tile + m * piece + e, valid ? x + e : input, valid);
     }
   }
@@ -275,7 +257,7 @@ __device__ void stage_x(const LoraArgs& a, const int32_t* pair_ids, int m0, int 
 // One expand stage: column vectors [v0, v0 + n) of the concatenated output (vector units): for
 // each, the B^T rows of its slice (k < rank) at stage[k * cap + v] and the mt output rows at
 // stage[(max_rank + m) * cap + v], cap = vectors per stage.
-template <typename T, int VEC, int NT>
+template <typename T, int VEC>
 __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64_t* offsets,
                              const int32_t* pair_ids, int m0, int mt, int64_t v0, int64_t n,
                              int64_t cap, unsigned char* stage) {
@@ -286,9 +268,9 @@ __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64
   // A vector's slice and column are worked out once per thread: with fewer vectors than
   // threads, `lanes` threads share a vector and take every lanes-th of its rows (dividing per
   // copy made the stage issue-bound at 128 tokens).
-  const int lanes = max(1, NT / max(1, count));
+  const int lanes = max(1, kThreads / max(1, count));
   const int sub = threadIdx.x % lanes;
-  for (int v = threadIdx.x / lanes; v < count; v += NT / lanes) {
+  for (int v = threadIdx.x / lanes; v < count; v += kThreads / lanes) {
     int64_t col = (v0 + v) * VEC;
     const int slice = column_slice(a, col);
     const int rank = st.rank[slice];
@@ -308,14 +290,14 @@ __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64
 }
 
 // Adds s_full @ B^T to the staged output rows and writes them back.
-template <typename T, int MT, int VEC, int NT>
+template <typename T, int MT, int VEC>
 __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const float* s_full,
                                const int32_t* pair_ids, int m0, int mt, int64_t v0, int64_t n,
                                int64_t cap, const unsigned char* stage) {
   using Raw = RawVec<T, VEC>;
   const Raw* src = reinterpret_cast<const Raw*>(stage);
   T* output = static_cast<T*>(a.output);
-  for (int64_t v = threadIdx.x; v < n; v += NT) {
+  for (int64_t v = threadIdx.x; v < n; v += kThreads) {
     int64_t col = (v0 + v) * VEC;
     const int slice = column_slice(a, col);
     const int rank = st.rank[slice];
@@ -353,14 +335,14 @@ __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const flo
 }
 
 // s_part[m][j] += sum over [p0, p0 + len) of x_tile[m] * A row j, for this warp's rank rows.
-template <typename T, int MT, int VEC, int NT>
+template <typename T, int MT, int VEC>
 __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64_t* offsets,
                              const T* x_tile, int64_t piece, int64_t p0, int64_t len,
                              float* s_part) {
   using Raw = RawVec<T, VEC>;
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
-  for (int j0 = warp * kRowsPerWarpStep; j0 < st.total_rank; j0 += kWarps<NT> * kRowsPerWarpStep) {
+  for (int j0 = warp * kRowsPerWarpStep; j0 < st.total_rank; j0 += kWarps * kRowsPerWarpStep) {
     const T* rows[kRowsPerWarpStep];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarpStep; ++r) {
@@ -378,10 +360,10 @@ __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64
     }
     // Several vector loads per row are issued before any is used: at decode the A rows are the
     // only DRAM reads left on the critical path.
-    for (int64_t e0 = int64_t{lane} * VEC; e0 < len; e0 += 32 * VEC * kStepsInFlight<MT, NT>) {
-      Raw raw[kStepsInFlight<MT, NT>][kRowsPerWarpStep];
+    for (int64_t e0 = int64_t{lane} * VEC; e0 < len; e0 += 32 * VEC * kStepsInFlight<MT>) {
+      Raw raw[kStepsInFlight<MT>][kRowsPerWarpStep];
 #pragma unroll
-      for (int u = 0; u < kStepsInFlight<MT, NT>; ++u) {
+      for (int u = 0; u < kStepsInFlight<MT>; ++u) {
         const int64_t e = e0 + int64_t{u} * 32 * VEC;
 #pragma unroll
         for (int r = 0; r < kRowsPerWarpStep; ++r) {
@@ -395,7 +377,7 @@ __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64
         }
       }
 #pragma unroll
-      for (int u = 0; u < kStepsInFlight<MT, NT>; ++u) {
+      for (int u = 0; u < kStepsInFlight<MT>; ++u) {
         const int64_t e = e0 + int64_t{u} * 32 * VEC;
         if (e >= len) break;
         float xv[MT][VEC];
@@ -426,65 +408,8 @@ __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64
   }
 }
 
-// The shrink of a narrow CTA (one row, MT = 1): A's rows come through shared memory in chunks of
-// `cols` columns (every rank row), kNarrowAStages chunks in flight as cp.async copies, which hold
-// no registers (a narrow CTA's 64 registers a thread would keep ~4 KB of loads in flight).
-// s_part[j] += sum over [p0, p0 + len) of x_tile * A row j; x_tile holds the piece from p0.
-template <typename T, int VEC, int NT>
-__device__ void shrink_staged(const LoraArgs& a, const ItemState& st, const int64_t* offsets,
-                              const T* x_tile, int64_t p0, int64_t len, float* s_part,
-                              unsigned char* ring) {
-  using Raw = RawVec<T, VEC>;
-  constexpr int64_t kBytes = kStageBytes<NT>;
-  const int rows = st.total_rank;
-  const int row_vecs = static_cast<int>(kBytes / (int64_t{rows} * kVecBytes<T, VEC>));
-  const int64_t cols = int64_t{row_vecs} * VEC;  // >= VEC: the launcher checks
-  const int64_t chunks = (len + cols - 1) / cols;
-  const auto issue = [&](int64_t c) {  // one cp.async group, empty past the last chunk
-    if (c < chunks) {
-      const int64_t c0 = c * cols;
-      const int nv = static_cast<int>(detail::min64(cols, len - c0) / VEC);
-      Raw* dst = reinterpret_cast<Raw*>(ring + (c % kNarrowAStages) * kBytes);
-      for (int i = threadIdx.x; i < rows * nv; i += NT) {
-        const int j = i / nv;
-        const int v = i - j * nv;
-        int slice, k;
-        rank_row(st, a.num_slices, j, slice, k);
-        const T* row = reinterpret_cast<const T*>(a.slices[slice].arena +
-                                                  offsets[(slice * 2) * a.rank_stride + k]);
-        stage_vec<T, VEC>(dst + j * row_vecs + v, row + p0 + c0 + int64_t{v} * VEC, true);
-      }
-    }
-    cp_async_commit();
-  };
-  for (int c = 0; c < kNarrowAStages - 1; ++c) issue(c);
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  for (int64_t c = 0; c < chunks; ++c) {
-    issue(c + kNarrowAStages - 1);
-    cp_async_wait<kNarrowAStages - 1>();  // chunk c landed
-    __syncthreads();
-    const int64_t c0 = c * cols;
-    const int nv = static_cast<int>(detail::min64(cols, len - c0) / VEC);
-    const Raw* src = reinterpret_cast<const Raw*>(ring + (c % kNarrowAStages) * kBytes);
-    for (int j = warp; j < rows; j += kWarps<NT>) {
-      float acc = 0.0f;
-      for (int v = lane; v < nv; v += 32) {
-        float w[VEC], xv[VEC];
-        raw_to_f32<T, VEC>(src[j * row_vecs + v], w);
-        raw_to_f32<T, VEC>(*reinterpret_cast<const Raw*>(x_tile + c0 + int64_t{v} * VEC), xv);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc = fmaf(w[i], xv[i], acc);
-      }
-      acc = detail::warp_sum(acc);
-      if (lane == 0) s_part[j] += acc;
-    }
-    __syncthreads();  // this chunk's buffer is free for chunk c + kNarrowAStages
-  }
-}
-
-template <typename T, int MT, int VEC, int NT>
-__global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
+template <typename T, int MT, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lora_cluster_kernel(const LoraArgs a, int64_t num_items, int64_t piece) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int32_t head[3];  // slot, expert, valid rows of the current item
@@ -492,10 +417,7 @@ __global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
   const Cluster cluster;
   const int csize = cluster.size();
   const int crank = cluster.rank();
-  constexpr bool kNarrow = NT != kWideThreads;
-  static_assert(!kNarrow || MT == 1, "narrow CTAs serve the unsorted form");
-  const SmemLayout layout =
-      SmemLayout::of(a, MT, piece, sizeof(T), kStageBytes<NT>, kNarrow ? kNarrowAStages : 0);
+  const SmemLayout layout = SmemLayout::of(a, MT, piece, sizeof(T));
   int32_t* pair_ids = reinterpret_cast<int32_t*>(smem + layout.pair_ids);
   float* row_weights = reinterpret_cast<float*>(smem + layout.row_weights);
   int64_t* offsets = reinterpret_cast<int64_t*>(smem + layout.offsets);
@@ -503,7 +425,6 @@ __global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
   float* s_full = reinterpret_cast<float*>(smem + layout.s_full);
   T* x_tile = reinterpret_cast<T*>(smem + layout.x_tile);
   unsigned char* stages = smem + layout.stages;
-  unsigned char* a_ring = smem + layout.a_stages;
 
   // This CTA's share of in_dim, and its part of the concatenated output columns (whole vectors):
   // column group blockIdx.z, cluster rank crank.
@@ -527,15 +448,15 @@ __global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
       a.sorted_pairs != nullptr ? detail::min64(num_items, *a.num_blocks) : num_items;
   bool peers_may_read = false;  // arrived after a reduction, not yet waited (uniform per cluster)
   for (int64_t item = blockIdx.y; item < items; item += gridDim.y) {
-    load_item_head<NT>(a, item, pair_ids, head);  // trip 1
+    load_item_head(a, item, pair_ids, head);  // trip 1
     trace.mark();                              // 2: trip 1 landed
     const int rows0 = min(MT, head[2]);
     // trip 2: x rows of the first row tile, ranks, row table and routing weights together
     if (head[2] > 0) {
-      stage_x<T, MT, VEC, NT>(a, pair_ids, 0, rows0, in_begin, detail::min64(piece, in_end - in_begin),
+      stage_x<T, MT, VEC>(a, pair_ids, 0, rows0, in_begin, detail::min64(piece, in_end - in_begin),
                           piece, x_tile);
     }
-    issue_item_tables<NT>(a, head[0], head[1], head[2], pair_ids, shared_ranks, offsets, row_weights);
+    issue_item_tables(a, head[0], head[1], head[2], pair_ids, shared_ranks, offsets, row_weights);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -546,65 +467,54 @@ __global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
       __syncthreads();  // everyone has read the shared item state before the next item's
       continue;
     }
-    const int64_t cap = stage_vectors(st.max_rank, MT, kVecBytes<T, VEC>, kStageBytes<NT>);
+    const int64_t cap = stage_vectors(st.max_rank, MT, kVecBytes<T, VEC>);
     const int64_t num_stages = (col_end - col_begin + cap - 1) / cap;
 
     for (int m0 = 0; m0 < st.rows; m0 += MT) {
       const int mt = min(MT, st.rows - m0);
       if (m0 > 0) {
-        stage_x<T, MT, VEC, NT>(a, pair_ids, m0, mt, in_begin, detail::min64(piece, in_end - in_begin),
+        stage_x<T, MT, VEC>(a, pair_ids, m0, mt, in_begin, detail::min64(piece, in_end - in_begin),
                             piece, x_tile);
         cp_async_commit();
       }
-      // Trip 3 starts: the first two expand stages fly while the shrink reads A (narrow CTAs,
-      // whose shrink streams A through the same cp.async groups, issue them after it).
+      // Trip 3 starts: the first two expand stages fly while the shrink reads A.
       const auto issue_stage = [&](int64_t s) {  // one cp.async group, empty past the last
         if (s < num_stages) {
           const int64_t v0 = col_begin + s * cap;
-          stage_expand<T, VEC, NT>(a, st, offsets, pair_ids, m0, mt, v0,
+          stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, v0,
                                detail::min64(cap, col_end - v0), cap,
-                               stages + (s & 1) * kStageBytes<NT>);
+                               stages + (s & 1) * kStageBytes);
         }
         cp_async_commit();
       };
-      if constexpr (!kNarrow) {
-        issue_stage(0);
-        issue_stage(1);
-      }
+      issue_stage(0);
+      issue_stage(1);
 
       // ---- 1. shrink: this CTA's in_dim range into s_part[m][j] ----
       if (peers_may_read) {  // the last reduction's reads of this s_part by the peers are done
         cluster.wait();
         peers_may_read = false;
       }
-      for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += NT) s_part[idx] = 0.0f;
+      for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) s_part[idx] = 0.0f;
       for (int64_t p0 = in_begin; p0 < in_end; p0 += piece) {
         const int64_t len = detail::min64(piece, in_end - p0);
         if (p0 == in_begin) {
           cp_async_wait<2>();  // x staged; the two expand stages may still fly
         } else {
           __syncthreads();  // the previous piece is consumed
-          stage_x<T, MT, VEC, NT>(a, pair_ids, m0, mt, p0, len, piece, x_tile);
+          stage_x<T, MT, VEC>(a, pair_ids, m0, mt, p0, len, piece, x_tile);
           cp_async_commit();
           cp_async_wait<0>();
         }
         __syncthreads();
-        if constexpr (kNarrow) {
-          shrink_staged<T, VEC, NT>(a, st, offsets, x_tile, p0, len, s_part, a_ring);
-        } else {
-          shrink_piece<T, MT, VEC, NT>(a, st, offsets, x_tile, piece, p0, len, s_part);
-        }
-      }
-      if constexpr (kNarrow) {  // they fly during the cluster reduction
-        issue_stage(0);
-        issue_stage(1);
+        shrink_piece<T, MT, VEC>(a, st, offsets, x_tile, piece, p0, len, s_part);
       }
 
       // ---- 2. cluster reduction of s through distributed shared memory ----
       trace.mark();  // 4: the shrink's A rows read
       cluster.sync();
       trace.mark();  // 5: every partial of the cluster written
-      for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += NT) {
+      for (int idx = threadIdx.x; idx < MT * st.total_rank; idx += kThreads) {
         const int m = idx / st.total_rank;
         float v = 0.0f;
         for (int r = 0; r < csize; ++r) v += cluster.peer(s_part, r)[idx];
@@ -628,9 +538,9 @@ __global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
         const int64_t v0 = col_begin + s * cap;
         cp_async_wait<1>();  // stage s landed (stage s + 1, maybe empty, may still fly)
         __syncthreads();
-        compute_expand<T, MT, VEC, NT>(a, st, s_full, pair_ids, m0, mt, v0,
+        compute_expand<T, MT, VEC>(a, st, s_full, pair_ids, m0, mt, v0,
                                    detail::min64(cap, col_end - v0), cap,
-                                   stages + (s & 1) * kStageBytes<NT>);
+                                   stages + (s & 1) * kStageBytes);
         __syncthreads();  // this stage buffer is free for stage s + 2
         issue_stage(s + 2);
       }
@@ -643,12 +553,12 @@ __global__ void __launch_bounds__(NT, kMinBlocksPerSm<NT>)
   if (peers_may_read) cluster.wait();
 }
 
-// Clusters of `cluster_size` CTAs of `kernel` (`threads` threads, `smem` bytes of dynamic shared
+// Clusters of `cluster_size` CTAs of `kernel` (kThreads threads, `smem` bytes of dynamic shared
 // memory each) that the GPU holds at once, from the occupancy API; with cluster_size 1, the
 // resident CTAs. A cluster's CTAs must share one GPC, so this can be well below resident CTAs /
 // cluster_size (docs/performance.md, "Decode kernel"). Cached per (device, kernel, size, shared
 // memory): the decode step asks on every call.
-int64_t resident_clusters(const void* kernel, int threads, int cluster_size, int64_t smem) {
+int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   if (smem > kMaxSmemBytes) return 0;
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, int, int64_t>, int64_t> cache;
@@ -664,23 +574,16 @@ int64_t resident_clusters(const void* kernel, int threads, int cluster_size, int
         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   }
   detail::allow_dynamic_smem(kernel, static_cast<size_t>(smem));
-  if (threads == kNarrowThreads) {
-    // An SM that a narrow CTA finds idle takes the largest shared-memory configuration, so that
-    // the base GEMM's five CTAs still fit beside it (a configuration changes only on an idle SM).
-    MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel,
-                                            cudaFuncAttributePreferredSharedMemoryCarveout,
-                                            cudaSharedmemCarveoutMaxShared));
-  }
   int64_t count = 0;
   if (cluster_size == 1) {
     int per_sm = 0;
     MOELORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, kernel, threads, static_cast<size_t>(smem)));
+        &per_sm, kernel, kThreads, static_cast<size_t>(smem)));
     count = int64_t{per_sm} * detail::sm_count();
   } else {
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(cluster_size));
-    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = static_cast<size_t>(smem);
     cudaLaunchAttribute attribute{};
     attribute.id = cudaLaunchAttributeClusterDimension;
@@ -697,28 +600,21 @@ int64_t resident_clusters(const void* kernel, int threads, int cluster_size, int
   return count;
 }
 
-template <typename T, int MT, int VEC, int NT>
+template <typename T, int MT, int VEC>
 bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const LoraPlan& plan,
             cudaStream_t stream) {
-  const auto kernel = lora_cluster_kernel<T, MT, VEC, NT>;
-  const auto smem_layout = [&](int64_t piece) {
-    return SmemLayout::of(a, MT, piece, sizeof(T), kStageBytes<NT>,
-                          NT == kWideThreads ? 0 : kNarrowAStages);
-  };
-  const DeviceProps device = device_props(DeviceKind::kCUDA, -1);
+  const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   const auto resident = [&](int cluster_size, int64_t piece) {
-    const int64_t alone = resident_clusters(reinterpret_cast<const void*>(kernel), NT,
-                                            cluster_size, smem_layout(piece).bytes);
-    // Narrow CTAs share the SMs with the base GEMM: only the room it leaves counts.
-    return NT == kWideThreads ? alone
-                              : std::min(alone, plan_rules::beside_ctas(device) / cluster_size);
+    return resident_clusters(reinterpret_cast<const void*>(kernel), cluster_size,
+                             SmemLayout::of(a, MT, piece, sizeof(T)).bytes);
   };
   int64_t width = 0;
   for (int i = 0; i < a.num_slices; ++i) width += a.slices[i].out_dim;
-  const int32_t limit = plan_rules::decode_cluster_limit(a.in_dim, plan, device);
+  const int32_t limit =
+      plan_rules::decode_cluster_limit(a.in_dim, plan, device_props(DeviceKind::kCUDA, -1));
   const plan_rules::DecodeShape shape = plan_rules::decode_shape(
       a.in_dim, width, sizeof(T), kVecBytes<T, VEC>, launch_items, limit, resident);
-  const SmemLayout layout = smem_layout(shape.piece);
+  const SmemLayout layout = SmemLayout::of(a, MT, shape.piece, sizeof(T));
   if (layout.bytes > kMaxSmemBytes) return false;
   detail::allow_dynamic_smem(kernel, static_cast<size_t>(layout.bytes));
   // One wave of clusters; more items are walked grid-stride by the same clusters.
@@ -727,42 +623,26 @@ bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const Lo
                   static_cast<unsigned>(std::min({launch_items, max_clusters, int64_t{65535}})),
                   static_cast<unsigned>(shape.column_groups));
   launch_kernel(kernel,
-                LaunchShape{grid, dim3(NT), static_cast<size_t>(layout.bytes), stream,
+                LaunchShape{grid, dim3(kThreads), static_cast<size_t>(layout.bytes), stream,
                             shape.cluster_size, plan.pdl},
                 a, num_items, shape.piece);
   detail::check_launch("fused_moe_lora cluster");
   return true;
 }
 
-// Whether a narrow CTA's stages hold a column vector of every rank row (A chunks) and of every
-// B^T row plus the output row (expand).
-bool narrow_fits(const LoraArgs& a, int vec_bytes) {
-  constexpr int64_t bytes = kStageBytes<kNarrowThreads>;
-  return int64_t{a.num_slices} * a.rank_stride * vec_bytes <= bytes &&
-         stage_vectors(a.rank_stride, 1, vec_bytes, bytes) >= 1;
-}
-
 // Unsorted items are single pairs (one row), grouped ones blocks of up to 4-row tiles; 16-byte
-// vectors when every row and column range allows them, scalars otherwise. Narrow CTAs (the
-// plan's, beside the base GEMM) serve the unsorted form, the decode path, where their stages
-// hold the ranks; other work is wide.
+// vectors when every row and column range allows them, scalars otherwise.
 template <typename T>
 bool launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
                        int64_t launch_items, const LoraPlan& plan, cudaStream_t stream) {
   constexpr int v = detail::kVec16<T>;
   const bool unsorted = a.sorted_pairs == nullptr;
-  const int vec_bytes = vectorized ? kVecBytes<T, v> : static_cast<int>(sizeof(T));
-  if (unsorted && plan.decode_ctas == DecodeCtas::kNarrow && narrow_fits(a, vec_bytes)) {
-    return vectorized ? launch<T, 1, v, kNarrowThreads>(a, num_items, launch_items, plan, stream)
-                      : launch<T, 1, 1, kNarrowThreads>(a, num_items, launch_items, plan, stream);
-  }
-  constexpr int w = kWideThreads;
   if (vectorized) {
-    return unsorted ? launch<T, 1, v, w>(a, num_items, launch_items, plan, stream)
-                    : launch<T, 4, v, w>(a, num_items, launch_items, plan, stream);
+    return unsorted ? launch<T, 1, v>(a, num_items, launch_items, plan, stream)
+                    : launch<T, 4, v>(a, num_items, launch_items, plan, stream);
   }
-  return unsorted ? launch<T, 1, 1, w>(a, num_items, launch_items, plan, stream)
-                  : launch<T, 4, 1, w>(a, num_items, launch_items, plan, stream);
+  return unsorted ? launch<T, 1, 1>(a, num_items, launch_items, plan, stream)
+                  : launch<T, 4, 1>(a, num_items, launch_items, plan, stream);
 }
 
 }  // namespace
@@ -775,7 +655,7 @@ bool launch_lora_cluster(const LoraArgs& a, DType dtype, LoraVectorization vec, 
   const int vec_bytes = vectorized ? 16 : static_cast<int>(dtype_size(dtype));
   const int mt = a.sorted_pairs == nullptr ? 1 : 4;
   // One stage must hold at least one column vector with all its B^T rows (huge ranks: no).
-  if (stage_vectors(a.rank_stride, mt, vec_bytes, kStageBytes<kWideThreads>) < 1) return false;
+  if (stage_vectors(a.rank_stride, mt, vec_bytes) < 1) return false;
   bool launched = false;
   MOELORA_DISPATCH_FLOAT(dtype, T, launched = launch_for_layout<T>(a, vectorized, num_items,
                                                                    launch_items, plan, stream));

@@ -39,9 +39,6 @@ enum class LoraForm : uint8_t { kUnsorted, kGrouped };
 // tiles (prefill.cu), or the split-K CUDA-core fallback (fallback.cu).
 enum class LoraKernel : uint8_t { kCluster, kMma, kSplitK };
 enum class AlignKernel : uint8_t { kSingleCta, kMultiCta };
-// The decode kernel's CTAs: wide (256 threads) when it has the SMs to itself, narrow (64 threads
-// at <= 64 registers) beside a base GEMM on another stream, which leaves no room for wide ones.
-enum class DecodeCtas : uint8_t { kWide, kNarrow };
 // paged_attention's kernels in the order they are tried: a kernel the shape does not fit passes
 // the call to the next one.
 enum class AttentionKernel : uint8_t { kMma, kGqa, kPerHead };
@@ -52,7 +49,6 @@ enum class PrefillAttention : uint8_t { kSdpa, kPaged };
 const char* to_string(LoraForm v);
 const char* to_string(LoraKernel v);
 const char* to_string(AlignKernel v);
-const char* to_string(DecodeCtas v);
 const char* to_string(AttentionKernel v);
 const char* to_string(PrefillAttention v);
 
@@ -64,7 +60,6 @@ struct PlanOverrides {
   int32_t cluster_max = 0;  // widest decode cluster, 1..16 (above 8 non-portable); 0: the rule
   int32_t mma_split = 0;    // the tensor-core kernel's cluster split, 1..8; 0: the rule
   std::optional<AlignKernel> align_kernel;
-  std::optional<DecodeCtas> decode_ctas;
   std::optional<bool> pdl;  // false: no programmatic dependent launch
   std::optional<AttentionKernel> attention_kernel;  // where the attention chain starts
   int32_t attention_splits = 0;  // split-KV factor, 1..8; 0: the rule
@@ -87,7 +82,6 @@ struct LoraStep {
   int32_t num_experts = 1;   // experts of the site's views (1 at a dense site)
   int32_t num_adapters = 0;  // distinct adapters among the step's tokens; 0: unknown
   bool dense = false;        // an attention projection or a dense model's site
-  bool beside_base = false;  // launched on a stream of its own beside the site's base GEMM
   DType dtype = DType::kBFloat16;
 };
 
@@ -100,7 +94,6 @@ struct LoraPlan {
   LoraKernel kernel = LoraKernel::kCluster;
   LoraKernel unaligned_kernel = LoraKernel::kCluster;
   bool pdl = false;                          // programmatic dependent launch between kernels
-  DecodeCtas decode_ctas = DecodeCtas::kWide;  // the unsorted form's CTAs
   int32_t cluster_max = 0;  // widest decode cluster; 0: by the site's in_dim (plan_rules.h)
   int32_t mma_split = 0;    // tensor-core cluster split; 0: by the launch's shape (plan_rules.h)
   std::string describe() const;

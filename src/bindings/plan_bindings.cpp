@@ -41,7 +41,7 @@ void register_overrides(py::module_& m) {
       .def(py::init([](const py::object& form, const py::object& lora_kernel,
                        const py::object& block_m, const py::object& cluster_max,
                        const py::object& mma_split, const py::object& align_kernel,
-                       const py::object& decode_ctas, const py::object& pdl, const py::object& attention_kernel,
+                       const py::object& pdl, const py::object& attention_kernel,
                        const py::object& attention_splits, const py::object& prefill_attention) {
              std::string text;
              add_override(text, "form", form);
@@ -50,7 +50,6 @@ void register_overrides(py::module_& m) {
              add_override(text, "cluster_max", cluster_max);
              add_override(text, "mma_split", mma_split);
              add_override(text, "align_kernel", align_kernel);
-             add_override(text, "decode_ctas", decode_ctas);
              add_override(text, "pdl", pdl);
              add_override(text, "attention_kernel", attention_kernel);
              add_override(text, "attention_splits", attention_splits);
@@ -60,7 +59,7 @@ void register_overrides(py::module_& m) {
            py::kw_only(), py::arg("form") = py::none(), py::arg("lora_kernel") = py::none(),
            py::arg("block_m") = py::none(), py::arg("cluster_max") = py::none(),
            py::arg("mma_split") = py::none(), py::arg("align_kernel") = py::none(),
-           py::arg("decode_ctas") = py::none(), py::arg("pdl") = py::none(), py::arg("attention_kernel") = py::none(),
+           py::arg("pdl") = py::none(), py::arg("attention_kernel") = py::none(),
            py::arg("attention_splits") = py::none(), py::arg("prefill_attention") = py::none())
       .def_static("parse", &PlanOverrides::parse, py::arg("text"))
       .def_property_readonly("form", [](const PlanOverrides& o) { return name_or_none(o.form); })
@@ -71,8 +70,6 @@ void register_overrides(py::module_& m) {
       .def_readonly("mma_split", &PlanOverrides::mma_split)
       .def_property_readonly("align_kernel",
                              [](const PlanOverrides& o) { return name_or_none(o.align_kernel); })
-      .def_property_readonly("decode_ctas",
-                             [](const PlanOverrides& o) { return name_or_none(o.decode_ctas); })
       .def_property_readonly("pdl", [](const PlanOverrides& o) { return o.pdl; })
       .def_property_readonly("attention_kernel",
                              [](const PlanOverrides& o) {
@@ -95,8 +92,6 @@ void register_plans(py::module_& m) {
       .def_property_readonly("unaligned_kernel",
                              [](const LoraPlan& p) { return to_string(p.unaligned_kernel); })
       .def_readonly("pdl", &LoraPlan::pdl)
-      .def_property_readonly("decode_ctas",
-                             [](const LoraPlan& p) { return to_string(p.decode_ctas); })
       .def_readonly("cluster_max", &LoraPlan::cluster_max)
       .def_readonly("mma_split", &LoraPlan::mma_split)
       .def("__repr__", &LoraPlan::describe);
@@ -111,20 +106,17 @@ void register_plans(py::module_& m) {
   m.def(
       "plan_lora",
       [](int64_t num_pairs, int32_t num_experts, int32_t num_adapters, bool dense,
-         bool beside_base, const py::object& dtype, const DeviceProps& device,
-         const PlanOverrides& overrides) {
+         const py::object& dtype, const DeviceProps& device, const PlanOverrides& overrides) {
         LoraStep step;
         step.num_pairs = num_pairs;
         step.num_experts = num_experts;
         step.num_adapters = num_adapters;
         step.dense = dense;
-        step.beside_base = beside_base;
         step.dtype = dtype_from_object(dtype);
         return plan_lora(step, device, overrides);
       },
       py::kw_only(), py::arg("num_pairs"), py::arg("num_experts"), py::arg("num_adapters"),
-      py::arg("dense"), py::arg("beside_base"), py::arg("dtype"), py::arg("device"),
-      py::arg("overrides"));
+      py::arg("dense"), py::arg("dtype"), py::arg("device"), py::arg("overrides"));
 
   m.def(
       "plan_attention",

@@ -228,22 +228,6 @@ TEST_CASE("plan_lora: PDL only on sm_90 and later, never on the CPU") {
   CHECK(!plan_lora(step, h200(), off).pdl);
 }
 
-TEST_CASE("plan_lora: narrow decode CTAs beside the base GEMM from 16 pairs") {
-  LoraStep step;
-  step.num_pairs = 64;
-  step.num_experts = 32;
-  CHECK(plan_lora(step, h200()).decode_ctas == DecodeCtas::kWide);  // alone on the SMs
-  step.beside_base = true;
-  CHECK(plan_lora(step, h200()).decode_ctas == DecodeCtas::kNarrow);
-  step.num_pairs = 15;  // the base GEMM's grid leaves room for wide CTAs
-  CHECK(plan_lora(step, h200()).decode_ctas == DecodeCtas::kWide);
-  step.num_pairs = 16;
-  CHECK(plan_lora(step, h200()).decode_ctas == DecodeCtas::kNarrow);
-  CHECK(plan_lora(step, h200(), PlanOverrides::parse("decode_ctas=wide")).decode_ctas ==
-        DecodeCtas::kWide);
-  CHECK_EQ(plan_rules::beside_ctas(h200()), 132);
-}
-
 TEST_CASE("plan_lora: typed overrides win over the rules") {
   LoraStep step;
   step.num_pairs = 8192;
@@ -251,7 +235,7 @@ TEST_CASE("plan_lora: typed overrides win over the rules") {
   step.num_adapters = 4;
   const PlanOverrides o = PlanOverrides::parse(
       "form=unsorted,lora_kernel=splitk,block_m=32,cluster_max=16,mma_split=3,align_kernel=single,"
-      "decode_ctas=narrow,pdl=0");
+      "pdl=0");
   const LoraPlan p = plan_lora(step, h200(), o);
   CHECK(p.form == LoraForm::kUnsorted);
   CHECK(p.kernel == LoraKernel::kSplitK);
@@ -260,7 +244,6 @@ TEST_CASE("plan_lora: typed overrides win over the rules") {
   CHECK_EQ(p.cluster_max, 16);
   CHECK_EQ(p.mma_split, 3);
   CHECK(p.align == AlignKernel::kSingleCta);
-  CHECK(p.decode_ctas == DecodeCtas::kNarrow);
   CHECK(!p.pdl);
   CHECK_EQ(PlanOverrides::parse(o.describe()).describe(), o.describe());
 }
@@ -271,7 +254,6 @@ TEST_CASE("PlanOverrides: bad keys and values are InvalidArgument") {
   CHECK_THROWS_AS(PlanOverrides::parse("mma_split=0"), InvalidArgument);
   CHECK_THROWS_AS(PlanOverrides::parse("attention_splits=9"), InvalidArgument);
   CHECK_THROWS_AS(PlanOverrides::parse("pdl=yes"), InvalidArgument);
-  CHECK_THROWS_AS(PlanOverrides::parse("decode_ctas=medium"), InvalidArgument);
   CHECK_THROWS_AS(PlanOverrides::parse("splits=2"), InvalidArgument);
   CHECK_THROWS_AS(PlanOverrides::parse("form"), InvalidArgument);
   PlanOverrides o;

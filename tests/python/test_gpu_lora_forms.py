@@ -61,20 +61,6 @@ def test_gpu_unsorted_wide_clusters_match_float64(hidden, cluster_max, tokens, s
     check_fused_result(run_unsorted(prob, "cuda", plan=plan), None, prob, torch.bfloat16)
 
 
-@pytest.mark.parametrize("stage", ["w13", "w2"])
-@pytest.mark.parametrize("tokens,hidden,popularity,dtype,top_k,experts,block_m,aligned",
-                         _fused_cases())
-def test_gpu_unsorted_narrow_ctas_match_float64(tokens, hidden, popularity, dtype, top_k, experts,
-                                                block_m, aligned, stage):
-    """The narrow CTAs (64 threads, which the plan picks beside a base GEMM) on the same
-    problems: one CTA an SM, so clusters and column groups take other shapes."""
-    seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m + (stage == "w2")
-    prob = make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, aligned, seed)
-    plan = plan_for(tokens * top_k, dtype, num_experts=experts, decode_ctas="narrow")
-    assert plan.decode_ctas == "narrow"
-    check_fused_result(run_unsorted(prob, "cuda", plan=plan), None, prob, dtype)
-
-
 def test_gpu_cluster_max_must_be_an_integer_in_range():
     with pytest.raises(InvalidArgument, match=r"cluster_max must be an integer in \[1, 16\]"):
         plan_for(2, cluster_max=17)
@@ -100,17 +86,14 @@ def test_gpu_each_family_matches_cpu_and_float64(family, tokens, hidden, popular
     check_fused_result(out, None, prob, dtype)
 
 
-@pytest.mark.parametrize("ctas", ["wide", "narrow"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 7, 133])
-def test_gpu_unsorted_repeats_are_identical_and_capture_in_a_graph(dtype, tokens, ctas):
+def test_gpu_unsorted_repeats_are_identical_and_capture_in_a_graph(dtype, tokens):
     prob = make_problem(tokens, 2880, 4, 32, "zipf", dtype, "w13", True, seed=11)
     views = [gpu_view(s) for s in prob["sites"]]
-    plan = plan_for(tokens * 4, dtype, num_experts=32, decode_ctas=ctas)
-    first = run_unsorted(prob, "cuda", views, plan)
+    first = run_unsorted(prob, "cuda", views)
     for _ in range(3):
-        again = run_unsorted(prob, "cuda", views, plan)
-        assert torch.equal(first.nan_to_num(7.0), again.nan_to_num(7.0))
+        assert torch.equal(first.nan_to_num(7.0), run_unsorted(prob, "cuda", views).nan_to_num(7.0))
     x = copy_strided(prob["x"], CUDA)
     out = copy_strided(prob["output"], CUDA)
     start = out.clone()
@@ -118,12 +101,12 @@ def test_gpu_unsorted_repeats_are_identical_and_capture_in_a_graph(dtype, tokens
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):  # warm-up outside the capture
         ops.fused_moe_lora_unsorted(x, out, ids, slots, views, prob["col_offsets"],
-                                    input_pairs_per_row=4, plan=plan)
+                                    input_pairs_per_row=4)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.fused_moe_lora_unsorted(x, out, ids, slots, views, prob["col_offsets"],
-                                    input_pairs_per_row=4, plan=plan)
+                                    input_pairs_per_row=4)
     out.copy_(start)
     graph.replay()
     torch.cuda.synchronize()

@@ -73,29 +73,13 @@ def test_kernel_family_align_and_pdl():
     assert "LoraPlan(form=grouped, block_m=64" in repr(plan)
 
 
-def test_decode_ctas_are_narrow_beside_the_base_gemm_from_16_pairs():
-    # alone on the SMs, or with few pairs (the base GEMM's grid leaves room): wide
-    assert moe(256, 32, 16).decode_ctas == "wide"
-    assert moe(8, 128, 1, beside_base=True).decode_ctas == "wide"  # qwen3, 1 token
-    assert ops.plan_lora(1, dense=True, beside_base=True, device=H200).decode_ctas == "wide"
-    # beside the base GEMM from 16 pairs: narrow (gpt-oss 16 and 64 sequences, dense 16 rows)
-    assert moe(64, 32, 16, beside_base=True).decode_ctas == "narrow"
-    assert moe(256, 32, 16, beside_base=True).decode_ctas == "narrow"
-    assert ops.plan_lora(16, dense=True, beside_base=True, device=H200).decode_ctas == "narrow"
-    forced = ops.PlanOverrides(decode_ctas="wide")
-    assert moe(64, 32, 16, beside_base=True, overrides=forced).decode_ctas == "wide"
-    assert moe(4, 32, 1, overrides=ops.PlanOverrides(decode_ctas="narrow")).decode_ctas == "narrow"
-    assert "decode_ctas=narrow" in repr(moe(64, 32, 16, beside_base=True))
-
-
 def test_typed_overrides_force_each_choice():
     forced = ops.PlanOverrides(form="grouped", lora_kernel="splitk", block_m=32, cluster_max=16,
-                               mma_split=3, align_kernel="multi", decode_ctas="narrow", pdl=False)
+                               mma_split=3, align_kernel="multi", pdl=False)
     plan = moe(4, 32, 4, overrides=forced)
     assert (plan.form, plan.lora_kernel, plan.unaligned_kernel) == ("grouped", "splitk", "splitk")
     assert (plan.block_m, plan.cluster_max, plan.mma_split) == (32, 16, 3)
-    assert (plan.align_kernel, plan.decode_ctas, plan.pdl) == ("multi", "narrow", False)
-    assert forced.decode_ctas == "narrow" and ops.PlanOverrides().decode_ctas is None
+    assert (plan.align_kernel, plan.pdl) == ("multi", False)
     assert forced.lora_kernel == "splitk" and forced.pdl is False and forced.form == "grouped"
     assert ops.PlanOverrides().lora_kernel is None
     assert ops.PlanOverrides.parse("lora_kernel=mma,pdl=0").lora_kernel == "mma"
@@ -108,7 +92,6 @@ def test_typed_overrides_force_each_choice():
     ({"attention_splits": 0}, "attention_splits"),
     ({"form": "sorted"}, "form must be unsorted, grouped or auto"),
     ({"align_kernel": "several"}, "align_kernel must be single, multi or auto"),
-    ({"decode_ctas": "medium"}, "decode_ctas must be wide, narrow or auto"),
     ({"attention_kernel": "flash"}, "attention_kernel"),
     ({"prefill_attention": "flash"}, "prefill_attention must be sdpa, paged or auto"),
     ({"block_m": [16]}, "block_m must be a str, int or bool"),

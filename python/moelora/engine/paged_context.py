@@ -145,15 +145,10 @@ class PagedContext:
         return self._deferred(x, x.shape[0], delta_width(sites),
                               lambda delta: self._dense_lora(held, layer, x, delta))
 
-    @staticmethod
-    def _beside_base(like) -> bool:
-        """Whether LoRA launches for `like` go on the LoRA stream, beside the base GEMM."""
-        return like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
     def _deferred(self, like, rows, width, launch) -> LoraDelta:
         """launch(delta) adds a LoRA delta into a zeroed [rows, width] tensor like `like`: on
         the LoRA stream while a graph is being captured, else in line."""
-        if not self._beside_base(like):
+        if like.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
             delta = like.new_zeros(rows, width)
             launch(delta)
             return LoraDelta(delta)
@@ -171,8 +166,7 @@ class PagedContext:
         firsts = [first for _, first in held]
         if self._dense_plan is None:  # every dense site of the step has the step's rows
             self._dense_plan = ops.plan_lora(x.shape[0], dense=True,
-                                             num_adapters=self.meta.num_adapters,
-                                             beside_base=self._beside_base(x), dtype=x.dtype,
+                                             num_adapters=self.meta.num_adapters, dtype=x.dtype,
                                              device=x.device, overrides=self.overrides)
         plan = self._dense_plan
         if plan.form == "unsorted":  # decode: no alignment launch
@@ -191,8 +185,8 @@ class PagedContext:
         if self._moe_plan is None:  # every MoE layer of the step has the step's pairs
             self._moe_plan = ops.plan_lora(
                 topk_ids.numel(), num_experts=self.lora_views.num_experts,
-                num_adapters=self.meta.num_adapters, beside_base=self._beside_base(x),
-                dtype=x.dtype, device=x.device, overrides=self.overrides)
+                num_adapters=self.meta.num_adapters, dtype=x.dtype, device=x.device,
+                overrides=self.overrides)
         return self._moe_plan
 
     def _ids32(self, topk_ids):

@@ -44,22 +44,19 @@ def plan_lora(
     num_experts: int = 1,
     num_adapters: int | None = None,
     dense: bool = False,
-    beside_base: bool = False,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str | DeviceProps = "cpu",
     overrides: PlanOverrides | None = None,
 ) -> LoraPlan:
     """The LoRA plan of a step: `num_pairs` (token, expert) pairs over `num_experts` experts
     (a dense site: dense=True, rows), `num_adapters` distinct adapters among its tokens (None:
-    unknown). beside_base: the launches run on a stream of their own beside the site's base GEMM
-    (narrow decode CTAs, which fit in the room the GEMM leaves). Fields: form, block_m,
-    align_kernel, lora_kernel, unaligned_kernel, pdl, decode_ctas, cluster_max, mma_split."""
+    unknown). Fields: form, block_m, align_kernel, lora_kernel, unaligned_kernel, pdl,
+    cluster_max, mma_split."""
     return _C.plan_lora(
         num_pairs=num_pairs,
         num_experts=num_experts,
         num_adapters=num_adapters or 0,
         dense=dense,
-        beside_base=beside_base,
         dtype=dtype_code(dtype),
         device=device_props(device),
         overrides=overrides or _NO_OVERRIDES,
