@@ -9,7 +9,9 @@ profiles `--steps` steady decode steps (torch.profiler, CUPTI durations; decode 
 the engine runs them) and groups the GPU kernels by name: launches and microseconds per step,
 and their share of the step's busy time. One JSON line per adapter count (top kernels first);
 --top rows of a table each. Run with 0 adapters and N in the same engine, so the difference is
-what the adapters add.
+what the adapters add. `overlap_us_per_step` is the kernels' summed time less the busy time:
+the time kernels ran beside another (each one past the first counted), e.g. the LoRA stream's
+beside the base ops'; it needs no kernel names (a graph's launches may come back unnamed).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def decode_until_steady(engine, seqs: int, loras: list, max_tokens: int) -> None
 
 
 def profile_steps(engine, steps: int) -> tuple[dict, float]:
-    """({kernel: [launches, total us]}, busy us) over `steps` engine steps."""
+    """({kernel: [launches, total us]}, busy us) over `steps` engine steps (the summed us less
+    the busy us: the time kernels overlapped)."""
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
     sync()
     cuda = engine.device.type == "cuda"
@@ -121,17 +124,21 @@ def main() -> None:
             kernels, busy = profile_steps(engine, args.steps)
             finish(engine)
             rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+            summed = sum(us for _, us in kernels.values())
             record = {"bench": "step_kernels", "device_name": (torch.cuda.get_device_name()
                                                                if args.device == "cuda" else "cpu"),
                       "model": args.model, "weights": args.weights,
                       "num_layers": engine.model.config.num_layers, "num_seqs": args.seqs,
                       "num_adapters": count, "decode_graphs": not args.eager,
                       "busy_us_per_step": round(busy / args.steps, 1),
+                      "kernel_us_per_step": round(summed / args.steps, 1),
+                      "overlap_us_per_step": round((summed - busy) / args.steps, 1),
                       "kernels": [{"name": name, "per_step": n / args.steps,
                                    "us_per_step": round(us / args.steps, 1)}
                                   for name, (n, us) in rows]}
             print(f"\n{args.model} {args.weights}, {args.seqs} seqs, {count} adapters: "
-                  f"{record['busy_us_per_step']} us busy per step")
+                  f"{record['busy_us_per_step']} us busy per step, "
+                  f"{record['overlap_us_per_step']} us of it with kernels overlapping")
             for row in record["kernels"][:args.top]:
                 print(f"  {row['us_per_step']:9.1f} us {row['per_step']:6.1f}x  {row['name']}")
             if args.out:
