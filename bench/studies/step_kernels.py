@@ -61,8 +61,7 @@ def decode_until_steady(engine, seqs: int, loras: list, max_tokens: int) -> None
 
 
 def profile_steps(engine, steps: int) -> tuple[dict, float]:
-    """({kernel: [launches, total us]}, busy us) over `steps` engine steps (the summed us less
-    the busy us: the time kernels overlapped)."""
+    """({kernel: [launches, total us]}, busy us) over `steps` engine steps."""
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
     sync()
     cuda = engine.device.type == "cuda"

@@ -66,8 +66,7 @@ def _generate(model_dir, adapters, device, dtype, **engine_args):
     # resident first: a cold adapter's requests join the batch on the step its load finishes,
     # so two engines could batch them differently, and in bf16 a row's result can depend on its
     # step's size (the kernels' plans follow it)
-    for adapter in adapters:
-        llm.llm_engine.adapters.preload(adapter)
+    llm.llm_engine.adapters.preload_all(adapters)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 300, (int(n),), generator=gen).tolist()
                for n in (3, 11, 6, 1, 9, 14, 5)]
