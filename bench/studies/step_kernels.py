@@ -60,8 +60,9 @@ def decode_until_steady(engine, seqs: int, loras: list, max_tokens: int) -> None
         engine.step()
 
 
-def profile_steps(engine, steps: int) -> tuple[dict, float]:
-    """({kernel: [launches, total us]}, busy us) over `steps` engine steps."""
+def profile_steps(engine, steps: int, trace: str | None = None) -> tuple[dict, float]:
+    """({kernel: [launches, total us]}, busy us) over `steps` engine steps; `trace`: a Chrome
+    trace of them is written there."""
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
     sync()
     cuda = engine.device.type == "cuda"
@@ -69,6 +70,8 @@ def profile_steps(engine, steps: int) -> tuple[dict, float]:
         for _ in range(steps):
             engine.step()
         sync()
+    if trace:
+        prof.export_chrome_trace(trace)
     kernels: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
         if event.device_type != DeviceType.CUDA:
@@ -100,6 +103,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true",
                         help="no decode graphs (the profiler names every kernel launched eagerly; "
                              "some launched from a graph come back unnamed)")
+    parser.add_argument("--trace", default=None,
+                        help="write Chrome traces of the profiled steps to TRACE-<adapters>.json")
     args = parser.parse_args()
     options = {"model": args.model, "device": args.device,
                "dtype": "bfloat16" if args.device == "cuda" else "float32",
@@ -120,7 +125,8 @@ def main() -> None:
         for count in (0, args.adapters):
             loras = [requests[i % count] if count else None for i in range(args.seqs)]
             decode_until_steady(engine, args.seqs, loras, 4 * args.steps + 64)
-            kernels, busy = profile_steps(engine, args.steps)
+            trace = f"{args.trace}-{count}.json" if args.trace else None
+            kernels, busy = profile_steps(engine, args.steps, trace)
             finish(engine)
             rows = sorted(kernels.items(), key=lambda kv: -kv[1][1])
             summed = sum(us for _, us in kernels.values())
