@@ -5,7 +5,8 @@
 // follow them; `stream` is a cudaStream_t, ignored on the CPU.
 //
 // Notation: T tokens, E experts, K = top_k, P = T*K pairs (pair p = t*K + k), H hidden,
-// I expert width. One layer on a GPU is four launches:
+// I expert width. One layer on a GPU is five launches:
+//   moe_router_logits(x)                         -> router logits [T, E]
 //   moe_route(router logits) -> topk_ids, topk_weights, expert blocks
 //   moe_expert_gemm(x, w13, activation)          -> h [P, I]   (or h13 [P, 2I] + moe_activation)
 //   moe_expert_gemm(h, w2, topk_weights)         -> y [P, H]   weighted
@@ -124,6 +125,18 @@ struct MoeEpilogue {
   float swiglu_limit = 7.0f;
   TensorRef topk_weights;  // optional float32 [P]
 };
+
+// ---- moe_router_logits -------------------------------------------------------------------------
+// The router GEMM: logits[t, e] = round(sum_h x[t, h] * weight[e, h] + bias[e]), the sum in
+// float32, one rounding to the activation dtype (as a GEMM with a bias epilogue rounds). The GPU
+// kernel is for decode steps (tens of tokens), one launch where a library GEMM splits K and
+// reduces in a second; its float32 sums may differ from the CPU reference's in the last bits.
+//   x       [T, H] float32 / float16 / bfloat16, strided rows, contiguous last dimension
+//   weight  [E, H] the dtype of x, strided rows, contiguous last dimension
+//   bias    optional [E] contiguous, the dtype of x
+//   logits  [T, E] out, the dtype of x, strided rows, contiguous last dimension
+void moe_router_logits(const TensorRef& x, const TensorRef& weight, const TensorRef& bias,
+                       const TensorRef& logits, void* stream);
 
 // ---- moe_route ---------------------------------------------------------------------------------
 // Top-k routing and the expert grouping of the pairs, in one pass with fixed-size outputs (no

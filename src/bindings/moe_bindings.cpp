@@ -53,6 +53,17 @@ void register_moe(py::module_& m) {
       },
       py::arg("num_tokens"), py::arg("num_experts"), py::arg("cuda"));
 
+  m.def("moe_router_logits", [](const py::tuple& x, const py::tuple& weight,
+                                const py::object& bias, const py::tuple& logits,
+                                uintptr_t stream) {
+    TensorRef input = to_tensor_ref(x, "x");
+    TensorRef w = to_tensor_ref(weight, "weight");
+    TensorRef b = to_optional_tensor_ref(bias, "bias");
+    TensorRef out = to_tensor_ref(logits, "logits");
+    py::gil_scoped_release release;
+    moe_router_logits(input, w, b, out, stream_from_int(stream));
+  });
+
   m.def("moe_route", [](const py::tuple& router_logits, int32_t top_k, int routing,
                         bool renormalize, int32_t block_m, const py::tuple& topk_ids,
                         const py::tuple& topk_weights, const py::tuple& sorted_pairs,

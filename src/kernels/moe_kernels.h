@@ -13,6 +13,8 @@ namespace moelora {
 
 namespace cpu {
 
+void moe_router_logits(const TensorRef& x, const TensorRef& weight, const TensorRef& bias,
+                       const TensorRef& logits);
 void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing,
                bool renormalize, int32_t block_m, const TensorRef& topk_ids,
                const TensorRef& topk_weights, const TensorRef& sorted_pairs,
@@ -32,6 +34,8 @@ void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, const Tens
 #ifdef MOELORA_WITH_CUDA
 namespace cuda {
 
+void moe_router_logits(const TensorRef& x, const TensorRef& weight, const TensorRef& bias,
+                       const TensorRef& logits, void* stream);
 size_t moe_route_workspace_bytes(int64_t num_tokens, int32_t num_experts);
 void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing,
                bool renormalize, int32_t block_m, const TensorRef& topk_ids,

@@ -218,6 +218,44 @@ int64_t moe_route_workspace_bytes(int64_t num_tokens, int32_t num_experts, Devic
 #endif
 }
 
+void moe_router_logits(const TensorRef& x, const TensorRef& weight, const TensorRef& bias,
+                       const TensorRef& logits, void* stream) {
+  constexpr const char* op = "moe_router_logits";
+  check_matrix(x, op, "x");
+  check_matrix(weight, op, "weight");
+  check_matrix(logits, op, "logits");
+  for (const auto* t : {&weight, &logits}) {
+    const char* arg = t == &weight ? "weight" : "logits";
+    if (t->dtype != x.dtype) {
+      throw_invalid(op, std::string(arg) + " must have the dtype of x, " +
+                            dtype_name(x.dtype) + ", got " + t->describe());
+    }
+    check_same_device(x, *t, op, "x", arg);
+  }
+  check_size(weight, 1, x.shape[1], op, "weight", "the hidden size of x");
+  check_size(logits, 0, x.shape[0], op, "logits", "one row per token of x");
+  check_size(logits, 1, weight.shape[0], op, "logits", "one column per expert (row of weight)");
+  if (!is_absent(bias)) {
+    if (bias.dtype != x.dtype) {
+      throw_invalid(op, std::string("bias must have the dtype of x, ") + dtype_name(x.dtype) +
+                            ", got " + bias.describe());
+    }
+    check_ndim(bias, 1, op, "bias");
+    check_size(bias, 0, weight.shape[0], op, "bias", "one entry per expert");
+    check_has_data(bias, op, "bias");
+    if (!bias.is_contiguous()) throw_invalid(op, "bias must be contiguous, got " + bias.describe());
+    check_same_device(x, bias, op, "x", "bias");
+  }
+  if (on_cuda(x)) {
+#ifdef MOELORA_WITH_CUDA
+    return cuda::moe_router_logits(x, weight, bias, logits, stream);
+#else
+    no_cuda_kernel(op);
+#endif
+  }
+  cpu::moe_router_logits(x, weight, bias, logits);
+}
+
 void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing,
                bool renormalize, int32_t block_m, const TensorRef& topk_ids,
                const TensorRef& topk_weights, const TensorRef& sorted_pairs,

@@ -2,7 +2,7 @@
 
 Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), four native ops
 (moelora.ops.moe; the same kernels' CPU references on the CPU):
-  router logits [T, E] -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
+  router logits [T, E] (router_logits) -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
   h13 [T*K, 2I] = x[pair token] @ w13[expert]^T (+ b13)
   h   [T*K, I]  = act(h13 + d13)     d13: ctx.moe_lora_w13_delta, added in the activation
   y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))
@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelora.models.config import EXPERT_FORMATS, ModelConfig
@@ -36,8 +35,9 @@ from moelora.ops import moe as moe_ops
 class Router(nn.Module):
     """Top-k routing. softmax_topk (Mixtral/Qwen/OLMoE): softmax over all experts in float32,
     top-k, optional renormalisation. topk_softmax (GPT-OSS): top-k logits, softmax over them.
-    The router GEMM is a plain linear; everything after it is one native op (ops.moe.route),
-    which also carries the step's expert GEMM plan (ops.moe.plan_expert_gemm) to the experts."""
+    The router GEMM is ops.moe.router_logits (one native launch at decode); everything after
+    it is one native op (ops.moe.route), which also carries the step's expert GEMM plan
+    (ops.moe.plan_expert_gemm) to the experts."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -47,7 +47,7 @@ class Router(nn.Module):
         self.bias = empty_param(config.num_experts) if config.router_bias else None
 
     def route(self, x: torch.Tensor, block_m: int | None = None) -> moe_ops.Routing:
-        logits = F.linear(x, self.weight, self.bias)
+        logits = moe_ops.router_logits(x, self.weight, self.bias)
         plan = moe_ops.plan_expert_gemm(x.shape[0] * self.top_k, self.num_experts,
                                         self.expert_format)
         return moe_ops.route(logits, self.top_k, self.kind, self.renorm, block_m, plan)

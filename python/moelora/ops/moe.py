@@ -1,10 +1,10 @@
 """The fused MoE layer's ops (include/moelora/moe.h): routing, expert GEMMs over weights kept as
 stored (dense, MXFP4, block FP8), the gated activation and the sum over top-k.
 
-One layer: ``route`` (router logits -> top-k, weights, expert blocks), ``expert_gemm`` for w13
-(activation fused, or h13 then ``activation`` when a LoRA delta goes in between), ``expert_gemm``
-for w2 with the routing weights, ``moe_sum``. Outputs are allocated here; every check is the
-library's (``moelora.InvalidArgument`` naming the argument). Import as
+One layer: ``router_logits``, ``route`` (router logits -> top-k, weights, expert blocks),
+``expert_gemm`` for w13 (activation fused, or h13 then ``activation`` when a LoRA delta goes in
+between), ``expert_gemm`` for w2 with the routing weights, ``moe_sum``. Outputs are allocated
+here; every check is the library's (``moelora.InvalidArgument`` naming the argument). Import as
 ``from moelora.ops import moe as moe_ops``.
 
 Which expert GEMM runs is decided once per step by ``plan_expert_gemm`` from GEMM_PLAN (weight
@@ -251,6 +251,26 @@ class ExpertWeights:
         if self.format == "mxfp4":
             return self.weight.shape[2] * 32
         return self.weight.shape[2]
+
+
+# Steps of up to this many tokens (decode) take the router GEMM on moe_router_logits, one
+# launch; larger ones torch's GEMM (docs/performance.md, "Router logits").
+ROUTER_KERNEL_MAX_TOKENS = 128
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  *, native: bool | None = None) -> torch.Tensor:
+    """x [T, H] @ weight [E, H]^T (+ bias [E]) in x's dtype. native: moe_router_logits (the CPU
+    reference off the GPU); None: it on a GPU up to ROUTER_KERNEL_MAX_TOKENS tokens, else
+    F.linear."""
+    if native is None:
+        native = x.device.type == "cuda" and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS
+    if not native:
+        return F.linear(x, weight, bias)
+    logits = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _C.moe_router_logits(as_ref(x), as_ref(weight), as_optional_ref(bias), as_ref(logits),
+                         stream_handle(x.device))
+    return logits
 
 
 def route(router_logits: torch.Tensor, top_k: int, routing: str = "softmax_topk",
@@ -594,6 +614,7 @@ __all__ = [
     "KERNELS",
     "MAX_EXPERTS",
     "MXFP4_LAYOUTS",
+    "ROUTER_KERNEL_MAX_TOKENS",
     "ROUTINGS",
     "SPLIT_BLOCK_M",
     "SPLIT_BY_SHAPE",
@@ -613,6 +634,7 @@ __all__ = [
     "mxfp4_to_tiled_layout",
     "plan_expert_gemm",
     "route",
+    "router_logits",
     "split_k_ways",
     "tiled_grid",
 ]
