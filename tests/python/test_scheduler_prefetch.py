@@ -278,9 +278,11 @@ def test_a_request_without_a_slot_still_runs_behind_a_stream_of_others(tmp_path)
         assert finished_b is not None, "B starved behind a stream of A"
         # Counting steps that ran a batch (steps spent waiting for B's copy run nothing):
         # starving after 6 of them, then A's running requests drain (4 tokens), then B's own
-        # 4 tokens.
+        # 4 tokens; 6 steps of slack, since on a loaded CPU the cache's threads (read done,
+        # copy done) trail the steps by a few (a slack of 2 failed about 1 run in 5 beside two
+        # busy processes on 2 cores).
         assert waiting_from is not None
-        assert finished_b - waiting_from <= 6 + 2 * PARAMS.max_tokens + 2
+        assert finished_b - waiting_from <= 6 + 2 * PARAMS.max_tokens + 6
         engine.adapters.cache._set_read_hook(None)
     finally:
         engine.shutdown()
