@@ -57,9 +57,6 @@ struct LoraArgs {
   int32_t num_slices;
   SliceArgs slices[kMaxSlices];
   int32_t rank_stride;  // max over slices of max_rank
-  // false (unsorted form, cluster kernel): the slices' output columns are written, zeros where
-  // nothing adds, instead of added to (FusedMoeLoraArgs::accumulate)
-  bool accumulate;
   // split-K kernels only (lora/fallback.cu): their fp32 workspace and its shape
   float* partials;  // [num_slices][splits][rows_total][rank_stride]
   int32_t splits;

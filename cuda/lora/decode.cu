@@ -28,11 +28,8 @@
 // C (<= 16; above 8 non-portable) and G (<= 16) come from plan_rules::decode_shape on the host;
 // with many items C = G = 1 and the kernel is a plain one-CTA-per-item kernel. Items are walked
 // grid-stride (uniform per cluster). Measurements: docs/performance.md, "Decode kernel".
-// With accumulate = false (the unsorted form) a CTA writes its columns instead of adding to them:
-// no output rows are staged, and items or slices with nothing to add write zeros.
 // Template space: T in {float, half, bf16} x MT in {1 (unsorted), 4 (grouped)} x VEC in {16-byte
-// vectors, scalars (rows or column ranges not 16-byte aligned)}, and for MT = 1 accumulate or
-// write (a runtime flag cost the unsorted kernel spills).
+// vectors, scalars (rows or column ranges not 16-byte aligned)}.
 #include <algorithm>
 #include <cstring>
 #include <map>
@@ -258,9 +255,9 @@ __device__ void stage_x(const LoraArgs& a, const int32_t* pair_ids, int m0, int 
 }
 
 // One expand stage: column vectors [v0, v0 + n) of the concatenated output (vector units): for
-// each, the B^T rows of its slice (k < rank) at stage[k * cap + v] and, when the delta is added
-// to them, the mt output rows at stage[(max_rank + m) * cap + v], cap = vectors per stage.
-template <typename T, int VEC, bool kAccumulate>
+// each, the B^T rows of its slice (k < rank) at stage[k * cap + v] and the mt output rows at
+// stage[(max_rank + m) * cap + v], cap = vectors per stage.
+template <typename T, int VEC>
 __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64_t* offsets,
                              const int32_t* pair_ids, int m0, int mt, int64_t v0, int64_t n,
                              int64_t cap, unsigned char* stage) {
@@ -283,7 +280,7 @@ __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64
       stage_vec<T, VEC>(dst + r * cap + v, reinterpret_cast<const T*>(arena + b_offsets[r]) + col,
                         true);
     }
-    if (rank == 0 || !kAccumulate) continue;  // nothing to add to: no output rows
+    if (rank == 0) continue;  // that slice's columns stay untouched
     for (int m = sub; m < mt; m += lanes) {
       const T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride +
                    a.slices[slice].col_offset + col;
@@ -292,25 +289,8 @@ __device__ void stage_expand(const LoraArgs& a, const ItemState& st, const int64
   }
 }
 
-// Writes zeros to column vectors [v_begin, v_end) of output row `row` (accumulate = false: an
-// item with nothing to add still owns its columns).
-template <typename T, int VEC>
-__device__ void zero_columns(const LoraArgs& a, int32_t row, int64_t v_begin, int64_t v_end) {
-  float zeros[VEC];
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) zeros[i] = 0.0f;
-  T* output = static_cast<T*>(a.output);
-  for (int64_t v = v_begin + threadIdx.x; v < v_end; v += kThreads) {
-    int64_t col = v * VEC;
-    const int slice = column_slice(a, col);
-    detail::store_from_f32<T, VEC>(
-        output + int64_t{row} * a.output_stride + a.slices[slice].col_offset + col, zeros);
-  }
-}
-
-// Adds s_full @ B^T to the staged output rows and writes them back; with accumulate = false
-// writes s_full @ B^T itself (zeros in the columns of a slice of rank 0).
-template <typename T, int MT, int VEC, bool kAccumulate>
+// Adds s_full @ B^T to the staged output rows and writes them back.
+template <typename T, int MT, int VEC>
 __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const float* s_full,
                                const int32_t* pair_ids, int m0, int mt, int64_t v0, int64_t n,
                                int64_t cap, const unsigned char* stage) {
@@ -321,7 +301,7 @@ __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const flo
     int64_t col = (v0 + v) * VEC;
     const int slice = column_slice(a, col);
     const int rank = st.rank[slice];
-    if (rank == 0 && kAccumulate) continue;
+    if (rank == 0) continue;
     const float* s_rows = s_full + st.rank_base[slice];
     float acc[MT][VEC];
 #pragma unroll
@@ -344,12 +324,7 @@ __device__ void compute_expand(const LoraArgs& a, const ItemState& st, const flo
     for (int m = 0; m < MT; ++m) {
       if (m >= mt) break;
       float cur[VEC];
-      if constexpr (kAccumulate) {
-        raw_to_f32<T, VEC>(src[(st.max_rank + m) * cap + v], cur);
-      } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) cur[i] = 0.0f;
-      }
+      raw_to_f32<T, VEC>(src[(st.max_rank + m) * cap + v], cur);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) cur[i] += acc[m][i];
       T* y = output + int64_t{pair_ids[m0 + m]} * a.output_stride + a.slices[slice].col_offset +
@@ -433,7 +408,7 @@ __device__ void shrink_piece(const LoraArgs& a, const ItemState& st, const int64
   }
 }
 
-template <typename T, int MT, int VEC, bool kAccumulate>
+template <typename T, int MT, int VEC>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lora_cluster_kernel(const LoraArgs a, int64_t num_items, int64_t piece) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -489,10 +464,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     ItemState st;
     fill_state(a, head, shared_ranks, st);
     if (st.total_rank == 0) {  // uniform over the cluster: same item, same answer
-      // An unsorted item is one pair: its output row is the item (valid pair or not).
-      if constexpr (!kAccumulate) {
-        zero_columns<T, VEC>(a, static_cast<int32_t>(item), col_begin, col_end);
-      }
       __syncthreads();  // everyone has read the shared item state before the next item's
       continue;
     }
@@ -510,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       const auto issue_stage = [&](int64_t s) {  // one cp.async group, empty past the last
         if (s < num_stages) {
           const int64_t v0 = col_begin + s * cap;
-          stage_expand<T, VEC, kAccumulate>(a, st, offsets, pair_ids, m0, mt, v0,
+          stage_expand<T, VEC>(a, st, offsets, pair_ids, m0, mt, v0,
                                detail::min64(cap, col_end - v0), cap,
                                stages + (s & 1) * kStageBytes);
         }
@@ -567,7 +538,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
         const int64_t v0 = col_begin + s * cap;
         cp_async_wait<1>();  // stage s landed (stage s + 1, maybe empty, may still fly)
         __syncthreads();
-        compute_expand<T, MT, VEC, kAccumulate>(a, st, s_full, pair_ids, m0, mt, v0,
+        compute_expand<T, MT, VEC>(a, st, s_full, pair_ids, m0, mt, v0,
                                    detail::min64(cap, col_end - v0), cap,
                                    stages + (s & 1) * kStageBytes);
         __syncthreads();  // this stage buffer is free for stage s + 2
@@ -629,10 +600,10 @@ int64_t resident_clusters(const void* kernel, int cluster_size, int64_t smem) {
   return count;
 }
 
-template <typename T, int MT, int VEC, bool kAccumulate = true>
+template <typename T, int MT, int VEC>
 bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const LoraPlan& plan,
             cudaStream_t stream) {
-  const auto kernel = lora_cluster_kernel<T, MT, VEC, kAccumulate>;
+  const auto kernel = lora_cluster_kernel<T, MT, VEC>;
   const auto resident = [&](int cluster_size, int64_t piece) {
     return resident_clusters(reinterpret_cast<const void*>(kernel), cluster_size,
                              SmemLayout::of(a, MT, piece, sizeof(T)).bytes);
@@ -660,25 +631,17 @@ bool launch(const LoraArgs& a, int64_t num_items, int64_t launch_items, const Lo
 }
 
 // Unsorted items are single pairs (one row), grouped ones blocks of up to 4-row tiles; 16-byte
-// vectors when every row and column range allows them, scalars otherwise. Writing instead of
-// adding (accumulate = false) is the unsorted form's alone.
-template <typename T, int VEC>
-bool launch_unsorted(const LoraArgs& a, int64_t num_items, int64_t launch_items,
-                     const LoraPlan& plan, cudaStream_t stream) {
-  return a.accumulate ? launch<T, 1, VEC, true>(a, num_items, launch_items, plan, stream)
-                      : launch<T, 1, VEC, false>(a, num_items, launch_items, plan, stream);
-}
-
+// vectors when every row and column range allows them, scalars otherwise.
 template <typename T>
 bool launch_for_layout(const LoraArgs& a, bool vectorized, int64_t num_items,
                        int64_t launch_items, const LoraPlan& plan, cudaStream_t stream) {
   constexpr int v = detail::kVec16<T>;
   const bool unsorted = a.sorted_pairs == nullptr;
   if (vectorized) {
-    return unsorted ? launch_unsorted<T, v>(a, num_items, launch_items, plan, stream)
+    return unsorted ? launch<T, 1, v>(a, num_items, launch_items, plan, stream)
                     : launch<T, 4, v>(a, num_items, launch_items, plan, stream);
   }
-  return unsorted ? launch_unsorted<T, 1>(a, num_items, launch_items, plan, stream)
+  return unsorted ? launch<T, 1, 1>(a, num_items, launch_items, plan, stream)
                   : launch<T, 4, 1>(a, num_items, launch_items, plan, stream);
 }
 

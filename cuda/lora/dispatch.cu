@@ -74,22 +74,7 @@ LoraArgs common_args(const FusedMoeLoraArgs& args) {
     if (v.num_slots > 0) rank_stride = std::max(rank_stride, v.max_rank);
   }
   a.rank_stride = a.in_dim == 0 || input.shape[0] == 0 || output.shape[0] == 0 ? 0 : rank_stride;
-  a.accumulate = args.accumulate;
   return a;
-}
-
-// accumulate = false when no kernel runs (nothing can add): the slices' columns become zeros.
-void zero_slice_columns(const FusedMoeLoraArgs& args, cudaStream_t stream) {
-  const TensorRef& out = args.output;
-  if (out.shape[0] == 0) return;
-  const size_t elem = dtype_size(out.dtype);
-  for (size_t i = 0; i < args.slices.size(); ++i) {
-    MOELORA_CUDA_CHECK(cudaMemset2DAsync(
-        static_cast<std::byte*>(out.data) + args.col_offsets[i] * static_cast<int64_t>(elem),
-        static_cast<size_t>(out.stride[0]) * elem, 0,
-        static_cast<size_t>(args.slices[i].out_dim) * elem, static_cast<size_t>(out.shape[0]),
-        stream));
-  }
 }
 
 // Experts of the slice with the most (the views may differ; one expert for dense LoRA).
@@ -161,10 +146,7 @@ void dense_lora(const FusedMoeLoraArgs& args, const LoraPlan& plan, void* stream
 
 void fused_moe_lora_unsorted(const FusedMoeLoraArgs& args, const LoraPlan& plan, void* stream) {
   LoraArgs a = common_args(args);
-  if (a.rank_stride == 0) {
-    if (!a.accumulate) zero_slice_columns(args, detail::as_stream(stream));
-    return;
-  }
+  if (a.rank_stride == 0) return;
   const TensorRef &topk_ids = args.topk_ids, &token_slot = args.token_slot;
   a.token_slot = static_cast<const int32_t*>(token_slot.data);
   a.token_slot_stride = token_slot.stride[0];

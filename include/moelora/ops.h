@@ -87,11 +87,6 @@ struct FusedMoeLoraArgs {
   // grouped GPU launch to the blocks those slots can fill rather than to every slot of the views.
   // Results never depend on it.
   int64_t active_slots = 0;
-  // false (the unsorted form only): each slice's columns of every output row are written, not
-  // added to: `=` in place of `+=` above, zeros for pairs of slot -1 and for slices of rank 0.
-  // A delta computed into a tensor of its own then needs no zero fill before it. Columns outside
-  // the slices are not touched either way.
-  bool accumulate = true;
 };
 
 // The grouped form: every pair of a block shares (slot, expert).
@@ -100,7 +95,7 @@ void fused_moe_lora(const FusedMoeLoraArgs& args, void* stream, const LoraPlan* 
 // Without alignment (decode): pair p = t * K + k uses slot token_slot[t] and expert topk_ids[t, k]
 // (expert 0 when topk_ids is absent: dense rows, K = 1). At decode most (slot, expert) groups
 // hold one pair, so grouping saves no weight traffic and its launch is pure latency. Pairs of
-// slot -1 are untouched (zeroed when !accumulate); output has T*K rows. Out-of-range slot or expert ids are
+// slot -1 are untouched; output has T*K rows. Out-of-range slot or expert ids are
 // InvalidArgument on the CPU and add nothing on the GPU.
 void fused_moe_lora_unsorted(const FusedMoeLoraArgs& args, void* stream,
                              const LoraPlan* plan = nullptr);

@@ -167,7 +167,7 @@ void register_ops(py::module_& m) {
              const py::object& sorted_pairs, const py::object& block_slot,
              const py::object& block_expert, const py::object& num_blocks, int32_t block_m,
              const py::object& topk_ids, const py::object& token_slot, int64_t active_slots,
-             const LoraPlan* plan, bool accumulate) {
+             const LoraPlan* plan) {
           FusedMoeLoraArgs a;
           a.input = to_tensor_ref(input, "input");
           a.output = to_tensor_ref(output, "output");
@@ -183,7 +183,6 @@ void register_ops(py::module_& m) {
           a.topk_ids = to_optional_tensor_ref(topk_ids, "topk_ids");
           a.token_slot = to_optional_tensor_ref(token_slot, "token_slot");
           a.active_slots = active_slots;
-          a.accumulate = accumulate;
           py::gil_scoped_release release;
           op(a, stream_from_int(stream), plan);
         },
@@ -193,8 +192,7 @@ void register_ops(py::module_& m) {
         py::arg("block_slot") = py::none(), py::arg("block_expert") = py::none(),
         py::arg("num_blocks") = py::none(), py::arg("block_m") = 0,
         py::arg("topk_ids") = py::none(), py::arg("token_slot") = py::none(),
-        py::arg("active_slots") = 0, py::arg("plan") = py::none(),
-        py::arg("accumulate") = true);
+        py::arg("active_slots") = 0, py::arg("plan") = py::none());
   };
   lora_op("fused_moe_lora", &fused_moe_lora);
   lora_op("fused_moe_lora_unsorted", &fused_moe_lora_unsorted);

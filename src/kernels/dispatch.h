@@ -8,7 +8,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <vector>
 
 #include "moelora/ops.h"
 #include "moelora/plan.h"
@@ -22,10 +21,6 @@ void moe_lora_align(const MoeLoraAlignArgs& args);
 // Shared by fused_moe_lora and dense_lora: block_expert and topk_weights may be absent (expert
 // 0, weight 1). `op` names the public op in error messages.
 void fused_moe_lora(const FusedMoeLoraArgs& args, const char* op);
-// Zeros columns [col_offsets[i], + slices[i].out_dim) of every row of output (the unsorted
-// form's accumulate = false, on the CPU).
-void zero_slice_columns(const TensorRef& output, const std::vector<int64_t>& col_offsets,
-                        const std::vector<LoraSiteView>& slices);
 
 void kv_cache_write(const TensorRef& key, const TensorRef& value, const TensorRef& slot_mapping,
                     const KvCacheView& cache);

@@ -175,16 +175,4 @@ void fused_moe_lora(const FusedMoeLoraArgs& a, const char* op) {
   parallel_for(blocks, work, body);
 }
 
-void zero_slice_columns(const TensorRef& output, const std::vector<int64_t>& col_offsets,
-                        const std::vector<LoraSiteView>& slices) {
-  const int64_t elem = static_cast<int64_t>(dtype_size(output.dtype));
-  auto* base = static_cast<std::byte*>(output.data);
-  for (int64_t row = 0; row < output.shape[0]; ++row) {
-    for (size_t i = 0; i < slices.size(); ++i) {
-      std::fill_n(base + (row * output.stride[0] + col_offsets[i]) * elem,
-                  slices[i].out_dim * elem, std::byte{0});  // +0.0 in every float dtype
-    }
-  }
-}
-
 }  // namespace moelora::cpu

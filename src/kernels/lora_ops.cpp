@@ -95,7 +95,6 @@ LoraStep step_of(const FusedMoeLoraArgs& a, bool dense) {
 // The grouped form's block metadata, the activations and the slices of fused_moe_lora and
 // dense_lora.
 void check_grouped(const FusedMoeLoraArgs& a, const char* pairs_arg, const char* op) {
-  if (!a.accumulate) throw_invalid(op, "accumulate=false is the unsorted form's alone");
   if (a.active_slots < 0) {
     throw_invalid(op, "active_slots must be >= 0 (0: unknown), got " +
                           std::to_string(a.active_slots));
@@ -225,7 +224,6 @@ void fused_moe_lora_unsorted(const FusedMoeLoraArgs& a, void* stream, const Lora
 #endif
   }
   // The CPU reference is the grouped reference on a host-side alignment: same semantics.
-  if (!a.accumulate) cpu::zero_slice_columns(a.output, a.col_offsets, a.slices);
   MoeLoraAlignArgs align;
   align.topk_ids = a.topk_ids;
   align.token_slot = a.token_slot;
@@ -245,7 +243,6 @@ void fused_moe_lora_unsorted(const FusedMoeLoraArgs& a, void* stream, const Lora
   align.num_blocks = make_tensor_ref(count.data(), DType::kInt32, {1});
   cpu::moe_lora_align(align);
   FusedMoeLoraArgs grouped = a;
-  grouped.accumulate = true;
   grouped.sorted_pairs = align.sorted_pairs;
   grouped.block_slot = align.block_slot;
   grouped.block_expert = align.block_expert;

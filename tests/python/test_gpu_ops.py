@@ -121,7 +121,6 @@ def make_problem(tokens, hidden, top_k, experts, popularity, dtype, stage, align
         "token_slot": token_slot, "topk_ids": topk_ids, "sites": sites,
         "col_offsets": col_offsets, "pairs_per_row": pairs_per_row, "x": x, "weights": weights,
         "output": output, "expected": expected, "written": written, "experts": experts,
-        "delta": delta,
     }
 
 
@@ -575,7 +574,6 @@ def make_prefill_problem(tokens, hidden, inter, top_k, experts, slots, ranks, dt
         "token_slot": token_slot, "topk_ids": topk_ids, "sites": sites,
         "col_offsets": col_offsets, "pairs_per_row": pairs_per_row, "x": x, "weights": weights,
         "output": output, "expected": expected, "written": written, "experts": experts,
-        "delta": delta,
     }
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from lora_fixtures import POPULARITIES, assign_slots, make_lora_site, route_experts
 from moelora import ops
-from moelora._tensor import as_ref
 
 # (rtol, atol) against the float64 reference rounded to the output dtype.
 TOLERANCE = {
@@ -50,16 +49,8 @@ def reference_delta(x64, token_slot, topk_ids, weights, sites, col_offsets, widt
     return delta, written
 
 
-def slice_columns(sites, col_offsets, num_pairs, width):
-    """The mask of every row's columns that belong to a slice (what accumulate=False writes)."""
-    covered = torch.zeros(num_pairs, width, dtype=torch.bool)
-    for site, col in zip(sites, col_offsets):
-        covered[:, col : col + site.out_dim] = True
-    return covered
-
-
 def run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage,
-             form="grouped", accumulate=True):
+             form="grouped"):
     seed = tokens * 1000 + hidden + top_k * 7 + experts + block_m
     gen = torch.Generator().manual_seed(seed)
     token_slot = assign_slots(tokens, SLOT_RANKS, popularity, seed)
@@ -84,20 +75,16 @@ def run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, 
     )
     # Base output: random where written, NaN (poison) everywhere else incl. the row padding.
     base64 = torch.randn(num_pairs, width, generator=gen, dtype=torch.float64)
-    if not accumulate:  # the op writes every slice column of every row, zeros where nothing adds
-        written = slice_columns(sites, col_offsets, num_pairs, width)
     base64[~written] = float("nan")
     output = strided_rows(num_pairs, width, dtype, gen, fill=base64)
-    if not accumulate:
-        output.fill_(float("nan"))
-    expected = (output.double() + delta).to(dtype) if accumulate else delta.to(dtype)
+    expected = (output.double() + delta).to(dtype)
     before = output.clone()
     padding_before = output.as_strided((num_pairs, 5), (output.stride(0), 1), width).clone()
 
     if form == "unsorted":
         ops.fused_moe_lora_unsorted(x, output, topk_ids, token_slot, [s.view for s in sites],
                                     col_offsets, input_pairs_per_row=pairs_per_row,
-                                    topk_weights=weights, accumulate=accumulate)
+                                    topk_weights=weights)
     else:
         sorted_pairs, block_slot, block_expert, num_blocks = ops.moe_lora_align(
             topk_ids, token_slot, experts, len(SLOT_RANKS), block_m
@@ -148,31 +135,6 @@ def test_fused_moe_lora_unsorted_matches_reference(
 ):
     run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage,
              form="unsorted")
-
-
-@pytest.mark.parametrize("stage", ["w13", "w2"])
-@pytest.mark.parametrize(
-    "tokens,hidden,inter,top_k,experts,popularity,block_m,dtype,use_weights", _cases()[1::2]
-)
-def test_fused_moe_lora_unsorted_writes_every_slice_column_without_accumulate(
-    tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage
-):
-    """accumulate=False on an output poisoned everywhere: the delta in every slice column of
-    every row (zeros for slot -1 and rank 0), the gap between slices and the padding untouched."""
-    run_case(tokens, hidden, inter, top_k, experts, popularity, block_m, dtype, use_weights, stage,
-             form="unsorted", accumulate=False)
-
-
-def test_grouped_forms_reject_accumulate_false():
-    site = make_lora_site([4], 2, 8, 8, torch.float32, 0)
-    x, out = torch.randn(2, 8), torch.zeros(2, 8)
-    meta = ops.moe_lora_align(torch.zeros(2, 1, dtype=torch.int32),
-                              torch.zeros(2, dtype=torch.int32), 2, 1, 4)
-    refs = [as_ref(t) for t in (x, out, *meta)]
-    with pytest.raises(moelora.InvalidArgument, match="accumulate=false is the unsorted form's"):
-        moelora._C.fused_moe_lora(refs[0], refs[1], [site.view], [0], 0, sorted_pairs=refs[2],
-                                  block_slot=refs[3], block_expert=refs[4], num_blocks=refs[5],
-                                  block_m=4, accumulate=False)
 
 
 def test_fused_moe_lora_unsorted_rejects_bad_shapes():

@@ -130,9 +130,8 @@ class PagedContext:
             plan=self._attention_plan_for(q))
 
     # -- LoRA --------------------------------------------------------------------------------
-    # Each delta goes into a tensor of its own, added to the base output by the caller
-    # (LoraDelta.add_to). The unsorted form (decode) writes every element of it, so no zero fill
-    # runs before it; the grouped form adds, into a zeroed tensor. While a decode graph is captured its kernels go on the LoRA stream,
+    # Each delta goes into a zeroed tensor of its own, added to the base output by the caller
+    # (LoraDelta.add_to). While a decode graph is captured its kernels go on the LoRA stream,
     # forked before the base op is enqueued, so in the graph they run beside the base GEMM:
     # at decode a LoRA launch is a chain of dependent DRAM round trips, not bytes, and beside a
     # bandwidth-bound GEMM it costs little. Elsewhere (prefill, the CPU) they run in line.
@@ -143,30 +142,26 @@ class PagedContext:
                 if self._has_lora and self.lora_views.has_site(site)]
         if not held:
             return None
-        whole = len(held) == len(sites)  # else the columns of the sites not held stay zero
         return self._deferred(x, x.shape[0], delta_width(sites),
-                              lambda delta: self._dense_lora(held, layer, x, delta, whole))
+                              lambda delta: self._dense_lora(held, layer, x, delta))
 
     def _deferred(self, like, rows, width, launch) -> LoraDelta:
-        """launch(delta) writes a LoRA delta into an uninitialised [rows, width] tensor like
-        `like`, every element of it: on the LoRA stream while a graph is being captured, else in
-        line."""
+        """launch(delta) adds a LoRA delta into a zeroed [rows, width] tensor like `like`: on
+        the LoRA stream while a graph is being captured, else in line."""
         if like.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-            delta = like.new_empty(rows, width)
+            delta = like.new_zeros(rows, width)
             launch(delta)
             return LoraDelta(delta)
         stream = lora_stream(like.device)
         stream.wait_stream(torch.cuda.current_stream(like.device))
         with torch.cuda.stream(stream):
-            delta = like.new_empty(rows, width)
+            delta = like.new_zeros(rows, width)
             launch(delta)
             ready = torch.cuda.Event()
             ready.record(stream)
         return LoraDelta(delta, ready)
 
-    def _dense_lora(self, held, layer, x, out, whole):
-        """The delta of the `held` sites into `out` (uninitialised); `whole`: they cover every
-        column of it."""
+    def _dense_lora(self, held, layer, x, out):
         views = [self.lora_views.view(site, layer) for site, _ in held]
         firsts = [first for _, first in held]
         if self._dense_plan is None:  # every dense site of the step has the step's rows
@@ -174,12 +169,7 @@ class PagedContext:
                                              num_adapters=self.meta.num_adapters, dtype=x.dtype,
                                              device=x.device, overrides=self.overrides)
         plan = self._dense_plan
-        if plan.form == "unsorted" and whole:  # decode: no alignment launch, no zero fill
-            ops.fused_moe_lora_unsorted(x, out, None, self.token_slot, views, firsts,
-                                        input_pairs_per_row=1, plan=plan, accumulate=False)
-            return
-        out.zero_()
-        if plan.form == "unsorted":
+        if plan.form == "unsorted":  # decode: no alignment launch
             ops.fused_moe_lora_unsorted(x, out, None, self.token_slot, views, firsts,
                                         input_pairs_per_row=1, plan=plan)
             return
@@ -226,12 +216,11 @@ class PagedContext:
         views = [self.lora_views.view("experts.gate", layer),
                  self.lora_views.view("experts.up", layer)]
         plan = self._moe_plan_for(x, topk_ids)
-        if plan.form == "unsorted":  # decode: no alignment launch, no zero fill
+        if plan.form == "unsorted":  # decode: no alignment launch
             ops.fused_moe_lora_unsorted(x, h13, self._ids32(topk_ids), self.token_slot, views,
                                         [0, inter], input_pairs_per_row=topk_ids.shape[1],
-                                        plan=plan, accumulate=False)
+                                        plan=plan)
             return
-        h13.zero_()
         groups = self._moe_groups_for(layer, topk_ids, plan)
         ops.fused_moe_lora(x, h13, *groups, plan.block_m, views, [0, inter],
                            input_pairs_per_row=topk_ids.shape[1],
@@ -249,10 +238,8 @@ class PagedContext:
         if plan.form == "unsorted":
             ops.fused_moe_lora_unsorted(h, y, self._ids32(topk_ids), self.token_slot,
                                         [self.lora_views.view("experts.down", layer)], [0],
-                                        input_pairs_per_row=1, topk_weights=weights, plan=plan,
-                                        accumulate=False)
+                                        input_pairs_per_row=1, topk_weights=weights, plan=plan)
             return
-        y.zero_()
         groups = self._moe_groups_for(layer, topk_ids, plan)
         ops.fused_moe_lora(h, y, *groups, plan.block_m,
                            [self.lora_views.view("experts.down", layer)], [0],

@@ -67,12 +67,10 @@ def fused_moe_lora_unsorted(
     input_pairs_per_row: int,
     topk_weights: torch.Tensor | None = None,
     plan: LoraPlan | None = None,
-    accumulate: bool = True,
 ) -> torch.Tensor:
     """fused_moe_lora's delta without the alignment pass (decode): pair p = t * K + k uses slot
     token_slot[t] and expert topk_ids[t, k] (expert 0 when topk_ids is None). In place on
-    ``output``; returns it. accumulate=False: the slices' columns of every row are set to the
-    delta (zeros where nothing adds) instead of added to, so ``output`` may start uninitialised."""
+    ``output``; returns it."""
     _C.fused_moe_lora_unsorted(
         as_ref(input),
         as_ref(output),
@@ -84,7 +82,6 @@ def fused_moe_lora_unsorted(
         topk_ids=as_optional_ref(topk_ids),
         token_slot=as_ref(token_slot),
         plan=plan,
-        accumulate=accumulate,
     )
     return output
 
