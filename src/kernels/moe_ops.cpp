@@ -232,6 +232,9 @@ void moe_router_logits(const TensorRef& x, const TensorRef& weight, const Tensor
     }
     check_same_device(x, *t, op, "x", arg);
   }
+  if (weight.shape[0] < 1) {
+    throw_invalid(op, "weight needs a row per expert, got " + weight.describe());
+  }
   check_size(weight, 1, x.shape[1], op, "weight", "the hidden size of x");
   check_size(logits, 0, x.shape[0], op, "logits", "one row per token of x");
   check_size(logits, 1, weight.shape[0], op, "logits", "one column per expert (row of weight)");

@@ -63,6 +63,7 @@ def test_cpu_router_logits_round_once_after_the_bias():
     (lambda x, w, b: (x, w, b[:-1]), "one entry per expert"),
     (lambda x, w, b: (x, w, b.float()), "bias must have the dtype of x"),
     (lambda x, w, b: (x.t(), w, b), "x"),
+    (lambda x, w, b: (x, w[:0], None), "a row per expert"),
 ])
 def test_router_logits_reject_bad_arguments(mutate, match):
     x, weight, b = make_case(4, 16, 8, torch.bfloat16, True, 0, pad=0)
