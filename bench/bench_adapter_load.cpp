@@ -7,6 +7,8 @@
 //                device_load);
 //   device_load  prefetch + wait of an adapter whose host copy is ready: host -> device pages
 //                through the copy engine, row tables included;
+//   register     AdapterCache::register_adapter (headers checked, row layout), against
+//                plain_read;
 //   disk_to_device  register + prefetch + wait of a cold adapter (both tiers).
 // The adapter is a PEFT-format rank-r adapter on every attention and expert site of the first
 // --layers layers of a preset (fused-expert tensors A [E*r, in], B [out, E*r]; GPT-OSS gate/up
@@ -353,6 +355,21 @@ int run(const Options& o) {
   print_line(o, "host_load", file_bytes, median(host), median(plain), "plain_read", cached_before,
              cpu_field(median(host_cpu)) + ", \"host_copy_bytes\": " +
                  std::to_string(host_copy_bytes));
+
+  // Registration (the files' headers checked against the sites, the row layout made): a cold
+  // request waits for it before its read starts.
+  std::vector<double> registration;
+  AdapterSpec again = spec;
+  again.name = "bench_register";
+  for (int r = 0; r < 20 * o.repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    const int64_t registered = cache.register_adapter(again);
+    registration.push_back(seconds_since(start));
+    cache.unregister(registered);
+  }
+  print_line(o, "register", file_bytes, median(registration), median(plain), "plain_read",
+             cached_before,
+             ", \"share_of_plain_read\": " + std::to_string(median(registration) / median(plain)));
   if (!cuda) return 0;
 
   // Host -> device: two registrations of one file alternate in the only slot, host copies kept.

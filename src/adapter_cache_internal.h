@@ -45,7 +45,6 @@ struct AdapterEntry {
   AdapterSpec spec;
   std::vector<SafetensorsFile> files;
   std::vector<FileStamp> file_stamps;  // per file, at registration
-  std::vector<SafetensorInfo> matrix_tensors;  // per spec.matrices entry
   std::unique_ptr<AdapterRowLayout> layout;
 
   HostState host_state = HostState::kNone;

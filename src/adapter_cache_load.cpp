@@ -150,7 +150,9 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
   auto fail = [&](const std::string& problem) -> void { throw AdapterError(name, problem); };
   if (name.empty()) throw AdapterError(name, "the adapter name is empty");
   const auto& sites = config.sites;
-  const AdapterSpec spec = one_source_per_expert(given, sites);
+  auto entry = std::make_shared<AdapterEntry>();
+  entry->spec = one_source_per_expert(given, sites);
+  const AdapterSpec& spec = entry->spec;
   if (spec.ranks.size() != sites.size()) {
     fail("ranks has " + std::to_string(spec.ranks.size()) + " sites, the model has " +
          std::to_string(sites.size()));
@@ -173,9 +175,7 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
   }
   if (total_rank == 0) fail("targets no site (every rank is 0)");
 
-  auto entry = std::make_shared<AdapterEntry>();
   entry->name = name;
-  entry->spec = spec;
   for (const std::string& path : spec.files) {
     try {
       entry->files.push_back(SafetensorsFile::open(path));
@@ -201,7 +201,10 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
                    (static_cast<size_t>(layer) * static_cast<size_t>(sites[s].num_experts) +
                     static_cast<size_t>(expert)) * 2 + (is_b ? 1 : 0)];
   };
-  entry->matrix_tensors.reserve(spec.matrices.size());
+  // The experts of a fused tensor are consecutive sources of one tensor: its header entry is
+  // looked up once for all of them.
+  const SafetensorInfo* last_info = nullptr;
+  const LoraMatrixSource* last_source = nullptr;
   for (const LoraMatrixSource& m : spec.matrices) {
     // The name is made only for a message: thousands of sources pass.
     auto what = [&m] { return matrix_name(m); };
@@ -220,10 +223,14 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
       fail(what() + ": file index " + std::to_string(m.file) + " out of range");
     }
     const SafetensorsFile& file = entry->files[m.file];
-    if (!file.contains(m.tensor)) {
-      fail(what() + ": tensor '" + m.tensor + "' not found in '" + base_name(file.path()) + "'");
+    if (last_source == nullptr || last_source->file != m.file || last_source->tensor != m.tensor) {
+      if (!file.contains(m.tensor)) {
+        fail(what() + ": tensor '" + m.tensor + "' not found in '" + base_name(file.path()) + "'");
+      }
+      last_info = &file.tensor(m.tensor);
+      last_source = &m;
     }
-    const SafetensorInfo& info = file.tensor(m.tensor);
+    const SafetensorInfo& info = *last_info;
     if (!supported_weight_dtype(info.dtype)) {
       fail(what() + ": tensor '" + m.tensor + "' has unsupported dtype " + dtype_name(info.dtype));
     }
@@ -244,7 +251,6 @@ std::shared_ptr<AdapterEntry> validate_adapter_spec(const AdapterSpec& given,
            std::to_string(hi) + "] outside its " + std::to_string(info.numel()) + " elements");
     }
     if (!std::isfinite(m.scale)) fail(what() + ": scale is not finite");
-    entry->matrix_tensors.push_back(info);
   }
   for (size_t s = 0; s < sites.size(); ++s) {
     for (int32_t l = 0; l < sites[s].num_layers; ++l) {

@@ -1,6 +1,7 @@
 // Bindings of the copy engines, safetensors headers and the adapter cache. Blocking calls
 // release the GIL; the AdapterCache keeps its PagePool and CopyEngine Python objects alive.
 #include <pybind11/stl.h>
+#include <tuple>
 
 #include "adapter_cache_internal.h"
 #include "bindings/common.h"
@@ -168,6 +169,25 @@ void register_adapter_cache(py::module_& m) {
       .def_readwrite("scale", &LoraMatrixSource::scale)
       .def_readwrite("experts", &LoraMatrixSource::experts)
       .def_readwrite("expert_stride", &LoraMatrixSource::expert_stride);
+  // One LoraMatrixSource per tuple (site, layer, expert, is_b, file, tensor, offset, rows, cols,
+  // row_stride, col_stride, scale, experts, expert_stride): an adapter has hundreds of sources,
+  // and a keyword constructor call each cost more than the native registration itself.
+  m.def(
+      "lora_matrix_sources",
+      [](const std::vector<std::tuple<int32_t, int32_t, int32_t, bool, int32_t, std::string,
+                                      int64_t, int64_t, int64_t, int64_t, int64_t, float,
+                                      int32_t, int64_t>>& rows) {
+        std::vector<LoraMatrixSource> sources;
+        sources.reserve(rows.size());
+        for (const auto& r : rows) {
+          sources.push_back(LoraMatrixSource{
+              std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r),
+              std::get<5>(r), std::get<6>(r), std::get<7>(r), std::get<8>(r), std::get<9>(r),
+              std::get<10>(r), std::get<11>(r), std::get<12>(r), std::get<13>(r)});
+        }
+        return sources;
+      },
+      py::arg("rows"));
 
   py::class_<AdapterSpec>(m, "AdapterSpec")
       .def(py::init([](std::string name, std::vector<std::string> files, SiteRanks ranks,

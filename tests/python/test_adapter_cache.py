@@ -126,6 +126,19 @@ def test_safetensors_headers(tmp_path):
         _C.SafetensorsFile.open(path)
 
 
+def test_sources_from_tuples_equal_the_keyword_constructor():
+    fields = ("site", "layer", "expert", "is_b", "file", "tensor", "offset", "rows", "cols",
+              "row_stride", "col_stride", "scale", "experts", "expert_stride")
+    values = [(1, 2, 3, True, 1, "w.lora_B", 40, 8, 96, 1, 8, 0.5, 4, 768),
+              (0, 0, 0, False, 0, "a", 0, 4, 16, 16, 1, 2.0, 1, 0)]
+    built = _C.lora_matrix_sources(values)
+    for source, row in zip(built, values, strict=True):
+        keyword = _C.LoraMatrixSource(**dict(zip(fields, row)))
+        assert [getattr(source, f) for f in fields] == [getattr(keyword, f) for f in fields]
+    with pytest.raises(TypeError):
+        _C.lora_matrix_sources([(1, 2, 3)])
+
+
 @pytest.mark.parametrize("model_dtype", ["bfloat16", "float32", "float16"])
 def test_mixed_ranks_and_sources_load_exactly(tmp_path, model_dtype):
     pool, cache = make_cache(dtype=model_dtype)

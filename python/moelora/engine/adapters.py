@@ -409,14 +409,11 @@ class AdapterManager:
 def _native_spec(plan, sites) -> object:
     """The native AdapterSpec of a parsed PEFT plan (sites by index, in the model's order)."""
     site_index = {s.name: i for i, s in enumerate(sites)}
-    matrices = [
-        _C.LoraMatrixSource(site=site_index[m.site], layer=m.layer, expert=m.expert,
-                            is_b=m.is_b, file=m.file_index, tensor=m.tensor, offset=m.offset,
-                            rows=m.rows, cols=m.cols, row_stride=m.row_stride,
-                            col_stride=m.col_stride, scale=m.scale, experts=m.experts,
-                            expert_stride=m.expert_stride)
+    matrices = _C.lora_matrix_sources([
+        (site_index[m.site], m.layer, m.expert, m.is_b, m.file_index, m.tensor, m.offset, m.rows,
+         m.cols, m.row_stride, m.col_stride, m.scale, m.experts, m.expert_stride)
         for m in plan.sources
-    ]
+    ])
     ranks = [list(plan.ranks.get(s.name, [0] * s.num_layers)) for s in sites]
     return _C.AdapterSpec(name=plan.name, files=[str(f) for f in plan.files], ranks=ranks,
                           matrices=matrices)
