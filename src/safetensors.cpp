@@ -105,34 +105,56 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
         }
         continue;
       }
-      const std::string what = "tensor '" + name + "'";
-      entry.as_object(what);
+      // What an error names, built only for an error: a header holds hundreds of tensors.
+      const auto what = [&name](const char* part = "") {
+        return "tensor '" + name + "'" + part;
+      };
+      // `read` (a typed accessor taking the name it reports) tried first with a placeholder
+      // name; only when that throws is it called again with the real one, which throws too.
+      const auto typed = [&what](const char* part, const auto& read) {
+        try {
+          return read(std::string());
+        } catch (const InvalidArgument&) {
+          return read(what(part));
+        }
+      };
+      typed("", [&entry](const std::string& w) { return &entry.as_object(w); });
       SafetensorInfo info;
       info.name = name;
-      info.dtype = parse_dtype(entry.at("dtype").as_string(what + " dtype"));
+      const json::JsonValue& dtype = entry.at("dtype");
+      info.dtype = parse_dtype(
+          typed(" dtype", [&dtype](const std::string& w) { return dtype.as_string(w); }));
       int64_t numel = 1;
-      for (const auto& dim : entry.at("shape").as_array(what + " shape")) {
-        int64_t d = dim.as_int64(what + " shape");
-        if (d < 0) corrupt(path, what + " has a negative dimension");
-        if (d != 0 && numel > (int64_t{1} << 50) / d) corrupt(path, what + " is too large");
+      const json::JsonValue& shape = entry.at("shape");
+      for (const auto& dim :
+           *typed(" shape", [&shape](const std::string& w) { return &shape.as_array(w); })) {
+        int64_t d = typed(" shape", [&dim](const std::string& w) { return dim.as_int64(w); });
+        if (d < 0) corrupt(path, what(" has a negative dimension"));
+        if (d != 0 && numel > (int64_t{1} << 50) / d) corrupt(path, what(" is too large"));
         numel *= d;
         info.shape.push_back(d);
       }
-      const auto& offsets = entry.at("data_offsets").as_array(what + " data_offsets");
-      if (offsets.size() != 2) corrupt(path, what + " data_offsets must have 2 entries");
-      int64_t begin = offsets[0].as_int64(what + " data_offsets");
-      int64_t end = offsets[1].as_int64(what + " data_offsets");
+      const json::JsonValue& offsets_value = entry.at("data_offsets");
+      const auto& offsets = *typed(" data_offsets", [&offsets_value](const std::string& w) {
+        return &offsets_value.as_array(w);
+      });
+      if (offsets.size() != 2) corrupt(path, what(" data_offsets must have 2 entries"));
+      const auto offset = [&typed](const json::JsonValue& v) {
+        return typed(" data_offsets", [&v](const std::string& w) { return v.as_int64(w); });
+      };
+      int64_t begin = offset(offsets[0]);
+      int64_t end = offset(offsets[1]);
       if (begin < 0 || end < begin) {
-        corrupt(path, what + " has invalid data_offsets [" + std::to_string(begin) + ", " +
+        corrupt(path, what(" has invalid data_offsets [") + std::to_string(begin) + ", " +
                           std::to_string(end) + "]");
       }
       if (end > data_bytes) {
-        corrupt(path, "truncated: " + what + " ends at data byte " + std::to_string(end) +
+        corrupt(path, "truncated: " + what(" ends at data byte ") + std::to_string(end) +
                           " but the data section has " + std::to_string(data_bytes) + " bytes");
       }
       int64_t expected = numel * static_cast<int64_t>(dtype_size(info.dtype));
       if (end - begin != expected) {
-        corrupt(path, what + " has " + std::to_string(end - begin) + " bytes but its shape and " +
+        corrupt(path, what(" has ") + std::to_string(end - begin) + " bytes but its shape and " +
                           "dtype need " + std::to_string(expected));
       }
       info.data_offset = data_start + begin;
