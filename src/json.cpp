@@ -102,11 +102,10 @@ class Parser {
       ++pos_;
       skip_whitespace();
       JsonValue value = parse_value(depth + 1);
-      if (members.count(key)) {
+      if (!members.try_emplace(key, std::move(value)).second) {
         pos_ = key_pos;
         fail("duplicate key \"" + key + "\"");
       }
-      members.emplace(key, std::move(value));
       keys.push_back(std::move(key));
       skip_whitespace();
       if (peek() == ',') {
@@ -188,8 +187,16 @@ class Parser {
       }
       if (static_cast<unsigned char>(c) < 0x20) fail("unescaped control character in string");
       if (c != '\\') {
-        out.push_back(c);
-        ++pos_;
+        // The run of plain characters up to the next quote, escape or control character goes
+        // in at once: tensor names in a safetensors header are tens of bytes each.
+        size_t end = pos_ + 1;
+        while (end < text_.size()) {
+          const auto next = static_cast<unsigned char>(text_[end]);
+          if (next == '"' || next == '\\' || next < 0x20) break;
+          ++end;
+        }
+        out.append(text_, pos_, end - pos_);
+        pos_ = end;
         continue;
       }
       ++pos_;
