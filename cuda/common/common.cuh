@@ -8,11 +8,14 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "cuda_check.h"
 #include "moelora/dtype.h"
 #include "moelora/error.h"
+#include "moelora/tensor_ref.h"
 
 namespace moelora::cuda::detail {
 
@@ -69,6 +72,25 @@ __device__ __forceinline__ void load_f32_stream(const T* src, float (&dst)[N]) {
   }
 }
 
+// Bytes of one vector of VEC elements of T.
+template <typename T, int VEC>
+constexpr int kVecBytes = VEC * static_cast<int>(sizeof(T));
+
+// Raw storage of one vector of VEC elements: 16-byte vectors travel as uint4, scalars as T.
+template <typename T, int VEC>
+using RawVec = std::conditional_t<kVecBytes<T, VEC> == 16, uint4, T>;
+
+// The elements of a raw vector as float32. By value: a vector staged in shared memory is then
+// read with one 16-byte load (through a reference the compiler reads it element by element: 8
+// ld.shared.u16 per bf16 vector).
+template <typename T, int VEC>
+__device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC> raw, float (&dst)[VEC]) {
+  T elems[VEC];
+  memcpy(elems, &raw, sizeof(elems));
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dst[i] = to_f32(elems[i]);
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void store_from_f32(T* dst, const float (&src)[N]) {
   if constexpr (N == 1) {
@@ -93,6 +115,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __host__ __device__ inline bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Whether every row of a 2-D tensor starts on a 16-byte boundary (its data and its row stride),
+// so that rows may be read and written in 16-byte vectors. A tensor without data qualifies.
+inline bool rows_aligned16(const TensorRef& t) {
+  return t.data == nullptr ||
+         (aligned16(t.data) && (t.stride[0] * static_cast<int64_t>(dtype_size(t.dtype))) % 16 == 0);
 }
 
 // Multiprocessor count and compute capability (major) of the current device, read once per

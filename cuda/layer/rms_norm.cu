@@ -143,12 +143,6 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_kernel(const NormArgs a)
   }
 }
 
-bool rows_aligned16(const TensorRef& t) {
-  return t.data == nullptr ||
-         (detail::aligned16(t.data) &&
-          (t.stride[0] * static_cast<int64_t>(dtype_size(t.dtype))) % 16 == 0);
-}
-
 template <typename T, typename W, bool kAdd>
 void launch(const NormArgs& a, int64_t rows, bool vectorized, cudaStream_t stream) {
   constexpr int kVec = detail::kVec16<T>;
@@ -178,8 +172,9 @@ void rms_norm(const TensorRef& input, const TensorRef& residual, const TensorRef
   const NormArgs a{input.data, input.stride[0],    residual.data, add ? residual.stride[0] : 0,
                    weight.data, out.data,           out.stride[0], input.shape[1],
                    eps};
-  const bool vectorized = rows_aligned16(input) && rows_aligned16(out) &&
-                          (!add || rows_aligned16(residual)) && detail::aligned16(weight.data);
+  const bool vectorized = detail::rows_aligned16(input) && detail::rows_aligned16(out) &&
+                          (!add || detail::rows_aligned16(residual)) &&
+                          detail::aligned16(weight.data);
   const cudaStream_t s = detail::as_stream(stream);
   MOELORA_DISPATCH_FLOAT(input.dtype, T, {
     if (weight.dtype == DType::kFloat32) {

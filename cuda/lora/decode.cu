@@ -54,6 +54,9 @@ using ptx::cp_async8;
 using ptx::cp_async_commit;
 using ptx::cp_async_wait;
 using ptx::smem_u32;
+using detail::kVecBytes;
+using detail::raw_to_f32;
+using detail::RawVec;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -66,24 +69,6 @@ constexpr int kStepsInFlight = MT == 1 ? 2 : 1;
 constexpr int kMinBlocksPerSm = 3;
 constexpr int64_t kStageBytes = 24 * 1024;  // one expand stage: B^T rows + output rows
 constexpr int64_t kMaxSmemBytes = 200 * 1024;
-
-// Bytes of one column vector (VEC elements of T).
-template <typename T, int VEC>
-constexpr int kVecBytes = VEC * static_cast<int>(sizeof(T));
-
-// Raw storage of one column vector: 16-byte vectors travel as uint4.
-template <typename T, int VEC>
-using RawVec = std::conditional_t<kVecBytes<T, VEC> == 16, uint4, T>;
-
-// By value: a staged vector in shared memory is then read with one 16-byte load (through a
-// reference the compiler reads it element by element: 8 ld.shared.u16 per bf16 vector).
-template <typename T, int VEC>
-__device__ __forceinline__ void raw_to_f32(const RawVec<T, VEC> raw, float (&dst)[VEC]) {
-  T elems[VEC];
-  memcpy(elems, &raw, sizeof(elems));
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) dst[i] = detail::to_f32(elems[i]);
-}
 
 // Copies one column vector into shared memory: cp.async for 16-byte vectors (asynchronous,
 // waited for with cp_async_wait), a plain load and store for scalars. zero-fills when !valid

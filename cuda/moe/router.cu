@@ -11,9 +11,7 @@
 // activation dtype.
 // At decode the weights are E x H elements (184 KB for gpt-oss-20b): the kernel costs a few DRAM
 // round trips, and it is launched with PDL so that moe_route, which follows it, starts at once.
-#include <cstring>
 #include <string>
-#include <type_traits>
 
 #include "common/common.cuh"
 #include "common/kernel_modules.cuh"
@@ -23,6 +21,9 @@
 namespace moelora::cuda {
 
 namespace {
+
+using detail::raw_to_f32;
+using detail::RawVec;
 
 constexpr int kWarps = 8;
 constexpr int kTokensPerWarp = 4;
@@ -40,18 +41,6 @@ struct RouterArgs {
   int32_t num_experts;
 };
 
-// One vector of VEC elements as loaded: 16-byte vectors as uint4, scalars as T.
-template <typename T, int VEC>
-using Raw = std::conditional_t<VEC == 1, T, uint4>;
-
-template <typename T, int VEC>
-__device__ __forceinline__ void to_f32(const Raw<T, VEC>& raw, float (&dst)[VEC]) {
-  T elems[VEC];
-  memcpy(elems, &raw, sizeof(elems));
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) dst[i] = detail::to_f32(elems[i]);
-}
-
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kWarps * 32) router_logits_kernel(const RouterArgs a) {
   wait_for_previous_grid();  // memory only from here (common/launch.cuh)
@@ -66,16 +55,16 @@ __global__ void __launch_bounds__(kWarps * 32) router_logits_kernel(const Router
     const T* w = static_cast<const T*>(a.weight) + e * a.weight_stride;
     const T* x = static_cast<const T*>(a.x) + t0 * a.x_stride;
     for (int64_t d0 = int64_t{lane} * VEC; d0 < a.hidden; d0 += 32 * VEC * kUnroll) {
-      Raw<T, VEC> w_raw[kUnroll], x_raw[kUnroll][kTokensPerWarp];
+      RawVec<T, VEC> w_raw[kUnroll], x_raw[kUnroll][kTokensPerWarp];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t d = d0 + int64_t{u} * 32 * VEC;
         if (d < a.hidden) {
-          w_raw[u] = *reinterpret_cast<const Raw<T, VEC>*>(w + d);
+          w_raw[u] = *reinterpret_cast<const RawVec<T, VEC>*>(w + d);
 #pragma unroll
           for (int j = 0; j < kTokensPerWarp; ++j) {
             if (j < tokens) {
-              x_raw[u][j] = *reinterpret_cast<const Raw<T, VEC>*>(x + j * a.x_stride + d);
+              x_raw[u][j] = *reinterpret_cast<const RawVec<T, VEC>*>(x + j * a.x_stride + d);
             }
           }
         }
@@ -84,12 +73,12 @@ __global__ void __launch_bounds__(kWarps * 32) router_logits_kernel(const Router
       for (int u = 0; u < kUnroll; ++u) {
         if (d0 + int64_t{u} * 32 * VEC >= a.hidden) break;
         float wv[VEC];
-        to_f32<T, VEC>(w_raw[u], wv);
+        raw_to_f32<T, VEC>(w_raw[u], wv);
 #pragma unroll
         for (int j = 0; j < kTokensPerWarp; ++j) {
           if (j >= tokens) break;
           float xv[VEC];
-          to_f32<T, VEC>(x_raw[u][j], xv);
+          raw_to_f32<T, VEC>(x_raw[u][j], xv);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) acc[j] = fmaf(wv[i], xv[i], acc[j]);
         }
@@ -106,11 +95,6 @@ __global__ void __launch_bounds__(kWarps * 32) router_logits_kernel(const Router
     if (a.bias != nullptr) v += detail::to_f32(static_cast<const T*>(a.bias)[e]);
     static_cast<T*>(a.logits)[(t0 + lane) * a.logits_stride + e] = detail::from_f32<T>(v);
   }
-}
-
-bool rows_aligned16(const TensorRef& t) {
-  const int64_t elem = static_cast<int64_t>(dtype_size(t.dtype));
-  return detail::aligned16(t.data) && (t.stride[0] * elem) % 16 == 0;
 }
 
 }  // namespace
@@ -137,7 +121,8 @@ void moe_router_logits(const TensorRef& x, const TensorRef& weight, const Tensor
                           std::to_string(experts) + " experts is too many for one launch");
   }
   const int64_t vec = 16 / static_cast<int64_t>(dtype_size(x.dtype));
-  const bool vectorized = rows_aligned16(x) && rows_aligned16(weight) && a.hidden % vec == 0;
+  const bool vectorized =
+      detail::rows_aligned16(x) && detail::rows_aligned16(weight) && a.hidden % vec == 0;
   LaunchShape shape;
   shape.grid = dim3(static_cast<unsigned>(ctas));
   shape.block = dim3(kWarps * 32);
