@@ -264,25 +264,36 @@ def test_a_request_without_a_slot_still_runs_behind_a_stream_of_others(tmp_path)
         for i in range(3):
             engine.add_request(f"a{i}", prompt(i), PARAMS, a)
         engine.add_request("b", prompt(9), PARAMS, b)
-        b_id = engine.adapters.resolve(b)
+        b_seq = next(seq for seq in engine.scheduler.waiting if seq.request_id == "b")
         finished_b = waiting_from = None
         for step in range(300):
             engine.add_request(f"more{step}", prompt(step), PARAMS, a)
             if step == 4:
                 gate.release()
-            if waiting_from is None and engine.adapters.waiting_for_slot(b_id):
-                waiting_from = engine.stats["steps"]  # read done: it waits for A's slot
             if any(o.request_id == "b" and o.finished for o in engine.step()):
-                finished_b = engine.stats["steps"]
+                finished_b = engine.scheduler.batches_scheduled
                 break
+            if waiting_from is None:
+                waiting_from = engine.scheduler.waiting_for_room_since(b_seq)
         assert finished_b is not None, "B starved behind a stream of A"
-        # Counting steps that ran a batch (steps spent waiting for B's copy run nothing):
-        # starving after 6 of them, then A's running requests drain (4 tokens), then B's own
-        # 4 tokens; 6 steps of slack, since on a loaded CPU the cache's threads (read done,
-        # copy done) trail the steps by a few (a slack of 2 failed about 1 run in 5 beside two
-        # busy processes on 2 cores).
-        assert waiting_from is not None
-        assert finished_b - waiting_from <= 6 + 2 * PARAMS.max_tokens + 6
+        assert waiting_from is not None, "B never waited for A's slot"
+        # Batches from the one B first waits in (its read done, A holding the one slot) to the
+        # one it finishes in; steps that run nothing while B's copy lands are no batches:
+        # - starvation_steps of B's waits, one more request of A admitted beside each but the
+        #   last, in which B starts starving and A's admissions stop;
+        # - the running requests of A drain: the last one admitted, beside B's next-to-last
+        #   wait, has max_tokens - 2 tokens left;
+        # - B's own max_tokens.
+        rules = engine.scheduler.config.starvation_steps + 2 * PARAMS.max_tokens - 2
+        # Beyond that, only whole lost handoffs: in the batch after A's last request finishes
+        # no slot is taken, so B's wait does not count as starving; if the cache's starter
+        # thread has not yet evicted A for B by then, the requests of A behind B are admitted
+        # and hold the slot for max_tokens more batches, and B starves again beside them. Which
+        # thread wins is load-dependent: beside two busy processes on 2 cores about 1 run in 4
+        # loses one or more and 1 in 75 three, which fails here (beside three, 3 runs in 35
+        # lost three to five).
+        handoffs_lost, rest = divmod(finished_b - waiting_from - rules, PARAMS.max_tokens)
+        assert rest == 0 and 0 <= handoffs_lost <= 2, (finished_b - waiting_from, rules)
         engine.adapters.cache._set_read_hook(None)
     finally:
         engine.shutdown()

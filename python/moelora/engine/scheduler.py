@@ -72,7 +72,10 @@ class Scheduler:
         self.num_preemptions = 0
         # steps that ran short of max_num_seqs while queued sequences waited for their adapters
         self.num_short_for_adapters = 0
+        # non-empty batches scheduled so far: the step numbering of waiting_for_room_since
+        self.batches_scheduled = 0
         self._waited_steps: dict[int, int] = {}
+        self._waiting_since: dict[int, int] = {}  # seq_id -> batch of its first counted wait
         self._starving: int | None = None  # adapter of the sequence that starved last step
         self._demand: list[int] = []  # the demand order last given to the adapter cache
         self._demanded: set[int] = set()
@@ -104,7 +107,13 @@ class Scheduler:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self._waited_steps.pop(seq.seq_id, None)
+        self._forget_waits(seq)
+
+    def waiting_for_room_since(self, seq: Sequence) -> int | None:
+        """batches_scheduled as it stood when seq first could not get a slot, pages or a place
+        under the distinct-adapter cap: the step its count towards starvation_steps starts at.
+        None if it has not waited for room, or once it runs."""
+        return self._waiting_since.get(seq.seq_id)
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -177,7 +186,7 @@ class Scheduler:
             if self.kv.prefix_cache is not None:
                 self.kv.prefix_cache.record_lookup(len(seq.prompt_token_ids), cached)
             self.waiting.remove(seq)
-            self._waited_steps.pop(seq.seq_id, None)
+            self._forget_waits(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if seq.adapter_id is not None:
@@ -188,6 +197,8 @@ class Scheduler:
         self._starving = starving
         if waited_for_a_load and len(self.running) < self.config.max_num_seqs:
             self.num_short_for_adapters += 1
+        if not batch.is_empty():
+            self.batches_scheduled += 1
         return batch
 
     # -- helpers -----------------------------------------------------------------------------
@@ -230,7 +241,12 @@ class Scheduler:
         """Counts a step this sequence could not run; True once it is starving."""
         waited = self._waited_steps.get(seq.seq_id, 0) + 1
         self._waited_steps[seq.seq_id] = waited
+        self._waiting_since.setdefault(seq.seq_id, self.batches_scheduled)
         return waited >= self.config.starvation_steps
+
+    def _forget_waits(self, seq: Sequence) -> None:
+        self._waited_steps.pop(seq.seq_id, None)
+        self._waiting_since.pop(seq.seq_id, None)
 
     def _blocked_by_memory(self, seq: Sequence, adapters_in_batch: set[int]) -> bool:
         """Whether seq waits for room (a slot, pages, or a place under the distinct-adapter
