@@ -162,8 +162,11 @@ class Scheduler:
             if seq.adapter_id is not None:
                 if not self._admit_adapter(seq, adapters_in_batch):
                     waited_for_a_load = waited_for_a_load or not self.adapters.ready(seq.adapter_id)
+                    # Still starving in the step its adapter's slot comes free: until the cache
+                    # has moved it in, the slot would otherwise go back to the others' queue.
                     if (self._blocked_by_memory(seq, adapters_in_batch) and self._note_wait(seq)
-                            and starving is None and self._slots_taken()):
+                            and starving is None
+                            and (self._slots_taken() or seq.adapter_id == self._starving)):
                         starving = seq.adapter_id
                     continue
                 seq.pinned_adapter = True
