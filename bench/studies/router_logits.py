@@ -1,7 +1,7 @@
 """The router GEMM of a decode step: torch's linear (cuBLAS: a split-K GEMM and its reduction)
 against moe_router_logits (one launch), kernel durations by torch.profiler, mean over --calls
 eager calls after a warm-up, at gpt-oss-20b's shape by default (32 experts, hidden 2880, bf16,
-with bias). Answers whether ROUTER_KERNEL_MAX_TOKENS should move (docs/performance.md, "Router
+with bias). Answers whether ROUTER_KERNEL_MAX_LOGITS should move (docs/performance.md, "Router
 logits"). One JSON line per token count, appended to --out. GPU only.
 
     python3 bench/studies/router_logits.py --tokens 1 16 64 --out router.jsonl

@@ -1,16 +1,18 @@
 // moe_router_logits on the GPU (contract: include/moelora/moe.h): logits = round(x W^T + b), the
 // router GEMM of decode steps in one launch, where cuBLAS runs a split-K GEMM and its reduction.
 //
-// Grid mapping: one warp per (expert, group of kTokensPerWarp tokens), kWarps warps a CTA, the
-// experts varying fastest so that the warps of a CTA share token rows (through L1). A warp
-// streams its expert's weight row once, in 16-byte vectors (scalars when a row or the row
-// stride is not 16-byte aligned), kUnroll vectors of the weight row and of each token row in
-// flight per lane before any is used; each lane keeps float32 partial sums per token, and a
-// shuffle reduction ends each dot product. The sum order is the lanes' (the CPU reference sums
-// in index order), so the two agree to float32 rounding before the one rounding to the
-// activation dtype.
-// At decode the weights are E x H elements (184 KB for gpt-oss-20b): the kernel costs a few DRAM
-// round trips, and it is launched with PDL so that moe_route, which follows it, starts at once.
+// Grid mapping: one CTA per (group of kExpertsPerCta experts, group of kTokensPerCta tokens),
+// the expert groups varying fastest so that neighbouring CTAs share token rows (through L2). The
+// CTA's threads split the hidden dimension: each thread loads its kUnroll 16-byte vectors of
+// every weight row and every token row of the CTA before it uses any (scalars when a row or the
+// row stride is not 16-byte aligned), so that at gpt-oss-20b's hidden size (360 vectors a row)
+// a CTA's reads are one round trip. Each thread keeps float32 partial sums per (expert, token);
+// a shuffle reduction per warp and a sum over the warps in shared memory end each dot product.
+// The sum order is the threads' (the CPU reference sums in index order), so the two agree to
+// float32 rounding before the one rounding to the activation dtype.
+// At decode the weights are E x H elements (184 KB for gpt-oss-20b): the kernel costs its
+// launch and about one DRAM round trip, and it is launched with PDL so that moe_route, which
+// follows it, starts at once.
 #include <string>
 
 #include "common/common.cuh"
@@ -26,8 +28,10 @@ using detail::raw_to_f32;
 using detail::RawVec;
 
 constexpr int kWarps = 8;
-constexpr int kTokensPerWarp = 4;
-constexpr int kUnroll = 4;  // vectors of a row a lane loads before it uses any
+constexpr int kThreads = kWarps * 32;
+constexpr int kExpertsPerCta = 4;
+constexpr int kTokensPerCta = 4;
+constexpr int kUnroll = 2;  // vectors of each row a thread loads before it uses any
 
 struct RouterArgs {
   const void* x;  // [T, H] row stride x_stride
@@ -38,62 +42,79 @@ struct RouterArgs {
   void* logits;      // [T, E] row stride logits_stride
   int64_t logits_stride;
   int64_t num_tokens, hidden;
-  int32_t num_experts;
+  int32_t num_experts, expert_groups;
 };
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kWarps * 32) router_logits_kernel(const RouterArgs a) {
+__global__ void __launch_bounds__(kThreads) router_logits_kernel(const RouterArgs a) {
+  __shared__ float warp_sums[kWarps][kExpertsPerCta * kTokensPerCta];
   wait_for_previous_grid();  // memory only from here (common/launch.cuh)
-  const int lane = static_cast<int>(threadIdx.x & 31);
-  const int64_t work = blockIdx.x * int64_t{kWarps} + (threadIdx.x >> 5);
-  const int64_t groups = (a.num_tokens + kTokensPerWarp - 1) / kTokensPerWarp;
-  const int32_t e = static_cast<int32_t>(work % a.num_experts);
-  const int64_t t0 = work / a.num_experts * kTokensPerWarp;
-  const int tokens = static_cast<int>(detail::min64(kTokensPerWarp, a.num_tokens - t0));
-  float acc[kTokensPerWarp] = {};
-  if (work < groups * a.num_experts) {  // uniform over the warp
-    const T* w = static_cast<const T*>(a.weight) + e * a.weight_stride;
-    const T* x = static_cast<const T*>(a.x) + t0 * a.x_stride;
-    for (int64_t d0 = int64_t{lane} * VEC; d0 < a.hidden; d0 += 32 * VEC * kUnroll) {
-      RawVec<T, VEC> w_raw[kUnroll], x_raw[kUnroll][kTokensPerWarp];
+  const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+  const int32_t e0 = static_cast<int32_t>(blockIdx.x % a.expert_groups) * kExpertsPerCta;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x / a.expert_groups) * kTokensPerCta;
+  const int experts = static_cast<int>(detail::min64(kExpertsPerCta, a.num_experts - e0));
+  const int tokens = static_cast<int>(detail::min64(kTokensPerCta, a.num_tokens - t0));
+  const T* w = static_cast<const T*>(a.weight) + e0 * a.weight_stride;
+  const T* x = static_cast<const T*>(a.x) + t0 * a.x_stride;
+  const int64_t vectors = a.hidden / VEC;  // VEC divides the hidden size (checked by the host)
+  float acc[kExpertsPerCta][kTokensPerCta] = {};
+  for (int64_t v0 = threadIdx.x; v0 < vectors; v0 += int64_t{kThreads} * kUnroll) {
+    RawVec<T, VEC> w_raw[kUnroll][kExpertsPerCta], x_raw[kUnroll][kTokensPerCta];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t d = d0 + int64_t{u} * 32 * VEC;
-        if (d < a.hidden) {
-          w_raw[u] = *reinterpret_cast<const RawVec<T, VEC>*>(w + d);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t d = (v0 + int64_t{u} * kThreads) * VEC;
+      if (d < a.hidden) {
 #pragma unroll
-          for (int j = 0; j < kTokensPerWarp; ++j) {
-            if (j < tokens) {
-              x_raw[u][j] = *reinterpret_cast<const RawVec<T, VEC>*>(x + j * a.x_stride + d);
-            }
+        for (int e = 0; e < kExpertsPerCta; ++e) {
+          if (e < experts) {
+            w_raw[u][e] = *reinterpret_cast<const RawVec<T, VEC>*>(w + e * a.weight_stride + d);
           }
         }
-      }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (d0 + int64_t{u} * 32 * VEC >= a.hidden) break;
-        float wv[VEC];
-        raw_to_f32<T, VEC>(w_raw[u], wv);
-#pragma unroll
-        for (int j = 0; j < kTokensPerWarp; ++j) {
-          if (j >= tokens) break;
-          float xv[VEC];
-          raw_to_f32<T, VEC>(x_raw[u][j], xv);
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[j] = fmaf(wv[i], xv[i], acc[j]);
+        for (int j = 0; j < kTokensPerCta; ++j) {
+          if (j < tokens) {
+            x_raw[u][j] = *reinterpret_cast<const RawVec<T, VEC>*>(x + j * a.x_stride + d);
+          }
         }
       }
     }
 #pragma unroll
-    for (int j = 0; j < kTokensPerWarp; ++j) acc[j] = detail::warp_sum(acc[j]);
+    for (int u = 0; u < kUnroll; ++u) {
+      if ((v0 + int64_t{u} * kThreads) * VEC >= a.hidden) break;
+#pragma unroll
+      for (int j = 0; j < kTokensPerCta; ++j) {
+        if (j >= tokens) break;
+        float xv[VEC];
+        raw_to_f32<T, VEC>(x_raw[u][j], xv);
+#pragma unroll
+        for (int e = 0; e < kExpertsPerCta; ++e) {
+          if (e >= experts) break;
+          float wv[VEC];
+          raw_to_f32<T, VEC>(w_raw[u][e], wv);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[e][j] = fmaf(wv[i], xv[i], acc[e][j]);
+        }
+      }
+    }
   }
   release_next_grid();
-  if (work < groups * a.num_experts && lane < tokens) {
-    float v = acc[0];
 #pragma unroll
-    for (int j = 1; j < kTokensPerWarp; ++j) v = lane == j ? acc[j] : v;
-    if (a.bias != nullptr) v += detail::to_f32(static_cast<const T*>(a.bias)[e]);
-    static_cast<T*>(a.logits)[(t0 + lane) * a.logits_stride + e] = detail::from_f32<T>(v);
+  for (int e = 0; e < kExpertsPerCta; ++e) {
+#pragma unroll
+    for (int j = 0; j < kTokensPerCta; ++j) {
+      const float sum = detail::warp_sum(acc[e][j]);
+      if (lane == 0) warp_sums[warp][e * kTokensPerCta + j] = sum;
+    }
+  }
+  __syncthreads();
+  const int e = static_cast<int>(threadIdx.x) / kTokensPerCta;
+  const int j = static_cast<int>(threadIdx.x) % kTokensPerCta;
+  if (e < experts && j < tokens) {
+    float v = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kWarps; ++r) v += warp_sums[r][threadIdx.x];
+    if (a.bias != nullptr) v += detail::to_f32(static_cast<const T*>(a.bias)[e0 + e]);
+    static_cast<T*>(a.logits)[(t0 + j) * a.logits_stride + e0 + e] = detail::from_f32<T>(v);
   }
 }
 
@@ -114,8 +135,8 @@ void moe_router_logits(const TensorRef& x, const TensorRef& weight, const Tensor
   a.num_tokens = tokens;
   a.hidden = x.shape[1];
   a.num_experts = static_cast<int32_t>(experts);
-  const int64_t warps = (tokens + kTokensPerWarp - 1) / kTokensPerWarp * experts;
-  const int64_t ctas = (warps + kWarps - 1) / kWarps;
+  a.expert_groups = static_cast<int32_t>((experts + kExpertsPerCta - 1) / kExpertsPerCta);
+  const int64_t ctas = (tokens + kTokensPerCta - 1) / kTokensPerCta * a.expert_groups;
   if (ctas > 0x7fffffffLL) {
     throw InvalidArgument("moe_router_logits: " + std::to_string(tokens) + " tokens x " +
                           std::to_string(experts) + " experts is too many for one launch");
@@ -125,7 +146,7 @@ void moe_router_logits(const TensorRef& x, const TensorRef& weight, const Tensor
       detail::rows_aligned16(x) && detail::rows_aligned16(weight) && a.hidden % vec == 0;
   LaunchShape shape;
   shape.grid = dim3(static_cast<unsigned>(ctas));
-  shape.block = dim3(kWarps * 32);
+  shape.block = dim3(kThreads);
   shape.stream = detail::as_stream(stream);
   shape.after_previous_grid = true;
   MOELORA_DISPATCH_FLOAT(x.dtype, T, {

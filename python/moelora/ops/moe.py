@@ -253,18 +253,20 @@ class ExpertWeights:
         return self.weight.shape[2]
 
 
-# Steps of up to this many tokens (decode) take the router GEMM on moe_router_logits, one
-# launch; larger ones torch's GEMM (docs/performance.md, "Router logits").
-ROUTER_KERNEL_MAX_TOKENS = 128
+# Steps of up to this many router logits (tokens x experts: gpt-oss-20b's 32 experts at 64
+# tokens, qwen3-30b-a3b's 128 at 16) take the router GEMM on moe_router_logits, one launch;
+# larger ones torch's GEMM, which is faster from there (docs/performance.md, "Router logits").
+ROUTER_KERNEL_MAX_LOGITS = 2048
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   *, native: bool | None = None) -> torch.Tensor:
     """x [T, H] @ weight [E, H]^T (+ bias [E]) in x's dtype. native: moe_router_logits (the CPU
-    reference off the GPU); None: it on a GPU up to ROUTER_KERNEL_MAX_TOKENS tokens, else
+    reference off the GPU); None: it on a GPU up to ROUTER_KERNEL_MAX_LOGITS logits, else
     F.linear."""
     if native is None:
-        native = x.device.type == "cuda" and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS
+        native = (x.device.type == "cuda"
+                  and x.shape[0] * weight.shape[0] <= ROUTER_KERNEL_MAX_LOGITS)
     if not native:
         return F.linear(x, weight, bias)
     logits = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
@@ -614,7 +616,7 @@ __all__ = [
     "KERNELS",
     "MAX_EXPERTS",
     "MXFP4_LAYOUTS",
-    "ROUTER_KERNEL_MAX_TOKENS",
+    "ROUTER_KERNEL_MAX_LOGITS",
     "ROUTINGS",
     "SPLIT_BLOCK_M",
     "SPLIT_BY_SHAPE",
