@@ -57,7 +57,6 @@ constexpr int kMaxMmaWarps = 4;
 
 // ---- attention ("Attention kernels", "Split-KV") ------------------------------------------------
 constexpr int32_t kMaxAttentionSplits = 8;  // the portable cluster size
-constexpr int64_t kMinKeysPerSplit = 256;
 
 bool prefers_unsorted(const LoraStep& s) {
   if (s.dense) return s.num_pairs <= kUnsortedMaxDenseRows;

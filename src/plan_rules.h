@@ -72,6 +72,10 @@ int32_t mma_cluster_split(const MmaSplitShape& shape, const LoraPlan& plan,
 bool attention_kernel_fits(AttentionKernel kernel, const AttentionStep& step,
                            const DeviceProps& device);
 
+// Keys a split-KV split takes at least (also the kernels' cap on the splits a short context
+// uses: AttnArgs::min_keys_per_split).
+constexpr int32_t kMinKeysPerSplit = 256;
+
 // Split-KV factor (cluster size) for `ctas` CTAs over contexts of up to max_context keys:
 // plan.splits when set; else ~2 waves of CTAs, or, given the CTAs the GPU holds at once
 // (resident_ctas > 0), at most one wave; >= 256 keys a split; 1 before sm_90.

@@ -66,11 +66,17 @@ struct AttnArgs {
   float scale;
   int32_t sliding_window;
   int32_t num_heads;
+  // Keys a split takes at least: a query with fewer than splits x this leaves the splits past
+  // its need empty. The host sizes a split-KV cluster by the block table's width, which in a
+  // captured graph is the longest context the graph serves, not this step's; 0 (a plan that
+  // forces its splits): every split takes a share.
+  int32_t min_keys_per_split;
   KvLayout kv;
 };
 
 // Keys token t sees: [first, last] (its window, causal), num_keys of them; this split's
-// contiguous share [my_first, my_last]; seq < 0 when the token has no valid sequence.
+// contiguous share [my_first, my_last] (empty for splits past what the keys need, see
+// AttnArgs::min_keys_per_split); seq < 0 when the token has no valid sequence.
 struct KeyRange {
   int64_t seq, first, last, num_keys, my_first, my_last;
 };
@@ -88,7 +94,12 @@ __device__ __forceinline__ KeyRange key_range(const AttnArgs& a, int64_t t, int 
     r.first = a.sliding_window > 0 ? detail::max64(0, pos - a.sliding_window + 1) : 0;
   }
   r.num_keys = detail::max64(0, r.last - r.first + 1);
-  const int64_t share = (r.num_keys + splits - 1) / splits;
+  int64_t used = splits;
+  if (a.min_keys_per_split > 0) {
+    used = detail::min64(splits, detail::max64(1, (r.num_keys + a.min_keys_per_split - 1) /
+                                                      a.min_keys_per_split));
+  }
+  const int64_t share = (r.num_keys + used - 1) / used;
   r.my_first = r.first + share * split;
   r.my_last = detail::min64(r.last, r.my_first + share - 1);
   return r;

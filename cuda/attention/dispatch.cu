@@ -16,7 +16,7 @@ namespace moelora::cuda {
 
 namespace {
 
-AttnArgs attention_args(const PagedAttentionArgs& args) {
+AttnArgs attention_args(const PagedAttentionArgs& args, const AttentionPlan& plan) {
   AttnArgs a{};
   a.out = args.out.data;
   a.out_s0 = args.out.stride[0];
@@ -41,6 +41,7 @@ AttnArgs attention_args(const PagedAttentionArgs& args) {
   a.scale = args.scale;
   a.sliding_window = args.sliding_window;
   a.num_heads = static_cast<int32_t>(args.query.shape[1]);
+  a.min_keys_per_split = plan.splits > 0 ? 0 : plan_rules::kMinKeysPerSplit;
   a.kv = kv_layout(args.cache);
   return a;
 }
@@ -50,7 +51,7 @@ AttnArgs attention_args(const PagedAttentionArgs& args) {
 void paged_attention(const PagedAttentionArgs& args, const AttentionPlan& plan, void* stream) {
   const int64_t num_tokens = args.query.shape[0];
   if (num_tokens == 0) return;
-  const AttnArgs a = attention_args(args);
+  const AttnArgs a = attention_args(args, plan);
   const DeviceProps device = device_props(DeviceKind::kCUDA, -1);
   AttentionStep step;
   step.num_heads = a.num_heads;
