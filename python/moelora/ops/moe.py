@@ -253,10 +253,10 @@ class ExpertWeights:
         return self.weight.shape[2]
 
 
-# Steps of up to this many router logits (tokens x experts: gpt-oss-20b's 32 experts at 64
-# tokens, qwen3-30b-a3b's 128 at 16) take the router GEMM on moe_router_logits, one launch;
+# Steps of up to this many router logits (tokens x experts: gpt-oss-20b's 32 experts at 128
+# tokens, qwen3-30b-a3b's 128 at 32) take the router GEMM on moe_router_logits, one launch;
 # larger ones torch's GEMM, which is faster from there (docs/performance.md, "Router logits").
-ROUTER_KERNEL_MAX_LOGITS = 2048
+ROUTER_KERNEL_MAX_LOGITS = 4096
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
