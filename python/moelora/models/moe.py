@@ -1,8 +1,8 @@
 """MoE block: router, base experts over (token, k) pairs, and the expert LoRA hooks.
 
-Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), four native ops
+Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), five native ops
 (moelora.ops.moe; the same kernels' CPU references on the CPU):
-  router logits [T, E] (router_logits) -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
+  router_logits [T, E] -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
   h13 [T*K, 2I] = x[pair token] @ w13[expert]^T (+ b13)
   h   [T*K, I]  = act(h13 + d13)     d13: ctx.moe_lora_w13_delta, added in the activation
   y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))
