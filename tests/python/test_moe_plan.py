@@ -192,26 +192,42 @@ def test_tiled_grid_counts_tiles_blocks_and_k_steps():
 
 
 def test_split_rule_at_gpt_oss_decode_shapes():
-    # one token: w13 360 CTAs (0.55 waves of 660) -> 4 ways; w2 180 CTAs wants 8, K's 23 steps
-    # allow 5
-    assert _gpt_oss_ways(1) == (4, 5)
+    # one token: w13 360 CTAs (0.55 waves of 660) stays whole; w2 180 CTAs (0.27) wants 8
+    # ways for two waves, and K's 23 k-steps allow them
+    assert _gpt_oss_ways(1) == (1, 8)
     # 16 tokens: ~28 experts, w13 ~2500 CTAs and w2 ~1260, both past one wave: whole
     assert _gpt_oss_ways(16) == (1, 1)
     assert _gpt_oss_ways(64, 32) == (1, 1)
 
 
+def test_split_rule_at_dense_decode_shapes():
+    # bf16 rows are long (gpt-oss-20b: 90 k-steps): eight ways up to 2.5 waves of CTAs
+    w13 = moe_ops.ExpertWeights("dense", torch.empty(32, 2 * 2880, 2880, dtype=torch.bfloat16))
+    for tokens in (1, 3):
+        ctas, k_steps = moe_ops.tiled_grid(w13, True, 8, tokens * 4, 4)
+        assert k_steps == 90
+        assert moe_ops.split_k_ways(ctas, k_steps, H100_SMS, dense=True) == 8
+    wave = H100_SMS * moe_ops.TILED_CTAS_PER_SM
+    assert moe_ops.split_k_ways(2 * wave, 90, H100_SMS, dense=True) == 8
+    assert moe_ops.split_k_ways(3 * wave, 90, H100_SMS, dense=True) == 1
+    # the same grid of quantized rows stays whole past SPLIT_BELOW_WAVES
+    assert moe_ops.split_k_ways(wave, 90, H100_SMS) == 1
+
+
 def test_split_rule_bounds():
     wave = H100_SMS * moe_ops.TILED_CTAS_PER_SM
-    assert moe_ops.split_k_ways(wave, 100, H100_SMS) == 1  # a full wave stays whole
-    assert moe_ops.split_k_ways(0, 100, H100_SMS) == 1  # an empty step
-    assert moe_ops.split_k_ways(wave / 2, 100, H100_SMS) == 4  # two waves
+    for dense in (False, True):
+        assert moe_ops.split_k_ways(4 * wave, 100, H100_SMS, dense) == 1  # past the waves
+        assert moe_ops.split_k_ways(0, 100, H100_SMS, dense) == 1  # an empty step
+        assert moe_ops.split_k_ways(10, 12, H100_SMS, dense) == 1  # rows too short to split
+    assert moe_ops.split_k_ways(wave / 4, 100, H100_SMS) == 8  # two waves
     assert moe_ops.split_k_ways(1, 1000, H100_SMS) == moe_ops.MAX_GEMM_SPLITS
-    assert moe_ops.split_k_ways(10, 7, H100_SMS) == 1  # K too short to split
     for ctas in (1, 7, 133, 400, wave - 1):
-        for k_steps in (1, 4, 9, 23, 90):
-            ways = moe_ops.split_k_ways(ctas, k_steps, H100_SMS)
-            assert 1 <= ways <= moe_ops.MAX_GEMM_SPLITS
-            assert ways == 1 or k_steps // ways >= moe_ops.SPLIT_MIN_K_STEPS
+        for k_steps in (1, 4, 9, 16, 23, 90):
+            for dense in (False, True):
+                ways = moe_ops.split_k_ways(ctas, k_steps, H100_SMS, dense)
+                assert 1 <= ways <= moe_ops.MAX_GEMM_SPLITS
+                assert ways == 1 or k_steps // ways >= moe_ops.SPLIT_MIN_K_STEPS
     # the SM count is read, not assumed: a smaller GPU needs fewer ways
     assert moe_ops.split_k_ways(180, 23, 66) < moe_ops.split_k_ways(180, 23, H100_SMS)
 

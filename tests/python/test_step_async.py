@@ -255,6 +255,7 @@ def test_gpu_async_engine_matches_the_synchronous_one(assets, monkeypatch, decod
     # keys it could hold and shrinks with the bucket; one split keeps a row's sums per bucket.
     monkeypatch.setitem(moe_ops.GEMM_PLAN, "dense", ((math.inf, "tensor_core", 8),))
     monkeypatch.setattr(moe_ops, "SPLIT_BELOW_WAVES", 0.0)
+    monkeypatch.setattr(moe_ops, "SPLIT_BELOW_WAVES_DENSE", 0.0)
     one_split = PlanOverrides.parse("attention_splits=1")
     make_context = PagedContext.__init__
     monkeypatch.setattr(PagedContext, "__init__",

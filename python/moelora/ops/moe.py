@@ -71,31 +71,41 @@ GEMM_PLAN = {
 }
 
 # Split-K of the tiled kernel (moelora/moe.h MoeGemmOptions.splits), decided per GEMM from its
-# grid: one CTA per (row tile, block) is too few CTAs at decode. Nsight Compute on an H100,
-# gpt-oss-20b MXFP4 at one token: w13's 360 CTAs fill 0.55 of a wave of resident CTAs (17%
-# occupancy, 836 GB/s), w2's 180 CTAs 0.27 (450 GB/s); with so few warps per SM each warp's
-# load -> dequantize -> mma chain sets the pace, not HBM. Splitting K over grid z puts more
-# independent warps on the same weight bytes; a finishing kernel adds the float32 partial sums
-# (a few KB to MB in L2) and applies the epilogue. Measured on the same H100 (one layer, plan
-# against unsplit tiles): w2 at one token 41.2 -> 29.0 us (180 CTAs, 5 ways), w13 46.3 -> 44.5
-# (360 CTAs, 4 ways), w2 at four tokens 57.0 -> 62.4 (~630 CTAs, 3 ways: worse). The rule:
-# grids of at least SPLIT_BELOW_WAVES of a wave stay whole (prefill, and decode steps that touch
-# many experts, where the splits only add partial-sum traffic); smaller ones split into enough
-# ways for SPLIT_TARGET_WAVES waves, keeping at least SPLIT_MIN_K_STEPS k-steps (64 weight bytes
-# of a row each) per CTA so that the weight prefetch (4 k-steps deep) still fills.
+# grid: one CTA per (row tile, block) is too few CTAs at decode, and each warp's load ->
+# dequantize -> mma chain then sets the pace rather than HBM; splitting K over grid z puts more
+# independent warps on the same weight bytes, and a finishing kernel adds the float32 partial
+# sums (L2-resident) and applies the epilogue. Fitted on one H100 over forced 1, 2, 4 and 8 ways
+# per GEMM at 1-3 tokens (bench/results/h100-split-rule.jsonl; docs/performance.md, "Split-K
+# at decode"):
+# - quantized stacks (MXFP4, FP8: 23-32 k-steps of 64 bytes a row at these shapes) gain only
+#   below SPLIT_BELOW_WAVES of a wave of resident CTAs (gpt-oss-20b MXFP4 w2 at one token, 180
+#   CTAs: 25.4 us whole, 20.6 in 8 ways; its w13, 360 CTAs: 29.7 whole, 32.1 in 4), into
+#   enough ways for SPLIT_TARGET_WAVES waves, at least SPLIT_MIN_K_STEPS k-steps a split; rows
+#   of fewer than SPLIT_MIN_ROW_STEPS k-steps stay whole (qwen3-30b-a3b FP8 w2, 12 k-steps:
+#   17.0 us whole, 17.6-20.0 split);
+# - dense stacks (bf16: 64-90 k-steps a row) gain from SPLIT_DENSE_WAYS ways up to
+#   SPLIT_BELOW_WAVES_DENSE waves (gpt-oss-20b bf16 at three tokens, w13 ~950 CTAs: 249 us
+#   whole, 207 in 8 ways; qwen3-30b-a3b bf16 at eight tokens, w2 ~1630 CTAs: 88.8 whole, 72.6).
+#   Past 2.5 waves nothing was measured in the engine's steps; gpt-oss-20b bf16 w13 at eight
+#   tokens (~1970 CTAs) still gained in the layer sweep (334 -> 306 us).
 TILED_CTAS_PER_SM = 5  # resident CTAs of the decode shapes: 95 registers x 128 threads
-SPLIT_BELOW_WAVES = 0.6
+SPLIT_BELOW_WAVES = 0.4
 SPLIT_TARGET_WAVES = 2
-SPLIT_MIN_K_STEPS = 4
+SPLIT_MIN_K_STEPS = 2
+SPLIT_MIN_ROW_STEPS = 16
+SPLIT_BELOW_WAVES_DENSE = 2.5
+SPLIT_DENSE_WAYS = 8
 
 
-def split_k_ways(ctas: float, k_steps: int, sm_count: int) -> int:
+def split_k_ways(ctas: float, k_steps: int, sm_count: int, dense: bool = False) -> int:
     """Split-K ways for a tiled-kernel grid of `ctas` CTAs (row tiles x expected blocks) whose
-    weight rows hold `k_steps` k-steps, on a GPU of `sm_count` SMs."""
+    weight rows hold `k_steps` k-steps, on a GPU of `sm_count` SMs; `dense`: bf16 / fp16
+    weights, else quantized."""
     wave = sm_count * TILED_CTAS_PER_SM
-    if ctas <= 0 or ctas >= SPLIT_BELOW_WAVES * wave:
+    below = SPLIT_BELOW_WAVES_DENSE if dense else SPLIT_BELOW_WAVES
+    if ctas <= 0 or ctas >= below * wave or k_steps < SPLIT_MIN_ROW_STEPS:
         return 1
-    wanted = math.ceil(SPLIT_TARGET_WAVES * wave / ctas)
+    wanted = SPLIT_DENSE_WAYS if dense else math.ceil(SPLIT_TARGET_WAVES * wave / ctas)
     return max(1, min(wanted, k_steps // SPLIT_MIN_K_STEPS, MAX_GEMM_SPLITS))
 
 
@@ -374,7 +384,8 @@ def gemm_splits(input: torch.Tensor, routing: Routing, weights: ExpertWeights,
         return 1
     ctas, k_steps = tiled_grid(weights, gated, routing.block_m, routing.num_pairs,
                                routing.top_k)
-    return split_k_ways(ctas, k_steps, _sm_count(input.device.index or 0))
+    return split_k_ways(ctas, k_steps, _sm_count(input.device.index or 0),
+                        dense=weights.format == "dense")
 
 
 def dequantize(weights: ExpertWeights, first_expert: int = 0, count: int | None = None,
