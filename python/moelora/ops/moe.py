@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from moelora import _C
+from moelora._C import InvalidArgument
 from moelora._tensor import as_optional_ref, as_ref, stream_handle
 
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1}
@@ -329,9 +330,13 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
                 topk_weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 kernel: str = "auto", stream_consumers: int = 0, splits: int = 1,
-                workspace: torch.Tensor | None = None) -> torch.Tensor:
+                workspace: torch.Tensor | None = None, sum_top_k: int = 0,
+                sum_addend: torch.Tensor | None = None) -> torch.Tensor:
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
     [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
+    sum_top_k = K > 0 (no activation): [P/K, N], bit for bit moe_sum(that, K, addend=sum_addend)
+    with the routing's topk_ids; one op where the tiled kernel splits K (its finishing kernel
+    sums), else the GEMM and moe_sum as two.
 
     kernel: one of GEMM_KERNELS, or "auto": on a GPU the routing's plan (falling back to the
     tiled or simple kernel when the planned one cannot take the call), else the library's
@@ -343,7 +348,12 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     num_pairs = input.shape[0] * input_pairs_per_row
     width = weights.out_dim // 2 if activation != "none" else weights.out_dim
     if out is None:
-        out = input.new_empty(num_pairs, width)
+        rows = num_pairs // sum_top_k if sum_top_k > 0 else num_pairs
+        out = input.new_empty(rows, width)
+    as_asked = {"input_pairs_per_row": input_pairs_per_row, "activation": activation,
+                "swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit,
+                "topk_weights": topk_weights, "kernel": kernel,
+                "stream_consumers": stream_consumers, "splits": splits, "workspace": workspace}
     fall_back = kernel == "auto" and routing.plan is not None and input.is_cuda
     consumers = stream_consumers
     if fall_back:
@@ -351,6 +361,8 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         splits = routing.plan.splits
     if kernel == GROUPED:
         why = _grouped_refusal(input, weights)
+        if not why and sum_top_k > 0:
+            return _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, as_asked)
         if not why:
             return _grouped_gemm(input, input_pairs_per_row, routing, weights, activation,
                                  swiglu_alpha, swiglu_limit, topk_weights, out)
@@ -360,6 +372,10 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     if splits == SPLIT_BY_SHAPE:
         tiled = kernel in ("tensor_core", "auto")
         splits = gemm_splits(input, routing, weights, activation != "none") if tiled else 1
+    if sum_top_k > 0 and splits <= 1 and input.is_cuda:
+        # no finishing kernel to sum in: y and moe_sum here, on torch's allocator (the native
+        # op's fallback takes stream-ordered scratch, a cost at prefill's sizes)
+        return _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, as_asked)
     if splits > 1 and workspace is None and input.is_cuda:
         workspace = torch.empty(splits * num_pairs * weights.out_dim, dtype=torch.float32,
                                 device=input.device)
@@ -372,8 +388,24 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         _code(ACTIVATIONS, activation, "activation"), swiglu_alpha, swiglu_limit,
         as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
         _code(KERNELS, kernel, "kernel"), fall_back, consumers, splits,
-        as_optional_ref(workspace))
+        as_optional_ref(workspace), sum_top_k, as_optional_ref(sum_addend),
+        as_optional_ref(routing.topk_ids if sum_top_k else None))
     return out
+
+
+def _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, gemm):
+    """expert_gemm's sum over top-k as its two ops: the GEMM as asked (`gemm`, its arguments:
+    the same kernel choice, which does not split K), then moe_sum into out (which names a wrong
+    out or addend). The rest of what the native op refuses is refused here in its words."""
+    num_pairs = input.shape[0] * gemm["input_pairs_per_row"]
+    if gemm["activation"] != "none":
+        raise InvalidArgument("moe_expert_gemm: sum_top_k needs activation none (the w2 GEMM); "
+                              "a gated activation's rows are not summed")
+    if num_pairs % sum_top_k:
+        raise InvalidArgument(f"moe_expert_gemm: sum_top_k = {sum_top_k} must divide the "
+                              f"{num_pairs} pairs")
+    y = expert_gemm(input, routing, weights, **gemm)
+    return moe_sum(y, sum_top_k, out=out, addend=sum_addend)
 
 
 def gemm_splits(input: torch.Tensor, routing: Routing, weights: ExpertWeights,
