@@ -7,6 +7,8 @@ Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), fi
   h   [T*K, I]  = act(h13 + d13)     d13: ctx.moe_lora_w13_delta, added in the activation
   y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))
   out [T, H]    = sum over K of (y + d2)     d2: ctx.moe_lora_w2_delta (w * delta), in the sum
+(the last two one op, expert_gemm(..., sum_top_k=K): where w2 splits K its finishing kernel sums
+and y never exists.)
 The deltas are asked for before the GEMM they belong to, so that their kernels may run beside it
 (engine/paged_context.py).
 Pair p = t * K + k throughout, the layout the native align kernel consumes. When the context has no
@@ -177,9 +179,9 @@ class Experts(nn.Module):
             h = moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k, **act)
         lora = ctx.moe_lora_w2_delta(layer, h, routing.topk_ids, routing.topk_weights,
                                      x.shape[1])
-        y = moe_ops.expert_gemm(h, routing, w2, input_pairs_per_row=1,
-                                topk_weights=routing.topk_weights.view(-1))
-        return moe_ops.moe_sum(y, k, addend=None if lora is None else lora.joined())
+        return moe_ops.expert_gemm(h, routing, w2, input_pairs_per_row=1,
+                                   topk_weights=routing.topk_weights.view(-1), sum_top_k=k,
+                                   sum_addend=None if lora is None else lora.joined())
 
 
 class MoeBlock(nn.Module):
