@@ -12,17 +12,18 @@ Variants: "plan" (the step's plan, moelora.ops.moe.GEMM_PLAN, falling back as th
 touched expert: the form before the plan existed, the baseline every ratio is against), or
 kernel[:block_m[:consumers]][:s[ways]] run strictly (ops.moe.GemmPlan.parse; ":s4" splits K
 four ways in both GEMMs, ":s" by ops.moe.split_k_ways per GEMM; a variant that cannot take a
-case is reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset, tokens, weights, variant): the fused layer
-(moelora.ops.moe: route, expert_gemm for w13 with the activation fused, expert_gemm for w2 with
-the routing weights and the sum over top-k, as the model calls them) captured in one CUDA graph and replayed (CUDA events, median, L2
-flushed before each replay unless --warm-l2); its two GEMMs each in a graph of their own, w2
-without the sum (and route and moe_sum for the first variant); the layer eager with a host clock; and, once per
-(preset, tokens), the torch path on the same routing (argsort, gather, torch._grouped_mm bf16,
-activation, grouped_mm, weighting, index_add) over bf16 weights of the same shapes. Bytes: the
-touched experts' weights as stored (MXFP4 4.25 bits a weight, FP8 1 byte plus block scales,
-bf16 2 bytes; biases), the input and the output; roofline = bytes / the card's copy rate
-(BENCHMARKS.md: H100 3.0 TB/s, H200 4.18 TB/s). One JSON line per case on stdout, appended to
---out when given; --table prints every variant side by side at the end.
+case is reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset,
+tokens, weights, variant): the fused layer (moelora.ops.moe: route, expert_gemm for w13 with the
+activation fused, expert_gemm for w2 with the routing weights and the sum over top-k, as the model
+calls them) captured in one CUDA graph and replayed (CUDA events, median, L2 flushed before each
+replay unless --warm-l2); its two GEMMs each in a graph of their own, w2 without the sum (and route
+and moe_sum for the first variant); the layer eager with a host clock; and, once per (preset,
+tokens), the torch path on the same routing (argsort, gather, torch._grouped_mm bf16, activation,
+grouped_mm, weighting, index_add) over bf16 weights of the same shapes. Bytes: the touched experts'
+weights as stored (MXFP4 4.25 bits a weight, FP8 1 byte plus block scales, bf16 2 bytes; biases),
+the input and the output; roofline = bytes / the card's copy rate (BENCHMARKS.md: H100 3.0 TB/s,
+H200 4.18 TB/s). One JSON line per case on stdout, appended to --out when given; --table prints
+every variant side by side at the end.
 """
 
 from __future__ import annotations
