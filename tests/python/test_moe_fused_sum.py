@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_reference import assert_close, gemm_reference, manual_routing, random_weights
+from moe_reference import assert_close, fused_sum_reference, manual_routing, random_weights
 from moelora import InvalidArgument
 from moelora.ops import moe as moe_ops
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def fused_sum_reference(h, routing, w, topk_weights, addend, dtype):
-    """float64 [T, H]: each pair's row as the GEMM rounds it to `dtype`, plus its addend, summed
-    over k in float32 in increasing k, as moelora/moe.h defines the sum."""
-    k = routing.top_k
-    y = gemm_reference(h, 1, routing.topk_ids, w, topk_weights=topk_weights).to(dtype).float()
-    if addend is not None:
-        y = y + addend.float()
-    total = torch.zeros(y.shape[0] // k, y.shape[1])
-    for j in range(k):  # k in order, float32
-        total = total + y[j::k]
-    return total.double()
 
 
 def _with_ids(routing: moe_ops.Routing, ids: torch.Tensor) -> moe_ops.Routing:
