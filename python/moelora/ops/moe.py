@@ -3,8 +3,9 @@ stored (dense, MXFP4, block FP8), the gated activation and the sum over top-k.
 
 One layer: ``router_logits``, ``route`` (router logits -> top-k, weights, expert blocks),
 ``expert_gemm`` for w13 (activation fused, or h13 then ``activation`` when a LoRA delta goes in
-between), ``expert_gemm`` for w2 with the routing weights, ``moe_sum``. Outputs are allocated
-here; every check is the library's (``moelora.InvalidArgument`` naming the argument). Import as
+between), ``expert_gemm`` for w2 with the routing weights and the sum over top-k
+(``sum_top_k``; ``moe_sum`` is that sum alone). Outputs are allocated here; every check is the
+library's, or worded as it (``moelora.InvalidArgument`` naming the argument). Import as
 ``from moelora.ops import moe as moe_ops``.
 
 Which expert GEMM runs is decided once per step by ``plan_expert_gemm`` from GEMM_PLAN (weight
