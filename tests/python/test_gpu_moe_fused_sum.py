@@ -21,6 +21,12 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _sum_in_split_finish(monkeypatch):
+    # the engine's default keeps the two ops on the GPU until these tests have run there
+    monkeypatch.setattr(moe_ops, "SUM_IN_SPLIT_FINISH", True)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

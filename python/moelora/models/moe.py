@@ -7,8 +7,9 @@ moelora.ops.moe (native kernels; their CPU references on the CPU):
   h   [T*K, I]  = act(h13 + d13)     d13: ctx.moe_lora_w13_delta, added in the activation
   y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))
   out [T, H]    = sum over K of (y + d2)     d2: ctx.moe_lora_w2_delta (w * delta), in the sum
-(the last two one op, expert_gemm(..., sum_top_k=K): where w2 splits K its finishing kernel sums
-and y never exists; elsewhere moe_sum follows the GEMM.)
+(the last two one op, expert_gemm(..., sum_top_k=K): where w2 splits K and
+ops.moe.SUM_IN_SPLIT_FINISH is on, its finishing kernel sums and y never exists; elsewhere
+moe_sum follows the GEMM.)
 The deltas are asked for before the GEMM they belong to, so that their kernels may run beside it
 (engine/paged_context.py).
 Pair p = t * K + k throughout, the layout the native align kernel consumes. When the context has no

@@ -98,6 +98,12 @@ SPLIT_MIN_ROW_STEPS = 16
 SPLIT_BELOW_WAVES_DENSE = 2.5
 SPLIT_DENSE_WAYS = 8
 
+# Whether a split w2's finishing kernel also sums over top-k on the GPU (expert_gemm's
+# sum_top_k: one launch fewer a layer at 1-2 token steps). Off until its GPU tests
+# (test_gpu_moe_fused_sum.py) and a step A/B have run on a GPU: off, the GPU runs the GEMM and
+# moe_sum as two ops, as the CPU's reference defines them.
+SUM_IN_SPLIT_FINISH = False
+
 
 def split_k_ways(ctas: float, k_steps: int, sm_count: int, dense: bool = False) -> int:
     """Split-K ways for a tiled-kernel grid of `ctas` CTAs (row tiles x expected blocks) whose
@@ -336,8 +342,8 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
     [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
     sum_top_k = K > 0 (no activation): [P/K, N], bit for bit moe_sum(that, K, addend=sum_addend)
-    with the routing's topk_ids; one op where the tiled kernel splits K (its finishing kernel
-    sums), else the GEMM and moe_sum as two.
+    with the routing's topk_ids; one op where the tiled kernel splits K and SUM_IN_SPLIT_FINISH
+    is on (its finishing kernel sums), else the GEMM and moe_sum as two.
 
     kernel: one of GEMM_KERNELS, or "auto": on a GPU the routing's plan (falling back to the
     tiled or simple kernel when the planned one cannot take the call), else the library's
@@ -373,9 +379,10 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     if splits == SPLIT_BY_SHAPE:
         tiled = kernel in ("tensor_core", "auto")
         splits = gemm_splits(input, routing, weights, activation != "none") if tiled else 1
-    if sum_top_k > 0 and splits <= 1 and input.is_cuda:
-        # no finishing kernel to sum in: y and moe_sum here, on torch's allocator (the native
-        # op's fallback takes stream-ordered scratch, a cost at prefill's sizes)
+    if sum_top_k > 0 and (splits <= 1 or not SUM_IN_SPLIT_FINISH) and input.is_cuda:
+        # no finishing kernel to sum in (or SUM_IN_SPLIT_FINISH off): y and moe_sum here, on
+        # torch's allocator (the native op's fallback takes stream-ordered scratch, a cost at
+        # prefill's sizes)
         return _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, as_asked)
     if splits > 1 and workspace is None and input.is_cuda:
         workspace = torch.empty(splits * num_pairs * weights.out_dim, dtype=torch.float32,
