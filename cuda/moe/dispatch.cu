@@ -72,18 +72,9 @@ moe::GemmArgs gemm_args(const TensorRef& input, int32_t input_pairs_per_row,
   a.sorted_pairs = static_cast<const int32_t*>(sorted_pairs.data);
   a.block_expert = static_cast<const int32_t*>(block_expert.data);
   a.num_blocks = static_cast<const int32_t*>(num_blocks.data);
-  a.num_pairs = input.shape[0] * input_pairs_per_row;
+  a.num_pairs = output.shape[0];
   a.splits = 1;
   a.split_steps = (a.row_bytes + 63) / 64;
-  if (epilogue.sum_top_k > 0) {
-    a.sum_top_k = epilogue.sum_top_k;
-    a.topk_ids = static_cast<const int32_t*>(epilogue.topk_ids.data);
-    a.num_experts = w.weight.shape[0];
-    if (!is_absent(epilogue.sum_addend)) {
-      a.sum_addend = epilogue.sum_addend.data;
-      a.sum_addend_stride = epilogue.sum_addend.stride[0];
-    }
-  }
   return a;
 }
 
@@ -161,29 +152,23 @@ int steps_per_stage(MoeWeightFormat format) {
   }
 }
 
-// The tiled kernel's split of K for `wanted` ways into a.splits and a.split_steps: the k-steps
-// per split round up to whole x stages, so fewer splits may hold them all; 1 (one CTA per
-// tile and block, its own epilogue) where one does or there are no pairs.
-void plan_splits(moe::GemmArgs& a, MoeWeightFormat format, int32_t wanted) {
+// The tiled kernel in `wanted` k splits (1: its own epilogue, as one CTA per tile and block
+// computes it). The k-steps per split round up to whole x stages, so fewer splits may hold
+// them all; the partials go to the caller's workspace (checked by moe_ops.cpp to hold
+// wanted * pairs * N floats) or to stream-ordered scratch.
+void launch_tensor_core(moe::GemmArgs a, const TensorRef& input, const MoeExpertWeights& w,
+                        int32_t block_m, int64_t max_blocks, int32_t wanted,
+                        const TensorRef& workspace, cudaStream_t s) {
   const int steps = (a.row_bytes + 63) / 64;
-  const int per_stage = steps_per_stage(format);
+  const int per_stage = steps_per_stage(w.format);
   const int per_split = (steps + std::max(wanted, 1) - 1) / std::max(wanted, 1);
   a.split_steps = std::max(per_stage, (per_split + per_stage - 1) / per_stage * per_stage);
   a.splits = (steps + a.split_steps - 1) / a.split_steps;
   if (a.splits <= 1 || a.num_pairs == 0) {
     a.splits = 1;
     a.split_steps = std::max(steps, 1);
+    return launch_tiles(a, input, w, block_m, max_blocks, s);
   }
-}
-
-// The tiled kernel in `wanted` k splits (plan_splits); the partials go to the caller's
-// workspace (checked by moe_ops.cpp to hold wanted * pairs * N floats) or to stream-ordered
-// scratch.
-void launch_tensor_core(moe::GemmArgs a, const TensorRef& input, const MoeExpertWeights& w,
-                        int32_t block_m, int64_t max_blocks, int32_t wanted,
-                        const TensorRef& workspace, cudaStream_t s) {
-  plan_splits(a, w.format, wanted);
-  if (a.splits == 1) return launch_tiles(a, input, w, block_m, max_blocks, s);
   const bool own = is_absent(workspace);
   const size_t bytes = sizeof(float) * static_cast<size_t>(a.splits) *
                        static_cast<size_t>(a.num_pairs) * static_cast<size_t>(a.n_dim);
@@ -203,44 +188,6 @@ void refuse(const char* kernel, const std::string& why) {
                         " kernel cannot take this call: " + why);
 }
 
-// Whether the call runs the tiled kernel split into two or more ways of K, whose finishing
-// kernel then takes MoeEpilogue::sum_top_k: the kernel asked for or chosen by kAuto (kSimple
-// and kStream take splits = 1, moe_ops.cpp checks), the tiled kernel taking the call and
-// plan_splits keeping a split.
-bool finish_sums(const moe::GemmArgs& a, const MoeExpertWeights& w, const std::string& refusal,
-                 const MoeGemmOptions& options) {
-  if (options.splits <= 1 || !refusal.empty()) return false;
-  if (options.kernel != MoeGemmKernel::kAuto && options.kernel != MoeGemmKernel::kTensorCore) {
-    return false;
-  }
-  moe::GemmArgs planned = a;
-  plan_splits(planned, w.format, options.splits);
-  return planned.splits > 1;
-}
-
-// MoeEpilogue::sum_top_k where no finishing kernel runs: the GEMM into stream-ordered scratch
-// rows y [P, N], then moe_sum, the sum's one definition.
-void sum_apart(const TensorRef& input, int32_t input_pairs_per_row, const MoeExpertWeights& w,
-               const TensorRef& sorted_pairs, const TensorRef& block_expert,
-               const TensorRef& num_blocks, int32_t block_m, const MoeEpilogue& epilogue,
-               const TensorRef& output, cudaStream_t s, const MoeGemmOptions& options) {
-  const int64_t pairs = input.shape[0] * input_pairs_per_row, width = output.shape[1];
-  if (pairs == 0 || width == 0) return;
-  void* rows = detail::scratch_alloc(
-      static_cast<size_t>(pairs * width) * dtype_size(output.dtype), s);
-  const TensorRef y =
-      make_tensor_ref(rows, output.dtype, {pairs, width}, DeviceKind::kCUDA, output.device_index);
-  try {
-    cuda::moe_expert_gemm(input, input_pairs_per_row, w, sorted_pairs, block_expert, num_blocks,
-                          block_m, without_sum(epilogue), y, s, options);
-    cuda::moe_sum(y, epilogue.sum_top_k, output, s, epilogue.sum_addend);
-  } catch (...) {
-    cudaFreeAsync(rows, s);  // best effort: the launch error is the one to report
-    throw;
-  }
-  detail::scratch_free(rows, s);
-}
-
 }  // namespace
 
 void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
@@ -253,10 +200,6 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
   const int64_t max_blocks = block_expert.shape[0];
   const cudaStream_t s = detail::as_stream(stream);
   const std::string refusal = tensor_core_refusal(input, weights, block_m, max_blocks);
-  if (epilogue.sum_top_k > 0 && !finish_sums(a, weights, refusal, options)) {
-    return sum_apart(input, input_pairs_per_row, weights, sorted_pairs, block_expert, num_blocks,
-                     block_m, epilogue, output, s, options);
-  }
   MoeGemmKernel kernel = options.kernel;
   const bool fall_back = options.fall_back;
   if (kernel == MoeGemmKernel::kStream) {

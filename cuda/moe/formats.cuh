@@ -74,15 +74,7 @@ struct GemmArgs {
   int32_t split_steps;
   int32_t splits;
   float* partials;    // [splits][num_pairs][n_dim]: by weight row n (gated: gate j, up I + j)
-  int64_t num_pairs;  // pairs: output rows, or sum_top_k times them
-  // MoeEpilogue::sum_top_k, taken only by split-K's finishing kernel (moe/split.cu; dispatch.cu
-  // runs every other form as the GEMM into scratch rows and moe_sum): output is
-  // [num_pairs / sum_top_k][n_dim], each token's pairs finished, rounded and summed.
-  int32_t sum_top_k;          // 0: off
-  const void* sum_addend;     // [num_pairs][n_dim] row stride sum_addend_stride, or null
-  int64_t sum_addend_stride;
-  const int32_t* topk_ids;    // [num_pairs]: each pair's expert (its bias row)
-  int64_t num_experts;        // ids outside [0, num_experts) read no bias
+  int64_t num_pairs;  // output rows
 };
 
 // bias[e][n] as float, 0 without a bias.

@@ -11,8 +11,6 @@
 //   moe_expert_gemm(x, w13, activation)          -> h [P, I]   (or h13 [P, 2I] + moe_activation)
 //   moe_expert_gemm(h, w2, topk_weights)         -> y [P, H]   weighted
 //   moe_sum(y)                                   -> out [T, H]
-// or the last two as one op, the w2 GEMM with MoeEpilogue::sum_top_k -> out [T, H] (one launch
-// fewer where it splits K).
 // FP8 and MXFP4 payloads cross the boundary as uint8 tensors (their bytes).
 #pragma once
 
@@ -121,20 +119,11 @@ struct MoeExpertWeights {
 // What moe_expert_gemm does to each output row after the product, in this order: + bias[e],
 // the activation (gated: N/2 output columns), times topk_weights[p] when given, one rounding to
 // the output dtype. Accumulation is float32.
-// sum_top_k = K > 0 (the w2 GEMM, no activation) also sums each token's K rows: output is
-// [P/K, N], exactly moe_expert_gemm into y [P, N] then moe_sum(y, K, output, sum_addend) (each
-// pair's row rounded first, then summed in float32, k increasing, one rounding). It needs the
-// routing's topk_ids (int32 [P/K, K], contiguous: pair p = t*K + k's expert, the one of its
-// block) and every pair in a block, as moe_route makes them. A split tensor-core GEMM sums in
-// its finishing kernel (one launch fewer); every other form runs the two ops on scratch.
 struct MoeEpilogue {
   MoeActivation activation = MoeActivation::kNone;
   float swiglu_alpha = 1.702f;
   float swiglu_limit = 7.0f;
   TensorRef topk_weights;  // optional float32 [P]
-  int32_t sum_top_k = 0;   // 0: no sum, output [P, N or N/2]
-  TensorRef sum_addend;    // optional [P, N], the output's dtype (a weighted LoRA delta)
-  TensorRef topk_ids;      // int32 [P/K, K] with sum_top_k, else absent
 };
 
 // ---- moe_router_logits -------------------------------------------------------------------------
@@ -188,10 +177,9 @@ void moe_route(const TensorRef& router_logits, int32_t top_k, MoeRouting routing
 //   w13: input = x [T, H], input_pairs_per_row = K, output h [P, I] (gated) or h13 [P, 2I]
 //   w2:  input = h [P, I], input_pairs_per_row = 1, output y [P, H], topk_weights given
 // Rows are read by index: no gathered copy of the activations. Output rows of pairs in no block
-// are not written (with sum_top_k every pair must be in one). input/output: float32, float16 or
-// bfloat16, the same dtype, 2-D with a contiguous last dimension. sorted_pairs / block_expert /
-// num_blocks as moe_route writes them. options: the kernel (MoeGemmKernel) and its overrides,
-// see MoeGemmOptions.
+// are not written. input/output: float32, float16 or bfloat16, the same dtype, 2-D with a
+// contiguous last dimension. sorted_pairs / block_expert / num_blocks as moe_route writes them.
+// options: the kernel (MoeGemmKernel) and its overrides, see MoeGemmOptions.
 void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                      const MoeExpertWeights& weights, const TensorRef& sorted_pairs,
                      const TensorRef& block_expert, const TensorRef& num_blocks, int32_t block_m,

@@ -93,8 +93,7 @@ void register_moe(py::module_& m) {
                               const py::object& topk_weights, const py::tuple& output,
                               uintptr_t stream, int kernel, bool fall_back,
                               int32_t stream_consumers, int32_t splits,
-                              const py::object& workspace, int32_t sum_top_k,
-                              const py::object& sum_addend, const py::object& topk_ids) {
+                              const py::object& workspace) {
     TensorRef in = to_tensor_ref(input, "input");
     MoeExpertWeights w =
         expert_weights(format, weight, scales, bias, block_n, block_k, mxfp4_layout);
@@ -106,9 +105,6 @@ void register_moe(py::module_& m) {
     epilogue.swiglu_alpha = swiglu_alpha;
     epilogue.swiglu_limit = swiglu_limit;
     epilogue.topk_weights = to_optional_tensor_ref(topk_weights, "topk_weights");
-    epilogue.sum_top_k = sum_top_k;
-    epilogue.sum_addend = to_optional_tensor_ref(sum_addend, "sum_addend");
-    epilogue.topk_ids = to_optional_tensor_ref(topk_ids, "topk_ids");
     TensorRef out = to_tensor_ref(output, "output");
     MoeGemmOptions options;
     options.kernel = static_cast<MoeGemmKernel>(kernel);

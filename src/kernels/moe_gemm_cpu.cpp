@@ -228,43 +228,6 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
   });
 }
 
-void check_pair_experts(const TensorRef& topk_ids, const TensorRef& sorted_pairs,
-                        const TensorRef& block_expert, const TensorRef& num_blocks,
-                        int32_t block_m, int64_t num_experts) {
-  constexpr const char* op = "moe_expert_gemm";
-  const auto* ids = static_cast<const int32_t*>(topk_ids.data);
-  const int64_t num_pairs = topk_ids.numel();
-  for (int64_t p = 0; p < num_pairs; ++p) {
-    if (ids[p] < 0 || ids[p] >= num_experts) {
-      kernels::throw_invalid(op, "topk_ids[" + std::to_string(p) + "] = " +
-                                     std::to_string(ids[p]) + " is outside [0, " +
-                                     std::to_string(num_experts) + ")");
-    }
-  }
-  // num_blocks, block_expert and sorted_pairs were checked by the GEMM that read them
-  std::vector<bool> seen(static_cast<size_t>(num_pairs), false);
-  const int32_t blocks = *static_cast<const int32_t*>(num_blocks.data);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int32_t e = static_cast<const int32_t*>(block_expert.data)[b * block_expert.stride[0]];
-    for (int64_t r = b * block_m; r < (b + 1) * block_m; ++r) {
-      const int32_t p = static_cast<const int32_t*>(sorted_pairs.data)[r * sorted_pairs.stride[0]];
-      if (p < 0) continue;  // padding
-      if (ids[p] != e) {
-        kernels::throw_invalid(op, "topk_ids[" + std::to_string(p) + "] = " +
-                                       std::to_string(ids[p]) +
-                                       " is not the expert of its block (" + std::to_string(e) +
-                                       ")");
-      }
-      seen[static_cast<size_t>(p)] = true;
-    }
-  }
-  const auto missing = std::find(seen.begin(), seen.end(), false);
-  if (missing != seen.end()) {
-    kernels::throw_invalid(op, "pair " + std::to_string(missing - seen.begin()) +
-                                   " is in no block: sum_top_k sums every pair's row");
-  }
-}
-
 void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out) {
   const int64_t n_dim = out.shape[1], k_dim = out.shape[2];
   parallel_for(out.shape[0] * n_dim, out.numel(), [&](int64_t begin, int64_t end) {

@@ -28,23 +28,8 @@ void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const
 void moe_activation(const TensorRef& h13, MoeActivation activation, float swiglu_alpha,
                     float swiglu_limit, const TensorRef& h, const TensorRef& addend);
 void moe_sum(const TensorRef& y, int32_t top_k, const TensorRef& out, const TensorRef& addend);
-// For MoeEpilogue::sum_top_k: each routed pair's topk_ids entry in [0, num_experts) and equal
-// to its block's expert, and every pair in a block (InvalidArgument naming the first that is
-// not). The blocks must have passed moe_expert_gemm's checks.
-void check_pair_experts(const TensorRef& topk_ids, const TensorRef& sorted_pairs,
-                        const TensorRef& block_expert, const TensorRef& num_blocks,
-                        int32_t block_m, int64_t num_experts);
 
 }  // namespace cpu
-
-// The epilogue without its sum over top-k: what the GEMM into the pairs' rows y applies
-// before moe_sum, where the sum runs apart.
-inline MoeEpilogue without_sum(MoeEpilogue e) {
-  e.sum_top_k = 0;
-  e.sum_addend = TensorRef{};
-  e.topk_ids = TensorRef{};
-  return e;
-}
 
 #ifdef MOELORA_WITH_CUDA
 namespace cuda {

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <limits>
 #include <string>
-#include <vector>
 
 #include "kernels/moe_kernels.h"
 #include "kernels/validate.h"
@@ -190,46 +189,6 @@ void check_splits(const MoeGemmOptions& options, int64_t partial_floats, int32_t
   }
 }
 
-// MoeEpilogue's sum over top-k: off (no sum_addend, no topk_ids), or K dividing the pairs, no
-// activation, topk_ids [P/K, K] and an optional sum_addend [P, N] of the input's dtype.
-void check_sum(const MoeEpilogue& e, int64_t num_pairs, int64_t n_dim, bool is_gated,
-               const TensorRef& input, const char* op) {
-  const int32_t k = e.sum_top_k;
-  if (k < 0) throw_invalid(op, "sum_top_k must be >= 0, got " + std::to_string(k));
-  if (k == 0) {
-    if (!is_absent(e.sum_addend)) throw_invalid(op, "sum_addend is given without sum_top_k");
-    if (!is_absent(e.topk_ids)) throw_invalid(op, "topk_ids is given without sum_top_k");
-    return;
-  }
-  if (is_gated) {
-    throw_invalid(op, "sum_top_k needs activation none (the w2 GEMM); a gated activation's "
-                      "rows are not summed");
-  }
-  if (num_pairs % k != 0) {
-    throw_invalid(op, "sum_top_k = " + std::to_string(k) + " must divide the " +
-                          std::to_string(num_pairs) + " pairs");
-  }
-  const TensorRef& ids = e.topk_ids;
-  if (is_absent(ids)) throw_invalid(op, "sum_top_k needs the routing's topk_ids");
-  check_dtype(ids, DType::kInt32, op, "topk_ids");
-  check_ndim(ids, 2, op, "topk_ids");
-  check_size(ids, 0, num_pairs / k, op, "topk_ids", "pairs / sum_top_k");
-  check_size(ids, 1, k, op, "topk_ids", "sum_top_k");
-  check_has_data(ids, op, "topk_ids");
-  if (!ids.is_contiguous()) throw_invalid(op, "topk_ids must be contiguous, got " + ids.describe());
-  check_same_device(input, ids, op, "input", "topk_ids");
-  const TensorRef& add = e.sum_addend;
-  if (is_absent(add)) return;
-  check_matrix(add, op, "sum_addend");
-  if (add.dtype != input.dtype) {
-    throw_invalid(op, std::string("sum_addend must have the output's dtype ") +
-                          dtype_name(input.dtype) + ", got " + add.describe());
-  }
-  check_size(add, 0, num_pairs, op, "sum_addend", "one row per pair");
-  check_size(add, 1, n_dim, op, "sum_addend", "the weight rows");
-  check_same_device(input, add, op, "input", "sum_addend");
-}
-
 }  // namespace
 
 int64_t moe_route_max_blocks(int64_t num_pairs, int32_t num_experts, int32_t block_m) {
@@ -385,20 +344,13 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
     throw_invalid(op, "input_pairs_per_row must be positive, got " +
                           std::to_string(input_pairs_per_row));
   }
-  const int64_t num_pairs = input.shape[0] * input_pairs_per_row;
-  if (num_pairs > std::numeric_limits<int32_t>::max()) {
-    throw_invalid(op, "at most 2^31 - 1 pairs, got " + std::to_string(num_pairs));
+  check_size(output, 0, input.shape[0] * input_pairs_per_row, op, "output",
+             "input rows * input_pairs_per_row");
+  if (output.shape[0] > std::numeric_limits<int32_t>::max()) {
+    throw_invalid(op, "at most 2^31 - 1 pairs, got " + std::to_string(output.shape[0]));
   }
   const int64_t n_dim = check_expert_weights(weights, input, op);
-  const bool is_gated = gated(epilogue.activation, op);
-  check_sum(epilogue, num_pairs, n_dim, is_gated, input, op);
-  if (epilogue.sum_top_k > 0) {
-    check_size(output, 0, num_pairs / epilogue.sum_top_k, op, "output",
-               "pairs / sum_top_k: one row per token");
-  } else {
-    check_size(output, 0, num_pairs, op, "output", "input rows * input_pairs_per_row");
-  }
-  if (is_gated) {
+  if (gated(epilogue.activation, op)) {
     if (n_dim % 2 != 0) {
       throw_invalid(op, "a gated activation needs an even number of weight rows ([gate | up]), "
                         "got " + std::to_string(n_dim));
@@ -411,7 +363,7 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
     const TensorRef& w = epilogue.topk_weights;
     check_dtype(w, DType::kFloat32, op, "topk_weights");
     check_ndim(w, 1, op, "topk_weights");
-    check_size(w, 0, num_pairs, op, "topk_weights", "one weight per pair");
+    check_size(w, 0, output.shape[0], op, "topk_weights", "one weight per pair");
     check_has_data(w, op, "topk_weights");
     check_same_device(input, w, op, "input", "topk_weights");
   }
@@ -425,7 +377,7 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
                           std::to_string(kMoeMaxStreamConsumers) + "], got " +
                           std::to_string(options.stream_consumers));
   }
-  check_splits(options, num_pairs * n_dim, block_m, input, op);
+  check_splits(options, output.shape[0] * n_dim, block_m, input, op);
   if (on_cuda(input)) {
 #ifdef MOELORA_WITH_CUDA
     return cuda::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
@@ -434,18 +386,8 @@ void moe_expert_gemm(const TensorRef& input, int32_t input_pairs_per_row,
     no_cuda_kernel(op);
 #endif
   }
-  if (epilogue.sum_top_k == 0) {
-    return cpu::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
-                                num_blocks, block_m, epilogue, output);
-  }
-  // The sum's one definition: the GEMM into y, then moe_sum.
-  std::vector<uint8_t> y_bytes(static_cast<size_t>(num_pairs * n_dim) * dtype_size(output.dtype));
-  const TensorRef y = make_tensor_ref(y_bytes.data(), output.dtype, {num_pairs, n_dim});
   cpu::moe_expert_gemm(input, input_pairs_per_row, weights, sorted_pairs, block_expert,
-                       num_blocks, block_m, without_sum(epilogue), y);
-  cpu::check_pair_experts(epilogue.topk_ids, sorted_pairs, block_expert, num_blocks, block_m,
-                          weights.weight.shape[0]);
-  cpu::moe_sum(y, epilogue.sum_top_k, output, epilogue.sum_addend);
+                       num_blocks, block_m, epilogue, output);
 }
 
 void moe_dequantize(const MoeExpertWeights& weights, int64_t first_expert, const TensorRef& out,

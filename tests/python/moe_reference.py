@@ -172,24 +172,6 @@ def gemm_reference(input: torch.Tensor, input_pairs_per_row: int, expert_of_pair
     return out
 
 
-def fused_sum_reference(h: torch.Tensor, routing: moe_ops.Routing, w: moe_ops.ExpertWeights,
-                        topk_weights: torch.Tensor | None, addend: torch.Tensor | None,
-                        dtype: torch.dtype) -> torch.Tensor:
-    """float64 [T, N] on the CPU: w2's rows (gemm_reference) rounded to `dtype` as the GEMM
-    stores them, plus the addend, summed over k in float32 in increasing k (moelora/moe.h's
-    sum over top-k, unrounded)."""
-    k = routing.top_k
-    y = gemm_reference(h.cpu(), 1, routing.topk_ids.cpu(), w,
-                       topk_weights=None if topk_weights is None else topk_weights.cpu())
-    y = y.to(dtype).float()
-    if addend is not None:
-        y = y + addend.cpu().float()
-    total = torch.zeros(y.shape[0] // k, y.shape[1])
-    for j in range(k):
-        total = total + y[j::k]
-    return total.double()
-
-
 def _expert(w: moe_ops.ExpertWeights, e: int) -> moe_ops.ExpertWeights:
     """Expert e of a stack, as a stack of one."""
     pick = lambda t: None if t is None else t[e:e + 1]

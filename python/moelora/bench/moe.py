@@ -12,18 +12,17 @@ Variants: "plan" (the step's plan, moelora.ops.moe.GEMM_PLAN, falling back as th
 touched expert: the form before the plan existed, the baseline every ratio is against), or
 kernel[:block_m[:consumers]][:s[ways]] run strictly (ops.moe.GemmPlan.parse; ":s4" splits K
 four ways in both GEMMs, ":s" by ops.moe.split_k_ways per GEMM; a variant that cannot take a
-case is reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset,
-tokens, weights, variant): the fused layer (moelora.ops.moe: route, expert_gemm for w13 with the
-activation fused, expert_gemm for w2 with the routing weights and the sum over top-k, as the model
-calls them) captured in one CUDA graph and replayed (CUDA events, median, L2 flushed before each
-replay unless --warm-l2); its two GEMMs each in a graph of their own, w2 without the sum (and route
-and moe_sum for the first variant); the layer eager with a host clock; and, once per (preset,
-tokens), the torch path on the same routing (argsort, gather, torch._grouped_mm bf16, activation,
-grouped_mm, weighting, index_add) over bf16 weights of the same shapes. Bytes: the touched experts'
-weights as stored (MXFP4 4.25 bits a weight, FP8 1 byte plus block scales, bf16 2 bytes; biases),
-the input and the output; roofline = bytes / the card's copy rate (BENCHMARKS.md: H100 3.0 TB/s,
-H200 4.18 TB/s). One JSON line per case on stdout, appended to --out when given; --table prints
-every variant side by side at the end.
+case is reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset, tokens, weights, variant): the fused layer
+(moelora.ops.moe: route, expert_gemm for w13 with the activation fused, expert_gemm for w2 with
+the routing weights, moe_sum) captured in one CUDA graph and replayed (CUDA events, median, L2
+flushed before each replay unless --warm-l2); its two GEMMs each in a graph of their own (and
+route and sum for the first variant); the layer eager with a host clock; and, once per
+(preset, tokens), the torch path on the same routing (argsort, gather, torch._grouped_mm bf16,
+activation, grouped_mm, weighting, index_add) over bf16 weights of the same shapes. Bytes: the
+touched experts' weights as stored (MXFP4 4.25 bits a weight, FP8 1 byte plus block scales,
+bf16 2 bytes; biases), the input and the output; roofline = bytes / the card's copy rate
+(BENCHMARKS.md: H100 3.0 TB/s, H200 4.18 TB/s). One JSON line per case on stdout, appended to
+--out when given; --table prints every variant side by side at the end.
 """
 
 from __future__ import annotations
@@ -146,14 +145,13 @@ class Layer:
         return moe_ops.expert_gemm(self.x, r, self.w13, input_pairs_per_row=self.top_k,
                                    activation=self.activation, out=out, **self.gemm)
 
-    def w2_gemm(self, r, h, out=None, sum_top_k=0):
+    def w2_gemm(self, r, h, out=None):
         return moe_ops.expert_gemm(h, r, self.w2, input_pairs_per_row=1,
-                                   topk_weights=r.topk_weights.view(-1), out=out,
-                                   sum_top_k=sum_top_k, **self.gemm)
+                                   topk_weights=r.topk_weights.view(-1), out=out, **self.gemm)
 
     def __call__(self):
         r = self.route()
-        return self.w2_gemm(r, self.w13_gemm(r), sum_top_k=self.top_k)  # as models/moe.py
+        return moe_ops.moe_sum(self.w2_gemm(r, self.w13_gemm(r)), self.top_k)
 
 
 def torch_layer(x, routing, w13, w2, b13, b2, activation):

@@ -1,15 +1,12 @@
 """MoE block: router, base experts over (token, k) pairs, and the expert LoRA hooks.
 
-Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), four ops of
-moelora.ops.moe (native kernels; their CPU references on the CPU):
+Data flow per layer (T tokens, top-k K, E experts, hidden H, expert width I), five native ops
+(moelora.ops.moe; the same kernels' CPU references on the CPU):
   router_logits [T, E] -> route -> topk_ids / topk_weights [T, K] + pairs grouped by expert
   h13 [T*K, 2I] = x[pair token] @ w13[expert]^T (+ b13)
   h   [T*K, I]  = act(h13 + d13)     d13: ctx.moe_lora_w13_delta, added in the activation
   y   [T*K, H]  = w * (h @ w2[expert]^T (+ b2))
   out [T, H]    = sum over K of (y + d2)     d2: ctx.moe_lora_w2_delta (w * delta), in the sum
-(the last two one op, expert_gemm(..., sum_top_k=K): where w2 splits K and
-ops.moe.SUM_IN_SPLIT_FINISH is on, its finishing kernel sums and y never exists; elsewhere
-moe_sum follows the GEMM.)
 The deltas are asked for before the GEMM they belong to, so that their kernels may run beside it
 (engine/paged_context.py).
 Pair p = t * K + k throughout, the layout the native align kernel consumes. When the context has no
@@ -180,9 +177,9 @@ class Experts(nn.Module):
             h = moe_ops.expert_gemm(x, routing, w13, input_pairs_per_row=k, **act)
         lora = ctx.moe_lora_w2_delta(layer, h, routing.topk_ids, routing.topk_weights,
                                      x.shape[1])
-        return moe_ops.expert_gemm(h, routing, w2, input_pairs_per_row=1,
-                                   topk_weights=routing.topk_weights.view(-1), sum_top_k=k,
-                                   sum_addend=None if lora is None else lora.joined())
+        y = moe_ops.expert_gemm(h, routing, w2, input_pairs_per_row=1,
+                                topk_weights=routing.topk_weights.view(-1))
+        return moe_ops.moe_sum(y, k, addend=None if lora is None else lora.joined())
 
 
 class MoeBlock(nn.Module):

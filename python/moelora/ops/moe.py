@@ -3,9 +3,8 @@ stored (dense, MXFP4, block FP8), the gated activation and the sum over top-k.
 
 One layer: ``router_logits``, ``route`` (router logits -> top-k, weights, expert blocks),
 ``expert_gemm`` for w13 (activation fused, or h13 then ``activation`` when a LoRA delta goes in
-between), ``expert_gemm`` for w2 with the routing weights and the sum over top-k
-(``sum_top_k``; ``moe_sum`` is that sum alone). Outputs are allocated here; every check is the
-library's, or worded as it (``moelora.InvalidArgument`` naming the argument). Import as
+between), ``expert_gemm`` for w2 with the routing weights, ``moe_sum``. Outputs are allocated
+here; every check is the library's (``moelora.InvalidArgument`` naming the argument). Import as
 ``from moelora.ops import moe as moe_ops``.
 
 Which expert GEMM runs is decided once per step by ``plan_expert_gemm`` from GEMM_PLAN (weight
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from moelora import _C
-from moelora._C import InvalidArgument
 from moelora._tensor import as_optional_ref, as_ref, stream_handle
 
 ROUTINGS = {"softmax_topk": 0, "topk_softmax": 1}
@@ -97,12 +95,6 @@ SPLIT_MIN_K_STEPS = 2
 SPLIT_MIN_ROW_STEPS = 16
 SPLIT_BELOW_WAVES_DENSE = 2.5
 SPLIT_DENSE_WAYS = 8
-
-# Whether a split w2's finishing kernel also sums over top-k on the GPU (expert_gemm's
-# sum_top_k: one launch fewer a layer at 1-2 token steps). Off until its GPU tests
-# (test_gpu_moe_fused_sum.py) and a step A/B have run on a GPU: off, the GPU runs the GEMM and
-# moe_sum as two ops, as the CPU's reference defines them.
-SUM_IN_SPLIT_FINISH = False
 
 
 def split_k_ways(ctas: float, k_steps: int, sm_count: int, dense: bool = False) -> int:
@@ -337,13 +329,9 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
                 swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
                 topk_weights: torch.Tensor | None = None, out: torch.Tensor | None = None,
                 kernel: str = "auto", stream_consumers: int = 0, splits: int = 1,
-                workspace: torch.Tensor | None = None, sum_top_k: int = 0,
-                sum_addend: torch.Tensor | None = None) -> torch.Tensor:
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Row p of the result = epilogue(input[p // input_pairs_per_row] @ W[expert(p)]^T + bias):
     [P, N], or [P, N/2] for a gated activation; times topk_weights[p] (float32 [P]) if given.
-    sum_top_k = K > 0 (no activation): [P/K, N], bit for bit moe_sum(that, K, addend=sum_addend)
-    with the routing's topk_ids; one op where the tiled kernel splits K and SUM_IN_SPLIT_FINISH
-    is on (its finishing kernel sums), else the GEMM and moe_sum as two.
 
     kernel: one of GEMM_KERNELS, or "auto": on a GPU the routing's plan (falling back to the
     tiled or simple kernel when the planned one cannot take the call), else the library's
@@ -355,12 +343,7 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     num_pairs = input.shape[0] * input_pairs_per_row
     width = weights.out_dim // 2 if activation != "none" else weights.out_dim
     if out is None:
-        rows = num_pairs // sum_top_k if sum_top_k > 0 else num_pairs
-        out = input.new_empty(rows, width)
-    as_asked = {"input_pairs_per_row": input_pairs_per_row, "activation": activation,
-                "swiglu_alpha": swiglu_alpha, "swiglu_limit": swiglu_limit,
-                "topk_weights": topk_weights, "kernel": kernel,
-                "stream_consumers": stream_consumers, "splits": splits, "workspace": workspace}
+        out = input.new_empty(num_pairs, width)
     fall_back = kernel == "auto" and routing.plan is not None and input.is_cuda
     consumers = stream_consumers
     if fall_back:
@@ -368,8 +351,6 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         splits = routing.plan.splits
     if kernel == GROUPED:
         why = _grouped_refusal(input, weights)
-        if not why and sum_top_k > 0:
-            return _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, as_asked)
         if not why:
             return _grouped_gemm(input, input_pairs_per_row, routing, weights, activation,
                                  swiglu_alpha, swiglu_limit, topk_weights, out)
@@ -379,11 +360,6 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
     if splits == SPLIT_BY_SHAPE:
         tiled = kernel in ("tensor_core", "auto")
         splits = gemm_splits(input, routing, weights, activation != "none") if tiled else 1
-    if sum_top_k > 0 and (splits <= 1 or not SUM_IN_SPLIT_FINISH) and input.is_cuda:
-        # no finishing kernel to sum in (or SUM_IN_SPLIT_FINISH off): y and moe_sum here, on
-        # torch's allocator (the native op's fallback takes stream-ordered scratch, a cost at
-        # prefill's sizes)
-        return _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, as_asked)
     if splits > 1 and workspace is None and input.is_cuda:
         workspace = torch.empty(splits * num_pairs * weights.out_dim, dtype=torch.float32,
                                 device=input.device)
@@ -396,24 +372,8 @@ def expert_gemm(input: torch.Tensor, routing: Routing, weights: ExpertWeights, *
         _code(ACTIVATIONS, activation, "activation"), swiglu_alpha, swiglu_limit,
         as_optional_ref(topk_weights), as_ref(out), stream_handle(input.device),
         _code(KERNELS, kernel, "kernel"), fall_back, consumers, splits,
-        as_optional_ref(workspace), sum_top_k, as_optional_ref(sum_addend),
-        as_optional_ref(routing.topk_ids if sum_top_k else None))
+        as_optional_ref(workspace))
     return out
-
-
-def _summed_apart(input, routing, weights, out, sum_top_k, sum_addend, gemm):
-    """expert_gemm's sum over top-k as its two ops: the GEMM as asked (`gemm`, its arguments:
-    the same kernel choice, which does not split K), then moe_sum into out (which names a wrong
-    out or addend). The rest of what the native op refuses is refused here in its words."""
-    num_pairs = input.shape[0] * gemm["input_pairs_per_row"]
-    if gemm["activation"] != "none":
-        raise InvalidArgument("moe_expert_gemm: sum_top_k needs activation none (the w2 GEMM); "
-                              "a gated activation's rows are not summed")
-    if num_pairs % sum_top_k:
-        raise InvalidArgument(f"moe_expert_gemm: sum_top_k = {sum_top_k} must divide the "
-                              f"{num_pairs} pairs")
-    y = expert_gemm(input, routing, weights, **gemm)
-    return moe_sum(y, sum_top_k, out=out, addend=sum_addend)
 
 
 def gemm_splits(input: torch.Tensor, routing: Routing, weights: ExpertWeights,
