@@ -10,19 +10,19 @@ weight format and expert GEMM variant, against torch's grouped_mm bf16 path on t
 Variants: "plan" (the step's plan, moelora.ops.moe.GEMM_PLAN, falling back as the model does),
 "tiles" (the tiled tensor-core kernel, unsplit, with rows per block four times the mean rows per
 touched expert: the form before the plan existed, the baseline every ratio is against), or
-kernel[:block_m[:consumers]][:s[ways]] run strictly (ops.moe.GemmPlan.parse; ":s4" splits K
-four ways in both GEMMs, ":s" by ops.moe.split_k_ways per GEMM; a variant that cannot take a
-case is reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset, tokens, weights, variant): the fused layer
-(moelora.ops.moe: route, expert_gemm for w13 with the activation fused, expert_gemm for w2 with
-the routing weights, moe_sum) captured in one CUDA graph and replayed (CUDA events, median, L2
-flushed before each replay unless --warm-l2); its two GEMMs each in a graph of their own (and
-route and sum for the first variant); the layer eager with a host clock; and, once per
-(preset, tokens), the torch path on the same routing (argsort, gather, torch._grouped_mm bf16,
+kernel[:block_m[:consumers]][:s[ways]] run strictly (ops.moe.GemmPlan.parse; ":s4" splits K four
+ways in both GEMMs, ":s" by ops.moe.split_k_ways per GEMM; a variant that cannot take a case is
+reported, not replaced). Each record names the split-K ways each GEMM ran with. Per (preset, tokens,
+weights, variant): the fused layer (moelora.ops.moe: route, expert_gemm for w13 with the activation
+fused, expert_gemm for w2 with the routing weights, moe_sum) captured in one CUDA graph and replayed
+(CUDA events, median, L2 flushed before each replay unless --warm-l2); its two GEMMs each in a graph
+of their own (and route and sum for the first variant); the layer eager with a host clock; and, once
+per (preset, tokens), the torch path on the same routing (argsort, gather, torch._grouped_mm bf16,
 activation, grouped_mm, weighting, index_add) over bf16 weights of the same shapes. Bytes: the
-touched experts' weights as stored (MXFP4 4.25 bits a weight, FP8 1 byte plus block scales,
-bf16 2 bytes; biases), the input and the output; roofline = bytes / the card's copy rate
-(BENCHMARKS.md: H100 3.0 TB/s, H200 4.18 TB/s). One JSON line per case on stdout, appended to
---out when given; --table prints every variant side by side at the end.
+touched experts' weights as stored (MXFP4 4.25 bits a weight, FP8 1 byte plus block scales, bf16 2
+bytes; biases), the input and the output; roofline = bytes / the card's copy rate (BENCHMARKS.md:
+H100 3.0 TB/s, H200 4.18 TB/s). One JSON line per case on stdout, appended to --out when given;
+--table prints every variant side by side at the end.
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def run_case(preset, tokens, fmt, weights, variant, args, flush, rate, with_smal
         "preset": preset, "tokens": tokens, "weights": fmt, "variant": variant,
         "plan": str(plan), "dtype": "bfloat16", "device": torch.cuda.get_device_name(),
         "layer_us": round(layer_us, 2), "layer_with_host_us": round(host_us, 2),
-        "ops_us": ops_us, "kernels": 4 + sum(ways > 1 for ways in splits.values()), "block_m": r.block_m, "splits": splits,
+        "ops_us": ops_us, "kernels": 4 + sum(ways > 1 for ways in splits.values()),
+        "block_m": r.block_m, "splits": splits,
         "touched_experts": touched,
         "bytes": weight_bytes + io_bytes, "roofline_us": round(roofline_us, 2),
         "roofline_fraction": round(roofline_us / layer_us, 3),

@@ -77,7 +77,7 @@ GEMM_PLAN = {
 # sums (L2-resident) and applies the epilogue. Fitted on one H100 over forced 1, 2, 4 and 8 ways
 # per GEMM at 1-3 tokens (bench/results/h100-split-rule.jsonl; docs/performance.md, "Split-K
 # at decode"):
-# - quantized stacks (MXFP4, FP8: 23-32 k-steps of 64 bytes a row at these shapes) gain only
+# - quantized stacks (MXFP4, FP8: 12-32 k-steps of 64 bytes a row at these shapes) gain only
 #   below SPLIT_BELOW_WAVES of a wave of resident CTAs (gpt-oss-20b MXFP4 w2 at one token, 180
 #   CTAs: 25.4 us whole, 20.6 in 8 ways; its w13, 360 CTAs: 29.7 whole, 32.1 in 4), into
 #   enough ways for SPLIT_TARGET_WAVES waves, at least SPLIT_MIN_K_STEPS k-steps a split; rows
