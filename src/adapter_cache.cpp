@@ -82,6 +82,7 @@ void AdapterCache::State::drop_device_locked(AdapterEntry& e, bool free_pages) {
   e.device_state = DeviceState::kNone;
   e.want_device = false;
   e.ticket = kNoCopyTicket;
+  e.streamed_tickets.clear();
   host_work.notify_all();  // its host copy may now make room for another load
 }
 
@@ -157,6 +158,7 @@ void AdapterCache::State::finalizer_loop() {
     // Nothing may escape this thread: a copy that cannot be confirmed fails its adapter.
     std::string error;
     try {
+      for (CopyTicket streamed : job.streamed) copies.wait(streamed);
       copies.wait(job.ticket);
     } catch (const std::exception& ex) {
       error = std::string("its copy to the device failed: ") + ex.what();
@@ -177,6 +179,7 @@ void AdapterCache::State::finalizer_loop() {
       } else {
         pool.unpin(owner);  // the loading pin; acquire() adds its own
         e.device_state = DeviceState::kResident;
+        e.streamed_tickets.clear();
         e.device_lru = ++lru_clock;
         ++counters.device_loads;
         const double seconds =
@@ -287,7 +290,11 @@ AdapterCache::~AdapterCache() {
   s.starter.join();
   for (std::thread& reader : s.readers) reader.join();
   s.finalizer.join();  // drains in-flight copies first
-  s.jobs.clear();      // loads cut short: their files close, their buffers go
+  s.settle_copies();   // block copies of reads cut short may still read their buffers
+  for (const auto& job : s.jobs) {  // their streaming loads' pages (unregistered ones too)
+    if (job->streaming) s.pool.free(adapter_owner(static_cast<uint64_t>(job->entry->id)));
+  }
+  s.jobs.clear();  // loads cut short: their files close, their buffers go
   s.host_queue.clear();
   for (auto& [id, e] : s.entries) s.pool.free(adapter_owner(static_cast<uint64_t>(id)));
   s.settle_copies();  // slot clears read zero_ranks
@@ -468,7 +475,7 @@ int32_t AdapterCache::wait(int64_t id) {
 void AdapterCache::make_stream_wait(int64_t id, void* cuda_stream) {
   check_not_capturing("AdapterCache::make_stream_wait");
   State& s = *state_;
-  CopyTicket ticket = kNoCopyTicket;
+  std::vector<CopyTicket> tickets;
   {
     std::unique_lock<std::mutex> lock(s.mutex);
     EntryPtr e = s.get_locked(id);
@@ -478,13 +485,17 @@ void AdapterCache::make_stream_wait(int64_t id, void* cuda_stream) {
              (e->device_state == DeviceState::kWaiting && e->host_state != HostState::kQueued);
     });
     if (e->failed) throw AdapterError(e->name, problem_of(*e));
-    if (e->device_state == DeviceState::kCopying) ticket = e->ticket;
-    else if (e->device_state != DeviceState::kResident) {
+    if (e->device_state == DeviceState::kCopying) {
+      tickets = e->streamed_tickets;
+      tickets.push_back(e->ticket);
+    } else if (e->device_state != DeviceState::kResident) {
       throw InvalidArgument("adapter '" + e->name + "' is not loading (residency " +
                             residency_name(s.residency_locked(*e)) + ")");
     }
   }
-  if (ticket != kNoCopyTicket) s.copies.make_stream_wait(ticket, cuda_stream);
+  for (CopyTicket ticket : tickets) {
+    if (ticket != kNoCopyTicket) s.copies.make_stream_wait(ticket, cuda_stream);
+  }
 }
 
 int32_t AdapterCache::acquire(int64_t id) {

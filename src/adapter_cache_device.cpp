@@ -2,7 +2,8 @@
 // queued), on the starter thread. The engine's step only asks (prefetch, set_demand): starting a
 // load allocates pages (evicting), fills the slot's row table and queues the copy's page runs,
 // which a decode step must not wait for.
-// Reader threads start the loads whose host copies they finish themselves.
+// Reader threads start the loads whose host copies they finish themselves. A load asked for
+// while its adapter is still read streams from that read (adapter_cache_stream.cpp).
 // Lock order: pool allocation (which runs eviction listeners) is never called with mutex held.
 #include <algorithm>
 
@@ -96,8 +97,9 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
     std::unique_lock<std::mutex> lock(mutex);
     if (e->cancelled || e->failed || !e->want_device) return;
     if (e->device_state != DeviceState::kNone && e->device_state != DeviceState::kWaiting) return;
-    if (e->host_state != HostState::kReady) {
-      // The reader that finishes the host copy starts the device load.
+    // Without a host copy, the load streams from the read in progress when it can; otherwise
+    // the reader that finishes the host copy (or makes it streamable) starts the load.
+    if (e->host_state != HostState::kReady && !streamable_job_locked(*e)) {
       queue_host_load_locked(e);
       return;
     }
@@ -151,10 +153,17 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
     ++device_releases;
     e->slot = -1;
   };
-  if (e->cancelled || !outcome.ok) {
+  // An adapter still being read streams from its read. When that read can no longer stream (it
+  // is ending, or failed), the slot and pages go back: the reader that ends it starts the load
+  // again from the host copy, or fails the adapter.
+  std::shared_ptr<ReadJob> stream;
+  if (e->host_state != HostState::kReady) stream = streamable_job_locked(*e);
+  const bool read_ended = e->host_state != HostState::kReady && !stream;
+  if (e->cancelled || e->failed || !outcome.ok || read_ended) {
     pool.free(owner);  // forgets the pin, and the pages when there are any
     give_back_slot();
-    e->device_state = e->cancelled ? DeviceState::kNone : DeviceState::kWaiting;
+    const bool wait_for_memory = !outcome.ok && !e->cancelled && !e->failed;
+    e->device_state = wait_for_memory ? DeviceState::kWaiting : DeviceState::kNone;
     e->releases_when_waiting = device_releases;
     changed.notify_all();
     return;
@@ -162,6 +171,10 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   e->pages = outcome.pages;
   const AdapterRowLayout& layout = *e->layout;
   pool.set_used_bytes(owner, layout.used_bytes());
+  if (stream) {
+    attach_stream_locked(stream, lock);
+    return;
+  }
   // The row table and the copy are built and queued without the mutex: every other call into
   // the cache (a step's readiness checks) would otherwise wait for the table and the driver
   // calls that queue the page runs. Meanwhile the entry stays kAllocating: its pages
@@ -176,7 +189,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   e->ticket = ticket;
   e->device_state = DeviceState::kCopying;
   counters.bytes_loaded += layout.num_pages() * layout.page_bytes();
-  copy_queue.push_back({e, ticket, source});
+  copy_queue.push_back({e, ticket, source, {}});
   copy_work.notify_one();
   changed.notify_all();
 }
@@ -184,6 +197,16 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
 CopyTicket AdapterCache::State::queue_device_copy(const AdapterRowLayout& layout,
                                                   const std::vector<PageId>& pages,
                                                   const HostBuffer& source, int32_t slot) {
+  fill_row_table(layout, pages, slot);
+  std::vector<CopyRegion> regions =
+      page_copy_regions(pool, pages, 0, static_cast<int64_t>(pages.size()), source,
+                        layout.page_bytes());
+  for (const CopyRegion& r : row_table_regions(slot)) regions.push_back(r);
+  return copies.submit(std::move(regions));
+}
+
+void AdapterCache::State::fill_row_table(const AdapterRowLayout& layout,
+                                         const std::vector<PageId>& pages, int32_t slot) {
   const std::byte* arena_base = pool.arena().base();
   const int64_t page_bytes = layout.page_bytes();
   int64_t* slot_rows = host_row_offsets.data() + slot * table.entries_per_slot();
@@ -205,24 +228,33 @@ CopyTicket AdapterCache::State::queue_device_copy(const AdapterRowLayout& layout
       }
     }
   }
+}
+
+std::vector<CopyRegion> AdapterCache::State::row_table_regions(int32_t slot) {
+  if (!device_table) return {};
+  return {{device_row_offsets + slot * table.entries_per_slot(),
+           host_row_offsets.data() + slot * table.entries_per_slot(),
+           table.entries_per_slot() * int64_t{sizeof(int64_t)}},
+          {device_ranks + slot * table.rank_entries_per_slot(),
+           host_ranks.data() + slot * table.rank_entries_per_slot(),
+           table.rank_entries_per_slot() * int64_t{sizeof(int32_t)}}};
+}
+
+std::vector<CopyRegion> page_copy_regions(PagePool& pool, const std::vector<PageId>& pages,
+                                          int64_t first, int64_t end, const HostBuffer& source,
+                                          int64_t page_bytes) {
   std::vector<CopyRegion> regions;
-  for (size_t i = 0; i < pages.size(); ++i) {
+  for (int64_t i = first; i < end; ++i) {
     std::byte* dst = pool.page_address(pages[i]);
-    const std::byte* src = source.at(static_cast<int64_t>(i) * page_bytes);
-    if (i > 0 && pages[i] == pages[i - 1] + 1 &&
+    const std::byte* src = source.at(i * page_bytes);
+    if (i > first && pages[i] == pages[i - 1] + 1 &&
         static_cast<const std::byte*>(regions.back().src) + regions.back().bytes == src) {
       regions.back().bytes += page_bytes;  // a maximal run of consecutive pages: one copy
     } else {
       regions.push_back({dst, src, page_bytes});
     }
   }
-  if (device_table) {
-    regions.push_back({device_row_offsets + slot * table.entries_per_slot(), slot_rows,
-                       table.entries_per_slot() * int64_t{sizeof(int64_t)}});
-    regions.push_back({device_ranks + slot * table.rank_entries_per_slot(), slot_ranks,
-                       table.rank_entries_per_slot() * int64_t{sizeof(int32_t)}});
-  }
-  return copies.submit(std::move(regions));
+  return regions;
 }
 
 void AdapterCache::State::retry_waiting() {
@@ -230,7 +262,8 @@ void AdapterCache::State::retry_waiting() {
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (auto& [id, e] : entries) {
-      if (e->device_state == DeviceState::kWaiting && e->host_state == HostState::kReady) {
+      if (e->device_state == DeviceState::kWaiting &&
+          (e->host_state == HostState::kReady || streamable_job_locked(*e))) {
         waiting.push_back(e);
       } else if (e->device_state == DeviceState::kWaiting && e->host_state == HostState::kNone) {
         queue_host_load_locked(e);

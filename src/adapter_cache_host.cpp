@@ -6,6 +6,7 @@
 // thread at once, and at most host_threads jobs are open. A failed chunk fails the job: the
 // remaining chunks are skipped, the thread that finishes the last one closes the files, fails
 // the adapter and lets the buffer go back to the HostBlockPool.
+// A load wanted on the device streams to it from the read (adapter_cache_stream.cpp).
 //
 // Which copies stay: at most max_cpu_loras (and max_cpu_bytes). A read starts when there is
 // room or when a copy less urgent than it can go. Urgency: a queued request's position first,
@@ -230,6 +231,13 @@ std::shared_ptr<ReadJob> AdapterCache::State::prepare_job(const EntryPtr& e) {
   for (const detail::ByteRange& pad : job->plan.row_padding) {
     std::memset(job->buffer->at(pad.offset), 0, static_cast<size_t>(pad.bytes));
   }
+  job->chunk_blocks = detail::chunk_host_blocks(*e, job->plan, config.dtype,
+                                                job->buffer->block_bytes());
+  job->block_writers.assign(job->buffer->num_blocks(), 0);
+  job->block_queued.assign(job->buffer->num_blocks(), false);
+  for (const auto& blocks : job->chunk_blocks) {
+    for (int32_t b : blocks) ++job->block_writers[b];
+  }
   return job;
 }
 
@@ -251,6 +259,7 @@ void AdapterCache::State::read_chunk(ReadJob& job, size_t index, detail::ReaderS
 
 void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,
                                             std::unique_lock<std::mutex>& lock) {
+  job->finishing = true;
   jobs.erase(std::find(jobs.begin(), jobs.end(), job));
   const EntryPtr e = job->entry;
   if (!job->failed && !e->cancelled) {
@@ -265,11 +274,13 @@ void AdapterCache::State::finish_job_locked(const std::shared_ptr<ReadJob>& job,
   }
   job->files.reset();
   host_work.notify_all();  // a job slot is free
+  if (job->streaming) end_stream_locked(*job, lock);  // while its copies may read the buffer
   if (e->cancelled || job->failed) job->buffer.reset();  // back to the pool, before anyone looks
   if (e->cancelled) return;
   if (job->failed) {
     e->host_state = HostState::kFailed;
-    e->device_state = DeviceState::kNone;
+    // A load that was allocating to stream from this read sees the failure and lets go itself.
+    if (e->device_state != DeviceState::kAllocating) e->device_state = DeviceState::kNone;
     ++counters.host_loads_failed;
     fail_locked(*e, job->error);
     return;
@@ -353,9 +364,9 @@ void AdapterCache::State::reader_loop() {
         job->failed = true;
         job->error = error;
       }
-      if (++job->finished == job->plan.chunks.size() && !job->pinning) {
-        finish_job_locked(job, lock);
-      }
+      if (!skip && error.empty()) on_chunk_converted_locked(*job, index, lock);
+      ++job->finished;  // after its blocks are queued: the job's end queues the row table
+      if (job->done()) finish_job_locked(job, lock);
       continue;
     }
     host_queue.erase(std::find(host_queue.begin(), host_queue.end(), start));
@@ -393,6 +404,7 @@ void AdapterCache::State::reader_loop() {
     prepared->pinning = !prepared->buffer->pinned() &&
                         start->host_block_bytes(config.host_block_bytes) > 0;
     jobs.push_back(prepared);
+    ask_stream_start_locked(prepared);  // wanted on the device: the load need not wait
     if (prepared->pinning) {
       // The other readers read the chunks while this one page-locks the blocks they fill: the
       // page-locking (~5 GB/s) costs a cold load no more than its read, and each block holds
@@ -410,7 +422,11 @@ void AdapterCache::State::reader_loop() {
       lock.lock();
       prepared->buffer_seconds += seconds;
       prepared->pinning = false;
-      if (prepared->finished == prepared->plan.chunks.size()) finish_job_locked(prepared, lock);
+      if (prepared->done()) {
+        finish_job_locked(prepared, lock);
+      } else {
+        ask_stream_start_locked(prepared);
+      }
     }
   }
 }

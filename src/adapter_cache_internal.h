@@ -58,6 +58,7 @@ struct AdapterEntry {
   int32_t slot = -1;
   std::vector<PageId> pages;
   CopyTicket ticket = kNoCopyTicket;
+  std::vector<CopyTicket> streamed_tickets;  // block copies queued before `ticket` (kCopying)
   int32_t acquire_pins = 0;
   uint64_t device_lru = 0;
   uint64_t device_generation = 0;  // counts the times its device pages were freed
@@ -156,6 +157,13 @@ struct ReadPlan {
 // The chunks of a load: each file's needed byte spans (holes under 64 KiB read through) cut at
 // multiples of `chunk_bytes` moved to a row (or element) boundary of the tensor they fall in.
 ReadPlan build_read_plan(const AdapterEntry& entry, DType model_dtype, int64_t chunk_bytes);
+
+// For each chunk of `plan`, the blocks of the host copy (of `block_bytes`; 0: one block) its
+// pieces write, ascending: every row of each matrix view a piece overlaps, a superset of what
+// it writes, so a block whose chunks are all converted is complete.
+std::vector<std::vector<int32_t>> chunk_host_blocks(const AdapterEntry& entry,
+                                                    const ReadPlan& plan, DType model_dtype,
+                                                    int64_t block_bytes);
 
 // Per-thread buffers of the conversion (grown on demand, reused across chunks and loads).
 struct ReaderScratch {

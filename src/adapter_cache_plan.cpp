@@ -3,6 +3,7 @@
 // the unit of both parallelism and cache residency: large enough for the storage's rate, small
 // enough to stay in a core's cache while they are converted.
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <tuple>
 
@@ -169,6 +170,44 @@ ReadPlan build_read_plan(const AdapterEntry& entry, DType model_dtype, int64_t c
   }
   plan.row_padding = row_padding(entry, model_dtype);
   return plan;
+}
+
+std::vector<std::vector<int32_t>> chunk_host_blocks(const AdapterEntry& entry,
+                                                    const ReadPlan& plan, DType model_dtype,
+                                                    int64_t block_bytes) {
+  const AdapterRowLayout& layout = *entry.layout;
+  const auto& matrices = entry.spec.matrices;
+  // The host bytes [first, end) of each matrix's rows (consecutive, but for page tails).
+  std::vector<std::pair<int64_t, int64_t>> rows_of(matrices.size(), {0, 0});
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    const LoraMatrixSource& m = matrices[i];
+    if (m.rows <= 0) continue;
+    const int64_t row_bytes = lora_row_bytes(m.cols, model_dtype);
+    int64_t first = std::numeric_limits<int64_t>::max(), end = 0;
+    for (int64_t r = 0; r < m.rows; ++r) {  // a registered spec has one source per expert
+      const int64_t at = layout.row_offset(m.site, m.layer, m.expert, m.is_b, static_cast<int>(r));
+      first = std::min(first, at);
+      end = std::max(end, at + row_bytes);
+    }
+    rows_of[i] = {first, end};
+  }
+  std::vector<std::vector<int32_t>> blocks(plan.chunks.size());
+  for (size_t c = 0; c < plan.chunks.size(); ++c) {
+    std::vector<int32_t>& out = blocks[c];
+    for (const ChunkPiece& piece : plan.chunks[c].pieces) {
+      for (int32_t i : plan.groups[piece.group].matrices) {
+        const auto [lo, hi] = view_extent(matrices[i]);
+        const auto [first, end] = rows_of[i];
+        if (hi < piece.first_elem || lo >= piece.end_elem || first >= end) continue;
+        const int64_t from = block_bytes > 0 ? first / block_bytes : 0;
+        const int64_t to = block_bytes > 0 ? (end - 1) / block_bytes : 0;
+        for (int64_t b = from; b <= to; ++b) out.push_back(static_cast<int32_t>(b));
+      }
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+  }
+  return blocks;
 }
 
 }  // namespace moelora::detail

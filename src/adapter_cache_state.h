@@ -25,6 +25,12 @@ namespace moelora {
 
 using EntryPtr = std::shared_ptr<detail::AdapterEntry>;
 
+// The copies of pages [first, end) of an adapter's host copy `source` into its device `pages`,
+// consecutive pages merged into one region.
+std::vector<CopyRegion> page_copy_regions(PagePool& pool, const std::vector<PageId>& pages,
+                                          int64_t first, int64_t end, const HostBuffer& source,
+                                          int64_t page_bytes);
+
 // Lets the pool's eviction listener (which may outlive the cache) reach it safely.
 struct ListenerLink {
   std::mutex mutex;
@@ -44,6 +50,22 @@ struct ReadJob {
   double buffer_seconds = 0;  // obtaining the buffer and page-locking it
   std::string error;
   std::chrono::steady_clock::time_point start;
+  bool finishing = false;  // finish_job_locked has begun
+
+  // Streaming to the device (adapter_cache_stream.cpp): once a device load is attached, each
+  // block of the host copy is queued for the device as soon as every chunk that writes it is
+  // converted, while the later chunks are still read.
+  std::vector<std::vector<int32_t>> chunk_blocks;  // the host blocks each chunk writes
+  std::vector<int32_t> block_writers;              // chunks still to convert, per block
+  std::vector<bool> block_queued;                  // per block: its copy is queued
+  bool streaming = false;           // a device load is attached: slot, pages, row table
+  std::vector<CopyTicket> tickets;  // the block copies queued so far
+  int submitting = 0;               // threads queuing block copies without the mutex
+
+  // Every chunk is done, the blocks are page-locked and no block copy is being queued.
+  bool done() const {
+    return finished == plan.chunks.size() && !pinning && submitting == 0 && !finishing;
+  }
 };
 
 struct LoadHistogram {
@@ -91,6 +113,7 @@ struct AdapterCache::State {
     EntryPtr entry;
     CopyTicket ticket;
     std::shared_ptr<HostBuffer> source;  // keeps the host pages alive during the copy
+    std::vector<CopyTicket> streamed;    // block copies queued during the read, before `ticket`
   };
   std::deque<InFlight> copy_queue;
   bool stopping = false;
@@ -169,8 +192,33 @@ struct AdapterCache::State {
   // without the mutex); returns its ticket.
   CopyTicket queue_device_copy(const AdapterRowLayout& layout, const std::vector<PageId>& pages,
                                const HostBuffer& source, int32_t slot);
+  // Fills the host side of `slot`'s row table for an adapter in `pages` (without the mutex).
+  void fill_row_table(const AdapterRowLayout& layout, const std::vector<PageId>& pages,
+                      int32_t slot);
+  // The copies of `slot`'s row table to the device (none without a device table).
+  std::vector<CopyRegion> row_table_regions(int32_t slot);
   void on_device_load_error(const EntryPtr& e, const std::string& what) noexcept;
   void retry_waiting();
+
+  // ---- streaming a read to the device (adapter_cache_stream.cpp) ----
+  // e's read in progress that a device load may attach to: its buffer page-locked (or copies
+  // made by the CPU), nothing failed, no load attached yet. Null when there is none.
+  std::shared_ptr<ReadJob> streamable_job_locked(const detail::AdapterEntry& e) const;
+  // Asks for e's device load once its read can stream (a read just prepared or page-locked).
+  void ask_stream_start_locked(const std::shared_ptr<ReadJob>& job);
+  // Attaches e's device load (slot and pages held, kAllocating) to its read: fills the row
+  // table and queues the blocks already converted. Finishes the job if it was waiting for this.
+  void attach_stream_locked(const std::shared_ptr<ReadJob>& job,
+                            std::unique_lock<std::mutex>& lock);
+  // After chunk `index` of `job` is converted: queues the copies of the blocks it completed.
+  void on_chunk_converted_locked(ReadJob& job, size_t index, std::unique_lock<std::mutex>& lock);
+  // Queues the copies of every block all of whose chunks are converted, the mutex dropped
+  // meanwhile; a copy that cannot be queued fails the job.
+  void queue_converted_blocks_locked(ReadJob& job, std::unique_lock<std::mutex>& lock);
+  // At the end of a streaming job, before its host copy is kept: the row table is queued after
+  // the blocks and the load goes to the finalizer, or, when the read failed or the adapter was
+  // unregistered, the queued copies are waited for and the slot and pages go back.
+  void end_stream_locked(ReadJob& job, std::unique_lock<std::mutex>& lock);
   void finalizer_loop();
   void on_pool_eviction(Owner owner);
 };

@@ -393,8 +393,8 @@ MOELORA_INLINE bool column_tiles_of(const std::byte* src, int64_t pitch, int64_t
 }
 
 // The widest vectors the CPU has, picked at load time (GCC's target versions; elsewhere 16
-// bytes).
-#if defined(__x86_64__)
+// bytes). Not under ThreadSanitizer: the versions' resolvers run before its runtime is up.
+#if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
 __attribute__((target("default"))) bool column_tiles_for(const std::byte* src, int64_t pitch,
                                                          int64_t rows, int64_t columns,
                                                          std::byte* const* dst,

@@ -129,6 +129,9 @@ struct AdapterCacheStats {
   int64_t host_bytes = 0;
   int64_t host_loads = 0;        // disk -> host loads completed
   int64_t device_loads = 0;      // host -> device loads completed
+  // Device loads started while their adapter was still read from disk, copied block by block
+  // as the read converted them (their load_seconds count from the end of the read).
+  int64_t device_loads_streamed = 0;
   int64_t device_evictions = 0;  // by slot pressure or by the pool for KV
   int64_t host_evictions = 0;
   int64_t bytes_loaded = 0;  // host -> device bytes

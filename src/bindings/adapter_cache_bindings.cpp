@@ -36,6 +36,7 @@ py::dict stats_dict(const AdapterCacheStats& s) {
   d["host_bytes"] = s.host_bytes;
   d["host_loads"] = s.host_loads;
   d["device_loads"] = s.device_loads;
+  d["device_loads_streamed"] = s.device_loads_streamed;
   d["device_evictions"] = s.device_evictions;
   d["host_evictions"] = s.host_evictions;
   d["bytes_loaded"] = s.bytes_loaded;

@@ -16,7 +16,9 @@ adapter loaded, before the step that scheduled the request (median and max wall 
 wait for another request's adapter); that step's own wall time (it runs the prefill too) and
 the next one's (with async scheduling a step waits there for the one before it); the
 disk -> host load's time and, inside it, the time spent obtaining and page-locking its host
-buffer (with --host-block-mb that runs beside the read, so it may be as long as the load).
+buffer (with --host-block-mb that runs beside the read, so it may be as long as the load); and
+whether the device copy streamed, block by block beside the read (it does once the host buffer
+is page-locked when the read starts: the host reserve's blocks are).
 
 Prints one row per adapter and saves one JSON record (medians and every row).
 """
@@ -36,6 +38,7 @@ from moelora.bench.records import append_record, dumps, engine_fields, format_ta
 TABLE = [("adapter", "adapter"), ("file_mb", "file MB"), ("plain_read_gbps", "plain GB/s"),
          ("bound_ms", "bound ms"), ("ttft_ms", "TTFT ms"), ("ratio_to_bound", "TTFT / bound"),
          ("host_load_ms", "disk->host ms"), ("host_buffer_ms", "of it buffer ms"),
+         ("streamed", "streamed"),
          ("steps_loading", "steps loading"), ("step_max_ms", "slowest of them ms"),
          ("admitted_step_ms", "its prefill step ms"), ("next_step_ms", "next step ms")]
 
@@ -149,6 +152,8 @@ def _probe(engine, background: _Background, lora, prompt: list[int], args) -> di
             # the disk -> host load and, inside it, obtaining and page-locking its host buffer
             "host_load_ms": 1e3 * (after["host_load_seconds"] - before["host_load_seconds"]),
             "host_buffer_ms": 1e3 * (after["host_buffer_seconds"] - before["host_buffer_seconds"]),
+            # whether its device copy ran block by block beside the read
+            "streamed": after["device_loads_streamed"] > before["device_loads_streamed"],
             "steps_loading": len(loading),
             "step_median_ms": median(loading) if loading else None,
             "step_max_ms": max(loading) if loading else None,
