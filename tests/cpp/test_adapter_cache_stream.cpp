@@ -3,7 +3,8 @@
 // device rows match an independent reference whatever order the readers finish in), and the
 // row table goes last. A read that fails, a copy that cannot be queued, or an unregister in the
 // middle of a streamed load fails or drops that adapter alone, and every page and slot comes
-// back once its queued copies have landed.
+// back once its queued copies have landed; so do a read that ends or fails while its load is
+// taking pages.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -52,8 +53,8 @@ class CountingCopyEngine final : public CopyEngine {
 // Host copies in blocks of two pages, read in 4 KiB chunks: an F32 awkward adapter of rank 8
 // is ~30 blocks and ~15 chunks.
 struct Cache {
-  explicit Cache(int32_t max_loras = 2)
-      : pool(make_host_arena(kPageBytes * 2048), kPageBytes) {
+  explicit Cache(int32_t max_loras = 2, int64_t pool_pages = 2048)
+      : pool(make_host_arena(kPageBytes * pool_pages), kPageBytes) {
     AdapterCacheConfig config;
     config.sites = awkward_sites();
     config.max_loras = max_loras;
@@ -279,6 +280,77 @@ TEST_CASE("unregistering an adapter while it streams gives back its pages and sl
   CHECK_EQ(c.mismatches(b, 0), int64_t{0});
   detail::set_read_hook(*c.cache, nullptr);
   c.check_accounts({idb});
+}
+
+// A pool of room for one big adapter and a half: a second one's pages evict the first, and
+// the pool's eviction listener (on the thread starting the load, between its slot and its
+// pages) holds that load until `until` is true.
+struct EvictionGate {
+  std::atomic<bool> armed{true};
+  void hold_in(Cache& c, std::function<bool()> until) {
+    c.pool.add_eviction_listener([this, until](Owner) {
+      if (armed.exchange(false)) CHECK(eventually(until));
+    });
+  }
+};
+
+int64_t pages_of_big_adapter() {
+  AdapterCacheConfig config;
+  config.sites = awkward_sites();
+  config.max_lora_rank = 8;
+  config.dtype = DType::kBFloat16;
+  return detail::validate_adapter_spec(big_adapter("stream_size").spec, config, kPageBytes)
+      ->layout->num_pages();
+}
+
+TEST_CASE("a read that ends while its load takes pages: the load copies the host copy") {
+  const int64_t pages = pages_of_big_adapter();
+  Cache c(2, pages * 3 / 2);
+  const AwkwardAdapter x = big_adapter("stream_resident");
+  const AwkwardAdapter y = big_adapter("stream_late", 2);
+  const int64_t idx = c.cache->register_adapter(x.spec);
+  const int64_t idy = c.cache->register_adapter(y.spec);
+  c.cache->wait(idx);
+  const int64_t streamed_before = c.cache->stats().device_loads_streamed;
+  EvictionGate gate;  // evicting x for y waits until y's host copy is made
+  gate.hold_in(c, [&] { return c.cache->residency(idy) == Residency::kLoading &&
+                               c.cache->stats().host_loads == 2; });
+  const int32_t slot = c.cache->wait(idy);
+  CHECK_EQ(c.mismatches(y, slot), int64_t{0});
+  CHECK_EQ(c.cache->stats().device_loads_streamed, streamed_before);  // never attached
+  CHECK_EQ(static_cast<int>(c.cache->residency(idx)), static_cast<int>(Residency::kHost));
+  c.check_accounts({idy});
+}
+
+TEST_CASE("a read that fails while its load takes pages: slot and pages go back") {
+  const int64_t pages = pages_of_big_adapter();
+  Cache c(2, pages * 3 / 2);
+  const AwkwardAdapter x = big_adapter("stream_kept");
+  const AwkwardAdapter y = big_adapter("stream_broken", 4);
+  const int64_t idx = c.cache->register_adapter(x.spec);
+  const int64_t idy = c.cache->register_adapter(y.spec);
+  c.cache->wait(idx);
+  std::atomic<bool> fail{true};
+  detail::set_read_hook(*c.cache, [&](const std::string& adapter, int32_t, int64_t) {
+    if (adapter == "stream_broken" && fail) {
+      // Not before the load has its slot: the failure lands while it takes pages.
+      CHECK(eventually([&] { return c.cache->stats().device_evictions > 0 || !fail; }));
+      throw IoError("injected read failure");
+    }
+  });
+  EvictionGate gate;  // evicting x for y waits until y has failed
+  gate.hold_in(c, [&] { return c.cache->residency(idy) == Residency::kFailed; });
+  CHECK_THROWS_AS(c.cache->wait(idy), AdapterError);
+  CHECK(eventually([&] { return detail::is_settled(*c.cache); }));
+  fail = false;
+  detail::set_read_hook(*c.cache, nullptr);
+  c.check_accounts({});
+  // Both slots are free again: x loads back, y (registered again) next to it.
+  c.cache->unregister(idy);
+  const int64_t again = c.cache->register_adapter(y.spec);
+  CHECK(c.cache->wait(again) >= 0);
+  CHECK_EQ(c.mismatches(y, c.cache->wait(again)), int64_t{0});
+  c.check_accounts({again});
 }
 
 TEST_CASE("the cache goes away in the middle of a streamed load") {
