@@ -26,9 +26,11 @@ namespace {
 
 constexpr int64_t kPageBytes = 512;
 
-// The CPU copy engine, counting what it is given; submits throw when told to.
+// The CPU copy engine, counting what it is given; submits throw when told to. It can say it
+// is a CUDA engine, which copies asynchronously only from page-locked memory.
 class CountingCopyEngine final : public CopyEngine {
  public:
+  DeviceKind kind = DeviceKind::kCPU;
   std::atomic<int> submits{0};
   std::atomic<int64_t> bytes{0};
   std::atomic<int> fail_submits_after{-1};  // submits beyond this many throw (-1: none)
@@ -45,7 +47,7 @@ class CountingCopyEngine final : public CopyEngine {
   void wait(CopyTicket ticket) override { inner_->wait(ticket); }
   void make_stream_wait(CopyTicket ticket, void*) override { wait(ticket); }
   void synchronize() override { inner_->synchronize(); }
-  DeviceKind device() const override { return DeviceKind::kCPU; }
+  DeviceKind device() const override { return kind; }
 
  private:
   std::unique_ptr<CopyEngine> inner_ = make_cpu_copy_engine();
@@ -54,8 +56,10 @@ class CountingCopyEngine final : public CopyEngine {
 // Host copies in blocks of two pages, read in 4 KiB chunks: an F32 awkward adapter of rank 8
 // is ~30 blocks and ~15 chunks.
 struct Cache {
-  explicit Cache(int32_t max_loras = 2, int64_t pool_pages = 2048)
+  explicit Cache(int32_t max_loras = 2, int64_t pool_pages = 2048,
+                 DeviceKind engine = DeviceKind::kCPU)
       : pool(make_host_arena(kPageBytes * pool_pages), kPageBytes) {
+    copies.kind = engine;
     AdapterCacheConfig config;
     config.sites = awkward_sites();
     config.max_loras = max_loras;
@@ -191,6 +195,19 @@ TEST_CASE("a cold adapter's blocks go to the device while its last chunk is stil
   CHECK_EQ(st.host_loads, int64_t{1});
   CHECK_EQ(st.bytes_loaded, c.cache->num_pages(id) * kPageBytes);
   detail::set_read_hook(*c.cache, nullptr);
+  c.check_accounts({id});
+}
+
+TEST_CASE("a read into memory a CUDA engine cannot copy from asynchronously does not stream") {
+  Cache c(2, 2048, DeviceKind::kCUDA);  // no page-locking here: host blocks stay ordinary
+  const AwkwardAdapter a = big_adapter("stream_unpinned");
+  const int64_t id = c.cache->register_adapter(a.spec);
+  const int32_t slot = c.cache->wait(id);
+  CHECK_EQ(c.mismatches(a, slot), int64_t{0});
+  const AdapterCacheStats st = c.cache->stats();
+  CHECK_EQ(st.device_loads_streamed, int64_t{0});
+  CHECK_EQ(st.device_loads, int64_t{1});
+  CHECK_EQ(c.copies.submits.load(), 1);  // the whole copy and the row table, after the read
   c.check_accounts({id});
 }
 
