@@ -9,9 +9,11 @@
 // the rows of the host copy (dtype, scale, NaN/Inf check, transposition in one pass). Host ->
 // device: pages are allocated (evicting idle adapters), the host copy's pages are copied as a
 // few long runs, and the slot's row-table entries are written before the load's ticket
-// completes. If no slot or pages can be found the load waits (Residency::kWaitingForMemory) and
-// is retried on the next prefetch() or set_demand(). acquire() pins a resident adapter for a
-// batch; release() unpins it.
+// completes. A device load asked for while its adapter is still read (into page-locked memory)
+// streams from the read: its pages are taken at once and each block of the host copy is copied
+// as soon as it is converted, the row table last. If no slot or pages can be found the load
+// waits (Residency::kWaitingForMemory) and is retried on the next prefetch() or set_demand().
+// acquire() pins a resident adapter for a batch; release() unpins it.
 //
 // Queue demand (set_demand): loads start in the order of the queued requests that wait for
 // them, and a resident adapter that a queued request waits for is evicted (from either tier)
