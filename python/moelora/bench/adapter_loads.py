@@ -72,14 +72,17 @@ class AdapterLoads:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def cold(self) -> float:
-        """Seconds for register + prefetch + wait of every adapter, from cold (the previous
-        round's adapters are unloaded before the clock starts: freeing them is not a load)."""
+    def cold(self) -> tuple[float, int]:
+        """(seconds for register + prefetch + wait of every adapter, from cold, the previous
+        round's adapters unloaded before the clock starts: freeing them is not a load; how many
+        of the loads streamed, their device copies queued block by block beside the read)."""
         self._unload()
+        streamed_before = self.manager.cache.stats()["device_loads_streamed"]
         start = time.perf_counter()
         ids = self._register()
         self._to_device(ids)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds, self.manager.cache.stats()["device_loads_streamed"] - streamed_before
 
     def split(self) -> tuple[float, float, int]:
         """(seconds disk -> host, seconds host -> device, packed host bytes), from cold; the
