@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Builds moelora with its CUDA backend on this machine and checks it: the native tests, every
-# GPU-marked Python test, compute-sanitizer on a slice of the kernel tests, and the kernel,
-# attention and engine benchmarks. Runs on any machine with a CUDA GPU, nvcc and a Python that
-# has torch and the test dependencies (`pip install -e ".[test]"`'s list); nothing is fetched.
+# GPU-marked Python test, compute-sanitizer on a slice of the kernel tests, the kernel, attention
+# and engine benchmarks, and the cold adapter path. Runs on any machine with a CUDA GPU, nvcc and a
+# Python that has torch and the test dependencies (`pip install -e ".[test]"`'s list); nothing is
+# fetched.
 #
 #   tools/gpu_check.sh OUT_DIR
 #
 # Everything it writes goes to OUT_DIR: one log per stage, the benchmarks' JSON lines
-# (kernels.jsonl, attention.jsonl, bench_kernels.jsonl, offline.jsonl), compare.txt (the new
-# kernel timings, forms and block sizes against a reference grid) and summary.txt (each stage's
-# exit status). The exit status is non-zero when a stage failed.
-# Environment: STAGES (default "build ctest tests sanitize bench offline"; any subset, in that
-# order; the build and the installed package persist between invocations), REFERENCE (the grid
+# (kernels.jsonl, attention.jsonl, bench_kernels.jsonl, offline.jsonl, adapter_load.jsonl,
+# adapters.jsonl, cold_ttft.jsonl), compare.txt (the new kernel timings, forms and block sizes
+# against a reference grid) and summary.txt (each stage's exit status). The exit status is non-zero
+# when a stage failed.
+# Environment: STAGES (default "build ctest tests sanitize bench offline adapters"; any subset, in
+# that order; the build and the installed package persist between invocations), REFERENCE (the grid
 # compare.txt compares with; default bench/results/h200-kernels.jsonl, an H200: for another card
-# give a kernels.jsonl of the baseline measured on that card), MOELORA_CUDA_ARCHITECTURES
-# (default 90a), PYTEST_WORKERS (default 8 when pytest-xdist is installed), BENCH_ITERS
-# (default 20).
+# give a kernels.jsonl of the baseline measured on that card), MOELORA_CUDA_ARCHITECTURES (default
+# 90a), PYTEST_WORKERS (default 8 when pytest-xdist is installed), BENCH_ITERS (default 20).
 set -uo pipefail
 if [ $# -ne 1 ]; then
   echo "usage: $0 OUT_DIR" >&2
@@ -25,7 +26,7 @@ mkdir -p "$1"
 out=$(cd "$1" && pwd)
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-stages=${STAGES:-build ctest tests sanitize bench offline}
+stages=${STAGES:-build ctest tests sanitize bench offline adapters}
 build=$root/build/gpu-check
 iters=${BENCH_ITERS:-20}
 export MOELORA_CUDA=ON MOELORA_CUDA_ARCHITECTURES=${MOELORA_CUDA_ARCHITECTURES:-90a}
@@ -168,6 +169,20 @@ if wants offline; then
   run offline-decode "${offline[@]}" --num-prompts 64 --input-len 128 --output-len 64
   run offline-prefill "${offline[@]}" --num-prompts 16 --input-len 2048 --output-len 16
   rm -rf "$out/offline-adapters"
+fi
+
+# The cold adapter path, page cache dropped: one load's disk -> device with its copy streamed
+# beside the read against read then copied (bench_adapter_load's disk_to_device and its
+# read_then_copy_ms), the engine's loads against a plain read, and a cold request's TTFT against
+# its bound while 16 sequences decode.
+if wants adapters; then
+  rm -f "$out/adapter_load.jsonl" "$out/adapters.jsonl" "$out/cold_ttft.jsonl"
+  run adapter-load bash -c "'$build/bench_adapter_load' --preset gpt-oss-20b --layers 24 \
+    --threads 4 --repeats 3 --cold --device cuda > '$out/adapter_load.jsonl'"
+  run adapters python3 -m moelora.bench.adapters --model synthetic:gpt-oss-20b \
+    --num-adapters 4 --threads 4 --repeats 2 --out "$out/adapters.jsonl"
+  run cold-ttft python3 -m moelora.bench.cold_ttft --model synthetic:gpt-oss-20b \
+    --num-adapters 4 --background-seqs 16 --out "$out/cold_ttft.jsonl"
 fi
 
 echo "== done ($(($(date +%s) - start)) s)"
