@@ -153,12 +153,14 @@ void AdapterCache::State::finalizer_loop() {
     if (copy_queue.empty()) return;  // stopping with no copy left in flight
     InFlight job = copy_queue.front();
     copy_queue.pop_front();
+    // Block copies queued while it was read, before `job.ticket` (fixed while kCopying).
+    const std::vector<CopyTicket> streamed = job.entry->streamed_tickets;
     finalizer_busy = true;
     lock.unlock();
     // Nothing may escape this thread: a copy that cannot be confirmed fails its adapter.
     std::string error;
     try {
-      for (CopyTicket streamed : job.streamed) copies.wait(streamed);
+      for (CopyTicket block_copy : streamed) copies.wait(block_copy);
       copies.wait(job.ticket);
     } catch (const std::exception& ex) {
       error = std::string("its copy to the device failed: ") + ex.what();

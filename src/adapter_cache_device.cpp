@@ -67,23 +67,25 @@ void AdapterCache::State::on_device_load_error(const EntryPtr& e,
     }
     if (had_pages) settle_copies();  // part of its copy may have been queued
     std::lock_guard<std::mutex> lock(mutex);
-    if (e->device_state == DeviceState::kAllocating) {
-      pool.free(adapter_owner(static_cast<uint64_t>(e->id)));  // its pin, and pages if any
-      if (e->slot >= 0) {
-        try {
-          clear_slot_locked(e->slot);
-        } catch (...) {  // a stale row table of a slot that nobody uses is harmless
-          slot_owner[e->slot] = -1;
-          ++device_releases;
-        }
-      }
-      e->slot = -1;
-      e->pages.clear();
-      e->device_state = DeviceState::kNone;
-    }
+    if (e->device_state == DeviceState::kAllocating) release_device_load_locked(*e);
     if (!e->cancelled) fail_locked(*e, what);
   } catch (...) {  // bookkeeping of a broken state: nothing more can be done safely
   }
+}
+
+void AdapterCache::State::release_device_load_locked(AdapterEntry& e) {
+  pool.free(adapter_owner(static_cast<uint64_t>(e.id)));  // its pin, and pages if any
+  if (e.slot >= 0) {
+    try {
+      clear_slot_locked(e.slot);
+    } catch (...) {  // a stale row table of a slot that nobody uses is harmless
+      slot_owner[e.slot] = -1;
+      ++device_releases;
+    }
+  }
+  e.slot = -1;
+  e.pages.clear();
+  e.device_state = DeviceState::kNone;
 }
 
 void AdapterCache::State::start_device_load(const EntryPtr& e) {
@@ -189,7 +191,7 @@ void AdapterCache::State::start_device_load(const EntryPtr& e) {
   e->ticket = ticket;
   e->device_state = DeviceState::kCopying;
   counters.bytes_loaded += layout.num_pages() * layout.page_bytes();
-  copy_queue.push_back({e, ticket, source, {}});
+  copy_queue.push_back({e, ticket, source});
   copy_work.notify_one();
   changed.notify_all();
 }

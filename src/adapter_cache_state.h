@@ -113,7 +113,6 @@ struct AdapterCache::State {
     EntryPtr entry;
     CopyTicket ticket;
     std::shared_ptr<HostBuffer> source;  // keeps the host pages alive during the copy
-    std::vector<CopyTicket> streamed;    // block copies queued during the read, before `ticket`
   };
   std::deque<InFlight> copy_queue;
   bool stopping = false;
@@ -181,6 +180,9 @@ struct AdapterCache::State {
   static bool may_evict(const detail::AdapterEntry& victim, const detail::AdapterEntry& for_entry);
   int32_t find_slot_locked(const detail::AdapterEntry& for_entry);
   void fail_locked(detail::AdapterEntry& e, const std::string& what);
+  // Gives back the pages (and pin) and the slot of a device load that will not finish
+  // (kAllocating): the entry goes back to kNone. Its queued copies must have landed.
+  void release_device_load_locked(detail::AdapterEntry& e);
   void settle_copies() noexcept;
   // Never throws: whatever goes wrong fails this adapter (and so its requests) alone.
   void try_start_device_load(const EntryPtr& e) noexcept;

@@ -137,7 +137,7 @@ void AdapterCache::State::end_stream_locked(ReadJob& job, std::unique_lock<std::
       e->ticket = ticket;
       e->streamed_tickets = job.tickets;
       e->device_state = DeviceState::kCopying;
-      copy_queue.push_back({e, ticket, job.buffer, job.tickets});
+      copy_queue.push_back({e, ticket, job.buffer});
       copy_work.notify_one();
       changed.notify_all();
       return;
@@ -159,18 +159,7 @@ void AdapterCache::State::end_stream_locked(ReadJob& job, std::unique_lock<std::
   }
   if (!confirmed) settle_copies();
   lock.lock();
-  pool.free(adapter_owner(static_cast<uint64_t>(e->id)));  // its pin and its pages
-  if (e->slot >= 0) {
-    try {
-      clear_slot_locked(e->slot);
-    } catch (...) {  // a stale row table of a slot that nobody uses is harmless
-      slot_owner[e->slot] = -1;
-      ++device_releases;
-    }
-  }
-  e->slot = -1;
-  e->pages.clear();
-  e->device_state = DeviceState::kNone;
+  release_device_load_locked(*e);
   changed.notify_all();
 }
 

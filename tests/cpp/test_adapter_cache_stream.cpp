@@ -119,23 +119,37 @@ struct ChunkGate {
   }
 };
 
-size_t last_chunk(const AwkwardAdapter& a) {
+// `a` validated as the caches here register it (bf16 rows in 512-byte pages).
+std::shared_ptr<detail::AdapterEntry> entry_of(const AwkwardAdapter& a) {
   AdapterCacheConfig config;
   config.sites = awkward_sites();
   config.max_lora_rank = 8;
   config.dtype = DType::kBFloat16;
-  auto entry = detail::validate_adapter_spec(a.spec, config, kPageBytes);
-  return detail::build_read_plan(*entry, DType::kBFloat16, 4096).chunks.size() - 1;
+  return detail::validate_adapter_spec(a.spec, config, kPageBytes);
+}
+
+// Holds the read of `a`'s last chunk in `gate` (then fails it, with `fail`), prefetches `id`
+// and waits until that chunk is reached and a block copy is queued: the load streams, its read
+// not yet done.
+void stream_until_held(Cache& c, const AwkwardAdapter& a, int64_t id, ChunkGate& gate,
+                       bool fail = false) {
+  const auto held = static_cast<int64_t>(
+      detail::build_read_plan(*entry_of(a), DType::kBFloat16, 4096).chunks.size() - 1);
+  detail::set_read_hook(*c.cache, [&gate, held, fail, name = a.spec.name](
+                                      const std::string& adapter, int32_t, int64_t chunk) {
+    if (adapter != name || chunk != held) return;
+    gate.hold();
+    if (fail) throw IoError("injected read failure");
+  });
+  c.cache->prefetch(id);
+  CHECK(eventually([&] { return gate.reached.load() && c.copies.submits.load() >= 1; }));
 }
 
 }  // namespace
 
 TEST_CASE("chunk_host_blocks covers every byte a chunk writes") {
   const AwkwardAdapter a = big_adapter("stream_plan");
-  AdapterCacheConfig config;
-  config.sites = awkward_sites();
-  config.max_lora_rank = 8;
-  auto entry = detail::validate_adapter_spec(a.spec, config, kPageBytes);
+  auto entry = entry_of(a);
   const detail::ReadPlan plan = detail::build_read_plan(*entry, DType::kBFloat16, 4096);
   const int64_t block = 2 * kPageBytes;
   const auto blocks = detail::chunk_host_blocks(*entry, plan, DType::kBFloat16, block);
@@ -173,15 +187,9 @@ TEST_CASE("a cold adapter's blocks go to the device while its last chunk is stil
   Cache c;
   const AwkwardAdapter a = big_adapter("stream_a");
   const int64_t id = c.cache->register_adapter(a.spec);
-  const int64_t held = static_cast<int64_t>(last_chunk(a));
   ChunkGate gate;
-  detail::set_read_hook(*c.cache, [&](const std::string&, int32_t, int64_t chunk) {
-    if (chunk == held) gate.hold();
-  });
-  c.cache->prefetch(id);
-  CHECK(eventually([&] { return gate.reached.load(); }));
   // The other chunks' blocks are queued (the held chunk's and the row table are not).
-  CHECK(eventually([&] { return c.copies.submits.load() >= 1; }));
+  stream_until_held(c, a, id, gate);
   CHECK(c.copies.bytes.load() > 0);
   CHECK(c.copies.bytes.load() < c.cache->num_pages(id) * kPageBytes);
   CHECK_EQ(static_cast<int>(c.cache->residency(id)), static_cast<int>(Residency::kLoading));
@@ -237,15 +245,8 @@ TEST_CASE("a read failing after its first blocks were copied fails that adapter 
   const AwkwardAdapter b = big_adapter("stream_next", 3);
   const int64_t ida = c.cache->register_adapter(a.spec);
   const int64_t idb = c.cache->register_adapter(b.spec);
-  const int64_t held = static_cast<int64_t>(last_chunk(a));
   ChunkGate gate;
-  detail::set_read_hook(*c.cache, [&](const std::string& adapter, int32_t, int64_t chunk) {
-    if (adapter != "stream_fail" || chunk != held) return;
-    gate.hold();
-    throw IoError("injected read failure");
-  });
-  c.cache->prefetch(ida);
-  CHECK(eventually([&] { return gate.reached.load() && c.copies.submits.load() >= 1; }));
+  stream_until_held(c, a, ida, gate, /*fail=*/true);
   gate.release();
   CHECK_THROWS_AS(c.cache->wait(ida), AdapterError);
   CHECK(c.cache->error_message(ida).find("injected read failure") != std::string::npos);
@@ -282,13 +283,8 @@ TEST_CASE("unregistering an adapter while it streams gives back its pages and sl
   const AwkwardAdapter a = big_adapter("stream_gone");
   const AwkwardAdapter b = big_adapter("stream_stays", 7);
   const int64_t ida = c.cache->register_adapter(a.spec);
-  const int64_t held = static_cast<int64_t>(last_chunk(a));
   ChunkGate gate;
-  detail::set_read_hook(*c.cache, [&](const std::string& adapter, int32_t, int64_t chunk) {
-    if (adapter == "stream_gone" && chunk == held) gate.hold();
-  });
-  c.cache->prefetch(ida);
-  CHECK(eventually([&] { return gate.reached.load() && c.copies.submits.load() >= 1; }));
+  stream_until_held(c, a, ida, gate);
   c.cache->unregister(ida);
   gate.release();
   CHECK(eventually([&] { return detail::is_settled(*c.cache); }));
@@ -313,12 +309,7 @@ struct EvictionGate {
 };
 
 int64_t pages_of_big_adapter() {
-  AdapterCacheConfig config;
-  config.sites = awkward_sites();
-  config.max_lora_rank = 8;
-  config.dtype = DType::kBFloat16;
-  return detail::validate_adapter_spec(big_adapter("stream_size").spec, config, kPageBytes)
-      ->layout->num_pages();
+  return entry_of(big_adapter("stream_size"))->layout->num_pages();
 }
 
 TEST_CASE("a read that ends while its load takes pages: the load copies the host copy") {
@@ -375,13 +366,8 @@ TEST_CASE("the cache goes away in the middle of a streamed load") {
   auto c = std::make_unique<Cache>();
   const AwkwardAdapter a = big_adapter("stream_shutdown");
   const int64_t id = c->cache->register_adapter(a.spec);
-  const int64_t held = static_cast<int64_t>(last_chunk(a));
   ChunkGate gate;
-  detail::set_read_hook(*c->cache, [&](const std::string&, int32_t, int64_t chunk) {
-    if (chunk == held) gate.hold();
-  });
-  c->cache->prefetch(id);
-  CHECK(eventually([&] { return gate.reached.load() && c->copies.submits.load() >= 1; }));
+  stream_until_held(*c, a, id, gate);
   std::thread opener([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     gate.release();
